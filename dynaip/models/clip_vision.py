@@ -1,0 +1,114 @@
+"""The OpenCLIP vision tower (ViT-L/14-336 for the paper) returning chosen hidden states."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .config import ClipVisionPaths
+from .errors import CheckpointError
+from .weights import load_into, load_state_dict
+
+EXPECTED = "an OpenCLIP checkpoint: a directory with open_clip_config.json + open_clip_model.safetensors (or open_clip_pytorch_model.bin), or a weights file"
+WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors")
+
+
+class ClipVisionTower(nn.Module):
+    """Frozen OpenCLIP ViT that returns the hidden states of the requested layers.
+
+    ``forward(pixels)`` takes CLIP-normalised pixels ``(B, 3, S, S)`` (S = ``image_size``) and
+    returns one tensor ``(B, 1 + (S/patch)^2, width)`` per requested layer, CLS token first.
+    Layers are 1-based: 24 is the last block of ViT-L/14.
+    """
+
+    def __init__(self, visual: nn.Module, layers: Sequence[int], image_mean: Sequence[float], image_std: Sequence[float]):
+        super().__init__()
+        depth = len(visual.transformer.resblocks)
+        bad = [l for l in layers if not 1 <= l <= depth]
+        if bad:
+            raise ValueError(f"CLIP layers {bad} out of range: this tower has layers 1..{depth}")
+        self.visual = visual
+        self.layers = tuple(int(l) for l in layers)
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.width = int(visual.transformer.width)
+        self.num_tokens = int(visual.positional_embedding.shape[0])
+        self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` in [0, 1] → CLIP-normalised."""
+        return (images - self.mean.to(images)) / self.std.to(images)
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        x = self.visual._embeds(pixels.to(self.visual.conv1.weight.dtype))  # (B, L, D)
+        _, inter = self.visual.transformer.forward_intermediates(
+            x, indices=[l - 1 for l in self.layers], stop_early=True)
+        return list(inter)
+
+
+def _read_open_clip_dir(p: Path) -> tuple[dict, dict, Path]:
+    cfg_file = p / "open_clip_config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError("OpenCLIP", p, EXPECTED, "open_clip_config.json is missing from the directory.")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError("OpenCLIP", cfg_file, EXPECTED, "The config is not valid JSON.", e) from e
+    for name in WEIGHT_NAMES:
+        if (p / name).is_file():
+            return cfg["model_cfg"], cfg.get("preprocess_cfg", {}), p / name
+    raise CheckpointError("OpenCLIP", p, EXPECTED, f"No weights file ({', '.join(WEIGHT_NAMES)}) in the directory.")
+
+
+def build_open_clip(model_cfg: dict):
+    import open_clip
+
+    cfg = dict(model_cfg)
+    cfg.pop("custom_text", None)
+    return open_clip.model.CLIP(**cfg)
+
+
+def load_open_clip(paths: ClipVisionPaths):
+    """The whole OpenCLIP model (vision + text) and its preprocessing config, from local files only."""
+    import open_clip
+
+    p = Path(paths.path)
+    if p.is_dir():
+        model_cfg, pre_cfg, weights = _read_open_clip_dir(p)
+    else:
+        model_cfg = open_clip.get_model_config(paths.model_name)
+        if model_cfg is None:
+            raise CheckpointError("OpenCLIP", p, EXPECTED, f"Unknown model_name '{paths.model_name}'.")
+        model_cfg = {**model_cfg, "quick_gelu": paths.quick_gelu}
+        pre_cfg, weights = {}, p
+    model = build_open_clip(model_cfg)
+    sd = load_state_dict("OpenCLIP", weights, EXPECTED)
+    if not any(k.startswith("transformer.") for k in sd):  # a vision-only export: keep the text tower random-free
+        load_into(model.visual, {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")},
+                  "OpenCLIP", weights, EXPECTED)
+    else:
+        load_into(model, sd, "OpenCLIP", weights, EXPECTED)
+    mean = pre_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = pre_cfg.get("std", open_clip.OPENAI_DATASET_STD)
+    return model.eval().requires_grad_(False), (tuple(mean), tuple(std))
+
+
+def load_clip_vision(paths: ClipVisionPaths, layers: Sequence[int] = (10, 17, 24)) -> ClipVisionTower:
+    model, (mean, std) = load_open_clip(paths)
+    return ClipVisionTower(model.visual, layers, mean, std)
+
+
+def build_clip_vision_meta(model_name: str = "ViT-L-14-336") -> nn.Module:
+    """The full-size vision tower on the meta device (parameter counting)."""
+    import open_clip
+
+    with torch.device("meta"):
+        return build_open_clip(open_clip.get_model_config(model_name)).visual

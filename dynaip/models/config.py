@@ -1,0 +1,112 @@
+"""`models.yaml`: where every checkpoint lives on local disk.
+
+Example (paths relative to the YAML file are allowed)::
+
+    flux: /ckpt/FLUX.1-dev                      # diffusers directory
+    clip_vision:
+      path: /ckpt/vit_large_patch14_clip_336.openai   # dir with open_clip_config.json, or a weights file
+      model_name: ViT-L-14-336                  # used when `path` is a bare weights file
+      quick_gelu: true                          # OpenAI-trained weights use QuickGELU
+    grounding_dino:
+      config: /ckpt/GroundingDINO_SwinT_OGC.py
+      checkpoint: /ckpt/groundingdino_swint_ogc.pth
+      bert: /ckpt/bert-base-uncased             # local directory, never a hub name
+    sam:
+      checkpoint: /ckpt/sam_vit_h_4b8939.pth
+      variant: vit_h
+    captioner: null                             # optional transformers image-to-text directory
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(kw_only=True)
+class ClipVisionPaths:
+    path: str
+    """Directory holding open_clip_config.json + weights, or a weights file."""
+    model_name: str = "ViT-L-14-336"
+    """OpenCLIP architecture name, used when `path` is a bare weights file."""
+    quick_gelu: bool = True
+    """OpenAI-trained CLIP weights need QuickGELU; ignored when open_clip_config.json says otherwise."""
+    layers: tuple[int, ...] = (10, 17, 24)
+    """1-based layers whose hidden states feed the low/mid/high experts."""
+
+
+@dataclass(kw_only=True)
+class GroundingDinoPaths:
+    config: str
+    """The model's Python config file (e.g. GroundingDINO_SwinT_OGC.py)."""
+    checkpoint: str
+    """The released .pth (a dict with a "model" state dict)."""
+    bert: str
+    """Local directory of the BERT text encoder + tokenizer (bert-base-uncased for the release)."""
+
+
+@dataclass(kw_only=True)
+class SamPaths:
+    checkpoint: str
+    """The released .pth state dict."""
+    variant: str = "vit_h"
+    """vit_h | vit_l | vit_b | tiny."""
+
+
+@dataclass(kw_only=True)
+class ModelsConfig:
+    flux: str
+    """Diffusers FLUX.1-dev directory (model_index.json, transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/)."""
+    clip_vision: ClipVisionPaths
+    grounding_dino: GroundingDinoPaths | None = None
+    sam: SamPaths | None = None
+    captioner: str | None = None
+    """Optional transformers image-to-text model directory for captions."""
+    source: str | None = field(default=None, repr=False)
+    """The YAML file this came from (for messages)."""
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelsConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"models file '{path}' does not exist; write one (see README 'Using real checkpoints') "
+                "or run `dynaip tiny-checkpoints --out DIR` and pass DIR/models.yaml")
+        raw = yaml.safe_load(path.read_text()) or {}
+        return cls.from_dict(raw, base=path.parent, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], base: str | Path = ".", source: str | None = None) -> "ModelsConfig":
+        base = Path(base)
+        where = source or "models config"
+
+        def resolve(p: str | None) -> str | None:
+            if p is None:
+                return None
+            q = Path(str(p)).expanduser()
+            return str(q if q.is_absolute() else (base / q).resolve())
+
+        if "flux" not in raw or "clip_vision" not in raw:
+            raise ValueError(f"{where}: needs at least 'flux' and 'clip_vision' entries, got keys {sorted(raw)}")
+        clip = raw["clip_vision"]
+        if isinstance(clip, str):
+            clip = {"path": clip}
+        clip = ClipVisionPaths(**{**clip, "path": resolve(clip["path"]),
+                                  "layers": tuple(clip.get("layers", (10, 17, 24)))})
+        gd = raw.get("grounding_dino")
+        if gd is not None:
+            gd = GroundingDinoPaths(config=resolve(gd["config"]), checkpoint=resolve(gd["checkpoint"]), bert=resolve(gd["bert"]))
+        sam = raw.get("sam")
+        if sam is not None:
+            sam = SamPaths(checkpoint=resolve(sam["checkpoint"]), variant=sam.get("variant", "vit_h"))
+        return cls(flux=resolve(raw["flux"]), clip_vision=clip, grounding_dino=gd, sam=sam,
+                   captioner=resolve(raw.get("captioner")), source=source)
+
+    def require(self, name: str) -> Any:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"{self.source or 'models config'}: no '{name}' entry, but this command needs it; add its local paths")
+        return value

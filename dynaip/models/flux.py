@@ -1,0 +1,57 @@
+"""FLUX.1-dev from a local diffusers directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import FIX_HINT, CheckpointError, require_dir
+
+FLUX_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+EXPECTED = "a diffusers FLUX.1-dev directory (model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)"
+
+# FLUX.1-dev's transformer/config.json, so the full size can be built on the meta device.
+FLUX_DEV_TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+
+
+def _check_layout(path: str | Path) -> Path:
+    p = require_dir("FLUX.1-dev", path, EXPECTED)
+    missing = [part for part in ("model_index.json", *FLUX_PARTS) if not (p / part).exists()]
+    if missing:
+        raise CheckpointError("FLUX.1-dev", p, EXPECTED, f"Missing: {', '.join(missing)}. {FIX_HINT}")
+    return p
+
+
+def load_flux_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, **components):
+    """Loads ``diffusers.FluxPipeline`` with every part from ``path`` (nothing is downloaded)."""
+    from diffusers import FluxPipeline
+
+    p = _check_layout(path)
+    try:
+        return FluxPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True, **components)
+    except Exception as e:
+        raise CheckpointError("FLUX.1-dev", p, EXPECTED, "A component failed to load; re-download the directory.", e) from e
+
+
+def load_flux_transformer(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Only the ``FluxTransformer2DModel`` (``path/transformer``)."""
+    from diffusers import FluxTransformer2DModel
+
+    p = _check_layout(path)
+    try:
+        return FluxTransformer2DModel.from_pretrained(str(p), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    except Exception as e:
+        raise CheckpointError("FLUX.1-dev transformer", p / "transformer", EXPECTED, "Re-download the transformer folder.", e) from e
+
+
+def build_flux_transformer_meta(config: dict | None = None):
+    """The FLUX.1-dev transformer (or ``config``) on the meta device: shapes and counts, no memory."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        return FluxTransformer2DModel(**(config or FLUX_DEV_TRANSFORMER_CONFIG))

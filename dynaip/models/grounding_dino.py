@@ -1,0 +1,145 @@
+"""Grounding DINO (groundingdino-py) from its config .py, released .pth and a local BERT directory,
+with a batched text-prompted detector on top."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import GroundingDinoPaths
+from .errors import CheckpointError, require_dir, require_file
+from .weights import load_into, load_state_dict
+
+EXPECTED = "Grounding DINO: a config .py (e.g. GroundingDINO_SwinT_OGC.py), a .pth with a 'model' state dict, and a local BERT directory"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One box: ``box`` is XYXY in the input image's pixels; ``phrase`` is the prompt phrase it matched."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    phrase: str
+
+
+def normalize_caption(phrases: Sequence[str] | str) -> str:
+    """Grounding DINO's caption convention: lower case, phrases joined by ' . ', ending with '.'."""
+    if isinstance(phrases, str):
+        phrases = [p for p in phrases.split(".")]
+    parts = [p.strip().lower() for p in phrases if p.strip()]
+    if not parts:
+        raise ValueError("detection prompt is empty: give at least one phrase, e.g. 'person'")
+    return " . ".join(parts) + " ."
+
+
+def load_grounding_dino(paths: GroundingDinoPaths, device: str | torch.device = "cpu"):
+    """Builds the model from its config file with ``text_encoder_type`` pointed at the local BERT
+    directory, then loads the released weights strictly (no pickle: ``weights_only=True``)."""
+    from groundingdino.models import build_model
+    from groundingdino.util.slconfig import SLConfig
+
+    cfg_file = require_file("Grounding DINO config", paths.config, EXPECTED)
+    bert = require_dir("Grounding DINO BERT", paths.bert, "a BERT directory with config.json, weights and vocab.txt")
+    if not (bert / "config.json").is_file() or not (bert / "vocab.txt").is_file():
+        raise CheckpointError("Grounding DINO BERT", bert, "config.json + vocab.txt + weights", "Copy the whole bert-base-uncased directory.")
+    sd = load_state_dict("Grounding DINO", paths.checkpoint, EXPECTED)
+    try:
+        args = SLConfig.fromfile(str(cfg_file))
+    except Exception as e:
+        raise CheckpointError("Grounding DINO config", cfg_file, EXPECTED, "The config file does not parse.", e) from e
+    args.text_encoder_type = str(bert)
+    args.device = str(device)
+    args.use_checkpoint = False
+    args.use_transformer_ckpt = False
+    with contextlib.redirect_stdout(io.StringIO()):  # the library prints on build
+        model = build_model(args)
+    # the BERT pooler is unused by Grounding DINO and absent from the release checkpoint
+    load_into(model, sd, "Grounding DINO", paths.checkpoint, EXPECTED, allow_missing=("bert.pooler",))
+    return model.eval().requires_grad_(False).to(device)
+
+
+class GroundingDinoDetector:
+    """Batched open-vocabulary detection.
+
+    ``detect(images, captions)`` takes RGB uint8 arrays ``(H, W, 3)`` and one caption per image
+    (phrases separated by '.'), and returns per image the boxes whose best token logit passes
+    ``box_threshold``, each labelled with the phrase whose tokens score highest (≥ ``text_threshold``).
+    """
+
+    def __init__(self, model, *, size: int = 800, max_size: int = 1333, device: str | torch.device = "cpu"):
+        self.model = model
+        self.size = size
+        self.max_size = max_size
+        self.device = torch.device(device)
+        self.tokenizer = model.tokenizer
+
+    def _prepare(self, image: np.ndarray) -> torch.Tensor:
+        h, w = image.shape[:2]
+        scale = self.size / min(h, w)
+        if max(h, w) * scale > self.max_size:
+            scale = self.max_size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)[None]
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        return (x - mean) / std
+
+    def _phrase_spans(self, caption: str) -> list[tuple[str, list[int]]]:
+        enc = self.tokenizer(caption, return_offsets_mapping=True)
+        spans: list[tuple[str, list[int]]] = []
+        start = 0
+        for phrase in caption.split("."):
+            stripped = phrase.strip()
+            if stripped:
+                lo = caption.index(stripped, start)
+                hi = lo + len(stripped)
+                idx = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a >= lo and b <= hi]
+                spans.append((stripped, idx))
+                start = hi
+        return spans
+
+    @torch.no_grad()
+    def detect(self, images: Sequence[np.ndarray], captions: Sequence[str], *, box_threshold: float,
+               text_threshold: float) -> list[list[Detection]]:
+        from groundingdino.util.misc import nested_tensor_from_tensor_list
+
+        if len(images) != len(captions):
+            raise ValueError(f"detect: {len(images)} images but {len(captions)} captions; give one caption per image")
+        if not images:
+            return []
+        captions = [normalize_caption(c) for c in captions]
+        batch = nested_tensor_from_tensor_list([self._prepare(im) for im in images]).to(self.device)
+        out = self.model(batch, captions=list(captions))
+        logits = out["pred_logits"].sigmoid().float().cpu()  # (B, nq, 256) token scores
+        boxes = out["pred_boxes"].float().cpu()  # (B, nq, 4) normalised cx, cy, w, h
+        results: list[list[Detection]] = []
+        for b, (image, caption) in enumerate(zip(images, captions)):
+            h, w = image.shape[:2]
+            spans = self._phrase_spans(caption)
+            keep = logits[b].max(dim=1).values > box_threshold
+            dets: list[Detection] = []
+            for q in torch.nonzero(keep).flatten().tolist():
+                scored = [(float(logits[b, q, idx].max()), phrase) for phrase, idx in spans if idx]
+                if not scored:
+                    continue
+                best, phrase = max(scored)
+                if best < text_threshold:
+                    continue
+                cx, cy, bw, bh = boxes[b, q].tolist()
+                x0, y0 = max(0.0, (cx - bw / 2) * w), max(0.0, (cy - bh / 2) * h)
+                x1, y1 = min(float(w), (cx + bw / 2) * w), min(float(h), (cy + bh / 2) * h)
+                if x1 > x0 and y1 > y0:
+                    dets.append(Detection((x0, y0, x1, y1), float(logits[b, q].max()), phrase))
+            dets.sort(key=lambda d: -d.score)
+            results.append(dets)
+        return results

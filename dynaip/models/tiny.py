@@ -1,0 +1,220 @@
+"""Tiny random-weight checkpoints in the real release formats (tests and the demo).
+
+``write_tiny_checkpoints(out)`` writes::
+
+    out/flux/                       diffusers FluxPipeline directory (safetensors)
+    out/clip/                       open_clip_config.json + open_clip_model.safetensors
+    out/grounding_dino/config.py    Grounding DINO config (SwinT backbone, tiny heads)
+    out/grounding_dino/model.pth    {"model": state_dict}, loadable with weights_only=True
+    out/grounding_dino/bert/        BERT directory (config.json, model.safetensors, vocab.txt)
+    out/sam/sam_tiny.pth            SAM state dict
+    out/models.yaml                 paths of all of the above
+
+Same seed → byte-identical files. Pictures made with these weights are noise by design.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from . import offline_tokenizers as tok
+
+log = logging.getLogger(__name__)
+
+TINY_FLUX_TRANSFORMER_CONFIG = dict(
+    patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=2,
+    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+    pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+)
+TINY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
+    scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+)
+TINY_CLIP_CONFIG = dict(  # OpenCLIP model_cfg: 6-layer ViT on 56-px images, 2-layer text tower
+    embed_dim=32, quick_gelu=False,
+    vision_cfg=dict(image_size=56, patch_size=14, width=32, layers=6, head_width=16, mlp_ratio=2.0),
+    text_cfg=dict(context_length=77, vocab_size=1000, width=32, heads=2, layers=2),
+)
+TINY_CLIP_LAYERS = (2, 4, 6)  # low / mid / high of the tiny 6-layer tower (the paper: 10, 17, 24 of 24)
+TINY_GROUNDING_DINO_CONFIG = """\
+# Grounding DINO config with the release's structure and small heads (tests and the demo only).
+batch_size = 1
+modelname = "groundingdino"
+backbone = "swin_T_224_1k"
+position_embedding = "sine"
+pe_temperatureH = 20
+pe_temperatureW = 20
+return_interm_indices = [1, 2, 3]
+backbone_freeze_keywords = None
+enc_layers = 1
+dec_layers = 2
+pre_norm = False
+dim_feedforward = 64
+hidden_dim = 32
+dropout = 0.0
+nheads = 4
+num_queries = 20
+query_dim = 4
+num_patterns = 0
+num_feature_levels = 4
+enc_n_points = 2
+dec_n_points = 2
+two_stage_type = "standard"
+two_stage_bbox_embed_share = False
+two_stage_class_embed_share = False
+transformer_activation = "relu"
+dec_pred_bbox_embed_share = True
+dn_box_noise_scale = 1.0
+dn_label_noise_ratio = 0.5
+dn_label_coef = 1.0
+dn_bbox_coef = 1.0
+embed_init_tgt = True
+dn_labelbook_size = 2000
+max_text_len = 256
+text_encoder_type = "bert-base-uncased"
+use_text_enhancer = True
+use_fusion_layer = True
+use_checkpoint = False
+use_transformer_ckpt = False
+use_text_cross_attention = True
+text_dropout = 0.0
+fusion_dropout = 0.0
+fusion_droppath = 0.1
+sub_sentence_present = True
+"""
+
+
+def _write_flux(out: Path) -> None:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    tok_dir = out.parent / (out.name + ".tok")
+    tok.write_clip_tokenizer(tok_dir / "tokenizer")
+    t5_vocab = tok.write_t5_tokenizer(tok_dir / "tokenizer_2")
+    clip_vocab = tok.clip_vocab_size(tok_dir / "tokenizer")
+
+    transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=clip_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=clip_vocab - 2, eos_token_id=clip_vocab - 1,
+        pad_token_id=clip_vocab - 1))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1, is_encoder_decoder=False, use_cache=False))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tok_dir / "tokenizer"),
+        text_encoder_2=text_encoder_2, tokenizer_2=T5TokenizerFast.from_pretrained(tok_dir / "tokenizer_2"),
+        transformer=transformer)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    # save_pretrained rewrites tokenizer files; keep the exact offline-built ones (deterministic bytes)
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(out / name)
+        shutil.copytree(tok_dir / name, out / name)
+    shutil.rmtree(tok_dir)
+
+
+def _write_clip(out: Path) -> None:
+    from .clip_vision import build_open_clip
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_open_clip(TINY_CLIP_CONFIG)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(out / "open_clip_model.safetensors"))
+    (out / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": TINY_CLIP_CONFIG,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
+    }, indent=2, sort_keys=True))
+
+
+def _write_grounding_dino(out: Path) -> None:
+    from transformers import BertConfig, BertModel
+
+    from .config import GroundingDinoPaths
+    from .grounding_dino import load_grounding_dino
+
+    out.mkdir(parents=True, exist_ok=True)
+    bert_dir = out / "bert"
+    vocab = tok.write_bert_vocab(bert_dir)
+    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(str(bert_dir), safe_serialization=True)
+    (out / "config.py").write_text(TINY_GROUNDING_DINO_CONFIG)
+    from groundingdino.models import build_model
+    from groundingdino.util.slconfig import SLConfig
+
+    import contextlib
+    import io
+
+    args = SLConfig.fromfile(str(out / "config.py"))
+    args.text_encoder_type = str(bert_dir)
+    args.device = "cpu"
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = build_model(args)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("bert.pooler")}
+    torch.save({"model": sd}, str(out / "model.pth"))
+    del load_grounding_dino, GroundingDinoPaths
+
+
+def _write_sam(out: Path) -> None:
+    from .sam import build_sam_tiny
+
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().clone().contiguous() for k, v in build_sam_tiny().state_dict().items()}
+    torch.save(sd, str(out / "sam_tiny.pth"))
+
+
+MODELS_YAML = {
+    "flux": "flux",
+    "clip_vision": {"path": "clip", "model_name": "tiny", "quick_gelu": False, "layers": list(TINY_CLIP_LAYERS)},
+    "grounding_dino": {"config": "grounding_dino/config.py", "checkpoint": "grounding_dino/model.pth", "bert": "grounding_dino/bert"},
+    "sam": {"checkpoint": "sam/sam_tiny.pth", "variant": "tiny"},
+}
+
+
+def write_tiny_checkpoints(out: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Writes every tiny checkpoint under ``out`` and returns the path of ``out/models.yaml``.
+
+    The directory is built in a temporary sibling and renamed into place, so an interrupted
+    run never leaves a half-written set behind.
+    """
+    out = Path(out)
+    if (out / "models.yaml").is_file() and not overwrite:
+        log.info("tiny checkpoints already in %s", out)
+        return out / "models.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        torch.manual_seed(seed)
+        _write_flux(tmp / "flux")
+        torch.manual_seed(seed + 1)
+        _write_clip(tmp / "clip")
+        torch.manual_seed(seed + 2)
+        _write_grounding_dino(tmp / "grounding_dino")
+        torch.manual_seed(seed + 3)
+        _write_sam(tmp / "sam")
+        (tmp / "models.yaml").write_text(
+            "# Tiny random-weight checkpoints written by `dynaip tiny-checkpoints` (tests/demo only).\n"
+            + yaml.safe_dump(MODELS_YAML, sort_keys=False))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "models.yaml"

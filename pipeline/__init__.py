@@ -1,0 +1,1 @@
+"""DynaIP data curation: source readers, stages, shard writing, executors (local and Ray)."""

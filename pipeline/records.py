@@ -1,0 +1,81 @@
+"""The typed records that flow between curation stages.
+
+A reader yields ``SourceRecord``s; stages turn them into ``Sample``s (accepted) or ``Reject``s.
+Every input record ends as exactly one of: one or more samples, or one reject.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Box = tuple[float, float, float, float]  # XYXY in the image's pixels
+
+_KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def safe_key(text: str) -> str:
+    """WebDataset keys allow only ``[A-Za-z0-9_-]`` (a dot would split the key)."""
+    return _KEY_BAD.sub("_", text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRef:
+    """Where an image's bytes live. Exactly one way of reading applies:
+
+    - ``path`` alone: a file on disk (or an fsspec URL);
+    - ``path`` + ``member``: a member of a tar file (SA-1B tars);
+    - ``path`` + ``frame``: frame index ``frame`` of a video file (OpenS2V).
+    """
+
+    path: str
+    member: str | None = None
+    frame: int | None = None
+
+
+@dataclass(kw_only=True)
+class SourceRecord:
+    """One input item from a source dataset, before any decoding."""
+
+    source: str
+    """Source kind: sa1b | ffhq | vitonhd | opens2v | folder."""
+    id: str
+    """Unique id within the source (goes into the sample key after `safe_key`)."""
+    image: ImageRef
+    """The target image (the ground truth the model learns to generate)."""
+    phrase: str | None = None
+    """Detection phrase / category hint (e.g. 'person', 'dog'); the recipe's prompt is used when None."""
+    caption: str | None = None
+    """A caption shipped with the source, if any."""
+    boxes: list[Box] = field(default_factory=list)
+    """Boxes the source already provides (FFHQ face_rect, OpenS2V bboxes), XYXY pixels of `image`."""
+    masks: list[dict[str, Any]] = field(default_factory=list)
+    """Masks the source already provides, as COCO RLE dicts {size: [H, W], counts} in `image` pixels."""
+    reference: ImageRef | None = None
+    """Cross-pair: the image the subject reference is cut from (VITON-HD garment, OpenS2V other clip)."""
+    reference_mask: ImageRef | dict[str, Any] | None = None
+    """Cross-pair: subject mask of `reference` (a mask image such as VITON cloth-mask, or an RLE dict)."""
+    reference_box: Box | None = None
+    """Cross-pair: subject box in `reference` pixels, when the source gives one."""
+    group: str | None = None
+    """Subject identity shared by records that may be cross-paired (OpenS2V cluster)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Source-specific metadata kept in the sample json (e.g. aesthetic score, face landmarks)."""
+
+    @property
+    def pair(self) -> Literal["intra", "cross"]:
+        return "cross" if self.reference is not None else "intra"
+
+
+@dataclass(kw_only=True)
+class Reject:
+    """An input that did not become a sample, and why."""
+
+    source: str
+    id: str
+    stage: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"source": self.source, "id": self.id, "stage": self.stage, "reason": self.reason}
