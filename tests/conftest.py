@@ -1,0 +1,27 @@
+"""Shared fixtures: the tiny checkpoints are written once per test session by the project's own code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models_yaml(tmp_path_factory) -> Path:
+    """Path of ``models.yaml`` for a freshly written tiny checkpoint set."""
+    from dynaip.models.tiny import write_tiny_checkpoints
+
+    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_models_yaml):
+    from dynaip.models import ModelsConfig
+
+    return ModelsConfig.from_yaml(tiny_models_yaml)
