@@ -12,7 +12,10 @@ class CheckpointError(RuntimeError):
     """
 
     def __init__(self, model: str, path: str | Path, expected: str, fix: str, cause: BaseException | None = None):
-        detail = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        detail = ""
+        if cause is not None:  # keep the message on one line: the cause's first line, shortened
+            first = next((ln.strip() for ln in str(cause).splitlines() if ln.strip()), "")
+            detail = f" ({type(cause).__name__}: {first[:160]})"
         super().__init__(f"{model}: cannot load '{path}': expected {expected}{detail}. {fix}")
         self.model = model
         self.path = str(path)

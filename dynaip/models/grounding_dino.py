@@ -34,8 +34,8 @@ class Detection:
 def normalize_caption(phrases: Sequence[str] | str) -> str:
     """Grounding DINO's caption convention: lower case, phrases joined by ' . ', ending with '.'."""
     if isinstance(phrases, str):
-        phrases = [p for p in phrases.split(".")]
-    parts = [p.strip().lower() for p in phrases if p.strip()]
+        phrases = [phrases]
+    parts = [q.strip().lower() for p in phrases for q in p.split(".") if q.strip()]
     if not parts:
         raise ValueError("detection prompt is empty: give at least one phrase, e.g. 'person'")
     return " . ".join(parts) + " ."

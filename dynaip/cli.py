@@ -1,0 +1,68 @@
+"""The `dynaip` command line: one entry point, one subcommand per job (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+log = logging.getLogger("dynaip")
+
+
+def _tiny_checkpoints(args: argparse.Namespace) -> int:
+    from dynaip.models.tiny import write_tiny_checkpoints
+
+    path = write_tiny_checkpoints(args.out, seed=args.seed, overwrite=args.overwrite)
+    print(f"tiny random-weight checkpoints written; models file: {path}")
+    return 0
+
+
+def _add_tiny_checkpoints(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiny-checkpoints", help="write tiny random-weight checkpoints in the real release formats",
+                       description="Writes FLUX (diffusers dir), OpenCLIP, Grounding DINO and SAM checkpoints with tiny "
+                                   "random weights plus DIR/models.yaml. For tests and the demo: their outputs are noise.")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="same seed → byte-identical files")
+    p.add_argument("--overwrite", action="store_true", help="rewrite even if DIR/models.yaml exists")
+    p.set_defaults(func=_tiny_checkpoints)
+
+
+def _optional_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
+    """Subcommands whose modules pull heavy dependencies are imported here, once."""
+    adders: list[Callable[[argparse._SubParsersAction], None]] = []
+    return adders
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynaip", description="DynaIP: data curation, training and inference "
+                                     "for the zero-shot personalization adapter on FLUX.1-dev")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_tiny_checkpoints(sub)
+    for add in _optional_parsers():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        log.error("%s", e)
+        return 2
+    except Exception as e:
+        from dynaip.models.errors import CheckpointError
+
+        if isinstance(e, CheckpointError):
+            log.error("%s", e)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
