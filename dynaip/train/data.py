@@ -1,0 +1,414 @@
+"""Streaming, deterministic, exactly resumable input from WebDataset shards.
+
+Why not webdataset's pipeline: its shuffle buffer and ``split_by_worker`` keep no position
+that can be saved and restored, so a resumed run would see different batches. Here the tar
+streaming is our own (``tarfile`` over ``fsspec``; local paths and URLs alike) and every
+sample has an address that a checkpoint can name.
+
+The layout of one epoch (identical on every rank, computed from the manifests alone)::
+
+    shards in a permuted order keyed by (seed, epoch)
+      └─ their samples concatenated into one stream of N positions
+          └─ split into C = world_size × workers contiguous ranges of K = ceil(N / C) positions
+             (consumer c = rank × workers + worker reads positions [c·K, (c+1)·K), wrapping
+             past N to the stream's start, so every consumer gets exactly K and none starves,
+             even with fewer shards than consumers or uneven shard sizes)
+              └─ each range cut into blocks of ``shuffle_block`` positions, each block emitted
+                 in a permutation keyed by (seed, epoch, consumer, block)
+
+A consumer reads only the shards its range touches (seeking over the members before its
+range start), decodes in its DataLoader worker and never copies a shard to disk. Its
+position is ``(epoch, offset)`` into its range; restoring it re-reads the current block from
+its start and drops the already-emitted part, so a resumed stream is the identical sequence.
+The stream never ends: after K positions a consumer moves to the next epoch, so a step-based
+trainer always has a batch on every rank.
+
+Damaged input is skipped and counted, never fatal: a shard that cannot be opened or is
+truncated (``tarfile.ReadError`` part-way) loses its remaining samples, and a sample whose
+image does not decode is dropped. Those positions still count as consumed, so the skips are
+part of the deterministic sequence.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tarfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator, Sequence
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+log = logging.getLogger(__name__)
+
+IMAGE_MEMBERS = ("ref.png", "tgt.jpg")
+MAX_EMPTY_EPOCHS = 50  # a consumer that finds no usable sample in this many epochs in a row raises
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the manifest lists it."""
+
+    url: str
+    """Local path or fsspec URL of the tar."""
+    samples: int
+    """Sample count from the manifest (a damaged shard may hold fewer; the rest are skipped)."""
+
+
+def _join(base: str, rel: str) -> str:
+    if "://" in rel or rel.startswith("/"):
+        return rel
+    return base.rstrip("/") + "/" + rel
+
+
+def read_manifests(dirs: Sequence[str]) -> list[ShardInfo]:
+    """The shards of every ``DIR/manifest.json`` (local path or fsspec URL), in the given order."""
+    shards: list[ShardInfo] = []
+    for d in dirs:
+        url = _join(d, "manifest.json")
+        try:
+            with fsspec.open(url, "rt") as f:
+                manifest = json.load(f)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"dataset '{d}' has no manifest.json; pass a directory written by `dynaip curate` "
+                "(the manifest is written last, so an unfinished curation has none yet)") from e
+        for s in manifest.get("shards", []):
+            if int(s["samples"]) > 0:
+                shards.append(ShardInfo(_join(d, s["path"]), int(s["samples"])))
+    if not shards:
+        raise ValueError(f"datasets {list(dirs)} list no samples in their manifests; nothing to train on")
+    return shards
+
+
+@dataclass(kw_only=True)
+class StreamSpec:
+    """What a stream reads and how it shapes batches (the same on every rank)."""
+
+    shards: list[ShardInfo]
+    """All shards of the stage, in manifest order."""
+    batch_size: int
+    """Samples per batch on one rank."""
+    seed: int = 0
+    """Keys shard order and block permutations together with epoch, rank and worker."""
+    shuffle_block: int = 64
+    """Positions permuted together; the memory cost is this many undecoded samples per worker."""
+    pair: str | None = None
+    """Keep only samples whose json ``pair`` equals this (``intra`` | ``cross``); None keeps all."""
+    ref_size: int = 336
+    """Side of the square reference image (the CLIP tower's input size)."""
+    buckets: list[tuple[int, int]] = field(default_factory=lambda: [(1024, 1024)])
+    """Target sizes (H, W), multiples of 16; a batch takes the bucket nearest its first sample's aspect ratio."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.shuffle_block < 1:
+            raise ValueError(f"shuffle_block must be >= 1, got {self.shuffle_block}")
+        if self.pair not in (None, "intra", "cross"):
+            raise ValueError(f"pair must be 'intra', 'cross' or null, got {self.pair!r}")
+        bad = [b for b in self.buckets if b[0] % 16 or b[1] % 16]
+        if bad or not self.buckets:
+            raise ValueError(f"buckets {bad or self.buckets} must be non-empty (H, W) pairs, multiples of 16 "
+                             "(VAE /8, then 2×2 packing)")
+        self.buckets = [tuple(int(v) for v in b) for b in self.buckets]  # type: ignore[misc]
+
+    @property
+    def total(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+@dataclass
+class WorkerPosition:
+    """Where one consumer (rank, logical worker) stands; JSON-serialisable."""
+
+    epoch: int = 0
+    offset: int = 0
+    """Positions of the current epoch's range already consumed (emitted, skipped or filtered)."""
+    skipped: int = 0
+    """Damaged samples skipped so far (cumulative over epochs)."""
+    filtered: int = 0
+    """Samples dropped by the ``pair`` selection so far."""
+
+
+# ----------------------------------------------------------------------------- epoch layout
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+def epoch_order(spec: StreamSpec, epoch: int) -> tuple[list[ShardInfo], np.ndarray]:
+    """Shards in this epoch's order and the stream position where each starts (len + 1)."""
+    perm = _rng(spec.seed, epoch, 0x5A4D).permutation(len(spec.shards))
+    shards = [spec.shards[i] for i in perm]
+    starts = np.concatenate([[0], np.cumsum([s.samples for s in shards])])
+    return shards, starts
+
+
+def range_length(total: int, consumers: int) -> int:
+    """K: positions per consumer per epoch."""
+    return math.ceil(total / consumers)
+
+
+def block_permutation(spec: StreamSpec, epoch: int, consumer: int, block: int, length: int) -> np.ndarray:
+    return _rng(spec.seed, epoch, consumer, block, 0xB10C).permutation(length)
+
+
+# ----------------------------------------------------------------------------- tar reading
+
+def _key_and_ext(name: str) -> tuple[str, str]:
+    """WebDataset grouping: key = path up to the first dot of the basename."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+def iter_tar(url: str, skip: int = 0, count: int | None = None) -> Iterator[dict[str, bytes] | None]:
+    """Samples ``skip .. skip+count`` of one shard, in order; ``None`` for each one that is lost.
+
+    Members of skipped samples are passed over with ``tarfile``'s seek, not read. When the tar
+    cannot be opened or breaks part-way, every remaining requested sample comes out as ``None``.
+    """
+    want = count if count is not None else 1 << 62
+    produced = 0
+    try:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            idx, key, cur = -1, None, {}
+            for member in tf:
+                if not member.isfile():
+                    continue
+                k, ext = _key_and_ext(member.name)
+                if k != key:
+                    if cur and idx >= skip:
+                        yield cur
+                        produced += 1
+                        if produced >= want:
+                            return
+                    idx, key, cur = idx + 1, k, {"__key__": k.encode()}
+                if idx >= skip:
+                    cur[ext] = tf.extractfile(member).read()  # type: ignore[union-attr]
+            if cur and idx >= skip and produced < want:
+                yield cur
+                produced += 1
+    except (tarfile.TarError, OSError, EOFError) as e:
+        log.warning("shard %s unreadable after %d samples (%s: %s); skipping the rest",
+                    url, skip + produced, type(e).__name__, e)
+    while produced < want and count is not None:  # fewer samples than the manifest says
+        yield None
+        produced += 1
+
+
+def iter_positions(shards: list[ShardInfo], starts: np.ndarray, begin: int, end: int
+                   ) -> Iterator[dict[str, bytes] | None]:
+    """Raw samples of stream positions ``begin .. end`` (``end`` may pass N: wraps to 0)."""
+    total = int(starts[-1])
+    pos = begin
+    while pos < end:
+        p = pos % total
+        s = int(np.searchsorted(starts, p, side="right") - 1)
+        n = min(int(starts[s + 1]) - p, end - pos)
+        yield from iter_tar(shards[s].url, skip=p - int(starts[s]), count=n)
+        pos += n
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def pad_to_square_white(img: Image.Image) -> Image.Image:
+    """Centres an RGB image on a white square (the reference's background is white)."""
+    w, h = img.size
+    s = max(w, h)
+    if w == h:
+        return img
+    out = Image.new("RGB", (s, s), (255, 255, 255))
+    out.paste(img, ((s - w) // 2, (s - h) // 2))
+    return out
+
+
+def resize_center_crop(img: Image.Image, h: int, w: int) -> Image.Image:
+    """Scales so the image covers (h, w), then crops the centre."""
+    iw, ih = img.size
+    scale = max(w / iw, h / ih)
+    nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+def to_chw_uint8(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+
+
+@dataclass
+class Decoded:
+    key: str
+    ref: torch.Tensor
+    """(3, S, S) uint8, reference padded to square on white, resized to ``ref_size``."""
+    tgt: Image.Image
+    """Target RGB, still at its own size (the batch picks the bucket)."""
+    txt: str
+    pair: str
+
+
+def decode_sample(raw: dict[str, bytes], ref_size: int) -> Decoded:
+    """Raises on any missing member or undecodable image (the caller counts it as skipped)."""
+    meta = json.loads(raw["json"])
+    with Image.open(io.BytesIO(raw["ref.png"])) as im:
+        ref = pad_to_square_white(im.convert("RGB")).resize((ref_size, ref_size), Image.BICUBIC)
+    with Image.open(io.BytesIO(raw["tgt.jpg"])) as im:
+        tgt = im.convert("RGB")
+    return Decoded(key=raw["__key__"].decode().rsplit("/", 1)[-1],
+                   ref=to_chw_uint8(ref), tgt=tgt, txt=raw.get("txt", b"").decode("utf-8"),
+                   pair=str(meta.get("pair", "")))
+
+
+def nearest_bucket(buckets: list[tuple[int, int]], w: int, h: int) -> tuple[int, int]:
+    ar = math.log(w / h)
+    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ar))
+
+
+def collate(samples: list[Decoded], buckets: list[tuple[int, int]]) -> dict[str, Any]:
+    """Batch dict: ``ref`` (B, 3, S, S) uint8, ``tgt`` (B, 3, H, W) uint8, ``txt``/``pair``/``key`` lists."""
+    h, w = nearest_bucket(buckets, *samples[0].tgt.size)
+    return {"ref": torch.stack([s.ref for s in samples]),
+            "tgt": torch.stack([to_chw_uint8(resize_center_crop(s.tgt, h, w)) for s in samples]),
+            "txt": [s.txt for s in samples], "pair": [s.pair for s in samples], "key": [s.key for s in samples]}
+
+
+# ----------------------------------------------------------------------------- one consumer
+
+def consumer_batches(spec: StreamSpec, consumer: int, consumers: int, start: WorkerPosition
+                     ) -> Iterator[tuple[dict[str, Any], WorkerPosition]]:
+    """Infinite batches of one consumer, each with the position *after* it."""
+    pos = WorkerPosition(**asdict(start))
+    k = range_length(spec.total, consumers)
+    pending: list[Decoded] = []
+    empty_epochs = 0
+    while True:
+        shards, starts = epoch_order(spec, pos.epoch)
+        good_this_epoch = 0
+        while pos.offset < k:
+            block = pos.offset // spec.shuffle_block
+            b0 = block * spec.shuffle_block
+            blen = min(spec.shuffle_block, k - b0)
+            first = consumer * k + b0
+            raws = list(iter_positions(shards, starts, first, first + blen))  # sequential IO
+            perm = block_permutation(spec, pos.epoch, consumer, block, blen)
+            for j in range(pos.offset - b0, blen):
+                raw = raws[perm[j]]
+                pos.offset += 1
+                if raw is None:
+                    pos.skipped += 1
+                    continue
+                try:
+                    if spec.pair is not None and json.loads(raw["json"]).get("pair") != spec.pair:
+                        pos.filtered += 1
+                        continue
+                    sample = decode_sample(raw, spec.ref_size)
+                except Exception as e:  # any decode failure is data damage, not a trainer bug
+                    log.warning("skipping undecodable sample at epoch %d position %d: %s: %s",
+                                pos.epoch, first + perm[j], type(e).__name__, e)
+                    pos.skipped += 1
+                    continue
+                good_this_epoch += 1
+                pending.append(sample)
+                if len(pending) == spec.batch_size:
+                    yield collate(pending, spec.buckets), WorkerPosition(**asdict(pos))
+                    pending = []
+        empty_epochs = 0 if good_this_epoch else empty_epochs + 1
+        if empty_epochs >= MAX_EMPTY_EPOCHS:
+            raise RuntimeError(
+                f"consumer {consumer} found no usable sample in {MAX_EMPTY_EPOCHS} epochs "
+                f"(pair={spec.pair!r}, {spec.total} samples in {len(spec.shards)} shards); check that the "
+                "stage's datasets hold that pair type and that the shards are readable")
+        pos.epoch, pos.offset = pos.epoch + 1, 0
+
+
+# ----------------------------------------------------------------------------- DataLoader glue
+
+class _ShardDataset(IterableDataset):
+    """One rank's stream; DataLoader worker slot ``i`` plays logical worker ``(i + rotation) % W``.
+
+    The rotation exists because a DataLoader always starts its round-robin at worker 0: after
+    S consumed batches the next batch must come from logical worker S mod W.
+    """
+
+    def __init__(self, spec: StreamSpec, rank: int, world_size: int, workers: int,
+                 positions: list[WorkerPosition], rotation: int):
+        self.spec, self.rank, self.world_size, self.workers = spec, rank, world_size, workers
+        self.positions, self.rotation = positions, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        lw = (slot + self.rotation) % self.workers
+        consumer = self.rank * self.workers + lw
+        for batch, pos in consumer_batches(self.spec, consumer, self.world_size * self.workers, self.positions[lw]):
+            batch["_worker"] = lw
+            batch["_position"] = asdict(pos)
+            yield batch
+
+
+class StreamingLoader:
+    """The rank's batch iterator with a saveable position.
+
+    ``state_dict()`` describes exactly the batches already handed out by ``__iter__`` (not the
+    ones prefetched by workers), so ``load_state_dict`` + a new ``__iter__`` continues with the
+    very next batch. ``workers`` (DataLoader processes; 0 = in this process) and
+    ``world_size`` shape the partition, so a resume must keep both.
+    """
+
+    def __init__(self, spec: StreamSpec, rank: int, world_size: int, workers: int = 2,
+                 prefetch_factor: int = 2, pin_memory: bool = False, mp_context: str | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.workers = workers
+        self.logical = max(1, workers)
+        self.prefetch_factor, self.pin_memory, self.mp_context = prefetch_factor, pin_memory, mp_context
+        self.batches = 0
+        self.positions = [WorkerPosition() for _ in range(self.logical)]
+
+    @property
+    def skipped(self) -> int:
+        return sum(p.skipped for p in self.positions)
+
+    @property
+    def filtered(self) -> int:
+        return sum(p.filtered for p in self.positions)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "world_size": self.world_size, "workers": self.logical,
+                "batches": self.batches, "positions": [asdict(p) for p in self.positions]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["world_size"], state["workers"]) != (self.world_size, self.logical):
+            raise ValueError(
+                f"data position was saved with world_size={state['world_size']} and {state['workers']} "
+                f"loader workers per rank, this run has {self.world_size} and {self.logical}; the shard "
+                "partition depends on both, so resume with the same --workers and data_workers")
+        self.batches = int(state["batches"])
+        self.positions = [WorkerPosition(**p) for p in state["positions"]]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ds = _ShardDataset(self.spec, self.rank, self.world_size, self.logical,
+                           [WorkerPosition(**asdict(p)) for p in self.positions], self.batches % self.logical)
+        kwargs: dict[str, Any] = {}
+        if self.workers > 0:
+            kwargs = dict(prefetch_factor=self.prefetch_factor, multiprocessing_context=self.mp_context)
+        # own generator: DataLoader draws a base seed when iterated; it must not consume the
+        # training RNG, or a resumed run would diverge from an uninterrupted one
+        loader = DataLoader(ds, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+                            generator=torch.Generator().manual_seed(0), **kwargs)
+        for batch in loader:
+            lw = batch.pop("_worker")
+            self.positions[lw] = WorkerPosition(**batch.pop("_position"))
+            self.batches += 1
+            yield batch

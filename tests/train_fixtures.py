@@ -1,0 +1,101 @@
+"""Small datasets in the DESIGN.md dataset layout, written by the trainer tests themselves.
+
+``write_dataset(dir, ...)`` writes ``dir/shards/NNNNNN.tar`` (WebDataset samples with
+``ref.png``, ``tgt.jpg``, ``mask.png``, ``txt``, ``json``) and ``dir/manifest.json``
+(written last), from the real photos bundled with scikit-image. Every sample gets a
+distinct key ``test-{id}-{n}`` and a caption naming its index, so tests can tell samples apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry")
+
+
+def _photo(i: int, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 crop of a bundled photo; the crop origin moves with ``i``."""
+    import skimage.data
+
+    img = getattr(skimage.data, PHOTOS[i % len(PHOTOS)])()  # (H, W, 3) uint8
+    h, w = img.shape[:2]
+    s = min(h, w) * 3 // 4
+    y = (i * 37) % (h - s + 1)
+    x = (i * 53) % (w - s + 1)
+    return np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.BICUBIC))
+
+
+def _encode(img: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, quality=90) if fmt == "JPEG" else Image.fromarray(img).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_sample(i: int, pair: str = "intra", size: int = 96) -> dict[str, bytes]:
+    """One sample's members: target photo, a reference = the centre subject on white, a mask."""
+    tgt = _photo(i, size)
+    mask = np.zeros((size, size), np.uint8)
+    q = size // 4
+    mask[q:size - q, q:size - q] = 255
+    ref = np.full((size - 2 * q, size - 2 * q + q // 2, 3), 255, np.uint8)  # not square: exercises padding
+    ref[:, : size - 2 * q] = tgt[q:size - q, q:size - q]
+    meta = {"source": "test", "source_id": str(i), "pair": pair, "phrase": "thing",
+            "box": [q, q, size - q, size - q], "det_score": 0.9, "mask_area": float((mask > 0).mean()),
+            "width": size, "height": size, "recipe": "test"}
+    return {"ref.png": _encode(ref, "PNG"), "tgt.jpg": _encode(tgt, "JPEG"), "mask.png": _encode(mask, "PNG"),
+            "txt": f"a photo of sample {i}".encode(), "json": json.dumps(meta).encode()}
+
+
+def write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tf.addfile(info, io.BytesIO(data))
+
+
+def write_dataset(out: str | Path, shard_sizes: Sequence[int], pair: str = "intra", start: int = 0,
+                  size: int = 96, corrupt: dict[int, str] | None = None) -> Path:
+    """Writes shards of the given sizes; returns ``out``.
+
+    ``corrupt`` maps a shard index to ``"truncate"`` (the tar is cut in its middle, so
+    reading it raises ``tarfile.ReadError`` part-way) or ``"badimage"`` (the first sample's
+    ``tgt.jpg`` is garbage). The manifest keeps the intended sample counts, as a manifest
+    written before the damage would.
+    """
+    out = Path(out)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    corrupt = corrupt or {}
+    entries, n = [], start
+    for s, count in enumerate(shard_sizes):
+        samples = []
+        for _ in range(count):
+            members = make_sample(n, pair, size)
+            samples.append((f"test-{n:06d}-0", members))
+            n += 1
+        if corrupt.get(s) == "badimage":
+            samples[0][1]["tgt.jpg"] = b"\xff\xd8 not a jpeg"
+        path = out / "shards" / f"{s:06d}.tar"
+        write_tar(path, samples)
+        if corrupt.get(s) == "truncate":
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2 + 100])
+        data = path.read_bytes()
+        entries.append({"path": f"shards/{s:06d}.tar", "samples": count, "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = {"format": "dynaip-dataset/1", "recipe": {"name": "test", "pairing": pair}, "shards": entries,
+                "totals": {"inputs": n - start, "accepted": n - start, "rejected": 0, "rejected_by_reason": {}}}
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / "manifest.json")
+    return out
