@@ -1,0 +1,253 @@
+"""``DynaIPAdapter``: every trainable DynaIP parameter, and the plumbing to plug it into FLUX."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .attention import (
+    BRANCHES,
+    BlockReferenceAttention,
+    Conditioning,
+    ConditioningSlot,
+    DynaIPAttnProcessor,
+)
+from .config import DynaIPConfig
+from .hmoe import HMoEFFM
+
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "config.json"
+CHECKPOINT_FORMAT = "dynaip-adapter/1"
+
+
+class DynaIPAdapter(nn.Module):
+    """HMoE-FFM + projection to reference tokens + one image cross-attention per FLUX block.
+
+    Holds every trainable parameter and nothing frozen. Typical use::
+
+        adapter.attach(transformer)                       # installs 57 processors (FLUX.1-dev)
+        C = adapter.encode_reference(clip_hidden_states)  # (B, L, ref_dim)
+        with adapter.conditioning([C], branches="image", image_size=(H, W)):
+            out = transformer(...)                        # every denoising step reuses the reference K/V
+
+    ``forward`` is ``encode_reference``, so ``DistributedDataParallel(adapter)(hidden_states)`` works;
+    the CA weights are used inside the transformer call and still receive gradients.
+    The adapter does not follow ``transformer.to(...)``: move it yourself (``adapter.to(device)``).
+    """
+
+    def __init__(self, config: DynaIPConfig):
+        super().__init__()
+        self.config = config
+        self.hmoe = HMoEFFM(config)
+        self.proj = nn.Sequential(nn.Linear(config.expert_dim, config.ref_dim), nn.LayerNorm(config.ref_dim))
+        args = (config.ref_dim, config.num_heads, config.head_dim, config.key_norm_eps)
+        self.double_blocks = nn.ModuleList(
+            BlockReferenceAttention(*args, text_stream=config.separate_stream_kv) for _ in range(config.num_double_blocks))
+        self.single_blocks = nn.ModuleList(
+            BlockReferenceAttention(*args, text_stream=False) for _ in range(config.num_single_blocks))
+        self._slot = ConditioningSlot()
+        self._originals: dict[int, list] = {}  # id(transformer) -> its processors before attach
+
+    # ------------------------------------------------------------------ references
+    def encode_reference(self, hidden_states: Sequence[torch.Tensor],
+                         granularity: Sequence[float] | None = None) -> torch.Tensor:
+        """CLIP hidden states (one ``(B, L, clip_width)`` per ``config.clip_layers``) → C ``(B, L, ref_dim)``.
+
+        ``granularity=(w_low, w_mid, w_high)`` overrides the router weights (normalised to sum 1).
+        """
+        fused = self.hmoe(hidden_states, granularity=granularity)  # (B, L, expert_dim)
+        return self.proj(fused)  # (B, L, ref_dim)
+
+    def forward(self, hidden_states: Sequence[torch.Tensor],
+                granularity: Sequence[float] | None = None) -> torch.Tensor:
+        return self.encode_reference(hidden_states, granularity=granularity)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ attach / detach
+    def _check_transformer(self, transformer: nn.Module) -> None:
+        cfg = self.config
+        doubles = getattr(transformer, "transformer_blocks", None)
+        singles = getattr(transformer, "single_transformer_blocks", None)
+        if doubles is None or singles is None:
+            raise TypeError(f"{type(transformer).__name__} is not a diffusers FluxTransformer2DModel "
+                            "(needs transformer_blocks and single_transformer_blocks)")
+        if (len(doubles), len(singles)) != (cfg.num_double_blocks, cfg.num_single_blocks):
+            raise ValueError(f"The transformer has {len(doubles)} double + {len(singles)} single blocks; this adapter "
+                             f"was built for {cfg.num_double_blocks} + {cfg.num_single_blocks}. Use the DynaIPConfig "
+                             "preset of this FLUX model (full() for FLUX.1-dev, tiny() for the tiny checkpoints)")
+        for block in list(doubles) + list(singles):
+            attn = block.attn
+            if (attn.heads, attn.head_dim) != (cfg.num_heads, cfg.head_dim):
+                raise ValueError(f"Transformer attention has {attn.heads} heads x {attn.head_dim}; the adapter "
+                                 f"expects {cfg.num_heads} x {cfg.head_dim}")
+
+    def attach(self, transformer: nn.Module) -> None:
+        """Installs a ``DynaIPAttnProcessor`` in every block. Without an active conditioning they are exact no-ops."""
+        if id(transformer) in self._originals:
+            raise ValueError("This adapter is already attached to this transformer; call detach(transformer) first")
+        self._check_transformer(transformer)
+        blocks = [(b, True, ca) for b, ca in zip(transformer.transformer_blocks, self.double_blocks)]
+        blocks += [(b, False, ca) for b, ca in zip(transformer.single_transformer_blocks, self.single_blocks)]
+        self._originals[id(transformer)] = [b.attn.processor for b, _, _ in blocks]
+        for block, double, ca in blocks:
+            block.attn.set_processor(DynaIPAttnProcessor(ca, self._slot, double_stream=double))
+
+    def detach(self, transformer: nn.Module) -> None:
+        """Puts back the processors that were there before ``attach``."""
+        originals = self._originals.pop(id(transformer), None)
+        if originals is None:
+            raise ValueError("This adapter is not attached to this transformer")
+        blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+        for block, proc in zip(blocks, originals):
+            block.attn.set_processor(proc)
+
+    # ------------------------------------------------------------------ conditioning
+    def make_conditioning(
+        self,
+        refs: torch.Tensor | Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor] | None = None,
+        scales: float | Sequence[float] = 1.0,
+        branches: str = "image",
+        image_size: tuple[int, int] | None = None,
+    ) -> Conditioning:
+        """Validates the arguments of ``conditioning`` and packs them (see there)."""
+        refs = [refs] if isinstance(refs, torch.Tensor) else list(refs)
+        if branches not in BRANCHES:
+            raise ValueError(f"branches={branches!r}: choose one of {BRANCHES}")
+        n = len(refs)
+        for i, c in enumerate(refs):
+            if c.ndim != 3 or c.shape[-1] != self.config.ref_dim:
+                raise ValueError(f"Reference {i} has shape {tuple(c.shape)}; expected (B, L, {self.config.ref_dim}) "
+                                 "from adapter.encode_reference")
+        if n and len({c.shape[1] for c in refs}) != 1:
+            raise ValueError(f"References have different token counts {[c.shape[1] for c in refs]}; encode them at one size")
+        batches = {c.shape[0] for c in refs} - {1}
+        if len(batches) > 1:
+            raise ValueError(f"Reference batches {[c.shape[0] for c in refs]}: each must be 1 or the same B")
+        b = batches.pop() if batches else 1
+        stacked = (torch.stack([c.expand(b, -1, -1) for c in refs]) if n  # (N, B, Lc, Dc)
+                   else torch.zeros(0, 1, 1, self.config.ref_dim))
+
+        lam = [float(scales)] * n if isinstance(scales, (int, float)) else [float(s) for s in scales]
+        if len(lam) != n:
+            raise ValueError(f"Got {len(lam)} scales for {n} references; give one λ per reference or a single float")
+        if masks is not None:
+            masks = list(masks)
+            if len(masks) != n:
+                raise ValueError(f"Got {len(masks)} masks for {n} references; give one mask per reference (or None)")
+            sizes = {tuple(m.shape[-2:]) for m in masks}
+            if image_size is None:
+                if len(sizes) != 1:
+                    raise ValueError(f"Masks have different pixel sizes {sorted(sizes)}; pass image_size=(H, W)")
+                image_size = sizes.pop()
+        if image_size is not None:
+            image_size = (int(image_size[0]), int(image_size[1]))
+            ds = self.config.latent_downsample
+            if image_size[0] % ds or image_size[1] % ds:
+                raise ValueError(f"image_size={image_size}: FLUX needs height and width divisible by {ds}")
+        return Conditioning(refs=stacked, scales=torch.tensor(lam, dtype=torch.float32), masks=masks,
+                            branches=branches, image_size=image_size, latent_downsample=self.config.latent_downsample)
+
+    @contextlib.contextmanager
+    def conditioning(
+        self,
+        refs: torch.Tensor | Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor] | None = None,
+        scales: float | Sequence[float] = 1.0,
+        branches: str = "image",
+        image_size: tuple[int, int] | None = None,
+    ) -> Iterator[Conditioning]:
+        """Makes every attached transformer call inject the references while the block is open.
+
+        refs: N reference token sets ``(B or 1, L, ref_dim)`` from ``encode_reference`` (a tensor = one subject).
+        masks: None (every image token) or one pixel-space mask per subject, ``(H, W)`` or ``(B, H, W)``,
+            bool or float in [0, 1]; resampled to the packed latent grid ``(H/16, W/16)`` by area then > 0.5.
+        scales: λ for all subjects or one per subject; 0 turns a subject off.
+        branches: ``image`` (inference default, DDS), ``both`` (training), ``text`` (ablation).
+        image_size: ``(H, W)`` in pixels of the generated image; defaults to the masks' size. Needed
+            with masks, and when the transformer has no double-stream blocks.
+
+        The reference K/V are computed at the first transformer call and reused until the block
+        closes (or C / the adapter weights change in place). Blocks nest; the inner one wins.
+        """
+        cond = self.make_conditioning(refs, masks=masks, scales=scales, branches=branches, image_size=image_size)
+        previous = self._slot.active
+        self._slot.active = cond
+        try:
+            yield cond
+        finally:
+            self._slot.active = previous
+
+    def set_conditioning(self, cond: Conditioning | None) -> None:
+        """Non-context form for pipelines: ``set_conditioning(adapter.make_conditioning(...))``; None clears."""
+        self._slot.active = cond
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Writes ``directory/adapter.safetensors`` (weights only) and ``directory/config.json``."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        (out / CONFIG_NAME).write_text(json.dumps(
+            {"format": CHECKPOINT_FORMAT, "dtype": dtype, "config": self.config.to_dict()}, indent=2, sort_keys=True))
+        return out
+
+    @staticmethod
+    def _files(directory: str | Path) -> tuple[Path, Path]:
+        d = Path(directory)
+        weights, config = d / WEIGHTS_NAME, d / CONFIG_NAME
+        missing = [p.name for p in (weights, config) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{d} is not a DynaIP adapter checkpoint: missing {', '.join(missing)}. "
+                                    "Expected a directory written by DynaIPAdapter.save_pretrained "
+                                    f"({WEIGHTS_NAME} + {CONFIG_NAME})")
+        return weights, config
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "DynaIPAdapter":
+        """Rebuilds the adapter from ``config.json`` and loads ``adapter.safetensors`` (cast to ``dtype`` if given)."""
+        _, config_file = cls._files(directory)
+        meta = json.loads(config_file.read_text())
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{config_file}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        config = DynaIPConfig.from_dict(meta["config"])
+        with torch.device("meta"):  # no memory for the random init that the checkpoint replaces
+            adapter = cls(config)
+        adapter.load_weights(directory, assign=True)
+        return adapter.to(dtype) if dtype is not None else adapter
+
+    def load_weights(self, directory: str | Path, assign: bool = False) -> None:
+        """Loads ``adapter.safetensors`` into this adapter; a clear ``ValueError`` if it does not fit the config."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        weights, _ = self._files(directory)
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        with safe_open(str(weights), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        missing = sorted(set(expected) - set(found))
+        unexpected = sorted(set(found) - set(expected))
+        shapes = [f"{k}: checkpoint {found[k]} vs adapter {expected[k]}"
+                  for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+        if missing or unexpected or shapes:
+            detail = "; ".join(part for part in (
+                f"shape mismatch for {len(shapes)} tensors ({', '.join(shapes[:3])}{', ...' if len(shapes) > 3 else ''})"
+                if shapes else "",
+                f"missing {len(missing)} tensors ({', '.join(missing[:3])})" if missing else "",
+                f"unexpected {len(unexpected)} tensors ({', '.join(unexpected[:3])})" if unexpected else "",
+            ) if part)
+            raise ValueError(f"The checkpoint {weights} does not fit this adapter's config: {detail}. Load it with "
+                             "DynaIPAdapter.from_pretrained(dir), which rebuilds the adapter from its config.json")
+        state = load_file(str(weights))
+        self.load_state_dict(state, strict=True, assign=assign)

@@ -1,0 +1,300 @@
+"""Image cross-attention (CA) into FLUX blocks, with Dynamic Decoupling and multi-subject masks.
+
+Per block, the reference tokens C get their own bias-free K and V projections (plus an RMSNorm on
+keys over head_dim, as FLUX normalises its keys); the block's own normalised queries attend to
+them, and the result is added to the block's attention output *before* its output projection:
+
+    out = MMA(X) + Σ_i λ_i · M_i · CA(X, C_i)          (paper Eq. 2-5, 9)
+
+Zero-init of V makes a fresh adapter an exact no-op (CA ≡ 0), so training starts from FLUX itself.
+K and V have no bias, so an all-zero C row gives zero keys and values and hence exactly zero CA;
+the trainer relies on that for image-CFG dropout (it zeroes C for dropped samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    _get_qkv_projections,
+    apply_rotary_emb,
+    dispatch_attention_fn,
+)
+from torch import nn
+
+BRANCHES = ("image", "text", "both")
+
+
+class ReferenceKV(nn.Module):
+    """Bias-free K/V projections of the reference tokens, with FLUX-style RMSNorm on keys.
+
+    ``forward(c)``: ``(..., Lc, Dc)`` → keys and values ``(..., H, Lc, Dh)``.
+    """
+
+    def __init__(self, ref_dim: int, num_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.to_k = nn.Linear(ref_dim, num_heads * head_dim, bias=False)
+        self.to_v = nn.Linear(ref_dim, num_heads * head_dim, bias=False)
+        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
+        # Zero V: CA(X, C) == 0 for every input, so attaching a fresh adapter leaves FLUX exactly unchanged.
+        nn.init.zeros_(self.to_v.weight)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = c.to(self.to_k.weight.dtype)
+        k = self.norm_k(self.to_k(c).unflatten(-1, (self.num_heads, self.head_dim)))  # (..., Lc, H, Dh)
+        v = self.to_v(c).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
+        return k.transpose(-3, -2), v.transpose(-3, -2)  # (..., H, Lc, Dh)
+
+    def version(self) -> tuple[int, ...]:
+        """Changes whenever a weight is modified in place (optimizer step, load_state_dict) or replaced."""
+        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+
+
+class BlockReferenceAttention(nn.Module):
+    """The CA weights of one FLUX block.
+
+    ``kv`` serves the image stream of a double-stream block, or the whole joint sequence of a
+    single-stream block. ``text_kv`` (double-stream blocks with ``separate_stream_kv``) serves the
+    text stream, mirroring FLUX's separate per-stream weights there.
+    """
+
+    def __init__(self, ref_dim: int, num_heads: int, head_dim: int, eps: float, text_stream: bool):
+        super().__init__()
+        self.kv = ReferenceKV(ref_dim, num_heads, head_dim, eps)
+        self.text_kv = ReferenceKV(ref_dim, num_heads, head_dim, eps) if text_stream else None
+
+    def stream(self, name: str) -> ReferenceKV:
+        return self.text_kv if (name == "text" and self.text_kv is not None) else self.kv
+
+
+def resample_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Pixel mask ``(H, W)`` or ``(B, H, W)`` (bool, or float in [0, 1], or uint8 0/255) → ``(B, h*w)`` bool.
+
+    Area-resize to the packed latent token grid ``(h, w)`` then threshold at 0.5; flattened
+    row-major, which is the order of FLUX's packed image tokens.
+    """
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise ValueError(f"mask shape {tuple(mask.shape)}: expected (H, W) or (B, H, W) in pixel space")
+    m = mask.float()
+    if mask.dtype == torch.uint8 and m.max() > 1:
+        m = m / 255.0
+    m = F.interpolate(m[:, None], size=grid, mode="area")  # (B, 1, h, w)
+    return (m[:, 0] >= 0.5).flatten(1)  # (B, h*w)
+
+
+@dataclass
+class Conditioning:
+    """Everything one ``adapter.conditioning(...)`` block sets; caches live and die with it."""
+
+    refs: torch.Tensor
+    """(N, Bc, Lc, Dc) reference token sets, one per subject (Bc = 1 broadcasts over the batch)."""
+    scales: torch.Tensor
+    """(N,) λ_i, fp32."""
+    masks: list[torch.Tensor] | None
+    """Per-subject pixel masks (H, W) or (B, H, W), or None = every image token."""
+    branches: str
+    image_size: tuple[int, int] | None
+    latent_downsample: int
+    kv_cache: dict = field(default_factory=dict)
+    weight_cache: dict = field(default_factory=dict)
+    seen_image_tokens: int | None = None
+    """Image-token count recorded by double-stream blocks (used by single-stream blocks to split)."""
+
+    @property
+    def num_subjects(self) -> int:
+        return int(self.refs.shape[0])
+
+    @property
+    def to_image(self) -> bool:
+        return self.branches in ("image", "both")
+
+    @property
+    def to_text(self) -> bool:
+        return self.branches in ("text", "both")
+
+    def grid(self) -> tuple[int, int] | None:
+        if self.image_size is None:
+            return None
+        h, w = self.image_size
+        return h // self.latent_downsample, w // self.latent_downsample
+
+    def image_tokens(self, total: int | None = None) -> int:
+        """Number of image tokens; ``total`` = joint sequence length of a single-stream block."""
+        grid = self.grid()
+        n = grid[0] * grid[1] if grid is not None else self.seen_image_tokens
+        if n is None:
+            raise ValueError("Cannot split the single-stream sequence into text and image tokens: pass "
+                             "image_size=(H, W) to adapter.conditioning(...)")
+        if total is not None and not 0 < n <= total:
+            raise ValueError(f"image_size={self.image_size} gives {n} image tokens but the block sequence has "
+                             f"{total} tokens; pass the pixel size of the generated image")
+        return n
+
+    def _kv_key(self, module: ReferenceKV) -> tuple:
+        # Invalidate when C or the weights change in place; a new conditioning gets a new dict anyway.
+        return (self.refs._version, module.version())
+
+    def reference_kv(self, module: ReferenceKV, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, Bc, H, Lc, Dh) keys and values of all subjects, computed once per conditioning.
+
+        Cached only without autograd (inference): with grad on, a cached graph could be reused
+        after its backward. Training opens one conditioning per step, so nothing is lost.
+        """
+        if torch.is_grad_enabled():
+            k, v = module(self.refs)
+            return k.to(dtype), v.to(dtype)
+        key = self._kv_key(module)
+        hit = self.kv_cache.get(id(module))
+        if hit is None or hit[0] != key or hit[1].dtype != dtype:
+            k, v = module(self.refs)
+            hit = (key, k.to(dtype), v.to(dtype))
+            self.kv_cache[id(module)] = hit
+        return hit[1], hit[2]
+
+    def image_weights(self, batch: int, n_img: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(N, B, n_img) = λ_i · M_i on the packed token grid."""
+        cache_key = (batch, n_img, dtype, device)
+        if cache_key in self.weight_cache:
+            return self.weight_cache[cache_key]
+        lam = self.scales.to(device)[:, None, None]  # (N, 1, 1)
+        if self.masks is None:
+            w = lam.expand(-1, batch, n_img)
+        else:
+            grid = self.grid()
+            if grid is None or grid[0] * grid[1] != n_img:
+                raise ValueError(f"image_size={self.image_size} gives a {grid} token grid but the transformer got "
+                                 f"{n_img} image tokens; pass the generated image's (H, W) as image_size")
+            rows = []
+            for i, m in enumerate(self.masks):
+                mi = resample_mask(m.to(device), grid)  # (Bm, n_img)
+                if mi.shape[0] not in (1, batch):
+                    raise ValueError(f"mask {i} has batch {mi.shape[0]}; expected 1 or {batch}")
+                rows.append(mi.float().expand(batch, -1))
+            w = lam * torch.stack(rows)  # (N, B, n_img)
+        w = w.to(dtype)
+        self.weight_cache[cache_key] = w
+        return w
+
+    def text_weights(self, batch: int, n_txt: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(N, B, n_txt) = λ_i: text rows get the unmasked sum over subjects."""
+        return self.scales.to(device=device, dtype=dtype)[:, None, None].expand(-1, batch, n_txt)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i weights_i · SDPA(q, k_i, v_i), all subjects in one SDPA call.
+
+    q: (B, Lq, H, Dh); k, v: (N, Bk, H, Lc, Dh) with Bk in {1, B}; weights: (N, B, Lq).
+    Returns (B, Lq, H*Dh).
+    """
+    n, bk, h, lc, dh = k.shape
+    b, lq = q.shape[0], q.shape[1]
+    if bk not in (1, b):
+        raise ValueError(f"Reference batch {bk} does not match the transformer batch {b}; give C with batch 1 or {b}")
+    qh = q.transpose(1, 2)  # (B, H, Lq, Dh)
+    qn = qh.unsqueeze(0).expand(n, -1, -1, -1, -1).reshape(n * b, h, lq, dh)  # (N*B, H, Lq, Dh)
+    kn = k.expand(n, b, -1, -1, -1).reshape(n * b, h, lc, dh)  # (N*B, H, Lc, Dh)
+    vn = v.expand(n, b, -1, -1, -1).reshape(n * b, h, lc, dh)
+    o = F.scaled_dot_product_attention(qn, kn.to(q.dtype), vn.to(q.dtype)).view(n, b, h, lq, dh)
+    return torch.einsum("nbhld,nbl->blhd", o, weights.to(o.dtype)).flatten(2)  # (B, Lq, H*Dh)
+
+
+class ConditioningSlot:
+    """Shared holder of the active ``Conditioning`` (None = the adapter is a pass-through)."""
+
+    def __init__(self) -> None:
+        self.active: Conditioning | None = None
+
+
+class DynaIPAttnProcessor(FluxAttnProcessor):
+    """FluxAttnProcessor plus the block's image cross-attention.
+
+    Deliberately not an ``nn.Module``: diffusers registers module processors as children of the
+    attention layer, which would copy adapter weights into the transformer's state_dict and let
+    ``transformer.requires_grad_(False)`` freeze them. The adapter owns the weights; this object
+    only points at them.
+
+    Without an active conditioning it defers to FLUX's processor, so results are bit-identical.
+    """
+
+    def __init__(self, block: BlockReferenceAttention, slot: ConditioningSlot, double_stream: bool):
+        super().__init__()
+        self.block = block
+        self.slot = slot
+        self.double_stream = double_stream
+
+    def _ca(self, cond: Conditioning, stream: str, q: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        k, v = cond.reference_kv(self.block.stream(stream), q.dtype)
+        return reference_attention(q, k, v, weights)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        cond = self.slot.active
+        if cond is None or cond.num_subjects == 0:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+        # Same steps as FluxAttnProcessor.__call__, keeping the pre-RoPE queries and the pre-projection output.
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (attn.heads, -1)))  # (B, Li, H, Dh) (single-stream: [text, image])
+        key = attn.norm_k(key.unflatten(-1, (attn.heads, -1)))
+        value = value.unflatten(-1, (attn.heads, -1))
+        # CA queries are taken after the q-norm but BEFORE RoPE: reference tokens carry no position, so
+        # rotating only the query would make q·k depend on the query's absolute position (a spatial
+        # bias unrelated to content); un-rotated queries keep CA position-free (as IP-Adapter in diffusers).
+        ca_query = query
+        ca_text_query = None
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (attn.heads, -1)))  # (B, Lt, H, Dh)
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (attn.heads, -1)))
+            encoder_value = encoder_value.unflatten(-1, (attn.heads, -1))
+            ca_text_query = encoder_query
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                    backend=self._attention_backend, parallel_config=self._parallel_config)
+        out = out.flatten(2, 3).to(query.dtype)  # (B, L, D)
+        b, dtype, device = out.shape[0], out.dtype, out.device
+
+        if encoder_hidden_states is not None:  # double-stream block: separate text / image streams
+            n_txt = encoder_hidden_states.shape[1]
+            enc_out, img_out = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
+            n_img = img_out.shape[1]
+            cond.seen_image_tokens = n_img
+            if cond.to_image:
+                img_out = img_out + self._ca(cond, "image", ca_query, cond.image_weights(b, n_img, dtype, device))
+            if cond.to_text:
+                enc_out = enc_out + self._ca(cond, "text", ca_text_query, cond.text_weights(b, n_txt, dtype, device))
+            img_out = attn.to_out[1](attn.to_out[0](img_out))
+            enc_out = attn.to_add_out(enc_out)
+            return img_out, enc_out
+
+        # single-stream block: the sequence is [text, image]; one K/V serves both (FLUX shares weights here)
+        total = out.shape[1]
+        n_img = cond.image_tokens(total)
+        n_txt = total - n_img
+        if cond.to_image and cond.to_text:
+            w = torch.cat([cond.text_weights(b, n_txt, dtype, device),
+                           cond.image_weights(b, n_img, dtype, device)], dim=2)  # (N, B, L)
+            return out + self._ca(cond, "image", ca_query, w)
+        if cond.to_image:
+            ca = self._ca(cond, "image", ca_query[:, n_txt:], cond.image_weights(b, n_img, dtype, device))
+            return torch.cat([out[:, :n_txt], out[:, n_txt:] + ca], dim=1)
+        ca = self._ca(cond, "text", ca_query[:, :n_txt], cond.text_weights(b, n_txt, dtype, device))
+        return torch.cat([out[:, :n_txt] + ca, out[:, n_txt:]], dim=1)
