@@ -1,0 +1,158 @@
+"""Small helpers shared by the source readers: option lookup and COCO RLE checks.
+
+Formats used here:
+
+- boxes are XYXY in pixels of the image they belong to (x0, y0 inclusive-left/top edge, x1, y1 right/bottom edge);
+- masks are COCO RLE dicts ``{"size": [H, W], "counts": str}`` — note the size order is **[H, W]**, and
+  ``counts`` is the compressed string form (what ``pycocotools.mask.encode`` returns, decoded to ``str``).
+
+pycocotools does *not* validate a compressed ``counts`` string: a truncated or corrupt string decodes to
+garbage without an error. ``check_rle`` therefore parses the run lengths itself and checks they cover
+exactly ``H * W`` pixels, so corrupt masks become rejects instead of silently wrong samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.records import Box
+
+_MISSING = object()
+
+
+def option(cfg: Any, key: str, default: Any = _MISSING) -> Any:
+    """Read ``key`` from a recipe source section given as a mapping or as an object with attributes.
+
+    A missing key (or a value of None) gives ``default``; without a default a missing key is an error.
+    """
+    if cfg is None:
+        value = None
+    elif isinstance(cfg, Mapping):
+        value = cfg.get(key)
+    else:
+        value = getattr(cfg, key, None)
+    if value is None:
+        if default is _MISSING:
+            raise ValueError(
+                f"source config has no {key!r}: it is required by this reader; "
+                f"add `{key}: ...` under `source:` in the recipe"
+            )
+        return default
+    return value
+
+
+class RLEError(ValueError):
+    """A mask that is not a valid COCO RLE for the expected image size."""
+
+
+def _runs_from_string(counts: str) -> list[int]:
+    """Decode COCO's compressed counts string into run lengths (port of maskApi.c ``rleFrString``)."""
+    runs: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                raise RLEError("RLE counts string ends in the middle of a number (truncated)")
+            c = ord(counts[p]) - 48
+            if c < 0 or c > 63:
+                raise RLEError(f"RLE counts holds {counts[p]!r}, outside COCO's character range '0'..'o'")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
+def _string_from_runs(runs: list[int]) -> str:
+    """Encode run lengths as COCO's compressed counts string (port of maskApi.c ``rleToString``)."""
+    out = []
+    for i, run in enumerate(runs):
+        x = run - runs[i - 2] if i > 2 else run
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = not ((c & 0x10) == 0 and x == 0 or (c & 0x10) != 0 and x == -1)
+            if more:
+                c |= 0x20
+            out.append(chr(c + 48))
+    return "".join(out)
+
+
+def check_rle(rle: Any, height: int | None = None, width: int | None = None) -> tuple[dict[str, Any], int]:
+    """Validate a COCO RLE and return ``(normalized_rle, area_in_pixels)``.
+
+    ``rle`` must be ``{"size": [H, W], "counts": str | bytes | list[int]}``. When ``height``/``width``
+    are given, ``size`` must match them (a missing ``size`` is filled from them). The returned RLE
+    always has ``size`` as ``[H, W]`` ints and ``counts`` as a compressed ``str``.
+    Raises ``RLEError`` naming what is wrong.
+    """
+    if not isinstance(rle, Mapping):
+        raise RLEError(f"mask is {type(rle).__name__}, expected a COCO RLE dict {{size: [H, W], counts}}")
+    size = rle.get("size")
+    if size is None and height is not None and width is not None:
+        size = [height, width]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) for v in size)):
+        raise RLEError(f"RLE size {size!r} is not [H, W] integers")
+    h, w = int(size[0]), int(size[1])
+    if h <= 0 or w <= 0:
+        raise RLEError(f"RLE size {[h, w]} has a non-positive side")
+    if height is not None and width is not None and (h, w) != (height, width):
+        raise RLEError(f"RLE size [H, W]={[h, w]} does not match the image's [H, W]={[height, width]}")
+    counts = rle.get("counts")
+    if isinstance(counts, bytes):
+        try:
+            counts = counts.decode("ascii")
+        except UnicodeDecodeError as e:
+            raise RLEError(f"RLE counts bytes are not ASCII: {e}") from None
+    if isinstance(counts, str):
+        runs = _runs_from_string(counts)
+    elif isinstance(counts, list) and all(isinstance(v, int) for v in counts):
+        runs = list(counts)
+        counts = _string_from_runs(runs)
+    else:
+        raise RLEError(f"RLE counts is {type(counts).__name__}, expected a COCO compressed string")
+    if any(r < 0 for r in runs):
+        raise RLEError("RLE counts decode to a negative run length (corrupt string)")
+    total = sum(runs)
+    if total != h * w:
+        raise RLEError(f"RLE runs cover {total} pixels, expected H*W={h * w} (truncated or corrupt counts)")
+    area = sum(runs[1::2])
+    return {"size": [h, w], "counts": counts}, area
+
+
+def rle_bbox(rle: Mapping[str, Any]) -> Box | None:
+    """Tight XYXY box (pixels) of a checked RLE's foreground, or None when it is empty."""
+    from pycocotools import mask as mask_utils
+
+    x, y, bw, bh = (float(v) for v in mask_utils.toBbox({"size": rle["size"], "counts": rle["counts"].encode()}))
+    if bw <= 0 or bh <= 0:
+        return None
+    return (x, y, x + bw, y + bh)
+
+
+def xywh_to_xyxy(box: Any) -> Box:
+    """``[x, y, w, h]`` (COCO/SA-1B) → ``(x0, y0, x1, y1)``; raises ValueError on a malformed box."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4):
+        raise ValueError(f"box {box!r} is not [x, y, w, h]")
+    x, y, w, h = (float(v) for v in box)
+    if w < 0 or h < 0:
+        raise ValueError(f"box {box!r} has a negative width or height")
+    return (x, y, x + w, y + h)
+
+
+def as_xyxy(box: Any) -> Box:
+    """Validate an ``[x0, y0, x1, y1]`` box (x1 > x0, y1 > y0) and return it as floats."""
+    if not (isinstance(box, (list, tuple)) and len(box) == 4):
+        raise ValueError(f"box {box!r} is not [x0, y0, x1, y1]")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x1 > x0 and y1 > y0):
+        raise ValueError(f"box {box!r} is empty or inverted (needs x1 > x0 and y1 > y0)")
+    return (x0, y0, x1, y1)

@@ -1,0 +1,186 @@
+"""FFHQ (in-the-wild) reader: one record per face, on the uncropped photo.
+
+Layout at ``root``: ``ffhq-dataset-v2.json`` and ``in-the-wild-images/00000/00000.png`` … (PNG, folders
+of 1000; the path is taken from each entry's ``in_the_wild.file_path``, relative to ``root``).
+
+JSON: keys ``"0"``, ``"1"``, …; each entry has ``category`` (training | validation), ``metadata``
+(photo_url, author, license, …) and ``in_the_wild`` with ``file_path``, ``file_md5``, ``pixel_size``
+``[W, H]``, ``face_rect`` ``[x0, y0, x1, y1]``, ``face_landmarks`` (68 ``[x, y]`` points), ``face_quad``
+(4 ``[x, y]`` corners). ``face_rect`` is inferred from the public example, so when it is missing the
+face box is the bounds of ``face_landmarks``, else of ``face_quad``.
+
+Options (recipe ``source:``; a mapping or an ``FFHQSource``): ``root`` (required), ``json`` (default
+``ffhq-dataset-v2.json``), ``category`` (``training`` | ``validation`` | a list; default all — entries
+outside it are out of scope and not yielded at all), ``dedupe`` (default true).
+
+Dedupe: the same photo appears once per face. Entries with the same ``file_md5`` (else the same
+``file_path``) are one photo: every face becomes its own record, all pointing at one file (the lowest
+entry index whose file exists), with ids ``{photo:05d}_face{k}`` — ``photo`` the lowest entry index of the
+photo, ``k`` the face's rank by entry index. With ``dedupe: false`` each entry is its own photo.
+
+Record (``source="ffhq"``): ``image`` = ``ImageRef(path=png)``; ``phrase="person"``; ``caption`` None;
+``boxes`` = ``[face_box]`` (XYXY pixels, clipped to ``pixel_size``); ``group`` = ``ffhq-{photo:05d}``.
+``extra``: ``face_box`` (the same XYXY box, named so the human stage can crop face vs body),
+``face_box_from`` (face_rect | face_landmarks | face_quad), ``ffhq_index`` (the JSON key), ``category``,
+``n_faces`` (faces in this photo), ``other_face_boxes`` (XYXY boxes of the photo's other faces),
+``pixel_size`` ``[W, H]`` when given, ``photo_url``, ``license``, ``author`` when given.
+
+Malformed inputs never raise: unreadable JSON → one ``Reject(id=<json file name>, stage="read")``; an
+entry without ``in_the_wild``/file path or any usable face geometry, or whose image file is missing →
+``Reject(id=<record id or ffhq index>, stage="read", reason)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.records import Box, ImageRef, Reject, SourceRecord
+from pipeline.sources.common import as_xyxy, option
+
+SOURCE = "ffhq"
+
+
+@dataclass(kw_only=True)
+class FFHQSource:
+    """Reader options for FFHQ in-the-wild (same keys as the recipe's ``source:`` section)."""
+
+    root: str
+    """Folder holding ``ffhq-dataset-v2.json`` and ``in-the-wild-images/``."""
+    json: str = "ffhq-dataset-v2.json"
+    """Metadata file, relative to ``root``."""
+    category: str | list[str] | None = None
+    """Keep only these categories (training | validation); None keeps all."""
+    dedupe: bool = True
+    """Treat entries with the same file_md5 / file_path as one photo with several faces."""
+
+
+def _reject(rid: str, reason: str) -> Reject:
+    return Reject(source=SOURCE, id=rid, stage="read", reason=reason)
+
+
+def _points(value: Any) -> list[tuple[float, float]]:
+    """``[[x, y], …]`` or flat ``[x0, y0, x1, y1, …]`` → list of points; ValueError if neither."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("not a non-empty list")
+    if all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        return [(float(p[0]), float(p[1])) for p in value]
+    if len(value) % 2 == 0 and all(isinstance(v, (int, float)) for v in value):
+        return [(float(value[i]), float(value[i + 1])) for i in range(0, len(value), 2)]
+    raise ValueError("not a list of [x, y] points")
+
+
+def face_box(wild: dict[str, Any]) -> tuple[Box, str]:
+    """Face box XYXY from ``face_rect``, else the bounds of ``face_landmarks``, else of ``face_quad``.
+
+    Clipped to ``pixel_size`` ``[W, H]`` when known. Raises ValueError when nothing usable is there.
+    """
+    box, src, errors = None, None, []
+    rect = wild.get("face_rect")
+    if rect is not None:
+        try:
+            box, src = as_xyxy(rect), "face_rect"
+        except (ValueError, TypeError) as e:
+            errors.append(f"face_rect: {e}")
+    for key in ("face_landmarks", "face_quad"):
+        if box is not None or wild.get(key) is None:
+            continue
+        try:
+            pts = _points(wild[key])
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            box, src = as_xyxy([min(xs), min(ys), max(xs), max(ys)]), key
+        except (ValueError, TypeError) as e:
+            errors.append(f"{key}: {e}")
+    if box is None:
+        detail = "; ".join(errors) or "none of face_rect, face_landmarks, face_quad is present"
+        raise ValueError(f"no usable face geometry ({detail})")
+    size = wild.get("pixel_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, (int, float)) for v in size):
+        w, h = float(size[0]), float(size[1])
+        box = as_xyxy([max(0.0, box[0]), max(0.0, box[1]), min(w, box[2]), min(h, box[3])])
+    return box, src
+
+
+def _sort_key(key: str) -> tuple[int, int, str]:
+    return (0, int(key), "") if key.isdigit() else (1, 0, key)
+
+
+def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
+    """Yield FFHQ face records (and rejects) in photo, then face order; see the module docstring."""
+    root = Path(option(cfg, "root"))
+    json_name = option(cfg, "json", "ffhq-dataset-v2.json")
+    category = option(cfg, "category", None)
+    dedupe = bool(option(cfg, "dedupe", True))
+    categories = {category} if isinstance(category, str) else set(category) if category else None
+    meta_path = root / json_name
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"top level is {type(meta).__name__}, expected an object keyed by index")
+    except (OSError, ValueError) as e:
+        yield _reject(json_name, f"cannot read {meta_path}: {e}; point source.root at the FFHQ folder")
+        return
+
+    # Group entries into photos; every face keeps its own box.
+    photos: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for key in sorted(meta, key=_sort_key):
+        entry = meta[key]
+        if categories is not None and (not isinstance(entry, dict) or entry.get("category") not in categories):
+            continue
+        wild = entry.get("in_the_wild") if isinstance(entry, dict) else None
+        if not isinstance(wild, dict) or not isinstance(wild.get("file_path"), str):
+            yield _reject(key, "entry has no in_the_wild.file_path")
+            continue
+        photo = (wild.get("file_md5") if dedupe else None) or wild["file_path"]
+        photos.setdefault(photo if dedupe else key, []).append((key, entry))
+
+    groups = sorted(photos.values(), key=lambda faces: _sort_key(faces[0][0]))
+    for faces in groups:
+        first = faces[0][0]
+        photo_id = f"{int(first):05d}" if first.isdigit() else first
+        paths = [root / e["in_the_wild"]["file_path"] for _, e in faces]
+        image_path = next((p for p in paths if p.is_file()), None)
+        boxes: list[Box | None] = []
+        sources: list[str] = []  # where each box came from, or why there is none
+        for _, e in faces:
+            try:
+                box, src = face_box(e["in_the_wild"])
+            except (ValueError, TypeError) as err:
+                box, src = None, str(err)
+            boxes.append(box)
+            sources.append(src)
+        for k, (key, entry) in enumerate(faces):
+            rid = f"{photo_id}_face{k}"
+            wild = entry["in_the_wild"]
+            if image_path is None:
+                yield _reject(rid, f"image {wild['file_path']} not found under {root}")
+                continue
+            if boxes[k] is None:
+                yield _reject(rid, f"ffhq entry {key}: {sources[k]}")
+                continue
+            md = entry.get("metadata") if isinstance(entry.get("metadata"), dict) else {}
+            extra: dict[str, Any] = {
+                "face_box": boxes[k],
+                "face_box_from": sources[k],
+                "ffhq_index": key,
+                "category": entry.get("category"),
+                "n_faces": len(faces),
+                "other_face_boxes": [b for j, b in enumerate(boxes) if j != k and b is not None],
+            }
+            if wild.get("pixel_size") is not None:
+                extra["pixel_size"] = list(wild["pixel_size"])
+            for name in ("photo_url", "license", "author"):
+                if md.get(name) is not None:
+                    extra[name] = md[name]
+            yield SourceRecord(
+                source=SOURCE,
+                id=rid,
+                image=ImageRef(path=str(image_path)),
+                phrase="person",
+                boxes=[boxes[k]],
+                group=f"ffhq-{photo_id}",
+                extra=extra,
+            )

@@ -1,0 +1,121 @@
+"""VITON-HD reader: cross pairs garment (reference) → the person wearing it (target).
+
+Layout: ``root`` is the dataset folder holding ``train/``, ``test/``, ``train_pairs.txt``,
+``test_pairs.txt`` (as unzipped), or directly a split folder. A split folder holds ``image/``,
+``cloth/``, ``cloth-mask/`` (same file name as the person image, e.g. ``00000_00.jpg``), plus
+``image-parse-v3/`` (palette PNG, labels 0–19) and pose/densepose folders this reader does not use.
+Images are 1024×768 (H×W).
+
+Why the same-name cloth: ``{split}_pairs.txt`` lines are ``person.jpg cloth.jpg`` but these lists are
+*unpaired* — for try-on evaluation they pair a person with someone else's garment, so the target does
+not contain that garment. The person's own garment is ``cloth/<person name>``; only that pair is a true
+(reference, target) pair. The pairs list is therefore used only for the list of person images (its
+first column); without a pairs file, ``image/*.jpg`` is listed.
+
+Options (recipe ``source:``; a mapping or a ``VitonHDSource``): ``root`` (required), ``split``
+(train | test, default train), ``phrase`` (default ``upper-body garment``).
+
+Record (``source="vitonhd"``, ``id`` = person file stem, e.g. ``00000_00``): ``image`` =
+``ImageRef(image/<name>)`` (target), ``reference`` = ``ImageRef(cloth/<name>)`` (garment on a near-white
+background), ``reference_mask`` = ``ImageRef(cloth-mask/<name>)`` (a grey-level mask image, white =
+garment), ``phrase`` = the option, ``caption``/``boxes``/``masks`` empty (the garment's location in the
+target comes from detection), ``group`` = ``vitonhd-<id>``. ``extra``: ``split``, ``cloth`` (file name),
+``parse`` (path of ``image-parse-v3/<stem>.png`` when it exists).
+
+Malformed inputs never raise: a missing pairs file falls back to listing ``image/``; a pairs line that is
+not ``person.jpg [cloth.jpg]`` → ``Reject(id="<split>_pairs-line<N>")``; a missing person image, cloth or
+cloth-mask → ``Reject(id=<stem>, stage="read", reason)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.records import ImageRef, Reject, SourceRecord
+from pipeline.sources.common import option
+
+SOURCE = "vitonhd"
+_IMAGE_EXT = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(kw_only=True)
+class VitonHDSource:
+    """Reader options for VITON-HD (same keys as the recipe's ``source:`` section)."""
+
+    root: str
+    """Dataset folder (with train/ and test/) or one split folder."""
+    split: str = "train"
+    """train | test."""
+    phrase: str = "upper-body garment"
+    """Detection phrase for the garment in the target image."""
+
+
+def _reject(rid: str, reason: str) -> Reject:
+    return Reject(source=SOURCE, id=rid, stage="read", reason=reason)
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    if (root / split / "image").is_dir():
+        return root / split
+    if (root / "image").is_dir():
+        return root
+    raise FileNotFoundError(
+        f"vitonhd: neither {root / split / 'image'} nor {root / 'image'} exists; "
+        "point source.root at the VITON-HD folder (holding train/ and test/) or at a split folder"
+    )
+
+
+def _person_names(root: Path, split_dir: Path, split: str) -> Iterator[str | Reject]:
+    """Person image names from the pairs list's first column (deduped, sorted), else from ``image/``."""
+    pairs = next((p for p in (root / f"{split}_pairs.txt", split_dir / f"{split}_pairs.txt") if p.is_file()), None)
+    if pairs is None:
+        yield from sorted(p.name for p in (split_dir / "image").iterdir() if p.suffix.lower() in _IMAGE_EXT)
+        return
+    names: set[str] = set()
+    for n, line in enumerate(pairs.read_text(errors="replace").splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) > 2 or not parts[0].lower().endswith(_IMAGE_EXT):
+            yield _reject(f"{split}_pairs-line{n}", f"{pairs.name} line {n} {line!r} is not 'person.jpg cloth.jpg'")
+            continue
+        names.add(parts[0])
+    yield from sorted(names)
+
+
+def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
+    """Yield one garment → person cross record per person image (and rejects); see the module docstring."""
+    root = Path(option(cfg, "root"))
+    split = option(cfg, "split", "train")
+    phrase = option(cfg, "phrase", "upper-body garment")
+    if split not in ("train", "test"):
+        raise ValueError(f"vitonhd split={split!r}: expected train or test")
+    split_dir = _split_dir(root, split)
+    for name in _person_names(root, split_dir, split):
+        if isinstance(name, Reject):
+            yield name
+            continue
+        stem = Path(name).stem
+        person, cloth, cloth_mask = (split_dir / d / name for d in ("image", "cloth", "cloth-mask"))
+        missing = [p for p in (person, cloth, cloth_mask) if not p.is_file()]
+        if missing:
+            what = ", ".join(f"{p.parent.name}/{p.name}" for p in missing)
+            yield _reject(stem, f"missing {what} in {split_dir}")
+            continue
+        parse = split_dir / "image-parse-v3" / f"{stem}.png"
+        extra: dict[str, Any] = {"split": split, "cloth": name}
+        if parse.is_file():
+            extra["parse"] = str(parse)
+        yield SourceRecord(
+            source=SOURCE,
+            id=stem,
+            image=ImageRef(path=str(person)),
+            phrase=phrase,
+            reference=ImageRef(path=str(cloth)),
+            reference_mask=ImageRef(path=str(cloth_mask)),
+            group=f"{SOURCE}-{stem}",
+            extra=extra,
+        )
