@@ -131,9 +131,6 @@ class DynaIPAdapter(nn.Module):
         batches = {c.shape[0] for c in refs} - {1}
         if len(batches) > 1:
             raise ValueError(f"Reference batches {[c.shape[0] for c in refs]}: each must be 1 or the same B")
-        b = batches.pop() if batches else 1
-        stacked = (torch.stack([c.expand(b, -1, -1) for c in refs]) if n  # (N, B, Lc, Dc)
-                   else torch.zeros(0, 1, 1, self.config.ref_dim))
 
         lam = [float(scales)] * n if isinstance(scales, (int, float)) else [float(s) for s in scales]
         if len(lam) != n:
@@ -152,7 +149,7 @@ class DynaIPAdapter(nn.Module):
             ds = self.config.latent_downsample
             if image_size[0] % ds or image_size[1] % ds:
                 raise ValueError(f"image_size={image_size}: FLUX needs height and width divisible by {ds}")
-        return Conditioning(refs=stacked, scales=torch.tensor(lam, dtype=torch.float32), masks=masks,
+        return Conditioning(refs=refs, scales=torch.tensor(lam, dtype=torch.float32), masks=masks,
                             branches=branches, image_size=image_size, latent_downsample=self.config.latent_downsample)
 
     @contextlib.contextmanager

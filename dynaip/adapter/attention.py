@@ -93,8 +93,8 @@ def resample_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 class Conditioning:
     """Everything one ``adapter.conditioning(...)`` block sets; caches live and die with it."""
 
-    refs: torch.Tensor
-    """(N, Bc, Lc, Dc) reference token sets, one per subject (Bc = 1 broadcasts over the batch)."""
+    refs: list[torch.Tensor]
+    """N reference token sets (Bc, Lc, Dc), one per subject (Bc = 1 broadcasts over the batch)."""
     scales: torch.Tensor
     """(N,) λ_i, fp32."""
     masks: list[torch.Tensor] | None
@@ -109,7 +109,12 @@ class Conditioning:
 
     @property
     def num_subjects(self) -> int:
-        return int(self.refs.shape[0])
+        return len(self.refs)
+
+    def stacked_refs(self) -> torch.Tensor:
+        """(N, Bc, Lc, Dc); Bc is 1 only if every reference has batch 1."""
+        b = max(c.shape[0] for c in self.refs)
+        return torch.stack([c.expand(b, -1, -1) for c in self.refs])
 
     @property
     def to_image(self) -> bool:
@@ -139,7 +144,7 @@ class Conditioning:
 
     def _kv_key(self, module: ReferenceKV) -> tuple:
         # Invalidate when C or the weights change in place; a new conditioning gets a new dict anyway.
-        return (self.refs._version, module.version())
+        return (tuple((id(c), c._version) for c in self.refs), module.version())
 
     def reference_kv(self, module: ReferenceKV, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, Bc, H, Lc, Dh) keys and values of all subjects, computed once per conditioning.
@@ -148,12 +153,12 @@ class Conditioning:
         after its backward. Training opens one conditioning per step, so nothing is lost.
         """
         if torch.is_grad_enabled():
-            k, v = module(self.refs)
+            k, v = module(self.stacked_refs())
             return k.to(dtype), v.to(dtype)
         key = self._kv_key(module)
         hit = self.kv_cache.get(id(module))
         if hit is None or hit[0] != key or hit[1].dtype != dtype:
-            k, v = module(self.refs)
+            k, v = module(self.stacked_refs())
             hit = (key, k.to(dtype), v.to(dtype))
             self.kv_cache[id(module)] = hit
         return hit[1], hit[2]
