@@ -21,22 +21,34 @@ from pipeline.records import Box
 _MISSING = object()
 
 
+def lookup(cfg: Any, key: str) -> tuple[bool, Any]:
+    """``(present, value)`` of ``key`` in a source section: a mapping, a dataclass with the key as a
+    field, or an object keeping reader options in an ``options`` mapping (``pipeline.recipe.SourceConfig``,
+    whose attribute access answers None for absent keys, so presence is read from ``options``)."""
+    if cfg is None:
+        return False, None
+    if isinstance(cfg, Mapping):
+        return key in cfg, cfg.get(key)
+    fields = getattr(cfg, "__dict__", {})
+    if key in fields:
+        return True, fields[key]
+    options = fields.get("options")
+    if isinstance(options, Mapping):
+        return key in options, options.get(key)
+    return hasattr(cfg, key), getattr(cfg, key, None)
+
+
 def option(cfg: Any, key: str, default: Any = _MISSING) -> Any:
-    """Read ``key`` from a recipe source section given as a mapping or as an object with attributes.
+    """Read ``key`` from a recipe source section (see ``lookup`` for the accepted shapes).
 
     A missing key (or a value of None) gives ``default``; without a default a missing key is an error.
     """
-    if cfg is None:
-        value = None
-    elif isinstance(cfg, Mapping):
-        value = cfg.get(key)
-    else:
-        value = getattr(cfg, key, None)
-    if value is None:
+    _, value = lookup(cfg, key)
+    if value is None or value == "":
         if default is _MISSING:
             raise ValueError(
                 f"source config has no {key!r}: it is required by this reader; "
-                f"add `{key}: ...` under `source:` in the recipe"
+                f"add `{key}: ...` under `source:` in the recipe (or pass --source-root for root)"
             )
         return default
     return value

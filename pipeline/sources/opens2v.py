@@ -58,13 +58,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.records import Box, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import RLEError, as_xyxy, check_rle, option, rle_bbox
+from pipeline.sources.common import RLEError, as_xyxy, check_rle, lookup, option, rle_bbox
 
 SOURCE = "opens2v"
 
@@ -491,9 +491,8 @@ def _cross(root: Path, pattern: str, clips: dict[str, _Clip], opts: dict[str, An
 
 def _filter_option(cfg: Any, key: str, default: Any) -> Any:
     """Like ``option`` but an explicit ``null`` is kept (it disables that filter); only absence gives the default."""
-    if isinstance(cfg, Mapping):
-        return cfg[key] if key in cfg else default
-    return getattr(cfg, key, default)
+    present, value = lookup(cfg, key)
+    return value if present else default
 
 
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
