@@ -30,8 +30,9 @@ def _add_tiny_checkpoints(sub: argparse._SubParsersAction) -> None:
 
 def _optional_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands whose modules pull heavy dependencies are imported here, once."""
-    adders: list[Callable[[argparse._SubParsersAction], None]] = []
-    return adders
+    from dynaip.inference.cli import add_generate_parser
+
+    return [add_generate_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,104 @@
+"""`dynaip generate`: one image (+ a JSON sidecar with every setting) from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of numbers") from None
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate an image with DynaIP references",
+                       description="FLUX.1-dev + DynaIP. One --ref for a single subject; several --ref, each with a "
+                                   "--mask or an --auto-mask phrase, for multi-subject composition.")
+    p.add_argument("--models", required=True, help="models.yaml with the local checkpoint paths")
+    p.add_argument("--adapter", required=True, help="adapter checkpoint directory (adapter.safetensors + config.json)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--ref", action="append", default=[], help="reference image (repeat for several subjects)")
+    p.add_argument("--mask", action="append", default=None, help="mask image per --ref, in order (output aspect ratio)")
+    p.add_argument("--auto-mask", action="append", default=None, metavar="PHRASE",
+                   help="detection phrase per --ref: masks come from Grounding DINO + SAM on a first pass")
+    p.add_argument("--scale", type=_floats, default=[1.0], help="λ, one value or one per --ref (comma-separated)")
+    p.add_argument("--granularity", type=_floats, default=None,
+                   help="HMoE weights low,mid,high (e.g. 1,0,0 = low-level only); default: the routers'")
+    p.add_argument("--branches", choices=("image", "text", "both"), default="image",
+                   help="where reference attention is injected (image = the paper's inference setting)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
+    p.add_argument("--lora", default=None, help="optional FLUX LoRA (diffusers format) loaded with load_lora_weights")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--out", required=True, help="output PNG; a .json sidecar is written beside it")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .pipeline import DynaIPFluxPipeline
+
+    if not args.ref:
+        raise ValueError("give at least one --ref image")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    pipe = DynaIPFluxPipeline.from_local(args.models, args.adapter, dtype=dtype, device=device,
+                                         with_auto_mask=bool(args.auto_mask))
+    if args.lora:  # offline loading needs the file name: a file, or a diffusers LoRA directory
+        lora = Path(args.lora)
+        if lora.is_file():
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        else:
+            pipe.load_lora_weights(str(lora), weight_name="pytorch_lora_weights.safetensors")
+    scale = args.scale[0] if len(args.scale) == 1 else args.scale
+    out = pipe(args.prompt, references=args.ref, masks=args.mask, auto_mask=args.auto_mask, scale=scale,
+               granularity=args.granularity, branches=args.branches, seed=args.seed, num_inference_steps=args.steps,
+               height=args.height, width=args.width, guidance_scale=args.guidance,
+               max_sequence_length=args.max_sequence_length)
+    target = Path(args.out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save_png(out.images[0], target)
+    sidecar = dict(out.settings, references=[str(r) for r in args.ref], masks=args.mask, adapter=str(args.adapter),
+                   models=str(args.models), lora=args.lora, device=device, dtype=str(dtype))
+    if out.masks is not None and args.auto_mask:
+        for i, m in enumerate(out.masks):
+            from PIL import Image
+
+            mask_path = target.with_name(f"{target.stem}.mask{i + 1}.png")
+            _atomic_save_png(Image.fromarray((m.numpy() * 255).astype("uint8")), mask_path)
+        sidecar["auto_masks"] = [str(target.with_name(f"{target.stem}.mask{i + 1}.png")) for i in range(len(out.masks))]
+    _atomic_write_text(target.with_suffix(".json"), json.dumps(sidecar, indent=2, default=str))
+    print(f"wrote {target} and {target.with_suffix('.json')}")
+    return 0
+
+
+def _atomic_save_png(image, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

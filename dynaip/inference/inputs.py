@@ -1,0 +1,109 @@
+"""Validation and preprocessing of references and masks, done before any model runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+ImageLike = Union[str, Path, Image.Image, np.ndarray]
+
+
+def load_image(item: ImageLike, what: str) -> Image.Image:
+    """Any image-like → RGB PIL (EXIF orientation applied; alpha composited on white)."""
+    if isinstance(item, Image.Image):
+        img = item
+    elif isinstance(item, np.ndarray):
+        img = Image.fromarray(item)
+    else:
+        path = Path(item)
+        if not path.is_file():
+            raise ValueError(f"{what} '{path}' does not exist")
+        try:
+            img = Image.open(path)
+            img.load()
+        except Exception as e:
+            raise ValueError(f"{what} '{path}' is not a readable image ({type(e).__name__}: {e})") from e
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "P"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def pad_to_square_white(img: Image.Image) -> Image.Image:
+    """Non-square references are padded on white (the curation's background), never cropped."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def reference_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """RGB PILs → ``(N, 3, size, size)`` float in [0, 1], padded square on white, bicubic resize."""
+    out = []
+    for img in images:
+        sq = pad_to_square_white(img).resize((size, size), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(sq, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255))
+    return torch.stack(out)
+
+
+def load_mask(item: ImageLike | torch.Tensor, height: int, width: int, index: int) -> torch.Tensor:
+    """A subject mask at the output size: resized (bilinear) then thresholded at 50% → ``(H, W)`` float {0, 1}.
+
+    Raises ValueError for an aspect ratio differing from the output's by more than 1% or an empty mask.
+    """
+    what = f"mask {index + 1}"
+    if isinstance(item, torch.Tensor):
+        arr = item.detach().float().cpu().numpy()
+        if arr.max() > 1.0:
+            arr = arr / 255.0
+    else:
+        if isinstance(item, (str, Path)):
+            if not Path(item).is_file():
+                raise ValueError(f"{what} '{item}' does not exist")
+            item = _open_mask(Path(item), what)
+        arr = np.asarray(item.convert("L") if isinstance(item, Image.Image) else item, dtype=np.float32)
+        if arr.ndim == 3:
+            arr = arr.mean(axis=-1)
+        arr = arr / 255.0 if arr.max() > 1.0 else arr
+    if arr.ndim != 2:
+        raise ValueError(f"{what}: expected a 2-D mask, got shape {arr.shape}")
+    mh, mw = arr.shape
+    if abs(mw / mh - width / height) > 0.01 * (width / height):
+        raise ValueError(f"{what} is {mw}x{mh} (aspect {mw / mh:.3f}) but the output is {width}x{height} "
+                         f"(aspect {width / height:.3f}); give a mask with the output's aspect ratio")
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    m = (t >= 0.5).float()
+    if m.sum() == 0:
+        raise ValueError(f"{what} is empty (no pixel ≥ 50%); every subject needs a region to go to")
+    return m
+
+
+def _open_mask(path: Path, what: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except Exception as e:
+        raise ValueError(f"{what} '{path}' is not a readable image ({type(e).__name__}: {e})") from e
+
+
+def per_subject(value, n: int, name: str) -> list:
+    """A global value or one per subject → a list of n values."""
+    if value is None or isinstance(value, (int, float)) or (
+            isinstance(value, (tuple, list)) and value and isinstance(value[0], (int, float)) and name == "granularity"):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"got {len(value)} {name} values for {n} references; give one, or one per reference")
+    return value

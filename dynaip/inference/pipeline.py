@@ -1,0 +1,261 @@
+"""`DynaIPFluxPipeline`: FLUX.1-dev text-to-image through diffusers' own `FluxPipeline` sampler,
+with DynaIP references injected into the image branch.
+
+One call:
+1. validate every input (references readable, one mask per reference with the output's aspect
+   ratio and a non-empty region) before any model runs;
+2. references → padded square on white → CLIP size → OpenCLIP hidden states → HMoE-FFM → C_i
+   (once per call); the adapter computes each block's reference K/V at the first denoising step and
+   reuses them at every later step;
+3. `FluxPipeline.__call__` runs unchanged while the adapter's conditioning is active.
+
+Automatic masks (paper §4.3), when ``auto_mask=[phrase per reference]``:
+a. a first pass with the same seed and prompt and no references;
+b. Grounding DINO finds each phrase in that image (best-scoring box per phrase);
+c. SAM segments each box; small islands are removed and holes filled (the curation's segment
+   cleanup), then each mask is dilated by ``auto_mask_dilation`` of the image's shorter side;
+d. the masked multi-subject pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .inputs import ImageLike, load_image, load_mask, per_subject, reference_pixels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DynaIPOutput:
+    images: list[Image.Image]
+    masks: list[torch.Tensor] | None
+    """The masks used, at the output size (given or automatic); None for single-subject unmasked."""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class DynaIPFluxPipeline:
+    """FLUX.1-dev + DynaIP. Build with ``from_local`` or from parts::
+
+        pipe = DynaIPFluxPipeline.from_local("models.yaml", adapter="run/checkpoints/step-000100")
+        out = pipe("a dog on the beach", references=["dog.png"], seed=0)
+        out.images[0].save("dog.png")
+    """
+
+    def __init__(self, flux, adapter, image_encoder, *, detector=None, segmenter=None):
+        self.flux = flux
+        self.adapter = adapter
+        self.image_encoder = image_encoder
+        self.detector = detector
+        self.segmenter = segmenter
+        adapter.attach(flux.transformer)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_local(cls, models, adapter=None, *, dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu", with_auto_mask: bool = False) -> "DynaIPFluxPipeline":
+        """Loads every part from local paths. ``models``: a ModelsConfig or models.yaml path;
+        ``adapter``: a checkpoint directory, a DynaIPAdapter, or None (a fresh, zero-effect adapter)."""
+        from dynaip.adapter import DynaIPAdapter, DynaIPConfig
+        from dynaip.models import ModelsConfig
+        from dynaip.models.clip_vision import load_clip_vision
+        from dynaip.models.flux import load_flux_pipeline
+
+        if not isinstance(models, ModelsConfig):
+            models = ModelsConfig.from_yaml(models)
+        if adapter is None or isinstance(adapter, DynaIPAdapter):
+            ad = adapter
+        else:
+            ad = DynaIPAdapter.from_pretrained(adapter)
+        layers = ad.config.clip_layers if ad is not None else models.clip_vision.layers
+        tower = load_clip_vision(models.clip_vision, layers=layers)
+        flux = load_flux_pipeline(models.flux, dtype=dtype)
+        if ad is None:
+            log.warning("no adapter checkpoint given: using a freshly initialised adapter (it changes nothing)")
+            ad = DynaIPAdapter(adapter_config_for(flux.transformer, tower))
+        detector = segmenter = None
+        if with_auto_mask:
+            detector, segmenter = _load_auto_mask_models(models, device)
+        pipe = cls(flux, ad.to(dtype), tower.to(dtype), detector=detector, segmenter=segmenter)
+        return pipe.to(device)
+
+    def to(self, device: str | torch.device) -> "DynaIPFluxPipeline":
+        self.flux.to(device)
+        self.adapter.to(device)
+        self.image_encoder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.flux.transformer.device
+
+    def load_lora_weights(self, *args, **kwargs):
+        """diffusers' FLUX LoRA loading; the adapter stays attached (its processors use the LoRA'd projections)."""
+        return self.flux.load_lora_weights(*args, **kwargs)
+
+    # ------------------------------------------------------------------ references
+    @torch.no_grad()
+    def encode_references(self, images: Sequence[Image.Image],
+                          granularity: Sequence[Sequence[float] | None] | None = None) -> list[torch.Tensor]:
+        """RGB PILs → one ``(1, L, ref_dim)`` reference token set each (HMoE weights per subject)."""
+        grans = per_subject(granularity, len(images), "granularity") if granularity is not None else [None] * len(images)
+        enc = self.image_encoder
+        pixels = enc.normalize(reference_pixels(images, enc.image_size)).to(self.device, next(enc.parameters()).dtype)
+        hidden = enc(pixels)  # per layer: (N, L, clip_width)
+        adapter_dtype = next(self.adapter.parameters()).dtype
+        self.adapter.eval()
+        return [self.adapter.encode_reference([h[i:i + 1].to(adapter_dtype) for h in hidden], granularity=g)
+                for i, g in enumerate(grans)]
+
+    # ------------------------------------------------------------------ generation
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        references: Sequence[ImageLike] | ImageLike | None = None,
+        masks: Sequence[ImageLike | torch.Tensor | None] | None = None,
+        *,
+        scale: float | Sequence[float] = 1.0,
+        granularity: Sequence[float] | Sequence[Sequence[float]] | None = None,
+        branches: str = "image",
+        auto_mask: Sequence[str] | None = None,
+        auto_mask_dilation: float = 0.02,
+        box_threshold: float = 0.35,
+        text_threshold: float = 0.25,
+        seed: int | None = None,
+        num_inference_steps: int = 28,
+        height: int = 1024,
+        width: int = 1024,
+        guidance_scale: float = 3.5,
+        generator: torch.Generator | None = None,
+        **flux_kwargs,
+    ) -> DynaIPOutput:
+        """Generates with 0..N references.
+
+        references: images or paths (N ≥ 0). masks: one per reference (pixel space, any size with the
+            output's aspect ratio; resized to the output, thresholded at 50%); optional when N = 1.
+        scale: λ, global or per reference. granularity: HMoE weights (low, mid, high), global or per
+            reference; None = the routers' own. branches: image (default, DDS) | text | both (ablations).
+        auto_mask: one detection phrase per reference → masks found in a first pass (see module doc).
+        seed: fixes the sampling noise (same seed → same image). Other keywords go to FluxPipeline.
+        """
+        refs = [] if references is None else (list(references) if isinstance(references, (list, tuple)) else [references])
+        ref_images = [load_image(r, f"reference {i + 1}") for i, r in enumerate(refs)]
+        n = len(ref_images)
+        ds = self.adapter.config.latent_downsample
+        if height % ds or width % ds:
+            raise ValueError(f"height={height}, width={width}: FLUX needs both divisible by {ds}")
+        scales = per_subject(scale, n, "scale")
+        if masks is not None and auto_mask is not None:
+            raise ValueError("give either masks or auto_mask, not both")
+        if auto_mask is not None and len(auto_mask) != n:
+            raise ValueError(f"auto_mask has {len(auto_mask)} phrases for {n} references; give one phrase per reference")
+        if masks is not None:
+            masks = list(masks)
+            if len(masks) != n:
+                raise ValueError(f"got {len(masks)} masks for {n} references; give one mask per reference")
+            mask_t = [load_mask(m, height, width, i) for i, m in enumerate(masks)]
+        elif n > 1 and auto_mask is None:
+            raise ValueError(f"{n} references need one mask each (masks=...) or auto_mask=[phrase per reference]")
+        else:
+            mask_t = None
+        if auto_mask is not None and (self.detector is None or self.segmenter is None):
+            raise ValueError("auto_mask needs Grounding DINO and SAM: build the pipeline with with_auto_mask=True "
+                             "(models.yaml must name grounding_dino and sam)")
+        if granularity is not None:
+            per_subject(granularity, n, "granularity")  # validate before compute
+
+        call = dict(prompt=prompt, num_inference_steps=num_inference_steps, height=height, width=width,
+                    guidance_scale=guidance_scale, **flux_kwargs)
+        if auto_mask is not None:
+            first = self._generate(call, seed, generator, cond=None).images[0]
+            mask_t = self.auto_masks(first, list(auto_mask), dilation=auto_mask_dilation,
+                                     box_threshold=box_threshold, text_threshold=text_threshold)
+        cond = None
+        if n:
+            tokens = self.encode_references(ref_images, granularity)
+            cond = self.adapter.make_conditioning(tokens, masks=mask_t, scales=scales, branches=branches,
+                                                  image_size=(height, width))
+        result = self._generate(call, seed, generator, cond=cond)
+        settings = dict(prompt=prompt, num_references=n, scale=scales, granularity=granularity, branches=branches,
+                        auto_mask=list(auto_mask) if auto_mask else None, seed=seed,
+                        num_inference_steps=num_inference_steps, height=height, width=width,
+                        guidance_scale=guidance_scale)
+        return DynaIPOutput(images=list(result.images), masks=mask_t, settings=settings)
+
+    def _generate(self, call: dict, seed: int | None, generator: torch.Generator | None, cond):
+        if generator is None and seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self.adapter.set_conditioning(cond)
+        try:
+            return self.flux(generator=generator, **call)
+        finally:
+            self.adapter.set_conditioning(None)
+
+    # ------------------------------------------------------------------ automatic masks
+    def auto_masks(self, image: Image.Image, phrases: list[str], *, dilation: float, box_threshold: float,
+                   text_threshold: float) -> list[torch.Tensor]:
+        """Finds each phrase in ``image`` (Grounding DINO → SAM → cleanup → dilation): ``(H, W)`` {0,1} each."""
+        from scipy import ndimage
+
+        arr = np.asarray(image.convert("RGB"))
+        dets = self.detector.detect([arr], [" . ".join(phrases)], box_threshold=box_threshold,
+                                    text_threshold=text_threshold)[0]
+        boxes = []
+        for phrase in phrases:
+            key = phrase.strip().lower().rstrip(".").strip()
+            found = [d for d in dets if d.phrase == key]
+            if not found:
+                raise ValueError(f"auto-mask: '{phrase}' was not found in the first-pass image; pass masks "
+                                 "explicitly or lower box_threshold/text_threshold")
+            boxes.append(found[0].box)  # detections are sorted by score
+        masks, _ = self.segmenter.segment([arr], [np.asarray(boxes, dtype=np.float32)])[0]
+        radius = max(1, int(round(dilation * min(arr.shape[:2]))))
+        out = []
+        for i, m in enumerate(masks):
+            m = _clean_mask(m)
+            if not m.any():  # SAM found nothing inside the box: fall back to the box itself
+                x0, y0, x1, y1 = (int(round(v)) for v in boxes[i])
+                m = np.zeros(arr.shape[:2], dtype=bool)
+                m[y0:y1, x0:x1] = True
+            m = ndimage.binary_dilation(m, structure=np.ones((3, 3), bool), iterations=radius)
+            out.append(torch.from_numpy(m.astype(np.float32)))
+        return out
+
+
+def _clean_mask(mask: np.ndarray) -> np.ndarray:
+    """The curation's segmentation cleanup (small islands removed, holes filled), with its defaults."""
+    from pipeline.recipe import SegmentationConfig
+    from pipeline.stages.segment import clean_mask
+
+    seg = SegmentationConfig()
+    return clean_mask(mask, seg.island_frac, seg.hole_frac)
+
+
+def adapter_config_for(transformer, tower):
+    """The DynaIPConfig whose sizes match a loaded FLUX transformer and CLIP tower (full size for the
+    real FLUX.1-dev + ViT-L/14-336, the tiny preset for the tiny checkpoints)."""
+    from dynaip.adapter import DynaIPConfig
+
+    c = transformer.config
+    return DynaIPConfig(
+        clip_width=tower.width, clip_tokens=tower.num_tokens, clip_layers=tower.layers,
+        expert_dim=tower.width, router_hidden_dim=max(16, tower.width // 4),
+        ref_dim=c.num_attention_heads * c.attention_head_dim, inner_dim=c.num_attention_heads * c.attention_head_dim,
+        num_heads=c.num_attention_heads, head_dim=c.attention_head_dim,
+        num_double_blocks=c.num_layers, num_single_blocks=c.num_single_layers)
+
+
+def _load_auto_mask_models(models, device):
+    from dynaip.models.grounding_dino import GroundingDinoDetector, load_grounding_dino
+    from dynaip.models.sam import SamBoxSegmenter, load_sam
+
+    gd = load_grounding_dino(models.require("grounding_dino"), device=device)
+    sam = load_sam(models.require("sam"), device=device)
+    return GroundingDinoDetector(gd, device=device), SamBoxSegmenter(sam, device=device)
