@@ -302,3 +302,21 @@ def test_opens2v_filter_defaults_through_source_config(opens2v_dir):
     assert {"total_part1/crowd", "total_part1/dull", "total_part1/cat_a/o2"} <= set(rejects)
     off = recipe_mod.SourceConfig(kind="opens2v", root=str(root), options={"max_masks": None})
     assert "total_part1/crowd" not in split(list(opens2v.read(off)))[1]
+
+
+def test_opens2v_cross_target_frame_without_annotation(opens2v_dir):
+    """A pair whose target frame is not annotated still yields a record; the stages detect the subject."""
+    import json
+
+    root, truth = opens2v_dir
+    (root / "cross_other_frames").mkdir(exist_ok=True)
+    pair = {"cur_id": "total_part1/cat_a", "aft_id": "total_part1/cat_b", "cur_class_name": "cat",
+            "aft_class_name": "cat", "text_similarity": 1.0, "image_similarity": 0.9, "cur_frame_idx": 6}
+    (root / "cross_other_frames" / "c.json").write_text(json.dumps([pair]))
+    out = list(opens2v.read({"root": str(root), "intra": False, "cross_pairs": "cross_other_frames/*.json",
+                             "cross_both_directions": False}))
+    assert len(out) == 1 and isinstance(out[0], SourceRecord)
+    rec = out[0]  # object ids resolved from class names; aft frame defaults to the clip's ann_frame_idx
+    assert rec.id == "total_part1/cat_a/o1/f6>total_part1/cat_b/o1/f3"
+    assert rec.image.frame == 6 and rec.masks == [] and rec.boxes == [] and rec.extra["mask_frac"] is None
+    assert rec.reference.frame == truth["frame"] and decode_area(rec.reference_mask) == truth["areas"]["cat_b"]

@@ -35,8 +35,9 @@ clip's frame with its mask/box when annotated at that frame, ``reference`` = the
 ``extra`` (both kinds): ``clip_id``, ``object_id``, ``frame_size`` [H, W], ``crop_xyxy``, ``fps``,
 ``num_frames``, ``aesthetic``, ``mask_score``, ``mask_frac``; intra adds ``det_scores`` (the annotation's
 non-bbox numeric fields); cross adds ``reference_clip_id``, ``reference_object_id``,
-``reference_crop_xyxy``, ``reference_frame_size``, ``reference_class_name``, ``text_similarity``,
-``image_similarity``, ``cluster``.
+``reference_crop_xyxy``, ``reference_frame_size``, ``reference_class_name``, ``reference_mask_score``,
+``text_similarity``, ``image_similarity``, ``cluster``. A cross target frame the clip does not annotate
+gets no mask/box (``masks``/``boxes`` empty, ``mask_frac`` None): the stages detect ``phrase`` there.
 
 OpenS2V's own quality filters (options; an absent key gives the default shown, an explicit null disables
 the filter): ``min_aesthetic`` 4.5 (a clip without a score
@@ -261,17 +262,19 @@ def _pass_aesthetic(clip: _Clip, min_aesthetic: float | None) -> bool:
     return min_aesthetic is None or clip.aesthetic is None or clip.aesthetic >= min_aesthetic
 
 
-def _base_extra(clip: _Clip, oid: int, rle: dict[str, Any], area: int, score: float | None) -> dict[str, Any]:
+def _base_extra(clip: _Clip, oid: int, rle: dict[str, Any] | None, area: int, score: float | None) -> dict[str, Any]:
+    """Extra keys common to intra and cross records; ``rle`` None when the object has no mask here."""
+    size = list(rle["size"]) if rle is not None else (list(clip.frame_hw) if clip.frame_hw else None)
     return {
         "clip_id": clip.id,
         "object_id": oid,
-        "frame_size": list(rle["size"]),
+        "frame_size": size,
         "crop_xyxy": clip.crop_xyxy,
         "fps": clip.fps,
         "num_frames": clip.num_frames,
         "aesthetic": clip.aesthetic,
         "mask_score": score,
-        "mask_frac": _mask_frac(rle, area),
+        "mask_frac": _mask_frac(rle, area) if rle is not None else None,
     }
 
 
@@ -329,16 +332,16 @@ def _intra(clip: _Clip, opts: dict[str, Any]) -> Iterator[SourceRecord | Reject]
             enc = {"size": rle["size"], "counts": rle["counts"].encode()}
             dup = None
             for _, other, orle in survivors:
-                iou = float(mask_utils.iou([enc], [{"size": orle["size"], "counts": orle["counts"].encode()}], [0])[0][0])
+                other_enc = {"size": orle["size"], "counts": orle["counts"].encode()}
+                iou = float(mask_utils.iou([enc], [other_enc], [0])[0][0])
                 if iou > opts["dedup_iou"]:
                     dup = (other, iou)
                     break
             if dup is None:
                 survivors.append((score, oid, rle))
             else:
-                out[oid] = _reject(
-                    f"{clip.id}/o{oid}", f"duplicate of object {dup[0]} (mask IoU {dup[1]:.3f} > dedup_iou {opts['dedup_iou']})"
-                )
+                why = f"duplicate of object {dup[0]} (mask IoU {dup[1]:.3f} > dedup_iou {opts['dedup_iou']})"
+                out[oid] = _reject(f"{clip.id}/o{oid}", why)
         kept = survivors
     if opts["max_masks"] is not None and len(kept) > opts["max_masks"]:
         yield _reject(clip.id, f"clip has {len(kept)} subject masks after filtering > max_masks {opts['max_masks']}")
@@ -391,14 +394,22 @@ def _object_id(clip: _Clip, class_id: Any, class_name: Any) -> int | None:
 
 
 def _cross_one(
-    cluster: str, rec: dict[str, Any], side: tuple[str, str], clips: dict[str, _Clip], by_key: dict[str, list[str]], opts: dict[str, Any]
+    cluster: str,
+    rec: dict[str, Any],
+    side: tuple[str, str],
+    clips: dict[str, _Clip],
+    by_key: dict[str, list[str]],
+    opts: dict[str, Any],
 ) -> SourceRecord | Reject:
+    """One cross record from a pair record, target side ``side[0]`` and reference side ``side[1]``."""
     t, r = side  # field prefixes of target and reference: ("cur", "aft") or ("aft", "cur")
     tgt, ref = _find_clip(clips, by_key, rec.get(f"{t}_id")), _find_clip(clips, by_key, rec.get(f"{r}_id"))
     t_oid = _object_id(tgt, rec.get(f"{t}_class_id"), rec.get(f"{t}_class_name")) if tgt else None
     r_oid = _object_id(ref, rec.get(f"{r}_class_id"), rec.get(f"{r}_class_name")) if ref else None
-    t_frame = _int_key(rec.get(f"{t}_frame_idx")) if rec.get(f"{t}_frame_idx") is not None else (tgt.ann_frame if tgt else None)
-    r_frame = _int_key(rec.get(f"{r}_frame_idx")) if rec.get(f"{r}_frame_idx") is not None else (ref.ann_frame if ref else None)
+    t_frame, r_frame = (
+        _int_key(rec[f"{p}_frame_idx"]) if rec.get(f"{p}_frame_idx") is not None else (c.ann_frame if c else None)
+        for p, c in ((t, tgt), (r, ref))
+    )
     rid = f"{rec.get(f'{t}_id')}/o{t_oid}/f{t_frame}>{rec.get(f'{r}_id')}/o{r_oid}/f{r_frame}"
     for name, clip in ((f"{t}_id", tgt), (f"{r}_id", ref)):
         if clip is None:
@@ -422,8 +433,11 @@ def _cross_one(
     min_frac = opts["min_mask_frac"]
     if min_frac is not None and _mask_frac(r_rle, r_area) < min_frac:
         return _reject(rid, f"reference mask covers {_mask_frac(r_rle, r_area):.4f} of the frame < min_mask_frac {min_frac:.4f}")
-    masks, boxes, t_info = [], [], (None, 0, None)
-    if t_frame in tgt.masks and t_oid in tgt.masks[t_frame]:
+    # Target: its mask/box when the target clip annotates this object at this frame (else the stages detect it).
+    masks: list[dict[str, Any]] = []
+    boxes: list[Box] = []
+    extra = _base_extra(tgt, t_oid, None, 0, None)
+    if t_oid in tgt.masks.get(t_frame, {}):
         try:
             t_rle, t_area, t_score = _checked_mask(tgt, t_frame, t_oid)
         except (RLEError, ValueError) as e:
@@ -433,14 +447,7 @@ def _cross_one(
         masks = [t_rle]
         box = rle_bbox(t_rle)
         boxes = [box] if box is not None else []
-        t_info = (t_rle, t_area, t_score)
-    extra = (
-        _base_extra(tgt, t_oid, t_info[0], t_info[1], t_info[2])
-        if t_info[0] is not None
-        else {"clip_id": tgt.id, "object_id": t_oid, "frame_size": list(tgt.frame_hw) if tgt.frame_hw else None,
-              "crop_xyxy": tgt.crop_xyxy, "fps": tgt.fps, "num_frames": tgt.num_frames, "aesthetic": tgt.aesthetic,
-              "mask_score": None, "mask_frac": None}
-    )
+        extra = _base_extra(tgt, t_oid, t_rle, t_area, t_score)
     extra.update(
         reference_clip_id=ref.id,
         reference_object_id=r_oid,
