@@ -1,0 +1,194 @@
+"""``TrainConfig``: every knob of a training run, loaded from YAML (``jobs/configs/*.yaml``).
+
+Keyword-only dataclasses with a docstring under each field; unknown YAML keys raise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One training stage: a number of steps on a selection of the data."""
+
+    name: str
+    """Shown in logs and metrics (e.g. ``intra``, ``cross``)."""
+    steps: int
+    """Optimizer steps in this stage; stages run back to back."""
+    pair: str | None = None
+    """Keep only samples whose ``json.pair`` is this (``intra`` | ``cross``); null keeps all."""
+    data: list[str] = field(default_factory=list)
+    """Dataset directories (local or fsspec URLs) of this stage; empty = the run's ``--data``."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"stage '{self.name}': steps must be >= 1, got {self.steps}")
+        if self.pair not in (None, "intra", "cross"):
+            raise ValueError(f"stage '{self.name}': pair must be intra, cross or null, got {self.pair!r}")
+        self.data = [str(d) for d in self.data]
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """A training run. Defaults are the paper's recipe where it states one."""
+
+    stages: list[StageConfig]
+    """Stages in order; the paper: 20k steps intra-pair, then 80k cross-pair."""
+    adapter_preset: str = "full"
+    """``full`` (FLUX.1-dev + ViT-L/14-336) or ``tiny`` (the tiny checkpoints): ``DynaIPConfig.full()/.tiny()``."""
+    adapter: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ``DynaIPConfig`` fields (ablations: fusion, expert_layers, ...)."""
+
+    # ---- batch and data
+    global_batch_size: int = 16
+    """Samples per optimizer step over all workers; must be divisible by ``workers``."""
+    buckets: list[list[int]] = field(default_factory=lambda: [[1024, 1024]])
+    """Target sizes [H, W] (multiples of 16); one entry = fixed resolution. A batch uses the bucket
+    nearest its first sample's aspect ratio and centre-crops the others to it."""
+    shuffle_block: int = 64
+    """Stream positions shuffled together per loader worker (see dynaip.train.data)."""
+    data_workers: int = 2
+    """DataLoader processes per training worker (0 = decode in the training process)."""
+
+    # ---- optimisation
+    lr: float = 2e-5
+    """AdamW peak learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    schedule: str = "cosine"
+    """``cosine`` (to ``min_lr_ratio`` × lr at the last step) or ``constant``; after ``warmup_steps``."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to ``lr``."""
+    min_lr_ratio: float = 0.0
+    """Final lr of the cosine schedule as a fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Max global grad norm of the adapter parameters (0 = off)."""
+
+    # ---- flow matching (FLUX.1-dev)
+    guidance: float = 1.0
+    """Constant fed to FLUX-dev's guidance embedding during training. FLUX-dev is guidance-distilled and
+    has no unguided mode; adapter trainers for it (x-flux) feed 1.0, diffusers' DreamBooth script 3.5. We
+    use 1.0 so the adapter learns on the least-guided setting; generation then uses its own guidance."""
+    logit_mean: float = 0.0
+    """Timestep sampling: t = sigmoid(N(logit_mean, logit_std)) (logit-normal, as SD3/FLUX)."""
+    logit_std: float = 1.0
+    """See ``logit_mean``."""
+    resolution_shift: bool = True
+    """Shift t with mu = calculate_shift(image_seq_len) from the scheduler config, as FluxPipeline does."""
+    max_sequence_length: int = 512
+    """T5 tokens per prompt (FLUX-dev: 512)."""
+    drop_text: float = 0.05
+    """CFG dropout: probability of an empty prompt only."""
+    drop_image: float = 0.05
+    """CFG dropout: probability of zero reference tokens only."""
+    drop_both: float = 0.05
+    """CFG dropout: probability of both at once."""
+
+    # ---- distribution and precision
+    workers: int = 2
+    """Ray Train workers (one process each, one GPU each with ``use_gpu``)."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves per training worker."""
+    use_gpu: bool = False
+    """One GPU per worker; the frozen base runs in bf16 there."""
+    strategy: str = "ddp"
+    """``ddp``: frozen base replicated, adapter in DistributedDataParallel. ``fsdp2``: additionally
+    shards the frozen transformer's blocks with ``fully_shard`` (memory; see dynaip.train.parallel)."""
+    backend: str = "auto"
+    """torch.distributed backend: ``auto`` = nccl with GPUs, gloo on the CPU."""
+    precision: str = "auto"
+    """Frozen-model dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``. Adapter weights stay fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute the transformer's activations in backward (``transformer.enable_gradient_checkpointing()``)."""
+    find_unused_parameters: bool = False
+    """DDP option; needed only by adapter variants with parameters that a step does not use."""
+    ray_address: str | None = None
+    """Ray cluster to join (``auto`` or ``ray://...``); null starts an embedded local Ray."""
+
+    # ---- run control and outputs
+    seed: int = 0
+    """Seeds the adapter init, data order and every per-rank RNG."""
+    max_steps: int | None = None
+    """Stop after this step (and checkpoint there); null = the sum of the stages' steps."""
+    checkpoint_every: int = 1000
+    """Write ``RUN/checkpoints/step-NNNNNN`` every this many steps (0 = only at the end)."""
+    keep_checkpoints: int | None = None
+    """Keep only the newest N checkpoints; null keeps all."""
+    log_every: int = 10
+    """Steps between lines in ``RUN/metrics.jsonl``."""
+    eval_every: int = 0
+    """Steps between validation losses on a fixed batch with fixed noise and timesteps (0 = off)."""
+    eval_samples: int = 4
+    """Size of that fixed batch: the first samples of the first stage's data."""
+    sample_every: int = 0
+    """Steps between sample images in ``RUN/samples/step-NNNNNN`` (0 = off)."""
+    sample_steps: int = 28
+    """Euler steps of the sampling loop."""
+    sample_guidance: float = 3.5
+    """FLUX-dev guidance for samples."""
+    validation_prompts: list[str] = field(default_factory=list)
+    """Prompts of the sample images; empty = the captions of the fixed validation samples."""
+    validation_refs: list[str] = field(default_factory=list)
+    """Reference image paths (one per prompt); empty = the references of the fixed validation samples."""
+
+    def __post_init__(self) -> None:
+        self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        if not self.stages:
+            raise ValueError("config needs at least one stage under 'stages'")
+        if self.workers < 1 or self.global_batch_size % self.workers:
+            raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by workers={self.workers}; "
+                             "pick a batch size that splits evenly over the workers")
+        for name, choices in (("schedule", ("cosine", "constant")), ("strategy", ("ddp", "fsdp2")),
+                              ("backend", ("auto", "gloo", "nccl")), ("precision", ("auto", "bf16", "fp32")),
+                              ("adapter_preset", ("full", "tiny"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {choices}")
+        if self.drop_text + self.drop_image + self.drop_both > 1:
+            raise ValueError("drop_text + drop_image + drop_both must be <= 1")
+        if len(self.validation_refs) not in (0, len(self.validation_prompts)):
+            raise ValueError(f"{len(self.validation_refs)} validation_refs for {len(self.validation_prompts)} "
+                             "validation_prompts: give one reference per prompt, or none")
+        self.buckets = [[int(h), int(w)] for h, w in self.buckets]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.global_batch_size // self.workers
+
+    def stage_at(self, step: int) -> int:
+        """Index of the stage that runs optimizer step ``step`` (1-based); the last stage beyond the end."""
+        end = 0
+        for i, s in enumerate(self.stages):
+            end += s.steps
+            if step <= end:
+                return i
+        return len(self.stages) - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "train config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
+        return cls(**raw)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"train config '{path}' does not exist; see jobs/configs/tiny.yaml and paper.yaml")
+        return cls.from_dict(yaml.safe_load(path.read_text()) or {}, where=str(path))

@@ -1,0 +1,231 @@
+"""The model-specific part of training: one flow-matching step of DynaIP on frozen FLUX.1-dev.
+
+``training_loss`` is the whole recipe (the trainer around it knows nothing about FLUX):
+
+1. target ``tgt`` (B, 3, H, W) uint8 → [-1, 1] → VAE latent (B, 16, H/8, W/8) sampled from the
+   posterior → ``(x - shift_factor) * scaling_factor`` → packed 2×2 to (B, H/16·W/16, 64) exactly
+   as ``FluxPipeline._pack_latents`` (ids from ``_prepare_latent_image_ids``);
+2. text: T5 + CLIP through ``FluxPipeline.encode_prompt``; CFG dropout replaces the prompt by "";
+3. reference ``ref`` (B, 3, S, S) uint8 (padded to square on white and resized to the CLIP input
+   by the loader) → [0, 1] → CLIP-normalised → hidden states of the configured layers →
+   ``adapter.encode_reference`` → C (B, Lc, D); image CFG dropout zeroes C's rows, which the
+   adapter turns into exactly no injection;
+4. t = sigmoid(N(m, s)) (logit-normal), shifted by mu = calculate_shift(image_seq_len) as FluxPipeline
+   shifts its sigmas; x_t = (1 - t)·x0 + t·ε; the transformer predicts v = ε - x0 with the adapter
+   injecting into text and image tokens (``branches="both"``, the paper's training-time DDS);
+5. loss = MSE(v̂, ε - x0) in fp32.
+
+Every random draw goes through the caller's ``torch.Generator`` (plus the global RNG for the
+adapter's expert dropout), so a run restored with those states repeats bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynaip.models import ModelsConfig
+
+
+@dataclass
+class FrozenModels:
+    """FLUX.1-dev (as a diffusers FluxPipeline) and the CLIP vision tower, frozen, on one device."""
+
+    pipe: Any
+    """``diffusers.FluxPipeline``: transformer, vae, text encoders, tokenizers, scheduler."""
+    clip: nn.Module
+    """``ClipVisionTower``: ``.normalize``, ``.image_size``, forward → hidden states of the configured layers."""
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.pipe.vae
+
+    def modules(self) -> dict[str, nn.Module]:
+        p = self.pipe
+        return {"transformer": p.transformer, "vae": p.vae, "text_encoder": p.text_encoder,
+                "text_encoder_2": p.text_encoder_2, "clip_vision": self.clip}
+
+
+def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
+                gradient_checkpointing: bool = False) -> FrozenModels:
+    from dynaip.models.clip_vision import load_clip_vision
+    from dynaip.models.flux import load_flux_pipeline
+
+    pipe = load_flux_pipeline(models.flux, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    clip = load_clip_vision(models.clip_vision, models.clip_vision.layers)
+    for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, clip):
+        m.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    if gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    return FrozenModels(pipe=pipe, clip=clip, device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def flux_shift_mu(scheduler_config: Any, image_seq_len: int) -> float:
+    """FluxPipeline's ``calculate_shift``: mu linear in the packed image token count."""
+    c = scheduler_config
+    base_len, max_len = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+    base_shift, max_shift = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * m + (base_shift - m * base_len)
+
+
+def sample_timesteps(batch: int, mu: float | None, mean: float, std: float, generator: torch.Generator,
+                     device: torch.device) -> torch.Tensor:
+    """(B,) t in (0, 1): logit-normal, then the exponential time shift exp(mu)/(exp(mu) + 1/t - 1)."""
+    t = torch.sigmoid(torch.randn(batch, generator=generator, device=device) * std + mean)
+    if mu is not None:
+        t = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+    return t
+
+
+def encode_targets(frozen: FrozenModels, tgt: torch.Tensor, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """``tgt`` (B, 3, H, W) uint8 → packed latents (B, H/16·W/16, 4·C), image ids (N, 3), (h, w) latent size."""
+    vae = frozen.vae
+    x = tgt.to(frozen.device, frozen.dtype) / 127.5 - 1.0  # [-1, 1]
+    lat = vae.encode(x).latent_dist.sample(generator=generator)  # (B, C, H/8, W/8)
+    lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+    b, c, h, w = lat.shape
+    packed = frozen.pipe._pack_latents(lat, b, c, h, w)  # (B, h/2·w/2, 4C)
+    ids = frozen.pipe._prepare_latent_image_ids(b, h // 2, w // 2, frozen.device, frozen.dtype)  # (h/2·w/2, 3)
+    return packed, ids, (h, w)
+
+
+def encode_text(frozen: FrozenModels, prompts: Sequence[str], max_sequence_length: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ T5 tokens (B, L, D_t5), pooled CLIP (B, D_clip), text ids (L, 3)."""
+    prompts = list(prompts)
+    embeds, pooled, ids = frozen.pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=frozen.device,
+                                                    max_sequence_length=max_sequence_length)
+    return embeds, pooled, ids
+
+
+def clip_hidden_states(frozen: FrozenModels, ref: torch.Tensor) -> list[torch.Tensor]:
+    """``ref`` (B, 3, S, S) uint8 on white → one (B, 1 + tokens, width) hidden state per configured layer."""
+    x = ref.to(frozen.device, torch.float32) / 255.0
+    if x.shape[-1] != frozen.clip.image_size:
+        x = F.interpolate(x, size=(frozen.clip.image_size,) * 2, mode="bicubic", align_corners=False).clamp(0, 1)
+    return frozen.clip(frozen.clip.normalize(x).to(frozen.dtype))
+
+
+def cfg_dropout(batch: int, drop_text: float, drop_image: float, drop_both: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) bool masks (text dropped, image dropped): one uniform draw per sample, three disjoint ranges."""
+    u = torch.rand(batch, generator=generator)
+    text = u < drop_text
+    image = (u >= drop_text) & (u < drop_text + drop_image)
+    both = (u >= drop_text + drop_image) & (u < drop_text + drop_image + drop_both)
+    return text | both, image | both
+
+
+# ----------------------------------------------------------------------------- the step
+
+@dataclass(kw_only=True)
+class LossSettings:
+    """The subset of TrainConfig the step reads (so the step does not depend on the trainer)."""
+
+    guidance: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    resolution_shift: bool = True
+    max_sequence_length: int = 512
+    drop_text: float = 0.05
+    drop_image: float = 0.05
+    drop_both: float = 0.05
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "LossSettings":
+        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
+
+
+def training_loss(frozen: FrozenModels, adapter: nn.Module, encode: nn.Module, batch: dict[str, Any],
+                  settings: LossSettings, generator: torch.Generator, cpu_generator: torch.Generator,
+                  autocast: torch.dtype | None = None) -> torch.Tensor:
+    """Flow-matching loss of one batch (scalar, fp32, with a graph to the adapter's parameters).
+
+    ``adapter`` is the attached ``DynaIPAdapter``; ``encode`` is what computes C from CLIP hidden
+    states — the adapter itself, or its DistributedDataParallel wrapper (DDP hooks its reducer
+    into that forward call). ``generator`` lives on the device (noise, VAE posterior, t);
+    ``cpu_generator`` draws the CFG dropout.
+    """
+    dev = frozen.device
+    b = batch["tgt"].shape[0]
+    drop_txt, drop_img = cfg_dropout(b, settings.drop_text, settings.drop_image, settings.drop_both, cpu_generator)
+    with torch.no_grad():
+        x0, img_ids, (h, w) = encode_targets(frozen, batch["tgt"], generator)  # (B, N, 64)
+        prompts = ["" if d else p for p, d in zip(batch["txt"], drop_txt.tolist())]
+        txt, pooled, txt_ids = encode_text(frozen, prompts, settings.max_sequence_length)
+        hidden = clip_hidden_states(frozen, batch["ref"])
+        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32).to(x0.dtype)
+        mu = flux_shift_mu(frozen.pipe.scheduler.config, x0.shape[1]) if settings.resolution_shift else None
+        t = sample_timesteps(b, mu, settings.logit_mean, settings.logit_std, generator, dev)  # (B,)
+        tt = t.view(b, 1, 1).to(x0.dtype)
+        x_t = (1.0 - tt) * x0 + tt * noise
+        target = (noise - x0).float()
+    guidance = (torch.full((b,), settings.guidance, device=dev, dtype=torch.float32)
+                if frozen.transformer.config.guidance_embeds else None)
+
+    with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
+        c = encode([hs.float() for hs in hidden])  # (B, Lc, D)
+        c = c * (~drop_img).to(dev, c.dtype).view(b, 1, 1)  # zero rows = no reference for those samples
+        with adapter.conditioning([c], branches="both", image_size=(h * 8, w * 8)):
+            pred = frozen.transformer(hidden_states=x_t, timestep=t.to(x0.dtype), guidance=guidance,
+                                      pooled_projections=pooled, encoder_hidden_states=txt, txt_ids=txt_ids,
+                                      img_ids=img_ids, return_dict=False)[0]  # (B, N, 64)
+    return F.mse_loss(pred.float(), target)
+
+
+# ----------------------------------------------------------------------------- samples
+
+@torch.no_grad()
+def generate_samples(frozen: FrozenModels, adapter: nn.Module, prompts: Sequence[str], refs: torch.Tensor,
+                     size: tuple[int, int], steps: int, guidance: float, seed: int,
+                     max_sequence_length: int = 512) -> list[np.ndarray]:
+    """A plain Euler loop of FLUX with the adapter on the image branch (inference DDS).
+
+    ``refs`` (N, 3, S, S) uint8; returns N (H, W, 3) uint8 arrays. Uses its own generator, so
+    calling it never changes the training RNG.
+    """
+    dev = frozen.device
+    n, (hgt, wid) = len(prompts), size
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    txt, pooled, txt_ids = encode_text(frozen, prompts, max_sequence_length)
+    c = adapter.encode_reference([h.float() for h in clip_hidden_states(frozen, refs)])
+    h, w = hgt // 8, wid // 8
+    ch = frozen.transformer.config.in_channels // 4
+    lat = torch.randn((n, ch, h, w), generator=gen, device=dev, dtype=torch.float32).to(frozen.dtype)
+    lat = frozen.pipe._pack_latents(lat, n, ch, h, w)  # (N, h/2·w/2, 4ch)
+    ids = frozen.pipe._prepare_latent_image_ids(n, h // 2, w // 2, dev, frozen.dtype)
+    sched = copy.deepcopy(frozen.pipe.scheduler)
+    sigmas = np.linspace(1.0, 1.0 / steps, steps)
+    mu = flux_shift_mu(sched.config, lat.shape[1])
+    sched.set_timesteps(sigmas=sigmas, device=dev, mu=mu)
+    g = (torch.full((n,), guidance, device=dev, dtype=torch.float32)
+         if frozen.transformer.config.guidance_embeds else None)
+    with adapter.conditioning([c.to(frozen.dtype)], branches="image", image_size=(hgt, wid)):
+        for t in sched.timesteps:
+            pred = frozen.transformer(hidden_states=lat, timestep=(t / 1000).expand(n).to(lat.dtype), guidance=g,
+                                      pooled_projections=pooled, encoder_hidden_states=txt, txt_ids=txt_ids,
+                                      img_ids=ids, return_dict=False)[0]
+            lat = sched.step(pred, t, lat, return_dict=False)[0]
+    lat = frozen.pipe._unpack_latents(lat, hgt, wid, 8)  # (N, ch, h, w)
+    lat = lat / frozen.vae.config.scaling_factor + frozen.vae.config.shift_factor
+    img = frozen.vae.decode(lat, return_dict=False)[0]  # (N, 3, H, W) in [-1, 1]
+    img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [im.permute(1, 2, 0).cpu().numpy() for im in img]

@@ -1,0 +1,459 @@
+"""The streaming distributed trainer: Ray Train ``TorchTrainer`` around ``train_worker``.
+
+``run_training`` starts (or joins) Ray and runs ``train_worker`` on ``workers`` processes with
+torch.distributed underneath (gloo on the CPU, nccl on GPUs). Each worker loads the frozen
+FLUX + CLIP from local paths, builds the adapter, streams its share of the shards, and runs
+``step.training_loss``. Rank 0 writes everything under RUN::
+
+    RUN/metrics.jsonl                         one JSON object per log line / eval / stage switch
+    RUN/checkpoints/step-NNNNNN/              adapter.safetensors + config.json (DynaIPAdapter.from_pretrained)
+        resume/state.json                     step, stage, config, every rank's data position
+        resume/optimizer.pt                   AdamW state (tensors and numbers; loads with weights_only=True)
+        resume/rng.pt                         every rank's RNG states (uint8 tensors)
+    RUN/samples/step-NNNNNN/NN.png            sample images with the fixed validation prompts/references
+
+RUN must be visible to every worker (local disk for one machine, a shared filesystem for a
+cluster): rank 0 writes checkpoints, every rank reads them on ``--resume``.
+
+Exactness: the adapter is initialised from ``seed`` on every rank (DDP also broadcasts rank
+0's), every random draw of a step goes through per-rank generators or the global RNG whose
+states are checkpointed, the data position is saved per rank and loader worker, and nothing
+between steps (checkpoints, eval, samples) touches those RNGs. So a run stopped with
+``--max-steps k`` and resumed reaches step n with bit-identical weights on the same hardware.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+RESUME_FORMAT = "dynaip-train-state/1"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+@dataclass(kw_only=True)
+class RunSpec:
+    """Everything a worker needs, JSON-serialisable (it crosses process boundaries)."""
+
+    config: dict[str, Any]
+    """``TrainConfig.to_dict()``."""
+    data: list[str]
+    """Dataset directories from ``--data`` (stages with their own ``data`` ignore it)."""
+    out: str
+    """RUN directory (absolute)."""
+    models: str
+    """``models.yaml`` with the local checkpoint paths."""
+    resume: bool = False
+    """Continue from the newest checkpoint in RUN/checkpoints."""
+    max_steps: int | None = None
+    """Stop after this step (overrides the config's)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form switches for benchmarks (e.g. ``{"no_save": true}``)."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("use_gpu is set but this worker sees no CUDA device; drop --use-gpu or run on GPU nodes")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        try:
+            import ray.train
+
+            local = ray.train.get_context().get_local_rank()
+        except Exception:  # not inside a Ray Train session
+            pass
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Multiplier of ``lr`` after ``step`` optimizer steps: linear warmup, then cosine or constant."""
+    total = max(1, cfg.total_steps)
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir()
+                   if (m := STEP_DIR.match(p.name)) and (p / "resume" / "state.json").is_file())
+    return steps[-1][1] if steps else None
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank (pickled only in transit, never on disk)."""
+    rank, world = _rank_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rng_state(gen: torch.Generator, cpu_gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "generator": gen.get_state(), "cpu_generator": cpu_gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], gen: torch.Generator, cpu_gen: torch.Generator,
+                   device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["generator"])
+    cpu_gen.set_state(state["cpu_generator"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class MetricsWriter:
+    """Appends JSON lines to RUN/metrics.jsonl (rank 0 only; other ranks hold a no-op)."""
+
+    def __init__(self, path: Path | None):
+        self.f = open(path, "a", buffering=1) if path is not None else None
+
+    def write(self, **row: Any) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+# ----------------------------------------------------------------------------- the worker
+
+class _Worker:
+    """State of one training process; ``run`` is the loop."""
+
+    def __init__(self, spec: RunSpec):
+        from dynaip import DynaIPAdapter, DynaIPConfig
+        from dynaip.models import ModelsConfig
+
+        from .parallel import apply_strategy
+        from .step import LossSettings, load_frozen
+
+        self.spec = spec
+        self.cfg = cfg = TrainConfig.from_dict(spec.config)
+        self.out = Path(spec.out)
+        self.rank, self.world = _rank_world()
+        if self.world != cfg.workers and dist.is_initialized():
+            log.warning("config says workers=%d, running with world_size=%d", cfg.workers, self.world)
+        self.device = _device(cfg)
+        self.dtype = _dtype(cfg, self.device)
+        self.autocast = torch.bfloat16 if self.dtype == torch.bfloat16 else None
+        self.max_steps = spec.max_steps or cfg.max_steps or cfg.total_steps
+        self.settings = LossSettings.from_config(cfg)
+
+        self.frozen = load_frozen(ModelsConfig.from_yaml(spec.models), self.device, self.dtype,
+                                  cfg.gradient_checkpointing)
+        torch.manual_seed(cfg.seed)  # same initial adapter on every rank
+        preset = DynaIPConfig.full if cfg.adapter_preset == "full" else DynaIPConfig.tiny
+        self.adapter = DynaIPAdapter(preset(**cfg.adapter)).to(self.device)
+        self.adapter.attach(self.frozen.transformer)
+        self.adapter.train()
+        self.encode = apply_strategy(cfg.strategy, self.frozen.transformer, self.adapter, self.device,
+                                     cfg.find_unused_parameters)
+        self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        # per-rank streams of randomness: noise/t/VAE posterior on the device, CFG dropout on the CPU
+        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100_003 + self.rank + 1)
+        self.cpu_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 50_000 + self.rank)
+        torch.manual_seed(cfg.seed * 100_003 + 90_000 + self.rank)  # expert dropout differs per rank
+
+        self.step = 0
+        self.data_state: dict[str, Any] | None = None
+        if spec.resume:
+            self._load_latest()
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl" if self.rank == 0 else None)
+        self._eval_batch: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ data
+    def _stage_dirs(self, stage_index: int) -> list[str]:
+        stage = self.cfg.stages[stage_index]
+        dirs = stage.data or self.spec.data
+        if not dirs:
+            raise ValueError(f"stage '{stage.name}' has no data: pass --data DIR[,DIR] or set the stage's 'data'")
+        return dirs
+
+    def _stream_spec(self, stage_index: int, batch_size: int):
+        from .data import StreamSpec, read_manifests
+
+        return StreamSpec(shards=read_manifests(self._stage_dirs(stage_index)), batch_size=batch_size,
+                          seed=self.cfg.seed + 7919 * stage_index, shuffle_block=self.cfg.shuffle_block,
+                          pair=self.cfg.stages[stage_index].pair, ref_size=self.frozen.clip.image_size,
+                          buckets=[tuple(b) for b in self.cfg.buckets])
+
+    def _loader(self, stage_index: int):
+        from .data import StreamingLoader
+
+        return StreamingLoader(self._stream_spec(stage_index, self.cfg.per_worker_batch_size), self.rank, self.world,
+                               workers=self.cfg.data_workers, pin_memory=self.device.type == "cuda")
+
+    def eval_batch(self) -> dict[str, Any]:
+        """The first ``eval_samples`` samples of the first stage, the same on every rank and every run."""
+        from .data import StreamingLoader
+
+        if self._eval_batch is None:
+            spec = self._stream_spec(0, self.cfg.eval_samples)
+            spec.shuffle_block = 1
+            self._eval_batch = next(iter(StreamingLoader(spec, 0, 1, workers=0)))
+        return self._eval_batch
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_latest(self) -> None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            log.warning("--resume: no checkpoint under %s/checkpoints; starting from step 0", self.out)
+            return
+        state = json.loads((ckpt / "resume" / "state.json").read_text())
+        if state.get("format") != RESUME_FORMAT:
+            raise ValueError(f"{ckpt}: resume state format {state.get('format')!r}, expected {RESUME_FORMAT!r}")
+        if state["world_size"] != self.world:
+            raise ValueError(f"{ckpt} was written by {state['world_size']} workers, this run has {self.world}; "
+                             "exact resume needs the same --workers")
+        self.adapter.load_weights(ckpt)
+        self.optimizer.load_state_dict(torch.load(ckpt / "resume" / "optimizer.pt", map_location=self.device,
+                                                  weights_only=True))
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = torch.load(ckpt / "resume" / "rng.pt", map_location="cpu", weights_only=True)[self.rank]
+        _set_rng_state(rng, self.gen, self.cpu_gen, self.device)
+        self.step = int(state["step"])
+        self.data_state = {"stage": state["data_stage"], "loader": state["data"][self.rank]}
+        log.info("rank %d resumed from %s (step %d)", self.rank, ckpt, self.step)
+
+    def save_checkpoint(self, loader) -> None:
+        cfg = self.cfg
+        rngs = _gather(_rng_state(self.gen, self.cpu_gen, self.device))
+        rngs = [{k: v.cpu() for k, v in r.items()} for r in rngs]
+        datas = _gather(loader.state_dict())
+        if self.rank == 0:
+            root = self.out / "checkpoints"
+            final = root / f"step-{self.step:06d}"
+            tmp = root / f".tmp-step-{self.step:06d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.adapter.save_pretrained(tmp)
+            (tmp / "resume").mkdir()
+            torch.save(self.optimizer.state_dict(), tmp / "resume" / "optimizer.pt")
+            torch.save(rngs, tmp / "resume" / "rng.pt")
+            state = {"format": RESUME_FORMAT, "step": self.step, "data_stage": cfg.stage_at(self.step),
+                     "stage": cfg.stages[cfg.stage_at(self.step)].name, "world_size": self.world,
+                     "scheduler": self.scheduler.state_dict(), "data": datas, "config": cfg.to_dict()}
+            (tmp / "resume" / "state.json").write_text(json.dumps(state, indent=1))
+            if final.exists():  # a re-run writing the same step again
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
+            if cfg.keep_checkpoints:
+                old = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))[:-cfg.keep_checkpoints]
+                for p in old:
+                    shutil.rmtree(p, ignore_errors=True)
+            log.info("checkpoint %s", final)
+        if self.world > 1:
+            dist.barrier()  # nobody runs ahead and resumes from a half-written checkpoint
+
+    # ------------------------------------------------------------------ eval / samples
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        from .step import LossSettings, training_loss
+
+        settings = LossSettings(**{**asdict(self.settings), "drop_text": 0.0, "drop_image": 0.0, "drop_both": 0.0})
+        self.adapter.eval()  # no expert dropout: the global RNG stays untouched
+        gen = torch.Generator(device=self.device).manual_seed(12345)
+        loss = training_loss(self.frozen, self.adapter, self.adapter, self.eval_batch(), settings, gen,
+                             torch.Generator().manual_seed(0), self.autocast).item()
+        self.adapter.train()
+        return loss
+
+    def write_samples(self) -> None:
+        import numpy as np
+        from PIL import Image
+
+        from .data import pad_to_square_white, to_chw_uint8
+        from .step import generate_samples
+
+        cfg = self.cfg
+        if cfg.validation_prompts:
+            prompts = list(cfg.validation_prompts)
+            if cfg.validation_refs:
+                s = self.frozen.clip.image_size
+                refs = torch.stack([to_chw_uint8(pad_to_square_white(Image.open(p).convert("RGB")).resize((s, s)))
+                                    for p in cfg.validation_refs])
+            else:
+                refs = self.eval_batch()["ref"][: len(prompts)].repeat(len(prompts), 1, 1, 1)[: len(prompts)]
+        else:
+            batch = self.eval_batch()
+            prompts, refs = list(batch["txt"]), batch["ref"]
+        h, w = cfg.buckets[0]
+        self.adapter.eval()
+        images = generate_samples(self.frozen, self.adapter, prompts, refs, (h, w), cfg.sample_steps,
+                                  cfg.sample_guidance, seed=cfg.seed, max_sequence_length=cfg.max_sequence_length)
+        self.adapter.train()
+        if self.rank == 0:
+            d = self.out / "samples" / f"step-{self.step:06d}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i, (img, ref) in enumerate(zip(images, refs)):
+                Image.fromarray(img).save(d / f"{i:02d}.png")
+                Image.fromarray(np.ascontiguousarray(ref.permute(1, 2, 0).numpy())).save(d / f"{i:02d}-ref.png")
+            (d / "prompts.json").write_text(json.dumps(prompts, indent=1))
+
+    # ------------------------------------------------------------------ loop
+    def _reduce(self, *values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def run(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        from .step import training_loss
+
+        cfg = self.cfg
+        no_save = bool(self.spec.extra.get("no_save"))
+        if self.step == 0 and cfg.eval_every:
+            self.metrics.write(step=0, val_loss=self.eval_loss())
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
+        stage_index, loader, it = None, None, None
+        window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+        last: dict[str, Any] = {}
+        while self.step < self.max_steps:
+            step = self.step + 1
+            si = cfg.stage_at(step)
+            if si != stage_index:
+                it = None  # shuts the previous stage's loader workers down
+                loader = self._loader(si)
+                if self.data_state is not None and self.data_state["stage"] == si:
+                    loader.load_state_dict(self.data_state["loader"])
+                if step > 1 and cfg.stage_at(step - 1) != si:  # a real switch, not a resume inside a stage
+                    if self.rank == 0:
+                        log.info("stage '%s' starts at step %d", cfg.stages[si].name, step)
+                    self.metrics.write(step=step, event="stage", stage=cfg.stages[si].name)
+                stage_index, it = si, iter(loader)
+
+            t0 = time.perf_counter()
+            batch = next(it)
+            t1 = time.perf_counter()
+            loss = training_loss(self.frozen, self.adapter, self.encode, batch, self.settings, self.gen,
+                                 self.cpu_gen, self.autocast)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t2 = time.perf_counter()
+            self.step = step
+            window["loss"] += loss.item()
+            window["n"] += 1
+            window["wait"] += t1 - t0
+            window["time"] += t2 - t0
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == self.max_steps:
+                loss_sum, wait, tot, skipped, filtered = self._reduce(
+                    window["loss"] / window["n"], window["wait"], window["time"], loader.skipped, loader.filtered)
+                last = dict(step=step, stage=cfg.stages[si].name, loss=loss_sum / self.world,
+                            lr=self.scheduler.get_last_lr()[0],
+                            samples_per_s=cfg.global_batch_size * window["n"] * self.world / tot,
+                            data_wait=wait / tot, skipped=int(skipped), filtered=int(filtered))
+                self.metrics.write(**last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", stage=last["stage"])
+                window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == self.max_steps):
+                self.metrics.write(step=step, val_loss=self.eval_loss())
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                self.write_samples()
+            if not no_save and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == self.max_steps):
+                self.save_checkpoint(loader)
+        bar.close()
+        self.metrics.close()
+        return last
+
+
+def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of one training process (Ray Train worker, or the caller itself when local)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _Worker(RunSpec(**spec)).run()
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None, local: bool = False
+                 ) -> dict[str, Any] | None:
+    """Runs the job: ``local`` = one process without Ray (debugging, benchmarks); else Ray Train.
+
+    With no ``ray_address`` (and none in the config) and no Ray already initialised in this
+    process, an embedded local Ray is started and shut down afterwards.
+    """
+    Path(spec.out).mkdir(parents=True, exist_ok=True)
+    if local:
+        return train_worker(asdict(spec))
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = False
+    if not ray.is_initialized():
+        address = ray_address or cfg.ray_address
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker))
+        started = True
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.use_gpu else "gloo")
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_worker, train_loop_config=asdict(spec),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend=backend),
+        run_config=RunConfig(name="dynaip-train", storage_path=str(Path(spec.out).resolve() / "ray")))
+    try:
+        trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    return None
