@@ -1,0 +1,102 @@
+"""Argparse wiring for ``dynaip curate`` and ``dynaip manifest show|verify|grid``.
+
+``add_curate_parser(subparsers)`` / ``add_manifest_parser(subparsers)`` add the sub-commands; each
+sets ``func`` to a handler ``(args) -> int`` (the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_curate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("curate", help="build (or resume) a dataset from a curation recipe")
+    p.add_argument("--recipe", required=True, help="recipe YAML (see manifests/)")
+    p.add_argument("--out", required=True, help="dataset directory (re-running resumes)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N input records")
+    p.add_argument("--source-root", default=None, help="overrides source.root of the recipe")
+    p.add_argument("--models", default=None, help="models.yaml with local checkpoint paths")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (Ray executor)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_curate)
+    return p
+
+
+def run_curate(args: argparse.Namespace) -> int:
+    from pipeline.executor_local import run_local
+    from pipeline.recipe import Recipe
+
+    if args.limit is not None and args.limit < 0:
+        raise SystemExit(f"--limit {args.limit}: must be >= 0")
+    recipe = Recipe.from_yaml(args.recipe, source_root=args.source_root)
+    models = None
+    if args.models:
+        from dynaip.models import ModelsConfig
+
+        models = ModelsConfig.from_yaml(args.models)
+    if args.ray_address:
+        print(f"note: --ray-address {args.ray_address}: Ray execution arrives with the Ray executor; "
+              "running locally for now", file=sys.stderr)
+    manifest = run_local(recipe, args.out, models, limit=args.limit, progress=not args.no_progress)
+    t = manifest["totals"]
+    print(f"{args.out}: {t['inputs']} inputs, {t['accepted']} accepted, {t['rejected']} rejected, "
+          f"{t['samples']} samples in {len(manifest['shards'])} shards")
+    return 0
+
+
+def add_manifest_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("manifest", help="inspect a dataset directory")
+    sub = p.add_subparsers(dest="manifest_command", required=True)
+    s = sub.add_parser("show", help="summary: sources, samples, shards, bytes, rejects by reason")
+    s.add_argument("dir")
+    s.set_defaults(func=run_show)
+    v = sub.add_parser("verify", help="re-hash and re-count every shard; exit 1 on any mismatch")
+    v.add_argument("dir")
+    v.set_defaults(func=run_verify)
+    g = sub.add_parser("grid", help="contact sheet PNG: reference | target | mask overlay, caption")
+    g.add_argument("dir")
+    g.add_argument("--out", required=True, help="PNG to write")
+    g.add_argument("--n", type=int, default=8, help="number of samples")
+    g.set_defaults(func=run_grid)
+    return p
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from pipeline.dataset import show
+
+    print(show(args.dir))
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from pipeline.dataset import load_manifest, verify
+
+    problems = verify(args.dir)
+    for line in problems:
+        print(f"MISMATCH {line}")
+    if problems:
+        return 1
+    print(f"{args.dir}: {len(load_manifest(args.dir)['shards'])} shards verified")
+    return 0
+
+
+def run_grid(args: argparse.Namespace) -> int:
+    from pipeline.dataset import grid
+
+    print(grid(args.dir, args.out, n=args.n))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m pipeline.cli``) until ``dynaip/cli.py`` wires these in."""
+    parser = argparse.ArgumentParser(prog="dynaip")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_curate_parser(sub)
+    add_manifest_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Reading a finished dataset directory: ``load_manifest``, ``show`` (summary text), ``verify``
+(re-hash and re-count every shard) and ``grid`` (contact sheet PNG: reference | target | mask
+overlay, caption underneath)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline.writer import FORMAT
+
+
+def load_manifest(root: str | Path) -> dict[str, Any]:
+    """``root/manifest.json`` as a dict; errors say what is missing and what to do."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {root} is not a finished dataset "
+                                "(run `dynaip curate` to build or resume it)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {manifest.get('format')!r}; this tool reads {FORMAT!r}")
+    return manifest
+
+
+def show(root: str | Path) -> str:
+    """Summary: sources, samples, shards, bytes, rejects by reason."""
+    m = load_manifest(root)
+    t = m["totals"]
+    lines = [
+        f"dataset {root}  ({m['format']}, recipe {m.get('recipe', {}).get('name') or '-'} #{m['recipe_hash']})",
+        f"source   {m['source']['kind']}  {m['source']['root']}",
+        f"inputs   {t['inputs']}  accepted {t['accepted']}  rejected {t['rejected']}",
+        f"samples  {t['samples']}  in {len(m['shards'])} shards, {t['bytes']:,} bytes",
+    ]
+    if t["rejected_by_reason"]:
+        lines.append("rejects by reason:")
+        lines += [f"  {n:6d}  {reason}" for reason, n in t["rejected_by_reason"].items()]
+    return "\n".join(lines)
+
+
+def count_samples(path: Path) -> int:
+    """Distinct sample keys in a tar (raises tarfile.ReadError on a broken tar)."""
+    keys = []
+    with tarfile.open(path, "r:") as tf:
+        for member in tf:
+            if member.isfile():
+                key = member.name.split("/")[-1].split(".", 1)[0]
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+    return len(keys)
+
+
+def verify(root: str | Path) -> list[str]:
+    """Re-hashes and re-counts every shard in the manifest; returns one line per mismatch (empty = ok)."""
+    root = Path(root)
+    m = load_manifest(root)
+    problems = []
+    for s in m["shards"]:
+        p = root / s["path"]
+        if not p.is_file():
+            problems.append(f"{s['path']}: missing")
+            continue
+        size = p.stat().st_size
+        if size != s["bytes"]:
+            problems.append(f"{s['path']}: {size} bytes, manifest says {s['bytes']}")
+        h = hashlib.sha256(p.read_bytes()).hexdigest()
+        if h != s["sha256"]:
+            problems.append(f"{s['path']}: sha256 {h[:12]}…, manifest says {s['sha256'][:12]}…")
+        try:
+            n = count_samples(p)
+        except (tarfile.TarError, OSError) as e:
+            problems.append(f"{s['path']}: unreadable tar ({e})")
+            continue
+        if n != s["samples"]:
+            problems.append(f"{s['path']}: {n} samples, manifest says {s['samples']}")
+    t = m["totals"]
+    if t["inputs"] != t["accepted"] + t["rejected"]:
+        problems.append(f"totals: inputs {t['inputs']} != accepted {t['accepted']} + rejected {t['rejected']}")
+    if sum(s["samples"] for s in m["shards"]) != t["samples"]:
+        problems.append("totals: samples do not add up over the shards")
+    return problems
+
+
+def iter_samples(root: str | Path) -> Iterator[dict[str, Any]]:
+    """Samples in shard order as ``{key, ref.png, tgt.jpg, mask.png, txt, json}`` (raw bytes)."""
+    root = Path(root)
+    for s in load_manifest(root)["shards"]:
+        with tarfile.open(root / s["path"], "r:") as tf:
+            cur: dict[str, Any] = {}
+            for member in tf:
+                key, ext = member.name.split(".", 1)
+                if cur and cur["key"] != key:
+                    yield cur
+                    cur = {}
+                cur["key"] = key
+                cur[ext] = tf.extractfile(member).read()
+            if cur:
+                yield cur
+
+
+def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192) -> Path:
+    """Contact sheet of the first ``n`` samples: one row each — reference | target | mask overlay —
+    with the caption underneath. Writes a PNG to ``out``."""
+    rows = []
+    for sample in iter_samples(root):
+        if len(rows) >= n:
+            break
+        ref = Image.open(io.BytesIO(sample["ref.png"])).convert("RGB")
+        tgt = Image.open(io.BytesIO(sample["tgt.jpg"])).convert("RGB")
+        mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])).convert("L")) > 127
+        over = np.asarray(tgt).copy()
+        over[mask] = (0.5 * over[mask] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
+        rows.append(([ref, tgt, Image.fromarray(over)], sample["txt"].decode("utf-8", "replace")))
+    if not rows:
+        raise ValueError(f"{root} has no samples to show")
+    text_h = 28
+    sheet = Image.new("RGB", (3 * cell, len(rows) * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (images, caption) in enumerate(rows):
+        y = r * (cell + text_h)
+        for c, im in enumerate(images):
+            im = im.copy()
+            im.thumbnail((cell, cell))
+            sheet.paste(im, (c * cell + (cell - im.width) // 2, y + (cell - im.height) // 2))
+        draw.text((4, y + cell + 6), caption[: 3 * cell // 6], fill="black")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out

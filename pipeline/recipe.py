@@ -1,0 +1,354 @@
+"""Curation recipes: keyword-only dataclasses loaded from YAML (``manifests/*.yaml``).
+
+A recipe says *what* a dataset is (source, prompt, thresholds, filters, pairing, captions, shard
+size, seed). ``executor`` says *how* it is run (batch sizes, actors) and is left out of
+``recipe_hash``, as is ``source.root`` (moving the data does not change the dataset's definition;
+per-chunk input fingerprints catch changed data on resume).
+
+Defaults are the production ("paper") settings. Test/demo settings live only in their recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+SOURCE_KINDS = ("sa1b", "ffhq", "vitonhd", "opens2v", "folder")
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """Where the inputs come from. Keys other than ``kind``/``root`` are reader options
+    (read them with ``cfg.get(key, default)`` or as attributes)."""
+
+    kind: str
+    """Reader name: sa1b | ffhq | vitonhd | opens2v | folder."""
+    root: str = ""
+    """Dataset root directory (``--source-root`` overrides it)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Reader-specific options (every other key under ``source:`` in the YAML)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in ("kind", "root"):
+            return getattr(self, key)
+        return self.options.get(key, default)
+
+    def __getattr__(self, key: str) -> Any:  # reader options as attributes; missing → None
+        if key.startswith("_") or key == "options":
+            raise AttributeError(key)
+        return self.__dict__.get("options", {}).get(key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "root": self.root, **self.options}
+
+
+@dataclass(kw_only=True)
+class DetectionConfig:
+    """Grounding DINO settings."""
+
+    prompt: str = "person . animal . object"
+    """Detection caption when a record carries no ``phrase`` (phrases separated by ' . ')."""
+    box_threshold: float = 0.35
+    """Keep a query whose best token score exceeds this."""
+    text_threshold: float = 0.25
+    """A kept query must match its phrase's tokens at least this much."""
+    image_size: int = 800
+    """Shorter image side fed to the detector (pixels)."""
+    max_size: int = 1333
+    """Cap on the longer side fed to the detector (pixels)."""
+    provided_boxes: Literal["use", "face", "ignore"] = "use"
+    """What a record's ``boxes`` are: ``use`` = subject boxes (skip detection for such records),
+    ``face`` = face boxes (detect the subject; use them for face crops), ``ignore``."""
+
+
+@dataclass(kw_only=True)
+class SegmentationConfig:
+    """SAM settings and mask clean-up."""
+
+    use_provided_masks: bool = True
+    """Records with RLE ``masks`` use them instead of SAM."""
+    island_frac: float = 0.05
+    """Remove connected foreground parts smaller than this fraction of the mask's area."""
+    hole_frac: float = 0.05
+    """Fill background holes smaller than this fraction of the mask's area."""
+    box_margin: float | None = 0.1
+    """SAM masks are cut to the prompt box grown by this fraction of its longer side (leaks past
+    the detected subject are background); None keeps SAM's mask as is."""
+
+
+@dataclass(kw_only=True)
+class FilterConfig:
+    """Input validation and subject filters; each rejection names its reason."""
+
+    min_image_side: int = 256
+    """Reject images whose shorter side is below this (pixels)."""
+    max_image_pixels: int = 89_478_485
+    """Reject images whose *declared* W*H exceeds this before decoding (decompression-bomb guard)."""
+    min_box_area: float = 0.02
+    """Reject when the primary box covers less than this fraction of the image."""
+    max_box_area: float = 0.95
+    """Reject when the primary box covers more than this fraction of the image."""
+    max_comparable_subjects: int = 1
+    """Reject when more than this many distinct subjects score close to the primary one."""
+    comparable_score_ratio: float = 0.8
+    """A detection is 'comparable' when its score >= ratio * primary score."""
+    same_subject_iou: float = 0.5
+    """Detections overlapping the primary box more than this IoU count as the same subject."""
+    max_mask_components: int = 3
+    """Reject masks that stay in more than this many parts after clean-up."""
+    min_largest_component: float = 0.8
+    """Reject masks whose largest part holds less than this fraction of the mask."""
+    min_mask_area: float = 1 / 32
+    """Reject masks covering less than this fraction of the image (OpenS2V uses 1/32)."""
+
+
+@dataclass(kw_only=True)
+class HumanConfig:
+    """People get a face or a whole-body reference, chosen per record with seeded odds."""
+
+    phrases: list[str] = field(default_factory=lambda: ["person", "man", "woman", "boy", "girl", "child", "people", "human", "lady", "face"])
+    """Primary phrases that count as a person."""
+    face_prob: float = 0.5
+    """Probability of a face reference (else whole body)."""
+    face_prompt: str = "face"
+    """Detection phrase for the face when the record provides no face box."""
+    face_margin: float = 0.25
+    """Face crop grows by this fraction of the face box side on each side."""
+
+
+@dataclass(kw_only=True)
+class ReferenceConfig:
+    """How the white-background reference is composed."""
+
+    margin: float = 0.05
+    """Crop margin around the mask's box, as a fraction of the box's longer side."""
+
+
+@dataclass(kw_only=True)
+class PairingConfig:
+    """Which pair kinds are built. A record is cross when it carries a ``reference``, else intra."""
+
+    kinds: list[Literal["intra", "cross"]] = field(default_factory=lambda: ["intra", "cross"])
+    """Allowed pair kinds; records of another kind are rejected with a reason."""
+
+
+@dataclass(kw_only=True)
+class CaptionConfig:
+    """Captions: provided → model → template, first that applies."""
+
+    order: list[Literal["provided", "model", "template"]] = field(default_factory=lambda: ["provided", "model", "template"])
+    """Caption sources tried in this order."""
+    model: str | None = None
+    """Local transformers image-to-text directory (e.g. a BLIP checkpoint); None skips 'model'."""
+    template: str = "a photo of a {phrase}"
+    """Template caption; ``{phrase}`` is the subject phrase."""
+    max_new_tokens: int = 40
+    """Generation length for the captioning model."""
+
+
+@dataclass(kw_only=True)
+class ShardConfig:
+    """Shard layout. Shards follow input order: every ``inputs_per_shard`` inputs form one chunk,
+    chunk i → ``shards/{i:06d}.tar`` (split into ``{i:06d}_{p:02d}.tar`` parts past ``max_bytes``)."""
+
+    inputs_per_shard: int = 1000
+    """Reader records per chunk (one shard per chunk); independent of batch sizes."""
+    max_bytes: int | None = 1_000_000_000
+    """Start a new part once a shard reaches this many bytes; None = never split."""
+    jpeg_quality: int = 95
+    """JPEG quality of tgt.jpg."""
+
+
+@dataclass(kw_only=True)
+class ExecutorConfig:
+    """How the stages run (not part of ``recipe_hash``)."""
+
+    batch_size: int = 8
+    """Records per model batch (detection and segmentation); batches never span chunks."""
+    device: str = "auto"
+    """Torch device for models: auto | cpu | cuda | cuda:N."""
+    detect_actors: int = 1
+    """Ray: detector actor pool size."""
+    segment_actors: int = 1
+    """Ray: SAM actor pool size."""
+    gpus_per_actor: float = 1.0
+    """Ray: GPUs per model actor (0 for CPU)."""
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A curation recipe (see ``manifests/``)."""
+
+    source: SourceConfig
+    """The input dataset."""
+    name: str = ""
+    """Human-readable recipe name."""
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    """Grounding DINO prompt and thresholds."""
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    """SAM and mask clean-up."""
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    """Validation and subject filters."""
+    human: HumanConfig = field(default_factory=HumanConfig)
+    """Face / whole-body references for people."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """Reference composition."""
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    """Pair kinds."""
+    captioning: CaptionConfig = field(default_factory=CaptionConfig)
+    """Caption sources."""
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    """Shard layout."""
+    seed: int = 0
+    """Seed of every random choice (per record: seed + record key)."""
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    """Execution settings (not hashed)."""
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, source_root: str | None = None) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe '{path}' does not exist; pass an existing YAML (see manifests/)")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe '{path}' is not valid YAML: {e}") from None
+        return cls.from_dict(raw or {}, source_root=source_root, base=path.parent)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source_root: str | None = None, base: str | Path | None = None) -> "Recipe":
+        if not isinstance(raw, dict):
+            raise ValueError(f"recipe must be a mapping at the top level, got {type(raw).__name__}")
+        raw = dict(raw)
+        src = raw.pop("source", None)
+        if not isinstance(src, dict) or "kind" not in src:
+            raise ValueError("recipe field 'source' must be a mapping with 'kind' (one of "
+                             f"{', '.join(SOURCE_KINDS)}) and 'root', e.g. source: {{kind: folder, root: photos/}}")
+        src = dict(src)
+        kind, root = src.pop("kind"), src.pop("root", "")
+        if kind not in SOURCE_KINDS:
+            raise ValueError(f"recipe field 'source.kind' is {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+        if source_root is not None:
+            root = str(source_root)
+        elif root and base is not None and not Path(str(root)).expanduser().is_absolute():
+            root = str((Path(base) / str(root)).resolve())
+        source = SourceConfig(kind=kind, root=str(root or ""), options=src)
+        recipe = _build(cls, raw, "", extra={"source": source})
+        recipe.validate()
+        return recipe
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["source"] = self.source.to_dict()
+        return d
+
+    def validate(self) -> None:
+        """Range checks; raises ValueError naming the field."""
+        def need(ok: bool, name: str, value: Any, why: str) -> None:
+            if not ok:
+                raise ValueError(f"recipe field '{name}' = {value!r}: {why}")
+
+        d, f, s = self.detection, self.filters, self.segmentation
+        for name, v in (("detection.box_threshold", d.box_threshold), ("detection.text_threshold", d.text_threshold),
+                        ("segmentation.island_frac", s.island_frac), ("segmentation.hole_frac", s.hole_frac),
+                        ("filters.min_box_area", f.min_box_area), ("filters.max_box_area", f.max_box_area),
+                        ("filters.comparable_score_ratio", f.comparable_score_ratio),
+                        ("filters.same_subject_iou", f.same_subject_iou),
+                        ("filters.min_largest_component", f.min_largest_component),
+                        ("filters.min_mask_area", f.min_mask_area), ("human.face_prob", self.human.face_prob)):
+            need(0.0 <= v <= 1.0, name, v, "must be in [0, 1]")
+        need(f.min_box_area < f.max_box_area, "filters.min_box_area", f.min_box_area, "must be below filters.max_box_area")
+        need(d.image_size > 0 and d.max_size >= d.image_size, "detection.max_size", d.max_size,
+             "needs image_size > 0 and max_size >= image_size")
+        need(d.provided_boxes in ("use", "face", "ignore"), "detection.provided_boxes", d.provided_boxes, "use one of use | face | ignore")
+        need(f.max_comparable_subjects >= 1, "filters.max_comparable_subjects", f.max_comparable_subjects, "must be >= 1")
+        need(f.max_mask_components >= 1, "filters.max_mask_components", f.max_mask_components, "must be >= 1")
+        need(f.min_image_side >= 1, "filters.min_image_side", f.min_image_side, "must be >= 1")
+        need(f.max_image_pixels >= 1, "filters.max_image_pixels", f.max_image_pixels, "must be >= 1")
+        need(s.box_margin is None or s.box_margin >= 0, "segmentation.box_margin", s.box_margin, "must be >= 0 or null")
+        need(self.reference.margin >= 0, "reference.margin", self.reference.margin, "must be >= 0")
+        need(bool(self.pairing.kinds) and set(self.pairing.kinds) <= {"intra", "cross"}, "pairing.kinds",
+             self.pairing.kinds, "give a non-empty subset of [intra, cross]")
+        need(bool(self.captioning.order) and set(self.captioning.order) <= {"provided", "model", "template"},
+             "captioning.order", self.captioning.order, "give a non-empty subset of [provided, model, template]")
+        need("template" in self.captioning.order or "provided" in self.captioning.order or self.captioning.model is not None,
+             "captioning.order", self.captioning.order, "no caption source can apply; add 'template'")
+        need(self.shards.inputs_per_shard >= 1, "shards.inputs_per_shard", self.shards.inputs_per_shard, "must be >= 1")
+        need(self.shards.max_bytes is None or self.shards.max_bytes > 0, "shards.max_bytes", self.shards.max_bytes, "must be > 0 or null")
+        need(1 <= self.shards.jpeg_quality <= 100, "shards.jpeg_quality", self.shards.jpeg_quality, "must be in 1..100")
+        need(self.executor.batch_size >= 1, "executor.batch_size", self.executor.batch_size, "must be >= 1")
+
+    @property
+    def recipe_hash(self) -> str:
+        """16 hex digits of sha256 over the canonical recipe, without ``executor`` and ``source.root``."""
+        d = self.to_dict()
+        d.pop("executor")
+        d["source"].pop("root")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _build(cls: type, raw: Any, prefix: str, extra: dict[str, Any] | None = None) -> Any:
+    """Strict dataclass-from-mapping: unknown keys and wrong types raise ValueError naming the field."""
+    where = prefix.rstrip(".") or "recipe"
+    if not isinstance(raw, dict):
+        raise ValueError(f"recipe field '{where}' must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"recipe field '{prefix}{unknown[0]}' is unknown; fields of '{where}': {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = dict(extra or {})
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, name)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"recipe field '{name}' = {value!r}: use one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"recipe field '{name}' = {value!r}: expected a list")
+        return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"recipe field '{name}' = {value!r}: expected a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"recipe field '{name}' = {value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"recipe field '{name}' = {value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"recipe field '{name}' = {value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"recipe field '{name}' = {value!r}: expected a string")
+        return value
+    return value

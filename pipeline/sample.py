@@ -1,0 +1,133 @@
+"""The work item that flows through the curation stages, and the finished sample.
+
+Formats: images are ``(H, W, 3) uint8`` RGB; masks ``(H, W) bool``; boxes XYXY float pixels of the
+image they belong to. A stage fills fields of ``Item`` and may set ``reject``; later stages skip
+rejected items, so each input ends as samples or exactly one reject.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.records import Box, ImageRef, Reject, SourceRecord, safe_key
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A subject candidate in one image: XYXY pixel box, score in [0, 1], phrase, optional RLE mask."""
+
+    box: Box
+    score: float
+    phrase: str
+    rle: dict[str, Any] | None = None
+
+
+@dataclass(kw_only=True)
+class View:
+    """One image of an item (the target, or a cross-pair's reference) and what stages found in it."""
+
+    ref: ImageRef
+    """Where the image bytes are."""
+    crop: tuple[float, float, float, float] | None = None
+    """XYXY crop applied after decoding (video frames)."""
+    image: np.ndarray | None = None
+    """Decoded ``(H, W, 3) uint8`` RGB."""
+    candidates: list[Candidate] = field(default_factory=list)
+    """Subject candidates (detections or provided boxes/masks), best first after selection."""
+    searched: bool = False
+    """True once candidates are final (provided, or detection ran)."""
+    given_mask: np.ndarray | None = None
+    """A mask the source gives for this whole view (VITON cloth-mask), ``(H, W) bool``."""
+    primary: Candidate | None = None
+    """The chosen subject."""
+    mask: np.ndarray | None = None
+    """Cleaned subject mask ``(H, W) bool``."""
+    face_box: Box | None = None
+    """Face box for face-crop references (XYXY pixels)."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        assert self.image is not None
+        return self.image.shape[0], self.image.shape[1]
+
+
+@dataclass(kw_only=True)
+class Sample:
+    """One accepted training pair (before encoding to shard bytes)."""
+
+    key: str
+    """WebDataset key ``{source}-{id}-{n}``, only ``[A-Za-z0-9_-]``."""
+    ref: np.ndarray
+    """Reference: subject on pure white, ``(h, w, 3) uint8``."""
+    tgt: np.ndarray
+    """Target image ``(H, W, 3) uint8``."""
+    mask: np.ndarray
+    """Subject mask in target pixels ``(H, W) bool``."""
+    caption: str
+    meta: dict[str, Any]
+    """The sample's json (source, source_id, pair, phrase, box, det_score, mask_area, width, height, ...)."""
+
+
+@dataclass(kw_only=True)
+class Item:
+    """One input record on its way through the stages."""
+
+    record: SourceRecord
+    index: int = 0
+    """Position of the record in the reader's order (decides its chunk/shard)."""
+    target: View | None = None
+    reference: View | None = None
+    crop_mode: str = "body"
+    """body | face (people only; seeded per record)."""
+    face_fallback: bool = False
+    """Face mode was drawn but no face was found, so the whole body is used."""
+    ref_image: np.ndarray | None = None
+    """Composed reference ``(h, w, 3) uint8`` on white."""
+    ref_box: Box | None = None
+    """Where the reference was cut, XYXY pixels of the reference's source image."""
+    caption: str | None = None
+    caption_source: str | None = None
+    samples: list[Sample] = field(default_factory=list)
+    reject: Reject | None = None
+
+    @property
+    def ref_view(self) -> View:
+        """The view the reference is cut from: the reference for cross pairs, else the target."""
+        view = self.reference if self.reference is not None else self.target
+        assert view is not None
+        return view
+
+    def views(self) -> list[View]:
+        return [v for v in (self.target, self.reference) if v is not None]
+
+    def fail(self, stage: str, reason: str) -> None:
+        """Mark the item rejected (first reason wins)."""
+        if self.reject is None:
+            self.reject = Reject(source=self.record.source, id=self.record.id, stage=stage, reason=reason)
+        self.samples = []
+
+    @property
+    def ok(self) -> bool:
+        return self.reject is None
+
+    def key(self, n: int = 0) -> str:
+        """``{source}-{id}-{n}`` with only ``[A-Za-z0-9_-]``; when sanitising changed the id, a crc32
+        of the original id is appended to it so distinct ids never share a key."""
+        return sample_key(self.record.source, self.record.id, n)
+
+
+def sample_key(source: str, id: str, n: int = 0) -> str:
+    """The WebDataset key of sample ``n`` of input ``(source, id)`` (see ``Item.key``)."""
+    sid = safe_key(id)
+    if sid != id:
+        sid = f"{sid}_{zlib.crc32(id.encode()):08x}"
+    return f"{safe_key(source)}-{sid}-{n}"
+
+
+def make_items(records: list[SourceRecord], start: int = 0) -> list[Item]:
+    """Wrap reader records as items, ``index`` counting from ``start`` in reader order."""
+    return [Item(record=r, index=start + i) for i, r in enumerate(records)]

@@ -1,0 +1,35 @@
+"""Source readers. ``get_reader(kind)`` returns ``read(cfg: SourceConfig) -> Iterator[SourceRecord]``
+from ``pipeline.sources.<kind>``, imported lazily (a reader's heavy imports load only when used).
+
+A reader yields records in a deterministic order (the order decides shard assignment). It may also
+yield a ``Reject`` for an input it cannot turn into a record; that input is counted as rejected.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Iterator
+
+from pipeline.recipe import SOURCE_KINDS, SourceConfig
+from pipeline.records import Reject, SourceRecord
+
+Reader = Callable[[SourceConfig], Iterator["SourceRecord | Reject"]]
+
+
+def get_reader(kind: str) -> Reader:
+    """The ``read`` function of ``pipeline.sources.<kind>``; ValueError for an unknown kind."""
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"unknown source kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+    try:
+        module = importlib.import_module(f"pipeline.sources.{kind}")
+    except ModuleNotFoundError as e:
+        if e.name == f"pipeline.sources.{kind}":
+            raise ValueError(f"source kind {kind!r} has no reader module pipeline/sources/{kind}.py yet") from None
+        raise
+    read = getattr(module, "read", None)
+    if not callable(read):
+        raise ValueError(f"pipeline/sources/{kind}.py has no read(cfg) function")
+    return read
+
+
+__all__ = ["get_reader", "Reader"]

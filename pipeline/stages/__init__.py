@@ -1,0 +1,56 @@
+"""Curation stages. Each is ``stage(items: list[Item]) -> list[Item]`` over one batch, built from
+``(recipe, models_config)``, picklable (models load lazily on first call in the process that runs
+it), and never raises for a bad input: per-record failures become ``item.reject``.
+
+Order (``STAGE_ORDER``): decode → detect → filter (select) → segment → compose → caption → pair.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from pipeline.recipe import Recipe
+from pipeline.sample import Item
+from pipeline.stages.caption import CaptionStage
+from pipeline.stages.common import SetupError
+from pipeline.stages.compose import ComposeStage
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.detect import DetectStage
+from pipeline.stages.pair import PairStage
+from pipeline.stages.segment import SegmentStage
+from pipeline.stages.select import SelectStage
+
+STAGE_ORDER = (DecodeStage, DetectStage, SelectStage, SegmentStage, ComposeStage, CaptionStage, PairStage)
+Stage = Callable[[list[Item]], list[Item]]
+
+
+def build_stages(recipe: Recipe, models: Any) -> list[Stage]:
+    """One instance of every stage, in order. ``models`` is a ``ModelsConfig`` (may be None when no
+    record needs detection/segmentation)."""
+    return [DecodeStage(recipe), DetectStage(recipe, models), SelectStage(recipe), SegmentStage(recipe, models),
+            ComposeStage(recipe), CaptionStage(recipe, models), PairStage(recipe)]
+
+
+def run_stages(items: list[Item], stages: list[Stage], timings: dict[str, float] | None = None) -> list[Item]:
+    """Runs ``items`` through ``stages``; adds each stage's wall seconds to ``timings[stage.name]``.
+    An exception escaping a stage (a bug, not a bad input) rejects the still-live items of the batch
+    with the stage's name instead of killing the job."""
+    for stage in stages:
+        t0 = time.perf_counter()
+        try:
+            items = stage(items)
+        except SetupError:
+            raise
+        except Exception as e:
+            for item in items:
+                if item.ok:
+                    item.fail(getattr(stage, "name", type(stage).__name__), f"stage error: {type(e).__name__}: {e}")
+        if timings is not None:
+            name = getattr(stage, "name", type(stage).__name__)
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+    return items
+
+
+__all__ = ["SetupError", "build_stages", "run_stages", "STAGE_ORDER", "DecodeStage", "DetectStage", "SelectStage", "SegmentStage",
+           "ComposeStage", "CaptionStage", "PairStage"]

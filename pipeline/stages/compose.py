@@ -1,0 +1,77 @@
+"""Stage 5 — the subject reference: subject pixels on pure white (255), cropped to the mask's box
+plus a margin; for people in face mode, cropped to the (grown) face box instead.
+
+Images ``(H, W, 3) uint8`` RGB, masks ``(H, W) bool``, boxes XYXY pixels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline.recipe import Recipe
+from pipeline.records import Box
+from pipeline.sample import Item
+from pipeline.stages.segment import mask_box
+
+
+def grow_box(box: Box, frac: float, height: int, width: int) -> tuple[int, int, int, int]:
+    """Grows an XYXY box by ``frac`` × its longer side on every side, clipped to the image, as ints."""
+    x0, y0, x1, y1 = box
+    m = frac * max(x1 - x0, y1 - y0)
+    return (max(0, math.floor(x0 - m)), max(0, math.floor(y0 - m)),
+            min(width, math.ceil(x1 + m)), min(height, math.ceil(y1 + m)))
+
+
+def on_white(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Subject pixels kept, everything else pure white: ``(H, W, 3) uint8``."""
+    return np.where(mask[..., None], image, np.uint8(255)).astype(np.uint8)
+
+
+def compose_reference(image: np.ndarray, mask: np.ndarray, margin: float,
+                      crop_box: Box | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """``(ref (h, w, 3) uint8, crop XYXY ints)``: the subject on white, cropped to ``crop_box`` (or the
+    mask's box) grown by ``margin`` × its longer side. Raises ValueError when nothing of the subject
+    lies in the crop."""
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
+    h, w = mask.shape
+    box = crop_box if crop_box is not None else mask_box(mask)
+    if box is None:
+        raise ValueError("the subject mask is empty")
+    x0, y0, x1, y1 = grow_box(box, margin, h, w)
+    if x1 <= x0 or y1 <= y0 or not mask[y0:y1, x0:x1].any():
+        raise ValueError(f"the crop {(x0, y0, x1, y1)} holds none of the subject")
+    return on_white(image[y0:y1, x0:x1], mask[y0:y1, x0:x1]), (x0, y0, x1, y1)
+
+
+class ComposeStage:
+    """``__call__(items) -> items``: sets ``item.ref_image`` / ``item.ref_box``. Face mode crops
+    to the face box grown by ``human.face_margin``; when that crop misses the mask, the whole body
+    is used (``face_fallback``)."""
+
+    name = "compose"
+
+    def __init__(self, recipe: Recipe, models: object = None):
+        self.recipe = recipe
+
+    def __call__(self, items: list[Item]) -> list[Item]:
+        for item in items:
+            if not item.ok:
+                continue
+            view = item.ref_view
+            try:
+                if item.crop_mode == "face" and view.face_box is not None:
+                    try:
+                        item.ref_image, item.ref_box = compose_reference(
+                            view.image, view.mask, self.recipe.human.face_margin, view.face_box)
+                        continue
+                    except ValueError:
+                        item.crop_mode, item.face_fallback = "body", True
+                elif item.crop_mode == "face":
+                    item.crop_mode, item.face_fallback = "body", True
+                item.ref_image, item.ref_box = compose_reference(view.image, view.mask, self.recipe.reference.margin)
+            except Exception as e:
+                item.fail(self.name, f"cannot compose the reference: {e}")
+        return items

@@ -1,0 +1,65 @@
+"""Stage 6 — pairs: intra (reference cut from the target itself) or cross (reference cut from
+``record.reference``; target = ``record.image``). Builds the finished ``Sample`` with its json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.recipe import Recipe
+from pipeline.sample import Item, Sample
+
+
+def sample_meta(item: Item, recipe_hash: str) -> dict[str, Any]:
+    """The sample json: every field named by the dataset contract, plus provenance."""
+    r, t = item.record, item.target
+    h, w = t.shape
+    meta: dict[str, Any] = {
+        "source": r.source,
+        "source_id": r.id,
+        "pair": r.pair,
+        "phrase": t.primary.phrase if r.phrase is None else r.phrase,
+        "box": [round(float(v), 2) for v in t.primary.box],
+        "det_score": round(float(t.primary.score), 4),
+        "mask_area": int(t.mask.sum()),
+        "width": int(w),
+        "height": int(h),
+        "recipe": recipe_hash,
+        "caption_source": item.caption_source,
+        "crop_mode": item.crop_mode,
+        "ref_box": [int(v) for v in item.ref_box],
+        "ref_from": "reference" if r.reference is not None else "target",
+    }
+    if item.face_fallback:
+        meta["face_fallback"] = True
+    if r.group is not None:
+        meta["group"] = r.group
+    if r.extra:
+        meta["extra"] = r.extra
+    return meta
+
+
+class PairStage:
+    """``__call__(items) -> items``: fills ``item.samples`` (one per accepted input). Pair kinds
+    not in ``pairing.kinds`` are rejected with stage 'pair'."""
+
+    name = "pair"
+
+    def __init__(self, recipe: Recipe, models: object = None):
+        self.recipe = recipe
+        self.recipe_hash = recipe.recipe_hash
+
+    def __call__(self, items: list[Item]) -> list[Item]:
+        for item in items:
+            if not item.ok:
+                continue
+            kind = item.record.pair
+            if kind not in self.recipe.pairing.kinds:
+                item.fail(self.name, f"{kind} pairs are disabled (pairing.kinds={self.recipe.pairing.kinds})")
+                continue
+            try:
+                item.samples = [Sample(key=item.key(0), ref=item.ref_image, tgt=item.target.image,
+                                       mask=item.target.mask, caption=item.caption or "",
+                                       meta=sample_meta(item, self.recipe_hash))]
+            except Exception as e:
+                item.fail(self.name, f"cannot build the sample: {type(e).__name__}: {e}")
+        return items

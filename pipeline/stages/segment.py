@@ -1,0 +1,164 @@
+"""Stage 3 — subject masks: SAM from the primary box (batched), or the source's RLE / mask image;
+then clean-up (small islands removed, small holes filled) and the mask-level filters.
+
+Masks are ``(H, W) bool`` in the pixels of the image they belong to; RLE is COCO ``{size: [H, W], counts}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from pipeline.recipe import Recipe
+from pipeline.records import Box
+from pipeline.sample import Item, View
+from pipeline.stages.common import LazyModel, SetupError, resolve_device
+from pipeline.stages.select import check_mask
+
+
+class MaskError(ValueError):
+    """A provided mask that cannot be used; the message is the reject reason."""
+
+
+def decode_rle(rle: dict[str, Any], height: int, width: int) -> np.ndarray:
+    """COCO RLE → ``(H, W) bool``; the RLE must describe an ``height`` × ``width`` image."""
+    from pycocotools import mask as mask_utils
+
+    from pipeline.sources.common import RLEError, check_rle
+
+    try:
+        norm, _ = check_rle(rle, height, width)
+    except RLEError as e:
+        raise MaskError(f"provided RLE mask is invalid: {e}") from None
+    return mask_utils.decode({"size": norm["size"], "counts": norm["counts"].encode()}).astype(bool)
+
+
+def rle_box(rle: dict[str, Any], height: int, width: int) -> Box | None:
+    """Tight XYXY box of an RLE's foreground (None when empty)."""
+    return mask_box(decode_rle(rle, height, width))
+
+
+def mask_box(mask: np.ndarray) -> Box | None:
+    """Tight XYXY pixel box of a ``(H, W) bool`` mask (x1/y1 exclusive), None when empty."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+
+
+def cut_to_box(mask: np.ndarray, box: Box, margin: float) -> np.ndarray:
+    """``mask`` with everything outside ``box`` (XYXY) grown by ``margin`` × its longer side set False."""
+    from pipeline.stages.compose import grow_box
+
+    h, w = mask.shape
+    x0, y0, x1, y1 = grow_box(box, margin, h, w)
+    out = np.zeros_like(mask, dtype=bool)
+    out[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
+    return out
+
+
+def clean_mask(mask: np.ndarray, island_frac: float, hole_frac: float) -> np.ndarray:
+    """Removes foreground parts smaller than ``island_frac`` × mask area (the largest part always
+    stays) and fills background holes (regions not touching the border) smaller than
+    ``hole_frac`` × mask area. ``(H, W) bool`` → ``(H, W) bool``."""
+    mask = np.asarray(mask, dtype=bool)
+    area = int(mask.sum())
+    if area == 0:
+        return mask.copy()
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        keep = sizes >= island_frac * area
+        keep[int(sizes.argmax())] = True
+        keep[0] = False
+        mask = keep[labels]
+    holes, m = ndimage.label(~mask)
+    if m > 0:
+        sizes = np.bincount(holes.ravel())
+        border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+        fill = sizes < hole_frac * area
+        fill[0] = False
+        fill[border] = False
+        mask = mask | fill[holes]
+    return mask
+
+
+class SegmentStage(LazyModel):
+    """``__call__(items) -> items``: fills ``view.mask`` for every view with a primary subject.
+    SAM failures reject with stage 'segment'; mask filters reject with stage 'filter'."""
+
+    name = "segment"
+    _model_attrs = ("_segmenter",)
+
+    def __init__(self, recipe: Recipe, models: Any, segmenter: Any = None):
+        self.recipe = recipe
+        self.models = models
+        self._segmenter = segmenter
+
+    @property
+    def segmenter(self):
+        """``SamBoxSegmenter`` built from ``models.sam`` on first use."""
+        if self._segmenter is None:
+            from dynaip.models.sam import SamBoxSegmenter, load_sam
+
+            device = resolve_device(self.recipe.executor.device)
+            if self.models is None:
+                raise SetupError("segmentation is needed but no models config was given; pass --models M.yaml")
+            try:
+                self._segmenter = SamBoxSegmenter(load_sam(self.models.require("sam"), device=device), device=device)
+            except Exception as e:
+                raise SetupError(f"cannot load SAM: {e}") from e
+        return self._segmenter
+
+    def _sam(self, jobs: list[tuple[Item, View]]) -> None:
+        bs = self.recipe.executor.batch_size
+        segmenter = self.segmenter  # loads once; a setup failure stops the job
+        for i in range(0, len(jobs), bs):
+            part = jobs[i:i + bs]
+            try:
+                outs = segmenter.segment([v.image for _, v in part], [np.array([v.primary.box]) for _, v in part])
+            except Exception:
+                outs = []
+                for item, view in part:
+                    try:
+                        outs.append(segmenter.segment([view.image], [np.array([view.primary.box])])[0])
+                    except Exception as e:
+                        item.fail(self.name, f"SAM failed on this image ({type(e).__name__}: {e})")
+                        outs.append(None)
+            margin = self.recipe.segmentation.box_margin
+            for (item, view), out in zip(part, outs):
+                if out is not None and item.ok:
+                    view.mask = out[0][0] if margin is None else cut_to_box(out[0][0], view.primary.box, margin)
+
+    def __call__(self, items: list[Item]) -> list[Item]:
+        jobs: list[tuple[Item, View]] = []
+        for item in items:
+            if not item.ok:
+                continue
+            for view in item.views():
+                try:
+                    if view.given_mask is not None:
+                        view.mask = view.given_mask
+                    elif view.primary is not None and view.primary.rle is not None:
+                        h, w = view.shape
+                        view.mask = decode_rle(view.primary.rle, h, w)
+                    else:
+                        jobs.append((item, view))
+                except MaskError as e:
+                    item.fail(self.name, str(e))
+        if jobs:
+            self._sam(jobs)
+        s, f = self.recipe.segmentation, self.recipe.filters
+        for item in items:
+            if not item.ok:
+                continue
+            for view in item.views():
+                view.mask = clean_mask(view.mask, s.island_frac, s.hole_frac)
+                reason = check_mask(view.mask, f, check_area=view is item.target)
+                if reason:
+                    item.fail("filter", reason if view is item.target else f"reference: {reason}")
+                    break
+        return items
