@@ -301,7 +301,7 @@ def build_multi_cases(cfg: MultiBenchConfig) -> list[Case]:
             need[t] = max(need[t], n)
     short = {t: (len(pool.get(t, [])), n) for t, n in need.items() if len(pool.get(t, [])) < n}
     if short:
-        detail = ", ".join(f"{t}: has {have}, needs {n}" for t, (have, n) in sorted(short.items()))
+        detail = "; ".join(f"{t}: has {have}, needs {n}" for t, (have, n) in sorted(short.items()))
         raise ValueError(f"subject pool '{cfg.pool}' is too small ({detail}); add images under "
                          f"{cfg.pool}/<type>/ (combinations like human+human need 2 distinct subjects of a type)")
     rng = random.Random(cfg.seed)

@@ -121,7 +121,7 @@ def generate_case(pipe: Any, case: Case, settings: GenerateSettings) -> Image.Im
     if not case.is_multi:
         kwargs["masks"] = [None]
     elif settings.auto_mask:
-        params = inspect.signature(pipe.__call__).parameters
+        params = inspect.signature(pipe).parameters
         if "auto_mask" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             raise ValueError("--auto-mask: this DynaIPFluxPipeline takes no auto_mask argument; use the preset masks "
                              "(drop --auto-mask) or update the pipeline")
