@@ -29,6 +29,11 @@ from torch import nn
 BRANCHES = ("image", "text", "both")
 
 
+def _tensor_version(t: torch.Tensor) -> tuple:
+    """Identity + in-place-modification counter (inference-mode tensors have no counter)."""
+    return (id(t), t.data_ptr(), None if t.is_inference() else t._version)
+
+
 class ReferenceKV(nn.Module):
     """Bias-free K/V projections of the reference tokens, with FLUX-style RMSNorm on keys.
 
@@ -50,9 +55,9 @@ class ReferenceKV(nn.Module):
         v = self.to_v(c).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
         return k.transpose(-3, -2), v.transpose(-3, -2)  # (..., H, Lc, Dh)
 
-    def version(self) -> tuple[int, ...]:
+    def version(self) -> tuple:
         """Changes whenever a weight is modified in place (optimizer step, load_state_dict) or replaced."""
-        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+        return tuple(_tensor_version(p) for p in self.parameters())
 
 
 class BlockReferenceAttention(nn.Module):
@@ -144,7 +149,7 @@ class Conditioning:
 
     def _kv_key(self, module: ReferenceKV) -> tuple:
         # Invalidate when C or the weights change in place; a new conditioning gets a new dict anyway.
-        return (tuple((id(c), c._version) for c in self.refs), module.version())
+        return (tuple(_tensor_version(c) for c in self.refs), module.version())
 
     def reference_kv(self, module: ReferenceKV, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, Bc, H, Lc, Dh) keys and values of all subjects, computed once per conditioning.
@@ -193,21 +198,24 @@ class Conditioning:
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_i weights_i · SDPA(q, k_i, v_i), all subjects in one SDPA call.
+    """Σ_i weights_i · SDPA(q, k_i, v_i) over the N subjects.
 
     q: (B, Lq, H, Dh); k, v: (N, Bk, H, Lc, Dh) with Bk in {1, B}; weights: (N, B, Lq).
-    Returns (B, Lq, H*Dh).
+    Returns (B, Lq, H*Dh). One SDPA per subject (N is a handful): measured on CPU this beats
+    both one batched SDPA over copies of q and an einsum reduction over subjects.
     """
-    n, bk, h, lc, dh = k.shape
-    b, lq = q.shape[0], q.shape[1]
-    if bk not in (1, b):
-        raise ValueError(f"Reference batch {bk} does not match the transformer batch {b}; give C with batch 1 or {b}")
+    b = q.shape[0]
+    if k.shape[1] not in (1, b):
+        raise ValueError(f"Reference batch {k.shape[1]} does not match the transformer batch {b}; "
+                         f"give C with batch 1 or {b}")
     qh = q.transpose(1, 2)  # (B, H, Lq, Dh)
-    qn = qh.unsqueeze(0).expand(n, -1, -1, -1, -1).reshape(n * b, h, lq, dh)  # (N*B, H, Lq, Dh)
-    kn = k.expand(n, b, -1, -1, -1).reshape(n * b, h, lc, dh)  # (N*B, H, Lc, Dh)
-    vn = v.expand(n, b, -1, -1, -1).reshape(n * b, h, lc, dh)
-    o = F.scaled_dot_product_attention(qn, kn.to(q.dtype), vn.to(q.dtype)).view(n, b, h, lq, dh)
-    return torch.einsum("nbhld,nbl->blhd", o, weights.to(o.dtype)).flatten(2)  # (B, Lq, H*Dh)
+    k, v, weights = k.to(q.dtype), v.to(q.dtype), weights.to(q.dtype)
+    out = None
+    for i in range(k.shape[0]):
+        o = F.scaled_dot_product_attention(qh, k[i].expand(b, -1, -1, -1), v[i].expand(b, -1, -1, -1))  # (B, H, Lq, Dh)
+        o = o * weights[i][:, None, :, None]  # λ_i · M_i per query row
+        out = o if out is None else out + o
+    return out.transpose(1, 2).flatten(2)  # (B, Lq, H*Dh)
 
 
 class ConditioningSlot:
