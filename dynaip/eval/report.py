@@ -57,12 +57,13 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def _main_groups(summaries: Sequence[dict]) -> tuple[list[str], list[str]]:
     """(groups for the headline table, combination groups for the per-type table)."""
     names: list[str] = []
-    for s in summaries:
-        names += [g for g in s["groups"] if g not in names]
+    for s in summaries:  # summary.json sorts its keys; group_order keeps the table order
+        names += [g for g in s.get("group_order", sorted(s["groups"])) if g not in names]
+    tail = sorted(g for g in names if g.endswith(" subjects")) + ["overall"]
+    names = [g for g in names if g not in tail]
     if summaries[0]["benchmark"] == "dreambench++":
-        return names, []
-    headline = [g for g in names if g.endswith(" subjects") or g == "overall"]
-    return headline, [g for g in names if g not in headline]
+        return names + tail, []
+    return tail, names
 
 
 def benchmark_markdown(summaries: Sequence[dict]) -> str:

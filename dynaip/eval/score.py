@@ -276,7 +276,7 @@ def summarize(cases: Sequence[Case], store: ScoreStore, judges: Sequence[str], *
     return {"format": "dynaip-eval-summary/1", "method": method, "benchmark": benchmark, "cases_file": cases_file,
             "images_dir": str(images_dir), "n_cases": len(cases), "n_images": len(scored),
             "n_missing_images": len(cases) - len(scored), "judges": list(judges), "failed_items": failed,
-            "groups": groups, "per_judge": per_judge}
+            "groups": groups, "group_order": list(groups), "per_judge": per_judge}
 
 
 def score_method(cases: Sequence[Case], images_dir: str | Path, out_dir: str | Path, cfg: EvalConfig,
