@@ -34,12 +34,15 @@ def _load(loader: str) -> np.ndarray:
     return np.asarray(img)
 
 
-def write_sample_photos(out: str | Path, faces: int = N_FACES) -> list[Path]:
-    """Writes the photos (+ captions) into ``out`` and returns the image paths, sorted."""
+def write_sample_photos(out: str | Path, faces: int = N_FACES, names: list[str] | None = None) -> list[Path]:
+    """Writes the photos (``names`` of ``PHOTOS``, default all) + captions and ``faces`` upscaled
+    lfw faces into ``out``; returns the image paths, sorted."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, (loader, caption, fmt) in PHOTOS.items():
+        if names is not None and name not in names:
+            continue
         img = Image.fromarray(_load(loader))
         path = out / f"{name}.{fmt}"
         if fmt == "jpg":

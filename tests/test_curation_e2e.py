@@ -1,0 +1,241 @@
+"""The whole local curation chain with the tiny checkpoints, on real sample photos plus corrupt files.
+
+One curation run (module fixture) is shared by the checks; the demo recipe is used as shipped."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.recipe import Recipe
+from pipeline.records import ImageRef, SourceRecord
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "manifests" / "demo.yaml"
+PHOTOS = ["astronaut", "chelsea", "logo"]
+CORRUPT = {"truncated.jpg": "decode", "zero.jpg": "decode", "text.jpg": "decode", "bomb.png": "decode"}
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    from pipeline.samples import write_sample_photos
+
+    root = tmp_path_factory.mktemp("photos")
+    write_sample_photos(root, faces=0, names=PHOTOS)
+    jpg = (root / "astronaut.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(jpg[: len(jpg) // 3])
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("not an image at all\n" * 20)
+    (root / "bomb.png").write_bytes(bomb_png(60_000, 60_000))
+    return root
+
+
+@pytest.fixture(scope="module")
+def recipe(photos) -> Recipe:
+    r = Recipe.from_yaml(DEMO, source_root=str(photos))
+    r.shards.inputs_per_shard = 2  # the demo's settings otherwise; small chunks cross many shard boundaries
+    return r
+
+
+@pytest.fixture(scope="module")
+def stages(recipe, tiny_models):
+    from pipeline.stages import build_stages
+
+    return build_stages(recipe, tiny_models)  # models load once for every run in this module
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, recipe, tiny_models, stages):
+    from pipeline.executor_local import run_local
+
+    out = tmp_path_factory.mktemp("ds") / "demo"
+    manifest = run_local(recipe, out, tiny_models, progress=False, stages=stages)
+    return out, manifest
+
+
+def test_every_input_is_accounted_for(built, photos):
+    out, m = built
+    t = m["totals"]
+    n_inputs = len([p for p in photos.iterdir() if p.suffix in (".jpg", ".png")])
+    assert t["inputs"] == n_inputs == 7
+    assert t["inputs"] == t["accepted"] + t["rejected"]
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == t["rejected"] and sum(t["rejected_by_reason"].values()) == t["rejected"]
+    by_id = {r["id"]: r for r in rejects}
+    for name, stage in CORRUPT.items():
+        assert by_id[Path(name).stem]["stage"] == stage
+    assert by_id["zero"]["reason"] == "empty file (0 bytes)"
+    assert "not a readable image" in by_id["text"]["reason"]
+    assert "corrupt or truncated" in by_id["truncated"]["reason"]
+    assert "declared size" in by_id["bomb"]["reason"]
+    assert m["format"] == "dynaip-dataset/1" and len(m["recipe_hash"]) == 16
+    assert m["models"]["sam"]["checkpoint_sha256"] and m["models"]["grounding_dino"]["checkpoint_sha256"]
+
+
+def test_demo_recipe_accepts_real_photos_through_detection(built):
+    """Pins that detect → segment → compose → caption yields samples with the tiny models."""
+    _, m = built
+    assert m["totals"]["accepted"] == 3  # astronaut, chelsea, logo
+    assert m["totals"]["samples"] == m["totals"]["accepted"]
+    # 7 inputs, 2 per chunk: chunk 0 = astronaut + bomb, 1 = chelsea + logo, 2/3 only corrupt files (no shard)
+    assert [(s["path"], s["samples"]) for s in m["shards"]] == [("shards/000000.tar", 1), ("shards/000001.tar", 2)]
+
+
+def _samples(out: Path) -> list[dict]:
+    from pipeline.dataset import iter_samples
+
+    return list(iter_samples(out))
+
+
+def test_shards_read_back_with_tarfile_and_refs_are_white_outside_the_subject(built):
+    out, m = built
+    samples = _samples(out)
+    assert len(samples) == m["totals"]["samples"]
+    white_somewhere = False
+    for s in samples:
+        assert set(s) == {"key", "ref.png", "tgt.jpg", "mask.png", "txt", "json"}
+        assert all(ch.isalnum() or ch in "_-" for ch in s["key"])
+        meta = json.loads(s["json"])
+        for field in ("source", "source_id", "pair", "phrase", "box", "det_score", "mask_area", "width", "height",
+                      "recipe", "caption_source"):
+            assert field in meta, field
+        assert s["key"] == f"folder-{meta['source_id']}-0" and meta["pair"] == "intra"
+        ref = np.asarray(Image.open(io.BytesIO(s["ref.png"])))
+        tgt = Image.open(io.BytesIO(s["tgt.jpg"]))
+        mask_im = Image.open(io.BytesIO(s["mask.png"]))
+        assert ref.ndim == 3 and tgt.mode == "RGB" and mask_im.mode == "L"
+        assert tgt.size == mask_im.size == (meta["width"], meta["height"])
+        mask = np.asarray(mask_im) > 127
+        assert int(mask.sum()) == meta["mask_area"] > 0
+        x0, y0, x1, y1 = meta["ref_box"]
+        sub = mask[y0:y1, x0:x1]
+        assert ref.shape[:2] == sub.shape
+        assert (ref[~sub] == 255).all(), f"{s['key']}: reference not pure white outside the subject"
+        white_somewhere = white_somewhere or bool((~sub).any())
+        assert s["txt"].decode() and meta["caption_source"] in ("provided", "template")
+    assert white_somewhere, "tiny SAM masks are cut to the box, so some reference shows white background"
+    sources = {json.loads(s["json"])["source_id"]: json.loads(s["json"])["caption_source"] for s in samples}
+    if "chelsea" in sources:
+        assert sources["chelsea"] == "provided"
+
+
+def test_shards_read_back_with_webdataset(built):
+    import webdataset as wds
+
+    out, m = built
+    urls = [str(out / s["path"]) for s in m["shards"]]
+    got = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(got) == m["totals"]["samples"]
+    assert {"ref.png", "tgt.jpg", "mask.png", "txt", "json"} <= set(got[0])
+
+
+def test_verify_passes_then_catches_one_changed_byte(built, tmp_path):
+    from pipeline.cli import main
+
+    out, m = built
+    from pipeline.dataset import verify
+
+    assert verify(out) == []
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shard = copy / m["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    problems = verify(copy)
+    assert len(problems) == 1 and "sha256" in problems[0] and m["shards"][0]["path"] in problems[0]
+    assert main(["manifest", "verify", str(copy)]) == 1
+    assert main(["manifest", "verify", str(out)]) == 0
+
+
+def test_rerun_is_a_byte_identical_no_op_and_a_lost_chunk_is_rebuilt_identically(built, recipe, tiny_models, stages):
+    from pipeline.executor_local import run_local
+
+    out, m = built
+    before = tree_bytes(out)
+    assert run_local(recipe, out, tiny_models, progress=False, stages=stages) == m
+    assert tree_bytes(out) == before
+    # lose chunk 1 (its shard and its marker): only it is recomputed, with the same bytes
+    (out / "shards" / "000001.tar").unlink()
+    (out / ".progress" / "000001.json").unlink()
+    run_local(recipe, out, tiny_models, progress=False, stages=stages)
+    after = tree_bytes(out)
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in after.items() if not k.startswith(".progress/")} == \
+           {k: hashlib.sha256(v).hexdigest() for k, v in before.items() if not k.startswith(".progress/")}
+
+
+def test_other_recipe_into_the_same_dir_is_refused(built, recipe, photos):
+    from pipeline.executor_local import run_local
+    from pipeline.writer import OutputDirError
+
+    out, _ = built
+    other = Recipe.from_yaml(DEMO, source_root=str(photos))
+    other.seed = 7
+    with pytest.raises(OutputDirError, match=f"recipe hash {recipe.recipe_hash}, but this recipe's hash is {other.recipe_hash}"):
+        run_local(other, out, None, progress=False)
+
+
+def test_show_and_grid(built, tmp_path):
+    from pipeline.cli import main
+    from pipeline.dataset import show
+
+    out, m = built
+    text = show(out)
+    assert f"inputs   {m['totals']['inputs']}" in text and "decode: empty file" in text
+    assert main(["manifest", "grid", str(out), "--out", str(tmp_path / "g.png"), "--n", "2"]) == 0
+    assert Image.open(tmp_path / "g.png").size[1] > 0
+
+
+def test_provided_boxes_skip_detection_and_reach_sam(photos, tiny_models, stages, tmp_path):
+    """Records with provided boxes (OpenS2V/SA-1B style) and a cross pair with a mask image go through
+    segment → compose → pair without the detector."""
+    from pipeline.executor_local import process_chunk
+    from pipeline.stages import build_stages
+
+    r = Recipe.from_yaml(DEMO, source_root=str(photos))
+    mask = np.zeros((300, 451), np.uint8)
+    mask[50:250, 100:350] = 255
+    Image.fromarray(mask).save(tmp_path / "chelsea_mask.png")
+    Image.open(photos / "astronaut.jpg").crop((0, 0, 451, 300)).save(tmp_path / "target.jpg")
+    recs = [
+        SourceRecord(source="opens2v", id="clip/o1", image=ImageRef(path=str(photos / "astronaut.jpg")),
+                     phrase="person", boxes=[(120.0, 40.0, 400.0, 500.0)], caption="an astronaut"),
+        SourceRecord(source="vitonhd", id="00001_00", image=ImageRef(path=str(tmp_path / "target.jpg")),
+                     phrase="cup", boxes=[(150.0, 20.0, 400.0, 290.0)],
+                     reference=ImageRef(path=str(photos / "chelsea.jpg")),
+                     reference_mask=ImageRef(path=str(tmp_path / "chelsea_mask.png")), group="g1"),
+    ]
+    r.human.face_prob = 0.0
+    own = build_stages(r, tiny_models)
+    own[1]._detector = "must not be used"  # detection is skipped for provided boxes
+    own[3]._segmenter = stages[3].segmenter  # the already loaded tiny SAM
+    encoded, rejects = process_chunk(recs, 0, own, batch_size=2)
+    assert rejects == [] and len(encoded) == 2
+    metas = [json.loads(next(d for n, d in e if n.endswith(".json"))) for e in encoded]
+    assert metas[0]["box"] == [120.0, 40.0, 400.0, 500.0] and metas[0]["det_score"] == 1.0
+    assert metas[1]["pair"] == "cross" and metas[1]["ref_from"] == "reference" and metas[1]["group"] == "g1"
+    ref = np.asarray(Image.open(io.BytesIO(next(d for n, d in encoded[1] if n.endswith("ref.png")))))
+    x0, y0, x1, y1 = metas[1]["ref_box"]
+    sub = mask[y0:y1, x0:x1] > 127
+    assert (ref[~sub] == 255).all() and (~sub).any()

@@ -1,0 +1,300 @@
+"""Curation stages on synthetic arrays: no models, fast."""
+
+from __future__ import annotations
+
+import io
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.recipe import FilterConfig, Recipe
+from pipeline.records import Reject, SourceRecord, ImageRef
+from pipeline.sample import Candidate, Item, Sample, sample_key
+from pipeline.stages.compose import compose_reference
+from pipeline.stages.decode import DecodeError, DecodeStage, decode_image
+from pipeline.stages.segment import clean_mask, cut_to_box, mask_box
+from pipeline.stages.select import check_mask, select_primary
+from pipeline.writer import DatasetWriter, OutputDirError, encode_sample, write_tar
+
+
+def recipe(**over) -> Recipe:
+    raw = {"source": {"kind": "folder", "root": "/nonexistent"}}
+    raw.update(over)
+    return Recipe.from_dict(raw)
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares ``width`` × ``height`` but carries no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+# ---- recipe ----------------------------------------------------------------------------------
+
+def test_recipe_defaults_are_the_production_thresholds():
+    r = recipe()
+    assert (r.detection.box_threshold, r.detection.text_threshold) == (0.35, 0.25)
+    assert (r.detection.image_size, r.detection.max_size) == (800, 1333)
+
+
+def test_recipe_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"'detection\.box_thresh' is unknown"):
+        recipe(detection={"box_thresh": 0.3})
+    with pytest.raises(ValueError, match=r"'detection\.box_threshold' = 1\.5: must be in \[0, 1\]"):
+        recipe(detection={"box_threshold": 1.5})
+    with pytest.raises(ValueError, match=r"'source\.kind' is 'coco'"):
+        Recipe.from_dict({"source": {"kind": "coco", "root": "x"}})
+    with pytest.raises(ValueError, match=r"'shards\.inputs_per_shard' = 'many': expected an integer"):
+        recipe(shards={"inputs_per_shard": "many"})
+    with pytest.raises(ValueError, match=r"'pairing\.kinds\[0\]' = 'both'"):
+        recipe(pairing={"kinds": ["both"]})
+
+
+def test_recipe_hash_ignores_executor_and_root_but_not_thresholds():
+    base = recipe().recipe_hash
+    assert recipe(executor={"batch_size": 32}).recipe_hash == base
+    assert Recipe.from_dict({"source": {"kind": "folder", "root": "/elsewhere"}}).recipe_hash == base
+    assert recipe(detection={"box_threshold": 0.3}).recipe_hash != base
+    assert recipe(seed=1).recipe_hash != base
+
+
+def test_source_options_reach_the_reader(tmp_path):
+    r = Recipe.from_dict({"source": {"kind": "folder", "root": str(tmp_path), "recursive": False}},
+                         source_root=str(tmp_path / "other"))
+    assert r.source.root == str(tmp_path / "other")
+    assert r.source.get("recursive") is False and r.source.recursive is False and r.source.missing is None
+
+
+# ---- decode ----------------------------------------------------------------------------------
+
+def test_decode_rejects_bad_bytes_with_reasons():
+    good = np.zeros((40, 50, 3), np.uint8)
+    jpg = io.BytesIO()
+    Image.fromarray(good).save(jpg, format="JPEG")
+    with pytest.raises(DecodeError, match="empty file"):
+        decode_image(b"")
+    with pytest.raises(DecodeError, match="not a readable image"):
+        decode_image(b"this is a text file, not a jpeg" * 10)
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(big, format="JPEG")
+    with pytest.raises(DecodeError, match="corrupt or truncated"):
+        decode_image(big.getvalue()[: len(big.getvalue()) // 2])
+    with pytest.raises(DecodeError, match="declared size"):
+        decode_image(png_header_only(100_000, 100_000))
+    with pytest.raises(DecodeError, match=r"declared size 10000x10000 = 100000000 pixels exceeds filters.max_image_pixels"):
+        decode_image(png_header_only(10_000, 10_000))
+    with pytest.raises(DecodeError, match=r"declared size 300x300 = 90000 pixels exceeds"):
+        decode_image(big.getvalue(), max_pixels=300 * 299)
+    with pytest.raises(DecodeError, match="image too small: 50x40"):
+        decode_image(jpg.getvalue(), min_side=64)
+    assert decode_image(jpg.getvalue()).shape == (40, 50, 3)
+
+
+def test_decode_modes_become_rgb_with_alpha_on_white():
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:4, :, 3] = 255  # top half opaque red, bottom half transparent
+    out = decode_image(png_bytes(rgba, "RGBA"))
+    assert out.dtype == np.uint8 and out.shape == (8, 8, 3)
+    assert (out[:4] == [200, 0, 0]).all() and (out[4:] == 255).all()
+    pal = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).convert("P")
+    pal.info["transparency"] = 0
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG", transparency=0)
+    out = decode_image(buf.getvalue())
+    assert out.shape == (8, 8, 3) and (out[0, 0] == 255).all()
+    gray = decode_image(png_bytes(np.full((8, 8), 77, np.uint8)))
+    assert (gray == 77).all()
+
+
+def test_decode_applies_exif_orientation():
+    im = Image.fromarray(np.zeros((10, 30, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise when displayed
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", exif=exif)
+    assert decode_image(buf.getvalue()).shape == (30, 10, 3)
+
+
+def test_decode_stage_reads_tar_members_and_rejects_without_raising(tmp_path):
+    arr = np.full((300, 300, 3), 9, np.uint8)
+    data = png_bytes(arr)
+    tar = tmp_path / "a.tar"
+    with tarfile.open(tar, "w") as tf:
+        info = tarfile.TarInfo("x.png")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    recs = [SourceRecord(source="t", id="ok", image=ImageRef(path=str(tar), member="x.png")),
+            SourceRecord(source="t", id="gone", image=ImageRef(path=str(tar), member="y.png")),
+            SourceRecord(source="t", id="nofile", image=ImageRef(path=str(tmp_path / "none.jpg")))]
+    items = DecodeStage(recipe())([Item(record=r) for r in recs])
+    assert items[0].ok and (items[0].target.image == 9).all()
+    assert items[1].reject.stage == "decode" and "no member 'y.png'" in items[1].reject.reason
+    assert items[2].reject.stage == "decode" and "cannot read" in items[2].reject.reason
+
+
+def test_decode_stage_uses_provided_boxes_and_face_box(tmp_path):
+    p = tmp_path / "im.png"
+    p.write_bytes(png_bytes(np.zeros((300, 400, 3), np.uint8)))
+    subj = SourceRecord(source="t", id="a", image=ImageRef(path=str(p)), boxes=[(10, 10, 500, 200)], phrase="dog")
+    face = SourceRecord(source="t", id="b", image=ImageRef(path=str(p)), boxes=[(5, 5, 50, 50)], phrase="person",
+                        extra={"face_box": [5, 5, 50, 50]})
+    a, b = DecodeStage(recipe())([Item(record=subj), Item(record=face)])
+    assert a.target.searched and a.target.candidates[0].box == (10.0, 10.0, 400.0, 200.0)  # clipped to the image
+    assert not b.target.searched and b.target.face_box == (5.0, 5.0, 50.0, 50.0)  # face box is not the subject
+
+
+# ---- masks, filters, compose -------------------------------------------------------------------
+
+def test_clean_mask_removes_islands_and_fills_holes():
+    m = np.zeros((100, 100), bool)
+    m[20:80, 20:80] = True
+    m[50, 50] = False  # small hole
+    m[2:4, 2:4] = True  # small island
+    m[90:99, 90:99] = True  # island of 81 px = 2.2% of the mask: kept at 1%, removed at 5%
+    out = clean_mask(m, island_frac=0.05, hole_frac=0.05)
+    assert out[50, 50] and not out[2:4, 2:4].any() and not out[90:99, 90:99].any()
+    assert out[20:80, 20:80].all()
+    assert clean_mask(m, island_frac=0.01, hole_frac=0.0)[90:99, 90:99].all()
+    assert not clean_mask(m, island_frac=0.01, hole_frac=0.0)[50, 50]
+    ring = np.zeros((50, 50), bool)
+    ring[10:40, 10:40] = True
+    ring[15:35, 15:35] = False  # hole of 400 px vs mask 500 px: too big to fill
+    assert not clean_mask(ring, 0.05, 0.05)[20, 20]
+
+
+def test_cut_to_box_drops_leaks_outside_the_grown_box():
+    m = np.ones((100, 100), bool)
+    out = cut_to_box(m, (40, 40, 60, 60), 0.1)
+    assert mask_box(out) == (38.0, 38.0, 62.0, 62.0)
+
+
+def test_primary_subject_filter_reasons():
+    f = FilterConfig()
+    c = lambda box, s: Candidate(box, s, "dog")  # noqa: E731
+    assert select_primary([], 100, 100, f) == (None, "no subject detected")
+    _, why = select_primary([c((0, 0, 50, 50), 0.9), c((50, 50, 100, 100), 0.85)], 100, 100, f)
+    assert why.startswith("several comparable subjects: 2 distinct boxes")
+    p, why = select_primary([c((0, 0, 50, 50), 0.9), c((50, 50, 100, 100), 0.5)], 100, 100, f)
+    assert why is None and p.box == (0, 0, 50, 50)
+    p, why = select_primary([c((0, 0, 50, 50), 0.9), c((2, 2, 50, 50), 0.89)], 100, 100, f)  # same subject
+    assert why is None
+    assert select_primary([c((0, 0, 5, 5), 0.9)], 100, 100, f)[1].startswith("subject box too small: 0.003")
+    assert select_primary([c((0, 0, 100, 99), 0.9)], 100, 100, f)[1].startswith("subject box too large: 0.990")
+
+
+def test_mask_filter_reasons():
+    f = FilterConfig()
+    m = np.zeros((100, 100), bool)
+    assert check_mask(m, f) == "empty subject mask"
+    for i in range(5):
+        m[i * 20:i * 20 + 10, 0:40] = True
+    assert check_mask(m, f).startswith("fragmented mask: 5 parts > filters.max_mask_components=3")
+    m2 = np.zeros((100, 100), bool)
+    m2[0:30, 0:30] = True
+    m2[50:80, 50:80] = True
+    assert check_mask(m2, f).startswith("fragmented mask: largest part holds 0.50")
+    m3 = np.zeros((100, 100), bool)
+    m3[0:10, 0:10] = True
+    assert check_mask(m3, f).startswith("subject mask too small: 0.0100")
+    m3[0:30, 0:30] = True
+    assert check_mask(m3, f) is None
+
+
+def test_compose_puts_the_subject_on_pure_white_cropped_with_margin():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    mask = np.zeros((100, 120), bool)
+    mask[30:60, 40:80] = True
+    mask[30:35, 40:45] = False
+    ref, box = compose_reference(image, mask, margin=0.1)
+    assert box == (36, 26, 84, 64)  # mask box (40, 30, 80, 60) grown by 0.1 * 40 = 4 px
+    sub = mask[26:64, 36:84]
+    assert ref.shape == (38, 48, 3) and ref.dtype == np.uint8
+    assert (ref[~sub] == 255).all()
+    assert (ref[sub] == image[26:64, 36:84][sub]).all()
+    face, fbox = compose_reference(image, mask, margin=0.0, crop_box=(50, 35, 60, 45))
+    assert fbox == (50, 35, 60, 45) and face.shape == (10, 10, 3)
+    with pytest.raises(ValueError, match="holds none of the subject"):
+        compose_reference(image, mask, margin=0.0, crop_box=(0, 0, 10, 10))
+
+
+# ---- keys and shards -------------------------------------------------------------------------
+
+def test_sample_keys_are_webdataset_safe_and_distinct():
+    assert sample_key("ffhq", "00012_face0") == "ffhq-00012_face0-0"
+    k1, k2 = sample_key("folder", "a/b.c"), sample_key("folder", "a_b_c")
+    assert k1 != k2 and k2 == "folder-a_b_c-0"
+    assert all(ch.isalnum() or ch in "_-" for ch in k1) and "." not in k1
+
+
+def _sample(key: str, seed: int) -> Sample:
+    rng = np.random.default_rng(seed)
+    m = np.zeros((20, 30), bool)
+    m[5:15, 5:20] = True
+    return Sample(key=key, ref=rng.integers(0, 255, (10, 15, 3), dtype=np.uint8),
+                  tgt=rng.integers(0, 255, (20, 30, 3), dtype=np.uint8), mask=m, caption="a dog",
+                  meta={"source": "t", "source_id": key, "z": 1, "a": [1.5, 2]})
+
+
+def test_shard_writer_is_deterministic_and_ordered(tmp_path):
+    members = [m for i in range(3) for m in encode_sample(_sample(f"t-{i}-0", i))]
+    a = write_tar(tmp_path / "a.tar", members)
+    b = write_tar(tmp_path / "b.tar", members)
+    assert a == b and (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        infos = tf.getmembers()
+    assert [i.name for i in infos[:5]] == ["t-0-0.ref.png", "t-0-0.tgt.jpg", "t-0-0.mask.png", "t-0-0.txt", "t-0-0.json"]
+    assert {(i.mtime, i.uid, i.gid, i.uname, i.mode) for i in infos} == {(0, 0, 0, "", 0o644)}
+    assert not list(tmp_path.glob(".*tmp*"))  # temp files renamed away
+    with pytest.raises(ValueError, match="outside"):
+        encode_sample(_sample("bad.key", 0))
+
+
+def test_writer_splits_by_bytes_and_resumes_by_marker(tmp_path):
+    enc = [encode_sample(_sample(f"t-{i}-0", i)) for i in range(4)]
+    one = sum(512 + (len(d) + 511) // 512 * 512 for _, d in enc[0])
+    w = DatasetWriter(tmp_path / "ds", "h1", max_bytes=int(one * 2.5))
+    w.prepare({"x": 1})
+    res = w.write_chunk(3, "fp", 5, enc, [Reject(source="t", id="x", stage="decode", reason="empty file (0 bytes)")])
+    assert [s["path"] for s in res.shards] == ["shards/000003.tar", "shards/000003_01.tar"]
+    assert [s["samples"] for s in res.shards] == [2, 2] and res.accepted == 4
+    assert w.done(3, "fp") is not None and w.done(3, "other-inputs") is None
+    (tmp_path / "ds" / "shards" / "000003_01.tar").write_bytes(b"x")
+    assert w.done(3, "fp") is None  # a damaged shard means the chunk is redone
+    man = w.finalize([res], {})
+    assert man["totals"] == {"inputs": 5, "accepted": 4, "rejected": 1, "samples": 4, "bytes": man["totals"]["bytes"],
+                             "rejected_by_reason": {"decode: empty file": 1}}
+    with pytest.raises(OutputDirError, match="recipe hash h1, but this recipe's hash is h2"):
+        DatasetWriter(tmp_path / "ds", "h2").prepare({})
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "f").write_text("x")
+    with pytest.raises(OutputDirError, match="not a dataset of this tool"):
+        DatasetWriter(tmp_path / "junk", "h1").prepare({})
+
+
+def test_folder_reader_is_sorted_with_captions(tmp_path):
+    from pipeline.sources import get_reader
+
+    for name in ("b.jpg", "a.png", "sub/c.jpeg", "notes.md", ".hidden.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a.txt").write_text("  a caption \n")
+    recs = list(get_reader("folder")(recipe(source={"kind": "folder", "root": str(tmp_path)}).source))
+    assert [r.id for r in recs] == ["a", "b", "sub/c"]
+    assert recs[0].caption == "a caption" and recs[1].caption is None
+    with pytest.raises(ValueError, match="unknown source kind 'coco'"):
+        get_reader("coco")
