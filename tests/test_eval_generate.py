@@ -61,7 +61,7 @@ def test_generate_case_calls_pipeline_with_masks(tmp_path):
     assert img.size == (48, 32)
     assert (call["prompt"], call["seed"], call["steps"], call["guidance"], call["scale"], call["granularity"]) == \
            ("prompt 0", 100, 3, 2.0, 0.8, [1.0, 0.0, 0.0])
-    assert call["masks"] == [None] and call["references"][0].mode == "RGB" and call["references"][0].size == (20, 30)
+    assert call["masks"] is None and call["references"][0].mode == "RGB" and call["references"][0].size == (20, 30)
 
     ref = single.subjects[0]
     multi = Case(id="m", benchmark="dynaip-bench", category="human+object", prompt="p", seed=5,
@@ -73,7 +73,7 @@ def test_generate_case_calls_pipeline_with_masks(tmp_path):
 
     auto = GenerateSettings(steps=3, height=32, width=48, auto_mask=True)
     generate_case(pipe, multi, auto)
-    assert pipe.calls[2]["masks"] == [None, None] and pipe.calls[2]["auto_mask"] == ["a dog", "a cup"]
+    assert pipe.calls[2]["masks"] is None and pipe.calls[2]["auto_mask"] == ["a dog", "a cup"]
 
     def no_auto(*, prompt, references, masks, scale, granularity, seed, num_inference_steps, height, width,
                 guidance_scale):
@@ -138,3 +138,20 @@ def test_resume_after_interruption_skips_finished_cases(tmp_path):
     with pytest.raises(ValueError, match=r"other settings.*'steps': \(1, 2\).*new --out"):
         run_generation(cases, out, settings=GenerateSettings(steps=2, height=16, width=16), pipe_factory=factory,
                        generate_fn=fake)
+
+
+def test_real_pipeline_generates_single_and_multi_cases(tmp_path, tiny_models_yaml):
+    """The production path: DynaIPFluxPipeline from the tiny checkpoints, preset masks for a two-subject case."""
+    from dynaip.adapter import DynaIPAdapter, DynaIPConfig
+    from dynaip.eval.generate import real_pipe_factory
+
+    DynaIPAdapter(DynaIPConfig.tiny()).save_pretrained(tmp_path / "adapter")
+    single = _cases(tmp_path, 1)[0]
+    ref = single.subjects[0]
+    multi = Case(id="m0", benchmark="dynaip-bench", category="human+object", prompt="a man and a cup", seed=3,
+                 subjects=[ref, Subject(path=ref.path, type="object", name="a cup")], layout=["left", "right"])
+    settings = GenerateSettings(steps=1, height=32, width=48)
+    summary = run_generation([single, multi], tmp_path / "gen", settings=settings,
+                             pipe_factory=real_pipe_factory(str(tiny_models_yaml), str(tmp_path / "adapter"), "cpu"))
+    assert summary.generated == 2
+    assert [Image.open(image_path(tmp_path / "gen", c.id)).size for c in (single, multi)] == [(48, 32)] * 2

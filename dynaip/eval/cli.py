@@ -60,7 +60,8 @@ def _generate(args: argparse.Namespace) -> int:
                                 scale=args.scale, granularity=args.granularity, auto_mask=args.auto_mask)
     adapter = str(Path(args.adapter).resolve())
     summary = run_generation(cases, args.out, settings=settings,
-                             pipe_factory=real_pipe_factory(str(Path(args.models).resolve()), adapter, args.device),
+                             pipe_factory=real_pipe_factory(str(Path(args.models).resolve()), adapter, args.device,
+                                                            args.auto_mask),
                              ray_address=args.ray_address, num_workers=args.workers,
                              gpus_per_worker=args.gpus_per_worker, adapter=adapter)
     print(f"generate: {summary.generated} generated, {summary.skipped} already done, {summary.total} cases → {args.out}")
@@ -130,7 +131,7 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="Ray cluster (auto, ray://host:10001, or local); without it cases run in this process")
     g.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per cluster GPU)")
     g.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray worker (default 1)")
-    g.add_argument("--device", default=None, help="torch device for in-process generation (default: the pipeline's)")
+    g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     g.add_argument("--steps", type=int, default=28)
     g.add_argument("--height", type=int, default=1024)
     g.add_argument("--width", type=int, default=1024)

@@ -93,25 +93,27 @@ def preset_masks(layout: Sequence[str], width: int, height: int) -> list[Image.I
     return masks
 
 
-def load_pipeline(models_yaml: str, adapter_dir: str, device: str | None = None) -> Any:
-    """The DynaIP FLUX pipeline from local files (``DynaIPFluxPipeline.from_local``), on ``device`` if given."""
+def load_pipeline(models_yaml: str, adapter_dir: str, device: str | None = None, auto_mask: bool = False) -> Any:
+    """``DynaIPFluxPipeline.from_local`` on ``device`` (default: cuda when available; bfloat16 there, float32 on CPU),
+    with Grounding DINO + SAM loaded when ``auto_mask``."""
+    import torch
+
     try:
-        from dynaip import DynaIPFluxPipeline  # type: ignore[attr-defined]
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError("dynaip.DynaIPFluxPipeline is not available in this installation; "
-                           "update the package (the inference pipeline is required for `eval generate`)") from e
-    pipe = DynaIPFluxPipeline.from_local(models_yaml, adapter_dir)
-    if device is not None and hasattr(pipe, "to"):
-        pipe = pipe.to(device)
-    return pipe
+        from dynaip.inference import DynaIPFluxPipeline
+    except ImportError as e:
+        raise RuntimeError("dynaip.inference.DynaIPFluxPipeline cannot be imported; `eval generate` needs the "
+                           f"inference pipeline ({type(e).__name__}: {e}); reinstall the package") from e
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DynaIPFluxPipeline.from_local(models_yaml, adapter_dir, dtype=dtype, device=device, with_auto_mask=auto_mask)
 
 
 def generate_case(pipe: Any, case: Case, settings: GenerateSettings) -> Image.Image:
     """Generates one case with the DynaIP pipeline: the only place the eval harness calls the model.
 
-    References are loaded as RGB; single-subject cases pass ``masks=[None]``; multi-subject cases pass
-    the preset bands of ``case.layout`` or, with ``settings.auto_mask``, no masks and the subject names
-    as detection phrases (``auto_mask=[...]``).
+    References are loaded as RGB; single-subject cases pass no masks; multi-subject cases pass the
+    preset bands of ``case.layout`` or, with ``settings.auto_mask``, no masks and the subject names as
+    detection phrases (``auto_mask=[...]``). Returns the first image of the pipeline's output.
     """
     refs = [Image.open(s.path).convert("RGB") for s in case.subjects]
     kwargs: dict[str, Any] = dict(prompt=case.prompt, references=refs, scale=settings.scale,
@@ -119,13 +121,13 @@ def generate_case(pipe: Any, case: Case, settings: GenerateSettings) -> Image.Im
                                   seed=case.seed, num_inference_steps=settings.steps, height=settings.height,
                                   width=settings.width, guidance_scale=settings.guidance)
     if not case.is_multi:
-        kwargs["masks"] = [None]
+        kwargs["masks"] = None
     elif settings.auto_mask:
         params = inspect.signature(pipe).parameters
         if "auto_mask" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             raise ValueError("--auto-mask: this DynaIPFluxPipeline takes no auto_mask argument; use the preset masks "
                              "(drop --auto-mask) or update the pipeline")
-        kwargs["masks"] = [None] * len(refs)
+        kwargs["masks"] = None
         kwargs["auto_mask"] = [s.name for s in case.subjects]
     else:
         if case.layout is None:
@@ -133,8 +135,8 @@ def generate_case(pipe: Any, case: Case, settings: GenerateSettings) -> Image.Im
                              "or pass --auto-mask")
         kwargs["masks"] = preset_masks(case.layout, settings.width, settings.height)
     image = pipe(**kwargs)
-    if not isinstance(image, Image.Image):  # tolerate a diffusers-style output object
-        image = getattr(image, "images", [image])[0]
+    if not isinstance(image, Image.Image):  # DynaIPOutput / diffusers output: .images is a list of PIL images
+        image = image.images[0]
     return image
 
 
@@ -260,6 +262,7 @@ def run_generation(cases: Sequence[Case], out_dir: str | Path, *, settings: Gene
     return summary
 
 
-def real_pipe_factory(models_yaml: str, adapter_dir: str, device: str | None = None) -> PipeFactory:
-    """A picklable factory for ``load_pipeline`` (sent to Ray workers)."""
-    return functools.partial(load_pipeline, models_yaml, adapter_dir, device)
+def real_pipe_factory(models_yaml: str, adapter_dir: str, device: str | None = None,
+                      auto_mask: bool = False) -> PipeFactory:
+    """A picklable factory for ``load_pipeline`` (sent to Ray workers, where device None picks their GPU)."""
+    return functools.partial(load_pipeline, models_yaml, adapter_dir, device, auto_mask)
