@@ -165,7 +165,7 @@ class DynaIPAdapter(nn.Module):
 
         refs: N reference token sets ``(B or 1, L, ref_dim)`` from ``encode_reference`` (a tensor = one subject).
         masks: None (every image token) or one pixel-space mask per subject, ``(H, W)`` or ``(B, H, W)``,
-            bool or float in [0, 1]; resampled to the packed latent grid ``(H/16, W/16)`` by area then > 0.5.
+            bool or float in [0, 1]; resampled to the packed latent grid ``(H/16, W/16)`` by area, then kept where ≥ 0.5.
         scales: λ for all subjects or one per subject; 0 turns a subject off.
         branches: ``image`` (inference default, DDS), ``both`` (training), ``text`` (ablation).
         image_size: ``(H, W)`` in pixels of the generated image; defaults to the masks' size. Needed

@@ -14,7 +14,6 @@ the trainer relies on that for image-CFG dropout (it zeroes C for dropped sample
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
