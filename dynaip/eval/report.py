@@ -109,7 +109,8 @@ def _fit(path: str | Path, cell: int) -> Image.Image:
     except (OSError, FileNotFoundError):
         ImageDraw.Draw(canvas).text((8, cell // 2), "missing", fill=(200, 0, 0))
         return canvas
-    im.thumbnail((cell, cell), Image.BICUBIC)
+    f = cell / max(im.size)  # fit the cell, up or down
+    im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.BICUBIC)
     canvas.paste(im, ((cell - im.width) // 2, (cell - im.height) // 2))
     return canvas
 

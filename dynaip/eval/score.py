@@ -272,7 +272,8 @@ def summarize(cases: Sequence[Case], store: ScoreStore, judges: Sequence[str], *
         vals = [case_values(c, store, [j]) for c in scored]
         per_judge[j] = {k: group_stats(vals)[k] for k in ("cp", "pf", "cp_pf")}
     failed = sum(1 for r in store.records.values() if r.get("source") in judges and r.get("value") is None)
-    benchmark = cases[0].benchmark if cases else "unknown"
+    kinds = sorted({c.benchmark for c in cases})
+    benchmark = kinds[0] if len(kinds) == 1 else "+".join(kinds) or "unknown"
     return {"format": "dynaip-eval-summary/1", "method": method, "benchmark": benchmark, "cases_file": cases_file,
             "images_dir": str(images_dir), "n_cases": len(cases), "n_images": len(scored),
             "n_missing_images": len(cases) - len(scored), "judges": list(judges), "failed_items": failed,
