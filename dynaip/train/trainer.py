@@ -438,7 +438,8 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
 
     started = False
     if not ray.is_initialized():
-        address = ray_address or cfg.ray_address
+        # inside `ray job submit`, RAY_ADDRESS names the job's cluster
+        address = ray_address or cfg.ray_address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
         else:

@@ -1,0 +1,170 @@
+"""The trainer on the tiny checkpoints: the step in-process, then two Ray Train workers on the CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from train_fixtures import write_dataset
+
+
+# ----------------------------------------------------------------------------- the step, in-process
+
+def test_step_overfits_and_changes_only_adapter_parameters(tiny_models, tmp_path):
+    from dynaip import DynaIPAdapter, DynaIPConfig
+    from dynaip.train.data import StreamingLoader, StreamSpec, read_manifests
+    from dynaip.train.step import LossSettings, load_frozen, training_loss
+
+    data = write_dataset(tmp_path / "d", [2], size=64)
+    frozen = load_frozen(tiny_models, torch.device("cpu"), torch.float32)
+    spec = StreamSpec(shards=read_manifests([str(data)]), batch_size=2, ref_size=frozen.clip.image_size,
+                      buckets=[(64, 64)])
+    batch = next(iter(StreamingLoader(spec, 0, 1, workers=0)))
+    torch.manual_seed(0)
+    adapter = DynaIPAdapter(DynaIPConfig.tiny())
+    adapter.attach(frozen.transformer)
+    frozen_before = {f"{n}.{k}": v.clone() for n, m in frozen.modules().items() for k, v in m.state_dict().items()}
+    adapter_before = {k: v.clone() for k, v in adapter.state_dict().items()}
+    settings = LossSettings(max_sequence_length=32, drop_text=0, drop_image=0, drop_both=0)
+
+    def fixed_loss() -> float:  # same noise, t and samples every time
+        adapter.eval()
+        with torch.no_grad():
+            loss = training_loss(frozen, adapter, adapter, batch, settings, torch.Generator().manual_seed(1),
+                                 torch.Generator().manual_seed(2)).item()
+        adapter.train()
+        return loss
+
+    start = fixed_loss()
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        loss = training_loss(frozen, adapter, adapter, batch, LossSettings(max_sequence_length=32), gen, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert fixed_loss() < start - 0.05
+
+    for name, value in frozen_before.items():  # the base is bit-identical
+        m, k = name.split(".", 1)
+        assert torch.equal(frozen.modules()[m].state_dict()[k], value), name
+    assert all(not p.requires_grad for m in frozen.modules().values() for p in m.parameters())
+    changed = [k for k, v in adapter.state_dict().items() if not torch.equal(v, adapter_before[k])]
+    assert len(changed) > 0.8 * len(adapter_before)  # the adapter did train (a few LayerNorm biases may stay)
+
+
+# ----------------------------------------------------------------------------- Ray Train, two workers
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory, tiny_models_yaml):
+    root = tmp_path_factory.mktemp("trainrun")
+    intra = write_dataset(root / "intra", [3, 2], size=64)
+    cross = write_dataset(root / "cross", [2, 3], pair="cross", start=50, size=64, corrupt={1: "truncate"})
+    cfg = yaml.safe_load(Path("jobs/configs/tiny.yaml").read_text())
+    cfg.update(stages=[{"name": "intra", "steps": 3, "pair": "intra", "data": [str(intra)]},
+                       {"name": "cross", "steps": 3, "pair": "cross"}],
+               lr=1e-2, checkpoint_every=2, eval_every=6, sample_every=6, sample_steps=2)
+    config = root / "test.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return root, config, cross, tiny_models_yaml
+
+
+def _train(run_setup, out: str, *extra: str) -> Path:
+    from dynaip.train.cli import main
+
+    root, config, cross, models = run_setup
+    assert main(["--config", str(config), "--data", str(cross), "--out", str(root / out),
+                 "--models", str(models), *extra]) == 0
+    return root / out
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_local, run_setup):
+    return _train(run_setup, "full")
+
+
+def test_two_workers_train_both_stages_and_write_a_loadable_checkpoint(full_run):
+    from dynaip import DynaIPAdapter
+
+    rows = _metrics(full_run)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert [r["stage"] for r in steps] == ["intra"] * 3 + ["cross"] * 3
+    assert [r["step"] for r in rows if r.get("event") == "stage"] == [4]  # switch at the configured step
+    assert all(r["samples_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in steps)
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0]  # lr 1e-2 overfits the fixed set
+    assert steps[-1]["skipped"] > 0  # the truncated cross shard was skipped and counted, not fatal
+
+    ckpt = full_run / "checkpoints" / "step-000006"
+    adapter = DynaIPAdapter.from_pretrained(ckpt)
+    assert set(load_file(str(ckpt / "adapter.safetensors"))) == set(adapter.state_dict())  # adapter only
+    state = json.loads((ckpt / "resume" / "state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2 and len(state["data"]) == 2
+    torch.load(ckpt / "resume" / "optimizer.pt", weights_only=True)  # no pickled code
+    torch.load(ckpt / "resume" / "rng.pt", weights_only=True)
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    assert (full_run / "samples" / "step-000006" / "00.png").is_file()
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    want, got = load_file(str(a / "adapter.safetensors")), load_file(str(b / "adapter.safetensors"))
+    return want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _metrics(run) if "loss" in r}
+
+
+def test_two_workers_resume_from_a_mid_stage_checkpoint_is_bitwise_identical(full_run, run_setup):
+    # a fresh run directory holding only the step-4 checkpoint (inside stage 2) is exactly what
+    # `--max-steps 4` leaves behind; the stop itself is covered without Ray below (Ray start-up
+    # costs ~1 min per fit on the 2-core CI machines)
+    root = run_setup[0]
+    (root / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full_run / "checkpoints" / "step-000004", root / "resumed" / "checkpoints" / "step-000004")
+    run = _train(run_setup, "resumed", "--resume")
+    assert _same_weights(full_run / "checkpoints" / "step-000006", run / "checkpoints" / "step-000006")
+    assert _losses(run) == {s: v for s, v in _losses(full_run).items() if s > 4}
+
+
+def test_max_steps_then_resume_is_bitwise_identical_in_one_process(run_setup):
+    once = _train(run_setup, "local-once", "--local")
+    run = _train(run_setup, "local-split", "--local", "--max-steps", "3")  # stops exactly at the stage switch
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    _train(run_setup, "local-split", "--local", "--resume")
+    assert _same_weights(once / "checkpoints" / "step-000006", run / "checkpoints" / "step-000006")
+    assert _losses(run) == _losses(once)
+    assert [r["step"] for r in _metrics(run) if r.get("event") == "stage"] == [4]  # logged once, by the resumed part
+
+
+def test_config_errors_name_the_fix(tmp_path):
+    from dynaip.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="not divisible by workers"):
+        TrainConfig(stages=[{"name": "a", "steps": 1}], global_batch_size=3, workers=2)
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrainConfig.from_dict({"stages": [{"name": "a", "steps": 1}], "learning_rate": 1})
+    paper = TrainConfig.from_yaml("jobs/configs/paper.yaml")
+    assert [s.steps for s in paper.stages] == [20000, 80000] and paper.global_batch_size == 16
+    assert paper.buckets == [[1024, 1024]] and paper.lr == 2e-5
+    assert paper.stage_at(20000) == 0 and paper.stage_at(20001) == 1
