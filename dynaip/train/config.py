@@ -110,6 +110,8 @@ class TrainConfig:
     """Recompute the transformer's activations in backward (``transformer.enable_gradient_checkpointing()``)."""
     find_unused_parameters: bool = False
     """DDP option; needed only by adapter variants with parameters that a step does not use."""
+    max_failures: int = 2
+    """Ray Train restarts of a failed worker group; a restart resumes from this run's newest checkpoint."""
     ray_address: str | None = None
     """Ray cluster to join (``auto`` or ``ray://...``); null starts an embedded local Ray."""
 

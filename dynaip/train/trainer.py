@@ -64,6 +64,9 @@ class RunSpec:
     """Stop after this step (overrides the config's)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form switches for benchmarks (e.g. ``{"no_save": true}``)."""
+    run_id: str = ""
+    """Id of this invocation, stored in its checkpoints: when Ray restarts a failed worker group,
+    the workers find checkpoints with their own run_id and resume from them instead of step 0."""
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -204,7 +207,10 @@ class _Worker:
 
         self.step = 0
         self.data_state: dict[str, Any] | None = None
-        if spec.resume:
+        ckpt = latest_checkpoint(self.out)
+        own = ckpt is not None and spec.run_id and json.loads(
+            (ckpt / "resume" / "state.json").read_text()).get("run_id") == spec.run_id
+        if spec.resume or own:  # own: Ray restarted this run's workers after a failure
             self._load_latest()
         self.metrics = MetricsWriter(self.out / "metrics.jsonl" if self.rank == 0 else None)
         self._eval_batch: dict[str, Any] | None = None
@@ -279,7 +285,8 @@ class _Worker:
             torch.save(rngs, tmp / "resume" / "rng.pt")
             state = {"format": RESUME_FORMAT, "step": self.step, "data_stage": cfg.stage_at(self.step),
                      "stage": cfg.stages[cfg.stage_at(self.step)].name, "world_size": self.world,
-                     "scheduler": self.scheduler.state_dict(), "data": datas, "config": cfg.to_dict()}
+                     "scheduler": self.scheduler.state_dict(), "data": datas, "config": cfg.to_dict(),
+                     "run_id": self.spec.run_id}
             (tmp / "resume" / "state.json").write_text(json.dumps(state, indent=1))
             if final.exists():  # a re-run writing the same step again
                 shutil.rmtree(final)
@@ -429,11 +436,15 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     process, an embedded local Ray is started and shut down afterwards.
     """
     Path(spec.out).mkdir(parents=True, exist_ok=True)
+    if not spec.run_id:
+        import uuid
+
+        spec.run_id = uuid.uuid4().hex
     if local:
         return train_worker(asdict(spec))
 
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = False
@@ -451,7 +462,8 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
         train_worker, train_loop_config=asdict(spec),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=backend),
-        run_config=RunConfig(name="dynaip-train", storage_path=str(Path(spec.out).resolve() / "ray")))
+        run_config=RunConfig(name="dynaip-train", storage_path=str(Path(spec.out).resolve() / "ray"),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures)))
     try:
         trainer.fit()
     finally:
