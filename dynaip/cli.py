@@ -30,9 +30,11 @@ def _add_tiny_checkpoints(sub: argparse._SubParsersAction) -> None:
 
 def _optional_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands whose modules pull heavy dependencies are imported here, once."""
+    from dynaip.eval.cli import add_eval_parser
     from dynaip.inference.cli import add_generate_parser
+    from pipeline.cli import add_curate_parser, add_manifest_parser
 
-    return [add_generate_parser]
+    return [add_curate_parser, add_manifest_parser, add_generate_parser, add_eval_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,11 @@ def add_curate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N input records")
     p.add_argument("--source-root", default=None, help="overrides source.root of the recipe")
     p.add_argument("--models", default=None, help="models.yaml with local checkpoint paths")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (Ray executor)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (auto | host:port); default: an embedded local Ray "
+                        "(inside `ray job submit`, the job's cluster)")
+    p.add_argument("--executor", choices=("ray", "local"), default="ray",
+                   help="ray (default; the same stages on Ray Data) or local (one process, no Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_curate)
     return p
@@ -35,10 +39,15 @@ def run_curate(args: argparse.Namespace) -> int:
         from dynaip.models import ModelsConfig
 
         models = ModelsConfig.from_yaml(args.models)
-    if args.ray_address:
-        print(f"note: --ray-address {args.ray_address}: Ray execution arrives with the Ray executor; "
-              "running locally for now", file=sys.stderr)
-    manifest = run_local(recipe, args.out, models, limit=args.limit, progress=not args.no_progress)
+    if args.executor == "local":
+        if args.ray_address:
+            raise ValueError("--ray-address needs --executor ray")
+        manifest = run_local(recipe, args.out, models, limit=args.limit, progress=not args.no_progress)
+    else:
+        from pipeline.executor_ray import ray_address_from_env, run_ray
+
+        manifest = run_ray(recipe, args.out, models, limit=args.limit, progress=not args.no_progress,
+                           address=ray_address_from_env(args.ray_address))
     t = manifest["totals"]
     print(f"{args.out}: {t['inputs']} inputs, {t['accepted']} accepted, {t['rejected']} rejected, "
           f"{t['samples']} samples in {len(manifest['shards'])} shards")

@@ -15,10 +15,10 @@ from typing import Any, Iterable, Iterator
 
 from pipeline.recipe import Recipe
 from pipeline.records import Reject, SourceRecord
-from pipeline.sample import make_items
+from pipeline.chunking import assemble, batch_outcome, plan_chunk
 from pipeline.sources import get_reader
 from pipeline.stages import build_stages, run_stages
-from pipeline.writer import ChunkResult, DatasetWriter, encode_sample, fingerprint, sha256_file
+from pipeline.writer import ChunkResult, DatasetWriter, fingerprint, sha256_file
 
 TOOLS = ("dynaip", "torch", "groundingdino-py", "segment-anything", "transformers", "webdataset", "pillow",
          "numpy", "scipy", "pycocotools", "av")
@@ -43,39 +43,13 @@ def process_chunk(part: list[SourceRecord | Reject], start: int, stages: list, b
                   ) -> tuple[list[list[tuple[str, bytes]]], list[Reject]]:
     """Runs one chunk's records through ``stages`` in batches of ``batch_size``; returns
     ``(encoded samples, rejects)`` in input order. Samples are encoded right after their batch, so
-    decoded pixels never pile up for a whole chunk."""
-    outcome: list[tuple[int, Any]] = [(i, r) for i, r in enumerate(part) if isinstance(r, Reject)]
-    positions = [i for i, r in enumerate(part) if isinstance(r, SourceRecord)]
-    items = make_items([part[i] for i in positions], start)
-    for b in range(0, len(items), batch_size):
-        batch = run_stages(items[b:b + batch_size], stages, timings)
-        for pos, item in zip(positions[b:b + batch_size], batch):
-            if item.reject is not None:
-                outcome.append((pos, item.reject))
-            elif not item.samples:
-                outcome.append((pos, Reject(source=item.record.source, id=item.record.id, stage="pair",
-                                            reason="no sample produced")))
-            else:
-                try:
-                    outcome.append((pos, [(s.key, encode_sample(s, jpeg_quality)) for s in item.samples]))
-                except Exception as e:
-                    outcome.append((pos, Reject(source=item.record.source, id=item.record.id, stage="write",
-                                                reason=f"cannot encode the sample: {type(e).__name__}: {e}")))
-        for item in items[b:b + batch_size]:  # free pixels
-            item.target = item.reference = item.ref_image = None
-            item.samples = []
-    encoded, rejects, seen = [], [], set()
-    for pos, x in sorted(outcome, key=lambda t: t[0]):
-        if isinstance(x, Reject):
-            rejects.append(x)
-        elif any(key in seen for key, _ in x):  # a source repeating an id must not repeat a key
-            r = part[pos]
-            rejects.append(Reject(source=r.source, id=r.id, stage="write",
-                                  reason=f"duplicate sample key {x[0][0]} (the source repeats this id)"))
-        else:
-            seen.update(key for key, _ in x)
-            encoded.extend(members for _, members in x)
-    return encoded, rejects
+    decoded pixels never pile up for a whole chunk. The batches are ``plan_chunk``'s, exactly as
+    the Ray executor forms them."""
+    outcome, tasks = plan_chunk(-1, part, start, batch_size)
+    for task in tasks:
+        items = run_stages(task.items, stages, timings)
+        outcome.extend(batch_outcome(items, task.positions, jpeg_quality))
+    return assemble(part, outcome)
 
 
 def run_info(recipe: Recipe, models: Any) -> dict[str, Any]:

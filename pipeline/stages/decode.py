@@ -28,7 +28,10 @@ class DecodeError(ValueError):
 
 
 def decode_image(data: bytes, *, max_pixels: int = 89_478_485, min_side: int = 1) -> np.ndarray:
-    """Encoded image bytes → ``(H, W, 3) uint8`` RGB. Raises ``DecodeError`` with the reason."""
+    """Encoded image bytes → ``(H, W, 3) uint8`` RGB. Raises ``DecodeError`` with the reason.
+
+    Only the header is parsed before the size check; PIL's own guard (2 × ``Image.MAX_IMAGE_PIXELS``)
+    still applies above ``max_pixels`` settings larger than that."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
     try:
