@@ -33,7 +33,7 @@ def load_flux_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, **c
 
     p = _check_layout(path)
     try:
-        return FluxPipeline.from_pretrained(str(p), dtype=dtype, local_files_only=True, **components)
+        return FluxPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True, **components)
     except Exception as e:
         raise CheckpointError("FLUX.1-dev", p, EXPECTED, "A component failed to load; re-download the directory.", e) from e
 
@@ -44,7 +44,7 @@ def load_flux_transformer(path: str | Path, dtype: torch.dtype = torch.float32):
 
     p = _check_layout(path)
     try:
-        return FluxTransformer2DModel.from_pretrained(str(p), subfolder="transformer", dtype=dtype, local_files_only=True)
+        return FluxTransformer2DModel.from_pretrained(str(p), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
     except Exception as e:
         raise CheckpointError("FLUX.1-dev transformer", p / "transformer", EXPECTED, "Re-download the transformer folder.", e) from e
 
