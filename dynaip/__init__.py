@@ -6,9 +6,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .adapter import DynaIPAdapter, DynaIPConfig
+    from .inference import DynaIPFluxPipeline
 
 # Lazy exports keep `import dynaip` light (no torch/diffusers import until an export is used).
-_LAZY = {"DynaIPConfig": "dynaip.adapter", "DynaIPAdapter": "dynaip.adapter"}
+_LAZY = {"DynaIPConfig": "dynaip.adapter", "DynaIPAdapter": "dynaip.adapter",
+         "DynaIPFluxPipeline": "dynaip.inference"}
 
 
 def __getattr__(name: str) -> Any:
@@ -19,4 +21,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dynaip' has no attribute {name!r}")
 
 
-__all__ = ["DynaIPAdapter", "DynaIPConfig"]
+__all__ = ["DynaIPAdapter", "DynaIPConfig", "DynaIPFluxPipeline"]
