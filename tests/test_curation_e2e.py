@@ -1,6 +1,7 @@
 """The whole local curation chain with the tiny checkpoints, on real sample photos plus corrupt files.
 
-One curation run (module fixture) is shared by the checks; the demo recipe is used as shipped."""
+One curation run (module fixture) is shared by the checks; the demo recipe is used as shipped (its
+``cross_pairs: subfolders`` turns the two motorcycle views into two extra cross-pair inputs)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from PIL import Image
 
 from pipeline.recipe import Recipe
 from pipeline.records import ImageRef, SourceRecord
+from pipeline.sample import sample_key
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "manifests" / "demo.yaml"
-PHOTOS = ["astronaut", "chelsea", "logo"]
+PHOTOS = ["astronaut", "chelsea", "logo", "motorcycle"]  # motorcycle → motorcycle/left.png + motorcycle/right.png
 CORRUPT = {"truncated.jpg": "decode", "zero.jpg": "decode", "text.jpg": "decode", "bomb.png": "decode"}
 
 
@@ -77,8 +79,9 @@ def built(tmp_path_factory, recipe, tiny_models, stages):
 def test_every_input_is_accounted_for(built, photos):
     out, m = built
     t = m["totals"]
-    n_inputs = len([p for p in photos.iterdir() if p.suffix in (".jpg", ".png")])
-    assert t["inputs"] == n_inputs == 7
+    n_files = len([p for p in photos.rglob("*") if p.suffix in (".jpg", ".png")])
+    assert n_files == 9
+    assert t["inputs"] == n_files + 2 == 11  # + one cross record per motorcycle view
     assert t["inputs"] == t["accepted"] + t["rejected"]
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert len(rejects) == t["rejected"] and sum(t["rejected_by_reason"].values()) == t["rejected"]
@@ -96,10 +99,14 @@ def test_every_input_is_accounted_for(built, photos):
 def test_demo_recipe_accepts_real_photos_through_detection(built):
     """Pins that detect → segment → compose → caption yields samples with the tiny models."""
     _, m = built
-    assert m["totals"]["accepted"] == 3  # astronaut, chelsea, logo
+    assert m["totals"]["accepted"] == 7  # astronaut, chelsea, logo, motorcycle/{left,right} intra + cross
     assert m["totals"]["samples"] == m["totals"]["accepted"]
-    # 7 inputs, 2 per chunk: chunk 0 = astronaut + bomb, 1 = chelsea + logo, 2/3 only corrupt files (no shard)
-    assert [(s["path"], s["samples"]) for s in m["shards"]] == [("shards/000000.tar", 1), ("shards/000001.tar", 2)]
+    # 11 inputs, 2 per chunk (intra records in sorted order, then the cross records): chunk 0 = astronaut +
+    # bomb, 1 = chelsea + logo, 2 = motorcycle/left + right, 3 = text + truncated (no shard),
+    # 4 = zero + motorcycle/left~cross, 5 = motorcycle/right~cross
+    assert [(s["path"], s["samples"]) for s in m["shards"]] == [
+        ("shards/000000.tar", 1), ("shards/000001.tar", 2), ("shards/000002.tar", 2), ("shards/000004.tar", 1),
+        ("shards/000005.tar", 1)]
 
 
 def _samples(out: Path) -> list[dict]:
@@ -120,7 +127,8 @@ def test_shards_read_back_with_tarfile_and_refs_are_white_outside_the_subject(bu
         for field in ("source", "source_id", "pair", "phrase", "box", "det_score", "mask_area", "width", "height",
                       "recipe", "caption_source"):
             assert field in meta, field
-        assert s["key"] == f"folder-{meta['source_id']}-0" and meta["pair"] == "intra"
+        assert s["key"] == sample_key("folder", meta["source_id"])
+        assert meta["pair"] == ("cross" if meta["source_id"].endswith("~cross") else "intra")
         ref = np.asarray(Image.open(io.BytesIO(s["ref.png"])))
         tgt = Image.open(io.BytesIO(s["tgt.jpg"]))
         mask_im = Image.open(io.BytesIO(s["mask.png"]))
@@ -129,15 +137,42 @@ def test_shards_read_back_with_tarfile_and_refs_are_white_outside_the_subject(bu
         mask = np.asarray(mask_im) > 127
         assert int(mask.sum()) == meta["mask_area"] > 0
         x0, y0, x1, y1 = meta["ref_box"]
-        sub = mask[y0:y1, x0:x1]
-        assert ref.shape[:2] == sub.shape
-        assert (ref[~sub] == 255).all(), f"{s['key']}: reference not pure white outside the subject"
-        white_somewhere = white_somewhere or bool((~sub).any())
+        assert ref.shape[:2] == (y1 - y0, x1 - x0)
+        if meta["pair"] == "intra":  # a cross reference is cut from the other image, whose mask is not stored
+            sub = mask[y0:y1, x0:x1]
+            assert (ref[~sub] == 255).all(), f"{s['key']}: reference not pure white outside the subject"
+            white_somewhere = white_somewhere or bool((~sub).any())
         assert s["txt"].decode() and meta["caption_source"] in ("provided", "template")
     assert white_somewhere, "tiny SAM masks are cut to the box, so some reference shows white background"
     sources = {json.loads(s["json"])["source_id"]: json.loads(s["json"])["caption_source"] for s in samples}
     if "chelsea" in sources:
         assert sources["chelsea"] == "provided"
+
+
+def test_subfolder_views_become_cross_pairs_cut_from_the_other_view(built, photos):
+    """``cross_pairs: subfolders``: each motorcycle view is the target of a cross sample whose reference
+    was detected + segmented in the other view (no mask or box given by the source)."""
+    out, _ = built
+    cross = {}
+    for s in _samples(out):
+        meta = json.loads(s["json"])
+        if meta["pair"] == "cross":
+            cross[meta["source_id"]] = (s, meta)
+    assert sorted(cross) == ["motorcycle/left~cross", "motorcycle/right~cross"]
+    views = {v: np.asarray(Image.open(photos / "motorcycle" / f"{v}.png").convert("RGB")) for v in ("left", "right")}
+    for target, other in (("left", "right"), ("right", "left")):
+        s, meta = cross[f"motorcycle/{target}~cross"]
+        assert meta["group"] == "motorcycle" and meta["ref_from"] == "reference"
+        assert s["txt"].decode() == (photos / "motorcycle" / f"{target}.txt").read_text().strip()
+        assert meta["caption_source"] == "provided"
+        tgt = np.asarray(Image.open(io.BytesIO(s["tgt.jpg"])))
+        assert tgt.shape == views[target].shape
+        ref = np.asarray(Image.open(io.BytesIO(s["ref.png"])))
+        x0, y0, x1, y1 = meta["ref_box"]
+        kept = (ref != 255).any(axis=2)
+        assert kept.any()
+        assert (ref[kept] == views[other][y0:y1, x0:x1][kept]).all(), "reference pixels come from the other view"
+        assert not (ref[kept] == views[target][y0:y1, x0:x1][kept]).all()
 
 
 def test_shards_read_back_with_webdataset(built):

@@ -6,6 +6,7 @@ import io
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +299,73 @@ def test_folder_reader_is_sorted_with_captions(tmp_path):
     assert recs[0].caption == "a caption" and recs[1].caption is None
     with pytest.raises(ValueError, match="unknown source kind 'coco'"):
         get_reader("coco")
+
+
+def _folder_tree(root, names):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+def test_folder_reader_has_no_cross_records_without_the_option(tmp_path):
+    from pipeline.sources import get_reader
+
+    _folder_tree(tmp_path, ("a.png", "s/x.jpg", "s/y.jpg"))
+    for src in ({}, {"cross_pairs": "none"}):
+        recs = list(get_reader("folder")(recipe(source={"kind": "folder", "root": str(tmp_path), **src}).source))
+        assert [r.id for r in recs] == ["a", "s/x", "s/y"] and {r.pair for r in recs} == {"intra"}
+    with pytest.raises(ValueError, match="cross_pairs must be one of none, subfolders"):
+        list(get_reader("folder")(recipe(source={"kind": "folder", "root": str(tmp_path), "cross_pairs": "all"}).source))
+
+
+def test_folder_reader_cross_pairs_from_subfolders(tmp_path):
+    """Intra records first (sorted), then one cross record per image of a subfolder holding >= 2 images
+    (sorted by target), reference = the next image of that subfolder, cyclic."""
+    from pipeline.sources import get_reader
+
+    _folder_tree(tmp_path, ("top.jpg", "top2.jpg", "cat/b.png", "cat/a.jpg", "cat/c.jpg", "lone/only.jpg",
+                            "dog/x~cross.jpg", "dog/x.jpg", "deep/er/p.png", "deep/er/q.png", "deep/r.png"))
+    (tmp_path / "cat" / "b.txt").write_text("the cat, side view\n")
+    r = recipe(source={"kind": "folder", "root": str(tmp_path), "cross_pairs": "subfolders", "phrase": "cat"})
+    assert r.source.get("cross_pairs") == "subfolders"
+    recs = list(get_reader("folder")(r.source))
+    ids = [x.id for x in recs]
+    intra = ["cat/a", "cat/b", "cat/c", "deep/er/p", "deep/er/q", "deep/r", "dog/x", "dog/x~cross", "lone/only", "top", "top2"]
+    cross = ["cat/a~cross", "cat/b~cross", "cat/c~cross", "deep/er/p~cross", "deep/er/q~cross",
+             "dog/x~cross2", "dog/x~cross~cross"]
+    assert ids == intra + cross and len(set(ids)) == len(ids)
+    by_id = {x.id: x for x in recs}
+    assert all(by_id[i].pair == "intra" and by_id[i].reference is None and by_id[i].group is None for i in intra)
+    ref = {i: Path(by_id[i].reference.path).relative_to(tmp_path).as_posix() for i in cross}
+    assert ref == {"cat/a~cross": "cat/b.png", "cat/b~cross": "cat/c.jpg", "cat/c~cross": "cat/a.jpg",
+                   "deep/er/p~cross": "deep/er/q.png", "deep/er/q~cross": "deep/er/p.png",
+                   "dog/x~cross2": "dog/x~cross.jpg", "dog/x~cross~cross": "dog/x.jpg"}
+    for i in cross:
+        x = by_id[i]
+        assert x.pair == "cross" and x.source == "folder" and x.phrase == "cat"
+        assert x.reference_mask is None and x.reference_box is None and x.boxes == [] and x.masks == []
+        assert x.group == i.rsplit("/", 1)[0]
+    assert by_id["deep/er/p~cross"].group == "deep/er"
+    assert Path(by_id["cat/b~cross"].image.path) == tmp_path / "cat" / "b.png"
+    assert by_id["cat/b~cross"].caption == by_id["cat/b"].caption == "the cat, side view"
+    assert by_id["cat/a~cross"].caption is None
+    keys = {sample_key("folder", i) for i in ids}
+    assert len(keys) == len(ids) and all(k.replace("-", "").replace("_", "").isalnum() for k in keys)
+    assert [x.id for x in get_reader("folder")(r.source)] == ids  # deterministic
+    flat = recipe(source={"kind": "folder", "root": str(tmp_path), "cross_pairs": "subfolders", "recursive": False})
+    assert [x.id for x in get_reader("folder")(flat.source)] == ["top", "top2"]  # root images form no group
+
+
+def test_sample_photos_write_the_motorcycle_views_only_when_asked(tmp_path):
+    from pipeline.samples import write_sample_photos
+
+    got = write_sample_photos(tmp_path / "a", faces=0, names=["logo", "motorcycle"])
+    assert [p.relative_to(tmp_path / "a").as_posix() for p in got] == ["logo.png", "motorcycle/left.png", "motorcycle/right.png"]
+    assert (tmp_path / "a" / "motorcycle" / "left.txt").read_text().strip()
+    left, right = (np.asarray(Image.open(p)) for p in got[1:])
+    assert left.shape == right.shape and not np.array_equal(left, right)
+    flat = write_sample_photos(tmp_path / "b", faces=0, names=["motorcycle"], subject_views=False)
+    assert [p.name for p in flat] == ["motorcycle.png"]
+    assert np.array_equal(np.asarray(Image.open(flat[0])), left)
+    five = write_sample_photos(tmp_path / "c", faces=1, names=["astronaut", "chelsea", "coffee", "rocket", "camera"])
+    assert len(five) == 6 and not (tmp_path / "c" / "motorcycle").exists()  # the Ray test's input set is unchanged
