@@ -26,8 +26,7 @@ def _trained_like(adapter, seed: int = 7):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_models):
-    from dynaip.adapter import DynaIPAdapter
-    from dynaip.inference import DynaIPFluxPipeline
+    from dynaip import DynaIPAdapter, DynaIPFluxPipeline  # the public API contract
 
     p = DynaIPFluxPipeline.from_local(tiny_models, with_auto_mask=True)
     fresh = p.adapter
