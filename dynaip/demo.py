@@ -158,10 +158,10 @@ def _sample_pairs(dataset: Path):
 
 
 def _save(image, path: Path, settings: dict) -> str:
-    from dynaip.inference.cli import _atomic_save_png, _atomic_write_text
+    from dynaip.atomic import atomic_save_image, atomic_write_text
 
-    _atomic_save_png(image, path)
-    _atomic_write_text(path.with_suffix(".json"), json.dumps(settings, indent=2, default=str))
+    atomic_save_image(image, path)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(settings, indent=2, default=str))
     return str(path)
 
 

@@ -29,7 +29,6 @@ import logging
 import os
 import pickle
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 

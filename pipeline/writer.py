@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
+from dynaip.atomic import atomic_write_bytes
 from pipeline.records import Reject, safe_key
 from pipeline.sample import Sample
 
@@ -44,13 +45,7 @@ class OutputDirError(ValueError):
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` via a temporary sibling + fsync + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
 
 
 def dump_json(obj: Any) -> bytes:

@@ -10,7 +10,6 @@ import io
 import json
 import shutil
 import struct
-import tarfile
 import zlib
 from pathlib import Path
 

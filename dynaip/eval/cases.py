@@ -17,12 +17,12 @@ Paths are absolute so a cases file can be used from any working directory.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+from dynaip.atomic import atomic_write_bytes  # noqa: F401  (re-exported for eval modules)
 
 ID_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 POSITIONS = ("left", "middle", "right")
@@ -88,20 +88,6 @@ class Case:
         raw = dict(raw)
         raw["subjects"] = [Subject(**s) for s in raw.get("subjects", [])]
         return cls(**raw)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file + ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_cases(path: str | Path, cases: Iterable[Case]) -> int:

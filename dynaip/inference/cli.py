@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
+
+from dynaip.atomic import atomic_save_image, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def run_generate(args: argparse.Namespace) -> int:
                max_sequence_length=args.max_sequence_length)
     target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save_png(out.images[0], target)
+    atomic_save_image(out.images[0], target)
     sidecar = dict(out.settings, references=[str(r) for r in args.ref], masks=args.mask, adapter=str(args.adapter),
                    models=str(args.models), lora=args.lora, device=device, dtype=str(dtype))
     if out.masks is not None and args.auto_mask:
@@ -79,26 +79,8 @@ def run_generate(args: argparse.Namespace) -> int:
             from PIL import Image
 
             mask_path = target.with_name(f"{target.stem}.mask{i + 1}.png")
-            _atomic_save_png(Image.fromarray((m.numpy() * 255).astype("uint8")), mask_path)
+            atomic_save_image(Image.fromarray((m.numpy() * 255).astype("uint8")), mask_path)
         sidecar["auto_masks"] = [str(target.with_name(f"{target.stem}.mask{i + 1}.png")) for i in range(len(out.masks))]
-    _atomic_write_text(target.with_suffix(".json"), json.dumps(sidecar, indent=2, default=str))
+    atomic_write_text(target.with_suffix(".json"), json.dumps(sidecar, indent=2, default=str))
     print(f"wrote {target} and {target.with_suffix('.json')}")
     return 0
-
-
-def _atomic_save_png(image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -63,7 +62,7 @@ class DynaIPFluxPipeline:
                    device: str | torch.device = "cpu", with_auto_mask: bool = False) -> "DynaIPFluxPipeline":
         """Loads every part from local paths. ``models``: a ModelsConfig or models.yaml path;
         ``adapter``: a checkpoint directory, a DynaIPAdapter, or None (a fresh, zero-effect adapter)."""
-        from dynaip.adapter import DynaIPAdapter, DynaIPConfig
+        from dynaip.adapter import DynaIPAdapter
         from dynaip.models import ModelsConfig
         from dynaip.models.clip_vision import load_clip_vision
         from dynaip.models.flux import load_flux_pipeline
