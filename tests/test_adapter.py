@@ -396,3 +396,23 @@ def test_training_step_reaches_every_adapter_parameter(transformer):
     assert all(p.grad is not None for p in adapter.parameters())
     assert all(p.grad.abs().sum() > 0 for n, p in adapter.named_parameters() if "to_k" in n or "to_v" in n)
     assert all(p.grad is None for p in transformer.parameters())
+
+
+def test_row_restricted_reference_attention_equals_the_full_computation():
+    """Subjects attend only on the rows their mask (× λ) covers; the result is the full weighted sum."""
+    from dynaip.adapter.attention import reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, lq, h, dh, lc, n = 2, 24, 2, 8, 5, 3
+    q = torch.randn(b, lq, h, dh, generator=g)
+    k = torch.randn(n, 1, h, lc, dh, generator=g)
+    v = torch.randn(n, 1, h, lc, dh, generator=g)
+    w = torch.zeros(n, b, lq)
+    w[0, :, :10] = 1.0          # disjoint bands
+    w[1, :, 8:20] = 0.5         # overlaps subject 0 on rows 8-9
+    w[2] = 0.0                  # λ = 0: skipped entirely
+    rows = [(wi != 0).any(0).nonzero().flatten() for wi in w]
+    full = reference_attention(q, k, v, w)
+    fast = reference_attention(q, k, v, w, rows)
+    torch.testing.assert_close(fast, full)
+    assert torch.equal(fast.view(b, lq, -1)[:, 20:], torch.zeros_like(fast.view(b, lq, -1)[:, 20:]))

@@ -191,17 +191,33 @@ class Conditioning:
         self.weight_cache[cache_key] = w
         return w
 
+    def image_rows(self, batch: int, n_img: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor | None]:
+        """Per subject: None when every image row has a nonzero weight, else the indices of those that
+        do (computed once per conditioning, so no per-step host sync)."""
+        cache_key = ("rows", batch, n_img, dtype, device)
+        if cache_key not in self.weight_cache:
+            w = self.image_weights(batch, n_img, dtype, device)
+            rows: list[torch.Tensor | None] = []
+            for wi in w:  # (B, n_img)
+                active = (wi != 0).any(dim=0)
+                rows.append(None if bool(active.all()) else active.nonzero().flatten())
+            self.weight_cache[cache_key] = rows
+        return self.weight_cache[cache_key]
+
     def text_weights(self, batch: int, n_txt: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(N, B, n_txt) = λ_i: text rows get the unmasked sum over subjects."""
         return self.scales.to(device=device, dtype=dtype)[:, None, None].expand(-1, batch, n_txt)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
+                        rows: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """Σ_i weights_i · SDPA(q, k_i, v_i) over the N subjects.
 
     q: (B, Lq, H, Dh); k, v: (N, Bk, H, Lc, Dh) with Bk in {1, B}; weights: (N, B, Lq).
-    Returns (B, Lq, H*Dh). One SDPA per subject (N is a handful): measured on CPU this beats
-    both one batched SDPA over copies of q and an einsum reduction over subjects.
+    rows: per subject, None (every query row) or the indices of the rows where its weight is nonzero
+    (``Conditioning.image_rows``): subject i's attention runs on those rows only, so N subjects with
+    disjoint masks cost about as much as one. Returns (B, Lq, H*Dh). One SDPA per subject (N is a
+    handful): measured on CPU this beats one batched SDPA over copies of q and an einsum reduction.
     """
     b = q.shape[0]
     if k.shape[1] not in (1, b):
@@ -211,9 +227,19 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weigh
     k, v, weights = k.to(q.dtype), v.to(q.dtype), weights.to(q.dtype)
     out = None
     for i in range(k.shape[0]):
-        o = F.scaled_dot_product_attention(qh, k[i].expand(b, -1, -1, -1), v[i].expand(b, -1, -1, -1))  # (B, H, Lq, Dh)
-        o = o * weights[i][:, None, :, None]  # λ_i · M_i per query row
-        out = o if out is None else out + o
+        ki, vi = k[i].expand(b, -1, -1, -1), v[i].expand(b, -1, -1, -1)
+        idx = rows[i] if rows is not None else None
+        if idx is None:
+            o = F.scaled_dot_product_attention(qh, ki, vi)  # (B, H, Lq, Dh)
+            o = o * weights[i][:, None, :, None]  # λ_i · M_i per query row
+            out = o if out is None else out + o
+            continue
+        if out is None:
+            out = torch.zeros_like(qh)
+        if idx.numel() == 0:  # λ_i = 0 or an empty mask: nothing to add
+            continue
+        o = F.scaled_dot_product_attention(qh.index_select(2, idx), ki, vi)  # (B, H, l_i, Dh)
+        out.index_add_(2, idx, o * weights[i].index_select(1, idx)[:, None, :, None])
     return out.transpose(1, 2).flatten(2)  # (B, Lq, H*Dh)
 
 
@@ -241,9 +267,10 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
         self.slot = slot
         self.double_stream = double_stream
 
-    def _ca(self, cond: Conditioning, stream: str, q: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _ca(self, cond: Conditioning, stream: str, q: torch.Tensor, weights: torch.Tensor,
+            rows: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         k, v = cond.reference_kv(self.block.stream(stream), q.dtype)
-        return reference_attention(q, k, v, weights)
+        return reference_attention(q, k, v, weights, rows)
 
     def __call__(
         self,
@@ -290,7 +317,8 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
             n_img = img_out.shape[1]
             cond.seen_image_tokens = n_img
             if cond.to_image:
-                img_out = img_out + self._ca(cond, "image", ca_query, cond.image_weights(b, n_img, dtype, device))
+                img_out = img_out + self._ca(cond, "image", ca_query, cond.image_weights(b, n_img, dtype, device),
+                                             cond.image_rows(b, n_img, dtype, device))
             if cond.to_text:
                 enc_out = enc_out + self._ca(cond, "text", ca_text_query, cond.text_weights(b, n_txt, dtype, device))
             img_out = attn.to_out[1](attn.to_out[0](img_out))
@@ -306,7 +334,8 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
                            cond.image_weights(b, n_img, dtype, device)], dim=2)  # (N, B, L)
             return out + self._ca(cond, "image", ca_query, w)
         if cond.to_image:
-            ca = self._ca(cond, "image", ca_query[:, n_txt:], cond.image_weights(b, n_img, dtype, device))
+            ca = self._ca(cond, "image", ca_query[:, n_txt:], cond.image_weights(b, n_img, dtype, device),
+                          cond.image_rows(b, n_img, dtype, device))
             return torch.cat([out[:, :n_txt], out[:, n_txt:] + ca], dim=1)
         ca = self._ca(cond, "text", ca_query[:, :n_txt], cond.text_weights(b, n_txt, dtype, device))
         return torch.cat([out[:, :n_txt] + ca, out[:, n_txt:]], dim=1)
