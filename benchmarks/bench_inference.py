@@ -7,8 +7,8 @@ so attention-vs-linear and cross-attention-vs-base FLOP ratios equal those at 10
 width and 577 reference tokens. Fewer blocks (2 double + 4 single) keep it fast; the per-block
 ratio is what matters. The text encoders and VAE are the tiny ones (not part of the per-step cost).
 
-Per-step time = median gap between step callbacks, steps 2..N (step 1 also computes the
-reference K/V once per generation and is reported separately). Configurations run round-robin;
+Per-step time = median gap between step callbacks (process CPU time, one torch thread, on the CPU), steps 2..N (step 1 also computes the
+reference K/V once per generation and is reported separately). Configurations run in shuffled round-robin order;
 medians over repeats; ratios against the plain pipeline's median from the same run.
 
     .venv/bin/python benchmarks/bench_inference.py [--repeats 3] [--steps 4] [--json OUT]
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -61,6 +62,11 @@ def build(tiny_dir: Path, full: bool, device: str, dtype: torch.dtype):
     return DynaIPFluxPipeline(flux, adapter.to(device, dtype), tower.to(device)), acfg
 
 
+def clock() -> float:
+    """Process CPU time on the CPU (steadier than wall time on a shared 2-core machine), wall time on GPU."""
+    return time.perf_counter() if torch.cuda.is_available() else time.process_time()
+
+
 def time_steps(pipe, n_subjects: int, acfg, *, size: int, steps: int, text_tokens: int) -> tuple[float, float]:
     """(median seconds per step for steps 2..N, seconds of step 1)."""
     device = pipe.device
@@ -82,12 +88,12 @@ def time_steps(pipe, n_subjects: int, acfg, *, size: int, steps: int, text_token
     def on_step(_pipe, _i, _t, kwargs):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+        stamps.append(clock())
         return kwargs
 
     call = dict(prompt="a photo of a dog on the beach", num_inference_steps=steps, height=size, width=size,
                 max_sequence_length=text_tokens, output_type="latent", callback_on_step_end=on_step)
-    start = time.perf_counter()
+    start = clock()
     with torch.no_grad():
         pipe._generate(call, seed=0, generator=None, cond=cond)
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
@@ -100,9 +106,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--full", action="store_true", help="full FLUX.1-dev transformer at 1024x1024 (GPU)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = least noisy)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     from dynaip.models.tiny import write_tiny_checkpoints
 
@@ -116,8 +123,11 @@ def main() -> None:
         time_steps(pipe, 1, acfg, size=size, steps=2, text_tokens=text_tokens)  # warm-up
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        order_rng = random.Random(0)
         for _ in range(args.repeats):
-            for n in subjects:  # round-robin so drift hits every configuration alike
+            order = subjects[:]
+            order_rng.shuffle(order)  # shuffled round-robin: drift and position effects hit every configuration alike
+            for n in order:
                 s, f = time_steps(pipe, n, acfg, size=size, steps=args.steps, text_tokens=text_tokens)
                 per_step[n].append(s)
                 first[n].append(f)
