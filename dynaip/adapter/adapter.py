@@ -12,6 +12,7 @@ from torch import nn
 
 from .attention import (
     BRANCHES,
+    CONDITIONING_KWARG,
     BlockReferenceAttention,
     Conditioning,
     ConditioningSlot,
@@ -51,7 +52,7 @@ class DynaIPAdapter(nn.Module):
         self.single_blocks = nn.ModuleList(
             BlockReferenceAttention(*args, text_stream=False) for _ in range(config.num_single_blocks))
         self._slot = ConditioningSlot()
-        self._originals: dict[int, list] = {}  # id(transformer) -> its processors before attach
+        self._originals: dict[int, tuple[list, object]] = {}  # id(transformer) -> (processors before attach, hook)
 
     # ------------------------------------------------------------------ references
     def encode_reference(self, hidden_states: Sequence[torch.Tensor],
@@ -95,15 +96,34 @@ class DynaIPAdapter(nn.Module):
         self._check_transformer(transformer)
         blocks = [(b, True, ca) for b, ca in zip(transformer.transformer_blocks, self.double_blocks)]
         blocks += [(b, False, ca) for b, ca in zip(transformer.single_transformer_blocks, self.single_blocks)]
-        self._originals[id(transformer)] = [b.attn.processor for b, _, _ in blocks]
+        originals = [b.attn.processor for b, _, _ in blocks]
         for block, double, ca in blocks:
             block.attn.set_processor(DynaIPAttnProcessor(ca, self._slot, double_stream=double))
+        hook = transformer.register_forward_pre_hook(self._pass_conditioning, with_kwargs=True)
+        self._originals[id(transformer)] = (originals, hook)
+
+    def _pass_conditioning(self, module: nn.Module, args: tuple, kwargs: dict):
+        """Forward pre-hook: puts the active conditioning into ``joint_attention_kwargs``.
+
+        diffusers hands those kwargs to every block, and its gradient checkpointing hands them to the
+        recomputation too, so training with ``enable_gradient_checkpointing()`` recomputes each block
+        *with* the adapter even though backward runs after the ``conditioning`` block has closed.
+        """
+        cond = self._slot.active
+        if cond is None or len(args) > 7:  # joint_attention_kwargs given positionally: the slot still serves
+            return None
+        joint = dict(kwargs.get("joint_attention_kwargs") or {})
+        joint.setdefault(CONDITIONING_KWARG, cond)
+        kwargs["joint_attention_kwargs"] = joint
+        return args, kwargs
 
     def detach(self, transformer: nn.Module) -> None:
         """Puts back the processors that were there before ``attach``."""
-        originals = self._originals.pop(id(transformer), None)
-        if originals is None:
+        entry = self._originals.pop(id(transformer), None)
+        if entry is None:
             raise ValueError("This adapter is not attached to this transformer")
+        originals, hook = entry
+        hook.remove()
         blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
         for block, proc in zip(blocks, originals):
             block.attn.set_processor(proc)

@@ -26,6 +26,10 @@ from diffusers.models.transformers.transformer_flux import (
 from torch import nn
 
 BRANCHES = ("image", "text", "both")
+CONDITIONING_KWARG = "dynaip_conditioning"
+"""Name under which the active conditioning travels in the transformer's ``joint_attention_kwargs``
+(see ``DynaIPAdapter.attach``): diffusers passes those kwargs into every block call, also into the
+gradient-checkpointed ones, so a block recomputed during backward sees the same conditioning."""
 
 
 def _tensor_version(t: torch.Tensor) -> tuple:
@@ -279,8 +283,11 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        dynaip_conditioning: Conditioning | None = None,
     ):
-        cond = self.slot.active
+        # The conditioning passed with the call wins over the slot: under gradient checkpointing the
+        # block is recomputed in backward, after the ``with adapter.conditioning(...)`` block closed.
+        cond = dynaip_conditioning if dynaip_conditioning is not None else self.slot.active
         if cond is None or cond.num_subjects == 0:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
