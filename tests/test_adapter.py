@@ -282,7 +282,7 @@ def test_multi_subject_argument_errors(attached):
 def test_reference_kv_computed_once_per_conditioning(transformer, attached):
     calls = []
     kv_modules = [m for m in attached.modules() if hasattr(m, "to_k")]
-    handles = [m.to_k.register_forward_hook(lambda *a: calls.append(1)) for m in kv_modules]
+    handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in kv_modules]
     try:
         C = attached.encode_reference(clip_states()).detach()
         with attached.conditioning([C], branches="image", image_size=(H, W)):

@@ -10,14 +10,16 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from dynaip.models.tiny import TINY_FLUX_TRANSFORMER_CONFIG
+from dynaip.train.step import enable_checkpointing
 from test_adapter import H, W, clip_states, make_adapter, make_inputs
 
 
-def _grads(checkpointing: bool, subjects: int, branches: str, masked: bool) -> dict[str, torch.Tensor]:
+def _grads(checkpointing: bool, subjects: int, branches: str, masked: bool, keep_last: int = 0
+           ) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG).train().requires_grad_(False)
     if checkpointing:
-        transformer.enable_gradient_checkpointing()
+        assert enable_checkpointing(transformer, keep_last) == 3 - keep_last
     adapter = make_adapter(expert_dropout=0.0).train()  # both runs must use the same experts
     adapter.attach(transformer)
     refs = [adapter.encode_reference(clip_states(seed=10 + i)) for i in range(subjects)]
@@ -36,10 +38,13 @@ def _grads(checkpointing: bool, subjects: int, branches: str, masked: bool) -> d
     return grads
 
 
-@pytest.mark.parametrize("subjects,branches,masked", [(1, "both", False), (2, "both", True), (3, "image", True)])
-def test_checkpointed_gradients_equal_plain_ones(subjects, branches, masked):
+@pytest.mark.parametrize("subjects,branches,masked,keep_last", [
+    (1, "both", False, 0), (2, "both", True, 0), (3, "image", True, 0),  # diffusers' own checkpointing
+    (1, "both", False, 1), (2, "both", True, 2),  # ours, with the last blocks kept
+])
+def test_checkpointed_gradients_equal_plain_ones(subjects, branches, masked, keep_last):
     plain = _grads(False, subjects, branches, masked)
-    ckpt = _grads(True, subjects, branches, masked)
+    ckpt = _grads(True, subjects, branches, masked, keep_last)
     assert plain.keys() == ckpt.keys()
     # the CA of every block and the HMoE/projection received gradient
     assert any(k.startswith("single_blocks.1.") for k in plain) and any(k.startswith("hmoe.") for k in plain)

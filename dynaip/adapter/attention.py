@@ -52,10 +52,16 @@ class ReferenceKV(nn.Module):
         # Zero V: CA(X, C) == 0 for every input, so attaching a fresh adapter leaves FLUX exactly unchanged.
         nn.init.zeros_(self.to_v.weight)
 
-    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = c.to(self.to_k.weight.dtype)
-        k = self.norm_k(self.to_k(c).unflatten(-1, (self.num_heads, self.head_dim)))  # (..., Lc, H, Dh)
-        v = self.to_v(c).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
+    def forward(self, c: torch.Tensor, compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``compute_dtype`` (training: the frozen base's bf16) runs the projections in that dtype on
+        casts of the (fp32 master) weights, so the transformer itself needs no autocast; the key
+        RMSNorm stays in the weights' precision."""
+        w_dtype = self.to_k.weight.dtype
+        dt = compute_dtype or w_dtype
+        c = c.to(dt)
+        k = F.linear(c, self.to_k.weight.to(dt)).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
+        k = self.norm_k(k.to(w_dtype)).to(dt)
+        v = F.linear(c, self.to_v.weight.to(dt)).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
         return k.transpose(-3, -2), v.transpose(-3, -2)  # (..., H, Lc, Dh)
 
     def version(self) -> tuple:
@@ -161,8 +167,7 @@ class Conditioning:
         after its backward. Training opens one conditioning per step, so nothing is lost.
         """
         if torch.is_grad_enabled():
-            k, v = module(self.stacked_refs())
-            return k.to(dtype), v.to(dtype)
+            return module(self.stacked_refs(), compute_dtype=dtype)
         key = self._kv_key(module)
         hit = self.kv_cache.get(id(module))
         if hit is None or hit[0] != key or hit[1].dtype != dtype:
@@ -208,20 +213,41 @@ class Conditioning:
             self.weight_cache[cache_key] = rows
         return self.weight_cache[cache_key]
 
+    def folded_scales(self, key: tuple, weights: torch.Tensor, rows: list[torch.Tensor | None] | None
+                      ) -> list[float | None]:
+        """Per subject: λ_i when its weight is exactly λ_i on every row it acts on (no mask, or a mask
+        shared by the batch), so ``reference_attention`` can fold λ_i into V and skip the per-row
+        multiply; None when the rows need their own weights. Computed once per conditioning and key."""
+        cache_key = ("folded", *key)
+        if cache_key not in self.weight_cache:
+            lams = self.scales.tolist()
+            folded: list[float | None] = []
+            for i, wi in enumerate(weights):  # (B, L)
+                idx = rows[i] if rows is not None else None
+                on = wi if idx is None else wi.index_select(1, idx)
+                folded.append(lams[i] if bool((on == on.new_tensor(lams[i])).all()) else None)
+            self.weight_cache[cache_key] = folded
+        return self.weight_cache[cache_key]
+
     def text_weights(self, batch: int, n_txt: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(N, B, n_txt) = λ_i: text rows get the unmasked sum over subjects."""
         return self.scales.to(device=device, dtype=dtype)[:, None, None].expand(-1, batch, n_txt)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
-                        rows: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+                        rows: list[torch.Tensor | None] | None = None,
+                        folded: list[float | None] | None = None) -> torch.Tensor:
     """Σ_i weights_i · SDPA(q, k_i, v_i) over the N subjects.
 
     q: (B, Lq, H, Dh); k, v: (N, Bk, H, Lc, Dh) with Bk in {1, B}; weights: (N, B, Lq).
     rows: per subject, None (every query row) or the indices of the rows where its weight is nonzero
     (``Conditioning.image_rows``): subject i's attention runs on those rows only, so N subjects with
-    disjoint masks cost about as much as one. Returns (B, Lq, H*Dh). One SDPA per subject (N is a
-    handful): measured on CPU this beats one batched SDPA over copies of q and an einsum reduction.
+    disjoint masks cost about as much as one. folded: per subject, λ_i when its weight is λ_i on all
+    of its rows (``Conditioning.folded_scales``): then λ_i·SDPA(q, k, v) = SDPA(q, k, λ_i·v) is
+    computed by scaling the Lc reference values instead of the Lq output rows, which saves a full
+    pass over the output per block (measured on an H100: see BENCHMARKS.md). Returns (B, Lq, H*Dh).
+    One SDPA per subject (N is a handful): measured on CPU this beats one batched SDPA over copies of
+    q and an einsum reduction.
     """
     b = q.shape[0]
     if k.shape[1] not in (1, b):
@@ -231,11 +257,15 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weigh
     k, v, weights = k.to(q.dtype), v.to(q.dtype), weights.to(q.dtype)
     out = None
     for i in range(k.shape[0]):
+        lam = folded[i] if folded is not None else None
         ki, vi = k[i].expand(b, -1, -1, -1), v[i].expand(b, -1, -1, -1)
+        if lam is not None and lam != 1.0:
+            vi = vi * lam
         idx = rows[i] if rows is not None else None
         if idx is None:
             o = F.scaled_dot_product_attention(qh, ki, vi)  # (B, H, Lq, Dh)
-            o = o * weights[i][:, None, :, None]  # λ_i · M_i per query row
+            if lam is None:
+                o = o * weights[i][:, None, :, None]  # λ_i · M_i per query row
             out = o if out is None else out + o
             continue
         if out is None:
@@ -243,7 +273,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weigh
         if idx.numel() == 0:  # λ_i = 0 or an empty mask: nothing to add
             continue
         o = F.scaled_dot_product_attention(qh.index_select(2, idx), ki, vi)  # (B, H, l_i, Dh)
-        out.index_add_(2, idx, o * weights[i].index_select(1, idx)[:, None, :, None])
+        if lam is None:
+            o = o * weights[i].index_select(1, idx)[:, None, :, None]
+        out.index_add_(2, idx, o)
     return out.transpose(1, 2).flatten(2)  # (B, Lq, H*Dh)
 
 
@@ -272,9 +304,14 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
         self.double_stream = double_stream
 
     def _ca(self, cond: Conditioning, stream: str, q: torch.Tensor, weights: torch.Tensor,
-            rows: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+            rows: list[torch.Tensor | None] | None = None, key: tuple | None = None) -> torch.Tensor:
+        """``key`` names ``weights`` for ``Conditioning.folded_scales``; text rows always carry λ_i."""
         k, v = cond.reference_kv(self.block.stream(stream), q.dtype)
-        return reference_attention(q, k, v, weights, rows)
+        if key is None:
+            folded = cond.scales.tolist()
+        else:
+            folded = cond.folded_scales((*key, q.shape[0], weights.shape[-1], q.dtype, q.device), weights, rows)
+        return reference_attention(q, k, v, weights, rows, folded)
 
     def __call__(
         self,
@@ -325,7 +362,7 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
             cond.seen_image_tokens = n_img
             if cond.to_image:
                 img_out = img_out + self._ca(cond, "image", ca_query, cond.image_weights(b, n_img, dtype, device),
-                                             cond.image_rows(b, n_img, dtype, device))
+                                             cond.image_rows(b, n_img, dtype, device), key=("image",))
             if cond.to_text:
                 enc_out = enc_out + self._ca(cond, "text", ca_text_query, cond.text_weights(b, n_txt, dtype, device))
             img_out = attn.to_out[1](attn.to_out[0](img_out))
@@ -339,10 +376,13 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
         if cond.to_image and cond.to_text:
             w = torch.cat([cond.text_weights(b, n_txt, dtype, device),
                            cond.image_weights(b, n_img, dtype, device)], dim=2)  # (N, B, L)
-            return out + self._ca(cond, "image", ca_query, w)
+            return out + self._ca(cond, "image", ca_query, w, key=("joint",))
         if cond.to_image:
             ca = self._ca(cond, "image", ca_query[:, n_txt:], cond.image_weights(b, n_img, dtype, device),
-                          cond.image_rows(b, n_img, dtype, device))
+                          cond.image_rows(b, n_img, dtype, device), key=("image",))
+            if not torch.is_grad_enabled():  # inference: add in place instead of copying the whole sequence
+                out[:, n_txt:] += ca
+                return out
             return torch.cat([out[:, :n_txt], out[:, n_txt:] + ca], dim=1)
         ca = self._ca(cond, "text", ca_query[:, :n_txt], cond.text_weights(b, n_txt, dtype, device))
         return torch.cat([out[:, :n_txt] + ca, out[:, n_txt:]], dim=1)

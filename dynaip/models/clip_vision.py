@@ -31,6 +31,8 @@ class ClipVisionTower(nn.Module):
         bad = [l for l in layers if not 1 <= l <= depth]
         if bad:
             raise ValueError(f"CLIP layers {bad} out of range: this tower has layers 1..{depth}")
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"CLIP layers {list(layers)}: give at least one layer, each once")
         self.visual = visual
         self.layers = tuple(int(l) for l in layers)
         size = visual.image_size
@@ -49,9 +51,13 @@ class ClipVisionTower(nn.Module):
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         x = self.visual._embeds(pixels.to(self.visual.conv1.weight.dtype))  # (B, L, D)
+        # OpenCLIP returns intermediates in ascending layer order whatever order they are asked in;
+        # map them back so the i-th output is always the i-th requested layer (the i-th expert's input).
+        ascending = sorted(self.layers)
         _, inter = self.visual.transformer.forward_intermediates(
-            x, indices=[l - 1 for l in self.layers], stop_early=True)
-        return list(inter)
+            x, indices=[l - 1 for l in ascending], stop_early=True)
+        by_layer = dict(zip(ascending, inter))
+        return [by_layer[l] for l in self.layers]
 
 
 def _read_open_clip_dir(p: Path) -> tuple[dict, dict, Path]:

@@ -107,7 +107,10 @@ class TrainConfig:
     precision: str = "auto"
     """Frozen-model dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16`` or ``fp32``. Adapter weights stay fp32."""
     gradient_checkpointing: bool = False
-    """Recompute the transformer's activations in backward (``transformer.enable_gradient_checkpointing()``)."""
+    """Recompute the transformer's activations in backward instead of keeping them (memory for time)."""
+    checkpoint_keep_blocks: int = 0
+    """With ``gradient_checkpointing``: the last N of FLUX's blocks keep their activations and are not
+    recomputed (faster, more memory per block; 0 = every block recomputes). See docs/memory.md."""
     find_unused_parameters: bool = False
     """DDP option; needed only by adapter variants with parameters that a step does not use."""
     max_failures: int = 2
@@ -153,6 +156,8 @@ class TrainConfig:
                               ("adapter_preset", ("full", "tiny"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {choices}")
+        if self.checkpoint_keep_blocks < 0:
+            raise ValueError(f"checkpoint_keep_blocks={self.checkpoint_keep_blocks}: must be >= 0")
         if self.drop_text + self.drop_image + self.drop_both > 1:
             raise ValueError("drop_text + drop_image + drop_both must be <= 1")
         if len(self.validation_refs) not in (0, len(self.validation_prompts)):

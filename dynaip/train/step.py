@@ -59,19 +59,70 @@ class FrozenModels:
                 "text_encoder_2": p.text_encoder_2, "clip_vision": self.clip}
 
 
+def enable_checkpointing(transformer: nn.Module, keep_last: int = 0) -> int:
+    """Gradient checkpointing of the frozen transformer's blocks; returns how many blocks recompute.
+
+    ``keep_last = 0``: diffusers' own ``enable_gradient_checkpointing`` (every block). Otherwise each of
+    the first ``57 - keep_last`` blocks (double-stream first, then single-stream) is wrapped in a
+    non-reentrant ``torch.utils.checkpoint`` and the last ``keep_last`` keep their activations: less
+    recomputation for more memory (docs/memory.md). Either way the adapter's conditioning reaches the
+    recomputation through the block's ``joint_attention_kwargs`` (DynaIPAdapter.attach).
+    """
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    if not 0 <= keep_last <= len(blocks):
+        raise ValueError(f"checkpoint_keep_blocks={keep_last}: the transformer has {len(blocks)} blocks")
+    if keep_last == 0:
+        transformer.enable_gradient_checkpointing()
+        return len(blocks)
+    for block in blocks[:len(blocks) - keep_last]:
+        def forward(*args, _inner=block.forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = functools.update_wrapper(forward, block.forward)
+    return len(blocks) - keep_last
+
+
+def disable_checkpointing(transformer: nn.Module) -> None:
+    """Undoes ``enable_checkpointing``."""
+    transformer.gradient_checkpointing = False
+    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
+        block.__dict__.pop("forward", None)
+
+
 def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
-                gradient_checkpointing: bool = False) -> FrozenModels:
+                gradient_checkpointing: bool = False, clip_layers: Sequence[int] | None = None,
+                checkpoint_keep_blocks: int = 0) -> FrozenModels:
+    """Loads the frozen models. ``clip_layers``: the adapter's ``config.clip_layers`` — the one source of
+    truth for which hidden states feed the experts; ``models.yaml``'s list only seeds fresh adapters."""
     from dynaip.models.clip_vision import load_clip_vision
     from dynaip.models.flux import load_flux_pipeline
 
     pipe = load_flux_pipeline(models.flux, dtype)
     pipe.set_progress_bar_config(disable=True)
-    clip = load_clip_vision(models.clip_vision, models.clip_vision.layers)
+    clip = load_clip_vision(models.clip_vision, tuple(clip_layers) if clip_layers is not None else models.clip_vision.layers)
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, clip):
         m.requires_grad_(False).eval().to(device=device, dtype=dtype)
     if gradient_checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
+        enable_checkpointing(pipe.transformer, checkpoint_keep_blocks)
     return FrozenModels(pipe=pipe, clip=clip, device=device, dtype=dtype)
+
+
+def configure_attention_backends(device: torch.device) -> None:
+    """Training on CUDA: turn off PyTorch's cuDNN attention backend for this process.
+
+    Its backward failed on an H100 (torch 2.11 + cuDNN from CUDA 13: ``mha_graph.execute(...)
+    .is_good()`` on bare FLUX.1-dev with gradient checkpointing, then illegal memory accesses), while
+    the flash and memory-efficient kernels train correctly. A process-wide switch because backward
+    runs on autograd's device threads, where an ``sdpa_kernel`` context would not reach.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -172,22 +223,42 @@ def training_loss(frozen: FrozenModels, adapter: nn.Module, encode: nn.Module, b
         prompts = ["" if d else p for p, d in zip(batch["txt"], drop_txt.tolist())]
         txt, pooled, txt_ids = encode_text(frozen, prompts, settings.max_sequence_length)
         hidden = clip_hidden_states(frozen, batch["ref"])
+    return flow_matching_loss(frozen.transformer, frozen.pipe.scheduler.config, adapter, encode, x0=x0,
+                              img_ids=img_ids, image_size=(h * 8, w * 8), txt=txt, pooled=pooled, txt_ids=txt_ids,
+                              hidden=hidden, drop_image=drop_img, settings=settings, generator=generator,
+                              autocast=autocast)
+
+
+def flow_matching_loss(transformer: nn.Module, scheduler_config: Any, adapter: nn.Module, encode: nn.Module, *,
+                       x0: torch.Tensor, img_ids: torch.Tensor, image_size: tuple[int, int], txt: torch.Tensor,
+                       pooled: torch.Tensor, txt_ids: torch.Tensor, hidden: Sequence[torch.Tensor],
+                       drop_image: torch.Tensor, settings: LossSettings, generator: torch.Generator,
+                       autocast: torch.dtype | None = None) -> torch.Tensor:
+    """The loss from encoded inputs: packed target latents ``x0`` (B, N, 64), text features, CLIP
+    hidden states and the image-dropout mask. Draws the noise, then t, from ``generator``."""
+    dev, b = x0.device, x0.shape[0]
+    with torch.no_grad():
         noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=torch.float32).to(x0.dtype)
-        mu = flux_shift_mu(frozen.pipe.scheduler.config, x0.shape[1]) if settings.resolution_shift else None
+        mu = flux_shift_mu(scheduler_config, x0.shape[1]) if settings.resolution_shift else None
         t = sample_timesteps(b, mu, settings.logit_mean, settings.logit_std, generator, dev)  # (B,)
         tt = t.view(b, 1, 1).to(x0.dtype)
         x_t = (1.0 - tt) * x0 + tt * noise
         target = (noise - x0).float()
     guidance = (torch.full((b,), settings.guidance, device=dev, dtype=torch.float32)
-                if frozen.transformer.config.guidance_embeds else None)
+                if transformer.config.guidance_embeds else None)
 
+    # Autocast covers the adapter's own fp32 modules (HMoE, projection) only. The frozen transformer
+    # already holds its weights in the training dtype and runs without autocast, as in generation:
+    # under autocast its LayerNorms would return fp32 and every modulation after them would run and be
+    # saved in fp32 (measured on an H100: BENCHMARKS.md). The CA K/V run in the transformer's dtype
+    # on casts of the fp32 master weights (ReferenceKV.forward).
     with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
         c = encode([hs.float() for hs in hidden])  # (B, Lc, D)
-        c = c * (~drop_img).to(dev, c.dtype).view(b, 1, 1)  # zero rows = no reference for those samples
-        with adapter.conditioning([c], branches="both", image_size=(h * 8, w * 8)):
-            pred = frozen.transformer(hidden_states=x_t, timestep=t.to(x0.dtype), guidance=guidance,
-                                      pooled_projections=pooled, encoder_hidden_states=txt, txt_ids=txt_ids,
-                                      img_ids=img_ids, return_dict=False)[0]  # (B, N, 64)
+    c = c * (~drop_image).to(dev, c.dtype).view(b, 1, 1)  # zero rows = no reference for those samples
+    with adapter.conditioning([c], branches="both", image_size=image_size):
+        pred = transformer(hidden_states=x_t, timestep=t.to(x0.dtype), guidance=guidance,
+                           pooled_projections=pooled, encoder_hidden_states=txt, txt_ids=txt_ids,
+                           img_ids=img_ids, return_dict=False)[0]  # (B, N, 64)
     return F.mse_loss(pred.float(), target)
 
 

@@ -174,7 +174,7 @@ class _Worker:
         from dynaip.models import ModelsConfig
 
         from .parallel import apply_strategy
-        from .step import LossSettings, load_frozen
+        from .step import LossSettings, configure_attention_backends, load_frozen
 
         self.spec = spec
         self.cfg = cfg = TrainConfig.from_dict(spec.config)
@@ -183,16 +183,22 @@ class _Worker:
         if self.world != cfg.workers and dist.is_initialized():
             log.warning("config says workers=%d, running with world_size=%d", cfg.workers, self.world)
         self.device = _device(cfg)
+        configure_attention_backends(self.device)
         self.dtype = _dtype(cfg, self.device)
         self.autocast = torch.bfloat16 if self.dtype == torch.bfloat16 else None
         self.max_steps = spec.max_steps or cfg.max_steps or cfg.total_steps
         self.settings = LossSettings.from_config(cfg)
 
-        self.frozen = load_frozen(ModelsConfig.from_yaml(spec.models), self.device, self.dtype,
-                                  cfg.gradient_checkpointing)
-        torch.manual_seed(cfg.seed)  # same initial adapter on every rank
+        models = ModelsConfig.from_yaml(spec.models)
         preset = DynaIPConfig.full if cfg.adapter_preset == "full" else DynaIPConfig.tiny
-        self.adapter = DynaIPAdapter(preset(**cfg.adapter)).to(self.device)
+        # The adapter's config is the one source of truth for its CLIP layers; models.yaml only
+        # seeds a fresh adapter that does not name them.
+        adapter_config = preset(**{"clip_layers": models.clip_vision.layers, **cfg.adapter})
+        self.frozen = load_frozen(models, self.device, self.dtype, cfg.gradient_checkpointing,
+                                  clip_layers=adapter_config.clip_layers,
+                                  checkpoint_keep_blocks=cfg.checkpoint_keep_blocks)
+        torch.manual_seed(cfg.seed)  # same initial adapter on every rank
+        self.adapter = DynaIPAdapter(adapter_config).to(self.device)
         self.adapter.attach(self.frozen.transformer)
         self.adapter.train()
         self.encode = apply_strategy(cfg.strategy, self.frozen.transformer, self.adapter, self.device,
