@@ -76,6 +76,23 @@ def encode_sample(sample: Sample, jpeg_quality: int = 95) -> list[tuple[str, byt
     return [(f"{key}.{ext}", files[ext]) for ext in MEMBER_ORDER]
 
 
+def sample_pair(members: Iterable[tuple[str, bytes]]) -> str:
+    """The ``pair`` field (intra | cross) of one encoded sample's json member."""
+    for name, data in members:
+        if name.endswith(".json"):
+            return str(json.loads(data).get("pair", "unknown"))
+    return "unknown"
+
+
+def pair_totals(shards: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Samples per pair type over manifest shard entries."""
+    total: dict[str, int] = {}
+    for s in shards:
+        for kind, n in s.get("pairs", {}).items():
+            total[kind] = total.get(kind, 0) + int(n)
+    return dict(sorted(total.items()))
+
+
 def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> dict[str, Any]:
     """Writes a deterministic tar atomically; returns ``{path, bytes, sha256}`` of the final file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,21 +215,26 @@ class DatasetWriter:
         shard(s), then its marker. A chunk without samples writes no shard."""
         parts: list[list[tuple[str, bytes]]] = []
         counts: list[int] = []
+        pairs: list[dict[str, int]] = []
         size = 0
         for members in encoded:
             nbytes = sum(512 + (len(d) + 511) // 512 * 512 for _, d in members)
             if not parts or (self.max_bytes is not None and size + nbytes > self.max_bytes and counts[-1] > 0):
                 parts.append([])
                 counts.append(0)
+                pairs.append({})
                 size = 0
             parts[-1].extend(members)
             counts[-1] += 1
+            kind = sample_pair(members)
+            pairs[-1][kind] = pairs[-1].get(kind, 0) + 1
             size += nbytes
         shards = []
-        for p, (members, n) in enumerate(zip(parts, counts)):
+        for p, (members, n, kinds) in enumerate(zip(parts, counts, pairs)):
             name = self.shard_name(chunk, p)
             info = write_tar(self.out / name, members)
-            shards.append({"path": name, "samples": n, **info})
+            # pair counts per shard let the trainer check a stage's data before it loads any model
+            shards.append({"path": name, "samples": n, "pairs": dict(sorted(kinds.items())), **info})
         keep = {s["path"] for s in shards}
         for old in (self.out / "shards").glob(f"{chunk:06d}*.tar"):  # parts of an earlier, different build
             if f"shards/{old.name}" not in keep:
@@ -250,6 +272,7 @@ class DatasetWriter:
                         "samples": sum(s["samples"] for s in r.shards)} for r in results],
             "totals": {"inputs": inputs, "accepted": accepted, "rejected": len(rejects),
                        "samples": sum(s["samples"] for s in shards),
+                       "pairs": pair_totals(shards),
                        "bytes": sum(s["bytes"] for s in shards),
                        "rejected_by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))},
         }

@@ -91,8 +91,8 @@ def write_dataset(out: str | Path, shard_sizes: Sequence[int], pair: str = "intr
             data = path.read_bytes()
             path.write_bytes(data[: len(data) // 2 + 100])
         data = path.read_bytes()
-        entries.append({"path": f"shards/{s:06d}.tar", "samples": count, "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest()})
+        entries.append({"path": f"shards/{s:06d}.tar", "samples": count, "pairs": {pair: count} if count else {},
+                        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     manifest = {"format": "dynaip-dataset/1", "recipe": {"name": "test", "pairing": pair}, "shards": entries,
                 "totals": {"inputs": n - start, "accepted": n - start, "rejected": 0, "rejected_by_reason": {}}}
     tmp = out / "manifest.json.tmp"

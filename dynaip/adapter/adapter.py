@@ -207,15 +207,20 @@ class DynaIPAdapter(nn.Module):
         self._slot.active = cond
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Writes ``directory/adapter.safetensors`` (weights only) and ``directory/config.json``."""
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Writes ``directory/adapter.safetensors`` (weights only) and ``directory/config.json``.
+
+        ``state_dict``: the whole weights when this module holds only shards (FSDP2 training gathers
+        them with ``dynaip.train.parallel.full_adapter_state``); default: this module's own.
+        """
         from safetensors.torch import save_file
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        source = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-        dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         (out / CONFIG_NAME).write_text(json.dumps(
             {"format": CHECKPOINT_FORMAT, "dtype": dtype, "config": self.config.to_dict()}, indent=2, sort_keys=True))
         return out

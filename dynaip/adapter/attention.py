@@ -33,8 +33,10 @@ gradient-checkpointed ones, so a block recomputed during backward sees the same 
 
 
 def _tensor_version(t: torch.Tensor) -> tuple:
-    """Identity + in-place-modification counter (inference-mode tensors have no counter)."""
-    return (id(t), t.data_ptr(), None if t.is_inference() else t._version)
+    """Identity + in-place-modification counter (inference-mode tensors have no counter). An FSDP2
+    shard (DTensor) is identified by its local tensor, which owns the storage."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return (id(t), local.data_ptr(), None if local.is_inference() else local._version)
 
 
 class ReferenceKV(nn.Module):

@@ -12,6 +12,9 @@ from typing import Any
 
 import yaml
 
+STRATEGIES = ("ddp", "fsdp2", "fsdp2_adapter", "fsdp2_full")
+"""Layouts of the frozen base and the adapter over the workers (dynaip.train.parallel)."""
+
 
 @dataclass(kw_only=True)
 class StageConfig:
@@ -101,7 +104,9 @@ class TrainConfig:
     """One GPU per worker; the frozen base runs in bf16 there."""
     strategy: str = "ddp"
     """``ddp``: frozen base replicated, adapter in DistributedDataParallel. ``fsdp2``: additionally
-    shards the frozen transformer's blocks with ``fully_shard`` (memory; see dynaip.train.parallel)."""
+    shards the frozen transformer's blocks with ``fully_shard``. ``fsdp2_adapter``: shards the adapter's
+    parameters, gradients and AdamW state (FSDP2) instead of DDP. ``fsdp2_full``: both. See
+    dynaip.train.parallel and docs/memory.md."""
     backend: str = "auto"
     """torch.distributed backend: ``auto`` = nccl with GPUs, gloo on the CPU."""
     precision: str = "auto"
@@ -151,7 +156,7 @@ class TrainConfig:
         if self.workers < 1 or self.global_batch_size % self.workers:
             raise ValueError(f"global_batch_size={self.global_batch_size} is not divisible by workers={self.workers}; "
                              "pick a batch size that splits evenly over the workers")
-        for name, choices in (("schedule", ("cosine", "constant")), ("strategy", ("ddp", "fsdp2")),
+        for name, choices in (("schedule", ("cosine", "constant")), ("strategy", STRATEGIES),
                               ("backend", ("auto", "gloo", "nccl")), ("precision", ("auto", "bf16", "fp32")),
                               ("adapter_preset", ("full", "tiny"))):
             if getattr(self, name) not in choices:

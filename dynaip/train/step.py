@@ -44,6 +44,8 @@ class FrozenModels:
     """``ClipVisionTower``: ``.normalize``, ``.image_size``, forward → hidden states of the configured layers."""
     device: torch.device
     dtype: torch.dtype
+    checkpointed_blocks: int = 0
+    """Transformer blocks that recompute their activations in backward (gradient checkpointing)."""
 
     @property
     def transformer(self) -> nn.Module:
@@ -108,9 +110,8 @@ def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
     clip = load_clip_vision(models.clip_vision, tuple(clip_layers) if clip_layers is not None else models.clip_vision.layers)
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, clip):
         m.requires_grad_(False).eval().to(device=device, dtype=dtype)
-    if gradient_checkpointing:
-        enable_checkpointing(pipe.transformer, checkpoint_keep_blocks)
-    return FrozenModels(pipe=pipe, clip=clip, device=device, dtype=dtype)
+    checkpointed = enable_checkpointing(pipe.transformer, checkpoint_keep_blocks) if gradient_checkpointing else 0
+    return FrozenModels(pipe=pipe, clip=clip, device=device, dtype=dtype, checkpointed_blocks=checkpointed)
 
 
 def configure_attention_backends(device: torch.device) -> None:
@@ -277,7 +278,7 @@ def generate_samples(frozen: FrozenModels, adapter: nn.Module, prompts: Sequence
     n, (hgt, wid) = len(prompts), size
     gen = torch.Generator(device=dev).manual_seed(seed)
     txt, pooled, txt_ids = encode_text(frozen, prompts, max_sequence_length)
-    c = adapter.encode_reference([h.float() for h in clip_hidden_states(frozen, refs)])
+    c = adapter([h.float() for h in clip_hidden_states(frozen, refs)])  # forward: FSDP2 gathers a sharded adapter
     h, w = hgt // 8, wid // 8
     ch = frozen.transformer.config.in_channels // 4
     lat = torch.randn((n, ch, h, w), generator=gen, device=dev, dtype=torch.float32).to(frozen.dtype)

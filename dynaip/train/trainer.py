@@ -43,6 +43,7 @@ from .config import TrainConfig
 log = logging.getLogger(__name__)
 
 RESUME_FORMAT = "dynaip-train-state/1"
+SHARDED_ADAPTER = ("fsdp2_adapter", "fsdp2_full")
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -201,6 +202,14 @@ class _Worker:
         self.adapter = DynaIPAdapter(adapter_config).to(self.device)
         self.adapter.attach(self.frozen.transformer)
         self.adapter.train()
+        ckpt = latest_checkpoint(self.out)
+        own = ckpt is not None and spec.run_id and json.loads(
+            (ckpt / "resume" / "state.json").read_text()).get("run_id") == spec.run_id
+        resume_from = ckpt if (spec.resume or own) else None  # own: Ray restarted this run's workers
+        if spec.resume and ckpt is None:
+            log.warning("--resume: no checkpoint under %s/checkpoints; starting from step 0", self.out)
+        if resume_from is not None:  # whole weights first: sharding then splits them like a fresh adapter
+            self.adapter.load_weights(resume_from)
         self.encode = apply_strategy(cfg.strategy, self.frozen.transformer, self.adapter, self.device,
                                      cfg.find_unused_parameters)
         self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
@@ -213,11 +222,8 @@ class _Worker:
 
         self.step = 0
         self.data_state: dict[str, Any] | None = None
-        ckpt = latest_checkpoint(self.out)
-        own = ckpt is not None and spec.run_id and json.loads(
-            (ckpt / "resume" / "state.json").read_text()).get("run_id") == spec.run_id
-        if spec.resume or own:  # own: Ray restarted this run's workers after a failure
-            self._load_latest()
+        if resume_from is not None:
+            self._load_resume_state(resume_from)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl" if self.rank == 0 else None)
         self._eval_batch: dict[str, Any] | None = None
 
@@ -254,20 +260,27 @@ class _Worker:
         return self._eval_batch
 
     # ------------------------------------------------------------------ checkpoints
-    def _load_latest(self) -> None:
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
-            log.warning("--resume: no checkpoint under %s/checkpoints; starting from step 0", self.out)
-            return
+    def _load_resume_state(self, ckpt: Path) -> None:
+        """Optimizer, scheduler, RNG and data position of ``ckpt`` (its weights are already loaded)."""
+        from .parallel import is_sharded, load_local_optimizer_state
+
         state = json.loads((ckpt / "resume" / "state.json").read_text())
         if state.get("format") != RESUME_FORMAT:
             raise ValueError(f"{ckpt}: resume state format {state.get('format')!r}, expected {RESUME_FORMAT!r}")
         if state["world_size"] != self.world:
             raise ValueError(f"{ckpt} was written by {state['world_size']} workers, this run has {self.world}; "
                              "exact resume needs the same --workers")
-        self.adapter.load_weights(ckpt)
-        self.optimizer.load_state_dict(torch.load(ckpt / "resume" / "optimizer.pt", map_location=self.device,
-                                                  weights_only=True))
+        saved_strategy = state.get("config", {}).get("strategy", "ddp")
+        if is_sharded(self.adapter) != (saved_strategy in SHARDED_ADAPTER):
+            raise ValueError(f"{ckpt} was written with strategy={saved_strategy}, this run uses "
+                             f"strategy={self.cfg.strategy}; resume with the same strategy (its optimizer "
+                             "state is laid out for it)")
+        if is_sharded(self.adapter):
+            shard = ckpt / "resume" / f"optimizer-rank{self.rank:03d}.pt"
+            load_local_optimizer_state(self.optimizer, torch.load(shard, map_location="cpu", weights_only=True))
+        else:
+            self.optimizer.load_state_dict(torch.load(ckpt / "resume" / "optimizer.pt", map_location=self.device,
+                                                      weights_only=True))
         self.scheduler.load_state_dict(state["scheduler"])
         rng = torch.load(ckpt / "resume" / "rng.pt", map_location="cpu", weights_only=True)[self.rank]
         _set_rng_state(rng, self.gen, self.cpu_gen, self.device)
@@ -276,18 +289,30 @@ class _Worker:
         log.info("rank %d resumed from %s (step %d)", self.rank, ckpt, self.step)
 
     def save_checkpoint(self, loader) -> None:
+        from .parallel import full_adapter_state, is_sharded, local_optimizer_state
+
         cfg = self.cfg
         rngs = _gather(_rng_state(self.gen, self.cpu_gen, self.device))
         rngs = [{k: v.cpu() for k, v in r.items()} for r in rngs]
         datas = _gather(loader.state_dict())
+        sharded = is_sharded(self.adapter)
+        weights = full_adapter_state(self.adapter) if (sharded or self.rank == 0) else None  # collective if sharded
+        root = self.out / "checkpoints"
+        final = root / f"step-{self.step:06d}"
+        tmp = root / f".tmp-step-{self.step:06d}"
         if self.rank == 0:
-            root = self.out / "checkpoints"
-            final = root / f"step-{self.step:06d}"
-            tmp = root / f".tmp-step-{self.step:06d}"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.adapter.save_pretrained(tmp)
-            (tmp / "resume").mkdir()
-            torch.save(self.optimizer.state_dict(), tmp / "resume" / "optimizer.pt")
+            (tmp / "resume").mkdir(parents=True)
+        if sharded:  # every rank writes its own optimizer shard into the directory rank 0 made
+            if self.world > 1:
+                dist.barrier()
+            torch.save(local_optimizer_state(self.optimizer), tmp / "resume" / f"optimizer-rank{self.rank:03d}.pt")
+            if self.world > 1:
+                dist.barrier()
+        if self.rank == 0:
+            self.adapter.save_pretrained(tmp, state_dict=weights)
+            if not sharded:
+                torch.save(self.optimizer.state_dict(), tmp / "resume" / "optimizer.pt")
             torch.save(rngs, tmp / "resume" / "rng.pt")
             state = {"format": RESUME_FORMAT, "step": self.step, "data_stage": cfg.stage_at(self.step),
                      "stage": cfg.stages[cfg.stage_at(self.step)].name, "world_size": self.world,
@@ -364,6 +389,14 @@ class _Worker:
 
         cfg = self.cfg
         no_save = bool(self.spec.extra.get("no_save"))
+        from .parallel import is_sharded
+
+        # what this run really does (tests read it to check that a config's switches took effect)
+        self.metrics.write(step=self.step, event="start", world_size=self.world, strategy=cfg.strategy,
+                           adapter_sharded=is_sharded(self.adapter), dtype=str(self.dtype).removeprefix("torch."),
+                           autocast=None if self.autocast is None else str(self.autocast).removeprefix("torch."),
+                           checkpointed_blocks=self.frozen.checkpointed_blocks, data_workers=cfg.data_workers,
+                           clip_layers=list(self.adapter.config.clip_layers), device=self.device.type)
         if self.step == 0 and cfg.eval_every:
             self.metrics.write(step=0, val_loss=self.eval_loss())
         bar = tqdm(total=self.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
@@ -441,6 +474,10 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     With no ``ray_address`` (and none in the config) and no Ray already initialised in this
     process, an embedded local Ray is started and shut down afterwards.
     """
+    from .preflight import preflight
+
+    for stage, counts in preflight(cfg, spec.data, spec.models, spec.out, spec.resume).items():
+        log.info("stage '%s' data: %s", stage, "; ".join(f"{d}: {c}" for d, c in counts.items()))
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     if not spec.run_id:
         import uuid
