@@ -127,13 +127,17 @@ def test_shipped_train_config_runs_shrunk_on_two_workers(name, ray_local, datase
     assert all(torch.equal(want[k], got[k]) for k in want), "resume is not bitwise identical"
 
 
-def test_paper_config_trains_in_bf16_on_the_cpu(datasets, tiny_models_yaml, tmp_path):
-    """precision: bf16 — the frozen base in bf16 and the adapter's fp32 modules under bf16 autocast."""
+def test_paper_config_with_its_memory_fallback_trains_in_bf16_on_the_cpu(datasets, tiny_models_yaml, tmp_path):
+    """The paper recipe with docs/memory.md's fallback for short memory (gradient checkpointing on, every
+    block recomputed) and precision: bf16 — the frozen base in bf16, the adapter's fp32 modules under
+    bf16 autocast — which a CPU run of the shipped "auto" would not reach."""
     raw = yaml.safe_load((CONFIGS / "paper.yaml").read_text())
-    shrunk = {**shrink(raw), "precision": "bf16", "eval_every": 0, "sample_every": 0}
+    shrunk = {**shrink(raw), "precision": "bf16", "gradient_checkpointing": True, "checkpoint_keep_blocks": 0,
+              "eval_every": 0, "sample_every": 0}
     run = _run(tmp_path, "paper.yaml", shrunk, datasets, tiny_models_yaml, "bf16", "--local")
     rows = _rows(run)
     start = next(r for r in rows if r.get("event") == "start")
     assert start["dtype"] == "bfloat16" and start["autocast"] == "bfloat16"
+    assert start["checkpointed_blocks"] == TINY_BLOCKS
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 * len(raw["stages"]) and all(torch.isfinite(torch.tensor(v)) for v in losses)

@@ -81,7 +81,9 @@ class TrainConfig:
     has no unguided mode; adapter trainers for it (x-flux) feed 1.0, diffusers' DreamBooth script 3.5. We
     use 1.0 so the adapter learns on the least-guided setting; generation then uses its own guidance."""
     logit_mean: float = 0.0
-    """Timestep sampling: t = sigmoid(N(logit_mean, logit_std)) (logit-normal, as SD3/FLUX)."""
+    """Timestep sampling: t = sigmoid(N(logit_mean, logit_std)) (logit-normal, the SD3 paper's best and
+    diffusers' ``--weighting_scheme logit_normal``; x-flux samples uniformly over its shifted schedule,
+    diffusers' FLUX scripts default to uniform). jobs/configs/paper.yaml documents the choice."""
     logit_std: float = 1.0
     """See ``logit_mean``."""
     resolution_shift: bool = True
