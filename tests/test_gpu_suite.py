@@ -1,0 +1,37 @@
+"""benchmarks/gpu_suite.py: one line and status 1 without a GPU; --smoke runs every part on tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_without_a_gpu_it_says_so_in_one_line(tmp_path, capsys):
+    import gpu_suite
+
+    assert gpu_suite.main(["--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA GPU" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_smoke_run_covers_every_part(tmp_path):
+    import gpu_suite
+
+    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--repeats", "1", "--profile"]) == 0
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert report["smoke"] is True
+    assert [(r["batch_per_rank"], r["blocks_recomputed"]) for r in report["train"]] == [(1, 3), (2, 3), (2, 2), (2, 2), (1, 0)]
+    assert all(r["seconds_per_step"] > 0 and r["model_tflop_per_step"] > 0 for r in report["train"])
+    assert set(report["generate"]["ratio_to_bare"]) == {"bare", "1 subject", "2 subjects", "3 subjects"}
+    assert [r["batch"] for r in report["curate"]] == [1, 2]
+    assert "SMOKE RUN" in (tmp_path / "gpu_suite.md").read_text()
+    assert (tmp_path / "train_profile.txt").stat().st_size > 0
+    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "nope"]) == 2
