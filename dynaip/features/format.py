@@ -130,17 +130,6 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
     return w.finish(metadata)
 
 
-def sha256_file(path: str, block: int = 1 << 22) -> str:
-    """Whole-file sha256 of a local path or fsspec URL."""
-    import fsspec
-
-    h = hashlib.sha256()
-    with fsspec.open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ShardReader:
     """Random access to the tensors of one feature shard (local path or fsspec URL) by byte range.
 
@@ -226,21 +215,3 @@ class ShardReader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def verify_file(url: str, size: int, sha256: str) -> str | None:
-    """None when ``url`` has ``size`` bytes and whole-file ``sha256``, else what is wrong."""
-    import fsspec
-
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-        actual = fs.size(path)
-    except FileNotFoundError:
-        return "missing"
-    if actual != size:
-        return f"{actual} bytes, manifest says {size}"
-    h = sha256_file(url)
-    if h != sha256:
-        return f"sha256 {h[:12]}…, manifest says {sha256[:12]}…"
-    return None
-
