@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     """``jobs/precompute.py``: the arguments of ``dynaip precompute``; user errors are one line, exit code 2."""
     from dynaip.models.errors import CheckpointError
 
-    parser = argparse.ArgumentParser(prog="precompute", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jobs/precompute.py", description="store text embeddings and VAE "
+                                     "posteriors next to curated datasets (the arguments of `dynaip precompute`)")
     add_precompute_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -137,9 +137,10 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
     root = Path(features_root(str(base), name))
     state = root / PROGRESS / "spec.json"
     if state.is_file():
-        found = json.loads(state.read_text())
-        if found != spec.to_json():
-            raise FeatureError(f"{root} holds features computed with {found}, this run asks for {spec.to_json()}; "
+        found, want = json.loads(state.read_text()), spec.to_json()
+        if found != want:
+            diff = ", ".join(f"{k} {found.get(k)} (this run: {want[k]})" for k in want if found.get(k) != want[k])
+            raise FeatureError(f"{root} holds features computed with other settings — {diff}; "
                                "pass another --name (or delete that directory)")
     elif root.exists() and any(root.iterdir()):
         raise FeatureError(f"{root} exists but is not a feature set of this tool; pass another --name or delete it")
