@@ -195,7 +195,9 @@ class _Worker:
         # The adapter's config is the one source of truth for its CLIP layers; models.yaml only
         # seeds a fresh adapter that does not name them.
         adapter_config = preset(**{"clip_layers": models.clip_vision.layers, **cfg.adapter})
+        self.features = self._resolve_features(models.flux)
         self.frozen = load_frozen(models, self.device, self.dtype, cfg.gradient_checkpointing,
+                                  encoders=self.features.encoders, vae_decoder=cfg.sample_every > 0,
                                   clip_layers=adapter_config.clip_layers,
                                   checkpoint_keep_blocks=cfg.checkpoint_keep_blocks)
         torch.manual_seed(cfg.seed)  # same initial adapter on every rank
@@ -228,6 +230,16 @@ class _Worker:
         self._eval_batch: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ data
+    def _resolve_features(self, flux_dir: str):
+        """Which stages read precomputed features (``TrainConfig.features``); decides what load_frozen loads."""
+        from .features import resolve_run
+
+        found = resolve_run(self.cfg, self.spec.data, flux_dir)
+        if self.rank == 0:
+            for line in found.notes:
+                log.info("%s", line)
+        return found
+
     def _stage_dirs(self, stage_index: int) -> list[str]:
         stage = self.cfg.stages[stage_index]
         dirs = stage.data or self.spec.data
@@ -238,7 +250,8 @@ class _Worker:
     def _stream_spec(self, stage_index: int, batch_size: int):
         from .data import StreamSpec, read_manifests
 
-        return StreamSpec(shards=read_manifests(self._stage_dirs(stage_index)), batch_size=batch_size,
+        shards = self.features.attach(stage_index, read_manifests(self._stage_dirs(stage_index)))
+        return StreamSpec(shards=shards, batch_size=batch_size,
                           seed=self.cfg.seed + 7919 * stage_index, shuffle_block=self.cfg.shuffle_block,
                           pair=self.cfg.stages[stage_index].pair, ref_size=self.frozen.clip.image_size,
                           buckets=[tuple(b) for b in self.cfg.buckets])
@@ -339,7 +352,7 @@ class _Worker:
         self.adapter.eval()  # no expert dropout: the global RNG stays untouched
         gen = torch.Generator(device=self.device).manual_seed(12345)
         loss = training_loss(self.frozen, self.adapter, self.adapter, self.eval_batch(), settings, gen,
-                             torch.Generator().manual_seed(0), self.autocast).item()
+                             torch.Generator().manual_seed(0), self.autocast, self.features.empty_prompt(0)).item()
         self.adapter.train()
         return loss
 
@@ -362,10 +375,13 @@ class _Worker:
         else:
             batch = self.eval_batch()
             prompts, refs = list(batch["txt"]), batch["ref"]
+        # without text encoders (precomputed features) the validation batch's stored captions are used
+        text = (self.eval_batch()["t5"], self.eval_batch()["pooled"]) if self.frozen.pipe.text_encoder_2 is None else None
         h, w = cfg.buckets[0]
         self.adapter.eval()
         images = generate_samples(self.frozen, self.adapter, prompts, refs, (h, w), cfg.sample_steps,
-                                  cfg.sample_guidance, seed=cfg.seed, max_sequence_length=cfg.max_sequence_length)
+                                  cfg.sample_guidance, seed=cfg.seed, max_sequence_length=cfg.max_sequence_length,
+                                  text=text)
         self.adapter.train()
         if self.rank == 0:
             d = self.out / "samples" / f"step-{self.step:06d}"
@@ -397,6 +413,8 @@ class _Worker:
                            autocast=None if self.autocast is None else str(self.autocast).removeprefix("torch."),
                            checkpointed_blocks=self.frozen.checkpointed_blocks, data_workers=cfg.data_workers,
                            clip_layers=list(self.adapter.config.clip_layers), device=self.device.type)
+        # which encoders each rank holds: training on precomputed features must not load T5/CLIP text/VAE encoder
+        self.metrics.write(event="setup", features=self.features.modes(), frozen_modules=_gather(self.frozen.loaded()))
         if self.step == 0 and cfg.eval_every:
             self.metrics.write(step=0, val_loss=self.eval_loss())
         bar = tqdm(total=self.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
@@ -421,7 +439,7 @@ class _Worker:
             batch = next(it)
             t1 = time.perf_counter()
             loss = training_loss(self.frozen, self.adapter, self.encode, batch, self.settings, self.gen,
-                                 self.cpu_gen, self.autocast)
+                                 self.cpu_gen, self.autocast, self.features.empty_prompt(si))
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), cfg.grad_clip)
