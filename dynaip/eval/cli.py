@@ -13,15 +13,19 @@ log = logging.getLogger("dynaip.eval")
 
 
 def _bench_single(args: argparse.Namespace) -> int:
-    from .bench_single import SingleBenchConfig, build_single_cases
+    from .bench_single import SingleBenchConfig, read_single_pool
     from .cases import write_cases
 
-    cases = build_single_cases(SingleBenchConfig(pool=args.pool, seed=args.seed, strict=args.strict))
-    n = write_cases(args.out, cases)
+    pool = read_single_pool(SingleBenchConfig(pool=args.pool, seed=args.seed, strict=args.strict,
+                                              allow_partial=args.allow_partial))
+    n = write_cases(args.out, pool.cases)
     cats = {}
-    for c in cases:
+    for c in pool.cases:
         cats[c.category] = cats.get(c.category, 0) + 1
-    print(f"{n} DreamBench++ cases written to {args.out} ({', '.join(f'{k}: {v}' for k, v in cats.items())})")
+    print(f"{n} DreamBench++ cases written to {args.out} ({', '.join(f'{k}: {v}' for k, v in cats.items())}; "
+          f"{pool.layout} layout)")
+    if pool.problems:
+        print(f"partial pool ({pool.describe()}): {'; '.join(pool.problems)}")
     return 0
 
 
@@ -110,10 +114,17 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="STEP")
 
     b = sub.add_parser("bench-single", help="DreamBench++ cases (150 subjects × 9 prompts = 1,350)")
-    b.add_argument("--pool", required=True, help="DreamBench++ root with images/<category>/ and captions/<category>/")
+    b.add_argument("--pool", required=True, help="DreamBench++ root: images/live_subject/{animal,human}/NN.jpg, "
+                                                 "images/{object,style}/NN.jpg, captions/ mirrored (or the flat "
+                                                 "images/<category>/ layout)")
     b.add_argument("--out", required=True, help="cases file to write (JSON Lines)")
     b.add_argument("--seed", type=int, default=0, help="base seed of the per-case generation seeds")
-    b.add_argument("--strict", action="store_true", help="fail when counts differ from the release's 150 × 9")
+    check = b.add_mutually_exclusive_group()
+    check.add_argument("--strict", action="store_true",
+                       help="also require the release's exact shape: live_subject/ nesting, NN.jpg, captions of "
+                            "1 + 9 lines, no stray files")
+    check.add_argument("--allow-partial", action="store_true",
+                       help="accept a pool that is not the full 150 × 9 (default: an error); the counts are printed")
     b.set_defaults(func=_bench_single)
 
     m = sub.add_parser("bench-multi", help="DynaIP-Bench cases (642 two-subject + 246 three-subject = 888)")
