@@ -88,13 +88,14 @@ def _score(args: argparse.Namespace) -> int:
     images = Path(args.images)
     out = Path(args.out) if args.out else images / "scores"
     settings = ScoreSettings(method=args.method or images.resolve().name, metrics=metrics,
-                             concurrency=args.concurrency, device=args.device)
+                             concurrency=args.concurrency, device=args.device, runs=args.runs)
     s = score_method(cases, images, out, cfg, settings, clip_paths=clip_paths, cases_file=str(Path(args.cases).resolve()))
     o = s["groups"]["overall"]
-    fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
-    print(f"{s['method']} on {s['benchmark']}: CP {fmt(o['cp'])}  PF {fmt(o['pf'])}  CP·PF {fmt(o['cp_pf'])}  "
-          f"CLIP-I {fmt(o['clip-i'])}  CLIP-T {fmt(o['clip-t'])}  DINO {fmt(o['dino'])}  "
-          f"({s['n_images']}/{s['n_cases']} images; summary in {out / 'summary.json'})")
+    fmt = lambda v, sd=None: "–" if v is None else f"{v:.4f}" + ("" if sd is None else f" ± {sd:.4f}")  # noqa: E731
+    print(f"{s['method']} on {s['benchmark']}: CP {fmt(o['cp'], o['cp_std'])}  PF {fmt(o['pf'], o['pf_std'])}  "
+          f"CP·PF {fmt(o['cp_pf'])}  CLIP-I {fmt(o['clip-i'])}  CLIP-T {fmt(o['clip-t'])}  DINO {fmt(o['dino'])}  "
+          f"({s['n_images']}/{s['n_cases']} images; protocol {s['protocol']}, {s['runs']} judging run(s), "
+          f"{s['failed_items']} items left out; summary in {out / 'summary.json'})")
     return 0
 
 
@@ -164,10 +165,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--method", default=None, help="method name in reports (default: the images directory name)")
     s.add_argument("--metrics", default=None, help="comma list from cp,pf,clip-i,clip-t,dino (default: all available)")
     s.add_argument("--concurrency", type=int, default=4, help="judge requests in flight")
+    s.add_argument("--runs", type=int, default=None,
+                   help="independent judging runs, each stored in OUT/judge_runN.jsonl and resumable; reported as "
+                        "mean ± sample std (default: 3 with protocol dreambench, 1 with open)")
     s.add_argument("--device", default=None, help="torch device for CLIP / DINO")
     s.set_defaults(func=_score)
 
-    r = sub.add_parser("report", help="Markdown + CSV tables (paper layout) and contact sheets")
+    r = sub.add_parser("report", help="Markdown + CSV tables (benchmark and paper layouts) and contact sheets")
     r.add_argument("--scores", required=True, nargs="+", help="score directories, one per method")
     r.add_argument("--out", required=True, help="report directory")
     r.add_argument("--n", type=int, default=12, help="cases per contact sheet")
