@@ -519,7 +519,8 @@ class ChatJudge:
                          f"(last: {type(last).__name__}: {last}); is the server up? (vLLM: `vllm serve MODEL`)")
 
     def ask(self, instruction: str, images: list[Image.Image | str | Path], image_size: int = 512) -> Judgement:
-        """protocol open: our instruction + images in one user turn (after the system message)."""
+        """The open protocol's message form (system message, then the instruction and the images in one user turn);
+        the answer is parsed by this judge's protocol."""
         return self.ask_messages(open_messages(instruction, images, image_size))
 
     def ask_messages(self, messages: list[dict], *, seed_key: str | None = None) -> Judgement:
