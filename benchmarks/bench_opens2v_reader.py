@@ -99,8 +99,6 @@ def clip_key(i: int) -> str:
 
 def make_dataset(root: Path, target_bytes: int, *, objects: int = 14, pair_every: int = 50, seed: int = 0) -> dict:
     """Write the tree under ``root``; returns what was written (bytes, clips, pair records)."""
-    from pipeline.sources.video import read_frame  # noqa: F401  (the package must import)
-
     video_rel = "part_0001/vid/vid_segment_0.mp4"
     _write_video(root / "Videos" / "total_part1" / video_rel)
     jsons = root / "Jsons" / "mask_and_bbox"

@@ -6,7 +6,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import sys
 import tarfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from pycocotools import mask as mask_utils
 sys.path.insert(0, str(Path(__file__).parent))
 import fixtures_sources as fx  # noqa: E402
 
-from pipeline.records import ImageRef, Reject, SourceRecord  # noqa: E402
+from pipeline.records import Reject, SourceRecord  # noqa: E402
 from pipeline.sources import ffhq, opens2v, sa1b, video, vitonhd  # noqa: E402
 from pipeline.sources.common import RLEError, SourceError, check_rle, glob_files, rle_bbox  # noqa: E402
 

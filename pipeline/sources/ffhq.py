@@ -153,9 +153,12 @@ def _records(root: Path, meta: dict[str, Any], categories: set[str] | None, dedu
     photos: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
     for key in sorted(meta, key=_sort_key):
         entry = meta[key]
-        if categories is not None and (not isinstance(entry, dict) or entry.get("category") not in categories):
+        if not isinstance(entry, dict):
+            yield _reject(key, f"entry is {type(entry).__name__}, expected an object")
             continue
-        wild = entry.get("in_the_wild") if isinstance(entry, dict) else None
+        if categories is not None and entry.get("category") not in categories:
+            continue  # outside the selection: not an input
+        wild = entry.get("in_the_wild")
         if not isinstance(wild, dict) or not isinstance(wild.get("file_path"), str):
             yield _reject(key, "entry has no in_the_wild.file_path")
             continue

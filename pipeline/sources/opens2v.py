@@ -575,7 +575,7 @@ def _stream_pairs(root: Path, path: Path) -> Iterator[tuple[str, int, Any] | Rej
     try:
         with open(path, "rb") as f:
             if path.suffix == ".jsonl":
-                for line_no, line in enumerate(f, start=1):
+                for line in f:
                     if line.strip():
                         yield path.stem, n, json.loads(line)
                         n += 1
@@ -870,7 +870,7 @@ def _cross(root: Path, files: list[Path], store: _Store, opts: dict[str, Any]) -
                 yield run
                 continue
             if not isinstance(run[0][2], dict):
-                cluster, n, _ = run[0]
+                n = run[0][1]
                 yield _reject(f"{rel}#{n}", f"pair record {n} of {rel} is not an object")
                 continue
             for (cluster, n, rec), got in zip(run, _resolve_run(store, run, rel)):
