@@ -86,11 +86,13 @@ def run_local(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int
     """
     from tqdm import tqdm
 
+    # The reader checks its source first: a root / glob / split that matches nothing stops the run here,
+    # before the output folder is touched or any model loads.
+    records: Iterable = get_reader(recipe.source.kind)(recipe.source)
     writer = DatasetWriter(out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality,
                            max_bytes=recipe.shards.max_bytes)
     writer.prepare(recipe.to_dict())
     stages = stages if stages is not None else build_stages(recipe, models)
-    records: Iterable = get_reader(recipe.source.kind)(recipe.source)
     if limit is not None:
         records = itertools.islice(records, limit)
     k = recipe.shards.inputs_per_shard

@@ -129,12 +129,13 @@ def run_ray(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int |
     import ray
     from tqdm import tqdm
 
+    # The reader checks its source first (SourceError before Ray starts or any model loads).
+    records: Iterable = get_reader(recipe.source.kind)(recipe.source)
     connect(address, num_cpus=num_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours shows accepted/rejected
     writer = DatasetWriter(out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality,
                            max_bytes=recipe.shards.max_bytes)
     writer.prepare(recipe.to_dict())
-    records: Iterable = get_reader(recipe.source.kind)(recipe.source)
     if limit is not None:
         records = itertools.islice(records, limit)
     k = recipe.shards.inputs_per_shard
