@@ -122,6 +122,19 @@ class Conditioning:
     weight_cache: dict = field(default_factory=dict)
     seen_image_tokens: int | None = None
     """Image-token count recorded by double-stream blocks (used by single-stream blocks to split)."""
+    image_guidance_scale: float = 1.0
+    """Image CFG: each transformer call also runs the zero-C (no reference) branch and returns
+    ``uncond + s · (cond − uncond)``; 1.0 = off (one call, exactly as without image CFG)."""
+    _unconditional: "Conditioning | None" = field(default=None, repr=False)
+
+    def unconditional(self) -> "Conditioning":
+        """The image-CFG unconditional branch: the same masks, scales and branches with every reference
+        zeroed — the zero-C path of training's image dropout (bias-free K/V → exactly zero CA)."""
+        if self._unconditional is None:
+            self._unconditional = Conditioning(
+                refs=[torch.zeros_like(c) for c in self.refs], scales=self.scales, masks=self.masks,
+                branches=self.branches, image_size=self.image_size, latent_downsample=self.latent_downsample)
+        return self._unconditional
 
     @property
     def num_subjects(self) -> int:

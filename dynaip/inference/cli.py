@@ -39,7 +39,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev's distilled text guidance")
+    p.add_argument("--image-cfg", type=float, default=1.0, metavar="S",
+                   help="image CFG scale: also run the no-reference branch and use uncond + S·(cond − uncond); "
+                        "1 = off (default), > 1 strengthens the references at twice the transformer compute")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
     p.add_argument("--lora", default=None, help="optional FLUX LoRA (diffusers format) loaded with load_lora_weights")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
@@ -68,7 +71,7 @@ def run_generate(args: argparse.Namespace) -> int:
     out = pipe(args.prompt, references=args.ref, masks=args.mask, auto_mask=args.auto_mask, scale=scale,
                granularity=args.granularity, branches=args.branches, seed=args.seed, num_inference_steps=args.steps,
                height=args.height, width=args.width, guidance_scale=args.guidance,
-               max_sequence_length=args.max_sequence_length)
+               image_guidance_scale=args.image_cfg, max_sequence_length=args.max_sequence_length)
     target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_image(out.images[0], target)

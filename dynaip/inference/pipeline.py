@@ -9,8 +9,17 @@ One call:
    reuses them at every later step;
 3. `FluxPipeline.__call__` runs unchanged while the adapter's conditioning is active.
 
+Image CFG (``image_guidance_scale`` s, default 1.0 = off): every transformer call also runs the
+unconditional image branch — the references replaced by zero tokens, which is exactly the zero-C
+path of training's image dropout — and the step uses ``uncond + s · (cond − uncond)``. It composes
+with FLUX's text guidance: FLUX.1-dev's distilled ``guidance_scale`` is an input of both runs, and
+with diffusers' true CFG (``true_cfg_scale`` > 1 and a ``negative_prompt``) each prompt branch gets
+image CFG first, then ``neg + t · (pos − neg)``. s > 1 doubles the transformer compute; s = 1 runs
+exactly the code of a call without it.
+
 Automatic masks (paper §4.3), when ``auto_mask=[phrase per reference]``:
-a. a first pass with the same seed and prompt and no references;
+a. a first pass with the same starting noise and prompt and no references (the same seed, or a
+   passed generator rewound to its state before the first pass, or a seed drawn for the call);
 b. Grounding DINO finds each phrase in that image (best-scoring box per phrase);
 c. SAM segments each box; small islands are removed and holes filled (the curation's segment
    cleanup), then each mask is dilated by ``auto_mask_dilation`` of the image's shorter side;
@@ -132,7 +141,8 @@ class DynaIPFluxPipeline:
         height: int = 1024,
         width: int = 1024,
         guidance_scale: float = 3.5,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        image_guidance_scale: float = 1.0,
         **flux_kwargs,
     ) -> DynaIPOutput:
         """Generates with 0..N references.
@@ -142,7 +152,10 @@ class DynaIPFluxPipeline:
         scale: λ, global or per reference. granularity: HMoE weights (low, mid, high), global or per
             reference; None = the routers' own. branches: image (default, DDS) | text | both (ablations).
         auto_mask: one detection phrase per reference → masks found in a first pass (see module doc).
-        seed: fixes the sampling noise (same seed → same image). Other keywords go to FluxPipeline.
+        seed: fixes the sampling noise (same seed → same image). With neither seed nor generator a seed is
+            drawn from torch's global RNG and recorded in ``settings`` (every result can be reproduced).
+        image_guidance_scale: image CFG (see the module doc); 1.0 = off.
+        Other keywords go to FluxPipeline.
         """
         refs = [] if references is None else (list(references) if isinstance(references, (list, tuple)) else [references])
         ref_images = [load_image(r, f"reference {i + 1}") for i, r in enumerate(refs)]
@@ -169,23 +182,35 @@ class DynaIPFluxPipeline:
                              "(models.yaml must name grounding_dino and sam)")
         if granularity is not None:
             per_subject(granularity, n, "granularity")  # validate before compute
+        try:
+            image_guidance_scale = float(image_guidance_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"image_guidance_scale={image_guidance_scale!r}: give a number (1.0 = off)") from None
+        if not 0.0 <= image_guidance_scale < float("inf"):
+            raise ValueError(f"image_guidance_scale={image_guidance_scale}: must be a finite number >= 0 (1.0 = off)")
+        if seed is None and generator is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
 
         call = dict(prompt=prompt, num_inference_steps=num_inference_steps, height=height, width=width,
                     guidance_scale=guidance_scale, **flux_kwargs)
         if auto_mask is not None:
+            # the final pass must start from the first pass's noise: rewind a passed generator
+            states = [g.get_state() for g in _generators(generator)]
             first = self._generate(call, seed, generator, cond=None).images[0]
+            for g, st in zip(_generators(generator), states):
+                g.set_state(st)
             mask_t = self.auto_masks(first, list(auto_mask), dilation=auto_mask_dilation,
                                      box_threshold=box_threshold, text_threshold=text_threshold)
         cond = None
         if n:
             tokens = self.encode_references(ref_images, granularity)
             cond = self.adapter.make_conditioning(tokens, masks=mask_t, scales=scales, branches=branches,
-                                                  image_size=(height, width))
+                                                  image_size=(height, width), image_guidance_scale=image_guidance_scale)
         result = self._generate(call, seed, generator, cond=cond)
         settings = dict(prompt=prompt, num_references=n, scale=scales, granularity=granularity, branches=branches,
                         auto_mask=list(auto_mask) if auto_mask else None, seed=seed,
                         num_inference_steps=num_inference_steps, height=height, width=width,
-                        guidance_scale=guidance_scale)
+                        guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale)
         return DynaIPOutput(images=list(result.images), masks=mask_t, settings=settings)
 
     def _generate(self, call: dict, seed: int | None, generator: torch.Generator | None, cond):
@@ -226,6 +251,12 @@ class DynaIPFluxPipeline:
             m = ndimage.binary_dilation(m, structure=np.ones((3, 3), bool), iterations=radius)
             out.append(torch.from_numpy(m.astype(np.float32)))
         return out
+
+
+def _generators(generator) -> list[torch.Generator]:
+    if generator is None:
+        return []
+    return list(generator) if isinstance(generator, (list, tuple)) else [generator]
 
 
 def _clean_mask(mask: np.ndarray) -> np.ndarray:
