@@ -249,11 +249,15 @@ class DynaIPAdapter(nn.Module):
         self._slot.active = cond
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        clip_vision: dict | None = None) -> Path:
         """Writes ``directory/adapter.safetensors`` (weights only) and ``directory/config.json``.
 
         ``state_dict``: the whole weights when this module holds only shards (FSDP2 training gathers
         them with ``dynaip.train.parallel.full_adapter_state``); default: this module's own.
+        ``clip_vision``: the CLIP vision tower the adapter was trained with (``models.yaml``'s
+        ``clip_vision`` entry: path, model_name, quick_gelu); ``load_dynaip`` uses it when the caller
+        names no tower.
         """
         from safetensors.torch import save_file
 
@@ -263,9 +267,20 @@ class DynaIPAdapter(nn.Module):
         state = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        (out / CONFIG_NAME).write_text(json.dumps(
-            {"format": CHECKPOINT_FORMAT, "dtype": dtype, "config": self.config.to_dict()}, indent=2, sort_keys=True))
+        meta = {"format": CHECKPOINT_FORMAT, "dtype": dtype, "config": self.config.to_dict()}
+        if clip_vision is not None:
+            meta["clip_vision"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(clip_vision).items()}
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return out
+
+    @classmethod
+    def read_metadata(cls, directory: str | Path) -> dict:
+        """``config.json`` of a checkpoint directory (format, dtype, config, optional clip_vision)."""
+        _, config_file = cls._files(directory)
+        try:
+            return json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON ({e})") from None
 
     @staticmethod
     def _files(directory: str | Path) -> tuple[Path, Path]:

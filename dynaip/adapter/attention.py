@@ -61,9 +61,12 @@ class ReferenceKV(nn.Module):
         w_dtype = self.to_k.weight.dtype
         dt = compute_dtype or w_dtype
         c = c.to(dt)
-        k = F.linear(c, self.to_k.weight.to(dt)).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
-        k = self.norm_k(k.to(w_dtype)).to(dt)
-        v = F.linear(c, self.to_v.weight.to(dt)).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
+        wk, wv, wn = self.to_k.weight, self.to_v.weight, self.norm_k.weight
+        if wk.device != c.device:  # the adapter stays on the CPU under diffusers' CPU offload: follow C's device
+            wk, wv, wn = wk.to(c.device), wv.to(c.device), None if wn is None else wn.to(c.device)
+        k = F.linear(c, wk.to(dt)).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
+        k = F.rms_norm(k.to(w_dtype), (self.head_dim,), wn, self.norm_k.eps).to(dt)  # = self.norm_k
+        v = F.linear(c, wv.to(dt)).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
         return k.transpose(-3, -2), v.transpose(-3, -2)  # (..., H, Lc, Dh)
 
     def version(self) -> tuple:

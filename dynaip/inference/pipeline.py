@@ -58,12 +58,29 @@ class DynaIPFluxPipeline:
     """
 
     def __init__(self, flux, adapter, image_encoder, *, detector=None, segmenter=None):
+        """Attaches ``adapter`` to ``flux`` (a diffusers ``FluxPipeline``) and registers itself as
+        ``flux.dynaip``; ``load_dynaip`` is the usual way in, ``unload_dynaip(flux)`` the way out."""
+        current = getattr(flux, "dynaip", None)
+        if current is not None and current.attached:
+            raise ValueError("this FluxPipeline already has a DynaIP adapter loaded; call unload_dynaip(pipe) first")
         self.flux = flux
         self.adapter = adapter
         self.image_encoder = image_encoder
         self.detector = detector
         self.segmenter = segmenter
         adapter.attach(flux.transformer)
+        flux.dynaip = self
+
+    @property
+    def attached(self) -> bool:
+        """Whether the adapter is (still) attached to ``flux.transformer``."""
+        return id(self.flux.transformer) in self.adapter._originals
+
+    def unload(self) -> None:
+        """``unload_dynaip(self.flux)``: FLUX's own processors back, ``flux.dynaip`` removed."""
+        from .loading import unload_dynaip
+
+        unload_dynaip(self.flux)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -82,6 +99,8 @@ class DynaIPFluxPipeline:
             ad = adapter
         else:
             ad = DynaIPAdapter.from_pretrained(adapter)
+        from .loading import load_dynaip
+
         layers = ad.config.clip_layers if ad is not None else models.clip_vision.layers
         tower = load_clip_vision(models.clip_vision, layers=layers)
         flux = load_flux_pipeline(models.flux, dtype=dtype)
@@ -91,8 +110,8 @@ class DynaIPFluxPipeline:
         detector = segmenter = None
         if with_auto_mask:
             detector, segmenter = _load_auto_mask_models(models, device)
-        pipe = cls(flux, ad.to(dtype), tower.to(dtype), detector=detector, segmenter=segmenter)
-        return pipe.to(device)
+        flux.to(device)
+        return load_dynaip(flux, ad, image_encoder=tower, dtype=dtype, detector=detector, segmenter=segmenter)
 
     def to(self, device: str | torch.device) -> "DynaIPFluxPipeline":
         self.flux.to(device)
@@ -102,7 +121,30 @@ class DynaIPFluxPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.flux.transformer.device
+        """Where the denoiser runs (the accelerator under diffusers' CPU offload)."""
+        return self.flux._execution_device
+
+    @property
+    def offloaded(self) -> bool:
+        """diffusers' model or sequential CPU offload is on (accelerate hooks on the transformer)."""
+        return hasattr(self.flux.transformer, "_hf_hook")
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
+        """diffusers' model CPU offload of FLUX; the adapter and the CLIP tower stay on the CPU too: the
+        tower and the reference encoder visit the accelerator for the encoding only, and each block's
+        reference K/V are computed on the device its queries are on (once per call)."""
+        self.flux.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        self.adapter.to("cpu")
+        self.image_encoder.to("cpu")
+        return self
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
+        """diffusers' sequential (per-module) CPU offload of FLUX; the adapter follows as in
+        ``enable_model_cpu_offload``."""
+        self.flux.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        self.adapter.to("cpu")
+        self.image_encoder.to("cpu")
+        return self
 
     def load_lora_weights(self, *args, **kwargs):
         """diffusers' FLUX LoRA loading; the adapter stays attached (its processors use the LoRA'd projections)."""
@@ -115,12 +157,17 @@ class DynaIPFluxPipeline:
         """RGB PILs → one ``(1, L, ref_dim)`` reference token set each (HMoE weights per subject)."""
         grans = per_subject(granularity, len(images), "granularity") if granularity is not None else [None] * len(images)
         enc = self.image_encoder
-        pixels = enc.normalize(reference_pixels(images, enc.image_size)).to(self.device, next(enc.parameters()).dtype)
-        hidden = enc(pixels)  # per layer: (N, L, clip_width)
-        adapter_dtype = next(self.adapter.parameters()).dtype
-        self.adapter.eval()
-        return [self.adapter.encode_reference([h[i:i + 1].to(adapter_dtype) for h in hidden], granularity=g)
-                for i, g in enumerate(grans)]
+        device = self.device
+        # under CPU offload the tower and the encoder (HMoE + projection, not the per-block K/V) visit the
+        # execution device for this encoding only, as diffusers' model offload does with each model
+        with _visiting([enc, self.adapter.hmoe, self.adapter.proj], device, self.offloaded):
+            pixels = enc.normalize(reference_pixels(images, enc.image_size)).to(enc.mean.device,
+                                                                                next(enc.parameters()).dtype)
+            hidden = enc(pixels)  # per layer: (N, L, clip_width)
+            adapter_dtype = next(self.adapter.parameters()).dtype
+            self.adapter.eval()
+            return [self.adapter.encode_reference([h[i:i + 1].to(adapter_dtype) for h in hidden], granularity=g)
+                    .to(device) for i, g in enumerate(grans)]
 
     # ------------------------------------------------------------------ generation
     def __call__(
@@ -251,6 +298,25 @@ class DynaIPFluxPipeline:
             m = ndimage.binary_dilation(m, structure=np.ones((3, 3), bool), iterations=radius)
             out.append(torch.from_numpy(m.astype(np.float32)))
         return out
+
+
+class _visiting:
+    """Moves modules to ``device`` for a block and back where they were (no-op unless ``active``)."""
+
+    def __init__(self, modules, device, active: bool):
+        self.modules, self.device, self.active = modules, torch.device(device), active
+        self.homes: list[torch.device] = []
+
+    def __enter__(self):
+        if self.active:
+            for m in self.modules:
+                self.homes.append(next(m.parameters()).device)
+                m.to(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        for m, home in zip(self.modules, self.homes):
+            m.to(home)
 
 
 def _generators(generator) -> list[torch.Generator]:

@@ -191,6 +191,7 @@ class _Worker:
         self.settings = LossSettings.from_config(cfg)
 
         models = ModelsConfig.from_yaml(spec.models)
+        self.clip_vision = asdict(models.clip_vision)  # named in every checkpoint's config.json (load_dynaip)
         preset = DynaIPConfig.full if cfg.adapter_preset == "full" else DynaIPConfig.tiny
         # The adapter's config is the one source of truth for its CLIP layers; models.yaml only
         # seeds a fresh adapter that does not name them.
@@ -310,7 +311,7 @@ class _Worker:
             if self.world > 1:
                 dist.barrier()
         if self.rank == 0:
-            self.adapter.save_pretrained(tmp, state_dict=weights)
+            self.adapter.save_pretrained(tmp, state_dict=weights, clip_vision=self.clip_vision)
             if not sharded:
                 torch.save(self.optimizer.state_dict(), tmp / "resume" / "optimizer.pt")
             torch.save(rngs, tmp / "resume" / "rng.pt")
