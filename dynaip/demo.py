@@ -41,6 +41,7 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
     import ray
     from PIL import Image
 
+    from dynaip.console import progress_bars
     from dynaip.inference import DynaIPFluxPipeline
     from dynaip.models import ModelsConfig
     from dynaip.models.tiny import write_tiny_checkpoints
@@ -111,6 +112,7 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
 
     t = _step(5, total, "generating with the trained adapter")
     pipe = DynaIPFluxPipeline.from_local(mcfg, ckpt, with_auto_mask=True)
+    progress_bars(pipe.flux)
     from pipeline.sources.folder import list_images
 
     images = list_images(photos)

@@ -61,6 +61,9 @@ def run_generate(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = DynaIPFluxPipeline.from_local(args.models, args.adapter, dtype=dtype, device=device,
                                          with_auto_mask=bool(args.auto_mask))
+    from dynaip.console import progress_bars
+
+    progress_bars(pipe.flux)
     if args.lora:  # offline loading needs the file name: a file, or a diffusers LoRA directory
         lora = Path(args.lora)
         if lora.is_file():
