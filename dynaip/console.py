@@ -180,5 +180,7 @@ def filter_native_stderr() -> None:
 
 def progress_bars(pipeline) -> None:
     """A diffusers pipeline's per-call progress bar follows the policy."""
+    if not is_verbose():
+        _quiet_hf()
     if hasattr(pipeline, "set_progress_bar_config"):
         pipeline.set_progress_bar_config(disable=not is_verbose())
