@@ -35,10 +35,11 @@ def _optional_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
     from pipeline.cli import add_curate_parser, add_manifest_parser
 
     from dynaip.demo import add_demo_parser
+    from dynaip.serve.app import add_serve_parser
     from dynaip.train.cli import add_train_parser
 
     return [add_curate_parser, add_manifest_parser, add_train_parser, add_generate_parser, add_eval_parser,
-            add_demo_parser]
+            add_demo_parser, add_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

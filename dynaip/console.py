@@ -178,6 +178,12 @@ def filter_native_stderr() -> None:
     atexit.register(restore)
 
 
+def quiet_libraries() -> None:
+    """The HF libraries' own verbosity and progress bars follow the policy (call after importing them)."""
+    if not is_verbose():
+        _quiet_hf()
+
+
 def progress_bars(pipeline) -> None:
     """A diffusers pipeline's per-call progress bar follows the policy."""
     if not is_verbose():
