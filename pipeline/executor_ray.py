@@ -54,11 +54,14 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    from dynaip.console import quiet_ray_data, ray_init_kwargs
+
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **{"log_to_driver": True, **ray_init_kwargs()})
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                 **ray_init_kwargs({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}))
+    quiet_ray_data()
 
 
 def _run_rows(batch: dict[str, np.ndarray], stages: list, jpeg_quality: int | None) -> dict[str, np.ndarray]:
