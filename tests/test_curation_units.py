@@ -278,7 +278,7 @@ def test_writer_splits_by_bytes_and_resumes_by_marker(tmp_path):
     assert w.done(3, "fp") is None  # a damaged shard means the chunk is redone
     man = w.finalize([res], {})
     assert man["totals"] == {"inputs": 5, "accepted": 4, "rejected": 1, "samples": 4, "bytes": man["totals"]["bytes"],
-                             "rejected_by_reason": {"decode: empty file": 1}}
+                             "pairs": {"unknown": 4}, "rejected_by_reason": {"decode: empty file": 1}}
     with pytest.raises(OutputDirError, match="recipe hash h1, but this recipe's hash is h2"):
         DatasetWriter(tmp_path / "ds", "h2").prepare({})
     (tmp_path / "junk").mkdir()
