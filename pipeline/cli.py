@@ -21,7 +21,7 @@ def add_curate_parser(subparsers) -> argparse.ArgumentParser:
                    help="Ray cluster to join (auto | host:port); default: an embedded local Ray "
                         "(inside `ray job submit`, the job's cluster)")
     p.add_argument("--executor", choices=("ray", "local"), default="ray",
-                   help="ray (default; the same stages on Ray Data) or local (one process, no Ray)")
+                   help="ray (default; chunk workers on a Ray cluster write the shards) or local (one process, no Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar and no progress lines")
     p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
                    help="without a terminal (a Ray job's log), a progress line this often (default 5)")
