@@ -23,7 +23,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_curate_parser(sub)
     args = parser.parse_args(["curate", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one line in the job log, no traceback
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

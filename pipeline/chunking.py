@@ -16,7 +16,21 @@ from pipeline.records import Reject, SourceRecord
 from pipeline.sample import Item, make_items
 from pipeline.writer import encode_sample
 
-Outcome = list[tuple[int, Any]]  # (position in chunk, encoded sample members | Reject)
+Outcome = list[tuple[int, Any]]  # (position in chunk, Encoded | Reject)
+
+
+@dataclass
+class Encoded:
+    """An accepted input: its samples' tar members and what de-duplication compares."""
+
+    members: list[list[tuple[str, bytes]]]
+    """Per sample, ``[(member name, bytes)]``."""
+    kind: str
+    """Pair kind (intra | cross): only inputs of one kind are compared."""
+    hashes: list[str]
+    """Perceptual hashes (hex) of the target (and, for cross pairs, the reference's source image)."""
+    source: str
+    id: str
 
 
 @dataclass
@@ -40,8 +54,12 @@ def plan_chunk(chunk: int, part: list[SourceRecord | Reject], start: int, batch_
     return rejects, tasks
 
 
-def batch_outcome(items: list[Item], positions: list[int], jpeg_quality: int = 95) -> Outcome:
-    """Encodes a processed batch: each item becomes its samples' tar members or a Reject."""
+def batch_outcome(items: list[Item], positions: list[int], jpeg_quality: int = 95,
+                  hash_size: int | None = 8) -> Outcome:
+    """Encodes a processed batch: each item becomes ``Encoded`` (tar members + perceptual hashes,
+    none when ``hash_size`` is None) or a Reject."""
+    from pipeline.dedup import image_hash
+
     out: Outcome = []
     for pos, item in zip(positions, items):
         if item.reject is not None:
@@ -51,7 +69,11 @@ def batch_outcome(items: list[Item], positions: list[int], jpeg_quality: int = 9
                                     reason="no sample produced")))
         else:
             try:
-                out.append((pos, [(s.key, encode_sample(s, jpeg_quality)) for s in item.samples]))
+                members = [encode_sample(s, jpeg_quality) for s in item.samples]
+                hashes = []
+                if hash_size is not None:
+                    hashes = [image_hash(v.image, hash_size) for v in (item.target, item.reference) if v is not None]
+                out.append((pos, Encoded(members, item.record.pair, hashes, item.record.source, item.record.id)))
             except Exception as e:
                 out.append((pos, Reject(source=item.record.source, id=item.record.id, stage="write",
                                         reason=f"cannot encode the sample: {type(e).__name__}: {e}")))
@@ -61,19 +83,26 @@ def batch_outcome(items: list[Item], positions: list[int], jpeg_quality: int = 9
     return out
 
 
-def assemble(part: list[SourceRecord | Reject], outcome: Outcome) -> tuple[list[list[tuple[str, bytes]]], list[Reject]]:
-    """Input-ordered ``(encoded samples, rejects)`` of a chunk from all of its outcomes."""
+def assemble(part: list[SourceRecord | Reject], outcome: Outcome
+             ) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
+    """Input-ordered ``(encoded samples, rejects, ledger)`` of a chunk from all of its outcomes (the
+    ledger: see ``pipeline.writer.Ledger``)."""
     if sorted(pos for pos, _ in outcome) != list(range(len(part))):
         raise RuntimeError("chunk outcome does not account for every input exactly once")
     encoded, rejects, seen = [], [], set()
+    ledger: dict[str, list] = {"rejected": [], "accepted": []}
     for pos, x in sorted(outcome, key=lambda t: t[0]):
+        if not isinstance(x, Reject):
+            keys = [m[0][0].split(".", 1)[0] for m in x.members]
+            if any(k in seen for k in keys):  # a source repeating an id must not repeat a key
+                r = part[pos]
+                x = Reject(source=r.source, id=r.id, stage="write",
+                           reason=f"duplicate sample key {keys[0]} (the source repeats this id)")
         if isinstance(x, Reject):
             rejects.append(x)
-        elif any(key in seen for key, _ in x):  # a source repeating an id must not repeat a key
-            r = part[pos]
-            rejects.append(Reject(source=r.source, id=r.id, stage="write",
-                                  reason=f"duplicate sample key {x[0][0]} (the source repeats this id)"))
+            ledger["rejected"].append([pos, x.to_json()])
         else:
-            seen.update(key for key, _ in x)
-            encoded.extend(members for _, members in x)
-    return encoded, rejects
+            seen.update(keys)
+            encoded.extend(x.members)
+            ledger["accepted"].append([pos, keys[0], x.kind, x.hashes, x.source, x.id])
+    return encoded, rejects, ledger

@@ -21,8 +21,10 @@ def add_curate_parser(subparsers) -> argparse.ArgumentParser:
                    help="Ray cluster to join (auto | host:port); default: an embedded local Ray "
                         "(inside `ray job submit`, the job's cluster)")
     p.add_argument("--executor", choices=("ray", "local"), default="ray",
-                   help="ray (default; the same stages on Ray Data) or local (one process, no Ray)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="ray (default; chunk workers on a Ray cluster write the shards) or local (one process, no Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar and no progress lines")
+    p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                   help="without a terminal (a Ray job's log), a progress line this often (default 5)")
     p.set_defaults(func=run_curate)
     return p
 
@@ -33,6 +35,8 @@ def run_curate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise SystemExit(f"--limit {args.limit}: must be >= 0")
+    if args.progress_every <= 0:
+        raise SystemExit(f"--progress-every {args.progress_every}: must be > 0")
     recipe = Recipe.from_yaml(args.recipe, source_root=args.source_root)
     models = None
     if args.models:
@@ -42,12 +46,13 @@ def run_curate(args: argparse.Namespace) -> int:
     if args.executor == "local":
         if args.ray_address:
             raise ValueError("--ray-address needs --executor ray")
-        manifest = run_local(recipe, args.out, models, limit=args.limit, progress=not args.no_progress)
+        manifest = run_local(recipe, args.out, models, limit=args.limit, progress=not args.no_progress,
+                             progress_every=args.progress_every)
     else:
         from pipeline.executor_ray import ray_address_from_env, run_ray
 
         manifest = run_ray(recipe, args.out, models, limit=args.limit, progress=not args.no_progress,
-                           address=ray_address_from_env(args.ray_address))
+                           address=ray_address_from_env(args.ray_address), progress_every=args.progress_every)
     t = manifest["totals"]
     print(f"{args.out}: {t['inputs']} inputs, {t['accepted']} accepted, {t['rejected']} rejected, "
           f"{t['samples']} samples in {len(manifest['shards'])} shards")

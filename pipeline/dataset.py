@@ -14,16 +14,19 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.store import Store
 from pipeline.writer import FORMAT
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
-    """``root/manifest.json`` as a dict; errors say what is missing and what to do."""
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
+    """``root/manifest.json`` (``root``: a directory or an fsspec URL) as a dict; errors say what is
+    missing and what to do."""
+    store = Store(root)
+    path = f"{str(root).rstrip('/')}/manifest.json"
+    if not store.is_file("manifest.json"):
         raise FileNotFoundError(f"{path} does not exist: {root} is not a finished dataset "
                                 "(run `dynaip curate` to build or resume it)")
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(store.read_bytes("manifest.json"))
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path} has format {manifest.get('format')!r}; this tool reads {FORMAT!r}")
     return manifest
@@ -45,10 +48,10 @@ def show(root: str | Path) -> str:
     return "\n".join(lines)
 
 
-def count_samples(path: Path) -> int:
-    """Distinct sample keys in a tar (raises tarfile.ReadError on a broken tar)."""
+def count_samples(path: Path | io.BytesIO) -> int:
+    """Distinct sample keys in a tar (a path or an open file; raises tarfile.ReadError on a broken tar)."""
     keys = []
-    with tarfile.open(path, "r:") as tf:
+    with (tarfile.open(path, "r:") if isinstance(path, (str, Path)) else tarfile.open(fileobj=path, mode="r:")) as tf:
         for member in tf:
             if member.isfile():
                 key = member.name.split("/")[-1].split(".", 1)[0]
@@ -59,22 +62,22 @@ def count_samples(path: Path) -> int:
 
 def verify(root: str | Path) -> list[str]:
     """Re-hashes and re-counts every shard in the manifest; returns one line per mismatch (empty = ok)."""
-    root = Path(root)
+    store = Store(root)
     m = load_manifest(root)
     problems = []
     for s in m["shards"]:
-        p = root / s["path"]
-        if not p.is_file():
+        size = store.size(s["path"])
+        if size is None:
             problems.append(f"{s['path']}: missing")
             continue
-        size = p.stat().st_size
         if size != s["bytes"]:
             problems.append(f"{s['path']}: {size} bytes, manifest says {s['bytes']}")
-        h = hashlib.sha256(p.read_bytes()).hexdigest()
+        data = store.read_bytes(s["path"])
+        h = hashlib.sha256(data).hexdigest()
         if h != s["sha256"]:
             problems.append(f"{s['path']}: sha256 {h[:12]}…, manifest says {s['sha256'][:12]}…")
         try:
-            n = count_samples(p)
+            n = count_samples(io.BytesIO(data))
         except (tarfile.TarError, OSError) as e:
             problems.append(f"{s['path']}: unreadable tar ({e})")
             continue
@@ -90,9 +93,9 @@ def verify(root: str | Path) -> list[str]:
 
 def iter_samples(root: str | Path) -> Iterator[dict[str, Any]]:
     """Samples in shard order as ``{key, ref.png, tgt.jpg, mask.png, txt, json}`` (raw bytes)."""
-    root = Path(root)
+    store = Store(root)
     for s in load_manifest(root)["shards"]:
-        with tarfile.open(root / s["path"], "r:") as tf:
+        with store.open(s["path"]) as f, tarfile.open(fileobj=f, mode="r:") as tf:
             cur: dict[str, Any] = {}
             for member in tf:
                 key, ext = member.name.split(".", 1)

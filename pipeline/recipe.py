@@ -108,6 +108,9 @@ class FilterConfig:
     """Reject masks whose largest part holds less than this fraction of the mask."""
     min_mask_area: float = 1 / 32
     """Reject masks covering less than this fraction of the image (OpenS2V uses 1/32)."""
+    min_reference_side: int = 112
+    """Reject when the composed reference's shorter side is below this (pixels): a 40 × 40 face crop
+    is no training reference for a 336-pixel image encoder. 0 = no limit."""
 
 
 @dataclass(kw_only=True)
@@ -155,6 +158,20 @@ class CaptionConfig:
 
 
 @dataclass(kw_only=True)
+class DedupConfig:
+    """Dataset-wide near-duplicate removal, after every chunk is built (across chunks and sources)."""
+
+    max_distance: int | None = 12
+    """Two accepted inputs of one pair kind are near-duplicates when the perceptual hashes of their
+    targets (and, for cross pairs, of their reference images) differ in at most this many bits; the
+    one later in input order is rejected as ``duplicate of <key>``. null turns de-duplication off.
+    With 256-bit hashes, re-encoded or resized copies of the sample photos stay within 4 bits, while
+    the closest distinct photos (the two stereo views of one motorcycle) differ in 76."""
+    hash_size: int = 16
+    """pHash side (imagehash): hashes of hash_size² bits."""
+
+
+@dataclass(kw_only=True)
 class ShardConfig:
     """Shard layout. Shards follow input order: every ``inputs_per_shard`` inputs form one chunk,
     chunk i → ``shards/{i:06d}.tar`` (split into ``{i:06d}_{p:02d}.tar`` parts past ``max_bytes``)."""
@@ -175,12 +192,20 @@ class ExecutorConfig:
     """Records per model batch (detection and segmentation); batches never span chunks."""
     device: str = "auto"
     """Torch device for models: auto | cpu | cuda | cuda:N."""
-    detect_actors: int = 1
-    """Ray: detector actor pool size."""
-    segment_actors: int = 1
-    """Ray: SAM actor pool size."""
+    workers: int | None = None
+    """Ray: chunk workers (actors that each hold every stage and its models, build whole chunks and
+    write their shards); None = as many as the cluster's resources fit."""
+    cpus_per_worker: float = 1.0
+    """Ray: CPUs each worker reserves; its torch uses as many threads."""
     gpus_per_actor: float = 1.0
-    """Ray: GPUs per model actor (0 for CPU)."""
+    """Ray: GPUs per worker when the cluster has GPUs (ignored on a CPU-only cluster)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Ray: custom resources each worker needs, e.g. ``{curate: 1}`` to place the workers (and so
+    the models) on nodes started with ``ray start --resources='{"curate": N}'``."""
+    detect_actors: int = 1
+    """Deprecated, ignored: detection runs inside the chunk workers (see ``workers``)."""
+    segment_actors: int = 1
+    """Deprecated, ignored: segmentation runs inside the chunk workers (see ``workers``)."""
 
 
 @dataclass(kw_only=True)
@@ -205,6 +230,8 @@ class Recipe:
     """Pair kinds."""
     captioning: CaptionConfig = field(default_factory=CaptionConfig)
     """Caption sources."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Dataset-wide near-duplicate removal."""
     shards: ShardConfig = field(default_factory=ShardConfig)
     """Shard layout."""
     seed: int = 0
@@ -240,7 +267,7 @@ class Recipe:
             raise ValueError(f"recipe field 'source.kind' is {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
         if source_root is not None:
             root = str(source_root)
-        elif root and base is not None and not Path(str(root)).expanduser().is_absolute():
+        elif root and base is not None and "://" not in str(root) and not Path(str(root)).expanduser().is_absolute():
             root = str((Path(base) / str(root)).resolve())
         source = SourceConfig(kind=kind, root=str(root or ""), options=src)
         recipe = _build(cls, raw, "", extra={"source": source})
@@ -287,6 +314,18 @@ class Recipe:
         need(self.shards.max_bytes is None or self.shards.max_bytes > 0, "shards.max_bytes", self.shards.max_bytes, "must be > 0 or null")
         need(1 <= self.shards.jpeg_quality <= 100, "shards.jpeg_quality", self.shards.jpeg_quality, "must be in 1..100")
         need(self.executor.batch_size >= 1, "executor.batch_size", self.executor.batch_size, "must be >= 1")
+        need(f.min_reference_side >= 0, "filters.min_reference_side", f.min_reference_side, "must be >= 0")
+        dd = self.dedup
+        need(dd.max_distance is None or 0 <= dd.max_distance < dd.hash_size ** 2, "dedup.max_distance", dd.max_distance,
+             "must be null or in [0, hash_size²)")
+        need(2 <= dd.hash_size <= 32, "dedup.hash_size", dd.hash_size, "must be in 2..32")
+        ex = self.executor
+        need(ex.workers is None or ex.workers >= 1, "executor.workers", ex.workers, "must be >= 1 or null")
+        need(ex.cpus_per_worker > 0, "executor.cpus_per_worker", ex.cpus_per_worker, "must be > 0")
+        need(ex.gpus_per_actor >= 0, "executor.gpus_per_actor", ex.gpus_per_actor, "must be >= 0")
+        need(all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                 for k, v in ex.resources.items()), "executor.resources", ex.resources,
+             "give a mapping of resource name to a positive number")
 
     @property
     def recipe_hash(self) -> str:

@@ -23,7 +23,7 @@ import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable
 
 import numpy as np
 from PIL import Image
@@ -31,12 +31,14 @@ from PIL import Image
 from dynaip.atomic import atomic_write_bytes
 from pipeline.records import Reject, safe_key
 from pipeline.sample import Sample
+from pipeline.store import Store
 
 FORMAT = "dynaip-dataset/1"
 TAR_MTIME = 0
 """Fixed member mtime (with uid/gid 0, empty uname/gname, mode 0644) so rebuilt shards are byte-identical."""
 MEMBER_ORDER = ("ref.png", "tgt.jpg", "mask.png", "txt", "json")
 PROGRESS = ".progress"
+DUPLICATE_OF = "duplicate of "
 
 
 class OutputDirError(ValueError):
@@ -93,22 +95,37 @@ def pair_totals(shards: Iterable[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(total.items()))
 
 
+def _tar_stream(f, members: Iterable[tuple[str, bytes]]) -> None:
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tf.addfile(info, io.BytesIO(data))
+
+
 def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> dict[str, Any]:
-    """Writes a deterministic tar atomically; returns ``{path, bytes, sha256}`` of the final file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as raw:
-        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                tf.addfile(info, io.BytesIO(data))
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    """Writes a deterministic tar atomically; returns ``{bytes, sha256}`` of the final file."""
+    path = Path(path)
+    store = Store(path.parent)
+    with store.writer(path.name) as f:
+        _tar_stream(f, members)
+    return {"bytes": f.size, "sha256": f.sha.hexdigest()}
+
+
+def read_tar_members(data: IO[bytes]) -> list[tuple[str, bytes]]:
+    """``[(member name, bytes)]`` of a tar in file order."""
+    out = []
+    with tarfile.open(fileobj=data, mode="r:") as tf:
+        for member in tf:
+            if member.isfile():
+                out.append((member.name, tf.extractfile(member).read()))
+    return out
+
+
+def member_key(name: str) -> str:
+    return name.split("/")[-1].split(".", 1)[0]
 
 
 def sha256_file(path: Path, block: int = 1 << 20) -> str:
@@ -120,7 +137,10 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 
 
 def reason_class(reason: str) -> str:
-    """A reject reason without its details ("subject box too small: 0.01 ..." → "subject box too small")."""
+    """A reject reason without its details ("subject box too small: 0.01 ..." → "subject box too small",
+    "duplicate of folder-x-0" → "duplicate")."""
+    if reason.startswith(DUPLICATE_OF):
+        return "duplicate"
     return re.split(r"[:(]", reason, maxsplit=1)[0].strip() or reason
 
 
@@ -142,23 +162,44 @@ class ChunkResult:
     recipe_hash: str
     inputs: int
     accepted: int
-    rejects: list[dict[str, str]] = field(default_factory=list)
+    rejects: list[dict[str, str]] | None = field(default_factory=list)
+    """Rejected inputs in input order; None in the driver's slim copy (read back from the marker)."""
     shards: list[dict[str, Any]] = field(default_factory=list)
-    """[{path (relative to DIR), samples, bytes, sha256}]."""
+    """[{path (relative to DIR), samples, pairs, bytes, sha256}]."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall seconds per stage for this chunk (informational; kept out of the manifest)."""
+    duplicates: dict[str, str] = field(default_factory=dict)
+    """Sample key → the key it duplicates, for the inputs the dataset-wide de-duplication removed."""
+    node: str | None = None
+    """Where the chunk was written (a Ray node id; informational)."""
 
     @property
     def rejected(self) -> int:
-        return len(self.rejects)
+        return self.inputs - self.accepted
+
+    def slim(self) -> "ChunkResult":
+        """A copy without the reject list: what a driver keeps per chunk (its memory stays flat)."""
+        return ChunkResult(chunk=self.chunk, fingerprint=self.fingerprint, recipe_hash=self.recipe_hash,
+                           inputs=self.inputs, accepted=self.accepted, rejects=None, shards=self.shards,
+                           seconds={}, duplicates=self.duplicates, node=self.node)
+
+
+Ledger = dict[str, list]
+"""A chunk's per-input outcome, ``.progress/{chunk:06d}.ledger.json``: ``{"rejected": [[position,
+reject json], ...], "accepted": [[position, sample key, pair kind, [perceptual hash hex, ...], source,
+id], ...]}``
+(positions within the chunk). It is written before the chunk's shards and marker; the
+de-duplication pass reads the hashes from it, and rebuilds the reject list from it."""
 
 
 class DatasetWriter:
-    """Owns one output directory for one recipe. Use ``prepare()`` once, ``done(chunk, fp)`` /
-    ``write_chunk(...)`` per chunk (any order, any process), then ``finalize(results, info)``."""
+    """Owns one output directory (a path or fsspec URL) for one recipe. Use ``prepare()`` once,
+    ``done(chunk, fp)`` / ``write_chunk(...)`` per chunk (any order, any process), optionally
+    ``apply_duplicates``, then ``finalize(results, info)``."""
 
     def __init__(self, out: str | Path, recipe_hash: str, *, jpeg_quality: int = 95, max_bytes: int | None = None):
-        self.out = Path(out)
+        self.store = Store(out)
+        self.out: Path | str = self.store.local_path() if self.store.local else self.store.url
         self.recipe_hash = recipe_hash
         self.jpeg_quality = jpeg_quality
         self.max_bytes = max_bytes
@@ -167,52 +208,63 @@ class DatasetWriter:
 
     def prepare(self, recipe: dict[str, Any]) -> None:
         """Creates the directory, or checks an existing one was built with this recipe hash."""
-        state = self.out / PROGRESS / "recipe.json"
-        if self.out.exists() and any(self.out.iterdir()):
+        st, state = self.store, f"{PROGRESS}/recipe.json"
+        if st.exists() and not st.is_empty():
             found = None
-            if state.is_file():
-                found = json.loads(state.read_text()).get("recipe_hash")
-            elif (self.out / "manifest.json").is_file():
-                found = json.loads((self.out / "manifest.json").read_text()).get("recipe_hash")
+            if st.is_file(state):
+                found = json.loads(st.read_bytes(state)).get("recipe_hash")
+            elif st.is_file("manifest.json"):
+                found = json.loads(st.read_bytes("manifest.json")).get("recipe_hash")
             if found != self.recipe_hash:
                 what = f"a dataset built with recipe hash {found}" if found else "files that are not a dataset of this tool"
                 raise OutputDirError(
                     f"output directory {self.out} holds {what}, but this recipe's hash is {self.recipe_hash}; "
                     "pass a new --out directory (or delete the old one) — resuming needs the same recipe")
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "shards").mkdir(exist_ok=True)
-        if not state.is_file():
-            atomic_write(state, dump_json({"recipe_hash": self.recipe_hash, "recipe": recipe}))
+        st.makedirs("shards")
+        if not st.is_file(state):
+            st.write_bytes(state, dump_json({"recipe_hash": self.recipe_hash, "recipe": recipe}))
 
-    def marker(self, chunk: int) -> Path:
-        return self.out / PROGRESS / f"{chunk:06d}.json"
+    def marker(self, chunk: int) -> str:
+        """The marker's path relative to the dataset root."""
+        return f"{PROGRESS}/{chunk:06d}.json"
+
+    def ledger_path(self, chunk: int) -> str:
+        return f"{PROGRESS}/{chunk:06d}.ledger.json"
+
+    def read_marker(self, chunk: int) -> ChunkResult | None:
+        try:
+            return ChunkResult(**json.loads(self.store.read_bytes(self.marker(chunk))))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def read_ledger(self, chunk: int) -> Ledger:
+        return json.loads(self.store.read_bytes(self.ledger_path(chunk)))
 
     def done(self, chunk: int, fp: str) -> ChunkResult | None:
         """The finished result of ``chunk`` when its marker matches ``fp`` and its shards are intact."""
-        path = self.marker(chunk)
-        if not path.is_file():
+        res = self.read_marker(chunk)
+        if res is None or res.fingerprint != fp or res.recipe_hash != self.recipe_hash:
             return None
-        try:
-            res = ChunkResult(**json.loads(path.read_text()))
-        except (ValueError, TypeError):
-            return None
-        if res.fingerprint != fp or res.recipe_hash != self.recipe_hash:
+        if self.store.size(self.ledger_path(chunk)) is None:
             return None
         for s in res.shards:
-            p = self.out / s["path"]
-            if not p.is_file() or p.stat().st_size != s["bytes"]:
+            if self.store.size(s["path"]) != s["bytes"]:
                 return None
         return res
+
+    def forget(self, chunk: int) -> None:
+        """Drops the chunk's marker: the next run builds the chunk again."""
+        self.store.remove(self.marker(chunk))
 
     # ---- writing -----------------------------------------------------------------------------
 
     def shard_name(self, chunk: int, part: int) -> str:
         return f"shards/{chunk:06d}.tar" if part == 0 else f"shards/{chunk:06d}_{part:02d}.tar"
 
-    def write_chunk(self, chunk: int, fp: str, inputs: int, encoded: list[list[tuple[str, bytes]]],
-                    rejects: list[Reject], seconds: dict[str, float] | None = None) -> ChunkResult:
-        """Writes the chunk's encoded samples (``encode_sample`` outputs, in input order) into its
-        shard(s), then its marker. A chunk without samples writes no shard."""
+    def _write_shards(self, chunk: int, encoded: list[list[tuple[str, bytes]]],
+                      previous: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Writes the samples (input order) into the chunk's shard parts; removes parts of an
+        earlier, different build. Returns the manifest entries."""
         parts: list[list[tuple[str, bytes]]] = []
         counts: list[int] = []
         pairs: list[dict[str, int]] = []
@@ -232,33 +284,100 @@ class DatasetWriter:
         shards = []
         for p, (members, n, kinds) in enumerate(zip(parts, counts, pairs)):
             name = self.shard_name(chunk, p)
-            info = write_tar(self.out / name, members)
+            with self.store.writer(name) as f:
+                _tar_stream(f, members)
             # pair counts per shard let the trainer check a stage's data before it loads any model
-            shards.append({"path": name, "samples": n, "pairs": dict(sorted(kinds.items())), **info})
+            shards.append({"path": name, "samples": n, "pairs": dict(sorted(kinds.items())),
+                           "bytes": f.size, "sha256": f.sha.hexdigest()})
         keep = {s["path"] for s in shards}
-        for old in (self.out / "shards").glob(f"{chunk:06d}*.tar"):  # parts of an earlier, different build
-            if f"shards/{old.name}" not in keep:
-                old.unlink()
+        if self.store.local:
+            stale = [f"shards/{p.name}" for p in self.store.local_path("shards").glob(f"{chunk:06d}*.tar")]
+        else:  # no listing of a large bucket per chunk: the parts the last build recorded, and the next names
+            stale = [s["path"] for s in previous or []]
+            p = len(shards)
+            while self.store.size(self.shard_name(chunk, p)) is not None:
+                stale.append(self.shard_name(chunk, p))
+                p += 1
+        for old in stale:
+            if old not in keep:
+                self.store.remove(old)
+        return shards
+
+    def write_chunk(self, chunk: int, fp: str, inputs: int, encoded: list[list[tuple[str, bytes]]],
+                    rejects: list[Reject], seconds: dict[str, float] | None = None, *,
+                    ledger: Ledger | None = None, node: str | None = None) -> ChunkResult:
+        """Writes the chunk's ledger, its encoded samples (``encode_sample`` outputs, in input order)
+        into its shard(s), then its marker. A chunk without samples writes no shard."""
+        if ledger is None:  # no positions known: such a chunk takes no part in de-duplication
+            ledger = {"rejected": [[None, r.to_json()] for r in rejects], "accepted": []}
+        self.store.write_bytes(self.ledger_path(chunk), (json.dumps(ledger, sort_keys=True) + "\n").encode())
+        previous = self.read_marker(chunk) if not self.store.local else None
+        shards = self._write_shards(chunk, encoded, previous.shards if previous else None)
         res = ChunkResult(chunk=chunk, fingerprint=fp, recipe_hash=self.recipe_hash, inputs=inputs,
                           accepted=inputs - len(rejects), rejects=[r.to_json() for r in rejects], shards=shards,
-                          seconds={k: round(v, 4) for k, v in (seconds or {}).items()})
-        atomic_write(self.marker(chunk), dump_json(asdict(res)))
+                          seconds={k: round(v, 4) for k, v in (seconds or {}).items()}, node=node)
+        self.store.write_bytes(self.marker(chunk), dump_json(asdict(res)))
         return res
 
+    def apply_duplicates(self, chunk: int, duplicates: dict[str, str], node: str | None = None) -> ChunkResult | None:
+        """Removes the samples of ``duplicates`` (key → key of the copy kept) from the chunk's shards
+        and records each as a reject ``duplicate of <key>``, in input order with the chunk's other
+        rejects. Idempotent. Returns the updated result, or None when the chunk must be built again
+        (it already lost a sample that is no longer a duplicate)."""
+        res = self.read_marker(chunk)
+        if res is None:
+            return None
+        if res.duplicates == duplicates:
+            return res
+        if not set(res.duplicates) <= set(duplicates):
+            return None
+        ledger = self.read_ledger(chunk)
+        kept_samples: list[list[tuple[str, bytes]]] = []
+        for s in res.shards:
+            with self.store.open(s["path"]) as f:
+                members = read_tar_members(f)
+            for name, data in members:
+                key = member_key(name)
+                if key in duplicates:
+                    continue
+                if not kept_samples or member_key(kept_samples[-1][0][0]) != key:
+                    kept_samples.append([])
+                kept_samples[-1].append((name, data))
+        by_pos: list[tuple[int, dict[str, str]]] = [(pos if pos is not None else -1, rj) for pos, rj in ledger["rejected"]]
+        for pos, key, _kind, _hashes, source, sid in ledger["accepted"]:
+            if key in duplicates:
+                by_pos.append((pos, {"source": source, "id": sid, "stage": "dedup",
+                                     "reason": f"{DUPLICATE_OF}{duplicates[key]}"}))
+        rejects = [rj for _, rj in sorted(by_pos, key=lambda t: t[0])]
+        shards = self._write_shards(chunk, kept_samples, res.shards)
+        new = ChunkResult(chunk=chunk, fingerprint=res.fingerprint, recipe_hash=self.recipe_hash, inputs=res.inputs,
+                          accepted=res.inputs - len(rejects), rejects=rejects, shards=shards, seconds=res.seconds,
+                          duplicates=dict(sorted(duplicates.items())), node=node or res.node)
+        self.store.write_bytes(self.marker(chunk), dump_json(asdict(new)))
+        return new
+
     def finalize(self, results: list[ChunkResult], info: dict[str, Any]) -> dict[str, Any]:
-        """Writes rejects.jsonl, then manifest.json (last). ``info`` adds recipe/versions/models.
-        Returns the manifest."""
+        """Writes rejects.jsonl (streamed; slim results read their rejects back from the markers),
+        then manifest.json (last). ``info`` adds recipe/versions/models. Returns the manifest."""
         results = sorted(results, key=lambda r: r.chunk)
-        rejects = [rj for r in results for rj in r.rejects]
-        atomic_write(self.out / "rejects.jsonl",
-                     "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rejects).encode())
         by_reason: dict[str, int] = {}
-        for rj in rejects:
-            k = f"{rj['stage']}: {reason_class(rj['reason'])}"
-            by_reason[k] = by_reason.get(k, 0) + 1
+        n_rejects = 0
+        with self.store.writer("rejects.jsonl") as f:
+            for r in results:
+                rejects = r.rejects
+                if rejects is None:
+                    full = self.read_marker(r.chunk)
+                    if full is None or full.rejects is None:
+                        raise RuntimeError(f"chunk {r.chunk}: its marker is missing; re-run to rebuild it")
+                    rejects = full.rejects
+                for rj in rejects:
+                    f.write((json.dumps(rj, sort_keys=True, ensure_ascii=False) + "\n").encode())
+                    k = f"{rj['stage']}: {reason_class(rj['reason'])}"
+                    by_reason[k] = by_reason.get(k, 0) + 1
+                n_rejects += len(rejects)
         inputs = sum(r.inputs for r in results)
         accepted = sum(r.accepted for r in results)
-        assert inputs == accepted + len(rejects), "every input must be accepted or rejected"
+        assert inputs == accepted + n_rejects, "every input must be accepted or rejected"
         shards = []
         for r in results:
             for s in r.shards:
@@ -270,11 +389,12 @@ class DatasetWriter:
             "shards": shards,
             "chunks": [{"chunk": r.chunk, "inputs": r.inputs, "accepted": r.accepted, "rejected": r.rejected,
                         "samples": sum(s["samples"] for s in r.shards)} for r in results],
-            "totals": {"inputs": inputs, "accepted": accepted, "rejected": len(rejects),
+            "totals": {"inputs": inputs, "accepted": accepted, "rejected": n_rejects,
                        "samples": sum(s["samples"] for s in shards),
                        "pairs": pair_totals(shards),
                        "bytes": sum(s["bytes"] for s in shards),
                        "rejected_by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))},
         }
-        atomic_write(self.out / "manifest.json", dump_json(manifest))
+        self.store.write_bytes("manifest.json", dump_json(manifest))
         return manifest
+

@@ -264,7 +264,7 @@ def test_provided_boxes_skip_detection_and_reach_sam(photos, tiny_models, stages
     own = build_stages(r, tiny_models)
     own[1]._detector = "must not be used"  # detection is skipped for provided boxes
     own[3]._segmenter = stages[3].segmenter  # the already loaded tiny SAM
-    encoded, rejects = process_chunk(recs, 0, own, batch_size=2)
+    encoded, rejects, _ = process_chunk(recs, 0, own, batch_size=2)
     assert rejects == [] and len(encoded) == 2
     metas = [json.loads(next(d for n, d in e if n.endswith(".json"))) for e in encoded]
     assert metas[0]["box"] == [120.0, 40.0, 400.0, 500.0] and metas[0]["det_score"] == 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -38,9 +39,10 @@ def recipe_file(tmp_path_factory) -> Path:
 
     d = tmp_path_factory.mktemp("raycur")
     write_sample_photos(d / "photos", faces=1, names=["astronaut", "chelsea", "coffee", "rocket", "camera"])
+    shutil.copy(d / "photos" / "astronaut.jpg", d / "photos" / "zz_astronaut_copy.jpg")  # a duplicate, 6 chunks later
     raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
     raw["source"]["root"] = str(d / "photos")
-    raw["shards"]["inputs_per_shard"] = 1  # six chunks: room to stop a job between them
+    raw["shards"]["inputs_per_shard"] = 1  # seven chunks: room to stop a job between them
     raw["executor"]["batch_size"] = 1
     path = d / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -102,9 +104,9 @@ def cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _submit(client, recipe_file: Path, out: Path, models_yaml: Path) -> str:
+def _submit(client, recipe_file: Path, out: Path, models_yaml: Path, progress: str = "--no-progress") -> str:
     entry = (f"{sys.executable} {REPO / 'jobs' / 'curate.py'} --recipe {recipe_file} --out {out} "
-             f"--models {models_yaml} --no-progress")
+             f"--models {models_yaml} {progress}")
     deadline = time.time() + 120
     while True:  # the head's job agent comes up a little after the dashboard answers
         try:
@@ -131,11 +133,19 @@ def test_ray_job_equals_local_executor(cluster, recipe_file, local_build, tiny_m
     from ray.job_submission import JobStatus
 
     out = tmp_path / "ray"
-    job = _submit(cluster, recipe_file, out, tiny_models_yaml)
+    job = _submit(cluster, recipe_file, out, tiny_models_yaml, progress="--progress-every 0.5")
     status = _wait(cluster, job)
-    assert status == JobStatus.SUCCEEDED, cluster.get_job_logs(job)[-3000:]
+    logs = cluster.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert (out / "manifest.json").is_file()
     assert _tree(out) == _tree(local_build)
+    # the copy of the astronaut, six chunks later, was removed as a duplicate by both executors
+    assert '"reason": "duplicate of folder-astronaut-0"' in (out / "rejects.jsonl").read_text()
+    # progress lines in the job log: chunks done / total, images/s, rejects so far
+    assert "curate (ray): chunks 7/7 (100%), 7 inputs, " in logs and "images/s" in logs, logs[-3000:]
+    # the shards were written by the workers, not by the driver: each marker names a Ray node
+    markers = [json.loads(p.read_text()) for p in (out / ".progress").glob("[0-9]*[0-9].json")]
+    assert len(markers) == 7 and all(m["node"] for m in markers)
 
 
 def test_stopped_job_resubmitted_resumes_to_the_same_dataset(cluster, recipe_file, local_build, tiny_models_yaml,
@@ -145,13 +155,13 @@ def test_stopped_job_resubmitted_resumes_to_the_same_dataset(cluster, recipe_fil
     out = tmp_path / "ray"
     job = _submit(cluster, recipe_file, out, tiny_models_yaml)
     deadline = time.time() + 300
-    while not list((out / ".progress").glob("[0-9]*.json")):  # wait for the first finished chunk
+    while not list((out / ".progress").glob("[0-9]*[0-9].json")):  # wait for the first finished chunk
         assert time.time() < deadline, cluster.get_job_logs(job)[-3000:]
         assert cluster.get_job_status(job) not in (JobStatus.FAILED,), cluster.get_job_logs(job)[-3000:]
         time.sleep(0.5)
     cluster.stop_job(job)
     assert _wait(cluster, job) in (JobStatus.STOPPED, JobStatus.SUCCEEDED)
-    finished_before = len(list((out / ".progress").glob("[0-9]*.json")))
+    finished_before = len(list((out / ".progress").glob("[0-9]*[0-9].json")))
     stopped_early = not (out / "manifest.json").exists()
     job2 = _submit(cluster, recipe_file, out, tiny_models_yaml)
     assert _wait(cluster, job2) == JobStatus.SUCCEEDED, cluster.get_job_logs(job2)[-3000:]
@@ -159,5 +169,5 @@ def test_stopped_job_resubmitted_resumes_to_the_same_dataset(cluster, recipe_fil
     assert _tree(out) == _tree(local_build)  # nothing lost, nothing duplicated
     if stopped_early:
         assert "finished chunk(s) kept" in logs, logs[-2000:]
-        assert 1 <= finished_before < 6
+        assert 1 <= finished_before < 7
     assert not list((out / "shards").glob(".*"))  # no temp files left behind

@@ -370,3 +370,29 @@ def test_sample_photos_write_the_motorcycle_views_only_when_asked(tmp_path):
     assert np.array_equal(np.asarray(Image.open(flat[0])), left)
     five = write_sample_photos(tmp_path / "c", faces=1, names=["astronaut", "chelsea", "coffee", "rocket", "camera"])
     assert len(five) == 6 and not (tmp_path / "c" / "motorcycle").exists()  # the Ray test's input set is unchanged
+
+
+def test_ray_worker_pool_is_sized_from_the_recipe_and_the_cluster(monkeypatch):
+    import ray
+
+    from pipeline.executor_ray import pool_size, worker_options
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "curate": 3.0})
+    r = recipe(executor={"cpus_per_worker": 2})
+    opts = worker_options(r)
+    assert opts["num_cpus"] == 2 and "num_gpus" not in opts and "resources" not in opts  # no GPU in this cluster
+    assert pool_size(r, opts) == 4
+    r = recipe(executor={"resources": {"curate": 1}})
+    assert pool_size(r, worker_options(r)) == 3  # the custom resource is the limit
+    r = recipe(executor={"workers": 5})
+    assert pool_size(r, worker_options(r)) == 5
+    r = recipe(executor={"resources": {"gpu_node": 1}})
+    with pytest.raises(ValueError, match="missing: gpu_node"):
+        pool_size(r, worker_options(r))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    r = recipe(executor={"gpus_per_actor": 0.5})
+    opts = worker_options(r)
+    assert opts["num_gpus"] == 0.5 and pool_size(r, opts) == 4
+    for bad in ({"workers": 0}, {"cpus_per_worker": 0}, {"resources": {"curate": -1}}):
+        with pytest.raises(ValueError, match="executor"):
+            recipe(executor=bad)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import glob as _glob
 import os
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -227,3 +227,105 @@ def as_xyxy(box: Any) -> Box:
     if not (x1 > x0 and y1 > y0):
         raise ValueError(f"box {box!r} is empty or inverted (needs x1 > x0 and y1 > y0)")
     return (x0, y0, x1, y1)
+
+
+
+class FsPath:
+    """The part of ``pathlib.Path`` that readers use, over an fsspec URL (``s3://bucket/dir`` …).
+    ``str()`` is the URL; ``relative_to`` gives a plain ``PurePosixPath``."""
+
+    def __init__(self, url: str, fs: Any = None):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.protocol = url.split("://", 1)[0]
+        self.fs = fs if fs is not None else fsspec.core.url_to_fs(url)[0]
+        self._key = self.fs._strip_protocol(self.url)
+
+    def _child(self, key: str) -> "FsPath":
+        return FsPath(f"{self.protocol}://{key}", self.fs)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"FsPath({self.url!r})"
+
+    def __fspath__(self) -> str:
+        return self.url
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FsPath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __lt__(self, other: "FsPath") -> bool:
+        return self.url < other.url
+
+    def __truediv__(self, name: str) -> "FsPath":
+        return self._child(f"{self._key}/{name}")
+
+    @property
+    def name(self) -> str:
+        return self._key.rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
+
+    @property
+    def parent(self) -> "FsPath":
+        return self._child(self._key.rsplit("/", 1)[0])
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return PurePosixPath(self._key).parts
+
+    def with_suffix(self, suffix: str) -> "FsPath":
+        return self._child(str(PurePosixPath(self._key).with_suffix(suffix)))
+
+    def relative_to(self, other: "FsPath") -> PurePosixPath:
+        return PurePosixPath(self._key).relative_to(other._key)
+
+    def expanduser(self) -> "FsPath":
+        return self
+
+    def exists(self) -> bool:
+        return self.fs.exists(self._key)
+
+    def is_dir(self) -> bool:
+        return self.fs.isdir(self._key)
+
+    def is_file(self) -> bool:
+        return self.fs.isfile(self._key)
+
+    def glob(self, pattern: str) -> list["FsPath"]:
+        return [self._child(k) for k in sorted(self.fs.glob(f"{self._key}/{pattern}"))]
+
+    def rglob(self, pattern: str) -> list["FsPath"]:
+        return [self._child(k) for k in sorted(self.fs.glob(f"{self._key}/**/{pattern}"))]
+
+    def open(self, mode: str = "rb", **kw: Any):
+        return self.fs.open(self._key, mode, **kw)
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self._key)
+
+    def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self.read_bytes().decode(encoding, errors)
+
+
+def source_path(root: Any) -> Any:
+    """A source root as a path object: ``pathlib.Path`` for a local path, or ``FsPath`` for an
+    fsspec URL (``s3://…``, ``gs://…``, ``file://…``), whose ``str()`` is the URL that
+    ``ImageRef.path`` carries to the decode stage. Credentials come from the environment or the
+    usual config files, never from the recipe."""
+    text = str(root)
+    if "://" in text:
+        return FsPath(text)
+    return Path(text).expanduser()

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.records import ImageRef, SourceRecord
-from pipeline.sources.common import SourceError
+from pipeline.sources.common import SourceError, source_path
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CROSS_PAIRS = ("none", "subfolders")
@@ -65,7 +65,7 @@ def subfolder_groups(root: Path, images: list[Path]) -> dict[str, list[Path]]:
 
 def read(cfg) -> Iterator[SourceRecord]:
     """Check the folder now (SourceError when it holds no image); return the iterator of records."""
-    root = Path(cfg.root).expanduser() if cfg.root else None
+    root = source_path(cfg.root) if cfg.root else None
     if root is None or not root.is_dir():
         raise SourceError(f"folder source: root {cfg.root!r} is not a directory; set source.root in the recipe or pass --source-root")
     recursive = cfg.get("recursive", True)

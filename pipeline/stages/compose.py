@@ -66,12 +66,22 @@ class ComposeStage:
                     try:
                         item.ref_image, item.ref_box = compose_reference(
                             view.image, view.mask, self.recipe.human.face_margin, view.face_box)
+                        self._check_size(item)
                         continue
                     except ValueError:
                         item.crop_mode, item.face_fallback = "body", True
                 elif item.crop_mode == "face":
                     item.crop_mode, item.face_fallback = "body", True
                 item.ref_image, item.ref_box = compose_reference(view.image, view.mask, self.recipe.reference.margin)
+                self._check_size(item)
             except Exception as e:
                 item.fail(self.name, f"cannot compose the reference: {e}")
         return items
+
+    def _check_size(self, item: Item) -> None:
+        """``filters.min_reference_side``: a reference too small to teach the image encoder anything."""
+        h, w = item.ref_image.shape[:2]
+        limit = self.recipe.filters.min_reference_side
+        if min(h, w) < limit:
+            item.fail(self.name, f"reference too small: {w}x{h}, shorter side below filters.min_reference_side={limit}")
+            item.ref_image = None

@@ -118,7 +118,12 @@ class ByteReader:
     def _read_member(self, path: str, member: str) -> bytes:
         if path not in self._tars:
             try:
-                tf = tarfile.open(path, "r:*")
+                if "://" in path:  # a tar in an object store: read through fsspec
+                    import fsspec
+
+                    tf = tarfile.open(fileobj=fsspec.open(path, "rb").open(), mode="r:*")
+                else:
+                    tf = tarfile.open(path, "r:*")
                 index = {m.name: m for m in tf.getmembers()}
             except (OSError, tarfile.TarError) as e:
                 raise DecodeError(f"cannot open tar {path}: {e}") from None

@@ -1,0 +1,185 @@
+"""A real two-node Ray cluster on this machine: `ray start --head` and a second `ray start` joining
+it (separate processes, loopback only, every port chosen free). The second node alone offers the
+custom resource ``curate``, so the curation workers — and with them the models — run there. A
+curation job submitted with the job API writes the same bytes as the local executor; a training job
+then runs one Ray Train worker on each node."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and ".progress" not in p.parts}
+
+
+def _node_ports() -> list[str]:
+    lo = _free_port()
+    return [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+            f"--min-worker-port={lo}", f"--max-worker-port={lo + 60}"]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """Head (1 CPU, runs the job drivers) + worker node (1 CPU and ``curate: 1``)."""
+    temp = tempfile.mkdtemp(prefix="r2", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str]) -> subprocess.Popen:
+        # --block keeps `ray start` as the parent of the node's processes, in a session of its own,
+        # so teardown stops exactly this cluster (never other Ray instances on the machine)
+        p = subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                              *args, *_node_ports()], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        start(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+               f"--ray-client-server-port={_free_port()}", "--num-cpus=1", f"--temp-dir={temp}",
+               "--include-dashboard=true"])
+        from ray.job_submission import JobSubmissionClient
+        from ray.util.state import list_nodes
+
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 180
+        while True:
+            try:
+                client = JobSubmissionClient(address)
+                client.list_jobs()
+                break
+            except Exception:
+                assert time.time() < deadline, "the Ray head did not come up"
+                time.sleep(2)
+        start([f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"curate": 1}'])
+        while True:
+            nodes = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
+            if len(nodes) == 2:
+                break
+            assert time.time() < deadline, f"the second node did not join: {nodes}"
+            time.sleep(2)
+        second = next(n.node_id for n in nodes if not n.is_head_node)
+        yield client, address, second
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        if old is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = old
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _submit(client, entry: str) -> str:
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up a little after the dashboard answers
+        try:
+            return client.submit_job(entrypoint=entry, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
+def _wait(client, job: str, timeout: float = 480) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    status = None
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        time.sleep(1)
+    raise TimeoutError(f"job {job} still {status} after {timeout}s:\n{client.get_job_logs(job)[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def curated(two_nodes, tiny_models, tiny_models_yaml, tmp_path_factory):
+    from ray.job_submission import JobStatus
+
+    from pipeline.executor_local import run_local
+    from pipeline.recipe import Recipe
+    from pipeline.samples import write_sample_photos
+
+    client, _, second = two_nodes
+    d = tmp_path_factory.mktemp("twonode")
+    write_sample_photos(d / "photos", faces=0, names=["astronaut", "chelsea", "coffee", "rocket"])
+    raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
+    raw["source"]["root"] = str(d / "photos")
+    raw["shards"]["inputs_per_shard"] = 1
+    raw["executor"].update(batch_size=1, resources={"curate": 1})  # workers only where `curate` is offered
+    recipe_file = d / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(raw))
+    local = d / "local"
+    run_local(Recipe.from_yaml(recipe_file), local, tiny_models, progress=False)
+    out = d / "ray"
+    job = _submit(client, f"{sys.executable} {REPO / 'jobs' / 'curate.py'} --recipe {recipe_file} --out {out} "
+                          f"--models {tiny_models_yaml} --no-progress")
+    status = _wait(client, job)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    return local, out, second
+
+
+def test_two_node_curation_job_writes_the_local_bytes_from_the_second_node(curated):
+    local, out, second = curated
+    assert _tree(out) == _tree(local)
+    markers = [json.loads(p.read_text()) for p in (out / ".progress").glob("[0-9]*[0-9].json")]
+    assert len(markers) == 4 and {m["node"] for m in markers} == {second}  # written where the models ran
+
+
+def test_two_node_training_job_runs_one_worker_per_node(two_nodes, curated, tiny_models_yaml, tmp_path):
+    from ray.job_submission import JobStatus
+    from ray.util.state import list_actors
+
+    client, address, _ = two_nodes
+    _, data, _ = curated
+    cfg = yaml.safe_load((REPO / "jobs" / "configs" / "tiny.yaml").read_text())
+    cfg.update(stages=[{"name": "intra", "steps": 2, "pair": "intra"}], global_batch_size=2, workers=2,
+               cpus_per_worker=1, checkpoint_every=2, eval_every=100, sample_every=100)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    job = _submit(client, f"{sys.executable} {REPO / 'jobs' / 'train.py'} --config {config} --data {data} "
+                          f"--out {run} --models {tiny_models_yaml}")
+    assert _wait(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 2]
+    workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+    assert len({w.node_id for w in workers}) == 2, workers  # one CPU per node: one worker on each
