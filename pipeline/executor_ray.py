@@ -26,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.orchestrate import ChunkWorker, Progress, curate
+from pipeline.orchestrate import ChunkWorker, Progress, check_source, curate
 from pipeline.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ def run_ray(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int |
 
     # The reader checks its source first (SourceError before Ray starts or any model loads).
     records: Iterable = get_reader(recipe.source.kind)(recipe.source)
+    check_source(recipe)  # before Ray starts and the worker actors load their models
     connect(address, num_cpus=num_cpus)
     out = str(out) if "://" in str(out) else str(Path(out).absolute())
     pool = RayPool(recipe, models, out)

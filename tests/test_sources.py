@@ -594,14 +594,14 @@ def test_opens2v_cross_target_frame_without_annotation(opens2v_dir, tmp_path):
 def test_empty_match_is_a_one_line_error_before_any_model(opens2v_dir, tmp_path, monkeypatch, caplog):
     """`dynaip curate` on a root whose layout does not match the recipe: exit 2, one error line naming
     the glob and the root, nothing written, no stage (model) built."""
-    import pipeline.executor_local as executor_local
+    import pipeline.stages as stages_module
     from dynaip.cli import main
 
     root, _ = opens2v_dir
     recipe = tmp_path / "flat.yaml"
     recipe.write_text((MANIFESTS / "opens2v.yaml").read_text().replace(
         'clips: "Jsons/mask_and_bbox/total_part*.json"', 'clips: "Jsons/*.json"'))
-    monkeypatch.setattr(executor_local, "build_stages", lambda *a, **k: pytest.fail("a stage was built"))
+    monkeypatch.setattr(stages_module, "build_stages", lambda *a, **k: pytest.fail("a stage was built"))
     out = tmp_path / "out"
     with caplog.at_level(logging.ERROR):
         rc = main(["curate", "--recipe", str(recipe), "--out", str(out), "--source-root", str(root),
