@@ -104,3 +104,18 @@ def _adapter_dir(models_yaml, tmp_path):
 
     torch.manual_seed(0)
     return _trained_like(DynaIPAdapter(DynaIPConfig.tiny())).save_pretrained(tmp_path / "adapter")
+
+
+def test_lowmem_weights_table_is_consistent():
+    """docs/low_memory.md's table comes from benchmarks/lowmem_weights.py (computed from module sizes)."""
+    import re
+    from pathlib import Path
+
+    from benchmarks.lowmem_weights import GIB, table
+
+    rows = dict(table())
+    assert rows["full (bf16, every model on the GPU)"] > rows["model offload (bf16)"] > rows["sequential offload"]
+    assert rows["model offload, int8/fp8 transformer"] < rows["model offload (bf16)"]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "low_memory.md").read_text()
+    for name, b in rows.items():
+        assert re.search(rf"\| {re.escape(name)} \| {b / GIB:.1f} \|", doc), name
