@@ -111,6 +111,12 @@ def test_generation_inputs_are_checked_before_any_model_runs(tiny_models_yaml, t
                            **{**common, "granularities": [(1, 0, 0), None, None]})
     sidecar = json.loads(open(out.files[1]).read())
     assert sidecar["granularity"] == [[1.0, 0.0, 0.0]] and sidecar["seed"] == 1 and out.image.size == (64, 64)
+    # masks found by phrase: the tiny random detector may find a box or not; either way no traceback
+    try:
+        found = service.generate("x", [ref, ref, None], masks=[None] * 3, phrases=["cat", "cat", ""], **common)
+        assert found.settings["auto_mask"] == ["cat", "cat"] and len(found.masks) == 2
+    except ValueError as e:
+        assert "was not found" in str(e)
 
 
 def test_serve_command_line(monkeypatch, dataset, tmp_path, capsys, caplog):

@@ -315,7 +315,10 @@ def build_app(datasets: DatasetCache, blocks):
             return RedirectResponse(loc)
         return FileResponse(loc, media_type="application/x-tar", filename=Path(shard).name)
 
-    return gr.mount_gradio_app(app, blocks, path="", show_api=True)
+    import contextlib
+
+    with contextlib.redirect_stdout(io.StringIO()):  # gradio 5.50's mount_gradio_app prints a stray debug line
+        return gr.mount_gradio_app(app, blocks, path="", show_api=True)
 
 
 # ---------------------------------------------------------------------- CLI
