@@ -42,7 +42,7 @@ def _two(pipe, **kw):
 def test_cpu_offload_with_the_adapter(tiny_models, mode, device):
     if mode == "sequential" and device == "cpu":
         pytest.skip("accelerate's sequential offload fails inside the CLIP text encoder on a CPU-only torch "
-                    "(set_module_tensor_to_device); exercised on CUDA")
+                    "(set_module_tensor_to_device); this case runs where CUDA is present")
     pipe = _pipe(tiny_models, device)
     before = _two(pipe)
     getattr(pipe, f"enable_{mode}_cpu_offload")(device=device)
