@@ -42,7 +42,7 @@ def _two(pipe, **kw):
 def test_cpu_offload_with_the_adapter(tiny_models, mode, device):
     if mode == "sequential" and device == "cpu":
         pytest.skip("accelerate's sequential offload fails inside the CLIP text encoder on a CPU-only torch "
-                    "(set_module_tensor_to_device); exercised on CUDA")
+                    "(set_module_tensor_to_device); this case runs where CUDA is present")
     pipe = _pipe(tiny_models, device)
     before = _two(pipe)
     getattr(pipe, f"enable_{mode}_cpu_offload")(device=device)
@@ -104,3 +104,18 @@ def _adapter_dir(models_yaml, tmp_path):
 
     torch.manual_seed(0)
     return _trained_like(DynaIPAdapter(DynaIPConfig.tiny())).save_pretrained(tmp_path / "adapter")
+
+
+def test_lowmem_weights_table_is_consistent():
+    """docs/low_memory.md's table comes from benchmarks/lowmem_weights.py (computed from module sizes)."""
+    import re
+    from pathlib import Path
+
+    from benchmarks.lowmem_weights import GIB, table
+
+    rows = dict(table())
+    assert rows["full (bf16, every model on the GPU)"] > rows["model offload (bf16)"] > rows["sequential offload"]
+    assert rows["model offload, int8/fp8 transformer"] < rows["model offload (bf16)"]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "low_memory.md").read_text()
+    for name, b in rows.items():
+        assert re.search(rf"\| {re.escape(name)} \| {b / GIB:.1f} \|", doc), name

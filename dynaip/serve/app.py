@@ -239,13 +239,16 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
                             low = gr.Slider(0, 1, value=1.0, step=0.05, label="low", elem_id=f"low{i + 1}")
                             mid = gr.Slider(0, 1, value=1.0, step=0.05, label="mid", elem_id=f"mid{i + 1}")
                             high = gr.Slider(0, 1, value=1.0, step=0.05, label="high", elem_id=f"high{i + 1}")
-                            canvas = gr.Sketchpad(label=f"mask {i + 1} (draw where the subject goes)",
+                            # a canvas appears with its reference (each one is a WebGL editor: costly when idle)
+                            canvas = gr.Sketchpad(label=f"mask {i + 1} (draw where the subject goes)", visible=False,
                                                   elem_id=f"mask{i + 1}", type="numpy", canvas_size=(256, 256),
                                                   fixed_canvas=True, layers=False, height=300,
-                                                  brush=gr.Brush(default_size=24, colors=["#ff0000"],
+                                                  brush=gr.Brush(default_size=48, colors=["#ff0000"],
                                                                  color_mode="fixed"))
                             phrase = gr.Textbox(label="…or find it by phrase", elem_id=f"phrase{i + 1}")
                             slot_inputs += [ref, scale, auto_g, low, mid, high, canvas, phrase]
+                            ref.change(lambda img: gr.update(visible=img is not None), [ref], [canvas],
+                                       api_name=False, show_progress="hidden")
                 with gr.Row():
                     seed = gr.Number(0, label="seed (empty: random, recorded)", precision=0, elem_id="gen-seed")
                     steps = gr.Slider(1, 50, value=28, step=1, label="steps", elem_id="gen-steps")
@@ -312,7 +315,10 @@ def build_app(datasets: DatasetCache, blocks):
             return RedirectResponse(loc)
         return FileResponse(loc, media_type="application/x-tar", filename=Path(shard).name)
 
-    return gr.mount_gradio_app(app, blocks, path="", show_api=True)
+    import contextlib
+
+    with contextlib.redirect_stdout(io.StringIO()):  # gradio 5.50's mount_gradio_app prints a stray debug line
+        return gr.mount_gradio_app(app, blocks, path="", show_api=True)
 
 
 # ---------------------------------------------------------------------- CLI
