@@ -150,8 +150,6 @@ def run_ray(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int |
     dict (the same bytes as ``run_local``)."""
     from pipeline.executor_local import run_info
 
-    # The reader checks its source first (SourceError before Ray starts or any model loads).
-    records: Iterable = get_reader(recipe.source.kind)(recipe.source)
     check_source(recipe)  # before Ray starts and the worker actors load their models
     connect(address, num_cpus=num_cpus)
     out = str(out) if "://" in str(out) else str(Path(out).absolute())
