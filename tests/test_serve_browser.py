@@ -197,7 +197,10 @@ def _draw(browser, canvas_id: str, left: bool):
 
     box = browser.find_element(By.ID, canvas_id)
     box.find_element(By.CSS_SELECTOR, 'button[aria-label="Brush"]').click()
-    canvas = max(box.find_elements(By.TAG_NAME, "canvas"), key=lambda c: c.size["width"] * c.size["height"])
+    # wait for the editor's canvas to be laid out: strokes on a 0-pixel canvas go nowhere
+    canvas = _wait(browser, lambda: (c := max(box.find_elements(By.TAG_NAME, "canvas"),
+                                              key=lambda c: c.size["width"] * c.size["height"]))
+                   and c.size["width"] > 50 and c, what=f"the {canvas_id} canvas")
     w, h = canvas.size["width"], canvas.size["height"]
     side = min(w, h) * 0.8  # the square drawing area, centred
     x = -side * 0.3 if left else side * 0.3  # one thick stroke, top to bottom (every pointer move re-renders)
@@ -216,6 +219,30 @@ def _set_number(browser, elem_id: str, value):
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(str(value))
     field.send_keys(Keys.TAB)
+
+
+def _press_and_read_status(browser, timeout: float = 300) -> str:
+    """Presses Generate and returns the status line of *this* press: a MutationObserver counts changes
+    under the status block (Gradio's pending overlay comes and goes on every press even when the final
+    text repeats the previous one), and the text is read once they have stopped."""
+    from selenium.webdriver.common.by import By
+
+    browser.execute_script(
+        "window.__statusChanges = 0; if (window.__statusObserver) window.__statusObserver.disconnect();"
+        "window.__statusObserver = new MutationObserver(() => { window.__statusChanges += 1; });"
+        "window.__statusObserver.observe(document.getElementById('gen-status'),"
+        " {subtree: true, childList: true, characterData: true, attributes: true});")
+    browser.find_element(By.ID, "gen-go").click()
+    deadline, last, still_since = time.time() + timeout, -1, time.time()
+    while time.time() < deadline:
+        n = browser.execute_script("return window.__statusChanges")
+        text = browser.find_element(By.ID, "gen-status").text
+        if n != last:
+            last, still_since = n, time.time()
+        elif n > 0 and ("done" in text or "⚠" in text) and time.time() - still_since > 1.5:
+            return text
+        time.sleep(0.25)
+    raise AssertionError(f"no answer to Generate within {timeout:.0f} s")
 
 
 def test_generate_page_two_references_with_drawn_masks(server, browser, tmp_path, tiny_models):
@@ -241,9 +268,18 @@ def test_generate_page_two_references_with_drawn_masks(server, browser, tmp_path
     _wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#mask2 canvas"), what="the mask canvases")
     _draw(browser, "mask1", left=True)
     _draw(browser, "mask2", left=False)
-    browser.find_element(By.ID, "gen-go").click()
-    status = _wait(browser, lambda: (t := browser.find_element(By.ID, "gen-status").text) and ("done" in t or "⚠" in t)
-                   and t, timeout=300, what="the generation")
+    # the editor exports its strokes asynchronously (software WebGL on a loaded CI machine can lag behind
+    # the press); a press that arrives before they do gets the page's own "need one mask each" answer,
+    # and a user would draw again and press again
+    for attempt in range(3):
+        if attempt:
+            _draw(browser, "mask1", left=True)
+            _draw(browser, "mask2", left=False)
+        time.sleep(1)
+        status = _press_and_read_status(browser)
+        if "need one mask each" not in status:
+            break
+    assert "done" in status, status
     assert "done" in status, status
     _wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#gen-result img"), what="the result image")
     browser.execute_script("window.scrollTo(0, 0)")
