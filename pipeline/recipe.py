@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
+from dynaip.geometry import HOLE_FRAC, ISLAND_FRAC
+
 SOURCE_KINDS = ("sa1b", "ffhq", "vitonhd", "opens2v", "folder")
 
 
@@ -75,9 +77,9 @@ class SegmentationConfig:
 
     use_provided_masks: bool = True
     """Records with RLE ``masks`` use them instead of SAM."""
-    island_frac: float = 0.05
+    island_frac: float = ISLAND_FRAC
     """Remove connected foreground parts smaller than this fraction of the mask's area."""
-    hole_frac: float = 0.05
+    hole_frac: float = HOLE_FRAC
     """Fill background holes smaller than this fraction of the mask's area."""
     box_margin: float | None = 0.1
     """SAM masks are cut to the prompt box grown by this fraction of its longer side (leaks past

@@ -10,7 +10,8 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from dynaip import DynaIPAdapter, DynaIPConfig
-from dynaip.adapter.attention import DynaIPAttnProcessor, resample_mask
+from dynaip.adapter.attention import DynaIPAttnProcessor
+from dynaip.geometry import resample_mask
 from dynaip.models.tiny import TINY_FLUX_TRANSFORMER_CONFIG
 
 H = W = 64  # pixels → 4 x 4 = 16 packed image tokens

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dynaip.geometry import clean_mask, cut_to_box, mask_box
 from pipeline.recipe import FilterConfig, Recipe
 from pipeline.records import Reject, SourceRecord, ImageRef
 from pipeline.sample import Candidate, Item, Sample, sample_key
 from pipeline.stages.compose import compose_reference
 from pipeline.stages.decode import DecodeError, DecodeStage, decode_image
-from pipeline.stages.segment import clean_mask, cut_to_box, mask_box
 from pipeline.stages.select import check_mask, select_primary
 from pipeline.writer import DatasetWriter, OutputDirError, encode_sample, write_tar
 

@@ -25,6 +25,8 @@ from diffusers.models.transformers.transformer_flux import (
 )
 from torch import nn
 
+from dynaip.geometry import resample_mask
+
 BRANCHES = ("image", "text", "both")
 CONDITIONING_KWARG = "dynaip_conditioning"
 """Name under which the active conditioning travels in the transformer's ``joint_attention_kwargs``
@@ -89,23 +91,6 @@ class BlockReferenceAttention(nn.Module):
 
     def stream(self, name: str) -> ReferenceKV:
         return self.text_kv if (name == "text" and self.text_kv is not None) else self.kv
-
-
-def resample_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Pixel mask ``(H, W)`` or ``(B, H, W)`` (bool, or float in [0, 1], or uint8 0/255) → ``(B, h*w)`` bool.
-
-    Area-resize to the packed latent token grid ``(h, w)`` then threshold at 0.5; flattened
-    row-major, which is the order of FLUX's packed image tokens.
-    """
-    if mask.ndim == 2:
-        mask = mask[None]
-    if mask.ndim != 3:
-        raise ValueError(f"mask shape {tuple(mask.shape)}: expected (H, W) or (B, H, W) in pixel space")
-    m = mask.float()
-    if mask.dtype == torch.uint8 and m.max() > 1:
-        m = m / 255.0
-    m = F.interpolate(m[:, None], size=grid, mode="area")  # (B, 1, h, w)
-    return (m[:, 0] >= 0.5).flatten(1)  # (B, h*w)
 
 
 @dataclass

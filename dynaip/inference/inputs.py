@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from dynaip.geometry import pad_to_square_white
+
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
 
@@ -34,17 +36,6 @@ def load_image(item: ImageLike, what: str) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
     return img.convert("RGB")
-
-
-def pad_to_square_white(img: Image.Image) -> Image.Image:
-    """Non-square references are padded on white (the curation's background), never cropped."""
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    canvas = Image.new("RGB", (side, side), (255, 255, 255))
-    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-    return canvas
 
 
 def reference_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dynaip.geometry import clean_mask
+
 from .inputs import ImageLike, load_image, load_mask, per_subject, reference_pixels
 
 log = logging.getLogger(__name__)
@@ -290,7 +292,7 @@ class DynaIPFluxPipeline:
         radius = max(1, int(round(dilation * min(arr.shape[:2]))))
         out = []
         for i, m in enumerate(masks):
-            m = _clean_mask(m)
+            m = clean_mask(m)  # curation's defaults: a reference mask is cleaned the same way
             if not m.any():  # SAM found nothing inside the box: fall back to the box itself
                 x0, y0, x1, y1 = (int(round(v)) for v in boxes[i])
                 m = np.zeros(arr.shape[:2], dtype=bool)
@@ -323,15 +325,6 @@ def _generators(generator) -> list[torch.Generator]:
     if generator is None:
         return []
     return list(generator) if isinstance(generator, (list, tuple)) else [generator]
-
-
-def _clean_mask(mask: np.ndarray) -> np.ndarray:
-    """The curation's segmentation cleanup (small islands removed, holes filled), with its defaults."""
-    from pipeline.recipe import SegmentationConfig
-    from pipeline.stages.segment import clean_mask
-
-    seg = SegmentationConfig()
-    return clean_mask(mask, seg.island_frac, seg.hole_frac)
 
 
 def adapter_config_for(transformer, tower):

@@ -51,6 +51,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dynaip.geometry import pad_to_square_white
+
 if TYPE_CHECKING:
     from dynaip.features.store import FeatureReader, FeatureShardRef
 
@@ -232,17 +234,6 @@ def iter_positions(shards: list[ShardInfo], starts: np.ndarray, begin: int, end:
 
 
 # ----------------------------------------------------------------------------- decoding
-
-def pad_to_square_white(img: Image.Image) -> Image.Image:
-    """Centres an RGB image on a white square (the reference's background is white)."""
-    w, h = img.size
-    s = max(w, h)
-    if w == h:
-        return img
-    out = Image.new("RGB", (s, s), (255, 255, 255))
-    out.paste(img, ((s - w) // 2, (s - h) // 2))
-    return out
-
 
 def resize_center_crop(img: Image.Image, h: int, w: int) -> Image.Image:
     """Scales so the image covers (h, w), then crops the centre."""

@@ -392,7 +392,9 @@ class _Worker:
         import numpy as np
         from PIL import Image
 
-        from .data import pad_to_square_white, to_chw_uint8
+        from dynaip.geometry import pad_to_square_white
+
+        from .data import to_chw_uint8
         from .step import generate_samples
 
         cfg = self.cfg

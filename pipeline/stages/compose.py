@@ -6,27 +6,12 @@ Images ``(H, W, 3) uint8`` RGB, masks ``(H, W) bool``, boxes XYXY pixels.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+from dynaip.geometry import grow_box, mask_box, on_white
 from pipeline.recipe import Recipe
 from pipeline.records import Box
 from pipeline.sample import Item
-from pipeline.stages.segment import mask_box
-
-
-def grow_box(box: Box, frac: float, height: int, width: int) -> tuple[int, int, int, int]:
-    """Grows an XYXY box by ``frac`` × its longer side on every side, clipped to the image, as ints."""
-    x0, y0, x1, y1 = box
-    m = frac * max(x1 - x0, y1 - y0)
-    return (max(0, math.floor(x0 - m)), max(0, math.floor(y0 - m)),
-            min(width, math.ceil(x1 + m)), min(height, math.ceil(y1 + m)))
-
-
-def on_white(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Subject pixels kept, everything else pure white: ``(H, W, 3) uint8``."""
-    return np.where(mask[..., None], image, np.uint8(255)).astype(np.uint8)
 
 
 def compose_reference(image: np.ndarray, mask: np.ndarray, margin: float,

@@ -220,7 +220,7 @@ class DecodeStage:
 
             view.given_mask = decode_rle(m, h, w)
         if view.given_mask is not None:
-            from pipeline.stages.segment import mask_box
+            from dynaip.geometry import mask_box
 
             box = mask_box(view.given_mask)
             if box is None:

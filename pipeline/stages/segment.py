@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
+from dynaip.geometry import clean_mask, cut_to_box, mask_box
 from pipeline.recipe import Recipe
 from pipeline.records import Box
 from pipeline.sample import Item, View
@@ -38,52 +38,6 @@ def decode_rle(rle: dict[str, Any], height: int, width: int) -> np.ndarray:
 def rle_box(rle: dict[str, Any], height: int, width: int) -> Box | None:
     """Tight XYXY box of an RLE's foreground (None when empty)."""
     return mask_box(decode_rle(rle, height, width))
-
-
-def mask_box(mask: np.ndarray) -> Box | None:
-    """Tight XYXY pixel box of a ``(H, W) bool`` mask (x1/y1 exclusive), None when empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return None
-    return (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-
-
-def cut_to_box(mask: np.ndarray, box: Box, margin: float) -> np.ndarray:
-    """``mask`` with everything outside ``box`` (XYXY) grown by ``margin`` × its longer side set False."""
-    from pipeline.stages.compose import grow_box
-
-    h, w = mask.shape
-    x0, y0, x1, y1 = grow_box(box, margin, h, w)
-    out = np.zeros_like(mask, dtype=bool)
-    out[y0:y1, x0:x1] = mask[y0:y1, x0:x1]
-    return out
-
-
-def clean_mask(mask: np.ndarray, island_frac: float, hole_frac: float) -> np.ndarray:
-    """Removes foreground parts smaller than ``island_frac`` × mask area (the largest part always
-    stays) and fills background holes (regions not touching the border) smaller than
-    ``hole_frac`` × mask area. ``(H, W) bool`` → ``(H, W) bool``."""
-    mask = np.asarray(mask, dtype=bool)
-    area = int(mask.sum())
-    if area == 0:
-        return mask.copy()
-    labels, n = ndimage.label(mask)
-    if n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        keep = sizes >= island_frac * area
-        keep[int(sizes.argmax())] = True
-        keep[0] = False
-        mask = keep[labels]
-    holes, m = ndimage.label(~mask)
-    if m > 0:
-        sizes = np.bincount(holes.ravel())
-        border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
-        fill = sizes < hole_frac * area
-        fill[0] = False
-        fill[border] = False
-        mask = mask | fill[holes]
-    return mask
 
 
 class SegmentStage(LazyModel):
