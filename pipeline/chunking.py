@@ -106,3 +106,19 @@ def assemble(part: list[SourceRecord | Reject], outcome: Outcome
             encoded.extend(x.members)
             ledger["accepted"].append([pos, keys[0], x.kind, x.hashes, x.source, x.id])
     return encoded, rejects, ledger
+
+
+def process_chunk(part: list[SourceRecord | Reject], start: int, stages: list, batch_size: int,
+                  jpeg_quality: int = 95, timings: dict[str, float] | None = None, hash_size: int | None = 8
+                  ) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
+    """Runs one chunk's records through ``stages`` in batches of ``batch_size``; returns
+    ``(encoded samples, rejects, ledger)`` in input order. Samples are encoded right after their batch, so
+    decoded pixels never pile up for a whole chunk. The batches are ``plan_chunk``'s, exactly as
+    the Ray executor forms them."""
+    from pipeline.stages import run_stages  # the stages' model code loads only where chunks are built
+
+    outcome, tasks = plan_chunk(-1, part, start, batch_size)
+    for task in tasks:
+        items = run_stages(task.items, stages, timings)
+        outcome.extend(batch_outcome(items, task.positions, jpeg_quality, hash_size))
+    return assemble(part, outcome)

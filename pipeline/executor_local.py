@@ -14,31 +14,15 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from pipeline.chunking import assemble, batch_outcome, plan_chunk
+from pipeline.chunking import process_chunk  # noqa: F401  (re-exported: callers and tests import it from here)
 from pipeline.orchestrate import (ChunkWorker, LocalPool, Progress, check_source, chunked, curate,  # noqa: F401
                                  input_fingerprint)
 from pipeline.recipe import Recipe
-from pipeline.records import Reject, SourceRecord
-from pipeline.stages import run_stages
 from pipeline.store import redact_url
 from pipeline.writer import sha256_file
 
 TOOLS = ("dynaip", "torch", "groundingdino-py", "segment-anything", "transformers", "webdataset", "pillow",
          "numpy", "scipy", "pycocotools", "av", "imagehash")
-
-
-def process_chunk(part: list[SourceRecord | Reject], start: int, stages: list, batch_size: int,
-                  jpeg_quality: int = 95, timings: dict[str, float] | None = None, hash_size: int | None = 8
-                  ) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
-    """Runs one chunk's records through ``stages`` in batches of ``batch_size``; returns
-    ``(encoded samples, rejects, ledger)`` in input order. Samples are encoded right after their batch, so
-    decoded pixels never pile up for a whole chunk. The batches are ``plan_chunk``'s, exactly as
-    the Ray executor forms them."""
-    outcome, tasks = plan_chunk(-1, part, start, batch_size)
-    for task in tasks:
-        items = run_stages(task.items, stages, timings)
-        outcome.extend(batch_outcome(items, task.positions, jpeg_quality, hash_size))
-    return assemble(part, outcome)
 
 
 def run_info(recipe: Recipe, models: Any) -> dict[str, Any]:

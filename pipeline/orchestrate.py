@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Any, Iterable, Iterator, Protocol
 
+from pipeline.chunking import process_chunk
 from pipeline.recipe import Recipe
 from pipeline.records import Reject, SourceRecord
 from pipeline.sources import get_reader
@@ -74,8 +75,6 @@ class ChunkWorker:
             self.node = ray.get_runtime_context().get_node_id()
 
     def build(self, chunk: int, part: list[SourceRecord | Reject], fp: str) -> ChunkResult:
-        from pipeline.executor_local import process_chunk
-
         timings: dict[str, float] = {}
         r = self.recipe
         hash_size = r.dedup.hash_size if r.dedup.max_distance is not None else None

@@ -99,7 +99,7 @@ def check_models(models: str) -> None:
 
 def check_resume(cfg: TrainConfig, out: str, resume: bool) -> None:
     """A ``--resume`` continues exactly only with the world size and adapter layout it was saved with."""
-    from .trainer import SHARDED_ADAPTER, latest_checkpoint
+    from .checkpoints import SHARDED_ADAPTER, latest_checkpoint
 
     if not resume:
         return

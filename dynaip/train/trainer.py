@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,13 +43,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .checkpoints import SHARDED_ADAPTER, STEP_DIR, latest_checkpoint
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 RESUME_FORMAT = "dynaip-train-state/1"
-SHARDED_ADAPTER = ("fsdp2_adapter", "fsdp2_full")
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
 @dataclass(kw_only=True)
@@ -119,15 +117,6 @@ def lr_lambda(cfg: TrainConfig):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir()
-                   if (m := STEP_DIR.match(p.name)) and (p / "resume" / "state.json").is_file())
-    return steps[-1][1] if steps else None
 
 
 def _gather(obj: Any) -> list[Any]:
