@@ -32,7 +32,7 @@ def main() -> int:
     from dynaip.models import ModelsConfig
     from pipeline.executor_local import run_local
     from pipeline.recipe import Recipe
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
     from pipeline.stages import build_stages
 
     work = Path(tempfile.mkdtemp(prefix="bench_curation_"))

@@ -41,7 +41,7 @@ def write_inputs(root: Path, n: int) -> Path:
     import numpy as np
     from PIL import Image, ImageEnhance
 
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
 
     base = write_sample_photos(root / "orig")
     per_copy = len(base) + 2  # + the two cross records of the motorcycle views

@@ -50,7 +50,7 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
     from pipeline.dataset import grid, show, verify
     from pipeline.executor_ray import run_ray
     from pipeline.recipe import Recipe
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
 
     for needed in (DEMO_RECIPE, TINY_TRAIN_CONFIG):
         if not needed.is_file():

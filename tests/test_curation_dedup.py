@@ -54,7 +54,7 @@ def photos_with_copies(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """Every bundled photo (motorcycle views, faces included) plus, sorted into later chunks, an exact
     byte copy, a re-encoded + resized copy and a re-encoded PNG→JPEG copy. Returns the root and
     ``{copy id: original id}``."""
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
 
     root = tmp_path_factory.mktemp("dd") / "photos"
     write_sample_photos(root)

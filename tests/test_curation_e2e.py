@@ -40,7 +40,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
 
     root = tmp_path_factory.mktemp("photos")
     write_sample_photos(root, faces=0, names=PHOTOS)

@@ -35,7 +35,7 @@ def _tree(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def recipe_file(tmp_path_factory) -> Path:
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
 
     d = tmp_path_factory.mktemp("raycur")
     write_sample_photos(d / "photos", faces=1, names=["astronaut", "chelsea", "coffee", "rocket", "camera"])

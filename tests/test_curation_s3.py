@@ -69,7 +69,7 @@ def s3():
 
 @pytest.fixture(scope="module")
 def bucket_photos(s3, tmp_path_factory) -> tuple[str, Path]:
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
 
     local = tmp_path_factory.mktemp("s3src") / "photos"
     write_sample_photos(local, faces=1, names=["astronaut", "chelsea", "coffee", "motorcycle"])

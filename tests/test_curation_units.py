@@ -358,7 +358,7 @@ def test_folder_reader_cross_pairs_from_subfolders(tmp_path):
 
 
 def test_sample_photos_write_the_motorcycle_views_only_when_asked(tmp_path):
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
 
     got = write_sample_photos(tmp_path / "a", faces=0, names=["logo", "motorcycle"])
     assert [p.relative_to(tmp_path / "a").as_posix() for p in got] == ["logo.png", "motorcycle/left.png", "motorcycle/right.png"]

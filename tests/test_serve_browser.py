@@ -43,7 +43,7 @@ def demo_dataset(tmp_path_factory, tiny_models):
     """The demo's recipe on three bundled photos, plus one unreadable and one too-small input (two rejects)."""
     from pipeline.executor_local import run_local
     from pipeline.recipe import Recipe
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
 
     root = tmp_path_factory.mktemp("serve")
     photos = root / "photos"
