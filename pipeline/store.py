@@ -22,10 +22,6 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
-def is_url(path: str | os.PathLike) -> bool:
-    return "://" in str(path)
-
-
 class HashingWriter:
     """A write-only file wrapper that counts and sha256-hashes what passes through it."""
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,6 @@ from typing import IO, Any, Iterable
 import numpy as np
 from PIL import Image
 
-from dynaip.atomic import atomic_write_bytes
 from pipeline.records import Reject, safe_key
 from pipeline.sample import Sample
 from pipeline.store import Store
@@ -43,11 +41,6 @@ DUPLICATE_OF = "duplicate of "
 
 class OutputDirError(ValueError):
     """The output directory holds something this run must not touch."""
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temporary sibling + fsync + rename."""
-    atomic_write_bytes(path, data)
 
 
 def dump_json(obj: Any) -> bytes:

@@ -38,17 +38,6 @@ def load_flux_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, **c
         raise CheckpointError("FLUX.1-dev", p, EXPECTED, "A component failed to load; re-download the directory.", e) from e
 
 
-def load_flux_transformer(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Only the ``FluxTransformer2DModel`` (``path/transformer``)."""
-    from diffusers import FluxTransformer2DModel
-
-    p = _check_layout(path)
-    try:
-        return FluxTransformer2DModel.from_pretrained(str(p), subfolder="transformer", torch_dtype=dtype, local_files_only=True)
-    except Exception as e:
-        raise CheckpointError("FLUX.1-dev transformer", p / "transformer", EXPECTED, "Re-download the transformer folder.", e) from e
-
-
 def build_flux_transformer_meta(config: dict | None = None):
     """The FLUX.1-dev transformer (or ``config``) on the meta device: shapes and counts, no memory."""
     from diffusers import FluxTransformer2DModel
