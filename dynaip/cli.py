@@ -1,4 +1,4 @@
-"""The `dynaip` command line: one entry point, one subcommand per job (see DESIGN.md)."""
+"""The `dynaip` command line: one entry point, one subcommand per job (see docs/ARCHITECTURE.md, "CLI")."""
 
 from __future__ import annotations
 

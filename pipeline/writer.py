@@ -1,4 +1,4 @@
-"""Writes the dataset directory (the binding contract in DESIGN.md)::
+"""Writes the dataset directory (the binding contract in docs/ARCHITECTURE.md, "Dataset directory")::
 
     DIR/shards/000000.tar ...   WebDataset shards, one per input chunk (parts 000000_01.tar ... past max_bytes)
     DIR/rejects.jsonl           {source, id, stage, reason} per rejected input, in input order

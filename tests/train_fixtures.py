@@ -1,4 +1,4 @@
-"""Small datasets in the DESIGN.md dataset layout, written by the trainer tests themselves.
+"""Small datasets in the dataset layout of docs/ARCHITECTURE.md, written by the trainer tests themselves.
 
 ``write_dataset(dir, ...)`` writes ``dir/shards/NNNNNN.tar`` (WebDataset samples with
 ``ref.png``, ``tgt.jpg``, ``mask.png``, ``txt``, ``json``) and ``dir/manifest.json``
