@@ -315,7 +315,6 @@ def training_loss(frozen: FrozenModels, adapter: nn.Module, encode: nn.Module, b
     ``cpu_generator`` draws the CFG dropout. A batch with precomputed features (``posterior_mean``,
     ``t5``, ...) is used as stored; ``empty_text`` is then the stored empty prompt for text dropout.
     """
-    dev = frozen.device
     b = len(batch["txt"])
     drop_txt, drop_img = cfg_dropout(b, settings.drop_text, settings.drop_image, settings.drop_both, cpu_generator)
     with torch.no_grad():
