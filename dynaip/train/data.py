@@ -28,6 +28,10 @@ truncated (``tarfile.ReadError`` part-way) loses its remaining samples, and a sa
 image does not decode is dropped. Those positions still count as consumed, so the skips are
 part of the deterministic sequence.
 
+A stage with weighted datasets (``StreamSpec.weights``) interleaves one such stream per dataset by
+weight instead of concatenating them: ``dynaip.train.mixture``. The stage's ``pair`` selection and
+quality ``filters`` (``rejected_by``) drop samples; dropped positions count as consumed, like skips.
+
 With precomputed features (``ShardInfo.features``, attached by the trainer), the stream is the
 very same sequence of samples and batches; a batch then carries the samples' stored T5 / pooled
 CLIP embeddings and their VAE posteriors at the batch's bucket instead of the resized targets. A
