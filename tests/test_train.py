@@ -151,7 +151,7 @@ def test_two_workers_resume_from_a_mid_stage_checkpoint_is_bitwise_identical(ful
 def mix_setup(tmp_path_factory, tiny_models_yaml):
     """run_setup's config with a 3:1 mixture of two scored intra datasets and an aesthetic filter in stage 1."""
     root = tmp_path_factory.mktemp("mixrun")
-    score = lambda n: {"aesthetic": float(n % 4), "sharpness": 1.0, "subject_pixels": 100}  # noqa: E731
+    score = lambda n: {"aesthetic": float(n % 4), "sharpness": 1.0, "subject_pixels": 100}
     a = write_dataset(root / "a", [3, 2], size=64, quality=score)
     b = write_dataset(root / "b", [2, 2], size=64, start=200, quality=score)
     cross = write_dataset(root / "cross", [2, 3], pair="cross", start=50, size=64)

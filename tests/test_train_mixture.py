@@ -153,7 +153,7 @@ def test_mixture_refuses_a_dataset_without_samples(two, tmp_path):
 def scored(tmp_path_factory):
     """12 samples with aesthetic = n % 4 (0, 1, 2, 3, ...) and a dataset without scores."""
     root = tmp_path_factory.mktemp("scored")
-    score = lambda n: {"aesthetic": float(n % 4), "sharpness": n / 10, "subject_pixels": 100 * n}  # noqa: E731
+    score = lambda n: {"aesthetic": float(n % 4), "sharpness": n / 10, "subject_pixels": 100 * n}
     return write_dataset(root / "s", [6, 6], size=32, quality=score), write_dataset(root / "u", [4], start=100, size=32)
 
 
@@ -181,3 +181,15 @@ def test_filters_count_unscored_samples_as_dropped_and_preflight_refuses_them(sc
     check_scores("st", [str(s)], {"aesthetic": 0.0, "sharpness": 0.0, "subject_pixels": 0})
     with pytest.raises(PreflightError, match=r"stage 'st' filters on quality.aesthetic but dataset '.*u' stores no"):
         check_scores("st", [str(s), str(u)], {"aesthetic": 0.0})
+
+
+def test_preflight_checks_a_filtered_stage_before_the_run(scored):
+    from dynaip.train.preflight import check_stages
+
+    s, u = scored
+    stage = {"name": "q", "steps": 1, "filters": {"min_sharpness": 0.2}}
+    ok = TrainConfig.from_dict({"stages": [{**stage, "data": [{"path": str(s), "weight": 2}]}]})
+    assert list(check_stages(ok, [])) == ["q"]
+    bad = TrainConfig.from_dict({"stages": [stage]})  # the run's --data: s and the unscored u
+    with pytest.raises(PreflightError, match="quality.sharpness .*drop min_sharpness"):
+        check_stages(bad, [str(s), str(u)])

@@ -25,8 +25,8 @@ worker (instead of one per worker).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Iterator
 
 import numpy as np
 
