@@ -147,7 +147,27 @@ def test_two_workers_resume_from_a_mid_stage_checkpoint_is_bitwise_identical(ful
     assert _losses(run) == {s: v for s, v in _losses(full_run).items() if s > 4}
 
 
-def test_max_steps_then_resume_is_bitwise_identical_in_one_process(run_setup):
+@pytest.fixture(scope="module")
+def mix_setup(tmp_path_factory, tiny_models_yaml):
+    """run_setup's config with a 3:1 mixture of two scored intra datasets and an aesthetic filter in stage 1."""
+    root = tmp_path_factory.mktemp("mixrun")
+    score = lambda n: {"aesthetic": float(n % 4), "sharpness": 1.0, "subject_pixels": 100}
+    a = write_dataset(root / "a", [3, 2], size=64, quality=score)
+    b = write_dataset(root / "b", [2, 2], size=64, start=200, quality=score)
+    cross = write_dataset(root / "cross", [2, 3], pair="cross", start=50, size=64)
+    cfg = yaml.safe_load(Path("jobs/configs/tiny.yaml").read_text())
+    cfg.update(stages=[{"name": "intra", "steps": 3, "pair": "intra", "filters": {"min_aesthetic": 1.0},
+                        "data": [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}]},
+                       {"name": "cross", "steps": 3, "pair": "cross"}],
+               lr=1e-2, checkpoint_every=2, eval_every=6, sample_every=0)
+    config = root / "test.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return root, config, cross, tiny_models_yaml
+
+
+@pytest.mark.parametrize("setup", ["run_setup", "mix_setup"])
+def test_max_steps_then_resume_is_bitwise_identical_in_one_process(setup, request):
+    run_setup = request.getfixturevalue(setup)
     once = _train(run_setup, "local-once", "--local")
     run = _train(run_setup, "local-split", "--local", "--max-steps", "3")  # stops exactly at the stage switch
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
@@ -155,6 +175,14 @@ def test_max_steps_then_resume_is_bitwise_identical_in_one_process(run_setup):
     assert _same_weights(once / "checkpoints" / "step-000006", run / "checkpoints" / "step-000006")
     assert _losses(run) == _losses(once)
     assert [r["step"] for r in _metrics(run) if r.get("event") == "stage"] == [4]  # logged once, by the resumed part
+    rows = [r for r in _metrics(once) if "loss" in r]
+    for r in rows:  # every logged step accounts for every sample per dataset (global batch 4, one process)
+        stage_start = 0 if r["stage"] == "intra" else 3
+        assert sum(r["samples_per_dataset"].values()) == 4 * (r["step"] - stage_start)
+    if setup == "mix_setup":
+        intra = rows[2]  # end of the mixed stage: 12 samples, drawn 3:1 in expectation from a and b
+        assert list(intra["samples_per_dataset"]) == [str(run_setup[0] / "a"), str(run_setup[0] / "b")]
+        assert intra["filtered_by"]["min_aesthetic"] > 0 and intra["filtered_by"]["pair"] == 0
 
 
 def test_config_errors_name_the_fix(tmp_path):

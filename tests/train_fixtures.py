@@ -14,7 +14,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -40,8 +40,9 @@ def _encode(img: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def make_sample(i: int, pair: str = "intra", size: int = 96) -> dict[str, bytes]:
-    """One sample's members: target photo, a reference = the centre subject on white, a mask."""
+def make_sample(i: int, pair: str = "intra", size: int = 96, quality: dict | None = None) -> dict[str, bytes]:
+    """One sample's members: target photo, a reference = the centre subject on white, a mask;
+    ``quality`` (curation scores, e.g. ``{"aesthetic": 5.1}``) goes into the json when given."""
     tgt = _photo(i, size)
     mask = np.zeros((size, size), np.uint8)
     q = size // 4
@@ -51,6 +52,8 @@ def make_sample(i: int, pair: str = "intra", size: int = 96) -> dict[str, bytes]
     meta = {"source": "test", "source_id": str(i), "pair": pair, "phrase": "thing",
             "box": [q, q, size - q, size - q], "det_score": 0.9, "mask_area": float((mask > 0).mean()),
             "width": size, "height": size, "recipe": "test"}
+    if quality is not None:
+        meta["quality"] = quality
     return {"ref.png": _encode(ref, "PNG"), "tgt.jpg": _encode(tgt, "JPEG"), "mask.png": _encode(mask, "PNG"),
             "txt": f"a photo of sample {i}".encode(), "json": json.dumps(meta).encode()}
 
@@ -65,13 +68,14 @@ def write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> No
 
 
 def write_dataset(out: str | Path, shard_sizes: Sequence[int], pair: str = "intra", start: int = 0,
-                  size: int = 96, corrupt: dict[int, str] | None = None) -> Path:
+                  size: int = 96, corrupt: dict[int, str] | None = None,
+                  quality: Callable[[int], dict] | None = None) -> Path:
     """Writes shards of the given sizes; returns ``out``.
 
     ``corrupt`` maps a shard index to ``"truncate"`` (the tar is cut in its middle, so
     reading it raises ``tarfile.ReadError`` part-way) or ``"badimage"`` (the first sample's
     ``tgt.jpg`` is garbage). The manifest keeps the intended sample counts, as a manifest
-    written before the damage would.
+    written before the damage would. ``quality(n)`` gives sample n's stored scores (none without it).
     """
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -80,7 +84,7 @@ def write_dataset(out: str | Path, shard_sizes: Sequence[int], pair: str = "intr
     for s, count in enumerate(shard_sizes):
         samples = []
         for _ in range(count):
-            members = make_sample(n, pair, size)
+            members = make_sample(n, pair, size, quality(n) if quality else None)
             samples.append((f"test-{n:06d}-0", members))
             n += 1
         if corrupt.get(s) == "badimage":

@@ -16,6 +16,64 @@ STRATEGIES = ("ddp", "fsdp2", "fsdp2_adapter", "fsdp2_full")
 """Layouts of the frozen base and the adapter over the workers (dynaip.train.parallel)."""
 
 
+def build(cls: type, raw: Any, where: str) -> Any:
+    """``cls(**raw)`` with unknown keys refused in one line naming them and the known ones."""
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping with keys {sorted(f.name for f in dataclasses.fields(cls))}, "
+                         f"got {raw!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
+    return cls(**raw)
+
+
+@dataclass(kw_only=True)
+class DataSource:
+    """One entry of a stage's ``data``: a plain path in YAML, or ``{path: ..., weight: ...}``."""
+
+    path: str
+    """Dataset directory (local or fsspec URL) with a ``manifest.json``."""
+    weight: float | None = None
+    """Share of the stage's samples drawn from this dataset, relative to the other entries' weights.
+    Null (a plain path) = no mixture: the stage's datasets are concatenated, each sample once per epoch."""
+
+    def __post_init__(self) -> None:
+        self.path = str(self.path)
+        if self.weight is not None and not (isinstance(self.weight, (int, float)) and self.weight > 0):
+            raise ValueError(f"data '{self.path}': weight must be a number > 0, got {self.weight!r}")
+        if self.weight is not None:
+            self.weight = float(self.weight)
+
+
+QUALITY_FILTERS = {"min_aesthetic": "aesthetic", "min_sharpness": "sharpness", "min_subject_pixels": "subject_pixels"}
+"""Filter key → the score it reads from a sample's ``json["quality"]`` (written at curation)."""
+
+
+@dataclass(kw_only=True)
+class FilterConfig:
+    """Training-time thresholds on the per-sample scores stored at curation (``json["quality"]``).
+
+    A sample is kept when every set threshold is met (score >= minimum). A sample that lacks a score
+    some set threshold needs is dropped and counted under that filter; a dataset whose first sample
+    lacks it is refused before training starts (``dynaip.train.preflight``), since then the dataset
+    was curated without the score and the filter would drop everything.
+    """
+
+    min_aesthetic: float | None = None
+    """Minimum ``quality.aesthetic``; null = no threshold."""
+    min_sharpness: float | None = None
+    """Minimum ``quality.sharpness``; null = no threshold."""
+    min_subject_pixels: int | None = None
+    """Minimum ``quality.subject_pixels`` (the subject mask's pixel count); null = no threshold."""
+
+    def active(self) -> dict[str, float]:
+        """Set thresholds: ``{score name in json["quality"]: minimum}``."""
+        return {QUALITY_FILTERS[k]: float(v) for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 @dataclass(kw_only=True)
 class StageConfig:
     """One training stage: a number of steps on a selection of the data."""
@@ -26,15 +84,38 @@ class StageConfig:
     """Optimizer steps in this stage; stages run back to back."""
     pair: str | None = None
     """Keep only samples whose ``json.pair`` is this (``intra`` | ``cross``); null keeps all."""
-    data: list[str] = field(default_factory=list)
-    """Dataset directories (local or fsspec URLs) of this stage; empty = the run's ``--data``."""
+    data: list[DataSource] = field(default_factory=list)
+    """Datasets of this stage; empty = the run's ``--data``. Each entry is a directory (local or fsspec
+    URL), or ``{path: DIR, weight: W}``: with any weight, the stage draws each sample from dataset d
+    with probability W_d / sum(W) (plain paths in such a list weigh 1), each dataset in its own
+    shuffled order that repeats independently when exhausted (see dynaip.train.mixture)."""
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    """Thresholds on stored quality scores, applied while streaming (``FilterConfig``); counted in metrics."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"stage '{self.name}': steps must be >= 1, got {self.steps}")
         if self.pair not in (None, "intra", "cross"):
             raise ValueError(f"stage '{self.name}': pair must be intra, cross or null, got {self.pair!r}")
-        self.data = [str(d) for d in self.data]
+        self.data = [DataSource(path=d) if isinstance(d, (str, Path)) else
+                     build(DataSource, d, f"stage '{self.name}' data entry") for d in self.data]
+        dup = sorted({p for p in self.paths if self.paths.count(p) > 1})
+        if dup:
+            raise ValueError(f"stage '{self.name}': data lists {dup[0]} more than once; give it one entry "
+                             "(with a larger weight to draw it more often)")
+        self.filters = build(FilterConfig, self.filters or {}, f"stage '{self.name}' filters")
+
+    @property
+    def paths(self) -> list[str]:
+        """The dataset directories of ``data``, in order."""
+        return [d.path for d in self.data]
+
+    @property
+    def weights(self) -> list[float] | None:
+        """Mixture weights, one per dataset (plain paths weigh 1), or None when no entry names a weight."""
+        if all(d.weight is None for d in self.data):
+            return None
+        return [1.0 if d.weight is None else d.weight for d in self.data]
 
 
 @dataclass(kw_only=True)
@@ -160,7 +241,7 @@ class TrainConfig:
     """Reference image paths (one per prompt); empty = the references of the fixed validation samples."""
 
     def __post_init__(self) -> None:
-        self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        self.stages = [build(StageConfig, s, f"stage {i}") for i, s in enumerate(self.stages)]
         if not self.stages:
             raise ValueError("config needs at least one stage under 'stages'")
         if self.workers < 1 or self.global_batch_size % self.workers:

@@ -28,6 +28,10 @@ truncated (``tarfile.ReadError`` part-way) loses its remaining samples, and a sa
 image does not decode is dropped. Those positions still count as consumed, so the skips are
 part of the deterministic sequence.
 
+A stage with weighted datasets (``StreamSpec.weights``) interleaves one such stream per dataset by
+weight instead of concatenating them: ``dynaip.train.mixture``. The stage's ``pair`` selection and
+quality ``filters`` (``rejected_by``) drop samples; dropped positions count as consumed, like skips.
+
 With precomputed features (``ShardInfo.features``, attached by the trainer), the stream is the
 very same sequence of samples and batches; a batch then carries the samples' stored T5 / pooled
 CLIP embeddings and their VAE posteriors at the batch's bucket instead of the resized targets. A
@@ -72,6 +76,8 @@ class ShardInfo:
     """Sample count from the manifest (a damaged shard may hold fewer; the rest are skipped)."""
     features: FeatureShardRef | None = None
     """Its precomputed features (``dynaip.features``), or None to encode on the fly."""
+    dataset: int = 0
+    """Index of its dataset in the stage's data list (per-dataset counts and mixtures)."""
 
 
 def _join(base: str, rel: str) -> str:
@@ -83,7 +89,7 @@ def _join(base: str, rel: str) -> str:
 def read_manifests(dirs: Sequence[str]) -> list[ShardInfo]:
     """The shards of every ``DIR/manifest.json`` (local path or fsspec URL), in the given order."""
     shards: list[ShardInfo] = []
-    for d in dirs:
+    for i, d in enumerate(dirs):
         url = _join(d, "manifest.json")
         try:
             with fsspec.open(url, "rt") as f:
@@ -94,7 +100,7 @@ def read_manifests(dirs: Sequence[str]) -> list[ShardInfo]:
                 "(the manifest is written last, so an unfinished curation has none yet)") from e
         for s in manifest.get("shards", []):
             if int(s["samples"]) > 0:
-                shards.append(ShardInfo(_join(d, s["path"]), int(s["samples"])))
+                shards.append(ShardInfo(_join(d, s["path"]), int(s["samples"]), dataset=i))
     if not shards:
         raise ValueError(f"datasets {list(dirs)} list no samples in their manifests; nothing to train on")
     return shards
@@ -118,6 +124,12 @@ class StreamSpec:
     """Side of the square reference image (the CLIP tower's input size)."""
     buckets: list[tuple[int, int]] = field(default_factory=lambda: [(1024, 1024)])
     """Target sizes (H, W), multiples of 16; a batch takes the bucket nearest its first sample's aspect ratio."""
+    weights: list[float] | None = None
+    """One weight per dataset (``ShardInfo.dataset``): a weighted mixture (``dynaip.train.mixture``).
+    None: the datasets' shards form one concatenated stream (each sample once per epoch)."""
+    filters: dict[str, float] = field(default_factory=dict)
+    """Minimum per-sample scores, ``{name: min}`` read from ``json["quality"][name]``; a sample below
+    a minimum, or without that score, is dropped and counted under ``min_<name>``."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -131,6 +143,14 @@ class StreamSpec:
             raise ValueError(f"buckets {bad or self.buckets} must be non-empty (H, W) pairs, multiples of 16 "
                              "(VAE /8, then 2×2 packing)")
         self.buckets = [tuple(int(v) for v in b) for b in self.buckets]  # type: ignore[misc]
+        if self.weights is not None:
+            have = {s.dataset for s in self.shards}
+            if len(self.weights) < 1 or any(w <= 0 for w in self.weights):
+                raise ValueError(f"mixture weights {self.weights} must be a non-empty list of numbers > 0")
+            empty = sorted(set(range(len(self.weights))) - have)
+            if empty or max(have) >= len(self.weights):
+                raise ValueError(f"mixture of {len(self.weights)} weights but datasets {empty or sorted(have)} have no "
+                                 "samples or no weight; every weighted dataset needs samples in its manifest")
 
     @property
     def total(self) -> int:
@@ -147,7 +167,15 @@ class WorkerPosition:
     skipped: int = 0
     """Damaged samples skipped so far (cumulative over epochs)."""
     filtered: int = 0
-    """Samples dropped by the ``pair`` selection so far."""
+    """Samples dropped by the ``pair`` selection or a quality filter so far (the sum of ``dropped``)."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Filtered samples by reason: ``pair``, ``min_aesthetic``, ... (a sample counts under its first failed test)."""
+    seen: dict[str, int] = field(default_factory=dict)
+    """Samples emitted (put into batches) per dataset index (as a string: JSON keys)."""
+    slot: int = 0
+    """Mixture only: schedule slots consumed, each one emitted sample (``dynaip.train.mixture``)."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    """Mixture only: every dataset's own position (a ``WorkerPosition`` as a dict) in this consumer."""
 
 
 # ----------------------------------------------------------------------------- epoch layout
@@ -311,17 +339,47 @@ def consumer_batches(spec: StreamSpec, consumer: int, consumers: int, start: Wor
 
         features = FeatureReader()  # this consumer's open feature shards
     try:
-        yield from _consumer_batches(spec, consumer, consumers, start, features)
+        pos = WorkerPosition(**asdict(start))
+        if spec.weights is not None:
+            from .mixture import mixture_samples
+
+            samples = mixture_samples(spec, consumer, consumers, pos)
+        else:
+            samples = consumer_samples(spec, consumer, consumers, pos)
+        pending: list[Decoded] = []
+        for sample in samples:
+            pending.append(sample)
+            if len(pending) == spec.batch_size:
+                yield collate(pending, spec.buckets, features), WorkerPosition(**asdict(pos))
+                pending = []
     finally:
         if features is not None:
             features.close()
 
 
-def _consumer_batches(spec: StreamSpec, consumer: int, consumers: int, start: WorkerPosition,
-                      features: FeatureReader | None) -> Iterator[tuple[dict[str, Any], WorkerPosition]]:
-    pos = WorkerPosition(**asdict(start))
+def _count(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
+
+
+def rejected_by(meta: dict[str, Any], spec: StreamSpec) -> str | None:
+    """Why the stage's selection drops a sample with this json (``pair`` or ``min_<score>``), or None to keep it."""
+    if spec.pair is not None and meta.get("pair") != spec.pair:
+        return "pair"
+    quality = meta.get("quality") or {}
+    for name, minimum in spec.filters.items():
+        value = quality.get(name)
+        if not isinstance(value, (int, float)) or value < minimum:  # no score: cannot pass (docs/data_mixtures.md)
+            return f"min_{name}"
+    return None
+
+
+def consumer_samples(spec: StreamSpec, consumer: int, consumers: int, pos: WorkerPosition) -> Iterator[Decoded]:
+    """Infinite usable samples of one consumer's ranges (module docstring), advancing ``pos`` in place.
+
+    When a sample is yielded, ``pos`` already counts it, so a copy taken then resumes just after it.
+    """
     k = range_length(spec.total, consumers)
-    pending: list[Decoded] = []
+    selecting = spec.pair is not None or bool(spec.filters)
     empty_epochs = 0
     while True:
         shards, starts = epoch_order(spec, pos.epoch)
@@ -340,8 +398,10 @@ def _consumer_batches(spec: StreamSpec, consumer: int, consumers: int, start: Wo
                     pos.skipped += 1
                     continue
                 try:
-                    if spec.pair is not None and json.loads(raw["json"]).get("pair") != spec.pair:
+                    reason = rejected_by(json.loads(raw["json"]), spec) if selecting else None
+                    if reason is not None:
                         pos.filtered += 1
+                        _count(pos.dropped, reason)
                         continue
                     sample = decode_sample(raw, spec.ref_size)
                 except Exception as e:  # any decode failure is data damage, not a trainer bug
@@ -350,17 +410,21 @@ def _consumer_batches(spec: StreamSpec, consumer: int, consumers: int, start: Wo
                     pos.skipped += 1
                     continue
                 good_this_epoch += 1
-                pending.append(sample)
-                if len(pending) == spec.batch_size:
-                    yield collate(pending, spec.buckets, features), WorkerPosition(**asdict(pos))
-                    pending = []
+                _count(pos.seen, str(_dataset_at(shards, starts, first + perm[j])))
+                yield sample
         empty_epochs = 0 if good_this_epoch else empty_epochs + 1
         if empty_epochs >= MAX_EMPTY_EPOCHS:
             raise RuntimeError(
                 f"consumer {consumer} found no usable sample in {MAX_EMPTY_EPOCHS} epochs "
-                f"(pair={spec.pair!r}, {spec.total} samples in {len(spec.shards)} shards); check that the "
-                "stage's datasets hold that pair type and that the shards are readable")
+                f"(pair={spec.pair!r}, filters={spec.filters}, {spec.total} samples in {len(spec.shards)} shards); "
+                "check that the stage's datasets hold that pair type, pass its filters and are readable")
         pos.epoch, pos.offset = pos.epoch + 1, 0
+
+
+def _dataset_at(shards: list[ShardInfo], starts: np.ndarray, position: int) -> int:
+    """Dataset index of the shard holding stream position ``position`` (which may wrap past N)."""
+    p = position % int(starts[-1])
+    return shards[int(np.searchsorted(starts, p, side="right") - 1)].dataset
 
 
 # ----------------------------------------------------------------------------- DataLoader glue
@@ -417,6 +481,23 @@ class StreamingLoader:
     @property
     def filtered(self) -> int:
         return sum(p.filtered for p in self.positions)
+
+    def _summed(self, name: str) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for p in self.positions:
+            for k, v in getattr(p, name).items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    @property
+    def seen(self) -> dict[int, int]:
+        """Samples handed out in batches so far, per dataset index (``ShardInfo.dataset``)."""
+        return {int(k): v for k, v in self._summed("seen").items()}
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Filtered samples so far by reason (``pair``, ``min_aesthetic``, ...)."""
+        return self._summed("dropped")
 
     def state_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "world_size": self.world_size, "workers": self.logical,

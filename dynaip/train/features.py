@@ -60,7 +60,7 @@ class RunFeatures:
 
 def stage_datasets(cfg: TrainConfig, data: Sequence[str], stage_index: int) -> list[str]:
     stage = cfg.stages[stage_index]
-    return list(stage.data or data)
+    return list(stage.paths or data)
 
 
 def resolve_run(cfg: TrainConfig, data: Sequence[str], flux_dir: str) -> RunFeatures:

@@ -62,7 +62,7 @@ def check_stages(cfg: TrainConfig, data: Sequence[str]) -> dict[str, dict[str, A
     report: dict[str, dict[str, Any]] = {}
     cache: dict[str, dict[str, int] | None] = {}
     for stage in cfg.stages:
-        dirs = stage.data or list(data)
+        dirs = stage.paths or list(data)
         if not dirs:
             raise PreflightError(f"stage '{stage.name}' has no data: pass --data DIR[,DIR] or set the stage's 'data'")
         counts = {}
@@ -81,8 +81,40 @@ def check_stages(cfg: TrainConfig, data: Sequence[str]) -> dict[str, dict[str, A
                 raise PreflightError(
                     f"stage '{stage.name}' trains on {stage.pair} pairs but its datasets hold none ({detail}); "
                     f"give the stage datasets with {stage.pair} pairs (its 'data' list) or set its pair to null")
+        check_scores(stage.name, dirs, stage.filters.active())
         report[stage.name] = counts
     return report
+
+
+def first_sample_meta(directory: str) -> dict[str, Any] | None:
+    """The json of a dataset's first sample (first shard that lists samples), or None if it cannot be read."""
+    from .data import iter_tar, read_manifests
+
+    try:
+        shard = read_manifests([directory])[0]
+    except ValueError:  # no samples: check_stages judges the counts
+        return None
+    raw = next(iter_tar(shard.url, count=1), None)
+    return json.loads(raw["json"]) if raw is not None and "json" in raw else None
+
+
+def check_scores(stage: str, dirs: Sequence[str], filters: dict[str, float]) -> None:
+    """Every dataset of a filtered stage stores the scores its filters read (probed on its first sample).
+
+    Why probe: a dataset curated before the scores existed has none, and the filter would silently drop
+    all of it (a sample without the score fails the filter, dynaip.train.data.rejected_by).
+    """
+    if not filters:
+        return
+    for d in dirs:
+        meta = first_sample_meta(d)
+        if meta is None:
+            continue  # unreadable first sample: the stream skips and counts it; nothing to judge here
+        missing = [name for name in filters if not isinstance((meta.get("quality") or {}).get(name), (int, float))]
+        if missing:
+            raise PreflightError(f"stage '{stage}' filters on quality.{missing[0]} but dataset '{d}' stores no such "
+                                 "score in its samples' json; re-curate it with quality scores or drop "
+                                 f"min_{missing[0]} from the stage's filters")
 
 
 def check_models(models: str) -> None:

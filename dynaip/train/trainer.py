@@ -44,11 +44,13 @@ import torch
 import torch.distributed as dist
 
 from .checkpoints import SHARDED_ADAPTER, STEP_DIR, latest_checkpoint
-from .config import TrainConfig
+from .config import QUALITY_FILTERS, TrainConfig
 
 log = logging.getLogger(__name__)
 
 RESUME_FORMAT = "dynaip-train-state/1"
+DROP_REASONS = ("pair", *QUALITY_FILTERS)
+"""Keys of the ``filtered_by`` metric (``dynaip.train.data.rejected_by``)."""
 
 
 @dataclass(kw_only=True)
@@ -169,6 +171,10 @@ class MetricsWriter:
             for key, tag in self.TB_TAGS.items():
                 if isinstance(row.get(key), (int, float)):
                     self.tb.add_scalar(tag, row[key], row["step"])
+            for i, (name, n) in enumerate((row.get("samples_per_dataset") or {}).items()):
+                self.tb.add_scalar(f"data/samples_per_dataset/{i}_{name.rstrip('/').rsplit('/', 1)[-1]}", n, row["step"])
+            for reason, n in (row.get("filtered_by") or {}).items():
+                self.tb.add_scalar(f"data/filtered_by/{reason}", n, row["step"])
             if row.get("event") == "stage":
                 self.tb.add_text("stage", f"stage '{row['stage']}' starts", row["step"])
 
@@ -263,7 +269,7 @@ class _Worker:
 
     def _stage_dirs(self, stage_index: int) -> list[str]:
         stage = self.cfg.stages[stage_index]
-        dirs = stage.data or self.spec.data
+        dirs = stage.paths or self.spec.data
         if not dirs:
             raise ValueError(f"stage '{stage.name}' has no data: pass --data DIR[,DIR] or set the stage's 'data'")
         return dirs
@@ -275,7 +281,9 @@ class _Worker:
         return StreamSpec(shards=shards, batch_size=batch_size,
                           seed=self.cfg.seed + 7919 * stage_index, shuffle_block=self.cfg.shuffle_block,
                           pair=self.cfg.stages[stage_index].pair, ref_size=self.frozen.clip.image_size,
-                          buckets=[tuple(b) for b in self.cfg.buckets])
+                          buckets=[tuple(b) for b in self.cfg.buckets],
+                          weights=self.cfg.stages[stage_index].weights,
+                          filters=self.cfg.stages[stage_index].filters.active())
 
     def _loader(self, stage_index: int):
         from .data import StreamingLoader
@@ -491,13 +499,19 @@ class _Worker:
             bar.update(1)
 
             if logging_step:
-                loss_sum, wait, tot, skipped, filtered = self._reduce(
-                    window["loss"] / window["n"], window["wait"], window["time"], loader.skipped, loader.filtered)
+                dirs = self._stage_dirs(si)
+                seen, dropped = loader.seen, loader.dropped
+                loss_sum, wait, tot, skipped, filtered, *counts = self._reduce(
+                    window["loss"] / window["n"], window["wait"], window["time"], loader.skipped, loader.filtered,
+                    *(seen.get(d, 0) for d in range(len(dirs))), *(dropped.get(r, 0) for r in DROP_REASONS))
                 stage_start = sum(s.steps for s in cfg.stages[:si])
                 last = dict(step=step, stage=cfg.stages[si].name, loss=loss_sum / self.world,
                             lr=self.scheduler.get_last_lr()[0],
                             samples_per_s=cfg.global_batch_size * window["n"] * self.world / tot,
                             data_wait=wait / tot, skipped=int(skipped), filtered=int(filtered),
+                            # this stage's samples so far, summed over ranks: what a mixture really drew
+                            samples_per_dataset={d: int(n) for d, n in zip(dirs, counts)},
+                            filtered_by={r: int(n) for r, n in zip(DROP_REASONS, counts[len(dirs):])},
                             grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                                             else grad_norm),
                             stage_index=si, stage_progress=min(1.0, (step - stage_start) / cfg.stages[si].steps),
