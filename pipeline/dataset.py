@@ -68,6 +68,14 @@ def quality_quantiles(root: str | Path) -> dict[str, dict[str, tuple[int, list[f
                   for k, v in per.items() if v} for src, per in sorted(values.items())}
 
 
+def quality_sort_key(meta: dict[str, Any], key: str, descending: bool = False) -> tuple[int, float]:
+    """Sort key ordering samples by ``meta["quality"][key]``; samples without a number for it go last."""
+    v = (meta.get("quality") or {}).get(key)
+    if not isinstance(v, (int, float)):
+        return (1, 0.0)
+    return (0, -float(v) if descending else float(v))
+
+
 def quality_lines(root: str | Path) -> list[str]:
     """``show``'s quality section (reads the json of every sample; the images are skipped)."""
     table = quality_quantiles(root)
@@ -152,11 +160,19 @@ def iter_sample_json(root: str | Path) -> Iterator[dict[str, Any]]:
                     yield json.loads(tf.extractfile(member).read())
 
 
-def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192) -> Path:
-    """Contact sheet of the first ``n`` samples: one row each — reference | target | mask overlay —
-    with the caption underneath. Writes a PNG to ``out``."""
+def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by: str | None = None,
+         descending: bool = False) -> Path:
+    """Contact sheet of the first ``n`` samples (or, with ``sort_by`` a quality score, the ``n`` lowest —
+    highest with ``descending``): one row each — reference | target | mask overlay — with the caption
+    underneath. Writes a PNG to ``out``."""
     rows = []
-    for sample in iter_samples(root):
+    samples: Iterator[dict[str, Any]] = iter_samples(root)
+    if sort_by:  # the json of every sample decides which n images are read
+        order = sorted(enumerate(iter_sample_json(root)), key=lambda im: quality_sort_key(im[1], sort_by, descending))
+        wanted = {i: rank for rank, (i, _) in enumerate(order[:n])}
+        picked = sorted(((wanted[i], s) for i, s in enumerate(iter_samples(root)) if i in wanted), key=lambda x: x[0])
+        samples = iter(s for _, s in picked)
+    for sample in samples:
         if len(rows) >= n:
             break
         ref = Image.open(io.BytesIO(sample["ref.png"])).convert("RGB")

@@ -267,3 +267,13 @@ def test_manifest_show_prints_quality_quantiles_per_source(tmp_path):
     assert line.split()[:3] == ["folder", "sharpness", "5"] and line.endswith(expect), (line, expect)
     assert any("subject_pixels" in ln for ln in text.splitlines())
     assert not any(" aesthetic " in ln for ln in text.splitlines())  # no head configured: nothing to show
+
+    # the dataset view and the contact sheet order by a score
+    from dynaip.serve.datasets import DatasetView
+    from pipeline.dataset import grid
+
+    view = DatasetView.open(out)
+    got = [e.meta["quality"]["sharpness"] for e in view.samples(sort_by="sharpness", descending=True)]
+    assert got == sorted(sharp, reverse=True)
+    sheet = grid(out, tmp_path / "sheet.png", n=2, sort_by="sharpness")
+    assert Image.open(sheet).size[1] == 2 * (192 + 28)
