@@ -72,6 +72,9 @@ def add_manifest_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("dir")
     g.add_argument("--out", required=True, help="PNG to write")
     g.add_argument("--n", type=int, default=8, help="number of samples")
+    g.add_argument("--sort-by", default=None, choices=("aesthetic", "sharpness", "subject_pixels", "det_score", "mask_score"),
+                   help="show the samples lowest in this quality score first (docs/curation_quality.md)")
+    g.add_argument("--descending", action="store_true", help="with --sort-by: highest first")
     g.set_defaults(func=run_grid)
     return p
 
@@ -98,7 +101,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_grid(args: argparse.Namespace) -> int:
     from pipeline.dataset import grid
 
-    print(grid(args.dir, args.out, n=args.n))
+    print(grid(args.dir, args.out, n=args.n, sort_by=args.sort_by, descending=args.descending))
     return 0
 
 

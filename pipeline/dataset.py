@@ -1,4 +1,5 @@
-"""Reading a finished dataset directory: ``load_manifest``, ``show`` (summary text), ``verify``
+"""Reading a finished dataset directory: ``load_manifest``, ``show`` (summary text, quality
+quantiles per source), ``verify``
 (re-hash and re-count every shard) and ``grid`` (contact sheet PNG: reference | target | mask
 overlay, caption underneath)."""
 
@@ -45,7 +46,48 @@ def show(root: str | Path) -> str:
     if t["rejected_by_reason"]:
         lines.append("rejects by reason:")
         lines += [f"  {n:6d}  {reason}" for reason, n in t["rejected_by_reason"].items()]
+    lines += quality_lines(root)
     return "\n".join(lines)
+
+
+QUALITY_KEYS = ("aesthetic", "sharpness", "subject_pixels", "det_score", "mask_score")
+QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def quality_quantiles(root: str | Path) -> dict[str, dict[str, tuple[int, list[float]]]]:
+    """``{source: {score: (n, [min, p10, median, p90, max])}}`` over every sample's json ``quality``
+    (scores a sample lacks, e.g. ``aesthetic`` without a head, are left out of its source's n)."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for meta in iter_sample_json(root):
+        q = meta.get("quality") or {}
+        per = values.setdefault(str(meta.get("source", "?")), {})
+        for k in QUALITY_KEYS:
+            if isinstance(q.get(k), (int, float)):
+                per.setdefault(k, []).append(float(q[k]))
+    return {src: {k: (len(v), [float(x) for x in np.quantile(np.asarray(v), QUANTILES)])
+                  for k, v in per.items() if v} for src, per in sorted(values.items())}
+
+
+def quality_sort_key(meta: dict[str, Any], key: str, descending: bool = False) -> tuple[int, float]:
+    """Sort key ordering samples by ``meta["quality"][key]``; samples without a number for it go last."""
+    v = (meta.get("quality") or {}).get(key)
+    if not isinstance(v, (int, float)):
+        return (1, 0.0)
+    return (0, -float(v) if descending else float(v))
+
+
+def quality_lines(root: str | Path) -> list[str]:
+    """``show``'s quality section (reads the json of every sample; the images are skipped)."""
+    table = quality_quantiles(root)
+    if not any(table.values()):
+        return []
+    lines = ["quality per source (n, min / p10 / median / p90 / max):"]
+    for src, scores in table.items():
+        for k in QUALITY_KEYS:
+            if k in scores:
+                n, q = scores[k]
+                lines.append(f"  {src:10s} {k:15s} {n:6d}  " + " / ".join(f"{v:.4g}" for v in q))
+    return lines
 
 
 def count_samples(path: Path | io.BytesIO) -> int:
@@ -108,11 +150,29 @@ def iter_samples(root: str | Path) -> Iterator[dict[str, Any]]:
                 yield cur
 
 
-def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192) -> Path:
-    """Contact sheet of the first ``n`` samples: one row each — reference | target | mask overlay —
-    with the caption underneath. Writes a PNG to ``out``."""
+def iter_sample_json(root: str | Path) -> Iterator[dict[str, Any]]:
+    """Every sample's json in shard order; tar members of other files are skipped, not read."""
+    store = Store(root)
+    for s in load_manifest(root)["shards"]:
+        with store.open(s["path"]) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            for member in tf:
+                if member.isfile() and member.name.endswith(".json"):
+                    yield json.loads(tf.extractfile(member).read())
+
+
+def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by: str | None = None,
+         descending: bool = False) -> Path:
+    """Contact sheet of the first ``n`` samples (or, with ``sort_by`` a quality score, the ``n`` lowest —
+    highest with ``descending``): one row each — reference | target | mask overlay — with the caption
+    underneath. Writes a PNG to ``out``."""
     rows = []
-    for sample in iter_samples(root):
+    samples: Iterator[dict[str, Any]] = iter_samples(root)
+    if sort_by:  # the json of every sample decides which n images are read
+        order = sorted(enumerate(iter_sample_json(root)), key=lambda im: quality_sort_key(im[1], sort_by, descending))
+        wanted = {i: rank for rank, (i, _) in enumerate(order[:n])}
+        picked = sorted(((wanted[i], s) for i, s in enumerate(iter_samples(root)) if i in wanted), key=lambda x: x[0])
+        samples = iter(s for _, s in picked)
+    for sample in samples:
         if len(rows) >= n:
             break
         ref = Image.open(io.BytesIO(sample["ref.png"])).convert("RGB")

@@ -44,8 +44,17 @@ def run_info(recipe: Recipe, models: Any) -> dict[str, Any]:
             ckpt = Path(paths.checkpoint)
             entry["checkpoint_sha256"] = sha256_file(ckpt) if ckpt.is_file() else None
             model_info[name] = entry
-    if recipe.captioning.model:
-        model_info["captioner"] = {"path": recipe.captioning.model}
+    captioner = recipe.captioning.model or getattr(models, "captioner", None)
+    if captioner and any(o == "model" for o in recipe.captioning.order):
+        weights = sorted(Path(captioner).glob("*.safetensors")) if Path(captioner).is_dir() else []
+        model_info["captioner"] = {"path": captioner, "prompt": recipe.captioning.prompt,
+                                   "weights_sha256": {w.name: sha256_file(w) for w in weights}}
+    aesthetic = getattr(models, "aesthetic", None)
+    if aesthetic is not None:
+        head = Path(aesthetic.path)
+        clip = aesthetic.clip or models.clip_vision
+        model_info["aesthetic"] = {"path": aesthetic.path, "clip": clip.path,
+                                   "checkpoint_sha256": sha256_file(head) if head.is_file() else None}
     d = recipe.to_dict()
     d["source"]["root"] = redact_url(d["source"]["root"])
     return {"recipe": d, "source": {"kind": recipe.source.kind, "root": redact_url(recipe.source.root)},

@@ -113,6 +113,16 @@ class FilterConfig:
     min_reference_side: int = 112
     """Reject when the composed reference's shorter side is below this (pixels): a 40 × 40 face crop
     is no training reference for a 336-pixel image encoder. 0 = no limit."""
+    # Quality thresholds (docs/curation_quality.md): each reads one value of the sample's ``quality``
+    # json; None (the default: the paper states no value) keeps every sample and only records it.
+    min_aesthetic: float | None = None
+    """Reject when ``quality.aesthetic`` (aesthetic head on the target; needs ``aesthetic`` in models.yaml) is below this."""
+    min_sharpness: float | None = None
+    """Reject when ``quality.sharpness`` (variance of the Laplacian over the reference's subject, grayscale 0-255) is below this."""
+    min_subject_pixels: int | None = None
+    """Reject when ``quality.subject_pixels`` (subject mask pixels inside the reference) is below this."""
+    min_mask_score: float | None = None
+    """Reject when ``quality.mask_score`` (SAM's predicted IoU; absent for source-given masks) is below this."""
 
 
 @dataclass(kw_only=True)
@@ -152,11 +162,15 @@ class CaptionConfig:
     order: list[Literal["provided", "model", "template"]] = field(default_factory=lambda: ["provided", "model", "template"])
     """Caption sources tried in this order."""
     model: str | None = None
-    """Local transformers image-to-text directory (e.g. a BLIP checkpoint); None skips 'model'."""
+    """Local transformers image-to-text directory (e.g. a BLIP checkpoint); None = models.yaml's
+    ``captioner``, and 'model' is skipped when neither is given."""
     template: str = "a photo of a {phrase}"
     """Template caption; ``{phrase}`` is the subject phrase."""
     max_new_tokens: int = 40
-    """Generation length for the captioning model."""
+    """Generation length for the captioning model (greedy decoding stops here at the latest)."""
+    prompt: str | None = None
+    """Text the captioning model continues (BLIP conditional captioning, e.g. "a photo of"); None =
+    unconditional captions (BLIP's default). Recorded in the sample json as ``caption_prompt``."""
 
 
 @dataclass(kw_only=True)
@@ -310,13 +324,17 @@ class Recipe:
              self.pairing.kinds, "give a non-empty subset of [intra, cross]")
         need(bool(self.captioning.order) and set(self.captioning.order) <= {"provided", "model", "template"},
              "captioning.order", self.captioning.order, "give a non-empty subset of [provided, model, template]")
-        need("template" in self.captioning.order or "provided" in self.captioning.order or self.captioning.model is not None,
-             "captioning.order", self.captioning.order, "no caption source can apply; add 'template'")
         need(self.shards.inputs_per_shard >= 1, "shards.inputs_per_shard", self.shards.inputs_per_shard, "must be >= 1")
         need(self.shards.max_bytes is None or self.shards.max_bytes > 0, "shards.max_bytes", self.shards.max_bytes, "must be > 0 or null")
         need(1 <= self.shards.jpeg_quality <= 100, "shards.jpeg_quality", self.shards.jpeg_quality, "must be in 1..100")
         need(self.executor.batch_size >= 1, "executor.batch_size", self.executor.batch_size, "must be >= 1")
         need(f.min_reference_side >= 0, "filters.min_reference_side", f.min_reference_side, "must be >= 0")
+        need(f.min_sharpness is None or f.min_sharpness >= 0, "filters.min_sharpness", f.min_sharpness, "must be >= 0 or null")
+        need(f.min_subject_pixels is None or f.min_subject_pixels >= 0, "filters.min_subject_pixels",
+             f.min_subject_pixels, "must be >= 0 or null")
+        need(f.min_mask_score is None or 0.0 <= f.min_mask_score <= 1.0, "filters.min_mask_score", f.min_mask_score,
+             "must be in [0, 1] or null")
+        need(self.captioning.max_new_tokens >= 1, "captioning.max_new_tokens", self.captioning.max_new_tokens, "must be >= 1")
         dd = self.dedup
         need(dd.max_distance is None or 0 <= dd.max_distance < dd.hash_size ** 2, "dedup.max_distance", dd.max_distance,
              "must be null or in [0, hash_size²)")

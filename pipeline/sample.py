@@ -46,6 +46,8 @@ class View:
     """The chosen subject."""
     mask: np.ndarray | None = None
     """Cleaned subject mask ``(H, W) bool``."""
+    mask_score: float | None = None
+    """SAM's predicted IoU of ``mask`` (None for masks the source gives)."""
     face_box: Box | None = None
     """Face box for face-crop references (XYXY pixels)."""
 
@@ -91,6 +93,12 @@ class Item:
     """Where the reference was cut, XYXY pixels of the reference's source image."""
     caption: str | None = None
     caption_source: str | None = None
+    caption_model: str | None = None
+    """The captioning model's name when ``caption_source`` is model."""
+    caption_prompt: str | None = None
+    """What produced the caption: the model's text prompt ("" = unconditional) or the template."""
+    quality: dict[str, Any] | None = None
+    """Quality scores (``pipeline.stages.quality``), computed once; the sample json's ``quality``."""
     samples: list[Sample] = field(default_factory=list)
     reject: Reject | None = None
 

@@ -141,11 +141,19 @@ def test_shards_read_back_with_tarfile_and_refs_are_white_outside_the_subject(bu
             sub = mask[y0:y1, x0:x1]
             assert (ref[~sub] == 255).all(), f"{s['key']}: reference not pure white outside the subject"
             white_somewhere = white_somewhere or bool((~sub).any())
-        assert s["txt"].decode() and meta["caption_source"] in ("provided", "template")
+        assert s["txt"].decode() == meta["caption"] and meta["caption_source"] in ("provided", "model", "template")
+        if meta["caption_source"] == "model":  # the tiny BLIP named in the tiny models.yaml, with the demo's prompt
+            assert meta["caption_model"] == "captioner" and meta["caption_prompt"] == "a photo of"
+            assert meta["caption"].startswith("a photo of")
+        q = meta["quality"]
+        assert isinstance(q["aesthetic"], float) and isinstance(q["sharpness"], float) and q["sharpness"] >= 0
+        assert 0 < q["subject_pixels"] <= meta["mask_area"] or meta["pair"] == "cross"
+        assert q["det_score"] == meta["det_score"]
     assert white_somewhere, "tiny SAM masks are cut to the box, so some reference shows white background"
     sources = {json.loads(s["json"])["source_id"]: json.loads(s["json"])["caption_source"] for s in samples}
     if "chelsea" in sources:
         assert sources["chelsea"] == "provided"
+    assert "model" in sources.values(), "photos without a .txt get the tiny BLIP's caption"
 
 
 def test_subfolder_views_become_cross_pairs_cut_from_the_other_view(built, photos):

@@ -143,5 +143,11 @@ def test_models_yaml_resolves_relative_paths(tiny_models_yaml):
     cfg = ModelsConfig.from_yaml(tiny_models_yaml)
     assert Path(cfg.flux).is_dir() and Path(cfg.sam.checkpoint).is_file()
     assert cfg.clip_vision.layers == (2, 4, 6)
+    assert Path(cfg.captioner).is_dir() and Path(cfg.aesthetic.path).is_file() and cfg.aesthetic.clip is None
+    other = ModelsConfig.from_dict({"flux": "f", "clip_vision": "c", "aesthetic": {"path": "h.safetensors", "clip": "l14"}},
+                                   base="/ckpt")
+    assert (other.aesthetic.path, other.aesthetic.clip.path) == ("/ckpt/h.safetensors", "/ckpt/l14")
+    with pytest.raises(ValueError, match="'aesthetic' takes 'path'"):
+        ModelsConfig.from_dict({"flux": "f", "clip_vision": "c", "aesthetic": {"weights": "h"}})
     with pytest.raises(FileNotFoundError, match="tiny-checkpoints"):
         ModelsConfig.from_yaml(tiny_models_yaml.parent / "missing.yaml")

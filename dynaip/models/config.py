@@ -14,7 +14,10 @@ Example (paths relative to the YAML file are allowed)::
     sam:
       checkpoint: /ckpt/sam_vit_h_4b8939.pth
       variant: vit_h
-    captioner: null                             # optional transformers image-to-text directory
+    captioner: /ckpt/blip-image-captioning-large   # optional transformers image-to-text directory
+    aesthetic:                                  # optional LAION-aesthetics-style head (docs/curation_quality.md)
+      path: /ckpt/aesthetic/sac+logos+ava1-l14-linearMSE.safetensors
+      clip: /ckpt/ViT-L-14.openai               # the CLIP the head was trained on; default: clip_vision
 """
 
 from __future__ import annotations
@@ -57,6 +60,14 @@ class SamPaths:
 
 
 @dataclass(kw_only=True)
+class AestheticPaths:
+    path: str
+    """Head weights (safetensors): one linear layer or the improved-aesthetic-predictor MLP (dynaip/models/aesthetic.py)."""
+    clip: ClipVisionPaths | None = None
+    """The OpenCLIP model whose image embeddings the head reads (ViT-L/14 for the LAION heads); None = ``clip_vision``."""
+
+
+@dataclass(kw_only=True)
 class ModelsConfig:
     flux: str
     """Diffusers FLUX.1-dev directory (model_index.json, transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/)."""
@@ -65,6 +76,8 @@ class ModelsConfig:
     sam: SamPaths | None = None
     captioner: str | None = None
     """Optional transformers image-to-text model directory for captions."""
+    aesthetic: AestheticPaths | None = None
+    """Optional aesthetic head for the per-sample ``quality.aesthetic`` score."""
     source: str | None = field(default=None, repr=False)
     """The YAML file this came from (for messages)."""
 
@@ -91,19 +104,32 @@ class ModelsConfig:
 
         if "flux" not in raw or "clip_vision" not in raw:
             raise ValueError(f"{where}: needs at least 'flux' and 'clip_vision' entries, got keys {sorted(raw)}")
-        clip = raw["clip_vision"]
-        if isinstance(clip, str):
-            clip = {"path": clip}
-        clip = ClipVisionPaths(**{**clip, "path": resolve(clip["path"]),
-                                  "layers": tuple(clip.get("layers", (10, 17, 24)))})
+
+        def clip_paths(clip: Any) -> ClipVisionPaths:
+            if isinstance(clip, str):
+                clip = {"path": clip}
+            return ClipVisionPaths(**{**clip, "path": resolve(clip["path"]),
+                                      "layers": tuple(clip.get("layers", (10, 17, 24)))})
+
+        clip = clip_paths(raw["clip_vision"])
         gd = raw.get("grounding_dino")
         if gd is not None:
             gd = GroundingDinoPaths(config=resolve(gd["config"]), checkpoint=resolve(gd["checkpoint"]), bert=resolve(gd["bert"]))
         sam = raw.get("sam")
         if sam is not None:
             sam = SamPaths(checkpoint=resolve(sam["checkpoint"]), variant=sam.get("variant", "vit_h"))
+        aes = raw.get("aesthetic")
+        if aes is not None:
+            if isinstance(aes, str):
+                aes = {"path": aes}
+            unknown = sorted(set(aes) - {"path", "clip"})
+            if unknown or "path" not in aes:
+                raise ValueError(f"{where}: 'aesthetic' takes 'path' (the head's safetensors) and optionally 'clip', "
+                                 f"got keys {sorted(aes)}")
+            aes = AestheticPaths(path=resolve(aes["path"]),
+                                 clip=clip_paths(aes["clip"]) if aes.get("clip") is not None else None)
         return cls(flux=resolve(raw["flux"]), clip_vision=clip, grounding_dino=gd, sam=sam,
-                   captioner=resolve(raw.get("captioner")), source=source)
+                   captioner=resolve(raw.get("captioner")), aesthetic=aes, source=source)
 
     def require(self, name: str) -> Any:
         value = getattr(self, name)

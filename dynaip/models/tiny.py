@@ -8,6 +8,8 @@
     out/grounding_dino/model.pth    {"model": state_dict}, loadable with weights_only=True
     out/grounding_dino/bert/        BERT directory (config.json, model.safetensors, vocab.txt)
     out/sam/sam_tiny.pth            SAM state dict
+    out/captioner/                  BLIP (BlipForConditionalGeneration) directory (safetensors, WordPiece vocab.txt)
+    out/aesthetic/aesthetic_head.safetensors  aesthetic head over the tiny CLIP's image embeddings
     out/models.yaml                 paths of all of the above
 
 Same seed → byte-identical files. Pictures made with these weights are noise by design.
@@ -184,6 +186,8 @@ MODELS_YAML = {
     "clip_vision": {"path": "clip", "model_name": "tiny", "quick_gelu": False, "layers": list(TINY_CLIP_LAYERS)},
     "grounding_dino": {"config": "grounding_dino/config.py", "checkpoint": "grounding_dino/model.pth", "bert": "grounding_dino/bert"},
     "sam": {"checkpoint": "sam/sam_tiny.pth", "variant": "tiny"},
+    "captioner": "captioner",
+    "aesthetic": {"path": "aesthetic/aesthetic_head.safetensors"},  # over clip_vision's embeddings
 }
 
 
@@ -208,6 +212,13 @@ def write_tiny_checkpoints(out: str | Path, seed: int = 0, overwrite: bool = Fal
         _write_grounding_dino(tmp / "grounding_dino")
         torch.manual_seed(seed + 3)
         _write_sam(tmp / "sam")
+        from .aesthetic import write_tiny_aesthetic_head
+        from .captioner import write_tiny_captioner
+
+        torch.manual_seed(seed + 4)
+        write_tiny_captioner(tmp / "captioner")
+        torch.manual_seed(seed + 5)
+        write_tiny_aesthetic_head(tmp / "aesthetic" / "aesthetic_head.safetensors", TINY_CLIP_CONFIG["embed_dim"])
         (tmp / "models.yaml").write_text(
             "# Tiny random-weight checkpoints written by `dynaip tiny-checkpoints` (tests/demo only).\n"
             + yaml.safe_dump(MODELS_YAML, sort_keys=False))

@@ -4,6 +4,7 @@ URL) read through its manifest, rejects.jsonl and shards.
     view = DatasetView.open("out/demo/dataset")
     view.summary()                 # totals, per source, per pair type, rejects by stage and reason
     view.samples(pair="intra")     # index entries (shard, key, source, pair, caption, meta), in shard order
+    view.samples(sort_by="sharpness")  # ... ordered by a quality score (docs/curation_quality.md)
     view.render(entry)             # reference | target | mask overlay images + caption + metadata
     view.rejects(reason=...)       # rejected inputs with their stage, reason and input image (when readable)
 """
@@ -102,8 +103,16 @@ class DatasetView:
         return sorted({r.get("reason", "?") for r in self.reject_rows})
 
     # ------------------------------------------------------------------ samples
-    def samples(self, source: str | None = None, pair: str | None = None) -> list[SampleEntry]:
-        return [e for e in self.entries if (not source or e.source == source) and (not pair or e.pair == pair)]
+    def samples(self, source: str | None = None, pair: str | None = None, sort_by: str | None = None,
+                descending: bool = False) -> list[SampleEntry]:
+        """Entries filtered by source / pair type; ``sort_by`` a quality score (``aesthetic``, ``sharpness``,
+        ``subject_pixels``, ...) orders them by it (stable; samples without that score last)."""
+        out = [e for e in self.entries if (not source or e.source == source) and (not pair or e.pair == pair)]
+        if sort_by:
+            from pipeline.dataset import quality_sort_key
+
+            out = sorted(out, key=lambda e: quality_sort_key(e.meta, sort_by, descending))
+        return out
 
     def page(self, entries: list[SampleEntry], page: int, size: int) -> tuple[list[SampleEntry], int, int]:
         """(entries of 1-based ``page`` clamped to the range, the page shown, the number of pages)."""

@@ -2,7 +2,7 @@
 ``(recipe, models_config)``, picklable (models load lazily on first call in the process that runs
 it), and never raises for a bad input: per-record failures become ``item.reject``.
 
-Order (``STAGE_ORDER``): decode → detect → filter (select) → segment → compose → caption → pair.
+Order (``STAGE_ORDER``): decode → detect → filter (select) → segment → compose → quality → caption → pair.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from pipeline.stages.compose import ComposeStage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.detect import DetectStage
 from pipeline.stages.pair import PairStage
+from pipeline.stages.quality import QualityStage
 from pipeline.stages.segment import SegmentStage
 from pipeline.stages.select import SelectStage
 
-STAGE_ORDER = (DecodeStage, DetectStage, SelectStage, SegmentStage, ComposeStage, CaptionStage, PairStage)
+STAGE_ORDER = (DecodeStage, DetectStage, SelectStage, SegmentStage, ComposeStage, QualityStage, CaptionStage, PairStage)
 Stage = Callable[[list[Item]], list[Item]]
 
 
@@ -29,7 +30,7 @@ def build_stages(recipe: Recipe, models: Any) -> list[Stage]:
     """One instance of every stage, in order. ``models`` is a ``ModelsConfig`` (may be None when no
     record needs detection/segmentation)."""
     return [DecodeStage(recipe), DetectStage(recipe, models), SelectStage(recipe), SegmentStage(recipe, models),
-            ComposeStage(recipe), CaptionStage(recipe, models), PairStage(recipe)]
+            ComposeStage(recipe), QualityStage(recipe, models), CaptionStage(recipe, models), PairStage(recipe)]
 
 
 def run_stages(items: list[Item], stages: list[Stage], timings: dict[str, float] | None = None) -> list[Item]:
@@ -53,4 +54,4 @@ def run_stages(items: list[Item], stages: list[Stage], timings: dict[str, float]
 
 
 __all__ = ["SetupError", "build_stages", "run_stages", "STAGE_ORDER", "DecodeStage", "DetectStage", "SelectStage", "SegmentStage",
-           "ComposeStage", "CaptionStage", "PairStage"]
+           "ComposeStage", "QualityStage", "CaptionStage", "PairStage"]

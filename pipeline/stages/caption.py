@@ -1,6 +1,9 @@
-"""Stage 7 — captions: the source's caption, else a local transformers image-to-text model (when
-``captioning.model`` names a directory), else the template with the subject phrase. The sample json
-records which (``caption_source``: provided | model | template)."""
+"""Stage 7 — captions: the source's caption, else a local transformers image-to-text model
+(``captioning.model``, else models.yaml's ``captioner``), else the template with the subject phrase.
+The sample json records which (``caption_source``: provided | model | template), the model's name
+(``caption_model``) and the prompt (``caption_prompt``: the model's text prompt, "" for none, or the
+template). Model captions are greedy with ``captioning.max_new_tokens``: the same target gives the same
+caption in any batch (``dynaip.models.captioner``)."""
 
 from __future__ import annotations
 
@@ -20,56 +23,55 @@ def template_caption(template: str, phrase: str | None) -> str:
 
 
 class CaptionStage(LazyModel):
-    """``__call__(items) -> items``: sets ``item.caption`` and ``item.caption_source``."""
+    """``__call__(items) -> items``: sets ``item.caption`` / ``caption_source`` / ``caption_model`` /
+    ``caption_prompt``. The model runs where the stage runs: in each Ray chunk worker (loaded once per
+    actor) or in the local process."""
 
     name = "caption"
     _model_attrs = ("_captioner",)
 
     def __init__(self, recipe: Recipe, models: Any = None, captioner: Any = None):
         self.recipe = recipe
+        self.model_path: str | None = recipe.captioning.model or getattr(models, "captioner", None)
         self._captioner = captioner
 
     @property
     def captioner(self):
-        """A transformers ``image-to-text`` pipeline from the local ``captioning.model`` directory."""
+        """``dynaip.models.captioner.Captioner`` from the local model directory, on first use."""
         if self._captioner is None:
-            from pathlib import Path
+            from dynaip.models.captioner import Captioner
 
-            from transformers import pipeline
-
-            path = self.recipe.captioning.model
-            if not path or not Path(path).is_dir():
-                raise SetupError(f"captioning.model {path!r} is not a local directory; point it at a "
-                                 "transformers image-to-text checkpoint (e.g. a BLIP folder) or set it to null")
             device = resolve_device(self.recipe.executor.device)
             try:
-                self._captioner = pipeline("image-to-text", model=path, device=device, local_files_only=True)
+                self._captioner = Captioner(self.model_path, device=device,
+                                            max_new_tokens=self.recipe.captioning.max_new_tokens)
             except Exception as e:
-                raise SetupError(f"cannot load the captioning model {path}: {e}") from e
+                raise SetupError(f"cannot load the captioning model: {e}") from e
         return self._captioner
 
+    @property
+    def model_name(self) -> str:
+        from dynaip.models.captioner import captioner_name
+
+        return getattr(self._captioner, "name", None) or captioner_name(self.model_path or "")
+
     def _model_captions(self, items: list[Item]) -> dict[int, str]:
-        out: dict[int, str] = {}
+        """Captions of the items' targets, one batch; an image the batch fails on is retried alone."""
         if not items:
-            return out
-        images = [Image.fromarray(it.target.image) for it in items]
-        gen = {"max_new_tokens": self.recipe.captioning.max_new_tokens}
+            return {}
         captioner = self.captioner  # loads once; a setup failure stops the job
+        prompt = self.recipe.captioning.prompt
+        images = [Image.fromarray(it.target.image) for it in items]
         try:
-            results = captioner(images, generate_kwargs=gen)
+            texts: list[str | None] = list(captioner.captions(images, prompt))
         except Exception:
-            results = []
+            texts = []
             for im in images:
                 try:
-                    results.append(captioner(im, generate_kwargs=gen))
+                    texts.append(captioner.captions([im], prompt)[0])
                 except Exception:
-                    results.append(None)
-        for item, res in zip(items, results):
-            if res:
-                text = (res[0] if isinstance(res, list) else res).get("generated_text", "").strip()
-                if text:
-                    out[id(item)] = text
-        return out
+                    texts.append(None)
+        return {id(it): t for it, t in zip(items, texts) if t}
 
     def __call__(self, items: list[Item]) -> list[Item]:
         c = self.recipe.captioning
@@ -80,16 +82,20 @@ class CaptionStage(LazyModel):
                 for it in todo:
                     if it.record.caption and it.record.caption.strip():
                         it.caption, it.caption_source = it.record.caption.strip(), "provided"
-            elif source == "model" and c.model:
+            elif source == "model" and self.model_path:
                 got = self._model_captions(todo)
                 for it in todo:
                     if id(it) in got:
                         it.caption, it.caption_source = got[id(it)], "model"
+                        it.caption_model, it.caption_prompt = self.model_name, c.prompt or ""
             elif source == "template":
                 for it in todo:
                     phrase = it.target.primary.phrase if it.target and it.target.primary else it.record.phrase
                     it.caption, it.caption_source = template_caption(c.template, it.record.phrase or phrase), "template"
+                    it.caption_prompt = c.template
             todo = [it for it in todo if it.caption is None]
         for it in todo:
-            it.fail(self.name, f"no caption: none of captioning.order={c.order} applied")
+            why = ("" if self.model_path or "model" not in c.order
+                   else " (no captioning model: set captioning.model or models.yaml captioner)")
+            it.fail(self.name, f"no caption: none of captioning.order={c.order} applied{why}")
         return items

@@ -24,11 +24,18 @@ def sample_meta(item: Item, recipe_hash: str) -> dict[str, Any]:
         "width": int(w),
         "height": int(h),
         "recipe": recipe_hash,
+        "caption": item.caption or "",
         "caption_source": item.caption_source,
         "crop_mode": item.crop_mode,
         "ref_box": [int(v) for v in item.ref_box],
         "ref_from": "reference" if r.reference is not None else "target",
     }
+    if item.caption_model is not None:
+        meta["caption_model"] = item.caption_model
+    if item.caption_prompt is not None:
+        meta["caption_prompt"] = item.caption_prompt
+    if item.quality is not None:
+        meta["quality"] = dict(item.quality)
     if item.face_fallback:
         meta["face_fallback"] = True
     if r.group is not None:

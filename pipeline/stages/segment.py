@@ -86,6 +86,7 @@ class SegmentStage(LazyModel):
             for (item, view), out in zip(part, outs):
                 if out is not None and item.ok:
                     view.mask = out[0][0] if margin is None else cut_to_box(out[0][0], view.primary.box, margin)
+                    view.mask_score = float(out[1][0])  # SAM's predicted IoU: recorded in the sample's quality
 
     def __call__(self, items: list[Item]) -> list[Item]:
         jobs: list[tuple[Item, View]] = []
