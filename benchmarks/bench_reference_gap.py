@@ -2,6 +2,7 @@
 
     python benchmarks/bench_reference_gap.py [--seeds 0,1,2,3,4] [--steps 1500] [--eval-at 300,600]
         [--json OUT] [--models M.yaml]   # tiny checkpoints (written to a temp dir if omitted)
+        [--control shuffled-refs|no-refs]   # runs that must NOT show the gap (see below)
 
 Method:
 
@@ -20,6 +21,15 @@ Method:
    conditions: each sample's own reference; the references rolled by one along the batch (everyone
    gets another sample's); no reference (C = 0, the same as λ = 0: bare FLUX). The same is measured
    on the untrained adapter, where all three must agree exactly (zero-initialised V: an exact no-op).
+
+Controls (``--control``), to check that the measurement can fail:
+
+* ``shuffled-refs``: every training sample's reference is cut from an unrelated photo crop (a
+  random other sample), so the reference tells nothing about the target; held-out samples keep
+  their own references. The adapter can still learn a reference-independent correction
+  (off / own > 1) but has nothing to learn about *which* reference it gets: permuted / own ≈ 1.
+* ``no-refs``: image CFG dropout 1.0 (text and both-dropout 0): the adapter never sees a reference
+  in training, as training at λ = 0; it stays the zero-initialised no-op, own = permuted = off.
 
 Reported per seed and over seeds (mean, std, min, max): ``permuted / own`` (> 1: the adapter
 uses *which* reference it gets) and ``off / own`` (> 1: the adapter with the own reference beats
@@ -61,13 +71,26 @@ class GapSettings:
     draws: int = 16
     max_sequence_length: int = 16
     """T5 tokens: the captions ("a photo of sample N") take 14."""
+    control: str = "none"
+    """``none``, ``shuffled-refs`` or ``no-refs`` (module docstring)."""
+
+
+CONTROLS = ("none", "shuffled-refs", "no-refs")
+
+
+def _unrelated(i: int) -> int:
+    """An index whose photo crop has nothing to do with sample ``i``'s (fixed per ``i``)."""
+    import random
+
+    return 10_000 + random.Random(i).randrange(10_000)
 
 
 def write_data(root: Path, s: GapSettings) -> tuple[Path, Path]:
     """(training set, held-out set) directories."""
     from train_fixtures import write_dataset
 
-    train = write_dataset(root / "train", [s.train_samples], size=SIZE)
+    ref_index = _unrelated if s.control == "shuffled-refs" else None
+    train = write_dataset(root / "train", [s.train_samples], size=SIZE, ref_index=ref_index)
     held = write_dataset(root / "held", [s.held_out], start=HELD_OUT_START, size=SIZE)
     return train, held
 
@@ -78,11 +101,15 @@ def train_config(seed: int, s: GapSettings) -> Any:
     from dynaip.train.config import TrainConfig
 
     every = math.gcd(*s.eval_at) if s.eval_at else 0
+    if s.control not in CONTROLS:
+        raise ValueError(f"control must be one of {CONTROLS}, not {s.control!r}")
+    # no-refs: every sample's reference dropped, so nothing ever reaches the cross-attention
+    drops = dict(drop_text=0.0, drop_image=1.0, drop_both=0.0) if s.control == "no-refs" else {}
     return TrainConfig(
         adapter_preset="tiny", stages=[{"name": "intra", "steps": s.steps, "pair": "intra"}],
         global_batch_size=s.batch, workers=1, data_workers=0, shuffle_block=16, buckets=[[SIZE, SIZE]],
         lr=s.lr, warmup_steps=10, schedule="constant", max_sequence_length=s.max_sequence_length,
-        checkpoint_every=every, log_every=max(1, s.steps // 10), eval_every=0, sample_every=0, seed=seed)
+        checkpoint_every=every, log_every=max(1, s.steps // 10), eval_every=0, sample_every=0, seed=seed, **drops)
 
 
 def held_out_batch(held: Path, frozen: Any, s: GapSettings) -> dict[str, Any]:
@@ -154,6 +181,7 @@ def main() -> int:
     p.add_argument("--held-out", type=int, default=d.held_out)
     p.add_argument("--draws", type=int, default=d.draws, help="noise/t draws per held-out evaluation")
     p.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is fastest)")
+    p.add_argument("--control", default="none", choices=CONTROLS, help="a run that must not show the gap")
     p.add_argument("--models", default=None, help="tiny models.yaml (written to a temp dir if omitted)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
@@ -165,7 +193,8 @@ def main() -> int:
     logging.disable(logging.INFO)
     torch.set_num_threads(args.threads)
     s = GapSettings(steps=args.steps, eval_at=tuple(int(x) for x in args.eval_at.split(",") if x), lr=args.lr,
-                    batch=args.batch, train_samples=args.train_samples, held_out=args.held_out, draws=args.draws)
+                    batch=args.batch, train_samples=args.train_samples, held_out=args.held_out, draws=args.draws,
+                    control=args.control)
     seeds = [int(x) for x in args.seeds.split(",")]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
