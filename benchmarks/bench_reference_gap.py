@@ -6,7 +6,7 @@
 
 Method:
 
-1. Data (tests/train_fixtures.py, the DESIGN.md layout): every sample's target is a 64×64 crop of
+1. Data (tests/train_fixtures.py, the dataset layout pipeline/writer.py writes): every sample's target is a 64×64 crop of
    one of six bundled photos, and its reference is the target's own centre half cut out onto
    white, so the reference tells about the target. Training samples are indices 0..N-1;
    held-out samples are indices from 1000 on: other crops, never trained on.
