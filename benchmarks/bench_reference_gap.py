@@ -6,10 +6,11 @@
 
 Method:
 
-1. Data (tests/train_fixtures.py, the dataset layout pipeline/writer.py writes): every sample's target is a 64×64 crop of
-   one of six bundled photos, and its reference is the target's own centre half cut out onto
-   white, so the reference tells about the target. Training samples are indices 0..N-1;
-   held-out samples are indices from 1000 on: other crops, never trained on.
+1. Data (tests/train_fixtures.py, in the dataset layout pipeline/writer.py writes): every
+   sample's target is a 64×64 crop of one of six bundled photos, and its reference is the
+   target's own centre half cut out onto white, so the reference tells about the target (as in
+   curation's intra pairs). Training samples are indices 0..N-1; held-out samples are indices
+   from 1000 on: other crops, never trained on.
 2. Training: the real trainer (``run_training``, one process) on the tiny checkpoints with the
    trainer's defaults for everything not set here (logit-normal t with the resolution shift,
    CFG dropout 5/5/5 %, expert dropout, AdamW, grad clipping); one seed = one run (adapter init,
