@@ -40,15 +40,21 @@ def _encode(img: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def make_sample(i: int, pair: str = "intra", size: int = 96, quality: dict | None = None) -> dict[str, bytes]:
+def make_sample(i: int, pair: str = "intra", size: int = 96, quality: dict | None = None,
+                ref_from: int | None = None) -> dict[str, bytes]:
     """One sample's members: target photo, a reference = the centre subject on white, a mask;
-    ``quality`` (curation scores, e.g. ``{"aesthetic": 5.1}``) goes into the json when given."""
+    ``quality`` (curation scores, e.g. ``{"aesthetic": 5.1}``) goes into the json when given.
+
+    ``ref_from``: cut the reference from sample ``ref_from``'s photo instead of this one's (a control
+    whose reference tells nothing about its target; tests/test_reference_gap.py).
+    """
     tgt = _photo(i, size)
+    src = tgt if ref_from is None else _photo(ref_from, size)
     mask = np.zeros((size, size), np.uint8)
     q = size // 4
     mask[q:size - q, q:size - q] = 255
     ref = np.full((size - 2 * q, size - 2 * q + q // 2, 3), 255, np.uint8)  # not square: exercises padding
-    ref[:, : size - 2 * q] = tgt[q:size - q, q:size - q]
+    ref[:, : size - 2 * q] = src[q:size - q, q:size - q]
     meta = {"source": "test", "source_id": str(i), "pair": pair, "phrase": "thing",
             "box": [q, q, size - q, size - q], "det_score": 0.9, "mask_area": float((mask > 0).mean()),
             "width": size, "height": size, "recipe": "test"}
@@ -69,8 +75,12 @@ def write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> No
 
 def write_dataset(out: str | Path, shard_sizes: Sequence[int], pair: str = "intra", start: int = 0,
                   size: int = 96, corrupt: dict[int, str] | None = None,
-                  quality: Callable[[int], dict] | None = None) -> Path:
+                  quality: Callable[[int], dict] | None = None,
+                  ref_index: Callable[[int], int] | None = None) -> Path:
     """Writes shards of the given sizes; returns ``out``.
+
+    ``ref_index`` maps a sample index to the index whose photo its reference is cut from (default:
+    its own, as curation's intra pairs are).
 
     ``corrupt`` maps a shard index to ``"truncate"`` (the tar is cut in its middle, so
     reading it raises ``tarfile.ReadError`` part-way) or ``"badimage"`` (the first sample's
@@ -84,7 +94,8 @@ def write_dataset(out: str | Path, shard_sizes: Sequence[int], pair: str = "intr
     for s, count in enumerate(shard_sizes):
         samples = []
         for _ in range(count):
-            members = make_sample(n, pair, size, quality(n) if quality else None)
+            members = make_sample(n, pair, size, quality(n) if quality else None,
+                                  None if ref_index is None else ref_index(n))
             samples.append((f"test-{n:06d}-0", members))
             n += 1
         if corrupt.get(s) == "badimage":

@@ -37,12 +37,22 @@ TINY_FLUX_TRANSFORMER_CONFIG = dict(
     attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
     pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
 )
+# The tiny VAE stands in for FLUX's in training too, so a training latent must depend on its image
+# as a trained VAE's does (measured: BENCHMARKS.md, "Reference-conditional loss gap"):
+# - scaling_factor / shift_factor: 1 / std and mean of this VAE's posterior means (seed 0) over the
+#   64-px photo crops 0-47 of tests/train_fixtures.py, so scaled latents have unit variance as FLUX's
+#   have with its own factors (FLUX's 0.3611 / 0.1159 left this VAE's latents at variance 0.13);
+# - the posterior is made near-deterministic after init (TINY_VAE_LOGVAR).
 TINY_VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
     block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
-    scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+    scaling_factor=2.5849, shift_factor=0.007, use_quant_conv=False, use_post_quant_conv=False,
 )
+TINY_VAE_LOGVAR = -10.0
+"""Posterior log-variance of the tiny VAE (std ≈ 0.007). Random init gives ≈ 0 (std ≈ 0.9, larger than
+the spread of the posterior means), which made a sampled training latent mostly noise, unrelated to
+its image: nothing, the reference included, could then predict it."""
 TINY_CLIP_CONFIG = dict(  # OpenCLIP model_cfg: 6-layer ViT on 56-px images, 2-layer text tower
     embed_dim=32, quick_gelu=False,
     vision_cfg=dict(image_size=56, patch_size=14, width=32, layers=6, head_width=16, mlp_ratio=2.0),
@@ -97,6 +107,15 @@ sub_sentence_present = True
 """
 
 
+def _sharpen_posterior(vae: torch.nn.Module) -> None:
+    """Constant log-variance ``TINY_VAE_LOGVAR``: the encoder's output channels past ``latent_channels``
+    are the posterior's log-variance (diffusers' DiagonalGaussianDistribution)."""
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        vae.encoder.conv_out.weight[c:].zero_()
+        vae.encoder.conv_out.bias[c:].fill_(TINY_VAE_LOGVAR)
+
+
 def _write_flux(out: Path) -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
@@ -108,6 +127,7 @@ def _write_flux(out: Path) -> None:
 
     transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG)
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    _sharpen_posterior(vae)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=clip_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         max_position_embeddings=77, projection_dim=32, bos_token_id=clip_vocab - 2, eos_token_id=clip_vocab - 1,
