@@ -38,6 +38,20 @@ class StageConfig:
 
 
 @dataclass(kw_only=True)
+class DataConfig:
+    """How the loader treats its input (the ``data:`` section)."""
+
+    on_corrupt_shard: str = "error"
+    """A shard that is missing or whose bytes fail the manifest's sha256 (checked while it streams,
+    dynaip/train/shard_integrity.py): ``error`` stops the run naming the shard; ``skip`` trains without
+    its samples (counted in ``skipped``) and counts the shard in ``corrupt_shards`` of RUN/metrics.jsonl."""
+
+    def __post_init__(self) -> None:
+        if self.on_corrupt_shard not in ("error", "skip"):
+            raise ValueError(f"data.on_corrupt_shard={self.on_corrupt_shard!r}: choose one of ('error', 'skip')")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """A training run. Defaults are the paper's recipe where it states one."""
 
@@ -56,6 +70,8 @@ class TrainConfig:
     nearest its first sample's aspect ratio and centre-crops the others to it."""
     shuffle_block: int = 64
     """Stream positions shuffled together per loader worker (see dynaip.train.data)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input checks (``DataConfig``): ``data: {on_corrupt_shard: error | skip}``."""
     data_workers: int = 2
     """DataLoader processes per training worker (0 = decode in the training process)."""
     features: str = "auto"
@@ -161,6 +177,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.stages = [s if isinstance(s, StageConfig) else StageConfig(**s) for s in self.stages]
+        if not isinstance(self.data, DataConfig):
+            known = {f.name for f in dataclasses.fields(DataConfig)}
+            unknown = sorted(set(self.data or {}) - known)
+            if unknown:
+                raise ValueError(f"data: unknown keys {unknown}; known keys: {sorted(known)}")
+            self.data = DataConfig(**(self.data or {}))
         if not self.stages:
             raise ValueError("config needs at least one stage under 'stages'")
         if self.workers < 1 or self.global_batch_size % self.workers:

@@ -162,6 +162,7 @@ class MetricsWriter:
 
     TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "samples_per_s": "train/samples_per_s",
                "data_wait": "train/data_wait_fraction", "grad_norm": "train/grad_norm", "skipped": "data/skipped",
+               "corrupt_shards": "data/corrupt_shards",
                "filtered": "data/filtered", "val_loss": "val/loss", "stage_progress": "progress/stage",
                "progress": "progress/total", "stage_index": "progress/stage_index"}
 
@@ -286,7 +287,8 @@ class _Worker:
         return StreamSpec(shards=shards, batch_size=batch_size,
                           seed=self.cfg.seed + 7919 * stage_index, shuffle_block=self.cfg.shuffle_block,
                           pair=self.cfg.stages[stage_index].pair, ref_size=self.frozen.clip.image_size,
-                          buckets=[tuple(b) for b in self.cfg.buckets])
+                          buckets=[tuple(b) for b in self.cfg.buckets],
+                          on_corrupt_shard=self.cfg.data.on_corrupt_shard)
 
     def _loader(self, stage_index: int):
         from .data import StreamingLoader
@@ -436,6 +438,18 @@ class _Worker:
             dist.all_reduce(t)
         return t.tolist()
 
+    def _next_batch(self, it, step: int) -> dict[str, Any]:
+        from .shard_integrity import ShardIntegrityError
+
+        try:
+            return next(it)
+        except ShardIntegrityError as e:
+            # from a DataLoader worker the message carries that worker's traceback: keep its last line
+            line = [ln for ln in str(e).splitlines() if ln.strip()][-1].removeprefix(
+                "dynaip.train.shard_integrity.").removeprefix("ShardIntegrityError: ")
+            self.metrics.write(step=step, event="corrupt_shard", rank=self.rank, error=line)
+            raise ShardIntegrityError(line) from None
+
     def run(self) -> dict[str, Any]:
         from tqdm import tqdm
 
@@ -474,7 +488,7 @@ class _Worker:
                 stage_index, it = si, iter(loader)
 
             t0 = time.perf_counter()
-            batch = next(it)
+            batch = self._next_batch(it, step)
             t1 = time.perf_counter()
             loss = training_loss(self.frozen, self.adapter, self.encode, batch, self.settings, self.gen,
                                  self.cpu_gen, self.autocast, self.features.empty_prompt(si))
@@ -500,13 +514,15 @@ class _Worker:
             bar.update(1)
 
             if logging_step:
-                loss_sum, wait, tot, skipped, filtered = self._reduce(
-                    window["loss"] / window["n"], window["wait"], window["time"], loader.skipped, loader.filtered)
+                loss_sum, wait, tot, skipped, filtered, corrupt = self._reduce(
+                    window["loss"] / window["n"], window["wait"], window["time"], loader.skipped, loader.filtered,
+                    loader.corrupt_shards)
                 stage_start = sum(s.steps for s in cfg.stages[:si])
                 last = dict(step=step, stage=cfg.stages[si].name, loss=loss_sum / self.world,
                             lr=self.scheduler.get_last_lr()[0],
                             samples_per_s=cfg.global_batch_size * window["n"] * self.world / tot,
                             data_wait=wait / tot, skipped=int(skipped), filtered=int(filtered),
+                            corrupt_shards=int(corrupt),
                             grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                                             else grad_norm),
                             stage_index=si, stage_progress=min(1.0, (step - stage_start) / cfg.stages[si].steps),
