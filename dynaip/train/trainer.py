@@ -71,6 +71,8 @@ class RunSpec:
     """Stop after this step (overrides the config's)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form switches for benchmarks (e.g. ``{"no_save": true}``)."""
+    allow_data_change: bool = False
+    """``--allow-data-change``: resume even though the checkpoint was trained on other datasets."""
     run_id: str = ""
     """Id of this invocation, stored in its checkpoints: when Ray restarts a failed worker group,
     the workers find checkpoints with their own run_id and resume from them instead of step 0."""
@@ -254,6 +256,9 @@ class _Worker:
         self.cpu_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 50_000 + self.rank)
         torch.manual_seed(cfg.seed * 100_003 + 90_000 + self.rank)  # expert dropout differs per rank
 
+        from .dataset_identity import run_datasets
+
+        self.datasets = run_datasets(cfg, spec.data)  # every checkpoint names the data it was trained on
         self.step = 0
         self.data_state: dict[str, Any] | None = None
         if resume_from is not None:
@@ -364,7 +369,7 @@ class _Worker:
             state = {"format": RESUME_FORMAT, "step": self.step, "data_stage": cfg.stage_at(self.step),
                      "stage": cfg.stages[cfg.stage_at(self.step)].name, "world_size": self.world,
                      "scheduler": self.scheduler.state_dict(), "data": datas, "config": cfg.to_dict(),
-                     "run_id": self.spec.run_id}
+                     "run_id": self.spec.run_id, "datasets": self.datasets}
             (tmp / "resume" / "state.json").write_text(json.dumps(state, indent=1))
             if final.exists():  # a re-run writing the same step again
                 shutil.rmtree(final)
@@ -562,7 +567,8 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     """
     from .preflight import preflight
 
-    for stage, counts in preflight(cfg, spec.data, spec.models, spec.out, spec.resume).items():
+    for stage, counts in preflight(cfg, spec.data, spec.models, spec.out, spec.resume,
+                                   spec.allow_data_change).items():
         log.info("stage '%s' data: %s", stage, "; ".join(f"{d}: {c}" for d, c in counts.items()))
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     if not spec.run_id:
