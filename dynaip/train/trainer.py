@@ -124,12 +124,10 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir()
-                   if (m := STEP_DIR.match(p.name)) and (p / "resume" / "state.json").is_file())
-    return steps[-1][1] if steps else None
+    from .checkpoint_files import steps
+
+    found = [p for _, p in steps(out / "checkpoints") if (p / "resume" / "state.json").is_file()]
+    return found[-1] if found else None
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -238,6 +236,12 @@ class _Worker:
         self.adapter = DynaIPAdapter(adapter_config).to(self.device)
         self.adapter.attach(self.frozen.transformer)
         self.adapter.train()
+        if self.rank == 0:  # a Ray restart after a crash mid-save does not pass through run_training
+            from .checkpoint_files import recover
+
+            recover(self.out / "checkpoints")
+        if self.world > 1:
+            dist.barrier()
         ckpt = latest_checkpoint(self.out)
         own = ckpt is not None and spec.run_id and json.loads(
             (ckpt / "resume" / "state.json").read_text()).get("run_id") == spec.run_id
@@ -341,6 +345,7 @@ class _Worker:
         log.info("rank %d resumed from %s (step %d)", self.rank, ckpt, self.step)
 
     def save_checkpoint(self, loader) -> None:
+        from .checkpoint_files import prune, swap_in
         from .parallel import full_adapter_state, is_sharded, local_optimizer_state
 
         cfg = self.cfg
@@ -371,13 +376,9 @@ class _Worker:
                      "scheduler": self.scheduler.state_dict(), "data": datas, "config": cfg.to_dict(),
                      "run_id": self.spec.run_id, "datasets": self.datasets}
             (tmp / "resume" / "state.json").write_text(json.dumps(state, indent=1))
-            if final.exists():  # a re-run writing the same step again
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
+            swap_in(tmp, final)  # fsynced; complete or absent, and never neither old nor new
             if cfg.keep_checkpoints:
-                old = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))[:-cfg.keep_checkpoints]
-                for p in old:
-                    shutil.rmtree(p, ignore_errors=True)
+                prune(root, cfg.keep_checkpoints)
             log.info("checkpoint %s", final)
         if self.world > 1:
             dist.barrier()  # nobody runs ahead and resumes from a half-written checkpoint
@@ -565,8 +566,10 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     With no ``ray_address`` (and none in the config) and no Ray already initialised in this
     process, an embedded local Ray is started and shut down afterwards.
     """
+    from .checkpoint_files import recover
     from .preflight import preflight
 
+    recover(Path(spec.out) / "checkpoints")  # before anything reads a checkpoint
     for stage, counts in preflight(cfg, spec.data, spec.models, spec.out, spec.resume,
                                    spec.allow_data_change).items():
         log.info("stage '%s' data: %s", stage, "; ".join(f"{d}: {c}" for d, c in counts.items()))
