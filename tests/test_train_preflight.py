@@ -88,6 +88,9 @@ def test_stage_with_its_own_data_is_checked_too(tmp_path):
 
 
 def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, tiny_models_yaml, caplog):
+    import torch
+    from safetensors.torch import save_file
+
     from dynaip.train.config import TrainConfig
     from dynaip.train.dataset_identity import run_datasets
     from dynaip.train.preflight import check_resume
@@ -98,6 +101,7 @@ def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, tiny_models_ya
     cfg = TrainConfig.from_yaml(CONFIGS / "tiny.yaml")
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     (ckpt / "resume").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(ckpt / "adapter.safetensors"))
     (ckpt / "resume" / "state.json").write_text(json.dumps(
         {"world_size": 2, "config": {"strategy": "ddp"}, "datasets": run_datasets(cfg, [str(intra), str(cross)])}))
     args = ["--config", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "run"),

@@ -102,3 +102,34 @@ def recover(root: Path) -> list[str]:
         for line in done:
             log.warning("checkpoints: %s", line)
     return done
+
+
+def unreadable_file(ckpt: Path) -> str | None:
+    """The first file of ``ckpt`` that is cut short or not in its format, in words; None when all look whole.
+
+    Cheap enough for the driver before Ray starts: torch's ``.pt`` files are zip archives, whose
+    directory sits at the end (a truncated file has none), and ``adapter.safetensors`` must be as
+    long as its header says. Their contents are not read.
+    """
+    import json
+    import struct
+    import zipfile
+
+    resume = ckpt / "resume"
+    for p in sorted(resume.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(p) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{p} is damaged ({e})"
+    st = ckpt / "adapter.safetensors"
+    try:
+        with open(st, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if st.stat().st_size < 8 + n + end:
+            return f"{st} is cut short ({st.stat().st_size} bytes, its header needs {8 + n + end})"
+    except (OSError, ValueError, struct.error, KeyError, TypeError) as e:
+        return f"{st} is damaged ({type(e).__name__}: {e})"
+    return None

@@ -230,11 +230,20 @@ class TrainConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except TypeError as e:  # a missing 'stages', or a stage entry with a wrong or missing key
+            raise ValueError(f"{where}: {e}; see jobs/configs/tiny.yaml for the fields") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"train config '{path}' does not exist; see jobs/configs/tiny.yaml and paper.yaml")
-        return cls.from_dict(yaml.safe_load(path.read_text()) or {}, where=str(path))
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"train config '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"train config '{path}' must be a mapping of keys (see jobs/configs/tiny.yaml)")
+        return cls.from_dict(raw, where=str(path))

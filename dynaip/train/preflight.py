@@ -112,7 +112,7 @@ def check_resume(cfg: TrainConfig, out: str, resume: bool, data: Sequence[str] =
     try:
         state = json.loads(state_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise PreflightError(f"{state_file} cannot be read ({e}); remove the damaged checkpoint {ckpt} and resume "
+        raise PreflightError(f"{state_file} cannot be read ({type(e).__name__}: {e}); remove the damaged checkpoint {ckpt} and resume "
                              "from the one before it") from e
     if state.get("world_size") != cfg.workers:
         raise PreflightError(f"{ckpt} was written by {state.get('world_size')} workers, this run has {cfg.workers}; "
@@ -125,6 +125,11 @@ def check_resume(cfg: TrainConfig, out: str, resume: bool, data: Sequence[str] =
     if change is not None and not allow_data_change:
         raise PreflightError(f"{ckpt} was trained on other data: {change}; resume with the same --data, or pass "
                              "--allow-data-change to continue on the new data on purpose")
+    from .checkpoint_files import unreadable_file
+
+    damage = unreadable_file(ckpt)  # last: a checkpoint of another layout is refused for that first
+    if damage is not None:
+        raise PreflightError(f"{damage}; remove the damaged checkpoint {ckpt} and resume from the one before it")
 
 
 def preflight(cfg: TrainConfig, data: Sequence[str], models: str, out: str, resume: bool,

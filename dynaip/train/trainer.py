@@ -34,9 +34,11 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,6 +320,16 @@ class _Worker:
     # ------------------------------------------------------------------ checkpoints
     def _load_resume_state(self, ckpt: Path) -> None:
         """Optimizer, scheduler, RNG and data position of ``ckpt`` (its weights are already loaded)."""
+        try:
+            self._load_resume_files(ckpt)
+        except (RuntimeError, OSError, EOFError, KeyError, json.JSONDecodeError, pickle.UnpicklingError,
+                zipfile.BadZipFile) as e:
+            # preflight checks the files' framing; this catches damage inside them, in one line
+            raise ValueError(f"checkpoint {ckpt} cannot be resumed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); remove it and resume from the one "
+                             "before it") from None
+
+    def _load_resume_files(self, ckpt: Path) -> None:
         from .parallel import is_sharded, load_local_optimizer_state
 
         state = json.loads((ckpt / "resume" / "state.json").read_text())
@@ -444,19 +456,20 @@ class _Worker:
             dist.all_reduce(t)
         return t.tolist()
 
-    def _next_batch(self, it, step: int) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         from .shard_integrity import ShardIntegrityError
 
         try:
-            return next(it)
+            return self._run()
         except ShardIntegrityError as e:
             # from a DataLoader worker the message carries that worker's traceback: keep its last line
-            line = [ln for ln in str(e).splitlines() if ln.strip()][-1].removeprefix(
-                "dynaip.train.shard_integrity.").removeprefix("ShardIntegrityError: ")
-            self.metrics.write(step=step, event="corrupt_shard", rank=self.rank, error=line)
+            line = [ln for ln in str(e).splitlines() if ln.strip()][-1]
+            line = line.removeprefix("dynaip.train.shard_integrity.").removeprefix("ShardIntegrityError: ")
+            self.metrics.write(step=self.step, event="corrupt_shard", rank=self.rank, error=line)
+            self.metrics.close()
             raise ShardIntegrityError(line) from None
 
-    def run(self) -> dict[str, Any]:
+    def _run(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         from .step import training_loss
@@ -494,7 +507,7 @@ class _Worker:
                 stage_index, it = si, iter(loader)
 
             t0 = time.perf_counter()
-            batch = self._next_batch(it, step)
+            batch = next(it)
             t1 = time.perf_counter()
             loss = training_loss(self.frozen, self.adapter, self.encode, batch, self.settings, self.gen,
                                  self.cpu_gen, self.autocast, self.features.empty_prompt(si))
@@ -611,11 +624,29 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
                              callbacks=[_report_log(reported)]))
     try:
         trainer.fit()
+    except Exception as e:  # Ray wraps a worker's error; a corrupt shard is the user's to fix: say it in one line
+        line = _integrity_line(e)
+        if line is None:
+            raise
+        from .shard_integrity import ShardIntegrityError
+
+        raise ShardIntegrityError(line) from None
     finally:
         if started:
             ray.shutdown()
     lines = reported.read_text().splitlines() if reported.is_file() else []
     return json.loads(lines[-1]) if lines else {}
+
+
+def _integrity_line(e: BaseException) -> str | None:
+    """The ``ShardIntegrityError`` message inside a Ray Train failure (its text or its causes), or None."""
+    seen = 0
+    while e is not None and seen < 10:
+        for ln in str(e).splitlines():
+            if "ShardIntegrityError: " in ln:
+                return ln.split("ShardIntegrityError: ", 1)[1].strip()
+        e, seen = e.__cause__ or e.__context__, seen + 1  # type: ignore[assignment]
+    return None
 
 
 def _report_log(path: Path):
