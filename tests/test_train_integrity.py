@@ -112,3 +112,19 @@ def test_config_data_section_is_typed():
         TrainConfig.from_dict({"stages": [{"name": "a", "steps": 1}], "data": {"on_corupt_shard": "skip"}})
     with pytest.raises(ValueError, match="choose one of"):
         TrainConfig.from_dict({"stages": [{"name": "a", "steps": 1}], "data": {"on_corrupt_shard": "warn"}})
+
+
+def test_the_error_inside_a_ray_failure_is_cut_to_its_own_line():
+    from dynaip.train.trainer import _integrity_line
+
+    worker = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                          "dynaip.train.shard_integrity.ShardIntegrityError: shard /d/000001.tar has sha256 ab…; "
+                          "restore it\n")
+    try:
+        try:
+            raise worker
+        except RuntimeError as e:
+            raise Exception("Training failed: a worker group failed") from e
+    except Exception as wrapped:
+        assert _integrity_line(wrapped) == "shard /d/000001.tar has sha256 ab…; restore it"
+    assert _integrity_line(RuntimeError("out of memory")) is None
