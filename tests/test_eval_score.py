@@ -233,7 +233,7 @@ def test_http_failures_retry_then_fail_clearly(tmp_path, monkeypatch):
         with pytest.raises(JudgeError, match=r"refused the request: HTTP 400.*model name 'model-a'"):
             judge.ask("PROMPT FOLLOWING case0", [])
         server.fail_next = [500] * 4
-        with pytest.raises(JudgeError, match=r"failed 4 times .*HTTPError.*is the server up"):
+        with pytest.raises(JudgeError, match=r"failed 4 times \(last: HTTP 500\).*is the server up"):
             judge.ask("PROMPT FOLLOWING case0", [])
     monkeypatch.setenv("MY_JUDGE_KEY", "sekrit")
     with ScriptedJudge({("model-a", "pf:case0"): ["Score: 1"]}) as server:

@@ -175,3 +175,26 @@ def test_generate_cli_writes_png_and_sidecar(pipe, tiny_models_yaml, refs, tmp_p
     # the CLI's image equals the API's for the same settings
     api = pipe("a cat", references=[ref], granularity=(1, 0, 0), seed=3, **CALL).images[0]
     assert_same_image(_arr(img), _arr(api))
+
+
+def test_generate_cli_writes_the_format_its_out_names_and_refuses_others(pipe, tiny_models_yaml, refs, tmp_path,
+                                                                          caplog):
+    from dynaip.cli import main
+
+    ckpt = tmp_path / "adapter"
+    pipe.adapter.save_pretrained(ckpt)
+    ref = tmp_path / "cat.png"
+    refs[0].save(ref)
+    args = ["generate", "--models", str(tiny_models_yaml), "--adapter", str(ckpt), "--prompt", "a cat",
+            "--ref", str(ref), "--steps", "1", "--height", "64", "--width", "64", "--max-sequence-length", "32",
+            "--device", "cpu"]
+    for name, fmt in (("x.jpg", "JPEG"), ("x.JPEG", "JPEG"), ("x.webp", "WEBP")):
+        assert main([*args, "--out", str(tmp_path / name)]) == 0
+        assert Image.open(tmp_path / name).format == fmt  # bytes of the format the name says
+    sidecar = (tmp_path / "x.json").read_text()
+    for bad in ("x.json", "x", "x.gif"):
+        caplog.clear()
+        assert main([*args, "--out", str(tmp_path / bad)]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "is not an image format generate writes" in errors[0]
+    assert (tmp_path / "x.json").read_text() == sidecar  # the sidecar was not overwritten by an image

@@ -171,6 +171,9 @@ def test_max_steps_then_resume_is_bitwise_identical_in_one_process(setup, reques
     once = _train(run_setup, "local-once", "--local")
     run = _train(run_setup, "local-split", "--local", "--max-steps", "3")  # stops exactly at the stage switch
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    state = json.loads((run / "checkpoints" / "step-000003" / "resume" / "state.json").read_text())
+    assert [d["stage"] for d in state["datasets"]] == ["intra", "cross"]  # the data it was trained on
+    assert all(m.startswith("sha256:") for d in state["datasets"] for m in d["manifests"])
     _train(run_setup, "local-split", "--local", "--resume")
     assert _same_weights(once / "checkpoints" / "step-000006", run / "checkpoints" / "step-000006")
     assert _losses(run) == _losses(once)

@@ -85,3 +85,32 @@ def test_stage_with_its_own_data_is_checked_too(tmp_path):
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert check_stages(TrainConfig(stages=[{"name": "b", "steps": 1, "pair": "cross", "data": [str(old)]}]),
                         []) == {"b": {str(old): None}}
+
+
+def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, tiny_models_yaml, caplog):
+    import torch
+    from safetensors.torch import save_file
+
+    from dynaip.train.config import TrainConfig
+    from dynaip.train.dataset_identity import run_datasets
+    from dynaip.train.preflight import check_resume
+
+    intra = write_dataset(tmp_path / "intra", [2], size=64)
+    cross = write_dataset(tmp_path / "cross", [2], pair="cross", start=10, size=64)
+    other = write_dataset(tmp_path / "other", [3], pair="cross", start=20, size=64)
+    cfg = TrainConfig.from_yaml(CONFIGS / "tiny.yaml")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    (ckpt / "resume").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(ckpt / "adapter.safetensors"))
+    (ckpt / "resume" / "state.json").write_text(json.dumps(
+        {"world_size": 2, "config": {"strategy": "ddp"}, "datasets": run_datasets(cfg, [str(intra), str(cross)])}))
+    args = ["--config", str(CONFIGS / "tiny.yaml"), "--out", str(tmp_path / "run"),
+            "--models", str(tiny_models_yaml), "--resume"]
+    code, errors = _train([*args, "--data", f"{intra},{other}"], caplog)
+    assert code == 2 and len(errors) == 1 and "\n" not in errors[0]
+    assert "was trained on other data: stage 'intra'" in errors[0] and "--allow-data-change" in errors[0]
+    check_resume(cfg, str(tmp_path / "run"), True, [str(intra), str(other)], allow_data_change=True)
+    # the same data under another path is the same data (identity = the manifest's hash)
+    moved = tmp_path / "moved"
+    shutil.copytree(cross, moved)
+    check_resume(cfg, str(tmp_path / "run"), True, [str(intra), str(moved)])

@@ -32,7 +32,7 @@ Config (YAML)::
         base_url: http://gpu-node-1:23333/v1  # the server's OpenAI-compatible root
         model: OpenGVLab/InternVL3-78B        # the served model name
         api_key_env: null                     # env var holding the API key (null: no Authorization header)
-        timeout_s: 180                        # per HTTP request
+        timeout_s: 180                        # deadline of each HTTP request as a whole
         # protocol open only (dreambench fixes them): temperature, retry_temperature, max_retries
       - name: qwen3-vl-32b
         base_url: http://gpu-node-2:8000/v1
@@ -50,16 +50,17 @@ import json
 import logging
 import os
 import re
+import http.client
 import time
-import urllib.error
 import zlib
-import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 from PIL import Image, ImageOps
+
+from .judge_http import Redactor, post_json
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,10 @@ class JudgeConfig:
     retry_temperature: float | None = None
     """Temperature of re-asks after an unparsable answer; None: the protocol's (open 0.7; dreambench 1.0, fixed)."""
     max_retries: int | None = None
-    """Extra tries after an unparsable answer or a transient HTTP failure (≤ 1 + max_retries requests each);
-    None: the protocol's (open 3; dreambench 2, fixed: 3 tries in all)."""
+    """Extra requests after an unparsable answer or a transient HTTP failure, one budget for both
+    (≤ 1 + max_retries requests per item in all); None: the protocol's (open 3; dreambench 2, fixed: 3 tries)."""
     timeout_s: float = 180.0
-    """Timeout of every HTTP request, seconds."""
+    """Deadline of each HTTP request as a whole (connect, headers, body, redirects), seconds."""
     max_tokens: int = 1024
     """Answer length limit."""
     retry_backoff_s: float = 2.0
@@ -477,46 +478,48 @@ class Judgement:
     """Chat requests answered (1 + parse retries)."""
     answers: list[str]
     """Every raw answer, in order (each cut to 2,000 characters)."""
+    requests: int = 0
+    """HTTP requests sent for the item, answered or failed (at most 1 + max_retries)."""
+
+
+class _Transient(Exception):
+    """A request that may succeed when sent again (5xx, 429, network, timeout, malformed reply)."""
 
 
 class ChatJudge:
-    """Asks one judge about one item under a protocol and parses its score with bounded retries."""
+    """Asks one judge about one item under a protocol and parses its score with bounded retries.
+
+    One budget of ``1 + max_retries`` HTTP requests per item covers both kinds of retry (a failed
+    request and an unparsable answer), so a flaky server cannot multiply them. Every request ends
+    within ``timeout_s`` as a whole (dynaip/eval/judge_http.py), and the API key never appears in
+    an error or a log line.
+    """
 
     def __init__(self, cfg: JudgeConfig, protocol: str = "dreambench"):
         self.protocol = protocol
         self.cfg = cfg.resolved(protocol)
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._key = cfg.api_key()
+        self._redact = Redactor(self._key)
 
     def _post(self, body: dict) -> str:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        delay = self.cfg.retry_backoff_s
-        last: Exception | None = None
-        for attempt in range(1 + self.cfg.max_retries):
-            if attempt:
-                time.sleep(delay)
-                delay *= 2
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-                    payload = json.loads(resp.read().decode("utf-8"))
-                return str(payload["choices"][0]["message"]["content"] or "")
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace")
-                if e.code != 429 and e.code < 500:  # the request itself is wrong: retrying will not help
-                    raise JudgeError(f"judge {self.cfg.name} ({self.url}) refused the request: HTTP {e.code} {detail}; "
-                                     f"check the model name '{self.cfg.model}' and the API key") from e
-                last = e
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError, KeyError, IndexError,
-                    TypeError) as e:
-                last = e
-            log.warning("judge %s: request failed (%s: %s), attempt %d/%d", self.cfg.name, type(last).__name__,
-                        last, attempt + 1, 1 + self.cfg.max_retries)
-        raise JudgeError(f"judge {self.cfg.name} at {self.url} failed {1 + self.cfg.max_retries} times "
-                         f"(last: {type(last).__name__}: {last}); is the server up? (vLLM: `vllm serve MODEL`)")
+        """One request → the answer text; raises ``_Transient`` (retry) or ``JudgeError`` (give up)."""
+        try:
+            resp = post_json(self.url, body, deadline_s=self.cfg.timeout_s, auth=self._key)
+        except (OSError, http.client.HTTPException) as e:  # includes timeouts and DeadlineExceeded
+            raise _Transient(f"{type(e).__name__}: {self._redact(e)}") from None
+        if resp.status == 429 or resp.status >= 500:
+            raise _Transient(f"HTTP {resp.status}")
+        if resp.status != 200:  # the request itself is wrong: retrying will not help
+            detail = self._redact(resp.body[:300].decode("utf-8", "replace"))
+            raise JudgeError(self._redact(
+                f"judge {self.cfg.name} ({self.url}) refused the request: HTTP {resp.status} {detail}; "
+                f"check the model name '{self.cfg.model}' and the API key"))
+        try:
+            payload = json.loads(resp.body.decode("utf-8"))
+            return str(payload["choices"][0]["message"]["content"] or "")
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Transient(f"malformed reply ({type(e).__name__}: {self._redact(e)})") from None
 
     def ask(self, instruction: str, images: list[Image.Image | str | Path], image_size: int = 512) -> Judgement:
         """The open protocol's message form (system message, then the instruction and the images in one user turn);
@@ -524,20 +527,41 @@ class ChatJudge:
         return self.ask_messages(open_messages(instruction, images, image_size))
 
     def ask_messages(self, messages: list[dict], *, seed_key: str | None = None) -> Judgement:
-        """Asks until the answer parses (≤ 1 + max_retries times). dreambench: temperature 1 on every try and,
-        with ``seed_key``, a seed per try derived from it (so runs differ and a rerun repeats its requests)."""
+        """Asks until the answer parses, sending at most 1 + max_retries requests in all (failed ones count).
+
+        A failed request is sent again unchanged after a back-off; an unparsable answer is re-asked at
+        ``retry_temperature``. dreambench: temperature 1 on every try and, with ``seed_key``, a seed per
+        try derived from it (so runs differ and a rerun repeats its requests). When every request failed
+        the server is taken to be down (``JudgeError``: ``eval score`` stops, a rerun resumes); when
+        some answered but none parsed, the item gets no score this run.
+        """
         parse = parse_score_dreambench if self.protocol == "dreambench" else parse_score
+        budget = 1 + self.cfg.max_retries
         answers: list[str] = []
-        for attempt in range(1 + self.cfg.max_retries):
+        delay = self.cfg.retry_backoff_s
+        last: str | None = None
+        for sent in range(1, budget + 1):
+            attempt = len(answers)
             body = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
                     "temperature": self.cfg.temperature if attempt == 0 else self.cfg.retry_temperature,
                     "messages": messages}
             if self.protocol == "dreambench" and seed_key is not None:
                 body["seed"] = zlib.crc32(f"{seed_key}|{attempt}".encode()) & 0x7FFFFFFF
-            answer = self._post(body)
-            answers.append(answer[:2000])
+            try:
+                answer = self._post(body)
+            except _Transient as e:
+                last = str(e)
+                log.warning("judge %s: request failed (%s), request %d/%d", self.cfg.name, last, sent, budget)
+                if sent < budget and delay > 0:
+                    time.sleep(delay)
+                    delay *= 2
+                continue
+            answers.append(self._redact(answer[:2000]))  # answers are stored in the score files
             score = parse(answer)
             if score is not None:
-                return Judgement(score=score, attempts=attempt + 1, answers=answers)
-            log.debug("judge %s: unparsable answer %r", self.cfg.name, answer[-200:])
-        return Judgement(score=None, attempts=len(answers), answers=answers)
+                return Judgement(score=score, attempts=len(answers), answers=answers, requests=sent)
+            log.debug("judge %s: unparsable answer %r", self.cfg.name, self._redact(answer[-200:]))
+        if not answers:
+            raise JudgeError(self._redact(f"judge {self.cfg.name} at {self.url} failed {budget} times "
+                                          f"(last: {last}); is the server up? (vLLM: `vllm serve MODEL`)"))
+        return Judgement(score=None, attempts=len(answers), answers=answers, requests=budget)

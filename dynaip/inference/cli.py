@@ -11,6 +11,19 @@ from dynaip.atomic import atomic_save_image, atomic_write_text
 
 log = logging.getLogger(__name__)
 
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+"""Image formats ``--out`` can name, by extension; the file is written in the format its name says."""
+
+
+def output_format(out: str | Path) -> str:
+    """The Pillow format of ``--out``; a name without an image extension is refused (it would clash with the
+    .json sidecar, or hold bytes of another format than its name says)."""
+    ext = Path(out).suffix.lower()
+    if ext not in OUTPUT_FORMATS:
+        raise ValueError(f"--out {out}: '{ext or 'no extension'}' is not an image format generate writes; "
+                         f"end the name in {', '.join(OUTPUT_FORMATS)} (a .json sidecar is written beside it)")
+    return OUTPUT_FORMATS[ext]
+
 
 def _floats(text: str) -> list[float]:
     try:
@@ -23,7 +36,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate an image with DynaIP references",
                        description="FLUX.1-dev + DynaIP. One --ref for a single subject; several --ref, each with a "
                                    "--mask or an --auto-mask phrase, for multi-subject composition.")
-    p.add_argument("--models", required=True, help="models.yaml with the local checkpoint paths")
+    p.add_argument("--models", default=None, help="models.yaml with the local checkpoint paths (required)")
     p.add_argument("--adapter", required=True, help="adapter checkpoint directory (adapter.safetensors + config.json)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--ref", action="append", default=[], help="reference image (repeat for several subjects)")
@@ -51,7 +64,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                         "time, sequential = one layer at a time (least memory, slowest); see docs/low_memory.md")
     p.add_argument("--quantize", choices=("none", "int8", "fp8"), default="none",
                    help="weight-only quantization of the frozen FLUX transformer (optimum-quanto)")
-    p.add_argument("--out", required=True, help="output PNG; a .json sidecar is written beside it")
+    p.add_argument("--out", required=True, help="output image (.png, .jpg/.jpeg or .webp: written in that format); "
+                   "a .json sidecar is written beside it")
     p.set_defaults(func=run_generate)
 
 
@@ -60,6 +74,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from .pipeline import DynaIPFluxPipeline
 
+    if args.models is None:
+        raise ValueError("--models M.yaml is required: the local paths of FLUX.1-dev and the CLIP vision weights "
+                         "(`dynaip tiny-checkpoints --out DIR` writes DIR/models.yaml for the tiny set)")
+    fmt = output_format(args.out)  # before any model loads
     if not args.ref:
         raise ValueError("give at least one --ref image")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,7 +107,7 @@ def run_generate(args: argparse.Namespace) -> int:
                image_guidance_scale=args.image_cfg, max_sequence_length=args.max_sequence_length)
     target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_image(out.images[0], target)
+    atomic_save_image(out.images[0], target, format=fmt)
     sidecar = dict(out.settings, references=[str(r) for r in args.ref], masks=args.mask, adapter=str(args.adapter),
                    models=str(args.models), lora=args.lora, device=device, dtype=str(dtype), offload=args.offload,
                    quantize=args.quantize)

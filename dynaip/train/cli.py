@@ -16,6 +16,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    "stages without their own 'data' read these")
     p.add_argument("--out", required=True, help="run directory: checkpoints/, samples/, metrics.jsonl")
     p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint in OUT")
+    p.add_argument("--allow-data-change", action="store_true", help="with --resume: continue although the "
+                   "checkpoint was trained on other datasets (their manifests differ); refused otherwise")
     p.add_argument("--max-steps", type=int, default=None, help="stop after step N and write a checkpoint there")
     p.add_argument("--models", default=None, help="models.yaml with the local checkpoint paths "
                    "(required; `dynaip tiny-checkpoints --out DIR` writes DIR/models.yaml for the tiny set)")
@@ -54,12 +56,21 @@ def run(args: argparse.Namespace) -> int:
     if not data and any(not s.data for s in cfg.stages):
         raise ValueError("no --data given and some stages name no datasets; pass --data DIR[,DIR]")
     data = [d if "://" in d else str(Path(d).resolve()) for d in data]
-    _check_features(cfg, data, args.models)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; the run directory must be a directory (or not exist yet)")
     spec = RunSpec(config=cfg.to_dict(), data=data, out=str(Path(args.out).resolve()),
-                   models=str(Path(args.models).resolve()), resume=args.resume, max_steps=args.max_steps)
+                   models=str(Path(args.models).resolve()), resume=args.resume, max_steps=args.max_steps,
+                   allow_data_change=args.allow_data_change)
     if args.local:
         cfg = replace(cfg, workers=1)
         spec.config = cfg.to_dict()
+    from .checkpoint_files import recover
+    from .preflight import preflight
+
+    recover(Path(args.out) / "checkpoints")  # what a crash mid-save left, before a checkpoint is read
+    # user errors first, before anything is logged (run_training checks again for library callers)
+    preflight(cfg, data, args.models, args.out, args.resume, args.allow_data_change)
+    _check_features(cfg, data, args.models)
     run_training(cfg, spec, ray_address=args.ray_address, local=args.local)
     log.info("training finished; checkpoints in %s/checkpoints", spec.out)
     return 0

@@ -119,6 +119,20 @@ class StageConfig:
 
 
 @dataclass(kw_only=True)
+class DataConfig:
+    """How the loader treats its input (the ``data:`` section)."""
+
+    on_corrupt_shard: str = "error"
+    """A shard that is missing or whose bytes fail the manifest's sha256 (checked while it streams,
+    dynaip/train/shard_integrity.py): ``error`` stops the run naming the shard; ``skip`` trains without
+    its samples (counted in ``skipped``) and counts the shard in ``corrupt_shards`` of RUN/metrics.jsonl."""
+
+    def __post_init__(self) -> None:
+        if self.on_corrupt_shard not in ("error", "skip"):
+            raise ValueError(f"data.on_corrupt_shard={self.on_corrupt_shard!r}: choose one of ('error', 'skip')")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """A training run. Defaults are the paper's recipe where it states one."""
 
@@ -137,6 +151,8 @@ class TrainConfig:
     nearest its first sample's aspect ratio and centre-crops the others to it."""
     shuffle_block: int = 64
     """Stream positions shuffled together per loader worker (see dynaip.train.data)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input checks (``DataConfig``): ``data: {on_corrupt_shard: error | skip}``."""
     data_workers: int = 2
     """DataLoader processes per training worker (0 = decode in the training process)."""
     features: str = "auto"
@@ -242,6 +258,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.stages = [build(StageConfig, s, f"stage {i}") for i, s in enumerate(self.stages)]
+        self.data = build(DataConfig, self.data or {}, "data")
         if not self.stages:
             raise ValueError("config needs at least one stage under 'stages'")
         if self.workers < 1 or self.global_batch_size % self.workers:
@@ -289,11 +306,20 @@ class TrainConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except TypeError as e:  # a missing 'stages', or a stage entry with a wrong or missing key
+            raise ValueError(f"{where}: {e}; see jobs/configs/tiny.yaml for the fields") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"train config '{path}' does not exist; see jobs/configs/tiny.yaml and paper.yaml")
-        return cls.from_dict(yaml.safe_load(path.read_text()) or {}, where=str(path))
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"train config '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"train config '{path}' must be a mapping of keys (see jobs/configs/tiny.yaml)")
+        return cls.from_dict(raw, where=str(path))

@@ -23,7 +23,9 @@ its start and drops the already-emitted part, so a resumed stream is the identic
 The stream never ends: after K positions a consumer moves to the next epoch, so a step-based
 trainer always has a batch on every rank.
 
-Damaged input is skipped and counted, never fatal: a shard that cannot be opened or is
+A shard that is missing or whose bytes fail the manifest's sha256 is an error by default, or
+skipped and counted with ``on_corrupt_shard: skip`` (dynaip/train/shard_integrity.py). Other
+damaged input is skipped and counted, never fatal: a shard that cannot be parsed or is
 truncated (``tarfile.ReadError`` part-way) loses its remaining samples, and a sample whose
 image does not decode is dropped. Those positions still count as consumed, so the skips are
 part of the deterministic sequence.
@@ -56,6 +58,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dynaip.geometry import pad_to_square_white
+from .shard_integrity import ShardGuard, corrupt_count
 
 if TYPE_CHECKING:
     from dynaip.features.store import FeatureReader, FeatureShardRef
@@ -78,6 +81,8 @@ class ShardInfo:
     """Its precomputed features (``dynaip.features``), or None to encode on the fly."""
     dataset: int = 0
     """Index of its dataset in the stage's data list (per-dataset counts and mixtures)."""
+    sha256: str | None = None
+    """The manifest's hash of the tar; checked while it is read (dynaip/train/shard_integrity.py)."""
 
 
 def _join(base: str, rel: str) -> str:
@@ -100,7 +105,8 @@ def read_manifests(dirs: Sequence[str]) -> list[ShardInfo]:
                 "(the manifest is written last, so an unfinished curation has none yet)") from e
         for s in manifest.get("shards", []):
             if int(s["samples"]) > 0:
-                shards.append(ShardInfo(_join(d, s["path"]), int(s["samples"]), dataset=i))
+                shards.append(ShardInfo(_join(d, s["path"]), int(s["samples"]), dataset=i,
+                                          sha256=s.get("sha256")))
     if not shards:
         raise ValueError(f"datasets {list(dirs)} list no samples in their manifests; nothing to train on")
     return shards
@@ -130,6 +136,8 @@ class StreamSpec:
     filters: dict[str, float] = field(default_factory=dict)
     """Minimum per-sample scores, ``{name: min}`` read from ``json["quality"][name]``; a sample below
     a minimum, or without that score, is dropped and counted under ``min_<name>``."""
+    on_corrupt_shard: str = "error"
+    """A shard missing or failing its manifest sha256: ``error`` or ``skip`` (dynaip/train/shard_integrity.py)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -176,6 +184,8 @@ class WorkerPosition:
     """Mixture only: schedule slots consumed, each one emitted sample (``dynaip.train.mixture``)."""
     sources: list[dict[str, Any]] = field(default_factory=list)
     """Mixture only: every dataset's own position (a ``WorkerPosition`` as a dict) in this consumer."""
+    corrupt_shards: int = 0
+    """Missing or hash-failing shards this consumer met (``on_corrupt_shard: skip``); cumulative."""
 
 
 # ----------------------------------------------------------------------------- epoch layout
@@ -210,42 +220,60 @@ def _key_and_ext(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
 
 
-def iter_tar(url: str, skip: int = 0, count: int | None = None) -> Iterator[dict[str, bytes] | None]:
+def iter_tar(url: str, skip: int = 0, count: int | None = None, sha256: str | None = None,
+             on_corrupt: str = "error") -> Iterator[dict[str, bytes] | None]:
     """Samples ``skip .. skip+count`` of one shard, in order; ``None`` for each one that is lost.
 
     Members of skipped samples are passed over with ``tarfile``'s seek, not read. When the tar
     cannot be opened or breaks part-way, every remaining requested sample comes out as ``None``.
+    With ``sha256`` the shard's bytes are checked against it while they are read
+    (dynaip/train/shard_integrity.py); a mismatch or a missing shard follows ``on_corrupt``.
     """
     want = count if count is not None else 1 << 62
+    guard = ShardGuard(url, sha256, on_corrupt)
+    held: list[dict[str, bytes]] = []  # samples of a shard whose hash is not yet known wait here
     produced = 0
-    try:
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            idx, key, cur = -1, None, {}
-            for member in tf:
-                if not member.isfile():
-                    continue
-                k, ext = _key_and_ext(member.name)
-                if k != key:
-                    if cur and idx >= skip:
-                        yield cur
+    if guard.verdict is not False:  # a shard found corrupt before (skip policy) is not read again
+        ok = False
+        try:
+            with guard.open() as f, tarfile.open(fileobj=f, mode="r:") as tf:  # type: ignore[arg-type]
+                idx, key, cur = -1, None, {}
+                for member in tf:
+                    if not member.isfile():
+                        continue
+                    k, ext = _key_and_ext(member.name)
+                    if k != key:
+                        if cur and idx >= skip:
+                            held.append(cur)
+                            produced += 1
+                            if produced >= want:
+                                break
+                        idx, key, cur = idx + 1, k, {"__key__": k.encode()}
+                    if idx >= skip:
+                        cur[ext] = tf.extractfile(member).read()  # type: ignore[union-attr]
+                    if held and not guard.pending:  # verified before: stream as it comes
+                        yield from held
+                        held = []
+                else:
+                    if cur and idx >= skip and produced < want:
+                        held.append(cur)
                         produced += 1
-                        if produced >= want:
-                            return
-                    idx, key, cur = idx + 1, k, {"__key__": k.encode()}
-                if idx >= skip:
-                    cur[ext] = tf.extractfile(member).read()  # type: ignore[union-attr]
-            if cur and idx >= skip and produced < want:
-                yield cur
-                produced += 1
-    except (tarfile.TarError, OSError, EOFError) as e:
-        log.warning("shard %s unreadable after %d samples (%s: %s); skipping the rest",
-                    url, skip + produced, type(e).__name__, e)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            log.warning("shard %s unreadable after %d samples (%s: %s); skipping the rest",
+                        url, skip + produced, type(e).__name__, e)
+        finally:
+            try:
+                ok = guard.finish()  # reads the rest of a pending shard; raises under the error policy
+            finally:
+                guard.close()
+        # a shard failing its hash loses every sample read from it (none of them was handed out)
+        yield from (held if ok else [None] * len(held))
     while produced < want and count is not None:  # fewer samples than the manifest says
         yield None
         produced += 1
 
 
-def iter_positions(shards: list[ShardInfo], starts: np.ndarray, begin: int, end: int
+def iter_positions(shards: list[ShardInfo], starts: np.ndarray, begin: int, end: int, on_corrupt: str = "error"
                    ) -> Iterator[dict[str, bytes] | None]:
     """Raw samples of stream positions ``begin .. end`` (``end`` may pass N: wraps to 0)."""
     total = int(starts[-1])
@@ -254,7 +282,8 @@ def iter_positions(shards: list[ShardInfo], starts: np.ndarray, begin: int, end:
         p = pos % total
         s = int(np.searchsorted(starts, p, side="right") - 1)
         n = min(int(starts[s + 1]) - p, end - pos)
-        for raw in iter_tar(shards[s].url, skip=p - int(starts[s]), count=n):
+        for raw in iter_tar(shards[s].url, skip=p - int(starts[s]), count=n, sha256=shards[s].sha256,
+                            on_corrupt=on_corrupt):
             if raw is not None and shards[s].features is not None:
                 raw["__features__"] = shards[s].features  # type: ignore[assignment]
             yield raw
@@ -389,7 +418,9 @@ def consumer_samples(spec: StreamSpec, consumer: int, consumers: int, pos: Worke
             b0 = block * spec.shuffle_block
             blen = min(spec.shuffle_block, k - b0)
             first = consumer * k + b0
-            raws = list(iter_positions(shards, starts, first, first + blen))  # sequential IO
+            seen = corrupt_count()
+            raws = list(iter_positions(shards, starts, first, first + blen, spec.on_corrupt_shard))  # sequential IO
+            pos.corrupt_shards += corrupt_count() - seen
             perm = block_permutation(spec, pos.epoch, consumer, block, blen)
             for j in range(pos.offset - b0, blen):
                 raw = raws[perm[j]]
@@ -498,6 +529,10 @@ class StreamingLoader:
     def dropped(self) -> dict[str, int]:
         """Filtered samples so far by reason (``pair``, ``min_aesthetic``, ...)."""
         return self._summed("dropped")
+
+    @property
+    def corrupt_shards(self) -> int:
+        return sum(p.corrupt_shards for p in self.positions)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "world_size": self.world_size, "workers": self.logical,

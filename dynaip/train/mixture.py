@@ -75,6 +75,7 @@ def _sum_counters(pos: WorkerPosition) -> None:
     """The consumer's counters = the sums of its datasets' (what the trainer logs)."""
     pos.skipped = sum(p.skipped for p in pos.sources)
     pos.filtered = sum(p.filtered for p in pos.sources)
+    pos.corrupt_shards = sum(p.corrupt_shards for p in pos.sources)
     pos.dropped, pos.seen = {}, {}
     for p in pos.sources:
         for total, part in ((pos.dropped, p.dropped), (pos.seen, p.seen)):

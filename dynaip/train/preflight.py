@@ -129,9 +129,11 @@ def check_models(models: str) -> None:
             raise PreflightError(f"{models}: {name} path '{path}' does not exist; fix models.yaml")
 
 
-def check_resume(cfg: TrainConfig, out: str, resume: bool) -> None:
-    """A ``--resume`` continues exactly only with the world size and adapter layout it was saved with."""
+def check_resume(cfg: TrainConfig, out: str, resume: bool, data: Sequence[str] = (),
+                 allow_data_change: bool = False) -> None:
+    """A ``--resume`` continues exactly only with the world size, adapter layout and data it was saved with."""
     from .checkpoints import SHARDED_ADAPTER, latest_checkpoint
+    from .dataset_identity import data_change, run_datasets
 
     if not resume:
         return
@@ -142,7 +144,7 @@ def check_resume(cfg: TrainConfig, out: str, resume: bool) -> None:
     try:
         state = json.loads(state_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise PreflightError(f"{state_file} cannot be read ({e}); remove the damaged checkpoint {ckpt} and resume "
+        raise PreflightError(f"{state_file} cannot be read ({type(e).__name__}: {e}); remove the damaged checkpoint {ckpt} and resume "
                              "from the one before it") from e
     if state.get("world_size") != cfg.workers:
         raise PreflightError(f"{ckpt} was written by {state.get('world_size')} workers, this run has {cfg.workers}; "
@@ -151,11 +153,21 @@ def check_resume(cfg: TrainConfig, out: str, resume: bool) -> None:
     if (saved in SHARDED_ADAPTER) != (cfg.strategy in SHARDED_ADAPTER):
         raise PreflightError(f"{ckpt} was written with strategy={saved}, this run uses strategy={cfg.strategy}; "
                              "resume with the same strategy (its optimizer state is laid out for it)")
+    change = data_change(state.get("datasets"), run_datasets(cfg, data))
+    if change is not None and not allow_data_change:
+        raise PreflightError(f"{ckpt} was trained on other data: {change}; resume with the same --data, or pass "
+                             "--allow-data-change to continue on the new data on purpose")
+    from .checkpoint_files import unreadable_file
+
+    damage = unreadable_file(ckpt)  # last: a checkpoint of another layout is refused for that first
+    if damage is not None:
+        raise PreflightError(f"{damage}; remove the damaged checkpoint {ckpt} and resume from the one before it")
 
 
-def preflight(cfg: TrainConfig, data: Sequence[str], models: str, out: str, resume: bool) -> dict[str, Any]:
+def preflight(cfg: TrainConfig, data: Sequence[str], models: str, out: str, resume: bool,
+              allow_data_change: bool = False) -> dict[str, Any]:
     """All of the above; returns the per-stage dataset pair counts (logged by the caller)."""
     check_models(models)
     report = check_stages(cfg, data)
-    check_resume(cfg, out, resume)
+    check_resume(cfg, out, resume, data, allow_data_change)
     return report

@@ -34,8 +34,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .checkpoints import SHARDED_ADAPTER, STEP_DIR, latest_checkpoint
+from .checkpoints import SHARDED_ADAPTER, latest_checkpoint
 from .config import QUALITY_FILTERS, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ class RunSpec:
     """Stop after this step (overrides the config's)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form switches for benchmarks (e.g. ``{"no_save": true}``)."""
+    allow_data_change: bool = False
+    """``--allow-data-change``: resume even though the checkpoint was trained on other datasets."""
     run_id: str = ""
     """Id of this invocation, stored in its checkpoints: when Ray restarts a failed worker group,
     the workers find checkpoints with their own run_id and resume from them instead of step 0."""
@@ -153,6 +157,7 @@ class MetricsWriter:
 
     TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "samples_per_s": "train/samples_per_s",
                "data_wait": "train/data_wait_fraction", "grad_norm": "train/grad_norm", "skipped": "data/skipped",
+               "corrupt_shards": "data/corrupt_shards",
                "filtered": "data/filtered", "val_loss": "val/loss", "stage_progress": "progress/stage",
                "progress": "progress/total", "stage_index": "progress/stage_index"}
 
@@ -230,6 +235,12 @@ class _Worker:
         self.adapter = DynaIPAdapter(adapter_config).to(self.device)
         self.adapter.attach(self.frozen.transformer)
         self.adapter.train()
+        if self.rank == 0:  # a Ray restart after a crash mid-save does not pass through run_training
+            from .checkpoint_files import recover
+
+            recover(self.out / "checkpoints")
+        if self.world > 1:
+            dist.barrier()
         ckpt = latest_checkpoint(self.out)
         own = ckpt is not None and spec.run_id and json.loads(
             (ckpt / "resume" / "state.json").read_text()).get("run_id") == spec.run_id
@@ -248,6 +259,9 @@ class _Worker:
         self.cpu_gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 50_000 + self.rank)
         torch.manual_seed(cfg.seed * 100_003 + 90_000 + self.rank)  # expert dropout differs per rank
 
+        from .dataset_identity import run_datasets
+
+        self.datasets = run_datasets(cfg, spec.data)  # every checkpoint names the data it was trained on
         self.step = 0
         self.data_state: dict[str, Any] | None = None
         if resume_from is not None:
@@ -283,7 +297,8 @@ class _Worker:
                           pair=self.cfg.stages[stage_index].pair, ref_size=self.frozen.clip.image_size,
                           buckets=[tuple(b) for b in self.cfg.buckets],
                           weights=self.cfg.stages[stage_index].weights,
-                          filters=self.cfg.stages[stage_index].filters.active())
+                          filters=self.cfg.stages[stage_index].filters.active(),
+                          on_corrupt_shard=self.cfg.data.on_corrupt_shard)
 
     def _loader(self, stage_index: int):
         from .data import StreamingLoader
@@ -304,6 +319,16 @@ class _Worker:
     # ------------------------------------------------------------------ checkpoints
     def _load_resume_state(self, ckpt: Path) -> None:
         """Optimizer, scheduler, RNG and data position of ``ckpt`` (its weights are already loaded)."""
+        try:
+            self._load_resume_files(ckpt)
+        except (RuntimeError, OSError, EOFError, KeyError, json.JSONDecodeError, pickle.UnpicklingError,
+                zipfile.BadZipFile) as e:
+            # preflight checks the files' framing; this catches damage inside them, in one line
+            raise ValueError(f"checkpoint {ckpt} cannot be resumed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); remove it and resume from the one "
+                             "before it") from None
+
+    def _load_resume_files(self, ckpt: Path) -> None:
         from .parallel import is_sharded, load_local_optimizer_state
 
         state = json.loads((ckpt / "resume" / "state.json").read_text())
@@ -331,6 +356,7 @@ class _Worker:
         log.info("rank %d resumed from %s (step %d)", self.rank, ckpt, self.step)
 
     def save_checkpoint(self, loader) -> None:
+        from .checkpoint_files import prune, swap_in
         from .parallel import full_adapter_state, is_sharded, local_optimizer_state
 
         cfg = self.cfg
@@ -359,15 +385,11 @@ class _Worker:
             state = {"format": RESUME_FORMAT, "step": self.step, "data_stage": cfg.stage_at(self.step),
                      "stage": cfg.stages[cfg.stage_at(self.step)].name, "world_size": self.world,
                      "scheduler": self.scheduler.state_dict(), "data": datas, "config": cfg.to_dict(),
-                     "run_id": self.spec.run_id}
+                     "run_id": self.spec.run_id, "datasets": self.datasets}
             (tmp / "resume" / "state.json").write_text(json.dumps(state, indent=1))
-            if final.exists():  # a re-run writing the same step again
-                shutil.rmtree(final)
-            os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
+            swap_in(tmp, final)  # fsynced; complete or absent, and never neither old nor new
             if cfg.keep_checkpoints:
-                old = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))[:-cfg.keep_checkpoints]
-                for p in old:
-                    shutil.rmtree(p, ignore_errors=True)
+                prune(root, cfg.keep_checkpoints)
             log.info("checkpoint %s", final)
         if self.world > 1:
             dist.barrier()  # nobody runs ahead and resumes from a half-written checkpoint
@@ -436,6 +458,19 @@ class _Worker:
         return t.tolist()
 
     def run(self) -> dict[str, Any]:
+        from .shard_integrity import ShardIntegrityError
+
+        try:
+            return self._run()
+        except ShardIntegrityError as e:
+            # from a DataLoader worker the message carries that worker's traceback: keep its last line
+            line = [ln for ln in str(e).splitlines() if ln.strip()][-1]
+            line = line.removeprefix("dynaip.train.shard_integrity.").removeprefix("ShardIntegrityError: ")
+            self.metrics.write(step=self.step, event="corrupt_shard", rank=self.rank, error=line)
+            self.metrics.close()
+            raise ShardIntegrityError(line) from None
+
+    def _run(self) -> dict[str, Any]:
         from tqdm import tqdm
 
         from .step import training_loss
@@ -501,8 +536,9 @@ class _Worker:
             if logging_step:
                 dirs = self._stage_dirs(si)
                 seen, dropped = loader.seen, loader.dropped
-                loss_sum, wait, tot, skipped, filtered, *counts = self._reduce(
+                loss_sum, wait, tot, skipped, filtered, corrupt, *counts = self._reduce(
                     window["loss"] / window["n"], window["wait"], window["time"], loader.skipped, loader.filtered,
+                    loader.corrupt_shards,
                     *(seen.get(d, 0) for d in range(len(dirs))), *(dropped.get(r, 0) for r in DROP_REASONS))
                 stage_start = sum(s.steps for s in cfg.stages[:si])
                 last = dict(step=step, stage=cfg.stages[si].name, loss=loss_sum / self.world,
@@ -512,6 +548,7 @@ class _Worker:
                             # this stage's samples so far, summed over ranks: what a mixture really drew
                             samples_per_dataset={d: int(n) for d, n in zip(dirs, counts)},
                             filtered_by={r: int(n) for r, n in zip(DROP_REASONS, counts[len(dirs):])},
+                            corrupt_shards=int(corrupt),
                             grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
                                             else grad_norm),
                             stage_index=si, stage_progress=min(1.0, (step - stage_start) / cfg.stages[si].steps),
@@ -549,9 +586,12 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     With no ``ray_address`` (and none in the config) and no Ray already initialised in this
     process, an embedded local Ray is started and shut down afterwards.
     """
+    from .checkpoint_files import recover
     from .preflight import preflight
 
-    for stage, counts in preflight(cfg, spec.data, spec.models, spec.out, spec.resume).items():
+    recover(Path(spec.out) / "checkpoints")  # before anything reads a checkpoint
+    for stage, counts in preflight(cfg, spec.data, spec.models, spec.out, spec.resume,
+                                   spec.allow_data_change).items():
         log.info("stage '%s' data: %s", stage, "; ".join(f"{d}: {c}" for d, c in counts.items()))
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     if not spec.run_id:
@@ -591,11 +631,29 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
                              callbacks=[_report_log(reported)]))
     try:
         trainer.fit()
+    except Exception as e:  # Ray wraps a worker's error; a corrupt shard is the user's to fix: say it in one line
+        line = _integrity_line(e)
+        if line is None:
+            raise
+        from .shard_integrity import ShardIntegrityError
+
+        raise ShardIntegrityError(line) from None
     finally:
         if started:
             ray.shutdown()
     lines = reported.read_text().splitlines() if reported.is_file() else []
     return json.loads(lines[-1]) if lines else {}
+
+
+def _integrity_line(e: BaseException) -> str | None:
+    """The ``ShardIntegrityError`` message inside a Ray Train failure (its text or its causes), or None."""
+    seen = 0
+    while e is not None and seen < 10:
+        for ln in str(e).splitlines():
+            if "ShardIntegrityError: " in ln:
+                return ln.split("ShardIntegrityError: ", 1)[1].strip()
+        e, seen = e.__cause__ or e.__context__, seen + 1  # type: ignore[assignment]
+    return None
 
 
 def _report_log(path: Path):
