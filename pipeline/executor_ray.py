@@ -26,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.orchestrate import ChunkWorker, Progress, check_source, curate
+from pipeline.orchestrate import ChunkWorker, Progress, check_out, check_source, curate
 from pipeline.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ def run_ray(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int |
     from pipeline.executor_local import run_info
 
     check_source(recipe)  # before Ray starts and the worker actors load their models
+    check_out(str(out))
     connect(address, num_cpus=num_cpus)
     out = str(out) if "://" in str(out) else str(Path(out).absolute())
     pool = RayPool(recipe, models, out)
