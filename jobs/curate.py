@@ -12,7 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
+
+# the code beside this file, not whatever copy is installed: `ray job submit --working-dir .` ships
+# this checkout, and a job must run the same code as the `dynaip curate` it stands in for
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 - Local directories: ``DIR/.dynaip.lock``, an advisory ``fcntl.flock`` (exclusive, non-blocking)
   on a file whose text names the holder (host, pid, start time). The kernel drops the lock when
   its process dies (even on SIGKILL), so a stale lock never blocks a later run; the text only
-  serves the error message. Where ``flock`` is not supported (some network filesystems) the file
+  serves the error message. The file is removed on release (a finished dataset holds none). Where ``flock`` is not supported (some network filesystems) the file
   itself is the lock (created with O_EXCL), and one whose pid is dead *on this host* is taken over.
 - Object stores (no locks there): ``DIR/.dynaip.lock`` is a lease object ``{host, pid, time,
   token, expires}`` renewed by a background thread every ``ttl / 3`` seconds. A lease that has
@@ -91,17 +91,27 @@ class RunLock:
 
         self.store.makedirs()
         path = self.store.local_path(LOCK_NAME)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_json(path)
+        for _ in range(10):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_json(path)
+                os.close(fd)
+                self._refuse(holder)
+            except OSError:  # no flock here: the file's existence is the lock
+                os.close(fd)
+                self._acquire_pidfile(path)
+                return
+            try:  # the holder before us unlinks the file on release: locked an orphan inode? try again
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            self._refuse(holder)
-        except OSError:  # no flock here: the file's existence is the lock
-            os.close(fd)
-            self._acquire_pidfile(path)
-            return
+        else:
+            raise RuntimeError(f"could not lock {path}: it keeps being replaced")
         self.info = _holder()
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(self.info, sort_keys=True) + "\n").encode())
@@ -163,7 +173,9 @@ class RunLock:
             if self.info is not None and self._read_lease().get("token") == self.info["token"]:
                 self.store.remove(LOCK_NAME)
         elif self._fd is not None:
-            # the file stays (unlinking it would let a third run lock a new inode while a second holds the old)
+            # unlinked while still locked (a finished dataset holds no lock file); a run that opened the
+            # old inode meanwhile notices it is gone (the inode check above) and locks the new file
+            self.store.local_path(LOCK_NAME).unlink(missing_ok=True)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
         elif self.info is not None and self.store.local:

@@ -94,6 +94,7 @@ def test_changed_input_content_rebuilds_exactly_its_chunk(tmp_path):
     assert sorted(first.seen) == ["a", "b", "c"]
     m2, again = run(make_recipe(root), out)
     assert again.seen == [] and m2 == m1  # nothing changed: nothing rebuilt
+    assert not (out / ".dynaip.lock").exists()  # released with the run
     Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(root / "b.png")  # same name, another picture
     m3, third = run(make_recipe(root), out)
     assert third.seen == ["b"]
