@@ -273,3 +273,29 @@ def test_reject_reasons_carry_no_memory_addresses(tmp_path):
     run(make_recipe(root), tmp_path / "two")
     assert (tmp_path / "one" / "rejects.jsonl").read_bytes() == (tmp_path / "two" / "rejects.jsonl").read_bytes()
     assert b"0x" not in (tmp_path / "one" / "rejects.jsonl").read_bytes()
+
+
+# ---- embedded Ray -----------------------------------------------------------------------------------
+
+def test_embedded_ray_listens_on_loopback_only(tmp_path):
+    """Every listening socket of the embedded local Ray (GCS, raylet, agents, workers) is on 127.0.0.1."""
+    pytest.importorskip("ray")
+    script = (
+        "import json, psutil, ray\n"
+        "from pipeline.executor_ray import connect\n"
+        "connect(None, num_cpus=1)\n"
+        "ray.get(ray.remote(lambda: 1).remote())\n"
+        "found = set()\n"
+        "for p in psutil.Process().children(recursive=True):\n"
+        "    try:\n"
+        "        found |= {c.laddr.ip for c in p.net_connections('inet') if c.status == psutil.CONN_LISTEN}\n"
+        "    except psutil.Error:\n"
+        "        pass\n"
+        "print(json.dumps(sorted(found)))\n"
+        "ray.shutdown()\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_ADDRESS": ""}
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    found = json.loads(p.stdout.strip().splitlines()[-1])
+    assert found and set(found) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, found
