@@ -3,11 +3,12 @@
     python benchmarks/faults.py [--kills 20] [--executor local|ray] [--stages fake|tiny] [--seed 0] [--json OUT]
 
 1. An uninterrupted run builds the reference dataset.
-2. Into a second directory, the same run is started in a subprocess and killed with SIGKILL after a
-   random delay, drawn uniformly over the reference run's duration (timed from the moment the
-   child has imported everything, so the kills land in the run, not in Python's start-up). Each
-   restart resumes. This repeats until ``--kills`` kills hit a live run; then one last run finishes.
-3. The final dataset is compared with the reference: every shard byte-identical, rejects.jsonl
+2. Rounds: into a fresh directory the same run is started in a subprocess and killed with SIGKILL
+   after a random delay, drawn uniformly over the reference run's duration (timed from the moment
+   the child has imported everything, so the kills land in the run, not in Python's start-up).
+   Each restart resumes; the round ends when a run completes before its kill. Rounds repeat until
+   ``--kills`` kills have hit a live run.
+3. Each round's dataset is compared with the reference: every shard byte-identical, rejects.jsonl
    identical, manifest.json equal (as JSON). "bytes lost" counts bytes of shards and rejects that
    differ from or are missing against the reference (0 = nothing lost); the temporary files the
    kills left behind (removed by the next start) are reported separately.
@@ -178,40 +179,48 @@ def run(args: argparse.Namespace) -> dict:
             from dynaip.models.tiny import write_tiny_checkpoints
 
             models = str(write_tiny_checkpoints(work / "ckpt"))
-        ref, out = work / "ref", work / "out"
+        ref = work / "ref"
         p = start(args, recipe, ref, models)
         wait_ready(p)
         t0 = time.perf_counter()
         finish(p)
         duration = time.perf_counter() - t0
-        injected = finished_early = restarts = 0
-        leftovers = 0
+        a = files(ref)
+        injected = restarts = rounds = survived = lost = leftovers = 0
+        extra: list[str] = []
+        manifests_equal = shards_identical = True
         while injected < args.kills:
-            p = start(args, recipe, out, models)
-            restarts += 1
-            wait_ready(p)
-            time.sleep(rng.uniform(0, duration))
-            if p.poll() is None:
+            # one round: a fresh directory, killed and resumed until a run completes, then compared
+            rounds += 1
+            out = work / f"out{rounds}"
+            while True:
+                p = start(args, recipe, out, models)
+                restarts += 1
+                wait_ready(p)
+                time.sleep(rng.uniform(0, duration))
+                if p.poll() is not None:
+                    finish(p)  # this (resumed) run completed before its kill: the round is over
+                    break
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
                 injected += 1
                 leftovers += temp_bytes(out)
-            else:
-                finish(p)  # the run completed before the kill: the next start is a no-op re-run
-                finished_early += 1
-        p = start(args, recipe, out, models)
-        wait_ready(p)
-        finish(p)
-        a, b = files(ref), files(out)
-        lost = sum(len(v) for k, v in a.items() if b.get(k) != v)
-        extra = sorted(set(b) - set(a))
-        manifest_equal = json.loads(a["manifest.json"]) == json.loads(b["manifest.json"])
-        shards_identical = all(b.get(k) == v for k, v in a.items() if k.startswith("shards/")) and not extra
+            b = files(out)
+            round_lost = sum(len(v) for k, v in a.items() if b.get(k) != v)
+            round_extra = sorted(set(b) - set(a))
+            m_eq = json.loads(a["manifest.json"]) == json.loads(b["manifest.json"])
+            s_eq = all(b.get(k) == v for k, v in a.items() if k.startswith("shards/")) and not round_extra
+            lost += round_lost
+            extra += round_extra
+            manifests_equal &= m_eq
+            shards_identical &= s_eq
+            survived += int(m_eq and s_eq and round_lost == 0)
+            shutil.rmtree(out, ignore_errors=True)
         return {"executor": args.executor, "stages": args.stages, "inputs": args.inputs,
-                "reference_run_s": round(duration, 2), "kills_injected": injected,
-                "runs_finished_before_the_kill": finished_early, "restarts": restarts + 1,
-                "survived": bool(manifest_equal and shards_identical and lost == 0),
-                "shards_identical": shards_identical, "manifest_equal": manifest_equal,
+                "reference_run_s": round(duration, 2), "kills_injected": injected, "rounds": rounds,
+                "rounds_survived": survived, "restarts": restarts,
+                "survived": bool(survived == rounds and lost == 0),
+                "shards_identical": shards_identical, "manifest_equal": manifests_equal,
                 "bytes_lost": lost, "unexpected_files": extra, "temp_bytes_left_by_kills": leftovers,
                 "shards": sum(1 for k in a if k.startswith("shards/"))}
     finally:
