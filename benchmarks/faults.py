@@ -144,11 +144,21 @@ def start(args: argparse.Namespace, recipe: Path, out: Path, models: str | None)
                             start_new_session=True)
 
 
-def wait_ready(p: subprocess.Popen) -> None:
-    line = p.stdout.readline()
-    if line.strip() != "READY":
-        p.wait()
-        raise RuntimeError(f"child did not start: {line}{p.stderr.read()[-2000:]}")
+STARTS = {"failed": 0}
+
+
+def launch(args: argparse.Namespace, recipe: Path, out: Path, models: str | None) -> subprocess.Popen:
+    """A child that reached READY. A child that fails before it (an embedded Ray timing out at
+    start-up on an overloaded machine) never touched the dataset: counted, and started again."""
+    for _ in range(5):
+        p = start(args, recipe, out, models)
+        line = p.stdout.readline()
+        if line.strip() == "READY":
+            return p
+        _, err = p.communicate()
+        STARTS["failed"] += 1
+        last = f"{line}{err[-2000:]}"
+    raise RuntimeError(f"child did not start five times: {last}")
 
 
 def finish(p: subprocess.Popen) -> None:
@@ -180,8 +190,7 @@ def run(args: argparse.Namespace) -> dict:
 
             models = str(write_tiny_checkpoints(work / "ckpt"))
         ref = work / "ref"
-        p = start(args, recipe, ref, models)
-        wait_ready(p)
+        p = launch(args, recipe, ref, models)
         t0 = time.perf_counter()
         finish(p)
         duration = time.perf_counter() - t0
@@ -194,9 +203,8 @@ def run(args: argparse.Namespace) -> dict:
             rounds += 1
             out = work / f"out{rounds}"
             while True:
-                p = start(args, recipe, out, models)
+                p = launch(args, recipe, out, models)
                 restarts += 1
-                wait_ready(p)
                 time.sleep(rng.uniform(0, duration))
                 if p.poll() is not None:
                     finish(p)  # this (resumed) run completed before its kill: the round is over
@@ -222,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
                 "survived": bool(survived == rounds and lost == 0),
                 "shards_identical": shards_identical, "manifest_equal": manifests_equal,
                 "bytes_lost": lost, "unexpected_files": extra, "temp_bytes_left_by_kills": leftovers,
+                "child_start_failures_retried": STARTS["failed"],
                 "shards": sum(1 for k in a if k.startswith("shards/"))}
     finally:
         shutil.rmtree(work, ignore_errors=True)
