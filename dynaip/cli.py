@@ -69,11 +69,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:
         from dynaip.models.errors import CheckpointError
+        from pipeline.stages.common import SetupError
 
-        if isinstance(e, CheckpointError):
-            log.error("%s", e)
+        if isinstance(e, (CheckpointError, SetupError)):  # a stage that cannot start: the message says the fix
+            log.error("%s", user_message(e))
             return 2
         raise
+
+
+def user_message(e: BaseException) -> str:
+    """The one line to show for a user error: a Ray task error carries its remote traceback in
+    ``str()``; its ``cause`` holds the message itself."""
+    cause = getattr(e, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else e).strip().splitlines()[0]
 
 
 def run() -> int:

@@ -12,7 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
+
+# the code beside this file, not whatever copy is installed: `ray job submit --working-dir .` ships
+# this checkout, and a job must run the same code as the `dynaip curate` it stands in for
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,10 +28,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_curate_parser(sub)
     args = parser.parse_args(["curate", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dynaip.cli import user_message
+    from pipeline.stages.common import SetupError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one line in the job log, no traceback
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (ValueError, FileNotFoundError, SetupError) as e:  # user errors: one line in the job log, no traceback
+        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         return 2
 
 

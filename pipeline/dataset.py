@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.store import Store
-from pipeline.writer import FORMAT
+from pipeline.writer import FORMAT, read_manifest
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
@@ -27,10 +27,28 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     if not store.is_file("manifest.json"):
         raise FileNotFoundError(f"{path} does not exist: {root} is not a finished dataset "
                                 "(run `dynaip curate` to build or resume it)")
-    manifest = json.loads(store.read_bytes("manifest.json"))
+    manifest = read_manifest(store)
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path} has format {manifest.get('format')!r}; this tool reads {FORMAT!r}")
+    for key, kind in (("shards", list), ("totals", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ValueError(f"{path} has no {key!r} {kind.__name__}: the manifest is incomplete or not from this "
+                             "tool; re-run `dynaip curate` on the dataset to rewrite it")
+    for s in manifest["shards"]:
+        shard_path(s.get("path") if isinstance(s, dict) else None, path)
     return manifest
+
+
+def shard_path(rel: Any, where: str = "manifest.json") -> str:
+    """A manifest's shard path, checked: relative, POSIX, inside the dataset (no ``..``, no absolute
+    path, no drive or backslash). A manifest naming any other file is refused, so reading a dataset
+    never reads outside it."""
+    ok = isinstance(rel, str) and rel != "" and not rel.startswith(("/", "~")) and "\\" not in rel \
+        and ":" not in rel and all(part not in ("", ".", "..") for part in rel.split("/"))
+    if not ok:
+        raise ValueError(f"{where} lists shard path {rel!r}, which is not a relative path inside the dataset; "
+                         "the manifest is damaged or not from this tool — rebuild it with `dynaip curate`")
+    return rel
 
 
 def show(root: str | Path) -> str:
@@ -126,9 +144,9 @@ def verify(root: str | Path) -> list[str]:
         if n != s["samples"]:
             problems.append(f"{s['path']}: {n} samples, manifest says {s['samples']}")
     t = m["totals"]
-    if t["inputs"] != t["accepted"] + t["rejected"]:
-        problems.append(f"totals: inputs {t['inputs']} != accepted {t['accepted']} + rejected {t['rejected']}")
-    if sum(s["samples"] for s in m["shards"]) != t["samples"]:
+    if t.get("inputs") != (t.get("accepted") or 0) + (t.get("rejected") or 0):
+        problems.append(f"totals: inputs {t.get('inputs')} != accepted {t.get('accepted')} + rejected {t.get('rejected')}")
+    if sum(s["samples"] for s in m["shards"]) != t.get("samples"):
         problems.append("totals: samples do not add up over the shards")
     return problems
 
@@ -140,6 +158,9 @@ def iter_samples(root: str | Path) -> Iterator[dict[str, Any]]:
         with store.open(s["path"]) as f, tarfile.open(fileobj=f, mode="r:") as tf:
             cur: dict[str, Any] = {}
             for member in tf:
+                if not member.isfile():  # a shard of this tool holds regular files only
+                    raise ValueError(f"shard {s['path']} holds {member.name!r}, which is not a regular file "
+                                     "(a link or a folder); the shard is not from this tool — rebuild it with `dynaip curate`")
                 key, ext = member.name.split(".", 1)
                 if cur and cur["key"] != key:
                     yield cur

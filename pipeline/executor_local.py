@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.chunking import process_chunk  # noqa: F401  (re-exported: callers and tests import it from here)
-from pipeline.orchestrate import (ChunkWorker, LocalPool, Progress, check_source, chunked, curate,  # noqa: F401
+from pipeline.orchestrate import (ChunkWorker, LocalPool, Progress, check_out, check_source, chunked, curate,  # noqa: F401
                                  input_fingerprint)
 from pipeline.recipe import Recipe
 from pipeline.store import redact_url
@@ -69,6 +69,7 @@ def run_local(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int
     ``limit`` keeps only the first N reader records; ``stages`` overrides ``build_stages``.
     """
     check_source(recipe)  # before the stages (and their models) are built
+    check_out(str(out))
     pool = LocalPool(ChunkWorker(recipe, models, str(out), stages=stages))
     prog = Progress(recipe, limit, enabled=progress, every=progress_every, desc="curate")
     return curate(recipe, str(out), pool, run_info(recipe, models), limit=limit, progress=prog)

@@ -15,9 +15,11 @@ A pool is ``LocalPool`` (one worker in this process) or ``pipeline.executor_ray.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -27,7 +29,9 @@ from pipeline.chunking import process_chunk
 from pipeline.recipe import Recipe
 from pipeline.records import Reject, SourceRecord
 from pipeline.sources import get_reader
-from pipeline.writer import ChunkResult, DatasetWriter, fingerprint
+from pipeline.inputs import guard_records, input_fingerprint, source_identity
+from pipeline.lock import RunLock
+from pipeline.writer import ChunkResult, DatasetWriter
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +46,9 @@ def chunked(records: Iterable[SourceRecord | Reject], size: int) -> Iterator[tup
         yield i, part
 
 
-def input_fingerprint(part: list[SourceRecord | Reject]) -> str:
-    return fingerprint(f"{r.source}/{r.id}" for r in part)
-
-
 def read_records(recipe: Recipe, limit: int | None) -> Iterator[SourceRecord | Reject]:
-    records: Iterable = get_reader(recipe.source.kind)(recipe.source)
+    """The reader's records, with files that escape the source root through a symlink rejected."""
+    records: Iterable = guard_records(get_reader(recipe.source.kind)(recipe.source), recipe.source.root)
     if limit is not None:
         records = itertools.islice(records, limit)
     return iter(records)
@@ -210,13 +211,54 @@ def check_source(recipe: Recipe) -> None:
     get_reader(recipe.source.kind)(recipe.source)
 
 
+def check_out(out: str) -> None:
+    """``--out`` must name a directory (or nothing yet): one line before anything starts."""
+    from pipeline.store import is_url
+    from pipeline.writer import OutputDirError
+
+    if not is_url(out) and os.path.exists(out) and not os.path.isdir(out):
+        raise OutputDirError(f"--out {out} is a file, not a directory; pass a directory for the dataset")
+
+
 def curate(recipe: Recipe, out: str, pool: Pool, info: dict[str, Any], *, limit: int | None = None,
            progress: Progress | None = None) -> dict[str, Any]:
-    """Builds (or resumes) the dataset in ``out`` with ``pool``'s workers; returns the manifest."""
+    """Builds (or resumes) the dataset in ``out`` with ``pool``'s workers; returns the manifest.
+    The whole run holds ``out``'s ``RunLock``: a second run into the same directory is refused."""
     check_source(recipe)
+    check_out(out)
     writer = DatasetWriter(out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality,
                            max_bytes=recipe.shards.max_bytes)
-    writer.prepare(info.get("recipe", recipe.to_dict()))
+    fresh = not writer.store.exists()
+    with RunLock(writer.store):
+        try:
+            return _curate(recipe, writer, pool, info, limit, progress)
+        except BaseException:
+            if fresh:  # e.g. no --models: a run that wrote no chunk leaves no directory behind
+                remove_if_pristine(writer)
+            raise
+
+
+def remove_if_pristine(writer: DatasetWriter) -> None:
+    """Deletes a local output directory holding only what ``prepare`` and the lock create (no
+    chunk was written), so a run that failed at setup leaves nothing behind."""
+    import shutil
+
+    st = writer.store
+    if not st.local or not st.exists():
+        return
+    root = st.local_path()
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()}
+    if files <= {".dynaip.lock", ".progress/recipe.json"}:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, Any], limit: int | None,
+            progress: Progress | None) -> dict[str, Any]:
+    source = source_identity(recipe.source.kind, recipe.source.root)
+    writer.prepare(info.get("recipe", recipe.to_dict()), source)
+    # the dataset's identity: what it is (recipe hash) and what it was built from (source)
+    info = {**info, "dataset_id": hashlib.sha256(f"{recipe.recipe_hash}|{source}".encode()).hexdigest()[:16]}
+    writer.check_no_shrink(limit)  # fail fast; finalize checks again with the real count
     progress = progress or Progress(recipe, limit, enabled=False)
     k = recipe.shards.inputs_per_shard
     results: dict[int, ChunkResult] = {}

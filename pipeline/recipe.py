@@ -2,8 +2,11 @@
 
 A recipe says *what* a dataset is (source, prompt, thresholds, filters, pairing, captions, shard
 size, seed). ``executor`` says *how* it is run (batch sizes, actors) and is left out of
-``recipe_hash``, as is ``source.root`` (moving the data does not change the dataset's definition;
-per-chunk input fingerprints catch changed data on resume).
+``recipe_hash``, as is ``source.root``: the source's identity is kept beside the hash instead
+(``pipeline.inputs.source_identity`` in ``.progress/recipe.json`` and the manifest's
+``dataset_id``), so a run from another root into a dataset directory is refused, and per-chunk
+fingerprints over record fields and file stamps (``pipeline.inputs``) rebuild chunks whose
+inputs changed.
 
 Defaults are the production ("paper") settings. Test/demo settings live only in their recipes.
 """
@@ -93,7 +96,11 @@ class FilterConfig:
     min_image_side: int = 256
     """Reject images whose shorter side is below this (pixels)."""
     max_image_pixels: int = 89_478_485
-    """Reject images whose *declared* W*H exceeds this before decoding (decompression-bomb guard)."""
+    """Reject images (and video frames) whose *declared* W*H exceeds this before decoding
+    (decompression-bomb guard)."""
+    max_file_bytes: int = 256 * 1024 * 1024
+    """Reject an image file (or tar member) larger than this, checked from its size (stat, tar
+    header, object info) before any byte is read: a 1 GiB ".jpg" never reaches memory."""
     min_box_area: float = 0.02
     """Reject when the primary box covers less than this fraction of the image."""
     max_box_area: float = 0.95
@@ -318,6 +325,7 @@ class Recipe:
         need(f.max_mask_components >= 1, "filters.max_mask_components", f.max_mask_components, "must be >= 1")
         need(f.min_image_side >= 1, "filters.min_image_side", f.min_image_side, "must be >= 1")
         need(f.max_image_pixels >= 1, "filters.max_image_pixels", f.max_image_pixels, "must be >= 1")
+        need(f.max_file_bytes >= 1, "filters.max_file_bytes", f.max_file_bytes, "must be >= 1")
         need(s.box_margin is None or s.box_margin >= 0, "segmentation.box_margin", s.box_margin, "must be >= 0 or null")
         need(self.reference.margin >= 0, "reference.margin", self.reference.margin, "must be >= 0")
         need(bool(self.pairing.kinds) and set(self.pairing.kinds) <= {"intra", "cross"}, "pairing.kinds",

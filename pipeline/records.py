@@ -13,6 +13,15 @@ from typing import Any, Literal
 Box = tuple[float, float, float, float]  # XYXY in the image's pixels
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_-]")
+_ADDRESS = re.compile(r"<([A-Za-z_][\w.]*) object at 0x[0-9A-Fa-f]+>")
+_BARE_ADDRESS = re.compile(r"\b0x[0-9a-f]{8,16}\b")
+
+
+def clean_reason(reason: str) -> str:
+    """A reject reason without process-specific details: object reprs such as
+    ``<_io.BytesIO object at 0x7f…>`` (PIL puts the file object in its messages) become
+    ``<_io.BytesIO>``, other heap addresses ``0x…``. Re-runs then write the same rejects.jsonl."""
+    return _BARE_ADDRESS.sub("0x…", _ADDRESS.sub(r"<\1>", str(reason)))
 
 
 def safe_key(text: str) -> str:
@@ -79,6 +88,9 @@ class Reject:
     id: str
     stage: str
     reason: str
+
+    def __post_init__(self) -> None:
+        self.reason = clean_reason(self.reason)
 
     def to_json(self) -> dict[str, str]:
         return {"source": self.source, "id": self.id, "stage": self.stage, "reason": self.reason}

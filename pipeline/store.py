@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from dynaip.atomic import atomic_write_bytes, fsync_dir, make_temp
+
 
 class HashingWriter:
     """A write-only file wrapper that counts and sha256-hashes what passes through it."""
@@ -59,6 +61,10 @@ class Store:
             except TypeError:
                 pass
         self.root = str(Path(root).expanduser().absolute()) if self.local else root.rstrip("/")
+
+    def display(self) -> str:
+        """The root as shown to users: the local path, or the URL without credentials."""
+        return self.root if self.local else redact_url(self.url)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -119,7 +125,8 @@ class Store:
         return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     def is_empty(self) -> bool:
-        return not self.listdir("")
+        """Nothing under the root but a run lock (``pipeline.lock``)."""
+        return not [n for n in self.listdir("") if n != ".dynaip.lock"]
 
     def invalidate(self) -> None:
         """Forget cached listings (object stores): another process may have written since."""
@@ -138,10 +145,7 @@ class Store:
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Writes ``data`` to ``rel`` atomically (see the module doc)."""
         if self.local:
-            from dynaip.atomic import atomic_write_bytes
-
-            atomic_write_bytes(self.path(rel), data)
-            _fsync_dir(Path(self.path(rel)).parent)
+            atomic_write_bytes(self.path(rel), data)  # file and directory fsynced
         else:
             self.fs.pipe_file(self.path(rel), data)
 
@@ -152,7 +156,7 @@ class Store:
         if self.local:
             final = Path(self.path(rel))
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            fd, tmp = make_temp(final)  # the umask's mode, like every other file of the dataset
         else:
             fd, tmp = tempfile.mkstemp(prefix="dynaip-", suffix=".tmp")
         try:
@@ -163,7 +167,7 @@ class Store:
                 os.fsync(raw.fileno())
             if self.local:
                 os.replace(tmp, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             else:
                 self.fs.put_file(tmp, self.path(rel))
         finally:
@@ -174,20 +178,6 @@ class Store:
             self.fs.rm_file(self.path(rel))
         except FileNotFoundError:
             pass
-
-
-def _fsync_dir(path: Path) -> None:
-    """Makes a rename durable (POSIX: the directory entry itself must reach the disk)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def redact_url(url: str) -> str:

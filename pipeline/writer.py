@@ -27,6 +27,7 @@ from typing import IO, Any, Iterable
 import numpy as np
 from PIL import Image
 
+from dynaip.atomic import clean_temp_files
 from pipeline.records import Reject, safe_key
 from pipeline.sample import Sample
 from pipeline.store import Store
@@ -41,6 +42,18 @@ DUPLICATE_OF = "duplicate of "
 
 class OutputDirError(ValueError):
     """The output directory holds something this run must not touch."""
+
+
+def read_manifest(store: Store) -> dict[str, Any]:
+    """``manifest.json`` of ``store`` as a dict; ValueError (one line) when it is not a JSON object."""
+    try:
+        m = json.loads(store.read_bytes("manifest.json"))
+    except ValueError as e:
+        raise ValueError(f"{store.display()}/manifest.json is not valid JSON ({e}); rebuild it with `dynaip curate`") from None
+    if not isinstance(m, dict):
+        raise ValueError(f"{store.display()}/manifest.json holds a {type(m).__name__}, not a JSON object; "
+                         "it is not a manifest of this tool — rebuild it with `dynaip curate`")
+    return m
 
 
 def dump_json(obj: Any) -> bytes:
@@ -199,23 +212,49 @@ class DatasetWriter:
 
     # ---- directory state ---------------------------------------------------------------------
 
-    def prepare(self, recipe: dict[str, Any]) -> None:
-        """Creates the directory, or checks an existing one was built with this recipe hash."""
+    def prepare(self, recipe: dict[str, Any], source: str | None = None) -> None:
+        """Creates the directory, or checks an existing one was built with this recipe hash and from
+        this ``source`` (``source_identity``: data of two roots never mix in one dataset). Removes
+        temporary files a crashed run left behind; call it while holding the ``RunLock``."""
         st, state = self.store, f"{PROGRESS}/recipe.json"
         if st.exists() and not st.is_empty():
-            found = None
+            found, found_source = None, None
             if st.is_file(state):
-                found = json.loads(st.read_bytes(state)).get("recipe_hash")
+                saved = json.loads(st.read_bytes(state))
+                found, found_source = saved.get("recipe_hash"), saved.get("source")
             elif st.is_file("manifest.json"):
-                found = json.loads(st.read_bytes("manifest.json")).get("recipe_hash")
+                found = read_manifest(st).get("recipe_hash")
             if found != self.recipe_hash:
                 what = f"a dataset built with recipe hash {found}" if found else "files that are not a dataset of this tool"
                 raise OutputDirError(
                     f"output directory {self.out} holds {what}, but this recipe's hash is {self.recipe_hash}; "
                     "pass a new --out directory (or delete the old one) — resuming needs the same recipe")
+            if source is not None and found_source is not None and found_source != source:
+                raise OutputDirError(
+                    f"output directory {self.out} holds a dataset built from source {found_source}, not {source}; "
+                    "pass a new --out directory for another source (datasets never mix sources)")
         st.makedirs("shards")
+        if st.local:  # leftovers of a crashed run (nobody else writes here: the caller holds the lock)
+            for sub in ("", "shards", PROGRESS):
+                clean_temp_files(st.local_path(sub))
         if not st.is_file(state):
-            st.write_bytes(state, dump_json({"recipe_hash": self.recipe_hash, "recipe": recipe}))
+            st.write_bytes(state, dump_json({"recipe_hash": self.recipe_hash, "recipe": recipe, "source": source}))
+
+    def check_no_shrink(self, inputs: int | None, chunks: int | None = None) -> None:
+        """Refuses to replace a finished manifest with one covering fewer inputs (a ``--limit`` run
+        into a larger dataset would otherwise leave shards on disk that no manifest lists).
+        ``inputs`` None = unknown yet (nothing to check)."""
+        if inputs is None or not self.store.is_file("manifest.json"):
+            return
+        try:
+            old = read_manifest(self.store)
+        except ValueError:
+            return
+        have = int(old.get("totals", {}).get("inputs", 0))
+        if inputs < have:
+            raise OutputDirError(
+                f"output directory {self.out} holds a finished dataset of {have} inputs; this run covers only "
+                f"{inputs}, which would shrink its manifest — drop --limit (or raise it to >= {have}) or pass a new --out")
 
     def marker(self, chunk: int) -> str:
         """The marker's path relative to the dataset root."""
@@ -353,6 +392,7 @@ class DatasetWriter:
         """Writes rejects.jsonl (streamed; slim results read their rejects back from the markers),
         then manifest.json (last). ``info`` adds recipe/versions/models. Returns the manifest."""
         results = sorted(results, key=lambda r: r.chunk)
+        self.check_no_shrink(sum(r.inputs for r in results))  # before rejects.jsonl is touched
         by_reason: dict[str, int] = {}
         n_rejects = 0
         with self.store.writer("rejects.jsonl") as f:

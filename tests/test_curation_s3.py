@@ -164,3 +164,24 @@ def test_train_from_the_bucket(s3, bucket_photos, tiny_models_yaml, tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert (run / "checkpoints").is_dir()
+
+
+def test_lease_on_the_bucket_refuses_a_second_run_and_expires(s3):
+    """On an object store the run lock is a lease object: a live lease refuses another run; one whose
+    holder died (never renewed) is taken over after it expires."""
+    from pipeline.lock import LOCK_NAME, RunLock
+    from pipeline.store import Store
+    from pipeline.writer import OutputDirError
+
+    store = Store("s3://out/leased")
+    with RunLock(store):
+        assert store.is_file(LOCK_NAME)
+        with pytest.raises(OutputDirError, match="in use by another curation run"):
+            RunLock(Store("s3://out/leased")).acquire()
+    assert not store.is_file(LOCK_NAME)  # released
+    dead = RunLock(store, ttl=0.5)
+    dead.acquire()
+    dead._stop.set()  # its holder "dies": no more renewals, no release
+    time.sleep(1.0)
+    with RunLock(Store("s3://out/leased")) as taken:
+        assert json.loads(store.read_bytes(LOCK_NAME))["token"] == taken.info["token"]

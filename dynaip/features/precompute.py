@@ -152,7 +152,10 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
                        data_shards=shards)
     jobs: list[Job] = [EmptyJob(root=str(root), spec=spec)]
     paths = set()
+    from pipeline.dataset import shard_path
+
     for s in shards:
+        shard_path(s.get("path"), f"{base}/manifest.json")  # never a shard outside the dataset
         jobs.append(ShardJob(root=str(root), data_url=str(base / s["path"]), data_path=s["path"],
                              data_sha256=s.get("sha256", ""), samples=int(s["samples"]), spec=spec))
         if jobs[-1].path in paths:

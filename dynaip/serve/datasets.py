@@ -72,8 +72,10 @@ class DatasetView:
         view = cls(root=root, manifest=manifest)
         rejects = _read_text(_join(root, "rejects.jsonl"), what="rejects.jsonl", missing_ok=True) or ""
         view.reject_rows = [json.loads(line) for line in rejects.splitlines() if line.strip()]
-        for shard in manifest.get("shards", []):
-            view.entries.extend(_index_shard(root, shard["path"]))
+        from pipeline.dataset import shard_path
+
+        for shard in manifest.get("shards", []):  # never a path outside the dataset
+            view.entries.extend(_index_shard(root, shard_path(shard.get("path"), _join(root, "manifest.json"))))
         return view
 
     # ------------------------------------------------------------------ summary

@@ -281,13 +281,15 @@ def _frame_by_count(container, stream, index: int) -> np.ndarray | None:
 
 
 def read_frame(
-    path: str | os.PathLike, index: int, crop: Sequence[float] | None = None, member: str | None = None
+    path: str | os.PathLike, index: int, crop: Sequence[float] | None = None, member: str | None = None,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Frame ``index`` (0-based) of the video at ``path`` (or of its tar ``member``) as ``(H, W, 3) uint8
     RGB``, cropped to XYXY ``crop``.
 
-    Raises ``VideoReadError`` for a negative index, an index past the last frame, or a file / archive
-    member PyAV cannot open or decode.
+    Raises ``VideoReadError`` for a negative index, an index past the last frame, a stream whose
+    declared W*H exceeds ``max_pixels`` (checked before any frame is decoded: the decompression-bomb
+    guard still images get), or a file / archive member PyAV cannot open or decode.
     """
     path = os.fspath(path)
     where = f"{path}:{member}" if member is not None else path
@@ -296,13 +298,13 @@ def read_frame(
     index = int(index)
     fileobj = open_member(path, member) if member is not None else None
     try:
-        return _read(fileobj if fileobj is not None else path, index, crop, where)
+        return _read(fileobj if fileobj is not None else path, index, crop, where, max_pixels)
     finally:
         if fileobj is not None:
             fileobj.close()
 
 
-def _read(source, index: int, crop: Sequence[float] | None, where: str) -> np.ndarray:
+def _read(source, index: int, crop: Sequence[float] | None, where: str, max_pixels: int | None = None) -> np.ndarray:
     import av
 
     try:
@@ -313,6 +315,10 @@ def _read(source, index: int, crop: Sequence[float] | None, where: str) -> np.nd
         if not container.streams.video:
             raise VideoReadError(f"{where} has no video stream")
         stream = container.streams.video[0]
+        w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        if max_pixels is not None and w * h > max_pixels:
+            raise VideoReadError(f"declared frame size {w}x{h} = {w * h} pixels exceeds filters.max_image_pixels="
+                                 f"{max_pixels} (decompression-bomb guard); raise the limit if such videos are expected")
         try:
             frame = _frame_by_time(container, stream, index) if index > 0 else None
             if frame is None:

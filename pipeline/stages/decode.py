@@ -10,6 +10,7 @@ shorter side must reach ``filters.min_image_side``.
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import warnings
 from collections import OrderedDict
@@ -94,23 +95,33 @@ class ByteReader:
     """Reads the bytes behind an ``ImageRef`` (file, fsspec URL, tar member). Keeps a few tar
     files open; the handles are dropped when pickled."""
 
-    def __init__(self, max_open_tars: int = 4):
+    def __init__(self, max_open_tars: int = 4, max_bytes: int | None = None):
         self.max_open_tars = max_open_tars
+        self.max_bytes = max_bytes
         self._tars: OrderedDict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = OrderedDict()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"max_open_tars": self.max_open_tars, "_tars": OrderedDict()}
+        return {"max_open_tars": self.max_open_tars, "max_bytes": self.max_bytes, "_tars": OrderedDict()}
+
+    def _check_size(self, size: int, where: str) -> None:
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise DecodeError(f"file too large: {where} is {size} bytes, above filters.max_file_bytes={self.max_bytes}; "
+                              "raise the limit if such files are expected")
 
     def read(self, ref: ImageRef) -> bytes:
         if ref.member is not None:
             return self._read_member(ref.path, ref.member)
+        name = ref.path.rsplit("/", 1)[-1]
         try:
             if "://" in ref.path:
                 import fsspec
 
-                with fsspec.open(ref.path, "rb") as f:
+                fs, key = fsspec.core.url_to_fs(ref.path)
+                self._check_size(int(fs.size(key)), name)  # object info, before any byte is fetched
+                with fs.open(key, "rb") as f:
                     return f.read()
             with open(ref.path, "rb") as f:
+                self._check_size(os.fstat(f.fileno()).st_size, name)  # the opened file itself: no race
                 return f.read()
         except OSError as e:
             raise DecodeError(f"cannot read {ref.path}: {e.strerror or e}") from None
@@ -135,10 +146,10 @@ class ByteReader:
         info = index.get(member) or index.get(member.lstrip("./"))
         if info is None:
             raise DecodeError(f"tar {path} has no member {member!r}")
-        f = tf.extractfile(info)
-        if f is None:
+        if not info.isfile():
             raise DecodeError(f"tar member {member!r} of {path} is not a regular file")
-        return f.read()
+        self._check_size(info.size, f"tar member {member}")
+        return tf.extractfile(info).read()
 
 
 def _check_frame(frame: np.ndarray, recipe: Recipe, where: str) -> np.ndarray:
@@ -156,7 +167,7 @@ class DecodeStage:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.reader = ByteReader()
+        self.reader = ByteReader(max_bytes=recipe.filters.max_file_bytes)
 
     def load(self, ref: ImageRef, crop: Any = None) -> np.ndarray:
         """``ImageRef`` → ``(H, W, 3) uint8`` RGB, validated against the recipe's filters."""
@@ -165,7 +176,7 @@ class DecodeStage:
             from pipeline.sources.video import read_frame
 
             try:
-                frame = read_frame(ref.path, ref.frame, crop, member=ref.member)
+                frame = read_frame(ref.path, ref.frame, crop, member=ref.member, max_pixels=f.max_image_pixels)
             except Exception as e:
                 raise DecodeError(f"video frame {ref.frame} of {ref.path}: {e}") from None
             return _check_frame(frame, self.recipe, f"frame {ref.frame}")
