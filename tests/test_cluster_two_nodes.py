@@ -71,7 +71,7 @@ def two_nodes():
         from ray.util.state import list_nodes
 
         address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 180
+        deadline = time.time() + 300  # a loaded 2-core machine can take minutes
         while True:
             try:
                 client = JobSubmissionClient(address)
