@@ -86,24 +86,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def tree_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and every process below it (Ray's GCS, raylet and
-    workers of an embedded Ray), including exited children that were reaped. On a shared machine
-    this is steadier than wall time: CPU seconds per image is what a loaded machine cannot inflate
-    much, while wall time moves with everyone else's load."""
-    import psutil
-
-    me = psutil.Process()
-    total = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:
-            pass
-    return total
-
-
 def child(args: argparse.Namespace) -> None:
     """One run in this process; prints its JSON result."""
     from dynaip.models import ModelsConfig
@@ -128,13 +110,11 @@ def child(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         m = run_local(recipe, args.out, models, limit=args.inputs, progress=False)
     seconds = time.perf_counter() - t0
-    time.sleep(1)  # let the raylet reap the workers the run stopped, so their CPU time is counted
-    cpu = tree_cpu_seconds()
     rss = peak_rss_mib()
     print("RESULT " + json.dumps({"seconds": seconds, "ray_startup_seconds": start, "inputs": m["totals"]["inputs"],
                                   "accepted": m["totals"]["accepted"],
                                   "duplicates": m["totals"]["rejected_by_reason"].get("dedup: duplicate", 0),
-                                  "driver_peak_rss_mib": rss, "cpu_seconds": cpu}), flush=True)
+                                  "driver_peak_rss_mib": rss}), flush=True)
 
 
 def run_child(kind: str, args: argparse.Namespace, photos: Path, models: Path, out: Path) -> dict:
