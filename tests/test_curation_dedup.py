@@ -3,7 +3,6 @@ stages (the subject is the whole image), so these run in seconds."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
