@@ -20,6 +20,8 @@ Measures on one GPU, within about 9 minutes on an 80 GB card:
     T5 encode and a 1024² VAE decode.
 (c) **curate** — Grounding DINO Swin-T (800/1333 resize, BERT-base text) and SAM ViT-H (two boxes
     per image) images/s at batch 1/4/16 on 1024×768 photos.
+(d) **precompute** — the encoders of ``dynaip precompute`` (T5-XXL, CLIP-L text, VAE encoder posterior
+    at 1024²) in samples/s at batch 1 and 8.
 
 Writes ``DIR/gpu_suite.json`` and ``DIR/gpu_suite.md``. Without a CUDA GPU it prints one line and
 exits with status 1. ``--smoke`` runs every part with the tiny configs on whatever device there is;
@@ -66,6 +68,7 @@ class Sizes:
         self.clip_size = 56 if smoke else 336
         self.batches_train = (1, 2)
         self.batches_curate = (1, 2) if smoke else (1, 4, 16)
+        self.batches_precompute = (1, 2) if smoke else (1, 8)
         self.curate_hw = (96, 128) if smoke else (768, 1024)
 
 
@@ -373,6 +376,42 @@ def bench_generate(sizes: Sizes, device: torch.device, repeats: int) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- (d) precompute
+@torch.no_grad()
+def bench_precompute(sizes: Sizes, device: torch.device, repeats: int) -> list[dict]:
+    """Encoder compute of ``dynaip precompute`` per sample: T5-XXL over max_sequence_length tokens,
+    CLIP-L text over 77, and the VAE encoder's posterior of a target at the training resolution, with
+    the deterministic cuDNN settings FeatureEncoder uses. Tokenising, JPEG decoding and writing are not
+    included."""
+    from dynaip.train.step import vae_posterior
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    t5, clip_text, vae = build_text_and_vae(sizes, device, dtype)
+    rows = []
+    for batch in sizes.batches_precompute:
+        ids = torch.randint(0, t5.config.vocab_size, (batch, sizes.text_tokens), device=device)
+        clip_ids = torch.randint(0, clip_text.config.vocab_size, (batch, 77), device=device)
+        tgt = torch.randint(0, 256, (batch, 3, sizes.resolution, sizes.resolution), dtype=torch.uint8, device=device)
+
+        def encode():
+            t5(ids)
+            clip_text(clip_ids)
+            vae_posterior(vae, tgt, device, dtype)
+
+        reset_peak(device)
+        encode()  # warm-up
+        sec = statistics.median(timed(encode, device) for _ in range(repeats))
+        rows.append({"batch": batch, "seconds_per_batch": sec, "samples_per_s": batch / sec,
+                     "peak_memory_gib": peak_gib(device)})
+        print(f"precompute batch {batch}: {batch / sec:.2f} samples/s", flush=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
+    del t5, clip_text, vae
+    return rows
+
+
 # ----------------------------------------------------------------------------- (c) curation models
 def photos(sizes: Sizes, n: int) -> list[np.ndarray]:
     import skimage.data
@@ -478,21 +517,28 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['batch']} | {f(r['detect_images_per_s'], '{:.2f}')} | {f(r['segment_images_per_s'], '{:.2f}')} | "
                          f"{f(r['detect_plus_segment_images_per_s'], '{:.2f}')} | {f(r['peak_memory_gib'], '{:.1f}')} |")
         lines.append("")
+    if "precompute" in report:
+        lines += [f"## Precompute encoders ({report['resolution']}², {report['text_tokens']} T5 tokens)", "",
+                  "| batch | samples/s | peak GiB |", "|---|---|---|"]
+        for r in report["precompute"]:
+            lines.append(f"| {r['batch']} | {f(r['samples_per_s'], '{:.2f}')} | {f(r['peak_memory_gib'], '{:.1f}')} |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for gpu_suite.json and gpu_suite.md")
-    ap.add_argument("--parts", default="train,generate,curate", help="comma-separated subset of train,generate,curate")
+    ap.add_argument("--parts", default="train,generate,curate,precompute",
+                    help="comma-separated subset of train,generate,curate,precompute")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on any device: checks the script, measures nothing")
     ap.add_argument("--profile", action="store_true", help="also write DIR/train_profile.txt (kernel table of one step)")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"train", "generate", "curate"})
+    unknown = sorted(set(parts) - {"train", "generate", "curate", "precompute"})
     if unknown:
-        print(f"gpu_suite: unknown parts {unknown}; choose from train, generate, curate", file=sys.stderr)
+        print(f"gpu_suite: unknown parts {unknown}; choose from train, generate, curate, precompute", file=sys.stderr)
         return 2
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_suite: no CUDA GPU on this machine; it measures full-size models on a GPU only "
@@ -506,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     benches = {"train": lambda *a: bench_train(*a, profile_dir=out if args.profile else None),
-               "generate": bench_generate, "curate": bench_curate}
+               "generate": bench_generate, "curate": bench_curate, "precompute": bench_precompute}
     for part in parts:
         t0 = time.perf_counter()
         report[part] = benches[part](sizes, device, args.repeats)

@@ -125,14 +125,15 @@ STRATEGIES: dict[str, tuple[bool, bool]] = {
 }
 TABLE_ORDER = ("ddp", "fsdp2", "fsdp2_adapter", "fsdp2_full")
 
-# benchmarks/gpu_suite.py on an NVIDIA H100 80GB HBM3 (BENCHMARKS.md "GPU suite", run 5): world size 1,
-# precomputed features, adapter fp32 + AdamW unsharded, FLUX and CLIP vision bf16.
+# benchmarks/gpu_suite.py on an NVIDIA H100 80GB HBM3 (BENCHMARKS.md "GPU suite", runs 5 and 6): world
+# size 1, precomputed features, adapter fp32 + AdamW unsharded, FLUX and CLIP vision bf16.
 MEASURED_WORLD1 = (
     # (batch per rank, blocks kept, peak GiB = torch.cuda.max_memory_allocated, seconds per step)
     (1, 0, 49.7, 0.913),
     (2, 0, 49.7, 1.646),
     (2, 19, 56.1, 1.515),
     (2, 28, 62.5, 1.448),
+    (1, 57, 63.4, 0.644),  # run 6: nothing recomputed
 )
 
 
@@ -673,7 +674,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Cross-check against the measured H100 steps (world size 1)",
         "",
-        "`benchmarks/gpu_suite.py` (BENCHMARKS.md, GPU suite run 5): one H100, precomputed features, adapter fp32 + "
+        "`benchmarks/gpu_suite.py` (BENCHMARKS.md, GPU suite runs 5 and 6): one H100, precomputed features, adapter fp32 + "
         "AdamW unsharded (no DDP at world size 1), FLUX and CLIP vision bf16. Measured = "
         "`torch.cuda.max_memory_allocated`; predicted = this script's allocated bytes for the same setting "
         "(overhead excluded). Nothing was fitted to these numbers.",

@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .adapter import DynaIPAdapter, DynaIPConfig
-    from .inference import DynaIPFluxPipeline
+    from .inference import DynaIPFluxPipeline, load_dynaip, unload_dynaip
 
 # Lazy exports keep `import dynaip` light (no torch/diffusers import until an export is used).
 _LAZY = {"DynaIPConfig": "dynaip.adapter", "DynaIPAdapter": "dynaip.adapter",
-         "DynaIPFluxPipeline": "dynaip.inference"}
+         "DynaIPFluxPipeline": "dynaip.inference", "load_dynaip": "dynaip.inference",
+         "unload_dynaip": "dynaip.inference"}
 
 
 def __getattr__(name: str) -> Any:
@@ -21,4 +22,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dynaip' has no attribute {name!r}")
 
 
-__all__ = ["DynaIPAdapter", "DynaIPConfig", "DynaIPFluxPipeline"]
+__all__ = ["DynaIPAdapter", "DynaIPConfig", "DynaIPFluxPipeline", "load_dynaip", "unload_dynaip"]

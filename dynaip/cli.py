@@ -35,16 +35,19 @@ def _optional_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
     from pipeline.cli import add_curate_parser, add_manifest_parser
 
     from dynaip.demo import add_demo_parser
+    from dynaip.features.cli import add_precompute_parser
+    from dynaip.serve.app import add_serve_parser
     from dynaip.train.cli import add_train_parser
 
-    return [add_curate_parser, add_manifest_parser, add_train_parser, add_generate_parser, add_eval_parser,
-            add_demo_parser]
+    return [add_curate_parser, add_manifest_parser, add_precompute_parser, add_train_parser, add_generate_parser,
+            add_eval_parser, add_demo_parser, add_serve_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dynaip", description="DynaIP: data curation, training and inference "
                                      "for the zero-shot personalization adapter on FLUX.1-dev")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything: debug logging, third-party warnings, Ray's logs and its workers' output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_tiny_checkpoints(sub)
     for add in _optional_parsers():
@@ -55,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from dynaip.console import configure
+
+    configure(args.verbose)  # quiet by default (see dynaip/console.py); Ray workers inherit it
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
@@ -71,5 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
+def run() -> int:
+    """The ``dynaip`` console script: ``main`` in a process of its own (see ``console.request_native_filter``)."""
+    from dynaip.console import request_native_filter
+
+    request_native_filter()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

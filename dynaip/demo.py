@@ -41,6 +41,7 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
     import ray
     from PIL import Image
 
+    from dynaip.console import progress_bars
     from dynaip.inference import DynaIPFluxPipeline
     from dynaip.models import ModelsConfig
     from dynaip.models.tiny import write_tiny_checkpoints
@@ -100,17 +101,21 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
     run_dir = out / "run"
     spec = RunSpec(config=cfg.to_dict(), data=[str(dataset)], out=str(run_dir), models=str(models_yaml),
                    max_steps=steps if steps is not None else (2 if small else None))
-    run_training(cfg, spec)
+    reported = run_training(cfg, spec) or {}
     ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
     if not ckpts:
         raise RuntimeError(f"training wrote no checkpoint under {run_dir / 'checkpoints'}")
     ckpt = ckpts[-1]
+    if reported:
+        print(f"  {reported.get('step', 0):.0f} steps, loss {reported.get('loss', float('nan')):.4f}, "
+              f"{reported.get('skipped', 0):.0f} undecodable samples skipped (reported through Ray Train)")
     print(f"  done in {time.perf_counter() - t:.0f}s; adapter checkpoint {ckpt}")
     artefacts["checkpoint"] = [str(ckpt)]
     artefacts["metrics"] = [str(run_dir / "metrics.jsonl")]
 
     t = _step(5, total, "generating with the trained adapter")
     pipe = DynaIPFluxPipeline.from_local(mcfg, ckpt, with_auto_mask=True)
+    progress_bars(pipe.flux)
     from pipeline.sources.folder import list_images
 
     images = list_images(photos)

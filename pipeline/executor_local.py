@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.chunking import assemble, batch_outcome, plan_chunk
-from pipeline.orchestrate import ChunkWorker, LocalPool, Progress, chunked, curate, input_fingerprint  # noqa: F401
+from pipeline.orchestrate import (ChunkWorker, LocalPool, Progress, check_source, chunked, curate,  # noqa: F401
+                                 input_fingerprint)
 from pipeline.recipe import Recipe
 from pipeline.records import Reject, SourceRecord
 from pipeline.stages import run_stages
@@ -74,6 +75,7 @@ def run_local(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int
     ``models`` is a ``ModelsConfig`` (needed unless every record brings its own boxes and masks);
     ``limit`` keeps only the first N reader records; ``stages`` overrides ``build_stages``.
     """
+    check_source(recipe)  # before the stages (and their models) are built
     pool = LocalPool(ChunkWorker(recipe, models, str(out), stages=stages))
     prog = Progress(recipe, limit, enabled=progress, every=progress_every, desc="curate")
     return curate(recipe, str(out), pool, run_info(recipe, models), limit=limit, progress=prog)

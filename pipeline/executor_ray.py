@@ -26,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.orchestrate import ChunkWorker, Progress, curate
+from pipeline.orchestrate import ChunkWorker, Progress, check_source, curate
 from pipeline.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,14 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    from dynaip.console import quiet_ray_data, ray_init_kwargs
+
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **{"log_to_driver": True, **ray_init_kwargs()})
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                 **ray_init_kwargs({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}))
+    quiet_ray_data()
 
 
 def worker_options(recipe: Recipe) -> dict[str, Any]:
@@ -147,6 +150,7 @@ def run_ray(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int |
     dict (the same bytes as ``run_local``)."""
     from pipeline.executor_local import run_info
 
+    check_source(recipe)  # before Ray starts and the worker actors load their models
     connect(address, num_cpus=num_cpus)
     out = str(out) if "://" in str(out) else str(Path(out).absolute())
     pool = RayPool(recipe, models, out)

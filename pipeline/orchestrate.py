@@ -205,9 +205,16 @@ class Progress:
             print(self.line() + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
 
 
+def check_source(recipe: Recipe) -> None:
+    """The reader checks its source when called: a root / glob / split that matches nothing raises here,
+    before the output folder is touched, Ray starts or any model loads (docs/sources.md)."""
+    get_reader(recipe.source.kind)(recipe.source)
+
+
 def curate(recipe: Recipe, out: str, pool: Pool, info: dict[str, Any], *, limit: int | None = None,
            progress: Progress | None = None) -> dict[str, Any]:
     """Builds (or resumes) the dataset in ``out`` with ``pool``'s workers; returns the manifest."""
+    check_source(recipe)
     writer = DatasetWriter(out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality,
                            max_bytes=recipe.shards.max_bytes)
     writer.prepare(info.get("recipe", recipe.to_dict()))

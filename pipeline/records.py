@@ -26,7 +26,10 @@ class ImageRef:
 
     - ``path`` alone: a file on disk (or an fsspec URL);
     - ``path`` + ``member``: a member of a tar file (SA-1B tars);
-    - ``path`` + ``frame``: frame index ``frame`` of a video file (OpenS2V).
+    - ``path`` + ``frame``: frame index ``frame`` of a video file (OpenS2V);
+    - ``path`` + ``member`` + ``frame``: a frame of the video stored as ``member`` of the tar at ``path``,
+      which may be the first piece of a split tar ``X.tar.split.000`` (OpenS2V as published; see
+      docs/sources.md).
     """
 
     path: str

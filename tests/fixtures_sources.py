@@ -6,10 +6,12 @@ test checks against (ids, boxes, mask areas written). ``corrupt`` names the brok
 - SA-1B: ``json`` (one JSON unparsable), ``missing_image`` (a JSON without its jpg), ``bad_rle`` (one
   image's best annotation has truncated counts), ``all_bad`` (an image whose every annotation is broken).
 - FFHQ: ``json`` (the metadata file unparsable), ``missing_image``, ``no_geometry``.
-- VITON-HD: ``missing_cloth``, ``bad_line`` (a malformed pairs line).
-- OpenS2V: ``bad_rle``, ``missing_video``, ``json`` (an unparsable part file), ``unknown_pair``.
+- VITON-HD: ``missing_cloth``, ``bad_line`` (a malformed pairs line), ``repeat_line`` (a person listed twice).
+- OpenS2V: ``bad_rle``, ``missing_video``, ``json`` (an unparsable part file), ``unknown_pair``,
+  ``missing_piece`` (a piece of a split video tar).
 
-Images are downscaled so everything builds in well under a second.
+Each builder's docstring names the upstream file or README whose layout it follows. Images are
+downscaled so everything builds in about a second.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -42,8 +45,17 @@ def encode(mask: np.ndarray) -> dict[str, Any]:
 
 
 def bbox_xywh(mask: np.ndarray) -> list[int]:
+    """COCO-style ``[x, y, w, h]`` of a mask: ``w`` = number of columns (``x + w`` is one past the last)."""
     ys, xs = np.nonzero(mask)
     return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def sam_bbox_xywh(mask: np.ndarray) -> list[int]:
+    """SA-1B's ``bbox`` of a mask, as SAM's automatic mask generator writes it (segment-anything
+    ``segment_anything/utils/amg.py``: ``batched_mask_to_box`` gives the first and last mask pixel, XYXY
+    inclusive; ``box_xyxy_to_xywh`` subtracts): ``w`` = last column − first column."""
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min()), int(ys.max() - ys.min())]
 
 
 def ellipse(h: int, w: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
@@ -61,7 +73,12 @@ def _jpg(img: np.ndarray) -> bytes:
 
 
 def _sa1b_image(name: str, w: int, h: int, image_id: int) -> tuple[np.ndarray, dict[str, Any], list[dict]]:
-    """A photo and its SA-1B JSON with three masks: a dark-region threshold, an ellipse, a rectangle."""
+    """A photo and its SA-1B JSON with three masks: a dark-region threshold, an ellipse, a rectangle.
+
+    The JSON follows the format in segment-anything's README ("Dataset": image_info + annotations with
+    segmentation (COCO RLE), bbox [x, y, w, h], area, predicted_iou, stability_score, crop_box [x, y, w, h],
+    point_coords); ``bbox`` is computed as SAM's automatic mask generator does (``sam_bbox_xywh``), and
+    ``truth["box"]`` is the mask's exact XYXY bounds (exclusive right/bottom edge)."""
     img = photo(name, (w, h))
     gray = img.mean(axis=-1)
     masks = [
@@ -72,7 +89,7 @@ def _sa1b_image(name: str, w: int, h: int, image_id: int) -> tuple[np.ndarray, d
     quality = [(0.90, 0.95), (0.99, 0.98), (0.80, 0.90)]  # (predicted_iou, stability_score)
     anns, truth = [], []
     for i, (m, (piou, stab)) in enumerate(zip(masks, quality)):
-        bbox = bbox_xywh(m)
+        bbox = sam_bbox_xywh(m)
         anns.append(
             {
                 "id": image_id * 100 + i,
@@ -85,13 +102,16 @@ def _sa1b_image(name: str, w: int, h: int, image_id: int) -> tuple[np.ndarray, d
                 "point_coords": [[bbox[0] + bbox[2] / 2, bbox[1] + bbox[3] / 2]],
             }
         )
-        truth.append({"id": image_id * 100 + i, "bbox": bbox, "area": int(m.sum()), "rank": m.sum() * piou * stab})
+        ys, xs = np.nonzero(m)
+        truth.append({"id": image_id * 100 + i, "bbox": bbox, "area": int(m.sum()), "rank": m.sum() * piou * stab,
+                      "box": (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))})
     meta = {"image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"}, "annotations": anns}
     return img, meta, truth
 
 
 def build_sa1b(root: Path, *, layout: str = "folder", corrupt: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-    """SA-1B images ``sa_1``…``sa_4`` as an extracted folder (``layout="folder"``) or as two tars (``"tar"``).
+    """SA-1B images ``sa_1``…``sa_4`` as an extracted folder (``layout="folder"``) or as two tars (``"tar"``,
+    ``sa_000000.tar``-style names each holding ``sa_N.jpg`` + ``sa_N.json``, as the SA-1B download ships them).
 
     Returns ``{"images": {stem: [annotation truth sorted by rank, best first]}, "rejects": {stem: reason word}}``.
     """
@@ -146,15 +166,31 @@ def build_sa1b(root: Path, *, layout: str = "folder", corrupt: frozenset[str] | 
 # ------------------------------------------------------------------------------------------------ FFHQ
 
 
+def pixel_md5(blob: bytes) -> str:
+    """FFHQ's ``pixel_md5``: MD5 of the decoded pixel array (NVlabs/ffhq-dataset ``download_ffhq.py`` checks
+    ``hashlib.md5(np.array(image)).hexdigest()``); the same pixels give the same value however encoded."""
+    try:
+        return hashlib.md5(np.array(Image.open(io.BytesIO(blob)))).hexdigest()
+    except OSError:
+        return hashlib.md5(blob).hexdigest()
+
+
 def _wild_entry(path: str, blob: bytes, size: tuple[int, int], category: str, **geometry: Any) -> dict[str, Any]:
+    """One ``ffhq-dataset-v2.json`` entry with every key of NVlabs/ffhq-dataset's README ("Metadata").
+    The aligned ``image`` / ``thumbnail`` files are not written (the reader uses ``in_the_wild`` only)."""
+    md5 = hashlib.md5(blob).hexdigest()
     return {
         "category": category,
-        "metadata": {"photo_url": f"https://www.flickr.com/photos/x/{hashlib.md5(blob).hexdigest()[:8]}/",
-                     "author": "someone", "license": "Attribution License", "country": "", "date_uploaded": "2010-01-01"},
-        "image": {"file_url": "", "file_path": path.replace("in-the-wild-images", "images1024x1024"), "pixel_size": [1024, 1024]},
-        "thumbnail": {"file_url": "", "file_path": path.replace("in-the-wild-images", "thumbnails128x128"), "pixel_size": [128, 128]},
-        "in_the_wild": {"file_url": "", "file_path": path, "file_size": len(blob),
-                        "file_md5": hashlib.md5(blob).hexdigest(), "pixel_size": list(size), **geometry},
+        "metadata": {"photo_url": f"https://www.flickr.com/photos/x/{md5[:8]}/", "photo_title": "DSCF0899.JPG",
+                     "author": "someone", "country": "", "license": "Attribution License",
+                     "license_url": "https://creativecommons.org/licenses/by/2.0/", "date_uploaded": "2010-01-01",
+                     "date_crawled": "2018-10-10"},
+        "image": {"file_url": "", "file_path": path.replace("in-the-wild-images", "images1024x1024"), "file_size": 0,
+                  "file_md5": "", "pixel_size": [1024, 1024], "pixel_md5": "", "face_landmarks": []},
+        "thumbnail": {"file_url": "", "file_path": path.replace("in-the-wild-images", "thumbnails128x128"), "file_size": 0,
+                      "file_md5": "", "pixel_size": [128, 128], "pixel_md5": ""},
+        "in_the_wild": {"file_url": "", "file_path": path, "file_size": len(blob), "file_md5": md5,
+                        "pixel_size": list(size), "pixel_md5": pixel_md5(blob), **geometry},
     }
 
 
@@ -166,8 +202,12 @@ def _landmarks(box: list[float]) -> list[list[float]]:
 
 
 def build_ffhq(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-    """FFHQ json + in-the-wild PNGs: astronaut (1 face), a two-face photo listed twice (entries 1, 2),
-    a validation photo with landmarks only (3) and one with face_quad only (4).
+    """FFHQ json + in-the-wild PNGs in the layout of NVlabs/ffhq-dataset's README (``ffhq-dataset-v2.json``,
+    ``in-the-wild-images/00000/00000.png``): astronaut (1 face), a two-face photo listed twice (entries 1, 2)
+    whose two copies are encoded differently (different ``file_md5``, same ``pixel_md5``, as the README
+    warns the in-the-wild folder may hold several copies of one photo), and — deliberately short of the
+    published entries, which carry all three — a validation photo with landmarks only (3) and one with
+    face_quad only (4), to exercise the face-box fallbacks.
 
     Returns ``{"records": {record id: {"face_box": XYXY, "ffhq_index": key, "from": key name}}, "rejects": {...}}``.
     """
@@ -176,11 +216,11 @@ def build_ffhq(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset()) 
     records: dict[str, dict] = {}
     rejects: dict[str, str] = {}
 
-    def save(idx: int, img: np.ndarray) -> tuple[str, bytes]:
+    def save(idx: int, img: np.ndarray, level: int = 6) -> tuple[str, bytes]:
         rel = f"in-the-wild-images/{idx // 1000 * 1000:05d}/{idx:05d}.png"
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")
+        Image.fromarray(img).save(buf, format="PNG", compress_level=level)
         (root / rel).write_bytes(buf.getvalue())
         return rel, buf.getvalue()
 
@@ -189,15 +229,17 @@ def build_ffhq(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset()) 
     meta["0"] = _wild_entry(rel, blob, (128, 128), "training", face_rect=[40, 10, 72, 50], face_quad=[[38, 8], [38, 52], [74, 52], [74, 8]])
     records["00000_face0"] = {"face_box": (40.0, 10.0, 72.0, 50.0), "ffhq_index": "0", "from": "face_rect"}
 
-    # One photo, two faces: FFHQ lists it once per face; both entries' files are the same bytes.
+    # One photo, two faces: FFHQ lists it once per face; the two copies are encoded differently.
     faces = skdata.lfw_subset()[:2]  # (2, 25, 25) float grey faces
     group = photo("coffee", (120, 80)).copy()
     for i, f in enumerate(faces):
         face = (np.stack([f] * 3, -1) * 255).astype(np.uint8)
         group[20:45, 10 + i * 60 : 35 + i * 60] = face
-    for idx, x0 in ((1, 10), (2, 70)):
-        rel, blob = save(idx, group)
+    for idx, x0, level in ((1, 10, 6), (2, 70, 1)):
+        rel, blob = save(idx, group, level)
         meta[str(idx)] = _wild_entry(rel, blob, (120, 80), "training", face_rect=[x0, 20, x0 + 25, 45])
+    assert meta["1"]["in_the_wild"]["file_md5"] != meta["2"]["in_the_wild"]["file_md5"]
+    assert meta["1"]["in_the_wild"]["pixel_md5"] == meta["2"]["in_the_wild"]["pixel_md5"]
     records["00001_face0"] = {"face_box": (10.0, 20.0, 35.0, 45.0), "ffhq_index": "1", "from": "face_rect"}
     records["00001_face1"] = {"face_box": (70.0, 20.0, 95.0, 45.0), "ffhq_index": "2", "from": "face_rect"}
 
@@ -227,10 +269,14 @@ def build_ffhq(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset()) 
 
 
 def build_vitonhd(root: Path, *, split: str = "train", corrupt: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-    """VITON-HD ``root/<split>/{image,cloth,cloth-mask,image-parse-v3}`` + ``root/<split>_pairs.txt`` (unpaired).
+    """VITON-HD ``root/<split>/{image,cloth,cloth-mask,image-parse-v3}`` + ``root/<split>_pairs.txt`` (unpaired),
+    as in shadow2496/VITON-HD (README "Dataset"/"Testing" and ``datasets.py``: ``<dataset_dir>/<mode>/image``,
+    ``cloth``, ``cloth-mask`` with the person's file name, pairs list ``<dataset_dir>/<mode>_pairs.txt``); a
+    root built with only ``split="test"`` is the test-only download's ``datasets/`` folder.
 
     Persons ``00000_00``…``00002_00``: real photos (astronaut, coffee, chelsea) 96×72; the cloth is a crop of
-    the photo pasted on white, the cloth-mask its silhouette. Returns ``{"ids": [...], "rejects": {...}}``.
+    the photo pasted on white, the cloth-mask its silhouette. ``corrupt``: ``bad_line``, ``missing_cloth``,
+    ``repeat_line`` (a person listed twice). Returns ``{"ids": [...], "rejects": {...}, "split_dir"}``.
     """
     d = root / split
     for sub in ("image", "cloth", "cloth-mask", "image-parse-v3"):
@@ -251,6 +297,9 @@ def build_vitonhd(root: Path, *, split: str = "train", corrupt: frozenset[str] |
     if "bad_line" in corrupt:
         lines.insert(1, "this line is not a pair at all")
         rejects[f"{split}_pairs-line2"] = "is not"
+    if "repeat_line" in corrupt:
+        lines.append(f"{names[2]} {names[1]}")
+        rejects[f"{split}_pairs-line{len(lines)}"] = "repeats person"
     if "missing_cloth" in corrupt:
         (d / "cloth" / names[1]).unlink()
         rejects["00001_00"] = "cloth/00001_00.jpg"
@@ -261,22 +310,39 @@ def build_vitonhd(root: Path, *, split: str = "train", corrupt: frozenset[str] |
 
 # --------------------------------------------------------------------------------------------- OpenS2V
 
+LEGACY_HANDLER = "Обработчик видео Apple".encode("cp1251")
+"""The ``hdlr`` name of OpenS2V's demo clip ``gm1252760410-365677148_part2.mp4`` (PKU-YuanGroup/OpenS2V-Nexus,
+``data_process/demo_result/step0/videos/dataset1/``): "Apple video handler" in the Windows-1251 code page,
+which is not UTF-8 — a strict ``av.open`` raises ``UnicodeDecodeError`` on that clip."""
 
-def write_video(path: Path, frames: list[np.ndarray], fps: int = 8) -> None:
-    """Encode RGB frames (all the same (H, W, 3), even sides) as H.264 in MP4 with PyAV."""
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 8, handler_name: bytes | None = None) -> None:
+    """Encode RGB frames (all the same (H, W, 3), even sides) as H.264 in MP4 with PyAV.
+
+    ``handler_name``: raw bytes for the video track's ``hdlr`` name (e.g. ``LEGACY_HANDLER``). The muxer is
+    given an ASCII placeholder of the same length, which is then overwritten byte for byte, so the box
+    sizes stay valid and the file carries exactly those (non-UTF-8) bytes, as the upstream demo clip does.
+    """
     import av
 
     h, w = frames[0].shape[:2]
     path.parent.mkdir(parents=True, exist_ok=True)
+    placeholder = b"H" * len(handler_name) if handler_name else None
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": "18", "g": "4"}  # keyframe every 4 frames, so seeking is exercised
+        if placeholder:
+            stream.metadata["handler_name"] = placeholder.decode()
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    if handler_name:
+        data = path.read_bytes()
+        assert data.count(placeholder) == 1, "handler name placeholder not found exactly once"
+        path.write_bytes(data.replace(placeholder, handler_name))
 
 
 def pan_frames(name: str, n: int = 8, h: int = 64, w: int = 96, step: int = 6) -> list[np.ndarray]:
@@ -285,94 +351,266 @@ def pan_frames(name: str, n: int = 8, h: int = 64, w: int = 96, step: int = 6) -
     return [np.ascontiguousarray(img[:, i * step : i * step + w]) for i in range(n)]
 
 
-def _clip(path: str, crop: list[int], frame: int, objects: list[tuple[str, np.ndarray, float]], aesthetic: float) -> dict[str, Any]:
-    """One OpenS2V clip entry; ``objects`` = (class_name, mask in the cropped frame, score), ids 1-based."""
+def clip_key(vid: str, seg: int) -> str:
+    """A clip key shaped like OpenS2V-5M's (``<video id>_segment_<n>_step1-…_step5``); the cluster is the
+    part before ``_segment`` (upstream ``data_process/step6-1_get_cluster.py``)."""
+    return f"{vid}_segment_{seg}_step1-0-8_step2-0-8_step3_step4_step5"
+
+
+def _clip(path: str, crop: list[int], frame: int, objects: list[tuple], aesthetic: float, *,
+          background: list[str], cap_qwen: str | None) -> dict[str, Any]:
+    """One clip entry as in upstream's ``data_process/demo_result/step5/merge_final_json/dataset1.json``.
+
+    ``objects`` = (class_name, mask in the cropped frame, SAM score, aes_score); object ids are 1-based,
+    mask scores are one-element lists (SAM 2's ``scores.tolist()`` with ``multimask_output=False``)."""
     x0, x1, y0, y1 = crop
     h, w = y1 - y0, x1 - x0
     anns, mask_map, masks = [], {}, {}
-    for i, (name, m, score) in enumerate(objects, start=1):
+    for i, (name, m, score, aes) in enumerate(objects, start=1):
         bx, by, bw, bh = bbox_xywh(m)
-        anns.append({"class_name": name, "bbox": [bx, by, bx + bw, by + bh], "gme_score": 0.7, "aes_score": 5.1})
+        anns.append({"class_name": name, "bbox": [float(bx), float(by), float(bx + bw), float(by + bh)],
+                     "gme_score": 0.31, "aes_score": aes})
         mask_map[str(i)] = {"class_name": name}
-        masks[str(i)] = {**encode(m), "score": score}
+        masks[str(i)] = {**encode(m), "score": [score]}
+    names = [o[0] for o in objects]
+    meta = {"cut": [0, 8], "crop": crop, "tech": 2.0, "motion": 0.01, "fps": 8.0, "num_frames": 8,
+            "resolution": {"height": 64, "width": 96}, "path": path, "aesthetic": aesthetic, "face_cut": [0, 8],
+            "cap": [f"Legacy caption: a {names[0]} in a short pan."]}
+    if cap_qwen is not None:
+        meta["face_cap_qwen"] = cap_qwen
     return {
-        "metadata": {"path": path, "crop": crop, "fps": 8, "num_frames": 8, "resolution": {"height": 64, "width": 96},
-                     "aesthetic": aesthetic, "tech": 2.0, "motion": 1.0, "face_cut": [0, 8],
-                     "cap": f"A video of a {objects[0][0]} in a short pan."},
-        "word_tags": [o[0] for o in objects],
+        "metadata": meta,
+        "word_tags": {"background": background, "subject": [n for n in names if n not in background],
+                      "object": [], "pre_define": ["person", "human head"]},
         "annotation": {
-            "ann_frame_data": {"ann_frame_idx": frame, "annotations": anns, "img_width": w, "img_height": h},
+            "ann_frame_data": {"ann_frame_idx": frame, "annotations": anns, "box_format": "xyxy",
+                               "img_width": w, "img_height": h, "foreground_ase_score": 4.9,
+                               "background_ase_score": 4.6},
             "mask_map": mask_map,
             "mask_annotation": {str(frame): masks},
         },
     }
 
 
-def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
-    """OpenS2V layout: ``Videos/total_part1/*.mp4`` (8-frame 96×64 pans over real photos),
-    ``Jsons/total_part1.json`` (clips) and ``cross/<cluster>.json`` (pair records).
+def _tar_pieces(members: dict[str, bytes], folder: Path, stem: str, piece: int) -> list[Path]:
+    """A tar of ``members`` written as ``<stem>.tar.split.000, .001, …`` pieces of ``piece`` bytes each
+    (what ``split -b`` makes; ``cat <stem>.tar.split.* > <stem>.tar`` restores it)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(blob), 0
+            tar.addfile(info, io.BytesIO(blob))
+    data = buf.getvalue()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(0, len(data), piece):
+        p = folder / f"{stem}.tar.split.{i // piece:03d}"
+        p.write_bytes(data[i : i + piece])
+        out.append(p)
+    return out
 
-    Clips (part ``total_part1``), crop ``[8, 88, 4, 60]`` → cropped frame 56×80 (H×W), annotated frame 3:
 
-    - ``cat_a``: 1 cat (kept), 2 near-copy of 1 with a lower score (dedup), 3 tiny (< 1/32, too small);
-    - ``cat_b``: 1 cat (kept) — cross-paired with ``cat_a`` object 1;
-    - ``cup``: 1 cup (kept); ``dull``: aesthetic 3.0 (rejected); ``crowd``: 7 separate masks (rejected).
+def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(), pairs: str = "current") -> dict[str, Any]:
+    """OpenS2V-5M in its published layout, tiny. Followed upstream material (PKU-YuanGroup/OpenS2V-Nexus):
 
-    Returns ``{"intra": [record ids], "rejects": {id: reason word}, "cross": [record ids], "frames": {...}}``.
+    - layout: maintainers' answer in issue #16 (``Jsons/mask_and_bbox/total_partX.json``, ``Videos/total_partX``),
+      README news of 2025-06-19 (``Jsons/cross_video_pairs``), ``data_process/demo_dataloader.py`` (pair ids
+      ``<part>/<clip key>``, ``<cluster>.json`` files beside ``cluster_videos.json``), issue #7 (``metadata.path``
+      like ``part_5184/<video id>/<video id>_segment_2.mp4``); videos as published: a tar in
+      ``*.tar.split.NNN`` pieces per part;
+    - clip JSON: ``data_process/demo_result/step5/merge_final_json/dataset1.json`` and the writer
+      ``data_process/step5-2_get_subject_image.py`` (``score: [float]``, ``aes_score``/``gme_score`` per
+      annotation, ``word_tags.background``, ``face_cap_qwen`` and the older ``cap`` list);
+    - pairs (``pairs="current"``): ``data_process/demo_result/step6/cross-frames-pairs/final_output/
+      gm1252760410-365677148.json`` and ``cluster_videos.json`` (written by ``step6-2_get_cross-frame.py``);
+      ``pairs="legacy"``: the older ``data_process/demo_result/step6/cross-frames-images/gm1252760410-365677148.json``
+      (no class ids, bare clip keys) with ``step6/cluster_videos.json``, and the older flat ``Jsons/total_partN.json``.
+
+    Tree (``pairs="current"``)::
+
+        Jsons/mask_and_bbox/total_part1.json   clips of part 1   Videos/total_part1/part_0001/<vid>/<vid>_segment_N.mp4 (extracted)
+        Jsons/mask_and_bbox/total_part2.json   clips of part 2   Videos/total_part2/total_part2.tar.split.000 … (as published)
+        Jsons/cross_video_pairs/cluster_videos.json, catvid.json, dogvid.json
+
+    Every clip: 8-frame 96×64 pan over a real photo, crop ``[8, 88, 4, 60]`` → cropped frame 56×80 (H×W),
+    annotated frame 3. Part 1: ``catvid`` seg 0 (o1 a smaller near-copy of o2 with the higher score → the
+    duplicate; o2 kept; o3 tiny; o4 "grass", a background tag), seg 2 (one cat); ``cupvid`` seg 0 (o1 kept, o2
+    aes_score 3.2); ``crowdvid`` seg 0 (8 people; the two lowest aes_scores fall outside the top 6); ``dullvid``
+    seg 0 (clip aesthetic 3.0, subject aes 5.0: kept; no ``face_cap_qwen``, so its caption is ``cap``);
+    ``oddvid`` seg 0 (its container's handler name is not UTF-8). Part 2 (in the split tar): ``catvid`` seg 1,
+    ``dogvid`` seg 0 (two dogs) and seg 1 (one dog, non-UTF-8 handler name too).
+
+    ``corrupt``: ``bad_rle`` (catvid seg 1's mask truncated), ``missing_video`` (cupvid's mp4 gone), ``json``
+    (``total_part3.json`` truncated), ``unknown_pair`` (a pair naming a clip that does not exist),
+    ``missing_piece`` (the second tar piece of part 2 gone).
+
+    Returns ``{"intra": [ids], "cross": [ids], "rejects": {id: reason word}, "frames": {clip id: frames},
+    "ids": {name: clip id}, "crop", "frame", "frame_hw", "areas", "pair_records": n, "sides": 2}``.
     """
-    part, crop, frame = "total_part1", [8, 88, 4, 60], 3
-    h, w = 56, 80
-    vids = root / "Videos" / part
-    frames = {"cat_a": pan_frames("chelsea"), "cat_b": pan_frames("chelsea", step=4), "cup": pan_frames("coffee"),
-              "dull": pan_frames("rocket"), "crowd": pan_frames("astronaut")}
-    for key, fr in frames.items():
-        if not ("missing_video" in corrupt and key == "cup"):
-            write_video(vids / f"{key}.mp4", fr)
+    crop, frame, (h, w) = [8, 88, 4, 60], 3, (56, 80)
+    legacy = pairs == "legacy"
     big = ellipse(h, w, 28, 40, 20, 25)
     near = big.copy()
-    near[8, :] = 0  # IoU with `big` well above 0.8
+    near[8:10, :] = 0  # a smaller near-copy: IoU with `big` well above 0.8
     tiny = ellipse(h, w, 5, 5, 2, 2)
-    crowd = []  # 7 separate 12x16 boxes, each 192 px = 4.3% of the frame (passes min_mask_frac)
-    for i in range(7):
+    grass = np.zeros((h, w), np.uint8)
+    grass[44:, :] = 1
+    crowd = []  # 8 separate 12x16 boxes (192 px = 4.3% of the frame each)
+    for i in range(8):
         top, left = 2 + (i // 4) * 14, 2 + (i % 4) * 19
         crowd.append(np.pad(np.ones((12, 16), np.uint8), ((top, h - 12 - top), (left, w - 16 - left))))
-    clips = {
-        "cat_a": _clip(f"cat_a.mp4", crop, frame, [("cat", big, 0.95), ("cat", near, 0.90), ("ear", tiny, 0.99)], 5.2),
-        "cat_b": _clip("cat_b.mp4", crop, frame, [("cat", ellipse(h, w, 30, 36, 18, 22), 0.9)], 4.8),
-        "cup": _clip("cup.mp4", crop, frame, [("cup", ellipse(h, w, 28, 40, 15, 15), 0.9)], 5.0),
-        "dull": _clip("dull.mp4", crop, frame, [("rocket", big, 0.9)], 3.0),
-        "crowd": _clip("crowd.mp4", crop, frame, [(f"person", m, 0.9) for m in crowd], 5.5),
-    }
-    intra = [f"{part}/cat_a/o1", f"{part}/cat_b/o1", f"{part}/cup/o1"]
-    rejects = {f"{part}/cat_a/o2": "duplicate", f"{part}/cat_a/o3": "min_mask_frac",
-               f"{part}/dull": "aesthetic", f"{part}/crowd": "max_masks"}
-    if "bad_rle" in corrupt:
-        m = clips["cat_b"]["annotation"]["mask_annotation"][str(frame)]["1"]
-        m["counts"] = m["counts"][:-2]
-        intra.remove(f"{part}/cat_b/o1")
-        rejects[f"{part}/cat_b/o1"] = "RLE"
-    if "missing_video" in corrupt:
-        intra.remove(f"{part}/cup/o1")
-        rejects[f"{part}/cup"] = "not found"
-    (root / "Jsons").mkdir(parents=True, exist_ok=True)
-    (root / "Jsons" / f"{part}.json").write_text(json.dumps(clips))
-    if "json" in corrupt:
-        (root / "Jsons" / "total_part2.json").write_text('{"clip": {"metadata": ')
-        rejects["Jsons/total_part2.json"] = "cannot parse"
+    crowd_aes = [5.0, 5.7, 4.9, 5.9, 6.1, 4.6, 5.5, 5.2]
+    cat_b, cat_c = ellipse(h, w, 30, 36, 18, 22), ellipse(h, w, 26, 44, 17, 21)
+    dog1, dog2, dog3 = ellipse(h, w, 28, 20, 14, 12), ellipse(h, w, 28, 60, 14, 12), ellipse(h, w, 28, 40, 16, 20)
+    bg = ["grass", "park"]
+    # (part, video id, segment, photo, objects, clip aesthetic, face_cap_qwen, handler name)
+    spec = [
+        (1, "catvid", 0, "chelsea", [("cat", near, 0.99, 5.2), ("cat", big, 0.90, 5.3), ("ear", tiny, 0.99, 5.0),
+                                     ("grass", grass, 0.95, 5.0)], 5.2, "A cat looks around in a garden.", None),
+        (1, "catvid", 2, "chelsea", [("cat", cat_b, 0.9, 4.8)], 4.8, "The same cat, later.", None),
+        (1, "cupvid", 0, "coffee", [("cup", ellipse(h, w, 28, 40, 15, 15), 0.9, 5.0),
+                                    ("saucer", ellipse(h, w, 40, 40, 8, 20), 0.9, 3.2)], 5.0, "A cup of coffee.", None),
+        (1, "crowdvid", 0, "astronaut", [("person", m, 0.9, a) for m, a in zip(crowd, crowd_aes)], 5.5, "People.", None),
+        (1, "dullvid", 0, "rocket", [("rocket", big, 0.9, 5.0)], 3.0, None, None),
+        (1, "oddvid", 0, "coffee", [("mug", big, 0.9, 5.1)], 5.1, "A mug, filmed on an old phone.", LEGACY_HANDLER),
+        (2, "catvid", 1, "chelsea", [("cat", cat_c, 0.93, 5.1)], 5.1, "The cat again.", None),
+        (2, "dogvid", 0, "astronaut", [("dog", dog1, 0.9, 5.0), ("dog", dog2, 0.9, 5.0)], 5.0, "Two dogs.", None),
+        (2, "dogvid", 1, "astronaut", [("dog", dog3, 0.9, 5.0)], 5.0, "A dog.", LEGACY_HANDLER),
+    ]
+    parts: dict[int, dict[str, Any]] = {1: {}, 2: {}}
+    frames: dict[str, list[np.ndarray]] = {}
+    ids: dict[str, str] = {}
+    tar_members: dict[str, bytes] = {}
+    for part, vid, seg, src, objects, aesthetic, cap_qwen, handler in spec:
+        key, rel = clip_key(vid, seg), f"part_000{part}/{vid}/{vid}_segment_{seg}.mp4"
+        cid = f"total_part{part}/{key}"
+        ids[f"{vid}{seg}"] = cid
+        fr = pan_frames(src, step=4 + seg)
+        frames[cid] = fr
+        video = root / "Videos" / f"total_part{part}" / rel
+        write_video(video, fr, handler_name=handler)
+        if part == 2:  # published as tar pieces, not extracted
+            tar_members[rel] = video.read_bytes()
+            video.unlink()
+        parts[part][key] = _clip(rel, crop, frame, objects, aesthetic, background=bg, cap_qwen=cap_qwen)
+    shutil.rmtree(root / "Videos" / "total_part2")
+    pieces = _tar_pieces(tar_members, root / "Videos" / "total_part2", "total_part2", piece=8_000)
+    assert len(pieces) >= 3, "the tar must span several pieces"
 
-    pairs = [{"cur_id": f"{part}/cat_a", "aft_id": f"{part}/cat_b", "cur_class_id": "1", "aft_class_id": "1",
-              "cur_class_name": "cat", "aft_class_name": "cat", "text_similarity": 1.0, "image_similarity": 0.93,
-              "cur_frame_idx": frame, "aft_frame_idx": frame}]
-    cross = [f"{part}/cat_a/o1/f3>{part}/cat_b/o1/f3", f"{part}/cat_b/o1/f3>{part}/cat_a/o1/f3"]
+    I = ids
+    intra = [f"{I['catvid0']}/o2", f"{I['catvid2']}/o1", f"{I['cupvid0']}/o1"]
+    intra += [f"{I['crowdvid0']}/o{o}" for o in (1, 2, 4, 5, 7, 8)]
+    intra += [f"{I['dullvid0']}/o1", f"{I['oddvid0']}/o1", f"{I['catvid1']}/o1", f"{I['dogvid0']}/o1",
+              f"{I['dogvid0']}/o2", f"{I['dogvid1']}/o1"]
+    rejects = {f"{I['catvid0']}/o1": "duplicate", f"{I['catvid0']}/o3": "min_mask_frac",
+               f"{I['catvid0']}/o4": "background", f"{I['cupvid0']}/o2": "min_subject_aesthetic",
+               f"{I['crowdvid0']}/o3": "top max_masks=6", f"{I['crowdvid0']}/o6": "top max_masks=6"}
     if "bad_rle" in corrupt:
-        cross = []
-        rejects[f"{part}/cat_a/o1/f3>{part}/cat_b/o1/f3"] = "RLE"
-        rejects[f"{part}/cat_b/o1/f3>{part}/cat_a/o1/f3"] = "RLE"
+        m = parts[2][clip_key("catvid", 1)]["annotation"]["mask_annotation"][str(frame)]["1"]
+        m["counts"] = m["counts"][:-2]
+        intra.remove(f"{I['catvid1']}/o1")
+        rejects[f"{I['catvid1']}/o1"] = "RLE"
+    if "missing_video" in corrupt:
+        (root / "Videos" / "total_part1" / "part_0001" / "cupvid" / "cupvid_segment_0.mp4").unlink()
+        intra.remove(f"{I['cupvid0']}/o1")
+        del rejects[f"{I['cupvid0']}/o2"]
+        rejects[I["cupvid0"]] = "not under"
+    if "missing_piece" in corrupt:
+        pieces[1].unlink()
+        for name in ("catvid1", "dogvid0", "dogvid1"):
+            for o in (1, 2):
+                if f"{I[name]}/o{o}" in intra:
+                    intra.remove(f"{I[name]}/o{o}")
+            rejects.pop(f"{I[name]}/o1", None)
+            rejects[I[name]] = "unreadable"
+    clip_dir = root / "Jsons" if legacy else root / "Jsons" / "mask_and_bbox"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    for part, clips in parts.items():
+        (clip_dir / f"total_part{part}.json").write_text(json.dumps(clips, indent=1))
+    if "json" in corrupt:
+        (clip_dir / "total_part3.json").write_text('{"clip": {"metadata": ')
+        rejects[(clip_dir / "total_part3.json").relative_to(root).as_posix()] = "cannot parse"
+
+    def pair(cur: str, aft: str, cid: Any, aid: Any, cname: str, aname: str, sim: float) -> dict[str, Any]:
+        rec = {"cur_id": cur, "aft_id": aft, "cur_class_id": cid, "aft_class_id": aid, "cur_class_name": cname,
+               "aft_class_name": aname, "text_similarity": 1.0, "image_similarity": sim,
+               "cur_frame_idx": frame, "aft_frame_idx": frame}
+        if legacy:  # older format: bare clip keys, no class ids
+            rec = {k: v for k, v in rec.items() if k not in ("cur_class_id", "aft_class_id")}
+            rec["cur_id"], rec["aft_id"] = cur.split("/", 1)[1], aft.split("/", 1)[1]
+        return rec
+
+    def rid(t: str, to: int, r: str, ro: int) -> str:
+        return f"{t}/o{to}/f{frame}>{r}/o{ro}/f{frame}"
+
+    cross: list[str] = []
+    if not legacy:
+        pair_dir, f_cat, f_dog = root / "Jsons" / "cross_video_pairs", "catvid", "dogvid"
+        cat_pairs = [
+            pair(I["catvid0"], I["catvid1"], "2", "1", "cat", "cat", 0.93),  # 0: valid
+            pair(I["catvid0"], I["catvid2"], "4", "1", "cat", "cat", 0.71),  # 1: o4 is "grass": class id mismatch
+            pair(I["catvid2"], I["catvid1"], "1", "1", "cat", "cat", 0.90),  # 2: valid
+            pair(I["catvid0"], I["catvid1"], "2", "1", "cat", "cat", 0.93),  # 3: verbatim repeat of 0
+            pair(I["catvid0"], I["catvid2"], "9", "1", "cat", "cat", 0.80),  # 4: no object 9
+        ]
+        dog_pairs = [pair(I["dogvid0"], I["dogvid1"], "2", "1", "dog", "dog", 0.88)]
+        rel_cat = f"Jsons/cross_video_pairs/{f_cat}.json"
+        cross = [rid(I["catvid0"], 2, I["catvid1"], 1), rid(I["catvid1"], 1, I["catvid0"], 2),
+                 rid(I["catvid2"], 1, I["catvid1"], 1), rid(I["catvid1"], 1, I["catvid2"], 1),
+                 rid(I["dogvid0"], 2, I["dogvid1"], 1), rid(I["dogvid1"], 1, I["dogvid0"], 2)]
+        rejects[f"{I['catvid0']}>{I['catvid2']}@{rel_cat}#1"] = "class id mismatch"
+        rejects[f"{I['catvid2']}>{I['catvid0']}@{rel_cat}#1"] = "class id mismatch"
+        rejects[f"{rid(I['catvid0'], 2, I['catvid1'], 1)}~{rel_cat}#3"] = "repeats"
+        rejects[f"{rid(I['catvid1'], 1, I['catvid0'], 2)}~{rel_cat}#3"] = "repeats"
+        rejects[f"{I['catvid0']}>{I['catvid2']}@{rel_cat}#4"] = "not an object"
+        rejects[f"{I['catvid2']}>{I['catvid0']}@{rel_cat}#4"] = "not an object"
+        cluster_index = {"catvid": [I["catvid0"], I["catvid1"], I["catvid2"]], "dogvid": [I["dogvid0"], I["dogvid1"]]}
+        index_path = pair_dir / "cluster_videos.json"
+    else:
+        pair_dir, f_cat, f_dog = root / "step6" / "cross-frames-images", "catvid", "dogvid"
+        # Upstream order: for each cur object, for each aft object. cat o1 and o2 both pair with catvid1 o1
+        # under the same class names and, as in the upstream demo, the same similarities: records repeated
+        # verbatim that are distinct object pairs.
+        cat_pairs = [pair(I["catvid0"], I["catvid1"], None, None, "cat", "cat", 0.93),
+                     pair(I["catvid0"], I["catvid1"], None, None, "cat", "cat", 0.93),
+                     pair(I["catvid2"], I["catvid1"], None, None, "cat", "cat", 0.90)]
+        dog_pairs = [pair(I["dogvid0"], I["dogvid1"], None, None, "dog", "dog", 0.88)]  # dog o1 or o2: ambiguous
+        rel_dog = f"step6/cross-frames-images/{f_dog}.json"
+        cross = [rid(I["catvid0"], 1, I["catvid1"], 1), rid(I["catvid1"], 1, I["catvid0"], 1),
+                 rid(I["catvid0"], 2, I["catvid1"], 1), rid(I["catvid1"], 1, I["catvid0"], 2),
+                 rid(I["catvid2"], 1, I["catvid1"], 1), rid(I["catvid1"], 1, I["catvid2"], 1)]
+        k0, k1 = clip_key("dogvid", 0), clip_key("dogvid", 1)
+        rejects[f"{k0}>{k1}@{rel_dog}#0"] = "ambiguous"
+        rejects[f"{k1}>{k0}@{rel_dog}#0"] = "ambiguous"
+        cluster_index = {"catvid": [clip_key("catvid", s) for s in (0, 1, 2)], "dogvid": [k0, k1]}
+        index_path = root / "step6" / "cluster_videos.json"
     if "unknown_pair" in corrupt:
-        pairs.append({**pairs[0], "aft_id": f"{part}/no_such_clip"})
-        rejects[f"{part}/cat_a/o1/f3>{part}/no_such_clip/oNone/f3"] = "not a readable clip"
-        rejects[f"{part}/no_such_clip/oNone/f3>{part}/cat_a/o1/f3"] = "not a readable clip"
-    (root / "cross").mkdir(parents=True, exist_ok=True)
-    (root / "cross" / "cat_cluster.json").write_text(json.dumps(pairs + pairs[:1]))  # a verbatim repeat, as seen in the wild
-    return {"intra": intra, "cross": cross, "rejects": rejects, "frames": frames, "crop": crop, "frame": frame,
-            "frame_hw": (h, w), "areas": {"big": int(big.sum()), "cat_b": int(ellipse(h, w, 30, 36, 18, 22).sum())}}
+        cat_pairs.append({**cat_pairs[0], "aft_id": "total_part1/no_such_clip" if not legacy else "no_such_clip"})
+        rel_cat = (pair_dir / f"{f_cat}.json").relative_to(root).as_posix()
+        n, cur, aft = len(cat_pairs) - 1, cat_pairs[-1]["cur_id"], cat_pairs[-1]["aft_id"]
+        rejects[f"{cur}>{aft}@{rel_cat}#{n}"] = "not a readable clip"
+        rejects[f"{aft}>{cur}@{rel_cat}#{n}"] = "not a readable clip"
+    if "missing_piece" in corrupt:  # part 2's clips are unreadable: every pair naming one is a reject
+        if legacy:
+            raise ValueError("missing_piece is built for the current pair format only")
+        cross = [r for r in cross if not any(I[n] in r for n in ("catvid1", "dogvid0", "dogvid1"))]
+        rejects = {k: v for k, v in rejects.items() if "~" not in k}  # nothing left for record 3 to repeat
+        for name, recs in ((f_cat, cat_pairs), (f_dog, dog_pairs)):
+            rel = f"Jsons/cross_video_pairs/{name}.json"
+            for n, rec in enumerate(recs):
+                if any(I[v] in (rec["cur_id"], rec["aft_id"]) for v in ("catvid1", "dogvid0", "dogvid1")):
+                    rejects[f"{rec['cur_id']}>{rec['aft_id']}@{rel}#{n}"] = "not a readable clip"
+                    rejects[f"{rec['aft_id']}>{rec['cur_id']}@{rel}#{n}"] = "not a readable clip"
+    elif "bad_rle" in corrupt:  # every pair using catvid1's mask (the verbatim repeat still reports a repeat)
+        for r in list(cross):
+            if I["catvid1"] in r:
+                cross.remove(r)
+                rejects[r] = "RLE"
+    pair_dir.mkdir(parents=True, exist_ok=True)
+    index_path.write_text(json.dumps(cluster_index, indent=4))
+    (pair_dir / f"{f_cat}.json").write_text(json.dumps(cat_pairs, indent=2))
+    (pair_dir / f"{f_dog}.json").write_text(json.dumps(dog_pairs, indent=2))
+    return {"intra": intra, "cross": cross, "rejects": rejects, "frames": frames, "ids": ids, "crop": crop,
+            "frame": frame, "frame_hw": (h, w), "pieces": pieces, "pair_records": len(cat_pairs) + len(dog_pairs),
+            "areas": {"big": int(big.sum()), "near": int(near.sum()), "cat_c": int(cat_c.sum())}}

@@ -123,6 +123,7 @@ def test_curate_bucket_to_bucket_resumes_verifies_and_trains(s3, bucket_photos, 
     ref = run_local(_recipe(str(local_photos)), tmp_path / "local", None, progress=False,
                     stages=model_free_stages(recipe))
     assert m["shards"] == ref["shards"] and m["totals"] == ref["totals"] and m["totals"]["samples"] >= 5
+    s3.invalidate_cache()  # this fs listed out/ds while the run (another fs instance) was still writing there
     assert s3.cat_file("out/ds/rejects.jsonl") == (tmp_path / "local" / "rejects.jsonl").read_bytes()
     assert m["source"]["root"] == src and load_manifest(out) == m
     # manifest verify on the bucket, then one flipped byte is caught

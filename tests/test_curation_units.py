@@ -273,6 +273,7 @@ def test_writer_splits_by_bytes_and_resumes_by_marker(tmp_path):
     res = w.write_chunk(3, "fp", 5, enc, [Reject(source="t", id="x", stage="decode", reason="empty file (0 bytes)")])
     assert [s["path"] for s in res.shards] == ["shards/000003.tar", "shards/000003_01.tar"]
     assert [s["samples"] for s in res.shards] == [2, 2] and res.accepted == 4
+    assert [s["pairs"] for s in res.shards] == [{"unknown": 2}, {"unknown": 2}]  # these samples name no pair type
     assert w.done(3, "fp") is not None and w.done(3, "other-inputs") is None
     (tmp_path / "ds" / "shards" / "000003_01.tar").write_bytes(b"x")
     assert w.done(3, "fp") is None  # a damaged shard means the chunk is redone

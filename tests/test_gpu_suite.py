@@ -32,6 +32,7 @@ def test_smoke_run_covers_every_part(tmp_path):
     assert all(r["seconds_per_step"] > 0 and r["model_tflop_per_step"] > 0 for r in report["train"])
     assert set(report["generate"]["ratio_to_bare"]) == {"bare", "1 subject", "2 subjects", "3 subjects"}
     assert [r["batch"] for r in report["curate"]] == [1, 2]
+    assert [r["batch"] for r in report["precompute"]] == [1, 2] and report["precompute"][0]["samples_per_s"] > 0
     assert "SMOKE RUN" in (tmp_path / "gpu_suite.md").read_text()
     assert (tmp_path / "train_profile.txt").stat().st_size > 0
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "nope"]) == 2

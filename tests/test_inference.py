@@ -44,6 +44,16 @@ def _arr(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.int16)
 
 
+def assert_same_image(a: np.ndarray, b: np.ndarray) -> None:
+    """Two pipelines loaded separately give the same picture up to rounding: oneDNN/MKL's CPU kernels
+    may sum in a different order depending on where a tensor landed in memory, which moves a value
+    across a .5 boundary now and then. At most 1 level on at most 0.1% of the values; anything real
+    (another seed, scale, mask) changes thousands of values by far more."""
+    assert a.shape == b.shape
+    diff = np.abs(a - b)
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3, (int(diff.max()), int((diff > 0).sum()))
+
+
 def _plain(pipe, seed: int) -> np.ndarray:
     """Plain diffusers FluxPipeline with the adapter detached."""
     pipe.adapter.detach(pipe.flux.transformer)
@@ -164,4 +174,4 @@ def test_generate_cli_writes_png_and_sidecar(pipe, tiny_models_yaml, refs, tmp_p
     assert side["seed"] == 3 and side["granularity"] == [1.0, 0.0, 0.0] and side["branches"] == "image"
     # the CLI's image equals the API's for the same settings
     api = pipe("a cat", references=[ref], granularity=(1, 0, 0), seed=3, **CALL).images[0]
-    assert np.array_equal(_arr(img), _arr(api))
+    assert_same_image(_arr(img), _arr(api))

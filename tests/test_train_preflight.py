@@ -29,12 +29,13 @@ def test_two_stage_config_without_cross_pairs_fails_naming_stage_datasets_and_co
     import ray
 
     intra = write_dataset(tmp_path / "intra", [3, 2], size=64)
+    ray_before = ray.is_initialized()
     code, errors = _train(["--config", str(CONFIGS / "tiny.yaml"), "--data", str(intra), "--out",
                            str(tmp_path / "run"), "--models", str(tiny_models_yaml)], caplog)
     assert code == 2 and len(errors) == 1 and "\n" not in errors[0]
     assert "stage 'cross' trains on cross pairs but its datasets hold none" in errors[0]
     assert f"{intra}: 5 intra" in errors[0]
-    assert not ray.is_initialized() and not (tmp_path / "run").exists()  # nothing started, nothing written
+    assert ray.is_initialized() == ray_before and not (tmp_path / "run").exists()  # nothing started or written
 
 
 def test_missing_models_and_data_fail_in_one_line(tmp_path, tiny_models_yaml, caplog):

@@ -99,8 +99,9 @@ class DynaIPAdapter(nn.Module):
         originals = [b.attn.processor for b, _, _ in blocks]
         for block, double, ca in blocks:
             block.attn.set_processor(DynaIPAttnProcessor(ca, self._slot, double_stream=double))
-        hook = transformer.register_forward_pre_hook(self._pass_conditioning, with_kwargs=True)
-        self._originals[id(transformer)] = (originals, hook)
+        hooks = (transformer.register_forward_pre_hook(self._pass_conditioning, with_kwargs=True),
+                 transformer.register_forward_hook(self._image_guidance, with_kwargs=True))
+        self._originals[id(transformer)] = (originals, hooks)
 
     def _pass_conditioning(self, module: nn.Module, args: tuple, kwargs: dict):
         """Forward pre-hook: puts the active conditioning into ``joint_attention_kwargs``.
@@ -117,13 +118,42 @@ class DynaIPAdapter(nn.Module):
         kwargs["joint_attention_kwargs"] = joint
         return args, kwargs
 
+    def _image_guidance(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        """Forward hook: image CFG. When the active conditioning has ``image_guidance_scale`` s ≠ 1, the
+        transformer runs once more with its zero-C twin (``Conditioning.unconditional``) and the call
+        returns ``uncond + s · (cond − uncond)``. Text guidance is untouched: FLUX.1-dev's distilled
+        guidance is an input of both runs, and with diffusers' true CFG (a negative prompt) each prompt
+        branch gets image CFG before the text combination."""
+        joint = kwargs.get("joint_attention_kwargs") or {}
+        cond = joint.get(CONDITIONING_KWARG, self._slot.active)
+        if cond is None or cond.image_guidance_scale == 1.0 or cond.num_subjects == 0:
+            return None
+        uncond = cond.unconditional()
+        kwargs = dict(kwargs, joint_attention_kwargs={**joint, CONDITIONING_KWARG: uncond})
+        previous = self._slot.active
+        self._slot.active = uncond
+        try:
+            other = module(*args, **kwargs)
+        finally:
+            self._slot.active = previous
+        s = cond.image_guidance_scale
+
+        def mix(c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+            return u + s * (c - u)
+
+        if isinstance(output, tuple):
+            return (mix(output[0], other[0]), *output[1:])
+        output.sample = mix(output.sample, other.sample)
+        return output
+
     def detach(self, transformer: nn.Module) -> None:
         """Puts back the processors that were there before ``attach``."""
         entry = self._originals.pop(id(transformer), None)
         if entry is None:
             raise ValueError("This adapter is not attached to this transformer")
-        originals, hook = entry
-        hook.remove()
+        originals, hooks = entry
+        for hook in hooks:
+            hook.remove()
         blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
         for block, proc in zip(blocks, originals):
             block.attn.set_processor(proc)
@@ -136,6 +166,7 @@ class DynaIPAdapter(nn.Module):
         scales: float | Sequence[float] = 1.0,
         branches: str = "image",
         image_size: tuple[int, int] | None = None,
+        image_guidance_scale: float = 1.0,
     ) -> Conditioning:
         """Validates the arguments of ``conditioning`` and packs them (see there)."""
         refs = [refs] if isinstance(refs, torch.Tensor) else list(refs)
@@ -169,8 +200,15 @@ class DynaIPAdapter(nn.Module):
             ds = self.config.latent_downsample
             if image_size[0] % ds or image_size[1] % ds:
                 raise ValueError(f"image_size={image_size}: FLUX needs height and width divisible by {ds}")
+        try:
+            image_guidance_scale = float(image_guidance_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"image_guidance_scale={image_guidance_scale!r}: give a number (1.0 = off)") from None
+        if not (image_guidance_scale >= 0.0 and image_guidance_scale < float("inf")):
+            raise ValueError(f"image_guidance_scale={image_guidance_scale}: must be a finite number >= 0 (1.0 = off)")
         return Conditioning(refs=refs, scales=torch.tensor(lam, dtype=torch.float32), masks=masks,
-                            branches=branches, image_size=image_size, latent_downsample=self.config.latent_downsample)
+                            branches=branches, image_size=image_size, latent_downsample=self.config.latent_downsample,
+                            image_guidance_scale=image_guidance_scale)
 
     @contextlib.contextmanager
     def conditioning(
@@ -180,6 +218,7 @@ class DynaIPAdapter(nn.Module):
         scales: float | Sequence[float] = 1.0,
         branches: str = "image",
         image_size: tuple[int, int] | None = None,
+        image_guidance_scale: float = 1.0,
     ) -> Iterator[Conditioning]:
         """Makes every attached transformer call inject the references while the block is open.
 
@@ -190,11 +229,14 @@ class DynaIPAdapter(nn.Module):
         branches: ``image`` (inference default, DDS), ``both`` (training), ``text`` (ablation).
         image_size: ``(H, W)`` in pixels of the generated image; defaults to the masks' size. Needed
             with masks, and when the transformer has no double-stream blocks.
+        image_guidance_scale: image CFG s; every transformer call also runs the zero-C branch and
+            returns ``uncond + s · (cond − uncond)`` (twice the compute). 1.0 = off.
 
         The reference K/V are computed at the first transformer call and reused until the block
         closes (or C / the adapter weights change in place). Blocks nest; the inner one wins.
         """
-        cond = self.make_conditioning(refs, masks=masks, scales=scales, branches=branches, image_size=image_size)
+        cond = self.make_conditioning(refs, masks=masks, scales=scales, branches=branches, image_size=image_size,
+                                      image_guidance_scale=image_guidance_scale)
         previous = self._slot.active
         self._slot.active = cond
         try:
@@ -207,11 +249,15 @@ class DynaIPAdapter(nn.Module):
         self._slot.active = cond
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        clip_vision: dict | None = None) -> Path:
         """Writes ``directory/adapter.safetensors`` (weights only) and ``directory/config.json``.
 
         ``state_dict``: the whole weights when this module holds only shards (FSDP2 training gathers
         them with ``dynaip.train.parallel.full_adapter_state``); default: this module's own.
+        ``clip_vision``: the CLIP vision tower the adapter was trained with (``models.yaml``'s
+        ``clip_vision`` entry: path, model_name, quick_gelu); ``load_dynaip`` uses it when the caller
+        names no tower.
         """
         from safetensors.torch import save_file
 
@@ -221,9 +267,20 @@ class DynaIPAdapter(nn.Module):
         state = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
         save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        (out / CONFIG_NAME).write_text(json.dumps(
-            {"format": CHECKPOINT_FORMAT, "dtype": dtype, "config": self.config.to_dict()}, indent=2, sort_keys=True))
+        meta = {"format": CHECKPOINT_FORMAT, "dtype": dtype, "config": self.config.to_dict()}
+        if clip_vision is not None:
+            meta["clip_vision"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(clip_vision).items()}
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return out
+
+    @classmethod
+    def read_metadata(cls, directory: str | Path) -> dict:
+        """``config.json`` of a checkpoint directory (format, dtype, config, optional clip_vision)."""
+        _, config_file = cls._files(directory)
+        try:
+            return json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON ({e})") from None
 
     @staticmethod
     def _files(directory: str | Path) -> tuple[Path, Path]:

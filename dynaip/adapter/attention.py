@@ -61,9 +61,12 @@ class ReferenceKV(nn.Module):
         w_dtype = self.to_k.weight.dtype
         dt = compute_dtype or w_dtype
         c = c.to(dt)
-        k = F.linear(c, self.to_k.weight.to(dt)).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
-        k = self.norm_k(k.to(w_dtype)).to(dt)
-        v = F.linear(c, self.to_v.weight.to(dt)).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
+        wk, wv, wn = self.to_k.weight, self.to_v.weight, self.norm_k.weight
+        if wk.device != c.device:  # the adapter stays on the CPU under diffusers' CPU offload: follow C's device
+            wk, wv, wn = wk.to(c.device), wv.to(c.device), None if wn is None else wn.to(c.device)
+        k = F.linear(c, wk.to(dt)).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
+        k = F.rms_norm(k.to(w_dtype), (self.head_dim,), wn, self.norm_k.eps).to(dt)  # = self.norm_k
+        v = F.linear(c, wv.to(dt)).unflatten(-1, (self.num_heads, self.head_dim))  # (..., Lc, H, Dh)
         return k.transpose(-3, -2), v.transpose(-3, -2)  # (..., H, Lc, Dh)
 
     def version(self) -> tuple:
@@ -122,6 +125,19 @@ class Conditioning:
     weight_cache: dict = field(default_factory=dict)
     seen_image_tokens: int | None = None
     """Image-token count recorded by double-stream blocks (used by single-stream blocks to split)."""
+    image_guidance_scale: float = 1.0
+    """Image CFG: each transformer call also runs the zero-C (no reference) branch and returns
+    ``uncond + s · (cond − uncond)``; 1.0 = off (one call, exactly as without image CFG)."""
+    _unconditional: "Conditioning | None" = field(default=None, repr=False)
+
+    def unconditional(self) -> "Conditioning":
+        """The image-CFG unconditional branch: the same masks, scales and branches with every reference
+        zeroed — the zero-C path of training's image dropout (bias-free K/V → exactly zero CA)."""
+        if self._unconditional is None:
+            self._unconditional = Conditioning(
+                refs=[torch.zeros_like(c) for c in self.refs], scales=self.scales, masks=self.masks,
+                branches=self.branches, image_size=self.image_size, latent_downsample=self.latent_downsample)
+        return self._unconditional
 
     @property
     def num_subjects(self) -> int:

@@ -13,15 +13,19 @@ log = logging.getLogger("dynaip.eval")
 
 
 def _bench_single(args: argparse.Namespace) -> int:
-    from .bench_single import SingleBenchConfig, build_single_cases
+    from .bench_single import SingleBenchConfig, read_single_pool
     from .cases import write_cases
 
-    cases = build_single_cases(SingleBenchConfig(pool=args.pool, seed=args.seed, strict=args.strict))
-    n = write_cases(args.out, cases)
+    pool = read_single_pool(SingleBenchConfig(pool=args.pool, seed=args.seed, strict=args.strict,
+                                              allow_partial=args.allow_partial))
+    n = write_cases(args.out, pool.cases)
     cats = {}
-    for c in cases:
+    for c in pool.cases:
         cats[c.category] = cats.get(c.category, 0) + 1
-    print(f"{n} DreamBench++ cases written to {args.out} ({', '.join(f'{k}: {v}' for k, v in cats.items())})")
+    print(f"{n} DreamBench++ cases written to {args.out} ({', '.join(f'{k}: {v}' for k, v in cats.items())}; "
+          f"{pool.layout} layout)")
+    if pool.problems:
+        print(f"partial pool ({pool.describe()}): {'; '.join(pool.problems)}")
     return 0
 
 
@@ -84,13 +88,14 @@ def _score(args: argparse.Namespace) -> int:
     images = Path(args.images)
     out = Path(args.out) if args.out else images / "scores"
     settings = ScoreSettings(method=args.method or images.resolve().name, metrics=metrics,
-                             concurrency=args.concurrency, device=args.device)
+                             concurrency=args.concurrency, device=args.device, runs=args.runs)
     s = score_method(cases, images, out, cfg, settings, clip_paths=clip_paths, cases_file=str(Path(args.cases).resolve()))
     o = s["groups"]["overall"]
-    fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
-    print(f"{s['method']} on {s['benchmark']}: CP {fmt(o['cp'])}  PF {fmt(o['pf'])}  CP·PF {fmt(o['cp_pf'])}  "
-          f"CLIP-I {fmt(o['clip-i'])}  CLIP-T {fmt(o['clip-t'])}  DINO {fmt(o['dino'])}  "
-          f"({s['n_images']}/{s['n_cases']} images; summary in {out / 'summary.json'})")
+    fmt = lambda v, sd=None: "–" if v is None else f"{v:.4f}" + ("" if sd is None else f" ± {sd:.4f}")  # noqa: E731
+    print(f"{s['method']} on {s['benchmark']}: CP {fmt(o['cp'], o['cp_std'])}  PF {fmt(o['pf'], o['pf_std'])}  "
+          f"CP·PF {fmt(o['cp_pf'])}  CLIP-I {fmt(o['clip-i'])}  CLIP-T {fmt(o['clip-t'])}  DINO {fmt(o['dino'])}  "
+          f"({s['n_images']}/{s['n_cases']} images; protocol {s['protocol']}, {s['runs']} judging run(s), "
+          f"{s['failed_items']} items left out; summary in {out / 'summary.json'})")
     return 0
 
 
@@ -110,10 +115,17 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="eval_command", required=True, metavar="STEP")
 
     b = sub.add_parser("bench-single", help="DreamBench++ cases (150 subjects × 9 prompts = 1,350)")
-    b.add_argument("--pool", required=True, help="DreamBench++ root with images/<category>/ and captions/<category>/")
+    b.add_argument("--pool", required=True, help="DreamBench++ root: images/live_subject/{animal,human}/NN.jpg, "
+                                                 "images/{object,style}/NN.jpg, captions/ mirrored (or the flat "
+                                                 "images/<category>/ layout)")
     b.add_argument("--out", required=True, help="cases file to write (JSON Lines)")
     b.add_argument("--seed", type=int, default=0, help="base seed of the per-case generation seeds")
-    b.add_argument("--strict", action="store_true", help="fail when counts differ from the release's 150 × 9")
+    check = b.add_mutually_exclusive_group()
+    check.add_argument("--strict", action="store_true",
+                       help="also require the release's exact shape: live_subject/ nesting, NN.jpg, captions of "
+                            "1 + 9 lines, no stray files")
+    check.add_argument("--allow-partial", action="store_true",
+                       help="accept a pool that is not the full 150 × 9 (default: an error); the counts are printed")
     b.set_defaults(func=_bench_single)
 
     m = sub.add_parser("bench-multi", help="DynaIP-Bench cases (642 two-subject + 246 three-subject = 888)")
@@ -153,10 +165,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--method", default=None, help="method name in reports (default: the images directory name)")
     s.add_argument("--metrics", default=None, help="comma list from cp,pf,clip-i,clip-t,dino (default: all available)")
     s.add_argument("--concurrency", type=int, default=4, help="judge requests in flight")
+    s.add_argument("--runs", type=int, default=None,
+                   help="independent judging runs, each stored in OUT/judge_runN.jsonl and resumable; reported as "
+                        "mean ± sample std (default: 3 with protocol dreambench, 1 with open)")
     s.add_argument("--device", default=None, help="torch device for CLIP / DINO")
     s.set_defaults(func=_score)
 
-    r = sub.add_parser("report", help="Markdown + CSV tables (paper layout) and contact sheets")
+    r = sub.add_parser("report", help="Markdown + CSV tables (benchmark and paper layouts) and contact sheets")
     r.add_argument("--scores", required=True, nargs="+", help="score directories, one per method")
     r.add_argument("--out", required=True, help="report directory")
     r.add_argument("--n", type=int, default=12, help="cases per contact sheet")

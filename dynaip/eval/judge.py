@@ -1,23 +1,39 @@
 """VLM judges for concept preservation (CP) and prompt following (PF), DreamBench++ style.
 
 Judges are OpenAI-compatible chat-completion servers (vLLM, SGLang, LMDeploy): the harness POSTs
-``{base_url}/chat/completions`` with the images as base64 PNG data URLs in ``image_url`` content parts
-(each resized so its longer side is ``image_size`` px, 512 by default). An answer is valid when the
-text after its first ``Score:`` holds exactly one number and that number is an integer 0–4
-("Score: 3" ✓; "Score: 3 or 4", "Score: 5", "Score: 2.5" and answers without ``Score:`` ✗). An invalid
-answer is asked again, at most ``max_retries`` more times; the item score is ``score / 4``.
+``{base_url}/chat/completions`` with the images as base64 data URLs in ``image_url`` content parts.
+The item score is ``score / 4``. How a judge is asked is the config's ``protocol``:
+
+``dreambench`` — the procedure of the DreamBench++ benchmark (README.md, section "Evaluation", lists
+every point and how it differs from the benchmark's own scripts):
+
+- conversation: a user turn with the rubric, an assistant turn acknowledging it, then a user turn with
+  the sample (CP: the reference image then the generated image; PF: the prompt text then the generated
+  image); no system message. The rubric and acknowledgement texts are ours (``DREAMBENCH_RUBRICS``);
+- images: EXIF-rotated, transparency flattened on white, resized to ``image_size`` × ``image_size``
+  (512, aspect ratio not kept, bicubic) and sent as JPEG (``"detail": "high"``);
+- sampling at temperature 1 on every try, each request with its own seed derived from (run, item, try);
+- an answer is valid when ``score:`` / ``Score:`` followed by an optional word and a number occurs
+  exactly once (``parse_score_dreambench``) and the number is 0–4; at most 3 tries, after which the
+  item is left out of that run.
+
+``open`` — the harness's own procedure (what ``eval score`` did before protocols existed): a system
+message and one user turn holding our instruction and the images (PNG, longer side resized to
+``image_size``); temperature 0, then ``retry_temperature`` for re-asks; an answer is valid when the
+text after its first ``Score:`` holds exactly one number and it is an integer 0–4 ("Score: 3" ✓;
+"Score: 3 or 4", "Score: 5", "Score: 2.5" ✗, ``parse_score``); at most ``1 + max_retries`` tries.
 
 Config (YAML)::
 
+    protocol: dreambench                      # required: dreambench | open
     image_size: 512
     judges:
       - name: internvl3-78b                   # a label; part of the score keys
         base_url: http://gpu-node-1:23333/v1  # the server's OpenAI-compatible root
         model: OpenGVLab/InternVL3-78B        # the served model name
         api_key_env: null                     # env var holding the API key (null: no Authorization header)
-        temperature: 0.0
-        max_retries: 3                        # extra attempts after an unparsable answer
         timeout_s: 180                        # per HTTP request
+        # protocol open only (dreambench fixes them): temperature, retry_temperature, max_retries
       - name: qwen3-vl-32b
         base_url: http://gpu-node-2:8000/v1
         model: Qwen/Qwen3-VL-32B-Instruct
@@ -36,15 +52,24 @@ import os
 import re
 import time
 import urllib.error
+import zlib
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
+
+PROTOCOLS = ("dreambench", "open")
+"""How judges are asked (see the module docstring)."""
+PROTOCOL_SAMPLING = {"dreambench": {"temperature": 1.0, "retry_temperature": 1.0, "max_retries": 2},
+                     "open": {"temperature": 0.0, "retry_temperature": 0.7, "max_retries": 3}}
+"""Per protocol: first-try temperature, re-ask temperature and extra tries (dreambench: 3 tries at temperature 1)."""
+DREAMBENCH_IMAGE_SIZE = 512
+"""The side of the square images the dreambench protocol sends."""
 
 
 @dataclass(kw_only=True)
@@ -59,12 +84,13 @@ class JudgeConfig:
     """Model name as the server knows it."""
     api_key_env: str | None = None
     """Environment variable holding the API key; None sends no Authorization header."""
-    temperature: float = 0.0
-    """Sampling temperature of the first attempt."""
-    retry_temperature: float = 0.7
-    """Temperature of retries after an unparsable answer (a greedy judge would repeat itself)."""
-    max_retries: int = 3
-    """Extra attempts after an unparsable answer or a transient HTTP failure (so ≤ 1 + max_retries requests)."""
+    temperature: float | None = None
+    """Sampling temperature of the first try; None: the protocol's (open 0.0; dreambench 1.0, fixed)."""
+    retry_temperature: float | None = None
+    """Temperature of re-asks after an unparsable answer; None: the protocol's (open 0.7; dreambench 1.0, fixed)."""
+    max_retries: int | None = None
+    """Extra tries after an unparsable answer or a transient HTTP failure (≤ 1 + max_retries requests each);
+    None: the protocol's (open 3; dreambench 2, fixed: 3 tries in all)."""
     timeout_s: float = 180.0
     """Timeout of every HTTP request, seconds."""
     max_tokens: int = 1024
@@ -77,9 +103,21 @@ class JudgeConfig:
             raise ValueError(f"judge name {self.name!r} may hold only [A-Za-z0-9_.-] (it is part of score keys)")
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"judge {self.name}: base_url {self.base_url!r} must start with http:// or https://")
-        if self.max_retries < 0 or self.timeout_s <= 0:
+        if (self.max_retries is not None and self.max_retries < 0) or self.timeout_s <= 0:
             raise ValueError(f"judge {self.name}: max_retries ({self.max_retries}) must be ≥ 0 and timeout_s "
                              f"({self.timeout_s}) > 0")
+
+    def resolved(self, protocol: str) -> "JudgeConfig":
+        """This judge with the protocol's sampling settings filled in; dreambench refuses other values."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
+        fixed = PROTOCOL_SAMPLING[protocol]
+        if protocol == "dreambench":
+            bad = {k: getattr(self, k) for k, v in fixed.items() if getattr(self, k) not in (None, v)}
+            if bad:
+                raise ValueError(f"judge {self.name}: {bad} conflicts with protocol dreambench, which samples at "
+                                 "temperature 1 with 3 tries; remove these keys or use protocol: open")
+        return replace(self, **{k: v if getattr(self, k) is None else getattr(self, k) for k, v in fixed.items()})
 
     def api_key(self) -> str | None:
         if self.api_key_env is None:
@@ -105,24 +143,46 @@ class DinoPaths:
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    """The ``eval score`` config file: judges and optional DINO weights."""
+    """The ``eval score`` config file: judge protocol, judges and optional DINO weights."""
 
     judges: list[JudgeConfig] = field(default_factory=list)
-    """VLM judges; their scores are averaged per item."""
+    """VLM judges; their scores are averaged per item. Stored resolved for ``protocol``."""
+    protocol: str = "dreambench"
+    """How judges are asked: ``dreambench`` (the benchmark's procedure) or ``open`` (the harness's own)."""
     image_size: int = 512
-    """Images sent to judges are resized so their longer side is this many pixels."""
+    """Judge image size: dreambench, the square side (512 only); open, the longer side."""
     dino: DinoPaths | None = None
     """DINO weights for the DINO score; None skips it."""
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r} is not one of {list(PROTOCOLS)}: dreambench follows the "
+                             "DreamBench++ procedure, open is the harness's own")
+        if self.protocol == "dreambench" and self.image_size != DREAMBENCH_IMAGE_SIZE:
+            raise ValueError(f"image_size {self.image_size} conflicts with protocol dreambench, which sends "
+                             f"{DREAMBENCH_IMAGE_SIZE} × {DREAMBENCH_IMAGE_SIZE} images; remove image_size or use "
+                             "protocol: open")
+        if self.image_size < 1:
+            raise ValueError(f"image_size {self.image_size} must be ≥ 1")
+        self.judges = [j.resolved(self.protocol) for j in self.judges]
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvalConfig":
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"eval config '{path}' does not exist; start from jobs/configs/eval_judges.yaml")
-        raw = yaml.safe_load(path.read_text()) or {}
-        unknown = set(raw) - {"judges", "image_size", "dino"}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping with protocol, judges, image_size, dino")
+        unknown = set(raw) - {"protocol", "judges", "image_size", "dino"}
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: judges, image_size, dino")
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: protocol, judges, image_size, dino")
+        if "protocol" not in raw:
+            raise ValueError(f"{path}: no 'protocol'; add 'protocol: dreambench' (the DreamBench++ judging procedure) "
+                             "or 'protocol: open' (the harness's own, as before protocols existed)")
         try:
             judges = [JudgeConfig(**j) for j in raw.get("judges") or []]
         except TypeError as e:
@@ -136,7 +196,11 @@ class EvalConfig:
             p = Path(str(dino["path"])).expanduser()
             dino["path"] = str(p if p.is_absolute() else (path.parent / p).resolve())
             dino = DinoPaths(**dino)
-        return cls(judges=judges, image_size=int(raw.get("image_size", 512)), dino=dino)
+        try:
+            return cls(judges=judges, protocol=str(raw["protocol"]), image_size=int(raw.get("image_size", 512)),
+                       dino=dino)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -200,6 +264,120 @@ def pf_prompt(prompt: str) -> str:
     return PF_PROMPT.format(prompt=prompt)
 
 
+# dreambench protocol: rubric turn + acknowledgement turn (our own texts), then the sample turn.
+_DB_ANSWER_SCORE_ONLY = """## How to answer
+Reply with one line and nothing else:
+Score: N
+where N is your integer score. Do not explain."""
+
+_DB_CP_SUBJECT = """## Task
+You are rating personalized image generation. A model was given a reference image of a subject and asked to
+produce a new image of that same subject. Rate how well the subject of the generated image keeps the identity of
+the subject in the reference.
+
+## What to compare
+1. Shape: the silhouette, structure and proportions of the subject and how its parts relate in size and place.
+2. Colour: the hues, saturation and brightness of the subject and where each colour sits on it.
+3. Texture: surface detail such as fur, skin, fabric, material, print and small markings, and whether it is
+   rendered crisply instead of smeared. Stylisation of texture is only expected when the prompt asked for it.
+4. Face: for people and animals, whether the face looks like the same individual; this weighs heavily.
+{multi}
+## Scale (integers 0 to 4)
+0: unrelated. Nothing of the reference subject is present.
+1: the same broad kind of thing, but a clearly different individual.
+2: recognisably alike, with several obvious differences.
+3: the same subject, with small differences only.
+4: indistinguishable from the reference subject.
+
+## Input
+Each sample is two images: the reference first, the generated image second.
+
+""" + _DB_ANSWER_SCORE_ONLY
+
+_DB_CP_SUBJECT_ACK = """Understood. For every sample I will compare the subject of the second (generated) image with the
+subject of the first (reference) image on shape, colour, texture and, for people and animals, the face{multi}. I
+will weigh these together into one integer from 0 (unrelated) to 4 (indistinguishable) and reply with the single
+line "Score: N", without any explanation. Please send the first sample."""
+
+_DB_MULTI = """
+The generated image may show several subjects. Rate only the one that corresponds to the reference and ignore
+the others.
+"""
+
+_DB_CP_STYLE = """## Task
+You are rating personalized image generation. A model was given a reference artwork and asked to produce a new
+image in the same style. Rate how well the generated image keeps the style of the reference. What the images
+depict does not matter, only how they are made.
+
+## What to compare
+1. Colour and tone: the palette, how colours are combined, their saturation and brightness, and how tones are
+   distributed and blended across the picture.
+2. Strokes and texture: the marks the medium leaves (rough or smooth, long or short, their direction and density),
+   surface textures and how light is rendered.
+3. Manner: line quality (soft or hard), how far shapes are simplified or abstracted, and the overall artistic
+   approach (for example realistic, expressive, graphic or abstract).
+
+## Scale (integers 0 to 4)
+0: unrelated. The generated image shares nothing of the reference style.
+1: faintly related, with large differences.
+2: clearly alike in some respects, with notable differences.
+3: the same style, with small differences only.
+4: indistinguishable in style from the reference.
+
+## Input
+Each sample is two images: the reference first, the generated image second.
+
+""" + _DB_ANSWER_SCORE_ONLY
+
+_DB_CP_STYLE_ACK = """Understood. For every sample I will compare the style of the second (generated) image with the
+first (reference) image on colour and tone, strokes and texture, and overall manner, regardless of the content. I
+will weigh these together into one integer from 0 (unrelated) to 4 (indistinguishable) and reply with the single
+line "Score: N", without any explanation. Please send the first sample."""
+
+_DB_PF = """## Task
+You are rating text-to-image generation. You get a text prompt and the image a model generated from it. Rate how
+well the image agrees with the prompt.
+
+## What to check
+1. Relevance: the subjects and things the prompt is about are the ones the image shows.
+2. Accuracy: the details the prompt names (objects, attributes, actions, settings, styles) are present and right.
+3. Completeness: nothing important from the prompt is left out.
+4. Context: the scene, the surroundings and the relations between subjects are the ones the prompt describes.
+Image quality and beauty do not count, only agreement with the prompt.
+
+## Scale (integers 0 to 4)
+0: no agreement. The image shows none of the prompt's key points.
+1: weak agreement. The general topic is there, most details are missing.
+2: partial agreement. Much of the prompt is there, but several important details are missing or wrong.
+3: strong agreement. Nearly everything is there, with a minor omission or error.
+4: full agreement. Everything of importance in the prompt is depicted accurately.
+
+## Input
+Each sample is the text prompt followed by the image.
+
+## How to answer
+First a short analysis of the points above, two or three sentences, then a last line:
+Score: N
+where N is your integer score."""
+
+_DB_PF_ACK = """Understood. For every sample I will check the image against the prompt for relevance, accuracy,
+completeness and context, ignoring image quality, write a short analysis and end with the line "Score: N", N an
+integer from 0 (no agreement) to 4 (full agreement). Please send the first sample."""
+
+
+def dreambench_rubric(kind: str, *, multi: bool = False) -> tuple[str, str]:
+    """(rubric, acknowledgement) of the dreambench protocol for ``cp-subject``, ``cp-style`` or ``pf``."""
+    if kind == "cp-subject":
+        return (_DB_CP_SUBJECT.format(multi=_DB_MULTI if multi else ""),
+                _DB_CP_SUBJECT_ACK.format(multi=", looking only at the subject that matches the reference" if multi
+                                          else ""))
+    if kind == "cp-style":
+        return _DB_CP_STYLE, _DB_CP_STYLE_ACK
+    if kind == "pf":
+        return _DB_PF, _DB_PF_ACK
+    raise ValueError(f"rubric kind {kind!r} is not one of cp-subject, cp-style, pf")
+
+
 # ----------------------------------------------------------------------------------------------- parsing
 _NUMBER = re.compile(r"[-+]?\d+(?:[.,]\d+)?")
 _SCORE = re.compile(r"score\s*[:：]", re.IGNORECASE)
@@ -217,6 +395,20 @@ def parse_score(answer: str) -> int | None:
     if not re.fullmatch(r"[+]?\d+", n):
         return None
     value = int(n)
+    return value if 0 <= value <= 4 else None
+
+
+_DB_SCORE = re.compile(r"(?:score|Score):\s*[A-Za-z]*\s*(\d+)")
+
+
+def parse_score_dreambench(answer: str) -> int | None:
+    """dreambench: the number of the one ``score:`` / ``Score:`` match (an optional word may sit between, as in
+    "Score: about 3"), anywhere in the answer; None when there are no or several matches or it is not 0–4.
+    Only the leading digits count ("Score: 2.5" reads 2), as in the benchmark's own pattern."""
+    found = _DB_SCORE.findall(answer or "")
+    if len(found) != 1:
+        return None
+    value = int(found[0])
     return value if 0 <= value <= 4 else None
 
 
@@ -238,6 +430,45 @@ def image_data_url(image: Image.Image | str | Path, size: int = 512) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def square_jpeg_data_url(image: Image.Image | str | Path, size: int = DREAMBENCH_IMAGE_SIZE) -> str:
+    """dreambench: ``data:image/jpeg;base64,...`` of the image EXIF-rotated, flattened on white, RGB, resized to
+    ``size`` × ``size`` (aspect ratio not kept, bicubic) and JPEG-encoded at Pillow's default quality (75)."""
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+    image = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def image_part(image: Image.Image | str | Path, protocol: str, size: int) -> dict:
+    """One ``image_url`` content part as the protocol sends it."""
+    if protocol == "dreambench":
+        return {"type": "image_url", "image_url": {"url": square_jpeg_data_url(image, size), "detail": "high"}}
+    return {"type": "image_url", "image_url": {"url": image_data_url(image, size)}}
+
+
+def dreambench_messages(kind: str, images: list[Image.Image | str | Path], *, prompt: str | None = None,
+                        multi: bool = False, size: int = DREAMBENCH_IMAGE_SIZE) -> list[dict]:
+    """rubric (user) → acknowledgement (assistant) → sample (user: [prompt text,] images)."""
+    rubric, ack = dreambench_rubric(kind, multi=multi)
+    sample: list[dict[str, Any]] = [{"type": "text", "text": prompt}] if prompt is not None else []
+    sample += [image_part(im, "dreambench", size) for im in images]
+    return [{"role": "user", "content": rubric}, {"role": "assistant", "content": ack},
+            {"role": "user", "content": sample}]
+
+
+def open_messages(instruction: str, images: list[Image.Image | str | Path], size: int = 512) -> list[dict]:
+    """system message → one user turn: the instruction, then the images in order."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": instruction}]
+    content += [image_part(im, "open", size) for im in images]
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+
+
 @dataclass(kw_only=True)
 class Judgement:
     score: int | None
@@ -249,10 +480,11 @@ class Judgement:
 
 
 class ChatJudge:
-    """Sends one rubric + images to one judge and parses ``Score: N`` with bounded retries."""
+    """Asks one judge about one item under a protocol and parses its score with bounded retries."""
 
-    def __init__(self, cfg: JudgeConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: JudgeConfig, protocol: str = "dreambench"):
+        self.protocol = protocol
+        self.cfg = cfg.resolved(protocol)
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._key = cfg.api_key()
 
@@ -287,17 +519,24 @@ class ChatJudge:
                          f"(last: {type(last).__name__}: {last}); is the server up? (vLLM: `vllm serve MODEL`)")
 
     def ask(self, instruction: str, images: list[Image.Image | str | Path], image_size: int = 512) -> Judgement:
-        """Asks until the answer parses (≤ 1 + max_retries times); images follow the instruction in order."""
-        content: list[dict[str, Any]] = [{"type": "text", "text": instruction}]
-        content += [{"type": "image_url", "image_url": {"url": image_data_url(im, image_size)}} for im in images]
+        """The open protocol's message form (system message, then the instruction and the images in one user turn);
+        the answer is parsed by this judge's protocol."""
+        return self.ask_messages(open_messages(instruction, images, image_size))
+
+    def ask_messages(self, messages: list[dict], *, seed_key: str | None = None) -> Judgement:
+        """Asks until the answer parses (≤ 1 + max_retries times). dreambench: temperature 1 on every try and,
+        with ``seed_key``, a seed per try derived from it (so runs differ and a rerun repeats its requests)."""
+        parse = parse_score_dreambench if self.protocol == "dreambench" else parse_score
         answers: list[str] = []
         for attempt in range(1 + self.cfg.max_retries):
             body = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
                     "temperature": self.cfg.temperature if attempt == 0 else self.cfg.retry_temperature,
-                    "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]}
+                    "messages": messages}
+            if self.protocol == "dreambench" and seed_key is not None:
+                body["seed"] = zlib.crc32(f"{seed_key}|{attempt}".encode()) & 0x7FFFFFFF
             answer = self._post(body)
             answers.append(answer[:2000])
-            score = parse_score(answer)
+            score = parse(answer)
             if score is not None:
                 return Judgement(score=score, attempts=attempt + 1, answers=answers)
             log.debug("judge %s: unparsable answer %r", self.cfg.name, answer[-200:])

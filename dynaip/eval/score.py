@@ -1,22 +1,30 @@
-"""Scoring generated images: VLM-judged CP / PF plus CLIP-I, CLIP-T and DINO, resumable.
+"""Scoring generated images: VLM-judged CP / PF in N independent runs, plus CLIP-I, CLIP-T and DINO, resumable.
 
 Output directory (default ``GEN_DIR/scores``)::
 
-    OUT/scores.jsonl   # one line per judged item / embedding metric, appended as results arrive
-    OUT/summary.json   # per-group means for this method, rewritten at the end of every run
+    OUT/judge_run1.jsonl   # judging run 1: one line per judged item, appended as results arrive
+    OUT/judge_run2.jsonl   # ... one file per run (``--runs N``; dreambench protocol: 3 by default)
+    OUT/scores.jsonl       # CLIP-I / CLIP-T / DINO, one line per case and metric (computed once)
+    OUT/summary.json       # per-group mean ± sample std over runs, rewritten at the end of every call
 
-A ``scores.jsonl`` line is keyed by case id + source (judge name, ``clip`` or ``dino``) + metric::
+A judge line is keyed by case id + judge name + metric (+ subject for CP); an embedding line by case
+id + source (``clip`` or ``dino``) + metric::
 
-    {"key": "dbpp-animal-0-p3|internvl3-78b|cp@0", "case_id": "dbpp-animal-0-p3", "source": "internvl3-78b",
-     "metric": "cp", "subject": 0, "score": 3, "value": 0.75, "attempts": 2, "answers": ["...", "..."]}
-    {"key": "dbpp-animal-0-p3|clip|clip-i", "case_id": "...", "source": "clip", "metric": "clip-i", "value": 0.81}
+    {"key": "dbpp-animal-00-p3|internvl3-78b|cp@0", "case_id": "dbpp-animal-00-p3", "source": "internvl3-78b",
+     "metric": "cp", "subject": 0, "run": 1, "protocol": "dreambench", "score": 3, "value": 0.75,
+     "attempts": 2, "answers": ["...", "..."]}
+    {"key": "dbpp-animal-00-p3|clip|clip-i", "case_id": "...", "source": "clip", "metric": "clip-i", "value": 0.81}
 
-A rerun skips every key already present with a value; judged items whose answers never parsed
-(``score: null``) are asked again. A torn last line (a crash mid-write) is ignored.
+Every run resumes on its own: a rerun skips each key its file holds with a value; items whose answers
+never parsed (``score: null``) are asked again, in their run. A torn last line (a crash mid-write) is
+ignored. A run file judged under another protocol is refused (its scores would not be comparable).
 
-Aggregation (DreamBench++): an item's value is score / 4; a subject's CP is the mean over judges; a
-case's CP is the mean over its subjects (multi-subject CP); PF is the mean over judges. A group's
-CP and PF are means over its cases and CP·PF is their product.
+Aggregation: an item's value is score / 4; a subject's CP is the mean over judges; a case's CP is the
+mean over its subjects (multi-subject CP); PF is the mean over judges. Within one run a group's CP and
+PF are means over its cases that have a value in that run (items that failed every try are left
+out). Over runs a group reports the mean of the per-run means and their sample standard deviation
+(n − 1; None for one run), and CP·PF = mean CP × mean PF. DreamBench++ cases are also grouped by prompt
+type (``bench_single.prompt_type``: prompts 0–3 photorealistic, 4–6 style transfer, 7–8 imaginative).
 """
 
 from __future__ import annotations
@@ -26,18 +34,27 @@ import logging
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import fmean
-from typing import Callable, Iterable, Sequence
+from statistics import fmean, stdev
+from typing import Callable, Sequence
 
-from .bench_single import CATEGORIES
+from .bench_single import CATEGORIES, PROMPT_TYPES, prompt_type
 from .cases import Case, atomic_write_bytes
 from .generate import image_path
-from .judge import ChatJudge, EvalConfig, JudgeConfig, cp_prompt, pf_prompt
+from .judge import ChatJudge, EvalConfig, JudgeConfig, cp_prompt, dreambench_messages, open_messages, pf_prompt
 
 log = logging.getLogger(__name__)
 JUDGE_METRICS = ("cp", "pf")
 EMBED_METRICS = ("clip-i", "clip-t", "dino")
 ALL_METRICS = JUDGE_METRICS + EMBED_METRICS
+EMBED_SOURCES = ("clip", "dino")
+DEFAULT_RUNS = {"dreambench": 3, "open": 1}
+"""Judging runs when ``--runs`` is not given, per protocol (the benchmark judges every item 3 times)."""
+SUMMARY_FORMAT = "dynaip-eval-summary/2"
+
+
+def run_file(out_dir: str | Path, run: int) -> Path:
+    """The judge records of run ``run`` (1-based)."""
+    return Path(out_dir) / f"judge_run{run}.jsonl"
 
 
 class ScoreStore:
@@ -90,6 +107,8 @@ class ScoreSettings:
     """Judge requests in flight at once (the servers batch them)."""
     device: str | None = None
     """Torch device for CLIP / DINO (default: cuda if available)."""
+    runs: int | None = None
+    """Independent judging runs; None: the protocol's default (``DEFAULT_RUNS``: dreambench 3, open 1)."""
 
     def __post_init__(self) -> None:
         bad = [m for m in self.metrics if m not in ALL_METRICS]
@@ -97,6 +116,8 @@ class ScoreSettings:
             raise ValueError(f"unknown metrics {bad}; choose from {list(ALL_METRICS)}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency={self.concurrency} must be ≥ 1")
+        if self.runs is not None and self.runs < 1:
+            raise ValueError(f"runs={self.runs} must be ≥ 1 (independent judging runs)")
 
 
 @dataclass(kw_only=True)
@@ -105,6 +126,7 @@ class _Item:
     judge: JudgeConfig
     metric: str
     subject: int | None
+    run: int
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,41 +136,75 @@ class _Item:
 
 def _judge_item(judge: ChatJudge, item: _Item, generated: Path, image_size: int) -> dict:
     case = item.case
-    if item.metric == "cp":
+    if judge.protocol == "dreambench":
+        if item.metric == "cp":
+            subject = case.subjects[item.subject]
+            messages = dreambench_messages("cp-style" if subject.type == "style" else "cp-subject",
+                                           [subject.path, generated], multi=case.is_multi, size=image_size)
+        else:
+            messages = dreambench_messages("pf", [generated], prompt=case.prompt, size=image_size)
+    elif item.metric == "cp":
         subject = case.subjects[item.subject]
-        instruction = cp_prompt(subject.name, style=subject.type == "style", multi=case.is_multi)
-        images = [subject.path, generated]
+        messages = open_messages(cp_prompt(subject.name, style=subject.type == "style", multi=case.is_multi),
+                                 [subject.path, generated], image_size)
     else:
-        instruction, images = pf_prompt(case.prompt), [generated]
-    j = judge.ask(instruction, images, image_size)
+        messages = open_messages(pf_prompt(case.prompt), [generated], image_size)
+    j = judge.ask_messages(messages, seed_key=f"{item.run}|{item.key}")
     return {"key": item.key, "case_id": case.id, "source": item.judge.name, "metric": item.metric,
-            "subject": item.subject, "score": j.score, "value": None if j.score is None else j.score / 4,
-            "attempts": j.attempts, "answers": j.answers}
+            "subject": item.subject, "run": item.run, "protocol": judge.protocol, "score": j.score,
+            "value": None if j.score is None else j.score / 4, "attempts": j.attempts, "answers": j.answers}
 
 
-def run_judges(cases: Sequence[Case], images_dir: Path, store: ScoreStore, cfg: EvalConfig, settings: ScoreSettings,
-               judge_factory: Callable[[JudgeConfig], ChatJudge] = ChatJudge) -> int:
-    """Asks every judge about every unfinished (case, metric, subject); returns how many items were judged."""
+def open_run_stores(out_dir: Path, runs: int, protocol: str) -> dict[int, ScoreStore]:
+    """The stores of runs 1..runs; refuses a run file judged under another protocol and pre-run judge records."""
+    legacy = ScoreStore(out_dir / "scores.jsonl")
+    if any(r.get("source") not in EMBED_SOURCES for r in legacy.records.values()):
+        raise ValueError(f"'{legacy.path}' holds judge scores written before judging runs existed; rename it to "
+                         f"'{run_file(out_dir, 1)}' to keep them as run 1 (they were judged with protocol open), or "
+                         "score into a new --out directory")
+    stores = {}
+    for r in range(1, runs + 1):
+        store = ScoreStore(run_file(out_dir, r))
+        other = sorted({rec.get("protocol", "open") for rec in store.records.values()} - {protocol})
+        if other:
+            raise ValueError(f"'{store.path}' was judged with protocol {other[0]}, this config says {protocol}; runs "
+                             "of different protocols are not comparable: score into a new --out directory")
+        stores[r] = store
+    extra = sorted(p.name for p in out_dir.glob("judge_run*.jsonl") if p.name not in {run_file(out_dir, r).name
+                                                                                      for r in stores})
+    if extra:
+        log.info("score: %s left as they are (only runs 1-%d are judged and reported)", ", ".join(extra), runs)
+    return stores
+
+
+def run_judges(cases: Sequence[Case], images_dir: Path, stores: dict[int, ScoreStore], cfg: EvalConfig,
+               settings: ScoreSettings, judge_factory: Callable[..., ChatJudge] = ChatJudge) -> int:
+    """Asks every judge about every unfinished (run, case, metric, subject); returns how many items were judged."""
     metrics = [m for m in JUDGE_METRICS if m in settings.metrics]
     if not metrics:
         return 0
     if not cfg.judges:
         log.warning("score: no judges in the eval config: CP and PF skipped (add a 'judges:' list)")
         return 0
+    if not stores:
+        return 0
     items: list[_Item] = []
     for case in cases:
         if not image_path(images_dir, case.id).is_file():
             continue
-        for jc in cfg.judges:
-            if "cp" in metrics:
-                items += [_Item(case=case, judge=jc, metric="cp", subject=s) for s in range(len(case.subjects))]
-            if "pf" in metrics:
-                items.append(_Item(case=case, judge=jc, metric="pf", subject=None))
-    todo = [it for it in items if not store.has_value(it.key)]
-    log.info("score: %d judged items, %d done, %d to ask", len(items), len(items) - len(todo), len(todo))
+        for run in stores:
+            for jc in cfg.judges:
+                if "cp" in metrics:
+                    items += [_Item(case=case, judge=jc, metric="cp", subject=s, run=run)
+                              for s in range(len(case.subjects))]
+                if "pf" in metrics:
+                    items.append(_Item(case=case, judge=jc, metric="pf", subject=None, run=run))
+    todo = [it for it in items if not stores[it.run].has_value(it.key)]
+    log.info("score: %d judged items in %d run(s), %d done, %d to ask", len(items), len(stores),
+             len(items) - len(todo), len(todo))
     if not todo:
         return 0
-    judges = {jc.name: judge_factory(jc) for jc in cfg.judges}
+    judges = {jc.name: judge_factory(jc, protocol=cfg.protocol) for jc in cfg.judges}
     done = 0
     with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
         futures = {pool.submit(_judge_item, judges[it.judge.name], it, image_path(images_dir, it.case.id),
@@ -163,9 +219,9 @@ def run_judges(cases: Sequence[Case], images_dir: Path, store: ScoreStore, cfg: 
                     raise fut.exception()
                 rec = fut.result()
                 if rec["score"] is None:
-                    log.warning("score: %s gave no parsable score in %d attempts (kept as failed; a rerun asks again)",
-                                rec["key"], rec["attempts"])
-                store.add(rec)
+                    log.warning("score: run %d: %s gave no parsable score in %d tries (left out of this run; a rerun "
+                                "asks again)", rec["run"], rec["key"], rec["attempts"])
+                stores[rec["run"]].add(rec)
                 done += 1
                 if done % 50 == 0:
                     log.info("score: %d/%d judged", done, len(todo))
@@ -217,28 +273,50 @@ def run_embeddings(cases: Sequence[Case], images_dir: Path, store: ScoreStore, s
 
 
 # ----------------------------------------------------------------------------------------------- aggregation
-def case_values(case: Case, store: ScoreStore, judges: Iterable[str]) -> dict[str, float | None]:
-    """One case's CP, PF (judge means, /4 applied), CLIP-I, CLIP-T and DINO; None where not (fully) scored."""
-    judges = list(judges)
+def judge_values(case: Case, store: ScoreStore, judges: Sequence[str]) -> dict[str, float | None]:
+    """One case's CP and PF in one run (judge means, /4 applied); None where not (fully) scored."""
     per_subject = []
     for s in range(len(case.subjects)):
         vals = [v for j in judges if (v := store.value(case.id, j, f"cp@{s}")) is not None]
         per_subject.append(fmean(vals) if vals else None)
     pf = [v for j in judges if (v := store.value(case.id, j, "pf")) is not None]
     return {"cp": fmean(per_subject) if per_subject and None not in per_subject else None,
-            "pf": fmean(pf) if pf else None,
-            "clip-i": store.value(case.id, "clip", "clip-i"), "clip-t": store.value(case.id, "clip", "clip-t"),
+            "pf": fmean(pf) if pf else None}
+
+
+def embed_values(case: Case, store: ScoreStore) -> dict[str, float | None]:
+    return {"clip-i": store.value(case.id, "clip", "clip-i"), "clip-t": store.value(case.id, "clip", "clip-t"),
             "dino": store.value(case.id, "dino", "dino")}
 
 
-def group_stats(values: Sequence[dict[str, float | None]]) -> dict[str, float | int | None]:
-    """Means over the cases that have each metric; ``cp_pf`` = CP × PF; ``n`` = cases in the group."""
-    out: dict[str, float | int | None] = {"n": len(values)}
-    for m in ("cp", "pf") + EMBED_METRICS:
-        vals = [v[m] for v in values if v[m] is not None]
-        out[m] = fmean(vals) if vals else None
-        out[f"n_{m}"] = len(vals)
+def _mean(xs: list[float]) -> float | None:
+    return fmean(xs) if xs else None
+
+
+def group_stats(run_values: Sequence[Sequence[dict[str, float | None]]],
+                embed: Sequence[dict[str, float | None]]) -> dict:
+    """One group: per run, CP / PF means over the cases with a value (``runs``); over runs, their mean, sample
+    std (``cp_std`` / ``pf_std``, None below two runs) and the fewest cases any run had (``n_cp`` / ``n_pf``);
+    ``cp_pf`` = mean CP × mean PF; embedding means; ``n`` = cases in the group."""
+    out: dict = {"n": len(embed)}
+    per_run = []
+    for values in run_values:
+        row: dict = {}
+        for m in JUDGE_METRICS:
+            vals = [v[m] for v in values if v[m] is not None]
+            row[m], row[f"n_{m}"] = _mean(vals), len(vals)
+        row["cp_pf"] = row["cp"] * row["pf"] if row["cp"] is not None and row["pf"] is not None else None
+        per_run.append(row)
+    for m in JUDGE_METRICS:
+        means = [r[m] for r in per_run if r[m] is not None]
+        out[m] = _mean(means)
+        out[f"{m}_std"] = stdev(means) if len(means) >= 2 else None
+        out[f"n_{m}"] = min((r[f"n_{m}"] for r in per_run), default=0)
     out["cp_pf"] = out["cp"] * out["pf"] if out["cp"] is not None and out["pf"] is not None else None
+    out["runs"] = per_run
+    for m in EMBED_METRICS:
+        vals = [v[m] for v in embed if v[m] is not None]
+        out[m], out[f"n_{m}"] = _mean(vals), len(vals)
     return out
 
 
@@ -261,28 +339,46 @@ def group_order(cases: Sequence[Case]) -> list[tuple[str, Callable[[Case], bool]
     return groups
 
 
-def summarize(cases: Sequence[Case], store: ScoreStore, judges: Sequence[str], *, method: str, images_dir: Path,
-              cases_file: str | None = None) -> dict:
+def prompt_type_order(cases: Sequence[Case]) -> list[tuple[str, Callable[[Case], bool]]]:
+    """DreamBench++ prompt-type groups (photorealistic, style transfer, imaginative); none for other benchmarks."""
+    if not cases or not all(c.benchmark == "dreambench++" for c in cases):
+        return []
+    return [(name, lambda c, name=name: prompt_type(c.variation) == name) for name, _ in PROMPT_TYPES]
+
+
+def summarize(cases: Sequence[Case], stores: dict[int, ScoreStore], embed_store: ScoreStore, judges: Sequence[str], *,
+              method: str, images_dir: Path, protocol: str, cases_file: str | None = None) -> dict:
     """The per-group summary of one method (what ``summary.json`` holds and ``eval report`` reads)."""
     scored = [c for c in cases if image_path(images_dir, c.id).is_file()]
-    values = {c.id: case_values(c, store, judges) for c in scored}
-    groups = {name: group_stats([values[c.id] for c in scored if pred(c)]) for name, pred in group_order(cases)}
+    runs = sorted(stores) if judges else []
+    run_vals = [{c.id: judge_values(c, stores[r], judges) for c in scored} for r in runs]
+    emb = {c.id: embed_values(c, embed_store) for c in scored}
+
+    def stats(pred: Callable[[Case], bool], judge_vals: list[dict] = run_vals) -> dict:
+        members = [c for c in scored if pred(c)]
+        return group_stats([[v[c.id] for c in members] for v in judge_vals], [emb[c.id] for c in members])
+
+    groups = {name: stats(pred) for name, pred in group_order(cases)}
+    prompt_types = {name: stats(pred) for name, pred in prompt_type_order(cases)}
     per_judge = {}
     for j in judges:
-        vals = [case_values(c, store, [j]) for c in scored]
-        per_judge[j] = {k: group_stats(vals)[k] for k in ("cp", "pf", "cp_pf")}
-    failed = sum(1 for r in store.records.values() if r.get("source") in judges and r.get("value") is None)
+        one = stats(lambda c: True, [{c.id: judge_values(c, stores[r], [j]) for c in scored} for r in runs])
+        per_judge[j] = {k: one[k] for k in ("cp", "cp_std", "pf", "pf_std", "cp_pf")}
+    failed = {r: sum(1 for rec in stores[r].records.values() if rec.get("source") in judges and rec.get("value") is None)
+              for r in runs}
     kinds = sorted({c.benchmark for c in cases})
     benchmark = kinds[0] if len(kinds) == 1 else "+".join(kinds) or "unknown"
-    return {"format": "dynaip-eval-summary/1", "method": method, "benchmark": benchmark, "cases_file": cases_file,
+    return {"format": SUMMARY_FORMAT, "method": method, "benchmark": benchmark, "cases_file": cases_file,
             "images_dir": str(images_dir), "n_cases": len(cases), "n_images": len(scored),
-            "n_missing_images": len(cases) - len(scored), "judges": list(judges), "failed_items": failed,
-            "groups": groups, "group_order": list(groups), "per_judge": per_judge}
+            "n_missing_images": len(cases) - len(scored), "judges": list(judges), "protocol": protocol,
+            "runs": len(runs), "failed_items": sum(failed.values()), "failed_by_run": {str(r): n for r, n in failed.items()},
+            "groups": groups, "group_order": list(groups), "prompt_types": prompt_types,
+            "prompt_type_order": list(prompt_types), "per_judge": per_judge}
 
 
 def score_method(cases: Sequence[Case], images_dir: str | Path, out_dir: str | Path, cfg: EvalConfig,
                  settings: ScoreSettings, *, clip_paths=None, cases_file: str | None = None,
-                 judge_factory: Callable[[JudgeConfig], ChatJudge] = ChatJudge) -> dict:
+                 judge_factory: Callable[..., ChatJudge] = ChatJudge) -> dict:
     """Scores one method's generations (layout in the module docstring) and writes ``summary.json``."""
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     missing = [c.id for c in cases if not image_path(images_dir, c.id).is_file()]
@@ -292,11 +388,17 @@ def score_method(cases: Sequence[Case], images_dir: str | Path, out_dir: str | P
     if missing:
         log.warning("score: %d of %d cases have no image yet (e.g. %s); they are left out", len(missing), len(cases),
                     missing[0])
-    store = ScoreStore(out_dir / "scores.jsonl")
-    run_judges(cases, images_dir, store, cfg, settings, judge_factory)
-    run_embeddings(cases, images_dir, store, settings, clip_paths=clip_paths,
+    judged = bool(set(JUDGE_METRICS) & set(settings.metrics)) and bool(cfg.judges)
+    runs = (settings.runs or DEFAULT_RUNS[cfg.protocol]) if judged else 0
+    if runs > 1 and cfg.protocol == "open" and any(j.temperature == 0 for j in cfg.judges):
+        log.warning("score: %d runs with temperature 0 repeat one another; use protocol dreambench or a temperature "
+                    "> 0 for independent runs", runs)
+    stores = open_run_stores(out_dir, runs, cfg.protocol)
+    embed_store = ScoreStore(out_dir / "scores.jsonl")
+    run_judges(cases, images_dir, stores, cfg, settings, judge_factory)
+    run_embeddings(cases, images_dir, embed_store, settings, clip_paths=clip_paths,
                    dino_paths=cfg.dino if "dino" in settings.metrics else None)
-    summary = summarize(cases, store, [j.name for j in cfg.judges] if set(JUDGE_METRICS) & set(settings.metrics) else [],
-                        method=settings.method, images_dir=images_dir, cases_file=cases_file)
+    summary = summarize(cases, stores, embed_store, [j.name for j in cfg.judges] if judged else [],
+                        method=settings.method, images_dir=images_dir, protocol=cfg.protocol, cases_file=cases_file)
     atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
     return summary

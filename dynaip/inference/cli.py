@@ -39,10 +39,18 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev's distilled text guidance")
+    p.add_argument("--image-cfg", type=float, default=1.0, metavar="S",
+                   help="image CFG scale: also run the no-reference branch and use uncond + S·(cond − uncond); "
+                        "1 = off (default), > 1 strengthens the references at twice the transformer compute")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
     p.add_argument("--lora", default=None, help="optional FLUX LoRA (diffusers format) loaded with load_lora_weights")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
+                   help="diffusers' CPU offload of FLUX (the adapter follows): model = one model on the device at a "
+                        "time, sequential = one layer at a time (least memory, slowest); see docs/low_memory.md")
+    p.add_argument("--quantize", choices=("none", "int8", "fp8"), default="none",
+                   help="weight-only quantization of the frozen FLUX transformer (optimum-quanto)")
     p.add_argument("--out", required=True, help="output PNG; a .json sidecar is written beside it")
     p.set_defaults(func=run_generate)
 
@@ -56,8 +64,18 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("give at least one --ref image")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipe = DynaIPFluxPipeline.from_local(args.models, args.adapter, dtype=dtype, device=device,
+    offload = args.offload != "none"
+    pipe = DynaIPFluxPipeline.from_local(args.models, args.adapter, dtype=dtype, device="cpu" if offload else device,
                                          with_auto_mask=bool(args.auto_mask))
+    if args.quantize != "none":
+        from .lowmem import quantize_transformer
+
+        quantize_transformer(pipe.flux, args.quantize)
+    if offload:
+        getattr(pipe, f"enable_{args.offload}_cpu_offload")(device=device)
+    from dynaip.console import progress_bars
+
+    progress_bars(pipe.flux)
     if args.lora:  # offline loading needs the file name: a file, or a diffusers LoRA directory
         lora = Path(args.lora)
         if lora.is_file():
@@ -68,12 +86,13 @@ def run_generate(args: argparse.Namespace) -> int:
     out = pipe(args.prompt, references=args.ref, masks=args.mask, auto_mask=args.auto_mask, scale=scale,
                granularity=args.granularity, branches=args.branches, seed=args.seed, num_inference_steps=args.steps,
                height=args.height, width=args.width, guidance_scale=args.guidance,
-               max_sequence_length=args.max_sequence_length)
+               image_guidance_scale=args.image_cfg, max_sequence_length=args.max_sequence_length)
     target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_image(out.images[0], target)
     sidecar = dict(out.settings, references=[str(r) for r in args.ref], masks=args.mask, adapter=str(args.adapter),
-                   models=str(args.models), lora=args.lora, device=device, dtype=str(dtype))
+                   models=str(args.models), lora=args.lora, device=device, dtype=str(dtype), offload=args.offload,
+                   quantize=args.quantize)
     if out.masks is not None and args.auto_mask:
         for i, m in enumerate(out.masks):
             from PIL import Image

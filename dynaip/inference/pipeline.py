@@ -9,8 +9,17 @@ One call:
    reuses them at every later step;
 3. `FluxPipeline.__call__` runs unchanged while the adapter's conditioning is active.
 
+Image CFG (``image_guidance_scale`` s, default 1.0 = off): every transformer call also runs the
+unconditional image branch — the references replaced by zero tokens, which is exactly the zero-C
+path of training's image dropout — and the step uses ``uncond + s · (cond − uncond)``. It composes
+with FLUX's text guidance: FLUX.1-dev's distilled ``guidance_scale`` is an input of both runs, and
+with diffusers' true CFG (``true_cfg_scale`` > 1 and a ``negative_prompt``) each prompt branch gets
+image CFG first, then ``neg + t · (pos − neg)``. s > 1 doubles the transformer compute; s = 1 runs
+exactly the code of a call without it.
+
 Automatic masks (paper §4.3), when ``auto_mask=[phrase per reference]``:
-a. a first pass with the same seed and prompt and no references;
+a. a first pass with the same starting noise and prompt and no references (the same seed, or a
+   passed generator rewound to its state before the first pass, or a seed drawn for the call);
 b. Grounding DINO finds each phrase in that image (best-scoring box per phrase);
 c. SAM segments each box; small islands are removed and holes filled (the curation's segment
    cleanup), then each mask is dilated by ``auto_mask_dilation`` of the image's shorter side;
@@ -49,12 +58,29 @@ class DynaIPFluxPipeline:
     """
 
     def __init__(self, flux, adapter, image_encoder, *, detector=None, segmenter=None):
+        """Attaches ``adapter`` to ``flux`` (a diffusers ``FluxPipeline``) and registers itself as
+        ``flux.dynaip``; ``load_dynaip`` is the usual way in, ``unload_dynaip(flux)`` the way out."""
+        current = getattr(flux, "dynaip", None)
+        if current is not None and current.attached:
+            raise ValueError("this FluxPipeline already has a DynaIP adapter loaded; call unload_dynaip(pipe) first")
         self.flux = flux
         self.adapter = adapter
         self.image_encoder = image_encoder
         self.detector = detector
         self.segmenter = segmenter
         adapter.attach(flux.transformer)
+        flux.dynaip = self
+
+    @property
+    def attached(self) -> bool:
+        """Whether the adapter is (still) attached to ``flux.transformer``."""
+        return id(self.flux.transformer) in self.adapter._originals
+
+    def unload(self) -> None:
+        """``unload_dynaip(self.flux)``: FLUX's own processors back, ``flux.dynaip`` removed."""
+        from .loading import unload_dynaip
+
+        unload_dynaip(self.flux)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -73,6 +99,8 @@ class DynaIPFluxPipeline:
             ad = adapter
         else:
             ad = DynaIPAdapter.from_pretrained(adapter)
+        from .loading import load_dynaip
+
         layers = ad.config.clip_layers if ad is not None else models.clip_vision.layers
         tower = load_clip_vision(models.clip_vision, layers=layers)
         flux = load_flux_pipeline(models.flux, dtype=dtype)
@@ -82,8 +110,8 @@ class DynaIPFluxPipeline:
         detector = segmenter = None
         if with_auto_mask:
             detector, segmenter = _load_auto_mask_models(models, device)
-        pipe = cls(flux, ad.to(dtype), tower.to(dtype), detector=detector, segmenter=segmenter)
-        return pipe.to(device)
+        flux.to(device)
+        return load_dynaip(flux, ad, image_encoder=tower, dtype=dtype, detector=detector, segmenter=segmenter)
 
     def to(self, device: str | torch.device) -> "DynaIPFluxPipeline":
         self.flux.to(device)
@@ -93,7 +121,30 @@ class DynaIPFluxPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.flux.transformer.device
+        """Where the denoiser runs (the accelerator under diffusers' CPU offload)."""
+        return self.flux._execution_device
+
+    @property
+    def offloaded(self) -> bool:
+        """diffusers' model or sequential CPU offload is on (accelerate hooks on the transformer)."""
+        return hasattr(self.flux.transformer, "_hf_hook")
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
+        """diffusers' model CPU offload of FLUX; the adapter and the CLIP tower stay on the CPU too: the
+        tower and the reference encoder visit the accelerator for the encoding only, and each block's
+        reference K/V are computed on the device its queries are on (once per call)."""
+        self.flux.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        self.adapter.to("cpu")
+        self.image_encoder.to("cpu")
+        return self
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
+        """diffusers' sequential (per-module) CPU offload of FLUX; the adapter follows as in
+        ``enable_model_cpu_offload``."""
+        self.flux.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+        self.adapter.to("cpu")
+        self.image_encoder.to("cpu")
+        return self
 
     def load_lora_weights(self, *args, **kwargs):
         """diffusers' FLUX LoRA loading; the adapter stays attached (its processors use the LoRA'd projections)."""
@@ -106,12 +157,17 @@ class DynaIPFluxPipeline:
         """RGB PILs → one ``(1, L, ref_dim)`` reference token set each (HMoE weights per subject)."""
         grans = per_subject(granularity, len(images), "granularity") if granularity is not None else [None] * len(images)
         enc = self.image_encoder
-        pixels = enc.normalize(reference_pixels(images, enc.image_size)).to(self.device, next(enc.parameters()).dtype)
-        hidden = enc(pixels)  # per layer: (N, L, clip_width)
-        adapter_dtype = next(self.adapter.parameters()).dtype
-        self.adapter.eval()
-        return [self.adapter.encode_reference([h[i:i + 1].to(adapter_dtype) for h in hidden], granularity=g)
-                for i, g in enumerate(grans)]
+        device = self.device
+        # under CPU offload the tower and the encoder (HMoE + projection, not the per-block K/V) visit the
+        # execution device for this encoding only, as diffusers' model offload does with each model
+        with _visiting([enc, self.adapter.hmoe, self.adapter.proj], device, self.offloaded):
+            pixels = enc.normalize(reference_pixels(images, enc.image_size)).to(enc.mean.device,
+                                                                                next(enc.parameters()).dtype)
+            hidden = enc(pixels)  # per layer: (N, L, clip_width)
+            adapter_dtype = next(self.adapter.parameters()).dtype
+            self.adapter.eval()
+            return [self.adapter.encode_reference([h[i:i + 1].to(adapter_dtype) for h in hidden], granularity=g)
+                    .to(device) for i, g in enumerate(grans)]
 
     # ------------------------------------------------------------------ generation
     def __call__(
@@ -132,7 +188,8 @@ class DynaIPFluxPipeline:
         height: int = 1024,
         width: int = 1024,
         guidance_scale: float = 3.5,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        image_guidance_scale: float = 1.0,
         **flux_kwargs,
     ) -> DynaIPOutput:
         """Generates with 0..N references.
@@ -142,7 +199,10 @@ class DynaIPFluxPipeline:
         scale: λ, global or per reference. granularity: HMoE weights (low, mid, high), global or per
             reference; None = the routers' own. branches: image (default, DDS) | text | both (ablations).
         auto_mask: one detection phrase per reference → masks found in a first pass (see module doc).
-        seed: fixes the sampling noise (same seed → same image). Other keywords go to FluxPipeline.
+        seed: fixes the sampling noise (same seed → same image). With neither seed nor generator a seed is
+            drawn from torch's global RNG and recorded in ``settings`` (every result can be reproduced).
+        image_guidance_scale: image CFG (see the module doc); 1.0 = off.
+        Other keywords go to FluxPipeline.
         """
         refs = [] if references is None else (list(references) if isinstance(references, (list, tuple)) else [references])
         ref_images = [load_image(r, f"reference {i + 1}") for i, r in enumerate(refs)]
@@ -169,23 +229,35 @@ class DynaIPFluxPipeline:
                              "(models.yaml must name grounding_dino and sam)")
         if granularity is not None:
             per_subject(granularity, n, "granularity")  # validate before compute
+        try:
+            image_guidance_scale = float(image_guidance_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"image_guidance_scale={image_guidance_scale!r}: give a number (1.0 = off)") from None
+        if not 0.0 <= image_guidance_scale < float("inf"):
+            raise ValueError(f"image_guidance_scale={image_guidance_scale}: must be a finite number >= 0 (1.0 = off)")
+        if seed is None and generator is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
 
         call = dict(prompt=prompt, num_inference_steps=num_inference_steps, height=height, width=width,
                     guidance_scale=guidance_scale, **flux_kwargs)
         if auto_mask is not None:
+            # the final pass must start from the first pass's noise: rewind a passed generator
+            states = [g.get_state() for g in _generators(generator)]
             first = self._generate(call, seed, generator, cond=None).images[0]
+            for g, st in zip(_generators(generator), states):
+                g.set_state(st)
             mask_t = self.auto_masks(first, list(auto_mask), dilation=auto_mask_dilation,
                                      box_threshold=box_threshold, text_threshold=text_threshold)
         cond = None
         if n:
             tokens = self.encode_references(ref_images, granularity)
             cond = self.adapter.make_conditioning(tokens, masks=mask_t, scales=scales, branches=branches,
-                                                  image_size=(height, width))
+                                                  image_size=(height, width), image_guidance_scale=image_guidance_scale)
         result = self._generate(call, seed, generator, cond=cond)
         settings = dict(prompt=prompt, num_references=n, scale=scales, granularity=granularity, branches=branches,
                         auto_mask=list(auto_mask) if auto_mask else None, seed=seed,
                         num_inference_steps=num_inference_steps, height=height, width=width,
-                        guidance_scale=guidance_scale)
+                        guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale)
         return DynaIPOutput(images=list(result.images), masks=mask_t, settings=settings)
 
     def _generate(self, call: dict, seed: int | None, generator: torch.Generator | None, cond):
@@ -226,6 +298,31 @@ class DynaIPFluxPipeline:
             m = ndimage.binary_dilation(m, structure=np.ones((3, 3), bool), iterations=radius)
             out.append(torch.from_numpy(m.astype(np.float32)))
         return out
+
+
+class _visiting:
+    """Moves modules to ``device`` for a block and back where they were (no-op unless ``active``)."""
+
+    def __init__(self, modules, device, active: bool):
+        self.modules, self.device, self.active = modules, torch.device(device), active
+        self.homes: list[torch.device] = []
+
+    def __enter__(self):
+        if self.active:
+            for m in self.modules:
+                self.homes.append(next(m.parameters()).device)
+                m.to(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        for m, home in zip(self.modules, self.homes):
+            m.to(home)
+
+
+def _generators(generator) -> list[torch.Generator]:
+    if generator is None:
+        return []
+    return list(generator) if isinstance(generator, (list, tuple)) else [generator]
 
 
 def _clean_mask(mask: np.ndarray) -> np.ndarray:

@@ -55,3 +55,48 @@ def build_flux_transformer_meta(config: dict | None = None):
 
     with torch.device("meta"):
         return FluxTransformer2DModel(**(config or FLUX_DEV_TRANSFORMER_CONFIG))
+
+
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+VAE_ENCODER_PREFIXES = ("encoder.", "quant_conv.")
+
+
+def load_vae_config(path: str | Path) -> dict:
+    """``path/vae/config.json`` as a dict (shift/scaling factors, latent channels) without loading weights."""
+    import json
+
+    cfg = require_dir("FLUX.1-dev", path, EXPECTED) / "vae" / "config.json"
+    try:
+        return json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError("FLUX.1-dev VAE config", cfg, "the VAE's config.json", "Re-download the vae folder.", e) from e
+
+
+def load_vae_decoder(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The FLUX VAE with only its decoder (``post_quant_conv`` + ``decoder``) read from disk.
+
+    Training on precomputed features never encodes an image, so the encoder's weights are not read:
+    the model is built on the meta device, the encoder is dropped, and only the decoder's tensors
+    are taken from the safetensors file (strictly: a missing or unexpected decoder key is an error).
+    """
+    from diffusers import AutoencoderKL
+    from safetensors import safe_open
+
+    p = _check_layout(path)
+    weights = p / "vae" / VAE_WEIGHTS
+    expected = f"{EXPECTED}, with vae/{VAE_WEIGHTS}"
+    if not weights.is_file():
+        raise CheckpointError("FLUX.1-dev VAE", weights, expected, f"The file does not exist. {FIX_HINT}")
+    try:
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(load_vae_config(p))
+        vae.encoder = None
+        vae.quant_conv = None
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k: f.get_tensor(k).to(dtype) for k in f.keys() if not k.startswith(VAE_ENCODER_PREFIXES)}
+        vae.load_state_dict(state, strict=True, assign=True)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError("FLUX.1-dev VAE decoder", weights, expected, "Re-download the vae folder.", e) from e
+    return vae.eval()

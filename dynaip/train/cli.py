@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if not data and any(not s.data for s in cfg.stages):
         raise ValueError("no --data given and some stages name no datasets; pass --data DIR[,DIR]")
     data = [d if "://" in d else str(Path(d).resolve()) for d in data]
+    _check_features(cfg, data, args.models)
     spec = RunSpec(config=cfg.to_dict(), data=data, out=str(Path(args.out).resolve()),
                    models=str(Path(args.models).resolve()), resume=args.resume, max_steps=args.max_steps)
     if args.local:
@@ -62,6 +63,17 @@ def run(args: argparse.Namespace) -> int:
     run_training(cfg, spec, ray_address=args.ray_address, local=args.local)
     log.info("training finished; checkpoints in %s/checkpoints", spec.out)
     return 0
+
+
+def _check_features(cfg, data: list[str], models_yaml: str) -> None:
+    """Resolves ``features`` here, before any worker starts: a missing or stale feature set (or
+    ``features: required`` without one) is a one-line error instead of a failed worker group."""
+    from dynaip.models import ModelsConfig
+
+    from .features import resolve_run
+
+    for line in resolve_run(cfg, data, ModelsConfig.from_yaml(models_yaml).flux).notes:
+        log.info("%s", line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,14 @@ class TrainConfig:
     """Stream positions shuffled together per loader worker (see dynaip.train.data)."""
     data_workers: int = 2
     """DataLoader processes per training worker (0 = decode in the training process)."""
+    features: str = "auto"
+    """Precomputed features (``dynaip precompute``: T5 + pooled CLIP text embeddings and VAE posteriors
+    under ``DATASET/features/``). ``auto``: a stage whose every dataset has a feature set serving this
+    run (same text encoders / VAE, ``max_sequence_length``, all ``buckets``) trains from it, other
+    stages encode on the fly (the choice is logged). ``required``: a stage without them is an error.
+    ``off``: always encode on the fly. When every stage uses features, T5, CLIP-L text and the VAE
+    encoder are never loaded on the training ranks (the VAE decoder only with ``sample_every``).
+    Stale, corrupt or missing feature files are errors naming the file, in every mode but ``off``."""
 
     # ---- optimisation
     lr: float = 2e-5
@@ -170,6 +178,8 @@ class TrainConfig:
         if len(self.validation_refs) not in (0, len(self.validation_prompts)):
             raise ValueError(f"{len(self.validation_refs)} validation_refs for {len(self.validation_prompts)} "
                              "validation_prompts: give one reference per prompt, or none")
+        if self.features not in ("auto", "required", "off"):
+            raise ValueError(f"features={self.features!r}: choose one of ('auto', 'required', 'off')")
         self.buckets = [[int(h), int(w)] for h, w in self.buckets]
 
     @property

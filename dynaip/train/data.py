@@ -27,6 +27,12 @@ Damaged input is skipped and counted, never fatal: a shard that cannot be opened
 truncated (``tarfile.ReadError`` part-way) loses its remaining samples, and a sample whose
 image does not decode is dropped. Those positions still count as consumed, so the skips are
 part of the deterministic sequence.
+
+With precomputed features (``ShardInfo.features``, attached by the trainer), the stream is the
+very same sequence of samples and batches; a batch then carries the samples' stored T5 / pooled
+CLIP embeddings and their VAE posteriors at the batch's bucket instead of the resized targets. A
+feature that is missing or corrupt is an error naming its file, not a skip: it means the
+feature set is broken, not the data.
 """
 
 from __future__ import annotations
@@ -37,13 +43,16 @@ import logging
 import math
 import tarfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import fsspec
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+if TYPE_CHECKING:
+    from dynaip.features.store import FeatureReader, FeatureShardRef
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,8 @@ class ShardInfo:
     """Local path or fsspec URL of the tar."""
     samples: int
     """Sample count from the manifest (a damaged shard may hold fewer; the rest are skipped)."""
+    features: FeatureShardRef | None = None
+    """Its precomputed features (``dynaip.features``), or None to encode on the fly."""
 
 
 def _join(base: str, rel: str) -> str:
@@ -213,7 +224,10 @@ def iter_positions(shards: list[ShardInfo], starts: np.ndarray, begin: int, end:
         p = pos % total
         s = int(np.searchsorted(starts, p, side="right") - 1)
         n = min(int(starts[s + 1]) - p, end - pos)
-        yield from iter_tar(shards[s].url, skip=p - int(starts[s]), count=n)
+        for raw in iter_tar(shards[s].url, skip=p - int(starts[s]), count=n):
+            if raw is not None and shards[s].features is not None:
+                raw["__features__"] = shards[s].features  # type: ignore[assignment]
+            yield raw
         pos += n
 
 
@@ -253,6 +267,8 @@ class Decoded:
     """Target RGB, still at its own size (the batch picks the bucket)."""
     txt: str
     pair: str
+    features: FeatureShardRef | None = None
+    """Where this sample's precomputed features are (its shard's), if any."""
 
 
 def decode_sample(raw: dict[str, bytes], ref_size: int) -> Decoded:
@@ -264,7 +280,7 @@ def decode_sample(raw: dict[str, bytes], ref_size: int) -> Decoded:
         tgt = im.convert("RGB")
     return Decoded(key=raw["__key__"].decode().rsplit("/", 1)[-1],
                    ref=to_chw_uint8(ref), tgt=tgt, txt=raw.get("txt", b"").decode("utf-8"),
-                   pair=str(meta.get("pair", "")))
+                   pair=str(meta.get("pair", "")), features=raw.get("__features__"))  # type: ignore[arg-type]
 
 
 def nearest_bucket(buckets: list[tuple[int, int]], w: int, h: int) -> tuple[int, int]:
@@ -272,12 +288,25 @@ def nearest_bucket(buckets: list[tuple[int, int]], w: int, h: int) -> tuple[int,
     return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ar))
 
 
-def collate(samples: list[Decoded], buckets: list[tuple[int, int]]) -> dict[str, Any]:
-    """Batch dict: ``ref`` (B, 3, S, S) uint8, ``tgt`` (B, 3, H, W) uint8, ``txt``/``pair``/``key`` lists."""
+def collate(samples: list[Decoded], buckets: list[tuple[int, int]], features: FeatureReader | None = None
+            ) -> dict[str, Any]:
+    """Batch dict: ``ref`` (B, 3, S, S) uint8, ``tgt`` (B, 3, H, W) uint8, ``txt``/``pair``/``key`` lists.
+
+    Samples with precomputed features get, instead of ``tgt``, their stored ``t5``, ``pooled``,
+    ``posterior_mean`` and ``posterior_logvar`` at the bucket (read through ``features``).
+    """
     h, w = nearest_bucket(buckets, *samples[0].tgt.size)
-    return {"ref": torch.stack([s.ref for s in samples]),
-            "tgt": torch.stack([to_chw_uint8(resize_center_crop(s.tgt, h, w)) for s in samples]),
-            "txt": [s.txt for s in samples], "pair": [s.pair for s in samples], "key": [s.key for s in samples]}
+    batch: dict[str, Any] = {"ref": torch.stack([s.ref for s in samples])}
+    with_features = [s.features is not None for s in samples]
+    if any(with_features):
+        if features is None or not all(with_features):
+            raise ValueError("a batch mixes samples with and without precomputed features; a stage uses "
+                             "features for all of its datasets or for none")
+        batch.update(features.batch([(s.features, s.key) for s in samples], (h, w)))  # type: ignore[misc]
+    else:
+        batch["tgt"] = torch.stack([to_chw_uint8(resize_center_crop(s.tgt, h, w)) for s in samples])
+    batch.update(txt=[s.txt for s in samples], pair=[s.pair for s in samples], key=[s.key for s in samples])
+    return batch
 
 
 # ----------------------------------------------------------------------------- one consumer
@@ -285,6 +314,20 @@ def collate(samples: list[Decoded], buckets: list[tuple[int, int]]) -> dict[str,
 def consumer_batches(spec: StreamSpec, consumer: int, consumers: int, start: WorkerPosition
                      ) -> Iterator[tuple[dict[str, Any], WorkerPosition]]:
     """Infinite batches of one consumer, each with the position *after* it."""
+    features = None
+    if any(s.features is not None for s in spec.shards):
+        from dynaip.features.store import FeatureReader
+
+        features = FeatureReader()  # this consumer's open feature shards
+    try:
+        yield from _consumer_batches(spec, consumer, consumers, start, features)
+    finally:
+        if features is not None:
+            features.close()
+
+
+def _consumer_batches(spec: StreamSpec, consumer: int, consumers: int, start: WorkerPosition,
+                      features: FeatureReader | None) -> Iterator[tuple[dict[str, Any], WorkerPosition]]:
     pos = WorkerPosition(**asdict(start))
     k = range_length(spec.total, consumers)
     pending: list[Decoded] = []
@@ -318,7 +361,7 @@ def consumer_batches(spec: StreamSpec, consumer: int, consumers: int, start: Wor
                 good_this_epoch += 1
                 pending.append(sample)
                 if len(pending) == spec.batch_size:
-                    yield collate(pending, spec.buckets), WorkerPosition(**asdict(pos))
+                    yield collate(pending, spec.buckets, features), WorkerPosition(**asdict(pos))
                     pending = []
         empty_epochs = 0 if good_this_epoch else empty_epochs + 1
         if empty_epochs >= MAX_EMPTY_EPOCHS:

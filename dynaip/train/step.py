@@ -2,9 +2,9 @@
 
 ``training_loss`` is the whole recipe (the trainer around it knows nothing about FLUX):
 
-1. target ``tgt`` (B, 3, H, W) uint8 → [-1, 1] → VAE latent (B, 16, H/8, W/8) sampled from the
-   posterior → ``(x - shift_factor) * scaling_factor`` → packed 2×2 to (B, H/16·W/16, 64) exactly
-   as ``FluxPipeline._pack_latents`` (ids from ``_prepare_latent_image_ids``);
+1. target ``tgt`` (B, 3, H, W) uint8 → [-1, 1] → VAE posterior (mean, log-variance) → latent
+   (B, 16, H/8, W/8) sampled from it → ``(x - shift_factor) * scaling_factor`` → packed 2×2 to
+   (B, H/16·W/16, 64) exactly as ``FluxPipeline._pack_latents`` (ids from ``_prepare_latent_image_ids``);
 2. text: T5 + CLIP through ``FluxPipeline.encode_prompt``; CFG dropout replaces the prompt by "";
 3. reference ``ref`` (B, 3, S, S) uint8 (padded to square on white and resized to the CLIP input
    by the loader) → [0, 1] → CLIP-normalised → hidden states of the configured layers →
@@ -17,6 +17,12 @@
 
 Every random draw goes through the caller's ``torch.Generator`` (plus the global RNG for the
 adapter's expert dropout), so a run restored with those states repeats bit for bit.
+
+With precomputed features (``dynaip.features``) a batch carries the stored posterior
+(``posterior_mean``, ``posterior_logvar``) and text embeddings (``t5``, ``pooled``) instead of
+``tgt`` and the captions' encodings; steps 1 and 2 then run the same sampling, packing and dropout
+on them (the empty prompt's stored embedding replaces a dropped caption), drawing the same numbers
+from the same generators, so both paths give the same loss for the same sample and draw.
 """
 
 from __future__ import annotations
@@ -36,7 +42,12 @@ from dynaip.models import ModelsConfig
 
 @dataclass
 class FrozenModels:
-    """FLUX.1-dev (as a diffusers FluxPipeline) and the CLIP vision tower, frozen, on one device."""
+    """FLUX.1-dev (as a diffusers FluxPipeline) and the CLIP vision tower, frozen, on one device.
+
+    Without ``encoders`` (training on precomputed features) the pipeline has no T5, no CLIP text
+    model and no VAE encoder: ``pipe.text_encoder``/``text_encoder_2`` are None and ``pipe.vae``
+    is None or a decoder-only VAE (``load_vae_decoder``).
+    """
 
     pipe: Any
     """``diffusers.FluxPipeline``: transformer, vae, text encoders, tokenizers, scheduler."""
@@ -44,6 +55,8 @@ class FrozenModels:
     """``ClipVisionTower``: ``.normalize``, ``.image_size``, forward → hidden states of the configured layers."""
     device: torch.device
     dtype: torch.dtype
+    latent_norm: tuple[float, float]
+    """The VAE's (shift_factor, scaling_factor), read from its config even when the VAE is not loaded."""
     checkpointed_blocks: int = 0
     """Transformer blocks that recompute their activations in backward (gradient checkpointing)."""
 
@@ -56,9 +69,19 @@ class FrozenModels:
         return self.pipe.vae
 
     def modules(self) -> dict[str, nn.Module]:
+        """The loaded frozen modules by name (absent parts are left out)."""
         p = self.pipe
-        return {"transformer": p.transformer, "vae": p.vae, "text_encoder": p.text_encoder,
-                "text_encoder_2": p.text_encoder_2, "clip_vision": self.clip}
+        found = {"transformer": p.transformer, "vae": p.vae, "text_encoder": p.text_encoder,
+                 "text_encoder_2": p.text_encoder_2, "clip_vision": self.clip}
+        return {k: v for k, v in found.items() if v is not None}
+
+    def loaded(self) -> list[str]:
+        """Names of the loaded parts, the VAE split into ``vae_encoder`` / ``vae_decoder``."""
+        names = [k for k in ("transformer", "text_encoder", "text_encoder_2", "clip_vision") if k in self.modules()]
+        vae = self.pipe.vae
+        if vae is not None:
+            names += [f"vae_{part}" for part in ("encoder", "decoder") if getattr(vae, part, None) is not None]
+        return sorted(names)
 
 
 def enable_checkpointing(transformer: nn.Module, keep_last: int = 0) -> int:
@@ -99,19 +122,32 @@ def disable_checkpointing(transformer: nn.Module) -> None:
 
 def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
                 gradient_checkpointing: bool = False, clip_layers: Sequence[int] | None = None,
-                checkpoint_keep_blocks: int = 0) -> FrozenModels:
+                checkpoint_keep_blocks: int = 0, *, encoders: bool = True, vae_decoder: bool = True) -> FrozenModels:
     """Loads the frozen models. ``clip_layers``: the adapter's ``config.clip_layers`` — the one source of
-    truth for which hidden states feed the experts; ``models.yaml``'s list only seeds fresh adapters."""
-    from dynaip.models.clip_vision import load_clip_vision
-    from dynaip.models.flux import load_flux_pipeline
+    truth for which hidden states feed the experts; ``models.yaml``'s list only seeds fresh adapters.
 
-    pipe = load_flux_pipeline(models.flux, dtype)
+    ``encoders=False`` (training on precomputed features): T5, the CLIP text model and the VAE
+    encoder are never read from disk; ``vae_decoder`` then says whether the VAE's decoder is loaded
+    (only sample images need it). The transformer and the CLIP vision tower are always loaded.
+    """
+    from dynaip.models.clip_vision import load_clip_vision
+    from dynaip.models.flux import load_flux_pipeline, load_vae_config, load_vae_decoder
+
+    parts: dict[str, Any] = {}
+    if not encoders:
+        parts = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+                     vae=load_vae_decoder(models.flux, dtype) if vae_decoder else None)
+    pipe = load_flux_pipeline(models.flux, dtype, **parts)
     pipe.set_progress_bar_config(disable=True)
     clip = load_clip_vision(models.clip_vision, tuple(clip_layers) if clip_layers is not None else models.clip_vision.layers)
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, clip):
-        m.requires_grad_(False).eval().to(device=device, dtype=dtype)
+        if m is not None:
+            m.requires_grad_(False).eval().to(device=device, dtype=dtype)
     checkpointed = enable_checkpointing(pipe.transformer, checkpoint_keep_blocks) if gradient_checkpointing else 0
-    return FrozenModels(pipe=pipe, clip=clip, device=device, dtype=dtype, checkpointed_blocks=checkpointed)
+    vae_cfg = pipe.vae.config if pipe.vae is not None else load_vae_config(models.flux)
+    return FrozenModels(pipe=pipe, clip=clip, device=device, dtype=dtype,
+                        latent_norm=(vae_cfg["shift_factor"], vae_cfg["scaling_factor"]),
+                        checkpointed_blocks=checkpointed)
 
 
 def configure_attention_backends(device: torch.device) -> None:
@@ -146,26 +182,87 @@ def sample_timesteps(batch: int, mu: float | None, mean: float, std: float, gene
     return t
 
 
-def encode_targets(frozen: FrozenModels, tgt: torch.Tensor, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """``tgt`` (B, 3, H, W) uint8 → packed latents (B, H/16·W/16, 4·C), image ids (N, 3), (h, w) latent size."""
-    vae = frozen.vae
-    x = tgt.to(frozen.device, frozen.dtype) / 127.5 - 1.0  # [-1, 1]
-    lat = vae.encode(x).latent_dist.sample(generator=generator)  # (B, C, H/8, W/8)
-    lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+def vae_posterior(vae: nn.Module, tgt: torch.Tensor, device: torch.device, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tgt`` (B, 3, H, W) uint8 → the VAE posterior's mean and (clamped) log-variance, each (B, C, H/8, W/8).
+
+    What ``dynaip precompute`` stores, and what the on-the-fly path samples from.
+    """
+    x = tgt.to(device, dtype) / 127.5 - 1.0  # [-1, 1]
+    dist = vae.encode(x).latent_dist
+    return dist.mean, dist.logvar
+
+
+def sample_posterior(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """mean + exp(0.5·logvar)·ε with ε drawn exactly as diffusers' ``DiagonalGaussianDistribution.sample``
+    draws it (same call, shape, device and dtype), so a stored posterior gives the on-the-fly latent."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def pack_latents(frozen: FrozenModels, lat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """VAE latents (B, C, h, w) → scaled/shifted, packed (B, h/2·w/2, 4·C), image ids (N, 3), (h, w)."""
+    shift, scale = frozen.latent_norm
+    lat = (lat - shift) * scale
     b, c, h, w = lat.shape
     packed = frozen.pipe._pack_latents(lat, b, c, h, w)  # (B, h/2·w/2, 4C)
     ids = frozen.pipe._prepare_latent_image_ids(b, h // 2, w // 2, frozen.device, frozen.dtype)  # (h/2·w/2, 3)
     return packed, ids, (h, w)
 
 
+def encode_targets(frozen: FrozenModels, tgt: torch.Tensor, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """``tgt`` (B, 3, H, W) uint8 → packed latents (B, H/16·W/16, 4·C), image ids (N, 3), (h, w) latent size."""
+    mean, logvar = vae_posterior(frozen.vae, tgt, frozen.device, frozen.dtype)
+    return pack_latents(frozen, sample_posterior(mean, logvar, generator))  # (B, C, H/8, W/8) sampled
+
+
+def targets_from_posterior(frozen: FrozenModels, mean: torch.Tensor, logvar: torch.Tensor,
+                           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """``encode_targets`` from a stored posterior (B, C, h, w): the same draw, scaling and packing."""
+    mean = mean.to(frozen.device, frozen.dtype)
+    logvar = logvar.to(frozen.device, frozen.dtype)
+    return pack_latents(frozen, sample_posterior(mean, logvar, generator))
+
+
+def encode_prompts(pipe: Any, prompts: Sequence[str], device: torch.device, max_sequence_length: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``FluxPipeline.encode_prompt`` on T5 and CLIP text → T5 tokens (B, L, D_t5), pooled CLIP (B, D_clip), ids (L, 3)."""
+    prompts = list(prompts)
+    return pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=device, max_sequence_length=max_sequence_length)
+
+
 def encode_text(frozen: FrozenModels, prompts: Sequence[str], max_sequence_length: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ T5 tokens (B, L, D_t5), pooled CLIP (B, D_clip), text ids (L, 3)."""
-    prompts = list(prompts)
-    embeds, pooled, ids = frozen.pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=frozen.device,
-                                                    max_sequence_length=max_sequence_length)
-    return embeds, pooled, ids
+    if frozen.pipe.text_encoder_2 is None:
+        raise RuntimeError("the text encoders are not loaded (training on precomputed features); "
+                           "use the stored text features or load_frozen(encoders=True)")
+    return encode_prompts(frozen.pipe, prompts, frozen.device, max_sequence_length)
+
+
+def text_ids(frozen: FrozenModels, length: int) -> torch.Tensor:
+    """(L, 3) zeros: FLUX's text position ids, as ``FluxPipeline.encode_prompt`` makes them."""
+    return torch.zeros(length, 3).to(device=frozen.device, dtype=frozen.dtype)
+
+
+def stored_text(frozen: FrozenModels, batch: dict[str, Any], drop: torch.Tensor | None,
+                empty_text: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``encode_text`` from precomputed features: the batch's ``t5`` (B, L, D) and ``pooled`` (B, D),
+    the rows where ``drop`` (B,) is set replaced by ``empty_text`` (the stored empty prompt, (1, L, D), (1, D))."""
+    txt = batch["t5"].to(frozen.device, frozen.dtype)
+    pooled = batch["pooled"].to(frozen.device, frozen.dtype)
+    if drop is not None and bool(drop.any()):
+        if empty_text is None:
+            raise ValueError("text CFG dropout on precomputed features needs the stored empty-prompt embedding")
+        keep = ~drop.to(frozen.device)
+        e_txt, e_pooled = (e.to(frozen.device, frozen.dtype) for e in empty_text)
+        txt = torch.where(keep.view(-1, 1, 1), txt, e_txt.expand_as(txt))
+        pooled = torch.where(keep.view(-1, 1), pooled, e_pooled.expand_as(pooled))
+    return txt, pooled, text_ids(frozen, txt.shape[1])
 
 
 def clip_hidden_states(frozen: FrozenModels, ref: torch.Tensor) -> list[torch.Tensor]:
@@ -208,21 +305,30 @@ class LossSettings:
 
 def training_loss(frozen: FrozenModels, adapter: nn.Module, encode: nn.Module, batch: dict[str, Any],
                   settings: LossSettings, generator: torch.Generator, cpu_generator: torch.Generator,
-                  autocast: torch.dtype | None = None) -> torch.Tensor:
+                  autocast: torch.dtype | None = None,
+                  empty_text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Flow-matching loss of one batch (scalar, fp32, with a graph to the adapter's parameters).
 
     ``adapter`` is the attached ``DynaIPAdapter``; ``encode`` is what computes C from CLIP hidden
     states — the adapter itself, or its DistributedDataParallel wrapper (DDP hooks its reducer
     into that forward call). ``generator`` lives on the device (noise, VAE posterior, t);
-    ``cpu_generator`` draws the CFG dropout.
+    ``cpu_generator`` draws the CFG dropout. A batch with precomputed features (``posterior_mean``,
+    ``t5``, ...) is used as stored; ``empty_text`` is then the stored empty prompt for text dropout.
     """
     dev = frozen.device
-    b = batch["tgt"].shape[0]
+    b = len(batch["txt"])
     drop_txt, drop_img = cfg_dropout(b, settings.drop_text, settings.drop_image, settings.drop_both, cpu_generator)
     with torch.no_grad():
-        x0, img_ids, (h, w) = encode_targets(frozen, batch["tgt"], generator)  # (B, N, 64)
-        prompts = ["" if d else p for p, d in zip(batch["txt"], drop_txt.tolist())]
-        txt, pooled, txt_ids = encode_text(frozen, prompts, settings.max_sequence_length)
+        if "posterior_mean" in batch:
+            x0, img_ids, (h, w) = targets_from_posterior(frozen, batch["posterior_mean"], batch["posterior_logvar"],
+                                                         generator)
+        else:
+            x0, img_ids, (h, w) = encode_targets(frozen, batch["tgt"], generator)  # (B, N, 64)
+        if "t5" in batch:
+            txt, pooled, txt_ids = stored_text(frozen, batch, drop_txt, empty_text)
+        else:
+            prompts = ["" if d else p for p, d in zip(batch["txt"], drop_txt.tolist())]
+            txt, pooled, txt_ids = encode_text(frozen, prompts, settings.max_sequence_length)
         hidden = clip_hidden_states(frozen, batch["ref"])
     return flow_matching_loss(frozen.transformer, frozen.pipe.scheduler.config, adapter, encode, x0=x0,
                               img_ids=img_ids, image_size=(h * 8, w * 8), txt=txt, pooled=pooled, txt_ids=txt_ids,
@@ -268,16 +374,21 @@ def flow_matching_loss(transformer: nn.Module, scheduler_config: Any, adapter: n
 @torch.no_grad()
 def generate_samples(frozen: FrozenModels, adapter: nn.Module, prompts: Sequence[str], refs: torch.Tensor,
                      size: tuple[int, int], steps: int, guidance: float, seed: int,
-                     max_sequence_length: int = 512) -> list[np.ndarray]:
+                     max_sequence_length: int = 512,
+                     text: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[np.ndarray]:
     """A plain Euler loop of FLUX with the adapter on the image branch (inference DDS).
 
     ``refs`` (N, 3, S, S) uint8; returns N (H, W, 3) uint8 arrays. Uses its own generator, so
-    calling it never changes the training RNG.
+    calling it never changes the training RNG. ``text``: the prompts' stored (T5, pooled) features
+    when the text encoders are not loaded. Needs the VAE decoder.
     """
     dev = frozen.device
     n, (hgt, wid) = len(prompts), size
     gen = torch.Generator(device=dev).manual_seed(seed)
-    txt, pooled, txt_ids = encode_text(frozen, prompts, max_sequence_length)
+    if text is not None:
+        txt, pooled, txt_ids = stored_text(frozen, {"t5": text[0], "pooled": text[1]}, None, None)
+    else:
+        txt, pooled, txt_ids = encode_text(frozen, prompts, max_sequence_length)
     c = adapter([h.float() for h in clip_hidden_states(frozen, refs)])  # forward: FSDP2 gathers a sharded adapter
     h, w = hgt // 8, wid // 8
     ch = frozen.transformer.config.in_channels // 4

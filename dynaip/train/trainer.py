@@ -11,6 +11,12 @@ FLUX + CLIP from local paths, builds the adapter, streams its share of the shard
         resume/optimizer.pt                   AdamW state (tensors and numbers; loads with weights_only=True)
         resume/rng.pt                         every rank's RNG states (uint8 tensors)
     RUN/samples/step-NNNNNN/NN.png            sample images with the fixed validation prompts/references
+    RUN/tb/                                   TensorBoard events: the metrics.jsonl scalars, grad norm,
+                                              per-stage progress, the sample grids (tensorboard --logdir RUN/tb)
+
+Under Ray Train every worker also reports the logged metrics with ``ray.train.report``; Ray Train's
+controller receives them and a controller callback appends rank 0's to RUN/ray/reported.jsonl
+(``run_training`` returns the last ones).
 
 RUN must be visible to every worker (local disk for one machine, a shared filesystem for a
 cluster): rank 0 writes checkpoints, every rank reads them on ``--resume``.
@@ -151,18 +157,42 @@ def _set_rng_state(state: dict[str, torch.Tensor], gen: torch.Generator, cpu_gen
 
 
 class MetricsWriter:
-    """Appends JSON lines to RUN/metrics.jsonl (rank 0 only; other ranks hold a no-op)."""
+    """Appends JSON lines to RUN/metrics.jsonl and the same numbers to TensorBoard under ``tb_dir``
+    (rank 0 only; other ranks hold a no-op)."""
 
-    def __init__(self, path: Path | None):
+    TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "samples_per_s": "train/samples_per_s",
+               "data_wait": "train/data_wait_fraction", "grad_norm": "train/grad_norm", "skipped": "data/skipped",
+               "filtered": "data/filtered", "val_loss": "val/loss", "stage_progress": "progress/stage",
+               "progress": "progress/total", "stage_index": "progress/stage_index"}
+
+    def __init__(self, path: Path | None, tb_dir: Path | None = None):
         self.f = open(path, "a", buffering=1) if path is not None else None
+        self.tb = None
+        if tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(tb_dir))
 
     def write(self, **row: Any) -> None:
         if self.f is not None:
             self.f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+        if self.tb is not None and "step" in row:
+            for key, tag in self.TB_TAGS.items():
+                if isinstance(row.get(key), (int, float)):
+                    self.tb.add_scalar(tag, row[key], row["step"])
+            if row.get("event") == "stage":
+                self.tb.add_text("stage", f"stage '{row['stage']}' starts", row["step"])
+
+    def image(self, tag: str, image, step: int) -> None:
+        """``image``: an (H, W, 3) uint8 array."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -191,11 +221,14 @@ class _Worker:
         self.settings = LossSettings.from_config(cfg)
 
         models = ModelsConfig.from_yaml(spec.models)
+        self.clip_vision = asdict(models.clip_vision)  # named in every checkpoint's config.json (load_dynaip)
         preset = DynaIPConfig.full if cfg.adapter_preset == "full" else DynaIPConfig.tiny
         # The adapter's config is the one source of truth for its CLIP layers; models.yaml only
         # seeds a fresh adapter that does not name them.
         adapter_config = preset(**{"clip_layers": models.clip_vision.layers, **cfg.adapter})
+        self.features = self._resolve_features(models.flux)
         self.frozen = load_frozen(models, self.device, self.dtype, cfg.gradient_checkpointing,
+                                  encoders=self.features.encoders, vae_decoder=cfg.sample_every > 0,
                                   clip_layers=adapter_config.clip_layers,
                                   checkpoint_keep_blocks=cfg.checkpoint_keep_blocks)
         torch.manual_seed(cfg.seed)  # same initial adapter on every rank
@@ -224,10 +257,21 @@ class _Worker:
         self.data_state: dict[str, Any] | None = None
         if resume_from is not None:
             self._load_resume_state(resume_from)
-        self.metrics = MetricsWriter(self.out / "metrics.jsonl" if self.rank == 0 else None)
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl" if self.rank == 0 else None,
+                                     self.out / "tb" if self.rank == 0 else None)
         self._eval_batch: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ data
+    def _resolve_features(self, flux_dir: str):
+        """Which stages read precomputed features (``TrainConfig.features``); decides what load_frozen loads."""
+        from .features import resolve_run
+
+        found = resolve_run(self.cfg, self.spec.data, flux_dir)
+        if self.rank == 0:
+            for line in found.notes:
+                log.info("%s", line)
+        return found
+
     def _stage_dirs(self, stage_index: int) -> list[str]:
         stage = self.cfg.stages[stage_index]
         dirs = stage.data or self.spec.data
@@ -238,7 +282,8 @@ class _Worker:
     def _stream_spec(self, stage_index: int, batch_size: int):
         from .data import StreamSpec, read_manifests
 
-        return StreamSpec(shards=read_manifests(self._stage_dirs(stage_index)), batch_size=batch_size,
+        shards = self.features.attach(stage_index, read_manifests(self._stage_dirs(stage_index)))
+        return StreamSpec(shards=shards, batch_size=batch_size,
                           seed=self.cfg.seed + 7919 * stage_index, shuffle_block=self.cfg.shuffle_block,
                           pair=self.cfg.stages[stage_index].pair, ref_size=self.frozen.clip.image_size,
                           buckets=[tuple(b) for b in self.cfg.buckets])
@@ -310,7 +355,7 @@ class _Worker:
             if self.world > 1:
                 dist.barrier()
         if self.rank == 0:
-            self.adapter.save_pretrained(tmp, state_dict=weights)
+            self.adapter.save_pretrained(tmp, state_dict=weights, clip_vision=self.clip_vision)
             if not sharded:
                 torch.save(self.optimizer.state_dict(), tmp / "resume" / "optimizer.pt")
             torch.save(rngs, tmp / "resume" / "rng.pt")
@@ -339,7 +384,7 @@ class _Worker:
         self.adapter.eval()  # no expert dropout: the global RNG stays untouched
         gen = torch.Generator(device=self.device).manual_seed(12345)
         loss = training_loss(self.frozen, self.adapter, self.adapter, self.eval_batch(), settings, gen,
-                             torch.Generator().manual_seed(0), self.autocast).item()
+                             torch.Generator().manual_seed(0), self.autocast, self.features.empty_prompt(0)).item()
         self.adapter.train()
         return loss
 
@@ -362,10 +407,13 @@ class _Worker:
         else:
             batch = self.eval_batch()
             prompts, refs = list(batch["txt"]), batch["ref"]
+        # without text encoders (precomputed features) the validation batch's stored captions are used
+        text = (self.eval_batch()["t5"], self.eval_batch()["pooled"]) if self.frozen.pipe.text_encoder_2 is None else None
         h, w = cfg.buckets[0]
         self.adapter.eval()
         images = generate_samples(self.frozen, self.adapter, prompts, refs, (h, w), cfg.sample_steps,
-                                  cfg.sample_guidance, seed=cfg.seed, max_sequence_length=cfg.max_sequence_length)
+                                  cfg.sample_guidance, seed=cfg.seed, max_sequence_length=cfg.max_sequence_length,
+                                  text=text)
         self.adapter.train()
         if self.rank == 0:
             d = self.out / "samples" / f"step-{self.step:06d}"
@@ -374,6 +422,12 @@ class _Worker:
                 Image.fromarray(img).save(d / f"{i:02d}.png")
                 Image.fromarray(np.ascontiguousarray(ref.permute(1, 2, 0).numpy())).save(d / f"{i:02d}-ref.png")
             (d / "prompts.json").write_text(json.dumps(prompts, indent=1))
+            # TensorBoard: references on the top row, samples below
+            s = images[0].shape[0]
+            row = [np.asarray(Image.fromarray(np.ascontiguousarray(r.permute(1, 2, 0).numpy())).resize(
+                (images[i].shape[1], s))) for i, r in enumerate(refs)]
+            self.metrics.image("samples", np.concatenate([np.concatenate(row, 1), np.concatenate(images, 1)], 0),
+                               self.step)
 
     # ------------------------------------------------------------------ loop
     def _reduce(self, *values: float) -> list[float]:
@@ -397,6 +451,8 @@ class _Worker:
                            autocast=None if self.autocast is None else str(self.autocast).removeprefix("torch."),
                            checkpointed_blocks=self.frozen.checkpointed_blocks, data_workers=cfg.data_workers,
                            clip_layers=list(self.adapter.config.clip_layers), device=self.device.type)
+        # which encoders each rank holds: training on precomputed features must not load T5/CLIP text/VAE encoder
+        self.metrics.write(event="setup", features=self.features.modes(), frozen_modules=_gather(self.frozen.loaded()))
         if self.step == 0 and cfg.eval_every:
             self.metrics.write(step=0, val_loss=self.eval_loss())
         bar = tqdm(total=self.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
@@ -421,10 +477,15 @@ class _Worker:
             batch = next(it)
             t1 = time.perf_counter()
             loss = training_loss(self.frozen, self.adapter, self.encode, batch, self.settings, self.gen,
-                                 self.cpu_gen, self.autocast)
+                                 self.cpu_gen, self.autocast, self.features.empty_prompt(si))
             loss.backward()
+            logging_step = step % cfg.log_every == 0 or step == self.max_steps
+            grad_norm = None
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), cfg.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), cfg.grad_clip)
+            elif logging_step:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.adapter.parameters()
+                                                           if p.grad is not None])
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -438,14 +499,23 @@ class _Worker:
             window["time"] += t2 - t0
             bar.update(1)
 
-            if step % cfg.log_every == 0 or step == self.max_steps:
+            if logging_step:
                 loss_sum, wait, tot, skipped, filtered = self._reduce(
                     window["loss"] / window["n"], window["wait"], window["time"], loader.skipped, loader.filtered)
+                stage_start = sum(s.steps for s in cfg.stages[:si])
                 last = dict(step=step, stage=cfg.stages[si].name, loss=loss_sum / self.world,
                             lr=self.scheduler.get_last_lr()[0],
                             samples_per_s=cfg.global_batch_size * window["n"] * self.world / tot,
-                            data_wait=wait / tot, skipped=int(skipped), filtered=int(filtered))
+                            data_wait=wait / tot, skipped=int(skipped), filtered=int(filtered),
+                            grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                            else grad_norm),
+                            stage_index=si, stage_progress=min(1.0, (step - stage_start) / cfg.stages[si].steps),
+                            progress=step / self.max_steps)
                 self.metrics.write(**last)
+                if self.spec.extra.get("ray_report"):  # every worker reports (Ray Train's dashboard / Result)
+                    import ray.train
+
+                    ray.train.report({k: v for k, v in last.items() if isinstance(v, (int, float))})
                 bar.set_postfix(loss=f"{last['loss']:.4f}", stage=last["stage"])
                 window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == self.max_steps):
@@ -494,22 +564,46 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     if not ray.is_initialized():
         # inside `ray job submit`, RAY_ADDRESS names the job's cluster
         address = ray_address or cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        from dynaip.console import ray_init_kwargs
+
         if address:
-            ray.init(address=address)
+            ray.init(address=address, **ray_init_kwargs())
         else:
-            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker))
+            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker),
+                     **ray_init_kwargs())
         started = True
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.use_gpu else "gloo")
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    spec.extra = {**spec.extra, "ray_report": True}
+    reported = Path(spec.out).resolve() / "ray" / "reported.jsonl"
+    reported.parent.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_worker, train_loop_config=asdict(spec),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(name="dynaip-train", storage_path=str(Path(spec.out).resolve() / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)))
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             callbacks=[_report_log(reported)]))
     try:
         trainer.fit()
     finally:
         if started:
             ray.shutdown()
-    return None
+    lines = reported.read_text().splitlines() if reported.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _report_log(path: Path):
+    """A Ray Train callback (it runs in the controller) that appends the metrics rank 0 reported."""
+    from ray.train import UserCallback
+
+    class ReportLog(UserCallback):
+        def __init__(self, target: str):
+            self.target = target
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0]:
+                with open(self.target, "a") as f:
+                    f.write(json.dumps(metrics[0]) + "\n")
+
+    return ReportLog(str(path))

@@ -13,13 +13,53 @@ exactly ``H * W`` pixels, so corrupt masks become rejects instead of silently wr
 
 from __future__ import annotations
 
+import glob as _glob
+import os
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from pipeline.records import Box
 
 _MISSING = object()
+
+
+class SourceError(FileNotFoundError):
+    """A source root, glob or split that matches nothing (or names the wrong thing).
+
+    Raised by a reader's ``read(cfg)`` itself, before it returns its iterator, so a run stops with one
+    line naming what was looked for and where before any model loads (docs/sources.md, "Reader contract").
+    A ``FileNotFoundError`` so the CLI reports it as a user error.
+    """
+
+
+def require_dir(root: Any, kind: str, what: str = "the dataset folder") -> Path:
+    """``root`` as a Path; SourceError when it is unset or not a directory."""
+    if root is None or str(root) == "":
+        raise SourceError(f"{kind}: source.root is not set; point it at {what} (or pass --source-root)")
+    path = Path(str(root)).expanduser()
+    if not path.is_dir():
+        raise SourceError(f"{kind}: source.root {path} is not a directory; point it at {what}")
+    return path
+
+
+def glob_files(root: Path, pattern: str, kind: str, what: str, *, required: bool = True) -> list[Path]:
+    """Files under ``root`` matching ``pattern`` (``**`` allowed), sorted by path.
+
+    With ``required`` an empty match is a SourceError naming the pattern, the root and, as a hint,
+    the top-level entries of ``root`` (the usual mistake is one folder level too many or too few).
+    """
+    matches = sorted(Path(p) for p in _glob.glob(os.path.join(str(root), pattern), recursive=True) if os.path.isfile(p))
+    if not matches and required:
+        try:
+            entries = sorted(os.listdir(root))
+        except OSError:
+            entries = []
+        shown = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "") if entries else "nothing"
+        raise SourceError(f"{kind}: no {what} match {pattern!r} under {root} (it holds: {shown})")
+    return matches
 
 
 def lookup(cfg: Any, key: str) -> tuple[bool, Any]:
@@ -59,28 +99,37 @@ class RLEError(ValueError):
     """A mask that is not a valid COCO RLE for the expected image size."""
 
 
-def _runs_from_string(counts: str) -> list[int]:
-    """Decode COCO's compressed counts string into run lengths (port of maskApi.c ``rleFrString``)."""
-    runs: list[int] = []
-    p, n = 0, len(counts)
-    while p < n:
-        x, k, more = 0, 0, True
-        while more:
-            if p >= n:
-                raise RLEError("RLE counts string ends in the middle of a number (truncated)")
-            c = ord(counts[p]) - 48
-            if c < 0 or c > 63:
-                raise RLEError(f"RLE counts holds {counts[p]!r}, outside COCO's character range '0'..'o'")
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
-    return runs
+def _runs_from_string(counts: str) -> np.ndarray:
+    """Decode COCO's compressed counts string into run lengths (int64), as maskApi.c ``rleFrString`` does,
+    vectorised: each number is 5-bit groups, low first, a set 0x20 bit meaning "more follows" and 0x10 in
+    the last group the sign; from the fourth number on each is a delta to the one two places earlier."""
+    try:
+        raw = np.frombuffer(counts.encode("ascii"), dtype=np.uint8)
+    except UnicodeEncodeError as e:
+        raise RLEError(f"RLE counts holds {counts[e.start]!r}, outside COCO's character range '0'..'o'") from None
+    if raw.size == 0:
+        return np.zeros(0, np.int64)
+    c = raw - np.uint8(48)  # wraps below '0', so one test covers both ends of the range
+    if (c > 63).any():
+        raise RLEError(f"RLE counts holds {counts[int(np.argmax(c > 63))]!r}, outside COCO's character range '0'..'o'")
+    ends = np.flatnonzero(c < 32)  # the last character of each number (no "more" bit)
+    if ends.size == 0 or ends[-1] != c.size - 1:
+        raise RLEError("RLE counts string ends in the middle of a number (truncated)")
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    if lengths.max() > 12:
+        raise RLEError("RLE counts holds a number longer than 12 characters (corrupt string)")
+    k = np.arange(c.size) - np.repeat(starts, lengths)  # position of each character inside its number
+    vals = np.add.reduceat((c & 31).astype(np.int64) << (5 * k), starts)
+    neg = (c[ends] & 16) != 0
+    vals[neg] -= np.left_shift(np.int64(1), 5 * lengths[neg])  # sign-extend negative numbers
+    if vals.size > 3:
+        vals[3::2] = vals[1] + np.cumsum(vals[3::2])
+    if vals.size > 4:
+        vals[4::2] = vals[2] + np.cumsum(vals[4::2])
+    return vals
 
 
 def _string_from_runs(runs: list[int]) -> str:
@@ -127,17 +176,19 @@ def check_rle(rle: Any, height: int | None = None, width: int | None = None) -> 
             raise RLEError(f"RLE counts bytes are not ASCII: {e}") from None
     if isinstance(counts, str):
         runs = _runs_from_string(counts)
-    elif isinstance(counts, list) and all(isinstance(v, int) for v in counts):
-        runs = list(counts)
-        counts = _string_from_runs(runs)
+    elif isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+        if any(r < 0 for r in counts):
+            raise RLEError("RLE counts hold a negative run length")
+        counts = _string_from_runs(list(counts))
+        runs = np.asarray(counts and _runs_from_string(counts), dtype=np.int64)
     else:
         raise RLEError(f"RLE counts is {type(counts).__name__}, expected a COCO compressed string")
-    if any(r < 0 for r in runs):
+    if (runs < 0).any():
         raise RLEError("RLE counts decode to a negative run length (corrupt string)")
-    total = sum(runs)
+    total = int(runs.sum())
     if total != h * w:
         raise RLEError(f"RLE runs cover {total} pixels, expected H*W={h * w} (truncated or corrupt counts)")
-    area = sum(runs[1::2])
+    area = int(runs[1::2].sum())
     return {"size": [h, w], "counts": counts}, area
 
 
@@ -151,14 +202,21 @@ def rle_bbox(rle: Mapping[str, Any]) -> Box | None:
     return (x, y, x + bw, y + bh)
 
 
-def xywh_to_xyxy(box: Any) -> Box:
-    """``[x, y, w, h]`` (COCO/SA-1B) → ``(x0, y0, x1, y1)``; raises ValueError on a malformed box."""
+def xywh_to_xyxy(box: Any, *, inclusive: bool = False) -> Box:
+    """``[x, y, w, h]`` → ``(x0, y0, x1, y1)`` with ``x1``/``y1`` one past the last pixel (our convention).
+
+    ``inclusive=False``: COCO's ``w`` = number of columns, so ``x1 = x + w``. ``inclusive=True``: SAM's
+    automatic mask generator (so SA-1B) writes ``w`` = last column − first column (its box comes from
+    the first and last mask pixel), so ``x + w`` is the last pixel and ``x1 = x + w + 1``
+    (docs/sources.md, "SA-1B"). Raises ValueError on a malformed box.
+    """
     if not (isinstance(box, (list, tuple)) and len(box) == 4):
         raise ValueError(f"box {box!r} is not [x, y, w, h]")
     x, y, w, h = (float(v) for v in box)
     if w < 0 or h < 0:
         raise ValueError(f"box {box!r} has a negative width or height")
-    return (x, y, x + w, y + h)
+    extra = 1.0 if inclusive else 0.0
+    return (x, y, x + w + extra, y + h + extra)
 
 
 def as_xyxy(box: Any) -> Box:

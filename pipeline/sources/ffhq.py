@@ -3,18 +3,20 @@
 Layout at ``root``: ``ffhq-dataset-v2.json`` and ``in-the-wild-images/00000/00000.png`` … (PNG, folders
 of 1000; the path is taken from each entry's ``in_the_wild.file_path``, relative to ``root``).
 
-JSON: keys ``"0"``, ``"1"``, …; each entry has ``category`` (training | validation), ``metadata``
-(photo_url, author, license, …) and ``in_the_wild`` with ``file_path``, ``file_md5``, ``pixel_size``
-``[W, H]``, ``face_rect`` ``[x0, y0, x1, y1]``, ``face_landmarks`` (68 ``[x, y]`` points), ``face_quad``
-(4 ``[x, y]`` corners). ``face_rect`` is inferred from the public example, so when it is missing the
-face box is the bounds of ``face_landmarks``, else of ``face_quad``.
+JSON (docs/sources.md, "FFHQ"): keys ``"0"``, ``"1"``, …; each entry has ``category`` (training |
+validation), ``metadata`` (photo_url, author, license, …), ``image`` / ``thumbnail`` (the aligned crops, not
+used) and ``in_the_wild`` with ``file_path``, ``file_size``, ``file_md5``, ``pixel_size`` ``[W, H]``,
+``pixel_md5`` (MD5 of the decoded pixel array), ``face_rect`` ``[x0, y0, x1, y1]``, ``face_landmarks`` (68
+``[x, y]`` points), ``face_quad`` (4 ``[x, y]`` corners). When ``face_rect`` is missing the face box is the
+bounds of ``face_landmarks``, else of ``face_quad``.
 
 Options (recipe ``source:``; a mapping or an ``FFHQSource``): ``root`` (required), ``json`` (default
 ``ffhq-dataset-v2.json``), ``category`` (``training`` | ``validation`` | a list; default all — entries
 outside it are out of scope and not yielded at all), ``dedupe`` (default true).
 
-Dedupe: the same photo appears once per face. Entries with the same ``file_md5`` (else the same
-``file_path``) are one photo: every face becomes its own record, all pointing at one file (the lowest
+Dedupe: the in-the-wild folder holds a photo once per face extracted from it, and the copies need not be
+byte-identical (re-encoded PNGs differ in ``file_md5``). Entries with the same ``pixel_md5`` (else the same
+``file_md5``, else the same ``file_path``) are one photo: every face becomes its own record, all pointing at one file (the lowest
 entry index whose file exists), with ids ``{photo:05d}_face{k}`` — ``photo`` the lowest entry index of the
 photo, ``k`` the face's rank by entry index. With ``dedupe: false`` each entry is its own photo.
 
@@ -25,7 +27,9 @@ Record (``source="ffhq"``): ``image`` = ``ImageRef(path=png)``; ``phrase="person
 ``n_faces`` (faces in this photo), ``other_face_boxes`` (XYXY boxes of the photo's other faces),
 ``pixel_size`` ``[W, H]`` when given, ``photo_url``, ``license``, ``author`` when given.
 
-Malformed inputs never raise: unreadable JSON → one ``Reject(id=<json file name>, stage="read")``; an
+A root that is not a folder, a metadata file that does not exist or holds no entries, or a ``category``
+that no entry has, is a ``SourceError`` raised by ``read`` itself (before any record). Malformed inputs
+never raise: unparsable JSON → one ``Reject(id=<json file name>, stage="read")``; an
 entry without ``in_the_wild``/file path or any usable face geometry, or whose image file is missing →
 ``Reject(id=<record id or ffhq index>, stage="read", reason)``.
 """
@@ -39,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import Box, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import as_xyxy, option
+from pipeline.sources.common import SourceError, as_xyxy, option, require_dir
 
 SOURCE = "ffhq"
 
@@ -55,7 +59,7 @@ class FFHQSource:
     category: str | list[str] | None = None
     """Keep only these categories (training | validation); None keeps all."""
     dedupe: bool = True
-    """Treat entries with the same file_md5 / file_path as one photo with several faces."""
+    """Treat entries with the same pixel_md5 (else file_md5, else file_path) as one photo with several faces."""
 
 
 def _reject(rid: str, reason: str) -> Reject:
@@ -108,34 +112,57 @@ def _sort_key(key: str) -> tuple[int, int, str]:
     return (0, int(key), "") if key.isdigit() else (1, 0, key)
 
 
+def photo_key(wild: dict[str, Any]) -> tuple[str, str]:
+    """What identifies a photo: ``pixel_md5`` (same pixels, however encoded), else ``file_md5``, else the path."""
+    for name in ("pixel_md5", "file_md5"):
+        if isinstance(wild.get(name), str) and wild[name]:
+            return name, wild[name]
+    return "file_path", wild["file_path"]
+
+
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
-    """Yield FFHQ face records (and rejects) in photo, then face order; see the module docstring."""
-    root = Path(option(cfg, "root"))
+    """Check the source now (SourceError when it matches nothing); return the iterator of FFHQ face
+    records (and rejects) in photo, then face order; see the module docstring."""
+    root = require_dir(option(cfg, "root", ""), "ffhq", "the FFHQ folder (ffhq-dataset-v2.json + in-the-wild-images/)")
     json_name = option(cfg, "json", "ffhq-dataset-v2.json")
     category = option(cfg, "category", None)
     dedupe = bool(option(cfg, "dedupe", True))
     categories = {category} if isinstance(category, str) else set(category) if category else None
     meta_path = root / json_name
+    if not meta_path.is_file():
+        raise SourceError(f"ffhq: metadata file {meta_path} does not exist; set source.json or point source.root "
+                          "at the folder holding ffhq-dataset-v2.json")
     try:
         meta = json.loads(meta_path.read_text())
         if not isinstance(meta, dict):
             raise ValueError(f"top level is {type(meta).__name__}, expected an object keyed by index")
     except (OSError, ValueError) as e:
-        yield _reject(json_name, f"cannot read {meta_path}: {e}; point source.root at the FFHQ folder")
-        return
+        return iter([_reject(json_name, f"cannot read {meta_path}: {e}; point source.root at the FFHQ folder")])
+    if not meta:
+        raise SourceError(f"ffhq: {meta_path} holds no entries")
+    if categories is not None:
+        found = {e.get("category") for e in meta.values() if isinstance(e, dict)}
+        if not categories & found:
+            raise SourceError(f"ffhq: no entry of {meta_path} has category {sorted(categories)} "
+                              f"(the file has: {sorted(str(c) for c in found)})")
+    return _records(root, meta, categories, dedupe)
 
+
+def _records(root: Path, meta: dict[str, Any], categories: set[str] | None, dedupe: bool) -> Iterator[SourceRecord | Reject]:
     # Group entries into photos; every face keeps its own box.
-    photos: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    photos: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
     for key in sorted(meta, key=_sort_key):
         entry = meta[key]
-        if categories is not None and (not isinstance(entry, dict) or entry.get("category") not in categories):
+        if not isinstance(entry, dict):
+            yield _reject(key, f"entry is {type(entry).__name__}, expected an object")
             continue
-        wild = entry.get("in_the_wild") if isinstance(entry, dict) else None
+        if categories is not None and entry.get("category") not in categories:
+            continue  # outside the selection: not an input
+        wild = entry.get("in_the_wild")
         if not isinstance(wild, dict) or not isinstance(wild.get("file_path"), str):
             yield _reject(key, "entry has no in_the_wild.file_path")
             continue
-        photo = (wild.get("file_md5") if dedupe else None) or wild["file_path"]
-        photos.setdefault(photo if dedupe else key, []).append((key, entry))
+        photos.setdefault(photo_key(wild) if dedupe else ("entry", key), []).append((key, entry))
 
     groups = sorted(photos.values(), key=lambda faces: _sort_key(faces[0][0]))
     for faces in groups:

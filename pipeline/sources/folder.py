@@ -15,6 +15,9 @@ a file's own id already takes that name), caption = the target's
 ``.txt`` caption. The reference carries no mask or box, so the subject is detected (Grounding DINO)
 and segmented (SAM) in it by the stages, as in an intra record's target.
 
+A root that is not a folder, or holds no image file, is a ``SourceError`` raised by ``read`` itself
+(docs/sources.md, "Reader contract").
+
 Record order (deterministic): first every intra record in sorted relative-path order (exactly the
 records without the option, so their chunk positions do not move), then the cross records in the
 same sorted order of their targets.
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.records import ImageRef, SourceRecord
-from pipeline.sources.common import source_path
+from pipeline.sources.common import SourceError, source_path
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CROSS_PAIRS = ("none", "subfolders")
@@ -61,15 +64,24 @@ def subfolder_groups(root: Path, images: list[Path]) -> dict[str, list[Path]]:
 
 
 def read(cfg) -> Iterator[SourceRecord]:
+    """Check the folder now (SourceError when it holds no image); return the iterator of records."""
     root = source_path(cfg.root) if cfg.root else None
     if root is None or not root.is_dir():
-        raise ValueError(f"folder source: root {cfg.root!r} is not a directory; set source.root in the recipe or pass --source-root")
+        raise SourceError(f"folder source: root {cfg.root!r} is not a directory; set source.root in the recipe or pass --source-root")
     recursive = cfg.get("recursive", True)
     phrase = cfg.get("phrase")
     cross = cfg.get("cross_pairs") or "none"
     if cross not in CROSS_PAIRS:
         raise ValueError(f"folder source: cross_pairs must be one of {', '.join(CROSS_PAIRS)}, not {cross!r}")
     images = list_images(root, recursive)
+    if not images:
+        exts = ", ".join(sorted(IMAGE_EXTS))
+        where = "below" if recursive else "directly in"
+        raise SourceError(f"folder source: no image file ({exts}) {where} {root}")
+    return _records(root, images, phrase, cross)
+
+
+def _records(root: Path, images: list[Path], phrase: str | None, cross: str) -> Iterator[SourceRecord]:
     used: set[str] = set()
     for path in images:
         rel = path.relative_to(root).with_suffix("").as_posix()

@@ -7,7 +7,10 @@ Layout at ``root`` (either or both):
 
 Per-image JSON: ``{"image": {image_id, width, height, file_name}, "annotations": [{id, segmentation,
 bbox, area, predicted_iou, stability_score, crop_box, point_coords}]}``; ``segmentation`` is COCO RLE
-``{"size": [H, W], "counts": str}`` and ``bbox`` is ``[x, y, w, h]``.
+``{"size": [H, W], "counts": str}`` and ``bbox`` is ``[x, y, w, h]`` as SAM's automatic mask generator
+writes it: ``w`` = last column − first column of the mask, so ``x + w`` is the mask's last column, not
+one past it (docs/sources.md, "SA-1B"); the record's XYXY box is ``(x, y, x + w + 1, y + h + 1)``, the
+mask's exact bounds.
 
 Options (recipe ``source:`` section; a mapping or an ``SA1BSource``):
 
@@ -18,11 +21,12 @@ Record per image (``source="sa1b"``, ``id`` = file stem, e.g. ``sa_1``): ``image
 ``ImageRef(path=jpg)`` or ``ImageRef(path=tar, member="sa_1.jpg")``; ``masks`` = the top-``top_k``
 annotations ranked by ``area × predicted_iou × stability_score`` (descending, ties in JSON order),
 each a checked RLE ``{"size": [H, W], "counts": str}``; ``boxes`` = their ``bbox`` converted to XYXY
-pixels, index-aligned with ``masks``; ``phrase`` and ``caption`` None (no captions in SA-1B; the
+pixels (exclusive right/bottom edge), index-aligned with ``masks``; ``phrase`` and ``caption`` None (no captions in SA-1B; the
 recipe's prompt applies). ``extra``: ``width``, ``height``, ``image_id``, ``mask_ids`` (annotation ids of
 ``masks``), ``mask_scores`` (the ranking score of each), ``dropped_masks`` (annotations skipped as malformed).
 
-Malformed inputs never raise: the iterator yields ``Reject(source="sa1b", id, stage="read", reason)``
+A root that is not a folder, or holds neither ``*.tar`` nor any ``*.json``/``*.jpg`` (or no ``*.tar`` with
+``layout: tar``), is a ``SourceError`` raised by ``read`` itself. Malformed inputs never raise: the iterator yields ``Reject(source="sa1b", id, stage="read", reason)``
 for a missing/unparsable JSON, a JSON without its image, an image whose size is unknown, or an image
 whose every annotation is malformed. Single malformed annotations (bad RLE, bad bbox) are dropped and
 counted in ``extra["dropped_masks"]``. An unreadable tar yields one reject with ``id`` = the tar's name.
@@ -39,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import RLEError, check_rle, option, xywh_to_xyxy
+from pipeline.sources.common import RLEError, SourceError, check_rle, option, require_dir, xywh_to_xyxy
 
 SOURCE = "sa1b"
 
@@ -95,7 +99,7 @@ def record_from_json(stem: str, meta: Any, image: ImageRef, top_k: int) -> Sourc
             break
         try:
             rle, _ = check_rle(ann.get("segmentation"), h, w)
-            box = xywh_to_xyxy(ann.get("bbox"))
+            box = xywh_to_xyxy(ann.get("bbox"), inclusive=True)
         except (RLEError, ValueError, TypeError):
             dropped += 1
             continue
@@ -168,19 +172,25 @@ def _read_tar(tar_path: Path, top_k: int) -> Iterator[SourceRecord | Reject]:
 
 
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
-    """Yield SA-1B records (and rejects) in sorted order; see the module docstring for the shape."""
-    root = Path(option(cfg, "root"))
+    """Check the layout now (SourceError when nothing matches); return the iterator of SA-1B records
+    (and rejects) in sorted order; see the module docstring for the shape."""
     layout = option(cfg, "layout", "auto")
     top_k = int(option(cfg, "top_k", 16))
     if top_k < 1:
         raise ValueError(f"sa1b top_k={top_k}: must be >= 1 (masks kept per image)")
     if layout not in ("auto", "folder", "tar"):
         raise ValueError(f"sa1b layout={layout!r}: expected auto, folder or tar")
-    if not root.is_dir():
-        raise FileNotFoundError(f"sa1b root {root} is not a directory; point source.root at the SA-1B folder")
+    root = require_dir(option(cfg, "root", ""), "sa1b", "the SA-1B folder (sa_000000.tar, ... or sa_N.jpg + sa_N.json)")
     tars = sorted(root.glob("*.tar"))
     if layout == "tar" or (layout == "auto" and tars):
-        for tar_path in tars:
-            yield from _read_tar(tar_path, top_k)
-    else:
-        yield from _read_folder(root, top_k)
+        if not tars:
+            raise SourceError(f"sa1b: layout tar but no *.tar (sa_000000.tar, ...) directly under {root}")
+        return _read_tars(tars, top_k)
+    if next(root.rglob("*.json"), None) is None and next(root.rglob("*.jpg"), None) is None:
+        raise SourceError(f"sa1b: no sa_*.tar, *.json or *.jpg under {root}; point source.root at the SA-1B folder")
+    return _read_folder(root, top_k)
+
+
+def _read_tars(tars: list[Path], top_k: int) -> Iterator[SourceRecord | Reject]:
+    for tar_path in tars:
+        yield from _read_tar(tar_path, top_k)

@@ -22,9 +22,12 @@ garment), ``phrase`` = the option, ``caption``/``boxes``/``masks`` empty (the ga
 target comes from detection), ``group`` = ``vitonhd-<id>``. ``extra``: ``split``, ``cloth`` (file name),
 ``parse`` (path of ``image-parse-v3/<stem>.png`` when it exists).
 
-Malformed inputs never raise: a missing pairs file falls back to listing ``image/``; a pairs line that is
-not ``person.jpg [cloth.jpg]`` → ``Reject(id="<split>_pairs-line<N>")``; a missing person image, cloth or
-cloth-mask → ``Reject(id=<stem>, stage="read", reason)``.
+A root without the split (e.g. a root holding only ``test/``, as the test-only download does, read with
+``split: train``) or a split that lists no person image is a ``SourceError`` raised by ``read`` itself,
+naming the split folders the root does hold. Malformed inputs never raise: a missing pairs file falls
+back to listing ``image/``; a pairs line that is not ``person.jpg [cloth.jpg]`` →
+``Reject(id="<split>_pairs-line<N>")``, as is a line repeating an earlier person; a missing person image,
+cloth or cloth-mask → ``Reject(id=<stem>, stage="read", reason)``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import option
+from pipeline.sources.common import SourceError, option, require_dir
 
 SOURCE = "vitonhd"
 _IMAGE_EXT = (".jpg", ".jpeg", ".png")
@@ -62,39 +65,57 @@ def _split_dir(root: Path, split: str) -> Path:
         return root / split
     if (root / "image").is_dir():
         return root
-    raise FileNotFoundError(
-        f"vitonhd: neither {root / split / 'image'} nor {root / 'image'} exists; "
-        "point source.root at the VITON-HD folder (holding train/ and test/) or at a split folder"
-    )
+    present = sorted(p.name for p in root.iterdir() if (p / "image").is_dir())
+    if present:
+        other = [p for p in present if p in ("train", "test")]
+        hint = f"set source.split: {other[0]}" if other else "point source.root at the VITON-HD folder"
+        raise SourceError(f"vitonhd: split {split!r} not found: {root} holds {', '.join(p + '/' for p in present)} "
+                          f"but no {split}/image/; {hint}")
+    raise SourceError(f"vitonhd: no {split}/image/ (nor image/) under {root}; point source.root at the VITON-HD "
+                      "folder (holding train/ and test/) or at a split folder")
 
 
-def _person_names(root: Path, split_dir: Path, split: str) -> Iterator[str | Reject]:
-    """Person image names from the pairs list's first column (deduped, sorted), else from ``image/``."""
+def _person_names(root: Path, split_dir: Path, split: str) -> list[str | Reject]:
+    """Person image names from the pairs list's first column (sorted; a repeated person is a reject),
+    else from ``image/``."""
     pairs = next((p for p in (root / f"{split}_pairs.txt", split_dir / f"{split}_pairs.txt") if p.is_file()), None)
     if pairs is None:
-        yield from sorted(p.name for p in (split_dir / "image").iterdir() if p.suffix.lower() in _IMAGE_EXT)
-        return
-    names: set[str] = set()
+        return sorted(p.name for p in (split_dir / "image").iterdir() if p.suffix.lower() in _IMAGE_EXT)
+    rejects: list[str | Reject] = []
+    first: dict[str, int] = {}
     for n, line in enumerate(pairs.read_text(errors="replace").splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) > 2 or not parts[0].lower().endswith(_IMAGE_EXT):
-            yield _reject(f"{split}_pairs-line{n}", f"{pairs.name} line {n} {line!r} is not 'person.jpg cloth.jpg'")
+            rejects.append(_reject(f"{split}_pairs-line{n}", f"{pairs.name} line {n} {line!r} is not 'person.jpg cloth.jpg'"))
             continue
-        names.add(parts[0])
-    yield from sorted(names)
+        if parts[0] in first:
+            rejects.append(_reject(f"{split}_pairs-line{n}", f"{pairs.name} line {n} repeats person {parts[0]} "
+                                   f"(first on line {first[parts[0]]}); each person is read once"))
+            continue
+        first[parts[0]] = n
+    return rejects + sorted(first)
 
 
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
-    """Yield one garment → person cross record per person image (and rejects); see the module docstring."""
-    root = Path(option(cfg, "root"))
+    """Check the split now (SourceError when missing or empty); return the iterator of garment → person
+    cross records, one per person image (and rejects); see the module docstring."""
     split = option(cfg, "split", "train")
     phrase = option(cfg, "phrase", "upper-body garment")
     if split not in ("train", "test"):
         raise ValueError(f"vitonhd split={split!r}: expected train or test")
+    root = require_dir(option(cfg, "root", ""), "vitonhd", "the VITON-HD folder (holding train/ and test/)")
     split_dir = _split_dir(root, split)
-    for name in _person_names(root, split_dir, split):
+    names = _person_names(root, split_dir, split)
+    if not any(isinstance(n, str) for n in names):
+        raise SourceError(f"vitonhd: split {split!r} lists no person image ({split}_pairs.txt is empty or missing "
+                          f"and {split_dir / 'image'} holds no .jpg/.png)")
+    return _records(split_dir, split, phrase, names)
+
+
+def _records(split_dir: Path, split: str, phrase: str, names: list[str | Reject]) -> Iterator[SourceRecord | Reject]:
+    for name in names:
         if isinstance(name, Reject):
             yield name
             continue

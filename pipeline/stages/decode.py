@@ -1,7 +1,7 @@
 """Stage 1 — read and validate images: bytes → ``(H, W, 3) uint8`` RGB.
 
 Reads a file path (or fsspec URL), a tar member (``ImageRef.member``) or a video frame
-(``ImageRef.frame``, PyAV). Still images: the declared size is checked against
+(``ImageRef.frame``, PyAV; with ``member`` the video is that member of a tar or split tar). Still images: the declared size is checked against
 ``filters.max_image_pixels`` *before* pixels are decoded (decompression-bomb guard), EXIF
 orientation is applied, any mode becomes RGB (transparency is flattened onto white), and the
 shorter side must reach ``filters.min_image_side``.
@@ -165,7 +165,7 @@ class DecodeStage:
             from pipeline.sources.video import read_frame
 
             try:
-                frame = read_frame(ref.path, ref.frame, crop)
+                frame = read_frame(ref.path, ref.frame, crop, member=ref.member)
             except Exception as e:
                 raise DecodeError(f"video frame {ref.frame} of {ref.path}: {e}") from None
             return _check_frame(frame, self.recipe, f"frame {ref.frame}")

@@ -1,0 +1,1 @@
+"""`dynaip serve`: the local web app (Datasets and Generate pages)."""
