@@ -10,9 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,14 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
+sys.path.insert(0, str(Path(__file__).parent))
+from ray_nodes import REPO, free_port, node_env, start_node, stop_nodes  # noqa: E402
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# setup (two nodes, the local run, the Ray job) is inside the first test's time; a loaded 2-core
+# CI machine can take several times the ~3 minutes of a quiet one
+pytestmark = pytest.mark.timeout(1200)
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -36,69 +31,61 @@ def _tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and ".progress" not in p.parts}
 
 
-def _node_ports() -> list[str]:
-    lo = _free_port()
-    return [f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-            f"--min-worker-port={lo}", f"--max-worker-port={lo + 60}"]
+def _phase(name: str, t0: float) -> None:
+    # printed, so a failing run's captured output says where the time went
+    print(f"[two-node] {name}: {time.time() - t0:.1f} s", flush=True)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
 
 @pytest.fixture(scope="module")
 def two_nodes():
     """Head (1 CPU, runs the job drivers) + worker node (1 CPU and ``curate: 1``)."""
-    temp = tempfile.mkdtemp(prefix="r2", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    procs: list[subprocess.Popen] = []
-
-    def start(args: list[str]) -> subprocess.Popen:
-        # --block keeps `ray start` as the parent of the node's processes, in a session of its own,
-        # so teardown stops exactly this cluster (never other Ray instances on the machine)
-        p = subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                              *args, *_node_ports()], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-        procs.append(p)
-        return p
-
+    temp = Path(tempfile.mkdtemp(prefix="r2", dir="/tmp"))  # short: Ray's socket paths are limited to 107 bytes
+    log = temp / "nodes.log"
+    port, dash = free_port(), free_port()
+    procs = []
     old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_MODE"] = node_env()["RAY_AUTH_MODE"]  # the job client must present the cluster's token
+    t0 = time.time()
     try:
-        start(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-               f"--ray-client-server-port={_free_port()}", "--num-cpus=1", f"--temp-dir={temp}",
-               "--include-dashboard=true"])
+        # the second node's session lives under the head's temp dir too (Ray reads it from the head)
+        procs.append(start_node(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                                 f"--ray-client-server-port={free_port()}", "--num-cpus=1", f"--temp-dir={temp}",
+                                 "--include-dashboard=true"], log))  # the job API is served by the dashboard
         from ray.job_submission import JobSubmissionClient
         from ray.util.state import list_nodes
 
         address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 300  # a loaded 2-core machine can take minutes
+        deadline = time.time() + 300
         while True:
             try:
                 client = JobSubmissionClient(address)
                 client.list_jobs()
                 break
             except Exception:
-                assert time.time() < deadline, "the Ray head did not come up"
+                assert procs[0].poll() is None, f"the Ray head exited:\n{_tail(log)}"
+                assert time.time() < deadline, f"the Ray head did not come up:\n{_tail(log)}"
                 time.sleep(2)
-        start([f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"curate": 1}'])
+        _phase("head up", t0)
+        procs.append(start_node([f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"curate": 1}'], log))
         while True:
-            nodes = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
+            try:
+                nodes = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
+            except Exception:  # the state API can time out while the node registers on a busy machine
+                nodes = []
             if len(nodes) == 2:
                 break
-            assert time.time() < deadline, f"the second node did not join: {nodes}"
+            assert procs[1].poll() is None, f"the second node exited:\n{_tail(log)}"
+            assert time.time() < deadline, f"the second node did not join: {nodes}\n{_tail(log)}"
             time.sleep(2)
+        _phase("second node joined", t0)
         second = next(n.node_id for n in nodes if not n.is_head_node)
         yield client, address, second
     finally:
-        for p in reversed(procs):
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_nodes(procs)
         if old is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
@@ -110,7 +97,7 @@ def _submit(client, entry: str) -> str:
     deadline = time.time() + 120
     while True:  # the head's job agent comes up a little after the dashboard answers
         try:
-            return client.submit_job(entrypoint=entry, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+            return client.submit_job(entrypoint=entry)  # PYTHONPATH etc. come from the nodes' environment
         except RuntimeError as e:
             if "No available agent" not in str(e) or time.time() > deadline:
                 raise
@@ -148,12 +135,15 @@ def curated(two_nodes, tiny_models, tiny_models_yaml, tmp_path_factory):
     recipe_file = d / "recipe.yaml"
     recipe_file.write_text(yaml.safe_dump(raw))
     local = d / "local"
+    t0 = time.time()
     run_local(Recipe.from_yaml(recipe_file), local, tiny_models, progress=False)
+    _phase("local executor", t0)
     out = d / "ray"
     job = _submit(client, f"{sys.executable} {REPO / 'jobs' / 'curate.py'} --recipe {recipe_file} --out {out} "
                           f"--models {tiny_models_yaml} --no-progress")
     status = _wait(client, job)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    _phase("local executor + Ray curation job", t0)
     return local, out, second
 
 
@@ -176,9 +166,11 @@ def test_two_node_training_job_runs_one_worker_per_node(two_nodes, curated, tiny
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
+    t0 = time.time()
     job = _submit(client, f"{sys.executable} {REPO / 'jobs' / 'train.py'} --config {config} --data {data} "
                           f"--out {run} --models {tiny_models_yaml}")
     assert _wait(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    _phase("training job", t0)
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "loss" in r] == [1, 2]
     workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
