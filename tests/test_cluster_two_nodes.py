@@ -12,14 +12,16 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ray_nodes import REPO, free_port, node_env, start_node, stop_nodes  # noqa: E402
+from ray_nodes import REPO, free_port, node_env, start_node, stop_nodes
 
 # setup (two nodes, the local run, the Ray job) is inside the first test's time; a loaded 2-core
 # CI machine can take several times the ~3 minutes of a quiet one
@@ -40,51 +42,61 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
 
-@pytest.fixture(scope="module")
-def two_nodes():
-    """Head (1 CPU, runs the job drivers) + worker node (1 CPU and ``curate: 1``)."""
-    temp = Path(tempfile.mkdtemp(prefix="r2", dir="/tmp"))  # short: Ray's socket paths are limited to 107 bytes
+def _start_two_nodes(temp: Path, procs: list, stopping: threading.Event) -> tuple:
+    """Head (1 CPU, runs the job drivers) + worker node (1 CPU and ``curate: 1``); returns the job
+    client, the dashboard address and the second node's id once both nodes are alive."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_nodes
+
     log = temp / "nodes.log"
     port, dash = free_port(), free_port()
-    procs = []
+    t0 = time.time()
+    # the second node's session lives under the head's temp dir too (Ray reads it from the head)
+    procs.append(start_node(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--ray-client-server-port={free_port()}", "--num-cpus=1", f"--temp-dir={temp}",
+                             "--include-dashboard=true"], log))  # the job API is served by the dashboard
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            client = JobSubmissionClient(address)
+            client.list_jobs()
+            break
+        except Exception:  # noqa: BLE001 - connection refused, HTTP errors, RuntimeError: all mean "not yet"
+            assert procs[0].poll() is None, f"the Ray head exited:\n{_tail(log)}"
+            assert time.time() < deadline and not stopping.is_set(), f"the Ray head did not come up:\n{_tail(log)}"
+            time.sleep(2)
+    _phase("head up", t0)
+    procs.append(start_node([f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"curate": 1}'], log))
+    while True:
+        try:
+            nodes = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
+        except Exception:  # noqa: BLE001 - the state API can time out while the node registers on a busy machine
+            nodes = []
+        if len(nodes) == 2:
+            break
+        assert procs[1].poll() is None, f"the second node exited:\n{_tail(log)}"
+        assert time.time() < deadline and not stopping.is_set(), f"the second node did not join: {nodes}\n{_tail(log)}"
+        time.sleep(2)
+    _phase("second node joined", t0)
+    return client, address, next(n.node_id for n in nodes if not n.is_head_node)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A future of `_start_two_nodes`: the nodes start in a thread (mostly waiting on subprocesses)
+    while the test computes the local executor's reference output, which saves a minute."""
+    temp = Path(tempfile.mkdtemp(prefix="r2", dir="/tmp"))  # short: Ray's socket paths are limited to 107 bytes
+    procs: list = []
+    stopping = threading.Event()
     old = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = node_env()["RAY_AUTH_MODE"]  # the job client must present the cluster's token
-    t0 = time.time()
+    pool = ThreadPoolExecutor(1)
     try:
-        # the second node's session lives under the head's temp dir too (Ray reads it from the head)
-        procs.append(start_node(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                                 f"--ray-client-server-port={free_port()}", "--num-cpus=1", f"--temp-dir={temp}",
-                                 "--include-dashboard=true"], log))  # the job API is served by the dashboard
-        from ray.job_submission import JobSubmissionClient
-        from ray.util.state import list_nodes
-
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 300
-        while True:
-            try:
-                client = JobSubmissionClient(address)
-                client.list_jobs()
-                break
-            except Exception:
-                assert procs[0].poll() is None, f"the Ray head exited:\n{_tail(log)}"
-                assert time.time() < deadline, f"the Ray head did not come up:\n{_tail(log)}"
-                time.sleep(2)
-        _phase("head up", t0)
-        procs.append(start_node([f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"curate": 1}'], log))
-        while True:
-            try:
-                nodes = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
-            except Exception:  # the state API can time out while the node registers on a busy machine
-                nodes = []
-            if len(nodes) == 2:
-                break
-            assert procs[1].poll() is None, f"the second node exited:\n{_tail(log)}"
-            assert time.time() < deadline, f"the second node did not join: {nodes}\n{_tail(log)}"
-            time.sleep(2)
-        _phase("second node joined", t0)
-        second = next(n.node_id for n in nodes if not n.is_head_node)
-        yield client, address, second
+        yield pool.submit(_start_two_nodes, temp, procs, stopping)
     finally:
+        stopping.set()  # a start still waiting gives up, so its node list is final before stopping
+        pool.shutdown(wait=True)
         stop_nodes(procs)
         if old is None:
             os.environ.pop("RAY_AUTH_MODE", None)
@@ -125,7 +137,6 @@ def curated(two_nodes, tiny_models, tiny_models_yaml, tmp_path_factory):
     from pipeline.recipe import Recipe
     from pipeline.samples import write_sample_photos
 
-    client, _, second = two_nodes
     d = tmp_path_factory.mktemp("twonode")
     write_sample_photos(d / "photos", faces=0, names=["astronaut", "chelsea", "coffee", "rocket"])
     raw = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
@@ -138,12 +149,14 @@ def curated(two_nodes, tiny_models, tiny_models_yaml, tmp_path_factory):
     t0 = time.time()
     run_local(Recipe.from_yaml(recipe_file), local, tiny_models, progress=False)
     _phase("local executor", t0)
+    client, _, second = two_nodes.result()
+    t0 = time.time()
     out = d / "ray"
     job = _submit(client, f"{sys.executable} {REPO / 'jobs' / 'curate.py'} --recipe {recipe_file} --out {out} "
                           f"--models {tiny_models_yaml} --no-progress")
     status = _wait(client, job)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
-    _phase("local executor + Ray curation job", t0)
+    _phase("Ray curation job", t0)
     return local, out, second
 
 
@@ -158,7 +171,7 @@ def test_two_node_training_job_runs_one_worker_per_node(two_nodes, curated, tiny
     from ray.job_submission import JobStatus
     from ray.util.state import list_actors
 
-    client, address, _ = two_nodes
+    client, address, _ = two_nodes.result()
     _, data, _ = curated
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "tiny.yaml").read_text())
     cfg.update(stages=[{"name": "intra", "steps": 2, "pair": "intra"}], global_batch_size=2, workers=2,
