@@ -51,7 +51,8 @@ def _wait_alive(address: str, count: int, until: float, node, stopping: threadin
     while True:
         try:
             nodes = [n for n in list_nodes(address=address) if n.state == "ALIVE"]
-        except Exception:  # noqa: BLE001 - the state API can time out while the node registers on a busy machine
+        except Exception as e:  # noqa: BLE001 - the state API can time out while the node registers on a busy machine
+            print(f"[two-node] list_nodes: {type(e).__name__}: {str(e)[:300]}", flush=True)
             nodes = []
         if len(nodes) == count or node.poll() is not None or time.time() > until or stopping.is_set():
             return nodes
