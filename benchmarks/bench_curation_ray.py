@@ -10,7 +10,12 @@ separately and excluded. Reports medians, the Ray/local throughput ratio, the pe
 run's driver process, and checks that both outputs are byte-identical.
 
     .venv/bin/python benchmarks/bench_curation_ray.py [--inputs 500] [--repeats 2] [--json OUT]
-    .venv/bin/python benchmarks/bench_curation_ray.py --inputs 100 --executors ray --repeats 1   # driver RSS
+    .venv/bin/python benchmarks/bench_curation_ray.py --inputs 1000 --executors ray --repeats 1 --driver-only
+
+``--driver-only`` measures the Ray driver alone: every input is rejected in the workers' decode
+stage (``filters.min_image_side`` set above any photo), so the run costs seconds while the driver
+still reads, schedules and collects every chunk, runs the de-duplication pass and writes the
+manifest — its peak RSS at 100 vs 1,000 inputs shows whether driver memory grows with the inputs.
 """
 
 from __future__ import annotations
@@ -69,6 +74,18 @@ def write_inputs(root: Path, n: int) -> Path:
     return root
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: across fork + exec Linux carries the
+    parent's high-water mark into the child, and the parent here has loaded torch."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args: argparse.Namespace) -> None:
     """One run in this process; prints its JSON result."""
     from dynaip.models import ModelsConfig
@@ -76,6 +93,8 @@ def child(args: argparse.Namespace) -> None:
 
     models = ModelsConfig.from_yaml(args.models)
     recipe = Recipe.from_yaml(REPO / "manifests" / "demo.yaml", source_root=args.photos)
+    if args.driver_only:
+        recipe.filters.min_image_side = 10**6
     start = 0.0
     if args.child == "ray":
         from pipeline.executor_ray import connect, run_ray
@@ -91,7 +110,7 @@ def child(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         m = run_local(recipe, args.out, models, limit=args.inputs, progress=False)
     seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rss = peak_rss_mib()
     print("RESULT " + json.dumps({"seconds": seconds, "ray_startup_seconds": start, "inputs": m["totals"]["inputs"],
                                   "accepted": m["totals"]["accepted"],
                                   "duplicates": m["totals"]["rejected_by_reason"].get("dedup: duplicate", 0),
@@ -101,6 +120,8 @@ def child(args: argparse.Namespace) -> None:
 def run_child(kind: str, args: argparse.Namespace, photos: Path, models: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--photos", str(photos), "--models", str(models),
            "--out", str(out), "--inputs", str(args.inputs), "--cpus", str(args.cpus)]
+    if args.driver_only:
+        cmd.append("--driver-only")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -115,6 +136,7 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--executors", default="local,ray", help="comma-separated: local, ray")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--driver-only", action="store_true", help="every input rejected at decode: driver memory only")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--photos", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--models", default=None, help=argparse.SUPPRESS)

@@ -84,16 +84,6 @@ def reduce_buckets(entries: Iterable[Entry], max_distance: int, hash_size: int, 
     return best
 
 
-def merge(parts: Iterable[dict[int, tuple[int, str]]]) -> dict[int, tuple[int, str]]:
-    """Minimum over reducers of the earliest near copy per input."""
-    out: dict[int, tuple[int, str]] = {}
-    for part in parts:
-        for j, (i, key) in part.items():
-            if j not in out or i < out[j][0]:
-                out[j] = (i, key)
-    return out
-
-
 def run_reducer(writer: Any, chunks: list[int], inputs_per_chunk: int, max_distance: int, hash_size: int,
                 reducer: int, reducers: int) -> dict[int, tuple[int, str, str]]:
     """One reducer over the ledgers of ``chunks`` (read from ``writer``'s store). Returns
