@@ -24,6 +24,11 @@ from typing import IO, Any, Iterator
 from dynaip.atomic import atomic_write_bytes, fsync_dir, make_temp
 
 
+def is_url(path: str | os.PathLike) -> bool:
+    """An fsspec URL (``s3://...``) rather than a local path."""
+    return "://" in str(path)
+
+
 class HashingWriter:
     """A write-only file wrapper that counts and sha256-hashes what passes through it."""
 

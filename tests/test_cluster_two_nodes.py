@@ -150,7 +150,7 @@ def curated(two_nodes, tiny_models, tiny_models_yaml, tmp_path_factory):
 
     from pipeline.executor_local import run_local
     from pipeline.recipe import Recipe
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
 
     d = tmp_path_factory.mktemp("twonode")
     write_sample_photos(d / "photos", faces=0, names=["astronaut", "chelsea", "coffee", "rocket"])

@@ -38,7 +38,7 @@ def symlink_tar() -> bytes:
 
 
 def test_user_errors_are_one_line_without_a_traceback(tmp_path):
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
 
     photos = tmp_path / "photos"
     write_sample_photos(photos, faces=0, names=["astronaut"])

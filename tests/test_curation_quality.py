@@ -245,7 +245,7 @@ class WholeImageSubject:
 def test_manifest_show_prints_quality_quantiles_per_source(tmp_path):
     from pipeline.dataset import iter_sample_json, show
     from pipeline.executor_local import run_local
-    from pipeline.samples import write_sample_photos
+    from pipeline.demo_photos import write_sample_photos
     from pipeline.stages import CaptionStage, ComposeStage, DecodeStage, PairStage
     from pipeline.stages.quality import QualityStage
 
