@@ -68,8 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     except Exception as e:
-        from dynaip.models.errors import CheckpointError
-        from pipeline.stages.common import SetupError
+        from dynaip.models.errors import CheckpointError, SetupError
 
         if isinstance(e, (CheckpointError, SetupError)):  # a stage that cannot start: the message says the fix
             log.error("%s", user_message(e))

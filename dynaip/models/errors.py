@@ -21,6 +21,12 @@ class CheckpointError(RuntimeError):
         self.path = str(path)
 
 
+class SetupError(RuntimeError):
+    """A curation stage cannot start (missing/corrupt checkpoint, bad config): stops the job, never a
+    reject. Defined here, beside CheckpointError, so the `dynaip` CLI can name it without importing
+    the curation stages (tests/test_layering.py)."""
+
+
 FIX_HINT = "Point models.yaml at the released checkpoint, or run `dynaip tiny-checkpoints --out DIR` for test weights."
 
 

@@ -372,7 +372,7 @@ def consumer_batches(spec: StreamSpec, consumer: int, consumers: int, start: Wor
         if spec.weights is not None:
             from .mixture import mixture_samples
 
-            samples = mixture_samples(spec, consumer, consumers, pos)
+            samples = mixture_samples(spec, consumer, consumers, pos, consumer_samples)
         else:
             samples = consumer_samples(spec, consumer, consumers, pos)
         pending: list[Decoded] = []

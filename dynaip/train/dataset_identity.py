@@ -27,7 +27,7 @@ def run_datasets(cfg: TrainConfig, data: Sequence[str]) -> list[dict[str, Any]]:
     cache: dict[str, str] = {}
     out = []
     for stage in cfg.stages:
-        dirs = list(stage.data or data)
+        dirs = list(stage.paths or data)
         for d in dirs:
             if d not in cache:
                 cache[d] = manifest_digest(d)

@@ -25,12 +25,22 @@ worker (instead of one per worker).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .data import Decoded, StreamSpec, WorkerPosition, _rng, consumer_samples
+if TYPE_CHECKING:  # data.py calls into this module: importing it back at run time would be a cycle
+    from .data import Decoded, StreamSpec, WorkerPosition
+
+PlainStream = Callable[["StreamSpec", int, int, "WorkerPosition"], Iterator["Decoded"]]
+
+
+def _rng(*key: int) -> np.random.Generator:
+    """The same keyed generator as ``dynaip.train.data``'s (a list seed: every key part counts)."""
+    return np.random.default_rng([int(k) for k in key])
+
 
 SCHEDULE_CHUNK = 4096
 """Slots drawn per generator call; any value works, it is part of the sequence (changing it changes the order)."""
@@ -49,17 +59,20 @@ def schedule_chunk(spec: StreamSpec, consumer: int, chunk: int) -> np.ndarray:
     return _rng(spec.seed, consumer, chunk, 0x313C).choice(len(w), size=SCHEDULE_CHUNK, p=w / w.sum())
 
 
-def mixture_samples(spec: StreamSpec, consumer: int, consumers: int, pos: WorkerPosition) -> Iterator[Decoded]:
-    """Infinite usable samples of one consumer of a mixture, advancing ``pos`` in place (as ``consumer_samples``)."""
+def mixture_samples(spec: StreamSpec, consumer: int, consumers: int, pos: WorkerPosition,
+                    plain: PlainStream) -> Iterator[Decoded]:
+    """Infinite usable samples of one consumer of a mixture, advancing ``pos`` in place; ``plain`` is
+    ``dynaip.train.data.consumer_samples``, the one-dataset stream each dataset follows."""
+    position = type(pos)
     assert spec.weights is not None
     n = len(spec.weights)
     if not pos.sources:
-        pos.sources = [WorkerPosition() for _ in range(n)]
-    pos.sources = [p if isinstance(p, WorkerPosition) else WorkerPosition(**p) for p in pos.sources]
+        pos.sources = [position() for _ in range(n)]
+    pos.sources = [p if isinstance(p, position) else position(**p) for p in pos.sources]
     if len(pos.sources) != n:
         raise ValueError(f"data position holds {len(pos.sources)} dataset positions, the stage mixes {n} datasets; "
                          "resume with the stage's data list it was saved with")
-    streams = [consumer_samples(dataset_spec(spec, d), consumer, consumers, pos.sources[d]) for d in range(n)]
+    streams = [plain(dataset_spec(spec, d), consumer, consumers, pos.sources[d]) for d in range(n)]
     chunk, picks = -1, np.empty(0, dtype=np.int64)
     while True:
         if pos.slot // SCHEDULE_CHUNK != chunk:

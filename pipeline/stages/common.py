@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dynaip.models.errors import SetupError  # noqa: F401  (defined beside CheckpointError; stages import it from here)
 from pipeline.records import Box, SourceRecord
 
 
@@ -44,10 +45,6 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class SetupError(RuntimeError):
-    """A stage cannot start (missing/corrupt checkpoint, bad config): stops the job, never a reject."""
 
 
 class LazyModel:
