@@ -70,17 +70,11 @@ def archive_pieces(path: str | os.PathLike) -> list[str]:
     return [p for _, p in pieces]
 
 
-class ConcatReader(io.RawIOBase):
-    """Read-only, seekable view of several files as one byte stream (the pieces of a split tar)."""
+class _SeekableRaw(io.RawIOBase):
+    """Read-only raw stream of known ``size`` with a position ``pos``: subclasses give ``readinto``."""
 
-    def __init__(self, paths: Sequence[str]):
-        super().__init__()
-        self.paths = list(paths)
-        self.sizes = [os.path.getsize(p) for p in self.paths]
-        self.starts = np.cumsum([0] + self.sizes).tolist()
-        self.size = self.starts[-1]
-        self.pos = 0
-        self._open: tuple[int, io.BufferedReader] | None = None
+    pos: int
+    size: int
 
     def readable(self) -> bool:
         return True
@@ -95,6 +89,19 @@ class ConcatReader(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
         self.pos = max(0, base + offset)
         return self.pos
+
+
+class ConcatReader(_SeekableRaw):
+    """Read-only, seekable view of several files as one byte stream (the pieces of a split tar)."""
+
+    def __init__(self, paths: Sequence[str]):
+        super().__init__()
+        self.paths = list(paths)
+        self.sizes = [os.path.getsize(p) for p in self.paths]
+        self.starts = np.cumsum([0] + self.sizes).tolist()
+        self.size = self.starts[-1]
+        self.pos = 0
+        self._open: tuple[int, io.BufferedReader] | None = None
 
     def _file(self, i: int) -> io.BufferedReader:
         if self._open is None or self._open[0] != i:
@@ -125,26 +132,12 @@ class ConcatReader(io.RawIOBase):
         super().close()
 
 
-class WindowReader(io.RawIOBase):
+class WindowReader(_SeekableRaw):
     """Read-only, seekable window ``[offset, offset + size)`` of another seekable raw stream."""
 
     def __init__(self, raw: io.RawIOBase, offset: int, size: int):
         super().__init__()
         self.raw, self.offset, self.size, self.pos = raw, offset, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
