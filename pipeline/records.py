@@ -38,12 +38,21 @@ class ImageRef:
     - ``path`` + ``frame``: frame index ``frame`` of a video file (OpenS2V);
     - ``path`` + ``member`` + ``frame``: a frame of the video stored as ``member`` of the tar at ``path``,
       which may be the first piece of a split tar ``X.tar.split.000`` (OpenS2V as published; see
-      docs/sources.md).
+      docs/sources.md);
+    - ``path`` + ``column`` + ``row``: the image held in cell (``row``, ``column``) of the Parquet file at
+      ``path`` (``row`` counts from the file's first row; the cell is raw bytes or a Hugging Face
+      ``Image`` struct ``{bytes, path}``), as AnyInsertion and Subjects200K publish their images.
     """
 
     path: str
     member: str | None = None
     frame: int | None = None
+    column: str | None = None
+    row: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.column is None) != (self.row is None):
+            raise ValueError("ImageRef: a Parquet cell needs both column and row")
 
 
 @dataclass(kw_only=True)

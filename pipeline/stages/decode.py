@@ -92,16 +92,19 @@ def decode_mask(data: bytes) -> np.ndarray:
 
 
 class ByteReader:
-    """Reads the bytes behind an ``ImageRef`` (file, fsspec URL, tar member). Keeps a few tar
-    files open; the handles are dropped when pickled."""
+    """Reads the bytes behind an ``ImageRef`` (file, fsspec URL, tar member, Parquet cell). Keeps a
+    few tar files open and the last Parquet row group read (a chunk's records are consecutive rows,
+    so one row group serves many of them); the handles are dropped when pickled."""
 
     def __init__(self, max_open_tars: int = 4, max_bytes: int | None = None):
         self.max_open_tars = max_open_tars
         self.max_bytes = max_bytes
         self._tars: OrderedDict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = OrderedDict()
+        self._parquet = ParquetCells()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"max_open_tars": self.max_open_tars, "max_bytes": self.max_bytes, "_tars": OrderedDict()}
+        return {"max_open_tars": self.max_open_tars, "max_bytes": self.max_bytes, "_tars": OrderedDict(),
+                "_parquet": ParquetCells()}
 
     def _check_size(self, size: int, where: str) -> None:
         if self.max_bytes is not None and size > self.max_bytes:
@@ -109,6 +112,10 @@ class ByteReader:
                               "raise the limit if such files are expected")
 
     def read(self, ref: ImageRef) -> bytes:
+        if ref.column is not None:
+            data = self._parquet.read(ref.path, ref.column, ref.row)
+            self._check_size(len(data), f"{ref.path.rsplit('/', 1)[-1]} row {ref.row} column {ref.column}")
+            return data
         if ref.member is not None:
             return self._read_member(ref.path, ref.member)
         name = ref.path.rsplit("/", 1)[-1]
@@ -150,6 +157,74 @@ class ByteReader:
             raise DecodeError(f"tar member {member!r} of {path} is not a regular file")
         self._check_size(info.size, f"tar member {member}")
         return tf.extractfile(info).read()
+
+
+class ParquetCells:
+    """Reads single cells of Parquet files, one row group at a time (pyarrow). Holds the open file
+    and the columns of the row group read last, so memory stays at one row group's column."""
+
+    def __init__(self) -> None:
+        self._path: str | None = None
+        self._file: Any = None
+        self._starts: list[int] = []
+        self._group: tuple[int, str] | None = None
+        self._cells: list[Any] = []
+
+    def _open(self, path: str) -> None:
+        import pyarrow.parquet as pq
+
+        try:
+            if "://" in path:
+                import fsspec
+
+                fh = fsspec.open(path, "rb").open()
+            else:
+                fh = open(path, "rb")
+            pf = pq.ParquetFile(fh)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unreadable files
+            raise DecodeError(f"cannot open Parquet file {path}: {e}") from None
+        starts, n = [], 0
+        for g in range(pf.metadata.num_row_groups):
+            starts.append(n)
+            n += pf.metadata.row_group(g).num_rows
+        starts.append(n)
+        self._path, self._file, self._starts, self._group, self._cells = path, pf, starts, None, []
+
+    def read(self, path: str, column: str, row: int) -> bytes:
+        import bisect
+
+        if path != self._path:
+            self._open(path)
+        if not 0 <= row < self._starts[-1]:
+            raise DecodeError(f"Parquet file {path} has no row {row} (it has {self._starts[-1]})")
+        group = bisect.bisect_right(self._starts, row) - 1
+        if self._group != (group, column):
+            if column not in self._file.schema_arrow.names:
+                raise DecodeError(f"Parquet file {path} has no column {column!r}")
+            try:
+                table = self._file.read_row_group(group, columns=[column])
+            except Exception as e:
+                raise DecodeError(f"cannot read row group {group} of {path}: {e}") from None
+            self._group, self._cells = (group, column), table.column(0).to_pylist()
+        return cell_bytes(self._cells[row - self._starts[group]], f"{path} row {row} column {column}")
+
+
+def cell_bytes(cell: Any, where: str) -> bytes:
+    """The image bytes of one Parquet cell: raw binary, or a Hugging Face ``Image`` struct
+    ``{"bytes": ..., "path": ...}`` (``datasets`` writes images that way)."""
+    if isinstance(cell, dict):
+        data = cell.get("bytes")
+        if data is None:
+            hint = f" (only a path, {cell.get('path')!r}, is stored)" if cell.get("path") else ""
+            raise DecodeError(f"{where}: no image bytes{hint}")
+        cell = data
+    if cell is None:
+        raise DecodeError(f"{where}: no image bytes (the cell is null)")
+    if not isinstance(cell, (bytes, bytearray)):
+        raise DecodeError(f"{where}: expected image bytes, found {type(cell).__name__}")
+    if not cell:
+        raise DecodeError(f"{where}: no image bytes (empty)")
+    return bytes(cell)
 
 
 def _check_frame(frame: np.ndarray, recipe: Recipe, where: str) -> np.ndarray:
