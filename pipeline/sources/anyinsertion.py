@@ -234,16 +234,16 @@ def _records(files: list[_File], opts: Options) -> Iterator[SourceRecord | Rejec
                 rid = (ids[i] or "").strip()
                 where = f"{f.rel} row {row}"
                 if not rid:
-                    yield _reject(f"{stem}-row{row}", f"{where} has no id")
+                    yield _reject(f"{stem}-row{row}", f"no id: {where}")
                     continue
                 if rid in seen:
-                    yield _reject(f"{stem}-row{row}", f"{where} repeats id {rid!r} (first at {seen[rid]})")
+                    yield _reject(f"{stem}-row{row}", f"repeated id: {where} repeats {rid!r} (first at {seen[rid]})")
                     continue
                 seen[rid] = where
                 if f.bad_columns:
                     what = "; ".join(f"{c} is {t}" for c, t in f.bad_columns.items())
-                    yield _reject(rid, f"{f.rel}: {what}, expected image bytes (binary or the Hugging Face Image "
-                                       "struct {bytes, path})")
+                    yield _reject(rid, f"image column of another type: {what} in {f.rel}, expected image bytes "
+                                       "(binary or the Hugging Face Image struct {bytes, path})")
                     continue
                 label = (labels[i] or "").strip()
                 cell = {c: ImageRef(path=path, column=c, row=row) for c in IMAGE_COLUMNS}

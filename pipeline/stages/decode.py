@@ -210,24 +210,25 @@ class ParquetCells:
             except Exception as e:
                 raise DecodeError(f"cannot read row group {group} of {path}: {e}") from None
             self._cells[column] = table.column(0).to_pylist()
-        return cell_bytes(self._cells[column][row - self._starts[group]], f"{path} row {row} column {column}")
+        return cell_bytes(self._cells[column][row - self._starts[group]], f"column {column} of {path} row {row}")
 
 
 def cell_bytes(cell: Any, where: str) -> bytes:
     """The image bytes of one Parquet cell: raw binary, or a Hugging Face ``Image`` struct
-    ``{"bytes": ..., "path": ...}`` (``datasets`` writes images that way)."""
+    ``{"bytes": ..., "path": ...}`` (``datasets`` writes images that way). Errors name the problem
+    first and the cell (``where``) last, so the manifest's ``rejected_by_reason`` groups them."""
     if isinstance(cell, dict):
         data = cell.get("bytes")
         if data is None:
             hint = f" (only a path, {cell.get('path')!r}, is stored)" if cell.get("path") else ""
-            raise DecodeError(f"{where}: no image bytes{hint}")
+            raise DecodeError(f"no image bytes{hint}: {where}")
         cell = data
     if cell is None:
-        raise DecodeError(f"{where}: no image bytes (the cell is null)")
+        raise DecodeError(f"no image bytes (the cell is null): {where}")
     if not isinstance(cell, (bytes, bytearray)):
-        raise DecodeError(f"{where}: expected image bytes, found {type(cell).__name__}")
+        raise DecodeError(f"expected image bytes, found {type(cell).__name__}: {where}")
     if not cell:
-        raise DecodeError(f"{where}: no image bytes (empty)")
+        raise DecodeError(f"no image bytes (empty): {where}")
     return bytes(cell)
 
 
