@@ -284,6 +284,29 @@ def test_target_mask_is_the_target_subject_and_can_be_ignored(release):
     assert item.ok and not item.target.searched and item.target.given_mask is None
 
 
+def test_decode_reads_each_column_of_a_row_group_once(release, monkeypatch):
+    """A record's four cells are four columns of one row, and the next records are the next rows: the
+    decode stage's Parquet reader keeps one row group of every column it read, so a row group's
+    column is read once, not once per cell."""
+    from pipeline.recipe import Recipe
+    from pipeline.sample import make_items
+    from pipeline.stages.decode import DecodeStage
+
+    recs, _ = records({"root": str(release), "split": None})
+    calls: list[tuple[int, tuple[str, ...]]] = []
+    real = pq.ParquetFile.read_row_group
+
+    def spy(self, i, columns=None, **kw):
+        calls.append((i, tuple(columns or ())))
+        return real(self, i, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    items = DecodeStage(Recipe.from_yaml(RECIPE, source_root=str(release)))(make_items(recs))
+    assert all(it.ok for it in items)
+    # 2 files × 2 row groups × 4 image columns (one read per cell would be 6 rows × 4 = 24)
+    assert len(calls) == 2 * 2 * 4 and {c for _, c in calls} == {(c,) for c in anyinsertion.IMAGE_COLUMNS}
+
+
 # ------------------------------------------------------------------------------------- the recipe
 
 

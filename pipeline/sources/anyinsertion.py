@@ -47,6 +47,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -73,7 +74,7 @@ class Options:
     """Keep rows whose ``category`` is one of these; None = every category."""
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "Options":
+    def from_config(cls, cfg: Any) -> Options:
         """From a ``SourceConfig`` (``root`` + ``options``) or a mapping; unknown keys are a ValueError
         naming the nearest option."""
         if isinstance(cfg, Mapping):
@@ -130,18 +131,24 @@ class _File:
     bad_columns: dict[str, str]  # image column → its wrong type
 
 
-def _open(path: Any):
+@contextmanager
+def _open(path: Any) -> Iterator[Any]:
+    """The file as a ``pyarrow.parquet.ParquetFile`` (an fsspec file object for a URL), closed after."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(path.open("rb") if "://" in str(path) else str(path))
+    pf = pq.ParquetFile(path.open("rb") if "://" in str(path) else str(path))
+    try:
+        yield pf
+    finally:
+        pf.close()
 
 
 def _inspect(path: Any, rel: str) -> _File:
     """Schema and row groups of one file; SourceError for an unreadable file or a missing column."""
     try:
-        pf = _open(path)
-        schema = pf.schema_arrow
-        groups = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+        with _open(path) as pf:
+            schema = pf.schema_arrow
+            groups = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
     except Exception as e:  # ArrowInvalid, OSError: not Parquet, truncated footer
         raise SourceError(f"anyinsertion: {path} is not a readable Parquet file ({type(e).__name__}: {e})") from None
     names = schema.names
@@ -183,11 +190,11 @@ def _scan_values(files: list[_File]) -> dict[str, set[str]]:
     """Splits present, and categories present per split (row group by row group, two columns)."""
     seen: dict[str, set[str]] = {}
     for f in files:
-        pf = _open(f.path)
-        for g in range(len(f.groups)):
-            t = pf.read_row_group(g, columns=["split", "category"])
-            for s, c in zip(_column_texts(t, "split"), _column_texts(t, "category")):
-                seen.setdefault(s or "", set()).add(c or "")
+        with _open(f.path) as pf:
+            for g in range(len(f.groups)):
+                t = pf.read_row_group(g, columns=["split", "category"])
+                for s, c in zip(_column_texts(t, "split"), _column_texts(t, "category")):
+                    seen.setdefault(s or "", set()).add(c or "")
     return seen
 
 
@@ -215,48 +222,55 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
 
 
 def _records(files: list[_File], opts: Options) -> Iterator[SourceRecord | Reject]:
-    seen: dict[str, str] = {}  # id → where it was first read (ids of a run must be unique)
+    seen: dict[str, tuple[str, int]] = {}  # id → (file, row) where it was first read: ids of a run are unique
     for f in files:
-        pf = _open(f.path)
-        path = str(f.path)
-        stem = f.rel.rsplit(".", 1)[0]
-        start = 0
-        for g, n in enumerate(f.groups):
-            table = pf.read_row_group(g, columns=[*TEXT_COLUMNS, f.label])  # the small columns only
-            ids, splits, cats, labels = (_column_texts(table, c) for c in (*TEXT_COLUMNS, f.label))
-            del table
-            for i in range(n):
-                row = start + i
-                if opts.split is not None and splits[i] != opts.split:
-                    continue
-                if opts.categories is not None and cats[i] not in opts.categories:
-                    continue
-                rid = (ids[i] or "").strip()
-                where = f"{f.rel} row {row}"
-                if not rid:
-                    yield _reject(f"{stem}-row{row}", f"no id: {where}")
-                    continue
-                if rid in seen:
-                    yield _reject(f"{stem}-row{row}", f"repeated id: {where} repeats {rid!r} (first at {seen[rid]})")
-                    continue
-                seen[rid] = where
-                if f.bad_columns:
-                    what = "; ".join(f"{c} is {t}" for c, t in f.bad_columns.items())
-                    yield _reject(rid, f"image column of another type: {what} in {f.rel}, expected image bytes "
-                                       "(binary or the Hugging Face Image struct {bytes, path})")
-                    continue
-                label = (labels[i] or "").strip()
-                cell = {c: ImageRef(path=path, column=c, row=row) for c in IMAGE_COLUMNS}
-                yield SourceRecord(
-                    source=SOURCE,
-                    id=rid,
-                    image=cell["tar_image"],
-                    image_mask=cell["tar_mask"],
-                    phrase=label or (cats[i] or None),
-                    reference=cell["ref_image"],
-                    reference_mask=cell["ref_mask"],
-                    group=f"{SOURCE}-{rid}",
-                    extra={"split": splits[i], "category": cats[i], "main_label": labels[i], "file": f.rel,
-                           "row": row},
-                )
-            start += n
+        with _open(f.path) as pf:
+            yield from _file_records(f, pf, opts, seen)
+
+
+def _file_records(f: _File, pf: Any, opts: Options, seen: dict[str, tuple[str, int]]
+                  ) -> Iterator[SourceRecord | Reject]:
+    """The records and rejects of one file's rows (``seen`` spans the run's files)."""
+    path = str(f.path)
+    stem = f.rel.rsplit(".", 1)[0]
+    start = 0
+    for g, n in enumerate(f.groups):
+        table = pf.read_row_group(g, columns=[*TEXT_COLUMNS, f.label])  # the small columns only
+        ids, splits, cats, labels = (_column_texts(table, c) for c in (*TEXT_COLUMNS, f.label))
+        del table
+        for i in range(n):
+            row = start + i
+            if opts.split is not None and splits[i] != opts.split:
+                continue
+            if opts.categories is not None and cats[i] not in opts.categories:
+                continue
+            rid = (ids[i] or "").strip()
+            where = f"{f.rel} row {row}"
+            if not rid:
+                yield _reject(f"{stem}-row{row}", f"no id: {where}")
+                continue
+            if rid in seen:
+                yield _reject(f"{stem}-row{row}", f"repeated id: {where} repeats {rid!r} "
+                                                  f"(first at {seen[rid][0]} row {seen[rid][1]})")
+                continue
+            seen[rid] = (f.rel, row)
+            if f.bad_columns:
+                what = "; ".join(f"{c} is {t}" for c, t in f.bad_columns.items())
+                yield _reject(rid, f"image column of another type: {what} in {f.rel}, expected image bytes "
+                                   "(binary or the Hugging Face Image struct {bytes, path})")
+                continue
+            label = (labels[i] or "").strip()
+            cell = {c: ImageRef(path=path, column=c, row=row) for c in IMAGE_COLUMNS}
+            yield SourceRecord(
+                source=SOURCE,
+                id=rid,
+                image=cell["tar_image"],
+                image_mask=cell["tar_mask"],
+                phrase=label or (cats[i] or None),
+                reference=cell["ref_image"],
+                reference_mask=cell["ref_mask"],
+                group=f"{SOURCE}-{rid}",
+                extra={"split": splits[i], "category": cats[i], "main_label": labels[i], "file": f.rel,
+                       "row": row},
+            )
+        start += n
