@@ -147,6 +147,10 @@ def test_one_file_and_a_url_root_read_the_same_rows(release):
     recs, _ = records({"root": str(one), "split": None})
     assert [r.id for r in recs] == ["train/object/2418", "train/accessory/4033", "train/person/6563"]
     assert recs[0].extra["file"] == one.name
+    only, _ = records({"root": str(release), "split": None, "files": "data/*-00001-*.parquet"})
+    assert [r.id for r in only] == [r.id for r in recs] and only[0].extra["file"] == f"data/{one.name}"
+    with pytest.raises(SourceError, match=r"no Parquet files match 'train/\*\.parquet' .*it holds: data\)"):
+        anyinsertion.read({"root": str(release), "files": "train/*.parquet"})
 
     fs = fsspec.filesystem("memory")
     for p in sorted(release.rglob("*.parquet")):
@@ -305,6 +309,19 @@ def test_decode_reads_each_column_of_a_row_group_once(release, monkeypatch):
     assert all(it.ok for it in items)
     # 2 files × 2 row groups × 4 image columns (one read per cell would be 6 rows × 4 = 24)
     assert len(calls) == 2 * 2 * 4 and {c for _, c in calls} == {(c,) for c in anyinsertion.IMAGE_COLUMNS}
+
+
+def test_without_a_captioner_the_caption_is_the_label(release):
+    """captioning.order [model, template]: no captioner in models.yaml → the template over main_label."""
+    from pipeline.recipe import Recipe
+    from pipeline.sample import make_items
+    from pipeline.stages.caption import CaptionStage
+    from pipeline.stages.decode import DecodeStage
+
+    (rec, *_), _ = records({"root": str(release)})
+    recipe = Recipe.from_yaml(RECIPE, source_root=str(release))
+    items = CaptionStage(recipe, None)(DecodeStage(recipe)(make_items([rec])))
+    assert (items[0].caption, items[0].caption_source) == ("a photo of a Book", "template")
 
 
 # ------------------------------------------------------------------------------------- the recipe
