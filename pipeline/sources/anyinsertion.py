@@ -136,11 +136,16 @@ def _open(path: Any) -> Iterator[Any]:
     """The file as a ``pyarrow.parquet.ParquetFile`` (an fsspec file object for a URL), closed after."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path.open("rb") if "://" in str(path) else str(path))
+    fh = path.open("rb") if "://" in str(path) else None
     try:
-        yield pf
+        pf = pq.ParquetFile(fh if fh is not None else str(path))
+        try:
+            yield pf
+        finally:
+            pf.close()
     finally:
-        pf.close()
+        if fh is not None:
+            fh.close()
 
 
 def _inspect(path: Any, rel: str) -> _File:
