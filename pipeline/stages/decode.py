@@ -163,7 +163,9 @@ class ParquetCells:
     """Reads single cells of Parquet files, one row group at a time (pyarrow). Holds the open file and,
     of the row group read last, each column asked for so far: a record's cells (target, reference and
     their masks) are four columns of one row, and the next records are the next rows, so every column
-    of a row group is read once while memory stays at one row group's cells of those columns."""
+    of a row group is read once while memory stays at one row group's cells of those columns. (Keeping
+    only the last column read made every cell re-read its whole row group: 200 rows × 4 columns of a
+    210 MB file in 100-row groups took 800 row-group reads and 255 s, against 8 reads and 2 s.)"""
 
     def __init__(self) -> None:
         self._path: str | None = None
@@ -242,7 +244,8 @@ def _check_frame(frame: np.ndarray, recipe: Recipe, where: str) -> np.ndarray:
 class DecodeStage:
     """Decodes every item's target (and cross-pair reference + its mask) and attaches provided
     boxes/masks as candidates (a target mask image, ``record.image_mask``, becomes the target's
-    ``given_mask`` and its box the one candidate, like a reference mask). ``__call__(items) -> items``; failures become rejects (stage 'decode')."""
+    ``given_mask`` and its box the one candidate, like a reference mask). ``__call__(items) -> items``;
+    failures become rejects (stage 'decode')."""
 
     name = "decode"
 
