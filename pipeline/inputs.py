@@ -44,6 +44,8 @@ def source_identity(kind: str, root: str) -> str:
 
 def _refs(r: SourceRecord) -> list[ImageRef]:
     refs = [r.image]
+    if r.image_mask is not None:
+        refs.append(r.image_mask)
     if r.reference is not None:
         refs.append(r.reference)
     if isinstance(r.reference_mask, ImageRef):
