@@ -74,20 +74,22 @@ def unknown_key_message(key: str, known: typing.Iterable[str], at: str = "") -> 
     return f"unknown key '{at}{key}'{hint} (keys{' of ' + repr(at.rstrip('.')) if at else ''}: {', '.join(known)})"
 
 
-def build(cls: type, raw: Any, *, where: str = "config", at: str = "", base: str | Path | None = None) -> Any:
+def build(cls: type, raw: Any, *, where: str = "config", at: str = "", base: str | Path | None = None,
+          extra: Mapping[str, Any] | None = None) -> Any:
     """``cls`` built from the mapping ``raw``, strictly: unknown keys, missing required keys and values
     of the wrong type raise ConfigError ``"{where}: ..."`` naming the key path (``at`` is the prefix of
     this mapping's keys, e.g. ``"stages[0]."``). An instance of ``cls`` is returned as it is.
 
     ``base``: folder that relative ``path`` fields resolve against (None leaves them as written).
     ValueErrors raised by ``cls``'s own ``__post_init__`` checks are re-raised prefixed with ``where``.
+    Fields with ``metadata={"yaml": False}`` are not keys of the file; ``extra`` sets them.
     """
     if isinstance(raw, cls):
         return raw
     shorthand = getattr(cls, "SHORTHAND", None)
     if shorthand is not None and not isinstance(raw, Mapping) and raw is not None:
         raw = {shorthand: raw}
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.metadata.get("yaml", True)}
     section = at.rstrip(".") or "the top level"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: '{section}' must be a mapping with keys {', '.join(sorted(fields))}, got {raw!r}")
@@ -103,7 +105,7 @@ def build(cls: type, raw: Any, *, where: str = "config", at: str = "", base: str
         raise ConfigError(f"{where}: '{section}' needs the key '{at}{missing[0]}' "
                           f"(required: {', '.join(missing)})")
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    kwargs = dict(extra or {})
     for name, value in raw.items():
         value = coerce(hints[name], value, where=where, at=f"{at}{name}", base=base)
         if base is not None and fields[name].metadata.get("path") and value is not None:

@@ -193,7 +193,7 @@ def test_config_errors_name_the_fix(tmp_path):
 
     with pytest.raises(ValueError, match="not divisible by workers"):
         TrainConfig(stages=[{"name": "a", "steps": 1}], global_batch_size=3, workers=2)
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
         TrainConfig.from_dict({"stages": [{"name": "a", "steps": 1}], "learning_rate": 1})
     paper = TrainConfig.from_yaml("jobs/configs/paper.yaml")
     assert [s.steps for s in paper.stages] == [20000, 80000] and paper.global_batch_size == 16

@@ -8,32 +8,20 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import yaml
+from dynaip.configs import build, read_yaml
 
 STRATEGIES = ("ddp", "fsdp2", "fsdp2_adapter", "fsdp2_full")
 """Layouts of the frozen base and the adapter over the workers (dynaip.train.parallel)."""
-
-
-def build(cls: type, raw: Any, where: str) -> Any:
-    """``cls(**raw)`` with unknown keys refused in one line naming them and the known ones."""
-    if isinstance(raw, cls):
-        return raw
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a mapping with keys {sorted(f.name for f in dataclasses.fields(cls))}, "
-                         f"got {raw!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
-    return cls(**raw)
 
 
 @dataclass(kw_only=True)
 class DataSource:
     """One entry of a stage's ``data``: a plain path in YAML, or ``{path: ..., weight: ...}``."""
 
+    SHORTHAND: ClassVar[str] = "path"
+    """A plain string entry is ``{path: ENTRY}`` (dynaip/configs.py)."""
     path: str
     """Dataset directory (local or fsspec URL) with a ``manifest.json``."""
     weight: float | None = None
@@ -97,13 +85,13 @@ class StageConfig:
             raise ValueError(f"stage '{self.name}': steps must be >= 1, got {self.steps}")
         if self.pair not in (None, "intra", "cross"):
             raise ValueError(f"stage '{self.name}': pair must be intra, cross or null, got {self.pair!r}")
-        self.data = [DataSource(path=d) if isinstance(d, (str, Path)) else
-                     build(DataSource, d, f"stage '{self.name}' data entry") for d in self.data]
+        self.data = [build(DataSource, str(d) if isinstance(d, Path) else d, where=f"stage '{self.name}'",
+                           at=f"data[{i}].") for i, d in enumerate(self.data)]
         dup = sorted({p for p in self.paths if self.paths.count(p) > 1})
         if dup:
             raise ValueError(f"stage '{self.name}': data lists {dup[0]} more than once; give it one entry "
                              "(with a larger weight to draw it more often)")
-        self.filters = build(FilterConfig, self.filters or {}, f"stage '{self.name}' filters")
+        self.filters = build(FilterConfig, self.filters or {}, where=f"stage '{self.name}'", at="filters.")
 
     @property
     def paths(self) -> list[str]:
@@ -257,8 +245,8 @@ class TrainConfig:
     """Reference image paths (one per prompt); empty = the references of the fixed validation samples."""
 
     def __post_init__(self) -> None:
-        self.stages = [build(StageConfig, s, f"stage {i}") for i, s in enumerate(self.stages)]
-        self.data = build(DataConfig, self.data or {}, "data")
+        self.stages = [build(StageConfig, s, where="train config", at=f"stages[{i}].") for i, s in enumerate(self.stages)]
+        self.data = build(DataConfig, self.data or {}, where="train config", at="data.")
         if not self.stages:
             raise ValueError("config needs at least one stage under 'stages'")
         if self.workers < 1 or self.global_batch_size % self.workers:
@@ -302,24 +290,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "train config") -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; known keys: {sorted(known)}")
-        try:
-            return cls(**raw)
-        except TypeError as e:  # a missing 'stages', or a stage entry with a wrong or missing key
-            raise ValueError(f"{where}: {e}; see jobs/configs/tiny.yaml for the fields") from None
+        """The config of the mapping ``raw`` through the one loader (dynaip/configs.py): every key
+        is checked, an unknown one is refused naming its path and the nearest valid key."""
+        return build(cls, raw, where=where)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"train config '{path}' does not exist; see jobs/configs/tiny.yaml and paper.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"train config '{path}' is not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"train config '{path}' must be a mapping of keys (see jobs/configs/tiny.yaml)")
-        return cls.from_dict(raw, where=str(path))
+        raw = read_yaml(path, "train config", "see jobs/configs/tiny.yaml and paper.yaml")
+        return cls.from_dict(raw, where=f"train config '{path}'")

@@ -129,8 +129,8 @@ def photo_key(wild: dict[str, Any]) -> tuple[str, str]:
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     """Check the source now (SourceError when it matches nothing); return the iterator of FFHQ face
     records (and rejects) in photo, then face order; see the module docstring."""
-    root = require_dir(option(cfg, "root", ""), "ffhq", "the FFHQ folder (ffhq-dataset-v2.json + in-the-wild-images/)")
     opts = read_options(cfg, Options, SOURCE)
+    root = require_dir(option(cfg, "root", ""), "ffhq", "the FFHQ folder (ffhq-dataset-v2.json + in-the-wild-images/)")
     json_name, category, dedupe = opts.json, opts.category, opts.dedupe
     categories = {category} if isinstance(category, str) else set(category) if category else None
     meta_path = root / json_name

@@ -78,12 +78,12 @@ def subfolder_groups(root: Path, images: list[Path]) -> dict[str, list[Path]]:
 
 def read(cfg) -> Iterator[SourceRecord]:
     """Check the folder now (SourceError when it holds no image); return the iterator of records."""
+    opts = read_options(cfg, Options, "folder")  # options first: a typo fails before the disk is read
+    recursive, phrase, cross = opts.recursive, opts.phrase, opts.cross_pairs
     given = option(cfg, "root", "")
     root = source_path(given) if given else None
     if root is None or not root.is_dir():
         raise SourceError(f"folder source: root {given!r} is not a directory; set source.root in the recipe or pass --source-root")
-    opts = read_options(cfg, Options, "folder")
-    recursive, phrase, cross = opts.recursive, opts.phrase, opts.cross_pairs
     if cross not in CROSS_PAIRS:
         raise ValueError(f"folder source: cross_pairs must be one of {', '.join(CROSS_PAIRS)}, not {cross!r}")
     images = list_images(root, recursive)

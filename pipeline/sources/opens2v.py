@@ -910,8 +910,8 @@ def _options(given: Options) -> dict[str, Any]:
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     """Check the layout now (SourceError naming what matched nothing); return the iterator of intra
     records (annotation-file order), then cross records (pair-file order), with their rejects."""
-    root = require_dir(option(cfg, "root", ""), "opens2v", "the OpenS2V-5M folder (holding Jsons/ and Videos/)")
     given = read_options(cfg, Options, SOURCE)
+    root = require_dir(option(cfg, "root", ""), "opens2v", "the OpenS2V-5M folder (holding Jsons/ and Videos/)")
     opts = _options(given)
     clips_glob = given.clips
     clip_files = glob_files(root, clips_glob, "opens2v", "annotation files (source.clips)")
