@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dynaip.configs import build, read_yaml
+from dynaip.models import sampling
 
 STRATEGIES = ("ddp", "fsdp2", "fsdp2_adapter", "fsdp2_full")
 """Layouts of the frozen base and the adapter over the workers (dynaip.train.parallel)."""
@@ -134,7 +135,7 @@ class TrainConfig:
     # ---- batch and data
     global_batch_size: int = 16
     """Samples per optimizer step over all workers; must be divisible by ``workers``."""
-    buckets: list[list[int]] = field(default_factory=lambda: [[1024, 1024]])
+    buckets: list[list[int]] = field(default_factory=lambda: [[sampling.SIZE, sampling.SIZE]])
     """Target sizes [H, W] (multiples of 16); one entry = fixed resolution. A batch uses the bucket
     nearest its first sample's aspect ratio and centre-crops the others to it."""
     shuffle_block: int = 64
@@ -235,9 +236,9 @@ class TrainConfig:
     """Size of that fixed batch: the first samples of the first stage's data."""
     sample_every: int = 0
     """Steps between sample images in ``RUN/samples/step-NNNNNN`` (0 = off)."""
-    sample_steps: int = 28
+    sample_steps: int = sampling.STEPS
     """Euler steps of the sampling loop."""
-    sample_guidance: float = 3.5
+    sample_guidance: float = sampling.GUIDANCE
     """FLUX-dev guidance for samples."""
     validation_prompts: list[str] = field(default_factory=list)
     """Prompts of the sample images; empty = the captions of the fixed validation samples."""

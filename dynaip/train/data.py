@@ -58,6 +58,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dynaip.geometry import pad_to_square_white
+from dynaip.models import sampling
 from .shard_integrity import ShardGuard, corrupt_count
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ class StreamSpec:
     """Keep only samples whose json ``pair`` equals this (``intra`` | ``cross``); None keeps all."""
     ref_size: int = 336
     """Side of the square reference image (the CLIP tower's input size)."""
-    buckets: list[tuple[int, int]] = field(default_factory=lambda: [(1024, 1024)])
+    buckets: list[tuple[int, int]] = field(default_factory=lambda: [(sampling.SIZE, sampling.SIZE)])
     """Target sizes (H, W), multiples of 16; a batch takes the bucket nearest its first sample's aspect ratio."""
     weights: list[float] | None = None
     """One weight per dataset (``ShardInfo.dataset``): a weighted mixture (``dynaip.train.mixture``).
