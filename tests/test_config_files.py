@@ -235,3 +235,50 @@ def test_loader_hooks(tmp_path):
         build(_Outer, {"names": 3})
     with pytest.raises(ConfigError, match=r"'new' = True: expected an integer"):
         build(_Outer, {"new": True})
+
+
+# ------------------------------------------------------------------------------------ training config layout
+
+def test_train_config_sections_and_the_deprecated_flat_layout(caplog):
+    from dynaip.train.config import FLAT_KEYS, get_key
+
+    nested = yaml.safe_load((REPO / "jobs" / "configs" / "paper.yaml").read_text())
+    assert set(nested) <= {"stages", "seed", "max_steps", "model", "data", "optim", "loss", "parallel",
+                           "checkpoints", "logging"}
+    flat = {"stages": nested["stages"], "seed": nested["seed"]}
+    for key in FLAT_KEYS:
+        if get_key(nested, key) is not None:
+            flat[key] = get_key(nested, key)
+    with caplog.at_level("WARNING", logger="dynaip.train.config"):
+        old = TrainConfig.from_dict(flat, where="old.yaml")
+    assert old == TrainConfig.from_dict(nested)  # configs written before the sections still mean the same run
+    warned = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0] and "lr → optim.lr" in warned[0]
+    assert "checkpoint_every → checkpoints.every" in warned[0] and warned[0].startswith("old.yaml:")
+    with pytest.raises(ConfigError, match=r"'lr' is given flat and as 'optim\.lr'; keep only 'optim\.lr'"):
+        TrainConfig.from_dict({**nested, "lr": 1.0})
+    with pytest.raises(ConfigError) as exc:
+        TrainConfig.from_dict({**nested, "optim": {**nested["optim"], "lrr": 1.0}})
+    _one_line_naming(exc, "optim.lrr", "lr")
+
+
+def test_loss_settings_are_the_loss_section():
+    """The step reads the config's ``loss`` section itself: no second declaration of its fields."""
+    from dynaip.train import step
+    from dynaip.train.config import LossConfig
+
+    assert step.LossConfig is LossConfig and not hasattr(step, "LossSettings")
+    cfg = TrainConfig.from_yaml(REPO / "jobs" / "configs" / "paper.yaml")
+    assert isinstance(cfg.loss, LossConfig) and cfg.loss.drop_both == 0.05
+
+
+def test_sampling_defaults_are_defined_once():
+    from dynaip.eval.generate import GenerateSettings
+    from dynaip.models import sampling
+    from dynaip.train.config import LoggingConfig
+
+    assert (sampling.STEPS, sampling.GUIDANCE, sampling.SIZE) == (28, 3.5, 1024)
+    logging_defaults = LoggingConfig()
+    assert (logging_defaults.sample_steps, logging_defaults.sample_guidance) == (sampling.STEPS, sampling.GUIDANCE)
+    gen = GenerateSettings()
+    assert (gen.steps, gen.guidance, gen.height, gen.width) == (28, 3.5, 1024, 1024)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import fsspec
 
-from .config import TrainConfig
+from .config import TrainConfig, saved_strategy
 
 
 class PreflightError(ValueError):
@@ -146,12 +146,12 @@ def check_resume(cfg: TrainConfig, out: str, resume: bool, data: Sequence[str] =
     except (OSError, json.JSONDecodeError) as e:
         raise PreflightError(f"{state_file} cannot be read ({type(e).__name__}: {e}); remove the damaged checkpoint {ckpt} and resume "
                              "from the one before it") from e
-    if state.get("world_size") != cfg.workers:
-        raise PreflightError(f"{ckpt} was written by {state.get('world_size')} workers, this run has {cfg.workers}; "
+    if state.get("world_size") != cfg.parallel.workers:
+        raise PreflightError(f"{ckpt} was written by {state.get('world_size')} workers, this run has {cfg.parallel.workers}; "
                              "exact resume needs the same --workers")
-    saved = state.get("config", {}).get("strategy", "ddp")
-    if (saved in SHARDED_ADAPTER) != (cfg.strategy in SHARDED_ADAPTER):
-        raise PreflightError(f"{ckpt} was written with strategy={saved}, this run uses strategy={cfg.strategy}; "
+    saved = saved_strategy(state.get("config", {}))
+    if (saved in SHARDED_ADAPTER) != (cfg.parallel.strategy in SHARDED_ADAPTER):
+        raise PreflightError(f"{ckpt} was written with strategy={saved}, this run uses strategy={cfg.parallel.strategy}; "
                              "resume with the same strategy (its optimizer state is laid out for it)")
     change = data_change(state.get("datasets"), run_datasets(cfg, data))
     if change is not None and not allow_data_change:
