@@ -130,7 +130,7 @@ def measure(seed: int, models: Path, train: Path, held: Path, out: Path, s: GapS
     from dynaip import DynaIPAdapter, DynaIPConfig
     from dynaip.models import ModelsConfig
     from dynaip.train.probe import reference_loss_gap
-    from dynaip.train.step import LossConfig, load_frozen
+    from dynaip.train.step import load_frozen
     from dynaip.train.trainer import RunSpec, latest_checkpoint, run_training
 
     cfg = train_config(seed, s)

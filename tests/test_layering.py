@@ -7,7 +7,8 @@ parent packages.
 
 Layers, lowest first: the base modules ``dynaip.geometry`` (numpy/PIL/scipy/torch only) and
 ``dynaip.configs`` (the one YAML → dataclass loader: standard library and PyYAML only, so every
-layer may use it) → ``dynaip.models`` →
+layer may use it) and ``dynaip.dataset_format`` (the dataset format: json and fsspec only) →
+``dynaip.models`` →
 ``dynaip.adapter`` → ``dynaip.train`` / ``dynaip.inference`` / ``dynaip.eval`` / ``dynaip.serve``;
 curation (``pipeline``) uses ``dynaip.models`` and ``dynaip.geometry``, and nothing in ``dynaip``
 reaches into curation's stages.
@@ -31,6 +32,7 @@ ALLOWED_CYCLE_EDGES = {
 }
 
 GEOMETRY_MAY_IMPORT = {"__future__", "math", "typing", "numpy", "PIL", "scipy", "torch"}
+DATASET_FORMAT_MAY_IMPORT = {"__future__", "json", "typing", "fsspec"}
 CONFIGS_MAY_IMPORT = {"__future__", "collections", "dataclasses", "difflib", "enum", "pathlib", "types", "typing", "yaml"}
 
 
@@ -132,6 +134,19 @@ def test_geometry_depends_on_numpy_pil_scipy_torch_only():
 def test_configs_loader_depends_on_the_standard_library_and_yaml_only():
     outside = sorted({m for m, _ in imports_of("dynaip.configs") if m.split(".")[0] not in CONFIGS_MAY_IMPORT})
     assert outside == [], f"dynaip.configs imports {outside}"
+
+
+def test_dataset_format_depends_on_json_and_fsspec_only():
+    outside = sorted({m for m, _ in imports_of("dynaip.dataset_format")
+                      if m.split(".")[0] not in DATASET_FORMAT_MAY_IMPORT})
+    assert outside == [], f"dynaip.dataset_format imports {outside}"
+
+
+def test_dataset_format_is_the_one_used_by_writer_manifest_trainer_and_browser():
+    edges = project_edges()
+    users = ("pipeline.writer", "pipeline.dataset", "dynaip.train.data", "dynaip.serve.datasets")
+    assert [u for u in users if "dynaip.dataset_format" not in edges.get(u, {})] == []
+    assert "pipeline.writer" not in edges.get("dynaip.serve.datasets", {})  # the format no longer lives there
 
 
 def test_configs_loader_is_used_by_every_config_file_kind():
