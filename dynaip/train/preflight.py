@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import fsspec
+from dynaip.dataset_format import read_manifest
 
 from .config import TrainConfig, saved_strategy
 
@@ -27,16 +27,10 @@ def dataset_pairs(directory: str) -> dict[str, int] | None:
 
     None when the manifest predates per-shard pair counts (then the type cannot be checked ahead).
     """
-    url = directory.rstrip("/") + "/manifest.json"
     try:
-        with fsspec.open(url, "rt") as f:
-            manifest = json.load(f)
-    except FileNotFoundError as e:
-        raise PreflightError(f"dataset '{directory}' has no manifest.json; pass a directory written by "
-                             "`dynaip curate` (the manifest is written last, so an unfinished curation has none)") from e
-    except json.JSONDecodeError as e:
-        raise PreflightError(f"dataset '{directory}': manifest.json is not valid JSON ({e.msg}); "
-                             "re-run the curation that wrote it") from e
+        manifest = read_manifest(directory)  # the format checked as everywhere (dynaip/dataset_format.py)
+    except (FileNotFoundError, ValueError) as e:
+        raise PreflightError(str(e)) from e
     shards = [s for s in manifest.get("shards", []) if int(s.get("samples", 0)) > 0]
     if not shards:
         return {}
