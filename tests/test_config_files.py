@@ -9,6 +9,7 @@ file; a recipe whose source kind has no reader module yet is skipped with that r
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from pathlib import Path
 
@@ -213,6 +214,10 @@ class _Inner:
     size: tuple[int, ...] = (1, 2)
 
 
+class _Colour(enum.Enum):
+    RED = "red"
+
+
 @dataclasses.dataclass(kw_only=True)
 class _Outer:
     RETIRED_KEYS = {"old": "was renamed; use 'new'"}
@@ -220,6 +225,9 @@ class _Outer:
     inner: _Inner | None = None
     items: list[_Inner] = dataclasses.field(default_factory=list)
     names: str | list[str] = "a"
+    colour: _Colour = _Colour.RED
+    pair: tuple[int, str] = (0, "")
+    weights: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def test_loader_hooks(tmp_path):
@@ -235,6 +243,14 @@ def test_loader_hooks(tmp_path):
         build(_Outer, {"names": 3})
     with pytest.raises(ConfigError, match=r"'new' = True: expected an integer"):
         build(_Outer, {"new": True})
+    typed = build(_Outer, {"colour": "red", "pair": [1, "x"], "weights": {"a": 2}})
+    assert (typed.colour, typed.pair, typed.weights) == (_Colour.RED, (1, "x"), {"a": 2.0})
+    with pytest.raises(ConfigError, match=r"'colour' = 'blue': use one of red"):
+        build(_Outer, {"colour": "blue"})
+    with pytest.raises(ConfigError, match=r"'pair' = \[1\]: expected a list of 2"):
+        build(_Outer, {"pair": [1]})
+    with pytest.raises(ConfigError, match=r"'weights\.a' = 'x': expected a number"):
+        build(_Outer, {"weights": {"a": "x"}})
 
 
 # ------------------------------------------------------------------------------------ training config layout
