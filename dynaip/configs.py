@@ -159,12 +159,11 @@ def coerce(tp: Any, value: Any, *, where: str, at: str, base: str | Path | None 
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return coerce(inner[0], value, where=where, at=at, base=base)
-        first: ConfigError | None = None
         for alt in inner:  # first alternative that accepts the value (str | list[str]: a name or a list)
             try:
                 return coerce(alt, value, where=where, at=at, base=base)
-            except ConfigError as e:
-                first = first or e
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: '{at}' = {value!r}: expected {' or '.join(_kind(a) for a in inner)}")
     if origin is typing.ClassVar:
         return value
