@@ -67,8 +67,8 @@ def step_data_wait(data: Path, models: Path, out: Path, steps: int, workers: int
     cfg = TrainConfig.from_yaml(REPO / "jobs/configs/tiny.yaml")
     cfg.stages = cfg.stages[:1]
     cfg.stages[0].steps, cfg.stages[0].pair = steps, None
-    cfg.workers, cfg.global_batch_size, cfg.data_workers = 1, 4, workers
-    cfg.eval_every = cfg.sample_every = 0
+    cfg.parallel.workers, cfg.data.global_batch_size, cfg.data.data_workers = 1, 4, workers
+    cfg.logging.eval_every = cfg.logging.sample_every = 0
     spec = RunSpec(config=cfg.to_dict(), data=[str(data)], out=str(out), models=str(models), extra={"no_save": True})
     run_training(cfg, spec, local=True)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

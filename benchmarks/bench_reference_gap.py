@@ -99,18 +99,18 @@ def write_data(root: Path, s: GapSettings) -> tuple[Path, Path]:
 def train_config(seed: int, s: GapSettings) -> Any:
     import math
 
-    from dynaip.train.config import TrainConfig
+    from dynaip.train.config import TrainConfig, set_keys
 
     every = math.gcd(*s.eval_at) if s.eval_at else 0
     if s.control not in CONTROLS:
         raise ValueError(f"control must be one of {CONTROLS}, not {s.control!r}")
     # no-refs: every sample's reference dropped, so nothing ever reaches the cross-attention
     drops = dict(drop_text=0.0, drop_image=1.0, drop_both=0.0) if s.control == "no-refs" else {}
-    return TrainConfig(
-        adapter_preset="tiny", stages=[{"name": "intra", "steps": s.steps, "pair": "intra"}],
+    return TrainConfig.from_dict(set_keys(
+        {}, adapter_preset="tiny", stages=[{"name": "intra", "steps": s.steps, "pair": "intra"}],
         global_batch_size=s.batch, workers=1, data_workers=0, shuffle_block=16, buckets=[[SIZE, SIZE]],
         lr=s.lr, warmup_steps=10, schedule="constant", max_sequence_length=s.max_sequence_length,
-        checkpoint_every=every, log_every=max(1, s.steps // 10), eval_every=0, sample_every=0, seed=seed, **drops)
+        checkpoint_every=every, log_every=max(1, s.steps // 10), eval_every=0, sample_every=0, seed=seed, **drops))
 
 
 def held_out_batch(held: Path, frozen: Any, s: GapSettings) -> dict[str, Any]:
@@ -130,7 +130,7 @@ def measure(seed: int, models: Path, train: Path, held: Path, out: Path, s: GapS
     from dynaip import DynaIPAdapter, DynaIPConfig
     from dynaip.models import ModelsConfig
     from dynaip.train.probe import reference_loss_gap
-    from dynaip.train.step import LossSettings, load_frozen
+    from dynaip.train.step import load_frozen
     from dynaip.train.trainer import RunSpec, latest_checkpoint, run_training
 
     cfg = train_config(seed, s)
@@ -140,7 +140,7 @@ def measure(seed: int, models: Path, train: Path, held: Path, out: Path, s: GapS
 
     frozen = load_frozen(ModelsConfig.from_yaml(models), torch.device("cpu"), torch.float32)
     batch = held_out_batch(held, frozen, s)
-    settings = LossSettings.from_config(cfg)
+    settings = cfg.loss
     draws = range(s.draws)
 
     def losses(adapter: DynaIPAdapter) -> dict[str, float]:

@@ -62,7 +62,7 @@ def setup(root: Path, steps: int) -> tuple[dict, Path]:
     import yaml
 
     from dynaip.models.tiny import write_tiny_checkpoints
-    from dynaip.train.config import TrainConfig
+    from dynaip.train.config import TrainConfig, set_keys
     from dynaip.train.trainer import RunSpec
     from train_fixtures import write_dataset
 
@@ -71,7 +71,7 @@ def setup(root: Path, steps: int) -> tuple[dict, Path]:
     cross = write_dataset(root / "cross", [2, 3], pair="cross", start=50, size=64)
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "tiny.yaml").read_text())
     half = steps // 2
-    cfg.update(stages=[{"name": "intra", "steps": half, "pair": "intra", "data": [str(intra)]},
+    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": half, "pair": "intra", "data": [str(intra)]},
                        {"name": "cross", "steps": steps - half, "pair": "cross", "data": [str(cross)]}],
                lr=1e-2, checkpoint_every=1, keep_checkpoints=2, eval_every=0, sample_every=0, data_workers=0,
                log_every=1)

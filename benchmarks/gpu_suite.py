@@ -192,7 +192,7 @@ def train_flops(sizes: Sizes, batch: int, adapter_cfg, clip_params: int, recompu
 
 
 def bench_train(sizes: Sizes, device: torch.device, repeats: int, profile_dir: Path | None = None) -> list[dict]:
-    from dynaip.train.step import (LossSettings, configure_attention_backends, disable_checkpointing,
+    from dynaip.train.step import (LossConfig, configure_attention_backends, disable_checkpointing,
                                    enable_checkpointing, flow_matching_loss)
 
     configure_attention_backends(device)  # as the trainer does
@@ -204,7 +204,7 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, profile_dir: P
     clip = build_clip_vision(sizes, device, dtype, adapter.config.clip_layers)
     clip_params = sum(p.numel() for p in clip.parameters())
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=2e-5, weight_decay=1e-4)
-    settings = LossSettings(max_sequence_length=sizes.text_tokens)
+    settings = LossConfig(max_sequence_length=sizes.text_tokens)
     sched_cfg = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
     n_blocks = adapter.config.num_blocks
     rows = []

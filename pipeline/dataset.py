@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.store import Store
-from pipeline.writer import FORMAT, read_manifest
+from dynaip.dataset_format import check_format, shard_path
+from pipeline.writer import read_manifest
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
@@ -27,9 +28,7 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     if not store.is_file("manifest.json"):
         raise FileNotFoundError(f"{path} does not exist: {root} is not a finished dataset "
                                 "(run `dynaip curate` to build or resume it)")
-    manifest = read_manifest(store)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {manifest.get('format')!r}; this tool reads {FORMAT!r}")
+    manifest = check_format(read_manifest(store), path)
     for key, kind in (("shards", list), ("totals", dict)):
         if not isinstance(manifest.get(key), kind):
             raise ValueError(f"{path} has no {key!r} {kind.__name__}: the manifest is incomplete or not from this "
@@ -37,18 +36,6 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     for s in manifest["shards"]:
         shard_path(s.get("path") if isinstance(s, dict) else None, path)
     return manifest
-
-
-def shard_path(rel: Any, where: str = "manifest.json") -> str:
-    """A manifest's shard path, checked: relative, POSIX, inside the dataset (no ``..``, no absolute
-    path, no drive or backslash). A manifest naming any other file is refused, so reading a dataset
-    never reads outside it."""
-    ok = isinstance(rel, str) and rel != "" and not rel.startswith(("/", "~")) and "\\" not in rel \
-        and ":" not in rel and all(part not in ("", ".", "..") for part in rel.split("/"))
-    if not ok:
-        raise ValueError(f"{where} lists shard path {rel!r}, which is not a relative path inside the dataset; "
-                         "the manifest is damaged or not from this tool — rebuild it with `dynaip curate`")
-    return rel
 
 
 def show(root: str | Path) -> str:

@@ -15,18 +15,61 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from dynaip.configs import ConfigError, build, resolve_path, read_yaml
 from dynaip.geometry import HOLE_FRAC, ISLAND_FRAC
 
 SOURCE_KINDS = ("sa1b", "ffhq", "vitonhd", "opens2v", "anyinsertion", "folder")
+
+
+def source_options_class(kind: str) -> type:
+    """The ``Options`` dataclass of ``pipeline/sources/<kind>.py``: every option its reader accepts
+    under ``source:`` besides ``kind`` and ``root``. The module is imported here, by kind, so only the
+    recipe's own reader loads (docs/sources.md)."""
+    try:
+        module = importlib.import_module(f"pipeline.sources.{kind}")
+    except ModuleNotFoundError as e:
+        if e.name == f"pipeline.sources.{kind}":
+            raise ConfigError(f"source kind {kind!r} has no reader module pipeline/sources/{kind}.py yet") from None
+        raise
+    options = getattr(module, "Options", None)
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise ConfigError(f"pipeline/sources/{kind}.py defines no Options dataclass listing its reader's options")
+    return options
+
+
+def source_options_mapping(options_cls: type, options: Any) -> dict[str, Any]:
+    """The reader options of a ``source:`` section (a mapping, a ``SourceConfig`` or a dataclass),
+    without ``kind``/``root`` and without nulls given for options that take no null: readers have
+    always read such a null as "use the default" (``pipeline.sources.common.option``)."""
+    if isinstance(options, SourceConfig):
+        raw = dict(options.options)
+    elif dataclasses.is_dataclass(options) and not isinstance(options, type):
+        raw = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    elif isinstance(options, dict):
+        raw = dict(options)
+    else:
+        raise ConfigError(f"source options must be a mapping, got {options!r}")
+    raw.pop("kind", None)
+    raw.pop("root", None)
+    hints = typing.get_type_hints(options_cls)
+    takes_null = {f.name: type(None) in typing.get_args(hints[f.name]) for f in dataclasses.fields(options_cls)}
+    return {k: v for k, v in raw.items() if not ((v is None or v == "") and takes_null.get(k) is False)}
+
+
+def check_source_options(kind: str, options: Any, where: str = "recipe") -> Any:
+    """``options`` (the ``source:`` keys besides kind/root) checked against the reader's ``Options``
+    and returned built; an unknown key fails in one line with the nearest valid name."""
+    cls = source_options_class(kind)
+    if isinstance(options, cls):
+        return options
+    return build(cls, source_options_mapping(cls, options), where=where, at="source.")
 
 
 @dataclass(kw_only=True)
@@ -267,34 +310,38 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | Path, source_root: str | None = None) -> "Recipe":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe '{path}' does not exist; pass an existing YAML (see manifests/)")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"recipe '{path}' is not valid YAML: {e}") from None
-        return cls.from_dict(raw or {}, source_root=source_root, base=path.parent)
+        raw = read_yaml(path, "recipe", "pass an existing YAML (see manifests/)")
+        return cls.from_dict(raw, source_root=source_root, base=path.parent, where=f"recipe '{path}'")
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source_root: str | None = None, base: str | Path | None = None) -> "Recipe":
+    def from_dict(cls, raw: dict[str, Any], source_root: str | None = None, base: str | Path | None = None,
+                  where: str = "recipe") -> "Recipe":
+        """The recipe of the mapping ``raw`` (``where`` names it in messages). Every key is checked:
+        sections against their dataclasses, ``source:`` options against the reader's ``Options``."""
         if not isinstance(raw, dict):
-            raise ValueError(f"recipe must be a mapping at the top level, got {type(raw).__name__}")
+            raise ConfigError(f"{where} must be a mapping at the top level, got {type(raw).__name__}")
         raw = dict(raw)
         src = raw.pop("source", None)
         if not isinstance(src, dict) or "kind" not in src:
-            raise ValueError("recipe field 'source' must be a mapping with 'kind' (one of "
-                             f"{', '.join(SOURCE_KINDS)}) and 'root', e.g. source: {{kind: folder, root: photos/}}")
+            raise ConfigError(f"{where}: recipe field 'source' must be a mapping with 'kind' (one of "
+                              f"{', '.join(SOURCE_KINDS)}) and 'root', e.g. source: {{kind: folder, root: photos/}}")
         src = dict(src)
         kind, root = src.pop("kind"), src.pop("root", "")
         if kind not in SOURCE_KINDS:
-            raise ValueError(f"recipe field 'source.kind' is {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+            raise ConfigError(f"{where}: recipe field 'source.kind' is {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
         if source_root is not None:
             root = str(source_root)
-        elif root and base is not None and "://" not in str(root) and not Path(str(root)).expanduser().is_absolute():
-            root = str((Path(base) / str(root)).resolve())
+        elif root and base is not None:
+            root = resolve_path(str(root), base)
+        check_source_options(kind, src, where)
         source = SourceConfig(kind=kind, root=str(root or ""), options=src)
-        recipe = _build(cls, raw, "", extra={"source": source})
-        recipe.validate()
+        if "source" in {f.name for f in dataclasses.fields(cls)}:
+            raw["source"] = source
+        recipe = build(cls, raw, where=where)
+        try:
+            recipe.validate()
+        except ValueError as e:
+            raise ConfigError(str(e) if where == "recipe" else f"{where}: {e}") from None
         return recipe
 
     def to_dict(self) -> dict[str, Any]:
@@ -363,59 +410,3 @@ class Recipe:
         d["source"].pop("root")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _build(cls: type, raw: Any, prefix: str, extra: dict[str, Any] | None = None) -> Any:
-    """Strict dataclass-from-mapping: unknown keys and wrong types raise ValueError naming the field."""
-    where = prefix.rstrip(".") or "recipe"
-    if not isinstance(raw, dict):
-        raise ValueError(f"recipe field '{where}' must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ValueError(f"recipe field '{prefix}{unknown[0]}' is unknown; fields of '{where}': {', '.join(sorted(fields))}")
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = dict(extra or {})
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, name)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, name + ".")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"recipe field '{name}' = {value!r}: use one of {', '.join(map(str, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"recipe field '{name}' = {value!r}: expected a list")
-        return [_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"recipe field '{name}' = {value!r}: expected a mapping")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"recipe field '{name}' = {value!r}: expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"recipe field '{name}' = {value!r}: expected an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"recipe field '{name}' = {value!r}: expected a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"recipe field '{name}' = {value!r}: expected a string")
-        return value
-    return value

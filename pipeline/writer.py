@@ -28,14 +28,13 @@ import numpy as np
 from PIL import Image
 
 from dynaip.atomic import clean_temp_files
+from dynaip.dataset_format import FORMAT, MEMBER_ORDER, parse_manifest
 from pipeline.records import Reject, safe_key
 from pipeline.sample import Sample
 from pipeline.store import Store
 
-FORMAT = "dynaip-dataset/1"
 TAR_MTIME = 0
 """Fixed member mtime (with uid/gid 0, empty uname/gname, mode 0644) so rebuilt shards are byte-identical."""
-MEMBER_ORDER = ("ref.png", "tgt.jpg", "mask.png", "txt", "json")
 PROGRESS = ".progress"
 DUPLICATE_OF = "duplicate of "
 
@@ -45,15 +44,9 @@ class OutputDirError(ValueError):
 
 
 def read_manifest(store: Store) -> dict[str, Any]:
-    """``manifest.json`` of ``store`` as a dict; ValueError (one line) when it is not a JSON object."""
-    try:
-        m = json.loads(store.read_bytes("manifest.json"))
-    except ValueError as e:
-        raise ValueError(f"{store.display()}/manifest.json is not valid JSON ({e}); rebuild it with `dynaip curate`") from None
-    if not isinstance(m, dict):
-        raise ValueError(f"{store.display()}/manifest.json holds a {type(m).__name__}, not a JSON object; "
-                         "it is not a manifest of this tool — rebuild it with `dynaip curate`")
-    return m
+    """``manifest.json`` of ``store`` as a dict; ValueError (one line) when it is not a JSON object.
+    Its format is not checked here: the caller decides (``pipeline.dataset.load_manifest`` does)."""
+    return parse_manifest(store.read_bytes("manifest.json"), f"{store.display()}/manifest.json", require_format=False)
 
 
 def dump_json(obj: Any) -> bytes:

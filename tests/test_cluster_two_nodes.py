@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dynaip.train.config import set_keys
+
 sys.path.insert(0, str(Path(__file__).parent))
 from ray_nodes import REPO, free_port, node_env, start_node, stop_nodes
 
@@ -189,7 +191,7 @@ def test_two_node_training_job_runs_one_worker_per_node(two_nodes, curated, tiny
     client, address, _ = two_nodes.result()
     _, data, _ = curated
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "tiny.yaml").read_text())
-    cfg.update(stages=[{"name": "intra", "steps": 2, "pair": "intra"}], global_batch_size=2, workers=2,
+    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": 2, "pair": "intra"}], global_batch_size=2, workers=2,
                cpus_per_worker=1, checkpoint_every=2, eval_every=100, sample_every=100)
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(cfg))

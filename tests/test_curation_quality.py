@@ -95,7 +95,7 @@ def test_quality_thresholds_are_typed_recipe_fields():
     assert recipe().filters.min_aesthetic is None and recipe().filters.min_sharpness is None  # off by default
     with pytest.raises(ValueError, match=r"'filters.min_subject_pixels' = 'big': expected an integer"):
         recipe(min_subject_pixels="big")
-    with pytest.raises(ValueError, match=r"'filters.min_sharpnes' is unknown"):
+    with pytest.raises(ValueError, match=r"unknown key 'filters\.min_sharpnes'; did you mean 'min_sharpness'?"):
         recipe(min_sharpnes=3.0)
     with pytest.raises(ValueError, match=r"'filters.min_mask_score' = 2.0: must be in \[0, 1\] or null"):
         recipe(min_mask_score=2.0)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dynaip.train.config import set_keys
+
 from test_curation_dedup import model_free_stages
 
 pytest.importorskip("s3fs")
@@ -154,7 +156,7 @@ def test_train_from_the_bucket(s3, bucket_photos, tiny_models_yaml, tmp_path):
     m = run_local(recipe, out, None, progress=False, stages=model_free_stages(recipe))
     assert m["totals"]["pairs"].get("intra", 0) >= 3
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "tiny.yaml").read_text())
-    cfg.update(stages=[{"name": "intra", "steps": 2, "pair": "intra"}], global_batch_size=2, workers=1,
+    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": 2, "pair": "intra"}], global_batch_size=2, workers=1,
                checkpoint_every=2, eval_every=100, sample_every=100)
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(cfg))

@@ -52,7 +52,7 @@ def test_recipe_defaults_are_the_production_thresholds():
 
 
 def test_recipe_errors_name_the_field():
-    with pytest.raises(ValueError, match=r"'detection\.box_thresh' is unknown"):
+    with pytest.raises(ValueError, match=r"unknown key 'detection\.box_thresh'; did you mean 'box_threshold'?"):
         recipe(detection={"box_thresh": 0.3})
     with pytest.raises(ValueError, match=r"'detection\.box_threshold' = 1\.5: must be in \[0, 1\]"):
         recipe(detection={"box_threshold": 1.5})

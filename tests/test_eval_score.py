@@ -490,7 +490,7 @@ def test_eval_config_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     for text, error in [
         ("protocol: open\njudges:\n  - {name: a, base_url: localhost:8000, model: m}\n", "must start with http"),
-        ("protocol: open\njudge: []\n", r"unknown keys \['judge'\]"),
+        ("protocol: open\njudge: []\n", r"unknown key 'judge'; did you mean 'judges'\?"),
         ("judges: []\n", r"no 'protocol'; add 'protocol: dreambench'"),
         ("protocol: gpt4\n", r"protocol 'gpt4' is not one of \['dreambench', 'open'\]"),
         ("protocol: dreambench\nimage_size: 768\n", "image_size 768 conflicts with protocol dreambench"),

@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+from dynaip.train.config import set_keys
+
 from train_fixtures import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +41,7 @@ def setup(tmp_path_factory, tiny_models_yaml):
     raw = root / "raw"  # the same dataset without features, for the on-the-fly and error cases
     shutil.copytree(data, raw)
     cfg = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
-    cfg.update(stages=[{"name": "all", "steps": 2}], buckets=BUCKETS, features="required", eval_every=0,
+    cfg = set_keys(cfg, stages=[{"name": "all", "steps": 2}], buckets=BUCKETS, features="required", eval_every=0,
                sample_every=2, sample_steps=2, checkpoint_every=0, log_every=1)
     config = root / "train.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -138,7 +140,7 @@ def test_feature_loss_equals_on_the_fly_loss(setup, tiny_models):
     from dynaip import DynaIPAdapter, DynaIPConfig
     from dynaip.train.config import TrainConfig
     from dynaip.train.features import resolve_run
-    from dynaip.train.step import LossSettings, cfg_dropout, load_frozen, training_loss
+    from dynaip.train.step import LossConfig, cfg_dropout, load_frozen, training_loss
 
     _, data, _, config, _ = setup
     cfg = TrainConfig.from_yaml(config)
@@ -150,7 +152,7 @@ def test_feature_loss_equals_on_the_fly_loss(setup, tiny_models):
     assert full.loaded() == ["clip_vision", "text_encoder", "text_encoder_2", "transformer", "vae_decoder", "vae_encoder"]
     torch.manual_seed(0)
     adapter = DynaIPAdapter(DynaIPConfig.tiny()).eval()  # eval: no expert dropout
-    settings = LossSettings(max_sequence_length=32, drop_text=0.4, drop_image=0.2, drop_both=0.2)
+    settings = LossConfig(max_sequence_length=32, drop_text=0.4, drop_image=0.2, drop_both=0.2)
     # a dropout draw that exercises both the stored empty prompt and the stored captions
     seed = next(s for s in range(100) if 0 < int(cfg_dropout(4, 0.4, 0.2, 0.2, torch.Generator().manual_seed(s))[0].sum()) < 4)
 
@@ -202,7 +204,7 @@ def _resolve(dataset: Path, config: Path, models, **overrides):
     from dynaip.train.config import TrainConfig
     from dynaip.train.features import resolve_run
 
-    raw = {**yaml.safe_load(config.read_text()), **overrides}
+    raw = set_keys(yaml.safe_load(config.read_text()), **overrides)
     return resolve_run(TrainConfig.from_dict(raw), [str(dataset)], models.flux)
 
 
@@ -276,6 +278,6 @@ def test_required_features_missing_is_a_one_line_error(setup, tiny_models, caplo
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing started
 
     auto = tmp_path / "auto.yaml"
-    auto.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "features": "auto"}))
+    auto.write_text(yaml.safe_dump(set_keys(yaml.safe_load(config.read_text()), features="auto")))
     assert _resolve(raw, auto, tiny_models).notes == [
         f"stage 'all': encoding on the fly (no precomputed features in {[str(raw)]})"]

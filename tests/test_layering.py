@@ -5,7 +5,10 @@ imports too — those are real dependencies even when they do not run at import 
 ``if TYPE_CHECKING:`` are left out (they never run). Edges go to the module named, not to its
 parent packages.
 
-Layers, lowest first: ``dynaip.geometry`` (numpy/PIL/scipy/torch only) → ``dynaip.models`` →
+Layers, lowest first: the base modules ``dynaip.geometry`` (numpy/PIL/scipy/torch only) and
+``dynaip.configs`` (the one YAML → dataclass loader: standard library and PyYAML only, so every
+layer may use it) and ``dynaip.dataset_format`` (the dataset format: json and fsspec only) →
+``dynaip.models`` →
 ``dynaip.adapter`` → ``dynaip.train`` / ``dynaip.inference`` / ``dynaip.eval`` / ``dynaip.serve``;
 curation (``pipeline``) uses ``dynaip.models`` and ``dynaip.geometry``, and nothing in ``dynaip``
 reaches into curation's stages.
@@ -29,6 +32,8 @@ ALLOWED_CYCLE_EDGES = {
 }
 
 GEOMETRY_MAY_IMPORT = {"__future__", "math", "typing", "numpy", "PIL", "scipy", "torch"}
+DATASET_FORMAT_MAY_IMPORT = {"__future__", "json", "typing", "fsspec"}
+CONFIGS_MAY_IMPORT = {"__future__", "collections", "dataclasses", "difflib", "enum", "pathlib", "types", "typing", "yaml"}
 
 
 def _module_name(path: Path) -> str:
@@ -124,6 +129,31 @@ def test_models_and_geometry_sit_below_training_inference_eval_serve_and_curatio
 def test_geometry_depends_on_numpy_pil_scipy_torch_only():
     outside = sorted({m for m, _ in imports_of("dynaip.geometry") if m.split(".")[0] not in GEOMETRY_MAY_IMPORT})
     assert outside == [], f"dynaip.geometry imports {outside}"
+
+
+def test_configs_loader_depends_on_the_standard_library_and_yaml_only():
+    outside = sorted({m for m, _ in imports_of("dynaip.configs") if m.split(".")[0] not in CONFIGS_MAY_IMPORT})
+    assert outside == [], f"dynaip.configs imports {outside}"
+
+
+def test_dataset_format_depends_on_json_and_fsspec_only():
+    outside = sorted({m for m, _ in imports_of("dynaip.dataset_format")
+                      if m.split(".")[0] not in DATASET_FORMAT_MAY_IMPORT})
+    assert outside == [], f"dynaip.dataset_format imports {outside}"
+
+
+def test_dataset_format_is_the_one_used_by_writer_manifest_trainer_and_browser():
+    edges = project_edges()
+    users = ("pipeline.writer", "pipeline.dataset", "dynaip.train.data", "dynaip.serve.datasets")
+    assert [u for u in users if "dynaip.dataset_format" not in edges.get(u, {})] == []
+    assert "pipeline.writer" not in edges.get("dynaip.serve.datasets", {})  # the format no longer lives there
+
+
+def test_configs_loader_is_used_by_every_config_file_kind():
+    """Recipes, training configs, models.yaml and the judge config all load through dynaip.configs."""
+    edges = project_edges()
+    users = ("pipeline.recipe", "dynaip.train.config", "dynaip.models.config", "dynaip.eval.judge")
+    assert [u for u in users if "dynaip.configs" not in edges.get(u, {})] == []
 
 
 def test_adapter_does_not_import_training_or_inference():

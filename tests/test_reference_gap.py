@@ -81,7 +81,7 @@ def test_probe_differs_only_in_the_reference(tiny_models, tmp_path):
     from dynaip import DynaIPAdapter, DynaIPConfig
     from dynaip.train.data import StreamingLoader, StreamSpec, read_manifests
     from dynaip.train.probe import reference_loss_gap
-    from dynaip.train.step import LossSettings, load_frozen
+    from dynaip.train.step import LossConfig, load_frozen
 
     data = write_dataset(tmp_path / "d", [3], size=64)
     frozen = load_frozen(tiny_models, torch.device("cpu"), torch.float32)
@@ -94,7 +94,7 @@ def test_probe_differs_only_in_the_reference(tiny_models, tmp_path):
         if hasattr(module, "to_v"):
             torch.nn.init.normal_(module.to_v.weight, std=0.5)
     adapter.attach(frozen.transformer)
-    settings = LossSettings(max_sequence_length=16)
+    settings = LossConfig(max_sequence_length=16)
 
     mixed = reference_loss_gap(frozen, adapter, batch, settings, seeds=(0, 1))
     assert mixed.own != mixed.permuted and mixed.own != mixed.off

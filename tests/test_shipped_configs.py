@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from dynaip.train.config import get_key, set_keys
 from train_fixtures import write_dataset
 
 CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
@@ -37,25 +38,24 @@ def test_every_shipped_config_is_run_by_a_test():
 
 def shrink(raw: dict, steps_per_stage: int = 2) -> dict:
     """Sizes only: every switch of ``raw`` is kept."""
-    cfg = dict(raw)
     workers = 2
-    per_worker = min(raw.get("global_batch_size", 16) // raw.get("workers", 2), 2)
-    cfg.update(
-        adapter_preset="tiny", workers=workers, cpus_per_worker=1, global_batch_size=per_worker * workers,
+    per_worker = min(get_key(raw, "global_batch_size", 16) // get_key(raw, "workers", 2), 2)
+    cfg = set_keys(
+        raw, adapter_preset="tiny", workers=workers, cpus_per_worker=1, global_batch_size=per_worker * workers,
         use_gpu=False,  # no GPU on the CI machines; precision "auto" then means fp32 (bf16 is tested below)
-        buckets=[[64, 64] for _ in raw.get("buckets", [[1024, 1024]])],
+        buckets=[[64, 64] for _ in get_key(raw, "buckets", [[1024, 1024]])],
         stages=[{**s, "steps": steps_per_stage} for s in raw["stages"]],
-        data_workers=min(raw.get("data_workers", 2), 2), shuffle_block=8, max_sequence_length=32,
+        data_workers=min(get_key(raw, "data_workers", 2), 2), shuffle_block=8, max_sequence_length=32,
         log_every=1, eval_samples=2, sample_steps=2, ray_address=None,
     )
     total = steps_per_stage * len(raw["stages"])
     for key in ("checkpoint_every", "eval_every"):
-        if raw.get(key):
-            cfg[key] = steps_per_stage
-    if raw.get("sample_every"):
-        cfg["sample_every"] = total
-    if raw.get("checkpoint_keep_blocks"):  # a third of the tiny model's blocks, as a size
-        cfg["checkpoint_keep_blocks"] = max(1, round(raw["checkpoint_keep_blocks"] / 57 * TINY_BLOCKS))
+        if get_key(raw, key):
+            cfg = set_keys(cfg, **{key: steps_per_stage})
+    if get_key(raw, "sample_every"):
+        cfg = set_keys(cfg, sample_every=total)
+    if get_key(raw, "checkpoint_keep_blocks"):  # a third of the tiny model's blocks, as a size
+        cfg = set_keys(cfg, checkpoint_keep_blocks=max(1, round(get_key(raw, "checkpoint_keep_blocks") / 57 * TINY_BLOCKS)))
     return cfg
 
 
@@ -93,11 +93,13 @@ def _rows(run: Path) -> list[dict]:
 def _check_switches_took_effect(run: Path, raw: dict, shrunk: dict) -> None:
     rows = _rows(run)
     start = next(r for r in rows if r.get("event") == "start")
-    assert start["strategy"] == raw.get("strategy", "ddp") and start["world_size"] == 2
-    assert start["adapter_sharded"] == (raw.get("strategy", "ddp") in ("fsdp2_adapter", "fsdp2_full"))
-    want_ckpt = TINY_BLOCKS - shrunk.get("checkpoint_keep_blocks", 0) if raw.get("gradient_checkpointing") else 0
+    strategy = get_key(raw, "strategy", "ddp")
+    assert start["strategy"] == strategy and start["world_size"] == 2
+    assert start["adapter_sharded"] == (strategy in ("fsdp2_adapter", "fsdp2_full"))
+    want_ckpt = (TINY_BLOCKS - get_key(shrunk, "checkpoint_keep_blocks", 0)
+                 if get_key(raw, "gradient_checkpointing") else 0)
     assert start["checkpointed_blocks"] == want_ckpt
-    assert start["data_workers"] == shrunk["data_workers"]
+    assert start["data_workers"] == get_key(shrunk, "data_workers")
     assert start["dtype"] == "float32"  # precision auto on a CPU
     steps = [r for r in rows if "loss" in r]
     assert [r["stage"] for r in steps] == [s["name"] for s in raw["stages"] for _ in range(2)]
@@ -132,8 +134,8 @@ def test_paper_config_with_its_memory_fallback_trains_in_bf16_on_the_cpu(dataset
     block recomputed) and precision: bf16 — the frozen base in bf16, the adapter's fp32 modules under
     bf16 autocast — which a CPU run of the shipped "auto" would not reach."""
     raw = yaml.safe_load((CONFIGS / "paper.yaml").read_text())
-    shrunk = {**shrink(raw), "precision": "bf16", "gradient_checkpointing": True, "checkpoint_keep_blocks": 0,
-              "eval_every": 0, "sample_every": 0}
+    shrunk = set_keys(shrink(raw), precision="bf16", gradient_checkpointing=True, checkpoint_keep_blocks=0,
+                      eval_every=0, sample_every=0)
     run = _run(tmp_path, "paper.yaml", shrunk, datasets, tiny_models_yaml, "bf16", "--local")
     rows = _rows(run)
     start = next(r for r in rows if r.get("event") == "start")

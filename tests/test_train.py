@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from dynaip.train.config import set_keys
 from safetensors.torch import load_file
 
 from train_fixtures import write_dataset
@@ -19,7 +21,7 @@ from train_fixtures import write_dataset
 def test_step_overfits_and_changes_only_adapter_parameters(tiny_models, tmp_path):
     from dynaip import DynaIPAdapter, DynaIPConfig
     from dynaip.train.data import StreamingLoader, StreamSpec, read_manifests
-    from dynaip.train.step import LossSettings, load_frozen, training_loss
+    from dynaip.train.step import LossConfig, load_frozen, training_loss
 
     data = write_dataset(tmp_path / "d", [2], size=64)
     frozen = load_frozen(tiny_models, torch.device("cpu"), torch.float32)
@@ -31,7 +33,7 @@ def test_step_overfits_and_changes_only_adapter_parameters(tiny_models, tmp_path
     adapter.attach(frozen.transformer)
     frozen_before = {f"{n}.{k}": v.clone() for n, m in frozen.modules().items() for k, v in m.state_dict().items()}
     adapter_before = {k: v.clone() for k, v in adapter.state_dict().items()}
-    settings = LossSettings(max_sequence_length=32, drop_text=0, drop_image=0, drop_both=0)
+    settings = LossConfig(max_sequence_length=32, drop_text=0, drop_image=0, drop_both=0)
 
     def fixed_loss() -> float:  # same noise, t and samples every time
         adapter.eval()
@@ -45,7 +47,7 @@ def test_step_overfits_and_changes_only_adapter_parameters(tiny_models, tmp_path
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     for _ in range(8):
-        loss = training_loss(frozen, adapter, adapter, batch, LossSettings(max_sequence_length=32), gen, gen)
+        loss = training_loss(frozen, adapter, adapter, batch, LossConfig(max_sequence_length=32), gen, gen)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -76,7 +78,7 @@ def run_setup(tmp_path_factory, tiny_models_yaml):
     intra = write_dataset(root / "intra", [3, 2], size=64)
     cross = write_dataset(root / "cross", [2, 3], pair="cross", start=50, size=64, corrupt={1: "truncate"})
     cfg = yaml.safe_load(Path("jobs/configs/tiny.yaml").read_text())
-    cfg.update(stages=[{"name": "intra", "steps": 3, "pair": "intra", "data": [str(intra)]},
+    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": 3, "pair": "intra", "data": [str(intra)]},
                        {"name": "cross", "steps": 3, "pair": "cross"}],
                lr=1e-2, checkpoint_every=2, eval_every=6, sample_every=6, sample_steps=2)
     config = root / "test.yaml"
@@ -156,7 +158,7 @@ def mix_setup(tmp_path_factory, tiny_models_yaml):
     b = write_dataset(root / "b", [2, 2], size=64, start=200, quality=score)
     cross = write_dataset(root / "cross", [2, 3], pair="cross", start=50, size=64)
     cfg = yaml.safe_load(Path("jobs/configs/tiny.yaml").read_text())
-    cfg.update(stages=[{"name": "intra", "steps": 3, "pair": "intra", "filters": {"min_aesthetic": 1.0},
+    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": 3, "pair": "intra", "filters": {"min_aesthetic": 1.0},
                         "data": [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}]},
                        {"name": "cross", "steps": 3, "pair": "cross"}],
                lr=1e-2, checkpoint_every=2, eval_every=6, sample_every=0)
@@ -191,11 +193,11 @@ def test_max_steps_then_resume_is_bitwise_identical_in_one_process(setup, reques
 def test_config_errors_name_the_fix(tmp_path):
     from dynaip.train.config import TrainConfig
 
-    with pytest.raises(ValueError, match="not divisible by workers"):
-        TrainConfig(stages=[{"name": "a", "steps": 1}], global_batch_size=3, workers=2)
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="not divisible by parallel.workers"):
+        TrainConfig(stages=[{"name": "a", "steps": 1}], data={"global_batch_size": 3}, parallel={"workers": 2})
+    with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
         TrainConfig.from_dict({"stages": [{"name": "a", "steps": 1}], "learning_rate": 1})
     paper = TrainConfig.from_yaml("jobs/configs/paper.yaml")
-    assert [s.steps for s in paper.stages] == [20000, 80000] and paper.global_batch_size == 16
-    assert paper.buckets == [[1024, 1024]] and paper.lr == 2e-5
+    assert [s.steps for s in paper.stages] == [20000, 80000] and paper.data.global_batch_size == 16
+    assert paper.data.buckets == [[1024, 1024]] and paper.optim.lr == 2e-5
     assert paper.stage_at(20000) == 0 and paper.stage_at(20001) == 1

@@ -98,7 +98,7 @@ def test_bad_config_out_and_output_name(resumable, tmp_path):
     bad.write_text("stages: [ {name: a\n")
     rc, lines = dynaip("train", "--config", str(bad), "--data", data, "--out", str(tmp_path / "r"), "--models", models)
     assert_one_line(rc, lines, str(bad), "is not valid YAML")
-    bad.write_text(yaml.safe_dump({"lr": 1.0}))
+    bad.write_text(yaml.safe_dump({"optim": {"lr": 1.0}}))
     rc, lines = dynaip("train", "--config", str(bad), "--data", data, "--out", str(tmp_path / "r"), "--models", models)
     assert_one_line(rc, lines, str(bad), "stages")
     afile = tmp_path / "afile"

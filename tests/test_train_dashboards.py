@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dynaip.train.config import set_keys
+
 from train_fixtures import write_dataset
 
 
@@ -17,7 +19,7 @@ def setup(tmp_path_factory, tiny_models_yaml):
     root = tmp_path_factory.mktemp("dash")
     data = write_dataset(root / "data", [4], size=64)
     cfg = yaml.safe_load(Path("jobs/configs/tiny.yaml").read_text())
-    cfg.update(stages=[{"name": "intra", "steps": 2, "pair": "intra"}, {"name": "more", "steps": 1}],
+    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": 2, "pair": "intra"}, {"name": "more", "steps": 1}],
                global_batch_size=2, log_every=1, eval_every=3, sample_every=2, sample_steps=2, checkpoint_every=0)
     config = root / "dash.yaml"
     config.write_text(yaml.safe_dump(cfg))

@@ -108,7 +108,7 @@ def test_config_data_section_is_typed():
     assert cfg.data.on_corrupt_shard == "skip"
     assert TrainConfig.from_dict(cfg.to_dict()).data.on_corrupt_shard == "skip"  # round trip (RunSpec)
     assert TrainConfig(stages=[{"name": "a", "steps": 1}]).data.on_corrupt_shard == "error"
-    with pytest.raises(ValueError, match=r"data: unknown keys \['on_corupt_shard'\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'data\.on_corupt_shard'; did you mean 'on_corrupt_shard'\?"):
         TrainConfig.from_dict({"stages": [{"name": "a", "steps": 1}], "data": {"on_corupt_shard": "skip"}})
     with pytest.raises(ValueError, match="choose one of"):
         TrainConfig.from_dict({"stages": [{"name": "a", "steps": 1}], "data": {"on_corrupt_shard": "warn"}})

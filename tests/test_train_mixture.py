@@ -51,11 +51,11 @@ def test_stage_data_entries_plain_or_weighted():
 
 
 @pytest.mark.parametrize("stage, message", [
-    ({"data": [{"path": "/d/a", "weigth": 3}]}, r"data entry: unknown keys \['weigth'\]"),
+    ({"data": [{"path": "/d/a", "weigth": 3}]}, r"unknown key 'stages\[0\]\.data\[0\]\.weigth'; did you mean 'weight'\?"),
     ({"data": [{"path": "/d/a", "weight": 0}]}, "weight must be a number > 0"),
     ({"data": ["/d/a", {"path": "/d/a", "weight": 2}]}, "lists /d/a more than once"),
-    ({"filters": {"min_aesthetics": 3}}, r"filters: unknown keys \['min_aesthetics'\]"),
-    ({"datasets": ["/d/a"]}, r"stage 0: unknown keys \['datasets'\]"),
+    ({"filters": {"min_aesthetics": 3}}, r"unknown key 'stages\[0\]\.filters\.min_aesthetics'; did you mean 'min_aesthetic'\?"),
+    ({"datasets": ["/d/a"]}, r"unknown key 'stages\[0\]\.datasets'; did you mean 'data'\?"),
 ])
 def test_config_errors_name_the_key_and_the_fix(stage, message):
     with pytest.raises(ValueError, match=message):

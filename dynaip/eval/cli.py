@@ -9,6 +9,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from dynaip.models import sampling
+
 log = logging.getLogger("dynaip.eval")
 
 
@@ -144,10 +146,10 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per cluster GPU)")
     g.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per Ray worker (default 1)")
     g.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    g.add_argument("--steps", type=int, default=28)
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--width", type=int, default=1024)
-    g.add_argument("--guidance", type=float, default=3.5)
+    g.add_argument("--steps", type=int, default=sampling.STEPS)
+    g.add_argument("--height", type=int, default=sampling.SIZE)
+    g.add_argument("--width", type=int, default=sampling.SIZE)
+    g.add_argument("--guidance", type=float, default=sampling.GUIDANCE)
     g.add_argument("--scale", type=float, default=1.0, help="image cross-attention weight λ")
     g.add_argument("--granularity", type=_granularity, default=None, help="HMoE weights low,mid,high, e.g. 1,0,0")
     g.add_argument("--auto-mask", action="store_true",

@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image
 
+from dynaip.models import sampling
+
 from .cases import Case, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -38,13 +40,13 @@ PipeFactory = Callable[[], Any]
 class GenerateSettings:
     """Sampling settings shared by every case of a run (the seed comes from each case)."""
 
-    steps: int = 28
+    steps: int = sampling.STEPS
     """Denoising steps (FLUX.1-dev default 28)."""
-    height: int = 1024
+    height: int = sampling.SIZE
     """Output height in pixels (multiple of 16)."""
-    width: int = 1024
+    width: int = sampling.SIZE
     """Output width in pixels (multiple of 16)."""
-    guidance: float = 3.5
+    guidance: float = sampling.GUIDANCE
     """FLUX distilled guidance scale."""
     scale: float = 1.0
     """Image cross-attention weight λ (the same for every subject)."""

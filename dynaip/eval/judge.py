@@ -57,8 +57,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 from PIL import Image, ImageOps
+
+from dynaip.configs import ConfigError, build, read_yaml
 
 from .judge_http import Redactor, post_json
 
@@ -134,11 +135,11 @@ class JudgeConfig:
 class DinoPaths:
     """A DINO ViT checkpoint (official ``dino_*_pretrain.pth`` or any timm-format ViT state dict)."""
 
-    path: str
-    """``.pth`` / ``.safetensors`` state dict with timm VisionTransformer key names."""
+    path: str = field(metadata={"path": True})
+    """``.pth`` / ``.safetensors`` state dict with timm VisionTransformer key names (relative: against the config's folder)."""
     arch: str = "vit_small_patch16_224"
     """timm architecture name (``vit_small_patch16_224`` for DINO ViT-S/16, ``vit_base_patch16_224`` for ViT-B/16)."""
-    model_args: dict = field(default_factory=dict)
+    model_args: dict[str, Any] = field(default_factory=dict)
     """Extra timm ``create_model`` arguments (e.g. tiny test models: img_size, embed_dim, depth, num_heads)."""
 
 
@@ -169,39 +170,18 @@ class EvalConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "EvalConfig":
+        """Through the one loader (dynaip/configs.py): unknown keys are refused naming the nearest
+        valid one; ``dino.path`` resolves against the file's folder."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"eval config '{path}' does not exist; start from jobs/configs/eval_judges.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping with protocol, judges, image_size, dino")
-        unknown = set(raw) - {"protocol", "judges", "image_size", "dino"}
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: protocol, judges, image_size, dino")
+        raw = read_yaml(path, "eval config", "start from jobs/configs/eval_judges.yaml")
         if "protocol" not in raw:
-            raise ValueError(f"{path}: no 'protocol'; add 'protocol: dreambench' (the DreamBench++ judging procedure) "
-                             "or 'protocol: open' (the harness's own, as before protocols existed)")
-        try:
-            judges = [JudgeConfig(**j) for j in raw.get("judges") or []]
-        except TypeError as e:
-            raise ValueError(f"{path}: bad judge entry ({e}); see jobs/configs/eval_judges.yaml for the fields") from e
-        names = [j.name for j in judges]
+            raise ConfigError(f"{path}: no 'protocol'; add 'protocol: dreambench' (the DreamBench++ judging procedure) "
+                              "or 'protocol: open' (the harness's own, as before protocols existed)")
+        cfg = build(cls, raw, where=str(path), base=path.parent)
+        names = [j.name for j in cfg.judges]
         if len(set(names)) != len(names):
-            raise ValueError(f"{path}: judge names {names} repeat; give every judge a distinct name")
-        dino = raw.get("dino")
-        if dino is not None:
-            dino = dict(dino)
-            p = Path(str(dino["path"])).expanduser()
-            dino["path"] = str(p if p.is_absolute() else (path.parent / p).resolve())
-            dino = DinoPaths(**dino)
-        try:
-            return cls(judges=judges, protocol=str(raw["protocol"]), image_size=int(raw.get("image_size", 512)),
-                       dino=dino)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise ConfigError(f"{path}: judge names {names} repeat; give every judge a distinct name")
+        return cfg
 
 
 # ----------------------------------------------------------------------------------------------- prompts

@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda" and args.executor == "local" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but this machine sees no CUDA device")
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
-    spec = FeatureSpec(fingerprint=encoders_fingerprint(models.flux), max_sequence_length=cfg.max_sequence_length,
-                       dtype=dtype, buckets=tuple((int(h), int(w)) for h, w in cfg.buckets))
+    spec = FeatureSpec(fingerprint=encoders_fingerprint(models.flux), max_sequence_length=cfg.loss.max_sequence_length,
+                       dtype=dtype, buckets=tuple((int(h), int(w)) for h, w in cfg.data.buckets))
     log.info("precompute: %d dataset(s), buckets %s, max_sequence_length %d, %s on %s", len(datasets),
              [list(b) for b in spec.buckets], spec.max_sequence_length, dtype, device)
     progress = not args.no_progress

@@ -9,7 +9,7 @@ opened and tensors against their digests when read (``dynaip.features.format``).
 
 Missing, corrupt or stale features are ``FeatureError``s naming the path — never a silent
 fallback to on-the-fly encoding. Only a dataset without any feature set falls back (``features:
-auto``; see ``dynaip.train.config.TrainConfig.features``).
+auto``; see ``dynaip.train.config.TrainConfig.data.features``).
 """
 
 from __future__ import annotations

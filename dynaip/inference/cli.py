@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from dynaip.atomic import atomic_save_image, atomic_write_text
+from dynaip.models import sampling
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--branches", choices=("image", "text", "both"), default="image",
                    help="where reference attention is injected (image = the paper's inference setting)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=28)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--guidance", type=float, default=3.5, help="FLUX.1-dev's distilled text guidance")
+    p.add_argument("--steps", type=int, default=sampling.STEPS)
+    p.add_argument("--height", type=int, default=sampling.SIZE)
+    p.add_argument("--width", type=int, default=sampling.SIZE)
+    p.add_argument("--guidance", type=float, default=sampling.GUIDANCE, help="FLUX.1-dev's distilled text guidance")
     p.add_argument("--image-cfg", type=float, default=1.0, metavar="S",
                    help="image CFG scale: also run the no-reference branch and use uncond + S·(cond − uncond); "
                         "1 = off (default), > 1 strengthens the references at twice the transformer compute")

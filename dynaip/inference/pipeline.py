@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from dynaip.geometry import clean_mask
+from dynaip.models import sampling
 
 from .inputs import ImageLike, load_image, load_mask, per_subject, reference_pixels
 
@@ -186,10 +187,10 @@ class DynaIPFluxPipeline:
         box_threshold: float = 0.35,
         text_threshold: float = 0.25,
         seed: int | None = None,
-        num_inference_steps: int = 28,
-        height: int = 1024,
-        width: int = 1024,
-        guidance_scale: float = 3.5,
+        num_inference_steps: int = sampling.STEPS,
+        height: int = sampling.SIZE,
+        width: int = sampling.SIZE,
+        guidance_scale: float = sampling.GUIDANCE,
         generator: torch.Generator | list[torch.Generator] | None = None,
         image_guidance_scale: float = 1.0,
         **flux_kwargs,

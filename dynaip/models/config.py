@@ -24,14 +24,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import yaml
+from dynaip.configs import build, read_yaml
+
+PATH = {"path": True}
+"""Field metadata: a relative path resolves against the YAML file's folder (dynaip/configs.py)."""
 
 
 @dataclass(kw_only=True)
 class ClipVisionPaths:
-    path: str
+    SHORTHAND: ClassVar[str] = "path"
+    """``clip_vision: DIR`` is ``clip_vision: {path: DIR}``."""
+
+    path: str = field(metadata=PATH)
     """Directory holding open_clip_config.json + weights, or a weights file."""
     model_name: str = "ViT-L-14-336"
     """OpenCLIP architecture name, used when `path` is a bare weights file."""
@@ -43,17 +49,17 @@ class ClipVisionPaths:
 
 @dataclass(kw_only=True)
 class GroundingDinoPaths:
-    config: str
+    config: str = field(metadata=PATH)
     """The model's Python config file (e.g. GroundingDINO_SwinT_OGC.py)."""
-    checkpoint: str
+    checkpoint: str = field(metadata=PATH)
     """The released .pth (a dict with a "model" state dict)."""
-    bert: str
+    bert: str = field(metadata=PATH)
     """Local directory of the BERT text encoder + tokenizer (bert-base-uncased for the release)."""
 
 
 @dataclass(kw_only=True)
 class SamPaths:
-    checkpoint: str
+    checkpoint: str = field(metadata=PATH)
     """The released .pth state dict."""
     variant: str = "vit_h"
     """vit_h | vit_l | vit_b | tiny."""
@@ -61,7 +67,10 @@ class SamPaths:
 
 @dataclass(kw_only=True)
 class AestheticPaths:
-    path: str
+    SHORTHAND: ClassVar[str] = "path"
+    """``aesthetic: FILE`` is ``aesthetic: {path: FILE}``."""
+
+    path: str = field(metadata=PATH)
     """Head weights (safetensors): one linear layer or the improved-aesthetic-predictor MLP (dynaip/models/aesthetic.py)."""
     clip: ClipVisionPaths | None = None
     """The OpenCLIP model whose image embeddings the head reads (ViT-L/14 for the LAION heads); None = ``clip_vision``."""
@@ -69,67 +78,29 @@ class AestheticPaths:
 
 @dataclass(kw_only=True)
 class ModelsConfig:
-    flux: str
+    flux: str = field(metadata=PATH)
     """Diffusers FLUX.1-dev directory (model_index.json, transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/)."""
     clip_vision: ClipVisionPaths
     grounding_dino: GroundingDinoPaths | None = None
     sam: SamPaths | None = None
-    captioner: str | None = None
+    captioner: str | None = field(default=None, metadata=PATH)
     """Optional transformers image-to-text model directory for captions."""
     aesthetic: AestheticPaths | None = None
     """Optional aesthetic head for the per-sample ``quality.aesthetic`` score."""
-    source: str | None = field(default=None, repr=False)
-    """The YAML file this came from (for messages)."""
+    source: str | None = field(default=None, repr=False, metadata={"yaml": False})
+    """The YAML file this came from (for messages); not a key of the file."""
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelsConfig":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"models file '{path}' does not exist; write one (see README 'Using real checkpoints') "
-                "or run `dynaip tiny-checkpoints --out DIR` and pass DIR/models.yaml")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path, "models file", "write one (see README 'Using real checkpoints') "
+                        "or run `dynaip tiny-checkpoints --out DIR` and pass DIR/models.yaml")
         return cls.from_dict(raw, base=path.parent, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], base: str | Path = ".", source: str | None = None) -> "ModelsConfig":
-        base = Path(base)
-        where = source or "models config"
-
-        def resolve(p: str | None) -> str | None:
-            if p is None:
-                return None
-            q = Path(str(p)).expanduser()
-            return str(q if q.is_absolute() else (base / q).resolve())
-
-        if "flux" not in raw or "clip_vision" not in raw:
-            raise ValueError(f"{where}: needs at least 'flux' and 'clip_vision' entries, got keys {sorted(raw)}")
-
-        def clip_paths(clip: Any) -> ClipVisionPaths:
-            if isinstance(clip, str):
-                clip = {"path": clip}
-            return ClipVisionPaths(**{**clip, "path": resolve(clip["path"]),
-                                      "layers": tuple(clip.get("layers", (10, 17, 24)))})
-
-        clip = clip_paths(raw["clip_vision"])
-        gd = raw.get("grounding_dino")
-        if gd is not None:
-            gd = GroundingDinoPaths(config=resolve(gd["config"]), checkpoint=resolve(gd["checkpoint"]), bert=resolve(gd["bert"]))
-        sam = raw.get("sam")
-        if sam is not None:
-            sam = SamPaths(checkpoint=resolve(sam["checkpoint"]), variant=sam.get("variant", "vit_h"))
-        aes = raw.get("aesthetic")
-        if aes is not None:
-            if isinstance(aes, str):
-                aes = {"path": aes}
-            unknown = sorted(set(aes) - {"path", "clip"})
-            if unknown or "path" not in aes:
-                raise ValueError(f"{where}: 'aesthetic' takes 'path' (the head's safetensors) and optionally 'clip', "
-                                 f"got keys {sorted(aes)}")
-            aes = AestheticPaths(path=resolve(aes["path"]),
-                                 clip=clip_paths(aes["clip"]) if aes.get("clip") is not None else None)
-        return cls(flux=resolve(raw["flux"]), clip_vision=clip, grounding_dino=gd, sam=sam,
-                   captioner=resolve(raw.get("captioner")), aesthetic=aes, source=source)
+        """Through the one loader (dynaip/configs.py): relative paths resolve against ``base``."""
+        return build(cls, raw, where=source or "models config", base=base, extra={"source": source})
 
     def require(self, name: str) -> Any:
         value = getattr(self, name)

@@ -26,6 +26,8 @@ from typing import Any
 
 from PIL import Image
 
+from dynaip.models import sampling
+
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4
@@ -251,10 +253,10 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
                                        api_name=False, show_progress="hidden")
                 with gr.Row():
                     seed = gr.Number(0, label="seed (empty: random, recorded)", precision=0, elem_id="gen-seed")
-                    steps = gr.Slider(1, 50, value=28, step=1, label="steps", elem_id="gen-steps")
-                    width = gr.Slider(64, 2048, value=1024, step=16, label="width", elem_id="gen-width")
-                    height = gr.Slider(64, 2048, value=1024, step=16, label="height", elem_id="gen-height")
-                    guidance = gr.Slider(0, 10, value=3.5, step=0.1, label="guidance", elem_id="gen-guidance")
+                    steps = gr.Slider(1, 50, value=sampling.STEPS, step=1, label="steps", elem_id="gen-steps")
+                    width = gr.Slider(64, 2048, value=sampling.SIZE, step=16, label="width", elem_id="gen-width")
+                    height = gr.Slider(64, 2048, value=sampling.SIZE, step=16, label="height", elem_id="gen-height")
+                    guidance = gr.Slider(0, 10, value=sampling.GUIDANCE, step=0.1, label="guidance", elem_id="gen-guidance")
                     image_cfg = gr.Slider(0, 5, value=1.0, step=0.1, label="image CFG (1 = off)", elem_id="gen-imagecfg")
                 go = gr.Button("Generate", variant="primary", elem_id="gen-go")
                 gen_status = gr.Markdown(elem_id="gen-status")

@@ -54,7 +54,7 @@ class DatasetView:
     @classmethod
     def open(cls, root: str | Path) -> "DatasetView":
         """Reads the manifest, rejects.jsonl and every shard's index (captions and metadata, not images)."""
-        from pipeline.writer import FORMAT
+        from dynaip.dataset_format import FORMAT
 
         root = str(root).strip()
         if not root:

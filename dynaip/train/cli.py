@@ -42,11 +42,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.from_yaml(args.config)
     if args.workers is not None:
-        cfg = replace(cfg, workers=args.workers)
-        if cfg.global_batch_size % cfg.workers:
-            raise ValueError(f"--workers {cfg.workers} does not divide global_batch_size={cfg.global_batch_size}")
+        cfg = replace(cfg, parallel=replace(cfg.parallel, workers=args.workers))
+        if cfg.data.global_batch_size % cfg.parallel.workers:
+            raise ValueError(f"--workers {cfg.parallel.workers} does not divide global_batch_size={cfg.data.global_batch_size}")
     if args.use_gpu:
-        cfg = replace(cfg, use_gpu=True)
+        cfg = replace(cfg, parallel=replace(cfg.parallel, use_gpu=True))
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.models is None:
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                    models=str(Path(args.models).resolve()), resume=args.resume, max_steps=args.max_steps,
                    allow_data_change=args.allow_data_change)
     if args.local:
-        cfg = replace(cfg, workers=1)
+        cfg = replace(cfg, parallel=replace(cfg.parallel, workers=1))
         spec.config = cfg.to_dict()
     from .checkpoint_files import recover
     from .preflight import preflight

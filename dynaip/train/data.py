@@ -51,13 +51,14 @@ import tarfile
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dynaip.dataset_format import read_manifest, shard_entries
 from dynaip.geometry import pad_to_square_white
+from dynaip.models import sampling
 from .shard_integrity import ShardGuard, corrupt_count
 
 if TYPE_CHECKING:
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_MEMBERS = ("ref.png", "tgt.jpg")
 MAX_EMPTY_EPOCHS = 50  # a consumer that finds no usable sample in this many epochs in a row raises
 
 
@@ -95,18 +95,8 @@ def read_manifests(dirs: Sequence[str]) -> list[ShardInfo]:
     """The shards of every ``DIR/manifest.json`` (local path or fsspec URL), in the given order."""
     shards: list[ShardInfo] = []
     for i, d in enumerate(dirs):
-        url = _join(d, "manifest.json")
-        try:
-            with fsspec.open(url, "rt") as f:
-                manifest = json.load(f)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(
-                f"dataset '{d}' has no manifest.json; pass a directory written by `dynaip curate` "
-                "(the manifest is written last, so an unfinished curation has none yet)") from e
-        for s in manifest.get("shards", []):
-            if int(s["samples"]) > 0:
-                shards.append(ShardInfo(_join(d, s["path"]), int(s["samples"]), dataset=i,
-                                          sha256=s.get("sha256")))
+        for s in shard_entries(read_manifest(d)):  # format checked (dynaip/dataset_format.py)
+            shards.append(ShardInfo(_join(d, s["path"]), int(s["samples"]), dataset=i, sha256=s.get("sha256")))
     if not shards:
         raise ValueError(f"datasets {list(dirs)} list no samples in their manifests; nothing to train on")
     return shards
@@ -128,7 +118,7 @@ class StreamSpec:
     """Keep only samples whose json ``pair`` equals this (``intra`` | ``cross``); None keeps all."""
     ref_size: int = 336
     """Side of the square reference image (the CLIP tower's input size)."""
-    buckets: list[tuple[int, int]] = field(default_factory=lambda: [(1024, 1024)])
+    buckets: list[tuple[int, int]] = field(default_factory=lambda: [(sampling.SIZE, sampling.SIZE)])
     """Target sizes (H, W), multiples of 16; a batch takes the bucket nearest its first sample's aspect ratio."""
     weights: list[float] | None = None
     """One weight per dataset (``ShardInfo.dataset``): a weighted mixture (``dynaip.train.mixture``).

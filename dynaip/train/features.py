@@ -1,4 +1,4 @@
-"""Which stages of a run train on precomputed features (``TrainConfig.features``), and what that implies.
+"""Which stages of a run train on precomputed features (``TrainConfig.data.features``), and what that implies.
 
 ``resolve_run`` is called by the driver (``dynaip train``, so a missing or stale feature set is a
 one-line error before any worker starts) and again by every training worker (the authority: it
@@ -64,24 +64,24 @@ def stage_datasets(cfg: TrainConfig, data: Sequence[str], stage_index: int) -> l
 
 
 def resolve_run(cfg: TrainConfig, data: Sequence[str], flux_dir: str) -> RunFeatures:
-    """Resolves ``cfg.features`` for every stage (``FeatureError`` for missing/stale sets, see ``resolve_stage``)."""
+    """Resolves ``cfg.data.features`` for every stage (``FeatureError`` for missing/stale sets, see ``resolve_stage``)."""
     n = len(cfg.stages)
-    if cfg.features == "off":
+    if cfg.data.features == "off":
         return RunFeatures([None] * n, [f"stage '{s.name}': encoding on the fly (features: off)" for s in cfg.stages])
     datasets = [stage_datasets(cfg, data, i) for i in range(n)]
-    if cfg.features == "auto" and not any(list_feature_sets(d) for ds in datasets for d in ds):
+    if cfg.data.features == "auto" and not any(list_feature_sets(d) for ds in datasets for d in ds):
         return RunFeatures([None] * n, [f"stage '{s.name}': encoding on the fly (no precomputed features in {ds})"
                                         for s, ds in zip(cfg.stages, datasets)])
     fingerprint = encoders_fingerprint(flux_dir)
     stages, notes = [], []
     for s, ds in zip(cfg.stages, datasets):
-        found = resolve_stage(s.name, ds, cfg.features, fingerprint=fingerprint,
-                              max_sequence_length=cfg.max_sequence_length, buckets=cfg.buckets)
+        found = resolve_stage(s.name, ds, cfg.data.features, fingerprint=fingerprint,
+                              max_sequence_length=cfg.loss.max_sequence_length, buckets=cfg.data.buckets)
         stages.append(found)
         notes.append(f"stage '{s.name}': precomputed features from {found.describe()}" if found is not None else
                      f"stage '{s.name}': encoding on the fly (not every dataset has precomputed features: {ds})")
     run = RunFeatures(stages, notes)
-    if not run.encoders and cfg.sample_every and cfg.validation_prompts:
+    if not run.encoders and cfg.logging.sample_every and cfg.logging.validation_prompts:
         raise ValueError("validation_prompts need the text encoders, which a run on precomputed features does not "
                          "load; drop validation_prompts (samples then use the validation batch's stored captions) "
                          "or set features: off")

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import fsspec
+from dynaip.dataset_format import read_manifest
 
-from .config import TrainConfig
+from .config import TrainConfig, saved_strategy
 
 
 class PreflightError(ValueError):
@@ -27,16 +27,10 @@ def dataset_pairs(directory: str) -> dict[str, int] | None:
 
     None when the manifest predates per-shard pair counts (then the type cannot be checked ahead).
     """
-    url = directory.rstrip("/") + "/manifest.json"
     try:
-        with fsspec.open(url, "rt") as f:
-            manifest = json.load(f)
-    except FileNotFoundError as e:
-        raise PreflightError(f"dataset '{directory}' has no manifest.json; pass a directory written by "
-                             "`dynaip curate` (the manifest is written last, so an unfinished curation has none)") from e
-    except json.JSONDecodeError as e:
-        raise PreflightError(f"dataset '{directory}': manifest.json is not valid JSON ({e.msg}); "
-                             "re-run the curation that wrote it") from e
+        manifest = read_manifest(directory)  # the format checked as everywhere (dynaip/dataset_format.py)
+    except (FileNotFoundError, ValueError) as e:
+        raise PreflightError(str(e)) from e
     shards = [s for s in manifest.get("shards", []) if int(s.get("samples", 0)) > 0]
     if not shards:
         return {}
@@ -146,12 +140,12 @@ def check_resume(cfg: TrainConfig, out: str, resume: bool, data: Sequence[str] =
     except (OSError, json.JSONDecodeError) as e:
         raise PreflightError(f"{state_file} cannot be read ({type(e).__name__}: {e}); remove the damaged checkpoint {ckpt} and resume "
                              "from the one before it") from e
-    if state.get("world_size") != cfg.workers:
-        raise PreflightError(f"{ckpt} was written by {state.get('world_size')} workers, this run has {cfg.workers}; "
+    if state.get("world_size") != cfg.parallel.workers:
+        raise PreflightError(f"{ckpt} was written by {state.get('world_size')} workers, this run has {cfg.parallel.workers}; "
                              "exact resume needs the same --workers")
-    saved = state.get("config", {}).get("strategy", "ddp")
-    if (saved in SHARDED_ADAPTER) != (cfg.strategy in SHARDED_ADAPTER):
-        raise PreflightError(f"{ckpt} was written with strategy={saved}, this run uses strategy={cfg.strategy}; "
+    saved = saved_strategy(state.get("config", {}))
+    if (saved in SHARDED_ADAPTER) != (cfg.parallel.strategy in SHARDED_ADAPTER):
+        raise PreflightError(f"{ckpt} was written with strategy={saved}, this run uses strategy={cfg.parallel.strategy}; "
                              "resume with the same strategy (its optimizer state is laid out for it)")
     change = data_change(state.get("datasets"), run_datasets(cfg, data))
     if change is not None and not allow_data_change:

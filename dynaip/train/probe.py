@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .step import FrozenModels, LossSettings, clip_hidden_states, encode_targets, encode_text, flow_matching_loss
+from .config import LossConfig
+from .step import FrozenModels, clip_hidden_states, encode_targets, encode_text, flow_matching_loss
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class ReferenceLosses:
 
 
 @torch.no_grad()
-def reference_loss_gap(frozen: FrozenModels, adapter: nn.Module, batch: dict[str, Any], settings: LossSettings,
+def reference_loss_gap(frozen: FrozenModels, adapter: nn.Module, batch: dict[str, Any], settings: LossConfig,
                        seeds: Sequence[int] = (0,), autocast: torch.dtype | None = None) -> ReferenceLosses:
     """Losses of ``batch`` (a loader batch: ``tgt``, ``ref``, ``txt``) with own / permuted / no references.
 

@@ -39,6 +39,8 @@ from torch import nn
 
 from dynaip.models import ModelsConfig
 
+from .config import LossConfig
+
 
 @dataclass
 class FrozenModels:
@@ -285,26 +287,8 @@ def cfg_dropout(batch: int, drop_text: float, drop_image: float, drop_both: floa
 
 # ----------------------------------------------------------------------------- the step
 
-@dataclass(kw_only=True)
-class LossSettings:
-    """The subset of TrainConfig the step reads (so the step does not depend on the trainer)."""
-
-    guidance: float = 1.0
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    resolution_shift: bool = True
-    max_sequence_length: int = 512
-    drop_text: float = 0.05
-    drop_image: float = 0.05
-    drop_both: float = 0.05
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "LossSettings":
-        return cls(**{f: getattr(cfg, f) for f in cls.__dataclass_fields__})
-
-
 def training_loss(frozen: FrozenModels, adapter: nn.Module, encode: nn.Module, batch: dict[str, Any],
-                  settings: LossSettings, generator: torch.Generator, cpu_generator: torch.Generator,
+                  settings: LossConfig, generator: torch.Generator, cpu_generator: torch.Generator,
                   autocast: torch.dtype | None = None,
                   empty_text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Flow-matching loss of one batch (scalar, fp32, with a graph to the adapter's parameters).
@@ -338,7 +322,7 @@ def training_loss(frozen: FrozenModels, adapter: nn.Module, encode: nn.Module, b
 def flow_matching_loss(transformer: nn.Module, scheduler_config: Any, adapter: nn.Module, encode: nn.Module, *,
                        x0: torch.Tensor, img_ids: torch.Tensor, image_size: tuple[int, int], txt: torch.Tensor,
                        pooled: torch.Tensor, txt_ids: torch.Tensor, hidden: Sequence[torch.Tensor],
-                       drop_image: torch.Tensor, settings: LossSettings, generator: torch.Generator,
+                       drop_image: torch.Tensor, settings: LossConfig, generator: torch.Generator,
                        autocast: torch.dtype | None = None) -> torch.Tensor:
     """The loss from encoded inputs: packed target latents ``x0`` (B, N, 64), text features, CLIP
     hidden states and the image-dropout mask. Draws the noise, then t, from ``generator``."""

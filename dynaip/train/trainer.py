@@ -38,7 +38,7 @@ import pickle
 import shutil
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoints import SHARDED_ADAPTER, latest_checkpoint
-from .config import QUALITY_FILTERS, TrainConfig
+from .config import QUALITY_FILTERS, TrainConfig, saved_strategy
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.use_gpu:
+    if cfg.parallel.use_gpu:
         if not torch.cuda.is_available():
             raise RuntimeError("use_gpu is set but this worker sees no CUDA device; drop --use-gpu or run on GPU nodes")
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -105,7 +105,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 
 def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+    if cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
 
@@ -115,12 +115,12 @@ def lr_lambda(cfg: TrainConfig):
     total = max(1, cfg.total_steps)
 
     def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
+        if step < cfg.optim.warmup_steps:
+            return (step + 1) / cfg.optim.warmup_steps
+        if cfg.optim.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        progress = min(1.0, (step - cfg.optim.warmup_steps) / max(1, total - cfg.optim.warmup_steps))
+        return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
 
@@ -205,32 +205,32 @@ class _Worker:
         from dynaip.models import ModelsConfig
 
         from .parallel import apply_strategy
-        from .step import LossSettings, configure_attention_backends, load_frozen
+        from .step import configure_attention_backends, load_frozen
 
         self.spec = spec
         self.cfg = cfg = TrainConfig.from_dict(spec.config)
         self.out = Path(spec.out)
         self.rank, self.world = _rank_world()
-        if self.world != cfg.workers and dist.is_initialized():
-            log.warning("config says workers=%d, running with world_size=%d", cfg.workers, self.world)
+        if self.world != cfg.parallel.workers and dist.is_initialized():
+            log.warning("config says workers=%d, running with world_size=%d", cfg.parallel.workers, self.world)
         self.device = _device(cfg)
         configure_attention_backends(self.device)
         self.dtype = _dtype(cfg, self.device)
         self.autocast = torch.bfloat16 if self.dtype == torch.bfloat16 else None
         self.max_steps = spec.max_steps or cfg.max_steps or cfg.total_steps
-        self.settings = LossSettings.from_config(cfg)
+        self.settings = cfg.loss
 
         models = ModelsConfig.from_yaml(spec.models)
         self.clip_vision = asdict(models.clip_vision)  # named in every checkpoint's config.json (load_dynaip)
-        preset = DynaIPConfig.full if cfg.adapter_preset == "full" else DynaIPConfig.tiny
+        preset = DynaIPConfig.full if cfg.model.adapter_preset == "full" else DynaIPConfig.tiny
         # The adapter's config is the one source of truth for its CLIP layers; models.yaml only
         # seeds a fresh adapter that does not name them.
-        adapter_config = preset(**{"clip_layers": models.clip_vision.layers, **cfg.adapter})
+        adapter_config = preset(**{"clip_layers": models.clip_vision.layers, **cfg.model.adapter})
         self.features = self._resolve_features(models.flux)
-        self.frozen = load_frozen(models, self.device, self.dtype, cfg.gradient_checkpointing,
-                                  encoders=self.features.encoders, vae_decoder=cfg.sample_every > 0,
+        self.frozen = load_frozen(models, self.device, self.dtype, cfg.parallel.gradient_checkpointing,
+                                  encoders=self.features.encoders, vae_decoder=cfg.logging.sample_every > 0,
                                   clip_layers=adapter_config.clip_layers,
-                                  checkpoint_keep_blocks=cfg.checkpoint_keep_blocks)
+                                  checkpoint_keep_blocks=cfg.parallel.checkpoint_keep_blocks)
         torch.manual_seed(cfg.seed)  # same initial adapter on every rank
         self.adapter = DynaIPAdapter(adapter_config).to(self.device)
         self.adapter.attach(self.frozen.transformer)
@@ -249,10 +249,10 @@ class _Worker:
             log.warning("--resume: no checkpoint under %s/checkpoints; starting from step 0", self.out)
         if resume_from is not None:  # whole weights first: sharding then splits them like a fresh adapter
             self.adapter.load_weights(resume_from)
-        self.encode = apply_strategy(cfg.strategy, self.frozen.transformer, self.adapter, self.device,
-                                     cfg.find_unused_parameters)
-        self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
+        self.encode = apply_strategy(cfg.parallel.strategy, self.frozen.transformer, self.adapter, self.device,
+                                     cfg.parallel.find_unused_parameters)
+        self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         # per-rank streams of randomness: noise/t/VAE posterior on the device, CFG dropout on the CPU
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100_003 + self.rank + 1)
@@ -272,7 +272,7 @@ class _Worker:
 
     # ------------------------------------------------------------------ data
     def _resolve_features(self, flux_dir: str):
-        """Which stages read precomputed features (``TrainConfig.features``); decides what load_frozen loads."""
+        """Which stages read precomputed features (``TrainConfig.data.features``); decides what load_frozen loads."""
         from .features import resolve_run
 
         found = resolve_run(self.cfg, self.spec.data, flux_dir)
@@ -293,9 +293,9 @@ class _Worker:
 
         shards = self.features.attach(stage_index, read_manifests(self._stage_dirs(stage_index)))
         return StreamSpec(shards=shards, batch_size=batch_size,
-                          seed=self.cfg.seed + 7919 * stage_index, shuffle_block=self.cfg.shuffle_block,
+                          seed=self.cfg.seed + 7919 * stage_index, shuffle_block=self.cfg.data.shuffle_block,
                           pair=self.cfg.stages[stage_index].pair, ref_size=self.frozen.clip.image_size,
-                          buckets=[tuple(b) for b in self.cfg.buckets],
+                          buckets=[tuple(b) for b in self.cfg.data.buckets],
                           weights=self.cfg.stages[stage_index].weights,
                           filters=self.cfg.stages[stage_index].filters.active(),
                           on_corrupt_shard=self.cfg.data.on_corrupt_shard)
@@ -304,14 +304,14 @@ class _Worker:
         from .data import StreamingLoader
 
         return StreamingLoader(self._stream_spec(stage_index, self.cfg.per_worker_batch_size), self.rank, self.world,
-                               workers=self.cfg.data_workers, pin_memory=self.device.type == "cuda")
+                               workers=self.cfg.data.data_workers, pin_memory=self.device.type == "cuda")
 
     def eval_batch(self) -> dict[str, Any]:
         """The first ``eval_samples`` samples of the first stage, the same on every rank and every run."""
         from .data import StreamingLoader
 
         if self._eval_batch is None:
-            spec = self._stream_spec(0, self.cfg.eval_samples)
+            spec = self._stream_spec(0, self.cfg.logging.eval_samples)
             spec.shuffle_block = 1
             self._eval_batch = next(iter(StreamingLoader(spec, 0, 1, workers=0)))
         return self._eval_batch
@@ -337,10 +337,10 @@ class _Worker:
         if state["world_size"] != self.world:
             raise ValueError(f"{ckpt} was written by {state['world_size']} workers, this run has {self.world}; "
                              "exact resume needs the same --workers")
-        saved_strategy = state.get("config", {}).get("strategy", "ddp")
-        if is_sharded(self.adapter) != (saved_strategy in SHARDED_ADAPTER):
-            raise ValueError(f"{ckpt} was written with strategy={saved_strategy}, this run uses "
-                             f"strategy={self.cfg.strategy}; resume with the same strategy (its optimizer "
+        saved = saved_strategy(state.get("config", {}))
+        if is_sharded(self.adapter) != (saved in SHARDED_ADAPTER):
+            raise ValueError(f"{ckpt} was written with strategy={saved}, this run uses "
+                             f"strategy={self.cfg.parallel.strategy}; resume with the same strategy (its optimizer "
                              "state is laid out for it)")
         if is_sharded(self.adapter):
             shard = ckpt / "resume" / f"optimizer-rank{self.rank:03d}.pt"
@@ -388,8 +388,8 @@ class _Worker:
                      "run_id": self.spec.run_id, "datasets": self.datasets}
             (tmp / "resume" / "state.json").write_text(json.dumps(state, indent=1))
             swap_in(tmp, final)  # fsynced; complete or absent, and never neither old nor new
-            if cfg.keep_checkpoints:
-                prune(root, cfg.keep_checkpoints)
+            if cfg.checkpoints.keep:
+                prune(root, cfg.checkpoints.keep)
             log.info("checkpoint %s", final)
         if self.world > 1:
             dist.barrier()  # nobody runs ahead and resumes from a half-written checkpoint
@@ -397,9 +397,9 @@ class _Worker:
     # ------------------------------------------------------------------ eval / samples
     @torch.no_grad()
     def eval_loss(self) -> float:
-        from .step import LossSettings, training_loss
+        from .step import training_loss
 
-        settings = LossSettings(**{**asdict(self.settings), "drop_text": 0.0, "drop_image": 0.0, "drop_both": 0.0})
+        settings = replace(self.settings, drop_text=0.0, drop_image=0.0, drop_both=0.0)
         self.adapter.eval()  # no expert dropout: the global RNG stays untouched
         gen = torch.Generator(device=self.device).manual_seed(12345)
         loss = training_loss(self.frozen, self.adapter, self.adapter, self.eval_batch(), settings, gen,
@@ -417,12 +417,12 @@ class _Worker:
         from .step import generate_samples
 
         cfg = self.cfg
-        if cfg.validation_prompts:
-            prompts = list(cfg.validation_prompts)
-            if cfg.validation_refs:
+        if cfg.logging.validation_prompts:
+            prompts = list(cfg.logging.validation_prompts)
+            if cfg.logging.validation_refs:
                 s = self.frozen.clip.image_size
                 refs = torch.stack([to_chw_uint8(pad_to_square_white(Image.open(p).convert("RGB")).resize((s, s)))
-                                    for p in cfg.validation_refs])
+                                    for p in cfg.logging.validation_refs])
             else:
                 refs = self.eval_batch()["ref"][: len(prompts)].repeat(len(prompts), 1, 1, 1)[: len(prompts)]
         else:
@@ -430,10 +430,10 @@ class _Worker:
             prompts, refs = list(batch["txt"]), batch["ref"]
         # without text encoders (precomputed features) the validation batch's stored captions are used
         text = (self.eval_batch()["t5"], self.eval_batch()["pooled"]) if self.frozen.pipe.text_encoder_2 is None else None
-        h, w = cfg.buckets[0]
+        h, w = cfg.data.buckets[0]
         self.adapter.eval()
-        images = generate_samples(self.frozen, self.adapter, prompts, refs, (h, w), cfg.sample_steps,
-                                  cfg.sample_guidance, seed=cfg.seed, max_sequence_length=cfg.max_sequence_length,
+        images = generate_samples(self.frozen, self.adapter, prompts, refs, (h, w), cfg.logging.sample_steps,
+                                  cfg.logging.sample_guidance, seed=cfg.seed, max_sequence_length=cfg.loss.max_sequence_length,
                                   text=text)
         self.adapter.train()
         if self.rank == 0:
@@ -480,14 +480,14 @@ class _Worker:
         from .parallel import is_sharded
 
         # what this run really does (tests read it to check that a config's switches took effect)
-        self.metrics.write(step=self.step, event="start", world_size=self.world, strategy=cfg.strategy,
+        self.metrics.write(step=self.step, event="start", world_size=self.world, strategy=cfg.parallel.strategy,
                            adapter_sharded=is_sharded(self.adapter), dtype=str(self.dtype).removeprefix("torch."),
                            autocast=None if self.autocast is None else str(self.autocast).removeprefix("torch."),
-                           checkpointed_blocks=self.frozen.checkpointed_blocks, data_workers=cfg.data_workers,
+                           checkpointed_blocks=self.frozen.checkpointed_blocks, data_workers=cfg.data.data_workers,
                            clip_layers=list(self.adapter.config.clip_layers), device=self.device.type)
         # which encoders each rank holds: training on precomputed features must not load T5/CLIP text/VAE encoder
         self.metrics.write(event="setup", features=self.features.modes(), frozen_modules=_gather(self.frozen.loaded()))
-        if self.step == 0 and cfg.eval_every:
+        if self.step == 0 and cfg.logging.eval_every:
             self.metrics.write(step=0, val_loss=self.eval_loss())
         bar = tqdm(total=self.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         stage_index, loader, it = None, None, None
@@ -513,10 +513,10 @@ class _Worker:
             loss = training_loss(self.frozen, self.adapter, self.encode, batch, self.settings, self.gen,
                                  self.cpu_gen, self.autocast, self.features.empty_prompt(si))
             loss.backward()
-            logging_step = step % cfg.log_every == 0 or step == self.max_steps
+            logging_step = step % cfg.logging.log_every == 0 or step == self.max_steps
             grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), cfg.grad_clip)
+            if cfg.optim.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), cfg.optim.grad_clip)
             elif logging_step:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.adapter.parameters()
                                                            if p.grad is not None])
@@ -543,7 +543,7 @@ class _Worker:
                 stage_start = sum(s.steps for s in cfg.stages[:si])
                 last = dict(step=step, stage=cfg.stages[si].name, loss=loss_sum / self.world,
                             lr=self.scheduler.get_last_lr()[0],
-                            samples_per_s=cfg.global_batch_size * window["n"] * self.world / tot,
+                            samples_per_s=cfg.data.global_batch_size * window["n"] * self.world / tot,
                             data_wait=wait / tot, skipped=int(skipped), filtered=int(filtered),
                             # this stage's samples so far, summed over ranks: what a mixture really drew
                             samples_per_dataset={d: int(n) for d, n in zip(dirs, counts)},
@@ -560,11 +560,11 @@ class _Worker:
                     ray.train.report({k: v for k, v in last.items() if isinstance(v, (int, float))})
                 bar.set_postfix(loss=f"{last['loss']:.4f}", stage=last["stage"])
                 window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == self.max_steps):
+            if cfg.logging.eval_every and (step % cfg.logging.eval_every == 0 or step == self.max_steps):
                 self.metrics.write(step=step, val_loss=self.eval_loss())
-            if cfg.sample_every and step % cfg.sample_every == 0:
+            if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
                 self.write_samples()
-            if not no_save and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == self.max_steps):
+            if not no_save and ((cfg.checkpoints.every and step % cfg.checkpoints.every == 0) or step == self.max_steps):
                 self.save_checkpoint(loader)
         bar.close()
         self.metrics.close()
@@ -608,26 +608,26 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     started = False
     if not ray.is_initialized():
         # inside `ray job submit`, RAY_ADDRESS names the job's cluster
-        address = ray_address or cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        address = ray_address or cfg.parallel.ray_address or os.environ.get("RAY_ADDRESS")
         from dynaip.console import ray_init_kwargs
 
         if address:
             ray.init(address=address, **ray_init_kwargs())
         else:
-            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker),
+            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, cfg.parallel.workers * cfg.parallel.cpus_per_worker),
                      **ray_init_kwargs())
         started = True
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cfg.use_gpu else "gloo")
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if cfg.parallel.use_gpu else "gloo")
+    resources = {"CPU": cfg.parallel.cpus_per_worker, **({"GPU": 1} if cfg.parallel.use_gpu else {})}
     spec.extra = {**spec.extra, "ray_report": True}
     reported = Path(spec.out).resolve() / "ray" / "reported.jsonl"
     reported.parent.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_worker, train_loop_config=asdict(spec),
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=cfg.parallel.workers, use_gpu=cfg.parallel.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(name="dynaip-train", storage_path=str(Path(spec.out).resolve() / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             failure_config=FailureConfig(max_failures=cfg.parallel.max_failures),
                              callbacks=[_report_log(reported)]))
     try:
         trainer.fit()

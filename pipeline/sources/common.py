@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dynaip.configs import build
 from pipeline.records import Box
 
 _MISSING = object()
@@ -329,3 +330,15 @@ def source_path(root: Any) -> Any:
     if "://" in text:
         return FsPath(text)
     return Path(text).expanduser()
+
+
+def read_options(cfg: Any, options_cls: type, kind: str) -> Any:
+    """A reader's typed ``Options`` from its source section: a ``pipeline.recipe.SourceConfig``, a
+    mapping (``{"root": ..., "top_k": 4}``) or an ``Options`` instance (returned as is). Unknown keys
+    and wrongly typed values fail in one line, through the same loader as the recipe
+    (dynaip/configs.py; docs/ARCHITECTURE.md, "Configuration")."""
+    from pipeline.recipe import source_options_mapping
+
+    if isinstance(cfg, options_cls):
+        return cfg
+    return build(options_cls, source_options_mapping(options_cls, cfg), where=f"{kind} source", at="source.")

@@ -43,23 +43,29 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import Box, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import SourceError, as_xyxy, option, require_dir
+from pipeline.sources.common import SourceError, as_xyxy, option, read_options, require_dir
 
 SOURCE = "ffhq"
 
 
-@dataclass(kw_only=True)
-class FFHQSource:
-    """Reader options for FFHQ in-the-wild (same keys as the recipe's ``source:`` section)."""
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Reader options for FFHQ in-the-wild: the recipe's ``source:`` keys besides ``kind`` and ``root``."""
 
-    root: str
-    """Folder holding ``ffhq-dataset-v2.json`` and ``in-the-wild-images/``."""
     json: str = "ffhq-dataset-v2.json"
     """Metadata file, relative to ``root``."""
     category: str | list[str] | None = None
     """Keep only these categories (training | validation); None keeps all."""
     dedupe: bool = True
     """Treat entries with the same pixel_md5 (else file_md5, else file_path) as one photo with several faces."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FFHQSource(Options):
+    """The whole source section as one object (``read(FFHQSource(root=...))``)."""
+
+    root: str
+    """Folder holding ``ffhq-dataset-v2.json`` and ``in-the-wild-images/``."""
 
 
 def _reject(rid: str, reason: str) -> Reject:
@@ -123,10 +129,9 @@ def photo_key(wild: dict[str, Any]) -> tuple[str, str]:
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     """Check the source now (SourceError when it matches nothing); return the iterator of FFHQ face
     records (and rejects) in photo, then face order; see the module docstring."""
+    opts = read_options(cfg, Options, SOURCE)
     root = require_dir(option(cfg, "root", ""), "ffhq", "the FFHQ folder (ffhq-dataset-v2.json + in-the-wild-images/)")
-    json_name = option(cfg, "json", "ffhq-dataset-v2.json")
-    category = option(cfg, "category", None)
-    dedupe = bool(option(cfg, "dedupe", True))
+    json_name, category, dedupe = opts.json, opts.category, opts.dedupe
     categories = {category} if isinstance(category, str) else set(category) if category else None
     meta_path = root / json_name
     if not meta_path.is_file():

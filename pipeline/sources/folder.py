@@ -26,15 +26,28 @@ same sorted order of their targets.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from pipeline.records import ImageRef, SourceRecord
-from pipeline.sources.common import SourceError, source_path
+from pipeline.sources.common import SourceError, option, read_options, source_path
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CROSS_PAIRS = ("none", "subfolders")
 CROSS_SUFFIX = "~cross"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Reader options for a plain folder: the recipe's ``source:`` keys besides ``kind`` and ``root``."""
+
+    recursive: bool = True
+    """Also read images in subfolders (sorted by relative path)."""
+    phrase: str | None = None
+    """Detection phrase of every image; None = the recipe's ``detection.prompt``."""
+    cross_pairs: str = "none"
+    """none | subfolders: images sharing an immediate subfolder also give cross records (module docstring)."""
 
 
 def list_images(root: Path, recursive: bool = True) -> list[Path]:
@@ -65,12 +78,12 @@ def subfolder_groups(root: Path, images: list[Path]) -> dict[str, list[Path]]:
 
 def read(cfg) -> Iterator[SourceRecord]:
     """Check the folder now (SourceError when it holds no image); return the iterator of records."""
-    root = source_path(cfg.root) if cfg.root else None
+    opts = read_options(cfg, Options, "folder")  # options first: a typo fails before the disk is read
+    recursive, phrase, cross = opts.recursive, opts.phrase, opts.cross_pairs
+    given = option(cfg, "root", "")
+    root = source_path(given) if given else None
     if root is None or not root.is_dir():
-        raise SourceError(f"folder source: root {cfg.root!r} is not a directory; set source.root in the recipe or pass --source-root")
-    recursive = cfg.get("recursive", True)
-    phrase = cfg.get("phrase")
-    cross = cfg.get("cross_pairs") or "none"
+        raise SourceError(f"folder source: root {given!r} is not a directory; set source.root in the recipe or pass --source-root")
     if cross not in CROSS_PAIRS:
         raise ValueError(f"folder source: cross_pairs must be one of {', '.join(CROSS_PAIRS)}, not {cross!r}")
     images = list_images(root, recursive)

@@ -66,22 +66,23 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.records import Box, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import (RLEError, SourceError, as_xyxy, check_rle, glob_files, lookup, option,
+from pipeline.sources.common import (RLEError, SourceError, as_xyxy, check_rle, glob_files, option, read_options,
                                      require_dir, rle_bbox)
 
 SOURCE = "opens2v"
 log = logging.getLogger(__name__)
 
 
-@dataclass(kw_only=True)
-class OpenS2VSource:
-    """Reader options for OpenS2V-5M (same keys as the recipe's ``source:`` section)."""
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Reader options for OpenS2V-5M: the recipe's ``source:`` keys besides ``kind`` and ``root``."""
 
-    root: str
-    """Dataset folder (the downloaded OpenS2V-5M)."""
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "min_aesthetic": "is gone: the threshold now applies per subject as upstream's pipeline scores it; use "
+                         "min_subject_aesthetic (annotations[i].aes_score) and/or min_clip_aesthetic (metadata.aesthetic)"}
     clips: str = "Jsons/mask_and_bbox/total_part*.json"
     """Glob (under root) of the per-part annotation files."""
     videos: str = "Videos"
@@ -96,7 +97,7 @@ class OpenS2VSource:
     """Yield cross records (needs cross_pairs)."""
     cross_both_directions: bool = True
     """Also yield each pair reversed (aft as target, cur as reference)."""
-    caption_keys: list[str] = field(default_factory=lambda: ["face_cap_qwen", "cap"])
+    caption_keys: str | list[str] = field(default_factory=lambda: ["face_cap_qwen", "cap"])
     """Caption: the first of these metadata keys that holds text (upstream's loader reads face_cap_qwen)."""
     exclude_background: bool = True
     """Subjects whose class is a word_tags.background tag are not references."""
@@ -116,6 +117,14 @@ class OpenS2VSource:
     """Cross pairs: subject image similarity at least this."""
     work_dir: str | None = None
     """Where the cross-pair clip index (SQLite, removed afterwards) is written; None = the system temp dir."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenS2VSource(Options):
+    """The whole source section as one object (``read(OpenS2VSource(root=...))``)."""
+
+    root: str
+    """Dataset folder (the downloaded OpenS2V-5M)."""
 
 
 FILTER_KEYS = ("exclude_background", "min_mask_frac", "min_subject_aesthetic", "dedup_iou", "max_masks",
@@ -175,12 +184,6 @@ def _one_line(e: BaseException) -> str:
 
 def _tag(text: Any) -> str:
     return " ".join(str(text).lower().split())
-
-
-def _filter_option(cfg: Any, key: str, default: Any) -> Any:
-    """Like ``option`` but an explicit ``null`` is kept (it disables that filter); only absence gives the default."""
-    present, value = lookup(cfg, key)
-    return value if present else default
 
 
 # --------------------------------------------------------------------------------------- the clip
@@ -889,16 +892,8 @@ def _cross(root: Path, files: list[Path], store: _Store, opts: dict[str, Any]) -
 # -------------------------------------------------------------------------------------------- read
 
 
-def _options(cfg: Any) -> dict[str, Any]:
-    present, _ = lookup(cfg, "min_aesthetic")
-    if present:
-        raise ValueError(
-            "opens2v: option min_aesthetic is gone: the threshold now applies per subject as upstream's "
-            "pipeline scores it; use min_subject_aesthetic (annotations[i].aes_score) and/or "
-            "min_clip_aesthetic (metadata.aesthetic)"
-        )
-    defaults = OpenS2VSource(root="")
-    opts = {key: _filter_option(cfg, key, getattr(defaults, key)) for key in FILTER_KEYS}
+def _options(given: Options) -> dict[str, Any]:
+    opts = {key: getattr(given, key) for key in FILTER_KEYS}
     keys = opts["caption_keys"]
     if isinstance(keys, str):
         keys = [keys]
@@ -908,23 +903,24 @@ def _options(cfg: Any) -> dict[str, Any]:
     m = opts["max_masks"]
     if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
         raise ValueError(f"opens2v: max_masks={m!r} must be an integer >= 1 or null")
-    opts["cluster_index"] = option(cfg, "cluster_index", defaults.cluster_index)
+    opts["cluster_index"] = given.cluster_index
     return opts
 
 
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     """Check the layout now (SourceError naming what matched nothing); return the iterator of intra
     records (annotation-file order), then cross records (pair-file order), with their rejects."""
+    given = read_options(cfg, Options, SOURCE)
     root = require_dir(option(cfg, "root", ""), "opens2v", "the OpenS2V-5M folder (holding Jsons/ and Videos/)")
-    opts = _options(cfg)
-    clips_glob = option(cfg, "clips", OpenS2VSource.clips)
+    opts = _options(given)
+    clips_glob = given.clips
     clip_files = glob_files(root, clips_glob, "opens2v", "annotation files (source.clips)")
-    videos = root / option(cfg, "videos", "Videos")
+    videos = root / given.videos
     if not videos.is_dir():
         raise SourceError(f"opens2v: videos folder {videos} does not exist; set source.videos (under root) to the "
                           "folder holding Videos/total_partN/")
-    do_intra, do_cross = bool(option(cfg, "intra", True)), bool(option(cfg, "cross", True))
-    pairs_glob = option(cfg, "cross_pairs", None)
+    do_intra, do_cross = given.intra, given.cross
+    pairs_glob = given.cross_pairs
     pair_files: list[Path] = []
     if do_cross and pairs_glob:
         pair_files = [p for p in glob_files(root, pairs_glob, "opens2v", "cross-pair files (source.cross_pairs)")
@@ -934,7 +930,7 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
                               f"index {opts['cluster_index']}, no pair files")
     if not do_intra and not pair_files:
         raise ValueError("opens2v: intra is false and no cross_pairs are read; nothing would be produced")
-    return _read(root, clip_files, videos, pair_files, opts, do_intra, option(cfg, "work_dir", None))
+    return _read(root, clip_files, videos, pair_files, opts, do_intra, given.work_dir)
 
 
 def _read(root: Path, clip_files: list[Path], videos_dir: Path, pair_files: list[Path], opts: dict[str, Any],

@@ -43,21 +43,27 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import RLEError, SourceError, check_rle, option, require_dir, xywh_to_xyxy
+from pipeline.sources.common import RLEError, SourceError, check_rle, option, read_options, require_dir, xywh_to_xyxy
 
 SOURCE = "sa1b"
 
 
-@dataclass(kw_only=True)
-class SA1BSource:
-    """Reader options for SA-1B (same keys as the recipe's ``source:`` section)."""
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Reader options for SA-1B: the recipe's ``source:`` keys besides ``kind`` and ``root``."""
 
-    root: str
-    """Folder holding the extracted pairs and/or the ``sa_*.tar`` files."""
     layout: str = "auto"
     """auto | folder | tar."""
     top_k: int = 16
     """Masks kept per image, best ``area × predicted_iou × stability_score`` first."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SA1BSource(Options):
+    """The whole source section as one object (``read(SA1BSource(root=...))``)."""
+
+    root: str
+    """Folder holding the extracted pairs and/or the ``sa_*.tar`` files."""
 
 
 def _reject(rid: str, reason: str) -> Reject:
@@ -174,8 +180,8 @@ def _read_tar(tar_path: Path, top_k: int) -> Iterator[SourceRecord | Reject]:
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     """Check the layout now (SourceError when nothing matches); return the iterator of SA-1B records
     (and rejects) in sorted order; see the module docstring for the shape."""
-    layout = option(cfg, "layout", "auto")
-    top_k = int(option(cfg, "top_k", 16))
+    opts = read_options(cfg, Options, SOURCE)
+    layout, top_k = opts.layout, opts.top_k
     if top_k < 1:
         raise ValueError(f"sa1b top_k={top_k}: must be >= 1 (masks kept per image)")
     if layout not in ("auto", "folder", "tar"):

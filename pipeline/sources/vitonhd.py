@@ -38,22 +38,28 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import SourceError, option, require_dir
+from pipeline.sources.common import SourceError, option, read_options, require_dir
 
 SOURCE = "vitonhd"
 _IMAGE_EXT = (".jpg", ".jpeg", ".png")
 
 
-@dataclass(kw_only=True)
-class VitonHDSource:
-    """Reader options for VITON-HD (same keys as the recipe's ``source:`` section)."""
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """Reader options for VITON-HD: the recipe's ``source:`` keys besides ``kind`` and ``root``."""
 
-    root: str
-    """Dataset folder (with train/ and test/) or one split folder."""
     split: str = "train"
     """train | test."""
     phrase: str = "upper-body garment"
     """Detection phrase for the garment in the target image."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VitonHDSource(Options):
+    """The whole source section as one object (``read(VitonHDSource(root=...))``)."""
+
+    root: str
+    """Dataset folder (with train/ and test/) or one split folder."""
 
 
 def _reject(rid: str, reason: str) -> Reject:
@@ -101,8 +107,8 @@ def _person_names(root: Path, split_dir: Path, split: str) -> list[str | Reject]
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     """Check the split now (SourceError when missing or empty); return the iterator of garment → person
     cross records, one per person image (and rejects); see the module docstring."""
-    split = option(cfg, "split", "train")
-    phrase = option(cfg, "phrase", "upper-body garment")
+    opts = read_options(cfg, Options, SOURCE)
+    split, phrase = opts.split, opts.phrase
     if split not in ("train", "test"):
         raise ValueError(f"vitonhd split={split!r}: expected train or test")
     root = require_dir(option(cfg, "root", ""), "vitonhd", "the VITON-HD folder (holding train/ and test/)")
