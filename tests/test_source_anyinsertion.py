@@ -132,7 +132,7 @@ def test_split_and_category_selection(release):
     assert "test/object/9857" not in [r.id for r in recs] and len(recs) == 5
     recs, _ = records({"root": str(release), "categories": ["accessory"]})
     assert [r.id for r in recs] == ["train/accessory/8724", "train/accessory/4033"]
-    recs, _ = records({"root": str(release), "split": "test", "categories": "object"})
+    recs, _ = records({"root": str(release), "split": "test", "categories": ["object"]})
     assert [r.id for r in recs] == ["test/object/9857"]
     with pytest.raises(SourceError, match=r"no row has split 'val' .*splits present: test, train"):
         anyinsertion.read({"root": str(release), "split": "val"})
@@ -219,9 +219,9 @@ def test_bad_files_stop_the_run_with_one_line(tmp_path, release):
         anyinsertion.read({"root": str(tmp_path / "nothing-here")})
     with pytest.raises(SourceError, match="source.root is not set"):
         anyinsertion.read({"split": "train"})
-    with pytest.raises(ValueError, match="unknown source option 'categorie'; did you mean 'categories'"):
+    with pytest.raises(ValueError, match="unknown key 'source.categorie'; did you mean 'categories'"):
         anyinsertion.read({"root": str(release), "categorie": ["object"]})
-    with pytest.raises(ValueError, match="categories=5"):
+    with pytest.raises(ValueError, match="'source.categories' = 5: expected a list"):
         anyinsertion.read({"root": str(release), "categories": 5})
 
 

@@ -44,15 +44,14 @@ than its image are rejected by the decode stage with the reason.
 
 from __future__ import annotations
 
-import difflib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import SourceError, source_path
+from pipeline.sources.common import SourceError, option, read_options, source_path
 
 SOURCE = "anyinsertion"
 IMAGE_COLUMNS = ("tar_image", "tar_mask", "ref_image", "ref_mask")
@@ -60,48 +59,17 @@ TEXT_COLUMNS = ("id", "split", "category")
 LABEL_COLUMNS = ("main_label", "label")  # the viewer's name; upstream's converter reads "label"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Options:
-    """Reader options (the recipe's ``source:`` keys besides ``kind``)."""
+    """Reader options: the recipe's ``source:`` keys besides ``kind`` and ``root`` (``root`` is a
+    ``.parquet`` file, a folder of them, or an fsspec URL of either)."""
 
-    root: str = ""
-    """A ``.parquet`` file, a folder of them, or an fsspec URL of either."""
     files: str = "**/*.parquet"
     """Glob of the Parquet files under a folder root (``**`` descends)."""
     split: str | None = "train"
     """Keep rows whose ``split`` is this; None = every split."""
     categories: tuple[str, ...] | None = None
     """Keep rows whose ``category`` is one of these; None = every category."""
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> Options:
-        """From a ``SourceConfig`` (``root`` + ``options``) or a mapping; unknown keys are a ValueError
-        naming the nearest option."""
-        if isinstance(cfg, Mapping):
-            raw = {k: v for k, v in cfg.items() if k != "kind"}
-        else:
-            raw = {"root": getattr(cfg, "root", ""), **dict(getattr(cfg, "options", {}) or {})}
-        names = [f.name for f in fields(cls)]
-        for key in raw:
-            if key not in names:
-                near = difflib.get_close_matches(str(key), names, n=1)
-                hint = f"did you mean {near[0]!r}? " if near else ""
-                raise ValueError(f"anyinsertion: unknown source option {key!r}; {hint}options: {', '.join(names)}")
-        kw: dict[str, Any] = {}
-        for key, value in raw.items():
-            if value is None and key in ("split", "categories"):
-                kw[key] = None
-            elif key == "categories":
-                if isinstance(value, str):
-                    value = [value]
-                if not (isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value)):
-                    raise ValueError(f"anyinsertion: categories={value!r}: give a list of category names or null")
-                kw[key] = tuple(value)
-            elif value is not None:
-                if not isinstance(value, str):
-                    raise ValueError(f"anyinsertion: {key}={value!r}: expected a string")
-                kw[key] = value
-        return cls(**kw)
 
 
 def _reject(rid: str, reason: str) -> Reject:
@@ -206,11 +174,12 @@ def _scan_values(files: list[_File]) -> dict[str, set[str]]:
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     """Check the root, every file's columns and the split/category selection now (SourceError naming
     what is there instead); return the iterator of cross records and rejects (see the module doc)."""
-    opts = Options.from_config(cfg)
-    if not opts.root:
+    opts = read_options(cfg, Options, SOURCE)  # options first: a typo fails before any file is opened
+    given = option(cfg, "root", "")
+    if not given:
         raise SourceError("anyinsertion: source.root is not set; point it at the AnyInsertion release (a folder of "
                           ".parquet files, one file, or a URL) or pass --source-root")
-    root = source_path(opts.root)
+    root = source_path(given)
     files = [_inspect(p, rel) for p, rel in _list_files(root, opts.files)]
     if opts.split is not None or opts.categories is not None:
         seen = _scan_values(files)
