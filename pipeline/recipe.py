@@ -26,7 +26,7 @@ import yaml
 
 from dynaip.geometry import HOLE_FRAC, ISLAND_FRAC
 
-SOURCE_KINDS = ("sa1b", "ffhq", "vitonhd", "opens2v", "folder")
+SOURCE_KINDS = ("sa1b", "ffhq", "vitonhd", "opens2v", "folder", "subjects200k", "synth")
 
 
 @dataclass(kw_only=True)
@@ -181,6 +181,18 @@ class CaptionConfig:
 
 
 @dataclass(kw_only=True)
+class ConsistencyConfig:
+    """Diptych pairs (``records.Diptych``): are the two panels the same subject? The score is the cosine
+    of the OpenCLIP image embeddings (models.yaml ``clip_vision``) of the two cut-outs, each padded to a
+    white square; it is recorded in the sample json (``diptych.consistency``). Other records skip it."""
+
+    min_score: float | None = 0.75
+    """Reject a diptych whose cut-outs' cosine is below this (stage 'consistency'); null records the score
+    only. 0.75 is this project's choice for ViT-L/14 (no published value): cut-outs of one object in two
+    scenes score above it, different objects of one category mostly below."""
+
+
+@dataclass(kw_only=True)
 class DedupConfig:
     """Dataset-wide near-duplicate removal, after every chunk is built (across chunks and sources)."""
 
@@ -253,6 +265,8 @@ class Recipe:
     """Pair kinds."""
     captioning: CaptionConfig = field(default_factory=CaptionConfig)
     """Caption sources."""
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    """Subject consistency of diptych pairs."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
     """Dataset-wide near-duplicate removal."""
     shards: ShardConfig = field(default_factory=ShardConfig)
@@ -342,6 +356,8 @@ class Recipe:
              f.min_subject_pixels, "must be >= 0 or null")
         need(f.min_mask_score is None or 0.0 <= f.min_mask_score <= 1.0, "filters.min_mask_score", f.min_mask_score,
              "must be in [0, 1] or null")
+        cs = self.consistency.min_score
+        need(cs is None or -1.0 <= cs <= 1.0, "consistency.min_score", cs, "must be in [-1, 1] or null")
         need(self.captioning.max_new_tokens >= 1, "captioning.max_new_tokens", self.captioning.max_new_tokens, "must be >= 1")
         dd = self.dedup
         need(dd.max_distance is None or 0 <= dd.max_distance < dd.hash_size ** 2, "dedup.max_distance", dd.max_distance,
