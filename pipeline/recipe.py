@@ -27,6 +27,8 @@ import yaml
 from dynaip.geometry import HOLE_FRAC, ISLAND_FRAC
 
 SOURCE_KINDS = ("sa1b", "ffhq", "vitonhd", "opens2v", "folder", "subjects200k", "synth")
+DIPTYCH_KINDS = ("subjects200k", "synth")
+"""Readers whose records are diptychs (``records.Diptych``): only their recipes use ``consistency``."""
 
 
 @dataclass(kw_only=True)
@@ -373,10 +375,13 @@ class Recipe:
 
     @property
     def recipe_hash(self) -> str:
-        """16 hex digits of sha256 over the canonical recipe, without ``executor`` and ``source.root``."""
+        """16 hex digits of sha256 over the canonical recipe, without ``executor`` and ``source.root`` (and
+        without ``consistency`` for sources that yield no diptychs)."""
         d = self.to_dict()
         d.pop("executor")
         d["source"].pop("root")
+        if self.source.kind not in DIPTYCH_KINDS:  # no effect on other sources: their hashes stay what they were
+            d.pop("consistency")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

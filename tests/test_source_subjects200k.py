@@ -253,5 +253,12 @@ def test_recipe_loads_with_its_documented_defaults():
     assert r.source.kind == "subjects200k" and r.pairing.kinds == ["cross"]
     assert r.consistency.min_score == 0.75 and r.source.options["min_quality"] == 5
     assert r.source.options["padding"] == 8
+    h = r.recipe_hash
+    r.consistency.min_score = 0.5
+    assert r.recipe_hash != h  # the threshold decides which diptychs are kept
+    demo = Recipe.from_yaml(REPO / "manifests" / "demo.yaml")
+    h = demo.recipe_hash
+    demo.consistency.min_score = 0.5
+    assert demo.recipe_hash == h  # no diptychs: older datasets keep their hash
     with pytest.raises(ValueError, match="consistency.min_score"):
         Recipe.from_dict({"source": {"kind": "subjects200k"}, "consistency": {"min_score": 2}})
