@@ -22,6 +22,13 @@ Measures on one GPU, within about 9 minutes on an 80 GB card:
     per image) images/s at batch 1/4/16 on 1024×768 photos.
 (d) **precompute** — the encoders of ``dynaip precompute`` (T5-XXL, CLIP-L text, VAE encoder posterior
     at 1024²) in samples/s at batch 1 and 8.
+(e) **lowmem** — one whole generation (one reference, 1024², 4 steps, T5 encode to VAE decode) through
+    ``DynaIPFluxPipeline`` in each mode of docs/low_memory.md: every model on the GPU, diffusers' model
+    offload, sequential offload, an int8 weight-quantized transformer (optimum-quanto) on the GPU and with
+    model offload. Peak allocated and reserved GPU memory and seconds per generation. Each mode builds
+    its models afresh (sequential offload leaves the modules on the meta device); a mode that fails is
+    recorded with its error and the others still run. Not in the default parts: run ``--parts lowmem``
+    on its own (about 5 minutes on an H100, sequential offload being the slow one).
 
 Writes ``DIR/gpu_suite.json`` and ``DIR/gpu_suite.md``. Without a CUDA GPU it prints one line and
 exits with status 1. ``--smoke`` runs every part with the tiny configs on whatever device there is;
@@ -275,16 +282,17 @@ def stripe_masks(k: int, size: int) -> list[torch.Tensor]:
     return masks
 
 
-def build_text_and_vae(sizes: Sizes, device: torch.device, dtype: torch.dtype):
+def build_text_and_vae(sizes: Sizes, device: torch.device, dtype: torch.dtype, smoke_vocab: tuple[int, int] = (128, 128)):
+    """T5-XXL encoder, CLIP-L text, the FLUX VAE (smoke: tiny ones with ``smoke_vocab`` = (CLIP, T5) sizes)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from dynaip.models.tiny import TINY_VAE_CONFIG
 
     if sizes.smoke:
-        t5 = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        t5 = T5Config(vocab_size=smoke_vocab[1], d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                       feed_forward_proj="gated-gelu")
-        clip_txt = CLIPTextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        clip_txt = CLIPTextConfig(vocab_size=smoke_vocab[0], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=2, max_position_embeddings=77, projection_dim=32)
         vae_cfg = TINY_VAE_CONFIG
     else:  # google/t5-v1_1-xxl encoder and openai/clip-vit-large-patch14 text, as FLUX.1-dev ships them
@@ -374,6 +382,115 @@ def bench_generate(sizes: Sizes, device: torch.device, repeats: int) -> dict:
                    "t5_encode_seconds": t_t5, "vae_decode_seconds": t_vae})
     del transformer, adapter, clip, t5, clip_text, vae
     return result
+
+
+# ----------------------------------------------------------------------------- (e) low-memory generation
+LOWMEM_MODES = ("full", "model offload", "sequential offload", "int8", "int8 + model offload")
+
+
+def build_dynaip_pipeline(sizes: Sizes, device: torch.device, dtype: torch.dtype):
+    """A ``DynaIPFluxPipeline`` around a FluxPipeline assembled from full-size (or smoke) random-weight
+    models, built on ``device`` (fast initialisation); the tokenizers are the project's offline ones
+    (their ids are a subset of the real vocabularies, which is all a speed/memory run needs)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from dynaip import load_dynaip
+    from dynaip.models import offline_tokenizers as tok
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.write_clip_tokenizer(Path(tmp) / "tokenizer")
+        t5_vocab = tok.write_t5_tokenizer(Path(tmp) / "tokenizer_2")
+        clip_vocab = tok.clip_vocab_size(Path(tmp) / "tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+        tokenizer_2 = T5TokenizerFast.from_pretrained(Path(tmp) / "tokenizer_2")
+    transformer = build_transformer(sizes, device, dtype)
+    adapter = build_adapter(sizes, device, dtype).eval()
+    tower = build_clip_vision(sizes, device, dtype, adapter.config.clip_layers)
+    t5, clip_text, vae = build_text_and_vae(sizes, device, dtype, smoke_vocab=(clip_vocab, t5_vocab))
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    flux = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip_text, tokenizer=tokenizer,
+                        text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)
+    return load_dynaip(flux, adapter, image_encoder=tower)
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def bench_lowmem(sizes: Sizes, device: torch.device, repeats: int) -> dict:
+    from PIL import Image
+
+    from dynaip.inference.lowmem import quantize_transformer
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    steps = 2 if sizes.smoke else 4
+    reference = Image.fromarray(photos(sizes, 1)[0])
+    call = dict(references=[reference], height=sizes.resolution, width=sizes.resolution,
+                num_inference_steps=steps, guidance_scale=3.5, seed=0)
+    results: dict[str, dict] = {}
+
+    def measure(name: str, pipe) -> None:
+        if not sizes.smoke:
+            pipe("a photo of a cat on a sofa", **call)  # warm-up (kernels, allocator)
+        seconds = []
+        reset_peak(device)
+        for _ in range(max(1, min(repeats, 2))):  # whole generations are long; two are enough for a median
+            seconds.append(timed(lambda: pipe("a photo of a cat on a sofa", **call), device))
+        results[name] = {"seconds_per_generation": statistics.median(seconds), "seconds_all": seconds,
+                         "peak_allocated_gib": peak_gib(device),
+                         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None}
+        print(f"lowmem {name}:", {k: v for k, v in results[name].items() if k != "seconds_all"}, flush=True)
+
+    def attempt(names: tuple[str, ...], run: Callable[[], None]) -> None:
+        try:
+            run()
+        except Exception as e:  # one failing mode must not lose the others' figures
+            for name in names:
+                results.setdefault(name, {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
+        finally:
+            _free(device)
+
+    def full_then_model_offload() -> None:
+        pipe = build_dynaip_pipeline(sizes, device, dtype)
+        measure("full", pipe)
+        pipe.to("cpu")
+        _free(device)
+        pipe.enable_model_cpu_offload(device=device)
+        measure("model offload", pipe)
+
+    def sequential_offload() -> None:
+        if device.type != "cuda":
+            results["sequential offload"] = {"skipped": "accelerate's sequential offload needs a CUDA device "
+                                                        "(docs/low_memory.md)"}
+            return
+        pipe = build_dynaip_pipeline(sizes, device, dtype)
+        pipe.to("cpu")
+        _free(device)
+        pipe.enable_sequential_cpu_offload(device=device)
+        measure("sequential offload", pipe)
+
+    def int8_then_model_offload() -> None:
+        pipe = build_dynaip_pipeline(sizes, device, dtype)
+        quantize_transformer(pipe.flux, "int8")
+        _free(device)
+        measure("int8", pipe)
+        pipe.to("cpu")
+        _free(device)
+        pipe.enable_model_cpu_offload(device=device)
+        measure("int8 + model offload", pipe)
+
+    attempt(("full", "model offload"), full_then_model_offload)
+    attempt(("sequential offload",), sequential_offload)
+    attempt(("int8", "int8 + model offload"), int8_then_model_offload)
+    return {"steps": steps, "modes": {name: results.get(name, {"error": "not run"}) for name in LOWMEM_MODES}}
 
 
 # ----------------------------------------------------------------------------- (d) precompute
@@ -523,6 +640,18 @@ def markdown(report: dict) -> str:
         for r in report["precompute"]:
             lines.append(f"| {r['batch']} | {f(r['samples_per_s'], '{:.2f}')} | {f(r['peak_memory_gib'], '{:.1f}')} |")
         lines.append("")
+    if "lowmem" in report:
+        lm = report["lowmem"]
+        lines += [f"## Low-memory generation ({report['resolution']}², one reference, {lm['steps']} steps, "
+                  "T5 encode to VAE decode)", "",
+                  "| mode | s/generation | peak allocated GiB | peak reserved GiB |", "|---|---|---|---|"]
+        for name, r in lm["modes"].items():
+            if "error" in r or "skipped" in r:
+                lines.append(f"| {name} | {r.get('error') or 'skipped: ' + r['skipped']} | | |")
+                continue
+            lines.append(f"| {name} | {f(r['seconds_per_generation'], '{:.2f}')} | {f(r['peak_allocated_gib'], '{:.1f}')} | "
+                         f"{f(r['peak_reserved_gib'], '{:.1f}')} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -530,15 +659,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for gpu_suite.json and gpu_suite.md")
     ap.add_argument("--parts", default="train,generate,curate,precompute",
-                    help="comma-separated subset of train,generate,curate,precompute")
+                    help="comma-separated subset of train,generate,curate,precompute,lowmem (lowmem: run it on its own)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on any device: checks the script, measures nothing")
     ap.add_argument("--profile", action="store_true", help="also write DIR/train_profile.txt (kernel table of one step)")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"train", "generate", "curate", "precompute"})
+    unknown = sorted(set(parts) - {"train", "generate", "curate", "precompute", "lowmem"})
     if unknown:
-        print(f"gpu_suite: unknown parts {unknown}; choose from train, generate, curate, precompute", file=sys.stderr)
+        print(f"gpu_suite: unknown parts {unknown}; choose from train, generate, curate, precompute, lowmem",
+              file=sys.stderr)
         return 2
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_suite: no CUDA GPU on this machine; it measures full-size models on a GPU only "
@@ -552,7 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     benches = {"train": lambda *a: bench_train(*a, profile_dir=out if args.profile else None),
-               "generate": bench_generate, "curate": bench_curate, "precompute": bench_precompute}
+               "generate": bench_generate, "curate": bench_curate, "precompute": bench_precompute,
+               "lowmem": bench_lowmem}
     for part in parts:
         t0 = time.perf_counter()
         report[part] = benches[part](sizes, device, args.repeats)

@@ -26,7 +26,7 @@ import yaml
 
 from dynaip.geometry import HOLE_FRAC, ISLAND_FRAC
 
-SOURCE_KINDS = ("sa1b", "ffhq", "vitonhd", "opens2v", "folder", "subjects200k", "synth")
+SOURCE_KINDS = ("sa1b", "ffhq", "vitonhd", "opens2v", "anyinsertion", "folder", "subjects200k", "synth")
 DIPTYCH_KINDS = ("subjects200k", "synth")
 """Readers whose records are diptychs (``records.Diptych``): only their recipes use ``consistency``."""
 
@@ -37,7 +37,7 @@ class SourceConfig:
     (read them with ``cfg.get(key, default)`` or as attributes)."""
 
     kind: str
-    """Reader name: sa1b | ffhq | vitonhd | opens2v | folder."""
+    """Reader name: sa1b | ffhq | vitonhd | opens2v | anyinsertion | folder."""
     root: str = ""
     """Dataset root directory (``--source-root`` overrides it)."""
     options: dict[str, Any] = field(default_factory=dict)

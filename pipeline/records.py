@@ -79,7 +79,7 @@ class SourceRecord:
     """One input item from a source dataset, before any decoding."""
 
     source: str
-    """Source kind: sa1b | ffhq | vitonhd | opens2v | folder."""
+    """Source kind: sa1b | ffhq | vitonhd | opens2v | anyinsertion | folder."""
     id: str
     """Unique id within the source (goes into the sample key after `safe_key`)."""
     image: ImageRef
@@ -92,6 +92,10 @@ class SourceRecord:
     """Boxes the source already provides (FFHQ face_rect, OpenS2V bboxes), XYXY pixels of `image`."""
     masks: list[dict[str, Any]] = field(default_factory=list)
     """Masks the source already provides, as COCO RLE dicts {size: [H, W], counts} in `image` pixels."""
+    image_mask: ImageRef | None = None
+    """The subject's mask in `image` as a mask image (white = subject), when the source ships one
+    (AnyInsertion ``tar_mask``); it must have `image`'s size. Read by the decode stage, not the reader,
+    so records stay small."""
     reference: ImageRef | None = None
     """Cross-pair: the image the subject reference is cut from (VITON-HD garment, OpenS2V other clip)."""
     reference_mask: ImageRef | dict[str, Any] | None = None

@@ -36,3 +36,17 @@ def test_smoke_run_covers_every_part(tmp_path):
     assert "SMOKE RUN" in (tmp_path / "gpu_suite.md").read_text()
     assert (tmp_path / "train_profile.txt").stat().st_size > 0
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "nope"]) == 2
+
+
+def test_smoke_lowmem_runs_each_mode_or_says_why(tmp_path):
+    """The low-memory part (docs/low_memory.md's modes): every mode that a CPU can run produces a whole
+    generation; sequential offload is recorded as skipped with its reason, never silently missing."""
+    import gpu_suite
+
+    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "lowmem", "--repeats", "1"]) == 0
+    modes = json.loads((tmp_path / "gpu_suite.json").read_text())["lowmem"]["modes"]
+    assert list(modes) == list(gpu_suite.LOWMEM_MODES)
+    for name in ("full", "model offload", "int8", "int8 + model offload"):
+        assert modes[name]["seconds_per_generation"] > 0, (name, modes[name])
+    assert "CUDA" in modes["sequential offload"]["skipped"]
+    assert "| int8 + model offload |" in (tmp_path / "gpu_suite.md").read_text()
