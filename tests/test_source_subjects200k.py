@@ -66,7 +66,7 @@ def desc(item: str) -> dict:
 
 
 def build(root: Path) -> dict[str, str]:
-    """Writes data/train-00000-of-00003 (7 rows, row groups of 3), -00001 (an ``image`` column of the
+    """Writes data/train-00000-of-00003 (8 rows, row groups of 3; the last repeats row 1), -00001 (an ``image`` column of the
     wrong type, 2 rows) and -00002 (not Parquet). Returns row id → what becomes of it."""
     data = root / "data"
     data.mkdir(parents=True)
@@ -81,6 +81,7 @@ def build(root: Path) -> dict[str, str]:
         ({"bytes": diptych(astro, astro, width=100), "path": None}, "collection_2", qa(), desc("astronaut"),
          "not a diptych: the image is 100x72, but two square panels side by side are 144x72"),
         ({"bytes": diptych(moto_r, moto_l), "path": None}, "collection_1", qa(), desc("motorcycle"), "pair"),
+        ({"bytes": diptych(moto_l, moto_r), "path": None}, "collection_2", qa(), desc("motorcycle"), "copy of r1"),
     ]
     table = pa.table({"image": pa.array([r[0] for r in rows], IMAGE),
                       "collection": pa.array([r[1] for r in rows], pa.string()),
@@ -114,10 +115,10 @@ def test_reader_rows_become_diptych_records_or_rejects(release):
     root, truth = release
     items = list(subjects200k.read({"root": str(root)}))
     recs, rejs = split(items)
-    assert len(items) == len(truth) == 10  # every row (and the unreadable file) is one input
+    assert len(items) == len(truth) == 11  # every row (and the unreadable file) is one input
     assert sorted(recs) == ["train-00000-of-00003-r000000", "train-00000-of-00003-r000001",
                             "train-00000-of-00003-r000004", "train-00000-of-00003-r000005",
-                            "train-00000-of-00003-r000006"]  # r4/r5 are rejected later, by decode
+                            "train-00000-of-00003-r000006", "train-00000-of-00003-r000007"]  # r4/r5: by decode
     for rid, r in rejs.items():
         assert truth[rid] in r.reason and r.stage == "read" and "\n" not in r.reason
     r = recs["train-00000-of-00003-r000001"]
@@ -136,7 +137,7 @@ def test_reader_options(release):
     assert {"train-00000-of-00003-r000002", "train-00000-of-00003-r000003"} <= set(recs)  # no quality filter
     assert all(r.phrase == "Things" and r.diptych.padding == PAD for r in recs.values())
     only = list(subjects200k.read({"root": str(root), "files": "data/train-00000-*.parquet"}))
-    assert len(only) == 7
+    assert len(only) == 8
     with pytest.raises(ValueError, match="unknown source option 'min_qualty'; did you mean 'min_quality'"):
         subjects200k.read({"root": str(root), "min_qualty": 4})
     with pytest.raises(ValueError, match="'padding' = 'eight' has the wrong type"):
@@ -159,7 +160,6 @@ def tiny_recipe(root: Path, **consistency) -> Recipe:
     r.consistency.min_score = consistency.get("min_score")
     r.shards.inputs_per_shard = 4
     r.executor.batch_size, r.executor.device = 4, "cpu"
-    r.dedup.max_distance = None
     r.validate()
     return r
 
@@ -179,18 +179,28 @@ def test_diptychs_become_cross_samples_in_both_directions(release, tiny_models, 
     recipe = tiny_recipe(root)
     m = run_local(recipe, tmp_path / "ds", tiny_models, progress=False, stages=stages)
     t = m["totals"]
-    assert t["inputs"] == 10 and t["inputs"] == t["accepted"] + t["rejected"]
+    assert t["inputs"] == 11 and t["inputs"] == t["accepted"] + t["rejected"]
+    from pipeline.dataset import verify
+
+    assert verify(tmp_path / "ds") == []
     rejects = {r["id"]: r for r in map(json.loads, (tmp_path / "ds" / "rejects.jsonl").read_text().splitlines())}
     assert rejects["train-00000-of-00003-r000004"]["stage"] == "decode"
     assert truth["train-00000-of-00003-r000005"] in rejects["train-00000-of-00003-r000005"]["reason"]
+    original, copy = "train-00000-of-00003-r000001", "train-00000-of-00003-r000007"
+    if original in rejects:  # the same pixels meet the same fate
+        assert rejects[copy]["reason"] == rejects[original]["reason"]
+    else:  # de-duplication removes the copy: the input is one reject, and both of its samples are gone
+        assert rejects[copy] == {"id": copy, "source": "subjects200k", "stage": "dedup",
+                                 "reason": f"duplicate of subjects200k-{original}-0"}
     for rid, why in truth.items():
-        if why != "pair":
+        if why not in ("pair", "copy of r1"):
             assert why in rejects[rid]["reason"]
     accepted = [rid for rid, why in truth.items() if why == "pair" and rid not in rejects]
     assert len(accepted) == t["accepted"] >= 2  # the tiny models keep at least two of the three pairs
     assert t["samples"] == 2 * t["accepted"] and t["pairs"] == {"cross": 2 * t["accepted"]}
     by_key = {s["key"]: {"json": json.loads(s["json"]), "txt": s["txt"].decode(),
                          "tgt": Image.open(io.BytesIO(s["tgt.jpg"]))} for s in iter_samples(tmp_path / "ds")}
+    assert len(by_key) == t["samples"] and not any(copy in k for k in by_key)
     for rid in accepted:
         a, b = by_key[f"subjects200k-{rid}-0"], by_key[f"subjects200k-{rid}-1"]
         assert a["json"]["diptych"]["target_panel"] == "left" and b["json"]["diptych"]["target_panel"] == "right"
