@@ -38,7 +38,7 @@ def tiny_recipe(tmp: Path, **consistency) -> Path:
                            "min_reference_side": 2})
     raw["consistency"] = {"min_score": consistency.get("min_score")}
     raw["shards"]["inputs_per_shard"] = 2
-    raw["executor"].update({"batch_size": 2, "device": "cpu", "workers": 1})  # Ray: one actor loads the models
+    raw["executor"].update({"batch_size": 2, "device": "cpu", "workers": 1, "cpus_per_worker": 2})  # Ray: one actor
     raw["dedup"] = {"max_distance": None}
     path = tmp / f"synth-{consistency.get('min_score')}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -205,10 +205,10 @@ def test_stopped_ray_run_resumes_to_the_same_bytes(local_run, tiny_models, tmp_p
     try:
         watcher.start()
         with pytest.raises(KeyboardInterrupt):
-            run_ray(recipe, out, tiny_models, progress=False, num_cpus=1)
+            run_ray(recipe, out, tiny_models, progress=False, num_cpus=2)
         done = len(list((out / ".progress").glob("[0-9]*[0-9].json")))
         assert 1 <= done < 3 and not (out / "manifest.json").exists()
-        run_ray(recipe, out, tiny_models, progress=False, num_cpus=1)
+        run_ray(recipe, out, tiny_models, progress=False, num_cpus=2)
     finally:
         ray.shutdown()
     assert tree(out) == tree(local)
