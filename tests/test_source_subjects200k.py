@@ -66,8 +66,9 @@ def desc(item: str) -> dict:
 
 
 def build(root: Path) -> dict[str, str]:
-    """Writes data/train-00000-of-00003 (8 rows, row groups of 3; the last repeats row 1), -00001 (an ``image`` column of the
-    wrong type, 2 rows) and -00002 (not Parquet). Returns row id → what becomes of it."""
+    """Writes data/train-00000-of-00003 (8 rows, row groups of 3; the last repeats row 1), -00001 (an
+    ``image`` column of the wrong type, 2 rows), -00002 (not Parquet) and train-00003-of-00004 (string
+    columns where structs belong). Returns row id → what becomes of it."""
     data = root / "data"
     data.mkdir(parents=True)
     astro, moto_l, moto_r = photo("astronaut"), photo("stereo_motorcycle", 0), photo("stereo_motorcycle", 1)
@@ -92,10 +93,16 @@ def build(root: Path) -> dict[str, str]:
                       "collection": pa.array(["collection_2"] * 2), "quality_assessment": pa.array([qa()] * 2, QA),
                       "description": pa.array([desc("a"), desc("b")], DESC)})
     pq.write_table(wrong, data / "train-00001-of-00003.parquet")
+    strings = pa.table({"image": pa.array([{"bytes": diptych(astro, astro), "path": None}] * 2, IMAGE),
+                        "collection": pa.array(["collection_2"] * 2), "quality_assessment": pa.array(["5,5,5", None]),
+                        "description": pa.array(["an astronaut", "an astronaut"])})
+    pq.write_table(strings, data / "train-00003-of-00004.parquet")
     (data / "train-00002-of-00003.parquet").write_bytes(b"not parquet at all")
     out = {f"train-00000-of-00003-r{i:06d}": r[4] for i, r in enumerate(rows)}
     out.update({f"train-00001-of-00003-r{i:06d}": "column 'image' is string, not image bytes" for i in range(2)})
     out["train-00002-of-00003"] = "is not a readable Parquet file"
+    out["train-00003-of-00004-r000000"] = "quality_assessment is str, not a struct of the three scores"
+    out["train-00003-of-00004-r000001"] = "description is str, not a struct (item, category, description_0/1)"
     return out
 
 
@@ -115,7 +122,7 @@ def test_reader_rows_become_diptych_records_or_rejects(release):
     root, truth = release
     items = list(subjects200k.read({"root": str(root)}))
     recs, rejs = split(items)
-    assert len(items) == len(truth) == 11  # every row (and the unreadable file) is one input
+    assert len(items) == len(truth) == 13  # every row (and the unreadable file) is one input
     assert sorted(recs) == ["train-00000-of-00003-r000000", "train-00000-of-00003-r000001",
                             "train-00000-of-00003-r000004", "train-00000-of-00003-r000005",
                             "train-00000-of-00003-r000006", "train-00000-of-00003-r000007"]  # r4/r5: by decode
@@ -179,7 +186,7 @@ def test_diptychs_become_cross_samples_in_both_directions(release, tiny_models, 
     recipe = tiny_recipe(root)
     m = run_local(recipe, tmp_path / "ds", tiny_models, progress=False, stages=stages)
     t = m["totals"]
-    assert t["inputs"] == 11 and t["inputs"] == t["accepted"] + t["rejected"]
+    assert t["inputs"] == 13 and t["inputs"] == t["accepted"] + t["rejected"]
     from pipeline.dataset import verify
 
     assert verify(tmp_path / "ds") == []

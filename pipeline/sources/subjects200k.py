@@ -23,7 +23,8 @@ quick start also keeps only ``collection_2`` (``collections: [collection_2]``).
 Options (``Options``): ``files`` (glob under ``root``), ``min_quality``, ``collections``, ``padding``,
 ``phrase``. One input is one row. A row outside ``collections`` is not an input (a selection, as
 FFHQ's ``category``). Rows are never dropped in silence: a row failing the quality filter or without
-``quality_assessment``, every row of a file whose ``image`` column has the wrong Arrow type, and a
+``quality_assessment``, a row whose ``quality_assessment`` or ``description`` is not a struct, every
+row of a file whose ``image`` column has the wrong Arrow type, and a
 file that cannot be read become ``Reject(stage="read")`` with the reason; a row whose image cell holds
 no bytes is rejected by the decode stage, an image that is not two square panels wide likewise.
 
@@ -127,13 +128,18 @@ def _row(path: Path, row: int, rid: str, values: dict[str, Any], opt: Options) -
     if opt.collections is not None and collection not in opt.collections:
         return None  # a selection, not an input
     qa = values.get("quality_assessment")
+    if qa is not None and not isinstance(qa, dict):
+        return _reject(rid, f"quality_assessment is {type(qa).__name__}, not a struct of the three scores")
+    desc = values.get("description")
+    if desc is not None and not isinstance(desc, dict):
+        return _reject(rid, f"description is {type(desc).__name__}, not a struct (item, category, description_0/1)")
     if opt.min_quality is not None:
         if not qa:
             return _reject(rid, "no quality_assessment (the quality filter source.min_quality needs its scores)")
         low = [f"{k} {qa.get(k)}" for k in SCORES if not isinstance(qa.get(k), int) or qa[k] < opt.min_quality]
         if low:
             return _reject(rid, f"quality below source.min_quality={opt.min_quality}: {', '.join(low)}")
-    desc = values.get("description") or {}
+    desc = desc or {}
     phrase = desc.get(opt.phrase) or desc.get("item") or desc.get("category") or None
     extra: dict[str, Any] = {"collection": collection, "item": desc.get("item"), "category": desc.get("category")}
     if qa:
