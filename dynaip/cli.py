@@ -33,14 +33,14 @@ def _optional_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Subcommands whose modules pull heavy dependencies are imported here, once."""
     from dynaip.eval.cli import add_eval_parser
     from dynaip.inference.cli import add_generate_parser
-    from pipeline.cli import add_curate_parser, add_manifest_parser
+    from pipeline.cli import add_curate_parser, add_manifest_parser, add_synth_parser
 
     from dynaip.demo import add_demo_parser
     from dynaip.features.cli import add_precompute_parser
     from dynaip.serve.app import add_serve_parser
     from dynaip.train.cli import add_train_parser
 
-    return [add_curate_parser, add_manifest_parser, add_precompute_parser, add_train_parser, add_generate_parser,
+    return [add_curate_parser, add_synth_parser, add_manifest_parser, add_precompute_parser, add_train_parser, add_generate_parser,
             add_eval_parser, add_demo_parser, add_serve_parser]
 
 

@@ -78,7 +78,7 @@ def batch_outcome(items: list[Item], positions: list[int], jpeg_quality: int = 9
                 out.append((pos, Reject(source=item.record.source, id=item.record.id, stage="write",
                                         reason=f"cannot encode the sample: {type(e).__name__}: {e}")))
     for item in items:  # free pixels early
-        item.target = item.reference = item.ref_image = None
+        item.target = item.reference = item.ref_image = item.pixels = item.twin = None
         item.samples = []
     return out
 

@@ -1,4 +1,4 @@
-"""Argparse wiring for ``dynaip curate`` and ``dynaip manifest show|verify|grid``.
+"""Argparse wiring for ``dynaip curate``, ``dynaip synth`` and ``dynaip manifest show|verify|grid``.
 
 ``add_curate_parser(subparsers)`` / ``add_manifest_parser(subparsers)`` add the sub-commands; each
 sets ``func`` to a handler ``(args) -> int`` (the exit code).
@@ -27,6 +27,35 @@ def add_curate_parser(subparsers) -> argparse.ArgumentParser:
                    help="without a terminal (a Ray job's log), a progress line this often (default 5)")
     p.set_defaults(func=run_curate)
     return p
+
+
+def add_synth_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("synth", help="generate diptych cross pairs with FLUX.1-dev (a synth recipe), "
+                                            "curate them into a dataset; re-running resumes")
+    p.add_argument("recipe", help="a recipe with source.kind: synth (see manifests/synth.yaml)")
+    p.add_argument("--out", required=True, help="dataset directory (re-running resumes)")
+    p.add_argument("--models", default=None, help="models.yaml with local checkpoint paths (flux, clip_vision, ...)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N diptychs")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join (auto | host:port); default: an embedded local Ray")
+    p.add_argument("--executor", choices=("ray", "local"), default="ray",
+                   help="ray (default; GPU chunk workers generate, curate and write) or local (one process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar and no progress lines")
+    p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                   help="without a terminal (a Ray job's log), a progress line this often (default 5)")
+    p.set_defaults(func=run_synth, source_root=None)
+    return p
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    """``dynaip synth``: ``dynaip curate`` for a recipe whose source generates its diptychs."""
+    from pipeline.recipe import Recipe
+
+    kind = Recipe.from_yaml(args.recipe).source.kind
+    if kind != "synth":
+        raise ValueError(f"recipe {args.recipe} reads source.kind {kind!r}; `dynaip synth` runs synth recipes "
+                         "(manifests/synth.yaml), use `dynaip curate` for the others")
+    return run_curate(args)
 
 
 def run_curate(args: argparse.Namespace) -> int:
@@ -110,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dynaip")
     sub = parser.add_subparsers(dest="command", required=True)
     add_curate_parser(sub)
+    add_synth_parser(sub)
     add_manifest_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -43,7 +43,8 @@ def source_identity(kind: str, root: str) -> str:
 
 
 def _refs(r: SourceRecord) -> list[ImageRef]:
-    refs = [r.image]
+    # a diptych still to be generated names no file: its settings (in the record) are its content
+    refs = [] if r.diptych is not None and r.diptych.generate is not None else [r.image]
     if r.image_mask is not None:
         refs.append(r.image_mask)
     if r.reference is not None:

@@ -25,7 +25,9 @@ from typing import Any, Literal
 from dynaip.configs import ConfigError, build, resolve_path, read_yaml
 from dynaip.geometry import HOLE_FRAC, ISLAND_FRAC
 
-SOURCE_KINDS = ("sa1b", "ffhq", "vitonhd", "opens2v", "anyinsertion", "folder")
+SOURCE_KINDS = ("sa1b", "ffhq", "vitonhd", "opens2v", "anyinsertion", "folder", "subjects200k", "synth")
+DIPTYCH_KINDS = ("subjects200k", "synth")
+"""Readers whose records are diptychs (``records.Diptych``): only their recipes use ``consistency``."""
 
 
 def source_options_class(kind: str) -> type:
@@ -224,6 +226,18 @@ class CaptionConfig:
 
 
 @dataclass(kw_only=True)
+class ConsistencyConfig:
+    """Diptych pairs (``records.Diptych``): are the two panels the same subject? The score is the cosine
+    of the OpenCLIP image embeddings (models.yaml ``clip_vision``) of the two cut-outs, each padded to a
+    white square; it is recorded in the sample json (``diptych.consistency``). Other records skip it."""
+
+    min_score: float | None = 0.75
+    """Reject a diptych whose cut-outs' cosine is below this (stage 'consistency'); null records the score
+    only. 0.75 is this project's choice for ViT-L/14 (no published value): cut-outs of one object in two
+    scenes score above it, different objects of one category mostly below."""
+
+
+@dataclass(kw_only=True)
 class DedupConfig:
     """Dataset-wide near-duplicate removal, after every chunk is built (across chunks and sources)."""
 
@@ -296,6 +310,8 @@ class Recipe:
     """Pair kinds."""
     captioning: CaptionConfig = field(default_factory=CaptionConfig)
     """Caption sources."""
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    """Subject consistency of diptych pairs."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
     """Dataset-wide near-duplicate removal."""
     shards: ShardConfig = field(default_factory=ShardConfig)
@@ -389,6 +405,8 @@ class Recipe:
              f.min_subject_pixels, "must be >= 0 or null")
         need(f.min_mask_score is None or 0.0 <= f.min_mask_score <= 1.0, "filters.min_mask_score", f.min_mask_score,
              "must be in [0, 1] or null")
+        cs = self.consistency.min_score
+        need(cs is None or -1.0 <= cs <= 1.0, "consistency.min_score", cs, "must be in [-1, 1] or null")
         need(self.captioning.max_new_tokens >= 1, "captioning.max_new_tokens", self.captioning.max_new_tokens, "must be >= 1")
         dd = self.dedup
         need(dd.max_distance is None or 0 <= dd.max_distance < dd.hash_size ** 2, "dedup.max_distance", dd.max_distance,
@@ -404,9 +422,12 @@ class Recipe:
 
     @property
     def recipe_hash(self) -> str:
-        """16 hex digits of sha256 over the canonical recipe, without ``executor`` and ``source.root``."""
+        """16 hex digits of sha256 over the canonical recipe, without ``executor`` and ``source.root`` (and
+        without ``consistency`` for sources that yield no diptychs)."""
         d = self.to_dict()
         d.pop("executor")
         d["source"].pop("root")
+        if self.source.kind not in DIPTYCH_KINDS:  # no effect on other sources: their hashes stay what they were
+            d.pop("consistency")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -55,6 +55,25 @@ class ImageRef:
             raise ValueError("ImageRef: a Parquet cell needs both column and row")
 
 
+@dataclass(frozen=True, kw_only=True)
+class Diptych:
+    """A record whose ``image`` holds the same subject twice, as two square panels side by side
+    (Subjects200K-style releases and ``dynaip synth``; docs/sources.md "Diptych cross pairs").
+
+    The image is ``2·H`` wide and ``H`` high; with ``padding`` p each panel is the square of side
+    ``s = H - 2p`` at ``(p, p)`` (left) and ``(s + 2p, p)`` (right) — the crop OminiControl's
+    Subjects200K loader makes. Both panels are detected and segmented; each one is the target of one
+    cross sample whose reference is cut from the other panel (two samples per accepted input)."""
+
+    padding: int = 0
+    """Border pixels around each panel (8 in Subjects200K's 1056 × 528 images; 0 for our own)."""
+    captions: tuple[str | None, str | None] = (None, None)
+    """Per-panel descriptions (left, right): the provided caption of the sample whose target is that panel."""
+    generate: dict[str, Any] | None = None
+    """Set for diptychs that do not exist yet: the generation settings (prompt, seed, steps, guidance,
+    width, height) the ``generate`` stage renders the image from; ``image`` is then only a name."""
+
+
 @dataclass(kw_only=True)
 class SourceRecord:
     """One input item from a source dataset, before any decoding."""
@@ -87,10 +106,13 @@ class SourceRecord:
     """Subject identity shared by records that may be cross-paired (OpenS2V cluster)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Source-specific metadata kept in the sample json (e.g. aesthetic score, face landmarks)."""
+    diptych: Diptych | None = None
+    """Set when ``image`` is two panels of one subject side by side (see ``Diptych``): a cross pair
+    in both directions."""
 
     @property
     def pair(self) -> Literal["intra", "cross"]:
-        return "cross" if self.reference is not None else "intra"
+        return "cross" if self.reference is not None or self.diptych is not None else "intra"
 
 
 @dataclass(kw_only=True)

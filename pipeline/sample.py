@@ -101,6 +101,17 @@ class Item:
     """Quality scores (``pipeline.stages.quality``), computed once; the sample json's ``quality``."""
     samples: list[Sample] = field(default_factory=list)
     reject: Reject | None = None
+    pixels: np.ndarray | None = None
+    """An image a stage made for this record (the ``generate`` stage's diptych), read by decode instead
+    of ``record.image``."""
+    panel: int | None = None
+    """Diptych records: which panel the target is (0 = left, 1 = right)."""
+    twin: "Item | None" = None
+    """Diptych records: the same input in the other direction (target and reference panels swapped),
+    made by the compose stage; its sample gets key ``n = 1``. Never rejected on its own: a reason
+    found for it rejects this item."""
+    consistency: float | None = None
+    """Diptych records: cosine of the two cut-outs' OpenCLIP image embeddings (``consistency`` stage)."""
 
     @property
     def ref_view(self) -> View:
@@ -112,11 +123,29 @@ class Item:
     def views(self) -> list[View]:
         return [v for v in (self.target, self.reference) if v is not None]
 
+    def directions(self) -> list["Item"]:
+        """This item and, for a composed diptych, its twin: every (reference → target) pair it yields."""
+        return [self] if self.twin is None else [self, self.twin]
+
+    @property
+    def provided_caption(self) -> str | None:
+        """The source's caption for this direction's target: the target panel's description for a diptych."""
+        d = self.record.diptych
+        if d is not None and self.panel is not None:
+            return d.captions[self.panel]
+        return self.record.caption
+
+    def adopt_twin_reject(self) -> None:
+        """A reason found for the twin rejects the input (one input → both samples or one reject)."""
+        if self.twin is not None and self.twin.reject is not None and self.reject is None:
+            self.fail(self.twin.reject.stage, self.twin.reject.reason)
+
     def fail(self, stage: str, reason: str) -> None:
         """Mark the item rejected (first reason wins)."""
         if self.reject is None:
             self.reject = Reject(source=self.record.source, id=self.record.id, stage=stage, reason=reason)
         self.samples = []
+        self.twin = None
 
     @property
     def ok(self) -> bool:

@@ -358,12 +358,14 @@ class DatasetWriter:
             return None
         ledger = self.read_ledger(chunk)
         kept_samples: list[list[tuple[str, bytes]]] = []
+        # an input's samples share the key up to ``-{n}`` (a diptych writes two): all of them go
+        dropped = {k.rsplit("-", 1)[0] for k in duplicates}
         for s in res.shards:
             with self.store.open(s["path"]) as f:
                 members = read_tar_members(f)
             for name, data in members:
                 key = member_key(name)
-                if key in duplicates:
+                if key.rsplit("-", 1)[0] in dropped:
                     continue
                 if not kept_samples or member_key(kept_samples[-1][0][0]) != key:
                     kept_samples.append([])

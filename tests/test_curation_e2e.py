@@ -270,8 +270,9 @@ def test_provided_boxes_skip_detection_and_reach_sam(photos, tiny_models, stages
     ]
     r.human.face_prob = 0.0
     own = build_stages(r, tiny_models)
-    own[1]._detector = "must not be used"  # detection is skipped for provided boxes
-    own[3]._segmenter = stages[3].segmenter  # the already loaded tiny SAM
+    by_name = {s.name: s for s in own}
+    by_name["detect"]._detector = "must not be used"  # detection is skipped for provided boxes
+    by_name["segment"]._segmenter = next(s for s in stages if s.name == "segment").segmenter  # the loaded tiny SAM
     encoded, rejects, _ = process_chunk(recs, 0, own, batch_size=2)
     assert rejects == [] and len(encoded) == 2
     metas = [json.loads(next(d for n, d in e if n.endswith(".json"))) for e in encoded]

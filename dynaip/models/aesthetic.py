@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .clip_vision import ClipImageEmbedder
 from .errors import CheckpointError
 from .weights import load_state_dict
 
@@ -72,45 +73,18 @@ def load_aesthetic_head(path: str | Path) -> AestheticHead:
     return head_from_state_dict(load_state_dict("aesthetic head", path, EXPECTED), path)
 
 
-class AestheticScorer:
-    """OpenCLIP image tower + head. ``scores(images)`` takes ``(H, W, 3) uint8`` arrays; each is
-    resized (bicubic) so its shorter side is the tower's input size and centre-cropped, as OpenCLIP's
-    preprocessing does."""
+class AestheticScorer(ClipImageEmbedder):
+    """OpenCLIP image tower + head. ``scores(images)`` takes ``(H, W, 3) uint8`` arrays (preprocessed
+    as ``ClipImageEmbedder`` does)."""
 
     def __init__(self, head_path: str | Path, clip_paths, device: str = "cpu"):
-        from .clip_vision import load_open_clip
-
         self.head = load_aesthetic_head(head_path).to(device)
-        model, (mean, std) = load_open_clip(clip_paths)
-        self.visual = model.visual.to(device)
+        super().__init__(clip_paths, device)
         dim = int(getattr(self.visual, "output_dim", 0) or 0)
         if dim and dim != self.head.in_features:
             raise CheckpointError("aesthetic head", head_path, EXPECTED,
                                   f"It takes {self.head.in_features}-d embeddings but the CLIP at '{clip_paths.path}' "
                                   f"gives {dim}-d; use the CLIP the head was trained on (ViT-L/14: 768).")
-        size = self.visual.image_size
-        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1).to(device)
-        self.std = torch.tensor(std).view(1, 3, 1, 1).to(device)
-        self.device = device
-
-    def _pixels(self, image: np.ndarray) -> torch.Tensor:
-        from PIL import Image
-
-        im = Image.fromarray(image)
-        s = self.size / min(im.size)
-        w, h = max(self.size, round(im.width * s)), max(self.size, round(im.height * s))
-        im = im.resize((w, h), Image.BICUBIC)
-        x0, y0 = (w - self.size) // 2, (h - self.size) // 2
-        im = im.crop((x0, y0, x0 + self.size, y0 + self.size))
-        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-
-    @torch.no_grad()
-    def embeddings(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """``(B, D)`` projected image embeddings (not normalised)."""
-        x = torch.stack([self._pixels(im) for im in images]).to(self.device)
-        x = (x - self.mean) / self.std
-        return self.visual(x.to(next(self.visual.parameters()).dtype)).float()
 
     @torch.no_grad()
     def scores(self, images: Sequence[np.ndarray]) -> list[float]:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -118,3 +119,37 @@ def build_clip_vision_meta(model_name: str = "ViT-L-14-336") -> nn.Module:
 
     with torch.device("meta"):
         return build_open_clip(open_clip.get_model_config(model_name)).visual
+
+
+class ClipImageEmbedder:
+    """The projected OpenCLIP image embedding (``encode_image``) of ``(H, W, 3) uint8`` arrays, from
+    local files. Each image is resized (bicubic) so its shorter side is the tower's input size and
+    centre-cropped, as OpenCLIP's preprocessing does. Used by the aesthetic score and the diptych
+    subject-consistency score (docs/curation_quality.md, docs/sources.md)."""
+
+    def __init__(self, paths: ClipVisionPaths, device: str = "cpu"):
+        model, (mean, std) = load_open_clip(paths)
+        self.visual = model.visual.to(device)
+        size = self.visual.image_size
+        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1).to(device)
+        self.std = torch.tensor(std).view(1, 3, 1, 1).to(device)
+        self.device = device
+
+    def _pixels(self, image: np.ndarray) -> torch.Tensor:
+        from PIL import Image
+
+        im = Image.fromarray(image)
+        s = self.size / min(im.size)
+        w, h = max(self.size, round(im.width * s)), max(self.size, round(im.height * s))
+        im = im.resize((w, h), Image.BICUBIC)
+        x0, y0 = (w - self.size) // 2, (h - self.size) // 2
+        im = im.crop((x0, y0, x0 + self.size, y0 + self.size))
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+    @torch.no_grad()
+    def embeddings(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """``(B, D)`` projected image embeddings (not normalised)."""
+        x = torch.stack([self._pixels(im) for im in images]).to(self.device)
+        x = (x - self.mean) / self.std
+        return self.visual(x.to(next(self.visual.parameters()).dtype)).float()

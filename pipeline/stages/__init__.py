@@ -2,7 +2,8 @@
 ``(recipe, models_config)``, picklable (models load lazily on first call in the process that runs
 it), and never raises for a bad input: per-record failures become ``item.reject``.
 
-Order (``STAGE_ORDER``): decode → detect → filter (select) → segment → compose → quality → caption → pair.
+Order (``STAGE_ORDER``): decode → detect → filter (select) → segment → compose → quality → consistency →
+caption → pair, after ``generate`` (FLUX renders the diptychs of ``synth`` records; a no-op for others).
 """
 
 from __future__ import annotations
@@ -15,22 +16,26 @@ from pipeline.sample import Item
 from pipeline.stages.caption import CaptionStage
 from pipeline.stages.common import SetupError
 from pipeline.stages.compose import ComposeStage
+from pipeline.stages.consistency import ConsistencyStage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.detect import DetectStage
+from pipeline.stages.generate import GenerateStage
 from pipeline.stages.pair import PairStage
 from pipeline.stages.quality import QualityStage
 from pipeline.stages.segment import SegmentStage
 from pipeline.stages.select import SelectStage
 
-STAGE_ORDER = (DecodeStage, DetectStage, SelectStage, SegmentStage, ComposeStage, QualityStage, CaptionStage, PairStage)
+STAGE_ORDER = (GenerateStage, DecodeStage, DetectStage, SelectStage, SegmentStage, ComposeStage, QualityStage, ConsistencyStage,
+               CaptionStage, PairStage)
 Stage = Callable[[list[Item]], list[Item]]
 
 
 def build_stages(recipe: Recipe, models: Any) -> list[Stage]:
     """One instance of every stage, in order. ``models`` is a ``ModelsConfig`` (may be None when no
     record needs detection/segmentation)."""
-    return [DecodeStage(recipe), DetectStage(recipe, models), SelectStage(recipe), SegmentStage(recipe, models),
-            ComposeStage(recipe), QualityStage(recipe, models), CaptionStage(recipe, models), PairStage(recipe)]
+    return [GenerateStage(recipe, models), DecodeStage(recipe), DetectStage(recipe, models), SelectStage(recipe), SegmentStage(recipe, models),
+            ComposeStage(recipe), QualityStage(recipe, models), ConsistencyStage(recipe, models),
+            CaptionStage(recipe, models), PairStage(recipe)]
 
 
 def run_stages(items: list[Item], stages: list[Stage], timings: dict[str, float] | None = None) -> list[Item]:
@@ -53,5 +58,5 @@ def run_stages(items: list[Item], stages: list[Stage], timings: dict[str, float]
     return items
 
 
-__all__ = ["SetupError", "build_stages", "run_stages", "STAGE_ORDER", "DecodeStage", "DetectStage", "SelectStage", "SegmentStage",
-           "ComposeStage", "QualityStage", "CaptionStage", "PairStage"]
+__all__ = ["SetupError", "build_stages", "run_stages", "STAGE_ORDER", "GenerateStage", "DecodeStage", "DetectStage", "SelectStage", "SegmentStage",
+           "ComposeStage", "QualityStage", "ConsistencyStage", "CaptionStage", "PairStage"]

@@ -75,13 +75,14 @@ class CaptionStage(LazyModel):
 
     def __call__(self, items: list[Item]) -> list[Item]:
         c = self.recipe.captioning
-        live = [it for it in items if it.ok]
+        live = [d for it in items if it.ok for d in it.directions()]  # a diptych: a caption per target panel
         todo = list(live)
         for source in c.order:
             if source == "provided":
                 for it in todo:
-                    if it.record.caption and it.record.caption.strip():
-                        it.caption, it.caption_source = it.record.caption.strip(), "provided"
+                    given = it.provided_caption
+                    if given and given.strip():
+                        it.caption, it.caption_source = given.strip(), "provided"
             elif source == "model" and self.model_path:
                 got = self._model_captions(todo)
                 for it in todo:
@@ -98,4 +99,6 @@ class CaptionStage(LazyModel):
             why = ("" if self.model_path or "model" not in c.order
                    else " (no captioning model: set captioning.model or models.yaml captioner)")
             it.fail(self.name, f"no caption: none of captioning.order={c.order} applied{why}")
+        for it in items:
+            it.adopt_twin_reject()
         return items

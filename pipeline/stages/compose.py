@@ -45,6 +45,9 @@ class ComposeStage:
         for item in items:
             if not item.ok:
                 continue
+            if item.record.diptych is not None:
+                self._diptych(item)
+                continue
             view = item.ref_view
             try:
                 if item.crop_mode == "face" and view.face_box is not None:
@@ -62,6 +65,25 @@ class ComposeStage:
             except Exception as e:
                 item.fail(self.name, f"cannot compose the reference: {e}")
         return items
+
+    def _diptych(self, item: Item) -> None:
+        """Both directions of a diptych: this item (left panel target, reference cut from the right)
+        and its twin (right panel target, reference cut from the left); whole-subject crops."""
+        item.twin = Item(record=item.record, index=item.index, target=item.reference, reference=item.target, panel=1)
+        for direction in item.directions():
+            source = "right" if direction.panel == 0 else "left"  # the panel the reference is cut from
+            try:
+                direction.ref_image, direction.ref_box = compose_reference(
+                    direction.ref_view.image, direction.ref_view.mask, self.recipe.reference.margin)
+                h, w = direction.ref_image.shape[:2]
+                limit = self.recipe.filters.min_reference_side
+                if min(h, w) < limit:
+                    item.fail(self.name, f"{source} panel: reference too small: {w}x{h}, shorter side below "
+                                         f"filters.min_reference_side={limit}")
+            except Exception as e:
+                item.fail(self.name, f"{source} panel: cannot compose the reference: {e}")
+            if not item.ok:
+                return
 
     def _check_size(self, item: Item) -> None:
         """``filters.min_reference_side``: a reference too small to teach the image encoder anything."""

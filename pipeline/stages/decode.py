@@ -302,6 +302,34 @@ class DecodeStage:
             view.searched = True
         return view
 
+    def _diptych(self, item: Item) -> tuple[View, View]:
+        """The two panels of a diptych record as (left, right) views, each with its own pixels; the
+        source's image (or the ``generate`` stage's) must be two square panels wide (``records.Diptych``)."""
+        r = item.record
+        d = r.diptych
+        assert d is not None
+        if item.pixels is not None:
+            image, item.pixels = item.pixels, None
+        elif d.generate is not None:
+            raise DecodeError("diptych was never generated (the recipe has no generate stage for it)")
+        else:
+            image = decode_image(self.reader.read(r.image), max_pixels=self.recipe.filters.max_image_pixels)
+        h, w = image.shape[:2]
+        if w != 2 * h:
+            raise DecodeError(f"not a diptych: the image is {w}x{h}, but two square panels side by side "
+                              f"are {2 * h}x{h}")
+        p = d.padding
+        side = h - 2 * p
+        if side < 1:
+            raise DecodeError(f"diptych padding {p} leaves no panel in a {w}x{h} image")
+        views = []
+        for x0 in (p, side + 2 * p):
+            crop = (x0, p, x0 + side, p + side)
+            view = View(ref=r.image, crop=crop)
+            view.image = _check_frame(image[p:p + side, x0:x0 + side], self.recipe, f"panel {crop}")
+            views.append(view)
+        return views[0], views[1]
+
     def _reference(self, item: Item) -> View:
         r = item.record
         assert r.reference is not None
@@ -343,6 +371,10 @@ class DecodeStage:
                 item.fail("pair", f"{item.record.pair} pairs are disabled (pairing.kinds={self.recipe.pairing.kinds})")
                 continue
             try:
+                if item.record.diptych is not None:
+                    item.target, item.reference = self._diptych(item)
+                    item.panel = 0
+                    continue
                 item.target = self._target(item)
                 if item.record.reference is not None:
                     item.reference = self._reference(item)

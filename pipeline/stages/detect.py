@@ -88,6 +88,8 @@ class DetectStage(LazyModel):
         h = self.recipe.human
         need: list[tuple[Item, View, Candidate]] = []
         for item in items:
+            if item.record.diptych is not None:  # both panels give whole-subject cut-outs (compared by consistency)
+                continue
             view = item.ref_view
             ranked = rank_candidates(view.candidates)
             if not ranked or not is_human(ranked[0].phrase, h.phrases):

@@ -28,7 +28,7 @@ def sample_meta(item: Item, recipe_hash: str) -> dict[str, Any]:
         "caption_source": item.caption_source,
         "crop_mode": item.crop_mode,
         "ref_box": [int(v) for v in item.ref_box],
-        "ref_from": "reference" if r.reference is not None else "target",
+        "ref_from": "reference" if item.reference is not None else "target",
     }
     if item.caption_model is not None:
         meta["caption_model"] = item.caption_model
@@ -42,11 +42,15 @@ def sample_meta(item: Item, recipe_hash: str) -> dict[str, Any]:
         meta["group"] = r.group
     if r.extra:
         meta["extra"] = r.extra
+    if r.diptych is not None:
+        meta["diptych"] = {"target_panel": "left" if item.panel == 0 else "right", "consistency": item.consistency,
+                           "padding": r.diptych.padding}
     return meta
 
 
 class PairStage:
-    """``__call__(items) -> items``: fills ``item.samples`` (one per accepted input). Pair kinds
+    """``__call__(items) -> items``: fills ``item.samples`` (one per accepted input; two for a diptych,
+    keys ``…-0`` with the left panel as target and ``…-1`` with the right). Pair kinds
     not in ``pairing.kinds`` are rejected with stage 'pair'."""
 
     name = "pair"
@@ -64,9 +68,10 @@ class PairStage:
                 item.fail(self.name, f"{kind} pairs are disabled (pairing.kinds={self.recipe.pairing.kinds})")
                 continue
             try:
-                item.samples = [Sample(key=item.key(0), ref=item.ref_image, tgt=item.target.image,
-                                       mask=item.target.mask, caption=item.caption or "",
-                                       meta=sample_meta(item, self.recipe_hash))]
+                item.samples = [Sample(key=item.key(n), ref=d.ref_image, tgt=d.target.image,
+                                       mask=d.target.mask, caption=d.caption or "",
+                                       meta=sample_meta(d, self.recipe_hash))
+                                for n, d in enumerate(item.directions())]  # a diptych: both directions
             except Exception as e:
                 item.fail(self.name, f"cannot build the sample: {type(e).__name__}: {e}")
         return items

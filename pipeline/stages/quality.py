@@ -111,22 +111,32 @@ class QualityStage(LazyModel):
         for item in items:
             if not item.ok:
                 continue
-            try:
-                item.quality = measure(item)
-            except Exception as e:
-                item.fail(self.name, f"cannot measure quality: {type(e).__name__}: {e}")
-                continue
-            reason = threshold_reason(item.quality, f)  # the model-free filters first: no CLIP for rejects
-            if reason:
-                item.fail(self.name, reason)
-            else:
-                live.append(item)
+            for d in item.directions():  # a diptych is measured in both directions
+                try:
+                    d.quality = measure(d)
+                except Exception as e:
+                    item.fail(self.name, f"{_which(d)}cannot measure quality: {type(e).__name__}: {e}")
+                    break
+                reason = threshold_reason(d.quality, f)  # the model-free filters first: no CLIP for rejects
+                if reason:
+                    item.fail(self.name, f"{_which(d)}{reason}")
+                    break
+            if item.ok:
+                live.extend(item.directions())
         scorer = self.scorer  # loads once; a setup failure stops the job
         if scorer is not None and live:
-            scores = scorer.scores([it.target.image for it in live])
-            for item, score in zip(live, scores):
-                item.quality["aesthetic"] = round(score, 4)
-                reason = threshold_reason(item.quality, f)
-                if reason:
-                    item.fail(self.name, reason)
+            scores = scorer.scores([d.target.image for d in live])
+            for d, score in zip(live, scores):
+                d.quality["aesthetic"] = round(score, 4)
+                reason = threshold_reason(d.quality, f)
+                owner = next(it for it in items if d is it or d is it.twin)
+                if reason and owner.ok:
+                    owner.fail(self.name, f"{_which(d)}{reason}")
         return items
+
+
+def _which(direction: Item) -> str:
+    """Reject-reason prefix for a diptych direction: the panel that is its target."""
+    if direction.panel is None:
+        return ""
+    return "left-panel target: " if direction.panel == 0 else "right-panel target: "

@@ -15,7 +15,7 @@ from pipeline.recipe import Recipe
 from pipeline.records import Box
 from pipeline.sample import Item, View
 from pipeline.stages.common import LazyModel, SetupError, resolve_device
-from pipeline.stages.select import check_mask
+from pipeline.stages.select import check_mask, view_name
 
 
 class MaskError(ValueError):
@@ -112,8 +112,8 @@ class SegmentStage(LazyModel):
                 continue
             for view in item.views():
                 view.mask = clean_mask(view.mask, s.island_frac, s.hole_frac)
-                reason = check_mask(view.mask, f, check_area=view is item.target)
+                reason = check_mask(view.mask, f, check_area=item.record.diptych is not None or view is item.target)
                 if reason:
-                    item.fail("filter", reason if view is item.target else f"reference: {reason}")
+                    item.fail("filter", f"{view_name(item, view)}{reason}")
                     break
         return items

@@ -73,6 +73,13 @@ def check_mask(mask: np.ndarray, f: FilterConfig, check_area: bool = True) -> st
     return None
 
 
+def view_name(item: Item, view: object) -> str:
+    """Reject-reason prefix naming the view: '' (target), 'reference: ', or a diptych's panel."""
+    if item.record.diptych is not None:
+        return "left panel: " if view is item.target else "right panel: "
+    return "" if view is item.target else "reference: "
+
+
 class SelectStage:
     """Picks each view's primary subject. The target gets every filter; a cross-pair reference with a
     source-given mask or box is trusted (no area/comparable checks). Rejects use stage 'filter'."""
@@ -94,9 +101,10 @@ class SelectStage:
                     reason = None if view.primary else "reference has no subject"
                 else:
                     h, w = view.shape
-                    view.primary, reason = select_primary(view.candidates, h, w, f, check_area=view is item.target)
-                    if reason and view is item.reference:
-                        reason = f"reference: {reason}"
+                    both = item.record.diptych is not None  # each panel is the target of one of its samples
+                    view.primary, reason = select_primary(view.candidates, h, w, f, check_area=both or view is item.target)
+                    if reason:
+                        reason = f"{view_name(item, view)}{reason}"
                 if reason:
                     item.fail(self.name, reason)
                     break
