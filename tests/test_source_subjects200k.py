@@ -145,9 +145,9 @@ def test_reader_options(release):
     assert all(r.phrase == "Things" and r.diptych.padding == PAD for r in recs.values())
     only = list(subjects200k.read({"root": str(root), "files": "data/train-00000-*.parquet"}))
     assert len(only) == 8
-    with pytest.raises(ValueError, match="unknown source option 'min_qualty'; did you mean 'min_quality'"):
+    with pytest.raises(ValueError, match="unknown key 'source.min_qualty'; did you mean 'min_quality'"):
         subjects200k.read({"root": str(root), "min_qualty": 4})
-    with pytest.raises(ValueError, match="'padding' = 'eight' has the wrong type"):
+    with pytest.raises(ValueError, match="'source.padding' = 'eight': expected an integer"):
         subjects200k.read({"root": str(root), "padding": "eight"})
     with pytest.raises(FileNotFoundError, match="no Parquet files match"):
         subjects200k.read({"root": str(root), "files": "nothing/*.parquet"})

@@ -72,12 +72,12 @@ def test_reader_is_deterministic_and_checks_its_options(tmp_path):
     assert {x.extra["subject"] for x in synth.read({"grammar": str(g), "subjects": 3})} == {"tiny hamster"}
     g.write_text("attributes: [x]\n")
     errors = [({"grammar": str(g)}, "needs 'attributes' and 'scenes'"),
-              ({"subjcts": 3}, "unknown source option 'subjcts'; did you mean 'subjects'"),
+              ({"subjcts": 3}, "unknown key 'source.subjcts'; did you mean 'subjects'"),
               ({"width": 1000, "height": 500}, "multiples of 16"),
               ({"width": 512, "height": 512}, "must be 2 × height"),
               ({"steps": 0}, "'steps' = 0: must be >= 1"),
               ({"template": "{what}"}, "bad placeholder"),
-              ({"prompts": "a cat"}, "wrong type")]
+              ({"prompts": "a cat"}, "'source.prompts' = 'a cat': expected a list")]
     for opts, words in errors:
         with pytest.raises(ValueError, match=words):
             synth.read(opts)

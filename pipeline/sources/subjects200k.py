@@ -42,15 +42,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.records import Diptych, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import glob_files, require_dir
-from pipeline.sources.diptych import parse_options
+from pipeline.sources.common import glob_files, read_options, require_dir
 
 SOURCE = "subjects200k"
 SCORES = ("compositeStructure", "objectConsistency", "imageQuality")
 META_COLUMNS = ("collection", "quality_assessment", "description")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Options:
     """Reader options (the recipe's ``source:`` keys besides kind/root)."""
 
@@ -87,7 +86,7 @@ def image_type_problem(arrow_type: Any) -> str | None:
 
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     """Check the options and the files now (SourceError when no file matches); return the iterator."""
-    opt = parse_options(Options, cfg, SOURCE)
+    opt = read_options(cfg, Options, SOURCE)  # typed, unknown keys refused with the nearest name
     if opt.padding < 0:
         raise ValueError(f"{SOURCE}: source option 'padding' = {opt.padding}: must be >= 0")
     root = require_dir(getattr(cfg, "root", None) if not isinstance(cfg, dict) else cfg.get("root"), SOURCE,

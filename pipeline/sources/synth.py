@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from dynaip.models import sampling
 from pipeline.records import Diptych, ImageRef, Reject, SourceRecord
-from pipeline.sources.diptych import parse_options
+from pipeline.sources.common import read_options
 
 SOURCE = "synth"
 GRAMMAR = Path(__file__).resolve().parents[1] / "synth_grammar.yaml"
@@ -36,7 +37,7 @@ PROMPT = ("A diptych of two side-by-side photos of the same {subject}. Left: the
           "Right: the same {subject} {scene_1}. Identical object in both panels, centered, fully visible.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Options:
     """Reader options (the recipe's ``source:`` keys besides kind)."""
 
@@ -56,9 +57,9 @@ class Options:
     """Diptych width in pixels (two panels of height × height; a multiple of 16 for FLUX)."""
     height: int = 528
     """Diptych height in pixels (= panel side + 2·padding)."""
-    steps: int = 28
+    steps: int = sampling.STEPS
     """FLUX denoising steps."""
-    guidance: float = 3.5
+    guidance: float = sampling.GUIDANCE
     """FLUX.1-dev guidance (distilled guidance embedding)."""
     padding: int = 0
     """Border pixels around each panel that the split drops."""
@@ -116,7 +117,7 @@ def descriptions(opt: Options) -> list[tuple[str, str, str, str]]:
 
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     """Check the options now (ValueError / FileNotFoundError, one line); return the record iterator."""
-    opt = parse_options(Options, cfg, SOURCE)
+    opt = read_options(cfg, Options, SOURCE)  # typed, unknown keys refused with the nearest name
     for name in ("subjects", "seeds_per_subject", "steps", "width", "height"):
         if getattr(opt, name) < 1:
             raise ValueError(f"synth: source option {name!r} = {getattr(opt, name)}: must be >= 1")
