@@ -20,7 +20,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from dynaip.configs import ConfigError, build, resolve_path, read_yaml
 from dynaip.geometry import HOLE_FRAC, ISLAND_FRAC
@@ -268,6 +268,11 @@ class ShardConfig:
 class ExecutorConfig:
     """How the stages run (not part of ``recipe_hash``)."""
 
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        key: "is gone: every stage (detection and segmentation included) runs inside the chunk workers; "
+             "size them with executor.workers, cpus_per_worker and gpus_per_actor"
+        for key in ("detect_actors", "segment_actors")}
+
     batch_size: int = 8
     """Records per model batch (detection and segmentation); batches never span chunks."""
     device: str = "auto"
@@ -282,10 +287,6 @@ class ExecutorConfig:
     resources: dict[str, float] = field(default_factory=dict)
     """Ray: custom resources each worker needs, e.g. ``{curate: 1}`` to place the workers (and so
     the models) on nodes started with ``ray start --resources='{"curate": N}'``."""
-    detect_actors: int = 1
-    """Deprecated, ignored: detection runs inside the chunk workers (see ``workers``)."""
-    segment_actors: int = 1
-    """Deprecated, ignored: segmentation runs inside the chunk workers (see ``workers``)."""
 
 
 @dataclass(kw_only=True)

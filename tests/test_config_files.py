@@ -298,3 +298,26 @@ def test_sampling_defaults_are_defined_once():
     assert (logging_defaults.sample_steps, logging_defaults.sample_guidance) == (sampling.STEPS, sampling.GUIDANCE)
     gen = GenerateSettings()
     assert (gen.steps, gen.guidance, gen.height, gen.width) == (28, 3.5, 1024, 1024)
+
+
+def test_retired_executor_keys_name_what_replaced_them(tmp_path):
+    """detection and segmentation no longer have actor pools of their own (every stage runs inside the
+    chunk workers): a recipe that still sizes them is refused in one line naming the keys to use."""
+    raw = yaml.safe_load((REPO / "manifests" / "sa1b.yaml").read_text())
+    for key in ("detect_actors", "segment_actors"):
+        bad = tmp_path / f"{key}.yaml"
+        bad.write_text(yaml.safe_dump({**raw, "executor": {**raw["executor"], key: 2}}))
+        with pytest.raises(ConfigError) as e:
+            Recipe.from_yaml(bad)
+        assert f"executor.{key} is gone" in str(e.value) and "executor.workers" in str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_the_stage_list_is_written_once():
+    """build_stages is STAGE_ORDER instantiated, in that order (no second list to drift)."""
+    from pipeline.stages import STAGE_ORDER, build_stages
+
+    stages = build_stages(Recipe.from_yaml(REPO / "manifests" / "demo.yaml"), None)
+    assert [type(s) for s in stages] == list(STAGE_ORDER)
+    assert [s.name for s in stages] == ["generate", "decode", "detect", "filter", "segment", "compose", "quality",
+                                        "consistency", "caption", "pair"]

@@ -25,17 +25,19 @@ from pipeline.stages.quality import QualityStage
 from pipeline.stages.segment import SegmentStage
 from pipeline.stages.select import SelectStage
 
-STAGE_ORDER = (GenerateStage, DecodeStage, DetectStage, SelectStage, SegmentStage, ComposeStage, QualityStage, ConsistencyStage,
-               CaptionStage, PairStage)
+STAGE_ORDER = (GenerateStage, DecodeStage, DetectStage, SelectStage, SegmentStage, ComposeStage, QualityStage,
+               ConsistencyStage, CaptionStage, PairStage)
+"""The one list of curation stages, in order. Every stage is built as ``cls(recipe, models)``; both
+executors run ``build_stages`` inside their chunk worker (in process, or one per Ray actor), so
+neither keeps a list of its own. Resources are the chunk worker's (``executor.cpus_per_worker``,
+``gpus_per_actor``): each worker holds every stage and its models (docs/ARCHITECTURE.md)."""
 Stage = Callable[[list[Item]], list[Item]]
 
 
 def build_stages(recipe: Recipe, models: Any) -> list[Stage]:
-    """One instance of every stage, in order. ``models`` is a ``ModelsConfig`` (may be None when no
-    record needs detection/segmentation)."""
-    return [GenerateStage(recipe, models), DecodeStage(recipe), DetectStage(recipe, models), SelectStage(recipe), SegmentStage(recipe, models),
-            ComposeStage(recipe), QualityStage(recipe, models), ConsistencyStage(recipe, models),
-            CaptionStage(recipe, models), PairStage(recipe)]
+    """One instance of every stage of ``STAGE_ORDER``. ``models`` is a ``ModelsConfig`` (may be None when
+    no record needs a model)."""
+    return [cls(recipe, models) for cls in STAGE_ORDER]
 
 
 def run_stages(items: list[Item], stages: list[Stage], timings: dict[str, float] | None = None) -> list[Item]:

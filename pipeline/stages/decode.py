@@ -249,7 +249,7 @@ class DecodeStage:
 
     name = "decode"
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, recipe: Recipe, models: object = None):  # models: the stages' common signature
         self.recipe = recipe
         self.reader = ByteReader(max_bytes=recipe.filters.max_file_bytes)
 
