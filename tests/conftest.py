@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,13 @@ def tiny_models(tiny_models_yaml):
     from dynaip.models import ModelsConfig
 
     return ModelsConfig.from_yaml(tiny_models_yaml)
+
+
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """Each test starts with Python's own SIGINT handler: Ray Train's trainer installs one of its own
+    (it aborts its controller) and leaves it behind, so a later test that interrupts a run with
+    ``_thread.interrupt_main()`` would reach a dead controller instead of raising KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -104,6 +104,18 @@ def full_run(ray_local, run_setup):
     return _train(run_setup, "full")
 
 
+def test_two_workers_report_their_metrics_through_ray_train(full_run):
+    """Issue #17 item 6: every worker reports with ``ray.train.report``; the controller callback keeps rank
+    0's rows in RUN/ray/reported.jsonl, and they are metrics.jsonl's numbers."""
+    reported = [json.loads(line) for line in (full_run / "ray" / "reported.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in reported] == [1, 2, 3, 4, 5, 6]
+    last = reported[-1]
+    assert last["loss"] > 0 and last["grad_norm"] > 0 and last["samples_per_s"] > 0 and last["progress"] == 1.0
+    logged = {r["step"]: r for r in _metrics(full_run) if "loss" in r}
+    assert all(abs(r["loss"] - logged[r["step"]]["loss"]) < 1e-9 for r in reported)
+    assert (full_run / "tb").is_dir()
+
+
 def test_two_workers_train_both_stages_and_write_a_loadable_checkpoint(full_run):
     from dynaip import DynaIPAdapter
 

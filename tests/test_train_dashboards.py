@@ -1,5 +1,6 @@
 """Training dashboards (issue #17 item 6): TensorBoard events under RUN/tb, read back with TensorBoard's
-own reader, and the metrics reported through Ray Train."""
+own reader. The metrics reported through Ray Train are checked on tests/test_train.py's two-worker run
+(test_two_workers_report_their_metrics_through_ray_train), which already runs under Ray Train."""
 
 from __future__ import annotations
 
@@ -56,22 +57,3 @@ def test_tensorboard_events_of_a_tiny_run(setup):
     assert [e.step for e in acc.Scalars("val/loss")] == [0, 3]
     images = acc.Images("samples")
     assert [e.step for e in images] == [2] and images[0].width > 0 and images[0].height > images[0].width / 4
-
-
-def test_metrics_reported_through_ray_train(setup):
-    import ray
-
-    from dynaip.train.config import TrainConfig
-    from dynaip.train.trainer import RunSpec, run_training
-
-    root, config, data, models = setup
-    cfg = TrainConfig.from_yaml(config)
-    spec = RunSpec(config=cfg.to_dict(), data=[str(data)], out=str(root / "ray"), models=str(models), max_steps=2)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        reported = run_training(cfg, spec)
-    finally:
-        ray.shutdown()
-    assert reported["step"] == 2 and reported["loss"] > 0 and reported["grad_norm"] > 0
-    assert 0 < reported["samples_per_s"] and reported["progress"] == 1.0
-    assert (root / "ray" / "tb").is_dir()
