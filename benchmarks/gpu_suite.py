@@ -22,7 +22,9 @@ Measures on one GPU, within about 9 minutes on an 80 GB card:
     per image) images/s at batch 1/4/16 on 1024×768 photos.
 (d) **precompute** — the encoders of ``dynaip precompute`` (T5-XXL, CLIP-L text, VAE encoder posterior
     at 1024²) in samples/s at batch 1 and 8.
-(e) **lowmem** — one whole generation (one reference, 1024², 4 steps, T5 encode to VAE decode) through
+(e) **synth** — diptychs per minute of ``dynaip synth``'s generate stage on one GPU: full-size FLUX.1-dev,
+    1056 × 528, 28 steps, guidance 3.5, bf16, one diptych per call (median of ``--repeats``).
+(f) **lowmem** — one whole generation (one reference, 1024², 4 steps, T5 encode to VAE decode) through
     ``DynaIPFluxPipeline`` in each mode of docs/low_memory.md: every model on the GPU, diffusers' model
     offload, sequential offload, an int8 weight-quantized transformer (optimum-quanto) on the GPU and with
     model offload. Peak allocated and reserved GPU memory and seconds per generation. Each mode builds
@@ -384,18 +386,27 @@ def bench_generate(sizes: Sizes, device: torch.device, repeats: int) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------- (e) low-memory generation
+# ----------------------------------------------------------------------------- (e) synth and (f) low-memory generation
 LOWMEM_MODES = ("full", "model offload", "sequential offload", "int8", "int8 + model offload")
 
 
 def build_dynaip_pipeline(sizes: Sizes, device: torch.device, dtype: torch.dtype):
-    """A ``DynaIPFluxPipeline`` around a FluxPipeline assembled from full-size (or smoke) random-weight
-    models, built on ``device`` (fast initialisation); the tokenizers are the project's offline ones
-    (their ids are a subset of the real vocabularies, which is all a speed/memory run needs)."""
+    """A ``DynaIPFluxPipeline`` (with a random adapter and CLIP tower) around ``build_flux_pipeline``."""
+    from dynaip import load_dynaip
+
+    flux = build_flux_pipeline(sizes, device, dtype)
+    adapter = build_adapter(sizes, device, dtype).eval()
+    tower = build_clip_vision(sizes, device, dtype, adapter.config.clip_layers)
+    return load_dynaip(flux, adapter, image_encoder=tower)
+
+
+def build_flux_pipeline(sizes: Sizes, device: torch.device, dtype: torch.dtype):
+    """A diffusers ``FluxPipeline`` assembled from full-size (or smoke) random-weight models, built on
+    ``device`` (fast initialisation); the tokenizers are the project's offline ones (their ids are a
+    subset of the real vocabularies, which is all a speed/memory run needs)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    from dynaip import load_dynaip
     from dynaip.models import offline_tokenizers as tok
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -405,15 +416,40 @@ def build_dynaip_pipeline(sizes: Sizes, device: torch.device, dtype: torch.dtype
         tokenizer = CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer")
         tokenizer_2 = T5TokenizerFast.from_pretrained(Path(tmp) / "tokenizer_2")
     transformer = build_transformer(sizes, device, dtype)
-    adapter = build_adapter(sizes, device, dtype).eval()
-    tower = build_clip_vision(sizes, device, dtype, adapter.config.clip_layers)
     t5, clip_text, vae = build_text_and_vae(sizes, device, dtype, smoke_vocab=(clip_vocab, t5_vocab))
     scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096)
-    flux = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip_text, tokenizer=tokenizer,
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip_text, tokenizer=tokenizer,
                         text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)
-    return load_dynaip(flux, adapter, image_encoder=tower)
+
+
+@torch.no_grad()
+def bench_synth(sizes: Sizes, device: torch.device, repeats: int) -> dict:
+    """Diptychs per minute of ``dynaip synth``'s generate stage: one FluxPipeline call per diptych
+    (1056 × 528, 28 steps, guidance 3.5, bf16, a CPU generator seeded per diptych — exactly the stage's
+    call, pipeline/stages/generate.py), T5 encode to VAE decode."""
+    from dynaip.models import sampling
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    width, height, steps = (64, 32, 2) if sizes.smoke else (1056, 528, sampling.STEPS)
+    flux = build_flux_pipeline(sizes, device, dtype)
+    prompt = ("A two-panel image of the same red vintage camera. Left: on a wooden desk. "
+              "Right: on a beach at sunset. Identical object in both panels.")
+
+    def one(seed: int) -> None:
+        flux(prompt=prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=sampling.GUIDANCE,
+             generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+
+    one(0)  # warm-up
+    reset_peak(device)
+    seconds = [timed(lambda s=s: one(s), device) for s in range(1, 1 + max(1, repeats))]
+    med = statistics.median(seconds)
+    result = {"width": width, "height": height, "steps": steps, "seconds_per_diptych": med, "seconds_all": seconds,
+              "diptychs_per_minute": 60.0 / med, "peak_memory_gib": peak_gib(device)}
+    print("synth:", {k: v for k, v in result.items() if k != "seconds_all"}, flush=True)
+    del flux
+    return result
 
 
 def _free(device: torch.device) -> None:
@@ -640,6 +676,11 @@ def markdown(report: dict) -> str:
         for r in report["precompute"]:
             lines.append(f"| {r['batch']} | {f(r['samples_per_s'], '{:.2f}')} | {f(r['peak_memory_gib'], '{:.1f}')} |")
         lines.append("")
+    if "synth" in report:
+        sy = report["synth"]
+        lines += [f"## Diptych generation (`dynaip synth`, {sy['width']} × {sy['height']}, {sy['steps']} steps)", "",
+                  f"{f(sy['diptychs_per_minute'], '{:.2f}')} diptychs/min ({f(sy['seconds_per_diptych'], '{:.2f}')} s each), "
+                  f"peak {f(sy['peak_memory_gib'], '{:.1f}')} GiB.", ""]
     if "lowmem" in report:
         lm = report["lowmem"]
         lines += [f"## Low-memory generation ({report['resolution']}², one reference, {lm['steps']} steps, "
@@ -659,15 +700,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for gpu_suite.json and gpu_suite.md")
     ap.add_argument("--parts", default="train,generate,curate,precompute",
-                    help="comma-separated subset of train,generate,curate,precompute,lowmem (lowmem: run it on its own)")
+                    help="comma-separated subset of train,generate,curate,precompute,lowmem,synth (lowmem: run it on its own)")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on any device: checks the script, measures nothing")
     ap.add_argument("--profile", action="store_true", help="also write DIR/train_profile.txt (kernel table of one step)")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"train", "generate", "curate", "precompute", "lowmem"})
+    unknown = sorted(set(parts) - {"train", "generate", "curate", "precompute", "lowmem", "synth"})
     if unknown:
-        print(f"gpu_suite: unknown parts {unknown}; choose from train, generate, curate, precompute, lowmem",
+        print(f"gpu_suite: unknown parts {unknown}; choose from train, generate, curate, precompute, lowmem, synth",
               file=sys.stderr)
         return 2
     if not args.smoke and not torch.cuda.is_available():
@@ -683,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     benches = {"train": lambda *a: bench_train(*a, profile_dir=out if args.profile else None),
                "generate": bench_generate, "curate": bench_curate, "precompute": bench_precompute,
-               "lowmem": bench_lowmem}
+               "lowmem": bench_lowmem, "synth": bench_synth}
     for part in parts:
         t0 = time.perf_counter()
         report[part] = benches[part](sizes, device, args.repeats)

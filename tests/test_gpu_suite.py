@@ -38,13 +38,16 @@ def test_smoke_run_covers_every_part(tmp_path):
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "nope"]) == 2
 
 
-def test_smoke_lowmem_runs_each_mode_or_says_why(tmp_path):
+def test_smoke_lowmem_and_synth(tmp_path):
     """The low-memory part (docs/low_memory.md's modes): every mode that a CPU can run produces a whole
-    generation; sequential offload is recorded as skipped with its reason, never silently missing."""
+    generation; sequential offload is recorded as skipped with its reason, never silently missing. The
+    synth part times the generate stage's FLUX call."""
     import gpu_suite
 
-    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "lowmem", "--repeats", "1"]) == 0
-    modes = json.loads((tmp_path / "gpu_suite.json").read_text())["lowmem"]["modes"]
+    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "lowmem,synth", "--repeats", "1"]) == 0
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert report["synth"]["diptychs_per_minute"] > 0 and (report["synth"]["width"], report["synth"]["height"]) == (64, 32)
+    modes = report["lowmem"]["modes"]
     assert list(modes) == list(gpu_suite.LOWMEM_MODES)
     for name in ("full", "model offload", "int8", "int8 + model offload"):
         assert modes[name]["seconds_per_generation"] > 0, (name, modes[name])
