@@ -91,5 +91,23 @@ def run() -> int:
     return main()
 
 
+def run_job(command: str, argv: list[str] | None, description: str) -> int:
+    """A Ray job entrypoint (``jobs/<command>.py``): the arguments of ``dynaip <command>``, INFO logs with
+    timestamps (the job log is the only console), and user errors as one line with status 2."""
+    from dynaip.models.errors import SetupError
+    from pipeline.cli import add_curate_parser, add_synth_parser
+
+    parser = argparse.ArgumentParser(prog=f"jobs/{command}.py", description=description)
+    sub = parser.add_subparsers(dest="command")
+    {"curate": add_curate_parser, "synth": add_synth_parser}[command](sub)
+    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, SetupError) as e:  # user errors: one line in the job log, no traceback
+        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        return 2
+
+
 if __name__ == "__main__":
     sys.exit(run())

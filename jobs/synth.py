@@ -10,8 +10,6 @@ Submitted again after a crash or a stop, it skips finished chunks and writes ide
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,21 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.cli import add_synth_parser
+    from dynaip.cli import run_job
 
-    parser = argparse.ArgumentParser(prog="jobs/synth.py", description="generate diptych pairs (Ray job entrypoint)")
-    sub = parser.add_subparsers(dest="command")
-    add_synth_parser(sub)
-    args = parser.parse_args(["synth", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from dynaip.cli import user_message
-    from pipeline.stages.common import SetupError
-
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, SetupError) as e:  # user errors: one line in the job log, no traceback
-        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
-        return 2
+    return run_job("synth", None if argv is None else list(argv), "generate diptych pairs (Ray job entrypoint)")
 
 
 if __name__ == "__main__":

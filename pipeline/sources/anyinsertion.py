@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import SourceError, option, read_options, source_path
+from pipeline.sources.common import SourceError, image_column_problem, option, read_options, source_path
 
 SOURCE = "anyinsertion"
 IMAGE_COLUMNS = ("tar_image", "tar_mask", "ref_image", "ref_mask")
@@ -74,20 +74,6 @@ class Options:
 
 def _reject(rid: str, reason: str) -> Reject:
     return Reject(source=SOURCE, id=rid, stage="read", reason=reason)
-
-
-def _image_type_problem(t: Any) -> str | None:
-    """None when an Arrow type can hold image bytes (binary, or the HF ``Image`` struct {bytes, path})."""
-    import pyarrow as pa
-
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        return None
-    if pa.types.is_struct(t):
-        idx = t.get_field_index("bytes")
-        if idx >= 0 and (pa.types.is_binary(t.field(idx).type) or pa.types.is_large_binary(t.field(idx).type)):
-            return None
-        return f"a struct without binary 'bytes' ({t})"
-    return str(t)
 
 
 @dataclass
@@ -131,7 +117,7 @@ def _inspect(path: Any, rel: str) -> _File:
         raise SourceError(f"anyinsertion: {path} has no column {', '.join(missing)} (its columns: "
                           f"{', '.join(names) or 'none'}); expected the AnyInsertion release's id, split, category, "
                           f"main_label, ref_image, ref_mask, tar_image, tar_mask")
-    bad = {c: p for c in IMAGE_COLUMNS if (p := _image_type_problem(schema.field(c).type)) is not None}
+    bad = {c: p for c in IMAGE_COLUMNS if (p := image_column_problem(schema.field(c).type)) is not None}
     return _File(path=path, rel=rel, groups=groups, label=label, bad_columns=bad)
 
 

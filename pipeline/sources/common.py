@@ -342,3 +342,22 @@ def read_options(cfg: Any, options_cls: type, kind: str) -> Any:
     if isinstance(cfg, options_cls):
         return cfg
     return build(options_cls, source_options_mapping(options_cls, cfg), where=f"{kind} source", at="source.")
+
+
+def image_column_problem(arrow_type: Any) -> str | None:
+    """None when a Parquet column of ``arrow_type`` can hold image bytes (binary, or the Hugging Face
+    ``Image`` struct ``{bytes, path}``), else what it is instead. Readers check a file's schema once with
+    this, so a column of the wrong type rejects its rows without reading them."""
+    import pyarrow as pa
+
+    def binary(t: Any) -> bool:
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+    if binary(arrow_type):
+        return None
+    if pa.types.is_struct(arrow_type):
+        idx = arrow_type.get_field_index("bytes")
+        if idx >= 0 and binary(arrow_type.field(idx).type):
+            return None
+        return f"a struct without binary 'bytes' ({arrow_type})"
+    return str(arrow_type)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.records import Diptych, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import glob_files, read_options, require_dir
+from pipeline.sources.common import glob_files, image_column_problem, read_options, require_dir
 
 SOURCE = "subjects200k"
 SCORES = ("compositeStructure", "objectConsistency", "imageQuality")
@@ -70,18 +70,10 @@ def _reject(rid: str, reason: str) -> Reject:
     return Reject(source=SOURCE, id=rid, stage="read", reason=reason)
 
 
-def image_type_problem(arrow_type: Any) -> str | None:
-    """None when ``image`` cells can hold image bytes (HF ``Image`` struct with a binary ``bytes`` field,
-    or plain binary), else why not."""
-    import pyarrow as pa
-
-    if pa.types.is_binary(arrow_type) or pa.types.is_large_binary(arrow_type):
-        return None
-    if pa.types.is_struct(arrow_type):
-        idx = arrow_type.get_field_index("bytes")
-        if idx >= 0 and (pa.types.is_binary(arrow_type.field(idx).type) or pa.types.is_large_binary(arrow_type.field(idx).type)):
-            return None
-    return f"column 'image' is {arrow_type}, not image bytes (struct{{bytes: binary, path: string}} or binary)"
+def _image_column(arrow_type: Any) -> str | None:
+    problem = image_column_problem(arrow_type)
+    return None if problem is None else (f"column 'image' is {problem}, not image bytes "
+                                         "(struct{bytes: binary, path: string} or binary)")
 
 
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
@@ -108,7 +100,7 @@ def _records(files: list[Path], opt: Options) -> Iterator[SourceRecord | Reject]
             continue
         missing = [c for c in ("image", *META_COLUMNS) if c not in schema.names]
         bad = (f"missing column(s) {', '.join(missing)}" if missing
-               else image_type_problem(schema.field("image").type))
+               else _image_column(schema.field("image").type))
         row = 0
         try:
             for batch in pf.iter_batches(columns=[c for c in META_COLUMNS if c in schema.names], batch_size=4096):
