@@ -30,16 +30,21 @@ DIPTYCH_KINDS = ("subjects200k", "synth")
 """Readers whose records are diptychs (``records.Diptych``): only their recipes use ``consistency``."""
 
 
-def source_options_class(kind: str) -> type:
-    """The ``Options`` dataclass of ``pipeline/sources/<kind>.py``: every option its reader accepts
-    under ``source:`` besides ``kind`` and ``root``. The module is imported here, by kind, so only the
-    recipe's own reader loads (docs/sources.md)."""
+def reader_module(kind: str) -> Any:
+    """``pipeline.sources.<kind>``, imported by kind so only the recipe's own reader loads (its heavy
+    imports with it; docs/sources.md). ConfigError when the kind has no reader module."""
     try:
-        module = importlib.import_module(f"pipeline.sources.{kind}")
+        return importlib.import_module(f"pipeline.sources.{kind}")
     except ModuleNotFoundError as e:
         if e.name == f"pipeline.sources.{kind}":
             raise ConfigError(f"source kind {kind!r} has no reader module pipeline/sources/{kind}.py yet") from None
         raise
+
+
+def source_options_class(kind: str) -> type:
+    """The ``Options`` dataclass of ``pipeline/sources/<kind>.py``: every option its reader accepts
+    under ``source:`` besides ``kind`` and ``root``."""
+    module = reader_module(kind)
     options = getattr(module, "Options", None)
     if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
         raise ConfigError(f"pipeline/sources/{kind}.py defines no Options dataclass listing its reader's options")

@@ -7,10 +7,9 @@ yield a ``Reject`` for an input it cannot turn into a record; that input is coun
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Iterator
 
-from pipeline.recipe import SOURCE_KINDS, SourceConfig
+from pipeline.recipe import SOURCE_KINDS, SourceConfig, reader_module
 from pipeline.records import Reject, SourceRecord
 
 Reader = Callable[[SourceConfig], Iterator["SourceRecord | Reject"]]
@@ -20,13 +19,7 @@ def get_reader(kind: str) -> Reader:
     """The ``read`` function of ``pipeline.sources.<kind>``; ValueError for an unknown kind."""
     if kind not in SOURCE_KINDS:
         raise ValueError(f"unknown source kind {kind!r}; use one of {', '.join(SOURCE_KINDS)}")
-    try:
-        module = importlib.import_module(f"pipeline.sources.{kind}")
-    except ModuleNotFoundError as e:
-        if e.name == f"pipeline.sources.{kind}":
-            raise ValueError(f"source kind {kind!r} has no reader module pipeline/sources/{kind}.py yet") from None
-        raise
-    read = getattr(module, "read", None)
+    read = getattr(reader_module(kind), "read", None)
     if not callable(read):
         raise ValueError(f"pipeline/sources/{kind}.py has no read(cfg) function")
     return read
