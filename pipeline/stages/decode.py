@@ -170,6 +170,7 @@ class ParquetCells:
     def __init__(self) -> None:
         self._path: str | None = None
         self._file: Any = None
+        self._handle: Any = None  # the binary file under ``_file`` (pyarrow leaves a handle it was given open)
         self._starts: list[int] = []
         self._group: int | None = None
         self._cells: dict[str, list[Any]] = {}
@@ -177,6 +178,9 @@ class ParquetCells:
     def _open(self, path: str) -> None:
         import pyarrow.parquet as pq
 
+        if self._handle is not None:  # one file at a time: the previous one's handle is closed here
+            self._handle.close()
+            self._path, self._file, self._handle = None, None, None
         try:
             if "://" in path:
                 import fsspec
@@ -184,6 +188,7 @@ class ParquetCells:
                 fh = fsspec.open(path, "rb").open()
             else:
                 fh = open(path, "rb")
+            self._handle = fh
             pf = pq.ParquetFile(fh)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for unreadable files
             raise DecodeError(f"cannot open Parquet file {path}: {e}") from None
