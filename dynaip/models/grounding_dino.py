@@ -1,12 +1,26 @@
 """Grounding DINO (groundingdino-py) from its config .py, released .pth and a local BERT directory,
-with a batched text-prompted detector on top."""
+with a batched text-prompted detector on top.
+
+The release forms followed (IDEA-Research/GroundingDINO; README.md, "Using real checkpoints", lists
+them per model):
+
+- the config, e.g. ``groundingdino/config/GroundingDINO_SwinT_OGC.py``: a Python file of plain
+  ``name = literal`` assignments. It is read as data (``read_config``): its statements are parsed
+  with ``ast`` and never executed, unlike groundingdino's own ``SLConfig.fromfile``, which imports it;
+- the weights, ``groundingdino_swint_ogc.pth``: ``{"model": {"module.<key>": tensor}}`` (a DDP
+  state dict) holding, beyond what current groundingdino builds, ``label_enc.weight`` (the training
+  denoising label embedding) and ``bert.embeddings.position_ids`` (a buffer transformers no longer
+  saves); those two are skipped by name (``RELEASE_EXTRA_KEYS``), any other extra key is an error.
+"""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +31,8 @@ from .errors import CheckpointError, require_dir, require_file
 from .weights import load_into, load_state_dict
 
 EXPECTED = "Grounding DINO: a config .py (e.g. GroundingDINO_SwinT_OGC.py), a .pth with a 'model' state dict, and a local BERT directory"
+RELEASE_EXTRA_KEYS = ("label_enc.weight", "bert.embeddings.position_ids")
+"""Keys of the released .pth that the model built by current groundingdino does not have."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -40,29 +56,66 @@ def normalize_caption(phrases: Sequence[str] | str) -> str:
     return " . ".join(parts) + " ."
 
 
+CONFIG_EXPECTED = "a Grounding DINO config of plain `name = literal` assignments (as GroundingDINO_SwinT_OGC.py)"
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The ``name = value`` assignments of a Grounding DINO config file, read as data.
+
+    Only top-level assignments of one name to a Python literal (numbers, strings, None/True/False,
+    lists, tuples, dicts of those) and docstrings are accepted; anything else (imports, calls,
+    expressions, ``_base_`` inheritance) is refused with a CheckpointError naming the line. The
+    file is never executed.
+    """
+    p = require_file("Grounding DINO config", path, CONFIG_EXPECTED)
+
+    def refuse(fix: str, cause: BaseException | None = None) -> CheckpointError:
+        return CheckpointError("Grounding DINO config", p, CONFIG_EXPECTED, fix, cause)
+
+    try:
+        tree = ast.parse(p.read_text(encoding="utf-8"), filename=str(p))
+    except (SyntaxError, ValueError, UnicodeDecodeError) as e:
+        raise refuse("It is not valid Python source; use the config published with the checkpoint.", e) from None
+    values: dict[str, Any] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise refuse(f"Line {node.lineno} is a {type(node).__name__} statement; only `name = literal` "
+                         "assignments are read (the file is never run). Write the values out as literals.")
+        name = node.targets[0].id
+        if name == "_base_":
+            raise refuse(f"Line {node.lineno}: config inheritance (_base_) is not read; copy the base config's values in.")
+        try:
+            values[name] = ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise refuse(f"Line {node.lineno}: the value of '{name}' is not a literal; write it out as one.") from None
+    return values
+
+
 def load_grounding_dino(paths: GroundingDinoPaths, device: str | torch.device = "cpu"):
-    """Builds the model from its config file with ``text_encoder_type`` pointed at the local BERT
-    directory, then loads the released weights strictly (no pickle: ``weights_only=True``)."""
+    """Builds the model from its config file (read as data, ``read_config``) with ``text_encoder_type``
+    pointed at the local BERT directory, then loads the released weights strictly (no pickle:
+    ``weights_only=True``), skipping only the release's two known extra keys."""
     from groundingdino.models import build_model
     from groundingdino.util.slconfig import SLConfig
 
-    cfg_file = require_file("Grounding DINO config", paths.config, EXPECTED)
+    cfg = read_config(paths.config)
     bert = require_dir("Grounding DINO BERT", paths.bert, "a BERT directory with config.json, weights and vocab.txt")
     if not (bert / "config.json").is_file() or not (bert / "vocab.txt").is_file():
         raise CheckpointError("Grounding DINO BERT", bert, "config.json + vocab.txt + weights", "Copy the whole bert-base-uncased directory.")
     sd = load_state_dict("Grounding DINO", paths.checkpoint, EXPECTED)
+    cfg.update(text_encoder_type=str(bert), device=str(device), use_checkpoint=False, use_transformer_ckpt=False)
     try:
-        args = SLConfig.fromfile(str(cfg_file))
-    except Exception as e:
-        raise CheckpointError("Grounding DINO config", cfg_file, EXPECTED, "The config file does not parse.", e) from e
-    args.text_encoder_type = str(bert)
-    args.device = str(device)
-    args.use_checkpoint = False
-    args.use_transformer_ckpt = False
-    with contextlib.redirect_stdout(io.StringIO()):  # the library prints on build
-        model = build_model(args)
-    # the BERT pooler is unused by Grounding DINO and absent from the release checkpoint
-    load_into(model, sd, "Grounding DINO", paths.checkpoint, EXPECTED, allow_missing=("bert.pooler",))
+        with contextlib.redirect_stdout(io.StringIO()):  # the library prints on build
+            model = build_model(SLConfig(cfg))  # SLConfig from a dict: nothing is read or run
+    except (AttributeError, KeyError, TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError("Grounding DINO config", paths.config, CONFIG_EXPECTED,
+                              "groundingdino cannot build a model from it (a key missing or of the wrong kind?); "
+                              "use the config published with the checkpoint.", e) from None
+    # the BERT pooler is unused by Grounding DINO (the release does carry it); its absence is harmless
+    load_into(model, sd, "Grounding DINO", paths.checkpoint, EXPECTED, allow_missing=("bert.pooler",),
+              skip_unexpected=RELEASE_EXTRA_KEYS)
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -5,7 +5,7 @@
     out/flux/                       diffusers FluxPipeline directory (safetensors)
     out/clip/                       open_clip_config.json + open_clip_model.safetensors
     out/grounding_dino/config.py    Grounding DINO config (SwinT backbone, tiny heads)
-    out/grounding_dino/model.pth    {"model": state_dict}, loadable with weights_only=True
+    out/grounding_dino/model.pth    {"model": {"module.<key>": ...}} + the release's extra keys (weights_only)
     out/grounding_dino/bert/        BERT directory (config.json, model.safetensors, vocab.txt)
     out/sam/sam_tiny.pth            SAM state dict
     out/captioner/                  BLIP (BlipForConditionalGeneration) directory (safetensors, WordPiece vocab.txt)
@@ -166,31 +166,35 @@ def _write_clip(out: Path) -> None:
 
 
 def _write_grounding_dino(out: Path) -> None:
+    """The release's container (IDEA-Research/GroundingDINO ``groundingdino_swint_ogc.pth``):
+    ``{"model": {"module.<key>": tensor}}``, a DDP state dict, with the two keys current groundingdino
+    does not build (``label_enc.weight``: the training label embedding, ``(dn_labelbook_size + 1,
+    hidden_dim)``; ``bert.embeddings.position_ids``: ``(1, max_position_embeddings)`` int64) and the
+    BERT pooler, which the release carries."""
+    import contextlib
+    import io
+
+    from groundingdino.models import build_model
+    from groundingdino.util.slconfig import SLConfig
     from transformers import BertConfig, BertModel
 
-    from .config import GroundingDinoPaths
-    from .grounding_dino import load_grounding_dino
+    from .grounding_dino import read_config
 
     out.mkdir(parents=True, exist_ok=True)
     bert_dir = out / "bert"
     vocab = tok.write_bert_vocab(bert_dir)
-    BertModel(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=512)).save_pretrained(str(bert_dir), safe_serialization=True)
+    bert = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=512)
+    BertModel(bert).save_pretrained(str(bert_dir), safe_serialization=True)
     (out / "config.py").write_text(TINY_GROUNDING_DINO_CONFIG)
-    from groundingdino.models import build_model
-    from groundingdino.util.slconfig import SLConfig
-
-    import contextlib
-    import io
-
-    args = SLConfig.fromfile(str(out / "config.py"))
-    args.text_encoder_type = str(bert_dir)
-    args.device = "cpu"
+    cfg = read_config(out / "config.py")
+    cfg.update(text_encoder_type=str(bert_dir), device="cpu")
     with contextlib.redirect_stdout(io.StringIO()):
-        model = build_model(args)
-    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if not k.startswith("bert.pooler")}
-    torch.save({"model": sd}, str(out / "model.pth"))
-    del load_grounding_dino, GroundingDinoPaths
+        model = build_model(SLConfig(cfg))
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    sd["label_enc.weight"] = torch.randn(cfg["dn_labelbook_size"] + 1, cfg["hidden_dim"])
+    sd["bert.embeddings.position_ids"] = torch.arange(bert.max_position_embeddings).unsqueeze(0)
+    torch.save({"model": {"module." + k: v for k, v in sd.items()}}, str(out / "model.pth"))
 
 
 def _write_sam(out: Path) -> None:
