@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import zipfile
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from .errors import CheckpointError, require_file
-
 
 TORCHSCRIPT_FIX = "Give the release's tensors-only state dict (.safetensors or .pth) instead."
 
@@ -53,7 +51,7 @@ def load_state_dict(model: str, path: str | Path, expected: str,
             sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(model, p, expected, "It does not hold a flat dict of tensors.")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], model: str, path: str | Path, expected: str,
