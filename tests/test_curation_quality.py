@@ -112,30 +112,36 @@ def test_min_aesthetic_without_a_head_stops_the_job_with_one_line():
         QualityStage(recipe(min_aesthetic=4.0), None)([composed(texture(), np.ones((96, 96), bool))])
 
 
+def _head_by_hand(x: np.ndarray, sd: dict, relu: bool = False) -> np.ndarray:
+    """``layers.{i}`` applied in ascending ``i`` to ``x`` (rows), a ReLU between them if ``relu``."""
+    idx = sorted({int(k.split(".")[1]) for k in sd})
+    for n, i in enumerate(idx):
+        x = x @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"]
+        if relu and n < len(idx) - 1:
+            x = np.maximum(x, 0)
+    return x[:, 0]
+
+
 def test_aesthetic_head_output_equals_the_linear_head_by_hand(tiny_models, tmp_path):
     from dynaip.models import CheckpointError
     from dynaip.models.aesthetic import AestheticScorer, load_aesthetic_head
-    from safetensors.torch import load_file
 
     scorer = AestheticScorer(tiny_models.aesthetic.path, tiny_models.clip_vision)
     images = [texture(80, 120, seed=1), texture(64, 64, seed=2)]
     emb = scorer.embeddings(images).double().numpy()
-    sd = {k: v.double().numpy() for k, v in load_file(tiny_models.aesthetic.path).items()}
+    # the tiny head is the improved-aesthetic-predictor's release form: a .pth of its Sequential's Linears
+    sd = {k: v.double().numpy() for k, v in torch.load(tiny_models.aesthetic.path, weights_only=True).items()}
+    assert sorted({int(k.split(".")[1]) for k in sd}) == [0, 2, 4, 6, 7] and scorer.head.activation == "none"
     x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    by_hand = (x @ sd["layers.0.weight"].T + sd["layers.0.bias"]) @ sd["layers.1.weight"].T + sd["layers.1.bias"]
-    np.testing.assert_allclose(scorer.scores(images), by_hand[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scorer.scores(images), _head_by_hand(x, sd), rtol=1e-5, atol=1e-6)
 
-    # LAION v1 format (one linear layer: weight + bias) and the improved predictor's gapped indices
+    # LAION v1 format (one linear layer: weight + bias)
     w, b = torch.randn(1, emb.shape[1]), torch.randn(1)
     save_file({"weight": w, "bias": b}, str(tmp_path / "linear.safetensors"))
     head = load_aesthetic_head(tmp_path / "linear.safetensors")
     e = torch.from_numpy(emb).float()
     expect = (e / e.norm(dim=1, keepdim=True)) @ w.T + b
     torch.testing.assert_close(head(e), expect[:, 0])
-    mlp = {"layers.0.weight": torch.randn(6, emb.shape[1]), "layers.0.bias": torch.randn(6),
-           "layers.2.weight": torch.randn(1, 6), "layers.2.bias": torch.randn(1)}  # layers.1 was a dropout
-    save_file(mlp, str(tmp_path / "mlp.safetensors"))
-    assert len(load_aesthetic_head(tmp_path / "mlp.safetensors").layers) == 2
     save_file({"layers.0.weight": torch.randn(4, 8), "layers.0.bias": torch.randn(4)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError, match="ends in 4 outputs, not 1") as err:
         load_aesthetic_head(tmp_path / "bad.safetensors")

@@ -61,26 +61,61 @@ class ClipVisionTower(nn.Module):
         return [by_layer[l] for l in self.layers]
 
 
+OPENAI_TORCHSCRIPT_FIX = (
+    "OpenAI's own .pt files (e.g. ViT-L-14-336px.pt) are TorchScript; download the open_clip folder of the "
+    "same weights instead (timm/vit_large_patch14_clip_336.openai: open_clip_config.json + "
+    "open_clip_model.safetensors) and point clip_vision.path at it.")
+
+
 def _read_open_clip_dir(p: Path) -> tuple[dict, dict, Path]:
+    """The Hugging Face open_clip folder as open_clip's ``push_to_hf_hub`` writes it (e.g.
+    timm/vit_large_patch14_clip_336.openai): ``open_clip_config.json`` = ``{"model_cfg": {...},
+    "preprocess_cfg": {...}}`` beside ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``."""
     cfg_file = p / "open_clip_config.json"
     if not cfg_file.is_file():
         raise CheckpointError("OpenCLIP", p, EXPECTED, "open_clip_config.json is missing from the directory.")
     try:
         cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError("OpenCLIP", cfg_file, EXPECTED, "The config is not valid JSON.", e) from e
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
+        raise CheckpointError("OpenCLIP", cfg_file, EXPECTED, "It has no 'model_cfg' object (the architecture); "
+                              "re-download open_clip_config.json from the same open_clip repository as the weights.")
+    pre = cfg.get("preprocess_cfg", {})
+    if not isinstance(pre, dict):
+        raise CheckpointError("OpenCLIP", cfg_file, EXPECTED, "Its 'preprocess_cfg' is not an object; re-download it.")
     for name in WEIGHT_NAMES:
         if (p / name).is_file():
-            return cfg["model_cfg"], cfg.get("preprocess_cfg", {}), p / name
+            return cfg["model_cfg"], pre, p / name
     raise CheckpointError("OpenCLIP", p, EXPECTED, f"No weights file ({', '.join(WEIGHT_NAMES)}) in the directory.")
 
 
-def build_open_clip(model_cfg: dict):
+def _with_quick_gelu(model_cfg: dict, paths: ClipVisionPaths, source: str | Path) -> dict:
+    """``model_cfg`` with ``quick_gelu`` settled from its one source of truth: the architecture's own
+    config when it has the key (models.yaml's ``quick_gelu`` must then agree or be left out), else
+    models.yaml's ``quick_gelu`` (then required: guessing would silently give wrong features)."""
+    stated, given = model_cfg.get("quick_gelu"), paths.quick_gelu
+    if stated is not None and given is not None and bool(stated) != given:
+        raise CheckpointError("OpenCLIP", source, EXPECTED, f"models.yaml says quick_gelu: {str(given).lower()} but "
+                              f"the model's own config says {str(bool(stated)).lower()}; drop clip_vision.quick_gelu "
+                              "from models.yaml (the model's config decides) or use the matching checkpoint.")
+    if stated is None and given is None:
+        raise CheckpointError("OpenCLIP", source, EXPECTED, "Its config does not say whether the tower uses QuickGELU; "
+                              "set clip_vision.quick_gelu in models.yaml (true for OpenAI-trained weights, "
+                              "false for LAION/DataComp ones).")
+    return {**model_cfg, "quick_gelu": bool(stated if stated is not None else given)}
+
+
+def build_open_clip(model_cfg: dict, source: str | Path = "model_cfg"):
     import open_clip
 
     cfg = dict(model_cfg)
     cfg.pop("custom_text", None)
-    return open_clip.model.CLIP(**cfg)
+    try:
+        return open_clip.model.CLIP(**cfg)
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as e:
+        raise CheckpointError("OpenCLIP", source, EXPECTED, "open_clip cannot build a CLIP from its model config; "
+                              "use the config published with the weights.", e) from None
 
 
 def load_open_clip(paths: ClipVisionPaths):
@@ -90,14 +125,16 @@ def load_open_clip(paths: ClipVisionPaths):
     p = Path(paths.path)
     if p.is_dir():
         model_cfg, pre_cfg, weights = _read_open_clip_dir(p)
+        model_cfg = _with_quick_gelu(model_cfg, paths, p / "open_clip_config.json")
     else:
         model_cfg = open_clip.get_model_config(paths.model_name)
         if model_cfg is None:
-            raise CheckpointError("OpenCLIP", p, EXPECTED, f"Unknown model_name '{paths.model_name}'.")
-        model_cfg = {**model_cfg, "quick_gelu": paths.quick_gelu}
+            raise CheckpointError("OpenCLIP", p, EXPECTED, f"Unknown model_name '{paths.model_name}'; use an open_clip "
+                                  "architecture name (e.g. ViT-L-14-336) or the open_clip folder with its config.")
+        model_cfg = _with_quick_gelu(model_cfg, paths, f"{p} (model_name {paths.model_name})")
         pre_cfg, weights = {}, p
-    model = build_open_clip(model_cfg)
-    sd = load_state_dict("OpenCLIP", weights, EXPECTED)
+    model = build_open_clip(model_cfg, weights)
+    sd = load_state_dict("OpenCLIP", weights, EXPECTED, torchscript_fix=OPENAI_TORCHSCRIPT_FIX)
     if not any(k.startswith("transformer.") for k in sd):  # a vision-only export: keep the text tower random-free
         load_into(model.visual, {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")},
                   "OpenCLIP", weights, EXPECTED)

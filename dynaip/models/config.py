@@ -6,7 +6,7 @@ Example (paths relative to the YAML file are allowed)::
     clip_vision:
       path: /ckpt/vit_large_patch14_clip_336.openai   # dir with open_clip_config.json, or a weights file
       model_name: ViT-L-14-336                  # used when `path` is a bare weights file
-      quick_gelu: true                          # OpenAI-trained weights use QuickGELU
+      quick_gelu: true                          # OpenAI-trained weights use QuickGELU (unless the config says)
     grounding_dino:
       config: /ckpt/GroundingDINO_SwinT_OGC.py
       checkpoint: /ckpt/groundingdino_swint_ogc.pth
@@ -16,7 +16,7 @@ Example (paths relative to the YAML file are allowed)::
       variant: vit_h
     captioner: /ckpt/blip-image-captioning-large   # optional transformers image-to-text directory
     aesthetic:                                  # optional LAION-aesthetics-style head (docs/curation_quality.md)
-      path: /ckpt/aesthetic/sac+logos+ava1-l14-linearMSE.safetensors
+      path: /ckpt/aesthetic/sac+logos+ava1-l14-linearMSE.pth
       clip: /ckpt/ViT-L-14.openai               # the CLIP the head was trained on; default: clip_vision
 """
 
@@ -41,8 +41,10 @@ class ClipVisionPaths:
     """Directory holding open_clip_config.json + weights, or a weights file."""
     model_name: str = "ViT-L-14-336"
     """OpenCLIP architecture name, used when `path` is a bare weights file."""
-    quick_gelu: bool = True
-    """OpenAI-trained CLIP weights need QuickGELU; ignored when open_clip_config.json says otherwise."""
+    quick_gelu: bool | None = None
+    """QuickGELU (true for OpenAI-trained weights, false for LAION/DataComp ones). One source of truth:
+    the architecture's own config (open_clip_config.json's ``model_cfg`` or ``model_name``'s) when it
+    states it, and then this must agree or be left out; otherwise this, and it must be given."""
     layers: tuple[int, ...] = (10, 17, 24)
     """1-based layers whose hidden states feed the low/mid/high experts."""
 
@@ -71,7 +73,11 @@ class AestheticPaths:
     """``aesthetic: FILE`` is ``aesthetic: {path: FILE}``."""
 
     path: str = field(metadata=PATH)
-    """Head weights (safetensors): one linear layer or the improved-aesthetic-predictor MLP (dynaip/models/aesthetic.py)."""
+    """Head weights as released (.pth, or safetensors): one linear layer or the improved-aesthetic-predictor
+    MLP (dynaip/models/aesthetic.py)."""
+    activation: str | None = None
+    """none | relu: what sits between the head's layers. Detected from the published layouts; declare it
+    only for another layout (a contradicting declaration is an error)."""
     clip: ClipVisionPaths | None = None
     """The OpenCLIP model whose image embeddings the head reads (ViT-L/14 for the LAION heads); None = ``clip_vision``."""
 

@@ -81,8 +81,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             continue  # a docstring
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise refuse(f"Line {node.lineno} is a {type(node).__name__} statement; only `name = literal` "
-                         "assignments are read (the file is never run). Write the values out as literals.")
+            raise refuse(f"Line {node.lineno} is not a `name = literal` assignment ({type(node).__name__}); the "
+                         "file is read as data, never run: write its values out as literals.")
         name = node.targets[0].id
         if name == "_base_":
             raise refuse(f"Line {node.lineno}: config inheritance (_base_) is not read; copy the base config's values in.")

@@ -9,7 +9,7 @@
     out/grounding_dino/bert/        BERT directory (config.json, model.safetensors, vocab.txt)
     out/sam/sam_tiny.pth            SAM state dict
     out/captioner/                  BLIP (BlipForConditionalGeneration) directory (safetensors, WordPiece vocab.txt)
-    out/aesthetic/aesthetic_head.safetensors  aesthetic head over the tiny CLIP's image embeddings
+    out/aesthetic/tiny-linearMSE.pth  aesthetic head (improved-aesthetic-predictor .pth form) over the tiny CLIP
     out/models.yaml                 paths of all of the above
 
 Same seed → byte-identical files. Pictures made with these weights are noise by design.
@@ -207,11 +207,11 @@ def _write_sam(out: Path) -> None:
 
 MODELS_YAML = {
     "flux": "flux",
-    "clip_vision": {"path": "clip", "model_name": "tiny", "quick_gelu": False, "layers": list(TINY_CLIP_LAYERS)},
+    "clip_vision": {"path": "clip", "layers": list(TINY_CLIP_LAYERS)},  # quick_gelu: open_clip_config.json says
     "grounding_dino": {"config": "grounding_dino/config.py", "checkpoint": "grounding_dino/model.pth", "bert": "grounding_dino/bert"},
     "sam": {"checkpoint": "sam/sam_tiny.pth", "variant": "tiny"},
     "captioner": "captioner",
-    "aesthetic": {"path": "aesthetic/aesthetic_head.safetensors"},  # over clip_vision's embeddings
+    "aesthetic": {"path": "aesthetic/tiny-linearMSE.pth"},  # over clip_vision's embeddings
 }
 
 
@@ -242,7 +242,7 @@ def write_tiny_checkpoints(out: str | Path, seed: int = 0, overwrite: bool = Fal
         torch.manual_seed(seed + 4)
         write_tiny_captioner(tmp / "captioner")
         torch.manual_seed(seed + 5)
-        write_tiny_aesthetic_head(tmp / "aesthetic" / "aesthetic_head.safetensors", TINY_CLIP_CONFIG["embed_dim"])
+        write_tiny_aesthetic_head(tmp / "aesthetic" / "tiny-linearMSE.pth", TINY_CLIP_CONFIG["embed_dim"])
         (tmp / "models.yaml").write_text(
             "# Tiny random-weight checkpoints written by `dynaip tiny-checkpoints` (tests/demo only).\n"
             + yaml.safe_dump(MODELS_YAML, sort_keys=False))

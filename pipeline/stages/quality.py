@@ -100,7 +100,8 @@ class QualityStage(LazyModel):
 
             try:
                 self._scorer = AestheticScorer(self.paths.path, self.paths.clip or self.clip,
-                                               device=resolve_device(self.recipe.executor.device))
+                                               device=resolve_device(self.recipe.executor.device),
+                                               activation=self.paths.activation)
             except Exception as e:
                 raise SetupError(f"cannot load the aesthetic scorer: {e}") from e
         return self._scorer
