@@ -147,7 +147,7 @@ def test_models_yaml_resolves_relative_paths(tiny_models_yaml):
     other = ModelsConfig.from_dict({"flux": "f", "clip_vision": "c", "aesthetic": {"path": "h.safetensors", "clip": "l14"}},
                                    base="/ckpt")
     assert (other.aesthetic.path, other.aesthetic.clip.path) == ("/ckpt/h.safetensors", "/ckpt/l14")
-    with pytest.raises(ValueError, match=r"unknown key 'aesthetic\.weights' \(keys of 'aesthetic': clip, path\)"):
+    with pytest.raises(ValueError, match=r"unknown key 'aesthetic\.weights' \(keys of 'aesthetic': activation, clip, path\)"):
         ModelsConfig.from_dict({"flux": "f", "clip_vision": "c", "aesthetic": {"weights": "h"}})
     with pytest.raises(FileNotFoundError, match="tiny-checkpoints"):
         ModelsConfig.from_yaml(tiny_models_yaml.parent / "missing.yaml")
