@@ -28,6 +28,21 @@ def _one_line(exc: pytest.ExceptionInfo, *needles: str) -> str:
     return msg
 
 
+# ---- FLUX ------------------------------------------------------------------------------------------
+
+
+def test_flux_tiny_folder_is_split_in_safetensors_shards_like_flux_dev(tiny_models):
+    flux = Path(tiny_models.flux)
+    for part, stem in (("transformer", "diffusion_pytorch_model"), ("text_encoder_2", "model")):
+        index = json.loads((flux / part / f"{stem}.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) >= 2 and all((flux / part / s).is_file() for s in shards)
+        assert not (flux / part / f"{stem}.safetensors").exists()
+        assert {k for s in shards for k in load_file(flux / part / s)} == set(index["weight_map"])
+    assert (flux / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (flux / "text_encoder" / "model.safetensors").is_file()
+
+
 # ---- Grounding DINO --------------------------------------------------------------------------------
 
 

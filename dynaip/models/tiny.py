@@ -2,7 +2,7 @@
 
 ``write_tiny_checkpoints(out)`` writes::
 
-    out/flux/                       diffusers FluxPipeline directory (safetensors)
+    out/flux/                       diffusers FluxPipeline directory (safetensors; transformer and T5 sharded)
     out/clip/                       open_clip_config.json + open_clip_model.safetensors
     out/grounding_dino/config.py    Grounding DINO config (SwinT backbone, tiny heads)
     out/grounding_dino/model.pth    {"model": {"module.<key>": ...}} + the release's extra keys (weights_only)
@@ -144,6 +144,13 @@ def _write_flux(out: Path) -> None:
         text_encoder_2=text_encoder_2, tokenizer_2=T5TokenizerFast.from_pretrained(tok_dir / "tokenizer_2"),
         transformer=transformer)
     pipe.save_pretrained(str(out), safe_serialization=True)
+    # FLUX.1-dev's own layout (black-forest-labs/FLUX.1-dev): transformer/ and text_encoder_2/ split in
+    # safetensors shards (3 and 2 there; the tiny split goes by tensor, so the counts may differ) beside
+    # their *.safetensors.index.json; vae/ and text_encoder/ are single files, as there
+    for name, model, shards in (("transformer", transformer, 3), ("text_encoder_2", text_encoder_2, 2)):
+        shutil.rmtree(out / name)
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        model.save_pretrained(str(out / name), safe_serialization=True, max_shard_size=size // shards + 1)
     # save_pretrained rewrites tokenizer files; keep the exact offline-built ones (deterministic bytes)
     for name in ("tokenizer", "tokenizer_2"):
         shutil.rmtree(out / name)
