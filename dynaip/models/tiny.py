@@ -159,6 +159,10 @@ def _write_flux(out: Path) -> None:
 
 
 def _write_clip(out: Path) -> None:
+    """The Hugging Face open_clip folder as open_clip's ``push_to_hf_hub`` writes it (e.g.
+    timm/vit_large_patch14_clip_336.openai): ``open_clip_config.json`` = ``{"model_cfg", "preprocess_cfg"}``
+    (``model_cfg`` states ``quick_gelu``) + ``open_clip_model.safetensors`` holding the whole model's
+    state dict (vision and text towers) with open_clip's own key names."""
     from .clip_vision import build_open_clip
 
     out.mkdir(parents=True, exist_ok=True)
@@ -205,6 +209,8 @@ def _write_grounding_dino(out: Path) -> None:
 
 
 def _write_sam(out: Path) -> None:
+    """The segment-anything release form (``sam_vit_h_4b8939.pth``): ``torch.save`` of the model's flat
+    state dict, no wrapper, no prefix."""
     from .sam import build_sam_tiny
 
     out.mkdir(parents=True, exist_ok=True)
