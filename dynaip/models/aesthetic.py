@@ -23,6 +23,7 @@ The score is ``head(e / |e|)``; docs/curation_quality.md says where the real fil
 from __future__ import annotations
 
 import re
+from itertools import pairwise
 from pathlib import Path
 from typing import Sequence
 
@@ -70,7 +71,7 @@ def _activation(idx: Sequence[int], declared: str | None, path: str | Path) -> s
     if declared is not None and declared not in ACTIVATIONS:
         raise CheckpointError("aesthetic head", path, EXPECTED, f"models.yaml's aesthetic.activation is "
                               f"'{declared}'; use one of {', '.join(ACTIVATIONS)}.")
-    contiguous = all(b - a == 1 for a, b in zip(idx, idx[1:]))
+    contiguous = all(b - a == 1 for a, b in pairwise(idx))
     detected = "none" if contiguous else KNOWN_LAYOUTS.get(tuple(idx))
     if detected is not None and declared is not None and declared != detected:
         raise CheckpointError("aesthetic head", path, EXPECTED, f"Its layer indices {list(idx)} are the "

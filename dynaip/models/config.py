@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from dynaip.configs import build, read_yaml
 
@@ -75,7 +75,7 @@ class AestheticPaths:
     path: str = field(metadata=PATH)
     """Head weights as released (.pth, or safetensors): one linear layer or the improved-aesthetic-predictor
     MLP (dynaip/models/aesthetic.py)."""
-    activation: str | None = None
+    activation: Literal["none", "relu"] | None = None
     """none | relu: what sits between the head's layers. Detected from the published layouts; declare it
     only for another layout (a contradicting declaration is an error)."""
     clip: ClipVisionPaths | None = None
