@@ -423,3 +423,21 @@ def test_tiny_models_yaml_leaves_arch_flags_to_the_checkpoints_own_config(
         (tiny_models_yaml.parent / "clip" / "open_clip_config.json").read_text()
     )
     assert cfg["model_cfg"]["quick_gelu"] is False and "preprocess_cfg" in cfg
+
+
+def test_a_grounding_dino_bert_folder_without_weights_is_one_line(
+    tiny_models, tmp_path
+):
+    from dynaip.models.grounding_dino import load_grounding_dino
+
+    bert = tmp_path / "bert"
+    shutil.copytree(tiny_models.grounding_dino.bert, bert)
+    (bert / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError) as e:
+        load_grounding_dino(replace(tiny_models.grounding_dino, bert=str(bert)))
+    _one_line(
+        e,
+        "Grounding DINO BERT",
+        str(bert),
+        "Copy the whole bert-base-uncased directory",
+    )

@@ -109,7 +109,10 @@ def load_grounding_dino(paths: GroundingDinoPaths, device: str | torch.device = 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the library prints on build
             model = build_model(SLConfig(cfg))  # SLConfig from a dict: nothing is read or run
-    except (AttributeError, KeyError, TypeError, ValueError, AssertionError) as e:
+    except OSError as e:  # transformers reading the BERT directory
+        raise CheckpointError("Grounding DINO BERT", bert, "config.json + vocab.txt + weights",
+                              "Copy the whole bert-base-uncased directory.", e) from None
+    except (AttributeError, KeyError, TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise CheckpointError("Grounding DINO config", paths.config, CONFIG_EXPECTED,
                               "groundingdino cannot build a model from it (a key missing or of the wrong kind?); "
                               "use the config published with the checkpoint.", e) from None
