@@ -133,8 +133,8 @@ def load_open_clip(paths: ClipVisionPaths):
                                   "architecture name (e.g. ViT-L-14-336) or the open_clip folder with its config.")
         model_cfg = _with_quick_gelu(model_cfg, paths, f"{p} (model_name {paths.model_name})")
         pre_cfg, weights = {}, p
+    sd = load_state_dict("OpenCLIP", weights, EXPECTED, torchscript_fix=OPENAI_TORCHSCRIPT_FIX)  # before the build
     model = build_open_clip(model_cfg, weights)
-    sd = load_state_dict("OpenCLIP", weights, EXPECTED, torchscript_fix=OPENAI_TORCHSCRIPT_FIX)
     if not any(k.startswith("transformer.") for k in sd):  # a vision-only export: keep the text tower random-free
         load_into(model.visual, {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")},
                   "OpenCLIP", weights, EXPECTED)
