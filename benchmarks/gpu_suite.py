@@ -586,7 +586,7 @@ def build_grounding_dino(sizes: Sizes, device: torch.device, workdir: Path):
     from transformers import BertConfig, BertModel
 
     from dynaip.models import offline_tokenizers as tok
-    from dynaip.models.grounding_dino import GroundingDinoDetector
+    from dynaip.models.grounding_dino import GroundingDinoDetector, read_config
     from dynaip.models.tiny import TINY_GROUNDING_DINO_CONFIG
 
     bert_dir = workdir / "bert"
@@ -600,7 +600,7 @@ def build_grounding_dino(sizes: Sizes, device: torch.device, workdir: Path):
         cfg_file.write_text(TINY_GROUNDING_DINO_CONFIG)
     else:
         cfg_file = Path(groundingdino.__file__).parent / "config" / "GroundingDINO_SwinT_OGC.py"
-    args = SLConfig.fromfile(str(cfg_file))
+    args = SLConfig(read_config(cfg_file))  # read as data, never run (dynaip/models/grounding_dino.py)
     args.text_encoder_type = str(bert_dir)
     args.device = str(device)
     with contextlib.redirect_stdout(io.StringIO()):
