@@ -109,14 +109,15 @@ def add_manifest_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from pipeline.dataset import show
+    from dynaip.dataset.inspect import show
 
     print(show(args.dir))
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from pipeline.dataset import load_manifest, verify
+    from dynaip.dataset.inspect import verify
+    from dynaip.dataset.manifest import load_manifest
 
     problems = verify(args.dir)
     for line in problems:
@@ -128,7 +129,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_grid(args: argparse.Namespace) -> int:
-    from pipeline.dataset import grid
+    from dynaip.dataset.inspect import grid
 
     print(grid(args.dir, args.out, n=args.n, sort_by=args.sort_by, descending=args.descending))
     return 0
