@@ -78,7 +78,8 @@ def run_curate(args: argparse.Namespace) -> int:
         manifest = run_local(recipe, args.out, models, limit=args.limit, progress=not args.no_progress,
                              progress_every=args.progress_every)
     else:
-        from pipeline.executor_ray import ray_address_from_env, run_ray
+        from dynaip.cluster import ray_address_from_env
+        from pipeline.executor_ray import run_ray
 
         manifest = run_ray(recipe, args.out, models, limit=args.limit, progress=not args.no_progress,
                            address=ray_address_from_env(args.ray_address), progress_every=args.progress_every)

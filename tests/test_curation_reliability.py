@@ -282,7 +282,7 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
     pytest.importorskip("ray")
     script = (
         "import json, psutil, ray\n"
-        "from pipeline.executor_ray import connect\n"
+        "from dynaip.cluster import connect\n"
         "connect(None, num_cpus=1)\n"
         "ray.get(ray.remote(lambda: 1).remote())\n"
         "found = set()\n"
