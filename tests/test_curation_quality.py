@@ -249,7 +249,7 @@ class WholeImageSubject:
 
 
 def test_manifest_show_prints_quality_quantiles_per_source(tmp_path):
-    from pipeline.dataset import iter_sample_json, show
+    from dynaip.dataset.inspect import iter_sample_json, show
     from pipeline.executor_local import run_local
     from pipeline.demo_photos import write_sample_photos
     from pipeline.stages import CaptionStage, ComposeStage, DecodeStage, PairStage
@@ -275,8 +275,8 @@ def test_manifest_show_prints_quality_quantiles_per_source(tmp_path):
     assert not any(" aesthetic " in ln for ln in text.splitlines())  # no head configured: nothing to show
 
     # the dataset view and the contact sheet order by a score
+    from dynaip.dataset.inspect import grid
     from dynaip.serve.datasets import DatasetView
-    from pipeline.dataset import grid
 
     view = DatasetView.open(out)
     got = [e.meta["quality"]["sharpness"] for e in view.samples(sort_by="sharpness", descending=True)]
