@@ -59,6 +59,8 @@ class ShardJob:
     samples: int
     """Sample count from the dataset manifest."""
     spec: FeatureSpec
+    data_bytes: int | None = None
+    """The data shard's size from the dataset manifest (checked with its sha256 while it is read)."""
 
     @property
     def path(self) -> str:
@@ -147,19 +149,20 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
     (root / PROGRESS).mkdir(parents=True, exist_ok=True)
     if not state.is_file():
         atomic_write_bytes(state, dump_json(spec.to_json()))
+    from dynaip.dataset_reader import open_dataset
+
+    # the one strict reader: paths inside the dataset, sizes and hashes present (dynaip/dataset_reader.py)
+    refs = [r for r in open_dataset(str(base)).shards if r.samples > 0]
     shards = [s for s in manifest.get("shards", []) if int(s.get("samples", 0)) > 0]
     plan = DatasetPlan(dataset=str(base), root=str(root), name=name, spec=spec, manifest_sha256=sha,
                        data_shards=shards)
     jobs: list[Job] = [EmptyJob(root=str(root), spec=spec)]
     paths = set()
-    from pipeline.dataset import shard_path
-
-    for s in shards:
-        shard_path(s.get("path"), f"{base}/manifest.json")  # never a shard outside the dataset
-        jobs.append(ShardJob(root=str(root), data_url=str(base / s["path"]), data_path=s["path"],
-                             data_sha256=s.get("sha256", ""), samples=int(s["samples"]), spec=spec))
+    for r in refs:
+        jobs.append(ShardJob(root=str(root), data_url=r.url, data_path=r.path, data_sha256=r.sha256,
+                             samples=r.samples, spec=spec, data_bytes=r.bytes))
         if jobs[-1].path in paths:
-            raise FeatureError(f"{base}/manifest.json lists two shards with the stem of {s['path']}")
+            raise FeatureError(f"{base}/manifest.json lists two shards with the stem of {r.path}")
         paths.add(jobs[-1].path)
     for job in jobs:
         entry = _done(job)
@@ -175,10 +178,11 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
 # ----------------------------------------------------------------------------- one job (any process)
 
 def _decoded(job: ShardJob) -> Iterator[Any]:
-    """The shard's samples that the training loader would decode (the others are skipped, as there)."""
+    """The shard's samples that the training loader would decode (the others are skipped, as there).
+    The shard's size and sha256 are checked as it is read; its samples come only after that check."""
     from dynaip.train.data import decode_sample, iter_tar
 
-    for raw in iter_tar(job.data_url):
+    for raw in iter_tar(job.data_url, sha256=job.data_sha256, size=job.data_bytes):
         if raw is None:
             continue
         try:
