@@ -322,8 +322,12 @@ def read_shard(ref: ShardRef, keep: Callable[[str], bool] = lambda ext: True,
         if closed:
             samples.append(closed)
         reader.finish()
-    except (tarfile.TarError, EOFError) as e:
-        reader.finish()  # a hash mismatch is the clearer message when the bytes changed
+    except ShardIntegrityError:
+        raise
+    except (tarfile.TarError, EOFError, DatasetError) as e:
+        reader.finish()  # when the bytes changed, the hash mismatch is the message that says why
+        if isinstance(e, DatasetError):
+            raise
         raise DatasetError(f"shard {ref.url} is not a readable tar ({e}); {FIX}") from None
     finally:
         reader.raw.close()

@@ -5,7 +5,6 @@ overlay, caption underneath)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -15,44 +14,53 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dynaip.dataset_format import shard_path  # noqa: F401  (re-exported; the rules live in dynaip.dataset_reader)
+from dynaip.dataset_reader import Dataset, DatasetError, open_dataset, read_shard
 from pipeline.store import Store
-from dynaip.dataset_format import check_format, shard_path
-from pipeline.writer import read_manifest
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
-    """``root/manifest.json`` (``root``: a directory or an fsspec URL) as a dict; errors say what is
-    missing and what to do."""
-    store = Store(root)
+    """``root/manifest.json`` (``root``: a directory or an fsspec URL) as a dict, checked by the one strict
+    dataset reader (dynaip/dataset_reader.py); errors say what is missing and what to do."""
+    return open_checked(root).manifest
+
+
+def open_checked(root: str | Path) -> Dataset:
+    """The dataset at ``root`` through the strict reader, plus the ``totals`` that inspection reads."""
     path = f"{str(root).rstrip('/')}/manifest.json"
-    if not store.is_file("manifest.json"):
+    if not Store(root).is_file("manifest.json"):
         raise FileNotFoundError(f"{path} does not exist: {root} is not a finished dataset "
                                 "(run `dynaip curate` to build or resume it)")
-    manifest = check_format(read_manifest(store), path)
-    for key, kind in (("shards", list), ("totals", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise ValueError(f"{path} has no {key!r} {kind.__name__}: the manifest is incomplete or not from this "
-                             "tool; re-run `dynaip curate` on the dataset to rewrite it")
-    for s in manifest["shards"]:
-        shard_path(s.get("path") if isinstance(s, dict) else None, path)
-    return manifest
+    ds = open_dataset(str(root))
+    totals = ds.manifest.get("totals")
+    if not isinstance(totals, dict):
+        raise ValueError(f"{path} has no 'totals' dict: the manifest is incomplete or not from this "
+                         "tool; re-run `dynaip curate` on the dataset to rewrite it")
+    return ds
 
 
 def show(root: str | Path) -> str:
     """Summary: sources, samples, shards, bytes, rejects by reason."""
     m = load_manifest(root)
     t = m["totals"]
+    # descriptive fields are shown as found: a manifest from elsewhere may lack or mistype them
+    recipe, source = _obj(m.get("recipe")), _obj(m.get("source"))
     lines = [
-        f"dataset {root}  ({m['format']}, recipe {m.get('recipe', {}).get('name') or '-'} #{m['recipe_hash']})",
-        f"source   {m['source']['kind']}  {m['source']['root']}",
-        f"inputs   {t['inputs']}  accepted {t['accepted']}  rejected {t['rejected']}",
-        f"samples  {t['samples']}  in {len(m['shards'])} shards, {t['bytes']:,} bytes",
+        f"dataset {root}  ({m['format']}, recipe {recipe.get('name') or '-'} #{m.get('recipe_hash', '-')})",
+        f"source   {source.get('kind', '-')}  {source.get('root', '-')}",
+        f"inputs   {t.get('inputs')}  accepted {t.get('accepted')}  rejected {t.get('rejected')}",
+        f"samples  {t.get('samples')}  in {len(m['shards'])} shards, {t.get('bytes')} bytes",
     ]
-    if t["rejected_by_reason"]:
+    reasons = _obj(t.get("rejected_by_reason"))
+    if reasons:
         lines.append("rejects by reason:")
-        lines += [f"  {n:6d}  {reason}" for reason, n in t["rejected_by_reason"].items()]
+        lines += [f"  {n!s:>6}  {reason}" for reason, n in reasons.items()]
     lines += quality_lines(root)
     return "\n".join(lines)
+
+
+def _obj(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
 
 
 QUALITY_KEYS = ("aesthetic", "sharpness", "subject_pixels", "det_score", "mask_score")
@@ -107,65 +115,69 @@ def count_samples(path: Path | io.BytesIO) -> int:
     return len(keys)
 
 
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+"""What PIL and UTF-8 decoding raise on bad bytes (PIL raises SyntaxError for some broken PNGs)."""
+
+
+def decode_member(key: str, ext: str, data: bytes) -> None:
+    """Decodes one member as the trainer and the web app would (images fully, text as UTF-8); a
+    one-line ValueError naming the member when it does not decode."""
+    try:
+        if ext in ("ref.png", "tgt.jpg", "mask.png"):
+            with Image.open(io.BytesIO(data)) as im:
+                want = "PNG" if ext.endswith("png") else "JPEG"
+                if im.format != want:
+                    raise ValueError(f"is {im.format}, not {want}")
+                im.load()
+        elif ext == "txt":
+            data.decode("utf-8")
+    except DECODE_ERRORS as e:  # a decoder failure is the member's fault; say which member
+        raise ValueError(f"{key}.{ext} does not decode ({type(e).__name__}: {e})") from None
+
+
 def verify(root: str | Path) -> list[str]:
-    """Re-hashes and re-counts every shard in the manifest; returns one line per mismatch (empty = ok)."""
-    store = Store(root)
-    m = load_manifest(root)
+    """Checks every promise of docs/datasets.md: the manifest's entries (one-line error when it breaks a
+    rule), and per shard its size, sha256, members (regular files, shard member names, every sample
+    complete, json objects), every member decoded, and its sample count; then the totals. One line
+    per problem (empty = ok)."""
+    ds = open_checked(root)
     problems = []
-    for s in m["shards"]:
-        size = store.size(s["path"])
-        if size is None:
-            problems.append(f"{s['path']}: missing")
-            continue
-        if size != s["bytes"]:
-            problems.append(f"{s['path']}: {size} bytes, manifest says {s['bytes']}")
-        data = store.read_bytes(s["path"])
-        h = hashlib.sha256(data).hexdigest()
-        if h != s["sha256"]:
-            problems.append(f"{s['path']}: sha256 {h[:12]}…, manifest says {s['sha256'][:12]}…")
+    for ref in ds.shards:
+        def decode(key: str, ext: str, data: bytes, ref=ref) -> None:
+            try:
+                decode_member(key, ext, data)
+            except ValueError as e:
+                raise DatasetError(f"shard {ref.url}: {e}") from None
+
         try:
-            n = count_samples(io.BytesIO(data))
-        except (tarfile.TarError, OSError) as e:
-            problems.append(f"{s['path']}: unreadable tar ({e})")
+            n = len(read_shard(ref, keep=lambda ext: False, each=decode))
+        except DatasetError as e:
+            problems.append(f"{ref.path}: {str(e).split('; ', 1)[0]}")
             continue
-        if n != s["samples"]:
-            problems.append(f"{s['path']}: {n} samples, manifest says {s['samples']}")
-    t = m["totals"]
+        if n != ref.samples:
+            problems.append(f"{ref.path}: {n} samples, manifest says {ref.samples}")
+    t = ds.manifest["totals"]
     if t.get("inputs") != (t.get("accepted") or 0) + (t.get("rejected") or 0):
         problems.append(f"totals: inputs {t.get('inputs')} != accepted {t.get('accepted')} + rejected {t.get('rejected')}")
-    if sum(s["samples"] for s in m["shards"]) != t.get("samples"):
+    if sum(s.samples for s in ds.shards) != t.get("samples"):
         problems.append("totals: samples do not add up over the shards")
     return problems
 
 
 def iter_samples(root: str | Path) -> Iterator[dict[str, Any]]:
-    """Samples in shard order as ``{key, ref.png, tgt.jpg, mask.png, txt, json}`` (raw bytes)."""
-    store = Store(root)
-    for s in load_manifest(root)["shards"]:
-        with store.open(s["path"]) as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            cur: dict[str, Any] = {}
-            for member in tf:
-                if not member.isfile():  # a shard of this tool holds regular files only
-                    raise ValueError(f"shard {s['path']} holds {member.name!r}, which is not a regular file "
-                                     "(a link or a folder); the shard is not from this tool — rebuild it with `dynaip curate`")
-                key, ext = member.name.split(".", 1)
-                if cur and cur["key"] != key:
-                    yield cur
-                    cur = {}
-                cur["key"] = key
-                cur[ext] = tf.extractfile(member).read()
-            if cur:
-                yield cur
+    """Samples in shard order as ``{key, ref.png, tgt.jpg, mask.png, txt, json}`` (raw bytes); each shard
+    is read whole and checked (size, sha256, members) before its samples come (dynaip/dataset_reader.py)."""
+    for ref in open_checked(root).shards:
+        for key, members in read_shard(ref):
+            yield {"key": key, **members}
 
 
 def iter_sample_json(root: str | Path) -> Iterator[dict[str, Any]]:
-    """Every sample's json in shard order; tar members of other files are skipped, not read."""
-    store = Store(root)
-    for s in load_manifest(root)["shards"]:
-        with store.open(s["path"]) as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            for member in tf:
-                if member.isfile() and member.name.endswith(".json"):
-                    yield json.loads(tf.extractfile(member).read())
+    """Every sample's json (a JSON object, checked) in shard order; the other members are checked and
+    hashed but not kept."""
+    for ref in open_checked(root).shards:
+        for _, members in read_shard(ref, keep=lambda ext: ext == "json"):
+            yield json.loads(members["json"])
 
 
 def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by: str | None = None,
@@ -183,9 +195,13 @@ def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by
     for sample in samples:
         if len(rows) >= n:
             break
-        ref = Image.open(io.BytesIO(sample["ref.png"])).convert("RGB")
-        tgt = Image.open(io.BytesIO(sample["tgt.jpg"])).convert("RGB")
-        mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])).convert("L")) > 127
+        try:
+            ref = Image.open(io.BytesIO(sample["ref.png"])).convert("RGB")
+            tgt = Image.open(io.BytesIO(sample["tgt.jpg"])).convert("RGB")
+            mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])).convert("L").resize(tgt.size)) > 127
+        except DECODE_ERRORS as e:  # an undecodable member: one line naming it (run `manifest verify` for all)
+            raise ValueError(f"{root}: sample {sample['key']!r} has an image that does not decode "
+                             f"({type(e).__name__}: {e}); run `dynaip manifest verify` on it") from None
         over = np.asarray(tgt).copy()
         over[mask] = (0.5 * over[mask] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
         rows.append(([ref, tgt, Image.fromarray(over)], sample["txt"].decode("utf-8", "replace")))
