@@ -263,6 +263,12 @@ def check_sample(key: str, members: dict[str, Any], where: str) -> None:
             raise DatasetError(f"{where}: {key}.json holds a {type(meta).__name__}, not a JSON object; {FIX}")
 
 
+def check_new_member(members: dict[str, Any], key: str, ext: str, where: str) -> None:
+    """``key.ext`` is not already among the sample's ``members`` (a member twice would hide one of them)."""
+    if ext in members:
+        raise DatasetError(f"{where}: member {key}.{ext} appears twice; {FIX}")
+
+
 class SampleGrouper:
     """Groups a shard's checked members into samples: ``add`` returns the sample it closes (if any)."""
 
@@ -279,8 +285,7 @@ class SampleGrouper:
             if key in self.done:
                 raise DatasetError(f"{self.where}: sample {key!r} has members apart from each other; {FIX}")
             self.key = key
-        if ext in self.cur:
-            raise DatasetError(f"{self.where}: member {key}.{ext} appears twice; {FIX}")
+        check_new_member(self.cur, key, ext, self.where)
         self.cur[ext] = data
         return closed
 
@@ -350,6 +355,7 @@ __all__ = [
     "ShardIntegrityError",
     "ShardRef",
     "check_member",
+    "check_new_member",
     "check_sample",
     "dataset_root",
     "iter_samples",

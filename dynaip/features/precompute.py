@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from dynaip.atomic import atomic_write_bytes
+from dynaip.dataset_reader import open_dataset
 
 from .format import FeatureError, ShardWriter, write_tensors
 from .layout import (EMPTY, FORMAT, MANIFEST, PROGRESS, FeatureSpec, dataset_identity, feature_shard_path,
@@ -135,6 +136,8 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
     """Prepares ``DATASET/features/NAME`` (checking an existing one was built with ``spec``) and lists its jobs."""
     base = _local_dir(dataset)
     manifest, sha = dataset_identity(str(base))
+    # the one strict reader, before anything is written: paths inside the dataset, sizes and hashes present
+    refs = [r for r in open_dataset(str(base)).shards if r.samples > 0]
     name = name or spec.default_name()
     root = Path(features_root(str(base), name))
     state = root / PROGRESS / "spec.json"
@@ -149,10 +152,6 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
     (root / PROGRESS).mkdir(parents=True, exist_ok=True)
     if not state.is_file():
         atomic_write_bytes(state, dump_json(spec.to_json()))
-    from dynaip.dataset_reader import open_dataset
-
-    # the one strict reader: paths inside the dataset, sizes and hashes present (dynaip/dataset_reader.py)
-    refs = [r for r in open_dataset(str(base)).shards if r.samples > 0]
     shards = [s for s in manifest.get("shards", []) if int(s.get("samples", 0)) > 0]
     plan = DatasetPlan(dataset=str(base), root=str(root), name=name, spec=spec, manifest_sha256=sha,
                        data_shards=shards)

@@ -56,7 +56,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dynaip.dataset_reader import check_member, check_sample, open_dataset
+from dynaip.dataset_reader import check_member, check_new_member, check_sample, open_dataset
 from dynaip.geometry import pad_to_square_white
 from dynaip.models import sampling
 from .shard_integrity import ShardGuard, corrupt_count
@@ -234,6 +234,7 @@ def iter_tar(url: str, skip: int = 0, count: int | None = None, sha256: str | No
                                 break
                         idx, key, cur = idx + 1, k, {"__key__": k.encode()}
                     if idx >= skip:
+                        check_new_member(cur, k, ext, where)
                         cur[ext] = tf.extractfile(member).read()  # type: ignore[union-attr]
                     if held and not guard.pending:  # verified before: stream as it comes
                         yield from held
