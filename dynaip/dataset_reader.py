@@ -89,7 +89,9 @@ def dataset_root(root: Any) -> str:
     text = str(root).strip()
     if not text:
         raise DatasetError("give a dataset directory or URL (the folder that holds manifest.json)")
-    if is_url(text):
+    if text.startswith("file://"):  # a local root however it is spelled: symlinks are checked for it
+        text = text.removeprefix("file://")
+    elif is_url(text):
         return text.rstrip("/")
     return os.path.abspath(os.path.expanduser(text))
 

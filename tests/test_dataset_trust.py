@@ -190,6 +190,10 @@ def test_a_shard_that_is_a_symlink_out_of_the_dataset_is_refused_and_never_opene
     shard.unlink()
     shard.symlink_to(outside)  # the manifest's path looks fine; the file it names is elsewhere
     refused_everywhere(ds, "resolves through a symlink to", outside.parent)
+    from dynaip.train.data import read_manifests
+
+    with pytest.raises(DatasetError, match="resolves through a symlink to"):  # a file:// root is a local root
+        read_manifests([f"file://{ds}"])
 
 
 def test_a_symlinked_shard_inside_the_dataset_is_read(ds):
@@ -491,3 +495,13 @@ def test_a_rejects_line_that_is_not_an_object_is_one_line(ds):
     (ds / "rejects.jsonl").write_text('{"id": "a"}\n[1]\n')
     with pytest.raises(ValueError, match=r"rejects\.jsonl line 2 is a list, not a JSON object"):
         DatasetView.open(ds)
+
+
+def test_a_dataset_rule_error_inside_a_ray_failure_is_cut_to_its_own_line():
+    from dynaip.train.trainer import _integrity_line
+
+    worker = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                          "dynaip.dataset_reader.DatasetError: shard /d/000000.tar: member 'k-0.ref.png' is a symlink; "
+                          "a shard holds regular files only\n")
+    assert _integrity_line(worker) == ("shard /d/000000.tar: member 'k-0.ref.png' is a symlink; "
+                                       "a shard holds regular files only")

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import shutil
 import time
 import zipfile
@@ -458,14 +459,16 @@ class _Worker:
         return t.tolist()
 
     def run(self) -> dict[str, Any]:
+        from dynaip.dataset_reader import DatasetError
+
         from .shard_integrity import ShardIntegrityError
 
         try:
             return self._run()
-        except ShardIntegrityError as e:
+        except DatasetError as e:  # a shard failing its hash, or breaking the dataset rules (dataset_reader)
             # from a DataLoader worker the message carries that worker's traceback: keep its last line
             line = [ln for ln in str(e).splitlines() if ln.strip()][-1]
-            line = line.removeprefix("dynaip.train.shard_integrity.").removeprefix("ShardIntegrityError: ")
+            line = _ERROR_NAME.sub("", line)
             self.metrics.write(step=self.step, event="corrupt_shard", rank=self.rank, error=line)
             self.metrics.close()
             raise ShardIntegrityError(line) from None
@@ -645,13 +648,18 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     return json.loads(lines[-1]) if lines else {}
 
 
+_ERROR_NAME = re.compile(r"^.*\b(ShardIntegrityError|DatasetError): ")
+"""The exception's name in front of a shard error's line, as a traceback's last line spells it."""
+
+
 def _integrity_line(e: BaseException) -> str | None:
-    """The ``ShardIntegrityError`` message inside a Ray Train failure (its text or its causes), or None."""
+    """The ``ShardIntegrityError`` (or dataset rule ``DatasetError``) message inside a Ray Train failure
+    (its text or its causes), or None."""
     seen = 0
     while e is not None and seen < 10:
         for ln in str(e).splitlines():
-            if "ShardIntegrityError: " in ln:
-                return ln.split("ShardIntegrityError: ", 1)[1].strip()
+            if _ERROR_NAME.match(ln):
+                return _ERROR_NAME.sub("", ln).strip()
         e, seen = e.__cause__ or e.__context__, seen + 1  # type: ignore[assignment]
     return None
 
