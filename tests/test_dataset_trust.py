@@ -1,6 +1,6 @@
 """A dataset from elsewhere is untrusted (docs/security.md, "Datasets from elsewhere"): every reader — the
 trainer, feature precompute, `dynaip manifest show/verify/grid` and the web app's Datasets page — goes
-through the one strict reader (dynaip/dataset_reader.py) and refuses a dataset built the way an attacker
+through the one strict reader (dynaip/dataset/reader.py) and refuses a dataset built the way an attacker
 or a careless user would build it, in one line naming the manifest (or shard), the entry and the rule,
 before any byte of it is used: nothing outside the dataset is opened (an audit hook records every file
 open), no request is sent (a loopback HTTP server counts them), no traceback."""
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import pytest
 from train_fixtures import make_sample, write_dataset
 
-from dynaip.dataset_reader import DatasetError, HashingReader, ShardIntegrityError
+from dynaip.dataset.reader import DatasetError, HashingReader, ShardIntegrityError
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -83,11 +83,12 @@ def http_server() -> Iterator[tuple[str, list[str]]]:
 
 def readers() -> dict[str, Callable[[Path], Any]]:
     """Every way the project reads a finished dataset."""
+    from dynaip.dataset.inspect import grid, show, verify
+    from dynaip.dataset.manifest import load_manifest
     from dynaip.features.layout import FeatureSpec
     from dynaip.features.precompute import plan_dataset
     from dynaip.serve.datasets import DatasetView
     from dynaip.train.data import read_manifests
-    from pipeline.dataset import grid, load_manifest, show, verify
 
     spec = FeatureSpec(fingerprint="f", max_sequence_length=8, dtype="fp32", buckets=((32, 32),))
     return {
@@ -265,8 +266,8 @@ def _train_reads(d: Path) -> tuple[list[Any], BaseException | None]:
 
 def shard_refused(d: Path, says: str) -> None:
     """The trainer yields no sample and stops with one line; show, grid, serve and verify say the same."""
+    from dynaip.dataset.inspect import grid, show, verify
     from dynaip.serve.datasets import DatasetView
-    from pipeline.dataset import grid, show, verify
 
     got, err = _train_reads(d)
     assert got == [] and err is not None and says in str(err) and "\n" not in str(err), (got, err)
@@ -322,7 +323,7 @@ def test_changed_bytes_are_refused_before_any_sample_is_used(ds):
 def test_a_longer_shard_fails_as_soon_as_it_passes_the_listed_size(ds):
     good = (ds / "shards" / "000000.tar").read_bytes()
     set_entry(ds, bytes=len(good) - 1024)
-    from dynaip.dataset_reader import open_dataset
+    from dynaip.dataset.manifest import open_dataset
 
     (ref,) = open_dataset(ds).shards
     with open(ref.url, "rb") as f:
@@ -334,9 +335,9 @@ def test_a_longer_shard_fails_as_soon_as_it_passes_the_listed_size(ds):
 
 
 def test_an_undecodable_image_is_named_by_verify_and_grid_and_skipped_by_training(ds):
+    from dynaip.dataset.inspect import grid, verify
     from dynaip.serve.app import samples_html
     from dynaip.serve.datasets import DatasetView
-    from pipeline.dataset import grid, verify
 
     with_shard(ds, tar_bytes(sample_members(tgt_jpg=b"\xff\xd8 not a jpeg")))
     assert [p.split(" (")[0] for p in verify(ds)] == [
@@ -352,7 +353,7 @@ def test_an_undecodable_image_is_named_by_verify_and_grid_and_skipped_by_trainin
 
 def test_manifest_verify_passes_a_good_dataset_and_show_tolerates_missing_descriptions(ds, capsys):
     from dynaip.cli import main
-    from pipeline.dataset import show, verify
+    from dynaip.dataset.inspect import show, verify
 
     assert verify(ds) == []
     assert main(["manifest", "verify", str(ds)]) == 0
@@ -501,7 +502,7 @@ def test_a_dataset_rule_error_inside_a_ray_failure_is_cut_to_its_own_line():
     from dynaip.train.trainer import _integrity_line
 
     worker = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
-                          "dynaip.dataset_reader.DatasetError: shard /d/000000.tar: member 'k-0.ref.png' is a symlink; "
+                          "dynaip.dataset.format.DatasetError: shard /d/000000.tar: member 'k-0.ref.png' is a symlink; "
                           "a shard holds regular files only\n")
     assert _integrity_line(worker) == ("shard /d/000000.tar: member 'k-0.ref.png' is a symlink; "
                                        "a shard holds regular files only")

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from dynaip.atomic import atomic_write_bytes
-from dynaip.dataset_reader import open_dataset
+from dynaip.dataset.manifest import open_dataset
 
 from .format import FeatureError, ShardWriter, write_tensors
 from .layout import (EMPTY, FORMAT, MANIFEST, PROGRESS, FeatureSpec, dataset_identity, feature_shard_path,

@@ -23,6 +23,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dynaip.dataset.format import DatasetError
+from dynaip.dataset.inspect import quality_sort_key
+from dynaip.dataset.manifest import open_dataset
+from dynaip.dataset.reader import check_member, dataset_root, read_shard
+
 log = logging.getLogger(__name__)
 
 
@@ -58,9 +63,7 @@ class DatasetView:
     def open(cls, root: str | Path) -> "DatasetView":
         """Reads the manifest, rejects.jsonl and every shard's index (captions and metadata, not images)
         through the strict dataset reader: each shard is read whole, its members checked and its size and
-        sha256 matched before its index is kept (dynaip/dataset_reader.py)."""
-        from dynaip.dataset_reader import dataset_root, open_dataset, read_shard
-
+        sha256 matched before its index is kept (dynaip/dataset/reader.py)."""
         root = dataset_root(root)
         if not is_url(root):
             root = str(Path(root).resolve())
@@ -112,8 +115,6 @@ class DatasetView:
         ``subject_pixels``, ...) orders them by it (stable; samples without that score last)."""
         out = [e for e in self.entries if (not source or e.source == source) and (not pair or e.pair == pair)]
         if sort_by:
-            from pipeline.dataset import quality_sort_key
-
             out = sorted(out, key=lambda e: quality_sort_key(e.meta, sort_by, descending))
         return out
 
@@ -251,8 +252,6 @@ def _read_sample(root: str, rel: str, key: str) -> dict[str, bytes]:
     """One sample's members, read with the member checks of the dataset reader (regular files, shard
     member names). The shard's size and hash were checked when the view opened; this later read is not
     hashed again (it stops at the sample)."""
-    from dynaip.dataset_reader import DatasetError, check_member
-
     files: dict[str, bytes] = {}
     try:
         with _open(_join(root, rel)) as f, tarfile.open(fileobj=f, mode="r|") as tf:

@@ -56,7 +56,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dynaip.dataset_reader import check_member, check_new_member, check_sample, open_dataset
+from dynaip.dataset.manifest import open_dataset
+from dynaip.dataset.reader import check_member, check_new_member, check_sample
 from dynaip.geometry import pad_to_square_white
 from dynaip.models import sampling
 from .shard_integrity import ShardGuard, corrupt_count
@@ -89,7 +90,7 @@ class ShardInfo:
 
 def read_manifests(dirs: Sequence[str]) -> list[ShardInfo]:
     """The shards of every ``DIR/manifest.json`` (local path or fsspec URL), in the given order; every
-    entry checked by the one dataset reader (dynaip/dataset_reader.py: paths inside the root, types, hashes)."""
+    entry checked by the one dataset reader (dynaip/dataset/reader.py: paths inside the root, types, hashes)."""
     shards: list[ShardInfo] = []
     for i, d in enumerate(dirs):
         for s in open_dataset(d).shards:
@@ -211,7 +212,7 @@ def iter_tar(url: str, skip: int = 0, count: int | None = None, sha256: str | No
     (dynaip/train/shard_integrity.py); a mismatch or a missing shard follows ``on_corrupt``. A member
     that is not a regular file named like a shard member, or a sample without all its members or
     with a json that is not an object, is an error whatever ``on_corrupt`` says (such a shard was
-    built that way; dynaip/dataset_reader.py).
+    built that way; dynaip/dataset/reader.py).
     """
     want = count if count is not None else 1 << 62
     guard = ShardGuard(url, sha256, on_corrupt, size)

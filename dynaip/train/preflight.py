@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from dynaip.dataset_reader import open_dataset
+from dynaip.dataset.manifest import open_dataset
 
 from .config import TrainConfig, saved_strategy
 
@@ -28,7 +28,7 @@ def dataset_pairs(directory: str) -> dict[str, int] | None:
     None when the manifest predates per-shard pair counts (then the type cannot be checked ahead).
     """
     try:
-        manifest = open_dataset(directory).manifest  # the one strict reader (dynaip/dataset_reader.py)
+        manifest = open_dataset(directory).manifest  # the one strict reader (dynaip/dataset/reader.py)
     except (FileNotFoundError, ValueError) as e:
         raise PreflightError(str(e)) from e
     shards = [s for s in manifest.get("shards", []) if int(s.get("samples", 0)) > 0]

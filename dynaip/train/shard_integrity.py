@@ -18,19 +18,20 @@ Policy (``data.on_corrupt_shard`` in the train config, ``StreamSpec.on_corrupt_s
 missing shard; ``skip`` drops the shard's samples (counted as skipped) and counts the shard
 (``corrupt_count``; the trainer logs it as ``corrupt_shards``); a shard with more or fewer bytes than
 its manifest entry lists is treated the same. A manifest entry without ``sha256`` or ``bytes`` never
-gets here: the dataset reader refuses the manifest (dynaip/dataset_reader.py).
+gets here: the dataset reader refuses the manifest (dynaip/dataset/reader.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from typing import IO
 
 import fsspec
 
-from dynaip import dataset_reader
-from dynaip.dataset_reader import HashingReader
+from dynaip.dataset import reader as dataset_reader
+from dynaip.dataset.reader import HashingReader
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ _VERDICTS: dict[tuple[str, str | None], bool] = {}
 """(url, sha256) → verified (True) or corrupt/missing (False), in this process."""
 _CORRUPT = 0
 """Distinct corrupt or missing shards this process met (the consumer adds the change to its position)."""
+
+
+ERROR_LINE = re.compile(r"^.*\b(ShardIntegrityError|DatasetError): ")
+"""The exception's name in front of a shard error's line as a traceback's last line spells it (a
+DataLoader worker's or a Ray worker's failure carries the error as text)."""
 
 
 class ShardIntegrityError(dataset_reader.ShardIntegrityError):

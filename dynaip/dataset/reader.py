@@ -2,8 +2,8 @@
 bucket, a download) is untrusted input (docs/security.md, "Datasets from elsewhere").
 
 Every reader — training (dynaip/train/data.py), feature precompute (local and on Ray), the web app's
-Datasets page (dynaip/serve/datasets.py) and ``dynaip manifest show/verify/grid`` (pipeline/dataset.py)
-— gets its shard list from ``open_dataset`` and its tar members through ``check_member`` /
+Datasets page (dynaip/serve/datasets.py) and ``dynaip manifest show/verify/grid`` (dynaip/dataset/inspect.py)
+— gets its shard list from ``open_dataset`` (dynaip/dataset/manifest.py) and its tar members through ``check_member`` /
 ``check_sample``, so the rules below hold everywhere and a violation is refused with the same one
 line, naming the manifest (or shard), the entry and the rule, before any byte of the shard is used:
 
@@ -38,19 +38,12 @@ from typing import IO, Any
 
 import fsspec
 
-from dynaip.dataset_format import MEMBER_ORDER, read_manifest
+from dynaip.dataset.format import FIX, MEMBER_ORDER, DatasetError, shard_path
 
 _CHUNK = 1 << 20
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
-SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
-"""One segment of a shard path: the writer's names (``shards/000000_01.tar``) and any plain file name."""
 MEMBER_RE = re.compile(r"([A-Za-z0-9_-]+)\.(" + "|".join(re.escape(e) for e in MEMBER_ORDER) + r")")
 """A tar member of a shard: ``KEY.EXT`` (sample keys are ``[A-Za-z0-9_-]``, pipeline/sample.py)."""
-FIX = "the dataset is damaged or was not written by `dynaip curate`; get it again from its source or rebuild it"
-
-
-class DatasetError(ValueError):
-    """A dataset breaks a rule of its format (one line: where, which entry or member, which rule)."""
 
 
 class ShardIntegrityError(DatasetError):
@@ -101,24 +94,17 @@ def _entry(i: int, path: Any) -> str:
 
 
 def shard_url(root: str, rel: Any, where: str, i: int = 0) -> str:
-    """``rel`` (a manifest's shard path) under ``root``; DatasetError when it would lead anywhere else."""
-    entry = _entry(i, rel)
-    if not isinstance(rel, str) or not rel:
-        raise DatasetError(f"{where}: {entry} has no 'path' string; {FIX}")
-    bad = [seg for seg in rel.split("/") if not SEGMENT_RE.fullmatch(seg)]
-    if bad or "://" in rel:
-        rule = ("is an absolute path" if rel.startswith(("/", "\\", "~")) else
-                "names a URL" if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", rel) else
-                "climbs out with '..'" if ".." in rel.split("/") else
-                f"has segment {bad[0]!r}, not a plain file or folder name")
-        raise DatasetError(f"{where}: {entry} {rule}; a shard path must be relative and inside the dataset — {FIX}")
+    """``rel`` (a manifest's shard path) under ``root``; DatasetError when it would lead anywhere else:
+    the path's syntax (``shard_path``), and for a local root also where its symlinks resolve."""
+    rel = shard_path(rel, where, i)
     if is_url(root):
         return f"{root}/{rel}"
     full = os.path.join(root, *rel.split("/"))
     base = os.path.realpath(root)
     real = os.path.realpath(full)
     if not (real == base or real.startswith(base.rstrip(os.sep) + os.sep)):
-        raise DatasetError(f"{where}: {entry} resolves through a symlink to {real}, outside the dataset; {FIX}")
+        raise DatasetError(f"{where}: {_entry(i, rel)} resolves through a symlink to {real}, outside the dataset; "
+                           f"{FIX}")
     return full
 
 
@@ -150,14 +136,6 @@ def shard_refs(manifest: dict[str, Any], root: str, where: str) -> list[ShardRef
                                f"must carry its hash so its bytes can be checked — {FIX}")
         refs.append(ShardRef(path=s["path"], url=url, samples=samples, bytes=size, sha256=sha))
     return refs
-
-
-def open_dataset(root: Any) -> Dataset:
-    """The checked manifest and shard list of the dataset at ``root`` (nothing of a shard is read)."""
-    base = dataset_root(root)
-    where = f"{base}/manifest.json"
-    manifest = read_manifest(base)  # JSON object of this format, one line otherwise
-    return Dataset(root=base, where=where, manifest=manifest, shards=shard_refs(manifest, base, where))
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -361,9 +339,9 @@ __all__ = [
     "check_sample",
     "dataset_root",
     "iter_samples",
-    "open_dataset",
     "open_raw",
     "read_shard",
+    "shard_path",
     "shard_refs",
     "shard_url",
 ]

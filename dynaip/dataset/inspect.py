@@ -1,7 +1,7 @@
-"""Reading a finished dataset directory: ``load_manifest``, ``show`` (summary text, quality
-quantiles per source), ``verify``
-(re-hash and re-count every shard) and ``grid`` (contact sheet PNG: reference | target | mask
-overlay, caption underneath)."""
+"""Inspecting a finished dataset directory: ``show`` (summary text, quality quantiles per source),
+``verify`` (re-hash and re-count every shard), ``grid`` (contact sheet PNG: reference | target |
+mask overlay, caption underneath), the sample iterators and ``quality_sort_key`` (the order of
+``grid --sort-by`` and the browser's sort). The manifest is read by ``dynaip/dataset/manifest.py``."""
 
 from __future__ import annotations
 
@@ -14,29 +14,9 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dynaip.dataset_format import shard_path  # noqa: F401  (re-exported; the rules live in dynaip.dataset_reader)
-from dynaip.dataset_reader import Dataset, DatasetError, open_dataset, read_shard
-from pipeline.store import Store
-
-
-def load_manifest(root: str | Path) -> dict[str, Any]:
-    """``root/manifest.json`` (``root``: a directory or an fsspec URL) as a dict, checked by the one strict
-    dataset reader (dynaip/dataset_reader.py); errors say what is missing and what to do."""
-    return open_checked(root).manifest
-
-
-def open_checked(root: str | Path) -> Dataset:
-    """The dataset at ``root`` through the strict reader, plus the ``totals`` that inspection reads."""
-    path = f"{str(root).rstrip('/')}/manifest.json"
-    if not Store(root).is_file("manifest.json"):
-        raise FileNotFoundError(f"{path} does not exist: {root} is not a finished dataset "
-                                "(run `dynaip curate` to build or resume it)")
-    ds = open_dataset(str(root))
-    totals = ds.manifest.get("totals")
-    if not isinstance(totals, dict):
-        raise ValueError(f"{path} has no 'totals' dict: the manifest is incomplete or not from this "
-                         "tool; re-run `dynaip curate` on the dataset to rewrite it")
-    return ds
+from dynaip.dataset.format import DatasetError
+from dynaip.dataset.manifest import load_dataset, load_manifest
+from dynaip.dataset.reader import read_shard
 
 
 def show(root: str | Path) -> str:
@@ -140,7 +120,7 @@ def verify(root: str | Path) -> list[str]:
     rule), and per shard its size, sha256, members (regular files, shard member names, every sample
     complete, json objects), every member decoded, and its sample count; then the totals. One line
     per problem (empty = ok)."""
-    ds = open_checked(root)
+    ds = load_dataset(root)
     problems = []
     for ref in ds.shards:
         def decode(key: str, ext: str, data: bytes, ref=ref) -> None:
@@ -166,8 +146,8 @@ def verify(root: str | Path) -> list[str]:
 
 def iter_samples(root: str | Path) -> Iterator[dict[str, Any]]:
     """Samples in shard order as ``{key, ref.png, tgt.jpg, mask.png, txt, json}`` (raw bytes); each shard
-    is read whole and checked (size, sha256, members) before its samples come (dynaip/dataset_reader.py)."""
-    for ref in open_checked(root).shards:
+    is read whole and checked (size, sha256, members) before its samples come (dynaip/dataset/reader.py)."""
+    for ref in load_dataset(root).shards:
         for key, members in read_shard(ref):
             yield {"key": key, **members}
 
@@ -175,7 +155,7 @@ def iter_samples(root: str | Path) -> Iterator[dict[str, Any]]:
 def iter_sample_json(root: str | Path) -> Iterator[dict[str, Any]]:
     """Every sample's json (a JSON object, checked) in shard order; the other members are checked and
     hashed but not kept."""
-    for ref in open_checked(root).shards:
+    for ref in load_dataset(root).shards:
         for _, members in read_shard(ref, keep=lambda ext: ext == "json"):
             yield json.loads(members["json"])
 
