@@ -2,9 +2,9 @@
 bucket, a download) is untrusted input (docs/security.md, "Datasets from elsewhere").
 
 Every reader — training (dynaip/train/data.py), feature precompute (local and on Ray), the web app's
-Datasets page (dynaip/serve/datasets.py) and ``dynaip manifest show/verify/grid`` (dynaip/dataset/inspect.py)
-— gets its shard list from ``open_dataset`` (dynaip/dataset/manifest.py) and its tar members through ``check_member`` /
-``check_sample``, so the rules below hold everywhere and a violation is refused with the same one
+Datasets page (dynaip/serve/datasets.py) and ``dynaip manifest show/verify/grid``
+(dynaip/dataset/inspect.py) — gets its shard list from ``open_dataset`` (dynaip/dataset/manifest.py,
+built on ``shard_refs`` here) and its tar members through ``check_member`` / ``check_sample``, so the rules below hold everywhere and a violation is refused with the same one
 line, naming the manifest (or shard), the entry and the rule, before any byte of the shard is used:
 
 - the dataset is named by the root the *user* gives (a local path, or a URL such as
