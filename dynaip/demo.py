@@ -47,7 +47,7 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
     from dynaip.models.tiny import write_tiny_checkpoints
     from dynaip.train.config import TrainConfig
     from dynaip.train.trainer import RunSpec, run_training
-    from dynaip.dataset.inspect import grid, show, verify
+    from dynaip.dataset.inspect import grid, iter_sample_json, show, verify
     from pipeline.executor_ray import run_ray
     from pipeline.recipe import Recipe
     from pipeline.demo_photos import write_sample_photos
@@ -95,7 +95,7 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
 
     t = _step(4, total, "training the tiny config on two Ray Train workers, streaming the shards")
     cfg = TrainConfig.from_yaml(TINY_TRAIN_CONFIG)
-    pairs = {json.loads(m)["pair"] for m in _sample_pairs(dataset)}
+    pairs = {m.get("pair") for m in iter_sample_json(dataset)}  # the strict reader (dynaip/dataset/reader.py)
     if "cross" not in pairs:  # a dataset without cross pairs: the second stage trains on everything
         cfg = replace(cfg, stages=[replace(s, pair=None) if s.pair == "cross" else s for s in cfg.stages])
     run_dir = out / "run"
@@ -148,18 +148,6 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
     if ray.is_initialized():
         ray.shutdown()
     return artefacts
-
-
-def _sample_pairs(dataset: Path):
-    import tarfile
-
-    from dynaip.dataset.manifest import load_manifest
-
-    for shard in load_manifest(dataset)["shards"]:
-        with tarfile.open(dataset / shard["path"]) as tf:
-            for m in tf.getmembers():
-                if m.name.endswith(".json"):
-                    yield tf.extractfile(m).read()
 
 
 def _save(image, path: Path, settings: dict) -> str:

@@ -3,6 +3,7 @@ a single stderr line, no traceback (#19). Each case runs the real entry point in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -47,8 +48,9 @@ def test_user_errors_are_one_line_without_a_traceback(tmp_path):
                                                                    "samples": 0}}
     no_totals = dataset_with(tmp_path / "no-totals", {k: v for k, v in good.items() if k != "totals"})
     a_list = dataset_with(tmp_path / "a-list", [good])
-    linked = dataset_with(tmp_path / "linked", {**good, "shards": [{"path": "shards/000000.tar", "samples": 1,
-                                                                     "bytes": 1, "sha256": ""}]}, symlink_tar())
+    tar = symlink_tar()
+    linked = dataset_with(tmp_path / "linked", {**good, "shards": [{
+        "path": "shards/000000.tar", "samples": 1, "bytes": len(tar), "sha256": hashlib.sha256(tar).hexdigest()}]}, tar)
     demo = str(REPO / "manifests" / "demo.yaml")
     curate = ["-m", "dynaip.cli", "curate", "--recipe", demo, "--source-root", str(photos), "--executor", "local",
               "--no-progress"]
@@ -58,7 +60,7 @@ def test_user_errors_are_one_line_without_a_traceback(tmp_path):
         "no totals": (["-m", "dynaip.cli", "manifest", "verify", str(no_totals)], "has no 'totals' dict"),
         "list manifest": (["-m", "dynaip.cli", "manifest", "show", str(a_list)], "holds a list, not a JSON object"),
         "symlink member": (["-m", "dynaip.cli", "manifest", "grid", str(linked), "--out", str(tmp_path / "g.png")],
-                           "which is not a regular file"),
+                           "member 'k-0.ref.png' is a symlink"),
         "job, no recipe": ([str(REPO / "jobs" / "curate.py"), "--recipe", str(tmp_path / "missing.yaml"),
                             "--out", str(tmp_path / "job")], "does not exist; pass an existing YAML"),
     }

@@ -225,7 +225,7 @@ def test_readers_refuse_shard_paths_outside_the_dataset(tmp_path):
         m2 = {**m, "shards": [{**m["shards"][0], "path": bad}]}
         (out / "manifest.json").write_text(json.dumps(m2))
         for read in (load_manifest, verify, lambda d: list(iter_samples(d))):
-            with pytest.raises(ValueError, match="not a relative path inside the dataset"):
+            with pytest.raises(ValueError, match="a shard path must be relative and inside the dataset"):
                 read(out)
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from dynaip.dataset import format as fmt
 from dynaip.dataset import manifest as man
+from dynaip.dataset import reader
 from train_fixtures import write_dataset
 
 
@@ -19,7 +20,7 @@ def test_one_definition_of_the_format_and_its_members():
 
     assert writer.FORMAT is fmt.FORMAT and writer.MEMBER_ORDER is fmt.MEMBER_ORDER
     assert writer.shard_name is fmt.shard_name and not hasattr(writer, "read_manifest")  # the writer reads through man
-    assert man.shard_path is fmt.shard_path and datasets.shard_path is fmt.shard_path
+    assert reader.shard_path is fmt.shard_path and man.open_dataset is datasets.open_dataset  # one shard-path rule
     assert set(fmt.IMAGE_MEMBERS) <= set(fmt.MEMBER_ORDER)
     assert [fmt.shard_name(3, 0), fmt.shard_name(3, 2), fmt.shard_name(123456, 11)] == [
         "shards/000003.tar", "shards/000003_02.tar", "shards/123456_11.tar"]

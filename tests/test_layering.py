@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("dynaip", "pipeline")
 
 GEOMETRY_MAY_IMPORT = {"__future__", "math", "typing", "numpy", "PIL", "scipy", "torch"}
-DATASET_FORMAT_MAY_IMPORT = {"__future__", "typing"}
+DATASET_FORMAT_MAY_IMPORT = {"__future__", "re", "typing"}
 CONFIGS_MAY_IMPORT = {"__future__", "collections", "dataclasses", "difflib", "enum", "pathlib", "types", "typing", "yaml"}
 
 

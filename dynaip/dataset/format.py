@@ -14,6 +14,7 @@ training can both use it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 FORMAT = "dynaip-dataset/1"
@@ -37,15 +38,31 @@ def check_format(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     return manifest
 
 
-def shard_path(rel: Any, where: str = MANIFEST) -> str:
-    """A manifest's shard path, checked: relative, POSIX, inside the dataset (no ``..``, no absolute
-    path, no drive or backslash). A manifest naming any other file is refused, so reading a dataset
-    never reads outside it."""
-    ok = isinstance(rel, str) and rel != "" and not rel.startswith(("/", "~")) and "\\" not in rel \
-        and ":" not in rel and all(part not in ("", ".", "..") for part in rel.split("/"))
-    if not ok:
-        raise ValueError(f"{where} lists shard path {rel!r}, which is not a relative path inside the dataset; "
-                         f"the manifest is damaged or not from this tool — {NOT_OURS}")
+class DatasetError(ValueError):
+    """A dataset breaks a rule of its format (one line: where, which entry or member, which rule)."""
+
+
+FIX = "the dataset is damaged or was not written by `dynaip curate`; get it again from its source or rebuild it"
+SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]*")
+"""One segment of a shard path: the writer's names (``shards/000000_01.tar``) and any plain file name."""
+
+
+def shard_path(rel: Any, where: str = MANIFEST, i: int | None = None) -> str:
+    """A manifest's shard path (entry ``i``), checked: relative, POSIX, normalised, every segment a plain
+    name (no ``..``, ``.``, empty segment, absolute path, ``~``, scheme, backslash, ``%``, ``?``, ``#``).
+    A manifest naming any other file or any URL is refused (DatasetError), so reading a dataset never
+    reads outside the root it was named by (dynaip/dataset/reader.py joins and resolves it)."""
+    entry = "shard entry" if i is None else f"shard entry {i}"
+    if not isinstance(rel, str) or not rel:
+        raise DatasetError(f"{where}: {entry} has no 'path' string; {FIX}")
+    entry += f" ({rel!r})"
+    bad = [seg for seg in rel.split("/") if not SEGMENT_RE.fullmatch(seg)]
+    if bad:
+        rule = ("is an absolute path" if rel.startswith(("/", "\\", "~")) else
+                "names a URL" if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", rel) else
+                "climbs out with '..'" if ".." in rel.split("/") else
+                f"has segment {bad[0]!r}, not a plain file or folder name")
+        raise DatasetError(f"{where}: {entry} {rule}; a shard path must be relative and inside the dataset — {FIX}")
     return rel
 
 
@@ -54,10 +71,16 @@ def shard_name(chunk: int, part: int) -> str:
     return f"{SHARDS_DIR}/{chunk:06d}.tar" if part == 0 else f"{SHARDS_DIR}/{chunk:06d}_{part:02d}.tar"
 
 
-def shard_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The manifest's shards that hold samples, in manifest order: ``{path, samples, sha256, ...}``."""
-    return [s for s in manifest.get("shards", []) if int(s["samples"]) > 0]
-
-
-__all__ = ["FORMAT", "IMAGE_MEMBERS", "MANIFEST", "MEMBER_ORDER", "NOT_OURS", "SHARDS_DIR", "check_format",
-           "shard_entries", "shard_name", "shard_path"]
+__all__ = [
+    "FIX",
+    "FORMAT",
+    "IMAGE_MEMBERS",
+    "MANIFEST",
+    "MEMBER_ORDER",
+    "NOT_OURS",
+    "SHARDS_DIR",
+    "DatasetError",
+    "check_format",
+    "shard_name",
+    "shard_path",
+]

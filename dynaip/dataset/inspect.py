@@ -5,7 +5,6 @@ mask overlay, caption underneath), the sample iterators and ``quality_sort_key``
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -15,25 +14,33 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dynaip.dataset.manifest import load_manifest
-from dynaip.dataset.store import Store
+from dynaip.dataset.format import DatasetError
+from dynaip.dataset.manifest import load_dataset, load_manifest
+from dynaip.dataset.reader import read_shard
 
 
 def show(root: str | Path) -> str:
     """Summary: sources, samples, shards, bytes, rejects by reason."""
     m = load_manifest(root)
     t = m["totals"]
+    # descriptive fields are shown as found: a manifest from elsewhere may lack or mistype them
+    recipe, source = _obj(m.get("recipe")), _obj(m.get("source"))
     lines = [
-        f"dataset {root}  ({m['format']}, recipe {m.get('recipe', {}).get('name') or '-'} #{m['recipe_hash']})",
-        f"source   {m['source']['kind']}  {m['source']['root']}",
-        f"inputs   {t['inputs']}  accepted {t['accepted']}  rejected {t['rejected']}",
-        f"samples  {t['samples']}  in {len(m['shards'])} shards, {t['bytes']:,} bytes",
+        f"dataset {root}  ({m['format']}, recipe {recipe.get('name') or '-'} #{m.get('recipe_hash', '-')})",
+        f"source   {source.get('kind', '-')}  {source.get('root', '-')}",
+        f"inputs   {t.get('inputs')}  accepted {t.get('accepted')}  rejected {t.get('rejected')}",
+        f"samples  {t.get('samples')}  in {len(m['shards'])} shards, {t.get('bytes')} bytes",
     ]
-    if t["rejected_by_reason"]:
+    reasons = _obj(t.get("rejected_by_reason"))
+    if reasons:
         lines.append("rejects by reason:")
-        lines += [f"  {n:6d}  {reason}" for reason, n in t["rejected_by_reason"].items()]
+        lines += [f"  {n!s:>6}  {reason}" for reason, n in reasons.items()]
     lines += quality_lines(root)
     return "\n".join(lines)
+
+
+def _obj(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
 
 
 QUALITY_KEYS = ("aesthetic", "sharpness", "subject_pixels", "det_score", "mask_score")
@@ -88,65 +95,69 @@ def count_samples(path: Path | io.BytesIO) -> int:
     return len(keys)
 
 
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+"""What PIL and UTF-8 decoding raise on bad bytes (PIL raises SyntaxError for some broken PNGs)."""
+
+
+def decode_member(key: str, ext: str, data: bytes) -> None:
+    """Decodes one member as the trainer and the web app would (images fully, text as UTF-8); a
+    one-line ValueError naming the member when it does not decode."""
+    try:
+        if ext in ("ref.png", "tgt.jpg", "mask.png"):
+            with Image.open(io.BytesIO(data)) as im:
+                want = "PNG" if ext.endswith("png") else "JPEG"
+                if im.format != want:
+                    raise ValueError(f"is {im.format}, not {want}")
+                im.load()
+        elif ext == "txt":
+            data.decode("utf-8")
+    except DECODE_ERRORS as e:  # a decoder failure is the member's fault; say which member
+        raise ValueError(f"{key}.{ext} does not decode ({type(e).__name__}: {e})") from None
+
+
 def verify(root: str | Path) -> list[str]:
-    """Re-hashes and re-counts every shard in the manifest; returns one line per mismatch (empty = ok)."""
-    store = Store(root)
-    m = load_manifest(root)
+    """Checks every promise of docs/datasets.md: the manifest's entries (one-line error when it breaks a
+    rule), and per shard its size, sha256, members (regular files, shard member names, every sample
+    complete, json objects), every member decoded, and its sample count; then the totals. One line
+    per problem (empty = ok)."""
+    ds = load_dataset(root)
     problems = []
-    for s in m["shards"]:
-        size = store.size(s["path"])
-        if size is None:
-            problems.append(f"{s['path']}: missing")
-            continue
-        if size != s["bytes"]:
-            problems.append(f"{s['path']}: {size} bytes, manifest says {s['bytes']}")
-        data = store.read_bytes(s["path"])
-        h = hashlib.sha256(data).hexdigest()
-        if h != s["sha256"]:
-            problems.append(f"{s['path']}: sha256 {h[:12]}…, manifest says {s['sha256'][:12]}…")
+    for ref in ds.shards:
+        def decode(key: str, ext: str, data: bytes, ref=ref) -> None:
+            try:
+                decode_member(key, ext, data)
+            except ValueError as e:
+                raise DatasetError(f"shard {ref.url}: {e}") from None
+
         try:
-            n = count_samples(io.BytesIO(data))
-        except (tarfile.TarError, OSError) as e:
-            problems.append(f"{s['path']}: unreadable tar ({e})")
+            n = len(read_shard(ref, keep=lambda ext: False, each=decode))
+        except DatasetError as e:
+            problems.append(f"{ref.path}: {str(e).split('; ', 1)[0]}")
             continue
-        if n != s["samples"]:
-            problems.append(f"{s['path']}: {n} samples, manifest says {s['samples']}")
-    t = m["totals"]
+        if n != ref.samples:
+            problems.append(f"{ref.path}: {n} samples, manifest says {ref.samples}")
+    t = ds.manifest["totals"]
     if t.get("inputs") != (t.get("accepted") or 0) + (t.get("rejected") or 0):
         problems.append(f"totals: inputs {t.get('inputs')} != accepted {t.get('accepted')} + rejected {t.get('rejected')}")
-    if sum(s["samples"] for s in m["shards"]) != t.get("samples"):
+    if sum(s.samples for s in ds.shards) != t.get("samples"):
         problems.append("totals: samples do not add up over the shards")
     return problems
 
 
 def iter_samples(root: str | Path) -> Iterator[dict[str, Any]]:
-    """Samples in shard order as ``{key, ref.png, tgt.jpg, mask.png, txt, json}`` (raw bytes)."""
-    store = Store(root)
-    for s in load_manifest(root)["shards"]:
-        with store.open(s["path"]) as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            cur: dict[str, Any] = {}
-            for member in tf:
-                if not member.isfile():  # a shard of this tool holds regular files only
-                    raise ValueError(f"shard {s['path']} holds {member.name!r}, which is not a regular file "
-                                     "(a link or a folder); the shard is not from this tool — rebuild it with `dynaip curate`")
-                key, ext = member.name.split(".", 1)
-                if cur and cur["key"] != key:
-                    yield cur
-                    cur = {}
-                cur["key"] = key
-                cur[ext] = tf.extractfile(member).read()
-            if cur:
-                yield cur
+    """Samples in shard order as ``{key, ref.png, tgt.jpg, mask.png, txt, json}`` (raw bytes); each shard
+    is read whole and checked (size, sha256, members) before its samples come (dynaip/dataset/reader.py)."""
+    for ref in load_dataset(root).shards:
+        for key, members in read_shard(ref):
+            yield {"key": key, **members}
 
 
 def iter_sample_json(root: str | Path) -> Iterator[dict[str, Any]]:
-    """Every sample's json in shard order; tar members of other files are skipped, not read."""
-    store = Store(root)
-    for s in load_manifest(root)["shards"]:
-        with store.open(s["path"]) as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            for member in tf:
-                if member.isfile() and member.name.endswith(".json"):
-                    yield json.loads(tf.extractfile(member).read())
+    """Every sample's json (a JSON object, checked) in shard order; the other members are checked and
+    hashed but not kept."""
+    for ref in load_dataset(root).shards:
+        for _, members in read_shard(ref, keep=lambda ext: ext == "json"):
+            yield json.loads(members["json"])
 
 
 def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by: str | None = None,
@@ -164,9 +175,13 @@ def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by
     for sample in samples:
         if len(rows) >= n:
             break
-        ref = Image.open(io.BytesIO(sample["ref.png"])).convert("RGB")
-        tgt = Image.open(io.BytesIO(sample["tgt.jpg"])).convert("RGB")
-        mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])).convert("L")) > 127
+        try:
+            ref = Image.open(io.BytesIO(sample["ref.png"])).convert("RGB")
+            tgt = Image.open(io.BytesIO(sample["tgt.jpg"])).convert("RGB")
+            mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])).convert("L").resize(tgt.size)) > 127
+        except DECODE_ERRORS as e:  # an undecodable member: one line naming it (run `manifest verify` for all)
+            raise ValueError(f"{root}: sample {sample['key']!r} has an image that does not decode "
+                             f"({type(e).__name__}: {e}); run `dynaip manifest verify` on it") from None
         over = np.asarray(tgt).copy()
         over[mask] = (0.5 * over[mask] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
         rows.append(([ref, tgt, Image.fromarray(over)], sample["txt"].decode("utf-8", "replace")))

@@ -1,8 +1,11 @@
 """Reading a dataset's ``manifest.json``, in one place (docs/ARCHITECTURE.md, "Dataset directory"):
 
 - ``read_manifest(dir)``: the checked manifest of a dataset directory or URL (the trainer, preflight);
-- ``load_manifest(root)``: the same plus its ``shards`` / ``totals`` shape and every shard path
-  checked (``dynaip manifest``, the demo, the inspection functions);
+- ``open_dataset(root)``: the checked manifest and its shard list, every entry checked by the strict
+  reader's rules (dynaip/dataset/reader.py: paths inside the root, ``samples``/``bytes`` integers,
+  ``sha256``) — what training, preflight, precompute and the browser read;
+- ``load_manifest(root)``: the same plus its ``totals`` shape (``dynaip manifest``, the demo, the
+  inspection functions);
 - ``read_store_manifest(store)``: a JSON object only, format unchecked (the writer reads its own
   earlier manifest to resume and decides on the format itself);
 - ``parse_manifest(bytes, where)``: the parse and format check under all three (and the browser).
@@ -16,7 +19,8 @@ from typing import Any
 
 import fsspec
 
-from dynaip.dataset.format import MANIFEST, NOT_OURS, check_format, shard_path
+from dynaip.dataset.format import MANIFEST, NOT_OURS, check_format
+from dynaip.dataset.reader import Dataset, dataset_root, shard_refs
 from dynaip.dataset.store import Store
 
 
@@ -59,22 +63,41 @@ def read_store_manifest(store: Store) -> dict[str, Any]:
     return parse_manifest(store.read_bytes(MANIFEST), f"{store.display()}/{MANIFEST}", require_format=False)
 
 
-def load_manifest(root: str | Path) -> dict[str, Any]:
-    """``root/manifest.json`` (``root``: a directory or an fsspec URL) as a dict; errors say what is
-    missing and what to do."""
-    store = Store(root)
-    path = f"{str(root).rstrip('/')}/manifest.json"
-    if not store.is_file("manifest.json"):
+def open_dataset(root: Any) -> Dataset:
+    """The checked manifest and shard list of the dataset at ``root`` as the user named it (a local path
+    or a URL); nothing of a shard is read. One-line errors (DatasetError) name the entry and the rule."""
+    base = dataset_root(root)
+    url = manifest_url(base)
+    manifest = read_manifest(base)  # a JSON object of this format, one line otherwise
+    return Dataset(root=base, where=url, manifest=manifest, shards=shard_refs(manifest, base, url))
+
+
+def load_dataset(root: str | Path) -> Dataset:
+    """``open_dataset`` for inspection: errors say what is missing and what to do, and the manifest must
+    carry its ``totals``."""
+    path = manifest_url(str(root))
+    if not Store(root).is_file(MANIFEST):
         raise FileNotFoundError(f"{path} does not exist: {root} is not a finished dataset "
                                 "(run `dynaip curate` to build or resume it)")
-    manifest = check_format(read_store_manifest(store), path)
-    for key, kind in (("shards", list), ("totals", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise ValueError(f"{path} has no {key!r} {kind.__name__}: the manifest is incomplete or not from this "
-                             "tool; re-run `dynaip curate` on the dataset to rewrite it")
-    for s in manifest["shards"]:
-        shard_path(s.get("path") if isinstance(s, dict) else None, path)
-    return manifest
+    ds = open_dataset(root)
+    if isinstance(ds.manifest.get("totals"), dict):
+        return ds
+    raise ValueError(f"{path} has no 'totals' dict: the manifest is incomplete or not from this "
+                     "tool; re-run `dynaip curate` on the dataset to rewrite it")
 
 
-__all__ = ["load_manifest", "manifest_url", "parse_manifest", "read_manifest", "read_store_manifest"]
+def load_manifest(root: str | Path) -> dict[str, Any]:
+    """``root/manifest.json`` (``root``: a directory or an fsspec URL) as a dict, every shard entry checked
+    (``load_dataset``); errors say what is missing and what to do."""
+    return load_dataset(root).manifest
+
+
+__all__ = [
+    "load_dataset",
+    "load_manifest",
+    "manifest_url",
+    "open_dataset",
+    "parse_manifest",
+    "read_manifest",
+    "read_store_manifest",
+]

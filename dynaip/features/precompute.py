@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from dynaip.atomic import atomic_write_bytes
-from dynaip.dataset.format import shard_path
+from dynaip.dataset.manifest import open_dataset
 
 from .format import FeatureError, ShardWriter, write_tensors
 from .layout import (EMPTY, FORMAT, MANIFEST, PROGRESS, FeatureSpec, dataset_identity, feature_shard_path,
@@ -60,6 +60,8 @@ class ShardJob:
     samples: int
     """Sample count from the dataset manifest."""
     spec: FeatureSpec
+    data_bytes: int | None = None
+    """The data shard's size from the dataset manifest (checked with its sha256 while it is read)."""
 
     @property
     def path(self) -> str:
@@ -134,6 +136,8 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
     """Prepares ``DATASET/features/NAME`` (checking an existing one was built with ``spec``) and lists its jobs."""
     base = _local_dir(dataset)
     manifest, sha = dataset_identity(str(base))
+    # the one strict reader, before anything is written: paths inside the dataset, sizes and hashes present
+    refs = [r for r in open_dataset(str(base)).shards if r.samples > 0]
     name = name or spec.default_name()
     root = Path(features_root(str(base), name))
     state = root / PROGRESS / "spec.json"
@@ -153,12 +157,11 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
                        data_shards=shards)
     jobs: list[Job] = [EmptyJob(root=str(root), spec=spec)]
     paths = set()
-    for s in shards:
-        shard_path(s.get("path"), f"{base}/manifest.json")  # never a shard outside the dataset
-        jobs.append(ShardJob(root=str(root), data_url=str(base / s["path"]), data_path=s["path"],
-                             data_sha256=s.get("sha256", ""), samples=int(s["samples"]), spec=spec))
+    for r in refs:
+        jobs.append(ShardJob(root=str(root), data_url=r.url, data_path=r.path, data_sha256=r.sha256,
+                             samples=r.samples, spec=spec, data_bytes=r.bytes))
         if jobs[-1].path in paths:
-            raise FeatureError(f"{base}/manifest.json lists two shards with the stem of {s['path']}")
+            raise FeatureError(f"{base}/manifest.json lists two shards with the stem of {r.path}")
         paths.add(jobs[-1].path)
     for job in jobs:
         entry = _done(job)
@@ -174,10 +177,11 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
 # ----------------------------------------------------------------------------- one job (any process)
 
 def _decoded(job: ShardJob) -> Iterator[Any]:
-    """The shard's samples that the training loader would decode (the others are skipped, as there)."""
+    """The shard's samples that the training loader would decode (the others are skipped, as there).
+    The shard's size and sha256 are checked as it is read; its samples come only after that check."""
     from dynaip.train.data import decode_sample, iter_tar
 
-    for raw in iter_tar(job.data_url):
+    for raw in iter_tar(job.data_url, sha256=job.data_sha256, size=job.data_bytes):
         if raw is None:
             continue
         try:

@@ -99,7 +99,11 @@ def samples_html(view, entries, page: int, pages: int, total: int) -> str:
         return '<div id="ds-samples-body" data-page="0" data-pages="0">no sample matches these filters</div>'
     cards = []
     for e in entries:
-        r = view.render(e)
+        try:
+            r = view.render(e)
+        except ValueError as err:  # a damaged sample: its card says so in one line, the page goes on
+            cards.append(f'<div class="dyn-card" data-key="{_esc(e.key)}" data-error="1">⚠️ {_esc(err)}</div>')
+            continue
         link = f"/dataset/sample?root={_esc(_q(view.root))}&shard={_esc(_q(e.shard))}&key={_esc(_q(e.key))}"
         shard_link = f"/dataset/shard?root={_esc(_q(view.root))}&shard={_esc(_q(e.shard))}"
         cards.append(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,9 +23,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dynaip.dataset.format import shard_path
+from dynaip.dataset.format import DatasetError
 from dynaip.dataset.inspect import quality_sort_key
-from dynaip.dataset.manifest import parse_manifest
+from dynaip.dataset.manifest import open_dataset
+from dynaip.dataset.reader import check_member, dataset_root, read_shard
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,19 +61,25 @@ class DatasetView:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, root: str | Path) -> "DatasetView":
-        """Reads the manifest, rejects.jsonl and every shard's index (captions and metadata, not images)."""
-        root = str(root).strip()
-        if not root:
-            raise ValueError("give a dataset directory or URL (the folder that holds manifest.json)")
-        if "://" not in root:
-            root = str(Path(root).expanduser().resolve())
-        text = _read_text(_join(root, "manifest.json"), what=f"{root} is not a finished dataset: manifest.json")
-        manifest = parse_manifest(text, _join(root, "manifest.json"))  # the format checked as everywhere
-        view = cls(root=root, manifest=manifest)
+        """Reads the manifest, rejects.jsonl and every shard's index (captions and metadata, not images)
+        through the strict dataset reader: each shard is read whole, its members checked and its size and
+        sha256 matched before its index is kept (dynaip/dataset/reader.py)."""
+        root = dataset_root(root)
+        if not is_url(root):
+            root = str(Path(root).resolve())
+        if not _exists(_join(root, "manifest.json")):
+            raise FileNotFoundError(f"{root} is not a finished dataset: manifest.json not found at "
+                                    f"{_join(root, 'manifest.json')}")
+        ds = open_dataset(root)
+        view = cls(root=root, manifest=ds.manifest)
         rejects = _read_text(_join(root, "rejects.jsonl"), what="rejects.jsonl", missing_ok=True) or ""
-        view.reject_rows = [json.loads(line) for line in rejects.splitlines() if line.strip()]
-        for shard in manifest.get("shards", []):  # never a path outside the dataset
-            view.entries.extend(_index_shard(root, shard_path(shard.get("path"), _join(root, "manifest.json"))))
+        view.reject_rows = _reject_rows(rejects, _join(root, "rejects.jsonl"))
+        for ref in ds.shards:
+            for key, files in read_shard(ref, keep=lambda ext: ext in ("json", "txt")):
+                meta = json.loads(files["json"])  # a JSON object: checked by the reader
+                view.entries.append(SampleEntry(shard=ref.path, key=key, source=str(meta.get("source", "?")),
+                                                pair=str(meta.get("pair", "?")),
+                                                caption=files["txt"].decode("utf-8", "replace"), meta=meta))
         return view
 
     # ------------------------------------------------------------------ summary
@@ -115,13 +125,18 @@ class DatasetView:
         return entries[(page - 1) * size: page * size], page, pages
 
     def render(self, entry: SampleEntry) -> RenderedSample:
+        """The sample's images; ValueError (one line naming shard and key) when one does not decode."""
         files = _read_sample(self.root, entry.shard, entry.key)
         missing = [f for f in ("ref.png", "tgt.jpg", "mask.png") if f not in files]
         if missing:
             raise ValueError(f"{entry.shard} :: {entry.key} lacks {', '.join(missing)}")
-        ref = Image.open(io.BytesIO(files["ref.png"])).convert("RGB")
-        tgt = Image.open(io.BytesIO(files["tgt.jpg"])).convert("RGB")
-        mask = np.asarray(Image.open(io.BytesIO(files["mask.png"])).convert("L").resize(tgt.size)) > 127
+        try:
+            ref = Image.open(io.BytesIO(files["ref.png"])).convert("RGB")
+            tgt = Image.open(io.BytesIO(files["tgt.jpg"])).convert("RGB")
+            mask = np.asarray(Image.open(io.BytesIO(files["mask.png"])).convert("L").resize(tgt.size)) > 127
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{entry.shard} :: {entry.key} has an image that does not decode "
+                             f"({type(e).__name__}: {e}); run `dynaip manifest verify` on the dataset") from None
         over = np.asarray(tgt).copy()
         over[mask] = (0.5 * over[mask] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
         return RenderedSample(entry, ref, tgt, Image.fromarray(over))
@@ -144,18 +159,36 @@ class DatasetView:
                 if (not reason or r.get("reason") == reason) and (not stage or r.get("stage") == stage)]
 
     def reject_image(self, row: dict[str, str]) -> Image.Image | None:
-        """The rejected input's image when the source is a local folder and the file is readable; else None."""
+        """The rejected input's image when the source is a local folder and the file is readable; else None.
+
+        The row's ``id`` comes from the dataset (untrusted): only a relative id whose file lies inside the
+        source root is looked up; an absolute id, a ``..`` segment, a glob character or a file resolving
+        outside the root is refused (logged in one line, no image)."""
         src = self.manifest.get("source") or {}
-        if src.get("kind") != "folder" or "://" in str(src.get("root", "://")):
+        if not isinstance(src, dict) or src.get("kind") != "folder" or is_url(str(src.get("root", "://"))):
             return None
-        base = Path(src["root"])
+        base = Path(str(src["root"])).resolve()
         rid = str(row.get("id", "")).split("~")[0]
-        for candidate in sorted(base.glob(f"{rid}.*")):
+        parts = rid.replace("\\", "/").split("/")
+        if not rid or rid.startswith(("/", "~")) or any(p in ("", ".", "..") for p in parts) or any(
+                c in rid for c in "*?[]\\:"):
+            log.warning("rejects.jsonl of %s: id %r is not a relative path inside the source folder %s; "
+                        "its image is not shown", self.root, row.get("id"), base)
+            return None
+        try:
+            candidates = sorted(base.glob(f"{rid}.*"))
+        except (OSError, ValueError):
+            return None
+        for candidate in candidates:
+            if not candidate.resolve().is_relative_to(base):  # a link leading out of the source folder
+                log.warning("rejects.jsonl of %s: %s resolves outside the source folder %s; not shown",
+                            self.root, candidate, base)
+                return None
             try:
-                img = Image.open(candidate)
-                img.load()
-                return img.convert("RGB")
-            except Exception:
+                with Image.open(candidate) as img:
+                    img.load()
+                    return img.convert("RGB")
+            except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
                 return None
         return None
 
@@ -185,35 +218,49 @@ def _read_text(path: str, what: str, missing_ok: bool = False) -> str | None:
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
-def _index_shard(root: str, rel: str) -> list[SampleEntry]:
-    groups: dict[str, dict[str, bytes]] = {}
-    try:
-        with _open(_join(root, rel)) as f, tarfile.open(fileobj=f, mode="r|") as tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.split("/")[-1].partition(".")
-                if ext in ("json", "txt"):
-                    groups.setdefault(key, {})[ext] = tf.extractfile(member).read()
-                else:
-                    groups.setdefault(key, {})
-    except (tarfile.TarError, OSError) as e:
-        raise ValueError(f"shard {rel} of {root} is unreadable ({e}); run `dynaip manifest verify`") from None
-    out = []
-    for key, files in groups.items():
-        meta = json.loads(files.get("json", b"{}") or b"{}")
-        out.append(SampleEntry(shard=rel, key=key, source=str(meta.get("source", "?")), pair=str(meta.get("pair", "?")),
-                               caption=files.get("txt", b"").decode("utf-8", "replace"), meta=meta))
-    return out
+def is_url(root: str) -> bool:
+    return "://" in root
+
+
+def _exists(path: str) -> bool:
+    if is_url(path):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.exists(p)
+    return Path(path).is_file()
+
+
+def _reject_rows(text: str, where: str) -> list[dict[str, str]]:
+    """The rows of rejects.jsonl; a line that is not a JSON object is a one-line ValueError naming it."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{where} line {n} is not valid JSON ({e}); the dataset is damaged") from None
+        if isinstance(row, dict):
+            rows.append(row)
+            continue
+        raise ValueError(f"{where} line {n} is a {type(row).__name__}, not a JSON object; the dataset is damaged")
+    return rows
 
 
 def _read_sample(root: str, rel: str, key: str) -> dict[str, bytes]:
+    """One sample's members, read with the member checks of the dataset reader (regular files, shard
+    member names). The shard's size and hash were checked when the view opened; this later read is not
+    hashed again (it stops at the sample)."""
     files: dict[str, bytes] = {}
-    with _open(_join(root, rel)) as f, tarfile.open(fileobj=f, mode="r|") as tf:
-        for member in tf:
-            k, _, ext = member.name.split("/")[-1].partition(".")
-            if k == key and member.isfile():
-                files[ext] = tf.extractfile(member).read()
-            elif files:
-                break
+    try:
+        with _open(_join(root, rel)) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            for member in tf:
+                k, ext = check_member(member, f"shard {_join(root, rel)}")
+                if k == key:
+                    files[ext] = tf.extractfile(member).read()
+                elif files:
+                    break
+    except (tarfile.TarError, OSError, DatasetError) as e:
+        raise ValueError(f"{rel} :: {key} cannot be read ({str(e).split('; ', 1)[0]})") from None
     return files

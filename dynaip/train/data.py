@@ -56,8 +56,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dynaip.dataset.format import shard_entries
-from dynaip.dataset.manifest import read_manifest
+from dynaip.dataset.manifest import open_dataset
+from dynaip.dataset.reader import check_member, check_new_member, check_sample
 from dynaip.geometry import pad_to_square_white
 from .shard_integrity import ShardGuard, corrupt_count
 from .stream import Decoded, ShardInfo, StreamSpec, WorkerPosition
@@ -70,18 +70,14 @@ log = logging.getLogger(__name__)
 MAX_EMPTY_EPOCHS = 50  # a consumer that finds no usable sample in this many epochs in a row raises
 
 
-def _join(base: str, rel: str) -> str:
-    if "://" in rel or rel.startswith("/"):
-        return rel
-    return base.rstrip("/") + "/" + rel
-
-
 def read_manifests(dirs: Sequence[str]) -> list[ShardInfo]:
-    """The shards of every ``DIR/manifest.json`` (local path or fsspec URL), in the given order."""
+    """The shards of every ``DIR/manifest.json`` (local path or fsspec URL), in the given order; every
+    entry checked by the one dataset reader (dynaip/dataset/reader.py: paths inside the root, types, hashes)."""
     shards: list[ShardInfo] = []
     for i, d in enumerate(dirs):
-        for s in shard_entries(read_manifest(d)):  # format checked (dynaip/dataset/manifest.py)
-            shards.append(ShardInfo(_join(d, s["path"]), int(s["samples"]), dataset=i, sha256=s.get("sha256")))
+        for s in open_dataset(d).shards:
+            if s.samples > 0:
+                shards.append(ShardInfo(s.url, s.samples, dataset=i, sha256=s.sha256, bytes=s.bytes))
     if not shards:
         raise ValueError(f"datasets {list(dirs)} list no samples in their manifests; nothing to train on")
     return shards
@@ -112,24 +108,21 @@ def block_permutation(spec: StreamSpec, epoch: int, consumer: int, block: int, l
 
 # ----------------------------------------------------------------------------- tar reading
 
-def _key_and_ext(name: str) -> tuple[str, str]:
-    """WebDataset grouping: key = path up to the first dot of the basename."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
-
-
 def iter_tar(url: str, skip: int = 0, count: int | None = None, sha256: str | None = None,
-             on_corrupt: str = "error") -> Iterator[dict[str, bytes] | None]:
+             on_corrupt: str = "error", size: int | None = None) -> Iterator[dict[str, bytes] | None]:
     """Samples ``skip .. skip+count`` of one shard, in order; ``None`` for each one that is lost.
 
     Members of skipped samples are passed over with ``tarfile``'s seek, not read. When the tar
     cannot be opened or breaks part-way, every remaining requested sample comes out as ``None``.
-    With ``sha256`` the shard's bytes are checked against it while they are read
-    (dynaip/train/shard_integrity.py); a mismatch or a missing shard follows ``on_corrupt``.
+    With ``sha256`` (and ``size``) the shard's bytes are checked against it while they are read
+    (dynaip/train/shard_integrity.py); a mismatch or a missing shard follows ``on_corrupt``. A member
+    that is not a regular file named like a shard member, or a sample without all its members or
+    with a json that is not an object, is an error whatever ``on_corrupt`` says (such a shard was
+    built that way; dynaip/dataset/reader.py).
     """
     want = count if count is not None else 1 << 62
-    guard = ShardGuard(url, sha256, on_corrupt)
+    guard = ShardGuard(url, sha256, on_corrupt, size)
+    where = f"shard {url}"
     held: list[dict[str, bytes]] = []  # samples of a shard whose hash is not yet known wait here
     produced = 0
     if guard.verdict is not False:  # a shard found corrupt before (skip policy) is not read again
@@ -138,23 +131,24 @@ def iter_tar(url: str, skip: int = 0, count: int | None = None, sha256: str | No
             with guard.open() as f, tarfile.open(fileobj=f, mode="r:") as tf:  # type: ignore[arg-type]
                 idx, key, cur = -1, None, {}
                 for member in tf:
-                    if not member.isfile():
-                        continue
-                    k, ext = _key_and_ext(member.name)
+                    k, ext = check_member(member, where)
                     if k != key:
                         if cur and idx >= skip:
+                            check_sample(str(key), cur, where)
                             held.append(cur)
                             produced += 1
                             if produced >= want:
                                 break
                         idx, key, cur = idx + 1, k, {"__key__": k.encode()}
                     if idx >= skip:
+                        check_new_member(cur, k, ext, where)
                         cur[ext] = tf.extractfile(member).read()  # type: ignore[union-attr]
                     if held and not guard.pending:  # verified before: stream as it comes
                         yield from held
                         held = []
                 else:
                     if cur and idx >= skip and produced < want:
+                        check_sample(str(key), cur, where)
                         held.append(cur)
                         produced += 1
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -182,7 +176,7 @@ def iter_positions(shards: list[ShardInfo], starts: np.ndarray, begin: int, end:
         s = int(np.searchsorted(starts, p, side="right") - 1)
         n = min(int(starts[s + 1]) - p, end - pos)
         for raw in iter_tar(shards[s].url, skip=p - int(starts[s]), count=n, sha256=shards[s].sha256,
-                            on_corrupt=on_corrupt):
+                            on_corrupt=on_corrupt, size=shards[s].bytes):
             if raw is not None and shards[s].features is not None:
                 raw["__features__"] = shards[s].features  # type: ignore[assignment]
             yield raw

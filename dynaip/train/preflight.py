@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from dynaip.dataset.manifest import read_manifest
+from dynaip.dataset.manifest import open_dataset
 
 from .config import TrainConfig, saved_strategy
 
@@ -28,7 +28,7 @@ def dataset_pairs(directory: str) -> dict[str, int] | None:
     None when the manifest predates per-shard pair counts (then the type cannot be checked ahead).
     """
     try:
-        manifest = read_manifest(directory)  # the format checked as everywhere (dynaip/dataset/manifest.py)
+        manifest = open_dataset(directory).manifest  # the one strict reader (dynaip/dataset/reader.py)
     except (FileNotFoundError, ValueError) as e:
         raise PreflightError(str(e)) from e
     shards = [s for s in manifest.get("shards", []) if int(s.get("samples", 0)) > 0]
@@ -88,7 +88,7 @@ def first_sample_meta(directory: str) -> dict[str, Any] | None:
         shard = read_manifests([directory])[0]
     except ValueError:  # no samples: check_stages judges the counts
         return None
-    raw = next(iter_tar(shard.url, count=1), None)
+    raw = next(iter_tar(shard.url, count=1, sha256=shard.sha256, size=shard.bytes), None)  # checked first
     return json.loads(raw["json"]) if raw is not None and "json" in raw else None
 
 

@@ -16,18 +16,22 @@ materialises anyway), so no sample of a shard that fails its hash ever reaches t
 Policy (``data.on_corrupt_shard`` in the train config, ``StreamSpec.on_corrupt_shard``):
 ``error`` (default) raises ``ShardIntegrityError`` naming the shard for a hash mismatch or a
 missing shard; ``skip`` drops the shard's samples (counted as skipped) and counts the shard
-(``corrupt_count``; the trainer logs it as ``corrupt_shards``). A shard whose manifest entry has
-no ``sha256`` (older manifests) is not hash-checked, only opened.
+(``corrupt_count``; the trainer logs it as ``corrupt_shards``); a shard with more or fewer bytes than
+its manifest entry lists is treated the same. A manifest entry without ``sha256`` or ``bytes`` never
+gets here: the dataset reader refuses the manifest (dynaip/dataset/reader.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-from typing import IO, Any
+import re
+from typing import IO
 
 import fsspec
+
+from dynaip.dataset import reader as dataset_reader
+from dynaip.dataset.reader import HashingReader
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,12 @@ _CORRUPT = 0
 """Distinct corrupt or missing shards this process met (the consumer adds the change to its position)."""
 
 
-class ShardIntegrityError(ValueError):
+ERROR_LINE = re.compile(r"^.*\b(ShardIntegrityError|DatasetError): ")
+"""The exception's name in front of a shard error's line as a traceback's last line spells it (a
+DataLoader worker's or a Ray worker's failure carries the error as text)."""
+
+
+class ShardIntegrityError(dataset_reader.ShardIntegrityError):
     """A shard is missing or its bytes are not the manifest's (``data.on_corrupt_shard: error``)."""
 
 
@@ -55,59 +64,13 @@ def reset() -> None:
     _CORRUPT = 0
 
 
-class HashingReader(io.RawIOBase):
-    """A read-only file whose bytes, read in order, feed a sha256; forward seeks read through."""
-
-    def __init__(self, raw: IO[bytes]):
-        super().__init__()
-        self.raw, self.pos, self.h = raw, 0, hashlib.sha256()
-        self.ordered = True
-        """False after a backward seek: the hash no longer covers the file in order (see ``digest``)."""
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read() if n is None or n < 0 else self.raw.read(n)
-        if self.ordered:
-            self.h.update(data)
-        self.pos += len(data)
-        return data
-
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        target = {io.SEEK_SET: offset, io.SEEK_CUR: self.pos + offset}.get(whence)
-        if target is None or target < self.pos:  # tarfile only moves forward; anything else stops hashing
-            self.ordered = False
-            self.pos = self.raw.seek(offset, whence)
-            return self.pos
-        while self.pos < target:  # read through instead of skipping: those bytes must be hashed too
-            if not self.read(min(_CHUNK, target - self.pos)):
-                break
-        return self.pos
-
-    def drain(self) -> None:
-        while self.read(_CHUNK):
-            pass
-
-
 class ShardGuard:
     """Verification of one shard open (see the module docstring)."""
 
-    def __init__(self, url: str, sha256: str | None, policy: str = "error"):
+    def __init__(self, url: str, sha256: str | None, policy: str = "error", size: int | None = None):
         if policy not in POLICIES:
             raise ValueError(f"on_corrupt_shard={policy!r}: choose one of {POLICIES}")
-        self.url, self.sha256, self.policy = url, sha256, policy
+        self.url, self.sha256, self.policy, self.size = url, sha256, policy, size
         self.reader: HashingReader | None = None
         self._raw = None
 
@@ -151,7 +114,11 @@ class ShardGuard:
             got = h.hexdigest()
         else:
             got = self.reader.h.hexdigest()
-        self.reader = None
+        length, self.reader = self.reader.pos, None
+        if self.size is not None and length != self.size:
+            self._fail(f"shard {self.url} has {length} bytes, the manifest lists {self.size}: "
+                       "its bytes changed after curation")
+            return False
         if got == self.sha256:
             _VERDICTS[(self.url, self.sha256)] = True
             return True

@@ -32,6 +32,8 @@ class ShardInfo:
     """Index of its dataset in the stage's data list (per-dataset counts and mixtures)."""
     sha256: str | None = None
     """The manifest's hash of the tar; checked while it is read (dynaip/train/shard_integrity.py)."""
+    bytes: int | None = None
+    """The manifest's size of the tar; checked with the hash."""
 
 
 @dataclass(kw_only=True)

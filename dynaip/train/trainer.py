@@ -110,11 +110,14 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
 
 
 def _integrity_line(e: BaseException) -> str | None:
-    """The ``ShardIntegrityError`` message inside a Ray Train failure (its text or its causes), or None."""
+    """The ``ShardIntegrityError`` (or dataset rule ``DatasetError``) message inside a Ray Train failure
+    (its text or its causes), or None."""
+    from .shard_integrity import ERROR_LINE
+
     seen = 0
     while e is not None and seen < 10:
         for ln in str(e).splitlines():
-            if "ShardIntegrityError: " in ln:
-                return ln.split("ShardIntegrityError: ", 1)[1].strip()
+            if ERROR_LINE.match(ln):
+                return ERROR_LINE.sub("", ln).strip()
         e, seen = e.__cause__ or e.__context__, seen + 1  # type: ignore[assignment]
     return None

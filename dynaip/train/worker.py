@@ -276,14 +276,16 @@ class Worker(ResumeState):
         return t.tolist()
 
     def run(self) -> dict[str, Any]:
-        from .shard_integrity import ShardIntegrityError
+        from dynaip.dataset.format import DatasetError
+
+        from .shard_integrity import ERROR_LINE, ShardIntegrityError
 
         try:
             return self._run()
-        except ShardIntegrityError as e:
+        except DatasetError as e:  # a shard failing its hash, or breaking the dataset rules (dataset/reader.py)
             # from a DataLoader worker the message carries that worker's traceback: keep its last line
             line = [ln for ln in str(e).splitlines() if ln.strip()][-1]
-            line = line.removeprefix("dynaip.train.shard_integrity.").removeprefix("ShardIntegrityError: ")
+            line = ERROR_LINE.sub("", line)
             self.metrics.write(step=self.step, event="corrupt_shard", rank=self.rank, error=line)
             self.metrics.close()
             raise ShardIntegrityError(line) from None
