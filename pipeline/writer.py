@@ -186,7 +186,7 @@ class ChunkResult:
 Ledger = dict[str, list]
 """A chunk's per-input outcome, ``.progress/{chunk:06d}.ledger.json``: ``{"rejected": [[position,
 reject json], ...], "accepted": [[position, sample key, pair kind, [perceptual hash hex, ...], source,
-id], ...]}``
+id, [8×8 thumbnail hex, ...]], ...]}``
 (positions within the chunk). It is written before the chunk's shards and marker; the
 de-duplication pass reads the hashes from it, and rebuilds the reject list from it."""
 
@@ -371,7 +371,7 @@ class DatasetWriter:
                     kept_samples.append([])
                 kept_samples[-1].append((name, data))
         by_pos: list[tuple[int, dict[str, str]]] = [(pos if pos is not None else -1, rj) for pos, rj in ledger["rejected"]]
-        for pos, key, _kind, _hashes, source, sid in ledger["accepted"]:
+        for pos, key, _kind, _hashes, source, sid, *_ in ledger["accepted"]:
             if key in duplicates:
                 by_pos.append((pos, {"source": source, "id": sid, "stage": "dedup",
                                      "reason": f"{DUPLICATE_OF}{duplicates[key]}"}))
