@@ -4,8 +4,8 @@ Each accepted input carries perceptual hashes (pHash from ``imagehash``; its tar
 cross pair also its reference image's) and, when ``dedup.max_thumb_diff`` is set, an 8×8 RGB
 thumbnail of each of those images, in its chunk's ledger. Two accepted inputs of the same pair kind
 are near-duplicates when every hash differs in at most ``dedup.max_distance`` bits and — the second,
-stronger check — every thumbnail pair differs by at most ``max_thumb_diff`` grey levels on average
-(pHash alone calls many distinct low-detail objects on white the same; docs/curation_quality.md).
+stronger check — no value of their thumbnails differs by more than ``max_thumb_diff`` levels (pHash
+is grey and coarse: it calls many distinct low-detail objects on white near copies; BENCHMARKS.md).
 The copy kept is the one first in input order; every later one is rejected as ``duplicate of <key of
 the earliest near copy>``, whatever the chunk or source.
 
@@ -240,8 +240,7 @@ def _near(e: Entries, i: np.ndarray, j: np.ndarray, max_distance: int, w: int, m
     if max_thumb_diff is not None and e.thumbs.shape[1] and ok.any():
         k = np.flatnonzero(ok)
         diff = np.abs(e.thumbs[i[k]].astype(np.int16) - e.thumbs[j[k]].astype(np.int16))
-        mean = diff.reshape(len(k), -1, 3 * THUMB * THUMB).mean(axis=2)
-        ok[k] = (mean <= max_thumb_diff).all(axis=1)
+        ok[k] = diff.max(axis=1) <= max_thumb_diff
     return ok
 
 

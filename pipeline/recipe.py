@@ -242,7 +242,7 @@ class ConsistencyConfig:
     scenes score above it, different objects of one category mostly below."""
 
 
-THUMB_DIFF_DEFAULT = 6.0
+THUMB_DIFF_DEFAULT = 14.0
 
 
 @dataclass(kw_only=True)
@@ -258,10 +258,11 @@ class DedupConfig:
     hash_size: int = 16
     """pHash side (imagehash): hashes of hash_size² bits."""
     max_thumb_diff: float | None = THUMB_DIFF_DEFAULT
-    """The second check before a near copy is rejected: the 8×8 RGB thumbnails of the two inputs'
-    images (box averages, stored in the ledger) must differ by at most this many grey levels on average
-    (0–255), every image. pHash alone calls many distinct low-detail objects on white near copies;
-    re-encoded and resized copies stay far below this. null: pHash only."""
+    """The second check before a near copy is rejected: no value of the 8×8 RGB thumbnails of the two
+    inputs' images (box averages, 0–255, stored in the ledger) may differ by more than this. pHash
+    alone calls many distinct low-detail objects on white near copies (their closest thumbnails differ
+    by 12 or more at a cell, mostly by 30+), while resized and re-encoded copies stay within 12
+    (BENCHMARKS.md, "Ten-million scale"). null: pHash only."""
 
 
 @dataclass(kw_only=True)
