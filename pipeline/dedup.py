@@ -46,6 +46,8 @@ SPLIT_MIN_BITS = 8
 MAX_SPLIT_DEPTH = 4
 """Splits nested at most this deep; a bucket still larger is compared whole."""
 PAIRS_PER_STEP = 1 << 20
+PREFILTER_SLOTS = 1 << 24
+"""Rows whose bucket key's low 24 bits no other row shares are alone in their bucket (one counting pass)."""
 """Pairs compared per numpy step (bounds the temporary arrays)."""
 DEDUP_DIR = ".progress/dedup"
 
@@ -219,7 +221,7 @@ def band_keys(e: Entries, max_distance: int, hash_size: int) -> np.ndarray:
         else:  # wide bands (a small max_distance): hashed down to 64 bits
             bitmat = _bits(e.words, bits) if bitmat is None else bitmat
             value = _value_key(bitmat[:, c])
-        out[:, b] = _mix(_mix(e.group, b + 1), value)
+        out[:, b] = _mix(e.group, b + 1) ^ value  # a random 64-bit constant per (group, band): no collisions
     return out
 
 
@@ -277,12 +279,24 @@ def _split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, mas
 def _collapse(e: Entries) -> np.ndarray:
     """For rows sorted by index: the row of each one's earliest identical twin (itself when none).
     Identical rows (same group, hashes and thumbnails) are near everything the earliest is near."""
-    blob = np.concatenate([e.group[:, None].view(np.uint8).reshape(len(e), 8),
-                           np.ascontiguousarray(e.words).view(np.uint8).reshape(len(e), -1), e.thumbs], axis=1)
-    blob = np.ascontiguousarray(blob)
-    _, first, inverse = np.unique(blob.view(np.dtype((np.void, blob.shape[1]))).ravel(),
-                                  return_index=True, return_inverse=True)
-    return first[inverse.ravel()]
+    n = len(e)
+    fp = _mix(e.group, 0)
+    for c in range(e.words.shape[1]):
+        fp = _mix(fp, e.words[:, c])
+    if e.thumbs.shape[1]:
+        pad = np.pad(e.thumbs, ((0, 0), (0, -e.thumbs.shape[1] % 8)))
+        fp = _mix(fp, np.bitwise_xor.reduce(np.ascontiguousarray(pad).view(np.uint64), axis=1))
+    order = np.argsort(fp)
+    sfp = fp[order]
+    starts = np.flatnonzero(np.r_[True, sfp[1:] != sfp[:-1]])
+    twin = np.empty(n, np.int64)
+    twin[order] = np.repeat(np.minimum.reduceat(order, starts), np.diff(np.r_[starts, n]))
+    same = np.flatnonzero(twin != np.arange(n))  # a fingerprint collision is not a twin: check the data
+    t = twin[same]
+    real = (e.group[t] == e.group[same]) & (e.words[t] == e.words[same]).all(axis=1) & \
+        (e.thumbs[t] == e.thumbs[same]).all(axis=1)
+    twin[same[~real]] = same[~real]
+    return twin
 
 
 def _note_largest(stats: dict[str, int], name: str, keys: np.ndarray) -> None:
@@ -303,6 +317,10 @@ def reduce_entries(e: Entries, rows: np.ndarray, keys: np.ndarray, band: np.ndar
     best = np.full(n, n, np.int64)
     if n == 0:
         return best - n - 1
+    if len(keys) > PREFILTER_SLOTS // 16:  # most buckets hold one row: drop those before sorting
+        low = (keys & np.uint64(PREFILTER_SLOTS - 1)).astype(np.int64)
+        maybe = np.bincount(low, minlength=PREFILTER_SLOTS)[low] > 1
+        rows, keys, band = rows[maybe], keys[maybe], band[maybe]
     order = np.argsort(keys)  # members of a bucket in any order: each pair is compared as (min, max)
     rows, keys, band = rows[order], keys[order], band[order]
     same = keys[1:] == keys[:-1]
@@ -362,7 +380,10 @@ def partition(e: Entries, max_distance: int, hash_size: int, reducers: int) -> l
     own = owner(keys, reducers)
     out = []
     for r in range(reducers):
-        rr, cc = np.nonzero(own == r)  # rr ascends
+        if reducers == 1:
+            rr, cc = np.divmod(np.arange(keys.size), keys.shape[1])
+        else:
+            rr, cc = np.nonzero(own == r)  # rr ascends
         present = np.zeros(len(e), bool)
         present[rr] = True
         rows = np.flatnonzero(present)
