@@ -250,7 +250,8 @@ def _split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, mas
            max_distance: int, hash_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sub-buckets of the buckets larger than ``SPLIT_ABOVE`` (``rows``/``keys``/``spec`` sorted by
     key; ``masks[spec]``: the bit columns a bucket's members share). Each big bucket's members go into
-    ``max_distance + 1`` sub-bands of their unshared bits; ``masks`` grows by the new specs."""
+    ``max_distance + 1`` sub-bands of the bits they do not all share (a near pair agrees exactly on
+    one of them), when that leaves fewer pairs to compare; ``masks`` grows by the new specs."""
     bits = hash_size * hash_size
     out_rows, out_keys, out_spec = [], [], []
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
@@ -258,19 +259,25 @@ def _split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, mas
     big = (ends - starts) > SPLIT_ABOVE
     keep = np.ones(len(keys), bool)
     for s, t in zip(starts[big], ends[big]):
-        mask = masks[spec[s]]
+        members = rows[s:t]
+        bitmat = _bits(e.words[members], bits)
+        # bits every member has alike add no distance: the sub-bands cut only the bits that vary
+        mask = masks[spec[s]] | (bitmat == bitmat[0]).all(axis=0)
         free = np.flatnonzero(~mask)
         if len(free) < SPLIT_MIN_BITS * (max_distance + 1):
             continue  # sub-bands this narrow would not spread the members: compared whole
+        bands_q = _band_columns(free, max_distance + 1)
+        sub_keys = [_mix(_mix(keys[s:t], q + 1), _value_key(bitmat[:, cols])) for q, cols in enumerate(bands_q)]
+        pairs = sum(int((np.unique(k, return_counts=True)[1].astype(np.int64) ** 2).sum()) for k in sub_keys)
+        if pairs >= (t - s) ** 2:
+            continue  # members alike on most sub-bands (a cluster of near copies): splitting would not pay
         keep[s:t] = False
-        members = rows[s:t]
-        bitmat = _bits(e.words[members], bits)
-        for q, cols in enumerate(_band_columns(free, max_distance + 1)):
+        for cols, sub_key in zip(bands_q, sub_keys):
             sub = mask.copy()
             sub[cols] = True
             masks.append(sub)
             out_rows.append(members)
-            out_keys.append(_mix(_mix(keys[s:t], q + 1), _value_key(bitmat[:, cols])))
+            out_keys.append(sub_key)
             out_spec.append(np.full(t - s, len(masks) - 1, np.int64))
     return (np.concatenate([rows[keep], *out_rows]), np.concatenate([keys[keep], *out_keys]),
             np.concatenate([spec[keep], *out_spec]))
