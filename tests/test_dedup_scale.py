@@ -144,3 +144,47 @@ def test_max_thumb_diff_is_checked_and_recorded_in_the_ledger():
     enc = Encoded([[("s-x-0.json", b"{}")]], "intra", ["00"], "s", "x", [thumb])
     _, _, ledger = assemble([None], [(0, enc)])  # the record is looked at only for a repeated key
     assert ledger["accepted"][0][6] == [thumb]
+
+
+def _chunk(i: int) -> list[tuple[str, bytes]]:
+    return [(f"s-{i:03d}-0.json", json.dumps({"pair": "intra"}).encode()), (f"s-{i:03d}-0.txt", b"x" * 1500)]
+
+
+def test_duplicate_removal_rewrites_only_the_parts_holding_one(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from pipeline.writer import DatasetWriter, read_tar_members, sha256_file
+
+    def no_listing(*_a, **_k):
+        raise AssertionError("shards/ listed")
+
+    monkeypatch.setattr(Path, "glob", no_listing)
+    w = DatasetWriter(tmp_path / "ds", "h", max_bytes=7000)  # two samples per part
+    ledger = {"rejected": [], "accepted": [[i, f"s-{i:03d}-0", "intra", ["00"], "src", str(i), []] for i in range(12)]}
+    res = w.write_chunk(0, "fp", 12, [_chunk(i) for i in range(12)], [], ledger=ledger)
+    assert [s["samples"] for s in res.shards] == [2] * 6
+    parts = tmp_path / "ds" / "shards"
+    before = {p.name: p.stat().st_ino for p in parts.iterdir()}
+    res = w.apply_duplicates(0, {"s-003-0": "s-001-0"})
+    after = {p.name: p.stat().st_ino for p in parts.iterdir()}
+    assert [n for n in before if before[n] != after[n]] == ["000000_01.tar"]  # only the part that held s-003
+    assert [s["samples"] for s in res.shards] == [2, 1, 2, 2, 2, 2] and res.accepted == 11
+    assert all(sha256_file(tmp_path / "ds" / s["path"]) == s["sha256"] for s in res.shards)
+    with open(parts / "000000_01.tar", "rb") as f:
+        assert [n for n, _ in read_tar_members(f)] == ["s-002-0.json", "s-002-0.txt"]
+    more = {"s-003-0": "s-001-0", "s-004-0": "s-000-0", "s-005-0": "s-000-0"}  # part 2 empties: removed
+    res = w.apply_duplicates(0, more)
+    assert [s["path"] for s in res.shards] == [f"shards/000000{p}.tar" for p in ("", "_01", "_03", "_04", "_05")]
+    assert not (parts / "000000_02.tar").exists() and res.accepted == 9
+    assert [r["reason"] for r in res.rejects] == ["duplicate of s-001-0", "duplicate of s-000-0", "duplicate of s-000-0"]
+    assert w.apply_duplicates(0, more) == res  # idempotent
+    assert w.apply_duplicates(0, {"s-004-0": "s-000-0"}) is None  # lost a sample no longer a duplicate: rebuild
+    # a rebuild with fewer parts removes the old ones without listing shards/, and so does a build
+    # after a crash that left parts but no marker
+    w.write_chunk(0, "fp", 4, [_chunk(i) for i in range(4)], [], ledger=ledger)
+    assert sorted(p.name for p in parts.iterdir()) == ["000000.tar", "000000_01.tar"]
+    w.forget(0)
+    for p in ("_02", "_03"):
+        (parts / f"000000{p}.tar").write_bytes(b"left by a crashed build")
+    w.write_chunk(0, "fp", 4, [_chunk(i) for i in range(4)], [], ledger=ledger)
+    assert sorted(p.name for p in parts.iterdir()) == ["000000.tar", "000000_01.tar"]
