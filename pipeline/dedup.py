@@ -241,13 +241,14 @@ def _near(e: Entries, i: np.ndarray, j: np.ndarray, max_distance: int, w: int, m
     ok = (dist <= max_distance).all(axis=1) & (e.group[i] == e.group[j])
     if max_thumb_diff is not None and e.thumbs.shape[1] and ok.any():
         k = np.flatnonzero(ok)
-        diff = np.abs(e.thumbs[i[k]].astype(np.int16) - e.thumbs[j[k]].astype(np.int16))
-        ok[k] = diff.max(axis=1) <= max_thumb_diff
+        a, b = e.thumbs[i[k]], e.thumbs[j[k]]
+        ok[k] = (np.maximum(a, b) - np.minimum(a, b)).max(axis=1) <= max_thumb_diff
     return ok
 
 
 def _split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, masks: list[np.ndarray],
-           max_distance: int, hash_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           max_distance: int, hash_size: int, max_thumb_diff: float | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sub-buckets of the buckets larger than ``SPLIT_ABOVE`` (``rows``/``keys``/``spec`` sorted by
     key; ``masks[spec]``: the bit columns a bucket's members share). Each big bucket's members go into
     ``max_distance + 1`` sub-bands of the bits they do not all share (a near pair agrees exactly on
@@ -264,23 +265,42 @@ def _split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, mas
         # bits every member has alike add no distance: the sub-bands cut only the bits that vary
         mask = masks[spec[s]] | (bitmat == bitmat[0]).all(axis=0)
         free = np.flatnonzero(~mask)
-        if len(free) < SPLIT_MIN_BITS * (max_distance + 1):
-            continue  # sub-bands this narrow would not spread the members: compared whole
-        bands_q = _band_columns(free, max_distance + 1)
-        sub_keys = [_mix(_mix(keys[s:t], q + 1), _value_key(bitmat[:, cols])) for q, cols in enumerate(bands_q)]
-        pairs = sum(int((np.unique(k, return_counts=True)[1].astype(np.int64) ** 2).sum()) for k in sub_keys)
-        if pairs >= (t - s) ** 2:
-            continue  # members alike on most sub-bands (a cluster of near copies): splitting would not pay
+        subs: list[tuple[np.ndarray, np.ndarray]] = []
+        if len(free) >= SPLIT_MIN_BITS * (max_distance + 1):  # narrower sub-bands would not spread the members
+            for q, cols in enumerate(_band_columns(free, max_distance + 1)):
+                sub = mask.copy()
+                sub[cols] = True
+                subs.append((_mix(_mix(keys[s:t], q + 1), _value_key(bitmat[:, cols])), sub))
+        if not _pays(subs, t - s) and max_thumb_diff is not None and e.thumbs.shape[1]:
+            subs = _thumb_split(e.thumbs[members], keys[s:t], mask, max_thumb_diff)
+        if not _pays(subs, t - s):
+            continue  # alike on every cut (a cluster of near copies): compared whole
         keep[s:t] = False
-        for cols, sub_key in zip(bands_q, sub_keys):
-            sub = mask.copy()
-            sub[cols] = True
+        for sub_key, sub in subs:
             masks.append(sub)
             out_rows.append(members)
             out_keys.append(sub_key)
             out_spec.append(np.full(t - s, len(masks) - 1, np.int64))
     return (np.concatenate([rows[keep], *out_rows]), np.concatenate([keys[keep], *out_keys]),
             np.concatenate([spec[keep], *out_spec]))
+
+
+def _pays(subs: list[tuple[np.ndarray, np.ndarray]], size: int) -> bool:
+    """Whether sub-buckets leave fewer pairs to compare than their bucket of ``size``."""
+    pairs = sum(int((np.unique(k, return_counts=True)[1].astype(np.int64) ** 2).sum()) for k, _ in subs)
+    return bool(subs) and pairs < size * size
+
+
+def _thumb_split(thumbs: np.ndarray, keys: np.ndarray, mask: np.ndarray, max_thumb_diff: float
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Sub-buckets of members alike on every hash cut, by the thumbnail value that varies most among
+    them: a near pair differs there by at most ``max_thumb_diff``, so it shares a cell of width
+    ``w > 2 × max_thumb_diff`` in one of two grids offset by ``w / 2`` (a boundary of one lies at
+    least ``w / 2`` from the other's)."""
+    value = thumbs[:, int(thumbs.astype(np.float32).std(axis=0).argmax())].astype(np.int64)
+    w = int(2 * max_thumb_diff) + 2
+    salt = np.uint64(0xD1B54A32D192ED03)
+    return [(_mix(keys ^ salt, (value + w // 2 * g) // w + 1000 * g), mask) for g in (0, 1)]
 
 
 def _collapse(e: Entries) -> np.ndarray:
@@ -352,7 +372,7 @@ def reduce_entries(e: Entries, rows: np.ndarray, keys: np.ndarray, band: np.ndar
         sizes = np.diff(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True]))
         if not len(sizes) or sizes.max() <= SPLIT_ABOVE:
             break
-        rows, keys, spec = _split(e, rows, keys, spec, masks, max_distance, hash_size)
+        rows, keys, spec = _split(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff)
         order = np.argsort(keys)
         rows, keys, spec = rows[order], keys[order], spec[order]
     _note_largest(stats, "largest_compared", keys)

@@ -100,6 +100,28 @@ def test_thumbnail_check_skips_hash_twins_that_look_different():
         dedup.entries_from([(0, "a", "intra", [h], None)], 8, True)
 
 
+def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monkeypatch):
+    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)
+    rng = np.random.default_rng(11)
+    base = int(rng.integers(0, 2 ** 62))
+    rows, entries, thumbs = [], [], []
+    for k in range(150):  # one pHash cluster (all within 2 bits), pictures in five colours ± noise
+        h = base ^ (1 << int(rng.integers(64))) ^ (1 << int(rng.integers(64)))
+        cell = np.clip(rng.normal(40 + 45 * (k % 5), 1.5, 192), 0, 255).astype(np.uint8)
+        thumbs.append([cell.tobytes().hex()])
+        entries.append((k, f"k{k}", "intra", [h]))
+        rows.append((k, f"k{k}", "intra", [h], thumbs[-1]))
+    want = earliest_copies(entries, 4, thumbs, 10.0)
+    assert 0 < len(want) < 150
+    e = dedup.entries_from(rows, 8, True)
+    split, whole = {}, {}
+    for reducers in (1, 3):
+        assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, 10.0, split).items()} == want
+    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10 ** 9)
+    assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 1, 10.0, whole).items()} == want
+    assert split["largest_compared"] < whole["largest_compared"] / 2
+
+
 def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
     from pipeline.writer import DatasetWriter
 
