@@ -9,7 +9,7 @@ order. Each batch runs through the stages (anywhere), then ``batch_outcome`` enc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.records import Reject, SourceRecord
@@ -31,6 +31,8 @@ class Encoded:
     """Perceptual hashes (hex) of the target (and, for cross pairs, the reference's source image)."""
     source: str
     id: str
+    thumbs: list[str] = field(default_factory=list)
+    """The de-duplication's second check: 8×8 RGB thumbnails (hex) of the same images, when enabled."""
 
 
 @dataclass
@@ -55,10 +57,10 @@ def plan_chunk(chunk: int, part: list[SourceRecord | Reject], start: int, batch_
 
 
 def batch_outcome(items: list[Item], positions: list[int], jpeg_quality: int = 95,
-                  hash_size: int | None = 8) -> Outcome:
+                  hash_size: int | None = 8, thumbs: bool = False) -> Outcome:
     """Encodes a processed batch: each item becomes ``Encoded`` (tar members + perceptual hashes,
     none when ``hash_size`` is None) or a Reject."""
-    from pipeline.dedup import image_hash
+    from pipeline.dedup import image_hash, image_thumb
 
     out: Outcome = []
     for pos, item in zip(positions, items):
@@ -70,10 +72,13 @@ def batch_outcome(items: list[Item], positions: list[int], jpeg_quality: int = 9
         else:
             try:
                 members = [encode_sample(s, jpeg_quality) for s in item.samples]
-                hashes = []
+                hashes, thumb = [], []
+                views = [v for v in (item.target, item.reference) if v is not None]
                 if hash_size is not None:
-                    hashes = [image_hash(v.image, hash_size) for v in (item.target, item.reference) if v is not None]
-                out.append((pos, Encoded(members, item.record.pair, hashes, item.record.source, item.record.id)))
+                    hashes = [image_hash(v.image, hash_size) for v in views]
+                    thumb = [image_thumb(v.image) for v in views] if thumbs else []
+                out.append((pos, Encoded(members, item.record.pair, hashes, item.record.source, item.record.id,
+                                         thumb)))
             except Exception as e:
                 out.append((pos, Reject(source=item.record.source, id=item.record.id, stage="write",
                                         reason=f"cannot encode the sample: {type(e).__name__}: {e}")))
@@ -104,13 +109,13 @@ def assemble(part: list[SourceRecord | Reject], outcome: Outcome
         else:
             seen.update(keys)
             encoded.extend(x.members)
-            ledger["accepted"].append([pos, keys[0], x.kind, x.hashes, x.source, x.id])
+            ledger["accepted"].append([pos, keys[0], x.kind, x.hashes, x.source, x.id, x.thumbs])
     return encoded, rejects, ledger
 
 
 def process_chunk(part: list[SourceRecord | Reject], start: int, stages: list, batch_size: int,
-                  jpeg_quality: int = 95, timings: dict[str, float] | None = None, hash_size: int | None = 8
-                  ) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
+                  jpeg_quality: int = 95, timings: dict[str, float] | None = None, hash_size: int | None = 8,
+                  thumbs: bool = False) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
     """Runs one chunk's records through ``stages`` in batches of ``batch_size``; returns
     ``(encoded samples, rejects, ledger)`` in input order. Samples are encoded right after their batch, so
     decoded pixels never pile up for a whole chunk. The batches are ``plan_chunk``'s, exactly as
@@ -120,5 +125,5 @@ def process_chunk(part: list[SourceRecord | Reject], start: int, stages: list, b
     outcome, tasks = plan_chunk(-1, part, start, batch_size)
     for task in tasks:
         items = run_stages(task.items, stages, timings)
-        outcome.extend(batch_outcome(items, task.positions, jpeg_quality, hash_size))
+        outcome.extend(batch_outcome(items, task.positions, jpeg_quality, hash_size, thumbs))
     return assemble(part, outcome)

@@ -1,28 +1,55 @@
 """Dataset-wide near-duplicate removal — a second pass after every chunk is built.
 
 Each accepted input carries perceptual hashes (pHash from ``imagehash``; its target's, and for a
-cross pair also its reference image's) in its chunk's ledger. Two accepted inputs of the same pair
-kind are near-duplicates when every hash differs in at most ``dedup.max_distance`` bits. The copy
-kept is the one first in input order; every later one is rejected as ``duplicate of <key of the
-earliest near copy>``, whatever the chunk or source.
+cross pair also its reference image's) and, when ``dedup.max_thumb_diff`` is set, an 8×8 RGB
+thumbnail of each of those images, in its chunk's ledger. Two accepted inputs of the same pair kind
+are near-duplicates when every hash differs in at most ``dedup.max_distance`` bits and — the second,
+stronger check — no value of their thumbnails differs by more than ``max_thumb_diff`` levels (pHash
+is grey and coarse: it calls many distinct low-detail objects on white near copies; BENCHMARKS.md).
+The copy kept is the one first in input order; every later one is rejected as ``duplicate of <key of
+the earliest near copy>``, whatever the chunk or source.
 
-Distributed as a grouping by hash band: the target hash is cut into ``max_distance + 1`` bands, so
-two hashes within the distance agree exactly on at least one band (pigeonhole). Bucket = (pair kind,
-band number, band value); reducer ``r`` of ``R`` owns the buckets whose stable hash is ``r`` mod
-``R``, reads every chunk's ledger, compares the inputs inside its buckets and reports, per later
-input, the earliest near copy it saw. The driver takes the minimum over reducers. The answer does
-not depend on ``R``, on the order of chunks or on which worker ran what.
+Buckets: the target hash is cut into ``max_distance + 1`` bands, so two hashes within the distance
+agree exactly on at least one band (pigeonhole). Bucket = (pair kind, number of hashes, band number,
+band value). A bucket larger than ``SPLIT_ABOVE`` (skewed data: objects on white share many bits) is
+split again the same way over the bits its members do not already share — a near pair still agrees
+exactly on one of those sub-bands — so buckets stay small at any skew. Inputs with identical hashes
+and thumbnails collapse onto their earliest one before any pair is compared.
+
+Distributed as a shuffle by bucket: map task ``m`` reads its share of the chunks' ledgers and writes,
+per reducer ``r``, the entries owning a bucket of ``r`` (``.progress/dedup/``: ``npz`` files, loaded
+without pickle); reducer ``r`` reads only those ``M`` files, compares the pairs inside its buckets
+with numpy (hashes as ``uint64`` words, ``numpy.bitwise_count``) and reports, per later input, the
+earliest near copy it saw. The driver takes the minimum over reducers. The answer does not depend
+on ``R``, on the order of chunks or on which worker ran what.
 """
 
 from __future__ import annotations
 
+import io
 import zlib
 from collections import defaultdict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 Entry = tuple[int, str, str, list[int]]  # (global input index, sample key, pair kind, hashes as ints)
+
+THUMB = 8
+"""Side of the second check's thumbnail (RGB, box-averaged): 192 bytes per image."""
+SPLIT_ABOVE = 64
+"""A bucket with more members is split into sub-buckets (module docstring)."""
+SPLIT_MIN_BITS = 8
+"""A bucket is split only when each sub-band gets at least this many bits (else it cannot shrink)."""
+MAX_SPLIT_DEPTH = 4
+"""Splits nested at most this deep; a bucket still larger is compared whole."""
+PAIRS_PER_STEP = 1 << 20
+PREFILTER_SLOTS = 1 << 24
+"""Rows whose bucket key's low 24 bits no other row shares are alone in their bucket (one counting pass)."""
+"""Pairs compared per numpy step (bounds the temporary arrays)."""
+DEDUP_DIR = ".progress/dedup"
 
 
 def image_hash(image: np.ndarray, hash_size: int = 8) -> str:
@@ -31,6 +58,15 @@ def image_hash(image: np.ndarray, hash_size: int = 8) -> str:
     from PIL import Image
 
     return str(imagehash.phash(Image.fromarray(image), hash_size=hash_size))
+
+
+def image_thumb(image: np.ndarray) -> str:
+    """The second check's fingerprint of an ``(H, W, 3) uint8`` image: its ``THUMB``×``THUMB`` RGB
+    box average (aspect ignored), as hex."""
+    from PIL import Image
+
+    small = Image.fromarray(image).convert("RGB").resize((THUMB, THUMB), Image.BOX)
+    return np.asarray(small, dtype=np.uint8).tobytes().hex()
 
 
 def bands(value: int, bits: int, n: int) -> list[int]:
@@ -43,61 +79,424 @@ def bands(value: int, bits: int, n: int) -> list[int]:
     return out
 
 
-def ledger_entries(ledger: dict[str, list], chunk: int, inputs_per_chunk: int) -> Iterable[Entry]:
-    """The comparable inputs of one chunk's ledger."""
-    for pos, key, kind, hashes, *_ in ledger["accepted"]:
+def _band_columns(columns: np.ndarray, n: int) -> list[np.ndarray]:
+    """``columns`` cut into ``n`` consecutive, non-empty bands (the first ones one column wider)."""
+    out, start = [], 0
+    for b in range(n):
+        width = len(columns) // n + (1 if b < len(columns) % n else 0)
+        out.append(columns[start:start + width])
+        start += width
+    return out
+
+
+# ----------------------------------------------------------------------------- entries as arrays
+
+@dataclass
+class Entries:
+    """Comparable inputs as arrays, one row each (rows in any order unless said otherwise)."""
+
+    index: np.ndarray
+    """Global input index (int64)."""
+    keys: np.ndarray
+    """Sample key (numpy unicode)."""
+    group: np.ndarray
+    """(pair kind, number of hashes) as a stable uint64: only one group's rows are compared."""
+    words: np.ndarray
+    """(n, hashes × W) uint64: each hash as W big-endian words (the target's first)."""
+    thumbs: np.ndarray
+    """(n, hashes × 192) uint8 thumbnails, or (n, 0) without the second check."""
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, rows: np.ndarray) -> Entries:
+        return Entries(self.index[rows], self.keys[rows], self.group[rows], self.words[rows], self.thumbs[rows])
+
+    @staticmethod
+    def concat(parts: list[Entries]) -> Entries:
+        return Entries(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                         ("index", "keys", "group", "words", "thumbs")))
+
+
+def words_per_hash(hash_size: int) -> int:
+    return (hash_size * hash_size + 63) // 64
+
+
+def _group_code(kind: str, hashes: int) -> int:
+    return zlib.crc32(f"{kind}/{hashes}".encode())
+
+
+def entries_from(rows: Iterable[tuple[int, str, str, list[str | int], list[str] | None]], hash_size: int,
+                 thumbs: bool) -> Entries:
+    """Arrays of ``(index, key, kind, hashes as hex or int, thumbnails as hex or None)`` rows. Rows
+    with fewer hashes than the widest are padded (their group keeps them apart)."""
+    w = words_per_hash(hash_size)
+    index, keys, group, hs, ts = [], [], [], [], []
+    for i, key, kind, hashes, th in rows:
+        index.append(i)
+        keys.append(key)
+        group.append(_group_code(kind, len(hashes)))
+        hs.append(b"".join((h if isinstance(h, int) else int(h, 16)).to_bytes(8 * w, "big") for h in hashes))
+        ts.append(bytes.fromhex("".join(th)) if thumbs and th else b"")
+    n = len(index)
+    width = max((len(b) for b in hs), default=8 * w)
+    words = np.frombuffer(b"".join(b.ljust(width, b"\0") for b in hs), dtype=">u8").reshape(n, width // 8)
+    twidth = max((len(b) for b in ts), default=0)
+    if thumbs and any(len(b) != 3 * THUMB * THUMB * len(h) // (8 * w) for b, h in zip(ts, hs)):
+        raise ValueError("an accepted input of the ledger has no thumbnail for each of its hashes; "
+                         "re-run the curation (the ledger predates dedup.max_thumb_diff)")
+    tarr = np.frombuffer(b"".join(b.ljust(twidth, b"\0") for b in ts), dtype=np.uint8).reshape(n, twidth)
+    return Entries(np.asarray(index, np.int64), np.asarray(keys, dtype=str) if keys else np.zeros(0, "U1"),
+                   np.asarray(group, np.uint64), words.astype(np.uint64), tarr)
+
+
+def ledger_rows(ledger: dict[str, list], chunk: int, inputs_per_chunk: int) -> Iterable[tuple]:
+    """The comparable inputs of one chunk's ledger as ``entries_from`` rows."""
+    for row in ledger["accepted"]:
+        pos, key, kind, hashes = row[:4]
         if hashes and pos is not None:
-            yield chunk * inputs_per_chunk + pos, key, kind, [int(h, 16) for h in hashes]
+            yield chunk * inputs_per_chunk + pos, key, kind, hashes, (row[6] if len(row) > 6 else None)
 
 
-def _bucket_owner(kind: str, band: int, value: int, reducers: int) -> int:
-    return zlib.crc32(f"{kind}/{band}/{value}".encode()) % reducers
+def ledger_entries(ledger: dict[str, list], chunk: int, inputs_per_chunk: int) -> Iterable[Entry]:
+    """The comparable inputs of one chunk's ledger (hashes as ints)."""
+    for i, key, kind, hashes, _ in ledger_rows(ledger, chunk, inputs_per_chunk):
+        yield i, key, kind, [int(h, 16) for h in hashes]
 
 
-def reduce_buckets(entries: Iterable[Entry], max_distance: int, hash_size: int, reducer: int = 0,
-                   reducers: int = 1) -> dict[int, tuple[int, str]]:
-    """Reducer ``reducer`` of ``reducers``: for each input that has an earlier near copy in one of
-    this reducer's buckets, ``index → (index, key)`` of the earliest such copy."""
-    bits, n = hash_size * hash_size, max_distance + 1
-    buckets: dict[tuple[str, int, int], list[Entry]] = defaultdict(list)
-    for e in entries:
-        for b, v in enumerate(bands(e[3][0], bits, n)):
-            if _bucket_owner(e[2], b, v, reducers) == reducer:
-                buckets[(e[2], b, v)].append(e)
-    best: dict[int, tuple[int, str]] = {}
-    for members in buckets.values():
-        if len(members) < 2:
-            continue
-        members.sort(key=lambda e: e[0])
-        for j in range(1, len(members)):
-            later = members[j]
-            if later[0] in best and best[later[0]][0] < members[0][0]:
-                continue  # already has a copy earlier than anything in this bucket
-            for i in range(j):
-                early = members[i]
-                if early[0] == later[0] or len(early[3]) != len(later[3]):
-                    continue
-                if all(bin(a ^ b).count("1") <= max_distance for a, b in zip(early[3], later[3])):
-                    if later[0] not in best or early[0] < best[later[0]][0]:
-                        best[later[0]] = (early[0], early[1])
-                    break  # members are in input order: the first hit is this bucket's earliest
+# ----------------------------------------------------------------------------- bucket keys
+
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(h: np.ndarray, v: np.ndarray | int) -> np.ndarray:
+    """splitmix64 of ``h ^ v``: a stable 64-bit bucket key (collisions only cost extra comparisons)."""
+    with np.errstate(over="ignore"):
+        z = (np.asarray(h, np.uint64) ^ np.asarray(v, np.uint64)) + _GOLD
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def _bits(words: np.ndarray, bits: int) -> np.ndarray:
+    """(n, bits) 0/1 of the target hash (the first ``words_per_hash`` words), most significant first."""
+    w = (bits + 63) // 64
+    raw = np.ascontiguousarray(words[:, :w].astype(">u8")).view(np.uint8).reshape(len(words), 8 * w)
+    return np.unpackbits(raw, axis=1)[:, 64 * w - bits:]
+
+
+def _value_key(bitmat: np.ndarray) -> np.ndarray:
+    """A uint64 per row from its 0/1 columns (exact up to 64 columns, mixed beyond)."""
+    packed = np.packbits(bitmat, axis=1)
+    pad = (-packed.shape[1]) % 8
+    if pad:
+        packed = np.pad(packed, ((0, 0), (0, pad)))
+    chunks = np.ascontiguousarray(packed).view(">u8").astype(np.uint64)
+    key = chunks[:, 0]
+    for c in range(1, chunks.shape[1]):
+        key = _mix(key, chunks[:, c])
+    return key
+
+
+def _word_bits(words: np.ndarray, bits: int, a: int, b: int) -> np.ndarray:
+    """Columns ``a .. b`` (at most 64) of the target hash as an exact uint64 per row, from its words."""
+    off = 64 * ((bits + 63) // 64) - bits  # the hash sits at the end of its words
+    a, b = a + off, b + off
+    wi, wj = a // 64, (b - 1) // 64
+    mask = np.uint64((1 << (b - a)) - 1)
+    if wi == wj:
+        return (words[:, wi] >> np.uint64(64 * (wi + 1) - b)) & mask
+    return ((words[:, wi] << np.uint64(b - 64 * wj)) | (words[:, wj] >> np.uint64(64 * (wj + 1) - b))) & mask
+
+
+def band_keys(e: Entries, max_distance: int, hash_size: int) -> np.ndarray:
+    """(n, max_distance + 1) bucket keys of every row: one per band of its target hash."""
+    bits = hash_size * hash_size
+    cols = _band_columns(np.arange(bits), max_distance + 1)
+    out = np.empty((len(e), len(cols)), np.uint64)
+    bitmat = None
+    for b, c in enumerate(cols):
+        if len(c) <= 64:
+            value = _word_bits(e.words, bits, int(c[0]), int(c[-1]) + 1)
+        else:  # wide bands (a small max_distance): hashed down to 64 bits
+            bitmat = _bits(e.words, bits) if bitmat is None else bitmat
+            value = _value_key(bitmat[:, c])
+        out[:, b] = _mix(e.group, b + 1) ^ value  # a random 64-bit constant per (group, band): no collisions
+    return out
+
+
+def owner(keys: np.ndarray, reducers: int) -> np.ndarray:
+    """The reducer of each bucket key."""
+    if reducers == 1:
+        return np.zeros(keys.shape, np.int64)
+    return (keys % np.uint64(reducers)).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- one reducer
+
+def _near(e: Entries, i: np.ndarray, j: np.ndarray, max_distance: int, w: int, max_thumb_diff: float | None
+          ) -> np.ndarray:
+    """Whether rows ``i`` and ``j`` are near copies (every hash, and every thumbnail when checked)."""
+    dist = np.bitwise_count(e.words[i] ^ e.words[j]).reshape(len(i), -1, w).sum(axis=2, dtype=np.int64)
+    ok = (dist <= max_distance).all(axis=1) & (e.group[i] == e.group[j])
+    if max_thumb_diff is not None and e.thumbs.shape[1] and ok.any():
+        k = np.flatnonzero(ok)
+        a, b = e.thumbs[i[k]], e.thumbs[j[k]]
+        ok[k] = (np.maximum(a, b) - np.minimum(a, b)).max(axis=1) <= max_thumb_diff
+    return ok
+
+
+def _split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, masks: list[np.ndarray],
+           max_distance: int, hash_size: int, max_thumb_diff: float | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sub-buckets of the buckets larger than ``SPLIT_ABOVE`` (``rows``/``keys``/``spec`` sorted by
+    key; ``masks[spec]``: the bit columns a bucket's members share). Each big bucket's members go into
+    ``max_distance + 1`` sub-bands of the bits they do not all share (a near pair agrees exactly on
+    one of them), when that leaves fewer pairs to compare; ``masks`` grows by the new specs."""
+    bits = hash_size * hash_size
+    out_rows, out_keys, out_spec = [], [], []
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    ends = np.r_[starts[1:], len(keys)]
+    big = (ends - starts) > SPLIT_ABOVE
+    keep = np.ones(len(keys), bool)
+    for s, t in zip(starts[big], ends[big]):
+        members = rows[s:t]
+        bitmat = _bits(e.words[members], bits)
+        # bits every member has alike add no distance: the sub-bands cut only the bits that vary
+        mask = masks[spec[s]] | (bitmat == bitmat[0]).all(axis=0)
+        free = np.flatnonzero(~mask)
+        subs: list[tuple[np.ndarray, np.ndarray]] = []
+        if len(free) >= SPLIT_MIN_BITS * (max_distance + 1):  # narrower sub-bands would not spread the members
+            for q, cols in enumerate(_band_columns(free, max_distance + 1)):
+                sub = mask.copy()
+                sub[cols] = True
+                subs.append((_mix(_mix(keys[s:t], q + 1), _value_key(bitmat[:, cols])), sub))
+        if not _pays(subs, t - s) and max_thumb_diff is not None and e.thumbs.shape[1]:
+            subs = _thumb_split(e.thumbs[members], keys[s:t], mask, max_thumb_diff)
+        if not _pays(subs, t - s):
+            continue  # alike on every cut (a cluster of near copies): compared whole
+        keep[s:t] = False
+        for sub_key, sub in subs:
+            masks.append(sub)
+            out_rows.append(members)
+            out_keys.append(sub_key)
+            out_spec.append(np.full(t - s, len(masks) - 1, np.int64))
+    return (np.concatenate([rows[keep], *out_rows]), np.concatenate([keys[keep], *out_keys]),
+            np.concatenate([spec[keep], *out_spec]))
+
+
+def _pays(subs: list[tuple[np.ndarray, np.ndarray]], size: int) -> bool:
+    """Whether sub-buckets leave fewer pairs to compare than their bucket of ``size``."""
+    pairs = sum(int((np.unique(k, return_counts=True)[1].astype(np.int64) ** 2).sum()) for k, _ in subs)
+    return bool(subs) and pairs < size * size
+
+
+def _thumb_split(thumbs: np.ndarray, keys: np.ndarray, mask: np.ndarray, max_thumb_diff: float
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Sub-buckets of members alike on every hash cut, by the thumbnail value that varies most among
+    them: a near pair differs there by at most ``max_thumb_diff``, so it shares a cell of width
+    ``w > 2 × max_thumb_diff`` in one of two grids offset by ``w / 2`` (a boundary of one lies at
+    least ``w / 2`` from the other's)."""
+    value = thumbs[:, int(thumbs.astype(np.float32).std(axis=0).argmax())].astype(np.int64)
+    w = int(2 * max_thumb_diff) + 2
+    salt = np.uint64(0xD1B54A32D192ED03)
+    return [(_mix(keys ^ salt, (value + w // 2 * g) // w + 1000 * g), mask) for g in (0, 1)]
+
+
+def _collapse(e: Entries) -> np.ndarray:
+    """For rows sorted by index: the row of each one's earliest identical twin (itself when none).
+    Identical rows (same group, hashes and thumbnails) are near everything the earliest is near."""
+    n = len(e)
+    fp = _mix(e.group, 0)
+    for c in range(e.words.shape[1]):
+        fp = _mix(fp, e.words[:, c])
+    if e.thumbs.shape[1]:
+        pad = np.pad(e.thumbs, ((0, 0), (0, -e.thumbs.shape[1] % 8)))
+        fp = _mix(fp, np.bitwise_xor.reduce(np.ascontiguousarray(pad).view(np.uint64), axis=1))
+    order = np.argsort(fp)
+    sfp = fp[order]
+    starts = np.flatnonzero(np.r_[True, sfp[1:] != sfp[:-1]])
+    twin = np.empty(n, np.int64)
+    twin[order] = np.repeat(np.minimum.reduceat(order, starts), np.diff(np.r_[starts, n]))
+    same = np.flatnonzero(twin != np.arange(n))  # a fingerprint collision is not a twin: check the data
+    t = twin[same]
+    real = (e.group[t] == e.group[same]) & (e.words[t] == e.words[same]).all(axis=1) & \
+        (e.thumbs[t] == e.thumbs[same]).all(axis=1)
+    twin[same[~real]] = same[~real]
+    return twin
+
+
+def _note_largest(stats: dict[str, int], name: str, keys: np.ndarray) -> None:
+    """``stats[name]``: the largest run of equal (sorted) ``keys`` so far."""
+    sizes = np.diff(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])) if len(keys) else np.zeros(1, int)
+    stats[name] = max(stats.get(name, 0), int(sizes.max()))
+
+
+def reduce_entries(e: Entries, rows: np.ndarray, keys: np.ndarray, band: np.ndarray, max_distance: int,
+                   hash_size: int, max_thumb_diff: float | None = None, stats: dict[str, int] | None = None
+                   ) -> np.ndarray:
+    """One reducer: ``e`` sorted by index, ``(rows, keys, band)`` the (row, bucket, band number)
+    triples it owns. Returns per row the row of its earliest near copy in these buckets, or -1.
+    ``stats`` (optional) gets ``largest_bucket`` (before splitting), ``largest_compared`` (after) and
+    ``pairs_compared``, each the maximum / sum with what it already holds."""
+    stats = {} if stats is None else stats
+    n, w = len(e), words_per_hash(hash_size)
+    best = np.full(n, n, np.int64)
+    if n == 0:
+        return best - n - 1
+    if len(keys) > PREFILTER_SLOTS // 16:  # most buckets hold one row: drop those before sorting
+        low = (keys & np.uint64(PREFILTER_SLOTS - 1)).astype(np.int64)
+        maybe = np.bincount(low, minlength=PREFILTER_SLOTS)[low] > 1
+        rows, keys, band = rows[maybe], keys[maybe], band[maybe]
+    order = np.argsort(keys)  # members of a bucket in any order: each pair is compared as (min, max)
+    rows, keys, band = rows[order], keys[order], band[order]
+    same = keys[1:] == keys[:-1]
+    multi = np.r_[same, False] | np.r_[False, same]
+    rows, keys, band = rows[multi], keys[multi], band[multi]  # a bucket of one compares nothing
+    _note_largest(stats, "largest_bucket", keys)
+    twin = np.arange(n)
+    present = np.zeros(n, bool)
+    present[rows] = True
+    involved = np.flatnonzero(present)
+    if len(involved):  # identical rows share every bucket: compare only the earliest of each
+        twin[involved] = involved[_collapse(e.take(involved))]
+    rep = twin == np.arange(n)
+    keep = rep[rows]
+    rows, keys, spec = rows[keep], keys[keep], band[keep].astype(np.int64)
+    bits = hash_size * hash_size
+    masks = []
+    for cols in _band_columns(np.arange(bits), max_distance + 1):
+        masks.append(np.zeros(bits, bool))
+        masks[-1][cols] = True
+    for _ in range(MAX_SPLIT_DEPTH):
+        sizes = np.diff(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True]))
+        if not len(sizes) or sizes.max() <= SPLIT_ABOVE:
+            break
+        rows, keys, spec = _split(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff)
+        order = np.argsort(keys)
+        rows, keys, spec = rows[order], keys[order], spec[order]
+    _note_largest(stats, "largest_compared", keys)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    end = np.repeat(np.r_[starts[1:], len(keys)], np.diff(np.r_[starts, len(keys)]))
+    active = np.arange(len(rows))
+    d = 1
+    while True:  # pairs (p, p + d) inside one bucket, all buckets at once; rows ascend within a bucket
+        active = active[active + d < end[active]]
+        if not len(active):
+            break
+        for s in range(0, len(active), PAIRS_PER_STEP):
+            p = active[s:s + PAIRS_PER_STEP]
+            i, j = np.minimum(rows[p], rows[p + d]), np.maximum(rows[p], rows[p + d])
+            hit = _near(e, i, j, max_distance, w, max_thumb_diff) & (i != j)
+            stats["pairs_compared"] = stats.get("pairs_compared", 0) + len(p)
+            np.minimum.at(best, j[hit], i[hit])
+        d += 1
+    # twins: the earliest twin, or an earlier copy of it
+    has = best < n
+    out = np.where(has, best, -1)
+    later = ~rep
+    out[later] = np.where(has[twin[later]], np.minimum(best[twin[later]], twin[later]), twin[later])
+    return out
+
+
+# ----------------------------------------------------------------------------- shuffle by bucket
+
+def partition(e: Entries, max_distance: int, hash_size: int, reducers: int) -> list[dict[str, np.ndarray]]:
+    """Map side: per reducer, the rows owning one of its buckets and their (row, bucket key) pairs."""
+    keys = band_keys(e, max_distance, hash_size)
+    own = owner(keys, reducers)
+    out = []
+    for r in range(reducers):
+        if reducers == 1:
+            rr, cc = np.divmod(np.arange(keys.size), keys.shape[1])
+        else:
+            rr, cc = np.nonzero(own == r)  # rr ascends
+        present = np.zeros(len(e), bool)
+        present[rr] = True
+        rows = np.flatnonzero(present)
+        local = (np.cumsum(present) - 1)[rr]
+        part = e.take(rows)
+        out.append({"index": part.index, "keys": part.keys, "group": part.group, "words": part.words,
+                    "thumbs": part.thumbs, "pair_row": local.astype(np.int64), "pair_key": keys[rr, cc],
+                    "pair_band": cc.astype(np.int16)})
+    return out
+
+
+def reduce_parts(parts: list[dict[str, np.ndarray]], max_distance: int, hash_size: int,
+                 max_thumb_diff: float | None = None, stats: dict[str, int] | None = None
+                 ) -> dict[int, tuple[int, str, str]]:
+    """Reduce side over the map outputs for one reducer: ``index → (earliest index, its key, own key)``."""
+    parts = [p for p in parts if len(p["index"])]
+    if not parts:
+        return {}
+    offsets = np.cumsum([0] + [len(p["index"]) for p in parts[:-1]])
+    e = Entries.concat([Entries(p["index"], p["keys"], p["group"], p["words"], p["thumbs"]) for p in parts])
+    rows = np.concatenate([p["pair_row"] + o for p, o in zip(parts, offsets)])
+    keys = np.concatenate([p["pair_key"] for p in parts])
+    band = np.concatenate([p["pair_band"] for p in parts])
+    if (np.diff(e.index) < 0).any():  # rows in input order (ledgers are read in chunk order: usually already)
+        order = np.argsort(e.index, kind="stable")
+        e = e.take(order)
+        rows = np.argsort(order)[rows]
+    found = reduce_entries(e, rows, keys, band, max_distance, hash_size, max_thumb_diff, stats)
+    hit = np.flatnonzero(found >= 0)
+    return {int(e.index[j]): (int(e.index[found[j]]), str(e.keys[found[j]]), str(e.keys[j])) for j in hit}
+
+
+def dedup_arrays(e: Entries, max_distance: int, hash_size: int, reducers: int = 1,
+                 max_thumb_diff: float | None = None, stats: dict[str, int] | None = None
+                 ) -> dict[int, tuple[int, str, str]]:
+    """The whole pass in one process (every reducer in turn), merged like ``plan`` does."""
+    best: dict[int, tuple[int, str, str]] = {}
+    for part in partition(e, max_distance, hash_size, reducers):
+        for j, v in reduce_parts([part], max_distance, hash_size, max_thumb_diff, stats).items():
+            if j not in best or v[0] < best[j][0]:
+                best[j] = v
     return best
 
 
-def run_reducer(writer: Any, chunks: list[int], inputs_per_chunk: int, max_distance: int, hash_size: int,
+def reduce_buckets(entries: Iterable[Entry], max_distance: int, hash_size: int, reducer: int = 0,
+                   reducers: int = 1, max_thumb_diff: float | None = None) -> dict[int, tuple[int, str]]:
+    """Reducer ``reducer`` of ``reducers`` over in-memory entries: for each input that has an earlier
+    near copy in one of this reducer's buckets, ``index → (index, key)`` of the earliest such copy."""
+    e = entries_from(((i, k, kind, h, None) for i, k, kind, h in entries), hash_size, False)
+    part = partition(e, max_distance, hash_size, reducers)[reducer]
+    return {j: (i, key) for j, (i, key, _) in reduce_parts([part], max_distance, hash_size, max_thumb_diff).items()}
+
+
+def _part_path(reducers: int, mapper: int, reducer: int) -> str:
+    return f"{DEDUP_DIR}/r{reducers}/m{mapper:05d}-r{reducer:05d}.npz"
+
+
+def run_mapper(writer: Any, chunks: list[int], inputs_per_chunk: int, max_distance: int, hash_size: int,
+               max_thumb_diff: float | None, mapper: int, reducers: int) -> int:
+    """Map task ``mapper``: reads the ledgers of ``chunks`` and writes one partition file per reducer
+    (atomically, into the dataset's store). Returns the entries it read."""
+    rows = [r for c in chunks for r in ledger_rows(writer.read_ledger(c), c, inputs_per_chunk)]
+    e = entries_from(rows, hash_size, max_thumb_diff is not None)
+    for r, part in enumerate(partition(e, max_distance, hash_size, reducers)):
+        buf = io.BytesIO()
+        np.savez(buf, **part)
+        writer.store.write_bytes(_part_path(reducers, mapper, r), buf.getvalue())
+    return len(e)
+
+
+def run_reducer(writer: Any, mappers: int, max_distance: int, hash_size: int, max_thumb_diff: float | None,
                 reducer: int, reducers: int) -> dict[int, tuple[int, str, str]]:
-    """One reducer over the ledgers of ``chunks`` (read from ``writer``'s store). Returns
-    ``index → (earliest index, its key, this input's key)``."""
-    keys: dict[int, str] = {}
+    """Reducer ``reducer``: reads only its ``mappers`` partition files. Returns ``index → (earliest
+    index, its key, this input's key)``."""
+    parts = []
+    for m in range(mappers):
+        with np.load(io.BytesIO(writer.store.read_bytes(_part_path(reducers, m, reducer))), allow_pickle=False) as z:
+            parts.append({k: z[k] for k in z.files})
+    return reduce_parts(parts, max_distance, hash_size, max_thumb_diff)
 
-    def entries() -> Iterable[Entry]:
-        for c in chunks:
-            for e in ledger_entries(writer.read_ledger(c), c, inputs_per_chunk):
-                keys[e[0]] = e[1]
-                yield e
 
-    found = reduce_buckets(entries(), max_distance, hash_size, reducer, reducers)
-    return {j: (i, key, keys[j]) for j, (i, key) in found.items()}
+def clean(writer: Any, mappers: int, reducers: int) -> None:
+    """Removes the partition files of a finished pass."""
+    for m in range(mappers):
+        for r in range(reducers):
+            writer.store.remove(_part_path(reducers, m, r))
 
 
 def plan(parts: Iterable[dict[int, tuple[int, str, str]]], inputs_per_chunk: int) -> dict[int, dict[str, str]]:

@@ -80,17 +80,25 @@ class ChunkWorker:
         r = self.recipe
         hash_size = r.dedup.hash_size if r.dedup.max_distance is not None else None
         encoded, rejects, ledger = process_chunk(part, chunk * r.shards.inputs_per_shard, self.stages,
-                                                 r.executor.batch_size, r.shards.jpeg_quality, timings, hash_size)
+                                                 r.executor.batch_size, r.shards.jpeg_quality, timings, hash_size,
+                                                 r.dedup.max_thumb_diff is not None)
         res = self.writer.write_chunk(chunk, fp, len(part), encoded, rejects, timings, ledger=ledger, node=self.node)
         return res.slim()
 
-    def dedup(self, chunks: list[int], reducer: int, reducers: int) -> dict:
+    def dedup_map(self, chunks: list[int], mapper: int, reducers: int) -> int:
+        from pipeline.dedup import run_mapper
+
+        d = self.recipe.dedup
+        self.writer.store.invalidate()
+        return run_mapper(self.writer, chunks, self.recipe.shards.inputs_per_shard, d.max_distance, d.hash_size,
+                          d.max_thumb_diff, mapper, reducers)
+
+    def dedup(self, mappers: int, reducer: int, reducers: int) -> dict:
         from pipeline.dedup import run_reducer
 
         d = self.recipe.dedup
         self.writer.store.invalidate()
-        return run_reducer(self.writer, chunks, self.recipe.shards.inputs_per_shard, d.max_distance, d.hash_size,
-                           reducer, reducers)
+        return run_reducer(self.writer, mappers, d.max_distance, d.hash_size, d.max_thumb_diff, reducer, reducers)
 
     def apply(self, chunk: int, duplicates: dict[str, str]) -> tuple[int, ChunkResult | None]:
         self.writer.store.invalidate()
@@ -287,7 +295,7 @@ def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, A
               file=sys.stderr, flush=True)
     if recipe.dedup.max_distance is not None and results:
         for attempt in range(2):
-            redo = deduplicate(recipe, pool, results)
+            redo = deduplicate(recipe, pool, results, writer)
             if not redo:
                 break
             if attempt == 1:
@@ -300,14 +308,19 @@ def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, A
     return writer.finalize(list(results.values()), info)
 
 
-def deduplicate(recipe: Recipe, pool: Pool, results: dict[int, ChunkResult]) -> list[int]:
+def deduplicate(recipe: Recipe, pool: Pool, results: dict[int, ChunkResult], writer: DatasetWriter) -> list[int]:
     """The de-duplication pass; updates ``results``; returns chunks that must be built again."""
     from pipeline import dedup
 
     chunks = sorted(results)
     reducers = max(1, pool.size)
-    parts = map_all(pool, "dedup", [(chunks, r, reducers) for r in range(reducers)])
+    mappers = min(reducers, len(chunks))
+    share = -(-len(chunks) // mappers)
+    # shuffle by bucket: each map task partitions its chunks' ledgers, each reducer reads its partitions only
+    map_all(pool, "dedup_map", [(chunks[m * share:(m + 1) * share], m, reducers) for m in range(mappers)])
+    parts = map_all(pool, "dedup", [(mappers, r, reducers) for r in range(reducers)])
     plan = dedup.plan(parts, recipe.shards.inputs_per_shard)
+    dedup.clean(writer, mappers, reducers)
     todo = [(c, plan.get(c, {})) for c in chunks if results[c].duplicates != plan.get(c, {})]
     redo = []
     for chunk, res in map_all(pool, "apply", todo):

@@ -242,6 +242,9 @@ class ConsistencyConfig:
     scenes score above it, different objects of one category mostly below."""
 
 
+THUMB_DIFF_DEFAULT = 14.0
+
+
 @dataclass(kw_only=True)
 class DedupConfig:
     """Dataset-wide near-duplicate removal, after every chunk is built (across chunks and sources)."""
@@ -254,6 +257,12 @@ class DedupConfig:
     the closest distinct photos (the two stereo views of one motorcycle) differ in 76."""
     hash_size: int = 16
     """pHash side (imagehash): hashes of hash_size² bits."""
+    max_thumb_diff: float | None = THUMB_DIFF_DEFAULT
+    """The second check before a near copy is rejected: no value of the 8×8 RGB thumbnails of the two
+    inputs' images (box averages, 0–255, stored in the ledger) may differ by more than this. pHash
+    alone calls many distinct low-detail objects on white near copies (their closest thumbnails differ
+    by 12 or more at a cell, mostly by 30+), while resized and re-encoded copies stay within 12
+    (BENCHMARKS.md, "Ten-million scale"). null: pHash only."""
 
 
 @dataclass(kw_only=True)
@@ -418,6 +427,8 @@ class Recipe:
         need(dd.max_distance is None or 0 <= dd.max_distance < dd.hash_size ** 2, "dedup.max_distance", dd.max_distance,
              "must be null or in [0, hash_size²)")
         need(2 <= dd.hash_size <= 32, "dedup.hash_size", dd.hash_size, "must be in 2..32")
+        need(dd.max_thumb_diff is None or 0 <= dd.max_thumb_diff <= 255, "dedup.max_thumb_diff", dd.max_thumb_diff,
+             "must be null or in [0, 255]")
         ex = self.executor
         need(ex.workers is None or ex.workers >= 1, "executor.workers", ex.workers, "must be >= 1 or null")
         need(ex.cpus_per_worker > 0, "executor.cpus_per_worker", ex.cpus_per_worker, "must be > 0")

@@ -181,7 +181,7 @@ class ChunkResult:
 Ledger = dict[str, list]
 """A chunk's per-input outcome, ``.progress/{chunk:06d}.ledger.json``: ``{"rejected": [[position,
 reject json], ...], "accepted": [[position, sample key, pair kind, [perceptual hash hex, ...], source,
-id], ...]}``
+id, [8×8 thumbnail hex, ...]], ...]}``
 (positions within the chunk). It is written before the chunk's shards and marker; the
 de-duplication pass reads the hashes from it, and rebuilds the reject list from it."""
 
@@ -307,14 +307,13 @@ class DatasetWriter:
             shards.append({"path": name, "samples": n, "pairs": dict(sorted(kinds.items())),
                            "bytes": f.size, "sha256": f.sha.hexdigest()})
         keep = {s["path"] for s in shards}
-        if self.store.local:
-            stale = [f"shards/{p.name}" for p in self.store.local_path("shards").glob(f"{chunk:06d}*.tar")]
-        else:  # no listing of a large bucket per chunk: the parts the last build recorded, and the next names
-            stale = [s["path"] for s in previous or []]
-            p = len(shards)
-            while self.store.size(shard_name(chunk, p)) is not None:
-                stale.append(shard_name(chunk, p))
-                p += 1
+        # no listing of shards/ per chunk (chunks² at scale): the parts the last build recorded, and
+        # the part names after ours (what a build that crashed before its marker left behind)
+        stale = [s["path"] for s in previous or []]
+        p = len(shards)
+        while self.store.size(shard_name(chunk, p)) is not None:
+            stale.append(shard_name(chunk, p))
+            p += 1
         for old in stale:
             if old not in keep:
                 self.store.remove(old)
@@ -328,7 +327,7 @@ class DatasetWriter:
         if ledger is None:  # no positions known: such a chunk takes no part in de-duplication
             ledger = {"rejected": [[None, r.to_json()] for r in rejects], "accepted": []}
         self.store.write_bytes(self.ledger_path(chunk), (json.dumps(ledger, sort_keys=True) + "\n").encode())
-        previous = self.read_marker(chunk) if not self.store.local else None
+        previous = self.read_marker(chunk)
         shards = self._write_shards(chunk, encoded, previous.shards if previous else None)
         res = ChunkResult(chunk=chunk, fingerprint=fp, recipe_hash=self.recipe_hash, inputs=inputs,
                           accepted=inputs - len(rejects), rejects=[r.to_json() for r in rejects], shards=shards,
@@ -339,8 +338,9 @@ class DatasetWriter:
     def apply_duplicates(self, chunk: int, duplicates: dict[str, str], node: str | None = None) -> ChunkResult | None:
         """Removes the samples of ``duplicates`` (key → key of the copy kept) from the chunk's shards
         and records each as a reject ``duplicate of <key>``, in input order with the chunk's other
-        rejects. Idempotent. Returns the updated result, or None when the chunk must be built again
-        (it already lost a sample that is no longer a duplicate)."""
+        rejects. Only the shard parts holding a sample to remove are rewritten (in place, streamed
+        member by member); the others keep their bytes. Idempotent. Returns the updated result, or
+        None when the chunk must be built again (it already lost a sample that is no longer a duplicate)."""
         res = self.read_marker(chunk)
         if res is None:
             return None
@@ -349,31 +349,52 @@ class DatasetWriter:
         if not set(res.duplicates) <= set(duplicates):
             return None
         ledger = self.read_ledger(chunk)
-        kept_samples: list[list[tuple[str, bytes]]] = []
         # an input's samples share the key up to ``-{n}`` (a diptych writes two): all of them go
-        dropped = {k.rsplit("-", 1)[0] for k in duplicates}
+        dropped = {k.rsplit("-", 1)[0] for k in set(duplicates) - set(res.duplicates)}
+        shards = []
         for s in res.shards:
-            with self.store.open(s["path"]) as f:
-                members = read_tar_members(f)
-            for name, data in members:
-                key = member_key(name)
-                if key.rsplit("-", 1)[0] in dropped:
-                    continue
-                if not kept_samples or member_key(kept_samples[-1][0][0]) != key:
-                    kept_samples.append([])
-                kept_samples[-1].append((name, data))
+            with self.store.open(s["path"]) as f, tarfile.open(fileobj=f, mode="r:") as tf:  # headers; seeks over data
+                hit = any(member_key(m.name).rsplit("-", 1)[0] in dropped for m in tf)
+            entry = self._rewrite_without(s, dropped) if hit else s
+            if entry is not None:
+                shards.append(entry)
         by_pos: list[tuple[int, dict[str, str]]] = [(pos if pos is not None else -1, rj) for pos, rj in ledger["rejected"]]
-        for pos, key, _kind, _hashes, source, sid in ledger["accepted"]:
+        for pos, key, _kind, _hashes, source, sid, *_ in ledger["accepted"]:
             if key in duplicates:
                 by_pos.append((pos, {"source": source, "id": sid, "stage": "dedup",
                                      "reason": f"{DUPLICATE_OF}{duplicates[key]}"}))
         rejects = [rj for _, rj in sorted(by_pos, key=lambda t: t[0])]
-        shards = self._write_shards(chunk, kept_samples, res.shards)
         new = ChunkResult(chunk=chunk, fingerprint=res.fingerprint, recipe_hash=self.recipe_hash, inputs=res.inputs,
                           accepted=res.inputs - len(rejects), rejects=rejects, shards=shards, seconds=res.seconds,
                           duplicates=dict(sorted(duplicates.items())), node=node or res.node)
         self.store.write_bytes(self.marker(chunk), dump_json(asdict(new)))
         return new
+
+    def _rewrite_without(self, shard: dict[str, Any], dropped: set[str]) -> dict[str, Any] | None:
+        """Rewrites one shard part without the samples whose key (up to ``-{n}``) is in ``dropped``;
+        returns its new manifest entry, or None (file removed) when no sample is left."""
+        counts = {"samples": 0}
+        pairs: dict[str, int] = {}
+
+        def kept() -> Iterable[tuple[str, bytes]]:
+            with self.store.open(shard["path"]) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+                for member in tf:
+                    if not member.isfile() or member_key(member.name).rsplit("-", 1)[0] in dropped:
+                        continue
+                    data = tf.extractfile(member).read()  # type: ignore[union-attr]
+                    if member.name.endswith(".json"):
+                        counts["samples"] += 1
+                        kind = str(json.loads(data).get("pair", "unknown"))
+                        pairs[kind] = pairs.get(kind, 0) + 1
+                    yield member.name, data
+
+        with self.store.writer(shard["path"]) as out:  # the old bytes stay until the new ones are complete
+            _tar_stream(out, kept())
+        if not counts["samples"]:
+            self.store.remove(shard["path"])
+            return None
+        return {"path": shard["path"], "samples": counts["samples"], "pairs": dict(sorted(pairs.items())),
+                "bytes": out.size, "sha256": out.sha.hexdigest()}
 
     def finalize(self, results: list[ChunkResult], info: dict[str, Any]) -> dict[str, Any]:
         """Writes rejects.jsonl (streamed; slim results read their rejects back from the markers),

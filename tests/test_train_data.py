@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 
 from dynaip.train.data import (StreamingLoader, StreamSpec, WorkerPosition, consumer_batches, iter_tar,
@@ -122,3 +123,33 @@ def test_missing_manifest_says_what_to_pass(tmp_path):
 def test_buckets_must_be_multiples_of_16(uneven):
     with pytest.raises(ValueError, match="multiples of 16"):
         spec_for([uneven[0]], buckets=[(30, 32)])
+
+
+def test_an_epoch_streams_each_shard_once_in_the_per_block_order(uneven, monkeypatch):
+    from dynaip.train import data, shard_integrity
+
+    a, _ = uneven
+    spec = spec_for([a], shuffle_block=2)
+    consumers = 2
+    k = range_length(spec.total, consumers)
+    opens: list[str] = []
+    real_open = shard_integrity.ShardGuard.open
+    monkeypatch.setattr(shard_integrity.ShardGuard, "open", lambda g: opens.append(g.url) or real_open(g))
+    for c in range(consumers):
+        pos = WorkerPosition()
+        got = [s.key for s in itertools.islice(data.consumer_samples(spec, c, consumers, pos), 2 * k)]
+        for epoch in (0, 1):  # the reference: each block read on its own, as the reader once did
+            shards, starts = data.epoch_order(spec, epoch)
+            want = []
+            for b0 in range(0, k, spec.shuffle_block):
+                blen = min(spec.shuffle_block, k - b0)
+                raws = list(data.iter_positions(shards, starts, c * k + b0, c * k + b0 + blen))
+                want += [raws[j]["__key__"].decode() for j in data.block_permutation(spec, epoch, c, b0 // 2, blen)]
+            assert got[epoch * k:(epoch + 1) * k] == want
+        opens.clear()  # verified by now: an epoch opens each shard its range touches once
+        list(itertools.islice(data.consumer_samples(spec, c, consumers, pos), k))
+        shards, starts = data.epoch_order(spec, pos.epoch)
+        runs = [int(np.searchsorted(starts, p % spec.total, side="right") - 1) for p in range(c * k, c * k + k)]
+        segments = [s for i, s in enumerate(runs) if i == 0 or s != runs[i - 1]]
+        assert opens == [shards[s].url for s in segments]
+    shard_integrity.reset()

@@ -17,9 +17,12 @@ The layout of one epoch (identical on every rank, computed from the manifests al
                  in a permutation keyed by (seed, epoch, consumer, block)
 
 A consumer reads only the shards its range touches (seeking over the members before its
-range start), decodes in its DataLoader worker and never copies a shard to disk. Its
-position is ``(epoch, offset)`` into its range; restoring it re-reads the current block from
-its start and drops the already-emitted part, so a resumed stream is the identical sequence.
+range start), decodes in its DataLoader worker and never copies a shard to disk. It streams its
+range sequentially, each shard opened once per epoch (``shard_samples``), and fills each block's
+shuffle buffer with the next ``shuffle_block`` positions of that stream, so an epoch reads each
+byte of its range once, whatever the block size. Its position is ``(epoch, offset)`` into its
+range; restoring it opens the stream at the current block's start and drops the already-emitted
+part, so a resumed stream is the identical sequence.
 The stream never ends: after K positions a consumer moves to the next epoch, so a step-based
 trainer always has a batch on every rank.
 
@@ -44,6 +47,7 @@ feature set is broken, not the data.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -166,17 +170,43 @@ def iter_tar(url: str, skip: int = 0, count: int | None = None, sha256: str | No
         produced += 1
 
 
+def shard_samples(shard: ShardInfo, skip: int, count: int, on_corrupt: str = "error"
+                  ) -> Iterator[dict[str, bytes] | None]:
+    """Samples ``skip .. skip+count`` of one shard from one sequential open (``None`` for a lost one).
+
+    This is where a shard is opened for training. A shard with a manifest hash that this process
+    has not verified yet is verified first (one full read, ``verify_shard``): ``iter_tar`` would
+    otherwise hold back every requested sample until the end of the shard, and a consumer asks for
+    the rest of a shard at once (memory would grow to a whole shard)."""
+    guard = ShardGuard(shard.url, shard.sha256, on_corrupt, shard.bytes)
+    if guard.pending:
+        verify_shard(guard)
+    yield from iter_tar(shard.url, skip=skip, count=count, sha256=shard.sha256, on_corrupt=on_corrupt,
+                        size=shard.bytes)
+
+
+def verify_shard(guard: ShardGuard) -> None:
+    """Reads the whole shard through ``guard`` to settle its verdict (the policy applies as in ``iter_tar``)."""
+    try:
+        guard.open()
+        guard.finish()
+    except (OSError, EOFError):
+        pass  # missing or unreadable: ``ShardGuard`` recorded it (or raised under the error policy)
+    finally:
+        guard.close()
+
+
 def iter_positions(shards: list[ShardInfo], starts: np.ndarray, begin: int, end: int, on_corrupt: str = "error"
                    ) -> Iterator[dict[str, bytes] | None]:
-    """Raw samples of stream positions ``begin .. end`` (``end`` may pass N: wraps to 0)."""
+    """Raw samples of stream positions ``begin .. end`` (``end`` may pass N: wraps to 0), each shard
+    read once, sequentially, however many of its samples the range takes."""
     total = int(starts[-1])
     pos = begin
     while pos < end:
         p = pos % total
         s = int(np.searchsorted(starts, p, side="right") - 1)
         n = min(int(starts[s + 1]) - p, end - pos)
-        for raw in iter_tar(shards[s].url, skip=p - int(starts[s]), count=n, sha256=shards[s].sha256,
-                            on_corrupt=on_corrupt, size=shards[s].bytes):
+        for raw in shard_samples(shards[s], p - int(starts[s]), n, on_corrupt):
             if raw is not None and shards[s].features is not None:
                 raw["__features__"] = shards[s].features  # type: ignore[assignment]
             yield raw
@@ -293,13 +323,16 @@ def consumer_samples(spec: StreamSpec, consumer: int, consumers: int, pos: Worke
     while True:
         shards, starts = epoch_order(spec, pos.epoch)
         good_this_epoch = 0
+        stream: Iterator[dict[str, bytes] | None] | None = None
         while pos.offset < k:
             block = pos.offset // spec.shuffle_block
             b0 = block * spec.shuffle_block
             blen = min(spec.shuffle_block, k - b0)
             first = consumer * k + b0
+            if stream is None:  # one sequential read of the rest of the range (a resume starts at its block)
+                stream = iter_positions(shards, starts, first, consumer * k + k, spec.on_corrupt_shard)
             seen = corrupt_count()
-            raws = list(iter_positions(shards, starts, first, first + blen, spec.on_corrupt_shard))  # sequential IO
+            raws = list(itertools.islice(stream, blen))  # the shuffle buffer: the next blen positions
             pos.corrupt_shards += corrupt_count() - seen
             perm = block_permutation(spec, pos.epoch, consumer, block, blen)
             for j in range(pos.offset - b0, blen):

@@ -1,0 +1,212 @@
+"""The numpy de-duplication pass against its definition, its shuffle by bucket, the thumbnail check,
+the writer's part-wise duplicate removal and the reader's one-read-per-shard stream — all in process."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from pipeline import dedup
+
+
+def earliest_copies(entries, max_distance, thumbs=None, max_diff=None) -> dict[int, str]:
+    """The definition, pair by pair: per input, the earliest earlier input of its pair kind whose every
+    hash is within ``max_distance`` bits (and, with ``max_diff``, every thumbnail value within it)."""
+    out = {}
+    ordered = sorted(range(len(entries)), key=lambda k: entries[k][0])
+    for b, j in enumerate(ordered):
+        for i in ordered[:b]:
+            (_, ki, gi, hi), (ij, _, gj, hj) = entries[i], entries[j]
+            if gi != gj or len(hi) != len(hj) or any(bin(x ^ y).count("1") > max_distance for x, y in zip(hi, hj)):
+                continue
+            if max_diff is not None:
+                a, c = (np.frombuffer(bytes.fromhex("".join(thumbs[k])), np.uint8).astype(int) for k in (i, j))
+                if np.abs(a - c).max() > max_diff:
+                    continue
+            out[ij] = ki
+            break
+    return out
+
+
+def skewed(rng, n, bits, max_distance):
+    """``n`` inputs like objects on white: most share their first quarter of bits (one huge bucket per
+    band there, far above SPLIT_ABOVE), a third are variants of an earlier input (near or just past the
+    distance), every fifth a cross pair."""
+    rand = lambda: int.from_bytes(rng.bytes(bits // 8), "big")  # noqa: E731
+    common, mask = rand(), ((1 << (bits // 4)) - 1) << (bits - bits // 4)
+    entries = []
+    for k in range(n):
+        if k > 10 and rng.random() < 0.3:
+            h = entries[int(rng.integers(k))][3][0]
+            for b in rng.choice(bits, int(rng.integers(0, max_distance + 3)), replace=False):
+                h ^= 1 << int(b)
+        else:
+            h = rand()
+            h = (h & ~mask) | (common & mask) if rng.random() < 0.7 else h
+        kind = "intra" if k % 5 else "cross"
+        entries.append((3 * k + 1, f"k{k}", kind, [h] if kind == "intra" else [h, common ^ int(rng.integers(2))]))
+    return entries
+
+
+def merged(entries, max_distance, hash_size, reducers):
+    out: dict = {}
+    for r in range(reducers):
+        for j, v in dedup.reduce_buckets(entries, max_distance, hash_size, r, reducers).items():
+            out[j] = min(out.get(j, v), v)
+    return {j: key for j, (_, key) in out.items()}
+
+
+@pytest.mark.parametrize("hash_size,max_distance,splits", [(8, 3, True), (8, 6, False), (16, 12, True)])
+def test_numpy_pass_finds_the_earliest_near_copy_for_any_reducers_and_order(hash_size, max_distance, splits,
+                                                                            monkeypatch):
+    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)  # small sets, big buckets: split as a large run would
+    rng = np.random.default_rng(hash_size + max_distance)
+    entries = skewed(rng, 300, hash_size * hash_size, max_distance)
+    entries += [(5000 + k, f"x{k}", "intra", list(entries[k * 7 + 1][3])) for k in range(20)]  # exact copies
+    want = earliest_copies(entries, max_distance)
+    assert len(want) > 50  # a fifth or more of the inputs have a near copy
+    e = dedup.entries_from([(*x, None) for x in entries], hash_size, False)
+    split, whole = {}, {}
+    dedup.dedup_arrays(e, max_distance, hash_size, 1, None, split)
+    with monkeypatch.context() as m:
+        m.setattr(dedup, "SPLIT_ABOVE", 10 ** 9)
+        dedup.dedup_arrays(e, max_distance, hash_size, 1, None, whole)
+    # big buckets split, unless the bands leave too few bits (8-bit sub-bands for 7 bands: 64 bits do not suffice)
+    assert split["largest_bucket"] == whole["largest_bucket"] > dedup.SPLIT_ABOVE
+    assert (split["largest_compared"] < whole["largest_compared"]) == splits
+    for reducers in (1, 2, 5):
+        order = rng.permutation(len(entries))
+        assert merged([entries[k] for k in order], max_distance, hash_size, reducers) == want
+    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10 ** 9)  # unsplit buckets: the same answer
+    assert merged(entries, max_distance, hash_size, 3) == want
+
+
+def test_thumbnail_check_skips_hash_twins_that_look_different():
+    h = 0x0123456789ABCDEF
+    white, red = "ff" * 192, ("ff0000" * 64)
+    grey = "fe" * 192
+    rows = [(0, "a", "intra", [h], [red]),  # same hash, another picture: not a copy of c
+            (1, "b", "intra", [h ^ 1], [white]),  # one bit off, same picture up to 1 level
+            (2, "c", "intra", [h ^ 3], [grey])]
+    e = dedup.entries_from(rows, 8, True)
+    assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 2, 14.0).items()} == {2: "b"}
+    assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 2, None).items()} == {1: "a", 2: "a"}
+    thumbs = [r[4] for r in rows]
+    assert earliest_copies([r[:4] for r in rows], 4, thumbs, 14.0) == {2: "b"}
+    with pytest.raises(ValueError, match="no thumbnail"):
+        dedup.entries_from([(0, "a", "intra", [h], None)], 8, True)
+
+
+def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monkeypatch):
+    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)
+    rng = np.random.default_rng(11)
+    base = int(rng.integers(0, 2 ** 62))
+    rows, entries, thumbs = [], [], []
+    for k in range(150):  # one pHash cluster (all within 2 bits), pictures in five colours ± noise
+        h = base ^ (1 << int(rng.integers(64))) ^ (1 << int(rng.integers(64)))
+        cell = np.clip(rng.normal(40 + 45 * (k % 5), 1.5, 192), 0, 255).astype(np.uint8)
+        thumbs.append([cell.tobytes().hex()])
+        entries.append((k, f"k{k}", "intra", [h]))
+        rows.append((k, f"k{k}", "intra", [h], thumbs[-1]))
+    want = earliest_copies(entries, 4, thumbs, 10.0)
+    assert 0 < len(want) < 150
+    e = dedup.entries_from(rows, 8, True)
+    split, whole = {}, {}
+    for reducers in (1, 3):
+        assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, 10.0, split).items()} == want
+    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10 ** 9)
+    assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 1, 10.0, whole).items()} == want
+    assert split["largest_compared"] < whole["largest_compared"] / 2
+
+
+def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
+    from pipeline.writer import DatasetWriter
+
+    rng = np.random.default_rng(3)
+    entries = skewed(rng, 240, 64, 4)
+    writer = DatasetWriter(tmp_path / "ds", "h")
+    k = 40  # inputs per chunk: ledgers of 6 chunks, written in a shuffled order
+    for c in map(int, rng.permutation(6)):
+        acc = [[e[0] - c * k * 3, e[1], e[2], [f"{h:016x}" for h in e[3]], "src", e[1], []]
+               for e in entries if c * k * 3 <= e[0] < (c + 1) * k * 3]
+        writer.store.write_bytes(writer.ledger_path(c), json.dumps({"rejected": [], "accepted": acc}).encode())
+    want = earliest_copies(entries, 4)
+    for mappers, reducers in ((1, 1), (2, 3), (3, 4)):
+        chunks = [list(range(6))[m::mappers] for m in range(mappers)]
+        read = sum(dedup.run_mapper(writer, ch, k * 3, 4, 8, None, m, reducers) for m, ch in enumerate(chunks))
+        assert read == len(entries)
+        parts, sizes = [], []
+        for r in range(reducers):
+            parts.append(dedup.run_reducer(writer, mappers, 4, 8, None, r, reducers))
+            sizes.append(sum(len(np.load(tmp_path / "ds" / dedup._part_path(reducers, m, r))["index"])
+                             for m in range(mappers)))
+        if reducers > 1:
+            assert max(sizes) < len(entries)  # no reducer reads every entry
+        got = {own_key: kept for c in dedup.plan(parts, k * 3).values() for own_key, kept in c.items()}
+        assert got == {next(e[1] for e in entries if e[0] == j): key for j, key in want.items()}
+        dedup.clean(writer, mappers, reducers)
+        assert not list((tmp_path / "ds" / dedup.DEDUP_DIR).rglob("*.npz"))
+
+
+def test_max_thumb_diff_is_checked_and_recorded_in_the_ledger():
+    from pipeline.chunking import Encoded, assemble
+    from pipeline.recipe import Recipe
+
+    with pytest.raises(ValueError, match=r"dedup.max_thumb_diff.*\[0, 255\]"):
+        Recipe.from_dict({"source": {"kind": "folder", "root": "."}, "dedup": {"max_thumb_diff": -1}})
+    assert Recipe.from_dict({"source": {"kind": "folder", "root": "."}}).dedup.max_thumb_diff == 14.0
+    img = np.full((40, 60, 3), 255, np.uint8)
+    img[10:30, 20:40] = (200, 10, 10)
+    thumb = dedup.image_thumb(img)
+    cells = np.frombuffer(bytes.fromhex(thumb), np.uint8).reshape(8, 8, 3)
+    assert cells[0, 0].tolist() == [255, 255, 255] and cells[4, 4].tolist() == [200, 10, 10]
+    enc = Encoded([[("s-x-0.json", b"{}")]], "intra", ["00"], "s", "x", [thumb])
+    _, _, ledger = assemble([None], [(0, enc)])  # the record is looked at only for a repeated key
+    assert ledger["accepted"][0][6] == [thumb]
+
+
+def _chunk(i: int) -> list[tuple[str, bytes]]:
+    return [(f"s-{i:03d}-0.json", json.dumps({"pair": "intra"}).encode()), (f"s-{i:03d}-0.txt", b"x" * 1500)]
+
+
+def test_duplicate_removal_rewrites_only_the_parts_holding_one(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from pipeline.writer import DatasetWriter, read_tar_members, sha256_file
+
+    def no_listing(*_a, **_k):
+        raise AssertionError("shards/ listed")
+
+    monkeypatch.setattr(Path, "glob", no_listing)
+    w = DatasetWriter(tmp_path / "ds", "h", max_bytes=7000)  # two samples per part
+    ledger = {"rejected": [], "accepted": [[i, f"s-{i:03d}-0", "intra", ["00"], "src", str(i), []] for i in range(12)]}
+    res = w.write_chunk(0, "fp", 12, [_chunk(i) for i in range(12)], [], ledger=ledger)
+    assert [s["samples"] for s in res.shards] == [2] * 6
+    parts = tmp_path / "ds" / "shards"
+    before = {p.name: p.stat().st_ino for p in parts.iterdir()}
+    res = w.apply_duplicates(0, {"s-003-0": "s-001-0"})
+    after = {p.name: p.stat().st_ino for p in parts.iterdir()}
+    assert [n for n in before if before[n] != after[n]] == ["000000_01.tar"]  # only the part that held s-003
+    assert [s["samples"] for s in res.shards] == [2, 1, 2, 2, 2, 2] and res.accepted == 11
+    assert all(sha256_file(tmp_path / "ds" / s["path"]) == s["sha256"] for s in res.shards)
+    with open(parts / "000000_01.tar", "rb") as f:
+        assert [n for n, _ in read_tar_members(f)] == ["s-002-0.json", "s-002-0.txt"]
+    more = {"s-003-0": "s-001-0", "s-004-0": "s-000-0", "s-005-0": "s-000-0"}  # part 2 empties: removed
+    res = w.apply_duplicates(0, more)
+    assert [s["path"] for s in res.shards] == [f"shards/000000{p}.tar" for p in ("", "_01", "_03", "_04", "_05")]
+    assert not (parts / "000000_02.tar").exists() and res.accepted == 9
+    assert [r["reason"] for r in res.rejects] == ["duplicate of s-001-0", "duplicate of s-000-0", "duplicate of s-000-0"]
+    assert w.apply_duplicates(0, more) == res  # idempotent
+    assert w.apply_duplicates(0, {"s-004-0": "s-000-0"}) is None  # lost a sample no longer a duplicate: rebuild
+    # a rebuild with fewer parts removes the old ones without listing shards/, and so does a build
+    # after a crash that left parts but no marker
+    w.write_chunk(0, "fp", 4, [_chunk(i) for i in range(4)], [], ledger=ledger)
+    assert sorted(p.name for p in parts.iterdir()) == ["000000.tar", "000000_01.tar"]
+    w.forget(0)
+    for p in ("_02", "_03"):
+        (parts / f"000000{p}.tar").write_bytes(b"left by a crashed build")
+    w.write_chunk(0, "fp", 4, [_chunk(i) for i in range(4)], [], ledger=ledger)
+    assert sorted(p.name for p in parts.iterdir()) == ["000000.tar", "000000_01.tar"]
