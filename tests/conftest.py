@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import signal
 from pathlib import Path
 
@@ -36,3 +37,27 @@ def python_sigint_handler():
     signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """Stops the shared embedded Ray once, at the end of the session (if a test left it running)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(_ray_session):
+    """The embedded Ray that ``dynaip train`` and ``curate`` start themselves (``dynaip.cluster.connect``:
+    loopback only, 2 CPUs), shared by every test that only needs *a* cluster: started on first use and
+    left running for the next module, restarted when a test stopped it. Tests that need a cluster of
+    their own (two nodes, kills, their own start-up) do not use it; tests/README.md says when."""
+    import ray
+
+    if not ray.is_initialized():
+        from dynaip.cluster import connect
+
+        connect(None, num_cpus=2)
+    return ray

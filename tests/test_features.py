@@ -54,15 +54,6 @@ def _feature_root(dataset: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 # ----------------------------------------------------------------------------- precompute
 
 def test_precompute_writes_keyed_checksummed_shards_and_resumes(setup):
@@ -96,7 +87,7 @@ def test_precompute_writes_keyed_checksummed_shards_and_resumes(setup):
     assert stamp == {p: (feat / p).stat().st_mtime_ns for p in stamp}
 
 
-def test_ray_job_writes_byte_identical_features(setup, ray_local, tmp_path):
+def test_ray_job_writes_byte_identical_features(setup, ray_cluster, tmp_path):
     import sys
 
     root, data, raw, config, models = setup
@@ -173,7 +164,7 @@ def test_feature_loss_equals_on_the_fly_loss(setup, tiny_models):
 
 # ----------------------------------------------------------------------------- training on features
 
-def test_two_gloo_workers_train_on_features_without_loading_the_encoders(setup, ray_local):
+def test_two_gloo_workers_train_on_features_without_loading_the_encoders(setup, ray_cluster):
     from dynaip.train.cli import main
 
     root, data, _, config, models = setup

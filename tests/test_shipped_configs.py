@@ -60,15 +60,6 @@ def shrink(raw: dict, steps_per_stage: int = 2) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("configs-data")
     return [write_dataset(root / "intra", [4, 4], size=64), write_dataset(root / "cross", [4, 4], pair="cross",
@@ -111,7 +102,7 @@ def _check_switches_took_effect(run: Path, raw: dict, shrunk: dict) -> None:
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
-def test_shipped_train_config_runs_shrunk_on_two_workers(name, ray_local, datasets, tiny_models_yaml, tmp_path):
+def test_shipped_train_config_runs_shrunk_on_two_workers(name, ray_cluster, datasets, tiny_models_yaml, tmp_path):
     from dynaip import DynaIPAdapter
 
     raw = yaml.safe_load((CONFIGS / name).read_text())
