@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,8 @@ class SourceConfig:
     kind: str
     """Reader name: sa1b | ffhq | vitonhd | opens2v | anyinsertion | folder."""
     root: str = ""
-    """Dataset root directory (``--source-root`` overrides it)."""
+    """Dataset root directory (``--source-root`` overrides it); a local root is kept resolved (absolute,
+    symlinks followed), so every spelling of one folder is the same source."""
     options: dict[str, Any] = field(default_factory=dict)
     """Reader-specific options (every other key under ``source:`` in the YAML)."""
 
@@ -355,6 +357,8 @@ class Recipe:
             root = str(source_root)
         elif root and base is not None:
             root = resolve_path(str(root), base)
+        if root and "://" not in str(root):  # one spelling of a local root (``../photos`` = its absolute path)
+            root = os.path.realpath(os.path.expanduser(str(root)))
         check_source_options(kind, src, where)
         source = SourceConfig(kind=kind, root=str(root or ""), options=src)
         if "source" in {f.name for f in dataclasses.fields(cls)}:
