@@ -156,3 +156,42 @@ def test_guard_sees_a_link_out_of_a_root_given_through_a_symlinked_spelling(tmp_
     out = list(guard_records(recs, str(tmp_path / "alias")))
     assert isinstance(out[0], SourceRecord)
     assert isinstance(out[1], Reject) and out[1].reason.startswith("leak.png is a symlink resolving outside the source root")
+
+
+# ---- semantically empty recipe values -------------------------------------------------------------
+
+@pytest.mark.parametrize("over, message", [
+    ({"detection": {"prompt": ""}}, "recipe field 'detection.prompt' = '': names no phrase; give phrases separated by"),
+    ({"detection": {"prompt": " . "}}, "recipe field 'detection.prompt' = ' . ': names no phrase"),
+    ({"human": {"face_prompt": " "}}, "recipe field 'human.face_prompt' = ' ': names nothing"),
+    ({"human": {"phrases": []}}, r"recipe field 'human.phrases' = \[\]: is empty; .*human.face_prob: 0"),
+    ({"human": {"phrases": ["man", ""]}}, r"recipe field 'human.phrases\[1\]' = '': names nothing"),
+    ({"captioning": {"template": ""}}, "recipe field 'captioning.template' = '': is blank"),
+    ({"source": {"kind": "folder", "root": "/x", "phrase": " . "}}, "folder source: source.phrase = ' . ' names nothing"),
+    ({"source": {"kind": "vitonhd", "root": "/x", "phrase": "  "}}, "vitonhd source: source.phrase = '  ' names nothing"),
+    ({"source": {"kind": "synth", "phrase": " "}}, "synth source: source.phrase = ' ' names nothing"),
+    ({"source": {"kind": "ffhq", "root": "/x", "category": []}}, "ffhq source: source.category is an empty list"),
+    ({"source": {"kind": "anyinsertion", "root": "/x", "categories": ["cloth", ""]}},
+     r"anyinsertion source: source.categories\[1\] = '' names nothing"),
+    ({"source": {"kind": "subjects200k", "root": "/x", "collections": []}},
+     "subjects200k source: source.collections is an empty list, which selects nothing"),
+])
+def test_a_value_that_says_nothing_is_a_one_line_recipe_error(tmp_path, over, message):
+    from dynaip.configs import ConfigError
+
+    raw = {"source": {"kind": "folder", "root": "/x"}, **over}
+    with pytest.raises(ConfigError, match=message) as e:
+        Recipe.from_dict(raw)
+    assert "\n" not in str(e.value)
+    path = tmp_path / "r.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=f"^recipe '{path}': "):
+        Recipe.from_yaml(path)
+
+
+def test_blank_template_is_fine_when_no_caption_uses_it():
+    r = Recipe.from_dict({"source": {"kind": "folder", "root": "/x"},
+                          "captioning": {"template": "", "order": ["provided", "model"]}})
+    assert r.captioning.template == ""

@@ -50,7 +50,13 @@ from pathlib import Path
 
 from pipeline.image_formats import AVIF_EXTS, HEIF_EXTS, missing_plugin
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import SourceError, option, read_options, source_path
+from pipeline.sources.common import (
+    SourceError,
+    check_not_empty,
+    option,
+    read_options,
+    source_path,
+)
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} | HEIF_EXTS | AVIF_EXTS
 CAPTION_EXT = ".txt"
@@ -68,6 +74,10 @@ class Options:
     """Detection phrase of every image; None = the recipe's ``detection.prompt``."""
     cross_pairs: str = "none"
     """none | subfolders: images sharing an immediate subfolder also give cross records (module docstring)."""
+
+    def __post_init__(self) -> None:
+        """An option given but saying nothing fails when the recipe loads (``check_not_empty``)."""
+        check_not_empty("folder", "phrase", self.phrase)
 
 
 @dataclass(frozen=True)
