@@ -607,15 +607,11 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
 
     started = False
     if not ray.is_initialized():
-        # inside `ray job submit`, RAY_ADDRESS names the job's cluster
-        address = ray_address or cfg.parallel.ray_address or os.environ.get("RAY_ADDRESS")
-        from dynaip.console import ray_init_kwargs
+        from dynaip.cluster import connect, ray_address_from_env
 
-        if address:
-            ray.init(address=address, **ray_init_kwargs())
-        else:
-            ray.init(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, cfg.parallel.workers * cfg.parallel.cpus_per_worker),
-                     **ray_init_kwargs())
+        # inside `ray job submit`, RAY_ADDRESS names the job's cluster
+        connect(ray_address_from_env(ray_address or cfg.parallel.ray_address),
+                num_cpus=max(os.cpu_count() or 1, cfg.parallel.workers * cfg.parallel.cpus_per_worker))
         started = True
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if cfg.parallel.use_gpu else "gloo")
     resources = {"CPU": cfg.parallel.cpus_per_worker, **({"GPU": 1} if cfg.parallel.use_gpu else {})}
