@@ -145,8 +145,8 @@ def test_stale_pidfile_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatc
     import fcntl
     import socket
 
-    from pipeline.lock import RunLock
     from dynaip.dataset.store import Store
+    from dynaip.run_lock import RunDirError, RunLock
 
     def no_flock(*a):
         raise OSError(38, "Function not implemented")
@@ -158,7 +158,7 @@ def test_stale_pidfile_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatc
     dead.wait()
     (out / ".dynaip.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "time": 0}))
     with RunLock(Store(out)):
-        with pytest.raises(OutputDirError, match="in use by another curation run"):
+        with pytest.raises(RunDirError, match="in use by another curation run"):
             RunLock(Store(out)).acquire()
     assert not (out / ".dynaip.lock").exists()
 

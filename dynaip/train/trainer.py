@@ -584,8 +584,17 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     """Runs the job: ``local`` = one process without Ray (debugging, benchmarks); else Ray Train.
 
     With no ``ray_address`` (and none in the config) and no Ray already initialised in this
-    process, an embedded local Ray is started and shut down afterwards.
+    process, an embedded local Ray is started and shut down afterwards. The run directory is held
+    for the whole run (``run_dir.hold``): another run on it, or a run without ``resume`` over its
+    checkpoints, is refused in one line before anything in it changes.
     """
+    from .run_dir import hold
+
+    with hold(spec.out, spec.resume):
+        return _run_training(cfg, spec, ray_address, local)
+
+
+def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, local: bool) -> dict[str, Any] | None:
     from .checkpoint_files import recover
     from .preflight import preflight
 
