@@ -81,10 +81,10 @@ def test_heic_without_the_plugin_is_a_reject_naming_the_package(tmp_path, monkey
     out = list(folder.read({"root": str(root)}))
     assert [r.id for r in out if isinstance(r, SourceRecord)] == ["a"]
     assert [(r.id, r.reason) for r in out if isinstance(r, Reject)] == [
-        ("phone.HEIC", "unsupported format: phone.HEIC: .heic (HEIC/HEIF) needs the pillow-heif plugin to decode; "
-                       "pip install pillow-heif"),
-        ("pic.avif", "unsupported format: pic.avif: .avif (AVIF) needs a Pillow built with AVIF support; "
-                     "pip install 'pillow>=11.2'")]
+        ("phone.HEIC", ("unsupported format: phone.HEIC: .heic (HEIC/HEIF) needs the pillow-heif plugin to decode; "
+                        "pip install pillow-heif")),
+        ("pic.avif", ("unsupported format: pic.avif: .avif (AVIF) needs a Pillow built with AVIF support; "
+                      "pip install 'pillow>=11.2'"))]
 
 
 def test_avif_decodes_with_this_pillow(tmp_path):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from train_fixtures import write_dataset
 
 from dynaip.train.config import set_keys
-from train_fixtures import write_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,8 +63,8 @@ def test_train_over_checkpoints_without_resume_is_refused_and_changes_nothing(se
     assert "checkpoints/step-000002/adapter.safetensors" in before and ".dynaip.lock" not in {Path(p).name for p in before}
     caplog.clear()
     assert main([*argv, "--out", str(run)]) == 2
-    assert errors_of(caplog) == [f"--out {run} already holds the checkpoints of a training run (step-000001, "
-                                 "step-000002); pass --resume to continue it or choose another directory"]
+    assert errors_of(caplog) == [(f"--out {run} already holds the checkpoints of a training run (step-000001, "
+                                  "step-000002); pass --resume to continue it or choose another directory")]
     assert tree(run) == before  # byte for byte, and no lock file left behind
     caplog.clear()
     assert main([*argv, "--out", str(root / "never"), "--data", str(root / "nodata")]) == 2  # refused by its preflight
@@ -126,8 +126,49 @@ def test_the_lock_is_not_held_by_a_forked_child_of_a_dead_run(tmp_path):
             RunLock(Store(str(tmp_path)), what="training run").acquire()
         os.kill(p.pid, signal.SIGKILL)  # the parent dies; its forked child lives on
         p.wait()
-        assert subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True).stdout.strip()  # the child
+        assert subprocess.run(["pgrep", "-s", str(p.pid)], capture_output=True, check=False).stdout.strip()  # the child
         with RunLock(Store(str(tmp_path)), what="training run") as taken:
             assert taken.info["pid"] == os.getpid()
     finally:
         kill_group(p)
+
+
+def test_a_feature_set_being_precomputed_is_refused_to_a_second_precompute(setup, caplog, tiny_models_yaml):
+    from dynaip.cli import main
+    from dynaip.dataset.store import Store
+    from dynaip.run_lock import RunLock
+
+    root, _ = setup
+    data = root / "intra"
+    argv = ["precompute", "--data", str(data), "--models", str(tiny_models_yaml), "--no-progress", "--name", "held",
+            "--config", str(root / "tiny2.yaml"), "--executor", "local"]
+    with RunLock(Store(str(data / "features" / "held")), what="feature precompute"):  # the live first run
+        caplog.clear()
+        assert main(argv) == 2
+        (line,) = errors_of(caplog)
+        assert line.startswith(f"output directory {data}/features/held is in use by another feature precompute (pid ")
+    caplog.clear()
+    assert main([*argv[:2], str(root / "nodata"), *argv[3:]]) == 2  # no dataset: nothing made inside it
+    assert not (root / "nodata").exists()
+
+
+def test_an_eval_generation_into_a_directory_in_use_is_refused(tmp_path):
+    from PIL import Image
+
+    from dynaip.dataset.store import Store
+    from dynaip.eval.cases import Case, Subject
+    from dynaip.eval.generate import GenerateSettings, is_done, run_generation
+    from dynaip.run_lock import RunDirError, RunLock
+
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (20, 30), (10, 200, 30)).save(ref)
+    cases = [Case(id="c0", benchmark="dreambench++", category="animal", prompt="p", seed=1,
+                  subjects=[Subject(path=str(ref), type="animal", name="a dog")])]
+    out = tmp_path / "gen"
+    kw = dict(settings=GenerateSettings(steps=1, height=16, width=16), pipe_factory=lambda: "pipe",
+              generate_fn=lambda pipe, case, s: Image.new("RGB", (s.width, s.height)))
+    with RunLock(Store(str(out)), what="eval generation"):
+        with pytest.raises(RunDirError, match=f"output directory {out} is in use by another eval generation"):
+            run_generation(cases, out, **kw)
+    assert not is_done(out, "c0")
+    assert run_generation(cases, out, **kw).generated == 1 and not (out / ".dynaip.lock").exists()
