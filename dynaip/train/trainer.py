@@ -612,7 +612,9 @@ def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, loca
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from dynaip.cluster import torch_config
 
     started = False
     if not ray.is_initialized():
@@ -630,7 +632,7 @@ def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, loca
     trainer = TorchTrainer(
         train_worker, train_loop_config=asdict(spec),
         scaling_config=ScalingConfig(num_workers=cfg.parallel.workers, use_gpu=cfg.parallel.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend=backend),
+        torch_config=torch_config(backend),  # on the embedded Ray: torch.distributed on loopback only
         run_config=RunConfig(name="dynaip-train", storage_path=str(Path(spec.out).resolve() / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.parallel.max_failures),
                              callbacks=[_report_log(reported)]))
