@@ -23,15 +23,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("dynaip", "pipeline")
 
-# Known exceptions: (importer, imported) edges left out of the cycle check, each with its reason.
-# Keep this list short; a new entry needs a reason a reviewer accepts.
-ALLOWED_CYCLE_EDGES = {
-    ("dynaip.inference.pipeline", "dynaip.inference.loading"):
-        "DynaIPFluxPipeline.from_local/unload are built on load_dynaip/unload_dynaip, which return "
-        "and detach a DynaIPFluxPipeline; both imports are function-level, so importing either "
-        "module never needs the other half-initialised",
-}
-
 GEOMETRY_MAY_IMPORT = {"__future__", "math", "typing", "numpy", "PIL", "scipy", "torch"}
 DATASET_FORMAT_MAY_IMPORT = {"__future__", "typing"}
 CONFIGS_MAY_IMPORT = {"__future__", "collections", "dataclasses", "difflib", "enum", "pathlib", "types", "typing", "yaml"}
@@ -53,16 +44,17 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
 
 
-def imports_of(name: str) -> list[tuple[str, int]]:
-    """Every module ``name`` imports at run time (top level and inside functions): ``[(module, line)]``.
-    ``from a import b`` names ``a.b`` when that is a project module, else ``a``."""
+def imports_of(name: str, type_checking: bool = False) -> list[tuple[str, int]]:
+    """Every module ``name`` imports at run time (top level and inside functions): ``[(module, line)]``;
+    with ``type_checking`` also those under ``if TYPE_CHECKING:``. ``from a import b`` names ``a.b``
+    when that is a project module, else ``a``."""
     path = MODULES[name]
     is_pkg = path.name == "__init__.py"
     found: list[tuple[str, int]] = []
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
+            if isinstance(child, ast.If) and _is_type_checking(child) and not type_checking:
                 for c in child.orelse:
                     visit_node(c)
                 continue
@@ -87,11 +79,11 @@ def imports_of(name: str) -> list[tuple[str, int]]:
     return found
 
 
-def project_edges() -> dict[str, dict[str, int]]:
-    """``{importer: {imported project module: first line}}``."""
+def project_edges(type_checking: bool = False) -> dict[str, dict[str, int]]:
+    """``{importer: {imported project module: first line}}`` (``type_checking``: see ``imports_of``)."""
     edges: dict[str, dict[str, int]] = {}
     for name in MODULES:
-        for target, line in imports_of(name):
+        for target, line in imports_of(name, type_checking):
             if target.split(".")[0] not in PACKAGES:
                 continue
             while target not in MODULES and "." in target:  # an attribute of a module, e.g. `import a.b.c` of a non-module
@@ -187,10 +179,8 @@ def find_cycle(edges: dict[str, dict[str, int]]) -> list[str] | None:
 
 
 def test_no_import_cycles_among_project_modules():
-    edges = project_edges()
-    for a, b in ALLOWED_CYCLE_EDGES:
-        assert b in edges.get(a, {}), f"known exception {a} → {b} no longer exists: remove it from ALLOWED_CYCLE_EDGES"
-        del edges[a][b]
+    """None at all: function-level imports and imports only for type checking count too."""
+    edges = project_edges(type_checking=True)
     cycle = find_cycle(edges)
     assert cycle is None, "import cycle: " + " → ".join(
         f"{m} ({MODULES[m].relative_to(REPO)}:{edges[m][n]})" for m, n in zip(cycle, cycle[1:])) + f" → {cycle[-1]}"
