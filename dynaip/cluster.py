@@ -2,7 +2,8 @@
 Ray bound to loopback, and the runtime environment its workers get (the console policy of
 ``dynaip.console.ray_init_kwargs``). Curation (``pipeline.executor_ray``), the feature precompute
 (``dynaip.features``), synth (a curation run), training (``dynaip.train.trainer``) and the eval's
-generation (``dynaip.eval.generate``) all start Ray through ``connect``.
+generation (``dynaip.eval.generate``) all start Ray through ``connect``, and every Ray Train run takes
+its torch.distributed setup from ``torch_config`` (loopback only on the embedded Ray; docs/security.md).
 """
 
 from __future__ import annotations
