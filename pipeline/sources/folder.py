@@ -21,11 +21,12 @@ relative path with the reason: a broken symlink, a symlink loop, a link resolvin
 link to a folder (never followed: one outside the root would open the whole machine to the reader,
 one inside would read its files twice), a HEIC/AVIF file when the Pillow plugin to decode it is not
 installed (the reason names the package), any other file that is not an image, a caption with no
-image, a special file (FIFO, socket, device; never opened) and an unreadable subfolder. Hidden
+image, a special file (FIFO, socket, device; never opened) and an unreadable subfolder (an object
+store root has no links or special files: its objects are classified by name the same way). Hidden
 entries (name starting with ``.``) are skipped, and with ``recursive: false`` subfolders are not
 read (selections, not drops).
 
-The root is resolved (``os.path.realpath``) before the walk, so records carry the same absolute paths
+A local root is resolved (``os.path.realpath``) before the walk, so records carry the same absolute paths
 however the root was spelled (``../photos``, an absolute path, a symlink to it) and a re-run with
 another spelling keeps every finished chunk.
 
@@ -47,6 +48,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.image_formats import AVIF_EXTS, HEIF_EXTS, missing_plugin
 from pipeline.records import ImageRef, Reject, SourceRecord
@@ -84,8 +86,8 @@ class Options:
 class Scan:
     """What a walk of the root found: the image inputs and every other file with its reject reason."""
 
-    images: list[Path]
-    """Image files, sorted by relative POSIX path."""
+    images: list[Any]
+    """Image files (``Path`` or ``FsPath``), sorted by relative POSIX path."""
     rejects: list[tuple[str, str]]
     """``(relative POSIX path, reason)`` of every file that is neither an image input nor a caption, sorted."""
 
@@ -120,10 +122,41 @@ def _link_problem(path: Path, rel: str, real_root: str, recursive: bool) -> tupl
     return False, None
 
 
-def scan(root: Path, recursive: bool = True) -> Scan:
-    """Walks ``root`` (hidden entries skipped, folder links never followed) and sorts every file it
-    meets into an image input, a caption (``NAME.txt`` beside an image ``NAME.ext``) or a reject
-    with the reason (module docstring)."""
+def scan(root: Any, recursive: bool = True) -> Scan:
+    """Walks ``root`` (a ``Path``, or an ``FsPath`` of an object store, which has no links; hidden
+    entries skipped, folder links never followed) and sorts every file it meets into an image input,
+    a caption (``NAME.txt`` beside an image ``NAME.ext``) or a reject with the reason (module docstring)."""
+    if isinstance(root, Path):
+        files, rejects = _walk_local(root, recursive)
+    else:
+        listing = root.rglob("*") if recursive else root.glob("*")
+        files = [(p.relative_to(root).as_posix(), p) for p in listing
+                 if not any(part.startswith(".") for part in p.relative_to(root).parts) and p.is_file()]
+        rejects = []
+    stems = {(p.parent, p.stem) for _, p in files if p.suffix.lower() in IMAGE_EXTS}
+    images = []
+    for rel, path in files:
+        ext = path.suffix.lower()
+        if ext in IMAGE_EXTS:
+            problem = missing_plugin(ext)
+            if problem is None:
+                images.append((rel, path))
+            else:
+                rejects.append((rel, f"unsupported format: {rel}: {problem}"))
+        elif ext == CAPTION_EXT:
+            if (path.parent, path.stem) not in stems:
+                rejects.append((rel, f"caption without an image: {rel} has no image of the same name beside it"))
+        else:
+            exts = ", ".join(sorted(IMAGE_EXTS))
+            rejects.append((rel, f"not an image: {rel} (the folder source reads {exts} files and NAME.txt captions)"))
+    images.sort(key=lambda x: x[0])
+    rejects.sort(key=lambda x: x[0])
+    return Scan(images=[p for _, p in images], rejects=rejects)
+
+
+def _walk_local(root: Path, recursive: bool) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """``(files, rejects)`` of a local walk: the regular files (through links that stay in the root)
+    and the links and special files that are rejects, each with its relative POSIX path."""
     real_root = os.path.realpath(root)
     files: list[tuple[str, Path]] = []
     rejects: list[tuple[str, str]] = []
@@ -154,28 +187,10 @@ def scan(root: Path, recursive: bool = True) -> Scan:
                 rejects.append((rel, f"not a regular file: {rel} is a FIFO, socket or device; it is not read"))
                 continue
             files.append((rel, path))
-    stems = {(p.parent, p.stem) for _, p in files if p.suffix.lower() in IMAGE_EXTS}
-    images = []
-    for rel, path in files:
-        ext = path.suffix.lower()
-        if ext in IMAGE_EXTS:
-            problem = missing_plugin(ext)
-            if problem is None:
-                images.append((rel, path))
-            else:
-                rejects.append((rel, f"unsupported format: {rel}: {problem}"))
-        elif ext == CAPTION_EXT:
-            if (path.parent, path.stem) not in stems:
-                rejects.append((rel, f"caption without an image: {rel} has no image of the same name beside it"))
-        else:
-            exts = ", ".join(sorted(IMAGE_EXTS))
-            rejects.append((rel, f"not an image: {rel} (the folder source reads {exts} files and NAME.txt captions)"))
-    images.sort(key=lambda x: x[0])
-    rejects.sort(key=lambda x: x[0])
-    return Scan(images=[p for _, p in images], rejects=rejects)
+    return files, rejects
 
 
-def list_images(root: Path, recursive: bool = True) -> list[Path]:
+def list_images(root: Any, recursive: bool = True) -> list[Any]:
     """Image files under ``root``, sorted by relative POSIX path (hidden files skipped)."""
     return scan(root, recursive).images
 
@@ -209,7 +224,8 @@ def read(cfg) -> Iterator[SourceRecord | Reject]:
         raise SourceError(f"folder source: root {given!r} is not a directory; set source.root in the recipe or pass --source-root")
     if cross not in CROSS_PAIRS:
         raise ValueError(f"folder source: cross_pairs must be one of {', '.join(CROSS_PAIRS)}, not {cross!r}")
-    root = Path(os.path.realpath(root))  # one spelling of the root: ids, paths and fingerprints do not depend on it
+    if isinstance(root, Path):  # one spelling of the root: ids, paths and fingerprints do not depend on it
+        root = Path(os.path.realpath(root))
     found = scan(root, recursive)
     if not found.images:
         exts = ", ".join(sorted(IMAGE_EXTS))
@@ -219,7 +235,7 @@ def read(cfg) -> Iterator[SourceRecord | Reject]:
     return _records(root, found, phrase, cross)
 
 
-def _records(root: Path, found: Scan, phrase: str | None, cross: str) -> Iterator[SourceRecord | Reject]:
+def _records(root: Any, found: Scan, phrase: str | None, cross: str) -> Iterator[SourceRecord | Reject]:
     images = found.images
     yield from _image_records(root, images, phrase, cross)
     for rel, reason in found.rejects:
