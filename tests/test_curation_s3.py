@@ -107,8 +107,8 @@ class StopAfter:
 
 
 def test_curate_bucket_to_bucket_resumes_verifies_and_trains(s3, bucket_photos, tmp_path, capsys):
-    from pipeline.cli import main
     from dynaip.dataset.manifest import load_manifest
+    from pipeline.cli import main
     from pipeline.executor_local import run_local
 
     src, local_photos = bucket_photos
