@@ -165,10 +165,10 @@ def test_an_eval_generation_into_a_directory_in_use_is_refused(tmp_path):
     cases = [Case(id="c0", benchmark="dreambench++", category="animal", prompt="p", seed=1,
                   subjects=[Subject(path=str(ref), type="animal", name="a dog")])]
     out = tmp_path / "gen"
-    kw = dict(settings=GenerateSettings(steps=1, height=16, width=16), pipe_factory=lambda: "pipe",
-              generate_fn=lambda pipe, case, s: Image.new("RGB", (s.width, s.height)))
-    with RunLock(Store(str(out)), what="eval generation"):
-        with pytest.raises(RunDirError, match=f"output directory {out} is in use by another eval generation"):
-            run_generation(cases, out, **kw)
+    kw = {"settings": GenerateSettings(steps=1, height=16, width=16), "pipe_factory": lambda: "pipe",
+          "generate_fn": lambda pipe, case, s: Image.new("RGB", (s.width, s.height))}
+    with (RunLock(Store(str(out)), what="eval generation"),
+          pytest.raises(RunDirError, match=f"output directory {out} is in use by another eval generation")):
+        run_generation(cases, out, **kw)
     assert not is_done(out, "c0")
     assert run_generation(cases, out, **kw).generated == 1 and not (out / ".dynaip.lock").exists()

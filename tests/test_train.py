@@ -76,7 +76,7 @@ def ray_local():
 
 class Listeners:
     """Samples the listening sockets of this process and its descendants (Ray's GCS, raylet, agents,
-    Train workers) every 0.2 s while a block runs: ``{address: {process names}}``."""
+    Train workers) every 0.2 s between ``start`` and ``stop``: ``found`` = ``{address: {process names}}``."""
 
     def __init__(self) -> None:
         self.found: dict[str, set[str]] = {}
@@ -94,15 +94,14 @@ class Listeners:
                 except psutil.Error:  # a process that ended meanwhile
                     pass
 
-    def __enter__(self) -> "Listeners":
+    def start(self) -> None:
         import threading
 
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, args=(self._stop,), daemon=True)
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -141,8 +140,11 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def full_run(ray_local, run_setup, listeners):
-    with listeners:
+    listeners.start()
+    try:
         return _train(run_setup, "full")
+    finally:
+        listeners.stop()
 
 
 def test_the_embedded_ray_and_its_train_workers_listen_on_loopback_only(full_run, listeners):
