@@ -99,6 +99,11 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
     if "cross" not in pairs:  # a dataset without cross pairs: the second stage trains on everything
         cfg = replace(cfg, stages=[replace(s, pair=None) if s.pair == "cross" else s for s in cfg.stages])
     run_dir = out / "run"
+    if run_dir.is_dir():  # the demo's own run of an earlier demo: train afresh (run_training refuses old checkpoints)
+        import shutil
+
+        print(f"  replacing the earlier demo run in {run_dir}")
+        shutil.rmtree(run_dir)
     spec = RunSpec(config=cfg.to_dict(), data=[str(dataset)], out=str(run_dir), models=str(models_yaml),
                    max_steps=steps if steps is not None else (2 if small else None))
     reported = run_training(cfg, spec) or {}

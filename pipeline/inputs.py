@@ -120,8 +120,10 @@ def guard_records(records: Iterable[SourceRecord | Reject], root: str) -> Iterat
                 if "://" in ref.path:
                     continue
                 p = os.path.abspath(ref.path)
-                if _inside(p, lexical) and not _inside(os.path.realpath(p), real):
-                    rel = Path(p).relative_to(lexical).as_posix()
+                # a reader may have resolved the root already (the folder reader does): either spelling is "in it"
+                base = lexical if _inside(p, lexical) else real if _inside(p, real) else None
+                if base is not None and not _inside(os.path.realpath(p), real):
+                    rel = Path(p).relative_to(base).as_posix()
                     r = Reject(source=r.source, id=r.id, stage="read",
                                reason=f"{rel} is a symlink resolving outside the source root; copy the file "
                                       "into the root instead of linking it")

@@ -30,8 +30,8 @@ from pipeline.recipe import Recipe
 from pipeline.records import Reject, SourceRecord
 from pipeline.sources import get_reader
 from pipeline.inputs import guard_records, input_fingerprint, source_identity
-from pipeline.lock import RunLock
-from pipeline.writer import ChunkResult, DatasetWriter
+from dynaip.run_lock import RunLock
+from pipeline.writer import ChunkResult, DatasetWriter, OutputDirError
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def curate(recipe: Recipe, out: str, pool: Pool, info: dict[str, Any], *, limit:
     writer = DatasetWriter(out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality,
                            max_bytes=recipe.shards.max_bytes)
     fresh = not writer.store.exists()
-    with RunLock(writer.store):
+    with RunLock(writer.store, what="curation run", error=OutputDirError):
         try:
             return _curate(recipe, writer, pool, info, limit, progress)
         except BaseException:

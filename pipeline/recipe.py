@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,11 @@ def check_source_options(kind: str, options: Any, where: str = "recipe") -> Any:
     return build(cls, source_options_mapping(cls, options), where=where, at="source.")
 
 
+def has_word(text: str) -> bool:
+    """False for a text holding no word: blank, or only Grounding DINO's ``.`` phrase separators."""
+    return bool(text.replace(".", " ").strip())
+
+
 @dataclass(kw_only=True)
 class SourceConfig:
     """Where the inputs come from. Keys other than ``kind``/``root`` are reader options
@@ -87,7 +93,8 @@ class SourceConfig:
     kind: str
     """Reader name: sa1b | ffhq | vitonhd | opens2v | anyinsertion | folder."""
     root: str = ""
-    """Dataset root directory (``--source-root`` overrides it)."""
+    """Dataset root directory (``--source-root`` overrides it); a local root is kept resolved (absolute,
+    symlinks followed), so every spelling of one folder is the same source."""
     options: dict[str, Any] = field(default_factory=dict)
     """Reader-specific options (every other key under ``source:`` in the YAML)."""
 
@@ -364,6 +371,8 @@ class Recipe:
             root = str(source_root)
         elif root and base is not None:
             root = resolve_path(str(root), base)
+        if root and "://" not in str(root):  # one spelling of a local root (``../photos`` = its absolute path)
+            root = os.path.realpath(os.path.expanduser(str(root)))
         check_source_options(kind, src, where)
         source = SourceConfig(kind=kind, root=str(root or ""), options=src)
         if "source" in {f.name for f in dataclasses.fields(cls)}:
@@ -398,6 +407,16 @@ class Recipe:
         need(f.min_box_area < f.max_box_area, "filters.min_box_area", f.min_box_area, "must be below filters.max_box_area")
         need(d.image_size > 0 and d.max_size >= d.image_size, "detection.max_size", d.max_size,
              "needs image_size > 0 and max_size >= image_size")
+        # semantically empty texts: such a run would reject every input and write an empty dataset
+        need(has_word(d.prompt), "detection.prompt", d.prompt, "names no phrase; give phrases separated by ' . ', "
+             "e.g. 'person . animal . object'")
+        need(has_word(self.human.face_prompt), "human.face_prompt", self.human.face_prompt, "names nothing; e.g. 'face'")
+        need(bool(self.human.phrases), "human.phrases", self.human.phrases, "is empty; name the phrases that mean a "
+             "person (set human.face_prob: 0 for no face references)")
+        for i, phrase in enumerate(self.human.phrases):
+            need(has_word(phrase), f"human.phrases[{i}]", phrase, "names nothing; give a word or drop the entry")
+        need("template" not in self.captioning.order or has_word(self.captioning.template), "captioning.template", self.captioning.template,
+             "is blank; e.g. 'a photo of a {phrase}' (or drop 'template' from captioning.order)")
         need(d.provided_boxes in ("use", "face", "ignore"), "detection.provided_boxes", d.provided_boxes, "use one of use | face | ignore")
         need(f.max_comparable_subjects >= 1, "filters.max_comparable_subjects", f.max_comparable_subjects, "must be >= 1")
         need(f.max_mask_components >= 1, "filters.max_mask_components", f.max_mask_components, "must be >= 1")

@@ -146,7 +146,7 @@ def test_stale_pidfile_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatc
     import socket
 
     from dynaip.dataset.store import Store
-    from pipeline.lock import RunLock
+    from dynaip.run_lock import RunDirError, RunLock
 
     def no_flock(*a):
         raise OSError(38, "Function not implemented")
@@ -158,7 +158,7 @@ def test_stale_pidfile_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatc
     dead.wait()
     (out / ".dynaip.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "time": 0}))
     with RunLock(Store(out)):
-        with pytest.raises(OutputDirError, match="in use by another curation run"):
+        with pytest.raises(RunDirError, match="in use by another curation run"):
             RunLock(Store(out)).acquire()
     assert not (out / ".dynaip.lock").exists()
 
@@ -197,7 +197,7 @@ def test_symlink_leaving_the_source_root_is_rejected(tmp_path):
     m, pair = run(make_recipe(root), tmp_path / "ds")
     rejects = [json.loads(line) for line in (tmp_path / "ds" / "rejects.jsonl").read_text().splitlines()]
     assert sorted(pair.seen) == ["a", "inner"]
-    assert rejects == [{"source": "folder", "id": "link", "stage": "read",
+    assert rejects == [{"source": "folder", "id": "link.png", "stage": "read",  # the folder reader names the file
                         "reason": "link.png is a symlink resolving outside the source root; copy the file "
                                   "into the root instead of linking it"}]
 

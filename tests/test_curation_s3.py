@@ -172,13 +172,12 @@ def test_lease_on_the_bucket_refuses_a_second_run_and_expires(s3):
     """On an object store the run lock is a lease object: a live lease refuses another run; one whose
     holder died (never renewed) is taken over after it expires."""
     from dynaip.dataset.store import Store
-    from pipeline.lock import LOCK_NAME, RunLock
-    from pipeline.writer import OutputDirError
+    from dynaip.run_lock import LOCK_NAME, RunDirError, RunLock
 
     store = Store("s3://out/leased")
     with RunLock(store):
         assert store.is_file(LOCK_NAME)
-        with pytest.raises(OutputDirError, match="in use by another curation run"):
+        with pytest.raises(RunDirError, match="in use by another curation run"):
             RunLock(Store("s3://out/leased")).acquire()
     assert not store.is_file(LOCK_NAME)  # released
     dead = RunLock(store, ttl=0.5)

@@ -296,8 +296,9 @@ def test_folder_reader_is_sorted_with_captions(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "a.txt").write_text("  a caption \n")
     recs = list(get_reader("folder")(recipe(source={"kind": "folder", "root": str(tmp_path)}).source))
-    assert [r.id for r in recs] == ["a", "b", "sub/c"]
+    assert [r.id for r in recs] == ["a", "b", "sub/c", "notes.md"]  # images, then the files that are none
     assert recs[0].caption == "a caption" and recs[1].caption is None
+    assert recs[3].reason.startswith("not an image: notes.md (the folder source reads .avif, .bmp")
     with pytest.raises(ValueError, match="unknown source kind 'coco'"):
         get_reader("coco")
 

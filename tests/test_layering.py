@@ -13,7 +13,7 @@ and those below, never one above:
    dataclass loader: standard library and PyYAML only), ``dynaip.atomic``, ``dynaip.console``,
    ``dynaip.dataset.format`` (standard library only);
 1. ``dynaip.dataset`` (the dataset as a consumer sees it), ``dynaip.cluster`` (Ray access),
-   ``dynaip.models``;
+   ``dynaip.run_lock`` (one run per output directory), ``dynaip.models``;
 2. ``dynaip.adapter``;
 3. curation (``pipeline``), training (``dynaip.train``, ``dynaip.features``), ``dynaip.inference``;
    side by side: nothing in ``dynaip`` but the entry points imports ``pipeline``, curation imports
@@ -114,7 +114,7 @@ def _violations(importers: tuple[str, ...], forbidden: tuple[str, ...]) -> list[
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("dynaip.geometry", "dynaip.configs", "dynaip.atomic", "dynaip.console", "dynaip.dataset.format")),
-    ("dataset, cluster, models", ("dynaip.dataset", "dynaip.cluster", "dynaip.models")),
+    ("dataset, cluster, models", ("dynaip.dataset", "dynaip.cluster", "dynaip.run_lock", "dynaip.models")),
     ("adapter", ("dynaip.adapter",)),
     ("curation, training, inference", ("pipeline", "dynaip.train", "dynaip.features", "dynaip.inference")),
     ("eval, serve", ("dynaip.eval", "dynaip.serve")),

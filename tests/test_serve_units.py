@@ -119,6 +119,53 @@ def test_generation_inputs_are_checked_before_any_model_runs(tiny_models_yaml, t
         assert "was not found" in str(e)
 
 
+def _post_upload(client, size: int):
+    return client.post("/gradio_api/upload", files={"files": ("big.png", b"\0" * size, "image/png")})
+
+
+def test_uploads_over_the_limit_are_refused_in_one_line(dataset):
+    from fastapi.testclient import TestClient
+
+    from dynaip.serve.app import DatasetCache, build_app, build_blocks
+
+    cache = DatasetCache()
+    client = TestClient(build_app(cache, build_blocks(cache, lambda: None), max_upload_mb=0.25))  # 262144 bytes
+    ok = _post_upload(client, 262144)
+    assert ok.status_code == 200 and len(ok.json()) == 1
+    big = _post_upload(client, 262145)  # gradio's own per-file limit
+    assert big.status_code == 413 and big.text == "File size exceeded maximum allowed size of 262144 bytes."
+    inline = client.post("/gradio_api/call/generate", content=b"x" * (2 * 262144 + 2**20 + 1),
+                         headers={"content-type": "application/json"})  # from Content-Length, before reading
+    assert inline.status_code == 413
+    assert inline.text == "request body over 1572864 bytes refused; dynaip serve takes files up to 0.25 MB (--max-upload-mb)\n"
+
+
+
+def test_body_limit_counts_a_streamed_body_without_content_length():
+    from fastapi.testclient import TestClient
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from dynaip.serve.app import BodyLimit
+
+    async def echo(request):
+        return JSONResponse({"bytes": len(await request.body())})
+
+    app = Starlette(routes=[Route("/echo", echo, methods=["POST"])],
+                    middleware=[Middleware(BodyLimit, limit=1000, hint="h")])
+    client = TestClient(app)
+
+    def chunks(n):
+        for _ in range(n):
+            yield b"x" * 300
+
+    assert client.post("/echo", content=chunks(3)).json() == {"bytes": 900}
+    r = client.post("/echo", content=chunks(4))
+    assert r.status_code == 413 and r.text == "request body over 1000 bytes refused; h\n"
+
+
 def test_serve_command_line(monkeypatch, dataset, tmp_path, capsys, caplog):
     import uvicorn
 
@@ -131,10 +178,14 @@ def test_serve_command_line(monkeypatch, dataset, tmp_path, capsys, caplog):
 
     seen = {}
     monkeypatch.setattr(generation, "GenerationService", Service)
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(host=host, port=port))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(host=host, port=port, app=app))
     assert main(["serve", "--dataset", str(dataset), "--host", "127.0.0.2", "--port", "8123", "--page-size", "3",
-                 "--out", str(tmp_path / "o")]) == 0
-    assert seen == {"host": "127.0.0.2", "port": 8123}
+                 "--out", str(tmp_path / "o"), "--max-upload-mb", "0.5"]) == 0
+    assert {k: seen[k] for k in ("host", "port")} == {"host": "127.0.0.2", "port": 8123}
+    from fastapi.testclient import TestClient
+
+    client = TestClient(seen.pop("app"))
+    assert _post_upload(client, 2**19).status_code == 200 and _post_upload(client, 2**19 + 1).status_code == 413
     monkeypatch.chdir(tmp_path)
     assert main(["serve"]) == 0 and seen["host"] == "127.0.0.1" and seen["port"] == 7860  # loopback by default
     capsys.readouterr()
@@ -142,6 +193,7 @@ def test_serve_command_line(monkeypatch, dataset, tmp_path, capsys, caplog):
     for argv, message in ((["serve", "--dataset", str(tmp_path / "missing")], "manifest.json not found"),
                           (["serve", "--page-size", "0"], "--page-size 0"),
                           (["serve", "--port", "70000"], "--port 70000"),
+                          (["serve", "--max-upload-mb", "0"], "--max-upload-mb 0: give a size above 0"),
                           (["serve", "--models", str(tmp_path / "m.yaml")], "does not exist")):
         caplog.clear()
         assert main(argv) == 2

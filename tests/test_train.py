@@ -63,13 +63,41 @@ def test_step_overfits_and_changes_only_adapter_parameters(tiny_models, tmp_path
 
 # ----------------------------------------------------------------------------- Ray Train, two workers
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
+class Listeners:
+    """Samples the listening sockets of this process and its descendants (Ray's GCS, raylet, agents,
+    Train workers) every 0.2 s between ``start`` and ``stop``: ``found`` = ``{address: {process names}}``."""
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+    def __init__(self) -> None:
+        self.found: dict[str, set[str]] = {}
+
+    def _sample(self, stop) -> None:
+        import psutil
+
+        while not stop.wait(0.2):
+            me = psutil.Process()
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    for c in p.net_connections("inet"):
+                        if c.status == psutil.CONN_LISTEN:
+                            self.found.setdefault(c.laddr.ip, set()).add(p.name())
+                except psutil.Error:  # a process that ended meanwhile
+                    pass
+
+    def start(self) -> None:
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(self._stop,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def listeners():
+    return Listeners()
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +128,20 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def full_run(ray_local, run_setup):
-    return _train(run_setup, "full")
+def full_run(ray_cluster, run_setup, listeners):
+    listeners.start()
+    try:
+        return _train(run_setup, "full")
+    finally:
+        listeners.stop()
+
+
+def test_the_embedded_ray_and_its_train_workers_listen_on_loopback_only(full_run, listeners):
+    """Issue #33: GCS, raylet, agents, every worker and torch.distributed's rendezvous store and gloo
+    connections of a two-worker run bind 127.0.0.1 (Ray Train's own setup put the store on every interface)."""
+    assert any("RayTrainWorker" in name for names in listeners.found.values() for name in names), listeners.found
+    off = {ip: names for ip, names in listeners.found.items() if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")}
+    assert off == {}
 
 
 def test_two_workers_report_their_metrics_through_ray_train(full_run):

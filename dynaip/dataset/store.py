@@ -130,7 +130,7 @@ class Store:
         return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     def is_empty(self) -> bool:
-        """Nothing under the root but a run lock (``pipeline.lock``)."""
+        """Nothing under the root but a run lock (``dynaip.run_lock``)."""
         return not [n for n in self.listdir("") if n != ".dynaip.lock"]
 
     def invalidate(self) -> None:

@@ -220,8 +220,20 @@ def run_generation(cases: Sequence[Case], out_dir: str | Path, *, settings: Gene
     ``num_workers`` actors (default: one per cluster GPU) each hold a pipeline and results stream back
     to this process, which writes them — so the output directory needs no shared file system.
     """
+    from dynaip.dataset.store import Store
+    from dynaip.run_lock import RunLock
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(Store(str(out_dir)), what="eval generation"):  # two generations into one --out would race
+        return _run_generation(cases, out_dir, settings=settings, pipe_factory=pipe_factory, generate_fn=generate_fn,
+                               ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                               adapter=adapter)
+
+
+def _run_generation(cases: Sequence[Case], out_dir: Path, *, settings: GenerateSettings, pipe_factory: PipeFactory,
+                    generate_fn: GenerateFn, ray_address: str | None, num_workers: int | None,
+                    gpus_per_worker: float, adapter: str | None) -> GenerationSummary:
     _check_run_settings(out_dir, settings, adapter)
     pending = [c for c in cases if not is_done(out_dir, c.id)]
     summary = GenerationSummary(total=len(cases), skipped=len(cases) - len(pending), generated=0)

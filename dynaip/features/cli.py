@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from dynaip.train.config import TrainConfig
 
     from .layout import FeatureSpec, encoders_fingerprint
-    from .precompute import resolve_device, run_local, summary
+    from .precompute import hold_feature_sets, resolve_device, run_local, summary
 
     if args.batch_size < 1 or args.threads < 1:
         raise ValueError(f"--batch-size {args.batch_size} and --threads {args.threads}: both must be >= 1")
@@ -91,15 +91,16 @@ def run(args: argparse.Namespace) -> int:
     log.info("precompute: %d dataset(s), buckets %s, max_sequence_length %d, %s on %s", len(datasets),
              [list(b) for b in spec.buckets], spec.max_sequence_length, dtype, device)
     progress = not args.no_progress
-    if args.executor == "local":
-        manifests = run_local(datasets, models, spec, name=args.name, device=torch.device(device),
-                              batch_size=args.batch_size, threads=args.threads, progress=progress)
-    else:
-        from .ray_exec import run_ray
+    with hold_feature_sets(datasets, spec, args.name):  # one precompute per feature set at a time
+        if args.executor == "local":
+            manifests = run_local(datasets, models, spec, name=args.name, device=torch.device(device),
+                                  batch_size=args.batch_size, threads=args.threads, progress=progress)
+        else:
+            from .ray_exec import run_ray
 
-        manifests = run_ray(datasets, models, spec, name=args.name, device=device, batch_size=args.batch_size,
-                            actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-                            threads=args.threads, progress=progress)
+            manifests = run_ray(datasets, models, spec, name=args.name, device=device, batch_size=args.batch_size,
+                                actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                                threads=args.threads, progress=progress)
     for root, manifest in manifests:
         print(summary(root, manifest))
     return 0

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -26,6 +27,7 @@ import torch
 
 from dynaip.atomic import atomic_write_bytes
 from dynaip.dataset.manifest import open_dataset
+from dynaip.run_lock import LOCK_NAME
 
 from .format import FeatureError, ShardWriter, write_tensors
 from .layout import (EMPTY, FORMAT, MANIFEST, PROGRESS, FeatureSpec, dataset_identity, feature_shard_path,
@@ -132,6 +134,26 @@ def _done(job: Job) -> dict[str, Any] | None:
     return entry
 
 
+@contextmanager
+def hold_feature_sets(datasets: Sequence[str], spec: FeatureSpec, name: str | None = None) -> Iterator[None]:
+    """Holds each dataset's ``DATASET/features/NAME`` for the block (``dynaip.run_lock.RunLock``): a
+    second precompute of the same feature set is refused in one line instead of writing the same
+    files beside the first. A dataset without a manifest is left to ``plan_dataset``'s error (no
+    directory is made inside it)."""
+    from contextlib import ExitStack
+
+    from dynaip.dataset.store import Store
+    from dynaip.run_lock import RunLock
+
+    with ExitStack() as stack:
+        for d in datasets:
+            base = _local_dir(d)
+            if (base / "manifest.json").is_file():
+                root = features_root(str(base), name or spec.default_name())
+                stack.enter_context(RunLock(Store(root), what="feature precompute", error=FeatureError))
+        yield
+
+
 def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> DatasetPlan:
     """Prepares ``DATASET/features/NAME`` (checking an existing one was built with ``spec``) and lists its jobs."""
     base = _local_dir(dataset)
@@ -147,7 +169,7 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
             diff = ", ".join(f"{k} {found.get(k)} (this run: {want[k]})" for k in want if found.get(k) != want[k])
             raise FeatureError(f"{root} holds features computed with other settings — {diff}; "
                                "pass another --name (or delete that directory)")
-    elif root.exists() and any(root.iterdir()):
+    elif root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
         raise FeatureError(f"{root} exists but is not a feature set of this tool; pass another --name or delete it")
     (root / PROGRESS).mkdir(parents=True, exist_ok=True)
     if not state.is_file():

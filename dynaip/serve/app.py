@@ -9,7 +9,8 @@
   result with its settings and masks, and a download of the PNG with its JSON sidecar.
 
 Bound to 127.0.0.1 unless ``--host`` says otherwise. The page's functions are also Gradio API
-endpoints (``open_dataset``, ``samples_page``, ``generate``).
+endpoints (``open_dataset``, ``samples_page``, ``generate``). An uploaded file over ``--max-upload-mb``
+(default 25) is refused with 413 and one line, and so is any request body over twice that.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4
 ALL = "(all)"
+MAX_UPLOAD_MB = 25
+"""Default ``--max-upload-mb``: a phone photo is a few MB; anything far above is not a reference image."""
 
 CSS = """
 .dyn-card {display:flex; gap:10px; border:1px solid #ddd; border-radius:8px; padding:8px; margin:6px 0;}
@@ -288,13 +291,64 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
     return blocks
 
 
-def build_app(datasets: DatasetCache, blocks):
-    """FastAPI app: the sample / shard links, then the Gradio UI at /."""
+class BodyLimit:
+    """ASGI middleware: an HTTP request whose body is over ``limit`` bytes gets 413 with one line, from
+    its Content-Length before a byte is read, else as soon as the streamed body passes the limit. It
+    bounds what Gradio's own per-file limit does not see: images sent inline (base64) to the API."""
+
+    class TooLarge(Exception):
+        pass
+
+    def __init__(self, app, limit: int, hint: str):
+        self.app, self.limit, self.hint = app, limit, hint
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen, started = 0, False
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if seen > self.limit:
+                raise BodyLimit.TooLarge
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except BodyLimit.TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send) -> None:
+        body = f"request body over {self.limit} bytes refused; {self.hint}\n".encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def build_app(datasets: DatasetCache, blocks, *, max_upload_mb: float = MAX_UPLOAD_MB):
+    """FastAPI app: the sample / shard links, then the Gradio UI at /. An uploaded file over
+    ``max_upload_mb`` MiB is refused by Gradio (413, "File size exceeded maximum allowed size"), any
+    request body over twice that (an image inlined as base64 is 4/3 of its size) by ``BodyLimit``."""
     import gradio as gr
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 
+    max_bytes = int(max_upload_mb * 2**20)
     app = FastAPI(title="DynaIP")
+    app.add_middleware(BodyLimit, limit=2 * max_bytes + 2**20,
+                       hint=f"dynaip serve takes files up to {max_upload_mb:g} MB (--max-upload-mb)")
 
     @app.get("/dataset/sample")
     def sample(root: str, shard: str, key: str):
@@ -324,7 +378,7 @@ def build_app(datasets: DatasetCache, blocks):
     import contextlib
 
     with contextlib.redirect_stdout(io.StringIO()):  # gradio 5.50's mount_gradio_app prints a stray debug line
-        return gr.mount_gradio_app(app, blocks, path="", show_api=True)
+        return gr.mount_gradio_app(app, blocks, path="", show_api=True, max_file_size=max_bytes)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -340,6 +394,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--page-size", type=int, default=PAGE_SIZE, help=f"samples per page (default {PAGE_SIZE})")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                   help=f"largest file an upload may be, in MB (default {MAX_UPLOAD_MB}); larger ones are refused")
     p.set_defaults(func=run_serve)
 
 
@@ -349,6 +405,8 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     if args.page_size < 1:
         raise ValueError(f"--page-size {args.page_size}: give at least 1")
+    if not args.max_upload_mb > 0:
+        raise ValueError(f"--max-upload-mb {args.max_upload_mb:g}: give a size above 0")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: give a port between 1 and 65535")
     import uvicorn
@@ -364,7 +422,7 @@ def run_serve(args: argparse.Namespace) -> int:
         datasets.open(args.dataset)  # a bad path fails here, in one line, before the server starts
     service = GenerationService(args.models, args.adapter, args.out, device=args.device)
     blocks = build_blocks(datasets, lambda: service, initial_dataset=args.dataset, page_size=args.page_size)
-    app = build_app(datasets, blocks)
+    app = build_app(datasets, blocks, max_upload_mb=args.max_upload_mb)
     print(f"DynaIP app on http://{args.host}:{args.port}/  (Ctrl-C stops it)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

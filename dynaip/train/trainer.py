@@ -52,8 +52,17 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     """Runs the job: ``local`` = one process without Ray (debugging, benchmarks); else Ray Train.
 
     With no ``ray_address`` (and none in the config) and no Ray already initialised in this
-    process, an embedded local Ray is started and shut down afterwards.
+    process, an embedded local Ray is started and shut down afterwards. The run directory is held
+    for the whole run (``run_dir.hold``): another run on it, or a run without ``resume`` over its
+    checkpoints, is refused in one line before anything in it changes.
     """
+    from .run_dir import hold
+
+    with hold(spec.out, spec.resume):
+        return _run_training(cfg, spec, ray_address, local)
+
+
+def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, local: bool) -> dict[str, Any] | None:
     from .checkpoint_files import recover
     from .preflight import preflight
 
@@ -71,7 +80,9 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from dynaip.cluster import torch_config
 
     started = False
     if not ray.is_initialized():
@@ -89,7 +100,7 @@ def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None
     trainer = TorchTrainer(
         train_worker, train_loop_config=asdict(spec),
         scaling_config=ScalingConfig(num_workers=cfg.parallel.workers, use_gpu=cfg.parallel.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend=backend),
+        torch_config=torch_config(backend),  # on the embedded Ray: torch.distributed on loopback only
         run_config=RunConfig(name="dynaip-train", storage_path=str(Path(spec.out).resolve() / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.parallel.max_failures),
                              callbacks=[report_log(reported)]))

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import SourceError, image_column_problem, option, read_options, source_path
+from pipeline.sources.common import SourceError, check_not_empty, image_column_problem, option, read_options, source_path
 
 SOURCE = "anyinsertion"
 IMAGE_COLUMNS = ("tar_image", "tar_mask", "ref_image", "ref_mask")
@@ -70,6 +70,10 @@ class Options:
     """Keep rows whose ``split`` is this; None = every split."""
     categories: tuple[str, ...] | None = None
     """Keep rows whose ``category`` is one of these; None = every category."""
+
+    def __post_init__(self) -> None:
+        """An option given but saying nothing fails when the recipe loads (``check_not_empty``)."""
+        check_not_empty("anyinsertion", "categories", self.categories)
 
 
 def _reject(rid: str, reason: str) -> Reject:

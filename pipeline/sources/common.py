@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from dynaip.configs import build
+from pipeline.recipe import has_word
 from pipeline.records import Box
 
 _MISSING = object()
@@ -330,6 +331,24 @@ def source_path(root: Any) -> Any:
     if "://" in text:
         return FsPath(text)
     return Path(text).expanduser()
+
+
+def check_not_empty(kind: str, name: str, value: Any) -> None:
+    """ValueError (one line) when the option ``source.<name>`` is given but means nothing: a text with no
+    word (``pipeline.recipe.has_word``), an empty list (selects nothing) or a list entry that says nothing. Such a value
+    would run to the end and reject every input, or write an empty dataset, so it fails when the
+    recipe loads. None (the key left out) is fine: the reader's default applies."""
+    if value is None:
+        return
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{kind} source: source.{name} is an empty list, which selects nothing; "
+                             "name at least one or leave the key out")
+        for i, item in enumerate(value):
+            if isinstance(item, str) and not has_word(item):
+                raise ValueError(f"{kind} source: source.{name}[{i}] = {item!r} names nothing; give a word or drop the entry")
+    elif isinstance(value, str) and not has_word(value):
+        raise ValueError(f"{kind} source: source.{name} = {value!r} names nothing; give a word or leave the key out")
 
 
 def read_options(cfg: Any, options_cls: type, kind: str) -> Any:

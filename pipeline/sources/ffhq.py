@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import Box, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import SourceError, as_xyxy, option, read_options, require_dir
+from pipeline.sources.common import SourceError, as_xyxy, check_not_empty, option, read_options, require_dir
 
 SOURCE = "ffhq"
 
@@ -58,6 +58,10 @@ class Options:
     """Keep only these categories (training | validation); None keeps all."""
     dedupe: bool = True
     """Treat entries with the same pixel_md5 (else file_md5, else file_path) as one photo with several faces."""
+
+    def __post_init__(self) -> None:
+        """An option given but saying nothing fails when the recipe loads (``check_not_empty``)."""
+        check_not_empty("ffhq", "category", self.category)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.records import Diptych, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import glob_files, image_column_problem, read_options, require_dir
+from pipeline.sources.common import check_not_empty, glob_files, image_column_problem, read_options, require_dir
 
 SOURCE = "subjects200k"
 SCORES = ("compositeStructure", "objectConsistency", "imageQuality")
@@ -64,6 +64,10 @@ class Options:
     """Border pixels around each panel (``records.Diptych.padding``)."""
     phrase: Literal["item", "category"] = "item"
     """Detection phrase: the description's ``item`` (e.g. "Eames lounge chair") or its ``category``."""
+
+    def __post_init__(self) -> None:
+        """An option given but saying nothing fails when the recipe loads (``check_not_empty``)."""
+        check_not_empty("subjects200k", "collections", self.collections)
 
 
 def _reject(rid: str, reason: str) -> Reject:

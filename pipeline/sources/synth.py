@@ -29,7 +29,7 @@ import yaml
 
 from dynaip.models import sampling
 from pipeline.records import Diptych, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import read_options
+from pipeline.sources.common import check_not_empty, read_options
 
 SOURCE = "synth"
 GRAMMAR = Path(__file__).resolve().parents[1] / "synth_grammar.yaml"
@@ -67,6 +67,10 @@ class Options:
     """The generation prompt; ``{subject}``, ``{scene_0}`` (left) and ``{scene_1}`` (right) are filled."""
     caption: str = "a photo of the {subject} {scene}"
     """Each panel's provided caption; ``{subject}`` and ``{scene}`` (that panel's) are filled."""
+
+    def __post_init__(self) -> None:
+        """An option given but saying nothing fails when the recipe loads (``check_not_empty``)."""
+        check_not_empty("synth", "phrase", self.phrase)
 
 
 def _reject(rid: str, reason: str) -> Reject:

@@ -38,7 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import SourceError, option, read_options, require_dir
+from pipeline.sources.common import (
+    SourceError,
+    check_not_empty,
+    option,
+    read_options,
+    require_dir,
+)
 
 SOURCE = "vitonhd"
 _IMAGE_EXT = (".jpg", ".jpeg", ".png")
@@ -52,6 +58,10 @@ class Options:
     """train | test."""
     phrase: str = "upper-body garment"
     """Detection phrase for the garment in the target image."""
+
+    def __post_init__(self) -> None:
+        """An option given but saying nothing fails when the recipe loads (``check_not_empty``)."""
+        check_not_empty("vitonhd", "phrase", self.phrase)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.image_formats import register_plugins
 from pipeline.recipe import Recipe
 from pipeline.records import ImageRef
 from pipeline.sample import Candidate, Item, View
@@ -35,6 +36,7 @@ def decode_image(data: bytes, *, max_pixels: int = 89_478_485, min_side: int = 1
     still applies above ``max_pixels`` settings larger than that."""
     if not data:
         raise DecodeError("empty file (0 bytes)")
+    register_plugins()  # HEIC/HEIF: pillow-heif's opener, registered once per process (Ray workers too)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

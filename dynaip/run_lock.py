@@ -1,4 +1,7 @@
-"""One run per output directory: ``RunLock(store)`` is held for the whole of a curation run.
+"""One run per output directory: ``RunLock(store, what)`` is held for the whole of a run that writes
+a directory — a curation (``pipeline.orchestrate``, synth included), a training run (``--out``, in
+``dynaip.train.trainer.run_training``: ``dynaip train`` and the demo), a feature precompute (each
+``DATASET/features/NAME``) and an eval generation (``--out``).
 
 - Local directories: ``DIR/.dynaip.lock``, an advisory ``fcntl.flock`` (exclusive, non-blocking)
   on a file whose text names the holder (host, pid, start time). The kernel drops the lock when
@@ -11,7 +14,8 @@
   instant could both write a lease; each reads it back after writing and only the one whose token
   is there proceeds.
 
-A refused run raises ``OutputDirError`` with one line naming the holder and what to do.
+A refused run raises ``error`` (``RunDirError`` unless the caller names its own, e.g. curation's
+``OutputDirError``) with one line naming the holder and what to do.
 """
 
 from __future__ import annotations
@@ -29,6 +33,27 @@ from dynaip.dataset.store import Store
 LOCK_NAME = ".dynaip.lock"
 LEASE_TTL = 120.0
 """Seconds a lease on an object store stays valid without renewal."""
+
+
+_HELD_FDS: set[int] = set()
+"""Lock files this process holds; a forked child (a DataLoader worker) closes its copies at once, so a
+child that outlives a killed run cannot keep the run's lock (closing a copy never unlocks the parent's)."""
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+class RunDirError(ValueError):
+    """A run directory in use by another run (a ValueError: the CLI reports it in one line)."""
 
 
 def _holder(ttl: float | None = None) -> dict[str, Any]:
@@ -55,11 +80,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """Exclusive use of a dataset directory; a context manager (``acquire`` / ``release``)."""
+    """Exclusive use of a run directory; a context manager (``acquire`` / ``release``). ``what`` names
+    the kind of run in the refusal ("curation run", "training run" ...), ``error`` its exception class."""
 
-    def __init__(self, store: Store, *, ttl: float = LEASE_TTL):
+    def __init__(self, store: Store, *, ttl: float = LEASE_TTL, what: str = "curation run",
+                 error: type[Exception] = RunDirError):
         self.store = store
         self.ttl = ttl
+        self.what, self.error = what, error
         self.info: dict[str, Any] | None = None
         self._fd: int | None = None
         self._stop = threading.Event()
@@ -73,10 +101,8 @@ class RunLock:
         self.release()
 
     def _refuse(self, holder: dict[str, Any]) -> None:
-        from pipeline.writer import OutputDirError
-
-        raise OutputDirError(f"output directory {self.store.display()} is in use by another curation run "
-                             f"({_describe(holder)}); wait for it to finish or stop it, or pass another --out")
+        raise self.error(f"output directory {self.store.display()} is in use by another {self.what} "
+                         f"({_describe(holder)}); wait for it to finish or stop it, or pass another --out")
 
     # ---- local -------------------------------------------------------------------------------
 
@@ -117,6 +143,7 @@ class RunLock:
         os.write(fd, (json.dumps(self.info, sort_keys=True) + "\n").encode())
         os.fsync(fd)
         self._fd = fd
+        _HELD_FDS.add(fd)
 
     def _acquire_pidfile(self, path: Any) -> None:
         held = _read_json(path)
@@ -176,6 +203,7 @@ class RunLock:
             # unlinked while still locked (a finished dataset holds no lock file); a run that opened the
             # old inode meanwhile notices it is gone (the inode check above) and locks the new file
             self.store.local_path(LOCK_NAME).unlink(missing_ok=True)
+            _HELD_FDS.discard(self._fd)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
         elif self.info is not None and self.store.local:
