@@ -8,8 +8,9 @@
   high), masks drawn on a canvas or found by phrase, seed, steps, size, guidance, image CFG; the
   result with its settings and masks, and a download of the PNG with its JSON sidecar.
 
-Bound to 127.0.0.1 unless ``--host`` says otherwise. The page's functions are also Gradio API
-endpoints (``open_dataset``, ``samples_page``, ``generate``).
+Bound to 127.0.0.1 unless ``--host`` says otherwise; any other address needs ``--token`` or ``--auth``
+(or ``DYNAIP_SERVE_TOKEN`` / ``DYNAIP_SERVE_AUTH``), then checked on every route (``dynaip/serve/auth.py``).
+The page's functions are also Gradio API endpoints (``open_dataset``, ``samples_page``, ``generate``).
 """
 
 from __future__ import annotations
@@ -284,8 +285,9 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
     return blocks
 
 
-def build_app(datasets: DatasetCache, blocks):
-    """FastAPI app: the sample / shard links, then the Gradio UI at /."""
+def build_app(datasets: DatasetCache, blocks, creds=None):
+    """FastAPI app: the sample / shard links, then the Gradio UI at /; with ``creds``
+    (``dynaip.serve.auth.Credentials``) every route answers only requests that carry them."""
     import gradio as gr
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
@@ -320,7 +322,12 @@ def build_app(datasets: DatasetCache, blocks):
     import contextlib
 
     with contextlib.redirect_stdout(io.StringIO()):  # gradio 5.50's mount_gradio_app prints a stray debug line
-        return gr.mount_gradio_app(app, blocks, path="", show_api=True)
+        app = gr.mount_gradio_app(app, blocks, path="", show_api=True)
+    if creds is not None:  # outermost: in front of the links, the pages and the Gradio API alike
+        from .auth import AuthMiddleware
+
+        app.add_middleware(AuthMiddleware, creds=creds)
+    return app
 
 
 # ---------------------------------------------------------------------- CLI
@@ -332,7 +339,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", default=None, help="adapter checkpoint directory (default: a fresh adapter, no effect)")
     p.add_argument("--dataset", default=None, help="dataset directory or URL to open on start")
     p.add_argument("--out", default="serve-out", help="where generations (PNG + JSON) are written (default: serve-out)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only); "
+                                                       "any other address needs --token or --auth")
+    p.add_argument("--token", default=None, help="require this token on every request (or set DYNAIP_SERVE_TOKEN, "
+                                                 "which other users cannot read in `ps`); open /?token=... once")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="require this user and password on every request (or set DYNAIP_SERVE_AUTH)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--page-size", type=int, default=PAGE_SIZE, help=f"samples per page (default {PAGE_SIZE})")
@@ -347,6 +359,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--page-size {args.page_size}: give at least 1")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: give a port between 1 and 65535")
+    from .auth import credentials, require_for_host
+
+    creds = credentials(args.token, args.auth)
+    require_for_host(args.host, creds)  # before any model loads: off loopback, no credentials = no start
     import uvicorn
 
     from .generation import GenerationService
@@ -360,7 +376,9 @@ def run_serve(args: argparse.Namespace) -> int:
         datasets.open(args.dataset)  # a bad path fails here, in one line, before the server starts
     service = GenerationService(args.models, args.adapter, args.out, device=args.device)
     blocks = build_blocks(datasets, lambda: service, initial_dataset=args.dataset, page_size=args.page_size)
-    app = build_app(datasets, blocks)
-    print(f"DynaIP app on http://{args.host}:{args.port}/  (Ctrl-C stops it)", flush=True)
+    app = build_app(datasets, blocks, creds)
+    how = "" if creds is None else ("; open /?token=<your token> once, or send Authorization: Bearer <token>"
+                                    if creds.token is not None else "; log in with your user and password")
+    print(f"DynaIP app on http://{args.host}:{args.port}/  (Ctrl-C stops it{how})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
