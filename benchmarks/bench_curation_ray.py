@@ -97,7 +97,8 @@ def child(args: argparse.Namespace) -> None:
         recipe.filters.min_image_side = 10**6
     start = 0.0
     if args.child == "ray":
-        from pipeline.executor_ray import connect, run_ray
+        from dynaip.cluster import connect
+        from pipeline.executor_ray import run_ray
 
         t0 = time.perf_counter()
         connect(None, num_cpus=args.cpus)

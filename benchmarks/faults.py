@@ -105,7 +105,8 @@ def child(args: argparse.Namespace) -> int:
 
         models = ModelsConfig.from_yaml(args.models)
     if args.executor == "ray":
-        from pipeline.executor_ray import connect, run_ray
+        from dynaip.cluster import connect
+        from pipeline.executor_ray import run_ray
 
         connect(None, num_cpus=2)
         print("READY", flush=True)

@@ -3,7 +3,7 @@
     python benchmarks/faults_train.py [--kills 20] [--steps KILLS+4] [--seed 0] [--json OUT.json]
 
 Two training processes on the CPU with torch.distributed over gloo (no Ray: this script is the
-launcher, ``--worker`` is one rank; ``dynaip.train.trainer.train_worker`` is the very function Ray
+launcher, ``--worker`` is one rank; ``dynaip.train.worker.train_worker`` is the very function Ray
 Train runs). The tiny checkpoints and a small dataset are written to a temporary directory.
 
 1. reference: the run from step 0 to ``--steps`` uninterrupted;
@@ -48,7 +48,7 @@ def worker_main(spec_path: str) -> None:
     """One rank: join the gloo group the launcher described in the environment, then train."""
     import torch.distributed as dist
 
-    from dynaip.train.trainer import train_worker
+    from dynaip.train.worker import train_worker
 
     dist.init_process_group("gloo")
     try:
@@ -96,7 +96,7 @@ def launch(spec: dict, out: Path, resume: bool, log) -> subprocess.Popen:
 
 
 def newest_step(out: Path) -> int:
-    from dynaip.train.trainer import latest_checkpoint
+    from dynaip.train.checkpoints import latest_checkpoint
 
     c = latest_checkpoint(out)
     return int(c.name.split("-")[1]) if c is not None else 0

@@ -47,7 +47,7 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
     from dynaip.models.tiny import write_tiny_checkpoints
     from dynaip.train.config import TrainConfig
     from dynaip.train.trainer import RunSpec, run_training
-    from pipeline.dataset import grid, show, verify
+    from dynaip.dataset.inspect import grid, show, verify
     from pipeline.executor_ray import run_ray
     from pipeline.recipe import Recipe
     from pipeline.demo_photos import write_sample_photos
@@ -153,7 +153,7 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
 def _sample_pairs(dataset: Path):
     import tarfile
 
-    from pipeline.dataset import load_manifest
+    from dynaip.dataset.manifest import load_manifest
 
     for shard in load_manifest(dataset)["shards"]:
         with tarfile.open(dataset / shard["path"]) as tf:

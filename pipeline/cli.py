@@ -78,7 +78,8 @@ def run_curate(args: argparse.Namespace) -> int:
         manifest = run_local(recipe, args.out, models, limit=args.limit, progress=not args.no_progress,
                              progress_every=args.progress_every)
     else:
-        from pipeline.executor_ray import ray_address_from_env, run_ray
+        from dynaip.cluster import ray_address_from_env
+        from pipeline.executor_ray import run_ray
 
         manifest = run_ray(recipe, args.out, models, limit=args.limit, progress=not args.no_progress,
                            address=ray_address_from_env(args.ray_address), progress_every=args.progress_every)
@@ -109,14 +110,15 @@ def add_manifest_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from pipeline.dataset import show
+    from dynaip.dataset.inspect import show
 
     print(show(args.dir))
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from pipeline.dataset import load_manifest, verify
+    from dynaip.dataset.inspect import verify
+    from dynaip.dataset.manifest import load_manifest
 
     problems = verify(args.dir)
     for line in problems:
@@ -128,7 +130,7 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_grid(args: argparse.Namespace) -> int:
-    from pipeline.dataset import grid
+    from dynaip.dataset.inspect import grid
 
     print(grid(args.dir, args.out, n=args.n, sort_by=args.sort_by, descending=args.descending))
     return 0

@@ -18,7 +18,7 @@ from pipeline.chunking import process_chunk  # noqa: F401  (re-exported: callers
 from pipeline.orchestrate import (ChunkWorker, LocalPool, Progress, check_out, check_source, chunked, curate,  # noqa: F401
                                  input_fingerprint)
 from pipeline.recipe import Recipe
-from pipeline.store import redact_url
+from dynaip.dataset.store import redact_url
 from pipeline.writer import sha256_file
 
 TOOLS = ("dynaip", "torch", "groundingdino-py", "segment-anything", "transformers", "webdataset", "pillow",

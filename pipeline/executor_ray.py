@@ -21,69 +21,17 @@ chunk retried (chunks are idempotent: a chunk without its marker is simply built
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from dynaip.cluster import connect
 from pipeline.orchestrate import ChunkWorker, Progress, check_out, check_source, curate
 from pipeline.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 INFLIGHT_PER_WORKER = 2
-
-
-def connect(address: str | None, *, num_cpus: int | None = None) -> None:
-    """Joins a cluster (``auto`` or ``host:port``) or starts an embedded local Ray.
-
-    The embedded Ray keeps token authentication on (Ray's default), has no dashboard, and listens
-    on loopback only (``loopback_ray``): nothing of a local curation run is reachable from the network.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    from dynaip.console import quiet_ray_data, ray_init_kwargs
-
-    if address:
-        ray.init(address=address, **{"log_to_driver": True, **ray_init_kwargs()})
-    else:
-        with loopback_ray():
-            ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                     _node_ip_address="127.0.0.1",
-                     **ray_init_kwargs({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}))
-    quiet_ray_data()
-
-
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextmanager
-def loopback_ray() -> Iterator[None]:
-    """While an embedded Ray starts: its node address is 127.0.0.1, so GCS, raylet and agents bind
-    to loopback. Checked on Ray 2.60 (tests/test_curation_reliability.py lists the listening
-    sockets): ``_node_ip_address="127.0.0.1"`` alone is not enough — Ray swaps a loopback address for
-    the host's routable one (``services.resolve_ip_for_localhost``) unless
-    ``ray_constants.ENABLE_RAY_CLUSTER`` is off, its single-machine mode (read from this variable at
-    import, so the imported constant is switched too). GCS and raylet then listen on 127.0.0.1, where
-    they otherwise listen on every interface. Both are restored once Ray runs: they only matter while
-    the node starts (the raylet and its workers are spawned with the variable set)."""
-    from ray._private import ray_constants
-
-    old_env, old_const = os.environ.get(LOOPBACK_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    os.environ[LOOPBACK_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        if old_env is None:
-            os.environ.pop(LOOPBACK_ENV, None)
-        else:
-            os.environ[LOOPBACK_ENV] = old_env
-        if old_const is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = old_const
 
 
 def worker_options(recipe: Recipe) -> dict[str, Any]:
@@ -193,8 +141,3 @@ def run_ray(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int |
         return curate(recipe, out, pool, run_info(recipe, models), limit=limit, progress=prog)
     finally:
         pool.close()
-
-
-def ray_address_from_env(cli_value: str | None) -> str | None:
-    """``--ray-address`` wins; inside ``ray job submit`` Ray sets RAY_ADDRESS, so the job joins its cluster."""
-    return cli_value or os.environ.get("RAY_ADDRESS") or None

@@ -33,7 +33,7 @@ EDGE = 64 * 1024
 def source_identity(kind: str, root: str) -> str:
     """``kind:root`` with the root made absolute (symlinks resolved) or, for a URL, without
     credentials: what a dataset directory records as its one source."""
-    from pipeline.store import is_url, redact_url
+    from dynaip.dataset.store import is_url, redact_url
 
     if not root:
         return f"{kind}:"

@@ -24,7 +24,7 @@ import time
 import uuid
 from typing import Any
 
-from pipeline.store import Store
+from dynaip.dataset.store import Store
 
 LOCK_NAME = ".dynaip.lock"
 LEASE_TTL = 120.0

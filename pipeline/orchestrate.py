@@ -214,7 +214,7 @@ def check_source(recipe: Recipe) -> dict[str, Any] | None:
 
 def check_out(out: str) -> None:
     """``--out`` must name a directory (or nothing yet): one line before anything starts."""
-    from pipeline.store import is_url
+    from dynaip.dataset.store import is_url
     from pipeline.writer import OutputDirError
 
     if not is_url(out) and os.path.exists(out) and not os.path.isdir(out):

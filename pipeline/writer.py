@@ -28,10 +28,11 @@ import numpy as np
 from PIL import Image
 
 from dynaip.atomic import clean_temp_files
-from dynaip.dataset_format import FORMAT, MEMBER_ORDER, parse_manifest
+from dynaip.dataset.format import FORMAT, MEMBER_ORDER, shard_name
+from dynaip.dataset.manifest import read_store_manifest
+from dynaip.dataset.store import Store
 from pipeline.records import Reject, safe_key
 from pipeline.sample import Sample
-from pipeline.store import Store
 
 TAR_MTIME = 0
 """Fixed member mtime (with uid/gid 0, empty uname/gname, mode 0644) so rebuilt shards are byte-identical."""
@@ -41,12 +42,6 @@ DUPLICATE_OF = "duplicate of "
 
 class OutputDirError(ValueError):
     """The output directory holds something this run must not touch."""
-
-
-def read_manifest(store: Store) -> dict[str, Any]:
-    """``manifest.json`` of ``store`` as a dict; ValueError (one line) when it is not a JSON object.
-    Its format is not checked here: the caller decides (``pipeline.dataset.load_manifest`` does)."""
-    return parse_manifest(store.read_bytes("manifest.json"), f"{store.display()}/manifest.json", require_format=False)
 
 
 def dump_json(obj: Any) -> bytes:
@@ -216,7 +211,7 @@ class DatasetWriter:
                 saved = json.loads(st.read_bytes(state))
                 found, found_source = saved.get("recipe_hash"), saved.get("source")
             elif st.is_file("manifest.json"):
-                found = read_manifest(st).get("recipe_hash")
+                found = read_store_manifest(st).get("recipe_hash")
             if found != self.recipe_hash:
                 what = f"a dataset built with recipe hash {found}" if found else "files that are not a dataset of this tool"
                 raise OutputDirError(
@@ -240,7 +235,7 @@ class DatasetWriter:
         if inputs is None or not self.store.is_file("manifest.json"):
             return
         try:
-            old = read_manifest(self.store)
+            old = read_store_manifest(self.store)
         except ValueError:
             return
         have = int(old.get("totals", {}).get("inputs", 0))
@@ -283,9 +278,6 @@ class DatasetWriter:
 
     # ---- writing -----------------------------------------------------------------------------
 
-    def shard_name(self, chunk: int, part: int) -> str:
-        return f"shards/{chunk:06d}.tar" if part == 0 else f"shards/{chunk:06d}_{part:02d}.tar"
-
     def _write_shards(self, chunk: int, encoded: list[list[tuple[str, bytes]]],
                       previous: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Writes the samples (input order) into the chunk's shard parts; removes parts of an
@@ -308,7 +300,7 @@ class DatasetWriter:
             size += nbytes
         shards = []
         for p, (members, n, kinds) in enumerate(zip(parts, counts, pairs)):
-            name = self.shard_name(chunk, p)
+            name = shard_name(chunk, p)
             with self.store.writer(name) as f:
                 _tar_stream(f, members)
             # pair counts per shard let the trainer check a stage's data before it loads any model
@@ -320,8 +312,8 @@ class DatasetWriter:
         else:  # no listing of a large bucket per chunk: the parts the last build recorded, and the next names
             stale = [s["path"] for s in previous or []]
             p = len(shards)
-            while self.store.size(self.shard_name(chunk, p)) is not None:
-                stale.append(self.shard_name(chunk, p))
+            while self.store.size(shard_name(chunk, p)) is not None:
+                stale.append(shard_name(chunk, p))
                 p += 1
         for old in stale:
             if old not in keep:

@@ -43,7 +43,8 @@ def load_job_config(path: Path):
 
 
 def _has_reader(kind: str) -> bool:
-    return (REPO / "pipeline" / "sources" / f"{kind}.py").is_file()
+    sources = REPO / "pipeline" / "sources"
+    return (sources / f"{kind}.py").is_file() or (sources / kind / "__init__.py").is_file()  # a module or a package
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

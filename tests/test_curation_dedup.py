@@ -69,7 +69,7 @@ def _rejects(out: Path) -> list[dict]:
 
 
 def test_copies_in_other_chunks_are_rejected_as_duplicates_and_distinct_photos_are_kept(photos_with_copies, tmp_path):
-    from pipeline.dataset import iter_samples, verify
+    from dynaip.dataset.inspect import iter_samples, verify
     from pipeline.executor_local import run_local
     from pipeline.sample import sample_key
 
@@ -172,7 +172,7 @@ def test_progress_lines_name_chunks_rate_and_rejects(photos_with_copies, tmp_pat
 
 
 def test_credentials_in_a_url_are_redacted():
-    from pipeline.store import redact_url
+    from dynaip.dataset.store import redact_url
 
     assert redact_url("s3://AKIA:secret@bucket/photos") == "s3://bucket/photos"
     assert redact_url("/plain/path") == "/plain/path"

@@ -109,7 +109,7 @@ def test_demo_recipe_accepts_real_photos_through_detection(built):
 
 
 def _samples(out: Path) -> list[dict]:
-    from pipeline.dataset import iter_samples
+    from dynaip.dataset.inspect import iter_samples
 
     return list(iter_samples(out))
 
@@ -196,7 +196,7 @@ def test_verify_passes_then_catches_one_changed_byte(built, tmp_path):
     from pipeline.cli import main
 
     out, m = built
-    from pipeline.dataset import verify
+    from dynaip.dataset.inspect import verify
 
     assert verify(out) == []
     copy = tmp_path / "copy"
@@ -240,7 +240,7 @@ def test_other_recipe_into_the_same_dir_is_refused(built, recipe, photos):
 
 def test_show_and_grid(built, tmp_path):
     from pipeline.cli import main
-    from pipeline.dataset import show
+    from dynaip.dataset.inspect import show
 
     out, m = built
     text = show(out)

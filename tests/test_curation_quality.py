@@ -243,7 +243,7 @@ class WholeImageSubject:
 
 
 def test_manifest_show_prints_quality_quantiles_per_source(tmp_path):
-    from pipeline.dataset import iter_sample_json, show
+    from dynaip.dataset.inspect import iter_sample_json, show
     from pipeline.executor_local import run_local
     from pipeline.demo_photos import write_sample_photos
     from pipeline.stages import CaptionStage, ComposeStage, DecodeStage, PairStage
@@ -270,7 +270,7 @@ def test_manifest_show_prints_quality_quantiles_per_source(tmp_path):
 
     # the dataset view and the contact sheet order by a score
     from dynaip.serve.datasets import DatasetView
-    from pipeline.dataset import grid
+    from dynaip.dataset.inspect import grid
 
     view = DatasetView.open(out)
     got = [e.meta["quality"]["sharpness"] for e in view.samples(sort_by="sharpness", descending=True)]

@@ -146,7 +146,7 @@ def test_stale_pidfile_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatc
     import socket
 
     from pipeline.lock import RunLock
-    from pipeline.store import Store
+    from dynaip.dataset.store import Store
 
     def no_flock(*a):
         raise OSError(38, "Function not implemented")
@@ -214,7 +214,8 @@ def test_video_frames_go_through_the_pixel_guard(tmp_path):
 
 
 def test_readers_refuse_shard_paths_outside_the_dataset(tmp_path):
-    from pipeline.dataset import iter_samples, load_manifest, verify
+    from dynaip.dataset.inspect import iter_samples, verify
+    from dynaip.dataset.manifest import load_manifest
 
     root = write_images(tmp_path / "src", 0, names=("a",))
     out = tmp_path / "ds"
@@ -281,7 +282,7 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
     pytest.importorskip("ray")
     script = (
         "import json, psutil, ray\n"
-        "from pipeline.executor_ray import connect\n"
+        "from dynaip.cluster import connect\n"
         "connect(None, num_cpus=1)\n"
         "ray.get(ray.remote(lambda: 1).remote())\n"
         "found = set()\n"

@@ -108,7 +108,7 @@ class StopAfter:
 
 def test_curate_bucket_to_bucket_resumes_verifies_and_trains(s3, bucket_photos, tmp_path, capsys):
     from pipeline.cli import main
-    from pipeline.dataset import load_manifest
+    from dynaip.dataset.manifest import load_manifest
     from pipeline.executor_local import run_local
 
     src, local_photos = bucket_photos
@@ -172,7 +172,7 @@ def test_lease_on_the_bucket_refuses_a_second_run_and_expires(s3):
     """On an object store the run lock is a lease object: a live lease refuses another run; one whose
     holder died (never renewed) is taken over after it expires."""
     from pipeline.lock import LOCK_NAME, RunLock
-    from pipeline.store import Store
+    from dynaip.dataset.store import Store
     from pipeline.writer import OutputDirError
 
     store = Store("s3://out/leased")

@@ -25,7 +25,7 @@ NOISE = {
 
 
 def test_demo_small_builds_every_artefact_with_a_quiet_console(tmp_path, tiny_models_yaml):
-    from pipeline.dataset import verify
+    from dynaip.dataset.inspect import verify
 
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

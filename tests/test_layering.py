@@ -7,7 +7,8 @@ parent packages.
 
 Layers, lowest first: the base modules ``dynaip.geometry`` (numpy/PIL/scipy/torch only) and
 ``dynaip.configs`` (the one YAML → dataclass loader: standard library and PyYAML only, so every
-layer may use it) and ``dynaip.dataset_format`` (the dataset format: json and fsspec only) →
+layer may use it) and ``dynaip.dataset`` (the dataset as a consumer sees it; its ``format`` module
+is standard library only) →
 ``dynaip.models`` →
 ``dynaip.adapter`` → ``dynaip.train`` / ``dynaip.inference`` / ``dynaip.eval`` / ``dynaip.serve``;
 curation (``pipeline``) uses ``dynaip.models`` and ``dynaip.geometry``, and nothing in ``dynaip``
@@ -32,7 +33,7 @@ ALLOWED_CYCLE_EDGES = {
 }
 
 GEOMETRY_MAY_IMPORT = {"__future__", "math", "typing", "numpy", "PIL", "scipy", "torch"}
-DATASET_FORMAT_MAY_IMPORT = {"__future__", "json", "typing", "fsspec"}
+DATASET_FORMAT_MAY_IMPORT = {"__future__", "typing"}
 CONFIGS_MAY_IMPORT = {"__future__", "collections", "dataclasses", "difflib", "enum", "pathlib", "types", "typing", "yaml"}
 
 
@@ -136,17 +137,20 @@ def test_configs_loader_depends_on_the_standard_library_and_yaml_only():
     assert outside == [], f"dynaip.configs imports {outside}"
 
 
-def test_dataset_format_depends_on_json_and_fsspec_only():
-    outside = sorted({m for m, _ in imports_of("dynaip.dataset_format")
+def test_dataset_format_depends_on_the_standard_library_only():
+    outside = sorted({m for m, _ in imports_of("dynaip.dataset.format")
                       if m.split(".")[0] not in DATASET_FORMAT_MAY_IMPORT})
-    assert outside == [], f"dynaip.dataset_format imports {outside}"
+    assert outside == [], f"dynaip.dataset.format imports {outside}"
 
 
-def test_dataset_format_is_the_one_used_by_writer_manifest_trainer_and_browser():
+def test_the_dataset_package_is_the_one_used_by_writer_trainer_precompute_and_browser():
     edges = project_edges()
-    users = ("pipeline.writer", "pipeline.dataset", "dynaip.train.data", "dynaip.serve.datasets")
-    assert [u for u in users if "dynaip.dataset_format" not in edges.get(u, {})] == []
-    assert "pipeline.writer" not in edges.get("dynaip.serve.datasets", {})  # the format no longer lives there
+    users = ("pipeline.writer", "pipeline.cli", "dynaip.train.data", "dynaip.train.preflight",
+             "dynaip.features.precompute", "dynaip.features.layout", "dynaip.serve.datasets")
+    assert [u for u in users if not any(_in(m, "dynaip.dataset") for m in edges.get(u, {}))] == []
+    # the dataset sits below curation and training: it imports neither
+    assert _violations(("dynaip.dataset",), ("pipeline", "dynaip.train", "dynaip.features", "dynaip.serve",
+                                             "dynaip.inference", "dynaip.eval", "dynaip.models", "dynaip.adapter")) == []
 
 
 def test_configs_loader_is_used_by_every_config_file_kind():

@@ -388,7 +388,7 @@ def test_recipe_curates_cross_samples_with_white_references(tiny_models, tmp_pat
     bad rows become rejects with their reasons, and every input is accounted for. (The well-formed
     person row is left out: face mode would run the tiny detector, 40 s on CPU, for nothing tested here;
     the recipe's person category is still present through a bad row.)"""
-    from pipeline.dataset import iter_samples
+    from dynaip.dataset.inspect import iter_samples
     from pipeline.executor_local import run_local
     from pipeline.recipe import Recipe
 

@@ -179,7 +179,7 @@ def stages(release, tiny_models):
 
 
 def test_diptychs_become_cross_samples_in_both_directions(release, tiny_models, stages, tmp_path):
-    from pipeline.dataset import iter_samples
+    from dynaip.dataset.inspect import iter_samples
     from pipeline.executor_local import run_local
 
     root, truth = release
@@ -187,7 +187,7 @@ def test_diptychs_become_cross_samples_in_both_directions(release, tiny_models, 
     m = run_local(recipe, tmp_path / "ds", tiny_models, progress=False, stages=stages)
     t = m["totals"]
     assert t["inputs"] == 13 and t["inputs"] == t["accepted"] + t["rejected"]
-    from pipeline.dataset import verify
+    from dynaip.dataset.inspect import verify
 
     assert verify(tmp_path / "ds") == []
     rejects = {r["id"]: r for r in map(json.loads, (tmp_path / "ds" / "rejects.jsonl").read_text().splitlines())}

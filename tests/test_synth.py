@@ -114,7 +114,7 @@ def local_run(tmp_path_factory, tiny_models, stages):
 
 
 def _samples(out: Path) -> dict[str, dict]:
-    from pipeline.dataset import iter_samples
+    from dynaip.dataset.inspect import iter_samples
 
     return {s["key"]: json.loads(s["json"]) for s in iter_samples(out)}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dynaip.train import checkpoint_files as cf
-from dynaip.train.trainer import latest_checkpoint
+from dynaip.train.checkpoints import latest_checkpoint
 
 
 def _ckpt(path: Path, tag: str) -> Path:

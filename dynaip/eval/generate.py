@@ -247,9 +247,9 @@ def run_generation(cases: Sequence[Case], out_dir: str | Path, *, settings: Gene
     import ray
     from ray.util import ActorPool
 
-    from dynaip.console import ray_init_kwargs
+    from dynaip.cluster import connect
 
-    ray.init(address=None if ray_address == "local" else ray_address, ignore_reinit_error=True, **ray_init_kwargs())
+    connect(None if ray_address == "local" else ray_address)
     if num_workers is None:
         gpus = float(ray.cluster_resources().get("GPU", 0))
         num_workers = int(gpus // gpus_per_worker) if gpus_per_worker > 0 else 1

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--ray-address needs --executor ray")
         device = str(resolve_device(device))
     else:
-        from pipeline.executor_ray import connect, ray_address_from_env
+        from dynaip.cluster import connect, ray_address_from_env
 
         from .ray_exec import cluster_gpus
 

@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
+from dynaip.dataset.manifest import manifest_url, parse_manifest
+
 from .format import FeatureError
 
 FORMAT = "dynaip-features/1"
@@ -158,13 +160,13 @@ def read_bytes(url: str) -> bytes:
 
 def dataset_identity(dataset: str) -> tuple[dict[str, Any], str]:
     """The dataset's manifest and the sha256 of its bytes (what a feature set records it was computed from)."""
-    url = join(dataset, "manifest.json")
+    url = manifest_url(dataset)
     try:
         raw = read_bytes(url)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"dataset '{dataset}' has no manifest.json; pass a directory written by "
                                 "`dynaip curate`") from e
-    return json.loads(raw), hashlib.sha256(raw).hexdigest()
+    return parse_manifest(raw, url), hashlib.sha256(raw).hexdigest()
 
 
 def load_manifest(root: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from dynaip.atomic import atomic_write_bytes
+from dynaip.dataset.format import shard_path
 
 from .format import FeatureError, ShardWriter, write_tensors
 from .layout import (EMPTY, FORMAT, MANIFEST, PROGRESS, FeatureSpec, dataset_identity, feature_shard_path,
@@ -152,8 +153,6 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
                        data_shards=shards)
     jobs: list[Job] = [EmptyJob(root=str(root), spec=spec)]
     paths = set()
-    from pipeline.dataset import shard_path
-
     for s in shards:
         shard_path(s.get("path"), f"{base}/manifest.json")  # never a shard outside the dataset
         jobs.append(ShardJob(root=str(root), data_url=str(base / s["path"]), data_path=s["path"],

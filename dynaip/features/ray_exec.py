@@ -54,7 +54,7 @@ def run_ray(datasets: Sequence[str], models: Any, spec: FeatureSpec, *, name: st
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    from pipeline.executor_ray import connect
+    from dynaip.cluster import connect
 
     connect(address)
     gpus = cluster_gpus()

@@ -22,6 +22,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dynaip.dataset.format import shard_path
+from dynaip.dataset.inspect import quality_sort_key
+from dynaip.dataset.manifest import parse_manifest
+
 
 @dataclass
 class SampleEntry:
@@ -54,26 +58,16 @@ class DatasetView:
     @classmethod
     def open(cls, root: str | Path) -> "DatasetView":
         """Reads the manifest, rejects.jsonl and every shard's index (captions and metadata, not images)."""
-        from dynaip.dataset_format import FORMAT
-
         root = str(root).strip()
         if not root:
             raise ValueError("give a dataset directory or URL (the folder that holds manifest.json)")
         if "://" not in root:
             root = str(Path(root).expanduser().resolve())
         text = _read_text(_join(root, "manifest.json"), what=f"{root} is not a finished dataset: manifest.json")
-        try:
-            manifest = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{_join(root, 'manifest.json')} is not valid JSON ({e})") from None
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"{_join(root, 'manifest.json')} has format {manifest.get('format')!r}; "
-                             f"this page reads {FORMAT!r}")
+        manifest = parse_manifest(text, _join(root, "manifest.json"))  # the format checked as everywhere
         view = cls(root=root, manifest=manifest)
         rejects = _read_text(_join(root, "rejects.jsonl"), what="rejects.jsonl", missing_ok=True) or ""
         view.reject_rows = [json.loads(line) for line in rejects.splitlines() if line.strip()]
-        from pipeline.dataset import shard_path
-
         for shard in manifest.get("shards", []):  # never a path outside the dataset
             view.entries.extend(_index_shard(root, shard_path(shard.get("path"), _join(root, "manifest.json"))))
         return view
@@ -111,8 +105,6 @@ class DatasetView:
         ``subject_pixels``, ...) orders them by it (stable; samples without that score last)."""
         out = [e for e in self.entries if (not source or e.source == source) and (not pair or e.pair == pair)]
         if sort_by:
-            from pipeline.dataset import quality_sort_key
-
             out = sorted(out, key=lambda e: quality_sort_key(e.meta, sort_by, descending))
         return out
 

@@ -1,4 +1,4 @@
-"""Crash-safe checkpoint directories under ``RUN/checkpoints`` (written by rank 0, dynaip/train/trainer.py).
+"""Crash-safe checkpoint directories under ``RUN/checkpoints`` (written by rank 0, dynaip/train/resume.py).
 
 A checkpoint is written whole under a temporary name (``.tmp-step-N``), its files and directories
 fsynced, and then swapped in so that at every instant either the old or the new ``step-N`` exists:

@@ -56,7 +56,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dynaip.dataset_format import read_manifest, shard_entries
+from dynaip.dataset.format import shard_entries
+from dynaip.dataset.manifest import read_manifest
 from dynaip.geometry import pad_to_square_white
 from dynaip.models import sampling
 from .shard_integrity import ShardGuard, corrupt_count
@@ -95,7 +96,7 @@ def read_manifests(dirs: Sequence[str]) -> list[ShardInfo]:
     """The shards of every ``DIR/manifest.json`` (local path or fsspec URL), in the given order."""
     shards: list[ShardInfo] = []
     for i, d in enumerate(dirs):
-        for s in shard_entries(read_manifest(d)):  # format checked (dynaip/dataset_format.py)
+        for s in shard_entries(read_manifest(d)):  # format checked (dynaip/dataset/manifest.py)
             shards.append(ShardInfo(_join(d, s["path"]), int(s["samples"]), dataset=i, sha256=s.get("sha256")))
     if not shards:
         raise ValueError(f"datasets {list(dirs)} list no samples in their manifests; nothing to train on")

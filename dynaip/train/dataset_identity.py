@@ -13,12 +13,13 @@ from typing import Any, Sequence
 
 import fsspec
 
+from dynaip.dataset.manifest import manifest_url
+
 from .config import TrainConfig
 
 
 def manifest_digest(directory: str) -> str:
-    url = directory.rstrip("/") + "/manifest.json"
-    with fsspec.open(url, "rb") as f:
+    with fsspec.open(manifest_url(directory), "rb") as f:
         return "sha256:" + hashlib.sha256(f.read()).hexdigest()
 
 

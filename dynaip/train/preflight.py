@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from dynaip.dataset_format import read_manifest
+from dynaip.dataset.manifest import read_manifest
 
 from .config import TrainConfig, saved_strategy
 
@@ -28,7 +28,7 @@ def dataset_pairs(directory: str) -> dict[str, int] | None:
     None when the manifest predates per-shard pair counts (then the type cannot be checked ahead).
     """
     try:
-        manifest = read_manifest(directory)  # the format checked as everywhere (dynaip/dataset_format.py)
+        manifest = read_manifest(directory)  # the format checked as everywhere (dynaip/dataset/manifest.py)
     except (FileNotFoundError, ValueError) as e:
         raise PreflightError(str(e)) from e
     shards = [s for s in manifest.get("shards", []) if int(s.get("samples", 0)) > 0]

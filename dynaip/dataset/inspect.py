@@ -1,7 +1,7 @@
-"""Reading a finished dataset directory: ``load_manifest``, ``show`` (summary text, quality
-quantiles per source), ``verify``
-(re-hash and re-count every shard) and ``grid`` (contact sheet PNG: reference | target | mask
-overlay, caption underneath)."""
+"""Inspecting a finished dataset directory: ``show`` (summary text, quality quantiles per source),
+``verify`` (re-hash and re-count every shard), ``grid`` (contact sheet PNG: reference | target |
+mask overlay, caption underneath), the sample iterators and ``quality_sort_key`` (the order of
+``grid --sort-by`` and the browser's sort). The manifest is read by ``dynaip/dataset/manifest.py``."""
 
 from __future__ import annotations
 
@@ -15,27 +15,8 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.store import Store
-from dynaip.dataset_format import check_format, shard_path
-from pipeline.writer import read_manifest
-
-
-def load_manifest(root: str | Path) -> dict[str, Any]:
-    """``root/manifest.json`` (``root``: a directory or an fsspec URL) as a dict; errors say what is
-    missing and what to do."""
-    store = Store(root)
-    path = f"{str(root).rstrip('/')}/manifest.json"
-    if not store.is_file("manifest.json"):
-        raise FileNotFoundError(f"{path} does not exist: {root} is not a finished dataset "
-                                "(run `dynaip curate` to build or resume it)")
-    manifest = check_format(read_manifest(store), path)
-    for key, kind in (("shards", list), ("totals", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise ValueError(f"{path} has no {key!r} {kind.__name__}: the manifest is incomplete or not from this "
-                             "tool; re-run `dynaip curate` on the dataset to rewrite it")
-    for s in manifest["shards"]:
-        shard_path(s.get("path") if isinstance(s, dict) else None, path)
-    return manifest
+from dynaip.dataset.manifest import load_manifest
+from dynaip.dataset.store import Store
 
 
 def show(root: str | Path) -> str:
