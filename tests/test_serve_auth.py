@@ -5,7 +5,6 @@ the shard and sample links — answers only requests that carry them."""
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import re
 
@@ -175,4 +174,3 @@ def test_serve_command_line_refuses_off_loopback_in_one_line(monkeypatch, datase
     assert client.get("/", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     monkeypatch.delenv(auth.TOKEN_ENV)
     assert main(["serve", "--host", "::", "--auth", "ann:correct-horse"]) == 0 and seen["host"] == "::"
-    assert json.dumps(auth.credentials(auth="ann:correct-horse", env={}).session())  # a hex string, JSON-safe
