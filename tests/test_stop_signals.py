@@ -1,0 +1,100 @@
+"""Ctrl-C (SIGINT) and SIGTERM end a command with one line and the status a shell reports (130 / 143);
+SIGTERM is raised like Ctrl-C, so the same cleanup runs (the run lock released, temporary files removed,
+an embedded Ray shut down at exit) and the same command resumes (dynaip/cli.py: ``stop_signals``).
+
+The Ray executor's stop and resume to the same bytes: tests/test_synth.py
+(``test_stopped_ray_run_resumes_to_the_same_bytes``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("sig, status, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+def test_a_signal_during_a_command_is_one_line_and_its_status(monkeypatch, caplog, capsys, tmp_path, sig, status,
+                                                              name):
+    from dynaip.cli import main
+    from dynaip.models import tiny
+
+    cleaned = []
+
+    def busy(*a, **k):
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(30)  # interrupted at once
+        finally:
+            cleaned.append(True)  # what a command's finally / context managers do (locks, temp files)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(tiny, "write_tiny_checkpoints", busy)
+    caplog.set_level(logging.ERROR)
+    t0 = time.monotonic()
+    assert main(["tiny-checkpoints", "--out", str(tmp_path / "x")]) == status
+    assert time.monotonic() - t0 < 10 and cleaned == [True]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith(f"stopped by {name}") and "run the same command again" in errors[0]
+    assert "Traceback" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the command's only
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and (p.parts[-2] == "shards" or p.name == "rejects.jsonl")}
+
+
+def test_sigterm_stops_local_curation_which_resumes_to_the_same_bytes(tiny_models_yaml, tmp_path):
+    """`dynaip curate --executor local` in its own process: SIGTERM once the first chunk is written ends it
+    within 10 s, exit 143 and one line, the lock released and no temporary file left; the same command
+    then finishes, and the dataset equals an uninterrupted run's."""
+    from pipeline.demo_photos import write_sample_photos
+
+    photos = tmp_path / "photos"
+    write_sample_photos(photos, faces=1, names=["astronaut", "chelsea", "coffee"])
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text((REPO / "manifests" / "demo.yaml").read_text().replace("inputs_per_shard: 4",
+                                                                             "inputs_per_shard: 1"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+
+    def curate(out: Path) -> list[str]:
+        return [sys.executable, "-m", "dynaip.cli", "curate", "--recipe", str(recipe), "--out", str(out),
+                "--source-root", str(photos), "--models", str(tiny_models_yaml), "--executor", "local",
+                "--no-progress"]
+
+    clean = tmp_path / "clean"
+    assert subprocess.run(curate(clean), env=env, capture_output=True, timeout=600).returncode == 0
+    out = tmp_path / "ds"
+    proc = subprocess.Popen(curate(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((out / ".progress").glob("[0-9]*.json")):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # by the process id we started
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 143 and took < 10, (proc.returncode, took, err[-2000:])
+    assert lines[-1].endswith("stopped by SIGTERM: finished work is kept; run the same command again to resume")
+    assert "Traceback" not in err and not (out / "manifest.json").exists()
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    done = subprocess.run(curate(out), env=env, capture_output=True, text=True, timeout=600)  # lock released
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming: " in done.stderr
+    assert _tree(out) == _tree(clean) and _tree(out)
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((clean / "manifest.json").read_text())
