@@ -13,9 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from dynaip import atomic
@@ -164,28 +162,15 @@ def test_metrics_line_is_whole_or_absent(tmp_path, monkeypatch):
 
 
 def test_train_checkpoint_on_a_full_disk_keeps_the_last_one_and_resumes_bitwise(tmp_path, tiny_models_yaml,
-                                                                                monkeypatch, caplog):
+                                                                                local_train_once, monkeypatch,
+                                                                                caplog):
     """`dynaip train --local`: the step-4 checkpoint cannot be written — one line, exit 2, step 2 intact and
     no partial directory; `--resume` once space is back ends at the weights of an uninterrupted run."""
-    from safetensors.torch import load_file
-    from train_fixtures import write_dataset
+    from train_fixtures import local_train, same_adapter
 
     import dynaip.train.resume as resume_mod
-    from dynaip.cli import main
-    from dynaip.train.config import set_keys
 
-    data = write_dataset(tmp_path / "intra", [3, 2], size=64)
-    cfg = set_keys(yaml.safe_load(Path("jobs/configs/tiny.yaml").read_text()),
-                   stages=[{"name": "intra", "steps": 4, "pair": "intra", "data": [str(data)]}],
-                   lr=1e-2, checkpoint_every=2, eval_every=0, sample_every=0)
-    config = tmp_path / "t.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-
-    def train(out: Path, *extra: str) -> int:
-        return main(["train", "--config", str(config), "--out", str(out), "--models", str(tiny_models_yaml),
-                     "--local", *extra])
-
-    assert train(tmp_path / "once") == 0
+    config, once = local_train_once
     real_save = resume_mod.torch.save
 
     def save(obj, f, *a, **k):
@@ -196,16 +181,14 @@ def test_train_checkpoint_on_a_full_disk_keeps_the_last_one_and_resumes_bitwise(
     monkeypatch.setattr(resume_mod.torch, "save", save)
     caplog.set_level(logging.ERROR)
     run = tmp_path / "run"
-    assert train(run) == 2
+    assert local_train(config, tiny_models_yaml, run) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith(f"cannot write {run / 'checkpoints' / 'step-000004'}: no space")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
     assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
     monkeypatch.undo()
-    assert train(run, "--resume") == 0
-    want = load_file(str(tmp_path / "once" / "checkpoints" / "step-000004" / "adapter.safetensors"))
-    got = load_file(str(run / "checkpoints" / "step-000004" / "adapter.safetensors"))
-    assert want.keys() == got.keys() and all(np.array_equal(want[k].numpy(), got[k].numpy()) for k in want)
+    assert local_train(config, tiny_models_yaml, run, "--resume") == 0
+    assert same_adapter(once / "checkpoints" / "step-000004", run / "checkpoints" / "step-000004")
 
 
 # ------------------------------------------------------------------------------------- precompute

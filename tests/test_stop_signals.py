@@ -98,3 +98,34 @@ def test_sigterm_stops_local_curation_which_resumes_to_the_same_bytes(tiny_model
     assert "resuming: " in done.stderr
     assert _tree(out) == _tree(clean) and _tree(out)
     assert json.loads((out / "manifest.json").read_text()) == json.loads((clean / "manifest.json").read_text())
+
+
+def test_sigterm_during_local_training_keeps_the_last_checkpoint_and_resumes_bitwise(tmp_path, tiny_models_yaml,
+                                                                                     local_train_once, monkeypatch,
+                                                                                     caplog):
+    """`dynaip train --local`: SIGTERM at step 3 ends the run (143, one line) with the step-2 checkpoint and
+    no partial one; `--resume` ends at the weights of an uninterrupted run."""
+    from train_fixtures import local_train, same_adapter
+
+    from dynaip.train import metrics
+
+    config, once = local_train_once
+    real_write = metrics.MetricsWriter.write
+
+    def write(self, **row):
+        real_write(self, **row)
+        if row.get("step") == 3 and "loss" in row:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", write)
+    caplog.set_level(logging.ERROR)
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    assert local_train(config, tiny_models_yaml, run) == 143
+    assert time.monotonic() - t0 < 120  # the whole run, model loading included; the stop itself is immediate
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["stopped by SIGTERM: finished work is kept; run the same command again to resume"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    monkeypatch.undo()
+    assert local_train(config, tiny_models_yaml, run, "--resume") == 0
+    assert same_adapter(once / "checkpoints" / "step-000004", run / "checkpoints" / "step-000004")
