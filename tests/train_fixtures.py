@@ -13,8 +13,8 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
