@@ -81,6 +81,7 @@ def stop_signals() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Stopped("SIGTERM")
 
+    on_term.dynaip_stop = True  # type: ignore[attr-defined]  # dynaip.cluster.connect puts it back after ray.init
     old = signal.signal(signal.SIGTERM, on_term)
     try:
         yield

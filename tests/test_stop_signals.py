@@ -129,3 +129,32 @@ def test_sigterm_during_local_training_keeps_the_last_checkpoint_and_resumes_bit
     monkeypatch.undo()
     assert local_train(config, tiny_models_yaml, run, "--resume") == 0
     assert same_adapter(once / "checkpoints" / "step-000004", run / "checkpoints" / "step-000004")
+
+
+def test_ray_init_does_not_take_sigterm_from_the_cli(monkeypatch):
+    """ray.init installs its own SIGTERM handler (sys.exit(15): no one line, status 15); under the CLI's
+    stop_signals dynaip.cluster.connect puts the CLI's back, elsewhere Ray's stays."""
+    import ray
+
+    from dynaip import cluster
+    from dynaip.cli import stop_signals
+
+    def ray_exit(signum, frame):
+        raise SystemExit(signum)
+
+    def fake_init(*a, **k):  # what ray.init does to the handler (ray/_private/worker.py, init)
+        signal.signal(signal.SIGTERM, ray_exit)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr("dynaip.console.quiet_ray_data", lambda: None)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with stop_signals():
+            ours = signal.getsignal(signal.SIGTERM)
+            cluster.connect("auto")
+            assert signal.getsignal(signal.SIGTERM) is ours
+        cluster.connect("auto")
+        assert signal.getsignal(signal.SIGTERM) is ray_exit
+    finally:
+        signal.signal(signal.SIGTERM, before)
