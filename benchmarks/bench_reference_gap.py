@@ -129,9 +129,9 @@ def measure(seed: int, models: Path, train: Path, held: Path, out: Path, s: GapS
 
     from dynaip import DynaIPAdapter, DynaIPConfig
     from dynaip.models import ModelsConfig
+    from dynaip.train.checkpoints import latest_checkpoint
     from dynaip.train.probe import reference_loss_gap
     from dynaip.train.step import load_frozen
-    from dynaip.train.checkpoints import latest_checkpoint
     from dynaip.train.trainer import RunSpec, run_training
 
     cfg = train_config(seed, s)

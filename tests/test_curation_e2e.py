@@ -239,8 +239,8 @@ def test_other_recipe_into_the_same_dir_is_refused(built, recipe, photos):
 
 
 def test_show_and_grid(built, tmp_path):
-    from pipeline.cli import main
     from dynaip.dataset.inspect import show
+    from pipeline.cli import main
 
     out, m = built
     text = show(out)

@@ -269,8 +269,8 @@ def test_manifest_show_prints_quality_quantiles_per_source(tmp_path):
     assert not any(" aesthetic " in ln for ln in text.splitlines())  # no head configured: nothing to show
 
     # the dataset view and the contact sheet order by a score
-    from dynaip.serve.datasets import DatasetView
     from dynaip.dataset.inspect import grid
+    from dynaip.serve.datasets import DatasetView
 
     view = DatasetView.open(out)
     got = [e.meta["quality"]["sharpness"] for e in view.samples(sort_by="sharpness", descending=True)]

@@ -145,8 +145,8 @@ def test_stale_pidfile_lock_of_a_dead_process_is_taken_over(tmp_path, monkeypatc
     import fcntl
     import socket
 
-    from pipeline.lock import RunLock
     from dynaip.dataset.store import Store
+    from pipeline.lock import RunLock
 
     def no_flock(*a):
         raise OSError(38, "Function not implemented")

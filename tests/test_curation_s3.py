@@ -107,8 +107,8 @@ class StopAfter:
 
 
 def test_curate_bucket_to_bucket_resumes_verifies_and_trains(s3, bucket_photos, tmp_path, capsys):
-    from pipeline.cli import main
     from dynaip.dataset.manifest import load_manifest
+    from pipeline.cli import main
     from pipeline.executor_local import run_local
 
     src, local_photos = bucket_photos
@@ -171,8 +171,8 @@ def test_train_from_the_bucket(s3, bucket_photos, tiny_models_yaml, tmp_path):
 def test_lease_on_the_bucket_refuses_a_second_run_and_expires(s3):
     """On an object store the run lock is a lease object: a live lease refuses another run; one whose
     holder died (never renewed) is taken over after it expires."""
-    from pipeline.lock import LOCK_NAME, RunLock
     from dynaip.dataset.store import Store
+    from pipeline.lock import LOCK_NAME, RunLock
     from pipeline.writer import OutputDirError
 
     store = Store("s3://out/leased")

@@ -1,36 +1,35 @@
-"""Import layering (issue #18): which project modules may import which, and no import cycles.
+"""Import layering (issues #18, #25): which project modules may import which, no import cycles, no
+long files.
 
 The graph is read from the source (AST), not by importing anything, so it sees function-level
 imports too — those are real dependencies even when they do not run at import time. Imports under
-``if TYPE_CHECKING:`` are left out (they never run). Edges go to the module named, not to its
-parent packages.
+``if TYPE_CHECKING:`` are left out of the layer rules (they never run) but count for cycles. Edges go
+to the module named, not to its parent packages.
 
-Layers, lowest first: the base modules ``dynaip.geometry`` (numpy/PIL/scipy/torch only) and
-``dynaip.configs`` (the one YAML → dataclass loader: standard library and PyYAML only, so every
-layer may use it) and ``dynaip.dataset`` (the dataset as a consumer sees it; its ``format`` module
-is standard library only) →
-``dynaip.models`` →
-``dynaip.adapter`` → ``dynaip.train`` / ``dynaip.inference`` / ``dynaip.eval`` / ``dynaip.serve``;
-curation (``pipeline``) uses ``dynaip.models`` and ``dynaip.geometry``, and nothing in ``dynaip``
-reaches into curation's stages.
+Layers, lowest first (``LAYERS``; docs/ARCHITECTURE.md, "Layers"): a module imports its own layer
+and those below, never one above:
+
+0. base: ``dynaip.geometry`` (numpy/PIL/scipy/torch only), ``dynaip.configs`` (the one YAML →
+   dataclass loader: standard library and PyYAML only), ``dynaip.atomic``, ``dynaip.console``,
+   ``dynaip.dataset.format`` (standard library only);
+1. ``dynaip.dataset`` (the dataset as a consumer sees it), ``dynaip.cluster`` (Ray access),
+   ``dynaip.models``;
+2. ``dynaip.adapter``;
+3. curation (``pipeline``), training (``dynaip.train``, ``dynaip.features``), ``dynaip.inference``;
+   side by side: nothing in ``dynaip`` but the entry points imports ``pipeline``, curation imports
+   none of the others, inference neither training nor curation;
+4. ``dynaip.eval``, ``dynaip.serve``;
+5. entry points: the ``dynaip`` package's lazy exports, ``dynaip.cli``, ``dynaip.demo``.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("dynaip", "pipeline")
-
-# Known exceptions: (importer, imported) edges left out of the cycle check, each with its reason.
-# Keep this list short; a new entry needs a reason a reviewer accepts.
-ALLOWED_CYCLE_EDGES = {
-    ("dynaip.inference.pipeline", "dynaip.inference.loading"):
-        "DynaIPFluxPipeline.from_local/unload are built on load_dynaip/unload_dynaip, which return "
-        "and detach a DynaIPFluxPipeline; both imports are function-level, so importing either "
-        "module never needs the other half-initialised",
-}
 
 GEOMETRY_MAY_IMPORT = {"__future__", "math", "typing", "numpy", "PIL", "scipy", "torch"}
 DATASET_FORMAT_MAY_IMPORT = {"__future__", "typing"}
@@ -53,16 +52,18 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
 
 
-def imports_of(name: str) -> list[tuple[str, int]]:
-    """Every module ``name`` imports at run time (top level and inside functions): ``[(module, line)]``.
-    ``from a import b`` names ``a.b`` when that is a project module, else ``a``."""
+@functools.cache  # every test walks the same graph: parse each file once
+def imports_of(name: str, type_checking: bool = False) -> list[tuple[str, int]]:
+    """Every module ``name`` imports at run time (top level and inside functions): ``[(module, line)]``;
+    with ``type_checking`` also those under ``if TYPE_CHECKING:``. ``from a import b`` names ``a.b``
+    when that is a project module, else ``a``."""
     path = MODULES[name]
     is_pkg = path.name == "__init__.py"
     found: list[tuple[str, int]] = []
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
+            if isinstance(child, ast.If) and _is_type_checking(child) and not type_checking:
                 for c in child.orelse:
                     visit_node(c)
                 continue
@@ -87,11 +88,11 @@ def imports_of(name: str) -> list[tuple[str, int]]:
     return found
 
 
-def project_edges() -> dict[str, dict[str, int]]:
-    """``{importer: {imported project module: first line}}``."""
+def project_edges(type_checking: bool = False) -> dict[str, dict[str, int]]:
+    """``{importer: {imported project module: first line}}`` (``type_checking``: see ``imports_of``)."""
     edges: dict[str, dict[str, int]] = {}
     for name in MODULES:
-        for target, line in imports_of(name):
+        for target, line in imports_of(name, type_checking):
             if target.split(".")[0] not in PACKAGES:
                 continue
             while target not in MODULES and "." in target:  # an attribute of a module, e.g. `import a.b.c` of a non-module
@@ -109,6 +110,69 @@ def _violations(importers: tuple[str, ...], forbidden: tuple[str, ...]) -> list[
     return [f"{a} imports {b} ({MODULES[a].relative_to(REPO)}:{line})"
             for a, targets in project_edges().items() if _in(a, *importers)
             for b, line in targets.items() if _in(b, *forbidden)]
+
+
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("base", ("dynaip.geometry", "dynaip.configs", "dynaip.atomic", "dynaip.console", "dynaip.dataset.format")),
+    ("dataset, cluster, models", ("dynaip.dataset", "dynaip.cluster", "dynaip.models")),
+    ("adapter", ("dynaip.adapter",)),
+    ("curation, training, inference", ("pipeline", "dynaip.train", "dynaip.features", "dynaip.inference")),
+    ("eval, serve", ("dynaip.eval", "dynaip.serve")),
+    ("entry points", ("dynaip.cli", "dynaip.demo")),
+]
+ENTRY_POINTS = ("dynaip.cli", "dynaip.demo")
+MAX_LINES = 600
+
+
+def layer_of(module: str) -> int:
+    """Index in ``LAYERS`` of the longest prefix naming ``module``; the package ``dynaip`` itself (its
+    lazy exports) is an entry point."""
+    if module == "dynaip":
+        return len(LAYERS) - 1
+    best, found = -1, None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if _in(module, p) and len(p) > best:
+                best, found = len(p), i
+    assert found is not None, f"{module} is in no layer: add it to LAYERS (and docs/ARCHITECTURE.md, \"Layers\")"
+    return found
+
+
+def test_every_module_sits_in_a_layer_and_imports_none_above_it():
+    upward = [f"{a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]}) ({MODULES[a].relative_to(REPO)}:{line})"
+              for a, targets in project_edges().items() for b, line in targets.items() if layer_of(b) > layer_of(a)]
+    assert upward == []
+
+
+def test_layer_of_takes_the_longest_prefix():
+    assert [layer_of(m) for m in ("dynaip.dataset.format", "dynaip.dataset.inspect", "pipeline.sources.opens2v.cross",
+                                  "dynaip", "dynaip.cli")] == [0, 1, 3, 5, 5]
+
+
+def test_only_the_entry_points_import_curation():
+    """The dataset, Ray access and the models sit below curation: training, precompute, inference, eval
+    and serve never need ``pipeline``."""
+    below = tuple(m for m in MODULES if _in(m, "dynaip") and m != "dynaip" and not _in(m, *ENTRY_POINTS))
+    assert "dynaip.train.data" in below and "dynaip.cli" not in below
+    assert _violations(below, ("pipeline",)) == []
+
+
+def test_curation_and_inference_stay_out_of_their_neighbours():
+    assert _violations(("pipeline",), ("dynaip.train", "dynaip.features", "dynaip.inference")) == []
+    assert _violations(("dynaip.inference",), ("dynaip.train", "dynaip.features", "pipeline")) == []
+
+
+def test_the_rules_catch_a_violation():
+    """The checks above are not vacuous: the real graph has the edges they look at."""
+    edges = project_edges()
+    assert "pipeline.cli" in edges["dynaip.cli"] and layer_of("dynaip.cli") > layer_of("pipeline.cli")
+    assert any(_in(b, "dynaip.dataset") for b in edges["pipeline.writer"])
+
+
+def test_no_file_over_600_lines_in_dynaip_or_pipeline():
+    long = {str(p.relative_to(REPO)): n for p in MODULES.values()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}, f"split these along their seams (docs/ARCHITECTURE.md): {long}"
 
 
 def test_the_graph_sees_function_level_and_relative_imports():
@@ -187,10 +251,8 @@ def find_cycle(edges: dict[str, dict[str, int]]) -> list[str] | None:
 
 
 def test_no_import_cycles_among_project_modules():
-    edges = project_edges()
-    for a, b in ALLOWED_CYCLE_EDGES:
-        assert b in edges.get(a, {}), f"known exception {a} → {b} no longer exists: remove it from ALLOWED_CYCLE_EDGES"
-        del edges[a][b]
+    """None at all: function-level imports and imports only for type checking count too."""
+    edges = project_edges(type_checking=True)
     cycle = find_cycle(edges)
     assert cycle is None, "import cycle: " + " → ".join(
         f"{m} ({MODULES[m].relative_to(REPO)}:{edges[m][n]})" for m, n in zip(cycle, cycle[1:])) + f" → {cycle[-1]}"

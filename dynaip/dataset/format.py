@@ -59,5 +59,5 @@ def shard_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return [s for s in manifest.get("shards", []) if int(s["samples"]) > 0]
 
 
-__all__ = ["FORMAT", "MANIFEST", "SHARDS_DIR", "MEMBER_ORDER", "IMAGE_MEMBERS", "NOT_OURS", "check_format",
-           "shard_path", "shard_name", "shard_entries"]
+__all__ = ["FORMAT", "IMAGE_MEMBERS", "MANIFEST", "MEMBER_ORDER", "NOT_OURS", "SHARDS_DIR", "check_format",
+           "shard_entries", "shard_name", "shard_path"]

@@ -77,4 +77,4 @@ def load_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["manifest_url", "parse_manifest", "read_manifest", "read_store_manifest", "load_manifest"]
+__all__ = ["load_manifest", "manifest_url", "parse_manifest", "read_manifest", "read_store_manifest"]

@@ -29,7 +29,8 @@ d. the masked multi-subject pass.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -50,6 +51,30 @@ class DynaIPOutput:
     masks: list[torch.Tensor] | None
     """The masks used, at the output size (given or automatic); None for single-subject unmasked."""
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+NOT_LOADED = ("no DynaIP adapter is loaded on this pipeline (load_dynaip was not called, or it was "
+              "already unloaded)")
+
+
+def _clip_paths(value: Any, source: str):
+    from dynaip.models.config import ClipVisionPaths
+
+    if isinstance(value, ClipVisionPaths):
+        return value
+    if isinstance(value, (str, Path)):
+        return ClipVisionPaths(path=str(value))
+    if isinstance(value, dict):
+        known = {f.name for f in fields(ClipVisionPaths)}
+        unknown = sorted(set(value) - known)
+        if unknown or "path" not in value:
+            raise ValueError(f"{source}: clip_vision needs 'path' (and optionally {sorted(known - {'path'})}), "
+                             f"got keys {sorted(value)}")
+        d = dict(value)
+        if d.get("layers") is not None:
+            d["layers"] = tuple(d["layers"])
+        return ClipVisionPaths(**d)
+    raise ValueError(f"{source}: clip_vision must be a path or a dict with 'path', got {type(value).__name__}")
 
 
 class DynaIPFluxPipeline:
@@ -81,9 +106,11 @@ class DynaIPFluxPipeline:
 
     def unload(self) -> None:
         """``unload_dynaip(self.flux)``: FLUX's own processors back, ``flux.dynaip`` removed."""
-        from .loading import unload_dynaip
-
-        unload_dynaip(self.flux)
+        current = getattr(self.flux, "dynaip", None)
+        if current is None or not current.attached:
+            raise ValueError(NOT_LOADED)
+        current.adapter.detach(self.flux.transformer)
+        del self.flux.dynaip
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -102,8 +129,6 @@ class DynaIPFluxPipeline:
             ad = adapter
         else:
             ad = DynaIPAdapter.from_pretrained(adapter)
-        from .loading import load_dynaip
-
         layers = ad.config.clip_layers if ad is not None else models.clip_vision.layers
         tower = load_clip_vision(models.clip_vision, layers=layers)
         flux = load_flux_pipeline(models.flux, dtype=dtype)
@@ -114,7 +139,54 @@ class DynaIPFluxPipeline:
         if with_auto_mask:
             detector, segmenter = _load_auto_mask_models(models, device)
         flux.to(device)
-        return load_dynaip(flux, ad, image_encoder=tower, dtype=dtype, detector=detector, segmenter=segmenter)
+        return cls.attach_to(flux, ad, image_encoder=tower, dtype=dtype, detector=detector, segmenter=segmenter)
+
+    @classmethod
+    def attach_to(cls, flux_pipeline, adapter, *, image_encoder=None, clip_vision=None, dtype: torch.dtype | None = None,
+                  detector=None, segmenter=None) -> DynaIPFluxPipeline:
+        """``load_dynaip`` (dynaip/inference/loading.py, where the arguments are described): checks the
+        parts, loads the adapter and the CLIP tower when given as paths, attaches them to ``flux_pipeline``."""
+        from dynaip.adapter import DynaIPAdapter
+        from dynaip.models.clip_vision import ClipVisionTower, load_clip_vision
+
+        transformer = getattr(flux_pipeline, "transformer", None)
+        if transformer is None or not hasattr(transformer, "transformer_blocks"):
+            raise ValueError(f"load_dynaip needs a diffusers FluxPipeline (with a FluxTransformer2DModel), "
+                             f"got {type(flux_pipeline).__name__}")
+        current = getattr(flux_pipeline, "dynaip", None)
+        if current is not None and current.attached:
+            raise ValueError("this FluxPipeline already has a DynaIP adapter loaded; call unload_dynaip(pipe) first")
+
+        meta: dict = {}
+        if isinstance(adapter, DynaIPAdapter):
+            ad = adapter
+        elif isinstance(adapter, (str, Path)):
+            meta = DynaIPAdapter.read_metadata(adapter)
+            ad = DynaIPAdapter.from_pretrained(adapter)
+        else:
+            raise ValueError(f"adapter must be a checkpoint directory or a DynaIPAdapter, got {type(adapter).__name__}")
+
+        if image_encoder is None:
+            named = clip_vision if clip_vision is not None else meta.get("clip_vision")
+            if named is None:
+                raise ValueError("no CLIP vision tower: pass image_encoder=... or clip_vision='path/to/open_clip' "
+                                 "(this adapter checkpoint's config.json names none)")
+            source = "clip_vision argument" if clip_vision is not None else f"{adapter}/config.json"
+            image_encoder = load_clip_vision(_clip_paths(named, source), layers=ad.config.clip_layers)
+        elif not isinstance(image_encoder, ClipVisionTower):
+            raise ValueError(f"image_encoder must be a dynaip ClipVisionTower, got {type(image_encoder).__name__}")
+        elif tuple(image_encoder.layers) != tuple(ad.config.clip_layers):
+            raise ValueError(f"image_encoder returns CLIP layers {list(image_encoder.layers)} but the adapter was "
+                             f"trained on {list(ad.config.clip_layers)}")
+
+        dtype = dtype or transformer.dtype
+        ad = ad.to(dtype)
+        image_encoder = image_encoder.to(dtype)
+        pipe = cls(flux_pipeline, ad, image_encoder, detector=detector, segmenter=segmenter)
+        if not pipe.offloaded:
+            ad.to(pipe.device)
+            image_encoder.to(pipe.device)
+        return pipe
 
     def to(self, device: str | torch.device) -> "DynaIPFluxPipeline":
         self.flux.to(device)

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # data.py calls into this module: importing it back at run time would be a cycle
-    from .data import Decoded, StreamSpec, WorkerPosition
+from .stream import Decoded, StreamSpec, WorkerPosition
 
 PlainStream = Callable[["StreamSpec", int, int, "WorkerPosition"], Iterator["Decoded"]]
 

@@ -97,7 +97,7 @@ class Worker(ResumeState):
     """State of one training process; ``run`` is the loop."""
 
     def __init__(self, spec: RunSpec):
-        from dynaip import DynaIPAdapter, DynaIPConfig
+        from dynaip.adapter import DynaIPAdapter, DynaIPConfig
         from dynaip.models import ModelsConfig
 
         from .parallel import apply_strategy
