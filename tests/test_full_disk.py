@@ -217,3 +217,26 @@ def test_feature_shard_on_a_full_disk_leaves_nothing_behind(tmp_path, monkeypatc
     with pytest.raises(StorageError, match=rf"^cannot write {path}: no space left"):
         w.add("b", torch.ones(4))
     assert leftovers(tmp_path) == [] and not path.exists()
+
+
+def test_serve_generation_on_a_full_disk_writes_nothing(tmp_path, monkeypatch):
+    """The web app's Generate page: the PNG and its sidecar are written atomically; a full --out is the one
+    line the page shows (dynaip/serve/app.py), and no file of the generation is left."""
+    from types import SimpleNamespace
+
+    from dynaip.serve.generation import GenerationService
+
+    service = GenerationService.__new__(GenerationService)  # no models: only the writing is under test
+    service.out_dir, service.models_yaml, service.adapter, service.device = tmp_path, None, None, "cpu"
+    out = SimpleNamespace(images=[Image.new("RGB", (8, 8))], masks=[], settings={})
+
+    def full_fsync(fd):
+        raise refuse()
+
+    monkeypatch.setattr(atomic.os, "fsync", full_fsync)
+    with pytest.raises(StorageError, match=rf"^cannot write {tmp_path}/gen-[0-9-]+\.png: no space left"):
+        service._save(out, [Image.new("RGB", (8, 8))], [0])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    saved = service._save(out, [Image.new("RGB", (8, 8))], [0])
+    assert all(Path(f).is_file() for f in saved.files)

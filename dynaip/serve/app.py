@@ -203,6 +203,13 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
                                         image_cfg=float(image_cfg))
         except (ValueError, FileNotFoundError) as e:
             return f"⚠️ {e}", None, None, [], None
+        except OSError as e:  # a full or read-only --out: the line says which file and what to do
+            from dynaip.atomic import storage_error
+
+            full = storage_error(e)
+            if full is None:
+                raise
+            return f"⚠️ {full}", None, None, [], None
         return ("done: " + Path(result.files[0]).name, result.files[0], result.settings,
                 [(m, f"mask {k + 1}") for k, m in enumerate(result.masks)], result.files)
 
