@@ -173,4 +173,7 @@ def test_serve_command_line_refuses_off_loopback_in_one_line(monkeypatch, datase
     assert client.get("/").status_code == 401
     assert client.get("/", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     monkeypatch.delenv(auth.TOKEN_ENV)
+    assert main(["serve", "--host", "0.0.0.0", "--token", TOKEN]) == 0
+    assert TestClient(seen["app"]).get("/", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert TestClient(seen["app"]).get("/").status_code == 401
     assert main(["serve", "--host", "::", "--auth", "ann:correct-horse"]) == 0 and seen["host"] == "::"
