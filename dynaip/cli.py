@@ -67,6 +67,7 @@ class Stopped(KeyboardInterrupt):
 
 
 STOP_HINT = "finished work is kept; run the same command again to resume"
+_received: list[int] = []  # SIGTERMs seen by the running command's handler
 
 
 @contextmanager
@@ -79,9 +80,11 @@ def stop_signals() -> Iterator[None]:
 
     def on_term(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _received.append(signum)  # Ray re-raises a KeyboardInterrupt of its own inside ray.get / ray.wait
         raise Stopped("SIGTERM")
 
     on_term.dynaip_stop = True  # type: ignore[attr-defined]  # dynaip.cluster.connect puts it back after ray.init
+    _received.clear()
     old = signal.signal(signal.SIGTERM, on_term)
     try:
         yield
@@ -91,7 +94,7 @@ def stop_signals() -> Iterator[None]:
 
 def stop_message(e: KeyboardInterrupt) -> tuple[str, int]:
     """The one line for a stopped run and its exit status (128 + the signal number, as a shell reports it)."""
-    if isinstance(e, Stopped):
+    if isinstance(e, Stopped) or signal.SIGTERM in _received:
         return f"stopped by SIGTERM: {STOP_HINT}", 128 + signal.SIGTERM
     return f"stopped by Ctrl-C (SIGINT): {STOP_HINT}", 128 + signal.SIGINT
 

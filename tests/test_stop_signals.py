@@ -157,3 +157,22 @@ def test_ray_init_does_not_take_sigterm_from_the_cli(monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is ray_exit
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_is_named_when_ray_turns_it_into_a_plain_keyboardinterrupt(monkeypatch, caplog, tmp_path):
+    """Inside ray.get / ray.wait, Ray's core worker catches the handler's exception and raises a plain
+    KeyboardInterrupt (measured on the Ray executor: the line said Ctrl-C, the status was 130)."""
+    from dynaip.models import tiny
+    from dynaip.cli import main
+
+    def inside_ray_wait(*a, **k):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt from None  # what ray._raylet does with it
+
+    monkeypatch.setattr(tiny, "write_tiny_checkpoints", inside_ray_wait)
+    caplog.set_level(logging.ERROR)
+    assert main(["tiny-checkpoints", "--out", str(tmp_path / "x")]) == 143
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][0].startswith("stopped by SIGTERM")
