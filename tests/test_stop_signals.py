@@ -162,8 +162,8 @@ def test_ray_init_does_not_take_sigterm_from_the_cli(monkeypatch):
 def test_sigterm_is_named_when_ray_turns_it_into_a_plain_keyboardinterrupt(monkeypatch, caplog, tmp_path):
     """Inside ray.get / ray.wait, Ray's core worker catches the handler's exception and raises a plain
     KeyboardInterrupt (measured on the Ray executor: the line said Ctrl-C, the status was 130)."""
-    from dynaip.models import tiny
     from dynaip.cli import main
+    from dynaip.models import tiny
 
     def inside_ray_wait(*a, **k):
         try:
