@@ -175,4 +175,5 @@ def test_sigterm_is_named_when_ray_turns_it_into_a_plain_keyboardinterrupt(monke
     monkeypatch.setattr(tiny, "write_tiny_checkpoints", inside_ray_wait)
     caplog.set_level(logging.ERROR)
     assert main(["tiny-checkpoints", "--out", str(tmp_path / "x")]) == 143
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][0].startswith("stopped by SIGTERM")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("stopped by SIGTERM")
