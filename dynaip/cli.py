@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from typing import Callable, Sequence
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Sequence
 
 log = logging.getLogger("dynaip")
 
@@ -56,6 +60,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``kill``, ``ray job stop``), raised like Ctrl-C's KeyboardInterrupt so the same
+    cleanup runs: ``finally`` blocks and context managers release the run lock, remove temporary files and
+    shut an embedded Ray down at exit; finished work (chunks, checkpoints, jobs) stays for the resume."""
+
+
+STOP_HINT = "finished work is kept; run the same command again to resume"
+_received: list[int] = []  # SIGTERMs seen by the running command's handler
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """While a command runs, SIGTERM raises ``Stopped``; a second SIGTERM during the cleanup kills at once
+    (the default action), as a scheduler's SIGKILL would. Restored afterwards (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _received.append(signum)  # Ray re-raises a KeyboardInterrupt of its own inside ray.get / ray.wait
+        raise Stopped("SIGTERM")
+
+    on_term.dynaip_stop = True  # type: ignore[attr-defined]  # dynaip.cluster.connect puts it back after ray.init
+    _received.clear()
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def stop_message(e: KeyboardInterrupt) -> tuple[str, int]:
+    """The one line for a stopped run and its exit status (128 + the signal number, as a shell reports it)."""
+    if isinstance(e, Stopped) or signal.SIGTERM in _received:
+        return f"stopped by SIGTERM: {STOP_HINT}", 128 + signal.SIGTERM
+    return f"stopped by Ctrl-C (SIGINT): {STOP_HINT}", 128 + signal.SIGINT
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -63,13 +106,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure(args.verbose)  # quiet by default (see dynaip/console.py); Ray workers inherit it
     try:
-        return int(args.func(args) or 0)
+        with stop_signals():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the cleanup has run; one line, no traceback
+        line, status = stop_message(e)
+        log.error("%s", line)
+        return status
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
         log.error("%s", e)
         return 2
     except Exception as e:
+        from dynaip.atomic import storage_error
         from dynaip.models.errors import CheckpointError, SetupError
 
+        full = storage_error(e)
+        if full is not None:  # a full / read-only disk: one line naming the path, the run resumes later
+            log.error("%s", full)
+            return 2
         if isinstance(e, (CheckpointError, SetupError)):  # a stage that cannot start: the message says the fix
             log.error("%s", user_message(e))
             return 2
@@ -103,9 +156,22 @@ def run_job(command: str, argv: list[str] | None, description: str) -> int:
     args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with stop_signals():  # `ray job stop` sends SIGTERM to the entrypoint
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:
+        line, status = stop_message(e)
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        return status
     except (ValueError, FileNotFoundError, SetupError) as e:  # user errors: one line in the job log, no traceback
         print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:
+        from dynaip.atomic import storage_error
+
+        full = storage_error(e)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -30,14 +30,31 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
         return
     from dynaip.console import quiet_ray_data, ray_init_kwargs
 
-    if address:
-        ray.init(address=address, **{"log_to_driver": True, **ray_init_kwargs()})
-    else:
-        with loopback_ray():
-            ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                     _node_ip_address="127.0.0.1",
-                     **ray_init_kwargs({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}))
+    with _keep_stop_handler():
+        if address:
+            ray.init(address=address, **{"log_to_driver": True, **ray_init_kwargs()})
+        else:
+            with loopback_ray():
+                ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                         _node_ip_address="127.0.0.1",
+                         **ray_init_kwargs({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}))
     quiet_ray_data()
+
+
+@contextmanager
+def _keep_stop_handler() -> Iterator[None]:
+    """``ray.init`` replaces the SIGTERM handler with its own ``sys.exit(15)``; under the ``dynaip`` CLI
+    (``dynaip.cli.stop_signals``) SIGTERM must keep ending the run like Ctrl-C, with its one line."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and getattr(before, "dynaip_stop", False):
+            signal.signal(signal.SIGTERM, before)
 
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

@@ -213,10 +213,11 @@ class Progress:
             print(self.line() + (f"; {note}" if note else ""), file=sys.stderr, flush=True)
 
 
-def check_source(recipe: Recipe) -> None:
+def check_source(recipe: Recipe) -> dict[str, Any] | None:
     """The reader checks its source when called: a root / glob / split that matches nothing raises here,
-    before the output folder is touched, Ray starts or any model loads (docs/sources.md)."""
-    get_reader(recipe.source.kind)(recipe.source)
+    before the output folder is touched, Ray starts or any model loads (docs/sources.md). Returns what the
+    source section selected, for readers that say (``SelectedRecords``), else None."""
+    return getattr(get_reader(recipe.source.kind)(recipe.source), "selection", None)
 
 
 def check_out(out: str) -> None:
@@ -232,7 +233,9 @@ def curate(recipe: Recipe, out: str, pool: Pool, info: dict[str, Any], *, limit:
            progress: Progress | None = None) -> dict[str, Any]:
     """Builds (or resumes) the dataset in ``out`` with ``pool``'s workers; returns the manifest.
     The whole run holds ``out``'s ``RunLock``: a second run into the same directory is refused."""
-    check_source(recipe)
+    selection = check_source(recipe)
+    if selection is not None:  # e.g. the categories a partial download holds: the manifest says what was read
+        info = {**info, "source_selection": selection}
     check_out(out)
     writer = DatasetWriter(out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality,
                            max_bytes=recipe.shards.max_bytes)

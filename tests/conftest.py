@@ -29,6 +29,18 @@ def tiny_models(tiny_models_yaml):
     return ModelsConfig.from_yaml(tiny_models_yaml)
 
 
+@pytest.fixture(scope="session")
+def local_train_once(tmp_path_factory, tiny_models_yaml):
+    """``(config, run dir)`` of one uninterrupted `dynaip train --local` run (train_fixtures.local_train_config):
+    the reference that interrupted and resumed runs must equal."""
+    from train_fixtures import local_train, local_train_config, write_dataset
+
+    root = tmp_path_factory.mktemp("local-train")
+    config = local_train_config(root, write_dataset(root / "intra", [3, 2], size=64))
+    assert local_train(config, tiny_models_yaml, root / "once") == 0
+    return config, root / "once"
+
+
 @pytest.fixture(autouse=True)
 def python_sigint_handler():
     """Each test starts with Python's own SIGINT handler: Ray Train's trainer installs one of its own

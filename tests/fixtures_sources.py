@@ -411,7 +411,8 @@ def _tar_pieces(members: dict[str, bytes], folder: Path, stem: str, piece: int) 
     return out
 
 
-def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(), pairs: str = "current") -> dict[str, Any]:
+def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(), pairs: str = "current",
+                  subsets: bool = False) -> dict[str, Any]:
     """OpenS2V-5M in its published layout, tiny. Followed upstream material (PKU-YuanGroup/OpenS2V-Nexus):
 
     - layout: maintainers' answer in issue #16 (``Jsons/mask_and_bbox/total_partX.json``, ``Videos/total_partX``),
@@ -440,6 +441,14 @@ def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(
     seg 0 (clip aesthetic 3.0, subject aes 5.0: kept; no ``face_cap_qwen``, so its caption is ``cap``);
     ``oddvid`` seg 0 (its container's handler name is not UTF-8). Part 2 (in the split tar): ``catvid`` seg 1,
     ``dogvid`` seg 0 (two dogs) and seg 1 (one dog, non-UTF-8 handler name too).
+
+    ``subsets=True``: the ``Jsons/`` folder as the Hugging Face file tree of BestWishYsh/OpenS2V-5M lists it
+    (docs/sources.md, "Layout as published"): two annotation subsets, ``mask_and_bbox/`` (every clip; part 2
+    published zipped, ``total_part2.json.zip``) and ``mask_and_bbox_High-Quality/`` (``total_part1.json``
+    holding a copy of catvid seg 0 and cupvid seg 0), beside the per-part metadata files
+    ``Jsons/total_partN.json`` (captions and scores, no annotation: not subjects) and ``gpt_video_pairs/``.
+    Read with every subset, the two copies are rejects ("also in subset mask_and_bbox"); ``truth["hq"]`` are
+    the intra ids of the High-Quality subset alone.
 
     ``corrupt``: ``bad_rle`` (catvid seg 1's mask truncated), ``missing_video`` (cupvid's mp4 gone), ``json``
     (``total_part3.json`` truncated), ``unknown_pair`` (a pair naming a clip that does not exist),
@@ -528,6 +537,25 @@ def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(
     clip_dir.mkdir(parents=True, exist_ok=True)
     for part, clips in parts.items():
         (clip_dir / f"total_part{part}.json").write_text(json.dumps(clips, indent=1))
+    hq: list[str] = []
+    if subsets:
+        import zipfile
+
+        part2 = clip_dir / "total_part2.json"
+        with zipfile.ZipFile(clip_dir / "total_part2.json.zip", "w", zipfile.ZIP_DEFLATED) as z:
+            z.write(part2, "total_part2.json")
+        part2.unlink()
+        hq_keys = [clip_key("catvid", 0), clip_key("cupvid", 0)]
+        hq_dir = root / "Jsons" / "mask_and_bbox_High-Quality"
+        hq_dir.mkdir(parents=True)
+        (hq_dir / "total_part1.json").write_text(json.dumps({k: parts[1][k] for k in hq_keys}, indent=1))
+        for k in hq_keys:
+            rejects[f"total_part1/{k}@mask_and_bbox_High-Quality"] = "also in subset mask_and_bbox"
+        hq = [r for r in intra if r.split("/")[1] in hq_keys]
+        for part, clips in parts.items():  # metadata only, as Jsons/total_partN.json is published
+            meta = {k: {"metadata": c["metadata"]} for k, c in clips.items()}
+            (root / "Jsons" / f"total_part{part}.json").write_text(json.dumps(meta))
+        (root / "Jsons" / "gpt_video_pairs").mkdir()  # a folder of the release that holds no annotation
     if "json" in corrupt:
         (clip_dir / "total_part3.json").write_text('{"clip": {"metadata": ')
         rejects[(clip_dir / "total_part3.json").relative_to(root).as_posix()] = "cannot parse"
@@ -611,6 +639,6 @@ def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(
     index_path.write_text(json.dumps(cluster_index, indent=4))
     (pair_dir / f"{f_cat}.json").write_text(json.dumps(cat_pairs, indent=2))
     (pair_dir / f"{f_dog}.json").write_text(json.dumps(dog_pairs, indent=2))
-    return {"intra": intra, "cross": cross, "rejects": rejects, "frames": frames, "ids": ids, "crop": crop,
+    return {"intra": intra, "cross": cross, "rejects": rejects, "frames": frames, "ids": ids, "crop": crop, "hq": hq,
             "frame": frame, "frame_hw": (h, w), "pieces": pieces, "pair_records": len(cat_pairs) + len(dog_pairs),
             "areas": {"big": int(big.sum()), "near": int(near.sum()), "cat_c": int(cat_c.sum())}}

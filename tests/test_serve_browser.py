@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +31,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and Path(CHROMEDRIVER).is_file()) and not os.environ.get("CI"),
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)")
+
+
+TOKEN = "browser-test-token-0123456789"  # the app runs with credentials: every request below carries them
+
+
+def _get(url: str, token: str | None = TOKEN, timeout: float = 30):
+    """urlopen with the app's token as a Bearer header (None: no credentials)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
 def _free_port() -> int:
@@ -65,7 +75,8 @@ def server(tmp_path_factory, demo_dataset, tiny_models_yaml):
     torch.manual_seed(0)
     adapter = _trained_like(DynaIPAdapter(DynaIPConfig.tiny())).save_pretrained(root / "adapter")
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "DYNAIP_SERVE_TOKEN": TOKEN}  # credentials on loopback are enforced too (README: a shared machine)
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "dynaip.cli", "serve", "--models", str(tiny_models_yaml),
                              "--adapter", str(adapter), "--dataset", str(demo_dataset), "--out", str(root / "gen"),
@@ -77,7 +88,7 @@ def server(tmp_path_factory, demo_dataset, tiny_models_yaml):
         if proc.poll() is not None:
             raise RuntimeError(f"dynaip serve exited with {proc.returncode}: {(root / 'serve.log').read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url + "/", timeout=5) as r:
+            with _get(url + "/", timeout=5) as r:
                 if r.status == 200:
                     break
         except OSError:
@@ -143,7 +154,12 @@ def test_datasets_page_against_the_dataset_api(server, browser, demo_dataset):
 
     view = DatasetView.open(demo_dataset)
     s = view.summary()
-    browser.get(server["url"] + "/")
+    for path in ("/", "/config", "/gradio_api/info", "/dataset/shard?root=x&shard=y"):  # no credentials: refused
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _get(server["url"] + path, token=None)
+        assert e.value.code == 401, path
+    browser.get(server["url"] + f"/?token={TOKEN}")  # the login link: a session cookie, then the page
+    assert TOKEN not in browser.current_url
     body = _wait(browser, lambda: browser.find_element(By.ID, "ds-summary-body"), what="the dataset summary")
     for k in ("inputs", "accepted", "rejected", "samples", "shards"):
         shown = body.find_element(By.CSS_SELECTOR, f'td[data-k="{k}"]').text.replace(",", "")
@@ -182,11 +198,11 @@ def test_datasets_page_against_the_dataset_api(server, browser, demo_dataset):
 
     # a sample's link leads to its shard and key
     href = browser.find_element(By.CSS_SELECTOR, ".dyn-sample-link").get_attribute("href")
-    with urllib.request.urlopen(href, timeout=30) as r:
+    with _get(href) as r:
         linked = json.loads(r.read())
     first = view.samples()[0]
     assert (linked["shard"], linked["key"], linked["meta"]) == (first.shard, first.key, first.meta)
-    with urllib.request.urlopen(server["url"] + linked["shard_url"], timeout=30) as r:
+    with _get(server["url"] + linked["shard_url"]) as r:
         assert r.read() == (demo_dataset / first.shard).read_bytes()
 
 
@@ -254,7 +270,7 @@ def test_generate_page_two_references_with_drawn_masks(server, browser, tmp_path
     Image.fromarray(data.chelsea()).save(refs[0])
     Image.fromarray(data.astronaut()).resize((256, 256)).save(refs[1])
 
-    browser.get(server["url"] + "/")
+    browser.get(server["url"] + f"/?token={TOKEN}")
     _wait(browser, lambda: browser.find_element(By.ID, "ds-summary-body"), what="the app")
     browser.find_element(By.XPATH, "//button[@role='tab' and contains(., 'Generate')]").click()
     prompt = _wait(browser, lambda: browser.find_element(By.CSS_SELECTOR, "#gen-prompt textarea"), what="the prompt")
@@ -296,7 +312,11 @@ def test_generate_page_two_references_with_drawn_masks(server, browser, tmp_path
     links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#gen-files a")]
     assert any(h.endswith(".json") for h in links) and any(h.endswith(".png") for h in links)
     src = browser.find_element(By.CSS_SELECTOR, "#gen-result img").get_attribute("src")
-    with urllib.request.urlopen(src, timeout=30) as r:
+    if src.startswith("http"):  # a Gradio file route: behind the credentials too
+        with pytest.raises(urllib.error.HTTPError) as e:
+            _get(src, token=None)
+        assert e.value.code == 401
+    with _get(src) as r:
         shown = np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
     masks = [np.asarray(Image.open(p)) for p in settings["masks"]]
     left, right = masks

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -136,8 +137,27 @@ def test_split_and_category_selection(release):
     assert [r.id for r in recs] == ["test/object/9857"]
     with pytest.raises(SourceError, match=r"no row has split 'val' .*splits present: test, train"):
         anyinsertion.read({"root": str(release), "split": "val"})
-    with pytest.raises(SourceError, match=r"no row has category 'garment' in split 'test' .*present: object\)"):
+    with pytest.raises(SourceError, match=r"'garment' is not a category of the AnyInsertion release \(its "
+                                          r"categories: accessory, object, person\)"):
         anyinsertion.read({"root": str(release), "split": "test", "categories": ["garment"]})
+
+
+def test_partial_download_warns_for_an_absent_category_and_says_what_it_selected(release, caplog):
+    """A release category no file holds (part of the release downloaded) is one warning; the run goes on
+    with the others. A selection that matches no row at all is still a one-line error."""
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources.anyinsertion"):
+        it = anyinsertion.read({"root": str(release), "split": "test", "categories": ["accessory", "object"]})
+    assert [r.id for r in it] == ["test/object/9857"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    want = (f"anyinsertion: no row has category 'accessory' in split 'test' under {release} (part of the release "
+            "downloaded?); reading the 1 row(s) of object")
+    assert warnings == [want]
+    assert it.selection == {"split": "test", "categories": ["accessory", "object"], "found": {"object": 1},
+                            "absent": ["accessory"], "rows_selected": 1,
+                            "files": ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]}
+    with pytest.raises(SourceError, match=r"no row has category 'person' in split 'test' .*\(categories present: "
+                                          r"object\); fix source.categories"):
+        anyinsertion.read({"root": str(release), "split": "test", "categories": ["person"]})
 
 
 def test_one_file_and_a_url_root_read_the_same_rows(release):
@@ -338,6 +358,28 @@ def test_recipe_loads_and_its_source_section_drives_the_reader(release):
     via_recipe = list(get_reader("anyinsertion")(recipe.source))
     via_mapping = list(anyinsertion.read(recipe.source.to_dict()))
     assert via_recipe == via_mapping and len(via_recipe) == 5
+
+
+def test_shipped_recipe_on_a_partial_download(tmp_path, caplog):
+    """Part of the release (one Parquet file, no person rows) through the shipped recipe: one warning for
+    the absent category, every selected row read, and the manifest says what was selected and found."""
+    from pipeline.executor_local import run_local
+    from pipeline.recipe import Recipe
+
+    release = tmp_path / "AnyInsertion"
+    rows = [row(rid, label, i) for i, (rid, label) in enumerate(GOOD)]
+    write_parquet(release / "data" / "train-00000-of-00002.parquet", rows)  # the other file not downloaded
+    recipe = Recipe.from_yaml(RECIPE, source_root=str(release))
+    with caplog.at_level(logging.WARNING, logger="pipeline.sources.anyinsertion"):
+        m = run_local(recipe, tmp_path / "ds", stages=[], progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no row has category 'person' in split 'train'" in warnings[0]
+    assert m["totals"]["inputs"] == 4  # the train rows: 2 accessory + 2 object
+    assert m["source_selection"] == {"split": "train", "categories": ["accessory", "object", "person"],
+                                     "found": {"accessory": 2, "object": 2}, "absent": ["person"],
+                                     "rows_selected": 4, "files": ["data/train-00000-of-00002.parquet"]}
+    on_disk = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert on_disk["source_selection"] == m["source_selection"]
 
 
 def test_recipe_curates_cross_samples_with_white_references(tiny_models, tmp_path):

@@ -602,8 +602,9 @@ def test_empty_match_is_a_one_line_error_before_any_model(opens2v_dir, tmp_path,
 
     root, _ = opens2v_dir
     recipe = tmp_path / "flat.yaml"
-    recipe.write_text((MANIFESTS / "opens2v.yaml").read_text().replace(
-        'clips: "Jsons/mask_and_bbox/total_part*.json"', 'clips: "Jsons/*.json"'))
+    shipped = (MANIFESTS / "opens2v.yaml").read_text()
+    assert "\n  subset: null " in shipped
+    recipe.write_text(shipped.replace("\n  subset: null ", '\n  clips: "Jsons/*.json" '))
     monkeypatch.setattr(stages_module, "build_stages", lambda *a, **k: pytest.fail("a stage was built"))
     out = tmp_path / "out"
     with caplog.at_level(logging.ERROR):

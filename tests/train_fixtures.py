@@ -114,3 +114,35 @@ def write_dataset(out: str | Path, shard_sizes: Sequence[int], pair: str = "intr
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / "manifest.json")
     return out
+
+
+def local_train_config(root: Path, data: Path) -> Path:
+    """jobs/configs/tiny.yaml as one 4-step intra stage on ``data`` with a checkpoint every 2 steps (no eval,
+    no samples): the smallest run that has a checkpoint to resume from."""
+    import yaml
+
+    from dynaip.train.config import set_keys
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = set_keys(yaml.safe_load((repo / "jobs" / "configs" / "tiny.yaml").read_text()),
+                   stages=[{"name": "intra", "steps": 4, "pair": "intra", "data": [str(data)]}],
+                   lr=1e-2, checkpoint_every=2, eval_every=0, sample_every=0)
+    config = root / "local-train.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def local_train(config: Path, models: Path, out: Path, *extra: str) -> int:
+    """`dynaip train --local` in this process (its exit status)."""
+    from dynaip.cli import main
+
+    return main(["train", "--config", str(config), "--out", str(out), "--models", str(models), "--local", *extra])
+
+
+def same_adapter(a: Path, b: Path) -> bool:
+    """The two checkpoints' adapter weights are bit-identical."""
+    import torch
+    from safetensors.torch import load_file
+
+    want, got = load_file(str(a / "adapter.safetensors")), load_file(str(b / "adapter.safetensors"))
+    return want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

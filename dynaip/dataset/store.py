@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from dynaip.atomic import atomic_write_bytes, fsync_dir, make_temp
+from dynaip.atomic import atomic_write_bytes, fsync_dir, make_temp, writing
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -152,31 +152,33 @@ class Store:
         if self.local:
             atomic_write_bytes(self.path(rel), data)  # file and directory fsynced
         else:
-            self.fs.pipe_file(self.path(rel), data)
+            with writing(self.path(rel)):
+                self.fs.pipe_file(self.path(rel), data)
 
     @contextmanager
     def writer(self, rel: str) -> Iterator[HashingWriter]:
         """Streams a new file into ``rel``; it appears under that name only when the block ends
         without an error. The yielded writer's ``size`` / ``sha`` describe what was written."""
-        if self.local:
-            final = Path(self.path(rel))
-            final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = make_temp(final)  # the umask's mode, like every other file of the dataset
-        else:
-            fd, tmp = tempfile.mkstemp(prefix="dynaip-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as raw:
-                w = HashingWriter(raw)
-                yield w
-                raw.flush()
-                os.fsync(raw.fileno())
+        with writing(self.path(rel)):  # a full / read-only disk: one line naming the file; the temp file goes
             if self.local:
-                os.replace(tmp, final)
-                fsync_dir(final.parent)
+                final = Path(self.path(rel))
+                final.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = make_temp(final)  # the umask's mode, like every other file of the dataset
             else:
-                self.fs.put_file(tmp, self.path(rel))
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix="dynaip-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as raw:
+                    w = HashingWriter(raw)
+                    yield w
+                    raw.flush()
+                    os.fsync(raw.fileno())
+                if self.local:
+                    os.replace(tmp, final)
+                    fsync_dir(final.parent)
+                else:
+                    self.fs.put_file(tmp, self.path(rel))
+            finally:
+                Path(tmp).unlink(missing_ok=True)
 
     def remove(self, rel: str) -> None:
         try:

@@ -29,6 +29,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from dynaip.atomic import StorageError, writing
+
 DTYPES: dict[torch.dtype, str] = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 FROM_CODE = {v: k for k, v in DTYPES.items()}
 ALIGN = 8  # the header is padded with spaces so the data starts 8-byte aligned (as safetensors does)
@@ -79,7 +81,14 @@ class ShardWriter:
             raise ValueError(f"{self.path}: tensor {name!r} written twice")
         data = tensor_bytes(tensor)
         assert self._data is not None, "add after finish"
-        self._data.write(data)
+        try:
+            with writing(self.path):
+                self._data.write(data)
+        except StorageError:  # nothing of this shard stays behind: the job is redone when space is back
+            self._data.close()
+            self._data = None
+            self._data_path.unlink(missing_ok=True)
+            raise
         self._entries[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
                                "data_offsets": [self._offset, self._offset + len(data)]}
         self._digests[name] = digest(data)
@@ -96,7 +105,7 @@ class ShardWriter:
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         h = hashlib.sha256(prefix)
         try:
-            with open(tmp, "wb") as out, open(self._data_path, "rb") as data:
+            with writing(self.path), open(tmp, "wb") as out, open(self._data_path, "rb") as data:
                 out.write(prefix)
                 while chunk := data.read(1 << 22):
                     out.write(chunk)

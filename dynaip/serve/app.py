@@ -8,9 +8,11 @@
   high), masks drawn on a canvas or found by phrase, seed, steps, size, guidance, image CFG; the
   result with its settings and masks, and a download of the PNG with its JSON sidecar.
 
-Bound to 127.0.0.1 unless ``--host`` says otherwise. The page's functions are also Gradio API
-endpoints (``open_dataset``, ``samples_page``, ``generate``). An uploaded file over ``--max-upload-mb``
-(default 25) is refused with 413 and one line, and so is any request body over twice that.
+Bound to 127.0.0.1 unless ``--host`` says otherwise; any other address needs ``--token`` or ``--auth``
+(or ``DYNAIP_SERVE_TOKEN`` / ``DYNAIP_SERVE_AUTH``), then checked on every route (``dynaip/serve/auth.py``).
+The page's functions are also Gradio API endpoints (``open_dataset``, ``samples_page``, ``generate``).
+An uploaded file over ``--max-upload-mb`` (default 25) is refused with 413 and one line, and so is any
+request body over twice that.
 """
 
 from __future__ import annotations
@@ -209,6 +211,13 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
                                         image_cfg=float(image_cfg))
         except (ValueError, FileNotFoundError) as e:
             return f"⚠️ {e}", None, None, [], None
+        except OSError as e:  # a full or read-only --out: the line says which file and what to do
+            from dynaip.atomic import storage_error
+
+            full = storage_error(e)
+            if full is None:
+                raise
+            return f"⚠️ {full}", None, None, [], None
         return ("done: " + Path(result.files[0]).name, result.files[0], result.settings,
                 [(m, f"mask {k + 1}") for k, m in enumerate(result.masks)], result.files)
 
@@ -337,10 +346,11 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def build_app(datasets: DatasetCache, blocks, *, max_upload_mb: float = MAX_UPLOAD_MB):
+def build_app(datasets: DatasetCache, blocks, creds=None, *, max_upload_mb: float = MAX_UPLOAD_MB):
     """FastAPI app: the sample / shard links, then the Gradio UI at /. An uploaded file over
     ``max_upload_mb`` MiB is refused by Gradio (413, "File size exceeded maximum allowed size"), any
-    request body over twice that (an image inlined as base64 is 4/3 of its size) by ``BodyLimit``."""
+    request body over twice that (an image inlined as base64 is 4/3 of its size) by ``BodyLimit``; with
+    ``creds`` (``dynaip.serve.auth.Credentials``) every route answers only requests that carry them."""
     import gradio as gr
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
@@ -378,7 +388,12 @@ def build_app(datasets: DatasetCache, blocks, *, max_upload_mb: float = MAX_UPLO
     import contextlib
 
     with contextlib.redirect_stdout(io.StringIO()):  # gradio 5.50's mount_gradio_app prints a stray debug line
-        return gr.mount_gradio_app(app, blocks, path="", show_api=True, max_file_size=max_bytes)
+        app = gr.mount_gradio_app(app, blocks, path="", show_api=True, max_file_size=max_bytes)
+    if creds is not None:  # outermost: in front of the links, the pages and the Gradio API alike
+        from .auth import AuthMiddleware
+
+        app.add_middleware(AuthMiddleware, creds=creds)
+    return app
 
 
 # ---------------------------------------------------------------------- CLI
@@ -390,7 +405,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", default=None, help="adapter checkpoint directory (default: a fresh adapter, no effect)")
     p.add_argument("--dataset", default=None, help="dataset directory or URL to open on start")
     p.add_argument("--out", default="serve-out", help="where generations (PNG + JSON) are written (default: serve-out)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only); "
+                                                       "any other address needs --token or --auth")
+    p.add_argument("--token", default=None, help="require this token on every request (or set DYNAIP_SERVE_TOKEN, "
+                                                 "which other users cannot read in `ps`); open /?token=... once")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="require this user and password on every request (or set DYNAIP_SERVE_AUTH)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--page-size", type=int, default=PAGE_SIZE, help=f"samples per page (default {PAGE_SIZE})")
@@ -409,6 +429,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-upload-mb {args.max_upload_mb:g}: give a size above 0")
     if not 0 < args.port < 65536:
         raise ValueError(f"--port {args.port}: give a port between 1 and 65535")
+    from .auth import credentials, require_for_host
+
+    creds = credentials(args.token, args.auth)
+    require_for_host(args.host, creds)  # before any model loads: off loopback, no credentials = no start
     import uvicorn
 
     from .generation import GenerationService
@@ -422,7 +446,9 @@ def run_serve(args: argparse.Namespace) -> int:
         datasets.open(args.dataset)  # a bad path fails here, in one line, before the server starts
     service = GenerationService(args.models, args.adapter, args.out, device=args.device)
     blocks = build_blocks(datasets, lambda: service, initial_dataset=args.dataset, page_size=args.page_size)
-    app = build_app(datasets, blocks, max_upload_mb=args.max_upload_mb)
-    print(f"DynaIP app on http://{args.host}:{args.port}/  (Ctrl-C stops it)", flush=True)
+    app = build_app(datasets, blocks, creds, max_upload_mb=args.max_upload_mb)
+    how = "" if creds is None else ("; open /?token=<your token> once, or send Authorization: Bearer <token>"
+                                    if creds.token is not None else "; log in with your user and password")
+    print(f"DynaIP app on http://{args.host}:{args.port}/  (Ctrl-C stops it{how})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dynaip.atomic import atomic_save_image, atomic_write_text
+
 MAX_REFERENCES = 3
 
 
@@ -135,21 +137,21 @@ class GenerationService:
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.perf_counter_ns() % 1_000_000:06d}"
         base = self.out_dir / f"gen-{stamp}"
         png = base.with_suffix(".png")
-        out.images[0].save(png)
+        atomic_save_image(out.images[0], png)  # a full disk: one StorageError line, no half-written file
         files = [str(png), str(base.with_suffix(".json"))]
         ref_paths, mask_images = [], []
         for k, ref in enumerate(refs):
             p = self.out_dir / f"gen-{stamp}.ref{k + 1}.png"
-            ref.save(p)
+            atomic_save_image(ref, p)
             ref_paths.append(str(p))
         for k, m in enumerate(out.masks or []):
             img = Image.fromarray((m.cpu().numpy() > 0.5).astype(np.uint8) * 255)
             p = self.out_dir / f"gen-{stamp}.mask{k + 1}.png"
-            img.save(p)
+            atomic_save_image(img, p)
             files.append(str(p))
             mask_images.append(img)
         settings = dict(out.settings, references=ref_paths, reference_slots=[s + 1 for s in slots],
                         masks=files[2:] or None, models=self.models_yaml, adapter=self.adapter, device=self.device)
-        Path(files[1]).write_text(json.dumps(settings, indent=2, default=str))
+        atomic_write_text(files[1], json.dumps(settings, indent=2, default=str))
         return Generation(image=out.images[0], settings=json.loads(json.dumps(settings, default=str)),
                           masks=mask_images, files=files)

@@ -5,14 +5,32 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+from dynaip.atomic import writing
 
 from .config import QUALITY_FILTERS
 
 DROP_REASONS = ("pair", *QUALITY_FILTERS)
 """Keys of the ``filtered_by`` metric (``dynaip.train.data.rejected_by``)."""
+
+
+def append_line(f: Any, path: Any, line: str) -> None:
+    """Appends one line to an unbuffered binary file, whole or not at all: a disk that fills up mid-line
+    gets the file cut back to where it was (the log stays valid JSON lines) and a ``StorageError``."""
+    data = (line + "\n").encode()
+    fd = f.fileno()
+    with writing(path):
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
 
 
 class MetricsWriter:
@@ -26,7 +44,9 @@ class MetricsWriter:
                "progress": "progress/total", "stage_index": "progress/stage_index"}
 
     def __init__(self, path: Path | None, tb_dir: Path | None = None):
-        self.f = open(path, "a", buffering=1) if path is not None else None
+        self.path = path
+        with writing(path or "metrics.jsonl"):
+            self.f = open(path, "ab", buffering=0) if path is not None else None
         self.tb = None
         if tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -35,7 +55,7 @@ class MetricsWriter:
 
     def write(self, **row: Any) -> None:
         if self.f is not None:
-            self.f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+            append_line(self.f, self.path, json.dumps({"time": round(time.time(), 3), **row}))
         if self.tb is not None and "step" in row:
             for key, tag in self.TB_TAGS.items():
                 if isinstance(row.get(key), (int, float)):
@@ -69,7 +89,7 @@ def report_log(path: Path):
 
         def after_report(self, run_context, metrics, checkpoint):
             if metrics and metrics[0]:
-                with open(self.target, "a") as f:
-                    f.write(json.dumps(metrics[0]) + "\n")
+                with open(self.target, "ab", buffering=0) as f:
+                    append_line(f, self.target, json.dumps(metrics[0]))
 
     return ReportLog(str(path))

@@ -11,11 +11,15 @@ import logging
 import pickle
 import shutil
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dynaip.atomic import writing
 
 from .checkpoints import SHARDED_ADAPTER
 from .config import saved_strategy
@@ -23,6 +27,16 @@ from .config import saved_strategy
 log = logging.getLogger(__name__)
 
 RESUME_FORMAT = "dynaip-train-state/1"
+
+
+@contextmanager
+def _removed_on_error(tmp: Path) -> Iterator[None]:
+    """A checkpoint that could not be written completely leaves no partial directory taking up space."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def rank_world() -> tuple[int, int]:
@@ -100,7 +114,7 @@ class ResumeState:
         log.info("rank %d resumed from %s (step %d)", self.rank, ckpt, self.step)
 
     def save_checkpoint(self, loader) -> None:
-        from .checkpoint_files import prune, swap_in
+        from .checkpoint_files import prune
         from .parallel import full_adapter_state, is_sharded, local_optimizer_state
 
         cfg = self.cfg
@@ -118,22 +132,30 @@ class ResumeState:
         if sharded:  # every rank writes its own optimizer shard into the directory rank 0 made
             if self.world > 1:
                 dist.barrier()
-            torch.save(local_optimizer_state(self.optimizer), tmp / "resume" / f"optimizer-rank{self.rank:03d}.pt")
+            with writing(final):
+                torch.save(local_optimizer_state(self.optimizer), tmp / "resume" / f"optimizer-rank{self.rank:03d}.pt")
             if self.world > 1:
                 dist.barrier()
         if self.rank == 0:
-            self.adapter.save_pretrained(tmp, state_dict=weights, clip_vision=self.clip_vision)
-            if not sharded:
-                torch.save(self.optimizer.state_dict(), tmp / "resume" / "optimizer.pt")
-            torch.save(rngs, tmp / "resume" / "rng.pt")
-            state = {"format": RESUME_FORMAT, "step": self.step, "data_stage": cfg.stage_at(self.step),
-                     "stage": cfg.stages[cfg.stage_at(self.step)].name, "world_size": self.world,
-                     "scheduler": self.scheduler.state_dict(), "data": datas, "config": cfg.to_dict(),
-                     "run_id": self.spec.run_id, "datasets": self.datasets}
-            (tmp / "resume" / "state.json").write_text(json.dumps(state, indent=1))
-            swap_in(tmp, final)  # fsynced; complete or absent, and never neither old nor new
+            with writing(final), _removed_on_error(tmp):  # a full disk: the previous checkpoints stay as they are
+                self._write_checkpoint(tmp, final, weights, sharded, rngs, datas)
             if cfg.checkpoints.keep:
                 prune(root, cfg.checkpoints.keep)
             log.info("checkpoint %s", final)
         if self.world > 1:
             dist.barrier()  # nobody runs ahead and resumes from a half-written checkpoint
+
+    def _write_checkpoint(self, tmp: Path, final: Path, weights: Any, sharded: bool, rngs: list, datas: list) -> None:
+        from .checkpoint_files import swap_in
+
+        cfg = self.cfg
+        self.adapter.save_pretrained(tmp, state_dict=weights, clip_vision=self.clip_vision)
+        if not sharded:
+            torch.save(self.optimizer.state_dict(), tmp / "resume" / "optimizer.pt")
+        torch.save(rngs, tmp / "resume" / "rng.pt")
+        state = {"format": RESUME_FORMAT, "step": self.step, "data_stage": cfg.stage_at(self.step),
+                 "stage": cfg.stages[cfg.stage_at(self.step)].name, "world_size": self.world,
+                 "scheduler": self.scheduler.state_dict(), "data": datas, "config": cfg.to_dict(),
+                 "run_id": self.spec.run_id, "datasets": self.datasets}
+        (tmp / "resume" / "state.json").write_text(json.dumps(state, indent=1))
+        swap_in(tmp, final)  # fsynced; complete or absent, and never neither old nor new

@@ -35,7 +35,11 @@ a column at a time, ``pipeline.stages.decode.ParquetCells``). ``extra``: ``split
 
 Checked when ``read`` is called (``SourceError``, one line): a root that is neither a Parquet file nor
 a folder holding one; a file that is not Parquet or lacks a column (the message names the columns it
-has); a ``split`` or category no row has (the message names those present). Bad rows never raise:
+has); a ``split`` no row has, a category name that is no category of the release, or a selection no row
+matches (the message names those present). A release category absent from the files read (part of the
+release downloaded) is one warning, and the run goes on with the others; ``read`` returns a
+``SelectedRecords`` whose ``selection`` (split, categories, rows found per category, those absent, files)
+the run records in manifest.json as ``source_selection``. Bad rows never raise:
 a null or empty ``id``, an id repeating an earlier row's, or an image column of another type than
 binary / ``Image`` struct (the whole file's rows: "tar_mask is string …") become
 ``Reject(stage="read")``; missing image bytes, undecodable images and masks and a mask of another size
@@ -44,6 +48,7 @@ than its image are rejected by the decode stage with the reason.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,9 +56,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import SourceError, check_not_empty, image_column_problem, option, read_options, source_path
+from pipeline.sources.common import (SelectedRecords, SourceError, check_not_empty, image_column_problem, option,
+                                     read_options, source_path)
 
 SOURCE = "anyinsertion"
+log = logging.getLogger(__name__)
+RELEASE_CATEGORIES = frozenset({"object", "accessory", "person"})
+"""Categories of the release as its dataset viewer shows them (it counts 5 values; these three are the ones
+its rows show and upstream trains on). A name that is neither one of these nor present in the files read is
+an error; one of these absent from the files (part of the release downloaded) is a warning."""
 IMAGE_COLUMNS = ("tar_image", "tar_mask", "ref_image", "ref_mask")
 TEXT_COLUMNS = ("id", "split", "category")
 LABEL_COLUMNS = ("main_label", "label")  # the viewer's name; upstream's converter reads "label"
@@ -149,16 +160,60 @@ def _column_texts(table: Any, name: str) -> list[str | None]:
     return [None if v is None else str(v) for v in table.column(name).to_pylist()]
 
 
-def _scan_values(files: list[_File]) -> dict[str, set[str]]:
-    """Splits present, and categories present per split (row group by row group, two columns)."""
-    seen: dict[str, set[str]] = {}
+def _scan_values(files: list[_File]) -> dict[str, dict[str, int]]:
+    """Rows per category per split present (row group by row group, two columns)."""
+    seen: dict[str, dict[str, int]] = {}
     for f in files:
         with _open(f.path) as pf:
             for g in range(len(f.groups)):
                 t = pf.read_row_group(g, columns=["split", "category"])
                 for s, c in zip(_column_texts(t, "split"), _column_texts(t, "category")):
-                    seen.setdefault(s or "", set()).add(c or "")
+                    counts = seen.setdefault(s or "", {})
+                    counts[c or ""] = counts.get(c or "", 0) + 1
     return seen
+
+
+_warned: set[str] = set()  # the reader is called more than once per run (check, then read): warn once
+
+
+def _check_selection(opts: Options, seen: dict[str, dict[str, int]], root: Any) -> dict[str, Any]:
+    """What the split/categories select in these files: a name that is no category of the release, or a
+    selection no row matches, is a SourceError (one line); a release category absent from these files (a
+    partial download) is one warning. Returns the selection record for the manifest."""
+    if opts.split is not None and opts.split not in seen:
+        raise SourceError(f"anyinsertion: no row has split {opts.split!r} under {root} (splits present: "
+                          f"{', '.join(sorted(s for s in seen if s)) or 'none'}); set source.split (null = all)")
+    found: dict[str, int] = {}
+    for split, counts in seen.items():
+        if opts.split is None or split == opts.split:
+            for cat, n in counts.items():
+                found[cat] = found.get(cat, 0) + n
+    anywhere = {c for counts in seen.values() for c in counts}
+    wanted = list(opts.categories) if opts.categories is not None else None
+    where = f" in split {opts.split!r}" if opts.split is not None else ""
+    unknown = [c for c in wanted or () if c not in RELEASE_CATEGORIES and c not in anywhere]
+    if unknown:
+        raise SourceError(f"anyinsertion: {', '.join(map(repr, unknown))} is not a category of the AnyInsertion "
+                          f"release (its categories: {', '.join(sorted(RELEASE_CATEGORIES | (anywhere - {''})))}); "
+                          "fix source.categories")
+    absent = [c for c in wanted or () if c not in found]
+    selected = sum(n for c, n in found.items() if wanted is None or c in wanted)
+    if not selected and wanted is None:
+        raise SourceError(f"anyinsertion: the Parquet files under {root} hold no row{where}; point source.root at "
+                          "the AnyInsertion release")
+    if not selected:
+        raise SourceError(f"anyinsertion: no row has category {', '.join(map(repr, wanted or []))}{where} under "
+                          f"{root} (categories present: {', '.join(sorted(c for c in found if c)) or 'none'}); fix "
+                          "source.categories")
+    if absent:
+        msg = (f"anyinsertion: no row has category {', '.join(map(repr, absent))}{where} under {root} (part of the "
+               f"release downloaded?); reading the {selected} row(s) of "
+               f"{', '.join(c for c in wanted or [] if c in found)}")
+        if msg not in _warned:
+            _warned.add(msg)
+            log.warning(msg)
+    return {"split": opts.split, "categories": wanted, "found": dict(sorted(found.items())), "absent": absent,
+            "rows_selected": selected}
 
 
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
@@ -171,18 +226,12 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
                           ".parquet files, one file, or a URL) or pass --source-root")
     root = source_path(given)
     files = [_inspect(p, rel) for p, rel in _list_files(root, opts.files)]
-    if opts.split is not None or opts.categories is not None:
-        seen = _scan_values(files)
-        if opts.split is not None and opts.split not in seen:
-            raise SourceError(f"anyinsertion: no row has split {opts.split!r} under {root} (splits present: "
-                              f"{', '.join(sorted(s for s in seen if s)) or 'none'}); set source.split (null = all)")
-        present = set().union(*(v for k, v in seen.items() if opts.split is None or k == opts.split))
-        absent = [c for c in opts.categories or () if c not in present]
-        if absent:
-            where = f" in split {opts.split!r}" if opts.split is not None else ""
-            raise SourceError(f"anyinsertion: no row has category {', '.join(map(repr, absent))}{where} (categories "
-                              f"present: {', '.join(sorted(c for c in present if c)) or 'none'}); fix source.categories")
-    return _records(files, opts)
+    if opts.split is None and opts.categories is None:  # every row: nothing to check, no pass over the rows
+        selection: dict[str, Any] = {"split": None, "categories": None}
+    else:
+        selection = _check_selection(opts, _scan_values(files), root)
+    selection["files"] = [f.rel for f in files]
+    return SelectedRecords(_records(files, opts), selection)
 
 
 def _records(files: list[_File], opts: Options) -> Iterator[SourceRecord | Reject]:

@@ -380,3 +380,19 @@ def image_column_problem(arrow_type: Any) -> str | None:
             return None
         return f"a struct without binary 'bytes' ({arrow_type})"
     return str(arrow_type)
+
+
+class SelectedRecords:
+    """A reader's record iterator that also says what the source section selected and what the files
+    held (``selection``, a JSON-able dict). ``pipeline.orchestrate.check_source`` returns it and the run
+    records it in manifest.json as ``source_selection``, so a dataset built from part of a release says so."""
+
+    def __init__(self, records: Any, selection: dict[str, Any]):
+        self._it = iter(records)
+        self.selection = selection
+
+    def __iter__(self) -> SelectedRecords:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._it)

@@ -3,7 +3,8 @@
 The published layout, the clip and pair formats and the filters are described in docs/sources.md
 ("OpenS2V-5M"); in short, at ``root``:
 
-- ``Jsons/mask_and_bbox/total_partN.json`` (option ``clips``, a glob): ``{clip_key: clip}``, one file per
+- ``Jsons/<subset>/total_partN.json`` (option ``subset``, default every subset folder: ``mask_and_bbox``,
+  ``mask_and_bbox_High-Quality``; a ``.json.zip`` read in place; or option ``clips``, a glob): ``{clip_key: clip}``, one file per
   part (30–66 GB each). Parsed as a stream (``ijson``): one clip is in memory at a time. The part name is
   the file stem; a clip's id is ``<part>/<clip_key>``. A file whose top level is itself a clip (first key
   ``metadata``) is one clip with id ``<parent folder>/<stem>`` (the per-clip files of the processing steps).
@@ -69,9 +70,14 @@ from pipeline.sources.common import (
     read_options,
     require_dir,
 )
-from pipeline.sources.opens2v.annotations import _stream_clips, _stream_pairs
+from pipeline.sources.opens2v.annotations import (
+    ZIP_SUFFIX,
+    _part_name,
+    _stream_clips,
+    _stream_pairs,
+)
 from pipeline.sources.opens2v.clip_store import _Store
-from pipeline.sources.opens2v.clips import SOURCE, _parse_clip
+from pipeline.sources.opens2v.clips import SOURCE, _parse_clip, _reject
 from pipeline.sources.opens2v.cross import _cross
 from pipeline.sources.opens2v.intra import _intra
 from pipeline.sources.opens2v.videos import _Videos
@@ -84,8 +90,13 @@ class Options:
     RETIRED_KEYS: ClassVar[dict[str, str]] = {
         "min_aesthetic": "is gone: the threshold now applies per subject as upstream's pipeline scores it; use "
                          "min_subject_aesthetic (annotations[i].aes_score) and/or min_clip_aesthetic (metadata.aesthetic)"}
-    clips: str = "Jsons/mask_and_bbox/total_part*.json"
-    """Glob (under root) of the per-part annotation files."""
+    clips: str | None = None
+    """Glob (under root) of the per-part annotation files; None = the annotation subsets under ``Jsons/``
+    (see ``subset``). Set it only for a layout other than the release's."""
+    subset: str | None = None
+    """Annotation subset: a folder under ``Jsons/`` holding ``total_partN.json`` (or ``.json.zip``) files,
+    as published ``mask_and_bbox`` (all clips) and ``mask_and_bbox_High-Quality`` (the filtered subset);
+    None = every such folder, a clip found in several read once (from the first, in name order)."""
     videos: str = "Videos"
     """Folder (under root) holding one folder per part (extracted videos or the split tar)."""
     cross_pairs: str | None = None
@@ -148,14 +159,44 @@ def _options(given: Options) -> dict[str, Any]:
     return opts
 
 
+def _subset_files(folder: Path) -> list[Path]:
+    """The part files of one subset folder; a part present both extracted and zipped is read extracted."""
+    files = {p.name: p for p in folder.glob("total_part*") if p.is_file()
+             and (p.name.endswith(".json") or p.name.endswith(ZIP_SUFFIX))}
+    return sorted(p for name, p in files.items() if not (name.endswith(ZIP_SUFFIX) and name[:-4] in files))
+
+
+def _annotation_files(root: Path, given: Options) -> list[tuple[str, Path]]:
+    """``(subset, file)`` of every annotation file to read, by part then subset (so that a clip published in
+    several subsets is met in one place). ``clips`` (a glob) names the files itself, as one subset."""
+    if given.clips is not None:
+        if given.subset is not None:
+            raise ValueError("opens2v: set source.subset or source.clips, not both (clips is a glob of its own)")
+        return [("", p) for p in glob_files(root, given.clips, "opens2v", "annotation files (source.clips)")]
+    jsons = root / "Jsons"
+    found = {d.name: _subset_files(d) for d in sorted(jsons.iterdir()) if d.is_dir()} if jsons.is_dir() else {}
+    found = {name: files for name, files in found.items() if files}
+    if given.subset is not None:
+        files = found.get(given.subset)
+        if not files:
+            raise SourceError(f"opens2v: source.subset {given.subset!r} is not an annotation folder under {jsons} "
+                              f"(folders holding total_partN.json there: {', '.join(found) or 'none'})")
+        found = {given.subset: files}
+    if not found:
+        raise SourceError(f"opens2v: no annotation subset under {jsons}: no folder there holds total_partN.json "
+                          "(or .json.zip) files, as the release's Jsons/mask_and_bbox/ does; download one, or set "
+                          "source.clips to a glob of your annotation files")
+    pairs = [(name, p) for name, files in found.items() for p in files]
+    return sorted(pairs, key=lambda sp: (_part_name(sp[1]), sp[0]))
+
+
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     """Check the layout now (SourceError naming what matched nothing); return the iterator of intra
     records (annotation-file order), then cross records (pair-file order), with their rejects."""
     given = read_options(cfg, Options, SOURCE)
     root = require_dir(option(cfg, "root", ""), "opens2v", "the OpenS2V-5M folder (holding Jsons/ and Videos/)")
     opts = _options(given)
-    clips_glob = given.clips
-    clip_files = glob_files(root, clips_glob, "opens2v", "annotation files (source.clips)")
+    clip_files = _annotation_files(root, given)
     videos = root / given.videos
     if not videos.is_dir():
         raise SourceError(f"opens2v: videos folder {videos} does not exist; set source.videos (under root) to the "
@@ -164,6 +205,7 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     pairs_glob = given.cross_pairs
     pair_files: list[Path] = []
     if do_cross and pairs_glob:
+        _check_pairs_extracted(root, pairs_glob)
         pair_files = [p for p in glob_files(root, pairs_glob, "opens2v", "cross-pair files (source.cross_pairs)")
                       if p.name != opts["cluster_index"]]
         if not pair_files:
@@ -174,8 +216,21 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     return _read(root, clip_files, videos, pair_files, opts, do_intra, given.work_dir)
 
 
-def _read(root: Path, clip_files: list[Path], videos_dir: Path, pair_files: list[Path], opts: dict[str, Any],
-          do_intra: bool, work_dir: str | None) -> Iterator[SourceRecord | Reject]:
+def _check_pairs_extracted(root: Path, pattern: str) -> None:
+    """The release publishes the pair files as one tar (``Jsons/cross_video_pairs/cross_video_pairs.tar``):
+    a glob that finds no pair file beside such a tar says to extract it (one line), not just "no match"."""
+    if glob_files(root, pattern, "opens2v", "", required=False):
+        return
+    folder = (root / pattern).parent
+    tars = sorted(folder.glob("*.tar")) if "*" not in folder.as_posix() and folder.is_dir() else []
+    if tars:
+        raise SourceError(f"opens2v: {folder} holds {tars[0].name} as published but no pair files matching "
+                          f"source.cross_pairs {pattern!r}; extract it there (tar -xf {tars[0].name}) or set "
+                          "source.cross: false")
+
+
+def _read(root: Path, clip_files: list[tuple[str, Path]], videos_dir: Path, pair_files: list[Path],
+          opts: dict[str, Any], do_intra: bool, work_dir: str | None) -> Iterator[SourceRecord | Reject]:
     store = _Store(work_dir) if pair_files else None
     try:
         if store is not None:  # which clips the pairs name: only those are kept for the cross pass
@@ -190,12 +245,23 @@ def _read(root: Path, clip_files: list[Path], videos_dir: Path, pair_files: list
                 store.want(batch)
             store.db.commit()
         videos = _Videos(root, videos_dir)
-        for path in clip_files:
+        several = len({subset for subset, _ in clip_files}) > 1
+        seen: dict[str, str] = {}  # clip key -> subset, for the current part (files come part by part)
+        seen_part = None
+        for subset, path in clip_files:
             for item in _stream_clips(root, path):
                 if isinstance(item, Reject):
                     yield item
                     continue
                 part, key, raw = item
+                if several:  # a clip published in two subsets is one input, read from the first
+                    if part != seen_part:
+                        seen, seen_part = {}, part
+                    first = seen.setdefault(key, subset)
+                    if first != subset:
+                        yield _reject(f"{part}/{key}@{subset}", f"clip {part}/{key} is also in subset {first}, "
+                                      f"read from there; this copy in {subset} is skipped")
+                        continue
                 clip = _parse_clip(videos, part, key, raw, opts["caption_keys"])
                 if isinstance(clip, Reject):
                     if do_intra:

@@ -5,8 +5,10 @@ Part of the OpenS2V-5M reader (``pipeline.sources.opens2v``; docs/sources.md, "O
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,14 +29,36 @@ def _first_byte(f) -> bytes:
     return head[:1]
 
 
+ZIP_SUFFIX = ".json.zip"
+"""Some annotation parts are published zipped (``Jsons/mask_and_bbox/total_part13.json.zip``): read in place."""
+
+
+def _part_name(path: Path) -> str:
+    """The part an annotation file holds: its name without ``.json`` / ``.json.zip`` (``total_part13``)."""
+    return path.name[: -len(ZIP_SUFFIX)] if path.name.endswith(ZIP_SUFFIX) else path.stem
+
+
+def _open_annotations(path: Path, stack: contextlib.ExitStack) -> Any:
+    """A binary stream of an annotation file; a ``.json.zip`` is read in place (its one ``.json`` member)."""
+    if not path.name.endswith(ZIP_SUFFIX):
+        return stack.enter_context(open(path, "rb"))
+    archive = stack.enter_context(zipfile.ZipFile(path))
+    members = [i for i in archive.infolist() if i.filename.endswith(".json") and not i.is_dir()]
+    if len(members) != 1:
+        raise ValueError(f"the zip holds {len(members)} .json members, expected one")
+    return stack.enter_context(archive.open(members[0]))
+
+
 def _stream_clips(root: Path, path: Path) -> Iterator[tuple[str, str, Any] | Reject]:
     """``(part, clip key, clip)`` from one annotation file, streamed; a Reject for an unreadable file."""
     import ijson
 
     rel = path.relative_to(root).as_posix()
+    part = _part_name(path)
     n = 0
     try:
-        with open(path, "rb") as f:
+        with contextlib.ExitStack() as stack:
+            f = _open_annotations(path, stack)
             first = _first_byte(f)
             if first != b"{":
                 what = {b"[": "a list", b"": "empty"}.get(first, f"starts with {first!r}")
@@ -49,14 +73,14 @@ def _stream_clips(root: Path, path: Path) -> Iterator[tuple[str, str, Any] | Rej
                 clip = {head[0]: head[1]}
                 clip.update(items)
                 n += 1
-                yield path.parent.name, path.stem, clip
+                yield path.parent.name, part, clip
                 return
             n += 1
-            yield path.stem, str(head[0]), head[1]
+            yield part, str(head[0]), head[1]
             for key, value in items:
                 n += 1
-                yield path.stem, str(key), value
-    except (OSError, ValueError, ijson.JSONError) as e:
+                yield part, str(key), value
+    except (OSError, ValueError, ijson.JSONError, zipfile.BadZipFile) as e:
         yield _reject(rel, f"cannot parse {rel}: {_one_line(e)} (after {n} clips)")
 
 
