@@ -271,7 +271,7 @@ def main() -> None:
                   f"{cpu['min_cpu_s'][name] * 1e3:6.1f} ms {cpu['min_ratio_to_bare'][name]:7.4f}x  "
                   f"{cpu['median_wall_s'][name] * 1e3:8.1f} ms {cpu['wall_ratio_to_bare'][name]:7.4f}x")
         blocks = s["double"] + s["single"]
-        print(f"  per-round paired ratios (median): " + ", ".join(
+        print("  per-round paired ratios (median): " + ", ".join(
             f"{k} {v:.4f}x" for k, v in cpu["paired_ratio_to_bare"].items() if k != "bare"))
         for k, t in cpu["ca_kernel_ms_per_block"].items():
             share = t * blocks / (cpu["min_cpu_s"]["bare"] * 1e3)

@@ -3,7 +3,6 @@ the writer's part-wise duplicate removal and the reader's one-read-per-shard str
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
