@@ -92,10 +92,10 @@ def test_thumbnail_check_skips_hash_twins_that_look_different():
             (1, "b", "intra", [h ^ 1], [white]),  # one bit off, same picture up to 1 level
             (2, "c", "intra", [h ^ 3], [grey])]
     e = dedup.entries_from(rows, 8, True)
-    assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 2, 14.0).items()} == {2: "b"}
+    assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 2, 10.0).items()} == {2: "b"}
     assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 2, None).items()} == {1: "a", 2: "a"}
     thumbs = [r[4] for r in rows]
-    assert earliest_copies([r[:4] for r in rows], 4, thumbs, 14.0) == {2: "b"}
+    assert earliest_copies([r[:4] for r in rows], 4, thumbs, 10.0) == {2: "b"}
     with pytest.raises(ValueError, match="no thumbnail"):
         dedup.entries_from([(0, "a", "intra", [h], None)], 8, True)
 
@@ -157,7 +157,7 @@ def test_max_thumb_diff_is_checked_and_recorded_in_the_ledger():
 
     with pytest.raises(ValueError, match=r"dedup.max_thumb_diff.*\[0, 255\]"):
         Recipe.from_dict({"source": {"kind": "folder", "root": "."}, "dedup": {"max_thumb_diff": -1}})
-    assert Recipe.from_dict({"source": {"kind": "folder", "root": "."}}).dedup.max_thumb_diff == 14.0
+    assert Recipe.from_dict({"source": {"kind": "folder", "root": "."}}).dedup.max_thumb_diff == 10.0
     img = np.full((40, 60, 3), 255, np.uint8)
     img[10:30, 20:40] = (200, 10, 10)
     thumb = dedup.image_thumb(img)
