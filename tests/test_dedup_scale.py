@@ -3,7 +3,6 @@ the writer's part-wise duplicate removal and the reader's one-read-per-shard str
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
@@ -20,7 +19,7 @@ def earliest_copies(entries, max_distance, thumbs=None, max_diff=None) -> dict[i
     for b, j in enumerate(ordered):
         for i in ordered[:b]:
             (_, ki, gi, hi), (ij, _, gj, hj) = entries[i], entries[j]
-            if gi != gj or len(hi) != len(hj) or any(bin(x ^ y).count("1") > max_distance for x, y in zip(hi, hj)):
+            if gi != gj or len(hi) != len(hj) or any((x ^ y).bit_count() > max_distance for x, y in zip(hi, hj)):
                 continue
             if max_diff is not None:
                 a, c = (np.frombuffer(bytes.fromhex("".join(thumbs[k])), np.uint8).astype(int) for k in (i, j))
@@ -35,7 +34,7 @@ def skewed(rng, n, bits, max_distance):
     """``n`` inputs like objects on white: most share their first quarter of bits (one huge bucket per
     band there, far above SPLIT_ABOVE), a third are variants of an earlier input (near or just past the
     distance), every fifth a cross pair."""
-    rand = lambda: int.from_bytes(rng.bytes(bits // 8), "big")  # noqa: E731
+    rand = lambda: int.from_bytes(rng.bytes(bits // 8), "big")
     common, mask = rand(), ((1 << (bits // 4)) - 1) << (bits - bits // 4)
     entries = []
     for k in range(n):
