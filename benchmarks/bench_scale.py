@@ -258,7 +258,7 @@ class Counted(io.RawIOBase):
 
 
 def write_shard(path: Path, samples: int, seed: int = 0) -> int:
-    """A WebDataset shard of ``samples`` generated samples (the trainer's members); returns its bytes."""
+    """A WebDataset shard of ``samples`` generated samples (the dataset's members); returns its bytes."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -269,12 +269,14 @@ def write_shard(path: Path, samples: int, seed: int = 0) -> int:
         Image.fromarray(a).save(buf, format=fmt)
         return buf.getvalue()
 
-    pool = [(enc(a, "PNG"), enc(a, "JPEG")) for a in img]
+    pool = [(enc(a, "PNG"), enc(a, "JPEG"), enc(((a < 255).any(axis=2) * 255).astype(np.uint8), "PNG")) for a in img]
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
         for i in range(samples):
-            ref, tgt = pool[i % len(pool)]
+            ref, tgt, mask = pool[i % len(pool)]
             meta = json.dumps({"pair": "intra", "source_id": str(i)}).encode()
-            for ext, data in (("ref.png", ref), ("tgt.jpg", tgt), ("txt", f"sample {i}".encode()), ("json", meta)):
+            members = (("ref.png", ref), ("tgt.jpg", tgt), ("mask.png", mask), ("txt", f"sample {i}".encode()),
+                       ("json", meta))
+            for ext, data in members:
                 info = tarfile.TarInfo(f"s{i:07d}.{ext}")
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
