@@ -19,7 +19,7 @@ def earliest_copies(entries, max_distance, thumbs=None, max_diff=None) -> dict[i
     for b, j in enumerate(ordered):
         for i in ordered[:b]:
             (_, ki, gi, hi), (ij, _, gj, hj) = entries[i], entries[j]
-            if gi != gj or len(hi) != len(hj) or any(bin(x ^ y).count("1") > max_distance for x, y in zip(hi, hj)):
+            if gi != gj or len(hi) != len(hj) or any((x ^ y).bit_count() > max_distance for x, y in zip(hi, hj)):
                 continue
             if max_diff is not None:
                 a, c = (np.frombuffer(bytes.fromhex("".join(thumbs[k])), np.uint8).astype(int) for k in (i, j))
@@ -34,7 +34,7 @@ def skewed(rng, n, bits, max_distance):
     """``n`` inputs like objects on white: most share their first quarter of bits (one huge bucket per
     band there, far above SPLIT_ABOVE), a third are variants of an earlier input (near or just past the
     distance), every fifth a cross pair."""
-    rand = lambda: int.from_bytes(rng.bytes(bits // 8), "big")  # noqa: E731
+    rand = lambda: int.from_bytes(rng.bytes(bits // 8), "big")
     common, mask = rand(), ((1 << (bits // 4)) - 1) << (bits - bits // 4)
     entries = []
     for k in range(n):
@@ -91,10 +91,10 @@ def test_thumbnail_check_skips_hash_twins_that_look_different():
             (1, "b", "intra", [h ^ 1], [white]),  # one bit off, same picture up to 1 level
             (2, "c", "intra", [h ^ 3], [grey])]
     e = dedup.entries_from(rows, 8, True)
-    assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 2, 14.0).items()} == {2: "b"}
+    assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 2, 10.0).items()} == {2: "b"}
     assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 2, None).items()} == {1: "a", 2: "a"}
     thumbs = [r[4] for r in rows]
-    assert earliest_copies([r[:4] for r in rows], 4, thumbs, 14.0) == {2: "b"}
+    assert earliest_copies([r[:4] for r in rows], 4, thumbs, 10.0) == {2: "b"}
     with pytest.raises(ValueError, match="no thumbnail"):
         dedup.entries_from([(0, "a", "intra", [h], None)], 8, True)
 
@@ -156,7 +156,7 @@ def test_max_thumb_diff_is_checked_and_recorded_in_the_ledger():
 
     with pytest.raises(ValueError, match=r"dedup.max_thumb_diff.*\[0, 255\]"):
         Recipe.from_dict({"source": {"kind": "folder", "root": "."}, "dedup": {"max_thumb_diff": -1}})
-    assert Recipe.from_dict({"source": {"kind": "folder", "root": "."}}).dedup.max_thumb_diff == 14.0
+    assert Recipe.from_dict({"source": {"kind": "folder", "root": "."}}).dedup.max_thumb_diff == 10.0
     img = np.full((40, 60, 3), 255, np.uint8)
     img[10:30, 20:40] = (200, 10, 10)
     thumb = dedup.image_thumb(img)
