@@ -73,3 +73,20 @@ def ray_cluster(_ray_session):
 
         connect(None, num_cpus=2)
     return ray
+
+
+# The files that take longest, longest first (the durations .ci/run prints). They are collected first so
+# that in the two-process run (`-n 2 --dist loadfile`, whole files per process) they start early and the
+# many short files fill both processes at the end; in alphabetical order most of them came last.
+LONG_FILES = (
+    "test_train.py", "test_demo.py", "test_shipped_configs.py", "test_serve_browser.py", "test_curation_ray.py",
+    "test_cluster_two_nodes.py", "test_synth.py", "test_train_faults.py", "test_features.py", "test_stop_signals.py",
+    "test_gpu_suite.py", "test_parallel.py", "test_curation_e2e.py", "test_reference_gap.py",
+    "test_source_subjects200k.py", "test_run_dirs.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Long files first; a file's own tests keep their order (the sort is stable)."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(rank)))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +25,7 @@ NOISE = {
 }
 
 
+@pytest.mark.slow  # the whole chain as a user runs it, in its own process: Ray start, curate, Ray Train, generate
 def test_demo_small_builds_every_artefact_with_a_quiet_console(tmp_path, tiny_models_yaml):
     from dynaip.dataset.inspect import verify
 

@@ -261,6 +261,7 @@ def _press_and_read_status(browser, timeout: float = 300) -> str:
     raise AssertionError(f"no answer to Generate within {timeout:.0f} s")
 
 
+@pytest.mark.slow  # a real browser drives two generations through the app's own server process
 def test_generate_page_two_references_with_drawn_masks(server, browser, tmp_path, tiny_models):
     from selenium.webdriver.common.by import By
 

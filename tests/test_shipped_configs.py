@@ -101,6 +101,7 @@ def _check_switches_took_effect(run: Path, raw: dict, shrunk: dict) -> None:
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
 
 
+@pytest.mark.slow  # every switch of each shipped config on two Ray Train workers; paper.yaml adds its sharded resume
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
 def test_shipped_train_config_runs_shrunk_on_two_workers(name, ray_cluster, datasets, tiny_models_yaml, tmp_path):
     from dynaip import DynaIPAdapter

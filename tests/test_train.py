@@ -136,6 +136,7 @@ def full_run(ray_cluster, run_setup, listeners):
         listeners.stop()
 
 
+@pytest.mark.slow  # shares full_run: one two-worker Ray Train run (worker start-up dominates)
 def test_the_embedded_ray_and_its_train_workers_listen_on_loopback_only(full_run, listeners):
     """Issue #33: GCS, raylet, agents, every worker and torch.distributed's rendezvous store and gloo
     connections of a two-worker run bind 127.0.0.1 (Ray Train's own setup put the store on every interface)."""
@@ -144,6 +145,7 @@ def test_the_embedded_ray_and_its_train_workers_listen_on_loopback_only(full_run
     assert off == {}
 
 
+@pytest.mark.slow  # shares full_run: one two-worker Ray Train run (worker start-up dominates)
 def test_two_workers_report_their_metrics_through_ray_train(full_run):
     """Issue #17 item 6: every worker reports with ``ray.train.report``; the controller callback keeps rank
     0's rows in RUN/ray/reported.jsonl, and they are metrics.jsonl's numbers."""
@@ -156,6 +158,7 @@ def test_two_workers_report_their_metrics_through_ray_train(full_run):
     assert (full_run / "tb").is_dir()
 
 
+@pytest.mark.slow  # shares full_run: one two-worker Ray Train run (worker start-up dominates)
 def test_two_workers_train_both_stages_and_write_a_loadable_checkpoint(full_run):
     from dynaip import DynaIPAdapter
 
@@ -189,6 +192,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in _metrics(run) if "loss" in r}
 
 
+@pytest.mark.slow  # shares full_run: one two-worker Ray Train run (worker start-up dominates)
 def test_two_workers_resume_from_a_mid_stage_checkpoint_is_bitwise_identical(full_run, run_setup):
     # a fresh run directory holding only the step-4 checkpoint (inside stage 2) is exactly what
     # `--max-steps 4` leaves behind; the stop itself is covered without Ray below (Ray start-up

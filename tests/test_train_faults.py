@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
+@pytest.mark.slow  # four two-rank process starts (two kill -9s and the resumes) are what is tested
 @pytest.mark.timeout(1800)  # four two-rank starts; ~10 min on a loaded 2-core machine, start-up dominated
 def test_two_kills_then_resume_is_bitwise_identical(tmp_path):
     import faults_train
