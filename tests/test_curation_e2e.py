@@ -282,3 +282,45 @@ def test_provided_boxes_skip_detection_and_reach_sam(photos, tiny_models, stages
     x0, y0, x1, y1 = metas[1]["ref_box"]
     sub = mask[y0:y1, x0:x1] > 127
     assert (ref[~sub] == 255).all() and (~sub).any()
+
+
+FOLDER = REPO / "manifests" / "folder.yaml"
+
+
+def test_folder_recipe_holds_production_values_and_curates_a_folder_with_thresholds_lowered(
+        tiny_models, tmp_path_factory):
+    """Issue #35: ``manifests/folder.yaml`` (a folder of one's own photos) keeps the production settings —
+    every section equals the recipe defaults — and, copied with the keys ``demo.yaml`` lowers for random
+    weights lowered the same way and its ``cross_pairs: subfolders`` option on, curates a folder."""
+    import yaml
+
+    from pipeline.demo_photos import write_sample_photos
+    from pipeline.executor_local import run_local
+
+    shipped = Recipe.from_yaml(FOLDER)
+    defaults = Recipe(source=shipped.source)
+    for section in ("detection", "segmentation", "filters", "human", "reference", "pairing", "captioning", "dedup",
+                    "shards", "executor"):
+        assert getattr(shipped, section) == getattr(defaults, section), section
+    assert shipped.source.kind == "folder" and shipped.source.options["cross_pairs"] == "none"
+
+    root = tmp_path_factory.mktemp("my-photos")
+    write_sample_photos(root, faces=0, names=["motorcycle"])  # motorcycle/left.png + right.png: one subject
+    (root / "notes.pdf").write_bytes(b"%PDF-1.4")
+    raw = yaml.safe_load(FOLDER.read_text())
+    demo = yaml.safe_load(DEMO.read_text())
+    for section in ("detection", "filters"):
+        raw[section].update(demo[section])
+    raw["captioning"]["max_new_tokens"] = demo["captioning"]["max_new_tokens"]
+    raw["source"]["cross_pairs"] = "subfolders"
+    raw["executor"]["device"] = "cpu"
+    copy = tmp_path_factory.mktemp("recipe") / "folder-lowered.yaml"
+    copy.write_text(yaml.safe_dump(raw))
+    out = tmp_path_factory.mktemp("ds") / "mine"
+    m = run_local(Recipe.from_yaml(copy, source_root=str(root)), out, tiny_models, progress=False)
+    t = m["totals"]
+    assert t["inputs"] == 2 + 2 + 1 == t["accepted"] + t["rejected"]  # 2 photos, 2 cross views, the pdf
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert any(r["id"] == "notes.pdf" and r["reason"].startswith("not an image") for r in rejects)
+    pairs = sorted(json.loads(s["json"])["pair"] for s in _samples(out))
+    assert len(pairs) == t["accepted"] >= 1 and "cross" in pairs

@@ -104,6 +104,11 @@ def test_generation_inputs_are_checked_before_any_model_runs(tiny_models_yaml, t
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             service.generate(**kwargs, **common)
+    with pytest.raises(ValueError, match=r"^seed 1180591620717411303424 is out of range: give a whole number from 0 "
+                                         r"to 18446744073709551615 \(2\^64 - 1\)$"):  # issue #35: the form sent 2**70
+        service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3, **{**common, "seed": 2**70})
+    with pytest.raises(ValueError, match="seed 1.5 is out of range"):
+        service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3, **{**common, "seed": 1.5})
     with pytest.raises(ValueError, match="at least one of low / mid / high"):
         service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3,
                          **{**common, "granularities": [(0, 0, 0), None, None]})

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,13 +131,21 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+DRIVER_STDERR: dict[str, str] = {}
+"""What the driver printed to stderr during ``full_run`` (a module fixture cannot take ``capsys``)."""
+
+
 @pytest.fixture(scope="module")
 def full_run(ray_cluster, run_setup, listeners):
     listeners.start()
+    err = io.StringIO()
     try:
-        return _train(run_setup, "full")
+        with contextlib.redirect_stderr(err):
+            return _train(run_setup, "full")
     finally:
         listeners.stop()
+        DRIVER_STDERR["full"] = err.getvalue()
+        sys.stderr.write(err.getvalue())
 
 
 @pytest.mark.slow  # shares full_run: one two-worker Ray Train run (worker start-up dominates)
@@ -156,6 +168,17 @@ def test_two_workers_report_their_metrics_through_ray_train(full_run):
     logged = {r["step"]: r for r in _metrics(full_run) if "loss" in r}
     assert all(abs(r["loss"] - logged[r["step"]]["loss"]) < 1e-9 for r in reported)
     assert (full_run / "tb").is_dir()
+
+
+@pytest.mark.slow  # shares full_run: one two-worker Ray Train run (worker start-up dominates)
+def test_ray_training_shows_steps_rate_eta_and_loss_on_the_driver(full_run):
+    """Issue #35: the driver of a Ray Train run prints its progress (no terminal here: lines), fed from the
+    rows rank 0 reports; the last line is the end state with the last reported loss."""
+    lines = [ln for ln in DRIVER_STDERR["full"].splitlines() if ln.startswith("train: steps ")]
+    assert lines, DRIVER_STDERR["full"][-2000:]
+    last_loss = json.loads((full_run / "ray" / "reported.jsonl").read_text().splitlines()[-1])["loss"]
+    assert re.fullmatch(r"train: steps 6/6 \(100%\), [0-9.e+-]+ steps/s, loss (\S+), \d+:\d\d elapsed", lines[-1])
+    assert float(lines[-1].split("loss ")[1].split(",")[0]) == pytest.approx(last_loss, rel=1e-3)
 
 
 @pytest.mark.slow  # shares full_run: one two-worker Ray Train run (worker start-up dominates)

@@ -24,6 +24,10 @@ from dynaip.dataset.reader import Dataset, dataset_root, shard_refs
 from dynaip.dataset.store import Store
 
 
+COUNTS = ("inputs", "accepted", "rejected", "samples", "bytes")
+"""The whole-number fields of a manifest's ``totals``."""
+
+
 def manifest_url(directory: str) -> str:
     """``DIR/manifest.json`` of a dataset directory (local path or fsspec URL)."""
     return f"{str(directory).rstrip('/')}/{MANIFEST}"
@@ -80,7 +84,13 @@ def load_dataset(root: str | Path) -> Dataset:
         raise FileNotFoundError(f"{path} does not exist: {root} is not a finished dataset "
                                 "(run `dynaip curate` to build or resume it)")
     ds = open_dataset(root)
-    if isinstance(ds.manifest.get("totals"), dict):
+    totals = ds.manifest.get("totals")
+    if isinstance(totals, dict):
+        for key in COUNTS:  # counts shown, added and formatted by every reader of the summary
+            v = totals.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"{path}: totals.{key} is {v!r}, not a whole number >= 0; the manifest was edited or "
+                                 "not written by this tool; re-run `dynaip curate` on the dataset to rewrite it")
         return ds
     raise ValueError(f"{path} has no 'totals' dict: the manifest is incomplete or not from this "
                      "tool; re-run `dynaip curate` on the dataset to rewrite it")

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 
 from dynaip.models import sampling
+from dynaip.progress import Progress
 
 from .cases import Case, atomic_write_bytes
 
@@ -241,20 +242,30 @@ def _run_generation(cases: Sequence[Case], out_dir: Path, *, settings: GenerateS
     if not pending:
         return summary
     by_id = {c.id: c for c in pending}
-    t_start = time.perf_counter()
+    # a bar on a terminal, else a line every 5 s: cases done / to do, cases/s, ETA (hours on a benchmark)
+    bar = Progress("generate", len(pending), "case")
 
     def done(case_id: str, png: bytes, seconds: float) -> None:
         save_result(out_dir, by_id[case_id], png, settings, seconds)
         summary.generated += 1
-        if summary.generated % 10 == 0 or summary.generated == len(pending):
-            rate = summary.generated / max(time.perf_counter() - t_start, 1e-9)
-            log.info("generate: %d/%d (%.2f cases/s)", summary.generated, len(pending), rate)
+        bar.update(summary.generated)
 
+    try:
+        _generate_all(pending, done, settings=settings, pipe_factory=pipe_factory, generate_fn=generate_fn,
+                      ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker)
+    finally:
+        bar.close()
+    return summary
+
+
+def _generate_all(pending: list[Case], done: Callable[[str, bytes, float], None], *, settings: GenerateSettings,
+                  pipe_factory: PipeFactory, generate_fn: GenerateFn, ray_address: str | None,
+                  num_workers: int | None, gpus_per_worker: float) -> None:
     if ray_address is None:
         worker = _GenWorker(pipe_factory, generate_fn, settings)
         for case in pending:
             done(*worker.run(case.to_json()))
-        return summary
+        return
 
     import ray
     from ray.util import ActorPool
@@ -275,7 +286,6 @@ def _run_generation(cases: Sequence[Case], out_dir: Path, *, settings: GenerateS
     pool = ActorPool(actors)
     for result in pool.map_unordered(lambda a, c: a.run.remote(c.to_json()), pending):
         done(*result)
-    return summary
 
 
 def real_pipe_factory(models_yaml: str, adapter_dir: str, device: str | None = None,

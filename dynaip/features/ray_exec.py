@@ -52,7 +52,8 @@ def run_ray(datasets: Sequence[str], models: Any, spec: FeatureSpec, *, name: st
     """
     import ray
     from ray.util import ActorPool
-    from tqdm import tqdm
+
+    from dynaip.progress import Progress
 
     from dynaip.cluster import connect
 
@@ -75,13 +76,14 @@ def run_ray(datasets: Sequence[str], models: Any, spec: FeatureSpec, *, name: st
         remote = ray.remote(num_cpus=threads, num_gpus=gpus_per_actor)(EncoderActor)
         n = min(actors, len(todo))
         pool = ActorPool([remote.remote(models, device, spec, batch_size, threads) for _ in range(n)])
-        bar = tqdm(total=len(todo), unit="shard", desc=f"precompute (ray, {n} actors)", disable=not progress)
+        # a bar on a terminal, else a line every 5 s with rate and ETA (a Ray job's log)
+        bar = Progress(f"precompute (ray, {n} actors)", len(todo), "shard", enabled=progress)
         for i, (_, job) in enumerate(todo):
             pool.submit(lambda a, arg: a.run.remote(*arg), (i, job))
         for _ in todo:
             k, entry = pool.get_next_unordered()
             plan, job = todo[k]
             plan.done[job.path] = entry
-            bar.update(1)
+            bar.update(advance=1)
         bar.close()
     return [(p.root, finalize(p, models.flux)) for p in plans]

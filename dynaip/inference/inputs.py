@@ -23,6 +23,9 @@ def load_image(item: ImageLike, what: str) -> Image.Image:
         img = Image.fromarray(item)
     else:
         path = Path(item)
+        if path.is_dir():
+            raise ValueError(f"{what} '{path}' is a directory, not an image file; give one image file per --ref "
+                             "(repeat --ref for several references)")
         if not path.is_file():
             raise ValueError(f"{what} '{path}' does not exist")
         try:
@@ -59,6 +62,8 @@ def load_mask(item: ImageLike | torch.Tensor, height: int, width: int, index: in
             arr = arr / 255.0
     else:
         if isinstance(item, (str, Path)):
+            if Path(item).is_dir():
+                raise ValueError(f"{what} '{item}' is a directory, not a mask image file")
             if not Path(item).is_file():
                 raise ValueError(f"{what} '{item}' does not exist")
             item = _open_mask(Path(item), what)

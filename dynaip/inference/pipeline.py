@@ -310,6 +310,8 @@ class DynaIPFluxPipeline:
             raise ValueError(f"image_guidance_scale={image_guidance_scale!r}: give a number (1.0 = off)") from None
         if not 0.0 <= image_guidance_scale < float("inf"):
             raise ValueError(f"image_guidance_scale={image_guidance_scale}: must be a finite number >= 0 (1.0 = off)")
+        if seed is not None:
+            seed = check_seed(seed)
         if seed is None and generator is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
 
@@ -392,6 +394,22 @@ class _visiting:
     def __exit__(self, *exc):
         for m, home in zip(self.modules, self.homes):
             m.to(home)
+
+
+SEED_MAX = 2**64 - 1
+"""The largest seed ``torch.Generator.manual_seed`` takes (an unsigned 64-bit number)."""
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int in 0..SEED_MAX; else a one-line ValueError with the range (a web form can send 2**70)."""
+    try:
+        value = int(seed)
+        whole = value == seed or isinstance(seed, str)
+    except (TypeError, ValueError, OverflowError):
+        value, whole = None, False
+    if value is None or not whole or not 0 <= value <= SEED_MAX:
+        raise ValueError(f"seed {seed!r} is out of range: give a whole number from 0 to {SEED_MAX} (2^64 - 1)")
+    return value
 
 
 def _generators(generator) -> list[torch.Generator]:

@@ -31,6 +31,9 @@ def load_flux_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, **c
     """Loads ``diffusers.FluxPipeline`` with every part from ``path`` (nothing is downloaded)."""
     from diffusers import FluxPipeline
 
+    from dynaip.console import quiet_libraries
+
+    quiet_libraries()  # diffusers' "Loading pipeline components" bar has no switch but this call, after its import
     p = _check_layout(path)
     try:
         return FluxPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True, **components)

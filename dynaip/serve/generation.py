@@ -89,6 +89,9 @@ class GenerationService:
         """One generation from the page's slots (a slot without an image is skipped)."""
         if not prompt or not str(prompt).strip():
             raise ValueError("write a prompt")
+        from dynaip.inference.pipeline import check_seed
+
+        seed = None if seed is None or seed == "" else check_seed(seed)  # 2**70 from the form: one line with the range
         slots = [i for i, r in enumerate(references) if r is not None]
         if not slots:
             raise ValueError("upload at least one reference image")
@@ -128,7 +131,7 @@ class GenerationService:
             out = self.pipe(prompt, references=refs, masks=mask_arg, auto_mask=auto,
                             scale=[float(scales[i]) for i in slots],
                             granularity=None if gran[0] is None else [list(g) for g in gran],
-                            seed=None if seed is None or seed == "" else int(seed), num_inference_steps=int(steps),
+                            seed=seed, num_inference_steps=int(steps),
                             height=height, width=width, guidance_scale=float(guidance),
                             image_guidance_scale=float(image_cfg), **kwargs)
         return self._save(out, refs, slots)

@@ -19,7 +19,8 @@ FLUX + CLIP from local paths, builds the adapter, streams its share of the shard
 
 Under Ray Train every worker also reports the logged metrics with ``ray.train.report``; Ray Train's
 controller receives them and a controller callback appends rank 0's to RUN/ray/reported.jsonl
-(``run_training`` returns the last ones).
+(``run_training`` returns the last ones). The driver follows that file and shows steps done / total,
+steps/s, ETA and the last loss (``dynaip.progress``: a bar on a terminal, a line every 5 s otherwise).
 
 RUN must be visible to every worker (local disk for one machine, a shared filesystem for a
 cluster): rank 0 writes checkpoints, every rank reads them on ``--resume``.
@@ -36,6 +37,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -105,7 +108,8 @@ def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, loca
                              failure_config=FailureConfig(max_failures=cfg.parallel.max_failures),
                              callbacks=[report_log(reported)]))
     try:
-        trainer.fit()
+        with _progress(cfg, spec, reported):
+            trainer.fit()
     except Exception as e:  # Ray wraps a worker's error; a corrupt shard is the user's to fix: say it in one line
         line = _integrity_line(e)
         if line is None:
@@ -118,6 +122,33 @@ def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, loca
             ray.shutdown()
     lines = reported.read_text().splitlines() if reported.is_file() else []
     return json.loads(lines[-1]) if lines else {}
+
+
+@contextmanager
+def _progress(cfg: TrainConfig, spec: RunSpec, reported: Path) -> Iterator[None]:
+    """Steps done / total, steps/s, ETA and the last loss on the driver's console while Ray Train runs (a bar
+    on a terminal, a line every few seconds otherwise), read from the rows rank 0 reports (``reported``);
+    without it the console shows nothing between the set-up lines and the end of a run of hours."""
+    from dynaip.progress import JsonlFollower, Progress
+
+    bar = Progress("train", spec.max_steps or cfg.max_steps or cfg.total_steps, "step")
+    first = True
+
+    def on_row(row: dict[str, Any]) -> None:
+        nonlocal first
+        if not isinstance(row.get("step"), int):
+            return
+        if first:  # a resumed run: its rate counts from where it started
+            bar.initial = bar.done = row["step"] - 1
+            first = False
+        info = {"loss": row["loss"]} if isinstance(row.get("loss"), (int, float)) else {}
+        bar.update(row["step"], **info)
+
+    try:
+        with JsonlFollower(reported, on_row):
+            yield
+    finally:
+        bar.close()
 
 
 def _integrity_line(e: BaseException) -> str | None:

@@ -15,6 +15,7 @@ The training-side filters read ``quality.aesthetic``, ``quality.sharpness`` and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,8 +104,24 @@ class QualityStage(LazyModel):
                                                device=resolve_device(self.recipe.executor.device),
                                                activation=self.paths.activation)
             except Exception as e:
-                raise SetupError(f"cannot load the aesthetic scorer: {e}") from e
+                raise SetupError(f"models.yaml {self._failed_key(e)}: {e}") from e
         return self._scorer
+
+    def _failed_key(self, e: Exception) -> str:
+        """The models.yaml key whose file failed: the head itself, its own CLIP, or ``clip_vision`` (which the
+        head reads when it names no CLIP of its own) — so the message points at the entry to fix."""
+        path = str(getattr(e, "path", ""))
+
+        def same(p: Any) -> bool:
+            return bool(path) and path == str(Path(p))
+
+        if same(self.paths.path):
+            return "key 'aesthetic.path'"
+        if self.paths.clip is not None:
+            return "key 'aesthetic.clip.path'" if same(self.paths.clip.path) else "entry 'aesthetic'"
+        if self.clip is not None and same(self.clip.path):
+            return "key 'clip_vision.path' (the aesthetic head reads it: 'aesthetic.clip' is not set)"
+        return "entry 'aesthetic'"
 
     def __call__(self, items: list[Item]) -> list[Item]:
         f = self.recipe.filters
