@@ -9,7 +9,8 @@ Quiet (the default of every ``dynaip`` command):
   apply the same warning policy (``worker_process_setup_hook``) and keep their full logs in Ray's
   session directory; problems with the user's data come back as counts (rejects by reason, skipped
   samples);
-- diffusers / transformers progress bars and INFO messages are off.
+- diffusers / transformers progress bars (model loading included) and INFO messages are off, and so is
+  every other library's INFO line on the console (``OwnInfoOnly``; e.g. matplotlib's font cache notice).
 
 Verbose (``-v``): nothing is filtered, the workers' output is forwarded to the console.
 The choice travels to child processes (Ray workers included) in ``DYNAIP_VERBOSE``.
@@ -48,6 +49,20 @@ def configure(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:
         quiet()
+        for handler in logging.getLogger().handlers:
+            if not any(isinstance(f, OwnInfoOnly) for f in handler.filters):
+                handler.addFilter(OwnInfoOnly())
+
+
+class OwnInfoOnly(logging.Filter):
+    """Quiet mode's filter on the console handler: INFO lines of this project pass; a library's INFO (e.g.
+    ``matplotlib.font_manager`` building its font cache on first import) only with ``-v``; warnings and errors
+    of every logger pass."""
+
+    OWN = ("dynaip", "pipeline", "jobs", "__main__")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] in self.OWN
 
 
 def quiet() -> None:

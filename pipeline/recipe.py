@@ -251,6 +251,22 @@ class ConsistencyConfig:
 
 THUMB_DIFF_DEFAULT = 10.0
 
+# Bounds of numeric recipe values beyond which a value means nothing physically (Recipe.validate says the range)
+MAX_MARGIN = 2.0
+"""Crop margins are fractions of a box side: past 2 the "crop" is mostly background."""
+MAX_DETECTOR_SIDE = 4096
+"""Detector input sides, in pixels (Grounding DINO was trained at 800 / 1333)."""
+DETECTOR_QUERIES = 900
+"""Boxes Grounding DINO returns at most (its query count)."""
+MAX_SIDE = 65535
+"""Image sides in pixels (JPEG's largest)."""
+MAX_COUNT = 1_000_000
+"""Counts (inputs per shard, mask parts)."""
+MAX_BATCH = 4096
+"""Images per model batch."""
+MAX_CAPTION_TOKENS = 512
+"""Caption length in tokens (BLIP's text model holds 512 positions)."""
+
 
 @dataclass(kw_only=True)
 class DedupConfig:
@@ -405,8 +421,10 @@ class Recipe:
                         ("filters.min_mask_area", f.min_mask_area), ("human.face_prob", self.human.face_prob)):
             need(0.0 <= v <= 1.0, name, v, "must be in [0, 1]")
         need(f.min_box_area < f.max_box_area, "filters.min_box_area", f.min_box_area, "must be below filters.max_box_area")
-        need(d.image_size > 0 and d.max_size >= d.image_size, "detection.max_size", d.max_size,
-             "needs image_size > 0 and max_size >= image_size")
+        need(32 <= d.image_size <= MAX_DETECTOR_SIDE, "detection.image_size", d.image_size,
+             f"must be in 32..{MAX_DETECTOR_SIDE} pixels (Grounding DINO's own: 800)")
+        need(d.image_size <= d.max_size <= MAX_DETECTOR_SIDE, "detection.max_size", d.max_size,
+             f"must be in detection.image_size..{MAX_DETECTOR_SIDE} pixels (Grounding DINO's own: 1333)")
         # semantically empty texts: such a run would reject every input and write an empty dataset
         need(has_word(d.prompt), "detection.prompt", d.prompt, "names no phrase; give phrases separated by ' . ', "
              "e.g. 'person . animal . object'")
@@ -418,22 +436,35 @@ class Recipe:
         need("template" not in self.captioning.order or has_word(self.captioning.template), "captioning.template", self.captioning.template,
              "is blank; e.g. 'a photo of a {phrase}' (or drop 'template' from captioning.order)")
         need(d.provided_boxes in ("use", "face", "ignore"), "detection.provided_boxes", d.provided_boxes, "use one of use | face | ignore")
-        need(f.max_comparable_subjects >= 1, "filters.max_comparable_subjects", f.max_comparable_subjects, "must be >= 1")
-        need(f.max_mask_components >= 1, "filters.max_mask_components", f.max_mask_components, "must be >= 1")
-        need(f.min_image_side >= 1, "filters.min_image_side", f.min_image_side, "must be >= 1")
-        need(f.max_image_pixels >= 1, "filters.max_image_pixels", f.max_image_pixels, "must be >= 1")
+        need(1 <= f.max_comparable_subjects <= DETECTOR_QUERIES, "filters.max_comparable_subjects",
+             f.max_comparable_subjects, f"must be in 1..{DETECTOR_QUERIES} (Grounding DINO returns at most "
+             f"{DETECTOR_QUERIES} boxes)")
+        need(1 <= f.max_mask_components <= MAX_COUNT, "filters.max_mask_components", f.max_mask_components,
+             f"must be in 1..{MAX_COUNT}")
+        need(1 <= f.min_image_side <= MAX_SIDE, "filters.min_image_side", f.min_image_side, f"must be in 1..{MAX_SIDE} pixels")
+        need(1 <= f.max_image_pixels <= MAX_SIDE ** 2, "filters.max_image_pixels", f.max_image_pixels,
+             f"must be in 1..{MAX_SIDE ** 2}")
+        need(f.min_image_side ** 2 <= f.max_image_pixels, "filters.min_image_side", f.min_image_side,
+             "squared exceeds filters.max_image_pixels: no image could pass both; lower one of them")
         need(f.max_file_bytes >= 1, "filters.max_file_bytes", f.max_file_bytes, "must be >= 1")
-        need(s.box_margin is None or s.box_margin >= 0, "segmentation.box_margin", s.box_margin, "must be >= 0 or null")
-        need(self.reference.margin >= 0, "reference.margin", self.reference.margin, "must be >= 0")
+        need(s.box_margin is None or 0 <= s.box_margin <= MAX_MARGIN, "segmentation.box_margin", s.box_margin,
+             f"must be in [0, {MAX_MARGIN}] (a fraction of the box's longer side) or null")
+        need(0 <= self.reference.margin <= MAX_MARGIN, "reference.margin", self.reference.margin,
+             f"must be in [0, {MAX_MARGIN}] (a fraction of the subject box's longer side; paper: 0.05)")
+        need(0 <= self.human.face_margin <= MAX_MARGIN, "human.face_margin", self.human.face_margin,
+             f"must be in [0, {MAX_MARGIN}] (a fraction of the face box's side)")
         need(bool(self.pairing.kinds) and set(self.pairing.kinds) <= {"intra", "cross"}, "pairing.kinds",
              self.pairing.kinds, "give a non-empty subset of [intra, cross]")
         need(bool(self.captioning.order) and set(self.captioning.order) <= {"provided", "model", "template"},
              "captioning.order", self.captioning.order, "give a non-empty subset of [provided, model, template]")
-        need(self.shards.inputs_per_shard >= 1, "shards.inputs_per_shard", self.shards.inputs_per_shard, "must be >= 1")
+        need(1 <= self.shards.inputs_per_shard <= MAX_COUNT, "shards.inputs_per_shard", self.shards.inputs_per_shard,
+             f"must be in 1..{MAX_COUNT}")
         need(self.shards.max_bytes is None or self.shards.max_bytes > 0, "shards.max_bytes", self.shards.max_bytes, "must be > 0 or null")
         need(1 <= self.shards.jpeg_quality <= 100, "shards.jpeg_quality", self.shards.jpeg_quality, "must be in 1..100")
-        need(self.executor.batch_size >= 1, "executor.batch_size", self.executor.batch_size, "must be >= 1")
-        need(f.min_reference_side >= 0, "filters.min_reference_side", f.min_reference_side, "must be >= 0")
+        need(1 <= self.executor.batch_size <= MAX_BATCH, "executor.batch_size", self.executor.batch_size,
+             f"must be in 1..{MAX_BATCH}")
+        need(0 <= f.min_reference_side <= MAX_SIDE, "filters.min_reference_side", f.min_reference_side,
+             f"must be in 0..{MAX_SIDE} pixels")
         need(f.min_sharpness is None or f.min_sharpness >= 0, "filters.min_sharpness", f.min_sharpness, "must be >= 0 or null")
         need(f.min_subject_pixels is None or f.min_subject_pixels >= 0, "filters.min_subject_pixels",
              f.min_subject_pixels, "must be >= 0 or null")
@@ -441,7 +472,8 @@ class Recipe:
              "must be in [0, 1] or null")
         cs = self.consistency.min_score
         need(cs is None or -1.0 <= cs <= 1.0, "consistency.min_score", cs, "must be in [-1, 1] or null")
-        need(self.captioning.max_new_tokens >= 1, "captioning.max_new_tokens", self.captioning.max_new_tokens, "must be >= 1")
+        need(1 <= self.captioning.max_new_tokens <= MAX_CAPTION_TOKENS, "captioning.max_new_tokens",
+             self.captioning.max_new_tokens, f"must be in 1..{MAX_CAPTION_TOKENS} (BLIP's text positions)")
         dd = self.dedup
         need(dd.max_distance is None or 0 <= dd.max_distance < dd.hash_size ** 2, "dedup.max_distance", dd.max_distance,
              "must be null or in [0, hash_size²)")

@@ -64,6 +64,30 @@ def test_recipe_errors_name_the_field():
         recipe(pairing={"kinds": ["both"]})
 
 
+@pytest.mark.parametrize("over, message", [
+    ({"reference": {"margin": 1e9}}, r"'reference\.margin' = 1000000000\.0: must be in \[0, 2\.0\]"),
+    ({"human": {"face_margin": -0.1}}, r"'human\.face_margin' = -0\.1: must be in \[0, 2\.0\]"),
+    ({"segmentation": {"box_margin": 50}}, r"'segmentation\.box_margin' = 50\.0: must be in \[0, 2\.0\]"),
+    ({"detection": {"image_size": 100000, "max_size": 200000}}, r"'detection\.image_size' = 100000: must be in 32\.\.4096"),
+    ({"detection": {"max_size": 10**6}}, r"'detection\.max_size' = 1000000: must be in detection\.image_size\.\.4096"),
+    ({"filters": {"min_image_side": 70000}}, r"'filters\.min_image_side' = 70000: must be in 1\.\.65535"),
+    ({"filters": {"min_image_side": 10000}}, r"'filters\.min_image_side' = 10000: squared exceeds filters\.max_image_pixels"),
+    ({"filters": {"max_comparable_subjects": 5000}}, r"'filters\.max_comparable_subjects' = 5000: must be in 1\.\.900"),
+    ({"filters": {"max_mask_components": 0}}, r"'filters\.max_mask_components' = 0: must be in 1\.\.1000000"),
+    ({"filters": {"min_reference_side": 10**6}}, r"'filters\.min_reference_side' = 1000000: must be in 0\.\.65535"),
+    ({"shards": {"inputs_per_shard": 10**9}}, r"'shards\.inputs_per_shard' = 1000000000: must be in 1\.\.1000000"),
+    ({"captioning": {"max_new_tokens": 10**5}}, r"'captioning\.max_new_tokens' = 100000: must be in 1\.\.512"),
+    ({"executor": {"batch_size": 10**6}}, r"'executor\.batch_size' = 1000000: must be in 1\.\.4096"),
+])
+def test_a_physically_meaningless_number_is_a_one_line_error_with_the_range(over, message):
+    """Issue #35: a margin of 1e9 (or a size, count or length past any image or model) used to pass."""
+    from dynaip.configs import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as e:
+        Recipe.from_dict({"source": {"kind": "folder", "root": "/x"}, **over})
+    assert "\n" not in str(e.value)
+
+
 def test_recipe_hash_ignores_executor_and_root_but_not_thresholds():
     base = recipe().recipe_hash
     assert recipe(executor={"batch_size": 32}).recipe_hash == base

@@ -81,6 +81,12 @@ def run_generate(args: argparse.Namespace) -> int:
     fmt = output_format(args.out)  # before any model loads
     if not args.ref:
         raise ValueError("give at least one --ref image")
+    from .inputs import check_image_path
+
+    for i, ref in enumerate(args.ref):  # a typo or a folder fails now, not after minutes of model loading
+        check_image_path(ref, f"reference {i + 1} (--ref)")
+    for i, mask in enumerate(args.mask or []):
+        check_image_path(mask, f"mask {i + 1} (--mask)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     offload = args.offload != "none"

@@ -15,6 +15,17 @@ from dynaip.geometry import pad_to_square_white
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
 
+def check_image_path(item: str | Path, what: str) -> Path:
+    """``item`` as a Path naming an existing file; else a one-line ValueError saying what it is instead."""
+    path = Path(item)
+    if path.is_dir():
+        raise ValueError(f"{what} '{path}' is a directory, not an image file; name one image file (repeat the "
+                         "option for several)")
+    if not path.is_file():
+        raise ValueError(f"{what} '{path}' does not exist")
+    return path
+
+
 def load_image(item: ImageLike, what: str) -> Image.Image:
     """Any image-like → RGB PIL (EXIF orientation applied; alpha composited on white)."""
     if isinstance(item, Image.Image):
@@ -22,12 +33,7 @@ def load_image(item: ImageLike, what: str) -> Image.Image:
     elif isinstance(item, np.ndarray):
         img = Image.fromarray(item)
     else:
-        path = Path(item)
-        if path.is_dir():
-            raise ValueError(f"{what} '{path}' is a directory, not an image file; give one image file per --ref "
-                             "(repeat --ref for several references)")
-        if not path.is_file():
-            raise ValueError(f"{what} '{path}' does not exist")
+        path = check_image_path(item, what)
         try:
             img = Image.open(path)
             img.load()
@@ -62,10 +68,7 @@ def load_mask(item: ImageLike | torch.Tensor, height: int, width: int, index: in
             arr = arr / 255.0
     else:
         if isinstance(item, (str, Path)):
-            if Path(item).is_dir():
-                raise ValueError(f"{what} '{item}' is a directory, not a mask image file")
-            if not Path(item).is_file():
-                raise ValueError(f"{what} '{item}' does not exist")
+            check_image_path(item, what)
             item = _open_mask(Path(item), what)
         arr = np.asarray(item.convert("L") if isinstance(item, Image.Image) else item, dtype=np.float32)
         if arr.ndim == 3:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import ClipVisionPaths
-from .errors import CheckpointError
+from .errors import CheckpointError, require_file
 from .weights import load_into, load_state_dict
 
 EXPECTED = "an OpenCLIP checkpoint: a directory with open_clip_config.json + open_clip_model.safetensors (or open_clip_pytorch_model.bin), or a weights file"
@@ -127,6 +127,7 @@ def load_open_clip(paths: ClipVisionPaths):
         model_cfg, pre_cfg, weights = _read_open_clip_dir(p)
         model_cfg = _with_quick_gelu(model_cfg, paths, p / "open_clip_config.json")
     else:
+        require_file("OpenCLIP", p, EXPECTED)  # a path that is not there is said first, before any config question
         model_cfg = open_clip.get_model_config(paths.model_name)
         if model_cfg is None:
             raise CheckpointError("OpenCLIP", p, EXPECTED, f"Unknown model_name '{paths.model_name}'; use an open_clip "
