@@ -22,6 +22,9 @@ NOISE = {
     "a Ray C++ log line": re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ [IWEF] \d+ \d+\] \S+\.cc:\d+"),
     "a Ray worker's forwarded output": re.compile(r"\(\w+(\(.*\))? pid=\d+"),
     "a traceback": re.compile(r"Traceback \(most recent call last\)"),
+    # issue #35: diffusers' / transformers' loading bars and a library's INFO (matplotlib's font cache)
+    "a third-party progress bar": re.compile(r"Loading pipeline components|Loading checkpoint shards|\d+it/s\]|s/it\]"),
+    "a library's INFO line": re.compile(r"^\S+ INFO (?!dynaip|pipeline)\S+: ", re.M),
 }
 
 

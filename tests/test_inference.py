@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -198,3 +199,36 @@ def test_generate_cli_writes_the_format_its_out_names_and_refuses_others(pipe, t
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and "is not an image format generate writes" in errors[0]
     assert (tmp_path / "x.json").read_text() == sidecar  # the sidecar was not overwritten by an image
+
+
+BARS = re.compile(r"Loading pipeline components|Loading checkpoint shards|\d+it/s\]|s/it\]|\|[█▏▎▍▌▋▊▉ ]*\| \d+/\d+")
+"""diffusers' / transformers' loading and step bars (tqdm's ``|███| 3/7 [..., 1.2it/s]``)."""
+THIRD_PARTY_INFO = re.compile(r"^\S+ INFO (?!dynaip|pipeline)\S+: ", re.M)
+"""A library's INFO line in the project's log format (``10:00:00 INFO matplotlib.font_manager: ...``)."""
+
+
+def test_generate_console_has_no_loading_bars_or_library_info_lines(pipe, tiny_models_yaml, refs, tmp_path):
+    """Issue #35: `dynaip generate` run as a user runs it (its own process, so diffusers is imported after the
+    console policy is set) prints no "Loading pipeline components" bar or library INFO line. (With `-v` the
+    bar is shown; that run is left out to keep the suite short: it costs a second process.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    ckpt = tmp_path / "adapter"
+    pipe.adapter.save_pretrained(ckpt)
+    ref = tmp_path / "cat.png"
+    refs[0].resize((64, 64)).save(ref)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    env.pop("DYNAIP_VERBOSE", None)
+    proc = subprocess.run([sys.executable, "-m", "dynaip.cli", "generate", "--models",
+                           str(tiny_models_yaml), "--adapter", str(ckpt), "--prompt", "a cat", "--ref", str(ref),
+                           "--out", str(tmp_path / "cat.png"), "--steps", "1", "--height", "64", "--width", "64",
+                           "--max-sequence-length", "32", "--device", "cpu"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    assert f"wrote {tmp_path / 'cat.png'}" in proc.stdout
+    assert BARS.search(console) is None and THIRD_PARTY_INFO.search(console) is None, console[-3000:]
