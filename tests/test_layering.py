@@ -11,7 +11,7 @@ and those below, never one above:
 
 0. base: ``dynaip.geometry`` (numpy/PIL/scipy/torch only), ``dynaip.configs`` (the one YAML →
    dataclass loader: standard library and PyYAML only), ``dynaip.atomic``, ``dynaip.console``,
-   ``dynaip.dataset.format`` (standard library only);
+   ``dynaip.progress`` (driver-side progress lines), ``dynaip.dataset.format`` (standard library only);
 1. ``dynaip.dataset`` (the dataset as a consumer sees it), ``dynaip.cluster`` (Ray access),
    ``dynaip.run_lock`` (one run per output directory), ``dynaip.models``;
 2. ``dynaip.adapter``;
@@ -113,7 +113,8 @@ def _violations(importers: tuple[str, ...], forbidden: tuple[str, ...]) -> list[
 
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("dynaip.geometry", "dynaip.configs", "dynaip.atomic", "dynaip.console", "dynaip.dataset.format")),
+    ("base", ("dynaip.geometry", "dynaip.configs", "dynaip.atomic", "dynaip.console", "dynaip.progress",
+              "dynaip.dataset.format")),
     ("dataset, cluster, models", ("dynaip.dataset", "dynaip.cluster", "dynaip.run_lock", "dynaip.models")),
     ("adapter", ("dynaip.adapter",)),
     ("curation, training, inference", ("pipeline", "dynaip.train", "dynaip.features", "dynaip.inference")),
