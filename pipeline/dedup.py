@@ -114,8 +114,17 @@ class Entries:
 
     @staticmethod
     def concat(parts: list[Entries]) -> Entries:
-        return Entries(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                         ("index", "keys", "group", "words", "thumbs")))
+        """The rows of ``parts`` in order. Parts from different mappers can differ in width (a mapper whose
+        chunks held only intra pairs has one hash per row, one with cross pairs two): narrower rows are padded
+        with zeros as ``entries_from`` pads them, which their group keeps apart from the wider ones."""
+        def cat(name: str) -> np.ndarray:
+            arrays = [getattr(p, name) for p in parts]
+            if arrays[0].ndim == 2:
+                width = max(a.shape[1] for a in arrays)
+                arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays]
+            return np.concatenate(arrays)
+
+        return Entries(*(cat(f) for f in ("index", "keys", "group", "words", "thumbs")))
 
 
 def words_per_hash(hash_size: int) -> int:

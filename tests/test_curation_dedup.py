@@ -130,6 +130,25 @@ def test_dedup_reducers_agree_whatever_their_number():
         assert merged == one
 
 
+def test_a_reducer_joins_mappers_of_intra_only_chunks_and_of_chunks_with_cross_pairs():
+    """Found from a fresh clone (issue #35): on Ray, one mapper's chunks held only intra pairs (one hash per
+    row) and another's cross pairs too (two): the reducer failed to join their arrays. The widths differ;
+    the result is the one pass over all rows."""
+    from pipeline import dedup
+
+    rng = np.random.default_rng(1)
+    h = [int(rng.integers(0, 2**62)) for _ in range(4)]
+    intra_only = [(0, "a", "intra", [h[0]]), (1, "b", "intra", [h[1]])]
+    with_cross = [(10, "a2", "intra", [h[0] ^ 1]), (11, "c", "cross", [h[2], h[3]]), (12, "c2", "cross", [h[2], h[3] ^ 2])]
+    parts = [dedup.partition(dedup.entries_from(((*r, None) for r in rows), 8, False), 3, 8, 1)[0]
+             for rows in (intra_only, with_cross)]
+    assert parts[0]["words"].shape[1] != parts[1]["words"].shape[1]
+    found = dedup.reduce_parts(parts, 3, 8)
+    assert {j: i for j, (i, _, _) in found.items()} == {10: 0, 12: 11}
+    assert found == dedup.reduce_parts([dedup.partition(dedup.entries_from(
+        ((*r, None) for r in intra_only + with_cross), 8, False), 3, 8, 1)[0]], 3, 8)
+
+
 def test_min_reference_side_rejects_small_references(tmp_path):
     from pipeline.stages import ComposeStage
     from pipeline.records import ImageRef, SourceRecord
