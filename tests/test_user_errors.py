@@ -121,3 +121,16 @@ def test_a_shard_member_without_a_dot_is_named(dataset, caplog):
     _rewrite_shard(dataset, undot)
     line = _cli(caplog, "manifest", "show", str(dataset))
     assert f"shard {dataset}/shards/000000.tar: member 'test-000000-0' is not named KEY.EXT with EXT one of" in line
+
+
+def test_a_mistyped_adapter_step_says_it_does_not_exist_and_names_the_steps_there(tmp_path):
+    """Found from a fresh clone (issue #35): a step directory that is not there was called "not a DynaIP adapter
+    checkpoint: missing adapter.safetensors, config.json"."""
+    from dynaip.adapter import DynaIPAdapter
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in ("step-000004", "step-000008"):
+        (ckpts / step).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError) as e:
+        DynaIPAdapter.from_pretrained(ckpts / "step-100000")
+    assert str(e.value) == f"adapter checkpoint {ckpts / 'step-100000'} does not exist; {ckpts} holds step-000004, step-000008"

@@ -285,6 +285,10 @@ class DynaIPAdapter(nn.Module):
     @staticmethod
     def _files(directory: str | Path) -> tuple[Path, Path]:
         d = Path(directory)
+        if not d.exists():  # a mistyped step number: say so, and where the checkpoints are
+            near = sorted(p.name for p in d.parent.glob("step-*")) if d.parent.is_dir() else []
+            have = f"; {d.parent} holds {', '.join(near[-3:])}" if near else ""
+            raise FileNotFoundError(f"adapter checkpoint {d} does not exist{have}")
         weights, config = d / WEIGHTS_NAME, d / CONFIG_NAME
         missing = [p.name for p in (weights, config) if not p.is_file()]
         if missing:
