@@ -64,6 +64,19 @@ class Progress:
                 self.last = now
                 self._print(now)
 
+    def tick(self) -> None:
+        """Shows the state again when due although nothing advanced (the minutes a Ray job spends starting its
+        workers and loading models): a log keeps getting lines, a bar its elapsed time."""
+        with self.lock:
+            if not self.enabled:
+                return
+            now = time.perf_counter()
+            if self.bar is not None:
+                self.bar.refresh()
+            elif now - self.last >= self.every:
+                self.last = now
+                self._print(now)
+
     def rate(self, now: float) -> float:
         return (self.done - self.initial) / max(now - self.t0, 1e-9)
 
@@ -94,11 +107,12 @@ class Progress:
 
 
 class JsonlFollower:
-    """Reads the rows appended to a JSON-lines file in a background thread (every ``poll`` seconds) and
-    hands each complete one to ``on_row``; ``stop`` reads what is left, then ends the thread."""
+    """Reads the rows appended to a JSON-lines file in a background thread (every ``poll`` seconds), hands each
+    complete one to ``on_row`` and then calls ``on_poll``; leaving the ``with`` block reads what is left."""
 
-    def __init__(self, path: str | Path, on_row: Callable[[dict[str, Any]], None], poll: float = 0.5):
-        self.path, self.on_row, self.poll = Path(path), on_row, poll
+    def __init__(self, path: str | Path, on_row: Callable[[dict[str, Any]], None], poll: float = 0.5,
+                 on_poll: Callable[[], None] | None = None):
+        self.path, self.on_row, self.poll, self.on_poll = Path(path), on_row, poll, on_poll
         self.offset = self.path.stat().st_size if self.path.is_file() else 0  # rows of an earlier run are not ours
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="progress-follower")
@@ -115,6 +129,8 @@ class JsonlFollower:
     def _loop(self) -> None:
         while not self.stopping.wait(self.poll):
             self._read()
+            if self.on_poll is not None:
+                self.on_poll()
 
     def _read(self) -> None:
         try:

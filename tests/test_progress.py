@@ -52,3 +52,14 @@ def test_follower_hands_over_only_the_rows_appended_after_it_started_and_whole_r
             assert seen == [{"step": 2, "loss": 1.5}]
             f.write('ss": 1.25}\n')
     assert seen == [{"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.25}]
+
+
+def test_while_nothing_advances_a_log_still_gets_a_line_every_interval(tmp_path):
+    """The minutes a Ray Train job spends starting workers and loading models report no step: the follower's
+    polls keep the lines coming, with the elapsed time."""
+    out = io.StringIO()
+    p = Progress("train", 8, "step", every=0.05, stream=out)
+    with JsonlFollower(tmp_path / "reported.jsonl", lambda row: None, poll=0.01, on_poll=p.tick):
+        time.sleep(0.3)
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 2 and all(ln.startswith("train: steps 0/8 (0%), 0 steps/s, ETA ?, ") for ln in lines), lines

@@ -145,7 +145,7 @@ def _progress(cfg: TrainConfig, spec: RunSpec, reported: Path) -> Iterator[None]
         bar.update(row["step"], **info)
 
     try:
-        with JsonlFollower(reported, on_row):
+        with JsonlFollower(reported, on_row, on_poll=bar.tick):  # lines while the workers start, too
             yield
     finally:
         bar.close()
