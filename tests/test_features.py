@@ -87,7 +87,8 @@ def test_precompute_writes_keyed_checksummed_shards_and_resumes(setup):
     assert stamp == {p: (feat / p).stat().st_mtime_ns for p in stamp}
 
 
-def test_ray_job_writes_byte_identical_features(setup, ray_cluster, tmp_path):
+def test_ray_job_writes_byte_identical_features(setup, ray_cluster, tmp_path, capsys):
+    import re
     import sys
 
     root, data, raw, config, models = setup
@@ -98,9 +99,12 @@ def test_ray_job_writes_byte_identical_features(setup, ray_cluster, tmp_path):
         import precompute as job  # jobs/precompute.py, as `ray job submit` runs it
     finally:
         sys.path.remove(str(REPO / "jobs"))
-    assert job.main(["--data", str(copy), "--models", str(models), "--config", str(config), "--batch-size", "2",
-                     "--no-progress"]) == 0
+    assert job.main(["--data", str(copy), "--models", str(models), "--config", str(config), "--batch-size", "2"]) == 0
     assert _tree(_feature_root(copy)) == _tree(_feature_root(data))
+    # issue #35: the driver shows shards done / total and the rate (no terminal here: lines, the last at the end)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("precompute (ray")]
+    assert lines and re.match(r"precompute \(ray, \d+ actors\): shards (\d+)/\1 \(100%\), [0-9.e+-]+ shards/s, ",
+                              lines[-1]), lines
 
 
 # ----------------------------------------------------------------------------- the two paths agree
