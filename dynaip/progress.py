@@ -35,7 +35,7 @@ class Progress:
         self.initial = self.done = initial
         self.info: dict[str, str] = {}
         self.stream = stream
-        self.t0 = self.last = time.perf_counter()
+        self.t0 = self.last = self.rate_t0 = time.perf_counter()
         self.lock = threading.Lock()
         self.bar = None
         self.printed = 0
@@ -77,8 +77,15 @@ class Progress:
                 self.last = now
                 self._print(now)
 
+    def restart_rate(self, done: int) -> None:
+        """The rate (and so the ETA) counts from here, at ``done``: the minutes before the first step of a Ray
+        job (workers starting, models loading) would make every estimate of the steps themselves wrong."""
+        with self.lock:
+            self.initial = self.done = done
+            self.rate_t0 = time.perf_counter()
+
     def rate(self, now: float) -> float:
-        return (self.done - self.initial) / max(now - self.t0, 1e-9)
+        return (self.done - self.initial) / max(now - self.rate_t0, 1e-9)
 
     def line(self, now: float | None = None) -> str:
         now = time.perf_counter() if now is None else now

@@ -63,3 +63,16 @@ def test_while_nothing_advances_a_log_still_gets_a_line_every_interval(tmp_path)
         time.sleep(0.3)
     lines = out.getvalue().splitlines()
     assert len(lines) >= 2 and all(ln.startswith("train: steps 0/8 (0%), 0 steps/s, ETA ?, ") for ln in lines), lines
+
+
+def test_rate_and_eta_count_from_the_first_reported_step_not_from_the_start_up():
+    out = io.StringIO()
+    p = Progress("train", 100, "step", every=0.0, stream=out)
+    time.sleep(0.3)  # workers starting: no step
+    p.restart_rate(10)  # the first row: step 10 of a resumed run
+    time.sleep(0.05)
+    p.update(20)
+    now = time.perf_counter()
+    assert p.rate_t0 - p.t0 >= 0.3
+    assert p.rate(now) == 10 / (now - p.rate_t0)  # the 10 steps since the first row, over the time since it
+    assert "(20%)" in out.getvalue().splitlines()[-1] and ", 0:00 elapsed" in out.getvalue().splitlines()[-1]

@@ -138,8 +138,8 @@ def _progress(cfg: TrainConfig, spec: RunSpec, reported: Path) -> Iterator[None]
         nonlocal first
         if not isinstance(row.get("step"), int):
             return
-        if first:  # a resumed run: its rate counts from where it started
-            bar.initial = bar.done = row["step"] - 1
+        if first:  # rate and ETA count from the first reported step (after start-up; a resumed run mid-way)
+            bar.restart_rate(row["step"])
             first = False
         info = {"loss": row["loss"]} if isinstance(row.get("loss"), (int, float)) else {}
         bar.update(row["step"], **info)
