@@ -74,6 +74,10 @@ def _policy(verbose: bool) -> subprocess.CompletedProcess:
         "warnings.warn_explicit('third-party deprecation', FutureWarning, 'timm/layers.py', 1, module='timm.layers')\n"
         "warnings.warn_explicit('third-party notice', UserWarning, 'torch/functional.py', 1, module='torch.functional')\n"
         "warnings.warn_explicit('reference 1 looks odd', UserWarning, 'dynaip/x.py', 1, module='dynaip.x')\n"
+        "import logging\n"  # issue #35: a library's INFO line (matplotlib builds its font cache on first import)
+        "logging.getLogger('matplotlib.font_manager').info('generated new fontManager')\n"
+        "logging.getLogger('matplotlib.font_manager').warning('font family not found')\n"
+        "logging.getLogger('dynaip.train.cli').info('training finished')\n"
         "kw = ray_init_kwargs()\n"
         "print(json.dumps({'log_to_driver': kw.get('log_to_driver', True), 'env': kw['runtime_env']['env_vars'],\n"
         "                  'hook': kw['runtime_env']['worker_process_setup_hook']}))\n"
@@ -88,6 +92,9 @@ def test_console_policy_quiet_by_default_everything_with_verbose():
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
     assert "third-party" not in quiet.stderr and "reference 1 looks odd" in quiet.stderr  # own warnings stay
     assert "third-party deprecation" in loud.stderr and "third-party notice" in loud.stderr
+    assert "generated new fontManager" not in quiet.stderr and "generated new fontManager" in loud.stderr
+    assert "font family not found" in quiet.stderr  # a library's warnings still pass
+    assert "INFO dynaip.train.cli: training finished" in quiet.stderr  # and the project's own INFO lines
     q, v = json.loads(quiet.stdout), json.loads(loud.stdout)
     assert q["log_to_driver"] is False and v["log_to_driver"] is True
     assert q["env"]["DYNAIP_VERBOSE"] == "0" and v["env"]["DYNAIP_VERBOSE"] == "1"  # workers inherit the policy
