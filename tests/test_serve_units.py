@@ -104,6 +104,9 @@ def test_generation_inputs_are_checked_before_any_model_runs(tiny_models_yaml, t
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             service.generate(**kwargs, **common)
+    with pytest.raises(ValueError, match="started without a ControlNet"):
+        service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3, control_images=[ref],
+                         control_scales=[1.0], **common)
     with pytest.raises(ValueError, match="at least one of low / mid / high"):
         service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3,
                          **{**common, "granularities": [(0, 0, 0), None, None]})
@@ -173,28 +176,32 @@ def test_serve_command_line(monkeypatch, dataset, tmp_path, capsys, caplog):
     from dynaip.serve import generation
 
     class Service:  # no model loading: this test is about the switches
-        def __init__(self, models, adapter, out, device=None):
+        def __init__(self, models, adapter, out, device=None, controlnet=None):
             self.args = (models, adapter, out, device)
+            seen["controlnet"] = controlnet
 
     seen = {}
     monkeypatch.setattr(generation, "GenerationService", Service)
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(host=host, port=port, app=app))
     assert main(["serve", "--dataset", str(dataset), "--host", "127.0.0.2", "--port", "8123", "--page-size", "3",
                  "--out", str(tmp_path / "o"), "--max-upload-mb", "0.5"]) == 0
-    assert {k: seen[k] for k in ("host", "port")} == {"host": "127.0.0.2", "port": 8123}
+    assert {k: seen[k] for k in ("host", "port")} == {"host": "127.0.0.2", "port": 8123} and seen["controlnet"] is None
     from fastapi.testclient import TestClient
 
     client = TestClient(seen.pop("app"))
     assert _post_upload(client, 2**19).status_code == 200 and _post_upload(client, 2**19 + 1).status_code == 413
     monkeypatch.chdir(tmp_path)
     assert main(["serve"]) == 0 and seen["host"] == "127.0.0.1" and seen["port"] == 7860  # loopback by default
+    assert main(["serve", "--controlnet", str(tmp_path), "--controlnet", str(dataset)]) == 0
+    assert seen["controlnet"] == [str(tmp_path), str(dataset)]  # the page then has two control slots
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)
     for argv, message in ((["serve", "--dataset", str(tmp_path / "missing")], "manifest.json not found"),
                           (["serve", "--page-size", "0"], "--page-size 0"),
                           (["serve", "--port", "70000"], "--port 70000"),
                           (["serve", "--max-upload-mb", "0"], "--max-upload-mb 0: give a size above 0"),
-                          (["serve", "--models", str(tmp_path / "m.yaml")], "does not exist")):
+                          (["serve", "--models", str(tmp_path / "m.yaml")], "does not exist"),
+                          (["serve", "--controlnet", str(tmp_path / "cn")], "--controlnet")):
         caplog.clear()
         assert main(argv) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]

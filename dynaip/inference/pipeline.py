@@ -354,7 +354,7 @@ class DynaIPFluxPipeline:
                         num_inference_steps=num_inference_steps, height=height, width=width,
                         guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale)
         if control:
-            settings.update(control_images=len(nets_of(sampler.controlnet)),
+            settings.update(num_control_images=len(nets_of(sampler.controlnet)),
                             controlnet_conditioning_scale=control["controlnet_conditioning_scale"])
         return DynaIPOutput(images=list(result.images), masks=mask_t, settings=settings)
 
