@@ -133,7 +133,8 @@ def test_load_dynaip_on_a_multi_controlnet_pipeline(pipe, images, controlnet_dir
 
     ckpt = tmp_path / "adapter"
     pipe.adapter.save_pretrained(ckpt)
-    nets = FluxMultiControlNetModel([FluxControlNetModel.from_pretrained(str(controlnet_dir)) for _ in range(2)])
+    # the user's own load of the release directory, twice: two ControlNets with two control images
+    nets = FluxMultiControlNetModel([FluxControlNetModel.from_pretrained(str(controlnet_dir))] * 2)
     parts = {k: v for k, v in pipe.flux.components.items() if k != "controlnet"}
     user = FluxControlNetPipeline(**parts, controlnet=nets)
     user.set_progress_bar_config(disable=True)
@@ -254,3 +255,25 @@ def test_generate_page_service_takes_optional_control_images(tiny_models_yaml, c
     assert len(saved) == 1 and np.array_equal(_arr(Image.open(saved[0])), _arr(images["edges"]))
     assert "control_images" not in without.settings
     assert not np.array_equal(_arr(with_control.image), _arr(without.image))  # the control image reached FLUX
+
+
+def test_a_bad_controlnet_directory_is_one_line(controlnet_dir, tmp_path):
+    import shutil
+
+    from dynaip.models.errors import CheckpointError
+    from dynaip.models.flux import load_flux_controlnet
+
+    broken = tmp_path / "cn"
+    shutil.copytree(controlnet_dir, broken)
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    wrong = tmp_path / "unet"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((controlnet_dir / "config.json").read_text())
+    for path, message in ((tmp_path / "none", "directory does not exist"), (wrong, "names 'UNet2DConditionModel'"),
+                          (bare, "No safetensors weights"), (broken, "Re-download the directory")):
+        with pytest.raises(CheckpointError, match=message) as e:
+            load_flux_controlnet(path)
+        assert "\n" not in str(e.value) and "FLUX ControlNet: cannot load" in str(e.value)
