@@ -122,6 +122,10 @@ def test_multi_subject_masks_apply_with_a_controlnet(pipe, images):
     alone = pipe("a cat and a person", control_image=edges, seed=1, **CALL)
     assert not np.array_equal(_arr(out.images[0]), _arr(swapped.images[0]))  # where each subject goes matters
     assert not np.array_equal(_arr(out.images[0]), _arr(alone.images[0]))
+    # image CFG re-runs the transformer with the same ControlNet residuals: it composes too
+    cfg = pipe("a cat and a person", references=refs, masks=_bands(2), control_image=edges, image_guidance_scale=2.0,
+               seed=1, **CALL)
+    assert not np.array_equal(_arr(out.images[0]), _arr(cfg.images[0]))
 
 
 def test_load_dynaip_on_a_multi_controlnet_pipeline(pipe, images, controlnet_dir, tmp_path):
@@ -277,3 +281,19 @@ def test_a_bad_controlnet_directory_is_one_line(controlnet_dir, tmp_path):
         with pytest.raises(CheckpointError, match=message) as e:
             load_flux_controlnet(path)
         assert "\n" not in str(e.value) and "FLUX ControlNet: cannot load" in str(e.value)
+
+
+def test_model_offload_with_a_controlnet(pipe, images):
+    """diffusers' model CPU offload of the ControlNet pipeline (on the CPU here, as tests/test_low_memory.py
+    does): the same picture; a call without a control image is refused in one line (the offload hooks
+    belong to the ControlNet pipeline)."""
+    kw = dict(references=[images["cat"]], control_image=images["edges"], seed=5, **CALL)
+    before = _arr(pipe("a cat", **kw).images[0])
+    pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        assert pipe.offloaded
+        assert np.array_equal(before, _arr(pipe("a cat", **kw).images[0]))
+        with pytest.raises(ValueError, match="CPU offload on: give control_image"):
+            pipe("a cat", references=[images["cat"]], seed=5, **CALL)
+    finally:
+        pipe.flux.remove_all_hooks()
