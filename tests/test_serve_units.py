@@ -207,3 +207,32 @@ def test_serve_command_line(monkeypatch, dataset, tmp_path, capsys, caplog):
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0]
         assert "Traceback" not in capsys.readouterr().err
+
+
+def test_generate_page_hands_its_control_slots_to_the_service():
+    """`dynaip serve --controlnet A --controlnet B`: the page's generate callback (also the `generate` API
+    endpoint) passes one control image and scale per ControlNet; without --controlnet it has none."""
+    from dynaip.serve.app import DatasetCache, build_blocks
+    from dynaip.serve.generation import MAX_REFERENCES
+
+    calls = []
+
+    class Service:  # records what the page sends; the service's own checks are tested in test_controlnet.py
+        def generate(self, prompt, references, **kwargs):
+            calls.append(kwargs)
+            raise ValueError("recorded")
+
+    def page_generate(controlnets: int):
+        blocks = build_blocks(DatasetCache(), Service, controlnets=controlnets)
+        return next(f for f in blocks.fns.values() if f.api_name == "generate")
+
+    img = Image.new("RGB", (64, 64))
+    slot = [None, 1.0, True, 1.0, 1.0, 1.0, None, ""]  # reference, scale, auto granularity, low/mid/high, mask, phrase
+    two = page_generate(2)
+    assert len(two.inputs) == 7 + 8 * MAX_REFERENCES + 2 * 2
+    assert two.fn("x", 0, 1, 64, 64, 3.5, 1.0, *(slot * MAX_REFERENCES), img, 0.5, None, 1.5)[0] == "⚠️ recorded"
+    assert calls[-1]["control_images"] == [img, None] and calls[-1]["control_scales"] == [0.5, 1.5]
+    none = page_generate(0)
+    assert len(none.inputs) == 7 + 8 * MAX_REFERENCES
+    none.fn("x", 0, 1, 64, 64, 3.5, 1.0, *(slot * MAX_REFERENCES))
+    assert calls[-1]["control_images"] == [] and calls[-1]["control_scales"] == []
