@@ -275,8 +275,8 @@ class DedupConfig:
 @dataclass(kw_only=True)
 class DecontaminationConfig:
     """Inputs that copy a benchmark image are rejected (stage ``decontamination``), so numbers reported on
-    that benchmark are not measured on training data (docs/curation_quality.md, "Decontaminate against the
-    benchmarks you will report"). Off while ``against`` is empty."""
+    that benchmark are not measured on training data (docs/decontamination.md). Off while ``against`` is
+    empty."""
 
     against: list[str] = field(default_factory=list)
     """Benchmark roots: DreamBench++ as published, a DynaIP-Bench subject pool, or any folder of images
