@@ -244,3 +244,21 @@ def test_the_commented_example_in_the_sa1b_recipe_loads(tmp_path):
     assert dc.against == ["/data/dreambench_plus"]
     assert DecontaminationConfig(against=dc.against) == dc
     assert recipe.recipe_hash != Recipe.from_yaml(path).recipe_hash
+
+
+def test_matcher_settings(inputs):
+    """The copy check without the thumbnail step, and with a coarser hash; an exact-copy distance misses
+    a resized copy."""
+    from pipeline.decontam import BenchmarkIndex, list_benchmarks
+
+    photos, dirty, _ = inputs
+    bench = list_benchmarks([str(dirty)])
+    cat = np.asarray(Image.open(photos / "chelsea.jpg").convert("RGB"))
+    coffee = np.asarray(Image.open(photos / "coffee.jpg").convert("RGB"))
+    no_thumb = BenchmarkIndex.build(bench, max_distance=12, hash_size=16, max_thumb_diff=None, min_similarity=None)
+    hit, miss = no_thumb.match([cat, coffee])
+    assert miss is None and hit.rel == COPY and hit.how.startswith("pHash distance ") and "thumbnail" not in hit.how
+    coarse = BenchmarkIndex.build(bench, max_distance=4, hash_size=8, max_thumb_diff=10, min_similarity=None)
+    assert [m and m.rel for m in coarse.match([cat, coffee])] == [COPY, None]
+    exact = BenchmarkIndex.build(bench, max_distance=0, hash_size=16, max_thumb_diff=10, min_similarity=None)
+    assert exact.match([cat]) == [None]
