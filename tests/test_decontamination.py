@@ -83,6 +83,10 @@ def test_a_resized_reencoded_copy_in_dreambench_is_rejected_naming_the_image(inp
                                     "sha256": list_benchmark(dirty).sha256, "removed": 1}]
     assert entry["checks"] == {"max_distance": 12, "hash_size": 16, "max_thumb_diff": 10.0, "min_similarity": None}
     assert m["recipe"]["decontamination"]["against"] == [str(dirty)]
+    from dynaip.dataset.inspect import show
+
+    assert f"  {os.path.realpath(dirty)}  (dreambench++, 150 images, sha256 {entry['benchmarks'][0]['sha256'][:16]}): " \
+        "1 inputs removed" in show(out).splitlines()
 
     # resume identity: where the benchmark lies is not part of the recipe hash, its content is part of every
     # chunk's fingerprint — resumed against the clean benchmark, every chunk is rebuilt and chelsea is kept
@@ -100,6 +104,9 @@ def test_contamination_command_finds_the_same_in_a_dataset_curated_without_it(in
     out, manifest = plain
     totals = manifest["totals"]
     assert totals["rejected"] == 0 and "decontamination" not in manifest
+    from dynaip.dataset.inspect import show
+
+    assert "decontamination: none (no benchmark was checked; see `dynaip manifest contamination`)" in show(out)
     capsys.readouterr()
     assert main(["manifest", "contamination", str(out), "--against", str(dirty), "--against", str(clean)]) == 1
     lines = capsys.readouterr().out.splitlines()
