@@ -269,3 +269,22 @@ def test_matcher_settings(inputs):
     assert [m and m.rel for m in coarse.match([cat, coffee])] == [COPY, None]
     exact = BenchmarkIndex.build(bench, max_distance=0, hash_size=16, max_thumb_diff=10, min_similarity=None)
     assert exact.match([cat]) == [None]
+
+
+def test_dedup_reducer_takes_map_parts_of_different_widths():
+    """Found while checking decontamination on Ray: a map task whose chunks hold only intra pairs (one hash
+    a row) writes narrower arrays than one with cross pairs (two); the reducer pads them, and finds what one
+    map task over every row finds."""
+    from pipeline import dedup
+
+    rng = np.random.default_rng(0)
+    base = [int.from_bytes(rng.bytes(32), "big") for _ in range(4)]
+    thumb = [rng.bytes(192).hex() for _ in range(6)]
+    intra = [(0, "a-0", "intra", [base[0]], [thumb[0]]), (1, "b-0", "intra", [base[0] ^ 1], [thumb[0]]),
+             (2, "c-0", "intra", [base[1]], [thumb[1]])]
+    cross = [(3, "d-0", "cross", [base[2], base[3]], thumb[2:4]), (4, "e-0", "cross", [base[2] ^ 2, base[3]], thumb[2:4])]
+    parts = [dedup.partition(dedup.entries_from(rows, 16, True), 12, 16, 1)[0] for rows in (intra, cross)]
+    assert parts[0]["words"].shape[1] != parts[1]["words"].shape[1]
+    got = dedup.reduce_parts(parts, 12, 16, 10.0)
+    assert got == dedup.dedup_arrays(dedup.entries_from(intra + cross, 16, True), 12, 16, 1, 10.0)
+    assert {j: v[1] for j, v in got.items()} == {1: "a-0", 4: "d-0"}
