@@ -114,8 +114,17 @@ class Entries:
 
     @staticmethod
     def concat(parts: list[Entries]) -> Entries:
-        return Entries(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                         ("index", "keys", "group", "words", "thumbs")))
+        """The rows of ``parts`` together. Map tasks pad ``words``/``thumbs`` only to their own widest row, so
+        one whose chunks hold no cross pair (one hash a row) is narrower than one that does (two): narrower
+        parts are padded with zeros, as ``entries_from`` pads rows (their group keeps such rows apart)."""
+        def widen(a: np.ndarray, width: int) -> np.ndarray:
+            return a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])))
+
+        ww, tw = max(p.words.shape[1] for p in parts), max(p.thumbs.shape[1] for p in parts)
+        return Entries(np.concatenate([p.index for p in parts]), np.concatenate([p.keys for p in parts]),
+                       np.concatenate([p.group for p in parts]),
+                       np.concatenate([widen(p.words, ww) for p in parts]),
+                       np.concatenate([widen(p.thumbs, tw) for p in parts]))
 
 
 def words_per_hash(hash_size: int) -> int:

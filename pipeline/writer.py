@@ -22,7 +22,7 @@ import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
@@ -396,9 +396,11 @@ class DatasetWriter:
         return {"path": shard["path"], "samples": counts["samples"], "pairs": dict(sorted(pairs.items())),
                 "bytes": out.size, "sha256": out.sha.hexdigest()}
 
-    def finalize(self, results: list[ChunkResult], info: dict[str, Any]) -> dict[str, Any]:
+    def finalize(self, results: list[ChunkResult], info: dict[str, Any],
+                 on_reject: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Writes rejects.jsonl (streamed; slim results read their rejects back from the markers),
-        then manifest.json (last). ``info`` adds recipe/versions/models. Returns the manifest."""
+        then manifest.json (last). ``info`` adds recipe/versions/models; ``on_reject`` sees every reject
+        as it is written (and may update ``info``). Returns the manifest."""
         results = sorted(results, key=lambda r: r.chunk)
         self.check_no_shrink(sum(r.inputs for r in results))  # before rejects.jsonl is touched
         by_reason: dict[str, int] = {}
@@ -414,6 +416,8 @@ class DatasetWriter:
                 for rj in rejects:
                     f.write((json.dumps(rj, sort_keys=True, ensure_ascii=False) + "\n").encode())
                     k = f"{rj['stage']}: {reason_class(rj['reason'])}"
+                    if on_reject is not None:
+                        on_reject(rj)
                     by_reason[k] = by_reason.get(k, 0) + 1
                 n_rejects += len(rejects)
         inputs = sum(r.inputs for r in results)

@@ -321,4 +321,4 @@ def test_the_stage_list_is_written_once():
     stages = build_stages(Recipe.from_yaml(REPO / "manifests" / "demo.yaml"), None)
     assert [type(s) for s in stages] == list(STAGE_ORDER)
     assert [s.name for s in stages] == ["generate", "decode", "detect", "filter", "segment", "compose", "quality",
-                                        "consistency", "caption", "pair"]
+                                        "consistency", "decontamination", "caption", "pair"]

@@ -35,8 +35,21 @@ def show(root: str | Path) -> str:
     if reasons:
         lines.append("rejects by reason:")
         lines += [f"  {n!s:>6}  {reason}" for reason, n in reasons.items()]
+    lines += decontamination_lines(m)
     lines += quality_lines(root)
     return "\n".join(lines)
+
+
+def decontamination_lines(m: dict[str, Any]) -> list[str]:
+    """The benchmarks the dataset was checked against (docs/decontamination.md), or a line saying it was not."""
+    entry = _obj(m.get("decontamination"))
+    benchmarks = [_obj(b) for b in entry.get("benchmarks", [])] if isinstance(entry.get("benchmarks"), list) else []
+    if not benchmarks:
+        return ["decontamination: none (no benchmark was checked; see `dynaip manifest contamination`)"]
+    lines = ["decontaminated against:"]
+    lines += [f"  {b.get('path', '-')}  ({b.get('layout', '-')}, {b.get('files', '-')} images, "
+              f"sha256 {str(b.get('sha256', '-'))[:16]}): {b.get('removed', '-')} inputs removed" for b in benchmarks]
+    return lines
 
 
 def _obj(v: Any) -> dict[str, Any]:
