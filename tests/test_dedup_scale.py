@@ -101,6 +101,7 @@ def test_thumbnail_check_skips_hash_twins_that_look_different():
 
 def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monkeypatch):
     monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)
+    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 4)
     rng = np.random.default_rng(11)
     base = int(rng.integers(0, 2 ** 62))
     rows, entries, thumbs = [], [], []
@@ -117,8 +118,39 @@ def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monk
     for reducers in (1, 3):
         assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, 10.0, split).items()} == want
     monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10 ** 9)
+    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 10 ** 9)
     assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 1, 10.0, whole).items()} == want
     assert split["largest_compared"] < whole["largest_compared"] / 2
+
+
+@pytest.mark.parametrize("max_diff", [10.0, 6.5])
+def test_thumbnail_split_finds_near_pairs_across_cell_edges(monkeypatch, max_diff):
+    """Objects on white: one pHash cluster whose thumbnails spread evenly over every level, so many near
+    pairs straddle a cell edge of the thumbnail split (they must meet as guests of the cell below)."""
+    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)
+    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 4)
+    rng = np.random.default_rng(5)
+    base = int(rng.integers(0, 2 ** 62))
+    rows, entries, thumbs, values = [], [], [], []
+    for k in range(400):
+        h = base ^ (1 << int(rng.integers(64)))
+        if k > 20 and rng.random() < 0.4:  # a variant of an earlier input: within the check, or just past it
+            v = values[int(rng.integers(k))] + rng.integers(-int(max_diff), int(max_diff) + 1, 192)
+            if rng.random() < 0.3:
+                v[int(rng.integers(192))] += int(max_diff) + 1
+        else:
+            v = np.full(192, 255) - rng.integers(0, 2, 192) * rng.integers(0, 256, 192)  # white, some cells not
+        values.append(np.clip(v, 0, 255))
+        thumbs.append([values[-1].astype(np.uint8).tobytes().hex()])
+        entries.append((k, f"k{k}", "intra", [h]))
+        rows.append((k, f"k{k}", "intra", [h], thumbs[-1]))
+    want = earliest_copies(entries, 4, thumbs, max_diff)
+    assert 20 < len(want) < 300
+    e = dedup.entries_from(rows, 8, True)
+    stats: dict[str, int] = {}
+    for reducers in (1, 4):
+        assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, max_diff, stats).items()} == want
+    assert stats["largest_compared"] < stats["largest_bucket"] / 4
 
 
 def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
