@@ -21,7 +21,7 @@ and thumbnails collapse onto their earliest one before any pair is compared.
 
 Distributed as a shuffle by bucket: map task ``m`` reads its share of the chunks' ledgers and writes,
 per reducer ``r``, the entries owning a bucket of ``r`` (``.progress/dedup/``: ``npz`` files, loaded
-without pickle); reducer ``r`` reads only those ``M`` files, compares the pairs inside its buckets
+without pickle; ``pipeline.dedup_shuffle``); reducer ``r`` reads only those ``M`` files, compares the pairs inside its buckets
 with numpy (hashes as ``uint64`` words, ``numpy.bitwise_count``) and reports, per later input, the
 earliest near copy it saw. The driver takes the minimum over reducers. The answer does not depend
 on ``R``, on the order of chunks or on which worker ran what.
@@ -29,12 +29,9 @@ on ``R``, on the order of chunks or on which worker ran what.
 
 from __future__ import annotations
 
-import io
 import zlib
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -62,7 +59,6 @@ PAIRS_PER_STEP = 1 << 20
 """Pairs compared per numpy step (bounds the temporary arrays)."""
 PREFILTER_SLOTS = 1 << 24
 """Rows whose bucket key's low 24 bits no other row shares are alone in their bucket (one counting pass)."""
-DEDUP_DIR = ".progress/dedup"
 
 
 def image_hash(image: np.ndarray, hash_size: int = 8) -> str:
@@ -559,51 +555,3 @@ def reduce_buckets(entries: Iterable[Entry], max_distance: int, hash_size: int, 
     e = entries_from(((i, k, kind, h, None) for i, k, kind, h in entries), hash_size, False)
     part = partition(e, max_distance, hash_size, reducers)[reducer]
     return {j: (i, key) for j, (i, key, _) in reduce_parts([part], max_distance, hash_size, max_thumb_diff).items()}
-
-
-def _part_path(reducers: int, mapper: int, reducer: int) -> str:
-    return f"{DEDUP_DIR}/r{reducers}/m{mapper:05d}-r{reducer:05d}.npz"
-
-
-def run_mapper(writer: Any, chunks: list[int], inputs_per_chunk: int, max_distance: int, hash_size: int,
-               max_thumb_diff: float | None, mapper: int, reducers: int) -> int:
-    """Map task ``mapper``: reads the ledgers of ``chunks`` and writes one partition file per reducer
-    (atomically, into the dataset's store). Returns the entries it read."""
-    rows = [r for c in chunks for r in ledger_rows(writer.read_ledger(c), c, inputs_per_chunk)]
-    e = entries_from(rows, hash_size, max_thumb_diff is not None)
-    for r, part in enumerate(partition(e, max_distance, hash_size, reducers)):
-        buf = io.BytesIO()
-        np.savez(buf, **part)
-        writer.store.write_bytes(_part_path(reducers, mapper, r), buf.getvalue())
-    return len(e)
-
-
-def run_reducer(writer: Any, mappers: int, max_distance: int, hash_size: int, max_thumb_diff: float | None,
-                reducer: int, reducers: int) -> dict[int, tuple[int, str, str]]:
-    """Reducer ``reducer``: reads only its ``mappers`` partition files. Returns ``index → (earliest
-    index, its key, this input's key)``."""
-    parts = []
-    for m in range(mappers):
-        with np.load(io.BytesIO(writer.store.read_bytes(_part_path(reducers, m, reducer))), allow_pickle=False) as z:
-            parts.append({k: z[k] for k in z.files})
-    return reduce_parts(parts, max_distance, hash_size, max_thumb_diff)
-
-
-def clean(writer: Any, mappers: int, reducers: int) -> None:
-    """Removes the partition files of a finished pass."""
-    for m in range(mappers):
-        for r in range(reducers):
-            writer.store.remove(_part_path(reducers, m, r))
-
-
-def plan(parts: Iterable[dict[int, tuple[int, str, str]]], inputs_per_chunk: int) -> dict[int, dict[str, str]]:
-    """Merges reducer outputs into ``chunk → {removed key: kept key}``."""
-    best: dict[int, tuple[int, str, str]] = {}
-    for part in parts:
-        for j, (i, key, own) in part.items():
-            if j not in best or i < best[j][0]:
-                best[j] = (i, key, own)
-    out: dict[int, dict[str, str]] = defaultdict(dict)
-    for j, (_, key, own) in sorted(best.items()):
-        out[j // inputs_per_chunk][own] = key
-    return dict(out)

@@ -86,7 +86,7 @@ class ChunkWorker:
         return res.slim()
 
     def dedup_map(self, chunks: list[int], mapper: int, reducers: int) -> int:
-        from pipeline.dedup import run_mapper
+        from pipeline.dedup_shuffle import run_mapper
 
         d = self.recipe.dedup
         self.writer.store.invalidate()
@@ -94,7 +94,7 @@ class ChunkWorker:
                           d.max_thumb_diff, mapper, reducers)
 
     def dedup(self, mappers: int, reducer: int, reducers: int) -> dict:
-        from pipeline.dedup import run_reducer
+        from pipeline.dedup_shuffle import run_reducer
 
         d = self.recipe.dedup
         self.writer.store.invalidate()
@@ -353,7 +353,7 @@ def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, A
 
 def deduplicate(recipe: Recipe, pool: Pool, results: dict[int, ChunkResult], writer: DatasetWriter) -> list[int]:
     """The de-duplication pass; updates ``results``; returns chunks that must be built again."""
-    from pipeline import dedup
+    from pipeline import dedup_shuffle
 
     chunks = sorted(results)
     reducers = max(1, pool.size)
@@ -362,8 +362,8 @@ def deduplicate(recipe: Recipe, pool: Pool, results: dict[int, ChunkResult], wri
     # shuffle by bucket: each map task partitions its chunks' ledgers, each reducer reads its partitions only
     map_all(pool, "dedup_map", [(chunks[m * share:(m + 1) * share], m, reducers) for m in range(mappers)])
     parts = map_all(pool, "dedup", [(mappers, r, reducers) for r in range(reducers)])
-    plan = dedup.plan(parts, recipe.shards.inputs_per_shard)
-    dedup.clean(writer, mappers, reducers)
+    plan = dedup_shuffle.plan(parts, recipe.shards.inputs_per_shard)
+    dedup_shuffle.clean(writer, mappers, reducers)
     todo = [(c, plan.get(c, {})) for c in chunks if results[c].duplicates != plan.get(c, {})]
     redo = []
     for chunk, res in map_all(pool, "apply", todo):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import dedup
+from pipeline import dedup, dedup_shuffle
 
 
 def earliest_copies(entries, max_distance, thumbs=None, max_diff=None) -> dict[int, str]:
@@ -167,19 +167,19 @@ def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
     want = earliest_copies(entries, 4)
     for mappers, reducers in ((1, 1), (2, 3), (3, 4)):
         chunks = [list(range(6))[m::mappers] for m in range(mappers)]
-        read = sum(dedup.run_mapper(writer, ch, k * 3, 4, 8, None, m, reducers) for m, ch in enumerate(chunks))
+        read = sum(dedup_shuffle.run_mapper(writer, ch, k * 3, 4, 8, None, m, reducers) for m, ch in enumerate(chunks))
         assert read == len(entries)
         parts, sizes = [], []
         for r in range(reducers):
-            parts.append(dedup.run_reducer(writer, mappers, 4, 8, None, r, reducers))
-            sizes.append(sum(len(np.load(tmp_path / "ds" / dedup._part_path(reducers, m, r))["index"])
+            parts.append(dedup_shuffle.run_reducer(writer, mappers, 4, 8, None, r, reducers))
+            sizes.append(sum(len(np.load(tmp_path / "ds" / dedup_shuffle._part_path(reducers, m, r))["index"])
                              for m in range(mappers)))
         if reducers > 1:
             assert max(sizes) < len(entries)  # no reducer reads every entry
-        got = {own_key: kept for c in dedup.plan(parts, k * 3).values() for own_key, kept in c.items()}
+        got = {own_key: kept for c in dedup_shuffle.plan(parts, k * 3).values() for own_key, kept in c.items()}
         assert got == {next(e[1] for e in entries if e[0] == j): key for j, key in want.items()}
-        dedup.clean(writer, mappers, reducers)
-        assert not list((tmp_path / "ds" / dedup.DEDUP_DIR).rglob("*.npz"))
+        dedup_shuffle.clean(writer, mappers, reducers)
+        assert not list((tmp_path / "ds" / dedup_shuffle.DEDUP_DIR).rglob("*.npz"))
 
 
 def test_max_thumb_diff_is_checked_and_recorded_in_the_ledger():
