@@ -277,7 +277,9 @@ def test_writer_splits_by_bytes_and_resumes_by_marker(tmp_path):
     assert w.done(3, "fp") is not None and w.done(3, "other-inputs") is None
     (tmp_path / "ds" / "shards" / "000003_01.tar").write_bytes(b"x")
     assert w.done(3, "fp") is None  # a damaged shard means the chunk is redone
-    man = w.finalize([res], {})
+    res = w.write_chunk(3, "fp", 5, enc, [Reject(source="t", id="x", stage="decode", reason="empty file (0 bytes)")])
+    man = w.finalize([res], {})  # reads the first shards for the dataset card: they must be whole
+    assert (tmp_path / "ds" / "README.md").is_file() and (tmp_path / "ds" / "preview.png").is_file()
     assert man["totals"] == {"inputs": 5, "accepted": 4, "rejected": 1, "samples": 4, "bytes": man["totals"]["bytes"],
                              "pairs": {"unknown": 4}, "rejected_by_reason": {"decode: empty file": 1}}
     with pytest.raises(OutputDirError, match="recipe hash h1, but this recipe's hash is h2"):
