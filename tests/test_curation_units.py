@@ -399,3 +399,21 @@ def test_ray_worker_pool_is_sized_from_the_recipe_and_the_cluster(monkeypatch):
     for bad in ({"workers": 0}, {"cpus_per_worker": 0}, {"resources": {"curate": -1}}):
         with pytest.raises(ValueError, match="executor"):
             recipe(executor=bad)
+
+
+def test_a_dataset_without_samples_gets_a_card_without_a_preview(tmp_path):
+    """Every input rejected: the card still states the totals and the rejects; no preview.png (one an
+    earlier run left is removed)."""
+    from huggingface_hub import DatasetCard
+
+    w = DatasetWriter(tmp_path / "ds", "h1")
+    w.prepare({"x": 1})
+    (tmp_path / "ds" / "preview.png").write_bytes(b"stale")
+    res = w.write_chunk(0, "fp", 1, [], [Reject(source="t", id="x", stage="decode", reason="empty file (0 bytes)")])
+    w.finalize([res], {"recipe": {"name": "empty"}}, [{"name": "mine", "license": "unknown"}])
+    card = DatasetCard.load(tmp_path / "ds" / "README.md")
+    assert card.data.pretty_name == "empty" and card.data.license == "unknown"
+    assert card.data.dataset_info["splits"] == [{"name": "train", "num_bytes": 0, "num_examples": 0}]
+    assert "| 1 | 0 | 1 | 0 | 0 | 0 |" in card.text and "| decode: empty file | 1 |" in card.text
+    assert "No quality scores" in card.text and "preview" not in card.text
+    assert not (tmp_path / "ds" / "preview.png").exists()

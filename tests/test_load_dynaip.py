@@ -142,6 +142,13 @@ def test_hub_repo_id_resolves_from_the_local_hub_cache_only(flux, checkpoint, ti
     finally:
         dyn.unload()
 
+    # without HF_HUB_CACHE the cache is HF_HOME/hub, read when loading
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    fake_hub_cache(tmp_path / "home" / "hub", "acme/dynaip-tiny", {p.name: p.read_bytes() for p in sorted(named.iterdir())})
+    got = DynaIPAdapter.from_pretrained("acme/dynaip-tiny").state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
     # a local directory named like the repo id is read instead of the cache
     monkeypatch.chdir(tmp_path)
     other = DynaIPAdapter(DynaIPAdapter.from_pretrained(named).config)
