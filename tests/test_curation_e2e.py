@@ -268,6 +268,7 @@ def test_dataset_card_is_a_hub_dataset_card_that_datasets_loads(built, tmp_path,
     rows = min(PREVIEW_SAMPLES, t["samples"])
     assert Image.open(out / "preview.png").size == (3 * 160, rows * (160 + 28))
 
+    before = tree_bytes(out)
     shards = [str(out / s["path"]) for s in m["shards"]]
     plain = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", cache_dir=str(tmp_path / "a"))
     assert plain.num_rows == t["samples"] and set(MEMBER_ORDER) <= set(plain.column_names)
@@ -281,6 +282,7 @@ def test_dataset_card_is_a_hub_dataset_card_that_datasets_loads(built, tmp_path,
            {k: first[k] for k in ("source_id", "pair", "mask_area", "width")}
     assert ds[0]["json"]["quality"]["sharpness"] == pytest.approx(first["quality"]["sharpness"])
     assert np.array_equal(np.asarray(ds[0]["ref.png"]), np.asarray(Image.open(io.BytesIO(ours[0]["ref.png"]))))
+    assert tree_bytes(out) == before  # datasets wrote its cache elsewhere: the dataset is untouched
 
 
 def test_dataset_card_states_the_source_license(tmp_path):
