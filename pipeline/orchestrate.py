@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Protocol
 from pipeline.chunking import process_chunk
 from pipeline.recipe import Recipe
 from pipeline.records import Reject, SourceRecord
-from pipeline.sources import get_reader
+from pipeline.sources import get_license, get_reader
 from pipeline.inputs import guard_records, input_fingerprint, source_identity
 from dynaip.run_lock import RunLock
 from pipeline.writer import ChunkResult, DatasetWriter, OutputDirError
@@ -348,7 +348,8 @@ def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, A
             build(set(redo))
     progress.close(f"{sum(len(r.duplicates) for r in results.values())} duplicates removed"
                    if recipe.dedup.max_distance is not None else "")
-    return writer.finalize(list(results.values()), info, on_reject=count_removed(info))
+    return writer.finalize(list(results.values()), info, [get_license(recipe.source.kind).to_dict()],
+                           on_reject=count_removed(info))
 
 
 def deduplicate(recipe: Recipe, pool: Pool, results: dict[int, ChunkResult], writer: DatasetWriter) -> list[int]:

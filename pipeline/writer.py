@@ -2,6 +2,7 @@
 
     DIR/shards/000000.tar ...   WebDataset shards, one per input chunk (parts 000000_01.tar ... past max_bytes)
     DIR/rejects.jsonl           {source, id, stage, reason} per rejected input, in input order
+    DIR/README.md, preview.png  the dataset card (dynaip/dataset/card.py), just before the manifest
     DIR/manifest.json           written last, atomically
     DIR/.progress/              resume state: recipe.json + one marker per finished chunk
 
@@ -28,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from dynaip.atomic import clean_temp_files
+from dynaip.dataset.card import write_card
 from dynaip.dataset.format import FORMAT, MEMBER_ORDER, shard_name
 from dynaip.dataset.manifest import read_store_manifest
 from dynaip.dataset.store import Store
@@ -397,8 +399,10 @@ class DatasetWriter:
                 "bytes": out.size, "sha256": out.sha.hexdigest()}
 
     def finalize(self, results: list[ChunkResult], info: dict[str, Any],
+                 licenses: list[dict[str, Any]] | None = None,
                  on_reject: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Writes rejects.jsonl (streamed; slim results read their rejects back from the markers),
+        """Writes rejects.jsonl (streamed; slim results read their rejects back from the markers), the
+        dataset card (README.md + preview.png, dynaip/dataset/card.py; ``licenses``: the sources' terms),
         then manifest.json (last). ``info`` adds recipe/versions/models; ``on_reject`` sees every reject
         as it is written (and may update ``info``). Returns the manifest."""
         results = sorted(results, key=lambda r: r.chunk)
@@ -440,6 +444,7 @@ class DatasetWriter:
                        "bytes": sum(s["bytes"] for s in shards),
                        "rejected_by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))},
         }
+        write_card(self.store, manifest, licenses)  # before the manifest: a finished dataset always has its card
         self.store.write_bytes("manifest.json", dump_json(manifest))
         return manifest
 

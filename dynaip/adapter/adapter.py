@@ -23,6 +23,7 @@ from .hmoe import HMoEFFM
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
 CHECKPOINT_FORMAT = "dynaip-adapter/1"
 
 
@@ -250,16 +251,23 @@ class DynaIPAdapter(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
-                        clip_vision: dict | None = None) -> Path:
-        """Writes ``directory/adapter.safetensors`` (weights only) and ``directory/config.json``.
+                        clip_vision: dict | None = None, training: dict | None = None) -> Path:
+        """Writes ``directory/adapter.safetensors`` (weights only), ``directory/config.json`` and the model
+        card ``directory/README.md`` (dynaip/adapter/card.py).
 
         ``state_dict``: the whole weights when this module holds only shards (FSDP2 training gathers
         them with ``dynaip.train.parallel.full_adapter_state``); default: this module's own.
         ``clip_vision``: the CLIP vision tower the adapter was trained with (``models.yaml``'s
         ``clip_vision`` entry: path, model_name, quick_gelu); ``load_dynaip`` uses it when the caller
         names no tower.
+        ``training``: what the card says about the run (the trainer's base model, step, datasets and their
+        manifest digests, config: ``dynaip.adapter.card.model_card``); None = a card without it.
         """
         from safetensors.torch import save_file
+
+        from dynaip.atomic import atomic_write_text
+
+        from .card import model_card
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -271,6 +279,7 @@ class DynaIPAdapter(nn.Module):
         if clip_vision is not None:
             meta["clip_vision"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(clip_vision).items()}
         (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        atomic_write_text(out / CARD_NAME, model_card(meta, sum(v.numel() for v in state.values()), training))
         return out
 
     @classmethod
@@ -284,7 +293,9 @@ class DynaIPAdapter(nn.Module):
 
     @staticmethod
     def _files(directory: str | Path) -> tuple[Path, Path]:
-        d = Path(directory)
+        from .hub import resolve_adapter_dir
+
+        d = resolve_adapter_dir(directory)  # a local path wins; else "owner/name" from the local hub cache
         weights, config = d / WEIGHTS_NAME, d / CONFIG_NAME
         missing = [p.name for p in (weights, config) if not p.is_file()]
         if missing:
@@ -295,8 +306,11 @@ class DynaIPAdapter(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "DynaIPAdapter":
-        """Rebuilds the adapter from ``config.json`` and loads ``adapter.safetensors`` (cast to ``dtype`` if given)."""
-        _, config_file = cls._files(directory)
+        """Rebuilds the adapter from ``config.json`` and loads ``adapter.safetensors`` (cast to ``dtype`` if given).
+        ``directory``: a local directory, or a hub repo id ``owner/name`` already in the local Hugging Face
+        cache (``dynaip.adapter.hub``; nothing is downloaded)."""
+        weights, config_file = cls._files(directory)
+        directory = weights.parent
         meta = json.loads(config_file.read_text())
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{config_file}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")

@@ -149,7 +149,11 @@ class ResumeState:
         from .checkpoint_files import swap_in
 
         cfg = self.cfg
-        self.adapter.save_pretrained(tmp, state_dict=weights, clip_vision=self.clip_vision)
+        training = {"base_model": self.base_model, "step": self.step, "max_steps": cfg.max_steps or cfg.total_steps,
+                    "stage": cfg.stages[cfg.stage_at(self.step)].name, "run_id": self.spec.run_id,
+                    "datasets": self.datasets, "config": cfg.to_dict()}  # the model card's "Training"; of the run's
+        # planned steps (a --max-steps stop is not the end of training)
+        self.adapter.save_pretrained(tmp, state_dict=weights, clip_vision=self.clip_vision, training=training)
         if not sharded:
             torch.save(self.optimizer.state_dict(), tmp / "resume" / "optimizer.pt")
         torch.save(rngs, tmp / "resume" / "rng.pt")

@@ -98,6 +98,7 @@ class Worker(ResumeState):
 
     def __init__(self, spec: RunSpec):
         from dynaip.adapter import DynaIPAdapter, DynaIPConfig
+        from dynaip.adapter.card import base_model_of
         from dynaip.models import ModelsConfig
 
         from .parallel import apply_strategy
@@ -118,6 +119,7 @@ class Worker(ResumeState):
 
         models = ModelsConfig.from_yaml(spec.models)
         self.clip_vision = asdict(models.clip_vision)  # named in every checkpoint's config.json (load_dynaip)
+        self.base_model = base_model_of(models.flux)  # named in every checkpoint's model card
         preset = DynaIPConfig.full if cfg.model.adapter_preset == "full" else DynaIPConfig.tiny
         # The adapter's config is the one source of truth for its CLIP layers; models.yaml only
         # seeds a fresh adapter that does not name them.
