@@ -29,13 +29,15 @@ How:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import shutil
 import time
 import zlib
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -97,11 +99,29 @@ def eval_config(cfg: FidelityConfig):
     return EvalConfig.from_yaml(cfg.eval_config) if cfg.eval_config else EvalConfig()
 
 
+@contextlib.contextmanager
+def rng_untouched(device: torch.device) -> Iterator[None]:
+    """Restores every global RNG the training draws from (torch CPU and ``device``, numpy, random) on exit.
+    Building the scorers initialises models at random before loading their weights (OpenCLIP, timm), which
+    would otherwise move the stream of the adapter's expert dropout."""
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+
+
 class FidelityEval:
-    """One worker's part of the fidelity evaluations (see the module docstring)."""
+    """One worker's part of the fidelity evaluations (see the module docstring). Nothing it does moves the
+    training's RNG streams (``rng_untouched``)."""
 
     def __init__(self, cfg: FidelityConfig, *, models: Any, frozen: Any, out: Path, rank: int, world: int,
                  max_sequence_length: int):
+        with rng_untouched(frozen.device):
+            self._setup(cfg, models, frozen, out, rank, world, max_sequence_length)
+
+    def _setup(self, cfg: FidelityConfig, models: Any, frozen: Any, out: Path, rank: int, world: int,
+               max_sequence_length: int) -> None:
         self.cfg, self.models, self.frozen, self.out, self.rank, self.world = cfg, models, frozen, out, rank, world
         self.cases = check_fidelity(cfg)
         if len(self.cases) < cfg.limit and rank == 0:
@@ -147,6 +167,10 @@ class FidelityEval:
 
     def evaluate(self, step: int, adapter: torch.nn.Module) -> dict[str, Any] | None:
         """Generates this rank's cases, then (rank 0) scores them all: the record to log on rank 0, None elsewhere."""
+        with rng_untouched(self.frozen.device):
+            return self._evaluate(step, adapter)
+
+    def _evaluate(self, step: int, adapter: torch.nn.Module) -> dict[str, Any] | None:
         t0 = time.perf_counter()
         folder = self.folder(step)
         if self.rank == 0:  # an evaluation repeated after a restart starts clean: no stale image or score is reused
