@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train_fixtures import local_train, same_adapter, write_dreambench
+from train_fixtures import local_train, same_adapter, write_dreambench, write_eval_config
 
 METRICS = ["clip_i", "clip_t", "dino", "cp", "pf"]
 KEEP_BEST = "cp"  # the judge below scores the first evaluation higher: the best is step 2, which keep: 1 must spare
@@ -56,23 +56,6 @@ class FallingJudge:
         self.server.server_close()
 
 
-def _eval_config(root: Path, judge_url: str) -> Path:
-    """An eval config (jobs/configs/eval_judges.yaml's keys) with the loopback judge and tiny DINO weights."""
-    import timm
-    import torch
-
-    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    torch.manual_seed(0)
-    torch.save(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **args).state_dict(),
-               root / "dino.pth")  # the official DINO release format: a flat state dict
-    path = root / "eval.yaml"
-    path.write_text(yaml.safe_dump({
-        "protocol": "dreambench",
-        "judges": [{"name": "fixed", "base_url": judge_url, "model": "m", "retry_backoff_s": 0, "timeout_s": 20}],
-        "dino": {"path": "dino.pth", "arch": "vit_small_patch16_224", "model_args": args}}))
-    return path
-
-
 def _records(run: Path) -> list[dict]:
     return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "fidelity"]
 
@@ -92,7 +75,8 @@ def test_fidelity_curves_best_checkpoint_keep_and_resume(local_train_once, tiny_
                            "metrics": METRICS, "eval_config": "eval.yaml"}  # relative: against the config's folder
         raw["checkpoints"] = {**raw["checkpoints"], "keep": 1, "keep_best": KEEP_BEST}
         write_dreambench(tmp_path / "dbpp", {"animal": 1, "object": 1})
-        _eval_config(tmp_path, judge.url)
+        write_eval_config(tmp_path, [{"name": "falling", "base_url": judge.url, "model": "m", "retry_backoff_s": 0,
+                                      "timeout_s": 20}])
         cfg = tmp_path / "fidelity.yaml"
         cfg.write_text(yaml.safe_dump(raw))
         run = tmp_path / "run"

@@ -174,3 +174,22 @@ def write_dreambench(root: str | Path, per_category: dict[str, int], size: int =
             cap.write_text(f"{cat} {i}\n" + "".join(f"a photo of the {cat} {i}, scene {j}\n" for j in range(9)))
             n += 1
     return root
+
+
+def write_eval_config(root: str | Path, judges: Sequence[dict] = ()) -> Path:
+    """``root/eval.yaml`` in the keys of jobs/configs/eval_judges.yaml: protocol dreambench, ``judges``, and tiny
+    random DINO weights (a timm ViT in the official DINO release's format, a flat state dict) at ``root/dino.pth``."""
+    import timm
+    import torch
+    import yaml
+
+    root = Path(root)
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    with torch.random.fork_rng():  # the caller's RNG stays as it was
+        torch.manual_seed(0)
+        model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **args)
+    torch.save(model.state_dict(), root / "dino.pth")
+    path = root / "eval.yaml"
+    path.write_text(yaml.safe_dump({"protocol": "dreambench", "judges": list(judges),
+                                    "dino": {"path": "dino.pth", "arch": "vit_small_patch16_224", "model_args": args}}))
+    return path

@@ -87,6 +87,9 @@ def check_fidelity(cfg: FidelityConfig) -> list[Case]:
     eval_cfg = eval_config(cfg)
     if "dino" in cfg.metrics and eval_cfg.dino is None:
         raise ValueError(f"fidelity.metrics has dino but the eval config {cfg.eval_config} names no dino weights")
+    if "dino" in cfg.metrics and not Path(eval_cfg.dino.path).is_file():
+        raise FileNotFoundError(f"fidelity: the DINO weights {eval_cfg.dino.path} (eval config {cfg.eval_config}) "
+                                "do not exist; fix dino.path there")
     judged = sorted(set(cfg.metrics) & {"cp", "pf"})
     if judged and not eval_cfg.judges:
         raise ValueError(f"fidelity.metrics has {judged} but the eval config {cfg.eval_config} lists no judges")
