@@ -10,6 +10,7 @@ evaluating draws nothing from the training RNG.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -156,3 +157,25 @@ def test_keep_best_rules_and_the_best_record(tmp_path):
     # the subset is fixed by the case ids, not by the order of the source
     pool = load_cases(str(write_dreambench(tmp_path / "dbpp", {"animal": 1, "style": 1})))
     assert select_cases(pool, 5) == select_cases(pool[::-1], 5) and len(select_cases(pool, 5)) == 5
+
+
+def test_fidelity_inputs_are_checked_before_the_run_starts(local_train_once, tiny_models_yaml, tmp_path, capsys):
+    from dynaip.configs import ConfigError
+    from dynaip.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="did you mean 'limit'"):
+        TrainConfig.from_dict({"stages": [{"name": "a", "steps": 2}], "fidelity": {"limt": 2}})
+    config, _ = local_train_once
+    raw = yaml.safe_load(config.read_text())
+    write_dreambench(tmp_path / "dbpp", {"object": 1})
+    for fidelity, words in (({"cases": "missing"}, "fidelity.cases '.*missing' does not exist"),
+                            ({"cases": "dbpp", "metrics": ["dino"], "eval_config": "eval.yaml"},
+                             "names no dino weights"),
+                            ({"cases": "dbpp", "metrics": ["pf"], "eval_config": "eval.yaml"}, "lists no judges")):
+        (tmp_path / "eval.yaml").write_text("protocol: dreambench\n")
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text(yaml.safe_dump({**raw, "fidelity": {"every": 2, **fidelity}}))
+        assert local_train(cfg, tiny_models_yaml, tmp_path / "run") != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert re.search(words, err[-1]) and "Traceback" not in "\n".join(err), err[-3:]
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any worker started

@@ -186,7 +186,7 @@ class FidelityEval:
                     image = self._generate(self.mine[i], self.text[i], adapter)
                     atomic_write_bytes(image_path(folder, self.mine[i].id), _png(image))
                 else:  # the same number of transformer calls on every rank; the image is thrown away
-                    self._generate(self.cases[0], self.text[0], adapter)
+                    self._generate(self.mine[0] if self.mine else self.cases[0], self.text[0], adapter)
         finally:
             adapter.train()
         self._barrier()  # every rank's images are on disk
