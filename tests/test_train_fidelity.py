@@ -159,7 +159,7 @@ def test_keep_best_rules_and_the_best_record(tmp_path):
     assert select_cases(pool, 5) == select_cases(pool[::-1], 5) and len(select_cases(pool, 5)) == 5
 
 
-def test_fidelity_inputs_are_checked_before_the_run_starts(local_train_once, tiny_models_yaml, tmp_path, capsys):
+def test_fidelity_inputs_are_checked_before_the_run_starts(local_train_once, tiny_models_yaml, tmp_path, caplog):
     from dynaip.configs import ConfigError
     from dynaip.train.config import TrainConfig
 
@@ -175,7 +175,8 @@ def test_fidelity_inputs_are_checked_before_the_run_starts(local_train_once, tin
         (tmp_path / "eval.yaml").write_text("protocol: dreambench\n")
         cfg = tmp_path / "bad.yaml"
         cfg.write_text(yaml.safe_dump({**raw, "fidelity": {"every": 2, **fidelity}}))
-        assert local_train(cfg, tiny_models_yaml, tmp_path / "run") != 0
-        err = capsys.readouterr().err.strip().splitlines()
-        assert re.search(words, err[-1]) and "Traceback" not in "\n".join(err), err[-3:]
+        caplog.clear()
+        assert local_train(cfg, tiny_models_yaml, tmp_path / "run") == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "\n" not in errors[0] and re.search(words, errors[0]), errors
         assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any worker started
