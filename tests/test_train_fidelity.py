@@ -180,3 +180,25 @@ def test_fidelity_inputs_are_checked_before_the_run_starts(local_train_once, tin
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and "\n" not in errors[0] and re.search(words, errors[0]), errors
         assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any worker started
+
+
+def test_prompts_without_loaded_text_encoders_match_the_loaded_ones(tiny_models):
+    """A run on precomputed features has no T5 on its ranks: the fidelity prompts are encoded by text encoders
+    loaded for that moment only, to the same numbers the loaded pipeline gives."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dynaip.models.flux import load_flux_pipeline
+    from dynaip.train.fidelity import FidelityEval
+    from dynaip.train.step import encode_prompts
+
+    frozen = SimpleNamespace(pipe=SimpleNamespace(text_encoder_2=None), device=torch.device("cpu"),
+                             dtype=torch.float32)
+    evaluator = FidelityEval.__new__(FidelityEval)  # only the prompt encoding, without a training run around it
+    evaluator.models, evaluator.frozen = tiny_models, frozen
+    got = evaluator._encode_prompts(["a photo of the object 0", "a dog"], 32)
+    pipe = load_flux_pipeline(tiny_models.flux)
+    for (t5, pooled), prompt in zip(got, ["a photo of the object 0", "a dog"]):
+        want_t5, want_pooled, _ = encode_prompts(pipe, [prompt], torch.device("cpu"), 32)
+        assert t5.shape == (1, 32, want_t5.shape[-1]) and torch.equal(t5, want_t5) and torch.equal(pooled, want_pooled)
