@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -292,10 +293,29 @@ class DynaIPAdapter(nn.Module):
             raise ValueError(f"{config_file} is not valid JSON ({e})") from None
 
     @staticmethod
-    def _files(directory: str | Path) -> tuple[Path, Path]:
+    def resolve_checkpoint(directory: str | Path) -> Path:
+        """``directory``, or for ``RUN/checkpoints/best`` (no such directory, a ``best.json`` beside it, written
+        by training's ``checkpoints.keep_best``) the checkpoint that best.json names."""
+        d = Path(directory)
+        best = d.parent / "best.json"
+        if d.name != "best" or d.exists() or not best.is_file():
+            return d
+        try:
+            name = json.loads(best.read_text())["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{best} is not a best-checkpoint record ({type(e).__name__}: {e})") from None
+        if not isinstance(name, str) or not re.fullmatch(r"step-\d{6,}", name):  # never a path out of the folder
+            raise ValueError(f"{best} names {name!r}, not a checkpoint of its folder (step-NNNNNN)")
+        return d.parent / name
+
+    @classmethod
+    def _files(cls, directory: str | Path) -> tuple[Path, Path]:
         from .hub import resolve_adapter_dir
 
-        d = resolve_adapter_dir(directory)  # a local path wins; else "owner/name" from the local hub cache
+        # RUN/checkpoints/best via its best.json; else a local path wins; else "owner/name" from the hub cache
+        d = cls.resolve_checkpoint(directory)
+        if d == Path(directory):
+            d = resolve_adapter_dir(directory)
         weights, config = d / WEIGHTS_NAME, d / CONFIG_NAME
         missing = [p.name for p in (weights, config) if not p.is_file()]
         if missing:

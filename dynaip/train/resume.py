@@ -140,10 +140,22 @@ class ResumeState:
             with writing(final), _removed_on_error(tmp):  # a full disk: the previous checkpoints stay as they are
                 self._write_checkpoint(tmp, final, weights, sharded, rngs, datas)
             if cfg.checkpoints.keep:
-                prune(root, cfg.checkpoints.keep)
+                prune(root, cfg.checkpoints.keep, protect=self._best_step())
             log.info("checkpoint %s", final)
         if self.world > 1:
             dist.barrier()  # nobody runs ahead and resumes from a half-written checkpoint
+
+    def _best_step(self) -> int | None:
+        best = getattr(self, "best", None)
+        return None if best is None else best.step
+
+    def offer_best(self, value: float | None) -> None:
+        """Rank 0, after saving the checkpoint of ``self.step``: best.json names it if ``value`` beats the best;
+        the checkpoint it replaces as the best then falls under ``checkpoints.keep`` like any other."""
+        from .checkpoint_files import prune
+
+        if self.best.offer(self.step, value) and self.cfg.checkpoints.keep:
+            prune(self.out / "checkpoints", self.cfg.checkpoints.keep, protect=self._best_step())
 
     def _write_checkpoint(self, tmp: Path, final: Path, weights: Any, sharded: bool, rngs: list, datas: list) -> None:
         from .checkpoint_files import swap_in
