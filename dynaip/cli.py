@@ -24,7 +24,8 @@ def _tiny_checkpoints(args: argparse.Namespace) -> int:
 
 def _add_tiny_checkpoints(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tiny-checkpoints", help="write tiny random-weight checkpoints in the real release formats",
-                       description="Writes FLUX (diffusers dir), OpenCLIP, Grounding DINO, SAM, BLIP captioner and aesthetic-head "
+                       description="Writes FLUX (diffusers dir), OpenCLIP, Grounding DINO, SAM, BLIP captioner, aesthetic-head "
+                                   "and FLUX ControlNet (diffusers dir) "
                                    "checkpoints with tiny "
                                    "random weights plus DIR/models.yaml. For tests and the demo: their outputs are noise.")
     p.add_argument("--out", required=True, help="output directory")

@@ -1,4 +1,4 @@
-"""Argparse wiring for ``dynaip curate``, ``dynaip synth`` and ``dynaip manifest show|verify|grid``.
+"""Argparse wiring for ``dynaip curate``, ``dynaip synth`` and ``dynaip manifest show|verify|grid|contamination``.
 
 ``add_curate_parser(subparsers)`` / ``add_manifest_parser(subparsers)`` add the sub-commands; each
 sets ``func`` to a handler ``(args) -> int`` (the exit code).
@@ -106,7 +106,35 @@ def add_manifest_parser(subparsers) -> argparse.ArgumentParser:
                    help="show the samples lowest in this quality score first (docs/curation_quality.md)")
     g.add_argument("--descending", action="store_true", help="with --sort-by: highest first")
     g.set_defaults(func=run_grid)
+    c = sub.add_parser("contamination", help="samples whose target or reference copies a benchmark image; "
+                                             "exit 1 when any does")
+    c.add_argument("dir")
+    c.add_argument("--against", action="append", required=True, metavar="ROOT",
+                   help="a benchmark root (DreamBench++, a DynaIP-Bench pool or a folder of images); repeatable")
+    c.add_argument("--recipe", default=None,
+                   help="take the thresholds from this recipe's decontamination section (default: its defaults)")
+    c.add_argument("--models", default=None, help="models.yaml: its clip_vision runs the embedding check")
+    c.set_defaults(func=run_contamination)
     return p
+
+
+def run_contamination(args: argparse.Namespace) -> int:
+    """Exit 0 when no sample matches, 1 when some do (one CONTAMINATED line each), 2 on errors."""
+    from pipeline.contamination import contamination
+    from pipeline.recipe import DecontaminationConfig, Recipe
+
+    cfg = Recipe.from_yaml(args.recipe).decontamination if args.recipe else DecontaminationConfig()
+    embed = None
+    if args.models and cfg.min_similarity is not None:
+        from dynaip.models import ModelsConfig
+        from pipeline.decontam import clip_embedder
+
+        embed = clip_embedder(ModelsConfig.from_yaml(args.models).clip_vision)
+    report = contamination(args.dir, args.against, cfg, embed)
+    for f in report.findings:
+        print(f.line())
+    print(report.summary(args.dir, cfg))
+    return 1 if report.findings else 0
 
 
 def run_show(args: argparse.Namespace) -> int:

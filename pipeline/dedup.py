@@ -12,13 +12,16 @@ the earliest near copy>``, whatever the chunk or source.
 Buckets: the target hash is cut into ``max_distance + 1`` bands, so two hashes within the distance
 agree exactly on at least one band (pigeonhole). Bucket = (pair kind, number of hashes, band number,
 band value). A bucket larger than ``SPLIT_ABOVE`` (skewed data: objects on white share many bits) is
-split again the same way over the bits its members do not already share — a near pair still agrees
-exactly on one of those sub-bands — so buckets stay small at any skew. Inputs with identical hashes
+split again: with thumbnails, all big buckets at once by the thumbnail value that varies most in each
+(cells of a coarse grid; members near a cell's lower edge also join the cell below, so a near pair
+always meets), and what that cannot cut, one bucket at a time, the same way as the bands over the
+bits its members do not already share — a near pair still agrees exactly on one of those sub-bands —
+so buckets stay small at any skew. Inputs with identical hashes
 and thumbnails collapse onto their earliest one before any pair is compared.
 
 Distributed as a shuffle by bucket: map task ``m`` reads its share of the chunks' ledgers and writes,
 per reducer ``r``, the entries owning a bucket of ``r`` (``.progress/dedup/``: ``npz`` files, loaded
-without pickle); reducer ``r`` reads only those ``M`` files, compares the pairs inside its buckets
+without pickle; ``pipeline.dedup_shuffle``); reducer ``r`` reads only those ``M`` files, compares the pairs inside its buckets
 with numpy (hashes as ``uint64`` words, ``numpy.bitwise_count``) and reports, per later input, the
 earliest near copy it saw. The driver takes the minimum over reducers. The answer does not depend
 on ``R``, on the order of chunks or on which worker ran what.
@@ -26,12 +29,9 @@ on ``R``, on the order of chunks or on which worker ran what.
 
 from __future__ import annotations
 
-import io
 import zlib
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -45,11 +45,20 @@ SPLIT_MIN_BITS = 8
 """A bucket is split only when each sub-band gets at least this many bits (else it cannot shrink)."""
 MAX_SPLIT_DEPTH = 4
 """Splits nested at most this deep; a bucket still larger is compared whole."""
+THUMB_SPLIT_ABOVE = 16
+"""A bucket with more members is split by thumbnail when the second check is on (cheap: all at once)."""
+THUMB_CELL_WIDE = 4
+"""Thumbnail split cells span this many times ``max_thumb_diff + 1`` levels (wider cells: fewer guests)."""
+THUMB_SAMPLE = 16
+"""Members of a bucket whose thumbnails choose its split column (the one of largest variance among them)."""
+THUMB_BLOCK = 1 << 12
+"""Buckets whose sampled thumbnails are held at once (≈ 50 MB as int32)."""
+MAX_ROUNDS = 8
+"""Rounds of splitting at most (the hash split, a loop over buckets, only in the first ``MAX_SPLIT_DEPTH``)."""
 PAIRS_PER_STEP = 1 << 20
+"""Pairs compared per numpy step (bounds the temporary arrays)."""
 PREFILTER_SLOTS = 1 << 24
 """Rows whose bucket key's low 24 bits no other row shares are alone in their bucket (one counting pass)."""
-"""Pairs compared per numpy step (bounds the temporary arrays)."""
-DEDUP_DIR = ".progress/dedup"
 
 
 def image_hash(image: np.ndarray, hash_size: int = 8) -> str:
@@ -114,17 +123,17 @@ class Entries:
 
     @staticmethod
     def concat(parts: list[Entries]) -> Entries:
-        """The rows of ``parts`` in order. Parts from different mappers can differ in width (a mapper whose
-        chunks held only intra pairs has one hash per row, one with cross pairs two): narrower rows are padded
-        with zeros as ``entries_from`` pads them, which their group keeps apart from the wider ones."""
-        def cat(name: str) -> np.ndarray:
-            arrays = [getattr(p, name) for p in parts]
-            if arrays[0].ndim == 2:
-                width = max(a.shape[1] for a in arrays)
-                arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in arrays]
-            return np.concatenate(arrays)
+        """The rows of ``parts`` together. Map tasks pad ``words``/``thumbs`` only to their own widest row, so
+        one whose chunks hold no cross pair (one hash a row) is narrower than one that does (two): narrower
+        parts are padded with zeros, as ``entries_from`` pads rows (their group keeps such rows apart)."""
+        def widen(a: np.ndarray, width: int) -> np.ndarray:
+            return a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])))
 
-        return Entries(*(cat(f) for f in ("index", "keys", "group", "words", "thumbs")))
+        ww, tw = max(p.words.shape[1] for p in parts), max(p.thumbs.shape[1] for p in parts)
+        return Entries(np.concatenate([p.index for p in parts]), np.concatenate([p.keys for p in parts]),
+                       np.concatenate([p.group for p in parts]),
+                       np.concatenate([widen(p.words, ww) for p in parts]),
+                       np.concatenate([widen(p.thumbs, tw) for p in parts]))
 
 
 def words_per_hash(hash_size: int) -> int:
@@ -255,61 +264,142 @@ def _near(e: Entries, i: np.ndarray, j: np.ndarray, max_distance: int, w: int, m
     return ok
 
 
+# a split's result: rows, keys and specs of the sub-buckets replacing the buckets it cut, and per input
+# position whether its bucket stays whole (no cut leaves fewer pairs)
+Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length of each run of equal values in sorted ``keys``."""
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return starts, np.diff(np.r_[starts, len(keys)])
+
+
 def _split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, masks: list[np.ndarray],
-           max_distance: int, hash_size: int, max_thumb_diff: float | None = None
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sub-buckets of the buckets larger than ``SPLIT_ABOVE`` (``rows``/``keys``/``spec`` sorted by
-    key; ``masks[spec]``: the bit columns a bucket's members share). Each big bucket's members go into
-    ``max_distance + 1`` sub-bands of the bits they do not all share (a near pair agrees exactly on
-    one of them), when that leaves fewer pairs to compare; ``masks`` grows by the new specs."""
+           max_distance: int, hash_size: int) -> Split:
+    """The hash split of every bucket (``rows``/``keys``/``spec`` sorted by key; ``masks[spec]``: the
+    bit columns a bucket's members share): its members go into ``max_distance + 1`` sub-bands of the
+    bits they do not all share (a near pair agrees exactly on one of them), when that leaves fewer
+    pairs to compare; ``masks`` grows by the new specs. One bucket at a time, so only for buckets
+    above ``SPLIT_ABOVE``."""
     bits = hash_size * hash_size
     out_rows, out_keys, out_spec = [], [], []
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    ends = np.r_[starts[1:], len(keys)]
-    big = (ends - starts) > SPLIT_ABOVE
-    keep = np.ones(len(keys), bool)
-    for s, t in zip(starts[big], ends[big]):
+    whole = np.ones(len(keys), bool)
+    starts, sizes = _runs(keys)
+    for s, t in zip(starts, starts + sizes):
         members = rows[s:t]
         bitmat = _bits(e.words[members], bits)
         # bits every member has alike add no distance: the sub-bands cut only the bits that vary
         mask = masks[spec[s]] | (bitmat == bitmat[0]).all(axis=0)
         free = np.flatnonzero(~mask)
-        subs: list[tuple[np.ndarray, np.ndarray]] = []
-        if len(free) >= SPLIT_MIN_BITS * (max_distance + 1):  # narrower sub-bands would not spread the members
-            for q, cols in enumerate(_band_columns(free, max_distance + 1)):
-                sub = mask.copy()
-                sub[cols] = True
-                subs.append((_mix(_mix(keys[s:t], q + 1), _value_key(bitmat[:, cols])), sub))
-        if not _pays(subs, t - s) and max_thumb_diff is not None and e.thumbs.shape[1]:
-            subs = _thumb_split(e.thumbs[members], keys[s:t], mask, max_thumb_diff)
-        if not _pays(subs, t - s):
+        if len(free) < SPLIT_MIN_BITS * (max_distance + 1):  # narrower sub-bands would not spread the members
+            continue
+        subs = []
+        for q, cols in enumerate(_band_columns(free, max_distance + 1)):
+            sub = mask.copy()
+            sub[cols] = True
+            subs.append((_mix(_mix(_mix(keys[s:t], 0), q + 1), _value_key(bitmat[:, cols])), sub))
+        pairs = sum(int((np.unique(k, return_counts=True)[1].astype(np.int64) ** 2).sum()) for k, _ in subs)
+        if pairs >= (t - s) ** 2:
             continue  # alike on every cut (a cluster of near copies): compared whole
-        keep[s:t] = False
+        whole[s:t] = False
         for sub_key, sub in subs:
             masks.append(sub)
             out_rows.append(members)
             out_keys.append(sub_key)
             out_spec.append(np.full(t - s, len(masks) - 1, np.int64))
-    return (np.concatenate([rows[keep], *out_rows]), np.concatenate([keys[keep], *out_keys]),
-            np.concatenate([spec[keep], *out_spec]))
+    if not out_rows:
+        return rows[:0], keys[:0], spec[:0], whole
+    return np.concatenate(out_rows), np.concatenate(out_keys), np.concatenate(out_spec), whole
 
 
-def _pays(subs: list[tuple[np.ndarray, np.ndarray]], size: int) -> bool:
-    """Whether sub-buckets leave fewer pairs to compare than their bucket of ``size``."""
-    pairs = sum(int((np.unique(k, return_counts=True)[1].astype(np.int64) ** 2).sum()) for k, _ in subs)
-    return bool(subs) and pairs < size * size
+def _thumb_split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, max_thumb_diff: float) -> Split:
+    """Every bucket (``keys`` sorted) cut by the thumbnail value that varies most among its members,
+    all buckets at once: a near pair differs there by at most ``max_thumb_diff``, so it either shares
+    a cell of a grid ``THUMB_CELL_WIDE`` times wider, or straddles an edge, and then the upper member
+    lies within ``max_thumb_diff`` of its cell's lower edge — such a member is also a guest of the cell
+    below, where the pair meets. A bucket is replaced by its cells only when they leave fewer pairs to
+    compare (a cluster of near copies stays whole). Objects on white are alike on every pHash band but
+    not in their thumbnails: this keeps their buckets small without a loop over buckets, and a cut
+    copies only the members near an edge (a quarter), not all of them (BENCHMARKS.md, #34)."""
+    starts, sizes = _runs(keys)
+    bucket = np.repeat(np.arange(len(starts)), sizes)
+    # the column of largest variance among THUMB_SAMPLE members spread through each bucket
+    sample = starts[:, None] + (np.arange(THUMB_SAMPLE)[None, :] * sizes[:, None]) // THUMB_SAMPLE
+    column = np.empty(len(starts), np.int64)
+    for b in range(0, len(starts), THUMB_BLOCK):
+        block = e.thumbs[rows[sample[b:b + THUMB_BLOCK]]]  # (buckets, sample, values)
+        column[b:b + THUMB_BLOCK] = (block.max(axis=1) - block.min(axis=1)).argmax(axis=1)
+    value = e.thumbs[rows, column[bucket]].astype(np.int64)
+    # one grid of cells THUMB_CELL_WIDE times the allowed difference; a member within it of its cell's
+    # lower edge is also a guest of the cell below: a near pair straddling an edge meets there
+    width = THUMB_CELL_WIDE * (int(max_thumb_diff) + 1)
+    cell, offset = np.divmod(value, width)
+    guest = np.flatnonzero(offset <= int(max_thumb_diff))
+    base = _mix(keys, 0xD1B54A32D192ED03)  # scrambled first: parents differing in low bits stay apart
+    sub = np.concatenate([_mix(base, cell), _mix(base[guest], cell[guest] - 1)])
+    member = np.concatenate([np.arange(len(keys)), guest])
+    order = np.argsort(sub)
+    run_start, run_len = _runs(sub[order])
+    pairs = np.zeros(len(starts), np.int64)
+    np.add.at(pairs, bucket[member[order[run_start]]], run_len.astype(np.int64) ** 2)
+    whole = (pairs >= sizes.astype(np.int64) ** 2)[bucket]
+    moved = ~whole[member]
+    return rows[member[moved]], sub[moved], spec[member[moved]], whole
 
 
-def _thumb_split(thumbs: np.ndarray, keys: np.ndarray, mask: np.ndarray, max_thumb_diff: float
-                 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Sub-buckets of members alike on every hash cut, by the thumbnail value that varies most among
-    them: a near pair differs there by at most ``max_thumb_diff``, so it shares a cell of width
-    ``w > 2 × max_thumb_diff`` in one of two grids offset by ``w / 2`` (a boundary of one lies at
-    least ``w / 2`` from the other's)."""
-    value = thumbs[:, int(thumbs.astype(np.float32).std(axis=0).argmax())].astype(np.int64)
-    w = int(2 * max_thumb_diff) + 2
-    salt = np.uint64(0xD1B54A32D192ED03)
-    return [(_mix(keys ^ salt, (value + w // 2 * g) // w + 1000 * g), mask) for g in (0, 1)]
+def _split_buckets(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, masks: list[np.ndarray],
+                   max_distance: int, hash_size: int, max_thumb_diff: float | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Rounds of splitting (``keys`` sorted). With thumbnails, each round cuts every bucket above
+    ``THUMB_SPLIT_ABOVE`` by thumbnail (vectorised); the hash split (a loop over buckets, ``max_distance
+    + 1`` rows per row) takes what that leaves whole above ``SPLIT_ABOVE``, in the first
+    ``MAX_SPLIT_DEPTH`` rounds. Buckets small enough, or that no cut shrinks, are set aside; only the
+    sub-buckets are sorted again. Returns the final ``(rows, keys)`` sorted by key."""
+    thumbs = max_thumb_diff is not None and e.thumbs.shape[1] > 0
+    limit = THUMB_SPLIT_ABOVE if thumbs else SPLIT_ABOVE
+    final_rows, final_keys = [], []
+
+    def set_aside(take: np.ndarray) -> None:
+        final_rows.append(rows[take])
+        final_keys.append(keys[take])
+
+    _, sizes = _runs(keys)
+    if not len(sizes) or sizes.max() <= limit:
+        return rows, keys  # nothing to cut (varied inputs): no second sort
+    for k in range(MAX_ROUNDS if thumbs else MAX_SPLIT_DEPTH):
+        _, sizes = _runs(keys)
+        small = np.repeat(sizes <= limit, sizes)
+        set_aside(small)
+        rows, keys, spec = rows[~small], keys[~small], spec[~small]
+        if not len(keys):
+            break
+        stuck = np.ones(len(keys), bool)  # no cut of this round shrinks its bucket
+        if thumbs:
+            *cut, whole = _thumb_split(e, rows, keys, spec, max_thumb_diff)
+            rows, keys, spec = (np.concatenate([a[whole], c]) for a, c in zip((rows, keys, spec), cut))
+            stuck = np.r_[np.ones(int(whole.sum()), bool), np.zeros(len(cut[0]), bool)]
+            order = np.argsort(keys)
+            rows, keys, spec, stuck = rows[order], keys[order], spec[order], stuck[order]
+        _, sizes = _runs(keys)
+        # the hash split (a loop over buckets) only where the thumbnail split could not cut
+        big = np.repeat(sizes > SPLIT_ABOVE, sizes) & stuck if k < MAX_SPLIT_DEPTH else np.zeros(len(keys), bool)
+        new = [(rows[~big & ~stuck], keys[~big & ~stuck], spec[~big & ~stuck])]
+        set_aside(~big & stuck)
+        if big.any():
+            sub_rows, sub_keys, sub_spec, whole = _split(e, rows[big], keys[big], spec[big], masks, max_distance,
+                                                         hash_size)
+            new.append((sub_rows, sub_keys, sub_spec))
+            done = whole & stuck[big]
+            final_rows.append(rows[big][done])
+            final_keys.append(keys[big][done])
+            new.append((rows[big][whole & ~done], keys[big][whole & ~done], spec[big][whole & ~done]))
+        rows, keys, spec = (np.concatenate([c[i] for c in new]) for i in range(3))
+        order = np.argsort(keys)
+        rows, keys, spec = rows[order], keys[order], spec[order]
+    rows, keys = np.concatenate([*final_rows, rows]), np.concatenate([*final_keys, keys])
+    order = np.argsort(keys)
+    return rows[order], keys[order]
 
 
 def _collapse(e: Entries) -> np.ndarray:
@@ -377,13 +467,7 @@ def reduce_entries(e: Entries, rows: np.ndarray, keys: np.ndarray, band: np.ndar
     for cols in _band_columns(np.arange(bits), max_distance + 1):
         masks.append(np.zeros(bits, bool))
         masks[-1][cols] = True
-    for _ in range(MAX_SPLIT_DEPTH):
-        sizes = np.diff(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True]))
-        if not len(sizes) or sizes.max() <= SPLIT_ABOVE:
-            break
-        rows, keys, spec = _split(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff)
-        order = np.argsort(keys)
-        rows, keys, spec = rows[order], keys[order], spec[order]
+    rows, keys = _split_buckets(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff)
     _note_largest(stats, "largest_compared", keys)
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     end = np.repeat(np.r_[starts[1:], len(keys)], np.diff(np.r_[starts, len(keys)]))
@@ -471,51 +555,3 @@ def reduce_buckets(entries: Iterable[Entry], max_distance: int, hash_size: int, 
     e = entries_from(((i, k, kind, h, None) for i, k, kind, h in entries), hash_size, False)
     part = partition(e, max_distance, hash_size, reducers)[reducer]
     return {j: (i, key) for j, (i, key, _) in reduce_parts([part], max_distance, hash_size, max_thumb_diff).items()}
-
-
-def _part_path(reducers: int, mapper: int, reducer: int) -> str:
-    return f"{DEDUP_DIR}/r{reducers}/m{mapper:05d}-r{reducer:05d}.npz"
-
-
-def run_mapper(writer: Any, chunks: list[int], inputs_per_chunk: int, max_distance: int, hash_size: int,
-               max_thumb_diff: float | None, mapper: int, reducers: int) -> int:
-    """Map task ``mapper``: reads the ledgers of ``chunks`` and writes one partition file per reducer
-    (atomically, into the dataset's store). Returns the entries it read."""
-    rows = [r for c in chunks for r in ledger_rows(writer.read_ledger(c), c, inputs_per_chunk)]
-    e = entries_from(rows, hash_size, max_thumb_diff is not None)
-    for r, part in enumerate(partition(e, max_distance, hash_size, reducers)):
-        buf = io.BytesIO()
-        np.savez(buf, **part)
-        writer.store.write_bytes(_part_path(reducers, mapper, r), buf.getvalue())
-    return len(e)
-
-
-def run_reducer(writer: Any, mappers: int, max_distance: int, hash_size: int, max_thumb_diff: float | None,
-                reducer: int, reducers: int) -> dict[int, tuple[int, str, str]]:
-    """Reducer ``reducer``: reads only its ``mappers`` partition files. Returns ``index → (earliest
-    index, its key, this input's key)``."""
-    parts = []
-    for m in range(mappers):
-        with np.load(io.BytesIO(writer.store.read_bytes(_part_path(reducers, m, reducer))), allow_pickle=False) as z:
-            parts.append({k: z[k] for k in z.files})
-    return reduce_parts(parts, max_distance, hash_size, max_thumb_diff)
-
-
-def clean(writer: Any, mappers: int, reducers: int) -> None:
-    """Removes the partition files of a finished pass."""
-    for m in range(mappers):
-        for r in range(reducers):
-            writer.store.remove(_part_path(reducers, m, r))
-
-
-def plan(parts: Iterable[dict[int, tuple[int, str, str]]], inputs_per_chunk: int) -> dict[int, dict[str, str]]:
-    """Merges reducer outputs into ``chunk → {removed key: kept key}``."""
-    best: dict[int, tuple[int, str, str]] = {}
-    for part in parts:
-        for j, (i, key, own) in part.items():
-            if j not in best or i < best[j][0]:
-                best[j] = (i, key, own)
-    out: dict[int, dict[str, str]] = defaultdict(dict)
-    for j, (_, key, own) in sorted(best.items()):
-        out[j // inputs_per_chunk][own] = key
-    return dict(out)

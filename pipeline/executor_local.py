@@ -55,6 +55,9 @@ def run_info(recipe: Recipe, models: Any) -> dict[str, Any]:
         clip = aesthetic.clip or models.clip_vision
         model_info["aesthetic"] = {"path": aesthetic.path, "clip": clip.path,
                                    "checkpoint_sha256": sha256_file(head) if head.is_file() else None}
+    dc = recipe.decontamination
+    if dc.against and dc.min_similarity is not None and models is not None:  # the embedding check's model
+        model_info["decontamination"] = {"clip_vision": models.clip_vision.path}
     d = recipe.to_dict()
     d["source"]["root"] = redact_url(d["source"]["root"])
     return {"recipe": d, "source": {"kind": recipe.source.kind, "root": redact_url(recipe.source.root)},

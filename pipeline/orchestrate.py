@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Protocol
 from pipeline.chunking import process_chunk
 from pipeline.recipe import Recipe
 from pipeline.records import Reject, SourceRecord
-from pipeline.sources import get_reader
+from pipeline.sources import get_license, get_reader
 from pipeline.inputs import guard_records, input_fingerprint, source_identity
 from dynaip.run_lock import RunLock
 from pipeline.writer import ChunkResult, DatasetWriter, OutputDirError
@@ -86,7 +86,7 @@ class ChunkWorker:
         return res.slim()
 
     def dedup_map(self, chunks: list[int], mapper: int, reducers: int) -> int:
-        from pipeline.dedup import run_mapper
+        from pipeline.dedup_shuffle import run_mapper
 
         d = self.recipe.dedup
         self.writer.store.invalidate()
@@ -94,7 +94,7 @@ class ChunkWorker:
                           d.max_thumb_diff, mapper, reducers)
 
     def dedup(self, mappers: int, reducer: int, reducers: int) -> dict:
-        from pipeline.dedup import run_reducer
+        from pipeline.dedup_shuffle import run_reducer
 
         d = self.recipe.dedup
         self.writer.store.invalidate()
@@ -236,6 +236,7 @@ def curate(recipe: Recipe, out: str, pool: Pool, info: dict[str, Any], *, limit:
     selection = check_source(recipe)
     if selection is not None:  # e.g. the categories a partial download holds: the manifest says what was read
         info = {**info, "source_selection": selection}
+    info = {**info, **decontamination_info(recipe)}  # a benchmark that is not there fails here, before --out
     check_out(out)
     writer = DatasetWriter(out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality,
                            max_bytes=recipe.shards.max_bytes)
@@ -247,6 +248,42 @@ def curate(recipe: Recipe, out: str, pool: Pool, info: dict[str, Any], *, limit:
             if fresh:  # e.g. no --models: a run that wrote no chunk leaves no directory behind
                 remove_if_pristine(writer)
             raise
+
+
+def decontamination_info(recipe: Recipe) -> dict[str, Any]:
+    """The manifest's ``decontamination`` entry (empty when off): the checks and, per benchmark, its path,
+    layout, image count and content hash; ``removed`` is counted when the rejects are written. Lists (and
+    hashes) every benchmark now, so one that is missing or holds a link out of it fails before anything runs."""
+    c = recipe.decontamination
+    if not c.against:
+        return {}
+    from pipeline.decontam import benchmarks_fingerprint, list_benchmarks
+
+    benchmarks = list_benchmarks(c.against)
+    return {"decontamination": {
+        "fingerprint": benchmarks_fingerprint(benchmarks),
+        "checks": {"max_distance": c.max_distance, "hash_size": c.hash_size, "max_thumb_diff": c.max_thumb_diff,
+                   "min_similarity": c.min_similarity},
+        "benchmarks": [{**b.describe(), "removed": 0} for b in benchmarks]}}
+
+
+def count_removed(info: dict[str, Any]):
+    """``on_reject`` for ``DatasetWriter.finalize``: counts each ``decontamination`` reject against the
+    benchmark its reason names, in ``info``'s manifest entry (None when decontamination is off)."""
+    entry = info.get("decontamination")
+    if not entry:
+        return None
+    from pipeline.decontam import matched_root
+
+    by_root = {b["path"]: b for b in entry["benchmarks"]}
+
+    def on_reject(rj: dict[str, Any]) -> None:
+        if rj.get("stage") == "decontamination":
+            b = by_root.get(matched_root(str(rj.get("reason", ""))) or "")
+            if b is not None:
+                b["removed"] += 1
+
+    return on_reject
 
 
 def remove_if_pristine(writer: DatasetWriter) -> None:
@@ -273,6 +310,7 @@ def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, A
     progress = progress or Progress(recipe, limit, enabled=False)
     k = recipe.shards.inputs_per_shard
     results: dict[int, ChunkResult] = {}
+    bench = info.get("decontamination", {}).get("fingerprint")
 
     def collect(done: Iterable[ChunkResult]) -> None:
         for res in done:
@@ -284,6 +322,8 @@ def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, A
             if only is not None and chunk not in only:
                 continue
             fp = input_fingerprint(part)
+            if bench:  # the benchmarks' content is an input of every chunk: other benchmarks, chunks rebuilt
+                fp = hashlib.sha256(f"{fp}|{bench}".encode()).hexdigest()[:16]
             done = writer.done(chunk, fp) if only is None else None
             if done is not None:
                 results[chunk] = done.slim()
@@ -308,12 +348,13 @@ def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, A
             build(set(redo))
     progress.close(f"{sum(len(r.duplicates) for r in results.values())} duplicates removed"
                    if recipe.dedup.max_distance is not None else "")
-    return writer.finalize(list(results.values()), info)
+    return writer.finalize(list(results.values()), info, [get_license(recipe.source.kind).to_dict()],
+                           on_reject=count_removed(info))
 
 
 def deduplicate(recipe: Recipe, pool: Pool, results: dict[int, ChunkResult], writer: DatasetWriter) -> list[int]:
     """The de-duplication pass; updates ``results``; returns chunks that must be built again."""
-    from pipeline import dedup
+    from pipeline import dedup_shuffle
 
     chunks = sorted(results)
     reducers = max(1, pool.size)
@@ -322,8 +363,8 @@ def deduplicate(recipe: Recipe, pool: Pool, results: dict[int, ChunkResult], wri
     # shuffle by bucket: each map task partitions its chunks' ledgers, each reducer reads its partitions only
     map_all(pool, "dedup_map", [(chunks[m * share:(m + 1) * share], m, reducers) for m in range(mappers)])
     parts = map_all(pool, "dedup", [(mappers, r, reducers) for r in range(reducers)])
-    plan = dedup.plan(parts, recipe.shards.inputs_per_shard)
-    dedup.clean(writer, mappers, reducers)
+    plan = dedup_shuffle.plan(parts, recipe.shards.inputs_per_shard)
+    dedup_shuffle.clean(writer, mappers, reducers)
     todo = [(c, plan.get(c, {})) for c in chunks if results[c].duplicates != plan.get(c, {})]
     redo = []
     for chunk, res in map_all(pool, "apply", todo):

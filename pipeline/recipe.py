@@ -289,6 +289,31 @@ class DedupConfig:
 
 
 @dataclass(kw_only=True)
+class DecontaminationConfig:
+    """Inputs that copy a benchmark image are rejected (stage ``decontamination``), so numbers reported on
+    that benchmark are not measured on training data (docs/decontamination.md). Off while ``against`` is
+    empty."""
+
+    against: list[str] = field(default_factory=list)
+    """Benchmark roots: DreamBench++ as published, a DynaIP-Bench subject pool, or any folder of images
+    (every image file under the root is a benchmark image). A relative path resolves against the recipe's
+    folder. Each root's content (not its path) is part of every chunk's fingerprint, so a run resumed
+    against other benchmarks rebuilds its chunks."""
+    max_distance: int | None = 12
+    """A target or reference whose pHash is within this many bits of a benchmark image's (and whose 8×8
+    thumbnail is within ``max_thumb_diff``) is a copy of it: resized and re-encoded copies stay within
+    4 bits of 256 (``dedup.max_distance``, BENCHMARKS.md). null: no pHash check."""
+    hash_size: int = 16
+    """pHash side (hashes of hash_size² bits)."""
+    max_thumb_diff: float | None = THUMB_DIFF_DEFAULT
+    """The pHash match's second check (as ``dedup.max_thumb_diff``); null: pHash only."""
+    min_similarity: float | None = 0.95
+    """A target or reference whose OpenCLIP image embedding (models.yaml ``clip_vision``) has at least this
+    cosine with a benchmark image's is a crop or light edit of it. 0.95 is this project's choice (no
+    published value; not measured on real weights here); null: no embedding check (and no model needed)."""
+
+
+@dataclass(kw_only=True)
 class ShardConfig:
     """Shard layout. Shards follow input order: every ``inputs_per_shard`` inputs form one chunk,
     chunk i → ``shards/{i:06d}.tar`` (split into ``{i:06d}_{p:02d}.tar`` parts past ``max_bytes``)."""
@@ -352,6 +377,8 @@ class Recipe:
     """Subject consistency of diptych pairs."""
     dedup: DedupConfig = field(default_factory=DedupConfig)
     """Dataset-wide near-duplicate removal."""
+    decontamination: DecontaminationConfig = field(default_factory=DecontaminationConfig)
+    """Inputs copying a benchmark image are rejected (off by default)."""
     shards: ShardConfig = field(default_factory=ShardConfig)
     """Shard layout."""
     seed: int = 0
@@ -390,6 +417,10 @@ class Recipe:
         if root and "://" not in str(root):  # one spelling of a local root (``../photos`` = its absolute path)
             root = os.path.realpath(os.path.expanduser(str(root)))
         check_source_options(kind, src, where)
+        dc = raw.get("decontamination")
+        if isinstance(dc, dict) and isinstance(dc.get("against"), list) and base is not None:
+            raw["decontamination"] = {**dc, "against": [resolve_path(a, base) if isinstance(a, str) and a.strip() else a
+                                                        for a in dc["against"]]}
         source = SourceConfig(kind=kind, root=str(root or ""), options=src)
         if "source" in {f.name for f in dataclasses.fields(cls)}:
             raw["source"] = source
@@ -480,6 +511,20 @@ class Recipe:
         need(2 <= dd.hash_size <= 32, "dedup.hash_size", dd.hash_size, "must be in 2..32")
         need(dd.max_thumb_diff is None or 0 <= dd.max_thumb_diff <= 255, "dedup.max_thumb_diff", dd.max_thumb_diff,
              "must be null or in [0, 255]")
+        dc = self.decontamination
+        for i, a in enumerate(dc.against):
+            need(isinstance(a, str) and bool(a.strip()) and "://" not in a, f"decontamination.against[{i}]", a,
+                 "give a local folder: the root of a benchmark")
+        need(dc.max_distance is None or 0 <= dc.max_distance < dc.hash_size ** 2, "decontamination.max_distance",
+             dc.max_distance, "must be null or in [0, hash_size²)")
+        need(2 <= dc.hash_size <= 32, "decontamination.hash_size", dc.hash_size, "must be in 2..32")
+        need(dc.max_thumb_diff is None or 0 <= dc.max_thumb_diff <= 255, "decontamination.max_thumb_diff",
+             dc.max_thumb_diff, "must be null or in [0, 255]")
+        need(dc.min_similarity is None or -1.0 <= dc.min_similarity <= 1.0, "decontamination.min_similarity",
+             dc.min_similarity, "must be null or in [-1, 1]")
+        need(not dc.against or dc.max_distance is not None or dc.min_similarity is not None,
+             "decontamination.max_distance", dc.max_distance, "and min_similarity are both null: nothing would be "
+             "checked; set one (or empty decontamination.against)")
         ex = self.executor
         need(ex.workers is None or ex.workers >= 1, "executor.workers", ex.workers, "must be >= 1 or null")
         need(ex.cpus_per_worker > 0, "executor.cpus_per_worker", ex.cpus_per_worker, "must be > 0")
@@ -491,11 +536,16 @@ class Recipe:
     @property
     def recipe_hash(self) -> str:
         """16 hex digits of sha256 over the canonical recipe, without ``executor`` and ``source.root`` (and
-        without ``consistency`` for sources that yield no diptychs)."""
+        without ``consistency`` for sources that yield no diptychs, ``decontamination`` when it is off, and
+        the benchmark paths of ``decontamination.against``: only how many there are)."""
         d = self.to_dict()
         d.pop("executor")
         d["source"].pop("root")
         if self.source.kind not in DIPTYCH_KINDS:  # no effect on other sources: their hashes stay what they were
             d.pop("consistency")
+        if not self.decontamination.against:  # off: hashes stay what they were before the section existed
+            d.pop("decontamination")
+        else:  # where the benchmarks lie is no part of the dataset; their content enters every chunk's fingerprint
+            d["decontamination"]["against"] = len(self.decontamination.against)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -2,6 +2,7 @@
 
     DIR/shards/000000.tar ...   WebDataset shards, one per input chunk (parts 000000_01.tar ... past max_bytes)
     DIR/rejects.jsonl           {source, id, stage, reason} per rejected input, in input order
+    DIR/README.md, preview.png  the dataset card (dynaip/dataset/card.py), just before the manifest
     DIR/manifest.json           written last, atomically
     DIR/.progress/              resume state: recipe.json + one marker per finished chunk
 
@@ -22,12 +23,13 @@ import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
 
 from dynaip.atomic import clean_temp_files
+from dynaip.dataset.card import write_card
 from dynaip.dataset.format import FORMAT, MEMBER_ORDER, shard_name
 from dynaip.dataset.manifest import read_store_manifest
 from dynaip.dataset.store import Store
@@ -396,9 +398,13 @@ class DatasetWriter:
         return {"path": shard["path"], "samples": counts["samples"], "pairs": dict(sorted(pairs.items())),
                 "bytes": out.size, "sha256": out.sha.hexdigest()}
 
-    def finalize(self, results: list[ChunkResult], info: dict[str, Any]) -> dict[str, Any]:
-        """Writes rejects.jsonl (streamed; slim results read their rejects back from the markers),
-        then manifest.json (last). ``info`` adds recipe/versions/models. Returns the manifest."""
+    def finalize(self, results: list[ChunkResult], info: dict[str, Any],
+                 licenses: list[dict[str, Any]] | None = None,
+                 on_reject: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Writes rejects.jsonl (streamed; slim results read their rejects back from the markers), the
+        dataset card (README.md + preview.png, dynaip/dataset/card.py; ``licenses``: the sources' terms),
+        then manifest.json (last). ``info`` adds recipe/versions/models; ``on_reject`` sees every reject
+        as it is written (and may update ``info``). Returns the manifest."""
         results = sorted(results, key=lambda r: r.chunk)
         self.check_no_shrink(sum(r.inputs for r in results))  # before rejects.jsonl is touched
         by_reason: dict[str, int] = {}
@@ -414,6 +420,8 @@ class DatasetWriter:
                 for rj in rejects:
                     f.write((json.dumps(rj, sort_keys=True, ensure_ascii=False) + "\n").encode())
                     k = f"{rj['stage']}: {reason_class(rj['reason'])}"
+                    if on_reject is not None:
+                        on_reject(rj)
                     by_reason[k] = by_reason.get(k, 0) + 1
                 n_rejects += len(rejects)
         inputs = sum(r.inputs for r in results)
@@ -436,6 +444,7 @@ class DatasetWriter:
                        "bytes": sum(s["bytes"] for s in shards),
                        "rejected_by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))},
         }
+        write_card(self.store, manifest, licenses)  # before the manifest: a finished dataset always has its card
         self.store.write_bytes("manifest.json", dump_json(manifest))
         return manifest
 

@@ -238,6 +238,75 @@ def test_other_recipe_into_the_same_dir_is_refused(built, recipe, photos):
         run_local(other, out, None, progress=False)
 
 
+def test_dataset_card_is_a_hub_dataset_card_that_datasets_loads(built, tmp_path, monkeypatch):
+    """``README.md`` parses as a Hugging Face dataset card and states the manifest's numbers; ``datasets``
+    reads the shards with its WebDataset builder, by the card's ``configs`` and ``features`` and by
+    ``data_files`` alone, with one column per shard member."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets
+    from huggingface_hub import DatasetCard
+
+    from dynaip.dataset.card import MEMBER_FEATURES, PREVIEW_SAMPLES
+    from dynaip.dataset.format import MEMBER_ORDER
+
+    out, m = built
+    t = m["totals"]
+    card = DatasetCard.load(out / "README.md")
+    meta = card.data.to_dict()
+    assert meta["license"] == "unknown" and meta["source_datasets"] == ["a local image folder"]  # folder source
+    assert meta["size_categories"] == ["n<1K"] and meta["task_categories"] == ["text-to-image", "image-to-image"]
+    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}]}]
+    assert list(MEMBER_FEATURES) == list(MEMBER_ORDER)
+    assert [f["name"] for f in meta["dataset_info"]["features"]] == [*MEMBER_ORDER, "__key__", "__url__"]
+    assert meta["dataset_info"]["splits"] == [{"name": "train", "num_bytes": t["bytes"], "num_examples": t["samples"]}]
+    text = card.text
+    assert f"| {t['inputs']} | {t['accepted']} | {t['rejected']} | {t['samples']} | {len(m['shards'])} |" in text
+    for reason, n in t["rejected_by_reason"].items():
+        assert f"| {reason} | {n} |" in text
+    assert "| folder | sharpness |" in text and "![preview](preview.png)" in text
+    rows = min(PREVIEW_SAMPLES, t["samples"])
+    assert Image.open(out / "preview.png").size == (3 * 160, rows * (160 + 28))
+
+    before = tree_bytes(out)
+    shards = [str(out / s["path"]) for s in m["shards"]]
+    plain = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", cache_dir=str(tmp_path / "a"))
+    assert plain.num_rows == t["samples"] and set(MEMBER_ORDER) <= set(plain.column_names)
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "b"))  # the card's configs/features
+    assert ds.column_names == [*MEMBER_ORDER, "__key__", "__url__"]
+    ours = _samples(out)
+    assert ds["__key__"] == [s["key"] for s in ours] == plain["__key__"]
+    assert ds["txt"] == [s["txt"].decode() for s in ours]
+    first = json.loads(ours[0]["json"])
+    assert {k: ds[0]["json"][k] for k in ("source_id", "pair", "mask_area", "width")} == \
+           {k: first[k] for k in ("source_id", "pair", "mask_area", "width")}
+    assert ds[0]["json"]["quality"]["sharpness"] == pytest.approx(first["quality"]["sharpness"])
+    assert np.array_equal(np.asarray(ds[0]["ref.png"]), np.asarray(Image.open(io.BytesIO(ours[0]["ref.png"]))))
+    assert tree_bytes(out) == before  # datasets wrote its cache elsewhere: the dataset is untouched
+
+
+def test_dataset_card_states_the_source_license(tmp_path):
+    """Terms without a license id (``other``) get the hub's ``license_name`` / ``license_link``; a source
+    on the hub is named by its repo id in ``source_datasets``."""
+    from huggingface_hub import DatasetCard
+
+    from dynaip.dataset.card import card_text, size_category
+    from pipeline.sources import get_license
+
+    m = {"format": "dynaip-dataset/1", "shards": [], "totals": {"inputs": 0, "accepted": 0, "rejected": 0,
+                                                                 "samples": 0, "bytes": 0, "rejected_by_reason": {}}}
+    (tmp_path / "README.md").write_text(card_text(m, [get_license("synth").to_dict()], {}, 0, False))
+    meta = DatasetCard.load(tmp_path / "README.md").data.to_dict()
+    assert (meta["license"], meta["license_name"]) == ("other", "flux-1-dev-non-commercial-license")
+    assert meta["license_link"].startswith("https://huggingface.co/black-forest-labs/FLUX.1-dev")
+    (tmp_path / "README.md").write_text(card_text(m, [get_license("subjects200k").to_dict()], {}, 0, False))
+    meta = DatasetCard.load(tmp_path / "README.md").data.to_dict()
+    assert (meta["license"], meta["source_datasets"]) == ("apache-2.0", ["Yuanshi/Subjects200K"])
+    assert "license_name" not in meta
+    assert [size_category(n) for n in (0, 999, 1000, 250_000, 5 * 10**9)] == \
+           ["n<1K", "n<1K", "1K<n<10K", "100K<n<1M", "1B<n<10B"]
+
+
 def test_show_and_grid(built, tmp_path):
     from dynaip.dataset.inspect import show
     from pipeline.cli import main

@@ -301,7 +301,9 @@ def test_writer_splits_by_bytes_and_resumes_by_marker(tmp_path):
     assert w.done(3, "fp") is not None and w.done(3, "other-inputs") is None
     (tmp_path / "ds" / "shards" / "000003_01.tar").write_bytes(b"x")
     assert w.done(3, "fp") is None  # a damaged shard means the chunk is redone
-    man = w.finalize([res], {})
+    res = w.write_chunk(3, "fp", 5, enc, [Reject(source="t", id="x", stage="decode", reason="empty file (0 bytes)")])
+    man = w.finalize([res], {})  # reads the first shards for the dataset card: they must be whole
+    assert (tmp_path / "ds" / "README.md").is_file() and (tmp_path / "ds" / "preview.png").is_file()
     assert man["totals"] == {"inputs": 5, "accepted": 4, "rejected": 1, "samples": 4, "bytes": man["totals"]["bytes"],
                              "pairs": {"unknown": 4}, "rejected_by_reason": {"decode: empty file": 1}}
     with pytest.raises(OutputDirError, match="recipe hash h1, but this recipe's hash is h2"):
@@ -421,3 +423,21 @@ def test_ray_worker_pool_is_sized_from_the_recipe_and_the_cluster(monkeypatch):
     for bad in ({"workers": 0}, {"cpus_per_worker": 0}, {"resources": {"curate": -1}}):
         with pytest.raises(ValueError, match="executor"):
             recipe(executor=bad)
+
+
+def test_a_dataset_without_samples_gets_a_card_without_a_preview(tmp_path):
+    """Every input rejected: the card still states the totals and the rejects; no preview.png (one an
+    earlier run left is removed)."""
+    from huggingface_hub import DatasetCard
+
+    w = DatasetWriter(tmp_path / "ds", "h1")
+    w.prepare({"x": 1})
+    (tmp_path / "ds" / "preview.png").write_bytes(b"stale")
+    res = w.write_chunk(0, "fp", 1, [], [Reject(source="t", id="x", stage="decode", reason="empty file (0 bytes)")])
+    w.finalize([res], {"recipe": {"name": "empty"}}, [{"name": "mine", "license": "unknown"}])
+    card = DatasetCard.load(tmp_path / "ds" / "README.md")
+    assert card.data.pretty_name == "empty" and card.data.license == "unknown"
+    assert card.data.dataset_info["splits"] == [{"name": "train", "num_bytes": 0, "num_examples": 0}]
+    assert "| 1 | 0 | 1 | 0 | 0 | 0 |" in card.text and "| decode: empty file | 1 |" in card.text
+    assert "No quality scores" in card.text and "preview" not in card.text
+    assert not (tmp_path / "ds" / "preview.png").exists()

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import dedup
+from pipeline import dedup, dedup_shuffle
 
 
 def earliest_copies(entries, max_distance, thumbs=None, max_diff=None) -> dict[int, str]:
@@ -101,6 +101,7 @@ def test_thumbnail_check_skips_hash_twins_that_look_different():
 
 def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monkeypatch):
     monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)
+    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 4)
     rng = np.random.default_rng(11)
     base = int(rng.integers(0, 2 ** 62))
     rows, entries, thumbs = [], [], []
@@ -117,8 +118,39 @@ def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monk
     for reducers in (1, 3):
         assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, 10.0, split).items()} == want
     monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10 ** 9)
+    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 10 ** 9)
     assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 1, 10.0, whole).items()} == want
     assert split["largest_compared"] < whole["largest_compared"] / 2
+
+
+@pytest.mark.parametrize("max_diff", [10.0, 6.5])
+def test_thumbnail_split_finds_near_pairs_across_cell_edges(monkeypatch, max_diff):
+    """Objects on white: one pHash cluster whose thumbnails spread evenly over every level, so many near
+    pairs straddle a cell edge of the thumbnail split (they must meet as guests of the cell below)."""
+    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)
+    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 4)
+    rng = np.random.default_rng(5)
+    base = int(rng.integers(0, 2 ** 62))
+    rows, entries, thumbs, values = [], [], [], []
+    for k in range(400):
+        h = base ^ (1 << int(rng.integers(64)))
+        if k > 20 and rng.random() < 0.4:  # a variant of an earlier input: within the check, or just past it
+            v = values[int(rng.integers(k))] + rng.integers(-int(max_diff), int(max_diff) + 1, 192)
+            if rng.random() < 0.3:
+                v[int(rng.integers(192))] += int(max_diff) + 1
+        else:
+            v = np.full(192, 255) - rng.integers(0, 2, 192) * rng.integers(0, 256, 192)  # white, some cells not
+        values.append(np.clip(v, 0, 255))
+        thumbs.append([values[-1].astype(np.uint8).tobytes().hex()])
+        entries.append((k, f"k{k}", "intra", [h]))
+        rows.append((k, f"k{k}", "intra", [h], thumbs[-1]))
+    want = earliest_copies(entries, 4, thumbs, max_diff)
+    assert 20 < len(want) < 300
+    e = dedup.entries_from(rows, 8, True)
+    stats: dict[str, int] = {}
+    for reducers in (1, 4):
+        assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, max_diff, stats).items()} == want
+    assert stats["largest_compared"] < stats["largest_bucket"] / 4
 
 
 def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
@@ -135,19 +167,19 @@ def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
     want = earliest_copies(entries, 4)
     for mappers, reducers in ((1, 1), (2, 3), (3, 4)):
         chunks = [list(range(6))[m::mappers] for m in range(mappers)]
-        read = sum(dedup.run_mapper(writer, ch, k * 3, 4, 8, None, m, reducers) for m, ch in enumerate(chunks))
+        read = sum(dedup_shuffle.run_mapper(writer, ch, k * 3, 4, 8, None, m, reducers) for m, ch in enumerate(chunks))
         assert read == len(entries)
         parts, sizes = [], []
         for r in range(reducers):
-            parts.append(dedup.run_reducer(writer, mappers, 4, 8, None, r, reducers))
-            sizes.append(sum(len(np.load(tmp_path / "ds" / dedup._part_path(reducers, m, r))["index"])
+            parts.append(dedup_shuffle.run_reducer(writer, mappers, 4, 8, None, r, reducers))
+            sizes.append(sum(len(np.load(tmp_path / "ds" / dedup_shuffle._part_path(reducers, m, r))["index"])
                              for m in range(mappers)))
         if reducers > 1:
             assert max(sizes) < len(entries)  # no reducer reads every entry
-        got = {own_key: kept for c in dedup.plan(parts, k * 3).values() for own_key, kept in c.items()}
+        got = {own_key: kept for c in dedup_shuffle.plan(parts, k * 3).values() for own_key, kept in c.items()}
         assert got == {next(e[1] for e in entries if e[0] == j): key for j, key in want.items()}
-        dedup.clean(writer, mappers, reducers)
-        assert not list((tmp_path / "ds" / dedup.DEDUP_DIR).rglob("*.npz"))
+        dedup_shuffle.clean(writer, mappers, reducers)
+        assert not list((tmp_path / "ds" / dedup_shuffle.DEDUP_DIR).rglob("*.npz"))
 
 
 def test_max_thumb_diff_is_checked_and_recorded_in_the_ledger():

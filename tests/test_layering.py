@@ -14,7 +14,7 @@ and those below, never one above:
    ``dynaip.progress`` (driver-side progress lines), ``dynaip.dataset.format`` (standard library only);
 1. ``dynaip.dataset`` (the dataset as a consumer sees it), ``dynaip.cluster`` (Ray access),
    ``dynaip.run_lock`` (one run per output directory), ``dynaip.models``;
-2. ``dynaip.adapter``;
+2. ``dynaip.adapter``; the benchmark readers and scorers of ``dynaip.eval`` (``BENCHMARK_MODULES``);
 3. curation (``pipeline``), training (``dynaip.train``, ``dynaip.features``), ``dynaip.inference``;
    side by side: nothing in ``dynaip`` but the entry points imports ``pipeline``, curation imports
    none of the others, inference neither training nor curation;
@@ -112,11 +112,15 @@ def _violations(importers: tuple[str, ...], forbidden: tuple[str, ...]) -> list[
             for b, line in targets.items() if _in(b, *forbidden)]
 
 
+BENCHMARK_MODULES = tuple(f"dynaip.eval.{m}" for m in ("cases", "bench_single", "bench_multi", "metrics", "judge",
+                                                          "judge_http", "score"))
+"""The benchmark readers and scorers of ``dynaip.eval`` (no model pipeline): training's fidelity evaluation
+(dynaip/train/fidelity.py) reads cases and scores images with them."""
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("dynaip.geometry", "dynaip.configs", "dynaip.atomic", "dynaip.console", "dynaip.progress",
               "dynaip.dataset.format")),
     ("dataset, cluster, models", ("dynaip.dataset", "dynaip.cluster", "dynaip.run_lock", "dynaip.models")),
-    ("adapter", ("dynaip.adapter",)),
+    ("adapter, benchmark cases and scorers", ("dynaip.adapter", *BENCHMARK_MODULES)),
     ("curation, training, inference", ("pipeline", "dynaip.train", "dynaip.features", "dynaip.inference")),
     ("eval, serve", ("dynaip.eval", "dynaip.serve")),
     ("entry points", ("dynaip.cli", "dynaip.demo")),

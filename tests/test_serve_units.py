@@ -109,6 +109,9 @@ def test_generation_inputs_are_checked_before_any_model_runs(tiny_models_yaml, t
         service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3, **{**common, "seed": 2**70})
     with pytest.raises(ValueError, match="seed 1.5 is out of range"):
         service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3, **{**common, "seed": 1.5})
+    with pytest.raises(ValueError, match="started without a ControlNet"):
+        service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3, control_images=[ref],
+                         control_scales=[1.0], **common)
     with pytest.raises(ValueError, match="at least one of low / mid / high"):
         service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3,
                          **{**common, "granularities": [(0, 0, 0), None, None]})
@@ -178,30 +181,63 @@ def test_serve_command_line(monkeypatch, dataset, tmp_path, capsys, caplog):
     from dynaip.serve import generation
 
     class Service:  # no model loading: this test is about the switches
-        def __init__(self, models, adapter, out, device=None):
+        def __init__(self, models, adapter, out, device=None, controlnet=None):
             self.args = (models, adapter, out, device)
+            seen["controlnet"] = controlnet
 
     seen = {}
     monkeypatch.setattr(generation, "GenerationService", Service)
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(host=host, port=port, app=app))
     assert main(["serve", "--dataset", str(dataset), "--host", "127.0.0.2", "--port", "8123", "--page-size", "3",
                  "--out", str(tmp_path / "o"), "--max-upload-mb", "0.5"]) == 0
-    assert {k: seen[k] for k in ("host", "port")} == {"host": "127.0.0.2", "port": 8123}
+    assert {k: seen[k] for k in ("host", "port")} == {"host": "127.0.0.2", "port": 8123} and seen["controlnet"] is None
     from fastapi.testclient import TestClient
 
     client = TestClient(seen.pop("app"))
     assert _post_upload(client, 2**19).status_code == 200 and _post_upload(client, 2**19 + 1).status_code == 413
     monkeypatch.chdir(tmp_path)
     assert main(["serve"]) == 0 and seen["host"] == "127.0.0.1" and seen["port"] == 7860  # loopback by default
+    assert main(["serve", "--controlnet", str(tmp_path), "--controlnet", str(dataset)]) == 0
+    assert seen["controlnet"] == [str(tmp_path), str(dataset)]  # the page then has two control slots
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)
     for argv, message in ((["serve", "--dataset", str(tmp_path / "missing")], "manifest.json not found"),
                           (["serve", "--page-size", "0"], "--page-size 0"),
                           (["serve", "--port", "70000"], "--port 70000"),
                           (["serve", "--max-upload-mb", "0"], "--max-upload-mb 0: give a size above 0"),
-                          (["serve", "--models", str(tmp_path / "m.yaml")], "does not exist")):
+                          (["serve", "--models", str(tmp_path / "m.yaml")], "does not exist"),
+                          (["serve", "--controlnet", str(tmp_path / "cn")], "--controlnet")):
         caplog.clear()
         assert main(argv) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0]
         assert "Traceback" not in capsys.readouterr().err
+
+
+def test_generate_page_hands_its_control_slots_to_the_service():
+    """`dynaip serve --controlnet A --controlnet B`: the page's generate callback (also the `generate` API
+    endpoint) passes one control image and scale per ControlNet; without --controlnet it has none."""
+    from dynaip.serve.app import DatasetCache, build_blocks
+    from dynaip.serve.generation import MAX_REFERENCES
+
+    calls = []
+
+    class Service:  # records what the page sends; the service's own checks are tested in test_controlnet.py
+        def generate(self, prompt, references, **kwargs):
+            calls.append(kwargs)
+            raise ValueError("recorded")
+
+    def page_generate(controlnets: int):
+        blocks = build_blocks(DatasetCache(), Service, controlnets=controlnets)
+        return next(f for f in blocks.fns.values() if f.api_name == "generate")
+
+    img = Image.new("RGB", (64, 64))
+    slot = [None, 1.0, True, 1.0, 1.0, 1.0, None, ""]  # reference, scale, auto granularity, low/mid/high, mask, phrase
+    two = page_generate(2)
+    assert len(two.inputs) == 7 + 8 * MAX_REFERENCES + 2 * 2
+    assert two.fn("x", 0, 1, 64, 64, 3.5, 1.0, *(slot * MAX_REFERENCES), img, 0.5, None, 1.5)[0] == "⚠️ recorded"
+    assert calls[-1]["control_images"] == [img, None] and calls[-1]["control_scales"] == [0.5, 1.5]
+    none = page_generate(0)
+    assert len(none.inputs) == 7 + 8 * MAX_REFERENCES
+    none.fn("x", 0, 1, 64, 64, 3.5, 1.0, *(slot * MAX_REFERENCES))
+    assert calls[-1]["control_images"] == [] and calls[-1]["control_scales"] == []

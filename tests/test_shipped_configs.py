@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from dynaip.train.config import get_key, set_keys
-from train_fixtures import write_dataset
+from train_fixtures import write_dataset, write_dreambench, write_eval_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 TRAIN_CONFIGS = ("tiny.yaml", "paper.yaml")
@@ -36,8 +36,9 @@ def test_every_shipped_config_is_run_by_a_test():
     assert set(TRAIN_CONFIGS) | set(OTHER_CONFIGS) <= shipped
 
 
-def shrink(raw: dict, steps_per_stage: int = 2) -> dict:
-    """Sizes only: every switch of ``raw`` is kept."""
+def shrink(raw: dict, steps_per_stage: int = 2, bench: dict | None = None) -> dict:
+    """Sizes only: every switch of ``raw`` is kept. ``bench``: the tiny stand-ins of the ``fidelity`` section's
+    inputs (``cases``, ``eval_config``; the ``fidelity_inputs`` fixture)."""
     workers = 2
     per_worker = min(get_key(raw, "global_batch_size", 16) // get_key(raw, "workers", 2), 2)
     cfg = set_keys(
@@ -54,6 +55,9 @@ def shrink(raw: dict, steps_per_stage: int = 2) -> dict:
             cfg = set_keys(cfg, **{key: steps_per_stage})
     if get_key(raw, "sample_every"):
         cfg = set_keys(cfg, sample_every=total)
+    if (raw.get("fidelity") or {}).get("every"):  # every evaluation still at a checkpoint step, 3 cases over 2 ranks
+        cfg["fidelity"] = {**raw["fidelity"], **(bench or {}), "every": steps_per_stage, "limit": 3, "steps": 1,
+                           "size": [16, 16]}
     if get_key(raw, "checkpoint_keep_blocks"):  # a third of the tiny model's blocks, as a size
         cfg = set_keys(cfg, checkpoint_keep_blocks=max(1, round(get_key(raw, "checkpoint_keep_blocks") / 57 * TINY_BLOCKS)))
     return cfg
@@ -64,6 +68,14 @@ def datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("configs-data")
     return [write_dataset(root / "intra", [4, 4], size=64), write_dataset(root / "cross", [4, 4], pair="cross",
                                                                           start=100, size=64)]
+
+
+@pytest.fixture(scope="module")
+def fidelity_inputs(tmp_path_factory) -> dict:
+    """A DreamBench++-layout pool of two subjects and an eval config with tiny DINO weights."""
+    root = tmp_path_factory.mktemp("configs-fidelity")
+    return {"cases": str(write_dreambench(root / "dbpp", {"animal": 1, "object": 1})),
+            "eval_config": str(write_eval_config(root))}
 
 
 def _run(tmp: Path, name: str, raw: dict, datasets, models: Path, out: str, *extra: str) -> Path:
@@ -101,15 +113,33 @@ def _check_switches_took_effect(run: Path, raw: dict, shrunk: dict) -> None:
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
 
 
+def _check_fidelity(run: Path, raw: dict, shrunk: dict) -> None:
+    """The fidelity section as shipped: records at its steps with its metrics, and best.json when keep_best is set."""
+    fid = raw.get("fidelity") or {}
+    records = [r for r in _rows(run) if r.get("event") == "fidelity"]
+    if not fid.get("every"):
+        assert records == [] and not (run / "checkpoints" / "best.json").exists()
+        return
+    every, total = shrunk["fidelity"]["every"], 2 * len(raw["stages"])
+    assert [r["step"] for r in records] == list(range(every, total + 1, every))
+    assert all(isinstance(r[m], float) for r in records for m in fid["metrics"]) and records[0]["fidelity_cases"] == 3
+    metric = (raw.get("checkpoints") or {}).get("keep_best")
+    if metric:
+        best = json.loads((run / "checkpoints" / "best.json").read_text())
+        assert best["value"] == max(r[metric] for r in records) and (run / "checkpoints" / best["checkpoint"]).is_dir()
+
+
 @pytest.mark.slow  # every switch of each shipped config on two Ray Train workers; paper.yaml adds its sharded resume
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
-def test_shipped_train_config_runs_shrunk_on_two_workers(name, ray_cluster, datasets, tiny_models_yaml, tmp_path):
+def test_shipped_train_config_runs_shrunk_on_two_workers(name, ray_cluster, datasets, fidelity_inputs, tiny_models_yaml,
+                                                         tmp_path):
     from dynaip import DynaIPAdapter
 
     raw = yaml.safe_load((CONFIGS / name).read_text())
-    shrunk = shrink(raw)
+    shrunk = shrink(raw, bench=fidelity_inputs)
     run = _run(tmp_path, name, shrunk, datasets, tiny_models_yaml, "full")
     _check_switches_took_effect(run, raw, shrunk)
+    _check_fidelity(run, raw, shrunk)
     final = run / "checkpoints" / f"step-{2 * len(raw['stages']):06d}"
     adapter = DynaIPAdapter.from_pretrained(final)  # a plain adapter.safetensors also from sharded runs
     assert set(load_file(str(final / "adapter.safetensors"))) == set(adapter.state_dict())
@@ -134,6 +164,8 @@ def test_paper_config_with_its_memory_fallback_trains_in_bf16_on_the_cpu(dataset
     raw = yaml.safe_load((CONFIGS / "paper.yaml").read_text())
     shrunk = set_keys(shrink(raw), precision="bf16", gradient_checkpointing=True, checkpoint_keep_blocks=0,
                       eval_every=0, sample_every=0)
+    shrunk["fidelity"] = {"every": 0}  # evaluations off, as validation and samples (the Ray test runs them)
+    shrunk["checkpoints"] = {**shrunk["checkpoints"], "keep_best": None}
     run = _run(tmp_path, "paper.yaml", shrunk, datasets, tiny_models_yaml, "bf16", "--local")
     rows = _rows(run)
     start = next(r for r in rows if r.get("event") == "start")

@@ -258,7 +258,8 @@ def test_max_steps_then_resume_is_bitwise_identical_in_one_process(setup, reques
     state = json.loads((run / "checkpoints" / "step-000003" / "resume" / "state.json").read_text())
     assert [d["stage"] for d in state["datasets"]] == ["intra", "cross"]  # the data it was trained on
     assert all(m.startswith("sha256:") for d in state["datasets"] for m in d["manifests"])
-    _train(run_setup, "local-split", "--local", "--resume")
+    _check_model_card(run / "checkpoints" / "step-000003", state, run_setup)
+    _train(run_setup, "local-split", "--local", "--resume")  # resumes from a checkpoint holding its card
     assert _same_weights(once / "checkpoints" / "step-000006", run / "checkpoints" / "step-000006")
     assert _losses(run) == _losses(once)
     assert [r["step"] for r in _metrics(run) if r.get("event") == "stage"] == [4]  # logged once, by the resumed part
@@ -270,6 +271,27 @@ def test_max_steps_then_resume_is_bitwise_identical_in_one_process(setup, reques
         intra = rows[2]  # end of the mixed stage: 12 samples, drawn 3:1 in expectation from a and b
         assert list(intra["samples_per_dataset"]) == [str(run_setup[0] / "a"), str(run_setup[0] / "b")]
         assert intra["filtered_by"]["min_aesthetic"] > 0 and intra["filtered_by"]["pair"] == 0
+
+
+def _check_model_card(ckpt: Path, state: dict, run_setup) -> None:
+    """A trainer checkpoint's README.md (issue #29): a model card the hub's ModelCard parses, naming the step,
+    the run, every stage's datasets with the sha256 of their manifests (the bytes on disk), the FLUX
+    directory and the config."""
+    import hashlib
+
+    from huggingface_hub import ModelCard
+
+    from dynaip.models import ModelsConfig
+
+    card = ModelCard.load(ckpt / "README.md")
+    assert card.data.pipeline_tag == "text-to-image" and card.data.base_model is None  # the tiny FLUX
+    assert f"- step 3 of 6, stage `intra`, run `{state['run_id']}`" in card.text
+    for d in state["datasets"]:
+        for path, digest in zip(d["dirs"], d["manifests"]):
+            assert digest == "sha256:" + hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()
+            assert f"| {d['stage']} | `{path}` | `{digest}` |" in card.text
+    assert f"(local copy `{ModelsConfig.from_yaml(run_setup[3]).flux}`)" in card.text
+    assert yaml.safe_dump(state["config"], sort_keys=True, width=120).rstrip() in card.text
 
 
 def test_config_errors_name_the_fix(tmp_path):

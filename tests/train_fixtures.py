@@ -146,3 +146,50 @@ def same_adapter(a: Path, b: Path) -> bool:
 
     want, got = load_file(str(a / "adapter.safetensors")), load_file(str(b / "adapter.safetensors"))
     return want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+DREAMBENCH_DIRS = {"animal": "live_subject/animal", "human": "live_subject/human", "object": "object",
+                   "style": "style"}
+"""Where the DreamBench++ release keeps each category under ``images/`` and ``captions/``."""
+
+
+def write_dreambench(root: str | Path, per_category: dict[str, int], size: int = 48) -> Path:
+    """A few subjects of DreamBench++ in the release's layout: ``images/live_subject/{animal,human}/NN.jpg``,
+    ``images/{object,style}/NN.jpg`` and ``captions/`` mirroring it with ``NN.txt`` (line 0 the subject name,
+    then 9 prompt lines); the images are bundled photos, so subjects differ.
+
+    Follows yuangpeng/dreambench_plus: ``dreambench_plus/dreambench_plus_dataset.py`` (images and captions
+    found under ``images/`` and ``captions/`` with mirrored relative paths, the category the parent
+    directory, line 0 the subject, the other lines the prompts) and ``README.md`` (9 prompts per subject).
+    """
+    root = Path(root)
+    n = 0
+    for cat, count in per_category.items():
+        for i in range(count):
+            img = root / "images" / DREAMBENCH_DIRS[cat] / f"{i:02d}.jpg"
+            cap = root / "captions" / DREAMBENCH_DIRS[cat] / f"{i:02d}.txt"
+            img.parent.mkdir(parents=True, exist_ok=True)
+            cap.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_photo(n, size)).save(img, quality=90)
+            cap.write_text(f"{cat} {i}\n" + "".join(f"a photo of the {cat} {i}, scene {j}\n" for j in range(9)))
+            n += 1
+    return root
+
+
+def write_eval_config(root: str | Path, judges: Sequence[dict] = ()) -> Path:
+    """``root/eval.yaml`` in the keys of jobs/configs/eval_judges.yaml: protocol dreambench, ``judges``, and tiny
+    random DINO weights (a timm ViT in the official DINO release's format, a flat state dict) at ``root/dino.pth``."""
+    import timm
+    import torch
+    import yaml
+
+    root = Path(root)
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    with torch.random.fork_rng():  # the caller's RNG stays as it was
+        torch.manual_seed(0)
+        model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **args)
+    torch.save(model.state_dict(), root / "dino.pth")
+    path = root / "eval.yaml"
+    path.write_text(yaml.safe_dump({"protocol": "dreambench", "judges": list(judges),
+                                    "dino": {"path": "dino.pth", "arch": "vit_small_patch16_224", "model_args": args}}))
+    return path

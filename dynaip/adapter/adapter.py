@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,6 +24,7 @@ from .hmoe import HMoEFFM
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
 CHECKPOINT_FORMAT = "dynaip-adapter/1"
 
 
@@ -250,16 +252,23 @@ class DynaIPAdapter(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
-                        clip_vision: dict | None = None) -> Path:
-        """Writes ``directory/adapter.safetensors`` (weights only) and ``directory/config.json``.
+                        clip_vision: dict | None = None, training: dict | None = None) -> Path:
+        """Writes ``directory/adapter.safetensors`` (weights only), ``directory/config.json`` and the model
+        card ``directory/README.md`` (dynaip/adapter/card.py).
 
         ``state_dict``: the whole weights when this module holds only shards (FSDP2 training gathers
         them with ``dynaip.train.parallel.full_adapter_state``); default: this module's own.
         ``clip_vision``: the CLIP vision tower the adapter was trained with (``models.yaml``'s
         ``clip_vision`` entry: path, model_name, quick_gelu); ``load_dynaip`` uses it when the caller
         names no tower.
+        ``training``: what the card says about the run (the trainer's base model, step, datasets and their
+        manifest digests, config: ``dynaip.adapter.card.model_card``); None = a card without it.
         """
         from safetensors.torch import save_file
+
+        from dynaip.atomic import atomic_write_text
+
+        from .card import model_card
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -271,6 +280,7 @@ class DynaIPAdapter(nn.Module):
         if clip_vision is not None:
             meta["clip_vision"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(clip_vision).items()}
         (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        atomic_write_text(out / CARD_NAME, model_card(meta, sum(v.numel() for v in state.values()), training))
         return out
 
     @classmethod
@@ -283,8 +293,29 @@ class DynaIPAdapter(nn.Module):
             raise ValueError(f"{config_file} is not valid JSON ({e})") from None
 
     @staticmethod
-    def _files(directory: str | Path) -> tuple[Path, Path]:
+    def resolve_checkpoint(directory: str | Path) -> Path:
+        """``directory``, or for ``RUN/checkpoints/best`` (no such directory, a ``best.json`` beside it, written
+        by training's ``checkpoints.keep_best``) the checkpoint that best.json names."""
         d = Path(directory)
+        best = d.parent / "best.json"
+        if d.name != "best" or d.exists() or not best.is_file():
+            return d
+        try:
+            name = json.loads(best.read_text())["checkpoint"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{best} is not a best-checkpoint record ({type(e).__name__}: {e})") from None
+        if not isinstance(name, str) or not re.fullmatch(r"step-\d{6,}", name):  # never a path out of the folder
+            raise ValueError(f"{best} names {name!r}, not a checkpoint of its folder (step-NNNNNN)")
+        return d.parent / name
+
+    @classmethod
+    def _files(cls, directory: str | Path) -> tuple[Path, Path]:
+        from .hub import resolve_adapter_dir
+
+        # RUN/checkpoints/best via its best.json; else a local path wins; else "owner/name" from the hub cache
+        d = cls.resolve_checkpoint(directory)
+        if d == Path(directory):
+            d = resolve_adapter_dir(directory)
         if not d.exists():  # a mistyped step number: say so, and where the checkpoints are
             near = sorted(p.name for p in d.parent.glob("step-*")) if d.parent.is_dir() else []
             have = f"; {d.parent} holds {', '.join(near[-3:])}" if near else ""
@@ -299,8 +330,11 @@ class DynaIPAdapter(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, dtype: torch.dtype | None = None) -> "DynaIPAdapter":
-        """Rebuilds the adapter from ``config.json`` and loads ``adapter.safetensors`` (cast to ``dtype`` if given)."""
-        _, config_file = cls._files(directory)
+        """Rebuilds the adapter from ``config.json`` and loads ``adapter.safetensors`` (cast to ``dtype`` if given).
+        ``directory``: a local directory, or a hub repo id ``owner/name`` already in the local Hugging Face
+        cache (``dynaip.adapter.hub``; nothing is downloaded)."""
+        weights, config_file = cls._files(directory)
+        directory = weights.parent
         meta = json.loads(config_file.read_text())
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{config_file}: format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")

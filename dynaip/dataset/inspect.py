@@ -9,7 +9,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -35,8 +35,21 @@ def show(root: str | Path) -> str:
     if reasons:
         lines.append("rejects by reason:")
         lines += [f"  {n!s:>6}  {reason}" for reason, n in reasons.items()]
+    lines += decontamination_lines(m)
     lines += quality_lines(root)
     return "\n".join(lines)
+
+
+def decontamination_lines(m: dict[str, Any]) -> list[str]:
+    """The benchmarks the dataset was checked against (docs/decontamination.md), or a line saying it was not."""
+    entry = _obj(m.get("decontamination"))
+    benchmarks = [_obj(b) for b in entry.get("benchmarks", [])] if isinstance(entry.get("benchmarks"), list) else []
+    if not benchmarks:
+        return ["decontamination: none (no benchmark was checked; see `dynaip manifest contamination`)"]
+    lines = ["decontaminated against:"]
+    lines += [f"  {b.get('path', '-')}  ({b.get('layout', '-')}, {b.get('files', '-')} images, "
+              f"sha256 {str(b.get('sha256', '-'))[:16]}): {b.get('removed', '-')} inputs removed" for b in benchmarks]
+    return lines
 
 
 def _obj(v: Any) -> dict[str, Any]:
@@ -50,8 +63,13 @@ QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 def quality_quantiles(root: str | Path) -> dict[str, dict[str, tuple[int, list[float]]]]:
     """``{source: {score: (n, [min, p10, median, p90, max])}}`` over every sample's json ``quality``
     (scores a sample lacks, e.g. ``aesthetic`` without a head, are left out of its source's n)."""
+    return quantiles_of(iter_sample_json(root))
+
+
+def quantiles_of(metas: Iterable[dict[str, Any]]) -> dict[str, dict[str, tuple[int, list[float]]]]:
+    """``quality_quantiles`` over the sample jsons ``metas``."""
     values: dict[str, dict[str, list[float]]] = {}
-    for meta in iter_sample_json(root):
+    for meta in metas:
         q = meta.get("quality") or {}
         per = values.setdefault(str(meta.get("source", "?")), {})
         for k in QUALITY_KEYS:
@@ -165,13 +183,24 @@ def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by
     """Contact sheet of the first ``n`` samples (or, with ``sort_by`` a quality score, the ``n`` lowest —
     highest with ``descending``): one row each — reference | target | mask overlay — with the caption
     underneath. Writes a PNG to ``out``."""
-    rows = []
     samples: Iterator[dict[str, Any]] = iter_samples(root)
     if sort_by:  # the json of every sample decides which n images are read
         order = sorted(enumerate(iter_sample_json(root)), key=lambda im: quality_sort_key(im[1], sort_by, descending))
         wanted = {i: rank for rank, (i, _) in enumerate(order[:n])}
         picked = sorted(((wanted[i], s) for i, s in enumerate(iter_samples(root)) if i in wanted), key=lambda x: x[0])
         samples = iter(s for _, s in picked)
+    sheet = contact_sheet(samples, n, cell, root)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def contact_sheet(samples: Iterable[dict[str, Any]], n: int, cell: int, where: Any) -> Image.Image:
+    """The first ``n`` of ``samples`` (``iter_samples`` dicts) as one RGB image: a row each — reference |
+    target | mask overlay — with the caption underneath. ValueError (one line, naming ``where`` and the
+    sample) when an image does not decode or there is no sample."""
+    rows = []
     for sample in samples:
         if len(rows) >= n:
             break
@@ -180,13 +209,13 @@ def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by
             tgt = Image.open(io.BytesIO(sample["tgt.jpg"])).convert("RGB")
             mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])).convert("L").resize(tgt.size)) > 127
         except DECODE_ERRORS as e:  # an undecodable member: one line naming it (run `manifest verify` for all)
-            raise ValueError(f"{root}: sample {sample['key']!r} has an image that does not decode "
+            raise ValueError(f"{where}: sample {sample['key']!r} has an image that does not decode "
                              f"({type(e).__name__}: {e}); run `dynaip manifest verify` on it") from None
         over = np.asarray(tgt).copy()
         over[mask] = (0.5 * over[mask] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
         rows.append(([ref, tgt, Image.fromarray(over)], sample["txt"].decode("utf-8", "replace")))
     if not rows:
-        raise ValueError(f"{root} has no samples to show")
+        raise ValueError(f"{where} has no samples to show")
     text_h = 28
     sheet = Image.new("RGB", (3 * cell, len(rows) * (cell + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -197,7 +226,4 @@ def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by
             im.thumbnail((cell, cell))
             sheet.paste(im, (c * cell + (cell - im.width) // 2, y + (cell - im.height) // 2))
         draw.text((4, y + cell + 6), caption[: 3 * cell // 6], fill="black")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
+    return sheet

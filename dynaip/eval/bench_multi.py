@@ -48,7 +48,7 @@ number of cases; each case draws its own subjects):
 ====  ==============================  ========  =====  =============================
 
 Garments take their wearer's band (they are on the wearer); the band geometry for a case depends on
-how many distinct positions it uses (see ``dynaip.eval.generate.preset_masks``).
+how many distinct positions it uses (see ``dynaip.eval.cases.preset_masks``).
 
 Subjects are dealt from a seeded, shuffled deck per type (reshuffled when exhausted) so every pool
 subject is used about equally often; the same pool + seed gives the same 888 cases.

@@ -20,7 +20,9 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
+
+from PIL import Image
 
 from dynaip.atomic import atomic_write_bytes  # noqa: F401  (re-exported for eval modules)
 
@@ -117,3 +119,34 @@ def read_cases(path: str | Path) -> list[Case]:
         except (json.JSONDecodeError, TypeError, KeyError) as e:
             raise ValueError(f"{path}:{n}: not a case record ({type(e).__name__}: {e}); regenerate the cases file") from e
     return cases
+
+
+def image_path(out_dir: str | Path, case_id: str) -> Path:
+    return Path(out_dir) / "images" / f"{case_id}.png"
+
+
+def preset_masks(layout: Sequence[str], width: int, height: int) -> list[Image.Image]:
+    """One binary ``L`` mask (0 / 255, ``height × width``) per subject: a full-height vertical band.
+
+    The bands split the width equally among the distinct positions the case uses, in the order
+    left → middle → right (two positions: halves; three: thirds). A case that uses one position only
+    gets the central two thirds for ``middle`` and a half for ``left`` / ``right``. Subjects sharing a
+    position (a person and the garments they wear) share the band.
+    """
+    order = ("left", "middle", "right")
+    bad = [p for p in layout if p not in order]
+    if bad:
+        raise ValueError(f"layout positions {bad} unknown; use left / middle / right")
+    used = [p for p in order if p in layout]
+    if len(used) == 1:
+        band = {"left": (0.0, 0.5), "middle": (1 / 6, 5 / 6), "right": (0.5, 1.0)}[used[0]]
+        bands = {used[0]: band}
+    else:
+        bands = {p: (i / len(used), (i + 1) / len(used)) for i, p in enumerate(used)}
+    masks = []
+    for p in layout:
+        x0, x1 = (round(f * width) for f in bands[p])
+        m = Image.new("L", (width, height), 0)
+        m.paste(255, (x0, 0, x1, height))
+        masks.append(m)
+    return masks

@@ -29,7 +29,7 @@ from PIL import Image
 from dynaip.models import sampling
 from dynaip.progress import Progress
 
-from .cases import Case, atomic_write_bytes
+from .cases import Case, atomic_write_bytes, image_path, preset_masks  # noqa: F401  (both re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -67,33 +67,6 @@ class GenerateSettings:
             self.granularity = tuple(float(g) for g in self.granularity)
             if len(self.granularity) != 3:
                 raise ValueError(f"granularity {self.granularity} needs three weights (low, mid, high)")
-
-
-def preset_masks(layout: Sequence[str], width: int, height: int) -> list[Image.Image]:
-    """One binary ``L`` mask (0 / 255, ``height × width``) per subject: a full-height vertical band.
-
-    The bands split the width equally among the distinct positions the case uses, in the order
-    left → middle → right (two positions: halves; three: thirds). A case that uses one position only
-    gets the central two thirds for ``middle`` and a half for ``left`` / ``right``. Subjects sharing a
-    position (a person and the garments they wear) share the band.
-    """
-    order = ("left", "middle", "right")
-    bad = [p for p in layout if p not in order]
-    if bad:
-        raise ValueError(f"layout positions {bad} unknown; use left / middle / right")
-    used = [p for p in order if p in layout]
-    if len(used) == 1:
-        band = {"left": (0.0, 0.5), "middle": (1 / 6, 5 / 6), "right": (0.5, 1.0)}[used[0]]
-        bands = {used[0]: band}
-    else:
-        bands = {p: (i / len(used), (i + 1) / len(used)) for i, p in enumerate(used)}
-    masks = []
-    for p in layout:
-        x0, x1 = (round(f * width) for f in bands[p])
-        m = Image.new("L", (width, height), 0)
-        m.paste(255, (x0, 0, x1, height))
-        masks.append(m)
-    return masks
 
 
 def load_pipeline(models_yaml: str, adapter_dir: str, device: str | None = None, auto_mask: bool = False) -> Any:
@@ -151,10 +124,6 @@ class GenerationSummary:
     """Already finished before this run."""
     generated: int
     """Finished by this run."""
-
-
-def image_path(out_dir: str | Path, case_id: str) -> Path:
-    return Path(out_dir) / "images" / f"{case_id}.png"
 
 
 def is_done(out_dir: str | Path, case_id: str) -> bool:

@@ -38,8 +38,7 @@ from statistics import fmean, stdev
 from typing import Callable, Sequence
 
 from .bench_single import CATEGORIES, PROMPT_TYPES, prompt_type
-from .cases import Case, atomic_write_bytes
-from .generate import image_path
+from .cases import Case, atomic_write_bytes, image_path
 from .judge import ChatJudge, EvalConfig, JudgeConfig, cp_prompt, dreambench_messages, open_messages, pf_prompt
 
 log = logging.getLogger(__name__)

@@ -58,6 +58,14 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                    help="image CFG scale: also run the no-reference branch and use uncond + S·(cond − uncond); "
                         "1 = off (default), > 1 strengthens the references at twice the transformer compute")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens")
+    p.add_argument("--controlnet", action="append", default=None, metavar="DIR",
+                   help="FLUX ControlNet directory (diffusers format); repeat for a multi-ControlNet, each with its "
+                        "--control-image in the same order")
+    p.add_argument("--control-image", action="append", default=None, metavar="IMG",
+                   help="control image per --controlnet, in order (the output's aspect ratio)")
+    p.add_argument("--control-scale", type=_floats, default=None, metavar="S",
+                   help="ControlNet conditioning scale: one value, or one per --controlnet (comma-separated); "
+                        "default 1")
     p.add_argument("--lora", default=None, help="optional FLUX LoRA (diffusers format) loaded with load_lora_weights")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
@@ -87,11 +95,12 @@ def run_generate(args: argparse.Namespace) -> int:
         check_image_path(ref, f"reference {i + 1} (--ref)")
     for i, mask in enumerate(args.mask or []):
         check_image_path(mask, f"mask {i + 1} (--mask)")
+    control_scale = _check_control_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     offload = args.offload != "none"
     pipe = DynaIPFluxPipeline.from_local(args.models, args.adapter, dtype=dtype, device="cpu" if offload else device,
-                                         with_auto_mask=bool(args.auto_mask))
+                                         with_auto_mask=bool(args.auto_mask), controlnet=args.controlnet)
     if args.quantize != "none":
         from .lowmem import quantize_transformer
 
@@ -111,13 +120,14 @@ def run_generate(args: argparse.Namespace) -> int:
     out = pipe(args.prompt, references=args.ref, masks=args.mask, auto_mask=args.auto_mask, scale=scale,
                granularity=args.granularity, branches=args.branches, seed=args.seed, num_inference_steps=args.steps,
                height=args.height, width=args.width, guidance_scale=args.guidance,
-               image_guidance_scale=args.image_cfg, max_sequence_length=args.max_sequence_length)
+               image_guidance_scale=args.image_cfg, max_sequence_length=args.max_sequence_length,
+               control_image=args.control_image, controlnet_conditioning_scale=control_scale)
     target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_image(out.images[0], target, format=fmt)
     sidecar = dict(out.settings, references=[str(r) for r in args.ref], masks=args.mask, adapter=str(args.adapter),
                    models=str(args.models), lora=args.lora, device=device, dtype=str(dtype), offload=args.offload,
-                   quantize=args.quantize)
+                   quantize=args.quantize, controlnet=args.controlnet, control_images=args.control_image)
     if out.masks is not None and args.auto_mask:
         for i, m in enumerate(out.masks):
             from PIL import Image
@@ -128,3 +138,26 @@ def run_generate(args: argparse.Namespace) -> int:
     atomic_write_text(target.with_suffix(".json"), json.dumps(sidecar, indent=2, default=str))
     print(f"wrote {target} and {target.with_suffix('.json')}")
     return 0
+
+
+def _check_control_args(args: argparse.Namespace) -> float | list[float]:
+    """The ControlNet switches agree with each other and name existing files (before any model loads);
+    returns the conditioning scale for the pipeline."""
+    nets, images = args.controlnet or [], args.control_image or []
+    if not nets and (images or args.control_scale is not None):
+        raise ValueError("--control-image and --control-scale need a --controlnet DIR")
+    if len(images) != len(nets):
+        raise ValueError(f"got {len(images)} --control-image for {len(nets)} --controlnet; give one control image per "
+                         "ControlNet, in the same order")
+    for d in nets:
+        if not Path(d).is_dir():
+            raise ValueError(f"--controlnet '{d}' is not a directory (a diffusers FLUX ControlNet: config.json + "
+                             "diffusion_pytorch_model.safetensors)")
+    for img in images:
+        if not Path(img).is_file():
+            raise ValueError(f"--control-image '{img}' does not exist")
+    scale = args.control_scale if args.control_scale is not None else [1.0]
+    if len(scale) not in (1, len(nets)):
+        raise ValueError(f"got {len(scale)} --control-scale values for {len(nets)} --controlnet; give one, or one per "
+                         "ControlNet")
+    return scale[0] if len(scale) == 1 else scale

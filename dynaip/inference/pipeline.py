@@ -24,6 +24,10 @@ b. Grounding DINO finds each phrase in that image (best-scoring box per phrase);
 c. SAM segments each box; small islands are removed and holes filled (the curation's segment
    cleanup), then each mask is dilated by ``auto_mask_dilation`` of the image's shorter side;
 d. the masked multi-subject pass.
+
+ControlNet (``control_image=``, one per ControlNet, and ``controlnet_conditioning_scale``): the
+pipeline wraps diffusers' ``FluxControlNetPipeline`` (``load_dynaip`` on one, or ``from_local(...,
+controlnet=DIR)``); see dynaip/inference/controlnet.py for how the two compose.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from PIL import Image
 from dynaip.geometry import clean_mask
 from dynaip.models import sampling
 
+from .controlnet import control_inputs, is_controlnet_pipeline, nets_of, without_controlnet
 from .inputs import ImageLike, load_image, load_mask, per_subject, reference_pixels
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,7 @@ class DynaIPFluxPipeline:
         self.image_encoder = image_encoder
         self.detector = detector
         self.segmenter = segmenter
+        self._plain_flux = None  # over a ControlNet pipeline: the FluxPipeline for calls without a control image
         adapter.attach(flux.transformer)
         flux.dynaip = self
 
@@ -115,9 +121,12 @@ class DynaIPFluxPipeline:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_local(cls, models, adapter=None, *, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu", with_auto_mask: bool = False) -> "DynaIPFluxPipeline":
+                   device: str | torch.device = "cpu", with_auto_mask: bool = False,
+                   controlnet=None) -> "DynaIPFluxPipeline":
         """Loads every part from local paths. ``models``: a ModelsConfig or models.yaml path;
-        ``adapter``: a checkpoint directory, a DynaIPAdapter, or None (a fresh, zero-effect adapter)."""
+        ``adapter``: a checkpoint directory, a DynaIPAdapter, or None (a fresh, zero-effect adapter);
+        ``controlnet``: None, or a FLUX ControlNet directory (or a list of them: a multi-ControlNet) —
+        FLUX is then diffusers' ``FluxControlNetPipeline`` and calls take ``control_image=``."""
         from dynaip.adapter import DynaIPAdapter
         from dynaip.models import ModelsConfig
         from dynaip.models.clip_vision import load_clip_vision
@@ -132,6 +141,10 @@ class DynaIPFluxPipeline:
         layers = ad.config.clip_layers if ad is not None else models.clip_vision.layers
         tower = load_clip_vision(models.clip_vision, layers=layers)
         flux = load_flux_pipeline(models.flux, dtype=dtype)
+        if controlnet is not None:
+            from .controlnet import make_controlnet, with_controlnet
+
+            flux = with_controlnet(flux, make_controlnet(controlnet, flux.transformer, dtype))
         if ad is None:
             log.warning("no adapter checkpoint given: using a freshly initialised adapter (it changes nothing)")
             ad = DynaIPAdapter(adapter_config_for(flux.transformer, tower))
@@ -151,7 +164,8 @@ class DynaIPFluxPipeline:
 
         transformer = getattr(flux_pipeline, "transformer", None)
         if transformer is None or not hasattr(transformer, "transformer_blocks"):
-            raise ValueError(f"load_dynaip needs a diffusers FluxPipeline (with a FluxTransformer2DModel), "
+            raise ValueError(f"load_dynaip needs a diffusers FluxPipeline or FluxControlNetPipeline (with a "
+                             f"FluxTransformer2DModel), "
                              f"got {type(flux_pipeline).__name__}")
         current = getattr(flux_pipeline, "dynaip", None)
         if current is not None and current.attached:
@@ -265,6 +279,8 @@ class DynaIPFluxPipeline:
         guidance_scale: float = sampling.GUIDANCE,
         generator: torch.Generator | list[torch.Generator] | None = None,
         image_guidance_scale: float = 1.0,
+        control_image=None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
         **flux_kwargs,
     ) -> DynaIPOutput:
         """Generates with 0..N references.
@@ -277,7 +293,9 @@ class DynaIPFluxPipeline:
         seed: fixes the sampling noise (same seed → same image). With neither seed nor generator a seed is
             drawn from torch's global RNG and recorded in ``settings`` (every result can be reproduced).
         image_guidance_scale: image CFG (see the module doc); 1.0 = off.
-        Other keywords go to FluxPipeline.
+        control_image: one per ControlNet (image, path or array, with the output's aspect ratio), when the
+            pipeline has a ControlNet; controlnet_conditioning_scale: one value or one per ControlNet.
+        Other keywords go to FluxPipeline (FluxControlNetPipeline with a control image).
         """
         refs = [] if references is None else (list(references) if isinstance(references, (list, tuple)) else [references])
         ref_images = [load_image(r, f"reference {i + 1}") for i, r in enumerate(refs)]
@@ -312,15 +330,17 @@ class DynaIPFluxPipeline:
             raise ValueError(f"image_guidance_scale={image_guidance_scale}: must be a finite number >= 0 (1.0 = off)")
         if seed is not None:
             seed = check_seed(seed)
+        sampler, control = self._sampler(control_image, controlnet_conditioning_scale, height, width,
+                                         flux_kwargs.get("control_mode"))
         if seed is None and generator is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
 
         call = dict(prompt=prompt, num_inference_steps=num_inference_steps, height=height, width=width,
-                    guidance_scale=guidance_scale, **flux_kwargs)
+                    guidance_scale=guidance_scale, **control, **flux_kwargs)
         if auto_mask is not None:
             # the final pass must start from the first pass's noise: rewind a passed generator
             states = [g.get_state() for g in _generators(generator)]
-            first = self._generate(call, seed, generator, cond=None).images[0]
+            first = self._generate(call, seed, generator, cond=None, sampler=sampler).images[0]
             for g, st in zip(_generators(generator), states):
                 g.set_state(st)
             mask_t = self.auto_masks(first, list(auto_mask), dilation=auto_mask_dilation,
@@ -330,19 +350,37 @@ class DynaIPFluxPipeline:
             tokens = self.encode_references(ref_images, granularity)
             cond = self.adapter.make_conditioning(tokens, masks=mask_t, scales=scales, branches=branches,
                                                   image_size=(height, width), image_guidance_scale=image_guidance_scale)
-        result = self._generate(call, seed, generator, cond=cond)
+        result = self._generate(call, seed, generator, cond=cond, sampler=sampler)
         settings = dict(prompt=prompt, num_references=n, scale=scales, granularity=granularity, branches=branches,
                         auto_mask=list(auto_mask) if auto_mask else None, seed=seed,
                         num_inference_steps=num_inference_steps, height=height, width=width,
                         guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale)
+        if control:
+            settings.update(num_control_images=len(nets_of(sampler.controlnet)),
+                            controlnet_conditioning_scale=control["controlnet_conditioning_scale"])
         return DynaIPOutput(images=list(result.images), masks=mask_t, settings=settings)
 
-    def _generate(self, call: dict, seed: int | None, generator: torch.Generator | None, cond):
+    def _sampler(self, control_image, scale, height: int, width: int, control_mode=None) -> tuple[Any, dict]:
+        """The diffusers pipeline that samples this call and its ControlNet keywords (checked before compute)."""
+        if control_image is not None:
+            if not is_controlnet_pipeline(self.flux):
+                raise ValueError("control_image given but this pipeline has no ControlNet: load_dynaip on a diffusers "
+                                 "FluxControlNetPipeline, or from_local(..., controlnet=DIR)")
+            return self.flux, control_inputs(self.flux.controlnet, control_image, scale, height, width, control_mode)
+        if not is_controlnet_pipeline(self.flux):
+            return self.flux, {}
+        if self.offloaded:  # the offload hooks belong to the ControlNet pipeline
+            raise ValueError("this pipeline has a ControlNet and CPU offload on: give control_image=...")
+        if self._plain_flux is None:
+            self._plain_flux = without_controlnet(self.flux)
+        return self._plain_flux, {}
+
+    def _generate(self, call: dict, seed: int | None, generator: torch.Generator | None, cond, sampler=None):
         if generator is None and seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(int(seed))
         self.adapter.set_conditioning(cond)
         try:
-            return self.flux(generator=generator, **call)
+            return (sampler or self.flux)(generator=generator, **call)
         finally:
             self.adapter.set_conditioning(None)
 

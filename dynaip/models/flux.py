@@ -92,3 +92,31 @@ def load_vae_decoder(path: str | Path, dtype: torch.dtype = torch.float32):
     except Exception as e:
         raise CheckpointError("FLUX.1-dev VAE decoder", weights, expected, "Re-download the vae folder.", e) from e
     return vae.eval()
+
+
+CONTROLNET_EXPECTED = ("a diffusers FLUX ControlNet directory (config.json with _class_name FluxControlNetModel + "
+                       "diffusion_pytorch_model.safetensors, as FluxControlNetModel.save_pretrained writes it)")
+
+
+def load_flux_controlnet(path: str | Path, dtype: torch.dtype = torch.float32):
+    """One ``diffusers.FluxControlNetModel`` from a local release directory (safetensors only: no pickle)."""
+    import json
+
+    from diffusers import FluxControlNetModel
+
+    p = require_dir("FLUX ControlNet", path, CONTROLNET_EXPECTED)
+    cfg_file = p / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError("FLUX ControlNet", p, CONTROLNET_EXPECTED, "config.json is missing or not JSON.", e) from e
+    if not isinstance(cfg, dict) or cfg.get("_class_name") != "FluxControlNetModel":
+        found = cfg.get("_class_name") if isinstance(cfg, dict) else type(cfg).__name__
+        raise CheckpointError("FLUX ControlNet", p, CONTROLNET_EXPECTED, f"config.json names {found!r}.")
+    if not any(p.glob("diffusion_pytorch_model*.safetensors")):
+        raise CheckpointError("FLUX ControlNet", p, CONTROLNET_EXPECTED, "No safetensors weights in it.")
+    try:
+        return FluxControlNetModel.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True,
+                                                   use_safetensors=True).eval()
+    except Exception as e:
+        raise CheckpointError("FLUX ControlNet", p, CONTROLNET_EXPECTED, "Re-download the directory.", e) from e

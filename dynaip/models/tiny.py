@@ -10,7 +10,9 @@
     out/sam/sam_tiny.pth            SAM state dict
     out/captioner/                  BLIP (BlipForConditionalGeneration) directory (safetensors, WordPiece vocab.txt)
     out/aesthetic/tiny-linearMSE.pth  aesthetic head (improved-aesthetic-predictor .pth form) over the tiny CLIP
-    out/models.yaml                 paths of all of the above
+    out/controlnet/                 FLUX ControlNet (diffusers FluxControlNetModel directory) over the tiny FLUX
+    out/models.yaml                 paths of the models every command reads (not the ControlNet: like a
+                                    LoRA it is a per-generation extension, named with --controlnet)
 
 Same seed → byte-identical files. Pictures made with these weights are noise by design.
 """
@@ -105,6 +107,14 @@ fusion_dropout = 0.0
 fusion_droppath = 0.1
 sub_sentence_present = True
 """
+
+
+TINY_CONTROLNET_CONFIG = dict(  # an InstantX-style FLUX ControlNet (no input hint block: the VAE encodes the
+    # control image) with the tiny transformer's sizes; one double and one single block, so both kinds of
+    # residual reach the transformer
+    patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+    joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+)
 
 
 def _sharpen_posterior(vae: torch.nn.Module) -> None:
@@ -218,6 +228,21 @@ def _write_sam(out: Path) -> None:
     torch.save(sd, str(out / "sam_tiny.pth"))
 
 
+def write_tiny_controlnet(out: Path) -> None:
+    """A ``FluxControlNetModel`` directory as diffusers' ``save_pretrained`` lays it out and FLUX ControlNet
+    releases ship it (e.g. InstantX/FLUX.1-dev-Controlnet-Canny on the Hugging Face hub): ``config.json`` +
+    ``diffusion_pytorch_model.safetensors``. A fresh ControlNet is a no-op (its input embedder and
+    per-block output projections start at zero), so those are re-drawn as a trained one's are not zero:
+    the control image then changes the picture."""
+    from diffusers import FluxControlNetModel
+
+    net = FluxControlNetModel(**TINY_CONTROLNET_CONFIG)
+    with torch.no_grad():
+        for layer in (net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks):
+            layer.reset_parameters()
+    net.save_pretrained(str(out), safe_serialization=True)
+
+
 MODELS_YAML = {
     "flux": "flux",
     "clip_vision": {"path": "clip", "layers": list(TINY_CLIP_LAYERS)},  # quick_gelu: open_clip_config.json says
@@ -256,6 +281,8 @@ def write_tiny_checkpoints(out: str | Path, seed: int = 0, overwrite: bool = Fal
         write_tiny_captioner(tmp / "captioner")
         torch.manual_seed(seed + 5)
         write_tiny_aesthetic_head(tmp / "aesthetic" / "tiny-linearMSE.pth", TINY_CLIP_CONFIG["embed_dim"])
+        torch.manual_seed(seed + 6)
+        write_tiny_controlnet(tmp / "controlnet")
         (tmp / "models.yaml").write_text(
             "# Tiny random-weight checkpoints written by `dynaip tiny-checkpoints` (tests/demo only).\n"
             + yaml.safe_dump(MODELS_YAML, sort_keys=False))

@@ -6,7 +6,9 @@
   link from each sample to its shard and key (``/dataset/sample``, ``/dataset/shard``).
 - **Generate**: prompt, one to three references, per-reference scale and granularity (low / mid /
   high), masks drawn on a canvas or found by phrase, seed, steps, size, guidance, image CFG; the
-  result with its settings and masks, and a download of the PNG with its JSON sidecar.
+  result with its settings and masks, and a download of the PNG with its JSON sidecar. Started with
+  ``--controlnet DIR`` (repeatable), the page also takes a control image and a control scale per
+  ControlNet (optional: without them FLUX samples without the ControlNet).
 
 Bound to 127.0.0.1 unless ``--host`` says otherwise; any other address needs ``--token`` or ``--auth``
 (or ``DYNAIP_SERVE_TOKEN`` / ``DYNAIP_SERVE_AUTH``), then checked on every route (``dynaip/serve/auth.py``).
@@ -149,7 +151,7 @@ def _q(x: str) -> str:
 
 # ---------------------------------------------------------------------- the app
 def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str | None = None,
-                 page_size: int = PAGE_SIZE):
+                 page_size: int = PAGE_SIZE, controlnets: int = 0):
     import gradio as gr
 
     from .generation import MAX_REFERENCES
@@ -197,6 +199,7 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
     def generate(prompt, seed, steps, width, height, guidance, image_cfg, *slots):
         per = 8  # image, scale, auto granularity, low, mid, high, mask canvas, phrase
         refs, scales, grans, masks, phrases = [], [], [], [], []
+        controls = slots[MAX_REFERENCES * per:]  # control image, control scale per ControlNet
         for i in range(MAX_REFERENCES):
             img, scale, auto_g, low, mid, high, canvas, phrase = slots[i * per:(i + 1) * per]
             refs.append(img)
@@ -208,7 +211,8 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
             result = service().generate(prompt, refs, scales=scales, granularities=grans, masks=masks, phrases=phrases,
                                         seed=None if seed in (None, "") else int(seed), steps=int(steps),
                                         height=int(height), width=int(width), guidance=float(guidance),
-                                        image_cfg=float(image_cfg))
+                                        image_cfg=float(image_cfg), control_images=list(controls[0::2]),
+                                        control_scales=[float(c) for c in controls[1::2]])
         except (ValueError, FileNotFoundError) as e:
             return f"⚠️ {e}", None, None, [], None
         except OSError as e:  # a full or read-only --out: the line says which file and what to do
@@ -267,6 +271,17 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
                             slot_inputs += [ref, scale, auto_g, low, mid, high, canvas, phrase]
                             ref.change(lambda img: gr.update(visible=img is not None), [ref], [canvas],
                                        api_name=False, show_progress="hidden")
+                control_inputs: list = []
+                if controlnets:
+                    with gr.Row():
+                        for k in range(controlnets):
+                            with gr.Column(elem_id=f"control{k + 1}"):
+                                control_inputs += [
+                                    gr.Image(type="pil", label=f"control image {k + 1} (optional: ControlNet {k + 1})",
+                                             elem_id=f"control-image{k + 1}", sources=["upload", "clipboard"],
+                                             height=200),
+                                    gr.Slider(0, 2, value=1.0, step=0.05, label="control scale",
+                                              elem_id=f"control-scale{k + 1}")]
                 with gr.Row():
                     seed = gr.Number(0, label="seed (empty: random, recorded)", precision=0, elem_id="gen-seed")
                     steps = gr.Slider(1, 50, value=sampling.STEPS, step=1, label="steps", elem_id="gen-steps")
@@ -295,7 +310,7 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
             f.change(lambda r, s, p: samples_page(r, s, p, 1), [root_state, f_source, f_pair], [ds_samples, page_no],
                      api_name=False)
         f_reason.change(show_rejects, [root_state, f_reason], [ds_rejects], api_name=False)
-        go.click(generate, [prompt, seed, steps, width, height, guidance, image_cfg, *slot_inputs],
+        go.click(generate, [prompt, seed, steps, width, height, guidance, image_cfg, *slot_inputs, *control_inputs],
                  [gen_status, result, settings, masks_out, files], api_name="generate")
     return blocks
 
@@ -403,6 +418,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default=None, help="models.yaml of real checkpoints (default: tiny random ones, "
                                                   "written under --out)")
     p.add_argument("--adapter", default=None, help="adapter checkpoint directory (default: a fresh adapter, no effect)")
+    p.add_argument("--controlnet", action="append", default=None, metavar="DIR",
+                   help="FLUX ControlNet directory (diffusers format); repeat for several: the Generate page then "
+                        "takes a control image per ControlNet")
     p.add_argument("--dataset", default=None, help="dataset directory or URL to open on start")
     p.add_argument("--out", default="serve-out", help="where generations (PNG + JSON) are written (default: serve-out)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only); "
@@ -441,11 +459,15 @@ def run_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"models file '{args.models}' does not exist")
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"adapter directory '{args.adapter}' does not exist")
+    for d in args.controlnet or []:
+        if not Path(d).is_dir():
+            raise FileNotFoundError(f"--controlnet '{d}' is not a directory (a diffusers FLUX ControlNet)")
     datasets = DatasetCache()
     if args.dataset:
         datasets.open(args.dataset)  # a bad path fails here, in one line, before the server starts
-    service = GenerationService(args.models, args.adapter, args.out, device=args.device)
-    blocks = build_blocks(datasets, lambda: service, initial_dataset=args.dataset, page_size=args.page_size)
+    service = GenerationService(args.models, args.adapter, args.out, device=args.device, controlnet=args.controlnet)
+    blocks = build_blocks(datasets, lambda: service, initial_dataset=args.dataset, page_size=args.page_size,
+                          controlnets=len(args.controlnet or []))
     app = build_app(datasets, blocks, creds, max_upload_mb=args.max_upload_mb)
     how = "" if creds is None else ("; open /?token=<your token> once, or send Authorization: Bearer <token>"
                                     if creds.token is not None else "; log in with your user and password")

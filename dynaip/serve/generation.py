@@ -1,6 +1,7 @@
 """What the *Generate* page runs, without any UI: one loaded ``DynaIPFluxPipeline`` and a call that
 takes the page's inputs, validates them, generates, and writes the PNG with its JSON sidecar (and
-the masks used) for download."""
+the masks used) for download. Started with ControlNets (``dynaip serve --controlnet DIR``), a call
+takes one control image per ControlNet, or none (then FLUX samples without the ControlNet)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class GenerationService:
     """Loads the pipeline once (tiny checkpoints unless ``models`` names real ones) and serialises calls."""
 
     def __init__(self, models: str | Path | None, adapter: str | Path | None, out_dir: str | Path,
-                 device: str | None = None):
+                 device: str | None = None, controlnet: Sequence[str | Path] | None = None):
         from dynaip.console import progress_bars, quiet_libraries
         from dynaip.inference import DynaIPFluxPipeline
         from dynaip.models import ModelsConfig
@@ -76,8 +77,9 @@ class GenerationService:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.auto_mask = mcfg.grounding_dino is not None and mcfg.sam is not None
+        self.controlnets = [str(c) for c in controlnet or []]
         self.pipe = DynaIPFluxPipeline.from_local(mcfg, adapter, dtype=dtype, device=self.device,
-                                                  with_auto_mask=self.auto_mask)
+                                                  with_auto_mask=self.auto_mask, controlnet=self.controlnets or None)
         progress_bars(self.pipe.flux)
         self.adapter = str(adapter) if adapter is not None else None
         self._lock = threading.Lock()
@@ -85,8 +87,10 @@ class GenerationService:
     def generate(self, prompt: str, references: Sequence[Image.Image | None], *, scales: Sequence[float],
                  granularities: Sequence[Sequence[float] | None], masks: Sequence[Any],
                  phrases: Sequence[str | None], seed: int | None, steps: int, height: int, width: int,
-                 guidance: float, image_cfg: float, max_sequence_length: int | None = None) -> Generation:
-        """One generation from the page's slots (a slot without an image is skipped)."""
+                 guidance: float, image_cfg: float, max_sequence_length: int | None = None,
+                 control_images: Sequence[Image.Image | None] = (), control_scales: Sequence[float] = ()) -> Generation:
+        """One generation from the page's slots (a slot without an image is skipped). ``control_images``
+        / ``control_scales``: one per ControlNet the service was started with; all images or none."""
         if not prompt or not str(prompt).strip():
             raise ValueError("write a prompt")
         from dynaip.inference.pipeline import check_seed
@@ -119,6 +123,7 @@ class GenerationService:
                         for m in drawn]
         elif len(refs) > 1:
             raise ValueError(f"{len(refs)} references need one mask each: draw them, or give a phrase per reference")
+        control = self._control(control_images, control_scales)
         gran = [tuple(float(x) for x in granularities[i]) if granularities[i] is not None else None for i in slots]
         if any(g is not None and sum(g) <= 0 for g in gran):
             raise ValueError("a granularity needs at least one of low / mid / high above 0")
@@ -133,10 +138,25 @@ class GenerationService:
                             granularity=None if gran[0] is None else [list(g) for g in gran],
                             seed=seed, num_inference_steps=int(steps),
                             height=height, width=width, guidance_scale=float(guidance),
-                            image_guidance_scale=float(image_cfg), **kwargs)
-        return self._save(out, refs, slots)
+                            image_guidance_scale=float(image_cfg), **control, **kwargs)
+        return self._save(out, refs, slots, control.get("control_image") or [])
 
-    def _save(self, out, refs: list[Image.Image], slots: list[int]) -> Generation:
+    def _control(self, images: Sequence[Image.Image | None], scales: Sequence[float]) -> dict[str, Any]:
+        """The pipeline's ControlNet keywords from the page's control slots ({} without a control image)."""
+        given = [img for img in images if img is not None]
+        if not given:
+            return {}
+        n = len(self.controlnets)
+        if not n:
+            raise ValueError("this app was started without a ControlNet (dynaip serve --controlnet DIR)")
+        if len(given) != n or len(images) != n:
+            raise ValueError(f"upload a control image for each of the {n} ControlNets, or none")
+        if len(scales) != n:
+            raise ValueError(f"give {n} control scales, one per ControlNet")
+        return dict(control_image=[img.convert("RGB") for img in images],
+                    controlnet_conditioning_scale=[float(s) for s in scales])
+
+    def _save(self, out, refs: list[Image.Image], slots: list[int], controls: Sequence[Image.Image] = ()) -> Generation:
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.perf_counter_ns() % 1_000_000:06d}"
         base = self.out_dir / f"gen-{stamp}"
         png = base.with_suffix(".png")
@@ -147,6 +167,11 @@ class GenerationService:
             p = self.out_dir / f"gen-{stamp}.ref{k + 1}.png"
             atomic_save_image(ref, p)
             ref_paths.append(str(p))
+        control_paths = []
+        for k, img in enumerate(controls):
+            p = self.out_dir / f"gen-{stamp}.control{k + 1}.png"
+            atomic_save_image(img, p)
+            control_paths.append(str(p))
         for k, m in enumerate(out.masks or []):
             img = Image.fromarray((m.cpu().numpy() > 0.5).astype(np.uint8) * 255)
             p = self.out_dir / f"gen-{stamp}.mask{k + 1}.png"
@@ -155,6 +180,8 @@ class GenerationService:
             mask_images.append(img)
         settings = dict(out.settings, references=ref_paths, reference_slots=[s + 1 for s in slots],
                         masks=files[2:] or None, models=self.models_yaml, adapter=self.adapter, device=self.device)
+        if controls:
+            settings.update(controlnet=self.controlnets, control_images=control_paths)
         atomic_write_text(files[1], json.dumps(settings, indent=2, default=str))
         return Generation(image=out.images[0], settings=json.loads(json.dumps(settings, default=str)),
                           masks=mask_images, files=files)

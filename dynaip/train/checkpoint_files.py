@@ -71,9 +71,10 @@ def swap_in(tmp: Path, final: Path) -> None:
         shutil.rmtree(aside)
 
 
-def prune(root: Path, keep: int) -> list[Path]:
-    """Deletes all but the ``keep`` highest-step checkpoints; returns the deleted ones."""
-    old = [p for _, p in steps(root)][:-keep] if keep > 0 else []
+def prune(root: Path, keep: int, protect: int | None = None) -> list[Path]:
+    """Deletes all but the ``keep`` highest-step checkpoints and the one of step ``protect`` (the best,
+    ``checkpoints.keep_best``); returns the deleted ones."""
+    old = [p for s, p in steps(root)[:-keep] if s != protect] if keep > 0 else []
     for p in old:
         shutil.rmtree(p, ignore_errors=True)
     return old

@@ -261,7 +261,12 @@ class CheckpointConfig:
     every: int = 1000
     """Write ``RUN/checkpoints/step-NNNNNN`` every this many steps (0 = only at the end)."""
     keep: int | None = None
-    """Keep only the newest N checkpoints; null keeps all."""
+    """Keep only the newest N checkpoints; null keeps all. The ``keep_best`` checkpoint is kept besides them."""
+    keep_best: str | None = None
+    """A ``fidelity.metrics`` name (``clip_i``, ...): after each fidelity evaluation, the checkpoint saved at
+    that step is compared with the best so far (higher is better) and ``RUN/checkpoints/best.json`` names
+    the best (dynaip/train/best.py); that checkpoint is never pruned by ``keep``. Needs
+    ``fidelity.every`` to be a multiple of ``every`` (every evaluation step is a checkpoint step). Null = off."""
 
 
 @dataclass(kw_only=True)
@@ -291,8 +296,63 @@ class LoggingConfig:
                              "validation_prompts: give one reference per prompt, or none")
 
 
+FIDELITY_METRICS = ("clip_i", "clip_t", "dino", "cp", "pf")
+"""What ``fidelity.metrics`` may name: CLIP-I, CLIP-T, DINO (dynaip/eval/metrics.py) and the VLM judges'
+concept preservation / prompt following (dynaip/eval/judge.py), each a mean over the evaluated cases."""
+
+
+@dataclass(kw_only=True)
+class FidelityConfig:
+    """Subject fidelity while training (the ``fidelity:`` section; dynaip/train/fidelity.py, docs/fidelity.md).
+
+    Every ``every`` steps the current adapter generates ``limit`` benchmark cases (sharded over the
+    ranks) and rank 0 scores them; one record per evaluation goes to RUN/metrics.jsonl and TensorBoard.
+    """
+
+    every: int = 0
+    """Steps between evaluations (multiples of it; 0 = off)."""
+    cases: str | None = field(default=None, metadata={"path": True})
+    """A DreamBench++ root (``images/`` + ``captions/``, the release's layout), a DynaIP-Bench typed pool
+    (``POOL/<type>/<name>.jpg``) or a cases file written by ``dynaip eval bench-single`` / ``bench-multi``.
+    A relative path resolves against the config file's folder."""
+    limit: int = 16
+    """Cases evaluated: a fixed subset, the same at every evaluation and on every restart (the cases
+    ordered by a hash of their id; dynaip.train.fidelity.select_cases)."""
+    steps: int = sampling.STEPS
+    """Euler steps per generated image."""
+    guidance: float = sampling.GUIDANCE
+    """FLUX-dev guidance for the generated images."""
+    size: list[int] = field(default_factory=lambda: [sampling.SIZE, sampling.SIZE])
+    """[H, W] of the generated images (multiples of 16)."""
+    metrics: list[str] = field(default_factory=lambda: ["clip_i", "clip_t"])
+    """Any of ``FIDELITY_METRICS``; ``dino`` needs ``eval_config`` with ``dino``, ``cp`` / ``pf`` its ``judges``."""
+    eval_config: str | None = field(default=None, metadata={"path": True})
+    """An ``eval score`` config (jobs/configs/eval_judges.yaml: VLM judges, DINO weights); null = none."""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.metrics if m not in FIDELITY_METRICS]
+        if bad:
+            raise ValueError(f"fidelity.metrics: {bad} unknown; choose from {list(FIDELITY_METRICS)}")
+        if self.every < 0 or self.limit < 1 or self.steps < 1:
+            raise ValueError(f"fidelity: every ({self.every}) must be >= 0, limit ({self.limit}) and steps "
+                             f"({self.steps}) >= 1")
+        if len(self.size) != 2 or any(int(v) < 16 or int(v) % 16 for v in self.size):
+            raise ValueError(f"fidelity.size={self.size}: give [H, W], each a positive multiple of 16")
+        self.size = [int(v) for v in self.size]
+        if self.every and not self.cases:
+            raise ValueError("fidelity.every is set but fidelity.cases is not: name a DreamBench++ root, a "
+                             "DynaIP-Bench pool or a cases file")
+        if self.every and not self.metrics:
+            raise ValueError("fidelity.metrics is empty: name at least one of " + ", ".join(FIDELITY_METRICS))
+        needs_eval = sorted(set(self.metrics) & {"dino", "cp", "pf"})
+        if self.every and needs_eval and not self.eval_config:
+            raise ValueError(f"fidelity.metrics {needs_eval} need fidelity.eval_config (an eval config with dino "
+                             "weights / judges, like jobs/configs/eval_judges.yaml)")
+
+
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "loss": LossConfig,
-            "parallel": ParallelConfig, "checkpoints": CheckpointConfig, "logging": LoggingConfig}
+            "parallel": ParallelConfig, "checkpoints": CheckpointConfig, "logging": LoggingConfig,
+            "fidelity": FidelityConfig}
 """Section key → its dataclass."""
 
 FLAT_KEYS = {
@@ -352,6 +412,8 @@ class TrainConfig:
     """Checkpoint interval and retention (``CheckpointConfig``)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metrics, validation and samples (``LoggingConfig``)."""
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+    """Subject fidelity on benchmark cases while training (``FidelityConfig``; off by default)."""
 
     def __post_init__(self) -> None:
         self.stages = [build(StageConfig, s, where="train config", at=f"stages[{i}].") for i, s in enumerate(self.stages)]
@@ -363,6 +425,20 @@ class TrainConfig:
             raise ValueError(f"data.global_batch_size={self.data.global_batch_size} is not divisible by "
                              f"parallel.workers={self.parallel.workers}; pick a batch size that splits evenly "
                              "over the workers")
+        self._check_keep_best()
+
+    def _check_keep_best(self) -> None:
+        """``checkpoints.keep_best`` names an evaluated metric, and every evaluation step is a checkpoint step."""
+        best, fid, every = self.checkpoints.keep_best, self.fidelity, self.checkpoints.every
+        if best is None:
+            return
+        if not fid.every:
+            raise ValueError(f"checkpoints.keep_best={best!r} needs fidelity evaluations: set fidelity.every")
+        if best not in fid.metrics:
+            raise ValueError(f"checkpoints.keep_best={best!r} is not among fidelity.metrics {fid.metrics}")
+        if not every or fid.every % every:
+            raise ValueError(f"checkpoints.keep_best: fidelity.every={fid.every} must be a multiple of "
+                             f"checkpoints.every={every}, so that every evaluated step has its checkpoint")
 
     @property
     def total_steps(self) -> int:
@@ -385,19 +461,20 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "train config") -> "TrainConfig":
+    def from_dict(cls, raw: dict[str, Any], where: str = "train config", base: str | Path | None = None
+                  ) -> "TrainConfig":
         """The config of the mapping ``raw`` through the one loader (dynaip/configs.py): every key
         is checked, an unknown one is refused naming its path and the nearest valid key. The flat
         layout of configs written before the sections still loads (``nest_flat_keys``)."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a mapping of keys (see jobs/configs/tiny.yaml), got {raw!r}")
-        return build(cls, nest_flat_keys(raw, where), where=where)
+        return build(cls, nest_flat_keys(raw, where), where=where, base=base)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
         raw = read_yaml(path, "train config", "see jobs/configs/tiny.yaml and paper.yaml")
-        return cls.from_dict(raw, where=f"train config '{path}'")
+        return cls.from_dict(raw, where=f"train config '{path}'", base=path.parent)
 
 
 def saved_strategy(config: dict[str, Any]) -> str:

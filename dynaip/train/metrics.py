@@ -12,7 +12,7 @@ from typing import Any
 
 from dynaip.atomic import writing
 
-from .config import QUALITY_FILTERS
+from .config import FIDELITY_METRICS, QUALITY_FILTERS
 
 DROP_REASONS = ("pair", *QUALITY_FILTERS)
 """Keys of the ``filtered_by`` metric (``dynaip.train.data.rejected_by``)."""
@@ -41,7 +41,8 @@ class MetricsWriter:
                "data_wait": "train/data_wait_fraction", "grad_norm": "train/grad_norm", "skipped": "data/skipped",
                "corrupt_shards": "data/corrupt_shards",
                "filtered": "data/filtered", "val_loss": "val/loss", "stage_progress": "progress/stage",
-               "progress": "progress/total", "stage_index": "progress/stage_index"}
+               "progress": "progress/total", "stage_index": "progress/stage_index",
+               **{m: f"fidelity/{m}" for m in FIDELITY_METRICS}}
 
     def __init__(self, path: Path | None, tb_dir: Path | None = None):
         self.path = path

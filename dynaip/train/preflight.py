@@ -164,4 +164,11 @@ def preflight(cfg: TrainConfig, data: Sequence[str], models: str, out: str, resu
     check_models(models)
     report = check_stages(cfg, data)
     check_resume(cfg, out, resume, data, allow_data_change)
+    if cfg.fidelity.every:  # the benchmark cases and the eval config, before any worker loads a model
+        from .fidelity import check_fidelity
+
+        try:
+            check_fidelity(cfg.fidelity)
+        except (ValueError, FileNotFoundError) as e:
+            raise PreflightError(str(e).splitlines()[0]) from e
     return report

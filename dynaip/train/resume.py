@@ -140,16 +140,32 @@ class ResumeState:
             with writing(final), _removed_on_error(tmp):  # a full disk: the previous checkpoints stay as they are
                 self._write_checkpoint(tmp, final, weights, sharded, rngs, datas)
             if cfg.checkpoints.keep:
-                prune(root, cfg.checkpoints.keep)
+                prune(root, cfg.checkpoints.keep, protect=self._best_step())
             log.info("checkpoint %s", final)
         if self.world > 1:
             dist.barrier()  # nobody runs ahead and resumes from a half-written checkpoint
+
+    def _best_step(self) -> int | None:
+        best = getattr(self, "best", None)
+        return None if best is None else best.step
+
+    def offer_best(self, value: float | None) -> None:
+        """Rank 0, after saving the checkpoint of ``self.step``: best.json names it if ``value`` beats the best;
+        the checkpoint it replaces as the best then falls under ``checkpoints.keep`` like any other."""
+        from .checkpoint_files import prune
+
+        if self.best.offer(self.step, value) and self.cfg.checkpoints.keep:
+            prune(self.out / "checkpoints", self.cfg.checkpoints.keep, protect=self._best_step())
 
     def _write_checkpoint(self, tmp: Path, final: Path, weights: Any, sharded: bool, rngs: list, datas: list) -> None:
         from .checkpoint_files import swap_in
 
         cfg = self.cfg
-        self.adapter.save_pretrained(tmp, state_dict=weights, clip_vision=self.clip_vision)
+        training = {"base_model": self.base_model, "step": self.step, "max_steps": cfg.max_steps or cfg.total_steps,
+                    "stage": cfg.stages[cfg.stage_at(self.step)].name, "run_id": self.spec.run_id,
+                    "datasets": self.datasets, "config": cfg.to_dict()}  # the model card's "Training"; of the run's
+        # planned steps (a --max-steps stop is not the end of training)
+        self.adapter.save_pretrained(tmp, state_dict=weights, clip_vision=self.clip_vision, training=training)
         if not sharded:
             torch.save(self.optimizer.state_dict(), tmp / "resume" / "optimizer.pt")
         torch.save(rngs, tmp / "resume" / "rng.pt")

@@ -365,14 +365,24 @@ def generate_samples(frozen: FrozenModels, adapter: nn.Module, prompts: Sequence
     calling it never changes the training RNG. ``text``: the prompts' stored (T5, pooled) features
     when the text encoders are not loaded. Needs the VAE decoder.
     """
-    dev = frozen.device
-    n, (hgt, wid) = len(prompts), size
-    gen = torch.Generator(device=dev).manual_seed(seed)
     if text is not None:
         txt, pooled, txt_ids = stored_text(frozen, {"t5": text[0], "pooled": text[1]}, None, None)
     else:
         txt, pooled, txt_ids = encode_text(frozen, prompts, max_sequence_length)
     c = adapter([h.float() for h in clip_hidden_states(frozen, refs)])  # forward: FSDP2 gathers a sharded adapter
+    return sample_images(frozen, adapter, [c], txt, pooled, txt_ids, size, steps, guidance, seed)
+
+
+@torch.no_grad()
+def sample_images(frozen: FrozenModels, adapter: nn.Module, refs: Sequence[torch.Tensor], txt: torch.Tensor,
+                  pooled: torch.Tensor, txt_ids: torch.Tensor, size: tuple[int, int], steps: int, guidance: float,
+                  seed: int, masks: Sequence[torch.Tensor] | None = None) -> list[np.ndarray]:
+    """The Euler loop of ``generate_samples`` from encoded inputs: ``refs`` one C (B or 1, L, D) per subject,
+    text features (B, L, D_t5), (B, D_clip), ids (L, 3); ``masks`` one pixel mask (H, W) per subject or None.
+    Draws the starting noise from its own generator seeded with ``seed``."""
+    dev = frozen.device
+    n, (hgt, wid) = txt.shape[0], size
+    gen = torch.Generator(device=dev).manual_seed(seed)
     h, w = hgt // 8, wid // 8
     ch = frozen.transformer.config.in_channels // 4
     lat = torch.randn((n, ch, h, w), generator=gen, device=dev, dtype=torch.float32).to(frozen.dtype)
@@ -384,7 +394,7 @@ def generate_samples(frozen: FrozenModels, adapter: nn.Module, prompts: Sequence
     sched.set_timesteps(sigmas=sigmas, device=dev, mu=mu)
     g = (torch.full((n,), guidance, device=dev, dtype=torch.float32)
          if frozen.transformer.config.guidance_embeds else None)
-    with adapter.conditioning([c.to(frozen.dtype)], branches="image", image_size=(hgt, wid)):
+    with adapter.conditioning([c.to(frozen.dtype) for c in refs], masks=masks, branches="image", image_size=(hgt, wid)):
         for t in sched.timesteps:
             pred = frozen.transformer(hidden_states=lat, timestep=(t / 1000).expand(n).to(lat.dtype), guidance=g,
                                       pooled_projections=pooled, encoder_hidden_states=txt, txt_ids=txt_ids,

@@ -98,6 +98,7 @@ class Worker(ResumeState):
 
     def __init__(self, spec: RunSpec):
         from dynaip.adapter import DynaIPAdapter, DynaIPConfig
+        from dynaip.adapter.card import base_model_of
         from dynaip.models import ModelsConfig
 
         from .parallel import apply_strategy
@@ -118,13 +119,15 @@ class Worker(ResumeState):
 
         models = ModelsConfig.from_yaml(spec.models)
         self.clip_vision = asdict(models.clip_vision)  # named in every checkpoint's config.json (load_dynaip)
+        self.base_model = base_model_of(models.flux)  # named in every checkpoint's model card
         preset = DynaIPConfig.full if cfg.model.adapter_preset == "full" else DynaIPConfig.tiny
         # The adapter's config is the one source of truth for its CLIP layers; models.yaml only
         # seeds a fresh adapter that does not name them.
         adapter_config = preset(**{"clip_layers": models.clip_vision.layers, **cfg.model.adapter})
         self.features = self._resolve_features(models.flux)
         self.frozen = load_frozen(models, self.device, self.dtype, cfg.parallel.gradient_checkpointing,
-                                  encoders=self.features.encoders, vae_decoder=cfg.logging.sample_every > 0,
+                                  encoders=self.features.encoders,
+                                  vae_decoder=cfg.logging.sample_every > 0 or cfg.fidelity.every > 0,
                                   clip_layers=adapter_config.clip_layers,
                                   checkpoint_keep_blocks=cfg.parallel.checkpoint_keep_blocks)
         torch.manual_seed(cfg.seed)  # same initial adapter on every rank
@@ -164,6 +167,19 @@ class Worker(ResumeState):
             self._load_resume_state(resume_from)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl" if self.rank == 0 else None,
                                      self.out / "tb" if self.rank == 0 else None)
+        self.fidelity = None
+        if cfg.fidelity.every:
+            from .fidelity import FidelityEval
+
+            self.fidelity = FidelityEval(cfg.fidelity, models=models, frozen=self.frozen, out=self.out, rank=self.rank,
+                                         world=self.world, max_sequence_length=cfg.loss.max_sequence_length)
+        self.best = None  # rank 0's record of the best checkpoint (checkpoints.keep_best; best.py)
+        if cfg.checkpoints.keep_best and self.rank == 0:
+            from .best import BestCheckpoint
+
+            self.best = BestCheckpoint(self.out / "checkpoints", cfg.checkpoints.keep_best)
+            if resume_from is not None:
+                self.best.load()
         self._eval_batch: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ data
@@ -384,8 +400,15 @@ class Worker(ResumeState):
                 self.metrics.write(step=step, val_loss=self.eval_loss())
             if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
                 self.write_samples()
+            fidelity = None
+            if self.fidelity is not None and step % cfg.fidelity.every == 0:
+                fidelity = self.fidelity.evaluate(step, self.adapter)  # every rank generates; rank 0 scores
+                if fidelity is not None:
+                    self.metrics.write(**fidelity)
             if not no_save and ((cfg.checkpoints.every and step % cfg.checkpoints.every == 0) or step == self.max_steps):
                 self.save_checkpoint(loader)
+                if fidelity is not None and self.best is not None:  # its checkpoint is on disk: it may become the best
+                    self.offer_best(fidelity[cfg.checkpoints.keep_best])
         bar.close()
         self.metrics.close()
         return last

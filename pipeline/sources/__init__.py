@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 
 from pipeline.recipe import SOURCE_KINDS, SourceConfig, reader_module
 from pipeline.records import Reject, SourceRecord
+from pipeline.sources.common import UNKNOWN_LICENSE, SourceLicense
 
 Reader = Callable[[SourceConfig], Iterator["SourceRecord | Reject"]]
 
@@ -25,4 +26,11 @@ def get_reader(kind: str) -> Reader:
     return read
 
 
-__all__ = ["get_reader", "Reader"]
+def get_license(kind: str) -> SourceLicense:
+    """``LICENSE`` of ``pipeline.sources.<kind>``: the terms its data comes under (the dataset card's
+    ``license`` and ``source_datasets``); ``UNKNOWN_LICENSE`` for a reader that defines none."""
+    found = getattr(reader_module(kind), "LICENSE", None)
+    return found if isinstance(found, SourceLicense) else UNKNOWN_LICENSE
+
+
+__all__ = ["get_license", "get_reader", "Reader"]

@@ -56,8 +56,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import (SelectedRecords, SourceError, check_not_empty, image_column_problem, option,
-                                     read_options, source_path)
+from pipeline.sources.common import (SelectedRecords, SourceError, SourceLicense, check_not_empty, image_column_problem,
+                                     option, read_options, source_path)
 
 SOURCE = "anyinsertion"
 log = logging.getLogger(__name__)
@@ -68,6 +68,13 @@ an error; one of these absent from the files (part of the release downloaded) is
 IMAGE_COLUMNS = ("tar_image", "tar_mask", "ref_image", "ref_mask")
 TEXT_COLUMNS = ("id", "split", "category")
 LABEL_COLUMNS = ("main_label", "label")  # the viewer's name; upstream's converter reads "label"
+
+
+LICENSE = SourceLicense(
+    name="AnyInsertion", license="unknown", hub_id="WensongSong/AnyInsertion",
+    url="https://huggingface.co/datasets/WensongSong/AnyInsertion",
+    note="we could not confirm a license from its dataset card; check its terms before publishing")
+"""The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
 @dataclass(frozen=True, kw_only=True)

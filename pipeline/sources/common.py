@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob as _glob
 import os
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -35,6 +36,34 @@ class SourceError(FileNotFoundError):
     line naming what was looked for and where before any model loads (docs/sources.md, "Reader contract").
     A ``FileNotFoundError`` so the CLI reports it as a user error.
     """
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceLicense:
+    """The terms a source's data comes under, as a dataset card states them (``pipeline/sources/<kind>.py``
+    defines ``LICENSE``; the card of every dataset curated from it repeats it: dynaip/dataset/card.py).
+
+    ``license`` is a Hugging Face license id (``cc-by-4.0``, ``apache-2.0``, ...), ``other`` for terms
+    that have no id (then ``license_name`` names them), or ``unknown`` when the source states none we
+    could confirm (the card says so: check the source's own terms before publishing)."""
+
+    name: str
+    """The source dataset's name as its authors publish it."""
+    license: str
+    license_name: str | None = None
+    """For ``license: other``: a slug naming the terms."""
+    url: str | None = None
+    """Where the terms (or the release) are published."""
+    hub_id: str | None = None
+    """The source's Hugging Face dataset repo when it is published there (the card's ``source_datasets``)."""
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in (None, "")}
+
+
+UNKNOWN_LICENSE = SourceLicense(name="unknown source", license="unknown",
+                                note="the source states no license we know of; check its terms before publishing")
 
 
 def require_dir(root: Any, kind: str, what: str = "the dataset folder") -> Path:

@@ -43,9 +43,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import Box, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import SourceError, as_xyxy, check_not_empty, option, read_options, require_dir
+from pipeline.sources.common import (SourceError, SourceLicense, as_xyxy, check_not_empty, option, read_options,
+                                     require_dir)
 
 SOURCE = "ffhq"
+
+
+LICENSE = SourceLicense(
+    name="FFHQ", license="cc-by-nc-sa-4.0", url="https://github.com/NVlabs/ffhq-dataset",
+    note="the dataset is CC BY-NC-SA 4.0; each photo keeps its own Flickr license (the sample json's extra.license)")
+"""The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -54,6 +54,7 @@ from pipeline.image_formats import AVIF_EXTS, HEIF_EXTS, missing_plugin
 from pipeline.records import ImageRef, Reject, SourceRecord
 from pipeline.sources.common import (
     SourceError,
+    SourceLicense,
     check_not_empty,
     option,
     read_options,
@@ -64,6 +65,12 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_EXT = ".txt"
 CROSS_PAIRS = ("none", "subfolders")
 CROSS_SUFFIX = "~cross"
+
+
+LICENSE = SourceLicense(
+    name="a local image folder", license="unknown",
+    note="your own images: set the card's license to the terms you hold for them before publishing")
+"""The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -42,11 +42,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.records import Diptych, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import check_not_empty, glob_files, image_column_problem, read_options, require_dir
+from pipeline.sources.common import (SourceLicense, check_not_empty, glob_files, image_column_problem, read_options,
+                                     require_dir)
 
 SOURCE = "subjects200k"
 SCORES = ("compositeStructure", "objectConsistency", "imageQuality")
 META_COLUMNS = ("collection", "quality_assessment", "description")
+
+
+LICENSE = SourceLicense(name="Subjects200K", license="apache-2.0", hub_id="Yuanshi/Subjects200K",
+                        url="https://huggingface.co/datasets/Yuanshi/Subjects200K")
+"""The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
 @dataclass(frozen=True, kw_only=True)

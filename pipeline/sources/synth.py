@@ -29,12 +29,20 @@ import yaml
 
 from dynaip.models import sampling
 from pipeline.records import Diptych, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import check_not_empty, read_options
+from pipeline.sources.common import SourceLicense, check_not_empty, read_options
 
 SOURCE = "synth"
 GRAMMAR = Path(__file__).resolve().parents[1] / "synth_grammar.yaml"
 PROMPT = ("A diptych of two side-by-side photos of the same {subject}. Left: the {subject} {scene_0}. "
           "Right: the same {subject} {scene_1}. Identical object in both panels, centered, fully visible.")
+
+
+LICENSE = SourceLicense(
+    name="images generated with FLUX.1-dev", license="other",
+    license_name="flux-1-dev-non-commercial-license",
+    url="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+    note="outputs of FLUX.1 [dev]: its license's terms on outputs apply")
+"""The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
 @dataclass(frozen=True, kw_only=True)

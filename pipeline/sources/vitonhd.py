@@ -40,6 +40,7 @@ from typing import Any
 from pipeline.records import ImageRef, Reject, SourceRecord
 from pipeline.sources.common import (
     SourceError,
+    SourceLicense,
     check_not_empty,
     option,
     read_options,
@@ -48,6 +49,12 @@ from pipeline.sources.common import (
 
 SOURCE = "vitonhd"
 _IMAGE_EXT = (".jpg", ".jpeg", ".png")
+
+
+LICENSE = SourceLicense(
+    name="VITON-HD", license="cc-by-nc-4.0", url="https://github.com/shadow2496/VITON-HD",
+    note="non-commercial use")
+"""The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,7 @@
 it), and never raises for a bad input: per-record failures become ``item.reject``.
 
 Order (``STAGE_ORDER``): decode → detect → filter (select) → segment → compose → quality → consistency →
-caption → pair, after ``generate`` (FLUX renders the diptychs of ``synth`` records; a no-op for others).
+decontamination → caption → pair, after ``generate`` (FLUX renders the diptychs of ``synth`` records; a no-op for others).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pipeline.stages.caption import CaptionStage
 from pipeline.stages.common import SetupError
 from pipeline.stages.compose import ComposeStage
 from pipeline.stages.consistency import ConsistencyStage
+from pipeline.stages.decontaminate import DecontaminationStage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.detect import DetectStage
 from pipeline.stages.generate import GenerateStage
@@ -26,7 +27,7 @@ from pipeline.stages.segment import SegmentStage
 from pipeline.stages.select import SelectStage
 
 STAGE_ORDER = (GenerateStage, DecodeStage, DetectStage, SelectStage, SegmentStage, ComposeStage, QualityStage,
-               ConsistencyStage, CaptionStage, PairStage)
+               ConsistencyStage, DecontaminationStage, CaptionStage, PairStage)
 """The one list of curation stages, in order. Every stage is built as ``cls(recipe, models)``; both
 executors run ``build_stages`` inside their chunk worker (in process, or one per Ray actor), so
 neither keeps a list of its own. Resources are the chunk worker's (``executor.cpus_per_worker``,
@@ -61,4 +62,4 @@ def run_stages(items: list[Item], stages: list[Stage], timings: dict[str, float]
 
 
 __all__ = ["SetupError", "build_stages", "run_stages", "STAGE_ORDER", "GenerateStage", "DecodeStage", "DetectStage", "SelectStage", "SegmentStage",
-           "ComposeStage", "QualityStage", "ConsistencyStage", "CaptionStage", "PairStage"]
+           "ComposeStage", "QualityStage", "ConsistencyStage", "DecontaminationStage", "CaptionStage", "PairStage"]

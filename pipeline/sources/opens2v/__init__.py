@@ -65,6 +65,7 @@ from typing import Any, ClassVar
 from pipeline.records import Reject, SourceRecord
 from pipeline.sources.common import (
     SourceError,
+    SourceLicense,
     glob_files,
     option,
     read_options,
@@ -81,6 +82,11 @@ from pipeline.sources.opens2v.clips import SOURCE, _parse_clip, _reject
 from pipeline.sources.opens2v.cross import _cross
 from pipeline.sources.opens2v.intra import _intra
 from pipeline.sources.opens2v.videos import _Videos
+
+
+LICENSE = SourceLicense(name="OpenS2V-5M", license="cc-by-4.0", hub_id="BestWishYsh/OpenS2V-5M",
+                        url="https://huggingface.co/datasets/BestWishYsh/OpenS2V-5M")
+"""The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
 @dataclass(frozen=True, kw_only=True)
