@@ -39,6 +39,7 @@ class Progress:
         self.lock = threading.Lock()
         self.bar = None
         self.printed = 0
+        self.printed_done: int | None = None
         if enabled and self._out().isatty():
             from tqdm import tqdm
 
@@ -102,14 +103,15 @@ class Progress:
     def _print(self, now: float | None = None) -> None:
         print(self.line(now), file=self._out(), flush=True)
         self.printed += 1
+        self.printed_done = self.done
 
     def close(self) -> None:
-        """Ends the bar, or prints the last line (always, so a short run shows its end state)."""
+        """Ends the bar, or prints the end state unless the last line already showed it (a short run too)."""
         with self.lock:
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
-            elif self.enabled:
+            elif self.enabled and self.printed_done != self.done:
                 self._print()
 
 
