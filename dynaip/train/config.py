@@ -236,6 +236,13 @@ class ParallelConfig:
     checkpoint_keep_blocks: int = 0
     """With ``gradient_checkpointing``: the last N of FLUX's blocks keep their activations and are not
     recomputed (faster, more memory per block; 0 = every block recomputes). See docs/memory.md."""
+    compile: bool = False
+    """Regional ``torch.compile``: each of FLUX's repeated blocks (double- and single-stream, the adapter's
+    cross-attention inside) is compiled once per block class and reused by every block of that class
+    (dynaip/models/compiled.py). Works with every ``strategy``, gradient checkpointing and
+    ``checkpoint_keep_blocks``. Inductor on GPUs; on the CPU the ``aot_eager`` backend (capture and
+    joint graphs without generated kernels). The first steps pay the compile time; RUN/metrics.jsonl's
+    ``start`` record counts the compiled blocks (``compiled_blocks``)."""
     find_unused_parameters: bool = False
     """DDP option; needed only by adapter variants with parameters that a step does not use."""
     max_failures: int = 2

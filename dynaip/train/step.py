@@ -116,21 +116,26 @@ def enable_checkpointing(transformer: nn.Module, keep_last: int = 0) -> int:
 
 
 def disable_checkpointing(transformer: nn.Module) -> None:
-    """Undoes ``enable_checkpointing``."""
+    """Undoes ``enable_checkpointing`` (compiled blocks stay compiled)."""
+    from dynaip.models.compiled import restore_forward
+
     transformer.gradient_checkpointing = False
     for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-        block.__dict__.pop("forward", None)
+        restore_forward(block)
 
 
 def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
                 gradient_checkpointing: bool = False, clip_layers: Sequence[int] | None = None,
-                checkpoint_keep_blocks: int = 0, *, encoders: bool = True, vae_decoder: bool = True) -> FrozenModels:
+                checkpoint_keep_blocks: int = 0, *, encoders: bool = True, vae_decoder: bool = True,
+                compile_blocks: bool = False) -> FrozenModels:
     """Loads the frozen models. ``clip_layers``: the adapter's ``config.clip_layers`` — the one source of
     truth for which hidden states feed the experts; ``models.yaml``'s list only seeds fresh adapters.
 
     ``encoders=False`` (training on precomputed features): T5, the CLIP text model and the VAE
     encoder are never read from disk; ``vae_decoder`` then says whether the VAE's decoder is loaded
     (only sample images need it). The transformer and the CLIP vision tower are always loaded.
+    ``compile_blocks``: regional ``torch.compile`` of the transformer's blocks (dynaip.models.compiled),
+    applied before checkpointing wraps them, so a recomputed block replays its compiled graph.
     """
     from dynaip.models.clip_vision import load_clip_vision
     from dynaip.models.flux import load_flux_pipeline, load_vae_config, load_vae_decoder
@@ -145,6 +150,10 @@ def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, clip):
         if m is not None:
             m.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    if compile_blocks:
+        from dynaip.models.compiled import compile_blocks as compile_flux_blocks
+
+        compile_flux_blocks(pipe.transformer, device)
     checkpointed = enable_checkpointing(pipe.transformer, checkpoint_keep_blocks) if gradient_checkpointing else 0
     vae_cfg = pipe.vae.config if pipe.vae is not None else load_vae_config(models.flux)
     return FrozenModels(pipe=pipe, clip=clip, device=device, dtype=dtype,

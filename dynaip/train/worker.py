@@ -126,7 +126,8 @@ class Worker(ResumeState):
         self.frozen = load_frozen(models, self.device, self.dtype, cfg.parallel.gradient_checkpointing,
                                   encoders=self.features.encoders, vae_decoder=cfg.logging.sample_every > 0,
                                   clip_layers=adapter_config.clip_layers,
-                                  checkpoint_keep_blocks=cfg.parallel.checkpoint_keep_blocks)
+                                  checkpoint_keep_blocks=cfg.parallel.checkpoint_keep_blocks,
+                                  compile_blocks=cfg.parallel.compile)
         torch.manual_seed(cfg.seed)  # same initial adapter on every rank
         self.adapter = DynaIPAdapter(adapter_config).to(self.device)
         self.adapter.attach(self.frozen.transformer)
@@ -297,6 +298,8 @@ class Worker(ResumeState):
 
         cfg = self.cfg
         no_save = bool(self.spec.extra.get("no_save"))
+        from dynaip.models.compiled import compiled_blocks
+
         from .parallel import is_sharded
 
         # what this run really does (tests read it to check that a config's switches took effect)
@@ -304,7 +307,8 @@ class Worker(ResumeState):
                            adapter_sharded=is_sharded(self.adapter), dtype=str(self.dtype).removeprefix("torch."),
                            autocast=None if self.autocast is None else str(self.autocast).removeprefix("torch."),
                            checkpointed_blocks=self.frozen.checkpointed_blocks, data_workers=cfg.data.data_workers,
-                           clip_layers=list(self.adapter.config.clip_layers), device=self.device.type)
+                           clip_layers=list(self.adapter.config.clip_layers), device=self.device.type,
+                           compiled_blocks=compiled_blocks(self.frozen.transformer))
         # which encoders each rank holds: training on precomputed features must not load T5/CLIP text/VAE encoder
         self.metrics.write(event="setup", features=self.features.modes(), frozen_modules=gather(self.frozen.loaded()))
         if self.step == 0 and cfg.logging.eval_every:

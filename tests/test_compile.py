@@ -1,0 +1,74 @@
+"""Regional compilation (``parallel.compile``, ``dynaip generate --compile``) on the tiny checkpoints.
+
+On the CPU the blocks compile with the ``aot_eager`` backend (dynaip/models/compiled.py says why);
+the comparisons are in fp32 with rtol 1e-5 / atol 1e-6 — the tolerance the GPU's inductor kernels
+would need too, though on the CPU the graphs replay the same kernels and agree exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope="module")
+def step_inputs(tiny_models, tmp_path_factory):
+    from dynaip.train.data import StreamingLoader, StreamSpec, read_manifests
+    from dynaip.train.step import load_frozen
+    from train_fixtures import write_dataset
+
+    data = write_dataset(tmp_path_factory.mktemp("compile") / "d", [2], size=64)
+    frozen = load_frozen(tiny_models, torch.device("cpu"), torch.float32)
+    spec = StreamSpec(shards=read_manifests([str(data)]), batch_size=2, ref_size=frozen.clip.image_size,
+                      buckets=[(64, 64)])
+    return frozen, next(iter(StreamingLoader(spec, 0, 1, workers=0)))
+
+
+def _loss_and_grads(frozen, adapter, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from dynaip.train.step import LossConfig, training_loss
+
+    settings = LossConfig(max_sequence_length=32, drop_text=0, drop_image=0, drop_both=0)
+    torch.manual_seed(5)  # expert dropout
+    adapter.zero_grad(set_to_none=True)
+    loss = training_loss(frozen, adapter, adapter, batch, settings, torch.Generator().manual_seed(1),
+                         torch.Generator().manual_seed(2))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients_with_and_without_checkpointing(step_inputs):
+    from torch._dynamo.utils import counters
+
+    from dynaip import DynaIPAdapter, DynaIPConfig
+    from dynaip.models.compiled import compile_blocks, compiled_blocks
+    from dynaip.train.step import disable_checkpointing, enable_checkpointing
+
+    frozen, batch = step_inputs
+    tr = frozen.transformer
+    torch.manual_seed(0)
+    adapter = DynaIPAdapter(DynaIPConfig.tiny())
+    with torch.no_grad():  # V is zero-initialised: give every CA a nonzero output so its gradient path counts
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    adapter.attach(tr)
+    adapter.train()
+    try:
+        want_loss, want_grads = _loss_and_grads(frozen, adapter, batch)
+        graphs = counters["stats"]["unique_graphs"]
+        assert compile_blocks(tr, frozen.device) == 3 == compiled_blocks(tr)  # tiny FLUX: 1 double + 2 single
+        for keep in (None, 1, 0):  # no checkpointing; the first two blocks recomputed; diffusers' (every block)
+            if keep is not None:
+                disable_checkpointing(tr)
+                enable_checkpointing(tr, keep)
+            loss, grads = _loss_and_grads(frozen, adapter, batch)
+            torch.testing.assert_close(loss, want_loss, rtol=RTOL, atol=ATOL)
+            assert grads.keys() == want_grads.keys() and len(grads) > 0
+            for name, g in grads.items():
+                torch.testing.assert_close(g, want_grads[name], rtol=RTOL, atol=ATOL, msg=name)
+        assert counters["stats"]["unique_graphs"] > graphs  # the blocks did run through dynamo
+        assert compiled_blocks(tr) == 3  # undoing checkpointing kept the compiled forwards
+    finally:
+        disable_checkpointing(tr)
+        adapter.detach(tr)
