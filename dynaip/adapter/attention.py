@@ -184,7 +184,7 @@ class Conditioning:
         cache_key = (batch, n_img, dtype, device)
         if cache_key in self.weight_cache:
             return self.weight_cache[cache_key]
-        lam = self.scales.to(device)[:, None, None]  # (N, 1, 1)
+        lam = self.scales.to(device, non_blocking=True)[:, None, None]  # (N, 1, 1); no wait for the device
         if self.masks is None:
             w = lam.expand(-1, batch, n_img)
         else:
@@ -240,7 +240,7 @@ class Conditioning:
 
     def text_weights(self, batch: int, n_txt: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(N, B, n_txt) = λ_i: text rows get the unmasked sum over subjects."""
-        return self.scales.to(device=device, dtype=dtype)[:, None, None].expand(-1, batch, n_txt)
+        return self.scales.to(device, non_blocking=True).to(dtype)[:, None, None].expand(-1, batch, n_txt)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,

@@ -161,16 +161,20 @@ def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
                         checkpointed_blocks=checkpointed)
 
 
-def configure_attention_backends(device: torch.device) -> None:
-    """Training on CUDA: turn off PyTorch's cuDNN attention backend for this process.
+def configure_attention_backends(device: torch.device, choice: str = "auto", dtype: torch.dtype | None = None,
+                                 transformer: nn.Module | None = None) -> str:
+    """Training: the SDPA backend of ``parallel.attention`` (dynaip/models/attention_backend.py), checked
+    against the math backend at the transformer's head count and head size in ``dtype``, then set
+    process-wide (backward runs on autograd's device threads, where an ``sdpa_kernel`` context would not
+    reach). ``auto`` on CUDA leaves cuDNN off (its backward failed on an H100; see that module).
+    Returns the backend in use."""
+    from dynaip.models.attention_backend import configure
 
-    Its backward failed on an H100 (torch 2.11 + cuDNN from CUDA 13: ``mha_graph.execute(...)
-    .is_good()`` on bare FLUX.1-dev with gradient checkpointing, then illegal memory accesses), while
-    the flash and memory-efficient kernels train correctly. A process-wide switch because backward
-    runs on autograd's device threads, where an ``sdpa_kernel`` context would not reach.
-    """
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    heads, head_dim = 24, 128  # FLUX.1-dev's
+    if transformer is not None:
+        heads, head_dim = transformer.config.num_attention_heads, transformer.config.attention_head_dim
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return configure(choice, device, dtype or default, heads, head_dim)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -199,7 +203,7 @@ def vae_posterior(vae: nn.Module, tgt: torch.Tensor, device: torch.device, dtype
 
     What ``dynaip precompute`` stores, and what the on-the-fly path samples from.
     """
-    x = tgt.to(device, dtype) / 127.5 - 1.0  # [-1, 1]
+    x = tgt.to(device, non_blocking=True).to(dtype) / 127.5 - 1.0  # [-1, 1]; pinned by the loader on CUDA
     dist = vae.encode(x).latent_dist
     return dist.mean, dist.logvar
 
@@ -233,8 +237,8 @@ def encode_targets(frozen: FrozenModels, tgt: torch.Tensor, generator: torch.Gen
 def targets_from_posterior(frozen: FrozenModels, mean: torch.Tensor, logvar: torch.Tensor,
                            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """``encode_targets`` from a stored posterior (B, C, h, w): the same draw, scaling and packing."""
-    mean = mean.to(frozen.device, frozen.dtype)
-    logvar = logvar.to(frozen.device, frozen.dtype)
+    mean = mean.to(frozen.device, non_blocking=True).to(frozen.dtype)  # pinned by the loader on CUDA
+    logvar = logvar.to(frozen.device, non_blocking=True).to(frozen.dtype)
     return pack_latents(frozen, sample_posterior(mean, logvar, generator))
 
 
@@ -256,7 +260,7 @@ def encode_text(frozen: FrozenModels, prompts: Sequence[str], max_sequence_lengt
 
 def text_ids(frozen: FrozenModels, length: int) -> torch.Tensor:
     """(L, 3) zeros: FLUX's text position ids, as ``FluxPipeline.encode_prompt`` makes them."""
-    return torch.zeros(length, 3).to(device=frozen.device, dtype=frozen.dtype)
+    return torch.zeros(length, 3, device=frozen.device, dtype=frozen.dtype)  # made there: no host copy
 
 
 def stored_text(frozen: FrozenModels, batch: dict[str, Any], drop: torch.Tensor | None,
@@ -264,8 +268,8 @@ def stored_text(frozen: FrozenModels, batch: dict[str, Any], drop: torch.Tensor 
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``encode_text`` from precomputed features: the batch's ``t5`` (B, L, D) and ``pooled`` (B, D),
     the rows where ``drop`` (B,) is set replaced by ``empty_text`` (the stored empty prompt, (1, L, D), (1, D))."""
-    txt = batch["t5"].to(frozen.device, frozen.dtype)
-    pooled = batch["pooled"].to(frozen.device, frozen.dtype)
+    txt = batch["t5"].to(frozen.device, non_blocking=True).to(frozen.dtype)
+    pooled = batch["pooled"].to(frozen.device, non_blocking=True).to(frozen.dtype)
     if drop is not None and bool(drop.any()):
         if empty_text is None:
             raise ValueError("text CFG dropout on precomputed features needs the stored empty-prompt embedding")
@@ -278,7 +282,7 @@ def stored_text(frozen: FrozenModels, batch: dict[str, Any], drop: torch.Tensor 
 
 def clip_hidden_states(frozen: FrozenModels, ref: torch.Tensor) -> list[torch.Tensor]:
     """``ref`` (B, 3, S, S) uint8 on white → one (B, 1 + tokens, width) hidden state per configured layer."""
-    x = ref.to(frozen.device, torch.float32) / 255.0
+    x = ref.to(frozen.device, non_blocking=True).to(torch.float32) / 255.0
     if x.shape[-1] != frozen.clip.image_size:
         x = F.interpolate(x, size=(frozen.clip.image_size,) * 2, mode="bicubic", align_corners=False).clamp(0, 1)
     return frozen.clip(frozen.clip.normalize(x).to(frozen.dtype))
@@ -353,7 +357,9 @@ def flow_matching_loss(transformer: nn.Module, scheduler_config: Any, adapter: n
     # on casts of the fp32 master weights (ReferenceKV.forward).
     with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
         c = encode([hs.float() for hs in hidden])  # (B, Lc, D)
-    c = c * (~drop_image).to(dev, c.dtype).view(b, 1, 1)  # zero rows = no reference for those samples
+    # zero rows = no reference for those samples; non_blocking: a host→device copy of B flags must not
+    # wait for the device (a pageable buffer is staged at once, so this is safe)
+    c = c * (~drop_image).to(dev, non_blocking=True).to(c.dtype).view(b, 1, 1)
     with adapter.conditioning([c], branches="both", image_size=image_size):
         pred = transformer(hidden_states=x_t, timestep=t.to(x0.dtype), guidance=guidance,
                            pooled_projections=pooled, encoder_hidden_states=txt, txt_ids=txt_ids,
