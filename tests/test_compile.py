@@ -72,3 +72,39 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients_with_and_without_chec
     finally:
         disable_checkpointing(tr)
         adapter.detach(tr)
+
+
+def test_generate_compile_gives_the_uncompiled_image_and_refuses_what_it_does_not_compile(tiny_models_yaml, tmp_path):
+    """``dynaip generate --compile`` as shipped, against the same command without it."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    from dynaip import DynaIPAdapter, DynaIPConfig
+    from dynaip.cli import main
+
+    adapter = DynaIPAdapter(DynaIPConfig.tiny())
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # zero-init V would make the references no-ops
+        for name, p in adapter.named_parameters():
+            if "to_v" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    adapter.save_pretrained(tmp_path / "adapter")
+    ref = tmp_path / "cat.png"
+    Image.fromarray(data.chelsea()).save(ref)
+    common = ["generate", "--models", str(tiny_models_yaml), "--adapter", str(tmp_path / "adapter"), "--prompt",
+              "a cat", "--ref", str(ref), "--steps", "2", "--height", "64", "--width", "64", "--seed", "3",
+              "--max-sequence-length", "32", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "eager.png")]) == 0
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert main([*common, "--out", str(tmp_path / "compiled.png"), "--compile"]) == 0
+    assert counters["stats"]["unique_graphs"] > graphs  # sampling (no grad) traced graphs of its own
+    assert json.loads((tmp_path / "compiled.json").read_text())["compile"] is True
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.int16) for n in ("eager", "compiled"))
+    assert a.shape == b.shape == (64, 64, 3)
+    assert np.abs(a - b).max() <= 1  # fp32; one level of rounding at most
+    assert main([*common, "--out", str(tmp_path / "q.png"), "--compile", "--quantize", "int8"]) != 0
