@@ -6,6 +6,10 @@ is compiled in place; every block of a class runs the same code, so dynamo trace
 gets a differently strided input, training and sampling differ) and the other blocks reuse it with
 their own weights as graph inputs. Start-up is a few graphs, not 57 blocks or one whole-model graph.
 
+Shapes are static (``dynamic=False``): a new shape (another bucket, batch or resolution) compiles a
+graph of its own once instead of one graph with symbolic sizes, whose kernels inductor cannot tune as
+well; ``RECOMPILE_LIMIT`` leaves room for them.
+
 What stays outside the compiled graphs, and why:
 
 - hooks on the block module (FSDP2's all-gather / reshard, DDP) run eagerly around the compiled
@@ -63,7 +67,7 @@ def compile_blocks(transformer: nn.Module, device: torch.device, backend: str | 
     n = 0
     for block in flux_blocks(transformer):
         if getattr(block, COMPILED_ATTR, None) is None:
-            compiled = torch.compile(block.forward, backend=backend)
+            compiled = torch.compile(block.forward, backend=backend, dynamic=False)
             setattr(block, COMPILED_ATTR, compiled)
             block.forward = compiled
         n += 1
