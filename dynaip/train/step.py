@@ -153,7 +153,7 @@ def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
     if compile_blocks:
         from dynaip.models.compiled import compile_blocks as compile_flux_blocks
 
-        compile_flux_blocks(pipe.transformer, device)
+        compile_flux_blocks(pipe.transformer, device, grad_only=True)  # eval / samples stay eager
     checkpointed = enable_checkpointing(pipe.transformer, checkpoint_keep_blocks) if gradient_checkpointing else 0
     vae_cfg = pipe.vae.config if pipe.vae is not None else load_vae_config(models.flux)
     return FrozenModels(pipe=pipe, clip=clip, device=device, dtype=dtype,
