@@ -27,6 +27,7 @@ figures are not measurements.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -268,7 +269,9 @@ def bench_attention(sizes, device: torch.device, repeats: int) -> list[dict]:
         if sizes.smoke:
             cmd.append("--smoke")
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        root = str(Path(__file__).resolve().parent.parent)  # the probe imports dynaip as this process does
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode == 0 and lines:
             row = json.loads(lines[-1])

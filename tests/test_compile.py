@@ -26,14 +26,18 @@ def step_inputs(tiny_models, tmp_path_factory):
     return frozen, next(iter(StreamingLoader(spec, 0, 1, workers=0)))
 
 
-def _loss_and_grads(frozen, adapter, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _loss(frozen, adapter, batch) -> torch.Tensor:
     from dynaip.train.step import LossConfig, training_loss
 
     settings = LossConfig(max_sequence_length=32, drop_text=0, drop_image=0, drop_both=0)
     torch.manual_seed(5)  # expert dropout
-    adapter.zero_grad(set_to_none=True)
-    loss = training_loss(frozen, adapter, adapter, batch, settings, torch.Generator().manual_seed(1),
+    return training_loss(frozen, adapter, adapter, batch, settings, torch.Generator().manual_seed(1),
                          torch.Generator().manual_seed(2))
+
+
+def _loss_and_grads(frozen, adapter, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    adapter.zero_grad(set_to_none=True)
+    loss = _loss(frozen, adapter, batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
 
@@ -57,7 +61,8 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients_with_and_without_chec
     try:
         want_loss, want_grads = _loss_and_grads(frozen, adapter, batch)
         graphs = counters["stats"]["unique_graphs"]
-        assert compile_blocks(tr, frozen.device) == 3 == compiled_blocks(tr)  # tiny FLUX: 1 double + 2 single
+        # as the trainer compiles (load_frozen(compile_blocks=True)): grad-mode calls only
+        assert compile_blocks(tr, frozen.device, grad_only=True) == 3 == compiled_blocks(tr)  # 1 double + 2 single
         for keep in (None, 1, 0):  # no checkpointing; the first two blocks recomputed; diffusers' (every block)
             if keep is not None:
                 disable_checkpointing(tr)
@@ -68,6 +73,11 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients_with_and_without_chec
             for name, g in grads.items():
                 torch.testing.assert_close(g, want_grads[name], rtol=RTOL, atol=ATOL, msg=name)
         assert counters["stats"]["unique_graphs"] > graphs  # the blocks did run through dynamo
+        graphs = counters["stats"]["unique_graphs"]
+        with torch.no_grad():  # a validation loss: eager, nothing new traced
+            loss = _loss(frozen, adapter, batch)
+        torch.testing.assert_close(loss, want_loss, rtol=RTOL, atol=ATOL)
+        assert counters["stats"]["unique_graphs"] == graphs
         assert compiled_blocks(tr) == 3  # undoing checkpointing kept the compiled forwards
     finally:
         disable_checkpointing(tr)
