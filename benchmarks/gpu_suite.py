@@ -2,6 +2,11 @@
 values), built from their configs — nothing is downloaded.
 
     python benchmarks/gpu_suite.py --out DIR [--parts train,generate,curate] [--repeats 5]
+    python benchmarks/gpu_suite.py --out DIR --parts attention,train,generate --compile   # issue #28
+
+With ``--compile`` the train and generate parts run ``gpu_compile.py``'s versions instead (compile off
+and on, fused AdamW, the trainer's SDPA choice); ``attention`` checks and times every SDPA backend.
+That module's docstring says what they measure.
 
 Measures on one GPU, within about 9 minutes on an 80 GB card:
 
@@ -696,6 +701,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def report_markdown(report: dict) -> str:
+    """``markdown`` for the eager parts, gpu_compile's tables for the #28 parts."""
+    import gpu_compile
+
+    extra = gpu_compile.markdown(report)
+    eager = {k: v for k, v in report.items()
+             if not (k == "train" and v and "compile" in v[0]) and not (k == "generate" and "compiled" in v)}
+    return markdown(eager) + ("\n" + "\n".join(extra) if extra else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for gpu_suite.json and gpu_suite.md")
@@ -704,12 +719,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on any device: checks the script, measures nothing")
     ap.add_argument("--profile", action="store_true", help="also write DIR/train_profile.txt (kernel table of one step)")
+    ap.add_argument("--compile", action="store_true",
+                    help="train and generate with compiled blocks off and on (benchmarks/gpu_compile.py, issue #28)")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - {"train", "generate", "curate", "precompute", "lowmem", "synth"})
+    known = ("train", "generate", "curate", "precompute", "lowmem", "synth", "attention")
+    unknown = sorted(set(parts) - set(known))
     if unknown:
-        print(f"gpu_suite: unknown parts {unknown}; choose from train, generate, curate, precompute, lowmem, synth",
-              file=sys.stderr)
+        print(f"gpu_suite: unknown parts {unknown}; choose from {', '.join(known)}", file=sys.stderr)
         return 2
     if not args.smoke and not torch.cuda.is_available():
         print("gpu_suite: no CUDA GPU on this machine; it measures full-size models on a GPU only "
@@ -725,6 +742,12 @@ def main(argv: list[str] | None = None) -> int:
     benches = {"train": lambda *a: bench_train(*a, profile_dir=out if args.profile else None),
                "generate": bench_generate, "curate": bench_curate, "precompute": bench_precompute,
                "lowmem": bench_lowmem, "synth": bench_synth}
+    import gpu_compile
+
+    benches["attention"] = gpu_compile.bench_attention
+    if args.compile:
+        report["compile_backend"] = "inductor" if device.type == "cuda" else "aot_eager"
+        benches.update(train=gpu_compile.bench_train_compile, generate=gpu_compile.bench_generate_compile)
     for part in parts:
         t0 = time.perf_counter()
         report[part] = benches[part](sizes, device, args.repeats)
@@ -733,8 +756,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
         # write after every part, so a later failure keeps what was measured
         (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
-        (out / "gpu_suite.md").write_text(markdown(report))
-    print(markdown(report))
+        (out / "gpu_suite.md").write_text(report_markdown(report))
+    print(report_markdown(report))
     return 0
 
 

@@ -53,3 +53,24 @@ def test_smoke_lowmem_and_synth(tmp_path):
         assert modes[name]["seconds_per_generation"] > 0, (name, modes[name])
     assert "CUDA" in modes["sequential offload"]["skipped"]
     assert "| int8 + model offload |" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_smoke_compile_generate_and_the_attention_probe(tmp_path):
+    """Issue #28's parts (benchmarks/gpu_compile.py): ``--compile`` generation eager and compiled (the
+    timed loop never recompiles), and one SDPA backend probe as ``--parts attention`` runs it per backend.
+    The compiled training rows run the same code on the GPU (``--parts train --compile``); on the CPU their
+    tracing is covered by tests/test_compile.py."""
+    import gpu_compile
+    import gpu_suite
+
+    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "generate", "--compile", "--repeats", "1"]) == 0
+    report = json.loads((tmp_path / "gpu_suite.json").read_text())
+    gen = report["generate"]
+    assert report["compile_backend"] == "aot_eager"
+    for mode in ("eager", "compiled"):
+        assert set(gen[mode]["ratio_to_bare"]) == {"bare", "1 subject", "2 subjects", "3 subjects"}
+        assert gen[mode]["graphs_compiled_while_timing"] == 0
+    assert "| 3 subjects |" in (tmp_path / "gpu_suite.md").read_text()
+    flash = gpu_compile.probe_attention("flash", smoke=True, repeats=1)
+    assert flash["check"] == "passed" and flash["seconds_fwd_bwd"] > 0
+    assert "RuntimeError" in gpu_compile.probe_attention("efficient", smoke=True, repeats=1)["check"]  # CUDA only

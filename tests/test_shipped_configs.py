@@ -108,6 +108,8 @@ def _check_switches_took_effect(run: Path, raw: dict, shrunk: dict) -> None:
     assert start["checkpointed_blocks"] == want_ckpt
     assert start["data_workers"] == get_key(shrunk, "data_workers")
     assert start["dtype"] == "float32"  # precision auto on a CPU
+    assert start["compiled_blocks"] == (TINY_BLOCKS if get_key(raw, "compile") else 0)
+    assert start["attention"] == ("flash" if get_key(raw, "attention", "auto") == "auto" else get_key(raw, "attention"))
     steps = [r for r in rows if "loss" in r]
     assert [r["stage"] for r in steps] == [s["name"] for s in raw["stages"] for _ in range(2)]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
@@ -171,5 +173,6 @@ def test_paper_config_with_its_memory_fallback_trains_in_bf16_on_the_cpu(dataset
     start = next(r for r in rows if r.get("event") == "start")
     assert start["dtype"] == "bfloat16" and start["autocast"] == "bfloat16"
     assert start["checkpointed_blocks"] == TINY_BLOCKS
+    assert start["compiled_blocks"] == (TINY_BLOCKS if get_key(raw, "compile") else 0)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 * len(raw["stages"]) and all(torch.isfinite(torch.tensor(v)) for v in losses)

@@ -184,7 +184,7 @@ class Conditioning:
         cache_key = (batch, n_img, dtype, device)
         if cache_key in self.weight_cache:
             return self.weight_cache[cache_key]
-        lam = self.scales.to(device)[:, None, None]  # (N, 1, 1)
+        lam = self.scales.to(device, non_blocking=True)[:, None, None]  # (N, 1, 1); no wait for the device
         if self.masks is None:
             w = lam.expand(-1, batch, n_img)
         else:
@@ -208,11 +208,14 @@ class Conditioning:
         do (computed once per conditioning, so no per-step host sync)."""
         cache_key = ("rows", batch, n_img, dtype, device)
         if cache_key not in self.weight_cache:
-            w = self.image_weights(batch, n_img, dtype, device)
             rows: list[torch.Tensor | None] = []
-            for wi in w:  # (B, n_img)
-                active = (wi != 0).any(dim=0)
-                rows.append(None if bool(active.all()) else active.nonzero().flatten())
+            if self.masks is None:  # weights are λ_i everywhere: decided on the host, no device sync
+                for lam in self.scales.tolist():
+                    rows.append(None if lam != 0 else torch.empty(0, dtype=torch.long, device=device))
+            else:
+                for wi in self.image_weights(batch, n_img, dtype, device):  # (B, n_img)
+                    active = (wi != 0).any(dim=0)
+                    rows.append(None if bool(active.all()) else active.nonzero().flatten())
             self.weight_cache[cache_key] = rows
         return self.weight_cache[cache_key]
 
@@ -222,6 +225,9 @@ class Conditioning:
         shared by the batch), so ``reference_attention`` can fold λ_i into V and skip the per-row
         multiply; None when the rows need their own weights. Computed once per conditioning and key."""
         cache_key = ("folded", *key)
+        if cache_key not in self.weight_cache and self.masks is None and len(weights) == len(self.refs):
+            # no masks: every row of subject i weighs λ_i (text rows too), known on the host without a sync
+            self.weight_cache[cache_key] = self.scales.tolist()
         if cache_key not in self.weight_cache:
             lams = self.scales.tolist()
             folded: list[float | None] = []
@@ -234,7 +240,7 @@ class Conditioning:
 
     def text_weights(self, batch: int, n_txt: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """(N, B, n_txt) = λ_i: text rows get the unmasked sum over subjects."""
-        return self.scales.to(device=device, dtype=dtype)[:, None, None].expand(-1, batch, n_txt)
+        return self.scales.to(device, non_blocking=True).to(dtype)[:, None, None].expand(-1, batch, n_txt)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
@@ -306,15 +312,42 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
         self.slot = slot
         self.double_stream = double_stream
 
-    def _ca(self, cond: Conditioning, stream: str, q: torch.Tensor, weights: torch.Tensor,
-            rows: list[torch.Tensor | None] | None = None, key: tuple | None = None) -> torch.Tensor:
-        """``key`` names ``weights`` for ``Conditioning.folded_scales``; text rows always carry λ_i."""
-        k, v = cond.reference_kv(self.block.stream(stream), q.dtype)
-        if key is None:
+    @torch.compiler.disable
+    def _plan(self, cond: Conditioning, stream: str, where: str, q: torch.Tensor, n_txt: int, n_img: int):
+        """What one cross-attention needs from the conditioning: (K, V, weights, rows, folded).
+
+        ``where``: ``image`` (the image rows), ``text`` (the text rows) or ``joint`` (a single-stream
+        block's [text, image] rows with ``branches="both"``). Kept out of ``torch.compile`` (a graph
+        break, run eagerly): it reads and fills the conditioning's caches, runs the reference K/V
+        modules (FSDP2 units when the adapter is sharded) and makes host-side decisions (which rows,
+        folded λ) once per conditioning; the compiled block sees only their results, so a new
+        conditioning every step does not recompile it."""
+        b, dtype, device = q.shape[0], q.dtype, q.device
+        if where == "image":
+            weights = cond.image_weights(b, n_img, dtype, device)
+            rows = cond.image_rows(b, n_img, dtype, device)
+        elif where == "text":
+            weights, rows = cond.text_weights(b, n_txt, dtype, device), None
+        else:
+            weights = torch.cat([cond.text_weights(b, n_txt, dtype, device),
+                                 cond.image_weights(b, n_img, dtype, device)], dim=2)  # (N, B, L)
+            rows = None
+        k, v = cond.reference_kv(self.block.stream(stream), dtype)
+        if where == "text":  # text rows always carry λ_i
             folded = cond.scales.tolist()
         else:
-            folded = cond.folded_scales((*key, q.shape[0], weights.shape[-1], q.dtype, q.device), weights, rows)
-        return reference_attention(q, k, v, weights, rows, folded)
+            folded = cond.folded_scales((where, b, weights.shape[-1], dtype, device), weights, rows)
+        return k, v, weights, rows, folded
+
+    @staticmethod
+    @torch.compiler.disable
+    def _split(cond: Conditioning, total: int | None = None, n_img: int | None = None) -> int:
+        """Image token count of this call: records the double-stream block's (``n_img``) for the
+        single-stream blocks, or reads it back for a single-stream block of ``total`` tokens."""
+        if n_img is not None:
+            cond.seen_image_tokens = n_img
+            return n_img
+        return cond.image_tokens(total)
 
     def __call__(
         self,
@@ -356,36 +389,34 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
                                     backend=self._attention_backend, parallel_config=self._parallel_config)
         out = out.flatten(2, 3).to(query.dtype)  # (B, L, D)
-        b, dtype, device = out.shape[0], out.dtype, out.device
 
         if encoder_hidden_states is not None:  # double-stream block: separate text / image streams
             n_txt = encoder_hidden_states.shape[1]
             enc_out, img_out = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
-            n_img = img_out.shape[1]
-            cond.seen_image_tokens = n_img
+            n_img = self._split(cond, n_img=img_out.shape[1])
             if cond.to_image:
-                img_out = img_out + self._ca(cond, "image", ca_query, cond.image_weights(b, n_img, dtype, device),
-                                             cond.image_rows(b, n_img, dtype, device), key=("image",))
+                plan = self._plan(cond, "image", "image", ca_query, 0, n_img)
+                img_out = img_out + reference_attention(ca_query, *plan)
             if cond.to_text:
-                enc_out = enc_out + self._ca(cond, "text", ca_text_query, cond.text_weights(b, n_txt, dtype, device))
+                plan = self._plan(cond, "text", "text", ca_text_query, n_txt, 0)
+                enc_out = enc_out + reference_attention(ca_text_query, *plan)
             img_out = attn.to_out[1](attn.to_out[0](img_out))
             enc_out = attn.to_add_out(enc_out)
             return img_out, enc_out
 
         # single-stream block: the sequence is [text, image]; one K/V serves both (FLUX shares weights here)
         total = out.shape[1]
-        n_img = cond.image_tokens(total)
+        n_img = self._split(cond, total=total)
         n_txt = total - n_img
         if cond.to_image and cond.to_text:
-            w = torch.cat([cond.text_weights(b, n_txt, dtype, device),
-                           cond.image_weights(b, n_img, dtype, device)], dim=2)  # (N, B, L)
-            return out + self._ca(cond, "image", ca_query, w, key=("joint",))
+            return out + reference_attention(ca_query, *self._plan(cond, "image", "joint", ca_query, n_txt, n_img))
         if cond.to_image:
-            ca = self._ca(cond, "image", ca_query[:, n_txt:], cond.image_weights(b, n_img, dtype, device),
-                          cond.image_rows(b, n_img, dtype, device), key=("image",))
+            q_img = ca_query[:, n_txt:]
+            ca = reference_attention(q_img, *self._plan(cond, "image", "image", q_img, 0, n_img))
             if not torch.is_grad_enabled():  # inference: add in place instead of copying the whole sequence
                 out[:, n_txt:] += ca
                 return out
             return torch.cat([out[:, :n_txt], out[:, n_txt:] + ca], dim=1)
-        ca = self._ca(cond, "text", ca_query[:, :n_txt], cond.text_weights(b, n_txt, dtype, device))
+        q_txt = ca_query[:, :n_txt]
+        ca = reference_attention(q_txt, *self._plan(cond, "text", "text", q_txt, n_txt, 0))
         return torch.cat([out[:, :n_txt] + ca, out[:, n_txt:]], dim=1)

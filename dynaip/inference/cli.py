@@ -73,6 +73,9 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                         "time, sequential = one layer at a time (least memory, slowest); see docs/low_memory.md")
     p.add_argument("--quantize", choices=("none", "int8", "fp8"), default="none",
                    help="weight-only quantization of the frozen FLUX transformer (optimum-quanto)")
+    p.add_argument("--compile", action="store_true",
+                   help="regional torch.compile of FLUX's blocks (each block class compiled once and reused; the "
+                        "first steps pay the compile time); not with --offload sequential or --quantize")
     p.add_argument("--out", required=True, help="output image (.png, .jpg/.jpeg or .webp: written in that format); "
                    "a .json sidecar is written beside it")
     p.set_defaults(func=run_generate)
@@ -96,6 +99,10 @@ def run_generate(args: argparse.Namespace) -> int:
     for i, mask in enumerate(args.mask or []):
         check_image_path(mask, f"mask {i + 1} (--mask)")
     control_scale = _check_control_args(args)
+    if args.compile and (args.offload == "sequential" or args.quantize != "none"):
+        raise ValueError("--compile works with the model on the device or --offload model; drop --compile, or "
+                         "--offload sequential / --quantize (their per-layer hooks and quantized weights are not "
+                         "compiled)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     offload = args.offload != "none"
@@ -107,6 +114,8 @@ def run_generate(args: argparse.Namespace) -> int:
         quantize_transformer(pipe.flux, args.quantize)
     if offload:
         getattr(pipe, f"enable_{args.offload}_cpu_offload")(device=device)
+    if args.compile:
+        pipe.compile()
     from dynaip.console import progress_bars
 
     progress_bars(pipe.flux)
@@ -127,7 +136,8 @@ def run_generate(args: argparse.Namespace) -> int:
     atomic_save_image(out.images[0], target, format=fmt)
     sidecar = dict(out.settings, references=[str(r) for r in args.ref], masks=args.mask, adapter=str(args.adapter),
                    models=str(args.models), lora=args.lora, device=device, dtype=str(dtype), offload=args.offload,
-                   quantize=args.quantize, controlnet=args.controlnet, control_images=args.control_image)
+                   quantize=args.quantize, controlnet=args.controlnet, control_images=args.control_image,
+                   compile=args.compile)
     if out.masks is not None and args.auto_mask:
         for i, m in enumerate(out.masks):
             from PIL import Image

@@ -235,6 +235,15 @@ class DynaIPFluxPipeline:
         self.image_encoder.to("cpu")
         return self
 
+    def compile(self, backend: str | None = None) -> int:
+        """Regional ``torch.compile`` of FLUX's blocks with the adapter's processors inside, as training's
+        ``parallel.compile`` (dynaip/models/compiled.py): each block class compiles at the first call and
+        every block reuses it; inductor on CUDA, ``aot_eager`` on the CPU unless ``backend`` says otherwise.
+        Returns how many blocks carry a compiled forward."""
+        from dynaip.models.compiled import compile_blocks
+
+        return compile_blocks(self.flux.transformer, self.device, backend)
+
     def load_lora_weights(self, *args, **kwargs):
         """diffusers' FLUX LoRA loading; the adapter stays attached (its processors use the LoRA'd projections)."""
         return self.flux.load_lora_weights(*args, **kwargs)

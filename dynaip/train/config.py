@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from dynaip.configs import ConfigError, build, read_yaml
 from dynaip.models import sampling
+from dynaip.models.attention_backend import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,11 @@ class OptimConfig:
     """Final lr of the cosine schedule as a fraction of ``lr``."""
     grad_clip: float = 1.0
     """Max global grad norm of the adapter parameters (0 = off)."""
+    fused: bool = True
+    """Fused AdamW (``torch.optim.AdamW(fused=True)``: one kernel per parameter group and dtype instead of
+    a dozen multi-tensor launches per step) on CUDA and the CPU, FSDP2 shards included; false = the
+    foreach implementation. Fused and foreach round differently: resume a run with the setting it started
+    with for a bitwise continuation (dynaip/train/optim.py)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):
@@ -236,6 +242,20 @@ class ParallelConfig:
     checkpoint_keep_blocks: int = 0
     """With ``gradient_checkpointing``: the last N of FLUX's blocks keep their activations and are not
     recomputed (faster, more memory per block; 0 = every block recomputes). See docs/memory.md."""
+    compile: bool = False
+    """Regional ``torch.compile``: each of FLUX's repeated blocks (double- and single-stream, the adapter's
+    cross-attention inside) is compiled once per block class and reused by every block of that class
+    (dynaip/models/compiled.py). Works with every ``strategy``, gradient checkpointing and
+    ``checkpoint_keep_blocks``. Inductor on GPUs; on the CPU the ``aot_eager`` backend (capture and
+    joint graphs without generated kernels). The first steps pay the compile time; RUN/metrics.jsonl's
+    ``start`` record counts the compiled blocks (``compiled_blocks``)."""
+    attention: str = "auto"
+    """SDPA kernel of FLUX's attention: ``auto`` (the first of flash, efficient, math on CUDA — flash,
+    math on the CPU — that passes a forward/backward check against the math backend at the model's head
+    shape and dtype), or one of ``flash``, ``cudnn``, ``efficient``, ``math`` (checked the same way; a
+    failing check stops the run naming why). cuDNN is never picked by ``auto`` (its backward failed on an
+    H100). The backend in use is the ``attention`` of RUN/metrics.jsonl's ``start`` record
+    (dynaip/models/attention_backend.py)."""
     find_unused_parameters: bool = False
     """DDP option; needed only by adapter variants with parameters that a step does not use."""
     max_failures: int = 2
@@ -244,7 +264,7 @@ class ParallelConfig:
     """Ray cluster to join (``auto`` or ``ray://...``); null starts an embedded local Ray."""
 
     def __post_init__(self) -> None:
-        for name, choices in (("strategy", STRATEGIES), ("backend", ("auto", "gloo", "nccl")),
+        for name, choices in (("strategy", STRATEGIES), ("backend", ("auto", "gloo", "nccl")), ("attention", BACKENDS),
                               ("precision", ("auto", "bf16", "fp32"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"parallel.{name}={getattr(self, name)!r}: choose one of {choices}")

@@ -116,21 +116,26 @@ def enable_checkpointing(transformer: nn.Module, keep_last: int = 0) -> int:
 
 
 def disable_checkpointing(transformer: nn.Module) -> None:
-    """Undoes ``enable_checkpointing``."""
+    """Undoes ``enable_checkpointing`` (compiled blocks stay compiled)."""
+    from dynaip.models.compiled import restore_forward
+
     transformer.gradient_checkpointing = False
     for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-        block.__dict__.pop("forward", None)
+        restore_forward(block)
 
 
 def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
                 gradient_checkpointing: bool = False, clip_layers: Sequence[int] | None = None,
-                checkpoint_keep_blocks: int = 0, *, encoders: bool = True, vae_decoder: bool = True) -> FrozenModels:
+                checkpoint_keep_blocks: int = 0, *, encoders: bool = True, vae_decoder: bool = True,
+                compile_blocks: bool = False) -> FrozenModels:
     """Loads the frozen models. ``clip_layers``: the adapter's ``config.clip_layers`` — the one source of
     truth for which hidden states feed the experts; ``models.yaml``'s list only seeds fresh adapters.
 
     ``encoders=False`` (training on precomputed features): T5, the CLIP text model and the VAE
     encoder are never read from disk; ``vae_decoder`` then says whether the VAE's decoder is loaded
     (only sample images need it). The transformer and the CLIP vision tower are always loaded.
+    ``compile_blocks``: regional ``torch.compile`` of the transformer's blocks (dynaip.models.compiled),
+    applied before checkpointing wraps them, so a recomputed block replays its compiled graph.
     """
     from dynaip.models.clip_vision import load_clip_vision
     from dynaip.models.flux import load_flux_pipeline, load_vae_config, load_vae_decoder
@@ -145,6 +150,10 @@ def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, clip):
         if m is not None:
             m.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    if compile_blocks:
+        from dynaip.models.compiled import compile_blocks as compile_flux_blocks
+
+        compile_flux_blocks(pipe.transformer, device, grad_only=True)  # eval / samples stay eager
     checkpointed = enable_checkpointing(pipe.transformer, checkpoint_keep_blocks) if gradient_checkpointing else 0
     vae_cfg = pipe.vae.config if pipe.vae is not None else load_vae_config(models.flux)
     return FrozenModels(pipe=pipe, clip=clip, device=device, dtype=dtype,
@@ -152,16 +161,20 @@ def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
                         checkpointed_blocks=checkpointed)
 
 
-def configure_attention_backends(device: torch.device) -> None:
-    """Training on CUDA: turn off PyTorch's cuDNN attention backend for this process.
+def configure_attention_backends(device: torch.device, choice: str = "auto", dtype: torch.dtype | None = None,
+                                 transformer: nn.Module | None = None) -> str:
+    """Training: the SDPA backend of ``parallel.attention`` (dynaip/models/attention_backend.py), checked
+    against the math backend at the transformer's head count and head size in ``dtype``, then set
+    process-wide (backward runs on autograd's device threads, where an ``sdpa_kernel`` context would not
+    reach). ``auto`` on CUDA leaves cuDNN off (its backward failed on an H100; see that module).
+    Returns the backend in use."""
+    from dynaip.models.attention_backend import configure
 
-    Its backward failed on an H100 (torch 2.11 + cuDNN from CUDA 13: ``mha_graph.execute(...)
-    .is_good()`` on bare FLUX.1-dev with gradient checkpointing, then illegal memory accesses), while
-    the flash and memory-efficient kernels train correctly. A process-wide switch because backward
-    runs on autograd's device threads, where an ``sdpa_kernel`` context would not reach.
-    """
-    if device.type == "cuda":
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    heads, head_dim = 24, 128  # FLUX.1-dev's
+    if transformer is not None:
+        heads, head_dim = transformer.config.num_attention_heads, transformer.config.attention_head_dim
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return configure(choice, device, dtype or default, heads, head_dim)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -190,7 +203,7 @@ def vae_posterior(vae: nn.Module, tgt: torch.Tensor, device: torch.device, dtype
 
     What ``dynaip precompute`` stores, and what the on-the-fly path samples from.
     """
-    x = tgt.to(device, dtype) / 127.5 - 1.0  # [-1, 1]
+    x = tgt.to(device, non_blocking=True).to(dtype) / 127.5 - 1.0  # [-1, 1]; pinned by the loader on CUDA
     dist = vae.encode(x).latent_dist
     return dist.mean, dist.logvar
 
@@ -224,8 +237,8 @@ def encode_targets(frozen: FrozenModels, tgt: torch.Tensor, generator: torch.Gen
 def targets_from_posterior(frozen: FrozenModels, mean: torch.Tensor, logvar: torch.Tensor,
                            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """``encode_targets`` from a stored posterior (B, C, h, w): the same draw, scaling and packing."""
-    mean = mean.to(frozen.device, frozen.dtype)
-    logvar = logvar.to(frozen.device, frozen.dtype)
+    mean = mean.to(frozen.device, non_blocking=True).to(frozen.dtype)  # pinned by the loader on CUDA
+    logvar = logvar.to(frozen.device, non_blocking=True).to(frozen.dtype)
     return pack_latents(frozen, sample_posterior(mean, logvar, generator))
 
 
@@ -247,7 +260,7 @@ def encode_text(frozen: FrozenModels, prompts: Sequence[str], max_sequence_lengt
 
 def text_ids(frozen: FrozenModels, length: int) -> torch.Tensor:
     """(L, 3) zeros: FLUX's text position ids, as ``FluxPipeline.encode_prompt`` makes them."""
-    return torch.zeros(length, 3).to(device=frozen.device, dtype=frozen.dtype)
+    return torch.zeros(length, 3, device=frozen.device, dtype=frozen.dtype)  # made there: no host copy
 
 
 def stored_text(frozen: FrozenModels, batch: dict[str, Any], drop: torch.Tensor | None,
@@ -255,8 +268,8 @@ def stored_text(frozen: FrozenModels, batch: dict[str, Any], drop: torch.Tensor 
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``encode_text`` from precomputed features: the batch's ``t5`` (B, L, D) and ``pooled`` (B, D),
     the rows where ``drop`` (B,) is set replaced by ``empty_text`` (the stored empty prompt, (1, L, D), (1, D))."""
-    txt = batch["t5"].to(frozen.device, frozen.dtype)
-    pooled = batch["pooled"].to(frozen.device, frozen.dtype)
+    txt = batch["t5"].to(frozen.device, non_blocking=True).to(frozen.dtype)
+    pooled = batch["pooled"].to(frozen.device, non_blocking=True).to(frozen.dtype)
     if drop is not None and bool(drop.any()):
         if empty_text is None:
             raise ValueError("text CFG dropout on precomputed features needs the stored empty-prompt embedding")
@@ -269,7 +282,7 @@ def stored_text(frozen: FrozenModels, batch: dict[str, Any], drop: torch.Tensor 
 
 def clip_hidden_states(frozen: FrozenModels, ref: torch.Tensor) -> list[torch.Tensor]:
     """``ref`` (B, 3, S, S) uint8 on white → one (B, 1 + tokens, width) hidden state per configured layer."""
-    x = ref.to(frozen.device, torch.float32) / 255.0
+    x = ref.to(frozen.device, non_blocking=True).to(torch.float32) / 255.0
     if x.shape[-1] != frozen.clip.image_size:
         x = F.interpolate(x, size=(frozen.clip.image_size,) * 2, mode="bicubic", align_corners=False).clamp(0, 1)
     return frozen.clip(frozen.clip.normalize(x).to(frozen.dtype))
@@ -344,7 +357,9 @@ def flow_matching_loss(transformer: nn.Module, scheduler_config: Any, adapter: n
     # on casts of the fp32 master weights (ReferenceKV.forward).
     with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
         c = encode([hs.float() for hs in hidden])  # (B, Lc, D)
-    c = c * (~drop_image).to(dev, c.dtype).view(b, 1, 1)  # zero rows = no reference for those samples
+    # zero rows = no reference for those samples; non_blocking: a host→device copy of B flags must not
+    # wait for the device (a pageable buffer is staged at once, so this is safe)
+    c = c * (~drop_image).to(dev, non_blocking=True).to(c.dtype).view(b, 1, 1)
     with adapter.conditioning([c], branches="both", image_size=image_size):
         pred = transformer(hidden_states=x_t, timestep=t.to(x0.dtype), guidance=guidance,
                            pooled_projections=pooled, encoder_hidden_states=txt, txt_ids=txt_ids,

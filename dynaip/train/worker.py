@@ -111,7 +111,6 @@ class Worker(ResumeState):
         if self.world != cfg.parallel.workers and dist.is_initialized():
             log.warning("config says workers=%d, running with world_size=%d", cfg.parallel.workers, self.world)
         self.device = _device(cfg)
-        configure_attention_backends(self.device)
         self.dtype = _dtype(cfg, self.device)
         self.autocast = torch.bfloat16 if self.dtype == torch.bfloat16 else None
         self.max_steps = spec.max_steps or cfg.max_steps or cfg.total_steps
@@ -129,7 +128,10 @@ class Worker(ResumeState):
                                   encoders=self.features.encoders,
                                   vae_decoder=cfg.logging.sample_every > 0 or cfg.fidelity.every > 0,
                                   clip_layers=adapter_config.clip_layers,
-                                  checkpoint_keep_blocks=cfg.parallel.checkpoint_keep_blocks)
+                                  checkpoint_keep_blocks=cfg.parallel.checkpoint_keep_blocks,
+                                  compile_blocks=cfg.parallel.compile)
+        self.attention = configure_attention_backends(self.device, cfg.parallel.attention, self.dtype,
+                                                      self.frozen.transformer)
         torch.manual_seed(cfg.seed)  # same initial adapter on every rank
         self.adapter = DynaIPAdapter(adapter_config).to(self.device)
         self.adapter.attach(self.frozen.transformer)
@@ -150,8 +152,9 @@ class Worker(ResumeState):
             self.adapter.load_weights(resume_from)
         self.encode = apply_strategy(cfg.parallel.strategy, self.frozen.transformer, self.adapter, self.device,
                                      cfg.parallel.find_unused_parameters)
-        self.optimizer = torch.optim.AdamW(self.adapter.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                           weight_decay=cfg.optim.weight_decay)
+        from .optim import make_optimizer
+
+        self.optimizer = make_optimizer(self.adapter.parameters(), cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         # per-rank streams of randomness: noise/t/VAE posterior on the device, CFG dropout on the CPU
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 100_003 + self.rank + 1)
@@ -313,6 +316,8 @@ class Worker(ResumeState):
 
         cfg = self.cfg
         no_save = bool(self.spec.extra.get("no_save"))
+        from dynaip.models.compiled import compiled_blocks
+
         from .parallel import is_sharded
 
         # what this run really does (tests read it to check that a config's switches took effect)
@@ -320,14 +325,18 @@ class Worker(ResumeState):
                            adapter_sharded=is_sharded(self.adapter), dtype=str(self.dtype).removeprefix("torch."),
                            autocast=None if self.autocast is None else str(self.autocast).removeprefix("torch."),
                            checkpointed_blocks=self.frozen.checkpointed_blocks, data_workers=cfg.data.data_workers,
-                           clip_layers=list(self.adapter.config.clip_layers), device=self.device.type)
+                           clip_layers=list(self.adapter.config.clip_layers), device=self.device.type,
+                           compiled_blocks=compiled_blocks(self.frozen.transformer), attention=self.attention)
         # which encoders each rank holds: training on precomputed features must not load T5/CLIP text/VAE encoder
         self.metrics.write(event="setup", features=self.features.modes(), frozen_modules=gather(self.frozen.loaded()))
         if self.step == 0 and cfg.logging.eval_every:
             self.metrics.write(step=0, val_loss=self.eval_loss())
         bar = tqdm(total=self.max_steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True)
         stage_index, loader, it = None, None, None
-        window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+        # The loss stays on the device between log lines (summed there): no per-step host sync. The
+        # window's time runs from its first step's start to the log step's end, after one device
+        # synchronisation there, less what eval / samples / checkpoints took inside it.
+        window = {"loss": None, "n": 0, "wait": 0.0, "start": None, "other": 0.0}
         last: dict[str, Any] = {}
         while self.step < self.max_steps:
             step = self.step + 1
@@ -344,6 +353,8 @@ class Worker(ResumeState):
                 stage_index, it = si, iter(loader)
 
             t0 = time.perf_counter()
+            if window["start"] is None:
+                window["start"] = t0
             batch = next(it)
             t1 = time.perf_counter()
             loss = training_loss(self.frozen, self.adapter, self.encode, batch, self.settings, self.gen,
@@ -359,21 +370,22 @@ class Worker(ResumeState):
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t2 = time.perf_counter()
             self.step = step
-            window["loss"] += loss.item()
+            loss = loss.detach()
+            window["loss"] = loss if window["loss"] is None else window["loss"] + loss
             window["n"] += 1
             window["wait"] += t1 - t0
-            window["time"] += t2 - t0
             bar.update(1)
 
             if logging_step:
+                mean_loss = (window["loss"] / window["n"]).item()  # the window's one host sync
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                tot = time.perf_counter() - window["start"] - window["other"]
                 dirs = self._stage_dirs(si)
                 seen, dropped = loader.seen, loader.dropped
                 loss_sum, wait, tot, skipped, filtered, corrupt, *counts = self._reduce(
-                    window["loss"] / window["n"], window["wait"], window["time"], loader.skipped, loader.filtered,
+                    mean_loss, window["wait"], tot, loader.skipped, loader.filtered,
                     loader.corrupt_shards,
                     *(seen.get(d, 0) for d in range(len(dirs))), *(dropped.get(r, 0) for r in DROP_REASONS))
                 stage_start = sum(s.steps for s in cfg.stages[:si])
@@ -395,7 +407,8 @@ class Worker(ResumeState):
 
                     ray.train.report({k: v for k, v in last.items() if isinstance(v, (int, float))})
                 bar.set_postfix(loss=f"{last['loss']:.4f}", stage=last["stage"])
-                window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0}
+                window = {"loss": None, "n": 0, "wait": 0.0, "start": None, "other": 0.0}
+            t3 = time.perf_counter()
             if cfg.logging.eval_every and (step % cfg.logging.eval_every == 0 or step == self.max_steps):
                 self.metrics.write(step=step, val_loss=self.eval_loss())
             if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
@@ -409,6 +422,8 @@ class Worker(ResumeState):
                 self.save_checkpoint(loader)
                 if fidelity is not None and self.best is not None:  # its checkpoint is on disk: it may become the best
                     self.offer_best(fidelity[cfg.checkpoints.keep_best])
+            if window["start"] is not None:  # eval / samples / checkpoint inside an open window
+                window["other"] += time.perf_counter() - t3
         bar.close()
         self.metrics.close()
         return last
