@@ -31,11 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 STOPPED = {signal.SIGINT: ("stopped by Ctrl-C (SIGINT)", 130), signal.SIGTERM: ("stopped by SIGTERM", 143)}
 
 
+def joining(ray) -> dict[str, str]:
+    """The environment of a command that joins the head this process is connected to (the token: Ray's default
+    file, which the head wrote)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+            "RAY_AUTH_MODE": "token"}
+
+
 @pytest.fixture(scope="module")
 def head_env(ray_cluster) -> dict[str, str]:
-    """The environment of a command that joins the shared head (its token from Ray's default file)."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
-            "RAY_AUTH_MODE": "token"}
+    return joining(ray_cluster)
 
 
 def dynaip(*args: str) -> list[str]:
@@ -104,7 +109,7 @@ def unlocked(out: Path) -> bool:
 
 
 def no_temp_files(root: Path) -> bool:
-    return not [p for p in root.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]
+    return not [p for p in root.rglob("*") if ".tmp" in p.name]
 
 
 # ------------------------------------------------------------------------------------------- curate
