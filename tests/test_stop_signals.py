@@ -2,8 +2,8 @@
 SIGTERM is raised like Ctrl-C, so the same cleanup runs (the run lock released, temporary files removed,
 an embedded Ray shut down at exit) and the same command resumes (dynaip/cli.py: ``stop_signals``).
 
-The Ray executor's stop and resume to the same bytes: tests/test_synth.py
-(``test_stopped_ray_run_resumes_to_the_same_bytes``)."""
+The commands on Ray (curate, synth, precompute, train), each in its own process on a shared loopback Ray
+head: tests/test_stop_signals_ray.py, and tests/test_synth.py for synth."""
 
 from __future__ import annotations
 

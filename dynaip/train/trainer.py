@@ -36,8 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -106,13 +104,11 @@ def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, loca
         run_config=RunConfig(name="dynaip-train", storage_path=str(Path(spec.out).resolve() / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.parallel.max_failures),
                              callbacks=[report_log(reported)]))
-    sigint = _sigint_handler()
+    from .stopping import stops_through_ray_train
+
     try:
-        trainer.fit()
-    except SystemExit:
-        # Ray Train's own Ctrl-C handler (installed by fit in the main thread) aborts the controller and its
-        # workers, then exits 0: under the CLI a stop is a KeyboardInterrupt (one line, status 130, resumable)
-        raise KeyboardInterrupt from None
+        with stops_through_ray_train():  # Ctrl-C and SIGTERM abort the controller and its workers
+            trainer.fit()
     except Exception as e:  # Ray wraps a worker's error; a corrupt shard is the user's to fix: say it in one line
         line = _integrity_line(e)
         if line is None:
@@ -121,19 +117,10 @@ def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, loca
 
         raise ShardIntegrityError(line) from None
     finally:
-        if sigint is not None:  # Ray Train leaves its handler behind, bound to a controller that is gone
-            signal.signal(signal.SIGINT, sigint)
         if started:
             ray.shutdown()
     lines = reported.read_text().splitlines() if reported.is_file() else []
     return json.loads(lines[-1]) if lines else {}
-
-
-def _sigint_handler():
-    """The current SIGINT handler, to put back after ``fit``; None off the main thread (no handler is set there)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.getsignal(signal.SIGINT)
 
 
 def _integrity_line(e: BaseException) -> str | None:
