@@ -197,34 +197,49 @@ def _files(root: Path) -> dict[str, bytes]:
 # -------------------------------------------------------------------------------------------- train
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_training_on_ray_which_resumes_bitwise(sig, head_env, tiny_models_yaml, local_train_once,
-                                                              tmp_path):
-    """`dynaip train` (one Ray Train worker) on the shared head, stopped once step 3 is logged: the step-2
-    checkpoint is kept and no partial one; `--resume` ends at the weights of the uninterrupted run (the
-    `--local` one: one worker trains on the same batches in the same order)."""
+@pytest.fixture(scope="module")
+def ray_train_once(head_env, tiny_models_yaml, local_train_once, tmp_path_factory) -> tuple[list[str], Path]:
+    """The arguments of `dynaip train` with one Ray Train worker (local_train_once's 4 steps, a checkpoint every
+    2), less --out, and the run directory of one uninterrupted run of it on the shared head (in this process)."""
     import yaml
-    from train_fixtures import same_adapter
 
     from dynaip.cli import main
     from dynaip.train.config import set_keys
 
-    config, once = local_train_once
-    one = tmp_path / "one-worker.yaml"
+    config, _ = local_train_once
+    root = tmp_path_factory.mktemp("ray-train")
+    one = root / "one-worker.yaml"
     one.write_text(yaml.safe_dump(set_keys(yaml.safe_load(config.read_text()), workers=1)))
+    args = ["train", "--config", str(one), "--models", str(tiny_models_yaml)]
+    assert main([*args, "--out", str(root / "once")]) == 0
+    return args, root / "once"
+
+
+def test_ctrl_c_then_sigterm_stop_training_on_ray_which_resumes_bitwise(head_env, ray_train_once, tmp_path):
+    """`dynaip train` on the shared head, stopped by Ctrl-C once step 3 is logged, then its `--resume` stopped
+    by SIGTERM at step 3 again: each time the step-2 checkpoint is kept and no partial one, and the last
+    `--resume` ends at the weights of the uninterrupted run. (The two signals take two paths into Ray
+    Train's abort: its own handler, and dynaip/train/stopping.py's.)"""
+    from train_fixtures import same_adapter
+
+    from dynaip.cli import main
+
+    args, once = ray_train_once
     run = tmp_path / "run"
-    args = ["train", "--config", str(one), "--out", str(run), "--models", str(tiny_models_yaml)]
+    args = [*args, "--out", str(run)]
 
-    def at_step_3() -> bool:
+    def logged(step: int) -> int:
         try:
-            return any(json.loads(x).get("step") == 3 for x in (run / "metrics.jsonl").read_text().splitlines()
-                       if x.endswith("}"))
+            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.endswith("}")]
         except OSError:
-            return False
+            return 0
+        return sum(1 for r in rows if r.get("step") == step and "loss" in r)
 
-    status, took, err, pid = stop_when(dynaip(*args), head_env, at_step_3, sig)
-    assert_clean_stop(status, took, err, sig)
-    assert_no_ray_processes_left(pid)
-    assert unlocked(run) and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    for sig, cmd in ((signal.SIGINT, args), (signal.SIGTERM, [*args, "--resume"])):
+        before = logged(3)
+        status, took, err, pid = stop_when(dynaip(*cmd), head_env, lambda: logged(3) > before, sig)
+        assert_clean_stop(status, took, err, sig)
+        assert_no_ray_processes_left(pid)
+        assert unlocked(run) and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
     assert main([*args, "--resume"]) == 0
     assert same_adapter(once / "checkpoints" / "step-000004", run / "checkpoints" / "step-000004")
