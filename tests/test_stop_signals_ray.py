@@ -197,10 +197,13 @@ def _files(root: Path) -> dict[str, bytes]:
 # -------------------------------------------------------------------------------------------- train
 
 
+STEPS = 8  # enough steps after each stop that the run cannot finish before the signal lands
+
+
 @pytest.fixture(scope="module")
 def ray_train_once(head_env, tiny_models_yaml, local_train_once, tmp_path_factory) -> tuple[list[str], Path]:
-    """The arguments of `dynaip train` with one Ray Train worker (local_train_once's 4 steps, a checkpoint every
-    2), less --out, and the run directory of one uninterrupted run of it on the shared head (in this process)."""
+    """The arguments of `dynaip train` with one Ray Train worker (local_train_once's config at 8 steps, a
+    checkpoint every 2), less --out, and the run directory of one uninterrupted run of it on the shared head (in this process)."""
     import yaml
 
     from dynaip.cli import main
@@ -209,17 +212,20 @@ def ray_train_once(head_env, tiny_models_yaml, local_train_once, tmp_path_factor
     config, _ = local_train_once
     root = tmp_path_factory.mktemp("ray-train")
     one = root / "one-worker.yaml"
-    one.write_text(yaml.safe_dump(set_keys(yaml.safe_load(config.read_text()), workers=1)))
+    raw = set_keys(yaml.safe_load(config.read_text()), workers=1)
+    raw["stages"][0]["steps"] = STEPS
+    one.write_text(yaml.safe_dump(raw))
     args = ["train", "--config", str(one), "--models", str(tiny_models_yaml)]
     assert main([*args, "--out", str(root / "once")]) == 0
     return args, root / "once"
 
 
 def test_ctrl_c_then_sigterm_stop_training_on_ray_which_resumes_bitwise(head_env, ray_train_once, tmp_path):
-    """`dynaip train` on the shared head, stopped by Ctrl-C once step 3 is logged, then its `--resume` stopped
-    by SIGTERM at step 3 again: each time the step-2 checkpoint is kept and no partial one, and the last
-    `--resume` ends at the weights of the uninterrupted run. (The two signals take two paths into Ray
-    Train's abort: its own handler, and dynaip/train/stopping.py's.)"""
+    """`dynaip train` on the shared head, stopped by Ctrl-C at step 3, then its `--resume` stopped by SIGTERM at
+    the step after the checkpoint it resumed from: each time only whole checkpoints are left (a step that
+    finished while Ray Train aborted may have written one), and the last `--resume` ends at the weights of
+    the uninterrupted run. (The two signals take two paths into Ray Train's abort: its own handler, and
+    dynaip/train/stopping.py's.)"""
     from train_fixtures import same_adapter
 
     from dynaip.cli import main
@@ -235,11 +241,19 @@ def test_ctrl_c_then_sigterm_stop_training_on_ray_which_resumes_bitwise(head_env
             return 0
         return sum(1 for r in rows if r.get("step") == step and "loss" in r)
 
+    def checkpoints() -> list[int]:
+        names = sorted(p.name for p in (run / "checkpoints").iterdir()) if (run / "checkpoints").is_dir() else []
+        assert all(n.startswith("step-") for n in names), names  # no partial (.tmp-step-N) directory
+        return [int(n.split("-")[1]) for n in names]
+
     for sig, cmd in ((signal.SIGINT, args), (signal.SIGTERM, [*args, "--resume"])):
-        before = logged(3)
-        status, took, err, pid = stop_when(dynaip(*cmd), head_env, lambda: logged(3) > before, sig)
+        kept = checkpoints()
+        at = max(kept, default=2) + 1  # the first step after the checkpoint it resumes from (3 at first)
+        before = logged(at)
+        status, took, err, pid = stop_when(dynaip(*cmd), head_env, lambda: logged(at) > before, sig)
         assert_clean_stop(status, took, err, sig)
         assert_no_ray_processes_left(pid)
-        assert unlocked(run) and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+        now = checkpoints()
+        assert unlocked(run) and now[: len(kept)] == kept and 2 <= max(now) < STEPS, (kept, now)
     assert main([*args, "--resume"]) == 0
-    assert same_adapter(once / "checkpoints" / "step-000004", run / "checkpoints" / "step-000004")
+    assert same_adapter(once / "checkpoints" / f"step-{STEPS:06d}", run / "checkpoints" / f"step-{STEPS:06d}")
