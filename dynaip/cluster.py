@@ -31,7 +31,10 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
     from dynaip.console import quiet_ray_data, ray_init_kwargs
 
     with _keep_stop_handler():
-        if address:
+        if address and on_loopback(address):  # a head bound to 127.0.0.1 (the embedded one, `ray start
+            with loopback_ray():  # --node-ip-address=127.0.0.1`): Ray would dial the host's routable address
+                ray.init(address=address, **{"log_to_driver": True, **ray_init_kwargs()})
+        elif address:
             ray.init(address=address, **{"log_to_driver": True, **ray_init_kwargs()})
         else:
             with loopback_ray():
@@ -39,6 +42,13 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
                          _node_ip_address="127.0.0.1",
                          **ray_init_kwargs({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}))
     quiet_ray_data()
+
+
+def on_loopback(address: str) -> bool:
+    """True for ``127.x.y.z:port``, ``localhost:port`` and ``[::1]:port`` (``ray://`` and ``auto`` are not)."""
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 @contextmanager

@@ -19,6 +19,16 @@ def test_the_cli_address_wins_then_the_jobs_ray_address(monkeypatch):
     assert ray_address_from_env(None) is None
 
 
+def test_a_loopback_address_is_joined_on_loopback():
+    """``connect`` joins these under ``loopback_ray`` (Ray swaps 127.0.0.1 for the host's routable address
+    otherwise, and never reaches a head bound to loopback: tests/test_stop_signals_ray.py joins one)."""
+    from dynaip.cluster import on_loopback
+
+    assert all(on_loopback(a) for a in ("127.0.0.1:6379", "127.1.2.3:1", "localhost:6379", "[::1]:6379", "LOCALHOST:1"))
+    assert not any(on_loopback(a) for a in ("10.0.0.1:6379", "auto", "head.example:6379", "ray://127.0.0.1:10001",
+                                            "1127.0.0.1:6379"))
+
+
 def test_only_the_cluster_module_calls_ray_init():
     """Curation, precompute, synth, training and eval join or start Ray through ``dynaip.cluster.connect``."""
     callers = []

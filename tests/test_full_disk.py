@@ -11,6 +11,8 @@ import errno
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -240,3 +242,88 @@ def test_serve_generation_on_a_full_disk_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     saved = service._save(out, [Image.new("RGB", (8, 8))], [0])
     assert all(Path(f).is_file() for f in saved.files)
+
+
+# ------------------------------------------------------------------------- precompute, end to end
+
+
+@contextmanager
+def small_disk(folder: Path, size: str, monkeypatch) -> Iterator[Callable[[], None]]:
+    """``folder`` on a tmpfs of ``size`` (a real full disk: the kernel's ENOSPC wherever it comes); yields
+    the function that gives the space back (a remount to 64 MiB). Where tmpfs cannot be mounted (not root,
+    no mount namespace) the third feature shard's data file is the one that meets a full disk instead, at
+    the same call a small tmpfs fails (the close that flushes its buffered tail)."""
+    import subprocess
+
+    from dynaip.features import format as fmt
+
+    folder.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, check=False).returncode == 0
+    if mounted:
+        try:
+            yield lambda: subprocess.run(["mount", "-o", "remount,size=64m", str(folder)], check=True)
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+        return
+
+    class FullOnClose:
+        def __init__(self, f):
+            self.f = f
+
+        def close(self):
+            self.f.close()
+            raise refuse()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    real_init = fmt.ShardWriter.__init__
+
+    def init(self, path):
+        real_init(self, path)
+        if Path(path).name == "000002.safetensors":
+            self._data = FullOnClose(self._data)
+
+    monkeypatch.setattr(fmt.ShardWriter, "__init__", init)
+    yield monkeypatch.undo
+
+
+def test_precompute_on_a_full_disk_says_where_and_resumes_to_the_same_bytes(tmp_path, tiny_models_yaml,
+                                                                            local_train_once, monkeypatch, caplog):
+    """`dynaip precompute` with DATASET/features on a 48 KiB tmpfs: the run fails in one line naming the
+    file and what to do (exit 2), every finished feature shard and marker is intact and no temporary file
+    is left; once the space is back the same command ends in the bytes of a run that never met a full disk."""
+    import shutil
+
+    from train_fixtures import write_dataset
+
+    from dynaip.cli import main
+
+    config, _ = local_train_once
+    data = write_dataset(tmp_path / "ds", [1] * 6, size=64)
+    clean = tmp_path / "clean"
+    shutil.copytree(data, clean)
+
+    def precompute(dataset: Path) -> int:
+        return main(["precompute", "--data", str(dataset), "--models", str(tiny_models_yaml), "--config", str(config),
+                     "--executor", "local", "--no-progress", "--batch-size", "1"])
+
+    assert precompute(clean) == 0
+    (want,) = (clean / "features").iterdir()
+    caplog.set_level(logging.ERROR)
+    with small_disk(data / "features", "48k", monkeypatch) as space_is_back:
+        assert precompute(data) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, errors
+        assert errors[0].startswith(f"cannot write {data / 'features'}/") and "\n" not in errors[0]
+        assert "no space left on the device; free space there" in errors[0] and "run the same command again" in errors[0]
+        (feat,) = (data / "features").iterdir()
+        assert leftovers(data) == [] and not (feat / "manifest.json").exists()
+        done = sorted(p.relative_to(feat).as_posix() for p in feat.rglob("*.safetensors"))
+        assert 1 <= len([p for p in done if p.startswith("shards/")]) < 6, done
+        assert all((feat / p).read_bytes() == (want / p).read_bytes() for p in done)  # what was written is intact
+        space_is_back()
+        assert precompute(data) == 0
+        got = {p.relative_to(feat).as_posix(): p.read_bytes() for p in sorted(feat.rglob("*")) if p.is_file()}
+    assert got == {p.relative_to(want).as_posix(): p.read_bytes() for p in sorted(want.rglob("*")) if p.is_file()}

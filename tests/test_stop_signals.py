@@ -2,8 +2,8 @@
 SIGTERM is raised like Ctrl-C, so the same cleanup runs (the run lock released, temporary files removed,
 an embedded Ray shut down at exit) and the same command resumes (dynaip/cli.py: ``stop_signals``).
 
-The Ray executor's stop and resume to the same bytes: tests/test_synth.py
-(``test_stopped_ray_run_resumes_to_the_same_bytes``)."""
+The commands on Ray (curate, synth, precompute, train), each in its own process on a shared loopback Ray
+head: tests/test_stop_signals_ray.py, and tests/test_synth.py for synth."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _tree(root: Path) -> dict[str, bytes]:
             if p.is_file() and (p.parts[-2] == "shards" or p.name == "rejects.jsonl")}
 
 
-def test_sigterm_stops_local_curation_which_resumes_to_the_same_bytes(tiny_models_yaml, tmp_path):
+def test_sigterm_stops_local_curation_which_resumes_to_the_same_bytes(tiny_models_yaml, tiny_models, tmp_path):
     """`dynaip curate --executor local` in its own process: SIGTERM once the first chunk is written ends it
     within 10 s, exit 143 and one line, the lock released and no temporary file left; the same command
     then finishes, and the dataset equals an uninterrupted run's."""
@@ -71,8 +71,11 @@ def test_sigterm_stops_local_curation_which_resumes_to_the_same_bytes(tiny_model
                 "--source-root", str(photos), "--models", str(tiny_models_yaml), "--executor", "local",
                 "--no-progress"]
 
-    clean = tmp_path / "clean"
-    assert subprocess.run(curate(clean), env=env, capture_output=True, timeout=600, check=False).returncode == 0
+    from pipeline.executor_local import run_local
+    from pipeline.recipe import Recipe
+
+    clean = tmp_path / "clean"  # the reference, in this process (the command's bytes: test_stop_signals_ray.py)
+    run_local(Recipe.from_yaml(recipe, source_root=str(photos)), clean, tiny_models, progress=False)
     out = tmp_path / "ds"
     proc = subprocess.Popen(curate(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -4,11 +4,8 @@ and re-run on a local Ray head writes the same bytes as one local run."""
 
 from __future__ import annotations
 
-import _thread
 import hashlib
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -183,33 +180,28 @@ def test_synth_refuses_other_recipes(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_stopped_ray_run_resumes_to_the_same_bytes(local_run, tiny_models, tmp_path):
-    """On an embedded local Ray head: the run is interrupted (as Ctrl-C) once its first chunk is written,
-    then run again; the dataset equals the local executor's byte for byte."""
-    import ray
+def test_ctrl_c_stops_synth_on_ray_which_resumes_to_the_same_bytes(local_run, tiny_models_yaml, ray_cluster,
+                                                                   tmp_path):
+    """`dynaip synth` (the Ray executor) in its own process on the module's loopback Ray head: Ctrl-C once its
+    first chunk is written ends it within 10 s (one line, 130, the lock released, no actor of its job left),
+    and the same command run again ends in the local executor's bytes (tests/test_stop_signals_ray.py)."""
+    import signal
 
-    from pipeline.executor_ray import run_ray
-    from pipeline.recipe import Recipe
+    from test_stop_signals_ray import (assert_clean_stop, assert_no_ray_processes_left, dynaip, joining, stop_when,
+                                       unlocked)
 
-    recipe_file, local = local_run
+    from dynaip.cli import main
+
+    recipe, local = local_run
     out = tmp_path / "ray"
-    recipe = Recipe.from_yaml(recipe_file)
-
-    def stop_after_first_chunk():
-        deadline = time.time() + 300
-        while time.time() < deadline and not list((out / ".progress").glob("[0-9]*[0-9].json")):
-            time.sleep(0.2)
-        _thread.interrupt_main()
-
-    watcher = threading.Thread(target=stop_after_first_chunk, daemon=True)
-    try:
-        watcher.start()
-        with pytest.raises(KeyboardInterrupt):
-            run_ray(recipe, out, tiny_models, progress=False, num_cpus=2)
-        done = len(list((out / ".progress").glob("[0-9]*[0-9].json")))
-        assert 1 <= done < 3 and not (out / "manifest.json").exists()
-        run_ray(recipe, out, tiny_models, progress=False, num_cpus=2)
-    finally:
-        ray.shutdown()
+    args = ["synth", str(recipe), "--out", str(out), "--models", str(tiny_models_yaml), "--no-progress"]
+    status, took, err, pid = stop_when(dynaip(*args), joining(ray_cluster),
+                                       lambda: bool(list((out / ".progress").glob("[0-9]*[0-9].json"))),
+                                       signal.SIGINT)
+    assert_clean_stop(status, took, err, signal.SIGINT)
+    assert_no_ray_processes_left(pid)
+    done = len(list((out / ".progress").glob("[0-9]*[0-9].json")))
+    assert 1 <= done < 3 and not (out / "manifest.json").exists() and unlocked(out)
+    assert main(args) == 0  # in this process, on the same head
     assert tree(out) == tree(local)
     assert not list((out / "shards").glob(".*"))  # no temp files left behind

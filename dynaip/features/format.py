@@ -96,8 +96,7 @@ class ShardWriter:
 
     def finish(self, metadata: dict[str, str] | None = None) -> WrittenFile:
         assert self._data is not None, "finish twice"
-        self._data.close()
-        self._data = None
+        data_file, self._data = self._data, None
         meta = {**(metadata or {}), "digests": json.dumps(self._digests, sort_keys=True, separators=(",", ":"))}
         header = json.dumps({"__metadata__": meta, **self._entries}, sort_keys=True, separators=(",", ":")).encode()
         header += b" " * (-len(header) % ALIGN)
@@ -105,6 +104,8 @@ class ShardWriter:
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         h = hashlib.sha256(prefix)
         try:
+            with writing(self.path):
+                data_file.close()  # flushes the buffered tail: a small shard meets a full disk only here
             with writing(self.path), open(tmp, "wb") as out, open(self._data_path, "rb") as data:
                 out.write(prefix)
                 while chunk := data.read(1 << 22):

@@ -107,8 +107,10 @@ def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, loca
         run_config=RunConfig(name="dynaip-train", storage_path=str(Path(spec.out).resolve() / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.parallel.max_failures),
                              callbacks=[report_log(reported)]))
+    from .stopping import stops_through_ray_train
+
     try:
-        with _progress(cfg, spec, reported):
+        with stops_through_ray_train(), _progress(cfg, spec, reported):  # a stop signal aborts controller + workers
             trainer.fit()
     except Exception as e:  # Ray wraps a worker's error; a corrupt shard is the user's to fix: say it in one line
         line = _integrity_line(e)
