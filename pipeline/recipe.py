@@ -298,6 +298,14 @@ class ExecutorConfig:
     """Records per model batch (detection and segmentation); batches never span chunks."""
     device: str = "auto"
     """Torch device for models: auto | cpu | cuda | cuda:N."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Numeric precision of Grounding DINO and SAM: auto = bf16 on a CUDA device that supports it, else
+    fp32. Under bf16/fp16 the models run under autocast with TF32 allowed; box decoding, mask upsampling,
+    thresholds and every keep/reject decision stay fp32. The resolved precision is part of the output
+    directory's identity: a resume at another precision is refused (docs/curation.md)."""
+    prefetch: int = 1
+    """Batches whose inputs (reading, decoding) are prepared on a CPU thread while the models run on the
+    current one; 0 = none. Output bytes do not depend on it."""
     workers: int | None = None
     """Ray: chunk workers (actors that each hold every stage and its models, build whole chunks and
     write their shards); None = as many as the cluster's resources fit."""
@@ -433,6 +441,9 @@ class Recipe:
         need(self.shards.max_bytes is None or self.shards.max_bytes > 0, "shards.max_bytes", self.shards.max_bytes, "must be > 0 or null")
         need(1 <= self.shards.jpeg_quality <= 100, "shards.jpeg_quality", self.shards.jpeg_quality, "must be in 1..100")
         need(self.executor.batch_size >= 1, "executor.batch_size", self.executor.batch_size, "must be >= 1")
+        need(self.executor.precision in ("auto", "bf16", "fp16", "fp32"), "executor.precision", self.executor.precision,
+             "use one of auto | bf16 | fp16 | fp32")
+        need(self.executor.prefetch >= 0, "executor.prefetch", self.executor.prefetch, "must be >= 0")
         need(f.min_reference_side >= 0, "filters.min_reference_side", f.min_reference_side, "must be >= 0")
         need(f.min_sharpness is None or f.min_sharpness >= 0, "filters.min_sharpness", f.min_sharpness, "must be >= 0 or null")
         need(f.min_subject_pixels is None or f.min_subject_pixels >= 0, "filters.min_subject_pixels",
