@@ -302,7 +302,7 @@ class ExecutorConfig:
     """Numeric precision of Grounding DINO and SAM: auto = bf16 on a CUDA device that supports it, else
     fp32. Under bf16/fp16 the models run under autocast with TF32 allowed; box decoding, mask upsampling,
     thresholds and every keep/reject decision stay fp32. The resolved precision is part of the output
-    directory's identity: a resume at another precision is refused (docs/curation.md)."""
+    directory's identity: a resume at another precision is refused (docs/curation_speed.md)."""
     prefetch: int = 1
     """Batches whose inputs (reading, decoding) are prepared on a CPU thread while the models run on the
     current one; 0 = none. Output bytes do not depend on it."""

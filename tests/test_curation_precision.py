@@ -5,7 +5,7 @@
   checkpoint's structure with random relative-position tables: the tiny checkpoint's are zero);
 - bf16 (autocast on the CPU) agrees with fp32 on the tiny checkpoints: SAM masks mean IoU ≥ 0.95,
   Grounding DINO boxes within 0.02 of the image side, scores within 0.05 (the tolerances stated in
-  docs/curation.md);
+  docs/curation_speed.md);
 - Grounding DINO's BERT runs once per distinct caption, with the uncached detections;
 - ``executor.precision`` is checked, resolved, and part of the output directory's identity.
 """

@@ -1,4 +1,4 @@
-"""Numeric precision of the curation model stages (recipe ``executor.precision``, docs/curation.md).
+"""Numeric precision of the curation model stages (recipe ``executor.precision``, docs/curation_speed.md).
 
 ``auto`` resolves per device: bf16 on a CUDA device that supports it, else fp32 (the CPU's default).
 Under bf16/fp16 the model forward passes run inside ``torch.autocast`` with TF32 matmuls allowed;
