@@ -99,54 +99,65 @@ def flops_per_image(fn) -> float:
 
 
 def models_part(sizes: Sizes, device: torch.device, repeats: int, detector_model, sam) -> tuple[list[dict], dict]:
-    from dynaip.models.grounding_dino import GroundingDinoDetector
-    from dynaip.models.sam import SamBoxSegmenter
-
-    size, max_size = (96, 128) if sizes.smoke else (800, 1333)
     h, w = sizes.curate_hw
     boxes = np.array([[w * 0.1, h * 0.1, w * 0.5, h * 0.6], [w * 0.4, h * 0.3, w * 0.9, h * 0.9]], np.float32)
     rows, reference = [], {}
     limit: dict = {}
     for precision in precisions(device, sizes.smoke):
-        detector = GroundingDinoDetector(detector_model, size=size, max_size=max_size, device=device, precision=precision)
-        segmenter = SamBoxSegmenter(sam, device=device, precision=precision)
-        if not limit:  # counted once, at fp32 (the FLOPs do not depend on the precision)
-            one = photos(sizes, 1)
-            fd = flops_per_image(lambda: detector.detect(one, ["person . animal . cup ."], box_threshold=0.35,
-                                                         text_threshold=0.25))
-            fs = flops_per_image(lambda: segmenter.segment(one, [boxes]))
-            peak = gpu_peak_tflops(device)
-            limit = {"detect_tflop_per_image": fd / 1e12, "segment_tflop_per_image": fs / 1e12,
-                     "peak_bf16_tflops": peak,
-                     "limit_images_per_s": (peak * 1e12 / (fd + fs)) if peak else None}
-        for batch in sizes.batches_curate:
-            imgs = photos(sizes, batch)
-            caps = ["person . animal . cup ."] * batch
-            det = lambda: detector.detect(imgs, caps, box_threshold=0.35, text_threshold=0.25)  # noqa: E731
-            seg = lambda: segmenter.segment(imgs, [boxes] * batch)  # noqa: E731
-            reset_peak(device)
-            det(), seg()  # warm-up
-            td = statistics.median(timed(det, device) for _ in range(repeats))
-            ts = statistics.median(timed(seg, device) for _ in range(repeats))
-            all_dets = detector.detect(imgs, caps, box_threshold=0.0, text_threshold=0.0)
-            masks = seg()
-            row = {"precision": precision, "batch": batch, "detect_images_per_s": batch / td,
-                   "segment_images_per_s": batch / ts, "detect_plus_segment_images_per_s": batch / (td + ts),
-                   "peak_memory_gib": peak_gib(device)}
-            if precision == "fp32":
-                reference[batch] = (all_dets, masks)
-            else:
-                row["mask_iou_vs_fp32"] = mask_agreement(reference[batch][1], masks)
-                (row["box_match_vs_fp32"], row["phrase_match_vs_fp32"],
-                 row["box_max_abs_px"]) = box_agreement(reference[batch][0], all_dets)
-            rows.append(row)
-            print(f"curate {precision} batch {batch}: detect {batch / td:.2f} img/s, segment {batch / ts:.2f} img/s"
-                  + (f", mask IoU vs fp32 {row['mask_iou_vs_fp32']:.4f}" if "mask_iou_vs_fp32" in row else ""),
-                  flush=True)
-    best = max(r["detect_plus_segment_images_per_s"] for r in rows)
-    if limit.get("limit_images_per_s"):
-        limit["fraction_reached"] = best / limit["limit_images_per_s"]
+        try:
+            rows += precision_rows(sizes, device, repeats, detector_model, sam, precision, boxes, reference, limit)
+        except Exception as e:  # e.g. an op without a kernel at this precision: recorded, the rest still runs
+            rows.append({"precision": precision, "error": f"{type(e).__name__}: {e}"[:500]})
+            print(f"curate {precision}: {rows[-1]['error']}", flush=True)
+    ok = [r for r in rows if "error" not in r]
+    if ok and limit.get("limit_images_per_s"):
+        limit["fraction_reached"] = max(r["detect_plus_segment_images_per_s"] for r in ok) / limit["limit_images_per_s"]
     return rows, limit
+
+
+def precision_rows(sizes: Sizes, device: torch.device, repeats: int, detector_model, sam, precision: str,
+                   boxes: np.ndarray, reference: dict, limit: dict) -> list[dict]:
+    """The rows of one precision; fills ``reference`` (fp32 outputs) and ``limit`` (FLOPs) on the first."""
+    from dynaip.models.grounding_dino import GroundingDinoDetector
+    from dynaip.models.sam import SamBoxSegmenter
+
+    size, max_size = (96, 128) if sizes.smoke else (800, 1333)
+    rows = []
+    detector = GroundingDinoDetector(detector_model, size=size, max_size=max_size, device=device, precision=precision)
+    segmenter = SamBoxSegmenter(sam, device=device, precision=precision)
+    if not limit:  # counted once, at fp32 (the FLOPs do not depend on the precision)
+        one = photos(sizes, 1)
+        fd = flops_per_image(lambda: detector.detect(one, ["person . animal . cup ."], box_threshold=0.35,
+                                                     text_threshold=0.25))
+        fs = flops_per_image(lambda: segmenter.segment(one, [boxes]))
+        peak = gpu_peak_tflops(device)
+        limit.update({"detect_tflop_per_image": fd / 1e12, "segment_tflop_per_image": fs / 1e12,
+                      "peak_bf16_tflops": peak, "limit_images_per_s": (peak * 1e12 / (fd + fs)) if peak else None})
+    for batch in sizes.batches_curate:
+        imgs = photos(sizes, batch)
+        caps = ["person . animal . cup ."] * batch
+        det = lambda: detector.detect(imgs, caps, box_threshold=0.35, text_threshold=0.25)  # noqa: E731
+        seg = lambda: segmenter.segment(imgs, [boxes] * batch)  # noqa: E731
+        reset_peak(device)
+        det(), seg()  # warm-up
+        td = statistics.median(timed(det, device) for _ in range(repeats))
+        ts = statistics.median(timed(seg, device) for _ in range(repeats))
+        all_dets = detector.detect(imgs, caps, box_threshold=0.0, text_threshold=0.0)
+        masks = seg()
+        row = {"precision": precision, "batch": batch, "detect_images_per_s": batch / td,
+               "segment_images_per_s": batch / ts, "detect_plus_segment_images_per_s": batch / (td + ts),
+               "peak_memory_gib": peak_gib(device)}
+        if precision == "fp32":
+            reference[batch] = (all_dets, masks)
+        else:
+            row["mask_iou_vs_fp32"] = mask_agreement(reference[batch][1], masks)
+            (row["box_match_vs_fp32"], row["phrase_match_vs_fp32"],
+             row["box_max_abs_px"]) = box_agreement(reference[batch][0], all_dets)
+        rows.append(row)
+        print(f"curate {precision} batch {batch}: detect {batch / td:.2f} img/s, segment {batch / ts:.2f} img/s"
+              + (f", mask IoU vs fp32 {row['mask_iou_vs_fp32']:.4f}" if "mask_iou_vs_fp32" in row else ""),
+              flush=True)
+    return rows
 
 
 def end_to_end(sizes: Sizes, device: torch.device, detector_model, sam) -> list[dict]:
@@ -226,6 +237,9 @@ def markdown(curate: dict) -> list[str]:
              "| precision | batch | detect img/s | segment img/s | both img/s | peak GiB | mask IoU vs fp32 | "
              "boxes matched vs fp32 | same phrase | max box diff px |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in curate["models"]:
+        if "error" in r:
+            lines.append(f"| {r['precision']} | {r['error']} | | | | | | | | |")
+            continue
         lines.append(f"| {r['precision']} | {r['batch']} | {f(r['detect_images_per_s'])} | {f(r['segment_images_per_s'])} | "
                      f"{f(r['detect_plus_segment_images_per_s'])} | {f(r['peak_memory_gib'], '{:.1f}')} | "
                      f"{f(r.get('mask_iou_vs_fp32'), '{:.4f}')} | {f(r.get('box_match_vs_fp32'), '{:.3f}')} | "
