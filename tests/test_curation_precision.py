@@ -37,6 +37,13 @@ def small_sam():
     return sam
 
 
+@pytest.fixture(scope="module")
+def gdino(tiny_models):
+    from dynaip.models.grounding_dino import load_grounding_dino
+
+    return load_grounding_dino(tiny_models.grounding_dino)
+
+
 def test_sdpa_attention_equals_segment_anything_attention(small_sam):
     from dynaip.models.sam_fast import use_sdpa
 
@@ -82,18 +89,18 @@ def test_batched_segmenter_equals_sam_forward(small_sam):
         np.testing.assert_allclose(scores, out["iou_predictions"].max(dim=1).values.numpy(), atol=1e-5)
 
 
-def test_bf16_on_the_cpu_agrees_with_fp32(tiny_models):
+def test_bf16_on_the_cpu_agrees_with_fp32(tiny_models, gdino):
     """Both model stages at bf16 (autocast on the CPU) on the tiny checkpoints vs fp32."""
     from skimage import data
 
-    from dynaip.models.grounding_dino import GroundingDinoDetector, load_grounding_dino
+    from dynaip.models.grounding_dino import GroundingDinoDetector
     from dynaip.models.sam import SamBoxSegmenter, load_sam
 
-    gd = load_grounding_dino(tiny_models.grounding_dino)
+    gd = gdino
     images = [data.astronaut()[::4, ::4], data.coffee()[::4, ::4]]
     dets = {}
     for precision in ("fp32", "bf16"):
-        det = GroundingDinoDetector(gd, size=128, max_size=192, precision=precision)
+        det = GroundingDinoDetector(gd, size=96, max_size=128, precision=precision)
         dets[precision] = det.detect(images, ["person . face", "cup"], box_threshold=0.0, text_threshold=0.0)
     for image, ref, low in zip(images, dets["fp32"], dets["bf16"]):
         assert len(ref) == len(low) > 0
@@ -110,15 +117,16 @@ def test_bf16_on_the_cpu_agrees_with_fp32(tiny_models):
     np.testing.assert_allclose(ref[1], low[1], atol=0.05)
 
 
-def test_caption_encoder_runs_once_per_distinct_caption(tiny_models):
+def test_caption_encoder_runs_once_per_distinct_caption(gdino):
     from skimage import data
 
-    from dynaip.models.grounding_dino import CachedTextEncoder, GroundingDinoDetector, load_grounding_dino
+    from dynaip.models.grounding_dino import CachedTextEncoder, GroundingDinoDetector
 
-    gd = load_grounding_dino(tiny_models.grounding_dino)
-    det = GroundingDinoDetector(gd, size=96, max_size=128)
+    gd = gdino
+    gd.bert = getattr(gd.bert, "bert", gd.bert)  # groundingdino's own BERT: a fresh cache below
+    det = GroundingDinoDetector(gd, size=64, max_size=96)
     assert isinstance(gd.bert, CachedTextEncoder)
-    images = [data.astronaut()[::4, ::4], data.chelsea()[::3, ::3], data.coffee()[::4, ::4]]
+    images = [data.astronaut()[::8, ::8], data.chelsea()[::5, ::5], data.coffee()[::8, ::8]]
     captions = ["person . face", "person . face", "cup"]
     first = det.detect(images, captions, box_threshold=0.0, text_threshold=0.0)
     assert gd.bert.misses == 2  # two distinct rows in a batch of three
