@@ -284,8 +284,8 @@ def test_provided_boxes_skip_detection_and_reach_sam(photos, tiny_models, stages
     assert (ref[~sub] == 255).all() and (~sub).any()
 
 
-def test_prefetching_worker_writes_the_same_bytes_as_the_plain_one(built, photos, tiny_models, stages, tmp_path):
-    """``executor.prefetch`` (the demo's default 1 built ``built``; here 2 and 0) with one-input batches,
+def test_prefetching_worker_writes_the_same_bytes_as_the_plain_one(photos, tiny_models, stages, tmp_path):
+    """``executor.prefetch`` (the default 1 built ``built``; here 2 and 0) with one-input batches,
     so inputs are read and decoded ahead of the batch in the models: the shards are byte-identical. The
     first three inputs: two photos and the decompression bomb (a decode reject)."""
     from pipeline.executor_local import run_local
