@@ -60,7 +60,7 @@ def main() -> int:
         wall = time.perf_counter() - t0
         seconds: dict[str, float] = {}
         for marker in sorted((work / "ds" / ".progress").glob("0*.json")):
-            for k, v in json.loads(marker.read_text())["seconds"].items():
+            for k, v in json.loads(marker.read_text()).get("seconds", {}).items():  # ledgers match the glob too
                 seconds[k] = seconds.get(k, 0.0) + v
         t = manifest["totals"]
         result = {

@@ -24,7 +24,8 @@ Measures on one GPU, within about 9 minutes on an 80 GB card:
     resident (transformer, adapter, T5-XXL, CLIP-L text, VAE, OpenCLIP ViT-L/14-336) including a
     T5 encode and a 1024² VAE decode.
 (c) **curate** — Grounding DINO Swin-T (800/1333 resize, BERT-base text) and SAM ViT-H (two boxes
-    per image) images/s at batch 1/4/16 on 1024×768 photos.
+    per image) images/s at batch 1/4/16 on 1024×768 photos, at fp32 and the device's ``auto`` precision,
+    with the agreement with fp32, the FLOP-count limit and one whole chunk worker (benchmarks/gpu_curate.py).
 (d) **precompute** — the encoders of ``dynaip precompute`` (T5-XXL, CLIP-L text, VAE encoder posterior
     at 1024²) in samples/s at batch 1 and 8.
 (e) **synth** — diptychs per minute of ``dynaip synth``'s generate stage on one GPU: full-size FLUX.1-dev,
@@ -615,30 +616,11 @@ def build_grounding_dino(sizes: Sizes, device: torch.device, workdir: Path):
     return GroundingDinoDetector(model, size=size, max_size=max_size, device=device)
 
 
-def bench_curate(sizes: Sizes, device: torch.device, repeats: int) -> list[dict]:
-    from dynaip.models.sam import SamBoxSegmenter, build_sam
+def bench_curate(sizes: Sizes, device: torch.device, repeats: int) -> dict:
+    """Part (c), in benchmarks/gpu_curate.py (precisions, agreement with fp32, the limit, end to end)."""
+    import gpu_curate
 
-    with tempfile.TemporaryDirectory() as tmp:
-        detector = build_grounding_dino(sizes, device, Path(tmp))
-    segmenter = SamBoxSegmenter(build_sam("tiny" if sizes.smoke else "vit_h").eval().requires_grad_(False).to(device),
-                                device=device)
-    h, w = sizes.curate_hw
-    boxes = np.array([[w * 0.1, h * 0.1, w * 0.5, h * 0.6], [w * 0.4, h * 0.3, w * 0.9, h * 0.9]], np.float32)
-    rows = []
-    for batch in sizes.batches_curate:
-        imgs = photos(sizes, batch)
-        caps = ["person . animal . cup ."] * batch
-        det = lambda: detector.detect(imgs, caps, box_threshold=0.35, text_threshold=0.25)  # noqa: E731
-        seg = lambda: segmenter.segment(imgs, [boxes] * batch)  # noqa: E731
-        reset_peak(device)
-        det(), seg()  # warm-up
-        td = statistics.median(timed(det, device) for _ in range(repeats))
-        ts = statistics.median(timed(seg, device) for _ in range(repeats))
-        rows.append({"batch": batch, "detect_images_per_s": batch / td, "segment_images_per_s": batch / ts,
-                     "detect_plus_segment_images_per_s": batch / (td + ts), "peak_memory_gib": peak_gib(device)})
-        print(f"curate batch {batch}: detect {batch / td:.2f} img/s, segment {batch / ts:.2f} img/s", flush=True)
-    del detector, segmenter
-    return rows
+    return gpu_curate.bench_curate(sizes, device, repeats)
 
 
 # ----------------------------------------------------------------------------- report
@@ -669,12 +651,9 @@ def markdown(report: dict) -> str:
         lines += ["", f"Resident weights {f(g['resident_weights_gib'], '{:.1f}')} GiB; peak {f(g['peak_memory_gib'], '{:.1f}')} GiB "
                   f"(T5 encode {f(g['t5_encode_seconds'])} s, VAE decode {f(g['vae_decode_seconds'])} s).", ""]
     if "curate" in report:
-        lines += ["## Curation models", "", "| batch | detect img/s | segment img/s | both img/s | peak GiB |",
-                  "|---|---|---|---|---|"]
-        for r in report["curate"]:
-            lines.append(f"| {r['batch']} | {f(r['detect_images_per_s'], '{:.2f}')} | {f(r['segment_images_per_s'], '{:.2f}')} | "
-                         f"{f(r['detect_plus_segment_images_per_s'], '{:.2f}')} | {f(r['peak_memory_gib'], '{:.1f}')} |")
-        lines.append("")
+        import gpu_curate
+
+        lines += gpu_curate.markdown(report["curate"])
     if "precompute" in report:
         lines += [f"## Precompute encoders ({report['resolution']}², {report['text_tokens']} T5 tokens)", "",
                   "| batch | samples/s | peak GiB |", "|---|---|---|"]

@@ -9,14 +9,18 @@ order. Each batch runs through the stages (anywhere), then ``batch_outcome`` enc
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.records import Reject, SourceRecord
 from pipeline.sample import Item, make_items
 from pipeline.writer import encode_sample
 
 Outcome = list[tuple[int, Any]]  # (position in chunk, Encoded | Reject)
+INPUT_STAGES = ("generate", "decode")
+"""The leading stages that produce a batch's pixels; ``executor.prefetch`` runs them ahead on a thread."""
 
 
 @dataclass
@@ -113,17 +117,61 @@ def assemble(part: list[SourceRecord | Reject], outcome: Outcome
     return encoded, rejects, ledger
 
 
+def split_input_stages(stages: list) -> tuple[list, list]:
+    """``(input stages, model stages)``: the leading stages named in ``INPUT_STAGES``, and the rest."""
+    k = 0
+    while k < len(stages) and getattr(stages[k], "name", None) in INPUT_STAGES:
+        k += 1
+    return stages[:k], stages[k:]
+
+
+def prepared_batches(tasks: list[BatchTask], head: list, depth: int, timings: dict[str, float] | None
+                     ) -> Iterator[tuple[BatchTask, list[Item]]]:
+    """``(task, items after the ``head`` stages)`` in task order. With ``depth`` > 0 the head runs on one
+    background thread up to ``depth`` batches ahead of the batch the caller is working on (so reading
+    and decoding overlap the models); the head's stage times are added to ``timings`` as usual. One
+    thread only: the decode stage's open tar files and Parquet row group are not shared between threads,
+    and batches are prepared in order, so the stages see exactly the calls of the plain loop."""
+    from pipeline.stages import run_stages
+
+    if depth <= 0 or not head:
+        for task in tasks:
+            yield task, run_stages(task.items, head, timings)
+        return
+
+    def run(task: BatchTask) -> tuple[list[Item], dict[str, float]]:
+        own: dict[str, float] = {}  # merged by the caller's thread: no dict shared between threads
+        return run_stages(task.items, head, own), own
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    try:
+        ahead = deque(pool.submit(run, t) for t in tasks[:depth + 1])
+        for n, task in enumerate(tasks):
+            items, own = ahead.popleft().result()
+            if n + depth + 1 < len(tasks):
+                ahead.append(pool.submit(run, tasks[n + depth + 1]))
+            if timings is not None:
+                for k, v in own.items():
+                    timings[k] = timings.get(k, 0.0) + v
+            yield task, items
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def process_chunk(part: list[SourceRecord | Reject], start: int, stages: list, batch_size: int,
                   jpeg_quality: int = 95, timings: dict[str, float] | None = None, hash_size: int | None = 8,
-                  thumbs: bool = False) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
+                  thumbs: bool = False, prefetch: int = 0
+                  ) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
     """Runs one chunk's records through ``stages`` in batches of ``batch_size``; returns
     ``(encoded samples, rejects, ledger)`` in input order. Samples are encoded right after their batch, so
     decoded pixels never pile up for a whole chunk. The batches are ``plan_chunk``'s, exactly as
-    the Ray executor forms them."""
+    the Ray executor forms them. ``prefetch`` > 0 prepares (reads, decodes) up to that many batches
+    ahead on a thread (``prepared_batches``); the bytes written are the same."""
     from pipeline.stages import run_stages  # the stages' model code loads only where chunks are built
 
     outcome, tasks = plan_chunk(-1, part, start, batch_size)
-    for task in tasks:
-        items = run_stages(task.items, stages, timings)
+    head, tail = split_input_stages(stages)
+    for task, items in prepared_batches(tasks, head, prefetch, timings):
+        items = run_stages(items, tail, timings)
         outcome.extend(batch_outcome(items, task.positions, jpeg_quality, hash_size, thumbs))
     return assemble(part, outcome)

@@ -111,6 +111,11 @@ class RayPool:
         while self.inflight:
             yield from self._finished(block=True)
 
+    def precisions(self) -> list[str]:
+        import ray
+
+        return ray.get([a.precision.remote() for a in self.actors])
+
     def nodes(self) -> list[str | None]:
         import ray
 

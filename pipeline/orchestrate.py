@@ -81,7 +81,7 @@ class ChunkWorker:
         hash_size = r.dedup.hash_size if r.dedup.max_distance is not None else None
         encoded, rejects, ledger = process_chunk(part, chunk * r.shards.inputs_per_shard, self.stages,
                                                  r.executor.batch_size, r.shards.jpeg_quality, timings, hash_size,
-                                                 r.dedup.max_thumb_diff is not None)
+                                                 r.dedup.max_thumb_diff is not None, r.executor.prefetch)
         res = self.writer.write_chunk(chunk, fp, len(part), encoded, rejects, timings, ledger=ledger, node=self.node)
         return res.slim()
 
@@ -108,6 +108,15 @@ class ChunkWorker:
     def ping(self) -> str | None:
         return self.node
 
+    def precision(self) -> str:
+        """The precision this worker's model stages run at (``executor.precision`` with ``auto``
+        resolved for the device the worker sees)."""
+        from dynaip.models.precision import resolve_precision
+        from pipeline.stages.common import resolve_device
+
+        ex = self.recipe.executor
+        return resolve_precision(ex.precision, resolve_device(ex.device))
+
 
 class Pool(Protocol):
     size: int
@@ -115,6 +124,8 @@ class Pool(Protocol):
     def submit(self, method: str, *args: Any) -> list[Any]: ...
 
     def drain(self) -> Iterator[Any]: ...
+
+    def precisions(self) -> list[str]: ...
 
     def close(self) -> None: ...
 
@@ -132,6 +143,9 @@ class LocalPool:
 
     def drain(self) -> Iterator[Any]:
         return iter(())
+
+    def precisions(self) -> list[str]:
+        return [self.worker.precision()]
 
     def close(self) -> None:
         pass
@@ -303,9 +317,12 @@ def remove_if_pristine(writer: DatasetWriter) -> None:
 def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, Any], limit: int | None,
             progress: Progress | None) -> dict[str, Any]:
     source = source_identity(recipe.source.kind, recipe.source.root)
-    writer.prepare(info.get("recipe", recipe.to_dict()), source)
-    # the dataset's identity: what it is (recipe hash) and what it was built from (source)
-    info = {**info, "dataset_id": hashlib.sha256(f"{recipe.recipe_hash}|{source}".encode()).hexdigest()[:16]}
+    precision = run_precision(pool)
+    writer.prepare(info.get("recipe", recipe.to_dict()), source, precision)
+    # the dataset's identity: what it is (recipe hash), what it was built from (source) and, when not
+    # fp32 (every dataset before executor.precision existed was fp32: their ids stay), at which precision
+    ident = f"{recipe.recipe_hash}|{source}" + ("" if precision == "fp32" else f"|{precision}")
+    info = {**info, "precision": precision, "dataset_id": hashlib.sha256(ident.encode()).hexdigest()[:16]}
     writer.check_no_shrink(limit)  # fail fast; finalize checks again with the real count
     progress = progress or Progress(recipe, limit, enabled=False)
     k = recipe.shards.inputs_per_shard
@@ -350,6 +367,16 @@ def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, A
                    if recipe.dedup.max_distance is not None else "")
     return writer.finalize(list(results.values()), info, [get_license(recipe.source.kind).to_dict()],
                            on_reject=count_removed(info))
+
+
+def run_precision(pool: Pool) -> str:
+    """The one precision every worker of ``pool`` runs its models at; OutputDirError when ``auto``
+    resolves differently on different workers (GPU and CPU nodes), since one dataset is built at one."""
+    found = sorted(set(pool.precisions()))
+    if len(found) != 1:
+        raise OutputDirError(f"the chunk workers would run the models at different precisions ({', '.join(found)}); "
+                             "set executor.precision to one of them in the recipe")
+    return found[0]
 
 
 def deduplicate(recipe: Recipe, pool: Pool, results: dict[int, ChunkResult], writer: DatasetWriter) -> list[int]:

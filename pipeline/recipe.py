@@ -339,6 +339,14 @@ class ExecutorConfig:
     """Records per model batch (detection and segmentation); batches never span chunks."""
     device: str = "auto"
     """Torch device for models: auto | cpu | cuda | cuda:N."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Numeric precision of Grounding DINO and SAM: auto = bf16 on a CUDA device that supports it, else
+    fp32. Under bf16/fp16 the models run under autocast with TF32 allowed; box decoding, mask upsampling,
+    thresholds and every keep/reject decision stay fp32. The resolved precision is part of the output
+    directory's identity: a resume at another precision is refused (docs/curation_speed.md)."""
+    prefetch: int = 1
+    """Batches whose inputs (reading, decoding) are prepared on a CPU thread while the models run on the
+    current one; 0 = none. Output bytes do not depend on it."""
     workers: int | None = None
     """Ray: chunk workers (actors that each hold every stage and its models, build whole chunks and
     write their shards); None = as many as the cluster's resources fit."""
@@ -494,6 +502,10 @@ class Recipe:
         need(1 <= self.shards.jpeg_quality <= 100, "shards.jpeg_quality", self.shards.jpeg_quality, "must be in 1..100")
         need(1 <= self.executor.batch_size <= MAX_BATCH, "executor.batch_size", self.executor.batch_size,
              f"must be in 1..{MAX_BATCH}")
+        need(self.executor.precision in ("auto", "bf16", "fp16", "fp32"), "executor.precision", self.executor.precision,
+             "use one of auto | bf16 | fp16 | fp32")
+        need(0 <= self.executor.prefetch <= MAX_BATCH, "executor.prefetch", self.executor.prefetch,
+             f"must be in 0..{MAX_BATCH} batches")
         need(0 <= f.min_reference_side <= MAX_SIDE, "filters.min_reference_side", f.min_reference_side,
              f"must be in 0..{MAX_SIDE} pixels")
         need(f.min_sharpness is None or f.min_sharpness >= 0, "filters.min_sharpness", f.min_sharpness, "must be >= 0 or null")

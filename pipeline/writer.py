@@ -202,16 +202,20 @@ class DatasetWriter:
 
     # ---- directory state ---------------------------------------------------------------------
 
-    def prepare(self, recipe: dict[str, Any], source: str | None = None) -> None:
-        """Creates the directory, or checks an existing one was built with this recipe hash and from
-        this ``source`` (``source_identity``: data of two roots never mix in one dataset). Removes
-        temporary files a crashed run left behind; call it while holding the ``RunLock``."""
+    def prepare(self, recipe: dict[str, Any], source: str | None = None, precision: str | None = None) -> None:
+        """Creates the directory, or checks an existing one was built with this recipe hash, from
+        this ``source`` (``source_identity``: data of two roots never mix in one dataset) and at this
+        model ``precision`` (resolved ``executor.precision``: bf16 masks differ from fp32 ones in a few
+        edge pixels, so one dataset is built at one precision; a directory without the entry was built
+        before the switch existed, in fp32). Removes temporary files a crashed run left behind; call it
+        while holding the ``RunLock``."""
         st, state = self.store, f"{PROGRESS}/recipe.json"
         if st.exists() and not st.is_empty():
-            found, found_source = None, None
+            found, found_source, found_precision = None, None, None
             if st.is_file(state):
                 saved = json.loads(st.read_bytes(state))
                 found, found_source = saved.get("recipe_hash"), saved.get("source")
+                found_precision = saved.get("precision", "fp32")
             elif st.is_file("manifest.json"):
                 found = read_store_manifest(st).get("recipe_hash")
             if found != self.recipe_hash:
@@ -223,12 +227,18 @@ class DatasetWriter:
                 raise OutputDirError(
                     f"output directory {self.out} holds a dataset built from source {found_source}, not {source}; "
                     "pass a new --out directory for another source (datasets never mix sources)")
+            if precision is not None and found_precision is not None and found_precision != precision:
+                raise OutputDirError(
+                    f"output directory {self.out} holds a dataset built at model precision {found_precision}, but this "
+                    f"run's executor.precision resolves to {precision}; set executor.precision: {found_precision} to "
+                    "resume it, or pass a new --out directory")
         st.makedirs("shards")
         if st.local:  # leftovers of a crashed run (nobody else writes here: the caller holds the lock)
             for sub in ("", "shards", PROGRESS):
                 clean_temp_files(st.local_path(sub))
         if not st.is_file(state):
-            st.write_bytes(state, dump_json({"recipe_hash": self.recipe_hash, "recipe": recipe, "source": source}))
+            st.write_bytes(state, dump_json({"recipe_hash": self.recipe_hash, "recipe": recipe, "source": source,
+                                             "precision": precision}))
 
     def check_no_shrink(self, inputs: int | None, chunks: int | None = None) -> None:
         """Refuses to replace a finished manifest with one covering fewer inputs (a ``--limit`` run

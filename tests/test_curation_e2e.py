@@ -393,3 +393,20 @@ def test_folder_recipe_holds_production_values_and_curates_a_folder_with_thresho
     assert any(r["id"] == "notes.pdf" and r["reason"].startswith("not an image") for r in rejects)
     pairs = sorted(json.loads(s["json"])["pair"] for s in _samples(out))
     assert len(pairs) == t["accepted"] >= 1 and "cross" in pairs
+
+
+def test_prefetching_worker_writes_the_same_bytes_as_the_plain_one(photos, tiny_models, stages, tmp_path):
+    """``executor.prefetch`` (the default 1 built ``built``; here 2 and 0) with one-input batches,
+    so inputs are read and decoded ahead of the batch in the models: the shards are byte-identical. The
+    first two inputs: a photo and the decompression bomb (a decode reject, prepared while the photo is in
+    the models)."""
+    from pipeline.executor_local import run_local
+
+    trees = {}
+    for prefetch in (2, 0):
+        r = Recipe.from_yaml(DEMO, source_root=str(photos))
+        r.shards.inputs_per_shard, r.executor.batch_size, r.executor.prefetch = 2, 1, prefetch
+        m = run_local(r, tmp_path / str(prefetch), tiny_models, limit=2, progress=False, stages=stages)
+        assert m["totals"]["accepted"] == 1 and m["totals"]["rejected"] == 1 and m["precision"] == "fp32"
+        trees[prefetch] = {k: v for k, v in tree_bytes(tmp_path / str(prefetch)).items() if k.startswith("shards/")}
+    assert trees[2] == trees[0] and len(trees[0]) == 1 and trees[0]["shards/000000.tar"]

@@ -31,7 +31,12 @@ def test_smoke_run_covers_every_part(tmp_path):
     assert [(r["batch_per_rank"], r["blocks_recomputed"]) for r in report["train"]] == [(1, 3), (2, 3), (2, 2), (2, 2), (1, 0)]
     assert all(r["seconds_per_step"] > 0 and r["model_tflop_per_step"] > 0 for r in report["train"])
     assert set(report["generate"]["ratio_to_bare"]) == {"bare", "1 subject", "2 subjects", "3 subjects"}
-    assert [r["batch"] for r in report["curate"]] == [1, 2]
+    cur = report["curate"]  # benchmarks/gpu_curate.py: fp32 then bf16 (autocast on the CPU), agreement, e2e
+    assert [(r["precision"], r["batch"]) for r in cur["models"]] == [("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)]
+    assert all(0.5 < r["mask_iou_vs_fp32"] <= 1 and r["box_match_vs_fp32"] is not None for r in cur["models"][2:])
+    assert cur["limit"]["detect_tflop_per_image"] > 0 and cur["limit"]["segment_tflop_per_image"] > 0
+    assert [(r["prefetch"], r["inputs"]) for r in cur["end_to_end"]] == [(1, 4), (0, 4)]
+    assert all(r["images_per_s"] > 0 for r in cur["end_to_end"])
     assert [r["batch"] for r in report["precompute"]] == [1, 2] and report["precompute"][0]["samples_per_s"] > 0
     assert "SMOKE RUN" in (tmp_path / "gpu_suite.md").read_text()
     assert (tmp_path / "train_profile.txt").stat().st_size > 0

@@ -149,7 +149,7 @@ def test_serve_command_line_refuses_off_loopback_in_one_line(monkeypatch, datase
     from dynaip.serve import generation
 
     class Service:  # no model loading: this test is about the switches
-        def __init__(self, models, adapter, out, device=None):
+        def __init__(self, models, adapter, out, device=None, controlnet=None):
             pass
 
     seen = {}

@@ -16,6 +16,7 @@ them per model):
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import io
 from dataclasses import dataclass
@@ -122,20 +123,67 @@ def load_grounding_dino(paths: GroundingDinoPaths, device: str | torch.device = 
     return model.eval().requires_grad_(False).to(device)
 
 
+class CachedTextEncoder(torch.nn.Module):
+    """Grounding DINO's BERT with a cache: each distinct tokenised caption row is encoded once.
+
+    groundingdino encodes the caption of every image of every batch, though a recipe gives one prompt
+    to nearly all of them. Rows are keyed by their token ids, self-attention mask, position and type
+    ids (all of which BERT reads) and by the autocast state, so a hit returns exactly what BERT
+    computed for that row before; only missing rows run, together in one call. Holds at most
+    ``size`` rows (least recently used dropped first)."""
+
+    def __init__(self, bert: torch.nn.Module, size: int = 64):
+        super().__init__()
+        self.bert = bert
+        self.size = size
+        self.cache: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self.misses = 0
+
+    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = inputs["input_ids"]
+        dev = ids.device.type
+        mode = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+        host = {k: v.cpu().numpy() for k, v in sorted(inputs.items())}
+        keys = [(mode, *((k, a[i].shape, a[i].tobytes()) for k, a in host.items())) for i in range(len(ids))]
+        missing = sorted({keys.index(k) for k in keys if k not in self.cache})
+        if missing:
+            rows = torch.as_tensor(missing, device=ids.device)
+            out = self.bert(**{k: v.index_select(0, rows) for k, v in inputs.items()})["last_hidden_state"]
+            self.misses += len(missing)
+            for j, i in enumerate(missing):
+                self.cache[keys[i]] = out[j]
+        for k in keys:
+            self.cache.move_to_end(k)
+        hidden = torch.stack([self.cache[k] for k in keys])
+        while len(self.cache) > self.size:
+            self.cache.popitem(last=False)
+        return {"last_hidden_state": hidden}
+
+
 class GroundingDinoDetector:
     """Batched open-vocabulary detection.
 
     ``detect(images, captions)`` takes RGB uint8 arrays ``(H, W, 3)`` and one caption per image
     (phrases separated by '.'), and returns per image the boxes whose best token logit passes
     ``box_threshold``, each labelled with the phrase whose tokens score highest (≥ ``text_threshold``).
+
+    The model runs at ``precision`` (``dynaip.models.precision``); its scores and boxes are taken to
+    fp32 before the thresholds and the box decoding. The caption encoder (BERT) runs once per distinct
+    caption (``CachedTextEncoder``).
     """
 
-    def __init__(self, model, *, size: int = 800, max_size: int = 1333, device: str | torch.device = "cpu"):
+    def __init__(self, model, *, size: int = 800, max_size: int = 1333, device: str | torch.device = "cpu",
+                 precision: str = "fp32"):
+        from .precision import resolve_precision
+
         self.model = model
         self.size = size
         self.max_size = max_size
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.tokenizer = model.tokenizer
+        if not isinstance(model.bert, CachedTextEncoder):
+            model.bert = CachedTextEncoder(model.bert)
 
     def _prepare(self, image: np.ndarray) -> torch.Tensor:
         h, w = image.shape[:2]
@@ -168,13 +216,16 @@ class GroundingDinoDetector:
                text_threshold: float) -> list[list[Detection]]:
         from groundingdino.util.misc import nested_tensor_from_tensor_list
 
+        from .precision import model_precision
+
         if len(images) != len(captions):
             raise ValueError(f"detect: {len(images)} images but {len(captions)} captions; give one caption per image")
         if not images:
             return []
         captions = [normalize_caption(c) for c in captions]
         batch = nested_tensor_from_tensor_list([self._prepare(im) for im in images]).to(self.device)
-        out = self.model(batch, captions=list(captions))
+        with model_precision(self.precision, self.device):
+            out = self.model(batch, captions=list(captions))
         logits = out["pred_logits"].sigmoid().float().cpu()  # (B, nq, 256) token scores
         boxes = out["pred_boxes"].float().cpu()  # (B, nq, 4) normalised cx, cy, w, h
         results: list[list[Detection]] = []

@@ -15,13 +15,14 @@ EXPECTED = "a Segment Anything state dict (.pth), e.g. sam_vit_h_4b8939.pth"
 VARIANTS = ("vit_h", "vit_l", "vit_b", "tiny")
 
 
-def build_sam_tiny():
-    """A small SAM with the release's structure and 1024-px input (for tests and the demo)."""
+def build_sam_tiny(img: int = 1024):
+    """A small SAM with the release's structure and ``img``-px input (1024, the release's, for the tiny
+    checkpoint of tests and the demo; smaller for cheap model-level tests)."""
     from functools import partial
 
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-    dim, img, patch = 32, 1024, 16
+    dim, patch = 32, 16
     return Sam(
         image_encoder=ImageEncoderViT(
             depth=2, embed_dim=32, img_size=img, mlp_ratio=2, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
@@ -56,45 +57,68 @@ def load_sam(paths: SamPaths, device: str | torch.device = "cpu"):
 
 
 class SamBoxSegmenter:
-    """Batched SAM: many images, each with its own XYXY pixel boxes, through ``Sam.forward``.
+    """Batched SAM: many images, each with its own XYXY pixel boxes.
 
     ``segment(images, boxes)`` takes RGB uint8 ``(H, W, 3)`` arrays and per image an ``(N, 4)``
     array of XYXY boxes in that image's pixels; it returns per image ``(masks (N, H, W) bool,
     scores (N,))`` keeping, per box, the candidate mask with the highest predicted IoU.
+
+    The images go through the encoder once per batch (fused attention, ``sam_fast.use_sdpa``), and
+    the prompt encoder + mask decoder once over every box of the batch (``sam_fast.decode_boxes``);
+    both run at ``precision`` (``dynaip.models.precision``). Mask logits and IoUs are then taken to
+    fp32: the choice of the best candidate, the upsampling to the image and the threshold are fp32.
     """
 
-    def __init__(self, model, device: str | torch.device = "cpu"):
+    def __init__(self, model, device: str | torch.device = "cpu", precision: str = "fp32"):
         from segment_anything.utils.transforms import ResizeLongestSide
+
+        from .precision import resolve_precision
+        from .sam_fast import use_sdpa
 
         self.model = model
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        use_sdpa(model.image_encoder)
+
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """The model input of one image: resized so its longer side is the encoder's (1024), CHW float."""
+        resized = self.transform.apply_image(np.ascontiguousarray(image))
+        return torch.from_numpy(resized).permute(2, 0, 1).float()
 
     @torch.no_grad()
     def segment(self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        from .precision import model_precision
+        from .sam_fast import decode_boxes
+
         if len(images) != len(boxes):
             raise ValueError(f"segment: {len(images)} images but {len(boxes)} box sets")
-        batched, todo = [], []
+        results: list[tuple[np.ndarray, np.ndarray]] = [
+            (np.zeros((0, *im.shape[:2]), dtype=bool), np.zeros((0,), dtype=np.float32)) for im in images]
+        sam, inputs, todo, owner, frame_boxes = self.model, [], [], [], []
         for i, (image, bx) in enumerate(zip(images, boxes)):
             bx = np.asarray(bx, dtype=np.float32).reshape(-1, 4)
             if len(bx) == 0:
                 continue
-            h, w = image.shape[:2]
-            resized = self.transform.apply_image(np.ascontiguousarray(image))
-            batched.append({
-                "image": torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous(),
-                "original_size": (h, w),
-                "boxes": torch.as_tensor(self.transform.apply_boxes(bx, (h, w)), device=self.device),
-            })
+            owner += [len(todo)] * len(bx)
+            frame_boxes.append(self.transform.apply_boxes(bx, image.shape[:2]))
+            inputs.append(self.prepare(image))
             todo.append(i)
-        results: list[tuple[np.ndarray, np.ndarray]] = [
-            (np.zeros((0, *im.shape[:2]), dtype=bool), np.zeros((0,), dtype=np.float32)) for im in images]
-        if not batched:
+        if not todo:
             return results
-        outputs = self.model(batched, multimask_output=True)
-        for i, out in zip(todo, outputs):
-            iou = out["iou_predictions"].float()  # (N, 3)
-            best = iou.argmax(dim=1)
-            masks = out["masks"][torch.arange(len(best)), best]  # (N, H, W) bool
-            results[i] = (masks.cpu().numpy().astype(bool), iou.max(dim=1).values.cpu().numpy())
+        x = torch.stack([sam.preprocess(t.to(self.device)) for t in inputs])
+        box_t = torch.as_tensor(np.concatenate(frame_boxes), dtype=torch.float32, device=self.device)
+        owner_t = torch.as_tensor(owner, device=self.device)
+        with model_precision(self.precision, self.device):
+            embeddings = sam.image_encoder(x)
+            logits, iou = decode_boxes(sam, embeddings, owner_t, box_t)
+        logits, iou = logits.float(), iou.float()  # every decision below is fp32
+        best = iou.argmax(dim=1)
+        chosen = logits[torch.arange(len(best), device=best.device), best][:, None]  # (N, 1, 256, 256)
+        scores = iou.max(dim=1).values.cpu().numpy()
+        owner_np = np.asarray(owner)
+        for k, i in enumerate(todo):
+            sel = np.flatnonzero(owner_np == k)
+            masks = sam.postprocess_masks(chosen[sel], inputs[k].shape[-2:], images[i].shape[:2])
+            results[i] = ((masks[:, 0] > sam.mask_threshold).cpu().numpy(), scores[sel])
         return results

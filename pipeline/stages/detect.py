@@ -44,7 +44,8 @@ class DetectStage(LazyModel):
             except Exception as e:
                 raise SetupError(f"cannot load Grounding DINO: {e}") from e
             d = self.recipe.detection
-            self._detector = GroundingDinoDetector(model, size=d.image_size, max_size=d.max_size, device=device)
+            self._detector = GroundingDinoDetector(model, size=d.image_size, max_size=d.max_size, device=device,
+                                                   precision=self.recipe.executor.precision)
         return self._detector
 
     def _detect(self, jobs: list[tuple[Item, View, str]]) -> list[list[Candidate] | None]:

@@ -62,7 +62,8 @@ class SegmentStage(LazyModel):
             if self.models is None:
                 raise SetupError("segmentation is needed but no models config was given; pass --models M.yaml")
             try:
-                self._segmenter = SamBoxSegmenter(load_sam(self.models.require("sam"), device=device), device=device)
+                self._segmenter = SamBoxSegmenter(load_sam(self.models.require("sam"), device=device), device=device,
+                                                  precision=self.recipe.executor.precision)
             except Exception as e:
                 raise SetupError(f"cannot load SAM: {e}") from e
         return self._segmenter
