@@ -198,6 +198,22 @@ def test_generate_cli_writes_the_format_its_out_names_and_refuses_others(pipe, t
         assert main([*args, "--out", str(tmp_path / bad)]) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and "is not an image format generate writes" in errors[0]
+    # a full disk (issue #26): one line naming the image, nothing of it left; x.png then writes as before
+    import errno
+    import os
+
+    from dynaip import atomic
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    caplog.clear()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(atomic.os, "fsync", full)
+        assert main([*args, "--out", str(tmp_path / "full.png")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"cannot write {tmp_path / 'full.png'}: no space left" in errors[0], errors
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("full", ".full"))]
     assert (tmp_path / "x.json").read_text() == sidecar  # the sidecar was not overwritten by an image
 
 
