@@ -165,32 +165,9 @@ def bench_train_compile(sizes, device: torch.device, repeats: int) -> list[dict]
 def bench_generate_compile(sizes, device: torch.device, repeats: int) -> dict:
     import random
 
-    from gpu_suite import build_adapter, build_clip_vision, build_transformer, image_ids, stripe_masks, timed
+    from gpu_suite import generate_setup, timed
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    transformer = build_transformer(sizes, device, dtype)
-    adapter = build_adapter(sizes, device, dtype).eval()
-    clip = build_clip_vision(sizes, device, dtype, adapter.config.clip_layers)
-    n_img = (sizes.resolution // 16) ** 2
-    g = torch.Generator(device=device).manual_seed(0)
-    call = dict(hidden_states=torch.randn(1, n_img, transformer.config.in_channels, generator=g, device=device,
-                                          dtype=dtype),
-                encoder_hidden_states=torch.randn(1, sizes.text_tokens, transformer.config.joint_attention_dim,
-                                                  generator=g, device=device, dtype=dtype),
-                pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim, generator=g,
-                                               device=device, dtype=dtype),
-                timestep=torch.tensor([0.5], device=device, dtype=dtype),
-                guidance=torch.tensor([3.5], device=device, dtype=torch.float32),
-                img_ids=image_ids(sizes, device, dtype),
-                txt_ids=torch.zeros(sizes.text_tokens, 3, device=device, dtype=dtype), return_dict=False)
-    refs = [adapter.encode_reference(clip(clip.normalize(torch.rand(1, 3, sizes.clip_size, sizes.clip_size,
-                                                                     device=device)).to(dtype)))
-            for _ in range(3)]
-    size = (sizes.resolution, sizes.resolution)
-    conds = {"bare": None}
-    for k in (1, 2, 3):
-        conds[f"{k} subject{'s' if k > 1 else ''}"] = adapter.make_conditioning(
-            refs[:k], masks=None if k == 1 else stripe_masks(k, sizes.resolution), branches="image", image_size=size)
+    transformer, adapter, _, call, conds = generate_setup(sizes, device)
     adapter.attach(transformer)
 
     def run(name: str) -> float:

@@ -319,8 +319,9 @@ def build_text_and_vae(sizes: Sizes, device: torch.device, dtype: torch.dtype, s
     return [m.to(dtype).eval().requires_grad_(False) for m in models]
 
 
-@torch.no_grad()
-def bench_generate(sizes: Sizes, device: torch.device, repeats: int) -> dict:
+def generate_setup(sizes: Sizes, device: torch.device) -> tuple:
+    """What both generation benchmarks time (this file's and gpu_compile.py's): a FLUX transformer, the
+    adapter, the CLIP tower, one denoising step's inputs and the conditionings bare / 1 / 2 / 3 subjects (2 and 3 masked)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     transformer = build_transformer(sizes, device, dtype)
     adapter = build_adapter(sizes, device, dtype).eval()
@@ -344,6 +345,13 @@ def bench_generate(sizes: Sizes, device: torch.device, repeats: int) -> dict:
     for k in (1, 2, 3):
         conds[f"{k} subject{'s' if k > 1 else ''}"] = adapter.make_conditioning(
             refs[:k], masks=None if k == 1 else stripe_masks(k, sizes.resolution), branches="image", image_size=size)
+    return transformer, adapter, clip, call, conds
+
+
+@torch.no_grad()
+def bench_generate(sizes: Sizes, device: torch.device, repeats: int) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformer, adapter, clip, call, conds = generate_setup(sizes, device)
 
     def run(name: str) -> float:
         if conds[name] is None:
