@@ -12,20 +12,11 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data
+from test_inference import _trained_like  # random V weights: references matter
 
 H = W = 64
 CALL = dict(num_inference_steps=1, height=H, width=W, max_sequence_length=32, guidance_scale=3.5)
 # guidance_scale spelled out: FluxControlNetPipeline's default (7.0) is not FluxPipeline's (3.5), ours
-
-
-def _trained_like(adapter, seed: int = 7):
-    """A fresh adapter changes nothing (zero-init V): random V weights make references matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            if "to_v" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return adapter
 
 
 def _arr(img: Image.Image) -> np.ndarray:
