@@ -77,8 +77,8 @@ def host_syncs(fn, device: torch.device) -> int | None:
 
 # ----------------------------------------------------------------------------- (a) training
 def bench_train_compile(sizes, device: torch.device, repeats: int) -> list[dict]:
-    from gpu_suite import (build_adapter, build_clip_vision, build_transformer, gpu_peak_tflops, image_ids,
-                           peak_gib, reset_peak, timed, train_flops)
+    from gpu_suite import (build_adapter, build_clip_vision, build_transformer, image_ids, reset_peak,
+                           step_figures, timed, train_flops)
 
     from dynaip.train.config import OptimConfig
     from dynaip.train.optim import make_optimizer
@@ -142,15 +142,11 @@ def bench_train_compile(sizes, device: torch.device, repeats: int) -> list[dict]
                 rows.append(row)
                 print(f"train compile={compiled} batch {batch}: out of memory", flush=True)
                 continue
-            sec = statistics.median(times)
-            flops = train_flops(sizes, batch, adapter.config, clip_params, recomputed / n_blocks)
-            peak = gpu_peak_tflops(device)
-            row.update({
-                "seconds_per_step": sec, "seconds_all": times, "first_step_s": first,
-                "compile_overhead_s": first - sec, "peak_memory_gib": peak_gib(device),
-                "model_tflop_per_step": flops["model_flops"] / 1e12,
-                "mfu": flops["model_flops"] / sec / (peak * 1e12) if peak else None,
-                "hfu": flops["hardware_flops"] / sec / (peak * 1e12) if peak else None})
+            row.update(step_figures(times, train_flops(sizes, batch, adapter.config, clip_params,
+                                                       recomputed / n_blocks), device))
+            sec = row["seconds_per_step"]
+            row["compile_overhead_s"] = first - sec
+            row["first_step_s"] = first
             rows.append(row)
             print(f"train compile={compiled} batch {batch}, {recomputed} recomputed: {sec:.3f} s/step, first "
                   f"{first:.1f} s, peak {row['peak_memory_gib']} GiB, MFU {row['mfu']}", flush=True)

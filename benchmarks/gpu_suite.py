@@ -253,15 +253,9 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, profile_dir: P
             rows.append(row)
             print(f"train batch {batch}, {keep} blocks kept: out of memory", flush=True)
             continue
-        sec = statistics.median(times)
-        flops = train_flops(sizes, batch, adapter.config, clip_params, recomputed / n_blocks)
-        peak = gpu_peak_tflops(device)
-        row.update({
-            "seconds_per_step": sec, "seconds_all": times, "peak_memory_gib": peak_gib(device),
-            "model_tflop_per_step": flops["model_flops"] / 1e12,
-            "mfu": flops["model_flops"] / sec / (peak * 1e12) if peak else None,
-            "hfu": flops["hardware_flops"] / sec / (peak * 1e12) if peak else None,
-        })
+        row.update(step_figures(times, train_flops(sizes, batch, adapter.config, clip_params, recomputed / n_blocks),
+                                device))
+        sec = row["seconds_per_step"]
         rows.append(row)
         print(f"train batch {batch}, {keep} blocks kept: {sec:.3f} s/step, peak {row['peak_memory_gib']} GiB, "
               f"MFU {row['mfu']}", flush=True)
@@ -317,6 +311,17 @@ def build_text_and_vae(sizes: Sizes, device: torch.device, dtype: torch.dtype, s
     with torch.device(device), default_dtype(dtype):
         models = (T5EncoderModel(t5), CLIPTextModel(clip_txt), AutoencoderKL(**vae_cfg))
     return [m.to(dtype).eval().requires_grad_(False) for m in models]
+
+
+def step_figures(times: list[float], flops: dict, device: torch.device) -> dict:
+    """A training step's timed figures: median seconds, peak memory, and MFU / HFU against the device's
+    dense bf16 peak (``train_flops``'s accounting; None where the peak is unknown)."""
+    sec = statistics.median(times)
+    peak = gpu_peak_tflops(device)
+    return {"seconds_per_step": sec, "seconds_all": times, "peak_memory_gib": peak_gib(device),
+            "model_tflop_per_step": flops["model_flops"] / 1e12,
+            "mfu": flops["model_flops"] / sec / (peak * 1e12) if peak else None,
+            "hfu": flops["hardware_flops"] / sec / (peak * 1e12) if peak else None}
 
 
 def generate_setup(sizes: Sizes, device: torch.device) -> tuple:
