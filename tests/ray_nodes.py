@@ -51,8 +51,10 @@ def start_node(args: list[str], log: Path) -> subprocess.Popen:
             env=node_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_nodes(procs: list[subprocess.Popen], grace: float = 15) -> None:
-    """SIGTERM each node's process group, then SIGKILL whatever is left of the process trees.
+def stop_nodes(procs: list[subprocess.Popen], grace: float = 3) -> None:
+    """SIGTERM each node's process group, then SIGKILL whatever is left of the process trees after
+    ``grace`` seconds. Short: a test's nodes hold nothing to save (their files are in temp dirs), and
+    `ray start --block` took over 10 s to stop its processes on the 2-core CI machine.
 
     Ray workers move into process groups of their own and job drivers into sessions of their own,
     so the group signal alone can leave them behind: their pids are collected (as descendants of

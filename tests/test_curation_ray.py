@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_nodes import stop_nodes
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -92,11 +92,7 @@ def cluster():
                 time.sleep(2)
         yield client
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_nodes([head])  # the test's data is in temp dirs: a short grace, then SIGKILL of the whole tree
         if old is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:

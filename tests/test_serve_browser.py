@@ -106,6 +106,13 @@ def server(tmp_path_factory, demo_dataset, tiny_models_yaml):
     log.close()
 
 
+# The mask editors redraw their WebGL canvases on every animation frame, in software on a machine without a GPU:
+# at the browser's 60 frames/s an idle Generate page kept both CI cores busy (1.9 cores measured), slowing every
+# WebDriver command to ~3 s and starving the other test process. One frame per 300 ms: 0.42 cores.
+FRAME_THROTTLE = """(() => { const raf = window.requestAnimationFrame.bind(window);
+  window.requestAnimationFrame = (cb) => setTimeout(() => raf(cb), 300); })();"""
+
+
 @pytest.fixture(scope="module")
 def browser():
     from selenium import webdriver
@@ -119,6 +126,7 @@ def browser():
         opts.binary_location = CHROMIUM
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(120)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": FRAME_THROTTLE})
     yield driver
     driver.quit()
 
@@ -231,7 +239,8 @@ def _set_number(browser, elem_id: str, value):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    field = browser.find_element(By.CSS_SELECTOR, f'#{elem_id} input[type="number"]')
+    field = _wait(browser, lambda: browser.find_element(By.CSS_SELECTOR, f'#{elem_id} input[type="number"]'),
+                  what=elem_id)  # the tab's content renders a few (throttled) frames after the click
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(str(value))
     field.send_keys(Keys.TAB)
