@@ -92,11 +92,17 @@ def analytic_report(s: Shape, steps: int = 28) -> dict:
             "adapter_step_ratio": (base["total"] + ca) / base["total"],
             "adapter_once_tflops": adapter_once_flops(s, k) / 1e12,
             "adapter_once_fraction_of_one_step": adapter_once_flops(s, k) / base["total"],
-            "adapter_generation_ratio": (steps * (base["total"] + ca) + adapter_once_flops(s, k)) / (steps * base["total"]),
+            "adapter_generation_ratio": (steps * (base["total"] + ca) + adapter_once_flops(s, k))
+            / (steps * base["total"]),
             "in_context_step_ratio": ic / base["total"],
         }
-    return {"shape": vars(s), "steps": steps, "base_tflops": base["total"] / 1e12,
-            "base_attention_share": base["attention"] / base["total"], "subjects": rows}
+    return {
+        "shape": vars(s),
+        "steps": steps,
+        "base_tflops": base["total"] / 1e12,
+        "base_attention_share": base["attention"] / base["total"],
+        "subjects": rows,
+    }
 
 
 # ---------------------------------------------------------------------------- CPU timing
@@ -107,12 +113,25 @@ def build_models(args):
 
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=args.double, num_single_layers=args.single, attention_head_dim=128,
-        num_attention_heads=args.heads, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56)).eval()
+        patch_size=1,
+        in_channels=64,
+        num_layers=args.double,
+        num_single_layers=args.single,
+        attention_head_dim=128,
+        num_attention_heads=args.heads,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ).eval()
     inner = args.heads * 128
-    cfg = DynaIPConfig.full(inner_dim=inner, num_heads=args.heads, ref_dim=inner,
-                            num_double_blocks=args.double, num_single_blocks=args.single)
+    cfg = DynaIPConfig.full(
+        inner_dim=inner,
+        num_heads=args.heads,
+        ref_dim=inner,
+        num_double_blocks=args.double,
+        num_single_blocks=args.single,
+    )
     adapter = DynaIPAdapter(cfg).eval()
     for m in adapter.modules():  # V is zero-init; random V so nothing is trivially zero
         if hasattr(m, "to_v"):
@@ -126,10 +145,16 @@ def inputs(args, image_tokens: int) -> dict:
     ids = torch.zeros(image_tokens, 3)  # tokens past the grid (in-context references) keep position 0
     ids[:n_grid, 1] = torch.arange(n_grid) // args.grid_w
     ids[:n_grid, 2] = torch.arange(n_grid) % args.grid_w
-    return dict(hidden_states=torch.randn(1, image_tokens, 64, generator=g),
-                encoder_hidden_states=torch.randn(1, args.text_tokens, 4096, generator=g),
-                pooled_projections=torch.randn(1, 768, generator=g), timestep=torch.tensor([0.5]),
-                guidance=torch.tensor([3.5]), img_ids=ids, txt_ids=torch.zeros(args.text_tokens, 3), return_dict=False)
+    return dict(
+        hidden_states=torch.randn(1, image_tokens, 64, generator=g),
+        encoder_hidden_states=torch.randn(1, args.text_tokens, 4096, generator=g),
+        pooled_projections=torch.randn(1, 768, generator=g),
+        timestep=torch.tensor([0.5]),
+        guidance=torch.tensor([3.5]),
+        img_ids=ids,
+        txt_ids=torch.zeros(args.text_tokens, 3),
+        return_dict=False,
+    )
 
 
 def stripe_masks(k: int, height: int, width: int) -> list[torch.Tensor]:
@@ -137,7 +162,7 @@ def stripe_masks(k: int, height: int, width: int) -> list[torch.Tensor]:
     masks = []
     for i in range(k):
         m = torch.zeros(height, width)
-        m[i * height // k: (i + 1) * height // k] = 1
+        m[i * height // k : (i + 1) * height // k] = 1
         masks.append(m)
     return masks
 
@@ -179,13 +204,18 @@ def cpu_report(args) -> dict:
         adapter.attach(transformer)
         conds = {0: None}
         for k in (1, 2, 3):
-            conds[k] = adapter.make_conditioning(refs[:k], masks=None if k == 1 else stripe_masks(k, *size),
-                                                 image_size=size, branches="image")
+            conds[k] = adapter.make_conditioning(
+                refs[:k], masks=None if k == 1 else stripe_masks(k, *size), image_size=size, branches="image"
+            )
         once = {}
         for k in (1, 2, 3):  # reference K/V for every block: paid once per generation
             adapter.set_conditioning(conds[k])
-            once[k] = timed(lambda: [conds[k].reference_kv(b.kv, torch.float32)
-                                     for b in list(adapter.double_blocks) + list(adapter.single_blocks)])[1]
+            once[k] = timed(
+                lambda: [
+                    conds[k].reference_kv(b.kv, torch.float32)
+                    for b in list(adapter.double_blocks) + list(adapter.single_blocks)
+                ]
+            )[1]
         adapter.set_conditioning(None)
         ic_in = {k: inputs(args, n_img + k * args.ref_tokens) for k in (1, 2, 3)}
 
@@ -193,8 +223,13 @@ def cpu_report(args) -> dict:
             adapter.set_conditioning(None)
             transformer(**base_in)
 
-        cases = {"bare": None, "adapter_0": conds[0], "adapter_1": conds[1], "adapter_2": conds[2],
-                 "adapter_3": conds[3]}
+        cases = {
+            "bare": None,
+            "adapter_0": conds[0],
+            "adapter_1": conds[1],
+            "adapter_2": conds[2],
+            "adapter_3": conds[3],
+        }
         names = list(cases) + ["in_context_1", "in_context_2", "in_context_3"]
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
         adapter.detach(transformer)
@@ -220,14 +255,26 @@ def cpu_report(args) -> dict:
     best = {k: min(c for _, c in v) for k, v in times.items()}
     wall = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
     return {
-        "shape": {"inner": args.heads * 128, "heads": args.heads, "double": args.double, "single": args.single,
-                  "image_tokens": n_img, "text_tokens": args.text_tokens, "ref_tokens": args.ref_tokens},
-        "threads": torch.get_num_threads(), "repeats": args.repeats,
-        "paired_ratio_to_bare": paired, "ca_kernel_ms_per_block": ca_kernel,
-        "median_cpu_s": med, "ratio_to_bare": {k: v / med["bare"] for k, v in med.items()},
+        "shape": {
+            "inner": args.heads * 128,
+            "heads": args.heads,
+            "double": args.double,
+            "single": args.single,
+            "image_tokens": n_img,
+            "text_tokens": args.text_tokens,
+            "ref_tokens": args.ref_tokens,
+        },
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "paired_ratio_to_bare": paired,
+        "ca_kernel_ms_per_block": ca_kernel,
+        "median_cpu_s": med,
+        "ratio_to_bare": {k: v / med["bare"] for k, v in med.items()},
         # the least-disturbed run: on a shared machine the minimum is the steadiest estimate (as timeit)
-        "min_cpu_s": best, "min_ratio_to_bare": {k: v / best["bare"] for k, v in best.items()},
-        "median_wall_s": wall, "wall_ratio_to_bare": {k: v / wall["bare"] for k, v in wall.items()},
+        "min_cpu_s": best,
+        "min_ratio_to_bare": {k: v / best["bare"] for k, v in best.items()},
+        "median_wall_s": wall,
+        "wall_ratio_to_bare": {k: v / wall["bare"] for k, v in wall.items()},
         "reference_kv_once_s": once,
     }
 
@@ -249,12 +296,16 @@ def main() -> None:
     args = p.parse_args()
 
     analytic = analytic_report(Shape(), steps=args.steps)
-    print(f"Analytic, full shape (4096 img + 512 txt tokens, 577 ref tokens, 57 blocks, inner 3072): "
-          f"bare forward {analytic['base_tflops']:.1f} TFLOP (attention {analytic['base_attention_share']:.1%})")
+    print(
+        f"Analytic, full shape (4096 img + 512 txt tokens, 577 ref tokens, 57 blocks, inner 3072): "
+        f"bare forward {analytic['base_tflops']:.1f} TFLOP (attention {analytic['base_attention_share']:.1%})"
+    )
     print(f"{'subjects':>8} {'adapter/step':>13} {'K/V+HMoE once':>16} {'adapter/gen':>12} {'in-context/step':>16}")
     for k, r in analytic["subjects"].items():
-        print(f"{k:>8} {r['adapter_step_ratio']:>12.4f}x {r['adapter_once_tflops']:>9.2f} TFLOP "
-              f"{r['adapter_generation_ratio']:>11.4f}x {r['in_context_step_ratio']:>15.4f}x")
+        print(
+            f"{k:>8} {r['adapter_step_ratio']:>12.4f}x {r['adapter_once_tflops']:>9.2f} TFLOP "
+            f"{r['adapter_generation_ratio']:>11.4f}x {r['in_context_step_ratio']:>15.4f}x"
+        )
     result = {"analytic_full_shape": analytic}
 
     if not args.skip_cpu:
@@ -262,20 +313,30 @@ def main() -> None:
         cpu = cpu_report(args)
         result["cpu"] = cpu
         s = cpu["shape"]
-        print(f"\nCPU ({cpu['threads']} threads), inner {s['inner']}, {s['double']}+{s['single']} blocks, "
-              f"{s['image_tokens']} img + {s['text_tokens']} txt tokens, {s['ref_tokens']} ref tokens, "
-              f"median of {cpu['repeats']}:")
-        print(f"  {'':<14} {'CPU median':>12} {'ratio':>8}   {'CPU min':>9} {'ratio':>8}   {'wall median':>11} {'ratio':>8}")
+        print(
+            f"\nCPU ({cpu['threads']} threads), inner {s['inner']}, {s['double']}+{s['single']} blocks, "
+            f"{s['image_tokens']} img + {s['text_tokens']} txt tokens, {s['ref_tokens']} ref tokens, "
+            f"median of {cpu['repeats']}:"
+        )
+        print(
+            f"  {'':<14} {'CPU median':>12} {'ratio':>8}   {'CPU min':>9} {'ratio':>8}   {'wall median':>11} {'ratio':>8}"
+        )
         for name, t in cpu["median_cpu_s"].items():
-            print(f"  {name:<14} {t * 1e3:9.1f} ms {cpu['ratio_to_bare'][name]:7.4f}x  "
-                  f"{cpu['min_cpu_s'][name] * 1e3:6.1f} ms {cpu['min_ratio_to_bare'][name]:7.4f}x  "
-                  f"{cpu['median_wall_s'][name] * 1e3:8.1f} ms {cpu['wall_ratio_to_bare'][name]:7.4f}x")
+            print(
+                f"  {name:<14} {t * 1e3:9.1f} ms {cpu['ratio_to_bare'][name]:7.4f}x  "
+                f"{cpu['min_cpu_s'][name] * 1e3:6.1f} ms {cpu['min_ratio_to_bare'][name]:7.4f}x  "
+                f"{cpu['median_wall_s'][name] * 1e3:8.1f} ms {cpu['wall_ratio_to_bare'][name]:7.4f}x"
+            )
         blocks = s["double"] + s["single"]
-        print("  per-round paired ratios (median): " + ", ".join(
-            f"{k} {v:.4f}x" for k, v in cpu["paired_ratio_to_bare"].items() if k != "bare"))
+        print(
+            "  per-round paired ratios (median): "
+            + ", ".join(f"{k} {v:.4f}x" for k, v in cpu["paired_ratio_to_bare"].items() if k != "bare")
+        )
         for k, t in cpu["ca_kernel_ms_per_block"].items():
             share = t * blocks / (cpu["min_cpu_s"]["bare"] * 1e3)
-            print(f"  CA kernel alone, {k} subject(s): {t:.2f} ms/block x {blocks} blocks = {share:.1%} of the bare forward")
+            print(
+                f"  CA kernel alone, {k} subject(s): {t:.2f} ms/block x {blocks} blocks = {share:.1%} of the bare forward"
+            )
         for k, t in cpu["reference_kv_once_s"].items():
             print(f"  reference K/V once, {k} subject(s): {t * 1e3:.1f} ms")
     if args.json:

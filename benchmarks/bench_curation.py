@@ -64,12 +64,18 @@ def main() -> int:
                 seconds[k] = seconds.get(k, 0.0) + v
         t = manifest["totals"]
         result = {
-            "inputs": t["inputs"], "accepted": t["accepted"], "samples": t["samples"], "bytes": t["bytes"],
-            "wall_s": round(wall, 2), "model_load_s": round(load_s, 2),
-            "inputs_per_s": round(t["inputs"] / wall, 3), "samples_per_s": round(t["samples"] / wall, 3),
+            "inputs": t["inputs"],
+            "accepted": t["accepted"],
+            "samples": t["samples"],
+            "bytes": t["bytes"],
+            "wall_s": round(wall, 2),
+            "model_load_s": round(load_s, 2),
+            "inputs_per_s": round(t["inputs"] / wall, 3),
+            "samples_per_s": round(t["samples"] / wall, 3),
             "stage_share": {k: round(v / wall, 3) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])},
             "writer_and_reader_share": round(1 - sum(seconds.values()) / wall, 3),
-            "recipe": "manifests/demo.yaml", "device": "cpu",
+            "recipe": "manifests/demo.yaml",
+            "device": "cpu",
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

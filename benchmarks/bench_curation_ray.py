@@ -37,8 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and ".progress" not in p.parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".progress" not in p.parts
+    }
 
 
 def write_inputs(root: Path, n: int) -> Path:
@@ -112,15 +115,39 @@ def child(args: argparse.Namespace) -> None:
         m = run_local(recipe, args.out, models, limit=args.inputs, progress=False)
     seconds = time.perf_counter() - t0
     rss = peak_rss_mib()
-    print("RESULT " + json.dumps({"seconds": seconds, "ray_startup_seconds": start, "inputs": m["totals"]["inputs"],
-                                  "accepted": m["totals"]["accepted"],
-                                  "duplicates": m["totals"]["rejected_by_reason"].get("dedup: duplicate", 0),
-                                  "driver_peak_rss_mib": rss}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "seconds": seconds,
+                "ray_startup_seconds": start,
+                "inputs": m["totals"]["inputs"],
+                "accepted": m["totals"]["accepted"],
+                "duplicates": m["totals"]["rejected_by_reason"].get("dedup: duplicate", 0),
+                "driver_peak_rss_mib": rss,
+            }
+        ),
+        flush=True,
+    )
 
 
 def run_child(kind: str, args: argparse.Namespace, photos: Path, models: Path, out: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--photos", str(photos), "--models", str(models),
-           "--out", str(out), "--inputs", str(args.inputs), "--cpus", str(args.cpus)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--photos",
+        str(photos),
+        "--models",
+        str(models),
+        "--out",
+        str(out),
+        "--inputs",
+        str(args.inputs),
+        "--cpus",
+        str(args.cpus),
+    ]
     if args.driver_only:
         cmd.append("--driver-only")
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -158,7 +185,7 @@ def main() -> None:
         identical = True
         for r in range(args.repeats):
             outs = {}
-            for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+            for kind in kinds if r % 2 == 0 else kinds[::-1]:
                 out = root / f"{kind}{r}"
                 runs[kind].append(run_child(kind, args, photos, models, out))
                 print(kind, r, json.dumps(runs[kind][-1]), file=sys.stderr, flush=True)
@@ -167,8 +194,13 @@ def main() -> None:
                 identical &= tree(outs["local"]) == tree(outs["ray"])
             for out in outs.values():
                 shutil.rmtree(out)
-        result: dict = {"inputs": runs[kinds[0]][0]["inputs"], "repeats": args.repeats, "cpus": args.cpus,
-                        "accepted": runs[kinds[0]][0]["accepted"], "duplicates": runs[kinds[0]][0]["duplicates"]}
+        result: dict = {
+            "inputs": runs[kinds[0]][0]["inputs"],
+            "repeats": args.repeats,
+            "cpus": args.cpus,
+            "accepted": runs[kinds[0]][0]["accepted"],
+            "duplicates": runs[kinds[0]][0]["duplicates"],
+        }
         for kind in kinds:
             secs = statistics.median(x["seconds"] for x in runs[kind])
             result[f"{kind}_seconds"] = secs
@@ -179,8 +211,9 @@ def main() -> None:
             result["ray_startup_seconds"] = statistics.median(x["ray_startup_seconds"] for x in runs["ray"])
         if len(kinds) == 2:
             result["ray_over_local_throughput"] = result["local_seconds"] / result["ray_seconds"]
-            result["ray_over_local_per_repeat"] = [round(a["seconds"] / b["seconds"], 3)
-                                                   for a, b in zip(runs["local"], runs["ray"])]
+            result["ray_over_local_per_repeat"] = [
+                round(a["seconds"] / b["seconds"], 3) for a, b in zip(runs["local"], runs["ray"])
+            ]
             result["outputs_byte_identical"] = identical
     finally:
         shutil.rmtree(root, ignore_errors=True)

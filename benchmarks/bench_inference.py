@@ -45,11 +45,21 @@ def build(tiny_dir: Path, full: bool, device: str, dtype: torch.dtype):
         cfg = dict(FLUX_DEV_TRANSFORMER_CONFIG, in_channels=16, joint_attention_dim=32, pooled_projection_dim=32)
         acfg = DynaIPConfig.full()
     else:
-        cfg = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=128,
-                   num_attention_heads=6, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-                   axes_dims_rope=(16, 56, 56))
-        acfg = DynaIPConfig.full(clip_tokens=144, ref_dim=768, inner_dim=768, num_heads=6,
-                                 num_double_blocks=2, num_single_blocks=4)
+        cfg = dict(
+            patch_size=1,
+            in_channels=16,
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=128,
+            num_attention_heads=6,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        )
+        acfg = DynaIPConfig.full(
+            clip_tokens=144, ref_dim=768, inner_dim=768, num_heads=6, num_double_blocks=2, num_single_blocks=4
+        )
     torch.manual_seed(0)
     flux.transformer = FluxTransformer2DModel(**cfg).to(device, dtype)
     flux.to(device)
@@ -74,13 +84,15 @@ def time_steps(pipe, n_subjects: int, acfg, *, size: int, steps: int, text_token
     cond = None
     if n_subjects:
         g = torch.Generator().manual_seed(n_subjects)
-        refs = [torch.randn(1, acfg.clip_tokens, acfg.ref_dim, generator=g).to(device, dtype) for _ in range(n_subjects)]
+        refs = [
+            torch.randn(1, acfg.clip_tokens, acfg.ref_dim, generator=g).to(device, dtype) for _ in range(n_subjects)
+        ]
         masks = None
         if n_subjects > 1:
             masks = []
             for i in range(n_subjects):
                 m = torch.zeros(size, size)
-                m[:, i * size // n_subjects:(i + 1) * size // n_subjects] = 1
+                m[:, i * size // n_subjects : (i + 1) * size // n_subjects] = 1
                 masks.append(m)
         cond = pipe.adapter.make_conditioning(refs, masks=masks, image_size=(size, size))
     stamps: list[float] = []
@@ -91,8 +103,15 @@ def time_steps(pipe, n_subjects: int, acfg, *, size: int, steps: int, text_token
         stamps.append(clock())
         return kwargs
 
-    call = dict(prompt="a photo of a dog on the beach", num_inference_steps=steps, height=size, width=size,
-                max_sequence_length=text_tokens, output_type="latent", callback_on_step_end=on_step)
+    call = dict(
+        prompt="a photo of a dog on the beach",
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        max_sequence_length=text_tokens,
+        output_type="latent",
+        callback_on_step_end=on_step,
+    )
     start = clock()
     with torch.no_grad():
         pipe._generate(call, seed=0, generator=None, cond=cond)
@@ -133,8 +152,10 @@ def main() -> None:
                 first[n].append(f)
         base = statistics.median(per_step[0])
         result = {
-            "device": args.device, "shape": "full 1024x1024" if args.full else "reduced /4 (512x512, inner 768, 2+4 blocks)",
-            "repeats": args.repeats, "steps": args.steps,
+            "device": args.device,
+            "shape": "full 1024x1024" if args.full else "reduced /4 (512x512, inner 768, 2+4 blocks)",
+            "repeats": args.repeats,
+            "steps": args.steps,
             "seconds_per_step": {n: statistics.median(v) for n, v in per_step.items()},
             "ratio_vs_base": {n: statistics.median(v) / base for n, v in per_step.items()},
             "first_step_seconds": {n: statistics.median(v) for n, v in first.items()},

@@ -73,8 +73,10 @@ def step_data_wait(data: Path, models: Path, out: Path, steps: int, workers: int
     run_training(cfg, spec, local=True)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "data_wait" in r and r["step"] > 1]
-    return {"data_wait_share": sum(r["data_wait"] for r in rows) / len(rows),
-            "step_samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows)}
+    return {
+        "data_wait_share": sum(r["data_wait"] for r in rows) / len(rows),
+        "step_samples_per_s": sum(r["samples_per_s"] for r in rows) / len(rows),
+    }
 
 
 def main() -> int:
@@ -96,15 +98,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = make_data(root, args.samples, args.size, args.per_shard)
-        spec = StreamSpec(shards=read_manifests([str(data)]), batch_size=args.batch, ref_size=args.ref_size,
-                          buckets=[(args.bucket, args.bucket)], shuffle_block=64)
+        spec = StreamSpec(
+            shards=read_manifests([str(data)]),
+            batch_size=args.batch,
+            ref_size=args.ref_size,
+            buckets=[(args.bucket, args.bucket)],
+            shuffle_block=64,
+        )
         decode = pure_decode(spec)
         loader = loader_rate(spec, args.workers)
-        result = {"samples": args.samples, "stored_px": args.size, "bucket_px": args.bucket, "batch": args.batch,
-                  "loader_workers": args.workers, "pure_decode_samples_per_s": round(decode, 1),
-                  "loader_samples_per_s": round(loader, 1),
-                  "loader_samples_per_s_per_core": round(loader / max(1, args.workers), 1),
-                  "ratio_per_core": round(loader / max(1, args.workers) / decode, 3)}
+        result = {
+            "samples": args.samples,
+            "stored_px": args.size,
+            "bucket_px": args.bucket,
+            "batch": args.batch,
+            "loader_workers": args.workers,
+            "pure_decode_samples_per_s": round(decode, 1),
+            "loader_samples_per_s": round(loader, 1),
+            "loader_samples_per_s_per_core": round(loader / max(1, args.workers), 1),
+            "ratio_per_core": round(loader / max(1, args.workers) / decode, 3),
+        }
         if args.steps:
             models = Path(args.models) if args.models else None
             if models is None:

@@ -53,8 +53,22 @@ def _mask_pool(n: int, seed: int) -> list[tuple[dict, list[float]]]:
     return pool
 
 
-NAMES = ["person", "woman", "dog", "cup", "bag", "hat", "car", "tree", "grass", "park", "table", "phone",
-         "guitar", "bicycle"]
+NAMES = [
+    "person",
+    "woman",
+    "dog",
+    "cup",
+    "bag",
+    "hat",
+    "car",
+    "tree",
+    "grass",
+    "park",
+    "table",
+    "phone",
+    "guitar",
+    "bicycle",
+]
 
 
 def _name(i: int, j: int) -> str:
@@ -72,24 +86,45 @@ def _clip_text(i: int, pool: list[tuple[str, list[float]]], rng: np.random.Gener
     for j, p in enumerate(picks, start=1):
         counts, box = pool[p]
         name = json.dumps(_name(i, j))
-        anns.append(f'{{"class_name": {name}, "bbox": {json.dumps(box)}, "gme_score": {gme[j - 1]:.4f}, '
-                    f'"aes_score": {aes[j - 1]:.4f}}}')
+        anns.append(
+            f'{{"class_name": {name}, "bbox": {json.dumps(box)}, "gme_score": {gme[j - 1]:.4f}, '
+            f'"aes_score": {aes[j - 1]:.4f}}}'
+        )
         mask_map.append(f'"{j}": {{"class_name": {name}}}')
         masks.append(f'"{j}": {{"size": [{H}, {W}], "counts": {counts}, "score": [{score[j - 1]:.4f}]}}')
-    return (f'{{{head}, "annotation": {{"ann_frame_data": {{"ann_frame_idx": 0, "annotations": [{", ".join(anns)}], '
-            f'"box_format": "xyxy", "img_width": {W}, "img_height": {H}, "foreground_ase_score": 4.9, '
-            f'"background_ase_score": 4.6}}, "mask_map": {{{", ".join(mask_map)}}}, '
-            f'"mask_annotation": {{"0": {{{", ".join(masks)}}}}}}}}}')
+    return (
+        f'{{{head}, "annotation": {{"ann_frame_data": {{"ann_frame_idx": 0, "annotations": [{", ".join(anns)}], '
+        f'"box_format": "xyxy", "img_width": {W}, "img_height": {H}, "foreground_ase_score": 4.9, '
+        f'"background_ase_score": 4.6}}, "mask_map": {{{", ".join(mask_map)}}}, '
+        f'"mask_annotation": {{"0": {{{", ".join(masks)}}}}}}}}}'
+    )
 
 
 def _head(video: str) -> str:
-    caption = ("The video shows a subject outdoors on a sunny day; the camera stays still while the subject "
-               "moves slightly, turning towards the light. ") * 4
-    meta = {"cut": [0, 95], "crop": [0, W, 0, H], "tech": 2.0, "motion": 0.01, "fps": 29.97, "num_frames": 95,
-            "resolution": {"height": H, "width": W}, "path": video, "aesthetic": 5.0, "face_cut": [0, 95],
-            "cap": [caption], "face_cap_qwen": caption}
-    tags = {"background": ["grass", "park"], "subject": ["person", "woman"], "object": ["cup", "bag"],
-            "pre_define": ["person", "human head"]}
+    caption = (
+        "The video shows a subject outdoors on a sunny day; the camera stays still while the subject "
+        "moves slightly, turning towards the light. "
+    ) * 4
+    meta = {
+        "cut": [0, 95],
+        "crop": [0, W, 0, H],
+        "tech": 2.0,
+        "motion": 0.01,
+        "fps": 29.97,
+        "num_frames": 95,
+        "resolution": {"height": H, "width": W},
+        "path": video,
+        "aesthetic": 5.0,
+        "face_cut": [0, 95],
+        "cap": [caption],
+        "face_cap_qwen": caption,
+    }
+    tags = {
+        "background": ["grass", "park"],
+        "subject": ["person", "woman"],
+        "object": ["cup", "bag"],
+        "pre_define": ["person", "human head"],
+    }
     return f'"metadata": {json.dumps(meta)}, "word_tags": {json.dumps(tags)}'
 
 
@@ -114,17 +149,32 @@ def make_dataset(root: Path, target_bytes: int, *, objects: int = 14, pair_every
     with open(path, "w") as f:
         f.write("{")
         while written < target_bytes:
-            text = ("," if clips else "") + json.dumps(clip_key(clips)) + ": " + _clip_text(clips, pool, rng, objects, head)
+            text = (
+                ("," if clips else "")
+                + json.dumps(clip_key(clips))
+                + ": "
+                + _clip_text(clips, pool, rng, objects, head)
+            )
             f.write(text)
             written += len(text)
             clips += 1
         f.write("}")
     cluster: list[dict] = []
     for i in range(0, clips - 1, pair_every):
-        cluster.append({"cur_id": f"total_part1/{clip_key(i)}", "aft_id": f"total_part1/{clip_key(i + 1)}",
-                        "cur_class_id": "1", "aft_class_id": "1", "cur_class_name": _name(i, 1),
-                        "aft_class_name": _name(i + 1, 1),
-                        "text_similarity": 1.0, "image_similarity": 0.9, "cur_frame_idx": 0, "aft_frame_idx": 0})
+        cluster.append(
+            {
+                "cur_id": f"total_part1/{clip_key(i)}",
+                "aft_id": f"total_part1/{clip_key(i + 1)}",
+                "cur_class_id": "1",
+                "aft_class_id": "1",
+                "cur_class_name": _name(i, 1),
+                "aft_class_name": _name(i + 1, 1),
+                "text_similarity": 1.0,
+                "image_similarity": 0.9,
+                "cur_frame_idx": 0,
+                "aft_frame_idx": 0,
+            }
+        )
         pairs += 1
         if len(cluster) == 1000:
             (pair_dir / f"cluster{pairs // 1000:05d}.json").write_text(json.dumps(cluster))
@@ -173,7 +223,9 @@ def mem(base_rss, reset):
             "ru_maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
 """
 
-_CHILD_READER = _MEM + r"""
+_CHILD_READER = (
+    _MEM
+    + r"""
 import json, sys, time
 import ijson, sqlite3, numpy, pycocotools.mask  # imported before the baseline
 from pipeline.records import Reject
@@ -189,8 +241,11 @@ for item in opens2v.read(cfg):
         records += 1
 print(json.dumps({**mem(base, reset), "seconds": time.perf_counter() - t, "records": records, "rejects": rejects}))
 """
+)
 
-_CHILD_WHOLE = _MEM + r"""
+_CHILD_WHOLE = (
+    _MEM
+    + r"""
 import json, sys, time
 base, reset = status_kb("VmRSS"), reset_peak()
 t = time.perf_counter()
@@ -198,6 +253,7 @@ with open(sys.argv[1]) as f:
     data = json.load(f)
 print(json.dumps({**mem(base, reset), "seconds": time.perf_counter() - t, "clips": len(data)}))
 """
+)
 
 
 def _child(code: str, *args: str) -> dict:
@@ -210,9 +266,14 @@ def _mib(r: dict) -> dict:
     """RSS figures of a child in MiB. ``peak`` is the child's VmHWM (reset to the current RSS after its
     imports); ``ru_maxrss`` is also kept, but on Linux it starts from the parent's peak at fork, so it
     cannot show a child smaller than this (numpy-importing) benchmark process."""
-    out = {"baseline_rss_mib": r["baseline_rss_kb"] / 1024, "peak_rss_mib": r["peak_rss_kb"] / 1024,
-           "growth_mib": (r["peak_rss_kb"] - r["baseline_rss_kb"]) / 1024, "ru_maxrss_mib": r["ru_maxrss_kb"] / 1024,
-           "peak_reset_after_imports": r["hwm_reset"], "seconds": r["seconds"]}
+    out = {
+        "baseline_rss_mib": r["baseline_rss_kb"] / 1024,
+        "peak_rss_mib": r["peak_rss_kb"] / 1024,
+        "growth_mib": (r["peak_rss_kb"] - r["baseline_rss_kb"]) / 1024,
+        "ru_maxrss_mib": r["ru_maxrss_kb"] / 1024,
+        "peak_reset_after_imports": r["hwm_reset"],
+        "seconds": r["seconds"],
+    }
     return out
 
 
@@ -243,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = args.dir or tempfile.gettempdir()
     free = shutil.disk_usage(base_dir).free
     if free < 1.3 * target + 2e9:
-        raise SystemExit(f"{base_dir} has {free / 1e9:.1f} GB free; need about {1.3 * target / 1e9 + 2:.1f} GB for --gb {args.gb}")
+        raise SystemExit(
+            f"{base_dir} has {free / 1e9:.1f} GB free; need about {1.3 * target / 1e9 + 2:.1f} GB for --gb {args.gb}"
+        )
     result: dict = {"python": sys.version.split()[0]}
     work = Path(tempfile.mkdtemp(prefix="bench-opens2v-", dir=base_dir))
     try:
@@ -254,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / "big")
         if args.whole_file_mb:
             small = make_dataset(work / "small", int(args.whole_file_mb * 1e6), pair_every=args.pair_every)
-            result["whole_file"] = {"file_bytes": small["file_bytes"],
-                                    **measure_whole_file(work / "small" / "Jsons" / "mask_and_bbox" / "total_part1.json")}
+            result["whole_file"] = {
+                "file_bytes": small["file_bytes"],
+                **measure_whole_file(work / "small" / "Jsons" / "mask_and_bbox" / "total_part1.json"),
+            }
             result["whole_file_reader"] = measure_reader(work / "small")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -106,19 +106,41 @@ def train_config(seed: int, s: GapSettings) -> Any:
         raise ValueError(f"control must be one of {CONTROLS}, not {s.control!r}")
     # no-refs: every sample's reference dropped, so nothing ever reaches the cross-attention
     drops = dict(drop_text=0.0, drop_image=1.0, drop_both=0.0) if s.control == "no-refs" else {}
-    return TrainConfig.from_dict(set_keys(
-        {}, adapter_preset="tiny", stages=[{"name": "intra", "steps": s.steps, "pair": "intra"}],
-        global_batch_size=s.batch, workers=1, data_workers=0, shuffle_block=16, buckets=[[SIZE, SIZE]],
-        lr=s.lr, warmup_steps=10, schedule="constant", max_sequence_length=s.max_sequence_length,
-        checkpoint_every=every, log_every=max(1, s.steps // 10), eval_every=0, sample_every=0, seed=seed, **drops))
+    return TrainConfig.from_dict(
+        set_keys(
+            {},
+            adapter_preset="tiny",
+            stages=[{"name": "intra", "steps": s.steps, "pair": "intra"}],
+            global_batch_size=s.batch,
+            workers=1,
+            data_workers=0,
+            shuffle_block=16,
+            buckets=[[SIZE, SIZE]],
+            lr=s.lr,
+            warmup_steps=10,
+            schedule="constant",
+            max_sequence_length=s.max_sequence_length,
+            checkpoint_every=every,
+            log_every=max(1, s.steps // 10),
+            eval_every=0,
+            sample_every=0,
+            seed=seed,
+            **drops,
+        )
+    )
 
 
 def held_out_batch(held: Path, frozen: Any, s: GapSettings) -> dict[str, Any]:
     """All held-out samples in one batch, in stored order."""
     from dynaip.train.data import StreamingLoader, StreamSpec, read_manifests
 
-    spec = StreamSpec(shards=read_manifests([str(held)]), batch_size=s.held_out, ref_size=frozen.clip.image_size,
-                      buckets=[(SIZE, SIZE)], shuffle_block=1)
+    spec = StreamSpec(
+        shards=read_manifests([str(held)]),
+        batch_size=s.held_out,
+        ref_size=frozen.clip.image_size,
+        buckets=[(SIZE, SIZE)],
+        shuffle_block=1,
+    )
     return next(iter(StreamingLoader(spec, 0, 1, workers=0)))
 
 
@@ -151,11 +173,17 @@ def measure(seed: int, models: Path, train: Path, held: Path, out: Path, s: GapS
         finally:
             adapter.detach(frozen.transformer)
 
-    return {"seed": seed, "train_s": round(train_s, 1),
-            "untrained": losses(DynaIPAdapter(DynaIPConfig.tiny())),
-            "trained": losses(DynaIPAdapter.from_pretrained(latest_checkpoint(out))),
-            "at": {k: losses(DynaIPAdapter.from_pretrained(out / "checkpoints" / f"step-{k:06d}"))
-                   for k in s.eval_at if k < s.steps}}
+    return {
+        "seed": seed,
+        "train_s": round(train_s, 1),
+        "untrained": losses(DynaIPAdapter(DynaIPConfig.tiny())),
+        "trained": losses(DynaIPAdapter.from_pretrained(latest_checkpoint(out))),
+        "at": {
+            k: losses(DynaIPAdapter.from_pretrained(out / "checkpoints" / f"step-{k:06d}"))
+            for k in s.eval_at
+            if k < s.steps
+        },
+    }
 
 
 def summarise(losses: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -166,8 +194,15 @@ def summarise(losses: list[dict[str, float]]) -> dict[str, dict[str, float]]:
         "permuted_minus_own": [x["permuted"] - x["own"] for x in losses],
         "off_minus_own": [x["off"] - x["own"] for x in losses],
     }
-    return {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
-                "min": min(v), "max": max(v)} for k, v in rows.items()}
+    return {
+        k: {
+            "mean": statistics.fmean(v),
+            "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+            "min": min(v),
+            "max": max(v),
+        }
+        for k, v in rows.items()
+    }
 
 
 def main() -> int:
@@ -175,8 +210,11 @@ def main() -> int:
     d = GapSettings()
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated training seeds")
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--eval-at", default=",".join(map(str, d.eval_at)),
-                   help="also measure the checkpoints at these steps (comma-separated; empty = final only)")
+    p.add_argument(
+        "--eval-at",
+        default=",".join(map(str, d.eval_at)),
+        help="also measure the checkpoints at these steps (comma-separated; empty = final only)",
+    )
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--train-samples", type=int, default=d.train_samples)
@@ -194,9 +232,16 @@ def main() -> int:
 
     logging.disable(logging.INFO)
     torch.set_num_threads(args.threads)
-    s = GapSettings(steps=args.steps, eval_at=tuple(int(x) for x in args.eval_at.split(",") if x), lr=args.lr,
-                    batch=args.batch, train_samples=args.train_samples, held_out=args.held_out, draws=args.draws,
-                    control=args.control)
+    s = GapSettings(
+        steps=args.steps,
+        eval_at=tuple(int(x) for x in args.eval_at.split(",") if x),
+        lr=args.lr,
+        batch=args.batch,
+        train_samples=args.train_samples,
+        held_out=args.held_out,
+        draws=args.draws,
+        control=args.control,
+    )
     seeds = [int(x) for x in args.seeds.split(",")]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,19 +256,31 @@ def main() -> int:
             r = measure(seed, models, train, held, root / f"run-{seed}", s)
             runs.append(r)
             u = r["untrained"]
-            print(f"seed {seed}: train {r['train_s']} s; untrained own/permuted/off "
-                  f"{u['own']:.4f} {u['permuted']:.4f} {u['off']:.4f}", flush=True)
+            print(
+                f"seed {seed}: train {r['train_s']} s; untrained own/permuted/off "
+                f"{u['own']:.4f} {u['permuted']:.4f} {u['off']:.4f}",
+                flush=True,
+            )
             for step, t in [*r["at"].items(), (s.steps, r["trained"])]:
-                print(f"  step {step:5d}: own {t['own']:.4f}  permuted {t['permuted']:.4f}  off {t['off']:.4f}  "
-                      f"permuted/own {t['permuted_over_own']:.4f}  off/own {t['off_over_own']:.4f}", flush=True)
+                print(
+                    f"  step {step:5d}: own {t['own']:.4f}  permuted {t['permuted']:.4f}  off {t['off']:.4f}  "
+                    f"permuted/own {t['permuted_over_own']:.4f}  off/own {t['off_over_own']:.4f}",
+                    flush=True,
+                )
     steps = [*(k for k in s.eval_at if k < s.steps), s.steps]
     summary = {step: summarise([r["at"][step] if step < s.steps else r["trained"] for r in runs]) for step in steps}
     for step, rows in summary.items():
         print(f"over seeds {seeds}, step {step}:")
         for k, v in rows.items():
             print(f"  {k:20s} mean {v['mean']:.4f}  std {v['std']:.4f}  min {v['min']:.4f}  max {v['max']:.4f}")
-    result = {"settings": vars(s), "seeds": seeds, "runs": runs, "summary": summary,
-              "torch": torch.__version__, "threads": args.threads}
+    result = {
+        "settings": vars(s),
+        "seeds": seeds,
+        "runs": runs,
+        "summary": summary,
+        "torch": torch.__version__,
+        "threads": args.threads,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

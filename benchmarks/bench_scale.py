@@ -55,6 +55,7 @@ PHASH_ONLY_UP_TO = 100_000
 
 # ----------------------------------------------------------------------------- generated inputs
 
+
 def _dct_rows() -> np.ndarray:
     k, x = np.arange(HASH_SIZE)[:, None], np.arange(SIDE)[None, :]
     return np.cos(np.pi * k * (2 * x + 1) / (2 * SIDE))
@@ -72,7 +73,7 @@ def objects(rng: np.random.Generator, n: int) -> np.ndarray:
     dx = (xx[None] - cx[:, None, None]) / rx[:, None, None]
     dy = (yy[None] - cy[:, None, None]) / ry[:, None, None]
     ellipse = rng.integers(0, 2, n).astype(bool)[:, None, None]
-    inside = np.where(ellipse, dx ** 2 + dy ** 2 <= 1, (np.abs(dx) <= 1) & (np.abs(dy) <= 1))
+    inside = np.where(ellipse, dx**2 + dy**2 <= 1, (np.abs(dx) <= 1) & (np.abs(dy) <= 1))
     img = np.where(inside[..., None], colour[:, None, None, :], np.float32(255))
     return np.round(img).astype(np.uint8)
 
@@ -99,9 +100,12 @@ def resized_copies(rng: np.random.Generator, n: int = 300) -> dict:
         ta, tb = (np.frombuffer(bytes.fromhex(dedup.image_thumb(x)), np.uint8).astype(int) for x in (big, copy))
         td.append(int(np.abs(ta - tb).max()))
     hd_a, td_a = np.array(hd), np.array(td)
-    return {"copies": n, "phash_within": int((hd_a <= MAX_DISTANCE).sum()),
-            "both_checks": int(((hd_a <= MAX_DISTANCE) & (td_a <= THUMB_DIFF)).sum()),
-            "thumb_max_diff_percentiles_50_90_99_100": np.percentile(td_a, [50, 90, 99, 100]).tolist()}
+    return {
+        "copies": n,
+        "phash_within": int((hd_a <= MAX_DISTANCE).sum()),
+        "both_checks": int(((hd_a <= MAX_DISTANCE) & (td_a <= THUMB_DIFF)).sum()),
+        "thumb_max_diff_percentiles_50_90_99_100": np.percentile(td_a, [50, 90, 99, 100]).tolist(),
+    }
 
 
 def phash_words(img: np.ndarray) -> np.ndarray:
@@ -138,37 +142,48 @@ def generate(kind: str, n: int, seed: int = 0) -> tuple[dedup.Entries, np.ndarra
     for s in range(0, distinct, BATCH):
         m = min(BATCH, distinct - s)
         if kind == "varied":
-            words[s:s + m] = rng.integers(0, 2 ** 63, (m, 4), dtype=np.uint64) * np.uint64(2) + \
-                rng.integers(0, 2, (m, 4), dtype=np.uint64)
-            th[s:s + m] = rng.integers(0, 256, (m, 192), dtype=np.uint8)
+            words[s : s + m] = rng.integers(0, 2**63, (m, 4), dtype=np.uint64) * np.uint64(2) + rng.integers(
+                0, 2, (m, 4), dtype=np.uint64
+            )
+            th[s : s + m] = rng.integers(0, 256, (m, 192), dtype=np.uint8)
         else:
             img = objects(rng, m)
-            words[s:s + m], th[s:s + m] = phash_words(img), thumbs(img)
+            words[s : s + m], th[s : s + m] = phash_words(img), thumbs(img)
             here = np.flatnonzero((source >= s) & (source < s + m))
             if len(here):  # near copies made from the very images they copy
                 copy = near_objects(rng, img[source[here] - s])
                 words[distinct + here], th[distinct + here] = phash_words(copy), thumbs(copy)
     if kind == "varied":
-        words[distinct:distinct + n_near] = words[source]
-        th[distinct:distinct + n_near] = np.clip(th[source].astype(int) + rng.integers(-2, 3, (n_near, 192)), 0, 255)
+        words[distinct : distinct + n_near] = words[source]
+        th[distinct : distinct + n_near] = np.clip(th[source].astype(int) + rng.integers(-2, 3, (n_near, 192)), 0, 255)
         for k in range(n_near):
             for b in rng.choice(256, int(rng.integers(1, 7)), replace=False):
                 words[distinct + k, b // 64] ^= np.uint64(1 << (b % 64))
     exact_src = rng.integers(0, distinct, n_exact)
-    words[distinct + n_near:], th[distinct + n_near:] = words[exact_src], th[exact_src]
+    words[distinct + n_near :], th[distinct + n_near :] = words[exact_src], th[exact_src]
     original = np.r_[np.full(distinct, -1), source, exact_src]
     exact = np.r_[np.zeros(distinct + n_near, bool), np.ones(n_exact, bool)]
-    entries = dedup.Entries(np.arange(n, dtype=np.int64), np.char.add("k", np.arange(n).astype(str)),
-                            np.full(n, dedup._group_code("intra", 1), np.uint64), words, th)
+    entries = dedup.Entries(
+        np.arange(n, dtype=np.int64),
+        np.char.add("k", np.arange(n).astype(str)),
+        np.full(n, dedup._group_code("intra", 1), np.uint64),
+        words,
+        th,
+    )
     return entries, original, exact
 
 
 # ----------------------------------------------------------------------------- dedup figures
 
+
 def run_dedup(kind: str, n: int) -> dict:
     e, original, exact = generate(kind, n)
-    out: dict = {"kind": kind, "inputs": n, "planted_exact": int(exact.sum()),
-                 "planted_near": int(((original >= 0) & ~exact).sum())}
+    out: dict = {
+        "kind": kind,
+        "inputs": n,
+        "planted_exact": int(exact.sum()),
+        "planted_near": int(((original >= 0) & ~exact).sum()),
+    }
     # pHash alone on objects is quadratic in its huge buckets (the reason for the second check): up to 10^5
     runs = (("checked", THUMB_DIFF), ("phash_only", None)) if n <= PHASH_ONLY_UP_TO else (("checked", THUMB_DIFF),)
     for label, diff in runs:
@@ -185,11 +200,16 @@ def run_dedup(kind: str, n: int) -> dict:
         flagged = np.zeros(n, bool)
         flagged[list(found)] = True
         distinct = original < 0
-        out[label] = {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), "peak_mib": round(peak / 2 ** 20, 1), **stats,
-                      "exact_found": int((flagged & exact).sum()),
-                      "near_found": int((flagged & (original >= 0) & ~exact).sum()),
-                      "distinct_flagged": int((flagged & distinct).sum()),
-                      "distinct_flagged_pct": round(100 * float((flagged & distinct).sum()) / max(1, int(distinct.sum())), 4)}
+        out[label] = {
+            "seconds": round(seconds, 3),
+            "cpu_seconds": round(cpu, 3),
+            "peak_mib": round(peak / 2**20, 1),
+            **stats,
+            "exact_found": int((flagged & exact).sum()),
+            "near_found": int((flagged & (original >= 0) & ~exact).sum()),
+            "distinct_flagged": int((flagged & distinct).sum()),
+            "distinct_flagged_pct": round(100 * float((flagged & distinct).sum()) / max(1, int(distinct.sum())), 4),
+        }
         print(f"dedup {kind} n={n} {label}: {out[label]}", flush=True)
     parts = dedup.partition(e, MAX_DISTANCE, HASH_SIZE, 4)
     out["r4_entries_read_per_reducer"] = [len(p["index"]) for p in parts]
@@ -205,6 +225,7 @@ def run_dedup(kind: str, n: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- reader figures
+
 
 class CountingFS:
     """Stands in for ``fsspec`` in the shard guard: counts the bytes every open file returns."""
@@ -243,7 +264,7 @@ class Counted(io.RawIOBase):
 
     def readinto(self, b):
         data = self.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
     def seek(self, offset, whence=0):
@@ -274,8 +295,13 @@ def write_shard(path: Path, samples: int, seed: int = 0) -> int:
         for i in range(samples):
             ref, tgt, mask = pool[i % len(pool)]
             meta = json.dumps({"pair": "intra", "source_id": str(i)}).encode()
-            members = (("ref.png", ref), ("tgt.jpg", tgt), ("mask.png", mask), ("txt", f"sample {i}".encode()),
-                       ("json", meta))
+            members = (
+                ("ref.png", ref),
+                ("tgt.jpg", tgt),
+                ("mask.png", mask),
+                ("txt", f"sample {i}".encode()),
+                ("json", meta),
+            )
             for ext, data in members:
                 info = tarfile.TarInfo(f"s{i:07d}.{ext}")
                 info.size = len(data)
@@ -289,21 +315,27 @@ def run_reader(samples: int, block: int, old_pattern: bool) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     shard = tmp / "000000.tar"
     size = write_shard(shard, samples)
-    spec = data.StreamSpec(shards=[data.ShardInfo(str(shard), samples)], batch_size=1, shuffle_block=block,
-                           ref_size=28, buckets=[(32, 32)])
+    spec = data.StreamSpec(
+        shards=[data.ShardInfo(str(shard), samples)], batch_size=1, shuffle_block=block, ref_size=28, buckets=[(32, 32)]
+    )
     counting = CountingFS()
     CountingFS.current = counting
     real = shard_integrity.fsspec
     shard_integrity.fsspec = counting  # type: ignore[assignment]
     out = {"samples": samples, "shard_bytes": size, "block": block}
     try:
+
         def measure(name: str, run) -> None:
             counting.bytes = counting.opens = 0
             t0 = time.perf_counter()
             n = run()
-            out[name] = {"seconds": round(time.perf_counter() - t0, 3), "bytes_read": counting.bytes,
-                         "bytes_per_dataset_byte": round(counting.bytes / size, 2), "opens": counting.opens,
-                         "samples": n}
+            out[name] = {
+                "seconds": round(time.perf_counter() - t0, 3),
+                "bytes_read": counting.bytes,
+                "bytes_per_dataset_byte": round(counting.bytes / size, 2),
+                "opens": counting.opens,
+                "samples": n,
+            }
 
         def sequential() -> int:
             return sum(1 for raw in data.iter_tar(str(shard)) if data.decode_sample(raw, 28) is not None)
@@ -339,14 +371,25 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="report JSON path")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--kinds", nargs="+", default=["varied", "object_on_white"], choices=["varied", "object_on_white"])
-    ap.add_argument("--reader", nargs="+", default=["2048:64:old", "2048:256", "8192:64"],
-                    help="SAMPLES:BLOCK[:old] per reader run (old = also time the per-block pattern)")
+    ap.add_argument(
+        "--reader",
+        nargs="+",
+        default=["2048:64:old", "2048:256", "8192:64"],
+        help="SAMPLES:BLOCK[:old] per reader run (old = also time the per-block pattern)",
+    )
     args = ap.parse_args()
-    report: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                                "python": platform.python_version(), "numpy": np.__version__},
-                    "phash_bit_agreement": round(phash_agreement(np.random.default_rng(1)), 4),
-                    "resized_copies": resized_copies(np.random.default_rng(2)),
-                    "dedup": [], "reader": []}
+    report: dict = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
+        "phash_bit_agreement": round(phash_agreement(np.random.default_rng(1)), 4),
+        "resized_copies": resized_copies(np.random.default_rng(2)),
+        "dedup": [],
+        "reader": [],
+    }
     runs = [(kind, n) for n in sorted(args.sizes) for kind in args.kinds]
     big = [r for r in runs if r[1] > PHASH_ONLY_UP_TO]
     for kind, n in [r for r in runs if r not in big]:

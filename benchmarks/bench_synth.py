@@ -50,13 +50,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_synth_"))
     if args.models is None:
         if full:
-            raise SystemExit("--device cuda needs --models models.yaml with the real FLUX.1-dev (no tiny numbers on a GPU)")
+            raise SystemExit(
+                "--device cuda needs --models models.yaml with the real FLUX.1-dev (no tiny numbers on a GPU)"
+            )
         from dynaip.models.tiny import write_tiny_checkpoints
 
         args.models = write_tiny_checkpoints(work / "tiny")
     models = ModelsConfig.from_yaml(args.models)
     raw = yaml.safe_load((REPO / "manifests" / "synth.yaml").read_text())
-    raw["source"].update({"subjects": args.n + 1, "seeds_per_subject": 1, "width": width, "height": height, "steps": steps})
+    raw["source"].update(
+        {"subjects": args.n + 1, "seeds_per_subject": 1, "width": width, "height": height, "steps": steps}
+    )
     raw["executor"]["device"] = args.device
     if not full:  # the tiny detector's boxes are random: the demo's loosened filters (manifests/demo.yaml)
         demo = yaml.safe_load((REPO / "manifests" / "demo.yaml").read_text())
@@ -76,18 +80,34 @@ def main() -> int:
     gen(make_items(records[1:]))
     _sync(args.device)
     gen_s = time.perf_counter() - t0
-    out = {"device": _device_name(args.device), "width": width, "height": height, "steps": steps,
-           "guidance": recipe.source.options["guidance"], "n": args.n, "warmup_s": round(warm, 2),
-           "generate_s": round(gen_s, 2), "generate_diptychs_per_min": round(60 * args.n / gen_s, 2)}
+    out = {
+        "device": _device_name(args.device),
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "guidance": recipe.source.options["guidance"],
+        "n": args.n,
+        "warmup_s": round(warm, 2),
+        "generate_s": round(gen_s, 2),
+        "generate_diptychs_per_min": round(60 * args.n / gen_s, 2),
+    }
     if not args.no_chain:
         recipe.shards.inputs_per_shard = max(1, args.n)
         t0 = time.perf_counter()
         m = run_local(recipe, work / "ds", models, limit=args.n + 1, progress=False, stages=stages)
         chain = time.perf_counter() - t0
         t = m["totals"]
-        out.update({"chain_s": round(chain, 2), "chain_diptychs_per_min": round(60 * t["inputs"] / chain, 2),
-                    "inputs": t["inputs"], "accepted": t["accepted"], "rejected": t["rejected"],
-                    "samples": t["samples"], "rejected_by_reason": t["rejected_by_reason"]})
+        out.update(
+            {
+                "chain_s": round(chain, 2),
+                "chain_diptychs_per_min": round(60 * t["inputs"] / chain, 2),
+                "inputs": t["inputs"],
+                "accepted": t["accepted"],
+                "rejected": t["rejected"],
+                "samples": t["samples"],
+                "rejected_by_reason": t["rejected_by_reason"],
+            }
+        )
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")

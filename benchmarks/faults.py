@@ -52,9 +52,16 @@ class OneSample:
         for it in items:
             if it.ok:
                 img = it.target.image
-                it.samples = [Sample(key=sample_key(it.record.source, it.record.id), ref=img, tgt=img,
-                                     mask=np.ones(img.shape[:2], bool), caption="x",
-                                     meta={"pair": "intra", "source_id": it.record.id})]
+                it.samples = [
+                    Sample(
+                        key=sample_key(it.record.source, it.record.id),
+                        ref=img,
+                        tgt=img,
+                        mask=np.ones(img.shape[:2], bool),
+                        caption="x",
+                        meta={"pair": "intra", "source_id": it.record.id},
+                    )
+                ]
         return items
 
 
@@ -85,8 +92,12 @@ def recipe_dict(root: Path, stages: str) -> dict:
         raw.setdefault("filters", {})["min_image_side"] = 8
         raw["shards"] = {**raw.get("shards", {}), "inputs_per_shard": 3}
         return raw
-    return {"source": {"kind": "folder", "root": str(root)}, "filters": {"min_image_side": 8},
-            "dedup": {"max_distance": 4, "hash_size": 8}, "shards": {"inputs_per_shard": 3}}
+    return {
+        "source": {"kind": "folder", "root": str(root)},
+        "filters": {"min_image_side": 8},
+        "dedup": {"max_distance": 4, "hash_size": 8},
+        "shards": {"inputs_per_shard": 3},
+    }
 
 
 def child(args: argparse.Namespace) -> int:
@@ -135,14 +146,26 @@ def child(args: argparse.Namespace) -> int:
 
 
 def start(args: argparse.Namespace, recipe: Path, out: Path, models: str | None) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--child", "--recipe", str(recipe), "--out", str(out),
-           "--stages", args.stages, "--executor", args.executor]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--recipe",
+        str(recipe),
+        "--out",
+        str(out),
+        "--stages",
+        args.stages,
+        "--executor",
+        args.executor,
+    ]
     if models:
         cmd += ["--models", models]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     # a session of its own: SIGKILL to the group takes the child's helpers (Ray's processes) with it
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
 
 
 STARTS = {"failed": 0}
@@ -169,8 +192,11 @@ def finish(p: subprocess.Popen) -> None:
 
 
 def files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.relative_to(root).as_posix().startswith(".progress/")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.relative_to(root).as_posix().startswith(".progress/")
+    }
 
 
 def temp_bytes(root: Path) -> int:
@@ -225,14 +251,24 @@ def run(args: argparse.Namespace) -> dict:
             shards_identical &= s_eq
             survived += int(m_eq and s_eq and round_lost == 0)
             shutil.rmtree(out, ignore_errors=True)
-        return {"executor": args.executor, "stages": args.stages, "inputs": args.inputs,
-                "reference_run_s": round(duration, 2), "kills_injected": injected, "rounds": rounds,
-                "rounds_survived": survived, "restarts": restarts,
-                "survived": bool(survived == rounds and lost == 0),
-                "shards_identical": shards_identical, "manifest_equal": manifests_equal,
-                "bytes_lost": lost, "unexpected_files": extra, "temp_bytes_left_by_kills": leftovers,
-                "child_start_failures_retried": STARTS["failed"],
-                "shards": sum(1 for k in a if k.startswith("shards/"))}
+        return {
+            "executor": args.executor,
+            "stages": args.stages,
+            "inputs": args.inputs,
+            "reference_run_s": round(duration, 2),
+            "kills_injected": injected,
+            "rounds": rounds,
+            "rounds_survived": survived,
+            "restarts": restarts,
+            "survived": bool(survived == rounds and lost == 0),
+            "shards_identical": shards_identical,
+            "manifest_equal": manifests_equal,
+            "bytes_lost": lost,
+            "unexpected_files": extra,
+            "temp_bytes_left_by_kills": leftovers,
+            "child_start_failures_retried": STARTS["failed"],
+            "shards": sum(1 for k in a if k.startswith("shards/")),
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -71,10 +71,20 @@ def setup(root: Path, steps: int) -> tuple[dict, Path]:
     cross = write_dataset(root / "cross", [2, 3], pair="cross", start=50, size=64)
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "tiny.yaml").read_text())
     half = steps // 2
-    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": half, "pair": "intra", "data": [str(intra)]},
-                       {"name": "cross", "steps": steps - half, "pair": "cross", "data": [str(cross)]}],
-               lr=1e-2, checkpoint_every=1, keep_checkpoints=2, eval_every=0, sample_every=0, data_workers=0,
-               log_every=1)
+    cfg = set_keys(
+        cfg,
+        stages=[
+            {"name": "intra", "steps": half, "pair": "intra", "data": [str(intra)]},
+            {"name": "cross", "steps": steps - half, "pair": "cross", "data": [str(cross)]},
+        ],
+        lr=1e-2,
+        checkpoint_every=1,
+        keep_checkpoints=2,
+        eval_every=0,
+        sample_every=0,
+        data_workers=0,
+        log_every=1,
+    )
     spec = RunSpec(config=TrainConfig.from_dict(cfg).to_dict(), data=[], out="", models=str(models), run_id="")
     return asdict(spec), models
 
@@ -84,15 +94,20 @@ def launch(spec: dict, out: Path, resume: bool, log) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / ".spec.json"
     spec_path.write_text(json.dumps({**spec, "out": str(out), "resume": resume}))
-    code = ("import os, subprocess, sys\n"
-            "env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[2], WORLD_SIZE='2')\n"
-            "ps = [subprocess.Popen([sys.executable, sys.argv[1], '--worker', sys.argv[3]],"
-            " env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(2)]\n"
-            "sys.exit(max(p.wait() for p in ps))\n")
-    return subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).resolve()), str(_free_port()),
-                             str(spec_path)], start_new_session=True, stdout=log, stderr=log,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                [str(REPO), os.environ.get("PYTHONPATH", "")])})
+    code = (
+        "import os, subprocess, sys\n"
+        "env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[2], WORLD_SIZE='2')\n"
+        "ps = [subprocess.Popen([sys.executable, sys.argv[1], '--worker', sys.argv[3]],"
+        " env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(2)]\n"
+        "sys.exit(max(p.wait() for p in ps))\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(Path(__file__).resolve()), str(_free_port()), str(spec_path)],
+        start_new_session=True,
+        stdout=log,
+        stderr=log,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+    )
 
 
 def newest_step(out: Path) -> int:
@@ -119,8 +134,9 @@ def logged_steps(out: Path, since: int = 0) -> list[int]:
     return [json.loads(x)["step"] for x in metric_lines(out)[since:] if '"loss"' in x]
 
 
-def wait_for_kill_point(p: subprocess.Popen, out: Path, rng: random.Random, startup_s: float, step_s: float
-                        ) -> dict | None:
+def wait_for_kill_point(
+    p: subprocess.Popen, out: Path, rng: random.Random, startup_s: float, step_s: float
+) -> dict | None:
     """Waits for a random kill point; None when the run ended first.
 
     15 % of kills land during start-up (models loading, checkpoint recovery, resume); the rest right
@@ -151,8 +167,16 @@ def wait_for_kill_point(p: subprocess.Popen, out: Path, rng: random.Random, star
     return point if p.poll() is None else None
 
 
-def run_faulted(spec: dict, out: Path, kills: int, rng: random.Random, startup_s: float, step_s: float, log,
-                progress: Path | None = None) -> dict:
+def run_faulted(
+    spec: dict,
+    out: Path,
+    kills: int,
+    rng: random.Random,
+    startup_s: float,
+    step_s: float,
+    log,
+    progress: Path | None = None,
+) -> dict:
     """Kill/resume cycles; a kill *survived* when the next start that got going resumed at a step no older
     than the newest checkpoint complete just before the kill."""
     events: list[dict] = []
@@ -183,8 +207,13 @@ def run_faulted(spec: dict, out: Path, kills: int, rng: random.Random, startup_s
         for e in pending:  # a start that failed: those kills lost something
             e.update(survived=False, exit_status=rc)
         survived = sum(bool(e.get("survived")) for e in events)
-        return {"injected": len(events), "survived": survived, "lost": len(events) - survived,
-                "completed": rc == 0, "events": events}
+        return {
+            "injected": len(events),
+            "survived": survived,
+            "lost": len(events) - survived,
+            "completed": rc == 0,
+            "events": events,
+        }
 
 
 def compare(ref: Path, got: Path, steps: int) -> dict:
@@ -198,15 +227,22 @@ def compare(ref: Path, got: Path, steps: int) -> dict:
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss"] for r in rows if "loss" in r}  # a redone step logs the same loss again
 
-    return {"weights_bitwise_equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
-            "losses_equal": losses(ref) == losses(got), "tensors": len(a)}
+    return {
+        "weights_bitwise_equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
+        "losses_equal": losses(ref) == losses(got),
+        "tensors": len(a),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: kills + 4; a kill after "
-                    "start-up advances the run by one step at least)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: kills + 4; a kill after start-up advances the run by one step at least)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="write the result here")
@@ -227,11 +263,25 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [json.loads(x) for x in (root / "reference" / "metrics.jsonl").read_text().splitlines()]
         startup = next(r["time"] for r in rows if r.get("event") == "start") - t0
         step_s = (t1 - t0 - startup) / args.steps
-        result = run_faulted(spec, root / "faulted", args.kills, random.Random(args.seed), startup, step_s, log,
-                             progress=root / "progress.json")
+        result = run_faulted(
+            spec,
+            root / "faulted",
+            args.kills,
+            random.Random(args.seed),
+            startup,
+            step_s,
+            log,
+            progress=root / "progress.json",
+        )
     ref_s = t1 - t0
-    result.update(compare(root / "reference", root / "faulted", args.steps), reference_s=round(ref_s, 1),
-                  startup_s=round(startup, 1), step_s=round(step_s, 2), steps=args.steps, root=str(root))
+    result.update(
+        compare(root / "reference", root / "faulted", args.steps),
+        reference_s=round(ref_s, 1),
+        startup_s=round(startup, 1),
+        step_s=round(step_s, 2),
+        steps=args.steps,
+        root=str(root),
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "events"}, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

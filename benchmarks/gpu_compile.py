@@ -77,13 +77,26 @@ def host_syncs(fn, device: torch.device) -> int | None:
 
 # ----------------------------------------------------------------------------- (a) training
 def bench_train_compile(sizes, device: torch.device, repeats: int) -> list[dict]:
-    from gpu_suite import (build_adapter, build_clip_vision, build_transformer, image_ids, reset_peak,
-                           step_figures, timed, train_flops)
+    from gpu_suite import (
+        build_adapter,
+        build_clip_vision,
+        build_transformer,
+        image_ids,
+        reset_peak,
+        step_figures,
+        timed,
+        train_flops,
+    )
 
     from dynaip.train.config import OptimConfig
     from dynaip.train.optim import make_optimizer
-    from dynaip.train.step import (LossConfig, configure_attention_backends, disable_checkpointing,
-                                   enable_checkpointing, flow_matching_loss)
+    from dynaip.train.step import (
+        LossConfig,
+        configure_attention_backends,
+        disable_checkpointing,
+        enable_checkpointing,
+        flow_matching_loss,
+    )
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -109,25 +122,42 @@ def bench_train_compile(sizes, device: torch.device, repeats: int) -> list[dict]
             feats = dict(
                 x0=torch.randn(batch, n_img, transformer.config.in_channels, device=device, dtype=dtype),
                 img_ids=image_ids(sizes, device, dtype),
-                txt=torch.randn(batch, sizes.text_tokens, transformer.config.joint_attention_dim, device=device,
-                                dtype=dtype),
+                txt=torch.randn(
+                    batch, sizes.text_tokens, transformer.config.joint_attention_dim, device=device, dtype=dtype
+                ),
                 pooled=torch.randn(batch, transformer.config.pooled_projection_dim, device=device, dtype=dtype),
-                txt_ids=torch.zeros(sizes.text_tokens, 3, device=device, dtype=dtype))
+                txt_ids=torch.zeros(sizes.text_tokens, 3, device=device, dtype=dtype),
+            )
             refs = torch.rand(batch, 3, sizes.clip_size, sizes.clip_size, device=device)
             no_drop = torch.zeros(batch, dtype=torch.bool)
 
             def step():
                 hidden = clip(clip.normalize(refs).to(dtype))
-                loss = flow_matching_loss(transformer, sched_cfg, adapter, adapter, **feats,
-                                          image_size=(sizes.resolution, sizes.resolution), hidden=hidden,
-                                          drop_image=no_drop, settings=settings, generator=gen, autocast=autocast)
+                loss = flow_matching_loss(
+                    transformer,
+                    sched_cfg,
+                    adapter,
+                    adapter,
+                    **feats,
+                    image_size=(sizes.resolution, sizes.resolution),
+                    hidden=hidden,
+                    drop_image=no_drop,
+                    settings=settings,
+                    generator=gen,
+                    autocast=autocast,
+                )
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            row = {"compile": compiled, "batch_per_rank": batch, "blocks_recomputed": recomputed,
-                   "attention": attention, "fused_adamw": bool(optimizer.defaults.get("fused"))}
+            row = {
+                "compile": compiled,
+                "batch_per_rank": batch,
+                "blocks_recomputed": recomputed,
+                "attention": attention,
+                "fused_adamw": bool(optimizer.defaults.get("fused")),
+            }
             try:
                 reset_peak(device)
                 first = timed(step, device)  # compiled: traces and compiles the block classes
@@ -142,14 +172,20 @@ def bench_train_compile(sizes, device: torch.device, repeats: int) -> list[dict]
                 rows.append(row)
                 print(f"train compile={compiled} batch {batch}: out of memory", flush=True)
                 continue
-            row.update(step_figures(times, train_flops(sizes, batch, adapter.config, clip_params,
-                                                       recomputed / n_blocks), device))
+            row.update(
+                step_figures(
+                    times, train_flops(sizes, batch, adapter.config, clip_params, recomputed / n_blocks), device
+                )
+            )
             sec = row["seconds_per_step"]
             row["compile_overhead_s"] = first - sec
             row["first_step_s"] = first
             rows.append(row)
-            print(f"train compile={compiled} batch {batch}, {recomputed} recomputed: {sec:.3f} s/step, first "
-                  f"{first:.1f} s, peak {row['peak_memory_gib']} GiB, MFU {row['mfu']}", flush=True)
+            print(
+                f"train compile={compiled} batch {batch}, {recomputed} recomputed: {sec:.3f} s/step, first "
+                f"{first:.1f} s, peak {row['peak_memory_gib']} GiB, MFU {row['mfu']}",
+                flush=True,
+            )
     disable_checkpointing(transformer)
     _compile(transformer, device, False)
     adapter.detach(transformer)
@@ -188,12 +224,17 @@ def bench_generate_compile(sizes, device: torch.device, repeats: int) -> dict:
                 samples[name].append(run(name))
         med = {name: statistics.median(v) for name, v in samples.items()}
         mode = "compiled" if compiled else "eager"
-        result[mode] = {"seconds_per_step": med, "seconds_all": samples, "first_call_s": first,
-                        "ratio_to_bare": {name: med[name] / med["bare"] for name in med},
-                        "graphs_compiled_while_timing": _graphs() - graphs}
+        result[mode] = {
+            "seconds_per_step": med,
+            "seconds_all": samples,
+            "first_call_s": first,
+            "ratio_to_bare": {name: med[name] / med["bare"] for name in med},
+            "graphs_compiled_while_timing": _graphs() - graphs,
+        }
         print(f"generate {mode}:", {k: round(v, 4) for k, v in med.items()}, flush=True)
-    result["compiled_over_eager"] = {name: result["compiled"]["seconds_per_step"][name]
-                                     / result["eager"]["seconds_per_step"][name] for name in conds}
+    result["compiled_over_eager"] = {
+        name: result["compiled"]["seconds_per_step"][name] / result["eager"]["seconds_per_step"][name] for name in conds
+    }
     _compile(transformer, device, False)
     adapter.detach(transformer)
     return result
@@ -211,15 +252,26 @@ def probe_attention(name: str, smoke: bool, repeats: int) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = {"batch": 1, "heads": 2, "head_dim": 16, "tokens": 64} if smoke else ATTENTION_SHAPE
     row: dict = {"backend": name, **shape}
-    why = check_backend(name, device, dtype, shape["heads"], shape["head_dim"], tokens=shape["tokens"],
-                        batch=shape["batch"])
+    why = check_backend(
+        name, device, dtype, shape["heads"], shape["head_dim"], tokens=shape["tokens"], batch=shape["batch"]
+    )
     row["check"] = "passed" if why is None else why
     if why is not None:
         return row
     from torch.nn.attention import sdpa_kernel
 
-    q, k, v = (torch.randn(shape["batch"], shape["heads"], shape["tokens"], shape["head_dim"], device=device,
-                           dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(
+            shape["batch"],
+            shape["heads"],
+            shape["tokens"],
+            shape["head_dim"],
+            device=device,
+            dtype=dtype,
+            requires_grad=True,
+        )
+        for _ in range(3)
+    )
 
     def fwd_bwd():
         with sdpa_kernel([SDP[name]]):
@@ -264,36 +316,54 @@ def markdown(report: dict) -> list[str]:
 
     lines: list[str] = []
     if "attention" in report:
-        lines += ["## SDPA backends (FLUX attention shape, forward + backward, checked against math)", "",
-                  "| backend | check | s fwd+bwd | TFLOP/s |", "|---|---|---|---|"]
+        lines += [
+            "## SDPA backends (FLUX attention shape, forward + backward, checked against math)",
+            "",
+            "| backend | check | s fwd+bwd | TFLOP/s |",
+            "|---|---|---|---|",
+        ]
         for r in report["attention"]:
-            lines.append(f"| {r['backend']} | {r['check']} | {f(r.get('seconds_fwd_bwd'), '{:.4f}')} | "
-                         f"{f(r.get('tflops'), '{:.0f}')} |")
+            lines.append(
+                f"| {r['backend']} | {r['check']} | {f(r.get('seconds_fwd_bwd'), '{:.4f}')} | "
+                f"{f(r.get('tflops'), '{:.0f}')} |"
+            )
         lines.append("")
     if isinstance(report.get("train"), list) and report["train"] and "compile" in report["train"][0]:
-        lines += [f"## Training step, compile off/on ({report['resolution']}², world size 1, fused AdamW)", "",
-                  "| compile | batch/rank | blocks recomputed | s/step | first step s | peak GiB | MFU | HFU | "
-                  "host syncs/step |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## Training step, compile off/on ({report['resolution']}², world size 1, fused AdamW)",
+            "",
+            "| compile | batch/rank | blocks recomputed | s/step | first step s | peak GiB | MFU | HFU | "
+            "host syncs/step |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in report["train"]:
             if "error" in r:
-                lines.append(f"| {r['compile']} | {r['batch_per_rank']} | {r['blocks_recomputed']} | {r['error']} "
-                             "| | | | | |")
+                lines.append(
+                    f"| {r['compile']} | {r['batch_per_rank']} | {r['blocks_recomputed']} | {r['error']} | | | | | |"
+                )
                 continue
-            lines.append(f"| {r['compile']} | {r['batch_per_rank']} | {r['blocks_recomputed']} | "
-                         f"{f(r['seconds_per_step'])} | {f(r['first_step_s'], '{:.1f}')} | "
-                         f"{f(r['peak_memory_gib'], '{:.1f}')} | {f(r['mfu'], '{:.1%}')} | {f(r['hfu'], '{:.1%}')} | "
-                         f"{r['host_syncs_per_step'] if r['host_syncs_per_step'] is not None else 'n/a'} |")
+            lines.append(
+                f"| {r['compile']} | {r['batch_per_rank']} | {r['blocks_recomputed']} | "
+                f"{f(r['seconds_per_step'])} | {f(r['first_step_s'], '{:.1f}')} | "
+                f"{f(r['peak_memory_gib'], '{:.1f}')} | {f(r['mfu'], '{:.1%}')} | {f(r['hfu'], '{:.1%}')} | "
+                f"{r['host_syncs_per_step'] if r['host_syncs_per_step'] is not None else 'n/a'} |"
+            )
         lines.append("")
     gen = report.get("generate")
     if isinstance(gen, dict) and "compiled" in gen:
-        lines += [f"## Generation, eager and compiled ({report['resolution']}², per denoising step, batch 1)", "",
-                  "| conditioning | eager s/step | × bare | compiled s/step | × bare (compiled) | compiled/eager |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            f"## Generation, eager and compiled ({report['resolution']}², per denoising step, batch 1)",
+            "",
+            "| conditioning | eager s/step | × bare | compiled s/step | × bare (compiled) | compiled/eager |",
+            "|---|---|---|---|---|---|",
+        ]
         for name in gen["eager"]["seconds_per_step"]:
             e, c = gen["eager"], gen["compiled"]
-            lines.append(f"| {name} | {f(e['seconds_per_step'][name], '{:.4f}')} | {f(e['ratio_to_bare'][name])} | "
-                         f"{f(c['seconds_per_step'][name], '{:.4f}')} | {f(c['ratio_to_bare'][name])} | "
-                         f"{f(gen['compiled_over_eager'][name])} |")
+            lines.append(
+                f"| {name} | {f(e['seconds_per_step'][name], '{:.4f}')} | {f(e['ratio_to_bare'][name])} | "
+                f"{f(c['seconds_per_step'][name], '{:.4f}')} | {f(c['ratio_to_bare'][name])} | "
+                f"{f(gen['compiled_over_eager'][name])} |"
+            )
         lines.append("")
     return lines
 

@@ -71,14 +71,16 @@ def box_agreement(ref: list[list], got: list[list]) -> tuple[float | None, float
             continue
         rb, gb = np.array([d.box for d in r_img]), np.array([d.box for d in g_img])
         ok = box_iou(rb, gb) >= MATCH_IOU
-        ok &= np.abs(np.array([d.score for d in r_img])[:, None] - np.array([e.score for e in g_img])[None]) <= MATCH_SCORE
+        ok &= (
+            np.abs(np.array([d.score for d in r_img])[:, None] - np.array([e.score for e in g_img])[None])
+            <= MATCH_SCORE
+        )
         for i in np.flatnonzero(ok.any(axis=1)):
             matched += 1
             diff = np.abs(rb[i] - gb[ok[i]]).max(axis=1)
             worst = max(worst, float(diff.min()))
             same += r_img[i].phrase == g_img[int(np.flatnonzero(ok[i])[diff.argmin()])].phrase
-    return ((matched / total if total else None), (same / matched if matched else None),
-            (worst if matched else None))
+    return ((matched / total if total else None), (same / matched if matched else None), (worst if matched else None))
 
 
 def mask_agreement(ref: list[tuple], got: list[tuple]) -> float:
@@ -115,8 +117,17 @@ def models_part(sizes: Sizes, device: torch.device, repeats: int, detector_model
     return rows, limit
 
 
-def precision_rows(sizes: Sizes, device: torch.device, repeats: int, detector_model, sam, precision: str,
-                   boxes: np.ndarray, reference: dict, limit: dict) -> list[dict]:
+def precision_rows(
+    sizes: Sizes,
+    device: torch.device,
+    repeats: int,
+    detector_model,
+    sam,
+    precision: str,
+    boxes: np.ndarray,
+    reference: dict,
+    limit: dict,
+) -> list[dict]:
     """The rows of one precision; fills ``reference`` (fp32 outputs) and ``limit`` (FLOPs) on the first."""
     from dynaip.models.grounding_dino import GroundingDinoDetector
     from dynaip.models.sam import SamBoxSegmenter
@@ -127,12 +138,19 @@ def precision_rows(sizes: Sizes, device: torch.device, repeats: int, detector_mo
     segmenter = SamBoxSegmenter(sam, device=device, precision=precision)
     if not limit:  # counted once, at fp32 (the FLOPs do not depend on the precision)
         one = photos(sizes, 1)
-        fd = flops_per_image(lambda: detector.detect(one, ["person . animal . cup ."], box_threshold=0.35,
-                                                     text_threshold=0.25))
+        fd = flops_per_image(
+            lambda: detector.detect(one, ["person . animal . cup ."], box_threshold=0.35, text_threshold=0.25)
+        )
         fs = flops_per_image(lambda: segmenter.segment(one, [boxes]))
         peak = gpu_peak_tflops(device)
-        limit.update({"detect_tflop_per_image": fd / 1e12, "segment_tflop_per_image": fs / 1e12,
-                      "peak_bf16_tflops": peak, "limit_images_per_s": (peak * 1e12 / (fd + fs)) if peak else None})
+        limit.update(
+            {
+                "detect_tflop_per_image": fd / 1e12,
+                "segment_tflop_per_image": fs / 1e12,
+                "peak_bf16_tflops": peak,
+                "limit_images_per_s": (peak * 1e12 / (fd + fs)) if peak else None,
+            }
+        )
     for batch in sizes.batches_curate:
         imgs = photos(sizes, batch)
         caps = ["person . animal . cup ."] * batch
@@ -144,19 +162,27 @@ def precision_rows(sizes: Sizes, device: torch.device, repeats: int, detector_mo
         ts = statistics.median(timed(seg, device) for _ in range(repeats))
         all_dets = detector.detect(imgs, caps, box_threshold=0.0, text_threshold=0.0)
         masks = seg()
-        row = {"precision": precision, "batch": batch, "detect_images_per_s": batch / td,
-               "segment_images_per_s": batch / ts, "detect_plus_segment_images_per_s": batch / (td + ts),
-               "peak_memory_gib": peak_gib(device)}
+        row = {
+            "precision": precision,
+            "batch": batch,
+            "detect_images_per_s": batch / td,
+            "segment_images_per_s": batch / ts,
+            "detect_plus_segment_images_per_s": batch / (td + ts),
+            "peak_memory_gib": peak_gib(device),
+        }
         if precision == "fp32":
             reference[batch] = (all_dets, masks)
         else:
             row["mask_iou_vs_fp32"] = mask_agreement(reference[batch][1], masks)
-            (row["box_match_vs_fp32"], row["phrase_match_vs_fp32"],
-             row["box_max_abs_px"]) = box_agreement(reference[batch][0], all_dets)
+            (row["box_match_vs_fp32"], row["phrase_match_vs_fp32"], row["box_max_abs_px"]) = box_agreement(
+                reference[batch][0], all_dets
+            )
         rows.append(row)
-        print(f"curate {precision} batch {batch}: detect {batch / td:.2f} img/s, segment {batch / ts:.2f} img/s"
-              + (f", mask IoU vs fp32 {row['mask_iou_vs_fp32']:.4f}" if "mask_iou_vs_fp32" in row else ""),
-              flush=True)
+        print(
+            f"curate {precision} batch {batch}: detect {batch / td:.2f} img/s, segment {batch / ts:.2f} img/s"
+            + (f", mask IoU vs fp32 {row['mask_iou_vs_fp32']:.4f}" if "mask_iou_vs_fp32" in row else ""),
+            flush=True,
+        )
     return rows
 
 
@@ -199,9 +225,13 @@ def end_to_end(sizes: Sizes, device: torch.device, detector_model, sam) -> list[
             stages = build_stages(recipe, None)
             for s in stages:
                 if s.name == "detect":
-                    s._detector = GroundingDinoDetector(detector_model, size=recipe.detection.image_size,
-                                                        max_size=recipe.detection.max_size, device=device,
-                                                        precision="auto")
+                    s._detector = GroundingDinoDetector(
+                        detector_model,
+                        size=recipe.detection.image_size,
+                        max_size=recipe.detection.max_size,
+                        device=device,
+                        precision="auto",
+                    )
                 elif s.name == "segment":
                     s._segmenter = SamBoxSegmenter(sam, device=device, precision="auto")
             run_local(recipe, Path(tmp) / f"warm{prefetch}", None, limit=batch, progress=False, stages=stages)
@@ -209,11 +239,23 @@ def end_to_end(sizes: Sizes, device: torch.device, detector_model, sam) -> list[
             manifest = run_local(recipe, Path(tmp) / f"ds{prefetch}", None, progress=False, stages=stages)
             wall = time.perf_counter() - t0
             t = manifest["totals"]
-            rows.append({"precision": precision, "prefetch": prefetch, "batch": batch, "inputs": t["inputs"],
-                         "accepted": t["accepted"], "wall_s": wall, "images_per_s": t["inputs"] / wall,
-                         "rejected_by_reason": t["rejected_by_reason"]})
-            print(f"curate end-to-end prefetch {prefetch}: {t['inputs'] / wall:.2f} img/s "
-                  f"({t['accepted']}/{t['inputs']} accepted)", flush=True)
+            rows.append(
+                {
+                    "precision": precision,
+                    "prefetch": prefetch,
+                    "batch": batch,
+                    "inputs": t["inputs"],
+                    "accepted": t["accepted"],
+                    "wall_s": wall,
+                    "images_per_s": t["inputs"] / wall,
+                    "rejected_by_reason": t["rejected_by_reason"],
+                }
+            )
+            print(
+                f"curate end-to-end prefetch {prefetch}: {t['inputs'] / wall:.2f} img/s "
+                f"({t['accepted']}/{t['inputs']} accepted)",
+                flush=True,
+            )
     return rows
 
 
@@ -230,28 +272,42 @@ def bench_curate(sizes: Sizes, device: torch.device, repeats: int) -> dict:
 
 def markdown(curate: dict) -> list[str]:
     """The report's curation section (lines)."""
+
     def f(x, fmt="{:.2f}"):
         return "n/a" if x is None else fmt.format(x)
 
-    lines = ["## Curation models", "",
-             "| precision | batch | detect img/s | segment img/s | both img/s | peak GiB | mask IoU vs fp32 | "
-             "boxes matched vs fp32 | same phrase | max box diff px |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Curation models",
+        "",
+        "| precision | batch | detect img/s | segment img/s | both img/s | peak GiB | mask IoU vs fp32 | "
+        "boxes matched vs fp32 | same phrase | max box diff px |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in curate["models"]:
         if "error" in r:
             lines.append(f"| {r['precision']} | {r['error']} | | | | | | | | |")
             continue
-        lines.append(f"| {r['precision']} | {r['batch']} | {f(r['detect_images_per_s'])} | {f(r['segment_images_per_s'])} | "
-                     f"{f(r['detect_plus_segment_images_per_s'])} | {f(r['peak_memory_gib'], '{:.1f}')} | "
-                     f"{f(r.get('mask_iou_vs_fp32'), '{:.4f}')} | {f(r.get('box_match_vs_fp32'), '{:.3f}')} | "
-                     f"{f(r.get('phrase_match_vs_fp32'), '{:.3f}')} | {f(r.get('box_max_abs_px'), '{:.1f}')} |")
+        lines.append(
+            f"| {r['precision']} | {r['batch']} | {f(r['detect_images_per_s'])} | {f(r['segment_images_per_s'])} | "
+            f"{f(r['detect_plus_segment_images_per_s'])} | {f(r['peak_memory_gib'], '{:.1f}')} | "
+            f"{f(r.get('mask_iou_vs_fp32'), '{:.4f}')} | {f(r.get('box_match_vs_fp32'), '{:.3f}')} | "
+            f"{f(r.get('phrase_match_vs_fp32'), '{:.3f}')} | {f(r.get('box_max_abs_px'), '{:.1f}')} |"
+        )
     lm = curate["limit"]
-    lines += ["", f"FLOPs per image: detect {f(lm['detect_tflop_per_image'], '{:.3f}')} TFLOP, segment "
-              f"{f(lm['segment_tflop_per_image'], '{:.3f}')} TFLOP; at {f(lm['peak_bf16_tflops'], '{:.0f}')} TFLOP/s "
-              f"(dense bf16 peak) the limit is {f(lm['limit_images_per_s'], '{:.0f}')} images/s; best reached "
-              f"{f(lm.get('fraction_reached'), '{:.1%}')}.", "",
-              "| end to end (one chunk worker) | prefetch | batch | inputs | accepted | img/s |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"FLOPs per image: detect {f(lm['detect_tflop_per_image'], '{:.3f}')} TFLOP, segment "
+        f"{f(lm['segment_tflop_per_image'], '{:.3f}')} TFLOP; at {f(lm['peak_bf16_tflops'], '{:.0f}')} TFLOP/s "
+        f"(dense bf16 peak) the limit is {f(lm['limit_images_per_s'], '{:.0f}')} images/s; best reached "
+        f"{f(lm.get('fraction_reached'), '{:.1%}')}.",
+        "",
+        "| end to end (one chunk worker) | prefetch | batch | inputs | accepted | img/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in curate["end_to_end"]:
-        lines.append(f"| {r['precision']} | {r['prefetch']} | {r['batch']} | {r['inputs']} | {r['accepted']} | "
-                     f"{f(r['images_per_s'])} |")
+        lines.append(
+            f"| {r['precision']} | {r['prefetch']} | {r['batch']} | {r['inputs']} | {r['accepted']} | "
+            f"{f(r['images_per_s'])} |"
+        )
     lines.append("")
     return lines

@@ -168,8 +168,9 @@ def build_clip_vision(sizes: Sizes, device: torch.device, dtype: torch.dtype, la
         model = open_clip.CLIP(**TINY_CLIP_CONFIG)
     else:
         model = open_clip.create_model("ViT-L-14-336", pretrained=None)
-    tower = ClipVisionTower(model.visual, layers, (0.48145466, 0.4578275, 0.40821073),
-                            (0.26862954, 0.26130258, 0.27577711))
+    tower = ClipVisionTower(
+        model.visual, layers, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    )
     return tower.to(device=device, dtype=dtype)
 
 
@@ -183,10 +184,17 @@ def image_ids(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> torch.T
 # ----------------------------------------------------------------------------- (a) training step
 def train_flops(sizes: Sizes, batch: int, adapter_cfg, clip_params: int, recomputed: float = 1.0) -> dict[str, float]:
     """Analytic FLOPs of one step; ``recomputed``: the fraction of blocks that recompute in backward."""
-    s = Shape(image_tokens=(sizes.resolution // 16) ** 2, text_tokens=sizes.text_tokens,
-              ref_tokens=adapter_cfg.clip_tokens, inner=adapter_cfg.inner_dim, double=adapter_cfg.num_double_blocks,
-              single=adapter_cfg.num_single_blocks, clip_width=adapter_cfg.clip_width,
-              expert_dim=adapter_cfg.expert_dim, ref_dim=adapter_cfg.ref_dim)
+    s = Shape(
+        image_tokens=(sizes.resolution // 16) ** 2,
+        text_tokens=sizes.text_tokens,
+        ref_tokens=adapter_cfg.clip_tokens,
+        inner=adapter_cfg.inner_dim,
+        double=adapter_cfg.num_double_blocks,
+        single=adapter_cfg.num_single_blocks,
+        clip_width=adapter_cfg.clip_width,
+        expert_dim=adapter_cfg.expert_dim,
+        ref_dim=adapter_cfg.ref_dim,
+    )
     base = base_flops(s)["total"]
     # branches="both": CA on every text and image row; K/V recomputed each step (they get gradients)
     s_all = Shape(**{**vars(s), "image_tokens": s.image_tokens + s.text_tokens})
@@ -200,8 +208,13 @@ def train_flops(sizes: Sizes, batch: int, adapter_cfg, clip_params: int, recompu
 
 
 def bench_train(sizes: Sizes, device: torch.device, repeats: int, profile_dir: Path | None = None) -> list[dict]:
-    from dynaip.train.step import (LossConfig, configure_attention_backends, disable_checkpointing,
-                                   enable_checkpointing, flow_matching_loss)
+    from dynaip.train.step import (
+        LossConfig,
+        configure_attention_backends,
+        disable_checkpointing,
+        enable_checkpointing,
+        flow_matching_loss,
+    )
 
     configure_attention_backends(device)  # as the trainer does
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -224,7 +237,9 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, profile_dir: P
         feats = dict(
             x0=torch.randn(batch, n_img, transformer.config.in_channels, device=device, dtype=dtype),
             img_ids=image_ids(sizes, device, dtype),
-            txt=torch.randn(batch, sizes.text_tokens, transformer.config.joint_attention_dim, device=device, dtype=dtype),
+            txt=torch.randn(
+                batch, sizes.text_tokens, transformer.config.joint_attention_dim, device=device, dtype=dtype
+            ),
             pooled=torch.randn(batch, transformer.config.pooled_projection_dim, device=device, dtype=dtype),
             txt_ids=torch.zeros(sizes.text_tokens, 3, device=device, dtype=dtype),
         )
@@ -232,10 +247,19 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, profile_dir: P
 
         def step():
             hidden = clip(clip.normalize(refs).to(dtype))
-            loss = flow_matching_loss(transformer, sched_cfg, adapter, adapter, **feats,
-                                      image_size=(sizes.resolution, sizes.resolution), hidden=hidden,
-                                      drop_image=torch.zeros(batch, dtype=torch.bool), settings=settings,
-                                      generator=gen, autocast=autocast)
+            loss = flow_matching_loss(
+                transformer,
+                sched_cfg,
+                adapter,
+                adapter,
+                **feats,
+                image_size=(sizes.resolution, sizes.resolution),
+                hidden=hidden,
+                drop_image=torch.zeros(batch, dtype=torch.bool),
+                settings=settings,
+                generator=gen,
+                autocast=autocast,
+            )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
             optimizer.step()
@@ -253,12 +277,16 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, profile_dir: P
             rows.append(row)
             print(f"train batch {batch}, {keep} blocks kept: out of memory", flush=True)
             continue
-        row.update(step_figures(times, train_flops(sizes, batch, adapter.config, clip_params, recomputed / n_blocks),
-                                device))
+        row.update(
+            step_figures(times, train_flops(sizes, batch, adapter.config, clip_params, recomputed / n_blocks), device)
+        )
         sec = row["seconds_per_step"]
         rows.append(row)
-        print(f"train batch {batch}, {keep} blocks kept: {sec:.3f} s/step, peak {row['peak_memory_gib']} GiB, "
-              f"MFU {row['mfu']}", flush=True)
+        print(
+            f"train batch {batch}, {keep} blocks kept: {sec:.3f} s/step, peak {row['peak_memory_gib']} GiB, "
+            f"MFU {row['mfu']}",
+            flush=True,
+        )
         if profile_dir is not None and keep == 0 and batch == max(sizes.batches_train):
             from torch.profiler import ProfilerActivity, profile
 
@@ -279,12 +307,14 @@ def stripe_masks(k: int, size: int) -> list[torch.Tensor]:
     masks = []
     for i in range(k):
         m = torch.zeros(size, size)
-        m[i * size // k:(i + 1) * size // k] = 1
+        m[i * size // k : (i + 1) * size // k] = 1
         masks.append(m)
     return masks
 
 
-def build_text_and_vae(sizes: Sizes, device: torch.device, dtype: torch.dtype, smoke_vocab: tuple[int, int] = (128, 128)):
+def build_text_and_vae(
+    sizes: Sizes, device: torch.device, dtype: torch.dtype, smoke_vocab: tuple[int, int] = (128, 128)
+):
     """T5-XXL encoder, CLIP-L text, the FLUX VAE (smoke: tiny ones with ``smoke_vocab`` = (CLIP, T5) sizes)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -292,22 +322,62 @@ def build_text_and_vae(sizes: Sizes, device: torch.device, dtype: torch.dtype, s
     from dynaip.models.tiny import TINY_VAE_CONFIG
 
     if sizes.smoke:
-        t5 = T5Config(vocab_size=smoke_vocab[1], d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      feed_forward_proj="gated-gelu")
-        clip_txt = CLIPTextConfig(vocab_size=smoke_vocab[0], hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, max_position_embeddings=77, projection_dim=32)
+        t5 = T5Config(
+            vocab_size=smoke_vocab[1],
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+        )
+        clip_txt = CLIPTextConfig(
+            vocab_size=smoke_vocab[0],
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
         vae_cfg = TINY_VAE_CONFIG
     else:  # google/t5-v1_1-xxl encoder and openai/clip-vit-large-patch14 text, as FLUX.1-dev ships them
-        t5 = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                      feed_forward_proj="gated-gelu")
-        clip_txt = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                  num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
-                                  hidden_act="quick_gelu")
-        vae_cfg = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                       layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                       up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu", norm_num_groups=32,
-                       sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-                       use_post_quant_conv=False, mid_block_add_attention=True)
+        t5 = T5Config(
+            vocab_size=32128,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24,
+            num_heads=64,
+            feed_forward_proj="gated-gelu",
+        )
+        clip_txt = CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+        vae_cfg = dict(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            act_fn="silu",
+            norm_num_groups=32,
+            sample_size=1024,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            mid_block_add_attention=True,
+        )
     with torch.device(device), default_dtype(dtype):
         models = (T5EncoderModel(t5), CLIPTextModel(clip_txt), AutoencoderKL(**vae_cfg))
     return [m.to(dtype).eval().requires_grad_(False) for m in models]
@@ -318,10 +388,14 @@ def step_figures(times: list[float], flops: dict, device: torch.device) -> dict:
     dense bf16 peak (``train_flops``'s accounting; None where the peak is unknown)."""
     sec = statistics.median(times)
     peak = gpu_peak_tflops(device)
-    return {"seconds_per_step": sec, "seconds_all": times, "peak_memory_gib": peak_gib(device),
-            "model_tflop_per_step": flops["model_flops"] / 1e12,
-            "mfu": flops["model_flops"] / sec / (peak * 1e12) if peak else None,
-            "hfu": flops["hardware_flops"] / sec / (peak * 1e12) if peak else None}
+    return {
+        "seconds_per_step": sec,
+        "seconds_all": times,
+        "peak_memory_gib": peak_gib(device),
+        "model_tflop_per_step": flops["model_flops"] / 1e12,
+        "mfu": flops["model_flops"] / sec / (peak * 1e12) if peak else None,
+        "hfu": flops["hardware_flops"] / sec / (peak * 1e12) if peak else None,
+    }
 
 
 def generate_setup(sizes: Sizes, device: torch.device) -> tuple:
@@ -333,23 +407,32 @@ def generate_setup(sizes: Sizes, device: torch.device) -> tuple:
     clip = build_clip_vision(sizes, device, dtype, adapter.config.clip_layers)
     n_img = (sizes.resolution // 16) ** 2
     g = torch.Generator(device=device).manual_seed(0)
-    call = dict(hidden_states=torch.randn(1, n_img, transformer.config.in_channels, generator=g, device=device, dtype=dtype),
-                encoder_hidden_states=torch.randn(1, sizes.text_tokens, transformer.config.joint_attention_dim,
-                                                  generator=g, device=device, dtype=dtype),
-                pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim, generator=g,
-                                               device=device, dtype=dtype),
-                timestep=torch.tensor([0.5], device=device, dtype=dtype),
-                guidance=torch.tensor([3.5], device=device, dtype=torch.float32),
-                img_ids=image_ids(sizes, device, dtype),
-                txt_ids=torch.zeros(sizes.text_tokens, 3, device=device, dtype=dtype), return_dict=False)
-    refs = [adapter.encode_reference(clip(clip.normalize(torch.rand(1, 3, sizes.clip_size, sizes.clip_size,
-                                                                     device=device)).to(dtype)))
-            for _ in range(3)]
+    call = dict(
+        hidden_states=torch.randn(1, n_img, transformer.config.in_channels, generator=g, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(
+            1, sizes.text_tokens, transformer.config.joint_attention_dim, generator=g, device=device, dtype=dtype
+        ),
+        pooled_projections=torch.randn(
+            1, transformer.config.pooled_projection_dim, generator=g, device=device, dtype=dtype
+        ),
+        timestep=torch.tensor([0.5], device=device, dtype=dtype),
+        guidance=torch.tensor([3.5], device=device, dtype=torch.float32),
+        img_ids=image_ids(sizes, device, dtype),
+        txt_ids=torch.zeros(sizes.text_tokens, 3, device=device, dtype=dtype),
+        return_dict=False,
+    )
+    refs = [
+        adapter.encode_reference(
+            clip(clip.normalize(torch.rand(1, 3, sizes.clip_size, sizes.clip_size, device=device)).to(dtype))
+        )
+        for _ in range(3)
+    ]
     size = (sizes.resolution, sizes.resolution)
     conds = {"bare": None}
     for k in (1, 2, 3):
         conds[f"{k} subject{'s' if k > 1 else ''}"] = adapter.make_conditioning(
-            refs[:k], masks=None if k == 1 else stripe_masks(k, sizes.resolution), branches="image", image_size=size)
+            refs[:k], masks=None if k == 1 else stripe_masks(k, sizes.resolution), branches="image", image_size=size
+        )
     return transformer, adapter, clip, call, conds
 
 
@@ -379,14 +462,23 @@ def bench_generate(sizes: Sizes, device: torch.device, repeats: int) -> dict:
         for name in order:
             samples[name].append(run(name))
     med = {name: statistics.median(v) for name, v in samples.items()}
-    result = {"seconds_per_step": med, "seconds_all": samples,
-              "ratio_to_bare": {name: med[name] / med["bare"] for name in med}}
+    result = {
+        "seconds_per_step": med,
+        "seconds_all": samples,
+        "ratio_to_bare": {name: med[name] / med["bare"] for name in med},
+    }
     print("generate:", {k: round(v, 4) for k, v in med.items()}, flush=True)
 
     # peak memory of a generation with every model it needs resident
     t5, clip_text, vae = build_text_and_vae(sizes, device, dtype)
-    resident = sum(p.numel() * p.element_size() for m in (transformer, adapter, clip, t5, clip_text, vae)
-                   for p in m.parameters()) / 2**30
+    resident = (
+        sum(
+            p.numel() * p.element_size()
+            for m in (transformer, adapter, clip, t5, clip_text, vae)
+            for p in m.parameters()
+        )
+        / 2**30
+    )
     reset_peak(device)
     ids = torch.randint(0, t5.config.vocab_size, (1, sizes.text_tokens), device=device)
     t_t5 = timed(lambda: t5(ids), device)
@@ -396,11 +488,18 @@ def bench_generate(sizes: Sizes, device: torch.device, repeats: int) -> dict:
     transformer(**call)
     adapter.set_conditioning(None)
     adapter.detach(transformer)
-    lat = torch.randn(1, vae.config.latent_channels, sizes.resolution // 8, sizes.resolution // 8, device=device,
-                      dtype=dtype)
+    lat = torch.randn(
+        1, vae.config.latent_channels, sizes.resolution // 8, sizes.resolution // 8, device=device, dtype=dtype
+    )
     t_vae = timed(lambda: vae.decode(lat), device)
-    result.update({"resident_weights_gib": resident, "peak_memory_gib": peak_gib(device),
-                   "t5_encode_seconds": t_t5, "vae_decode_seconds": t_vae})
+    result.update(
+        {
+            "resident_weights_gib": resident,
+            "peak_memory_gib": peak_gib(device),
+            "t5_encode_seconds": t_t5,
+            "vae_decode_seconds": t_vae,
+        }
+    )
     del transformer, adapter, clip, t5, clip_text, vae
     return result
 
@@ -437,10 +536,23 @@ def build_flux_pipeline(sizes: Sizes, device: torch.device, dtype: torch.dtype):
     transformer = build_transformer(sizes, device, dtype)
     t5, clip_text, vae = build_text_and_vae(sizes, device, dtype, smoke_vocab=(clip_vocab, t5_vocab))
     scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip_text, tokenizer=tokenizer,
-                        text_encoder_2=t5, tokenizer_2=tokenizer_2, transformer=transformer)
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip_text,
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
 
 
 @torch.no_grad()
@@ -453,19 +565,35 @@ def bench_synth(sizes: Sizes, device: torch.device, repeats: int) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     width, height, steps = (64, 32, 2) if sizes.smoke else (1056, 528, sampling.STEPS)
     flux = build_flux_pipeline(sizes, device, dtype)
-    prompt = ("A two-panel image of the same red vintage camera. Left: on a wooden desk. "
-              "Right: on a beach at sunset. Identical object in both panels.")
+    prompt = (
+        "A two-panel image of the same red vintage camera. Left: on a wooden desk. "
+        "Right: on a beach at sunset. Identical object in both panels."
+    )
 
     def one(seed: int) -> None:
-        flux(prompt=prompt, width=width, height=height, num_inference_steps=steps, guidance_scale=sampling.GUIDANCE,
-             generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+        flux(
+            prompt=prompt,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=sampling.GUIDANCE,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+        )
 
     one(0)  # warm-up
     reset_peak(device)
     seconds = [timed(lambda s=s: one(s), device) for s in range(1, 1 + max(1, repeats))]
     med = statistics.median(seconds)
-    result = {"width": width, "height": height, "steps": steps, "seconds_per_diptych": med, "seconds_all": seconds,
-              "diptychs_per_minute": 60.0 / med, "peak_memory_gib": peak_gib(device)}
+    result = {
+        "width": width,
+        "height": height,
+        "steps": steps,
+        "seconds_per_diptych": med,
+        "seconds_all": seconds,
+        "diptychs_per_minute": 60.0 / med,
+        "peak_memory_gib": peak_gib(device),
+    }
     print("synth:", {k: v for k, v in result.items() if k != "seconds_all"}, flush=True)
     del flux
     return result
@@ -488,8 +616,14 @@ def bench_lowmem(sizes: Sizes, device: torch.device, repeats: int) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     steps = 2 if sizes.smoke else 4
     reference = Image.fromarray(photos(sizes, 1)[0])
-    call = dict(references=[reference], height=sizes.resolution, width=sizes.resolution,
-                num_inference_steps=steps, guidance_scale=3.5, seed=0)
+    call = dict(
+        references=[reference],
+        height=sizes.resolution,
+        width=sizes.resolution,
+        num_inference_steps=steps,
+        guidance_scale=3.5,
+        seed=0,
+    )
     results: dict[str, dict] = {}
 
     def measure(name: str, pipe) -> None:
@@ -499,9 +633,12 @@ def bench_lowmem(sizes: Sizes, device: torch.device, repeats: int) -> dict:
         reset_peak(device)
         for _ in range(max(1, min(repeats, 2))):  # whole generations are long; two are enough for a median
             seconds.append(timed(lambda: pipe("a photo of a cat on a sofa", **call), device))
-        results[name] = {"seconds_per_generation": statistics.median(seconds), "seconds_all": seconds,
-                         "peak_allocated_gib": peak_gib(device),
-                         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None}
+        results[name] = {
+            "seconds_per_generation": statistics.median(seconds),
+            "seconds_all": seconds,
+            "peak_allocated_gib": peak_gib(device),
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
+        }
         print(f"lowmem {name}:", {k: v for k, v in results[name].items() if k != "seconds_all"}, flush=True)
 
     def attempt(names: tuple[str, ...], run: Callable[[], None]) -> None:
@@ -523,8 +660,9 @@ def bench_lowmem(sizes: Sizes, device: torch.device, repeats: int) -> dict:
 
     def sequential_offload() -> None:
         if device.type != "cuda":
-            results["sequential offload"] = {"skipped": "accelerate's sequential offload needs a CUDA device "
-                                                        "(docs/low_memory.md)"}
+            results["sequential offload"] = {
+                "skipped": "accelerate's sequential offload needs a CUDA device (docs/low_memory.md)"
+            }
             return
         pipe = build_dynaip_pipeline(sizes, device, dtype)
         pipe.to("cpu")
@@ -575,8 +713,14 @@ def bench_precompute(sizes: Sizes, device: torch.device, repeats: int) -> list[d
         reset_peak(device)
         encode()  # warm-up
         sec = statistics.median(timed(encode, device) for _ in range(repeats))
-        rows.append({"batch": batch, "seconds_per_batch": sec, "samples_per_s": batch / sec,
-                     "peak_memory_gib": peak_gib(device)})
+        rows.append(
+            {
+                "batch": batch,
+                "seconds_per_batch": sec,
+                "samples_per_s": batch / sec,
+                "peak_memory_gib": peak_gib(device),
+            }
+        )
         print(f"precompute batch {batch}: {batch / sec:.2f} samples/s", flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
@@ -591,8 +735,10 @@ def photos(sizes: Sizes, n: int) -> list[np.ndarray]:
 
     names = ("astronaut", "chelsea", "coffee", "rocket")
     h, w = sizes.curate_hw
-    return [np.asarray(Image.fromarray(getattr(skimage.data, names[i % len(names)])()).convert("RGB").resize((w, h)))
-            for i in range(n)]
+    return [
+        np.asarray(Image.fromarray(getattr(skimage.data, names[i % len(names)])()).convert("RGB").resize((w, h)))
+        for i in range(n)
+    ]
 
 
 def build_grounding_dino(sizes: Sizes, device: torch.device, workdir: Path):
@@ -610,9 +756,11 @@ def build_grounding_dino(sizes: Sizes, device: torch.device, workdir: Path):
 
     bert_dir = workdir / "bert"
     vocab = tok.write_bert_vocab(bert_dir)
-    bert = (BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64) if sizes.smoke
-            else BertConfig(vocab_size=max(vocab, 30522)))  # bert-base-uncased sizes
+    bert = (
+        BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+        if sizes.smoke
+        else BertConfig(vocab_size=max(vocab, 30522))
+    )  # bert-base-uncased sizes
     BertModel(bert).save_pretrained(str(bert_dir), safe_serialization=True)
     if sizes.smoke:
         cfg_file = workdir / "gdino.py"
@@ -641,54 +789,85 @@ def markdown(report: dict) -> str:
     def f(x, fmt="{:.3f}"):
         return "n/a" if x is None else fmt.format(x)
 
-    lines = [f"# GPU suite — {report['device']}", "",
-             f"torch {report['torch']}, {report['date']}{' — SMOKE RUN (tiny sizes, not a measurement)' if report['smoke'] else ''}", ""]
+    lines = [
+        f"# GPU suite — {report['device']}",
+        "",
+        f"torch {report['torch']}, {report['date']}{' — SMOKE RUN (tiny sizes, not a measurement)' if report['smoke'] else ''}",
+        "",
+    ]
     if "train" in report:
-        lines += [f"## Training step ({report['resolution']}², gradient checkpointing, world size 1)", "",
-                  "| batch/rank | blocks recomputed | s/step | peak GiB | model TFLOP/step | MFU | HFU |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## Training step ({report['resolution']}², gradient checkpointing, world size 1)",
+            "",
+            "| batch/rank | blocks recomputed | s/step | peak GiB | model TFLOP/step | MFU | HFU |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in report["train"]:
             if "error" in r:
                 lines.append(f"| {r['batch_per_rank']} | {r['blocks_recomputed']} | {r['error']} | | | | |")
                 continue
-            lines.append(f"| {r['batch_per_rank']} | {r['blocks_recomputed']} | {f(r['seconds_per_step'])} | "
-                         f"{f(r['peak_memory_gib'], '{:.1f}')} | {f(r['model_tflop_per_step'], '{:.1f}')} | "
-                         f"{f(r['mfu'], '{:.1%}')} | {f(r['hfu'], '{:.1%}')} |")
+            lines.append(
+                f"| {r['batch_per_rank']} | {r['blocks_recomputed']} | {f(r['seconds_per_step'])} | "
+                f"{f(r['peak_memory_gib'], '{:.1f}')} | {f(r['model_tflop_per_step'], '{:.1f}')} | "
+                f"{f(r['mfu'], '{:.1%}')} | {f(r['hfu'], '{:.1%}')} |"
+            )
         lines.append("")
     if "generate" in report:
         g = report["generate"]
-        lines += [f"## Generation ({report['resolution']}², {report['text_tokens']} text tokens, per denoising step, batch 1)", "",
-                  "| conditioning | s/step | × bare |", "|---|---|---|"]
+        lines += [
+            f"## Generation ({report['resolution']}², {report['text_tokens']} text tokens, per denoising step, batch 1)",
+            "",
+            "| conditioning | s/step | × bare |",
+            "|---|---|---|",
+        ]
         for name, sec in g["seconds_per_step"].items():
             lines.append(f"| {name} | {f(sec, '{:.4f}')} | {f(g['ratio_to_bare'][name])} |")
-        lines += ["", f"Resident weights {f(g['resident_weights_gib'], '{:.1f}')} GiB; peak {f(g['peak_memory_gib'], '{:.1f}')} GiB "
-                  f"(T5 encode {f(g['t5_encode_seconds'])} s, VAE decode {f(g['vae_decode_seconds'])} s).", ""]
+        lines += [
+            "",
+            f"Resident weights {f(g['resident_weights_gib'], '{:.1f}')} GiB; peak {f(g['peak_memory_gib'], '{:.1f}')} GiB "
+            f"(T5 encode {f(g['t5_encode_seconds'])} s, VAE decode {f(g['vae_decode_seconds'])} s).",
+            "",
+        ]
     if "curate" in report:
         import gpu_curate
 
         lines += gpu_curate.markdown(report["curate"])
     if "precompute" in report:
-        lines += [f"## Precompute encoders ({report['resolution']}², {report['text_tokens']} T5 tokens)", "",
-                  "| batch | samples/s | peak GiB |", "|---|---|---|"]
+        lines += [
+            f"## Precompute encoders ({report['resolution']}², {report['text_tokens']} T5 tokens)",
+            "",
+            "| batch | samples/s | peak GiB |",
+            "|---|---|---|",
+        ]
         for r in report["precompute"]:
             lines.append(f"| {r['batch']} | {f(r['samples_per_s'], '{:.2f}')} | {f(r['peak_memory_gib'], '{:.1f}')} |")
         lines.append("")
     if "synth" in report:
         sy = report["synth"]
-        lines += [f"## Diptych generation (`dynaip synth`, {sy['width']} × {sy['height']}, {sy['steps']} steps)", "",
-                  f"{f(sy['diptychs_per_minute'], '{:.2f}')} diptychs/min ({f(sy['seconds_per_diptych'], '{:.2f}')} s each), "
-                  f"peak {f(sy['peak_memory_gib'], '{:.1f}')} GiB.", ""]
+        lines += [
+            f"## Diptych generation (`dynaip synth`, {sy['width']} × {sy['height']}, {sy['steps']} steps)",
+            "",
+            f"{f(sy['diptychs_per_minute'], '{:.2f}')} diptychs/min ({f(sy['seconds_per_diptych'], '{:.2f}')} s each), "
+            f"peak {f(sy['peak_memory_gib'], '{:.1f}')} GiB.",
+            "",
+        ]
     if "lowmem" in report:
         lm = report["lowmem"]
-        lines += [f"## Low-memory generation ({report['resolution']}², one reference, {lm['steps']} steps, "
-                  "T5 encode to VAE decode)", "",
-                  "| mode | s/generation | peak allocated GiB | peak reserved GiB |", "|---|---|---|---|"]
+        lines += [
+            f"## Low-memory generation ({report['resolution']}², one reference, {lm['steps']} steps, "
+            "T5 encode to VAE decode)",
+            "",
+            "| mode | s/generation | peak allocated GiB | peak reserved GiB |",
+            "|---|---|---|---|",
+        ]
         for name, r in lm["modes"].items():
             if "error" in r or "skipped" in r:
                 lines.append(f"| {name} | {r.get('error') or 'skipped: ' + r['skipped']} | | |")
                 continue
-            lines.append(f"| {name} | {f(r['seconds_per_generation'], '{:.2f}')} | {f(r['peak_allocated_gib'], '{:.1f}')} | "
-                         f"{f(r['peak_reserved_gib'], '{:.1f}')} |")
+            lines.append(
+                f"| {name} | {f(r['seconds_per_generation'], '{:.2f}')} | {f(r['peak_allocated_gib'], '{:.1f}')} | "
+                f"{f(r['peak_reserved_gib'], '{:.1f}')} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -698,21 +877,34 @@ def report_markdown(report: dict) -> str:
     import gpu_compile
 
     extra = gpu_compile.markdown(report)
-    eager = {k: v for k, v in report.items()
-             if not (k == "train" and v and "compile" in v[0]) and not (k == "generate" and "compiled" in v)}
+    eager = {
+        k: v
+        for k, v in report.items()
+        if not (k == "train" and v and "compile" in v[0]) and not (k == "generate" and "compiled" in v)
+    }
     return markdown(eager) + ("\n" + "\n".join(extra) if extra else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="directory for gpu_suite.json and gpu_suite.md")
-    ap.add_argument("--parts", default="train,generate,curate,precompute",
-                    help="comma-separated subset of train,generate,curate,precompute,lowmem,synth (lowmem: run it on its own)")
+    ap.add_argument(
+        "--parts",
+        default="train,generate,curate,precompute",
+        help="comma-separated subset of train,generate,curate,precompute,lowmem,synth (lowmem: run it on its own)",
+    )
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (median reported)")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes on any device: checks the script, measures nothing")
-    ap.add_argument("--profile", action="store_true", help="also write DIR/train_profile.txt (kernel table of one step)")
-    ap.add_argument("--compile", action="store_true",
-                    help="train and generate with compiled blocks off and on (benchmarks/gpu_compile.py, issue #28)")
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny sizes on any device: checks the script, measures nothing"
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="also write DIR/train_profile.txt (kernel table of one step)"
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="train and generate with compiled blocks off and on (benchmarks/gpu_compile.py, issue #28)",
+    )
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     known = ("train", "generate", "curate", "precompute", "lowmem", "synth", "attention")
@@ -721,19 +913,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_suite: unknown parts {unknown}; choose from {', '.join(known)}", file=sys.stderr)
         return 2
     if not args.smoke and not torch.cuda.is_available():
-        print("gpu_suite: no CUDA GPU on this machine; it measures full-size models on a GPU only "
-              "(use --smoke to check the script on tiny sizes)", file=sys.stderr)
+        print(
+            "gpu_suite: no CUDA GPU on this machine; it measures full-size models on a GPU only "
+            "(use --smoke to check the script on tiny sizes)",
+            file=sys.stderr,
+        )
         return 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = Sizes(args.smoke)
-    report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": args.smoke,
-                    "repeats": args.repeats, "resolution": sizes.resolution, "text_tokens": sizes.text_tokens}
+    report: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "smoke": args.smoke,
+        "repeats": args.repeats,
+        "resolution": sizes.resolution,
+        "text_tokens": sizes.text_tokens,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    benches = {"train": lambda *a: bench_train(*a, profile_dir=out if args.profile else None),
-               "generate": bench_generate, "curate": bench_curate, "precompute": bench_precompute,
-               "lowmem": bench_lowmem, "synth": bench_synth}
+    benches = {
+        "train": lambda *a: bench_train(*a, profile_dir=out if args.profile else None),
+        "generate": bench_generate,
+        "curate": bench_curate,
+        "precompute": bench_precompute,
+        "lowmem": bench_lowmem,
+        "synth": bench_synth,
+    }
     import gpu_compile
 
     benches["attention"] = gpu_compile.bench_attention

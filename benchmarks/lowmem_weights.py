@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-GIB = 1024 ** 3
+GIB = 1024**3
 BF16 = 2
 
 

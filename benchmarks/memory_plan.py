@@ -184,21 +184,46 @@ def _build_text_encoders() -> tuple[Any, Any]:
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     # google/t5-v1_1-xxl's encoder and openai/clip-vit-large-patch14's text model, as FLUX.1-dev ships them
-    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                                 feed_forward_proj="gated-gelu"))
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        projection_dim=768))
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=32128,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=24,
+            num_heads=64,
+            feed_forward_proj="gated-gelu",
+        )
+    )
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+        )
+    )
     return t5, clip
 
 
 def _build_vae() -> Any:
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-                         layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, use_quant_conv=False,
-                         use_post_quant_conv=False)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
 
 
 def _build_clip_vision() -> Any:
@@ -232,13 +257,22 @@ def measure_module_sizes() -> ModuleSizes:
     adapter_root = _count(adapter.hmoe) + _count(adapter.proj)
     kv_units = [_count(m) for m in adapter.modules() if isinstance(m, ReferenceKV)]
     return ModuleSizes(
-        flux=_count(flux), flux_double_block=_count(flux.transformer_blocks[0]),
-        flux_single_block=_count(flux.single_transformer_blocks[0]), flux_root=_count(flux) - blocks,
-        num_double=len(flux.transformer_blocks), num_single=len(flux.single_transformer_blocks),
-        t5_encoder=_count(t5), clip_text=_count(clip_text), vae_encoder=_count(vae.encoder),
-        vae_decoder=_count(vae.decoder), clip_vision=_count(clip_vision), adapter=_count(adapter),
-        adapter_double_ca=_count(adapter.double_blocks[0]), adapter_single_ca=_count(adapter.single_blocks[0]),
-        adapter_root=adapter_root, adapter_largest_unit=max([adapter_root, *kv_units]),
+        flux=_count(flux),
+        flux_double_block=_count(flux.transformer_blocks[0]),
+        flux_single_block=_count(flux.single_transformer_blocks[0]),
+        flux_root=_count(flux) - blocks,
+        num_double=len(flux.transformer_blocks),
+        num_single=len(flux.single_transformer_blocks),
+        t5_encoder=_count(t5),
+        clip_text=_count(clip_text),
+        vae_encoder=_count(vae.encoder),
+        vae_decoder=_count(vae.decoder),
+        clip_vision=_count(clip_vision),
+        adapter=_count(adapter),
+        adapter_double_ca=_count(adapter.double_blocks[0]),
+        adapter_single_ca=_count(adapter.single_blocks[0]),
+        adapter_root=adapter_root,
+        adapter_largest_unit=max([adapter_root, *kv_units]),
     )
 
 
@@ -279,10 +313,17 @@ def paper_shape(batch: int = BATCH_PER_RANK) -> Shape:
     from dynaip.models.flux import FLUX_DEV_TRANSFORMER_CONFIG as flux
 
     a = DynaIPConfig.full()
-    return Shape(batch=batch, width=flux["num_attention_heads"] * flux["attention_head_dim"],
-                 heads=flux["num_attention_heads"], ref_tokens=a.clip_tokens, ref_dim=a.ref_dim,
-                 clip_width=a.clip_width, clip_layers=len(a.clip_layers), expert_dim=a.expert_dim,
-                 out_channels=flux["in_channels"])
+    return Shape(
+        batch=batch,
+        width=flux["num_attention_heads"] * flux["attention_head_dim"],
+        heads=flux["num_attention_heads"],
+        ref_tokens=a.clip_tokens,
+        ref_dim=a.ref_dim,
+        clip_width=a.clip_width,
+        clip_layers=len(a.clip_layers),
+        expert_dim=a.expert_dim,
+        out_channels=flux["in_channels"],
+    )
 
 
 def _row_stats(s: Shape, layernorms: int) -> int:
@@ -436,12 +477,23 @@ def make_plan(z: ModuleSizes, s: Shape, strategy: str, features: bool, world: in
         phases["encode"] = vae_encode_bytes(s)
     phase = max(phases, key=phases.__getitem__)
     plan = Plan(
-        strategy=strategy, features=features, world=world, keep=keep, recomputed=z.num_blocks - keep,
-        flux_weights=frozen_flux_bytes(z, world, base_sharded), other_frozen=other_frozen_bytes(z, features),
+        strategy=strategy,
+        features=features,
+        world=world,
+        keep=keep,
+        recomputed=z.num_blocks - keep,
+        flux_weights=frozen_flux_bytes(z, world, base_sharded),
+        other_frozen=other_frozen_bytes(z, features),
         adapter_state=adapter_state_bytes(z, world, adapter_sharded),
         ddp_buckets=z.adapter * FP32 if world > 1 and not adapter_sharded else 0,
-        grads=grads, activations=act, clip_hmoe_activations=clip_and_hmoe_bytes(s), optimizer_temp=optimizer_temp,
-        step_peak=phases[phase], peak_phase=phase, overhead=0, phases=phases,
+        grads=grads,
+        activations=act,
+        clip_hmoe_activations=clip_and_hmoe_bytes(s),
+        optimizer_temp=optimizer_temp,
+        step_peak=phases[phase],
+        peak_phase=phase,
+        overhead=0,
+        phases=phases,
     )
     plan.overhead = overhead_bytes(plan.allocated, world)
     return plan
@@ -498,13 +550,29 @@ def build_report(z: ModuleSizes | None = None) -> dict[str, Any]:
     world1 = []
     for batch, keep, measured, seconds in MEASURED_WORLD1:
         p = make_plan(z, paper_shape(batch), "ddp", True, 1, keep)
-        world1.append({"batch": batch, "keep": keep, "predicted_gib": p.allocated / GIB, "phase": p.peak_phase,
-                       "measured_gib": measured, "seconds_per_step": seconds})
+        world1.append(
+            {
+                "batch": batch,
+                "keep": keep,
+                "predicted_gib": p.allocated / GIB,
+                "phase": p.peak_phase,
+                "measured_gib": measured,
+                "seconds_per_step": seconds,
+            }
+        )
     return {
-        "world": WORLD, "batch_per_rank": s.batch, "resolution": s.resolution, "card_gib": CARD_GIB,
-        "budget_gib": BUDGET_GIB, "module_sizes": asdict(z), "shape": asdict(s),
-        "rows": [plan_dict(p) for p in rows], "largest_keep": keeps, "world1": world1,
-        "recompute_seconds_per_block": recompute_slope(z.num_blocks), "recommendation": recommend(z, s),
+        "world": WORLD,
+        "batch_per_rank": s.batch,
+        "resolution": s.resolution,
+        "card_gib": CARD_GIB,
+        "budget_gib": BUDGET_GIB,
+        "module_sizes": asdict(z),
+        "shape": asdict(s),
+        "rows": [plan_dict(p) for p in rows],
+        "largest_keep": keeps,
+        "world1": world1,
+        "recompute_seconds_per_block": recompute_slope(z.num_blocks),
+        "recommendation": recommend(z, s),
     }
 
 
@@ -513,14 +581,24 @@ def largest_keep_row(z: ModuleSizes, s: Shape, strategy: str, features: bool) ->
     keep = largest_keep(z, s, strategy, features, BUDGET_GIB)
     total = None if keep is None else make_plan(z, s, strategy, features, WORLD, keep).total / GIB
     no_ckpt = make_plan(z, s, strategy, features, WORLD, z.num_blocks).total / GIB
-    return {"strategy": strategy, "features": features, "keep": keep, "total_gib": total,
-            "no_checkpointing_gib": no_ckpt}
+    return {
+        "strategy": strategy,
+        "features": features,
+        "keep": keep,
+        "total_gib": total,
+        "no_checkpointing_gib": no_ckpt,
+    }
 
 
 def plan_dict(p: Plan) -> dict[str, Any]:
     d = asdict(p)
-    d.update(resident=p.resident, allocated=p.allocated, total=p.total, total_gib=p.total / GIB,
-             fits_card=p.total <= CARD_GIB * GIB)
+    d.update(
+        resident=p.resident,
+        allocated=p.allocated,
+        total=p.total,
+        total_gib=p.total / GIB,
+        fits_card=p.total <= CARD_GIB * GIB,
+    )
     return d
 
 
@@ -541,15 +619,21 @@ def _fits(total_gib: float) -> str:
 
 
 def _sizes_table(z: dict[str, int]) -> list[str]:
-    rows = [("FLUX.1-dev transformer", z["flux"], BF16), ("one double-stream block", z["flux_double_block"], BF16),
-            ("one single-stream block", z["flux_single_block"], BF16),
-            ("outside the blocks (FSDP2 root)", z["flux_root"], BF16), ("T5-XXL encoder", z["t5_encoder"], BF16),
-            ("CLIP-L text", z["clip_text"], BF16), ("VAE encoder", z["vae_encoder"], BF16),
-            ("VAE decoder (not counted)", z["vae_decoder"], BF16),
-            ("OpenCLIP ViT-L/14-336 vision", z["clip_vision"], BF16), ("DynaIP adapter", z["adapter"], FP32),
-            ("one double-stream block's CA", z["adapter_double_ca"], FP32),
-            ("one single-stream block's CA", z["adapter_single_ca"], FP32),
-            ("HMoE-FFM + projection", z["adapter_root"], FP32)]
+    rows = [
+        ("FLUX.1-dev transformer", z["flux"], BF16),
+        ("one double-stream block", z["flux_double_block"], BF16),
+        ("one single-stream block", z["flux_single_block"], BF16),
+        ("outside the blocks (FSDP2 root)", z["flux_root"], BF16),
+        ("T5-XXL encoder", z["t5_encoder"], BF16),
+        ("CLIP-L text", z["clip_text"], BF16),
+        ("VAE encoder", z["vae_encoder"], BF16),
+        ("VAE decoder (not counted)", z["vae_decoder"], BF16),
+        ("OpenCLIP ViT-L/14-336 vision", z["clip_vision"], BF16),
+        ("DynaIP adapter", z["adapter"], FP32),
+        ("one double-stream block's CA", z["adapter_double_ca"], FP32),
+        ("one single-stream block's CA", z["adapter_single_ca"], FP32),
+        ("HMoE-FFM + projection", z["adapter_root"], FP32),
+    ]
     out = ["| module | parameters | dtype | weights GiB |", "|---|---|---|---|"]
     for name, n, b in rows:
         out.append(f"| {name} | {n:,} | {'bf16' if b == BF16 else 'fp32'} | {n * b / GIB:.2f} |")
@@ -557,25 +641,37 @@ def _sizes_table(z: dict[str, int]) -> list[str]:
 
 
 def _plan_table(report: dict[str, Any]) -> list[str]:
-    out = ["| strategy | features | FLUX weights | other frozen | adapter w + AdamW | DDP buckets | grads | "
-           "activations | CLIP + HMoE act. | optimizer temp | step peak (phase) | overhead | **total** | fits 80 GB |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| strategy | features | FLUX weights | other frozen | adapter w + AdamW | DDP buckets | grads | "
+        "activations | CLIP + HMoE act. | optimizer temp | step peak (phase) | overhead | **total** | fits 80 GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
-        cells = [r["strategy"], "precomputed" if r["features"] else "on rank",
-                 *(_gib(r[k]) for k in ("flux_weights", "other_frozen", "adapter_state", "ddp_buckets", "grads",
-                                        "activations")),
-                 f"{r['clip_hmoe_activations'] / GIB:.2f}", _gib(r["optimizer_temp"]),
-                 f"{_gib(r['step_peak'])} ({r['peak_phase']})", _gib(r["overhead"]), f"**{r['total_gib']:.1f}**",
-                 _fits(r["total_gib"])]
+        cells = [
+            r["strategy"],
+            "precomputed" if r["features"] else "on rank",
+            *(
+                _gib(r[k])
+                for k in ("flux_weights", "other_frozen", "adapter_state", "ddp_buckets", "grads", "activations")
+            ),
+            f"{r['clip_hmoe_activations'] / GIB:.2f}",
+            _gib(r["optimizer_temp"]),
+            f"{_gib(r['step_peak'])} ({r['peak_phase']})",
+            _gib(r["overhead"]),
+            f"**{r['total_gib']:.1f}**",
+            _fits(r["total_gib"]),
+        ]
         out.append("| " + " | ".join(cells) + " |")
     return out
 
 
 def _keep_table(report: dict[str, Any]) -> list[str]:
     blocks = report["module_sizes"]["num_double"] + report["module_sizes"]["num_single"]
-    out = [f"| strategy | features | largest checkpoint_keep_blocks ≤ {report['budget_gib']:.0f} GiB | "
-           "blocks recomputed | total GiB | total without checkpointing | without checkpointing fits 80 GB |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        f"| strategy | features | largest checkpoint_keep_blocks ≤ {report['budget_gib']:.0f} GiB | "
+        "blocks recomputed | total GiB | total without checkpointing | without checkpointing fits 80 GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for k in report["largest_keep"]:
         feats = "precomputed" if k["features"] else "on rank"
         head = f"| {k['strategy']} | {feats} | "
@@ -588,11 +684,15 @@ def _keep_table(report: dict[str, Any]) -> list[str]:
 
 
 def _world1_table(report: dict[str, Any]) -> list[str]:
-    out = ["| batch/rank | blocks kept | predicted GiB (peak phase) | measured GiB | predicted − measured |",
-           "|---|---|---|---|---|"]
+    out = [
+        "| batch/rank | blocks kept | predicted GiB (peak phase) | measured GiB | predicted − measured |",
+        "|---|---|---|---|---|",
+    ]
     for w in report["world1"]:
-        out.append(f"| {w['batch']} | {w['keep']} | {w['predicted_gib']:.1f} ({w['phase']}) | "
-                   f"{w['measured_gib']:.1f} | {w['predicted_gib'] - w['measured_gib']:+.1f} |")
+        out.append(
+            f"| {w['batch']} | {w['keep']} | {w['predicted_gib']:.1f} ({w['phase']}) | "
+            f"{w['measured_gib']:.1f} | {w['predicted_gib'] - w['measured_gib']:+.1f} |"
+        )
     return out
 
 

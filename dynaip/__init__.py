@@ -9,9 +9,13 @@ if TYPE_CHECKING:
     from .inference import DynaIPFluxPipeline, load_dynaip, unload_dynaip
 
 # Lazy exports keep `import dynaip` light (no torch/diffusers import until an export is used).
-_LAZY = {"DynaIPConfig": "dynaip.adapter", "DynaIPAdapter": "dynaip.adapter",
-         "DynaIPFluxPipeline": "dynaip.inference", "load_dynaip": "dynaip.inference",
-         "unload_dynaip": "dynaip.inference"}
+_LAZY = {
+    "DynaIPConfig": "dynaip.adapter",
+    "DynaIPAdapter": "dynaip.adapter",
+    "DynaIPFluxPipeline": "dynaip.inference",
+    "load_dynaip": "dynaip.inference",
+    "unload_dynaip": "dynaip.inference",
+}
 
 
 def __getattr__(name: str) -> Any:

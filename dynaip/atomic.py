@@ -64,8 +64,11 @@ class StorageError(OSError):
     def __init__(self, code: int, path: str | os.PathLike | None):
         what, fix = STORAGE_ERRNOS[code]
         where = f"cannot write {path}" if path else "a write failed"
-        super().__init__(code, f"{where}: {what}; {fix}, then run the same command again: what was written "
-                               "before is intact and the run resumes from it")
+        super().__init__(
+            code,
+            f"{where}: {what}; {fix}, then run the same command again: what was written "
+            "before is intact and the run resumes from it",
+        )
         self.path = None if path is None else str(path)
 
     def __str__(self) -> str:

@@ -23,11 +23,14 @@ def _tiny_checkpoints(args: argparse.Namespace) -> int:
 
 
 def _add_tiny_checkpoints(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tiny-checkpoints", help="write tiny random-weight checkpoints in the real release formats",
-                       description="Writes FLUX (diffusers dir), OpenCLIP, Grounding DINO, SAM, BLIP captioner, aesthetic-head "
-                                   "and FLUX ControlNet (diffusers dir) "
-                                   "checkpoints with tiny "
-                                   "random weights plus DIR/models.yaml. For tests and the demo: their outputs are noise.")
+    p = sub.add_parser(
+        "tiny-checkpoints",
+        help="write tiny random-weight checkpoints in the real release formats",
+        description="Writes FLUX (diffusers dir), OpenCLIP, Grounding DINO, SAM, BLIP captioner, aesthetic-head "
+        "and FLUX ControlNet (diffusers dir) "
+        "checkpoints with tiny "
+        "random weights plus DIR/models.yaml. For tests and the demo: their outputs are noise.",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="same seed → byte-identical files")
     p.add_argument("--overwrite", action="store_true", help="rewrite even if DIR/models.yaml exists")
@@ -45,15 +48,31 @@ def _optional_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
     from dynaip.serve.app import add_serve_parser
     from dynaip.train.cli import add_train_parser
 
-    return [add_curate_parser, add_synth_parser, add_manifest_parser, add_precompute_parser, add_train_parser, add_generate_parser,
-            add_eval_parser, add_demo_parser, add_serve_parser]
+    return [
+        add_curate_parser,
+        add_synth_parser,
+        add_manifest_parser,
+        add_precompute_parser,
+        add_train_parser,
+        add_generate_parser,
+        add_eval_parser,
+        add_demo_parser,
+        add_serve_parser,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynaip", description="DynaIP: data curation, training and inference "
-                                     "for the zero-shot personalization adapter on FLUX.1-dev")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show everything: debug logging, third-party warnings, Ray's logs and its workers' output")
+    parser = argparse.ArgumentParser(
+        prog="dynaip",
+        description="DynaIP: data curation, training and inference "
+        "for the zero-shot personalization adapter on FLUX.1-dev",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show everything: debug logging, third-party warnings, Ray's logs and its workers' output",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_tiny_checkpoints(sub)
     for add in _optional_parsers():

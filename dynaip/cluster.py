@@ -38,9 +38,13 @@ def connect(address: str | None, *, num_cpus: int | None = None) -> None:
             ray.init(address=address, **{"log_to_driver": True, **ray_init_kwargs()})
         else:
             with loopback_ray():
-                ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                         _node_ip_address="127.0.0.1",
-                         **ray_init_kwargs({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}))
+                ray.init(
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    dashboard_host="127.0.0.1",
+                    _node_ip_address="127.0.0.1",
+                    **ray_init_kwargs({"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
+                )
     quiet_ray_data()
 
 
@@ -176,8 +180,18 @@ def _serve_rendezvous_on_loopback() -> tuple[str, int]:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
-    _RENDEZVOUS[:] = [dist.TCPStore("127.0.0.1", port, None, True, datetime.timedelta(minutes=30),
-                                    wait_for_workers=False, multi_tenant=True, master_listen_fd=sock.detach())]
+    _RENDEZVOUS[:] = [
+        dist.TCPStore(
+            "127.0.0.1",
+            port,
+            None,
+            True,
+            datetime.timedelta(minutes=30),
+            wait_for_workers=False,
+            multi_tenant=True,
+            master_listen_fd=sock.detach(),
+        )
+    ]
     return "127.0.0.1", port
 
 

@@ -56,7 +56,9 @@ def read_yaml(path: str | Path, what: str, hint: str) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{what} '{path}' must be a mapping of keys at the top level, got {type(raw).__name__}; {hint}")
+        raise ConfigError(
+            f"{what} '{path}' must be a mapping of keys at the top level, got {type(raw).__name__}; {hint}"
+        )
     return raw
 
 
@@ -74,8 +76,15 @@ def unknown_key_message(key: str, known: typing.Iterable[str], at: str = "") -> 
     return f"unknown key '{at}{key}'{hint} (keys{' of ' + repr(at.rstrip('.')) if at else ''}: {', '.join(known)})"
 
 
-def build(cls: type, raw: Any, *, where: str = "config", at: str = "", base: str | Path | None = None,
-          extra: Mapping[str, Any] | None = None) -> Any:
+def build(
+    cls: type,
+    raw: Any,
+    *,
+    where: str = "config",
+    at: str = "",
+    base: str | Path | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Any:
     """``cls`` built from the mapping ``raw``, strictly: unknown keys, missing required keys and values
     of the wrong type raise ConfigError ``"{where}: ..."`` naming the key path (``at`` is the prefix of
     this mapping's keys, e.g. ``"stages[0]."``). An instance of ``cls`` is returned as it is.
@@ -99,11 +108,13 @@ def build(cls: type, raw: Any, *, where: str = "config", at: str = "", base: str
             if key in retired:
                 raise ConfigError(f"{where}: {at}{key} {retired[key]}")
             raise ConfigError(f"{where}: {unknown_key_message(str(key), fields, at)}")
-    missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
-        raise ConfigError(f"{where}: '{section}' needs the key '{at}{missing[0]}' "
-                          f"(required: {', '.join(missing)})")
+        raise ConfigError(f"{where}: '{section}' needs the key '{at}{missing[0]}' (required: {', '.join(missing)})")
     hints = typing.get_type_hints(cls)
     kwargs = dict(extra or {})
     for name, value in raw.items():
@@ -177,8 +188,9 @@ def coerce(tp: Any, value: Any, *, where: str, at: str, base: str | Path | None 
         try:
             return tp(value)
         except ValueError:
-            raise ConfigError(f"{where}: '{at}' = {value!r}: use one of "
-                              f"{', '.join(str(m.value) for m in tp)}") from None
+            raise ConfigError(
+                f"{where}: '{at}' = {value!r}: use one of {', '.join(str(m.value) for m in tp)}"
+            ) from None
     if origin is list or tp is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: '{at}' = {value!r}: expected a list")
@@ -191,8 +203,10 @@ def coerce(tp: Any, value: Any, *, where: str, at: str, base: str | Path | None 
             return tuple(coerce(args[0], v, where=where, at=f"{at}[{i}]", base=base) for i, v in enumerate(value))
         if args and len(args) != len(value):
             raise ConfigError(f"{where}: '{at}' = {value!r}: expected a list of {len(args)}")
-        return tuple(coerce(a, v, where=where, at=f"{at}[{i}]", base=base)
-                     for i, (a, v) in enumerate(zip(args or [Any] * len(value), value)))
+        return tuple(
+            coerce(a, v, where=where, at=f"{at}[{i}]", base=base)
+            for i, (a, v) in enumerate(zip(args or [Any] * len(value), value))
+        )
     if origin in (dict, Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: '{at}' = {value!r}: expected a mapping")

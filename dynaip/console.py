@@ -28,14 +28,28 @@ import warnings
 from pathlib import Path
 
 VERBOSE_ENV = "DYNAIP_VERBOSE"
-THIRD_PARTY = (r"(torch|torchvision|diffusers|transformers|timm|groundingdino|segment_anything|open_clip|ray|"
-               r"accelerate|huggingface_hub|webdataset|peft|pyarrow|pandas|numpy|scipy|skimage|tqdm|gradio)(\..*)?$")
+THIRD_PARTY = (
+    r"(torch|torchvision|diffusers|transformers|timm|groundingdino|segment_anything|open_clip|ray|"
+    r"accelerate|huggingface_hub|webdataset|peft|pyarrow|pandas|numpy|scipy|skimage|tqdm|gradio)(\..*)?$"
+)
 RAY_DATA_QUIET_CONFIG = Path(__file__).with_name("ray_data_logging_quiet.yaml")
 """Ray Data's default logging config with its console handler at ERROR (the log file keeps everything)."""
 NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] ")
 """A line of Ray's C++ core (``[2026-01-01 10:00:00,123 E 4242 4242] core_worker.cc:2465: ...``)."""
-QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve", "diffusers", "transformers", "accelerate",
-                 "huggingface_hub", "timm", "urllib3", "httpx")
+QUIET_LOGGERS = (
+    "ray",
+    "ray.data",
+    "ray.train",
+    "ray.tune",
+    "ray.serve",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "huggingface_hub",
+    "timm",
+    "urllib3",
+    "httpx",
+)
 
 
 def is_verbose() -> bool:
@@ -45,8 +59,11 @@ def is_verbose() -> bool:
 def configure(verbose: bool) -> None:
     """Sets the policy for this process and its children; called once by the ``dynaip`` command."""
     os.environ[VERBOSE_ENV] = "1" if verbose else "0"
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if not verbose:
         quiet()
         for handler in logging.getLogger().handlers:

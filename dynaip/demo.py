@@ -33,8 +33,9 @@ def _step(n: int, total: int, text: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool = False, size: int = 128,
-             steps: int | None = None) -> dict[str, list[str]]:
+def run_demo(
+    out: str | Path, models: str | Path | None = None, *, small: bool = False, size: int = 128, steps: int | None = None
+) -> dict[str, list[str]]:
     """Runs the demo into ``out``; returns ``{artefact kind: [paths]}``. ``small`` = fewer photos
     and training steps (what the test runs)."""
     import numpy as np
@@ -54,8 +55,10 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
 
     for needed in (DEMO_RECIPE, TINY_TRAIN_CONFIG):
         if not needed.is_file():
-            raise FileNotFoundError(f"{needed} is missing: run the demo from a source checkout "
-                                    "(pip install -e .), which has manifests/ and jobs/configs/")
+            raise FileNotFoundError(
+                f"{needed} is missing: run the demo from a source checkout "
+                "(pip install -e .), which has manifests/ and jobs/configs/"
+            )
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     total, started = 6, time.perf_counter()
@@ -83,8 +86,11 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
     if problems:
         raise RuntimeError(f"the demo dataset failed verification: {problems[:3]}")
     print(f"  done in {time.perf_counter() - t:.0f}s; {len(manifest['shards'])} shards verified")
-    artefacts["dataset"] = [str(dataset / "manifest.json"), *(str(dataset / s["path"]) for s in manifest["shards"]),
-                            str(dataset / "rejects.jsonl")]
+    artefacts["dataset"] = [
+        str(dataset / "manifest.json"),
+        *(str(dataset / s["path"]) for s in manifest["shards"]),
+        str(dataset / "rejects.jsonl"),
+    ]
 
     t = _step(3, total, "inspecting the dataset")
     print(show(dataset))
@@ -104,16 +110,23 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
 
         print(f"  replacing the earlier demo run in {run_dir}")
         shutil.rmtree(run_dir)
-    spec = RunSpec(config=cfg.to_dict(), data=[str(dataset)], out=str(run_dir), models=str(models_yaml),
-                   max_steps=steps if steps is not None else (2 if small else None))
+    spec = RunSpec(
+        config=cfg.to_dict(),
+        data=[str(dataset)],
+        out=str(run_dir),
+        models=str(models_yaml),
+        max_steps=steps if steps is not None else (2 if small else None),
+    )
     reported = run_training(cfg, spec) or {}
     ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
     if not ckpts:
         raise RuntimeError(f"training wrote no checkpoint under {run_dir / 'checkpoints'}")
     ckpt = ckpts[-1]
     if reported:
-        print(f"  {reported.get('step', 0):.0f} steps, loss {reported.get('loss', float('nan')):.4f}, "
-              f"{reported.get('skipped', 0):.0f} undecodable samples skipped (reported through Ray Train)")
+        print(
+            f"  {reported.get('step', 0):.0f} steps, loss {reported.get('loss', float('nan')):.4f}, "
+            f"{reported.get('skipped', 0):.0f} undecodable samples skipped (reported through Ray Train)"
+        )
     print(f"  done in {time.perf_counter() - t:.0f}s; adapter checkpoint {ckpt}")
     artefacts["checkpoint"] = [str(ckpt)]
     artefacts["metrics"] = [str(run_dir / "metrics.jsonl")]
@@ -138,8 +151,14 @@ def run_demo(out: str | Path, models: str | Path | None = None, *, small: bool =
     two = pipe("a cat next to an astronaut", references=refs[:2], masks=[left, 255 - left], **call)
     made.append(_save(two.images[0], gen / "two_subjects.png", two.settings))
     try:  # tiny random detector: thresholds at 0 so it returns boxes (real runs keep 0.35 / 0.25)
-        auto = pipe("a cat next to a person", references=refs[:2], auto_mask=["cat", "person"],
-                    box_threshold=0.0, text_threshold=0.0, **call)
+        auto = pipe(
+            "a cat next to a person",
+            references=refs[:2],
+            auto_mask=["cat", "person"],
+            box_threshold=0.0,
+            text_threshold=0.0,
+            **call,
+        )
         made.append(_save(auto.images[0], gen / "two_subjects_auto_mask.png", auto.settings))
     except ValueError as e:
         print(f"  automatic masks skipped: {e}")
@@ -164,8 +183,12 @@ def _save(image, path: Path, settings: dict) -> str:
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole chain on tiny models and bundled photos (CPU, minutes)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "demo",
+        help="the whole chain on tiny models and bundled photos (CPU, minutes)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--models", default=None, help="models.yaml of real checkpoints (default: write tiny ones)")
     p.add_argument("--small", action="store_true", help="fewer photos and steps (a quick check)")

@@ -31,12 +31,17 @@ HOLE_FRAC = 0.05
 
 # ----------------------------------------------------------------------------- boxes
 
+
 def grow_box(box: Box, frac: float, height: int, width: int) -> tuple[int, int, int, int]:
     """Grows an XYXY box by ``frac`` × its longer side on every side, clipped to the image, as ints."""
     x0, y0, x1, y1 = box
     m = frac * max(x1 - x0, y1 - y0)
-    return (max(0, math.floor(x0 - m)), max(0, math.floor(y0 - m)),
-            min(width, math.ceil(x1 + m)), min(height, math.ceil(y1 + m)))
+    return (
+        max(0, math.floor(x0 - m)),
+        max(0, math.floor(y0 - m)),
+        min(width, math.ceil(x1 + m)),
+        min(height, math.ceil(y1 + m)),
+    )
 
 
 def mask_box(mask: np.ndarray) -> Box | None:
@@ -57,6 +62,7 @@ def cut_to_box(mask: np.ndarray, box: Box, margin: float) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- masks
+
 
 def clean_mask(mask: np.ndarray, island_frac: float = ISLAND_FRAC, hole_frac: float = HOLE_FRAC) -> np.ndarray:
     """Removes foreground parts smaller than ``island_frac`` × mask area (the largest part always
@@ -108,6 +114,7 @@ def resample_mask(mask: "torch.Tensor", grid: tuple[int, int]) -> "torch.Tensor"
 
 
 # ----------------------------------------------------------------------------- references on white
+
 
 def on_white(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Subject pixels kept, everything else pure white: ``(H, W, 3) uint8``."""

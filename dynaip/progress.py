@@ -29,8 +29,17 @@ class Progress:
     """``done``/``total`` of ``unit`` s with the rate since the start and the ETA; ``info`` (e.g. the last
     loss) is appended to every line. Thread-safe: a follower thread may feed it while the driver waits."""
 
-    def __init__(self, desc: str, total: int | None, unit: str, *, enabled: bool = True, every: float = 5.0,
-                 initial: int = 0, stream: TextIO | None = None):
+    def __init__(
+        self,
+        desc: str,
+        total: int | None,
+        unit: str,
+        *,
+        enabled: bool = True,
+        every: float = 5.0,
+        initial: int = 0,
+        stream: TextIO | None = None,
+    ):
         self.desc, self.total, self.unit, self.enabled, self.every = desc, total, unit, enabled, every
         self.initial = self.done = initial
         self.info: dict[str, str] = {}
@@ -97,8 +106,10 @@ class Progress:
         if self.total is not None and self.done < self.total:
             eta = f", ETA {_duration((self.total - self.done) / rate)}" if rate > 0 else ", ETA ?"
         extra = "".join(f", {k} {v}" for k, v in self.info.items())
-        return (f"{self.desc}: {self.unit}s {self.done}/{total}{pct}, {rate:.3g} {self.unit}s/s{eta}{extra}, "
-                f"{_duration(now - self.t0)} elapsed")
+        return (
+            f"{self.desc}: {self.unit}s {self.done}/{total}{pct}, {rate:.3g} {self.unit}s/s{eta}{extra}, "
+            f"{_duration(now - self.t0)} elapsed"
+        )
 
     def _print(self, now: float | None = None) -> None:
         print(self.line(now), file=self._out(), flush=True)
@@ -119,8 +130,13 @@ class JsonlFollower:
     """Reads the rows appended to a JSON-lines file in a background thread (every ``poll`` seconds), hands each
     complete one to ``on_row`` and then calls ``on_poll``; leaving the ``with`` block reads what is left."""
 
-    def __init__(self, path: str | Path, on_row: Callable[[dict[str, Any]], None], poll: float = 0.5,
-                 on_poll: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        on_row: Callable[[dict[str, Any]], None],
+        poll: float = 0.5,
+        on_poll: Callable[[], None] | None = None,
+    ):
         self.path, self.on_row, self.poll, self.on_poll = Path(path), on_row, poll, on_poll
         self.offset = self.path.stat().st_size if self.path.is_file() else 0  # rows of an earlier run are not ours
         self.stopping = threading.Event()

@@ -83,8 +83,9 @@ class RunLock:
     """Exclusive use of a run directory; a context manager (``acquire`` / ``release``). ``what`` names
     the kind of run in the refusal ("curation run", "training run" ...), ``error`` its exception class."""
 
-    def __init__(self, store: Store, *, ttl: float = LEASE_TTL, what: str = "curation run",
-                 error: type[Exception] = RunDirError):
+    def __init__(
+        self, store: Store, *, ttl: float = LEASE_TTL, what: str = "curation run", error: type[Exception] = RunDirError
+    ):
         self.store = store
         self.ttl = ttl
         self.what, self.error = what, error
@@ -101,8 +102,10 @@ class RunLock:
         self.release()
 
     def _refuse(self, holder: dict[str, Any]) -> None:
-        raise self.error(f"output directory {self.store.display()} is in use by another {self.what} "
-                         f"({_describe(holder)}); wait for it to finish or stop it, or pass another --out")
+        raise self.error(
+            f"output directory {self.store.display()} is in use by another {self.what} "
+            f"({_describe(holder)}); wait for it to finish or stop it, or pass another --out"
+        )
 
     # ---- local -------------------------------------------------------------------------------
 

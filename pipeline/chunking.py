@@ -49,19 +49,23 @@ class BatchTask:
     items: list[Item]
 
 
-def plan_chunk(chunk: int, part: list[SourceRecord | Reject], start: int, batch_size: int
-               ) -> tuple[Outcome, list[BatchTask]]:
+def plan_chunk(
+    chunk: int, part: list[SourceRecord | Reject], start: int, batch_size: int
+) -> tuple[Outcome, list[BatchTask]]:
     """The chunk's reader rejects (final) and its batches (to run through the stages)."""
     rejects: Outcome = [(i, r) for i, r in enumerate(part) if isinstance(r, Reject)]
     positions = [i for i, r in enumerate(part) if isinstance(r, SourceRecord)]
     items = make_items([part[i] for i in positions], start)
-    tasks = [BatchTask(chunk, b // batch_size, positions[b:b + batch_size], items[b:b + batch_size])
-             for b in range(0, len(items), batch_size)]
+    tasks = [
+        BatchTask(chunk, b // batch_size, positions[b : b + batch_size], items[b : b + batch_size])
+        for b in range(0, len(items), batch_size)
+    ]
     return rejects, tasks
 
 
-def batch_outcome(items: list[Item], positions: list[int], jpeg_quality: int = 95,
-                  hash_size: int | None = 8, thumbs: bool = False) -> Outcome:
+def batch_outcome(
+    items: list[Item], positions: list[int], jpeg_quality: int = 95, hash_size: int | None = 8, thumbs: bool = False
+) -> Outcome:
     """Encodes a processed batch: each item becomes ``Encoded`` (tar members + perceptual hashes,
     none when ``hash_size`` is None) or a Reject."""
     from pipeline.dedup import image_hash, image_thumb
@@ -71,8 +75,9 @@ def batch_outcome(items: list[Item], positions: list[int], jpeg_quality: int = 9
         if item.reject is not None:
             out.append((pos, item.reject))
         elif not item.samples:
-            out.append((pos, Reject(source=item.record.source, id=item.record.id, stage="pair",
-                                    reason="no sample produced")))
+            out.append(
+                (pos, Reject(source=item.record.source, id=item.record.id, stage="pair", reason="no sample produced"))
+            )
         else:
             try:
                 members = [encode_sample(s, jpeg_quality) for s in item.samples]
@@ -81,19 +86,28 @@ def batch_outcome(items: list[Item], positions: list[int], jpeg_quality: int = 9
                 if hash_size is not None:
                     hashes = [image_hash(v.image, hash_size) for v in views]
                     thumb = [image_thumb(v.image) for v in views] if thumbs else []
-                out.append((pos, Encoded(members, item.record.pair, hashes, item.record.source, item.record.id,
-                                         thumb)))
+                out.append((pos, Encoded(members, item.record.pair, hashes, item.record.source, item.record.id, thumb)))
             except Exception as e:
-                out.append((pos, Reject(source=item.record.source, id=item.record.id, stage="write",
-                                        reason=f"cannot encode the sample: {type(e).__name__}: {e}")))
+                out.append(
+                    (
+                        pos,
+                        Reject(
+                            source=item.record.source,
+                            id=item.record.id,
+                            stage="write",
+                            reason=f"cannot encode the sample: {type(e).__name__}: {e}",
+                        ),
+                    )
+                )
     for item in items:  # free pixels early
         item.target = item.reference = item.ref_image = item.pixels = item.twin = None
         item.samples = []
     return out
 
 
-def assemble(part: list[SourceRecord | Reject], outcome: Outcome
-             ) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
+def assemble(
+    part: list[SourceRecord | Reject], outcome: Outcome
+) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
     """Input-ordered ``(encoded samples, rejects, ledger)`` of a chunk from all of its outcomes (the
     ledger: see ``pipeline.writer.Ledger``)."""
     if sorted(pos for pos, _ in outcome) != list(range(len(part))):
@@ -105,8 +119,12 @@ def assemble(part: list[SourceRecord | Reject], outcome: Outcome
             keys = [m[0][0].split(".", 1)[0] for m in x.members]
             if any(k in seen for k in keys):  # a source repeating an id must not repeat a key
                 r = part[pos]
-                x = Reject(source=r.source, id=r.id, stage="write",
-                           reason=f"duplicate sample key {keys[0]} (the source repeats this id)")
+                x = Reject(
+                    source=r.source,
+                    id=r.id,
+                    stage="write",
+                    reason=f"duplicate sample key {keys[0]} (the source repeats this id)",
+                )
         if isinstance(x, Reject):
             rejects.append(x)
             ledger["rejected"].append([pos, x.to_json()])
@@ -125,8 +143,9 @@ def split_input_stages(stages: list) -> tuple[list, list]:
     return stages[:k], stages[k:]
 
 
-def prepared_batches(tasks: list[BatchTask], head: list, depth: int, timings: dict[str, float] | None
-                     ) -> Iterator[tuple[BatchTask, list[Item]]]:
+def prepared_batches(
+    tasks: list[BatchTask], head: list, depth: int, timings: dict[str, float] | None
+) -> Iterator[tuple[BatchTask, list[Item]]]:
     """``(task, items after the ``head`` stages)`` in task order. With ``depth`` > 0 the head runs on one
     background thread up to ``depth`` batches ahead of the batch the caller is working on (so reading
     and decoding overlap the models); the head's stage times are added to ``timings`` as usual. One
@@ -145,7 +164,7 @@ def prepared_batches(tasks: list[BatchTask], head: list, depth: int, timings: di
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
     try:
-        ahead = deque(pool.submit(run, t) for t in tasks[:depth + 1])
+        ahead = deque(pool.submit(run, t) for t in tasks[: depth + 1])
         for n, task in enumerate(tasks):
             items, own = ahead.popleft().result()
             if n + depth + 1 < len(tasks):
@@ -158,10 +177,17 @@ def prepared_batches(tasks: list[BatchTask], head: list, depth: int, timings: di
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def process_chunk(part: list[SourceRecord | Reject], start: int, stages: list, batch_size: int,
-                  jpeg_quality: int = 95, timings: dict[str, float] | None = None, hash_size: int | None = 8,
-                  thumbs: bool = False, prefetch: int = 0
-                  ) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
+def process_chunk(
+    part: list[SourceRecord | Reject],
+    start: int,
+    stages: list,
+    batch_size: int,
+    jpeg_quality: int = 95,
+    timings: dict[str, float] | None = None,
+    hash_size: int | None = 8,
+    thumbs: bool = False,
+    prefetch: int = 0,
+) -> tuple[list[list[tuple[str, bytes]]], list[Reject], dict[str, list]]:
     """Runs one chunk's records through ``stages`` in batches of ``batch_size``; returns
     ``(encoded samples, rejects, ledger)`` in input order. Samples are encoded right after their batch, so
     decoded pixels never pile up for a whole chunk. The batches are ``plan_chunk``'s, exactly as

@@ -17,32 +17,57 @@ def add_curate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N input records")
     p.add_argument("--source-root", default=None, help="overrides source.root of the recipe")
     p.add_argument("--models", default=None, help="models.yaml with local checkpoint paths")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (auto | host:port); default: an embedded local Ray "
-                        "(inside `ray job submit`, the job's cluster)")
-    p.add_argument("--executor", choices=("ray", "local"), default="ray",
-                   help="ray (default; chunk workers on a Ray cluster write the shards) or local (one process, no Ray)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (auto | host:port); default: an embedded local Ray "
+        "(inside `ray job submit`, the job's cluster)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("ray", "local"),
+        default="ray",
+        help="ray (default; chunk workers on a Ray cluster write the shards) or local (one process, no Ray)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar and no progress lines")
-    p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
-                   help="without a terminal (a Ray job's log), a progress line this often (default 5)")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="without a terminal (a Ray job's log), a progress line this often (default 5)",
+    )
     p.set_defaults(func=run_curate)
     return p
 
 
 def add_synth_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("synth", help="generate diptych cross pairs with FLUX.1-dev (a synth recipe), "
-                                            "curate them into a dataset; re-running resumes")
+    p = subparsers.add_parser(
+        "synth",
+        help="generate diptych cross pairs with FLUX.1-dev (a synth recipe), "
+        "curate them into a dataset; re-running resumes",
+    )
     p.add_argument("recipe", help="a recipe with source.kind: synth (see manifests/synth.yaml)")
     p.add_argument("--out", required=True, help="dataset directory (re-running resumes)")
     p.add_argument("--models", default=None, help="models.yaml with local checkpoint paths (flux, clip_vision, ...)")
     p.add_argument("--limit", type=int, default=None, help="only the first N diptychs")
-    p.add_argument("--ray-address", default=None,
-                   help="Ray cluster to join (auto | host:port); default: an embedded local Ray")
-    p.add_argument("--executor", choices=("ray", "local"), default="ray",
-                   help="ray (default; GPU chunk workers generate, curate and write) or local (one process)")
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join (auto | host:port); default: an embedded local Ray"
+    )
+    p.add_argument(
+        "--executor",
+        choices=("ray", "local"),
+        default="ray",
+        help="ray (default; GPU chunk workers generate, curate and write) or local (one process)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar and no progress lines")
-    p.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
-                   help="without a terminal (a Ray job's log), a progress line this often (default 5)")
+    p.add_argument(
+        "--progress-every",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="without a terminal (a Ray job's log), a progress line this often (default 5)",
+    )
     p.set_defaults(func=run_synth, source_root=None)
     return p
 
@@ -53,8 +78,10 @@ def run_synth(args: argparse.Namespace) -> int:
 
     kind = Recipe.from_yaml(args.recipe).source.kind
     if kind != "synth":
-        raise ValueError(f"recipe {args.recipe} reads source.kind {kind!r}; `dynaip synth` runs synth recipes "
-                         "(manifests/synth.yaml), use `dynaip curate` for the others")
+        raise ValueError(
+            f"recipe {args.recipe} reads source.kind {kind!r}; `dynaip synth` runs synth recipes "
+            "(manifests/synth.yaml), use `dynaip curate` for the others"
+        )
     return run_curate(args)
 
 
@@ -75,17 +102,32 @@ def run_curate(args: argparse.Namespace) -> int:
     if args.executor == "local":
         if args.ray_address:
             raise ValueError("--ray-address needs --executor ray")
-        manifest = run_local(recipe, args.out, models, limit=args.limit, progress=not args.no_progress,
-                             progress_every=args.progress_every)
+        manifest = run_local(
+            recipe,
+            args.out,
+            models,
+            limit=args.limit,
+            progress=not args.no_progress,
+            progress_every=args.progress_every,
+        )
     else:
         from dynaip.cluster import ray_address_from_env
         from pipeline.executor_ray import run_ray
 
-        manifest = run_ray(recipe, args.out, models, limit=args.limit, progress=not args.no_progress,
-                           address=ray_address_from_env(args.ray_address), progress_every=args.progress_every)
+        manifest = run_ray(
+            recipe,
+            args.out,
+            models,
+            limit=args.limit,
+            progress=not args.no_progress,
+            address=ray_address_from_env(args.ray_address),
+            progress_every=args.progress_every,
+        )
     t = manifest["totals"]
-    print(f"{args.out}: {t['inputs']} inputs, {t['accepted']} accepted, {t['rejected']} rejected, "
-          f"{t['samples']} samples in {len(manifest['shards'])} shards")
+    print(
+        f"{args.out}: {t['inputs']} inputs, {t['accepted']} accepted, {t['rejected']} rejected, "
+        f"{t['samples']} samples in {len(manifest['shards'])} shards"
+    )
     return 0
 
 
@@ -102,17 +144,30 @@ def add_manifest_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("dir")
     g.add_argument("--out", required=True, help="PNG to write")
     g.add_argument("--n", type=int, default=8, help="number of samples")
-    g.add_argument("--sort-by", default=None, choices=("aesthetic", "sharpness", "subject_pixels", "det_score", "mask_score"),
-                   help="show the samples lowest in this quality score first (docs/curation_quality.md)")
+    g.add_argument(
+        "--sort-by",
+        default=None,
+        choices=("aesthetic", "sharpness", "subject_pixels", "det_score", "mask_score"),
+        help="show the samples lowest in this quality score first (docs/curation_quality.md)",
+    )
     g.add_argument("--descending", action="store_true", help="with --sort-by: highest first")
     g.set_defaults(func=run_grid)
-    c = sub.add_parser("contamination", help="samples whose target or reference copies a benchmark image; "
-                                             "exit 1 when any does")
+    c = sub.add_parser(
+        "contamination", help="samples whose target or reference copies a benchmark image; exit 1 when any does"
+    )
     c.add_argument("dir")
-    c.add_argument("--against", action="append", required=True, metavar="ROOT",
-                   help="a benchmark root (DreamBench++, a DynaIP-Bench pool or a folder of images); repeatable")
-    c.add_argument("--recipe", default=None,
-                   help="take the thresholds from this recipe's decontamination section (default: its defaults)")
+    c.add_argument(
+        "--against",
+        action="append",
+        required=True,
+        metavar="ROOT",
+        help="a benchmark root (DreamBench++, a DynaIP-Bench pool or a folder of images); repeatable",
+    )
+    c.add_argument(
+        "--recipe",
+        default=None,
+        help="take the thresholds from this recipe's decontamination section (default: its defaults)",
+    )
     c.add_argument("--models", default=None, help="models.yaml: its clip_vision runs the embedding check")
     c.set_defaults(func=run_contamination)
     return p

@@ -52,16 +52,21 @@ class Report:
         per = {b.root: len({f.key for f in self.findings if f.match.root == b.root}) for b in self.benchmarks}
         checks = []
         if cfg.max_distance is not None:
-            checks.append(f"pHash <= {cfg.max_distance} of {cfg.hash_size ** 2} bits"
-                          + (f" and thumbnails within {cfg.max_thumb_diff:g}" if cfg.max_thumb_diff is not None else ""))
+            checks.append(
+                f"pHash <= {cfg.max_distance} of {cfg.hash_size**2} bits"
+                + (f" and thumbnails within {cfg.max_thumb_diff:g}" if cfg.max_thumb_diff is not None else "")
+            )
         if self.embedding:
             checks.append(f"embedding cosine >= {cfg.min_similarity:g}")
         elif cfg.min_similarity is not None:
             checks.append("no embedding check (pass --models for it)")
         n_images = sum(len(b.files) for b in self.benchmarks)
-        return (f"{root}: {len(keys)} of {self.samples} samples match benchmark images ("
-                + ", ".join(f"{r}: {n}" for r, n in per.items()) + f"); {n_images} benchmark images of "
-                f"{len(self.benchmarks)} benchmark(s) checked with " + "; ".join(checks))
+        return (
+            f"{root}: {len(keys)} of {self.samples} samples match benchmark images ("
+            + ", ".join(f"{r}: {n}" for r, n in per.items())
+            + f"); {n_images} benchmark images of "
+            f"{len(self.benchmarks)} benchmark(s) checked with " + "; ".join(checks)
+        )
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -84,17 +89,22 @@ def _batches(root: str) -> Iterator[list[dict[str, Any]]]:
         yield batch
 
 
-def contamination(root: str, against: Sequence[str], cfg: DecontaminationConfig | None = None,
-                  embed: Embed | None = None) -> Report:
+def contamination(
+    root: str, against: Sequence[str], cfg: DecontaminationConfig | None = None, embed: Embed | None = None
+) -> Report:
     """Every sample of the dataset at ``root`` compared with the benchmarks ``against`` (thresholds of
     ``cfg``; the embedding check only when ``embed`` is given)."""
     cfg = cfg or DecontaminationConfig()
     benchmarks = list_benchmarks(against)
     use_embed = embed if cfg.min_similarity is not None else None
-    index = BenchmarkIndex.build(benchmarks, max_distance=cfg.max_distance, hash_size=cfg.hash_size,
-                                 max_thumb_diff=cfg.max_thumb_diff,
-                                 min_similarity=cfg.min_similarity if use_embed is not None else None,
-                                 embed=use_embed)
+    index = BenchmarkIndex.build(
+        benchmarks,
+        max_distance=cfg.max_distance,
+        hash_size=cfg.hash_size,
+        max_thumb_diff=cfg.max_thumb_diff,
+        min_similarity=cfg.min_similarity if use_embed is not None else None,
+        embed=use_embed,
+    )
     findings: list[Finding] = []
     samples = 0
     for batch in _batches(root):

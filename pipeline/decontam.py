@@ -95,16 +95,20 @@ def list_benchmark(root: str | Path) -> Benchmark:
     holds no image, or holds a link out of it, a link to a folder or a special file named as an image."""
     real = os.path.realpath(os.path.expanduser(str(root)))
     if not os.path.isdir(real):
-        raise ConfigError(f"decontamination benchmark '{root}' is not a folder; give the root of DreamBench++ "
-                          "(holding images/ and captions/), of a DynaIP-Bench pool, or of a folder of images")
+        raise ConfigError(
+            f"decontamination benchmark '{root}' is not a folder; give the root of DreamBench++ "
+            "(holding images/ and captions/), of a DynaIP-Bench pool, or of a folder of images"
+        )
     files: list[BenchmarkFile] = []
     for dirpath, dirnames, filenames in os.walk(real, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in list(dirnames):
             p = os.path.join(dirpath, name)
             if os.path.islink(p):
-                raise ConfigError(f"decontamination benchmark '{real}': {os.path.relpath(p, real)} is a link to a "
-                                  "folder; links are not followed (copy the folder into the benchmark root)")
+                raise ConfigError(
+                    f"decontamination benchmark '{real}': {os.path.relpath(p, real)} is a link to a "
+                    "folder; links are not followed (copy the folder into the benchmark root)"
+                )
         for name in sorted(filenames):
             if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTS:
                 continue
@@ -112,8 +116,10 @@ def list_benchmark(root: str | Path) -> Benchmark:
             rel = os.path.relpath(p, real).replace(os.sep, "/")
             target = os.path.realpath(p)
             if not _inside(target, real):
-                raise ConfigError(f"decontamination benchmark '{real}': {rel} is a link to {target}, outside the "
-                                  "benchmark root; only files inside it are read (copy the file in)")
+                raise ConfigError(
+                    f"decontamination benchmark '{real}': {rel} is a link to {target}, outside the "
+                    "benchmark root; only files inside it are read (copy the file in)"
+                )
             st = os.stat(target)
             if not stat.S_ISREG(st.st_mode):
                 raise ConfigError(f"decontamination benchmark '{real}': {rel} is not a regular file")
@@ -121,8 +127,10 @@ def list_benchmark(root: str | Path) -> Benchmark:
                 digest = hashlib.file_digest(fh, "sha256").hexdigest()
             files.append(BenchmarkFile(rel=rel, path=target, sha256=digest))
     if not files:
-        raise ConfigError(f"decontamination benchmark '{real}' holds no image file ({', '.join(sorted(IMAGE_EXTS))}); "
-                          "is it the benchmark's root?")
+        raise ConfigError(
+            f"decontamination benchmark '{real}' holds no image file ({', '.join(sorted(IMAGE_EXTS))}); "
+            "is it the benchmark's root?"
+        )
     files.sort(key=lambda f: f.rel)
     return Benchmark(root=real, layout=benchmark_layout(Path(real)), files=tuple(files))
 
@@ -143,6 +151,7 @@ def benchmarks_fingerprint(benchmarks: Sequence[Benchmark]) -> str:
 
 
 # ----------------------------------------------------------------------------- the matcher
+
 
 @dataclass(frozen=True)
 class Match:
@@ -207,13 +216,21 @@ class BenchmarkIndex:
     min_similarity: float | None
 
     @classmethod
-    def build(cls, benchmarks: Sequence[Benchmark], *, max_distance: int | None, hash_size: int,
-              max_thumb_diff: float | None, min_similarity: float | None, embed: Embed | None = None,
-              batch: int = 16) -> BenchmarkIndex:
+    def build(
+        cls,
+        benchmarks: Sequence[Benchmark],
+        *,
+        max_distance: int | None,
+        hash_size: int,
+        max_thumb_diff: float | None,
+        min_similarity: float | None,
+        embed: Embed | None = None,
+        batch: int = 16,
+    ) -> BenchmarkIndex:
         names, words, thumbs, emb = [], [], [], []
         for b in benchmarks:
             for s in range(0, len(b.files), batch):
-                part = b.files[s:s + batch]
+                part = b.files[s : s + batch]
                 images = [read_benchmark_image(b, f) for f in part]
                 names.extend((b.root, f.rel) for f in part)
                 if max_distance is not None:
@@ -223,9 +240,16 @@ class BenchmarkIndex:
                     emb.append(_unit(embed(images)))
         if min_similarity is not None and embed is None:
             raise ValueError("the embedding check (min_similarity) needs an embedder")
-        return cls(names, np.concatenate(words) if words else np.zeros((0, 1), np.uint64),
-                   np.concatenate(thumbs) if thumbs else np.zeros((0, 192), np.uint8),
-                   np.concatenate(emb) if emb else None, max_distance, hash_size, max_thumb_diff, min_similarity)
+        return cls(
+            names,
+            np.concatenate(words) if words else np.zeros((0, 1), np.uint64),
+            np.concatenate(thumbs) if thumbs else np.zeros((0, 192), np.uint8),
+            np.concatenate(emb) if emb else None,
+            max_distance,
+            hash_size,
+            max_thumb_diff,
+            min_similarity,
+        )
 
     def match(self, images: Sequence[np.ndarray], embed: Embed | None = None) -> list[Match | None]:
         """Per image, the benchmark image it copies (the closest pHash match first, else the most similar

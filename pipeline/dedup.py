@@ -93,12 +93,13 @@ def _band_columns(columns: np.ndarray, n: int) -> list[np.ndarray]:
     out, start = [], 0
     for b in range(n):
         width = len(columns) // n + (1 if b < len(columns) % n else 0)
-        out.append(columns[start:start + width])
+        out.append(columns[start : start + width])
         start += width
     return out
 
 
 # ----------------------------------------------------------------------------- entries as arrays
+
 
 @dataclass
 class Entries:
@@ -126,14 +127,18 @@ class Entries:
         """The rows of ``parts`` together. Map tasks pad ``words``/``thumbs`` only to their own widest row, so
         one whose chunks hold no cross pair (one hash a row) is narrower than one that does (two): narrower
         parts are padded with zeros, as ``entries_from`` pads rows (their group keeps such rows apart)."""
+
         def widen(a: np.ndarray, width: int) -> np.ndarray:
             return a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])))
 
         ww, tw = max(p.words.shape[1] for p in parts), max(p.thumbs.shape[1] for p in parts)
-        return Entries(np.concatenate([p.index for p in parts]), np.concatenate([p.keys for p in parts]),
-                       np.concatenate([p.group for p in parts]),
-                       np.concatenate([widen(p.words, ww) for p in parts]),
-                       np.concatenate([widen(p.thumbs, tw) for p in parts]))
+        return Entries(
+            np.concatenate([p.index for p in parts]),
+            np.concatenate([p.keys for p in parts]),
+            np.concatenate([p.group for p in parts]),
+            np.concatenate([widen(p.words, ww) for p in parts]),
+            np.concatenate([widen(p.thumbs, tw) for p in parts]),
+        )
 
 
 def words_per_hash(hash_size: int) -> int:
@@ -144,8 +149,9 @@ def _group_code(kind: str, hashes: int) -> int:
     return zlib.crc32(f"{kind}/{hashes}".encode())
 
 
-def entries_from(rows: Iterable[tuple[int, str, str, list[str | int], list[str] | None]], hash_size: int,
-                 thumbs: bool) -> Entries:
+def entries_from(
+    rows: Iterable[tuple[int, str, str, list[str | int], list[str] | None]], hash_size: int, thumbs: bool
+) -> Entries:
     """Arrays of ``(index, key, kind, hashes as hex or int, thumbnails as hex or None)`` rows. Rows
     with fewer hashes than the widest are padded (their group keeps them apart)."""
     w = words_per_hash(hash_size)
@@ -161,11 +167,18 @@ def entries_from(rows: Iterable[tuple[int, str, str, list[str | int], list[str] 
     words = np.frombuffer(b"".join(b.ljust(width, b"\0") for b in hs), dtype=">u8").reshape(n, width // 8)
     twidth = max((len(b) for b in ts), default=0)
     if thumbs and any(len(b) != 3 * THUMB * THUMB * len(h) // (8 * w) for b, h in zip(ts, hs)):
-        raise ValueError("an accepted input of the ledger has no thumbnail for each of its hashes; "
-                         "re-run the curation (the ledger predates dedup.max_thumb_diff)")
+        raise ValueError(
+            "an accepted input of the ledger has no thumbnail for each of its hashes; "
+            "re-run the curation (the ledger predates dedup.max_thumb_diff)"
+        )
     tarr = np.frombuffer(b"".join(b.ljust(twidth, b"\0") for b in ts), dtype=np.uint8).reshape(n, twidth)
-    return Entries(np.asarray(index, np.int64), np.asarray(keys, dtype=str) if keys else np.zeros(0, "U1"),
-                   np.asarray(group, np.uint64), words.astype(np.uint64), tarr)
+    return Entries(
+        np.asarray(index, np.int64),
+        np.asarray(keys, dtype=str) if keys else np.zeros(0, "U1"),
+        np.asarray(group, np.uint64),
+        words.astype(np.uint64),
+        tarr,
+    )
 
 
 def ledger_rows(ledger: dict[str, list], chunk: int, inputs_per_chunk: int) -> Iterable[tuple]:
@@ -200,7 +213,7 @@ def _bits(words: np.ndarray, bits: int) -> np.ndarray:
     """(n, bits) 0/1 of the target hash (the first ``words_per_hash`` words), most significant first."""
     w = (bits + 63) // 64
     raw = np.ascontiguousarray(words[:, :w].astype(">u8")).view(np.uint8).reshape(len(words), 8 * w)
-    return np.unpackbits(raw, axis=1)[:, 64 * w - bits:]
+    return np.unpackbits(raw, axis=1)[:, 64 * w - bits :]
 
 
 def _value_key(bitmat: np.ndarray) -> np.ndarray:
@@ -252,8 +265,10 @@ def owner(keys: np.ndarray, reducers: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- one reducer
 
-def _near(e: Entries, i: np.ndarray, j: np.ndarray, max_distance: int, w: int, max_thumb_diff: float | None
-          ) -> np.ndarray:
+
+def _near(
+    e: Entries, i: np.ndarray, j: np.ndarray, max_distance: int, w: int, max_thumb_diff: float | None
+) -> np.ndarray:
     """Whether rows ``i`` and ``j`` are near copies (every hash, and every thumbnail when checked)."""
     dist = np.bitwise_count(e.words[i] ^ e.words[j]).reshape(len(i), -1, w).sum(axis=2, dtype=np.int64)
     ok = (dist <= max_distance).all(axis=1) & (e.group[i] == e.group[j])
@@ -275,8 +290,15 @@ def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.diff(np.r_[starts, len(keys)])
 
 
-def _split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, masks: list[np.ndarray],
-           max_distance: int, hash_size: int) -> Split:
+def _split(
+    e: Entries,
+    rows: np.ndarray,
+    keys: np.ndarray,
+    spec: np.ndarray,
+    masks: list[np.ndarray],
+    max_distance: int,
+    hash_size: int,
+) -> Split:
     """The hash split of every bucket (``rows``/``keys``/``spec`` sorted by key; ``masks[spec]``: the
     bit columns a bucket's members share): its members go into ``max_distance + 1`` sub-bands of the
     bits they do not all share (a near pair agrees exactly on one of them), when that leaves fewer
@@ -328,8 +350,8 @@ def _thumb_split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarra
     sample = starts[:, None] + (np.arange(THUMB_SAMPLE)[None, :] * sizes[:, None]) // THUMB_SAMPLE
     column = np.empty(len(starts), np.int64)
     for b in range(0, len(starts), THUMB_BLOCK):
-        block = e.thumbs[rows[sample[b:b + THUMB_BLOCK]]]  # (buckets, sample, values)
-        column[b:b + THUMB_BLOCK] = (block.max(axis=1) - block.min(axis=1)).argmax(axis=1)
+        block = e.thumbs[rows[sample[b : b + THUMB_BLOCK]]]  # (buckets, sample, values)
+        column[b : b + THUMB_BLOCK] = (block.max(axis=1) - block.min(axis=1)).argmax(axis=1)
     value = e.thumbs[rows, column[bucket]].astype(np.int64)
     # one grid of cells THUMB_CELL_WIDE times the allowed difference; a member within it of its cell's
     # lower edge is also a guest of the cell below: a near pair straddling an edge meets there
@@ -348,9 +370,16 @@ def _thumb_split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarra
     return rows[member[moved]], sub[moved], spec[member[moved]], whole
 
 
-def _split_buckets(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, masks: list[np.ndarray],
-                   max_distance: int, hash_size: int, max_thumb_diff: float | None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _split_buckets(
+    e: Entries,
+    rows: np.ndarray,
+    keys: np.ndarray,
+    spec: np.ndarray,
+    masks: list[np.ndarray],
+    max_distance: int,
+    hash_size: int,
+    max_thumb_diff: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Rounds of splitting (``keys`` sorted). With thumbnails, each round cuts every bucket above
     ``THUMB_SPLIT_ABOVE`` by thumbnail (vectorised); the hash split (a loop over buckets, ``max_distance
     + 1`` rows per row) takes what that leaves whole above ``SPLIT_ABOVE``, in the first
@@ -387,8 +416,9 @@ def _split_buckets(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndar
         new = [(rows[~big & ~stuck], keys[~big & ~stuck], spec[~big & ~stuck])]
         set_aside(~big & stuck)
         if big.any():
-            sub_rows, sub_keys, sub_spec, whole = _split(e, rows[big], keys[big], spec[big], masks, max_distance,
-                                                         hash_size)
+            sub_rows, sub_keys, sub_spec, whole = _split(
+                e, rows[big], keys[big], spec[big], masks, max_distance, hash_size
+            )
             new.append((sub_rows, sub_keys, sub_spec))
             done = whole & stuck[big]
             final_rows.append(rows[big][done])
@@ -419,8 +449,11 @@ def _collapse(e: Entries) -> np.ndarray:
     twin[order] = np.repeat(np.minimum.reduceat(order, starts), np.diff(np.r_[starts, n]))
     same = np.flatnonzero(twin != np.arange(n))  # a fingerprint collision is not a twin: check the data
     t = twin[same]
-    real = (e.group[t] == e.group[same]) & (e.words[t] == e.words[same]).all(axis=1) & \
-        (e.thumbs[t] == e.thumbs[same]).all(axis=1)
+    real = (
+        (e.group[t] == e.group[same])
+        & (e.words[t] == e.words[same]).all(axis=1)
+        & (e.thumbs[t] == e.thumbs[same]).all(axis=1)
+    )
     twin[same[~real]] = same[~real]
     return twin
 
@@ -431,9 +464,16 @@ def _note_largest(stats: dict[str, int], name: str, keys: np.ndarray) -> None:
     stats[name] = max(stats.get(name, 0), int(sizes.max()))
 
 
-def reduce_entries(e: Entries, rows: np.ndarray, keys: np.ndarray, band: np.ndarray, max_distance: int,
-                   hash_size: int, max_thumb_diff: float | None = None, stats: dict[str, int] | None = None
-                   ) -> np.ndarray:
+def reduce_entries(
+    e: Entries,
+    rows: np.ndarray,
+    keys: np.ndarray,
+    band: np.ndarray,
+    max_distance: int,
+    hash_size: int,
+    max_thumb_diff: float | None = None,
+    stats: dict[str, int] | None = None,
+) -> np.ndarray:
     """One reducer: ``e`` sorted by index, ``(rows, keys, band)`` the (row, bucket, band number)
     triples it owns. Returns per row the row of its earliest near copy in these buckets, or -1.
     ``stats`` (optional) gets ``largest_bucket`` (before splitting), ``largest_compared`` (after) and
@@ -478,7 +518,7 @@ def reduce_entries(e: Entries, rows: np.ndarray, keys: np.ndarray, band: np.ndar
         if not len(active):
             break
         for s in range(0, len(active), PAIRS_PER_STEP):
-            p = active[s:s + PAIRS_PER_STEP]
+            p = active[s : s + PAIRS_PER_STEP]
             i, j = np.minimum(rows[p], rows[p + d]), np.maximum(rows[p], rows[p + d])
             hit = _near(e, i, j, max_distance, w, max_thumb_diff) & (i != j)
             stats["pairs_compared"] = stats.get("pairs_compared", 0) + len(p)
@@ -493,6 +533,7 @@ def reduce_entries(e: Entries, rows: np.ndarray, keys: np.ndarray, band: np.ndar
 
 
 # ----------------------------------------------------------------------------- shuffle by bucket
+
 
 def partition(e: Entries, max_distance: int, hash_size: int, reducers: int) -> list[dict[str, np.ndarray]]:
     """Map side: per reducer, the rows owning one of its buckets and their (row, bucket key) pairs."""
@@ -509,15 +550,28 @@ def partition(e: Entries, max_distance: int, hash_size: int, reducers: int) -> l
         rows = np.flatnonzero(present)
         local = (np.cumsum(present) - 1)[rr]
         part = e.take(rows)
-        out.append({"index": part.index, "keys": part.keys, "group": part.group, "words": part.words,
-                    "thumbs": part.thumbs, "pair_row": local.astype(np.int64), "pair_key": keys[rr, cc],
-                    "pair_band": cc.astype(np.int16)})
+        out.append(
+            {
+                "index": part.index,
+                "keys": part.keys,
+                "group": part.group,
+                "words": part.words,
+                "thumbs": part.thumbs,
+                "pair_row": local.astype(np.int64),
+                "pair_key": keys[rr, cc],
+                "pair_band": cc.astype(np.int16),
+            }
+        )
     return out
 
 
-def reduce_parts(parts: list[dict[str, np.ndarray]], max_distance: int, hash_size: int,
-                 max_thumb_diff: float | None = None, stats: dict[str, int] | None = None
-                 ) -> dict[int, tuple[int, str, str]]:
+def reduce_parts(
+    parts: list[dict[str, np.ndarray]],
+    max_distance: int,
+    hash_size: int,
+    max_thumb_diff: float | None = None,
+    stats: dict[str, int] | None = None,
+) -> dict[int, tuple[int, str, str]]:
     """Reduce side over the map outputs for one reducer: ``index → (earliest index, its key, own key)``."""
     parts = [p for p in parts if len(p["index"])]
     if not parts:
@@ -536,9 +590,14 @@ def reduce_parts(parts: list[dict[str, np.ndarray]], max_distance: int, hash_siz
     return {int(e.index[j]): (int(e.index[found[j]]), str(e.keys[found[j]]), str(e.keys[j])) for j in hit}
 
 
-def dedup_arrays(e: Entries, max_distance: int, hash_size: int, reducers: int = 1,
-                 max_thumb_diff: float | None = None, stats: dict[str, int] | None = None
-                 ) -> dict[int, tuple[int, str, str]]:
+def dedup_arrays(
+    e: Entries,
+    max_distance: int,
+    hash_size: int,
+    reducers: int = 1,
+    max_thumb_diff: float | None = None,
+    stats: dict[str, int] | None = None,
+) -> dict[int, tuple[int, str, str]]:
     """The whole pass in one process (every reducer in turn), merged like ``plan`` does."""
     best: dict[int, tuple[int, str, str]] = {}
     for part in partition(e, max_distance, hash_size, reducers):
@@ -548,8 +607,14 @@ def dedup_arrays(e: Entries, max_distance: int, hash_size: int, reducers: int = 
     return best
 
 
-def reduce_buckets(entries: Iterable[Entry], max_distance: int, hash_size: int, reducer: int = 0,
-                   reducers: int = 1, max_thumb_diff: float | None = None) -> dict[int, tuple[int, str]]:
+def reduce_buckets(
+    entries: Iterable[Entry],
+    max_distance: int,
+    hash_size: int,
+    reducer: int = 0,
+    reducers: int = 1,
+    max_thumb_diff: float | None = None,
+) -> dict[int, tuple[int, str]]:
     """Reducer ``reducer`` of ``reducers`` over in-memory entries: for each input that has an earlier
     near copy in one of this reducer's buckets, ``index → (index, key)`` of the earliest such copy."""
     e = entries_from(((i, k, kind, h, None) for i, k, kind, h in entries), hash_size, False)

@@ -20,8 +20,16 @@ def _part_path(reducers: int, mapper: int, reducer: int) -> str:
     return f"{DEDUP_DIR}/r{reducers}/m{mapper:05d}-r{reducer:05d}.npz"
 
 
-def run_mapper(writer: Any, chunks: list[int], inputs_per_chunk: int, max_distance: int, hash_size: int,
-               max_thumb_diff: float | None, mapper: int, reducers: int) -> int:
+def run_mapper(
+    writer: Any,
+    chunks: list[int],
+    inputs_per_chunk: int,
+    max_distance: int,
+    hash_size: int,
+    max_thumb_diff: float | None,
+    mapper: int,
+    reducers: int,
+) -> int:
     """Map task ``mapper``: reads the ledgers of ``chunks`` and writes one partition file per reducer
     (atomically, into the dataset's store). Returns the entries it read."""
     rows = [r for c in chunks for r in ledger_rows(writer.read_ledger(c), c, inputs_per_chunk)]
@@ -33,8 +41,15 @@ def run_mapper(writer: Any, chunks: list[int], inputs_per_chunk: int, max_distan
     return len(e)
 
 
-def run_reducer(writer: Any, mappers: int, max_distance: int, hash_size: int, max_thumb_diff: float | None,
-                reducer: int, reducers: int) -> dict[int, tuple[int, str, str]]:
+def run_reducer(
+    writer: Any,
+    mappers: int,
+    max_distance: int,
+    hash_size: int,
+    max_thumb_diff: float | None,
+    reducer: int,
+    reducers: int,
+) -> dict[int, tuple[int, str, str]]:
     """Reducer ``reducer``: reads only its ``mappers`` partition files. Returns ``index → (earliest
     index, its key, this input's key)``."""
     parts = []

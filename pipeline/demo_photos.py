@@ -30,8 +30,10 @@ PHOTOS: dict[str, tuple[str, str | None, str]] = {
 # name → the views written into the subfolder NAME/ when subject_views: (file stem, index into the
 # loader's tuple, caption)
 SUBJECT_VIEWS: dict[str, tuple[tuple[str, int, str], ...]] = {
-    "motorcycle": (("left", 0, "a red motorcycle in a workshop, seen from the left"),
-                   ("right", 1, "a red motorcycle in a workshop, seen from the right")),
+    "motorcycle": (
+        ("left", 0, "a red motorcycle in a workshop, seen from the left"),
+        ("right", 1, "a red motorcycle in a workshop, seen from the right"),
+    ),
 }
 N_FACES = 3
 FACE_SIDE = 256
@@ -57,8 +59,9 @@ def _save(img: Image.Image, path: Path, fmt: str, caption: str | None) -> Path:
     return path
 
 
-def write_sample_photos(out: str | Path, faces: int = N_FACES, names: list[str] | None = None,
-                        subject_views: bool = True) -> list[Path]:
+def write_sample_photos(
+    out: str | Path, faces: int = N_FACES, names: list[str] | None = None, subject_views: bool = True
+) -> list[Path]:
     """Writes the photos (``names`` of ``PHOTOS``, default all) + captions and ``faces`` upscaled
     lfw faces into ``out``; returns the image paths, sorted. With ``subject_views`` a name of
     ``SUBJECT_VIEWS`` is written as its subfolder of views (``motorcycle/left.png``, ``motorcycle/right.png``)
@@ -71,7 +74,9 @@ def write_sample_photos(out: str | Path, faces: int = N_FACES, names: list[str] 
             continue
         if subject_views and name in SUBJECT_VIEWS:
             for stem, index, view_caption in SUBJECT_VIEWS[name]:
-                written.append(_save(Image.fromarray(_load(loader, index)), out / name / f"{stem}.{fmt}", fmt, view_caption))
+                written.append(
+                    _save(Image.fromarray(_load(loader, index)), out / name / f"{stem}.{fmt}", fmt, view_caption)
+                )
             continue
         written.append(_save(Image.fromarray(_load(loader)), out / f"{name}.{fmt}", fmt, caption))
     if faces:
@@ -79,7 +84,9 @@ def write_sample_photos(out: str | Path, faces: int = N_FACES, names: list[str] 
 
         lfw = data.lfw_subset()  # (200, 25, 25) float in [0, 1]; the first 100 are faces
         for i in range(faces):
-            face = Image.fromarray((lfw[i * 7] * 255).round().astype(np.uint8)).resize((FACE_SIDE, FACE_SIDE), Image.BICUBIC)
+            face = Image.fromarray((lfw[i * 7] * 255).round().astype(np.uint8)).resize(
+                (FACE_SIDE, FACE_SIDE), Image.BICUBIC
+            )
             path = out / f"face_{i:02d}.png"
             face.save(path, format="PNG")
             (out / f"face_{i:02d}.txt").write_text("a black and white portrait photo of a person\n")

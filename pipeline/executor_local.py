@@ -15,14 +15,34 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.chunking import process_chunk  # noqa: F401  (re-exported: callers and tests import it from here)
-from pipeline.orchestrate import (ChunkWorker, LocalPool, Progress, check_out, check_source, chunked, curate,  # noqa: F401
-                                 input_fingerprint)
+from pipeline.orchestrate import (  # noqa: F401  (re-exported: callers and tests import these from here)
+    ChunkWorker,
+    LocalPool,
+    Progress,
+    check_out,
+    check_source,
+    chunked,
+    curate,
+    input_fingerprint,
+)
 from pipeline.recipe import Recipe
 from dynaip.dataset.store import redact_url
 from pipeline.writer import sha256_file
 
-TOOLS = ("dynaip", "torch", "groundingdino-py", "segment-anything", "transformers", "webdataset", "pillow",
-         "numpy", "scipy", "pycocotools", "av", "imagehash")
+TOOLS = (
+    "dynaip",
+    "torch",
+    "groundingdino-py",
+    "segment-anything",
+    "transformers",
+    "webdataset",
+    "pillow",
+    "numpy",
+    "scipy",
+    "pycocotools",
+    "av",
+    "imagehash",
+)
 
 
 def run_info(recipe: Recipe, models: Any) -> dict[str, Any]:
@@ -47,25 +67,43 @@ def run_info(recipe: Recipe, models: Any) -> dict[str, Any]:
     captioner = recipe.captioning.model or getattr(models, "captioner", None)
     if captioner and any(o == "model" for o in recipe.captioning.order):
         weights = sorted(Path(captioner).glob("*.safetensors")) if Path(captioner).is_dir() else []
-        model_info["captioner"] = {"path": captioner, "prompt": recipe.captioning.prompt,
-                                   "weights_sha256": {w.name: sha256_file(w) for w in weights}}
+        model_info["captioner"] = {
+            "path": captioner,
+            "prompt": recipe.captioning.prompt,
+            "weights_sha256": {w.name: sha256_file(w) for w in weights},
+        }
     aesthetic = getattr(models, "aesthetic", None)
     if aesthetic is not None:
         head = Path(aesthetic.path)
         clip = aesthetic.clip or models.clip_vision
-        model_info["aesthetic"] = {"path": aesthetic.path, "clip": clip.path,
-                                   "checkpoint_sha256": sha256_file(head) if head.is_file() else None}
+        model_info["aesthetic"] = {
+            "path": aesthetic.path,
+            "clip": clip.path,
+            "checkpoint_sha256": sha256_file(head) if head.is_file() else None,
+        }
     dc = recipe.decontamination
     if dc.against and dc.min_similarity is not None and models is not None:  # the embedding check's model
         model_info["decontamination"] = {"clip_vision": models.clip_vision.path}
     d = recipe.to_dict()
     d["source"]["root"] = redact_url(d["source"]["root"])
-    return {"recipe": d, "source": {"kind": recipe.source.kind, "root": redact_url(recipe.source.root)},
-            "versions": versions, "models": model_info}
+    return {
+        "recipe": d,
+        "source": {"kind": recipe.source.kind, "root": redact_url(recipe.source.root)},
+        "versions": versions,
+        "models": model_info,
+    }
 
 
-def run_local(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int | None = None,
-              progress: bool = True, stages: list | None = None, progress_every: float = 5.0) -> dict[str, Any]:
+def run_local(
+    recipe: Recipe,
+    out: str | Path,
+    models: Any = None,
+    *,
+    limit: int | None = None,
+    progress: bool = True,
+    stages: list | None = None,
+    progress_every: float = 5.0,
+) -> dict[str, Any]:
     """Builds (or resumes) the dataset in ``out`` (a path or fsspec URL); returns the manifest dict.
 
     ``models`` is a ``ModelsConfig`` (needed unless every record brings its own boxes and masks);

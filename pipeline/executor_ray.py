@@ -54,14 +54,19 @@ def pool_size(recipe: Recipe, opts: dict[str, Any]) -> int:
     if recipe.executor.workers is not None:
         return recipe.executor.workers
     total = ray.cluster_resources()
-    need = {"CPU": opts["num_cpus"], **({"GPU": opts["num_gpus"]} if "num_gpus" in opts else {}),
-            **opts.get("resources", {})}
+    need = {
+        "CPU": opts["num_cpus"],
+        **({"GPU": opts["num_gpus"]} if "num_gpus" in opts else {}),
+        **opts.get("resources", {}),
+    }
     fits = [int(total.get(name, 0) // amount) for name, amount in need.items() if amount > 0]
     n = min(fits) if fits else 1
     if n < 1:
         missing = [name for name, amount in need.items() if total.get(name, 0) < amount]
-        raise ValueError(f"no node of the Ray cluster offers what one curation worker needs ({need}); missing: "
-                         f"{', '.join(missing)} — start nodes with those resources or change executor.* in the recipe")
+        raise ValueError(
+            f"no node of the Ray cluster offers what one curation worker needs ({need}); missing: "
+            f"{', '.join(missing)} — start nodes with those resources or change executor.* in the recipe"
+        )
     return n
 
 
@@ -129,9 +134,17 @@ class RayPool:
         self.actors = []
 
 
-def run_ray(recipe: Recipe, out: str | Path, models: Any = None, *, limit: int | None = None,
-            address: str | None = None, progress: bool = True, num_cpus: int | None = None,
-            progress_every: float = 5.0) -> dict[str, Any]:
+def run_ray(
+    recipe: Recipe,
+    out: str | Path,
+    models: Any = None,
+    *,
+    limit: int | None = None,
+    address: str | None = None,
+    progress: bool = True,
+    num_cpus: int | None = None,
+    progress_every: float = 5.0,
+) -> dict[str, Any]:
     """Builds (or resumes) the dataset in ``out`` (a path or fsspec URL) on Ray; returns the manifest
     dict (the same bytes as ``run_local``)."""
     from pipeline.executor_local import run_info

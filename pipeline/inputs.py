@@ -79,8 +79,14 @@ def _remote_stamp(url: str) -> str:
         info = fs.info(key)
     except (OSError, FileNotFoundError):
         return "missing"
-    tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "md5", "generation", "mtime", "LastModified")
-                if info.get(k) is not None), "")
+    tag = next(
+        (
+            info[k]
+            for k in ("ETag", "etag", "md5Hash", "md5", "generation", "mtime", "LastModified")
+            if info.get(k) is not None
+        ),
+        "",
+    )
     return f"{info.get('size')}:{str(tag).strip(chr(34))}"
 
 
@@ -124,8 +130,12 @@ def guard_records(records: Iterable[SourceRecord | Reject], root: str) -> Iterat
                 base = lexical if _inside(p, lexical) else real if _inside(p, real) else None
                 if base is not None and not _inside(os.path.realpath(p), real):
                     rel = Path(p).relative_to(base).as_posix()
-                    r = Reject(source=r.source, id=r.id, stage="read",
-                               reason=f"{rel} is a symlink resolving outside the source root; copy the file "
-                                      "into the root instead of linking it")
+                    r = Reject(
+                        source=r.source,
+                        id=r.id,
+                        stage="read",
+                        reason=f"{rel} is a symlink resolving outside the source root; copy the file "
+                        "into the root instead of linking it",
+                    )
                     break
         yield r

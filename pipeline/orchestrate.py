@@ -58,8 +58,7 @@ class ChunkWorker:
     """Builds whole chunks where it runs: the stages (models load on first use, once per worker),
     the chunk's ledger, shard(s) and marker. Returns slim results only."""
 
-    def __init__(self, recipe: Recipe, models: Any, out: str, stages: list | None = None,
-                 threads: int | None = None):
+    def __init__(self, recipe: Recipe, models: Any, out: str, stages: list | None = None, threads: int | None = None):
         if threads:
             import torch
 
@@ -68,8 +67,9 @@ class ChunkWorker:
 
         self.recipe = recipe
         self.stages = stages if stages is not None else build_stages(recipe, models)
-        self.writer = DatasetWriter(out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality,
-                                    max_bytes=recipe.shards.max_bytes)
+        self.writer = DatasetWriter(
+            out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality, max_bytes=recipe.shards.max_bytes
+        )
         self.node: str | None = None
         ray = sys.modules.get("ray")  # never imported here: the local executor runs without Ray
         if ray is not None and ray.is_initialized():
@@ -79,9 +79,17 @@ class ChunkWorker:
         timings: dict[str, float] = {}
         r = self.recipe
         hash_size = r.dedup.hash_size if r.dedup.max_distance is not None else None
-        encoded, rejects, ledger = process_chunk(part, chunk * r.shards.inputs_per_shard, self.stages,
-                                                 r.executor.batch_size, r.shards.jpeg_quality, timings, hash_size,
-                                                 r.dedup.max_thumb_diff is not None, r.executor.prefetch)
+        encoded, rejects, ledger = process_chunk(
+            part,
+            chunk * r.shards.inputs_per_shard,
+            self.stages,
+            r.executor.batch_size,
+            r.shards.jpeg_quality,
+            timings,
+            hash_size,
+            r.dedup.max_thumb_diff is not None,
+            r.executor.prefetch,
+        )
         res = self.writer.write_chunk(chunk, fp, len(part), encoded, rejects, timings, ledger=ledger, node=self.node)
         return res.slim()
 
@@ -90,8 +98,16 @@ class ChunkWorker:
 
         d = self.recipe.dedup
         self.writer.store.invalidate()
-        return run_mapper(self.writer, chunks, self.recipe.shards.inputs_per_shard, d.max_distance, d.hash_size,
-                          d.max_thumb_diff, mapper, reducers)
+        return run_mapper(
+            self.writer,
+            chunks,
+            self.recipe.shards.inputs_per_shard,
+            d.max_distance,
+            d.hash_size,
+            d.max_thumb_diff,
+            mapper,
+            reducers,
+        )
 
     def dedup(self, mappers: int, reducer: int, reducers: int) -> dict:
         from pipeline.dedup_shuffle import run_reducer
@@ -164,8 +180,9 @@ class Progress:
     ``every`` seconds (what a Ray job's log shows). The total comes from a second, counting pass
     over the reader in a background thread (it keeps no records)."""
 
-    def __init__(self, recipe: Recipe, limit: int | None, *, enabled: bool = True, every: float = 5.0,
-                 desc: str = "curate"):
+    def __init__(
+        self, recipe: Recipe, limit: int | None, *, enabled: bool = True, every: float = 5.0, desc: str = "curate"
+    ):
         self.enabled, self.every, self.desc = enabled, every, desc
         self.k = recipe.shards.inputs_per_shard
         self.total: int | None = None
@@ -217,8 +234,10 @@ class Progress:
         total = str(self.total) if self.total is not None else "?"
         pct = f" ({100 * self.chunks / self.total:.0f}%)" if self.total else ""
         kept = f", {self.kept} kept from an earlier run" if self.kept else ""
-        return (f"{self.desc}: chunks {self.chunks}/{total}{pct}, {self.inputs} inputs, "
-                f"{self.rate(now):.2f} images/s, {self.rejected} rejected so far{kept}, {now - self.t0:.0f} s")
+        return (
+            f"{self.desc}: chunks {self.chunks}/{total}{pct}, {self.inputs} inputs, "
+            f"{self.rate(now):.2f} images/s, {self.rejected} rejected so far{kept}, {now - self.t0:.0f} s"
+        )
 
     def close(self, note: str = "") -> None:
         if self.bar is not None:
@@ -243,8 +262,15 @@ def check_out(out: str) -> None:
         raise OutputDirError(f"--out {out} is a file, not a directory; pass a directory for the dataset")
 
 
-def curate(recipe: Recipe, out: str, pool: Pool, info: dict[str, Any], *, limit: int | None = None,
-           progress: Progress | None = None) -> dict[str, Any]:
+def curate(
+    recipe: Recipe,
+    out: str,
+    pool: Pool,
+    info: dict[str, Any],
+    *,
+    limit: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Builds (or resumes) the dataset in ``out`` with ``pool``'s workers; returns the manifest.
     The whole run holds ``out``'s ``RunLock``: a second run into the same directory is refused."""
     selection = check_source(recipe)
@@ -252,8 +278,9 @@ def curate(recipe: Recipe, out: str, pool: Pool, info: dict[str, Any], *, limit:
         info = {**info, "source_selection": selection}
     info = {**info, **decontamination_info(recipe)}  # a benchmark that is not there fails here, before --out
     check_out(out)
-    writer = DatasetWriter(out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality,
-                           max_bytes=recipe.shards.max_bytes)
+    writer = DatasetWriter(
+        out, recipe.recipe_hash, jpeg_quality=recipe.shards.jpeg_quality, max_bytes=recipe.shards.max_bytes
+    )
     fresh = not writer.store.exists()
     with RunLock(writer.store, what="curation run", error=OutputDirError):
         try:
@@ -274,11 +301,18 @@ def decontamination_info(recipe: Recipe) -> dict[str, Any]:
     from pipeline.decontam import benchmarks_fingerprint, list_benchmarks
 
     benchmarks = list_benchmarks(c.against)
-    return {"decontamination": {
-        "fingerprint": benchmarks_fingerprint(benchmarks),
-        "checks": {"max_distance": c.max_distance, "hash_size": c.hash_size, "max_thumb_diff": c.max_thumb_diff,
-                   "min_similarity": c.min_similarity},
-        "benchmarks": [{**b.describe(), "removed": 0} for b in benchmarks]}}
+    return {
+        "decontamination": {
+            "fingerprint": benchmarks_fingerprint(benchmarks),
+            "checks": {
+                "max_distance": c.max_distance,
+                "hash_size": c.hash_size,
+                "max_thumb_diff": c.max_thumb_diff,
+                "min_similarity": c.min_similarity,
+            },
+            "benchmarks": [{**b.describe(), "removed": 0} for b in benchmarks],
+        }
+    }
 
 
 def count_removed(info: dict[str, Any]):
@@ -314,8 +348,14 @@ def remove_if_pristine(writer: DatasetWriter) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, Any], limit: int | None,
-            progress: Progress | None) -> dict[str, Any]:
+def _curate(
+    recipe: Recipe,
+    writer: DatasetWriter,
+    pool: Pool,
+    info: dict[str, Any],
+    limit: int | None,
+    progress: Progress | None,
+) -> dict[str, Any]:
     source = source_identity(recipe.source.kind, recipe.source.root)
     precision = run_precision(pool)
     writer.prepare(info.get("recipe", recipe.to_dict()), source, precision)
@@ -351,8 +391,11 @@ def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, A
 
     build()
     if progress.kept:  # printed, not logged: Ray reconfigures logging in the driver of a job
-        print(f"resuming: {progress.kept} finished chunk(s) kept, {len(results) - progress.kept} built",
-              file=sys.stderr, flush=True)
+        print(
+            f"resuming: {progress.kept} finished chunk(s) kept, {len(results) - progress.kept} built",
+            file=sys.stderr,
+            flush=True,
+        )
     if recipe.dedup.max_distance is not None and results:
         for attempt in range(2):
             redo = deduplicate(recipe, pool, results, writer)
@@ -363,10 +406,14 @@ def _curate(recipe: Recipe, writer: DatasetWriter, pool: Pool, info: dict[str, A
             for c in redo:
                 writer.forget(c)
             build(set(redo))
-    progress.close(f"{sum(len(r.duplicates) for r in results.values())} duplicates removed"
-                   if recipe.dedup.max_distance is not None else "")
-    return writer.finalize(list(results.values()), info, [get_license(recipe.source.kind).to_dict()],
-                           on_reject=count_removed(info))
+    progress.close(
+        f"{sum(len(r.duplicates) for r in results.values())} duplicates removed"
+        if recipe.dedup.max_distance is not None
+        else ""
+    )
+    return writer.finalize(
+        list(results.values()), info, [get_license(recipe.source.kind).to_dict()], on_reject=count_removed(info)
+    )
 
 
 def run_precision(pool: Pool) -> str:
@@ -374,8 +421,10 @@ def run_precision(pool: Pool) -> str:
     resolves differently on different workers (GPU and CPU nodes), since one dataset is built at one."""
     found = sorted(set(pool.precisions()))
     if len(found) != 1:
-        raise OutputDirError(f"the chunk workers would run the models at different precisions ({', '.join(found)}); "
-                             "set executor.precision to one of them in the recipe")
+        raise OutputDirError(
+            f"the chunk workers would run the models at different precisions ({', '.join(found)}); "
+            "set executor.precision to one of them in the recipe"
+        )
     return found[0]
 
 
@@ -388,7 +437,7 @@ def deduplicate(recipe: Recipe, pool: Pool, results: dict[int, ChunkResult], wri
     mappers = min(reducers, len(chunks))
     share = -(-len(chunks) // mappers)
     # shuffle by bucket: each map task partitions its chunks' ledgers, each reducer reads its partitions only
-    map_all(pool, "dedup_map", [(chunks[m * share:(m + 1) * share], m, reducers) for m in range(mappers)])
+    map_all(pool, "dedup_map", [(chunks[m * share : (m + 1) * share], m, reducers) for m in range(mappers)])
     parts = map_all(pool, "dedup", [(mappers, r, reducers) for r in range(reducers)])
     plan = dedup_shuffle.plan(parts, recipe.shards.inputs_per_shard)
     dedup_shuffle.clean(writer, mappers, reducers)

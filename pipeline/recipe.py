@@ -193,7 +193,9 @@ class FilterConfig:
 class HumanConfig:
     """People get a face or a whole-body reference, chosen per record with seeded odds."""
 
-    phrases: list[str] = field(default_factory=lambda: ["person", "man", "woman", "boy", "girl", "child", "people", "human", "lady", "face"])
+    phrases: list[str] = field(
+        default_factory=lambda: ["person", "man", "woman", "boy", "girl", "child", "people", "human", "lady", "face"]
+    )
     """Primary phrases that count as a person."""
     face_prob: float = 0.5
     """Probability of a face reference (else whole body)."""
@@ -223,7 +225,9 @@ class PairingConfig:
 class CaptionConfig:
     """Captions: provided → model → template, first that applies."""
 
-    order: list[Literal["provided", "model", "template"]] = field(default_factory=lambda: ["provided", "model", "template"])
+    order: list[Literal["provided", "model", "template"]] = field(
+        default_factory=lambda: ["provided", "model", "template"]
+    )
     """Caption sources tried in this order."""
     model: str | None = None
     """Local transformers image-to-text directory (e.g. a BLIP checkpoint); None = models.yaml's
@@ -332,8 +336,9 @@ class ExecutorConfig:
 
     RETIRED_KEYS: ClassVar[dict[str, str]] = {
         key: "is gone: every stage (detection and segmentation included) runs inside the chunk workers; "
-             "size them with executor.workers, cpus_per_worker and gpus_per_actor"
-        for key in ("detect_actors", "segment_actors")}
+        "size them with executor.workers, cpus_per_worker and gpus_per_actor"
+        for key in ("detect_actors", "segment_actors")
+    }
 
     batch_size: int = 8
     """Records per model batch (detection and segmentation); batches never span chunks."""
@@ -403,8 +408,9 @@ class Recipe:
         return cls.from_dict(raw, source_root=source_root, base=path.parent, where=f"recipe '{path}'")
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source_root: str | None = None, base: str | Path | None = None,
-                  where: str = "recipe") -> "Recipe":
+    def from_dict(
+        cls, raw: dict[str, Any], source_root: str | None = None, base: str | Path | None = None, where: str = "recipe"
+    ) -> "Recipe":
         """The recipe of the mapping ``raw`` (``where`` names it in messages). Every key is checked:
         sections against their dataclasses, ``source:`` options against the reader's ``Options``."""
         if not isinstance(raw, dict):
@@ -412,8 +418,10 @@ class Recipe:
         raw = dict(raw)
         src = raw.pop("source", None)
         if not isinstance(src, dict) or "kind" not in src:
-            raise ConfigError(f"{where}: recipe field 'source' must be a mapping with 'kind' (one of "
-                              f"{', '.join(SOURCE_KINDS)}) and 'root', e.g. source: {{kind: folder, root: photos/}}")
+            raise ConfigError(
+                f"{where}: recipe field 'source' must be a mapping with 'kind' (one of "
+                f"{', '.join(SOURCE_KINDS)}) and 'root', e.g. source: {{kind: folder, root: photos/}}"
+            )
         src = dict(src)
         kind, root = src.pop("kind"), src.pop("root", "")
         if kind not in SOURCE_KINDS:
@@ -427,8 +435,10 @@ class Recipe:
         check_source_options(kind, src, where)
         dc = raw.get("decontamination")
         if isinstance(dc, dict) and isinstance(dc.get("against"), list) and base is not None:
-            raw["decontamination"] = {**dc, "against": [resolve_path(a, base) if isinstance(a, str) and a.strip() else a
-                                                        for a in dc["against"]]}
+            raw["decontamination"] = {
+                **dc,
+                "against": [resolve_path(a, base) if isinstance(a, str) and a.strip() else a for a in dc["against"]],
+            }
         source = SourceConfig(kind=kind, root=str(root or ""), options=src)
         if "source" in {f.name for f in dataclasses.fields(cls)}:
             raw["source"] = source
@@ -446,104 +456,258 @@ class Recipe:
 
     def validate(self) -> None:
         """Range checks; raises ValueError naming the field."""
+
         def need(ok: bool, name: str, value: Any, why: str) -> None:
             if not ok:
                 raise ValueError(f"recipe field '{name}' = {value!r}: {why}")
 
         d, f, s = self.detection, self.filters, self.segmentation
-        for name, v in (("detection.box_threshold", d.box_threshold), ("detection.text_threshold", d.text_threshold),
-                        ("segmentation.island_frac", s.island_frac), ("segmentation.hole_frac", s.hole_frac),
-                        ("filters.min_box_area", f.min_box_area), ("filters.max_box_area", f.max_box_area),
-                        ("filters.comparable_score_ratio", f.comparable_score_ratio),
-                        ("filters.same_subject_iou", f.same_subject_iou),
-                        ("filters.min_largest_component", f.min_largest_component),
-                        ("filters.min_mask_area", f.min_mask_area), ("human.face_prob", self.human.face_prob)):
+        for name, v in (
+            ("detection.box_threshold", d.box_threshold),
+            ("detection.text_threshold", d.text_threshold),
+            ("segmentation.island_frac", s.island_frac),
+            ("segmentation.hole_frac", s.hole_frac),
+            ("filters.min_box_area", f.min_box_area),
+            ("filters.max_box_area", f.max_box_area),
+            ("filters.comparable_score_ratio", f.comparable_score_ratio),
+            ("filters.same_subject_iou", f.same_subject_iou),
+            ("filters.min_largest_component", f.min_largest_component),
+            ("filters.min_mask_area", f.min_mask_area),
+            ("human.face_prob", self.human.face_prob),
+        ):
             need(0.0 <= v <= 1.0, name, v, "must be in [0, 1]")
-        need(f.min_box_area < f.max_box_area, "filters.min_box_area", f.min_box_area, "must be below filters.max_box_area")
-        need(32 <= d.image_size <= MAX_DETECTOR_SIDE, "detection.image_size", d.image_size,
-             f"must be in 32..{MAX_DETECTOR_SIDE} pixels (Grounding DINO's own: 800)")
-        need(d.image_size <= d.max_size <= MAX_DETECTOR_SIDE, "detection.max_size", d.max_size,
-             f"must be in detection.image_size..{MAX_DETECTOR_SIDE} pixels (Grounding DINO's own: 1333)")
+        need(
+            f.min_box_area < f.max_box_area,
+            "filters.min_box_area",
+            f.min_box_area,
+            "must be below filters.max_box_area",
+        )
+        need(
+            32 <= d.image_size <= MAX_DETECTOR_SIDE,
+            "detection.image_size",
+            d.image_size,
+            f"must be in 32..{MAX_DETECTOR_SIDE} pixels (Grounding DINO's own: 800)",
+        )
+        need(
+            d.image_size <= d.max_size <= MAX_DETECTOR_SIDE,
+            "detection.max_size",
+            d.max_size,
+            f"must be in detection.image_size..{MAX_DETECTOR_SIDE} pixels (Grounding DINO's own: 1333)",
+        )
         # semantically empty texts: such a run would reject every input and write an empty dataset
-        need(has_word(d.prompt), "detection.prompt", d.prompt, "names no phrase; give phrases separated by ' . ', "
-             "e.g. 'person . animal . object'")
-        need(has_word(self.human.face_prompt), "human.face_prompt", self.human.face_prompt, "names nothing; e.g. 'face'")
-        need(bool(self.human.phrases), "human.phrases", self.human.phrases, "is empty; name the phrases that mean a "
-             "person (set human.face_prob: 0 for no face references)")
+        need(
+            has_word(d.prompt),
+            "detection.prompt",
+            d.prompt,
+            "names no phrase; give phrases separated by ' . ', e.g. 'person . animal . object'",
+        )
+        need(
+            has_word(self.human.face_prompt), "human.face_prompt", self.human.face_prompt, "names nothing; e.g. 'face'"
+        )
+        need(
+            bool(self.human.phrases),
+            "human.phrases",
+            self.human.phrases,
+            "is empty; name the phrases that mean a person (set human.face_prob: 0 for no face references)",
+        )
         for i, phrase in enumerate(self.human.phrases):
             need(has_word(phrase), f"human.phrases[{i}]", phrase, "names nothing; give a word or drop the entry")
-        need("template" not in self.captioning.order or has_word(self.captioning.template), "captioning.template", self.captioning.template,
-             "is blank; e.g. 'a photo of a {phrase}' (or drop 'template' from captioning.order)")
-        need(d.provided_boxes in ("use", "face", "ignore"), "detection.provided_boxes", d.provided_boxes, "use one of use | face | ignore")
-        need(1 <= f.max_comparable_subjects <= DETECTOR_QUERIES, "filters.max_comparable_subjects",
-             f.max_comparable_subjects, f"must be in 1..{DETECTOR_QUERIES} (Grounding DINO returns at most "
-             f"{DETECTOR_QUERIES} boxes)")
-        need(1 <= f.max_mask_components <= MAX_COUNT, "filters.max_mask_components", f.max_mask_components,
-             f"must be in 1..{MAX_COUNT}")
-        need(1 <= f.min_image_side <= MAX_SIDE, "filters.min_image_side", f.min_image_side, f"must be in 1..{MAX_SIDE} pixels")
-        need(1 <= f.max_image_pixels <= MAX_SIDE ** 2, "filters.max_image_pixels", f.max_image_pixels,
-             f"must be in 1..{MAX_SIDE ** 2}")
-        need(f.min_image_side ** 2 <= f.max_image_pixels, "filters.min_image_side", f.min_image_side,
-             "squared exceeds filters.max_image_pixels: no image could pass both; lower one of them")
+        need(
+            "template" not in self.captioning.order or has_word(self.captioning.template),
+            "captioning.template",
+            self.captioning.template,
+            "is blank; e.g. 'a photo of a {phrase}' (or drop 'template' from captioning.order)",
+        )
+        need(
+            d.provided_boxes in ("use", "face", "ignore"),
+            "detection.provided_boxes",
+            d.provided_boxes,
+            "use one of use | face | ignore",
+        )
+        need(
+            1 <= f.max_comparable_subjects <= DETECTOR_QUERIES,
+            "filters.max_comparable_subjects",
+            f.max_comparable_subjects,
+            f"must be in 1..{DETECTOR_QUERIES} (Grounding DINO returns at most {DETECTOR_QUERIES} boxes)",
+        )
+        need(
+            1 <= f.max_mask_components <= MAX_COUNT,
+            "filters.max_mask_components",
+            f.max_mask_components,
+            f"must be in 1..{MAX_COUNT}",
+        )
+        need(
+            1 <= f.min_image_side <= MAX_SIDE,
+            "filters.min_image_side",
+            f.min_image_side,
+            f"must be in 1..{MAX_SIDE} pixels",
+        )
+        need(
+            1 <= f.max_image_pixels <= MAX_SIDE**2,
+            "filters.max_image_pixels",
+            f.max_image_pixels,
+            f"must be in 1..{MAX_SIDE**2}",
+        )
+        need(
+            f.min_image_side**2 <= f.max_image_pixels,
+            "filters.min_image_side",
+            f.min_image_side,
+            "squared exceeds filters.max_image_pixels: no image could pass both; lower one of them",
+        )
         need(f.max_file_bytes >= 1, "filters.max_file_bytes", f.max_file_bytes, "must be >= 1")
-        need(s.box_margin is None or 0 <= s.box_margin <= MAX_MARGIN, "segmentation.box_margin", s.box_margin,
-             f"must be in [0, {MAX_MARGIN}] (a fraction of the box's longer side) or null")
-        need(0 <= self.reference.margin <= MAX_MARGIN, "reference.margin", self.reference.margin,
-             f"must be in [0, {MAX_MARGIN}] (a fraction of the subject box's longer side; paper: 0.05)")
-        need(0 <= self.human.face_margin <= MAX_MARGIN, "human.face_margin", self.human.face_margin,
-             f"must be in [0, {MAX_MARGIN}] (a fraction of the face box's side)")
-        need(bool(self.pairing.kinds) and set(self.pairing.kinds) <= {"intra", "cross"}, "pairing.kinds",
-             self.pairing.kinds, "give a non-empty subset of [intra, cross]")
-        need(bool(self.captioning.order) and set(self.captioning.order) <= {"provided", "model", "template"},
-             "captioning.order", self.captioning.order, "give a non-empty subset of [provided, model, template]")
-        need(1 <= self.shards.inputs_per_shard <= MAX_COUNT, "shards.inputs_per_shard", self.shards.inputs_per_shard,
-             f"must be in 1..{MAX_COUNT}")
-        need(self.shards.max_bytes is None or self.shards.max_bytes > 0, "shards.max_bytes", self.shards.max_bytes, "must be > 0 or null")
+        need(
+            s.box_margin is None or 0 <= s.box_margin <= MAX_MARGIN,
+            "segmentation.box_margin",
+            s.box_margin,
+            f"must be in [0, {MAX_MARGIN}] (a fraction of the box's longer side) or null",
+        )
+        need(
+            0 <= self.reference.margin <= MAX_MARGIN,
+            "reference.margin",
+            self.reference.margin,
+            f"must be in [0, {MAX_MARGIN}] (a fraction of the subject box's longer side; paper: 0.05)",
+        )
+        need(
+            0 <= self.human.face_margin <= MAX_MARGIN,
+            "human.face_margin",
+            self.human.face_margin,
+            f"must be in [0, {MAX_MARGIN}] (a fraction of the face box's side)",
+        )
+        need(
+            bool(self.pairing.kinds) and set(self.pairing.kinds) <= {"intra", "cross"},
+            "pairing.kinds",
+            self.pairing.kinds,
+            "give a non-empty subset of [intra, cross]",
+        )
+        need(
+            bool(self.captioning.order) and set(self.captioning.order) <= {"provided", "model", "template"},
+            "captioning.order",
+            self.captioning.order,
+            "give a non-empty subset of [provided, model, template]",
+        )
+        need(
+            1 <= self.shards.inputs_per_shard <= MAX_COUNT,
+            "shards.inputs_per_shard",
+            self.shards.inputs_per_shard,
+            f"must be in 1..{MAX_COUNT}",
+        )
+        need(
+            self.shards.max_bytes is None or self.shards.max_bytes > 0,
+            "shards.max_bytes",
+            self.shards.max_bytes,
+            "must be > 0 or null",
+        )
         need(1 <= self.shards.jpeg_quality <= 100, "shards.jpeg_quality", self.shards.jpeg_quality, "must be in 1..100")
-        need(1 <= self.executor.batch_size <= MAX_BATCH, "executor.batch_size", self.executor.batch_size,
-             f"must be in 1..{MAX_BATCH}")
-        need(self.executor.precision in ("auto", "bf16", "fp16", "fp32"), "executor.precision", self.executor.precision,
-             "use one of auto | bf16 | fp16 | fp32")
-        need(0 <= self.executor.prefetch <= MAX_BATCH, "executor.prefetch", self.executor.prefetch,
-             f"must be in 0..{MAX_BATCH} batches")
-        need(0 <= f.min_reference_side <= MAX_SIDE, "filters.min_reference_side", f.min_reference_side,
-             f"must be in 0..{MAX_SIDE} pixels")
-        need(f.min_sharpness is None or f.min_sharpness >= 0, "filters.min_sharpness", f.min_sharpness, "must be >= 0 or null")
-        need(f.min_subject_pixels is None or f.min_subject_pixels >= 0, "filters.min_subject_pixels",
-             f.min_subject_pixels, "must be >= 0 or null")
-        need(f.min_mask_score is None or 0.0 <= f.min_mask_score <= 1.0, "filters.min_mask_score", f.min_mask_score,
-             "must be in [0, 1] or null")
+        need(
+            1 <= self.executor.batch_size <= MAX_BATCH,
+            "executor.batch_size",
+            self.executor.batch_size,
+            f"must be in 1..{MAX_BATCH}",
+        )
+        need(
+            self.executor.precision in ("auto", "bf16", "fp16", "fp32"),
+            "executor.precision",
+            self.executor.precision,
+            "use one of auto | bf16 | fp16 | fp32",
+        )
+        need(
+            0 <= self.executor.prefetch <= MAX_BATCH,
+            "executor.prefetch",
+            self.executor.prefetch,
+            f"must be in 0..{MAX_BATCH} batches",
+        )
+        need(
+            0 <= f.min_reference_side <= MAX_SIDE,
+            "filters.min_reference_side",
+            f.min_reference_side,
+            f"must be in 0..{MAX_SIDE} pixels",
+        )
+        need(
+            f.min_sharpness is None or f.min_sharpness >= 0,
+            "filters.min_sharpness",
+            f.min_sharpness,
+            "must be >= 0 or null",
+        )
+        need(
+            f.min_subject_pixels is None or f.min_subject_pixels >= 0,
+            "filters.min_subject_pixels",
+            f.min_subject_pixels,
+            "must be >= 0 or null",
+        )
+        need(
+            f.min_mask_score is None or 0.0 <= f.min_mask_score <= 1.0,
+            "filters.min_mask_score",
+            f.min_mask_score,
+            "must be in [0, 1] or null",
+        )
         cs = self.consistency.min_score
         need(cs is None or -1.0 <= cs <= 1.0, "consistency.min_score", cs, "must be in [-1, 1] or null")
-        need(1 <= self.captioning.max_new_tokens <= MAX_CAPTION_TOKENS, "captioning.max_new_tokens",
-             self.captioning.max_new_tokens, f"must be in 1..{MAX_CAPTION_TOKENS} (BLIP's text positions)")
+        need(
+            1 <= self.captioning.max_new_tokens <= MAX_CAPTION_TOKENS,
+            "captioning.max_new_tokens",
+            self.captioning.max_new_tokens,
+            f"must be in 1..{MAX_CAPTION_TOKENS} (BLIP's text positions)",
+        )
         dd = self.dedup
-        need(dd.max_distance is None or 0 <= dd.max_distance < dd.hash_size ** 2, "dedup.max_distance", dd.max_distance,
-             "must be null or in [0, hash_size²)")
+        need(
+            dd.max_distance is None or 0 <= dd.max_distance < dd.hash_size**2,
+            "dedup.max_distance",
+            dd.max_distance,
+            "must be null or in [0, hash_size²)",
+        )
         need(2 <= dd.hash_size <= 32, "dedup.hash_size", dd.hash_size, "must be in 2..32")
-        need(dd.max_thumb_diff is None or 0 <= dd.max_thumb_diff <= 255, "dedup.max_thumb_diff", dd.max_thumb_diff,
-             "must be null or in [0, 255]")
+        need(
+            dd.max_thumb_diff is None or 0 <= dd.max_thumb_diff <= 255,
+            "dedup.max_thumb_diff",
+            dd.max_thumb_diff,
+            "must be null or in [0, 255]",
+        )
         dc = self.decontamination
         for i, a in enumerate(dc.against):
-            need(isinstance(a, str) and bool(a.strip()) and "://" not in a, f"decontamination.against[{i}]", a,
-                 "give a local folder: the root of a benchmark")
-        need(dc.max_distance is None or 0 <= dc.max_distance < dc.hash_size ** 2, "decontamination.max_distance",
-             dc.max_distance, "must be null or in [0, hash_size²)")
+            need(
+                isinstance(a, str) and bool(a.strip()) and "://" not in a,
+                f"decontamination.against[{i}]",
+                a,
+                "give a local folder: the root of a benchmark",
+            )
+        need(
+            dc.max_distance is None or 0 <= dc.max_distance < dc.hash_size**2,
+            "decontamination.max_distance",
+            dc.max_distance,
+            "must be null or in [0, hash_size²)",
+        )
         need(2 <= dc.hash_size <= 32, "decontamination.hash_size", dc.hash_size, "must be in 2..32")
-        need(dc.max_thumb_diff is None or 0 <= dc.max_thumb_diff <= 255, "decontamination.max_thumb_diff",
-             dc.max_thumb_diff, "must be null or in [0, 255]")
-        need(dc.min_similarity is None or -1.0 <= dc.min_similarity <= 1.0, "decontamination.min_similarity",
-             dc.min_similarity, "must be null or in [-1, 1]")
-        need(not dc.against or dc.max_distance is not None or dc.min_similarity is not None,
-             "decontamination.max_distance", dc.max_distance, "and min_similarity are both null: nothing would be "
-             "checked; set one (or empty decontamination.against)")
+        need(
+            dc.max_thumb_diff is None or 0 <= dc.max_thumb_diff <= 255,
+            "decontamination.max_thumb_diff",
+            dc.max_thumb_diff,
+            "must be null or in [0, 255]",
+        )
+        need(
+            dc.min_similarity is None or -1.0 <= dc.min_similarity <= 1.0,
+            "decontamination.min_similarity",
+            dc.min_similarity,
+            "must be null or in [-1, 1]",
+        )
+        need(
+            not dc.against or dc.max_distance is not None or dc.min_similarity is not None,
+            "decontamination.max_distance",
+            dc.max_distance,
+            "and min_similarity are both null: nothing would be checked; set one (or empty decontamination.against)",
+        )
         ex = self.executor
         need(ex.workers is None or ex.workers >= 1, "executor.workers", ex.workers, "must be >= 1 or null")
         need(ex.cpus_per_worker > 0, "executor.cpus_per_worker", ex.cpus_per_worker, "must be > 0")
         need(ex.gpus_per_actor >= 0, "executor.gpus_per_actor", ex.gpus_per_actor, "must be >= 0")
-        need(all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-                 for k, v in ex.resources.items()), "executor.resources", ex.resources,
-             "give a mapping of resource name to a positive number")
+        need(
+            all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                for k, v in ex.resources.items()
+            ),
+            "executor.resources",
+            ex.resources,
+            "give a mapping of resource name to a positive number",
+        )
 
     @property
     def recipe_hash(self) -> str:

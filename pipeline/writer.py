@@ -175,9 +175,18 @@ class ChunkResult:
 
     def slim(self) -> "ChunkResult":
         """A copy without the reject list: what a driver keeps per chunk (its memory stays flat)."""
-        return ChunkResult(chunk=self.chunk, fingerprint=self.fingerprint, recipe_hash=self.recipe_hash,
-                           inputs=self.inputs, accepted=self.accepted, rejects=None, shards=self.shards,
-                           seconds={}, duplicates=self.duplicates, node=self.node)
+        return ChunkResult(
+            chunk=self.chunk,
+            fingerprint=self.fingerprint,
+            recipe_hash=self.recipe_hash,
+            inputs=self.inputs,
+            accepted=self.accepted,
+            rejects=None,
+            shards=self.shards,
+            seconds={},
+            duplicates=self.duplicates,
+            node=self.node,
+        )
 
 
 Ledger = dict[str, list]
@@ -219,26 +228,37 @@ class DatasetWriter:
             elif st.is_file("manifest.json"):
                 found = read_store_manifest(st).get("recipe_hash")
             if found != self.recipe_hash:
-                what = f"a dataset built with recipe hash {found}" if found else "files that are not a dataset of this tool"
+                what = (
+                    f"a dataset built with recipe hash {found}"
+                    if found
+                    else "files that are not a dataset of this tool"
+                )
                 raise OutputDirError(
                     f"output directory {self.out} holds {what}, but this recipe's hash is {self.recipe_hash}; "
-                    "pass a new --out directory (or delete the old one) — resuming needs the same recipe")
+                    "pass a new --out directory (or delete the old one) — resuming needs the same recipe"
+                )
             if source is not None and found_source is not None and found_source != source:
                 raise OutputDirError(
                     f"output directory {self.out} holds a dataset built from source {found_source}, not {source}; "
-                    "pass a new --out directory for another source (datasets never mix sources)")
+                    "pass a new --out directory for another source (datasets never mix sources)"
+                )
             if precision is not None and found_precision is not None and found_precision != precision:
                 raise OutputDirError(
                     f"output directory {self.out} holds a dataset built at model precision {found_precision}, but this "
                     f"run's executor.precision resolves to {precision}; set executor.precision: {found_precision} to "
-                    "resume it, or pass a new --out directory")
+                    "resume it, or pass a new --out directory"
+                )
         st.makedirs("shards")
         if st.local:  # leftovers of a crashed run (nobody else writes here: the caller holds the lock)
             for sub in ("", "shards", PROGRESS):
                 clean_temp_files(st.local_path(sub))
         if not st.is_file(state):
-            st.write_bytes(state, dump_json({"recipe_hash": self.recipe_hash, "recipe": recipe, "source": source,
-                                             "precision": precision}))
+            st.write_bytes(
+                state,
+                dump_json(
+                    {"recipe_hash": self.recipe_hash, "recipe": recipe, "source": source, "precision": precision}
+                ),
+            )
 
     def check_no_shrink(self, inputs: int | None, chunks: int | None = None) -> None:
         """Refuses to replace a finished manifest with one covering fewer inputs (a ``--limit`` run
@@ -254,7 +274,8 @@ class DatasetWriter:
         if inputs < have:
             raise OutputDirError(
                 f"output directory {self.out} holds a finished dataset of {have} inputs; this run covers only "
-                f"{inputs}, which would shrink its manifest — drop --limit (or raise it to >= {have}) or pass a new --out")
+                f"{inputs}, which would shrink its manifest — drop --limit (or raise it to >= {have}) or pass a new --out"
+            )
 
     def marker(self, chunk: int) -> str:
         """The marker's path relative to the dataset root."""
@@ -290,8 +311,9 @@ class DatasetWriter:
 
     # ---- writing -----------------------------------------------------------------------------
 
-    def _write_shards(self, chunk: int, encoded: list[list[tuple[str, bytes]]],
-                      previous: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    def _write_shards(
+        self, chunk: int, encoded: list[list[tuple[str, bytes]]], previous: list[dict[str, Any]] | None = None
+    ) -> list[dict[str, Any]]:
         """Writes the samples (input order) into the chunk's shard parts; removes parts of an
         earlier, different build. Returns the manifest entries."""
         parts: list[list[tuple[str, bytes]]] = []
@@ -316,8 +338,15 @@ class DatasetWriter:
             with self.store.writer(name) as f:
                 _tar_stream(f, members)
             # pair counts per shard let the trainer check a stage's data before it loads any model
-            shards.append({"path": name, "samples": n, "pairs": dict(sorted(kinds.items())),
-                           "bytes": f.size, "sha256": f.sha.hexdigest()})
+            shards.append(
+                {
+                    "path": name,
+                    "samples": n,
+                    "pairs": dict(sorted(kinds.items())),
+                    "bytes": f.size,
+                    "sha256": f.sha.hexdigest(),
+                }
+            )
         keep = {s["path"] for s in shards}
         # no listing of shards/ per chunk (chunks² at scale): the parts the last build recorded, and
         # the part names after ours (what a build that crashed before its marker left behind)
@@ -331,9 +360,18 @@ class DatasetWriter:
                 self.store.remove(old)
         return shards
 
-    def write_chunk(self, chunk: int, fp: str, inputs: int, encoded: list[list[tuple[str, bytes]]],
-                    rejects: list[Reject], seconds: dict[str, float] | None = None, *,
-                    ledger: Ledger | None = None, node: str | None = None) -> ChunkResult:
+    def write_chunk(
+        self,
+        chunk: int,
+        fp: str,
+        inputs: int,
+        encoded: list[list[tuple[str, bytes]]],
+        rejects: list[Reject],
+        seconds: dict[str, float] | None = None,
+        *,
+        ledger: Ledger | None = None,
+        node: str | None = None,
+    ) -> ChunkResult:
         """Writes the chunk's ledger, its encoded samples (``encode_sample`` outputs, in input order)
         into its shard(s), then its marker. A chunk without samples writes no shard."""
         if ledger is None:  # no positions known: such a chunk takes no part in de-duplication
@@ -341,9 +379,17 @@ class DatasetWriter:
         self.store.write_bytes(self.ledger_path(chunk), (json.dumps(ledger, sort_keys=True) + "\n").encode())
         previous = self.read_marker(chunk)
         shards = self._write_shards(chunk, encoded, previous.shards if previous else None)
-        res = ChunkResult(chunk=chunk, fingerprint=fp, recipe_hash=self.recipe_hash, inputs=inputs,
-                          accepted=inputs - len(rejects), rejects=[r.to_json() for r in rejects], shards=shards,
-                          seconds={k: round(v, 4) for k, v in (seconds or {}).items()}, node=node)
+        res = ChunkResult(
+            chunk=chunk,
+            fingerprint=fp,
+            recipe_hash=self.recipe_hash,
+            inputs=inputs,
+            accepted=inputs - len(rejects),
+            rejects=[r.to_json() for r in rejects],
+            shards=shards,
+            seconds={k: round(v, 4) for k, v in (seconds or {}).items()},
+            node=node,
+        )
         self.store.write_bytes(self.marker(chunk), dump_json(asdict(res)))
         return res
 
@@ -370,15 +416,27 @@ class DatasetWriter:
             entry = self._rewrite_without(s, dropped) if hit else s
             if entry is not None:
                 shards.append(entry)
-        by_pos: list[tuple[int, dict[str, str]]] = [(pos if pos is not None else -1, rj) for pos, rj in ledger["rejected"]]
+        by_pos: list[tuple[int, dict[str, str]]] = [
+            (pos if pos is not None else -1, rj) for pos, rj in ledger["rejected"]
+        ]
         for pos, key, _kind, _hashes, source, sid, *_ in ledger["accepted"]:
             if key in duplicates:
-                by_pos.append((pos, {"source": source, "id": sid, "stage": "dedup",
-                                     "reason": f"{DUPLICATE_OF}{duplicates[key]}"}))
+                by_pos.append(
+                    (pos, {"source": source, "id": sid, "stage": "dedup", "reason": f"{DUPLICATE_OF}{duplicates[key]}"})
+                )
         rejects = [rj for _, rj in sorted(by_pos, key=lambda t: t[0])]
-        new = ChunkResult(chunk=chunk, fingerprint=res.fingerprint, recipe_hash=self.recipe_hash, inputs=res.inputs,
-                          accepted=res.inputs - len(rejects), rejects=rejects, shards=shards, seconds=res.seconds,
-                          duplicates=dict(sorted(duplicates.items())), node=node or res.node)
+        new = ChunkResult(
+            chunk=chunk,
+            fingerprint=res.fingerprint,
+            recipe_hash=self.recipe_hash,
+            inputs=res.inputs,
+            accepted=res.inputs - len(rejects),
+            rejects=rejects,
+            shards=shards,
+            seconds=res.seconds,
+            duplicates=dict(sorted(duplicates.items())),
+            node=node or res.node,
+        )
         self.store.write_bytes(self.marker(chunk), dump_json(asdict(new)))
         return new
 
@@ -405,12 +463,21 @@ class DatasetWriter:
         if not counts["samples"]:
             self.store.remove(shard["path"])
             return None
-        return {"path": shard["path"], "samples": counts["samples"], "pairs": dict(sorted(pairs.items())),
-                "bytes": out.size, "sha256": out.sha.hexdigest()}
+        return {
+            "path": shard["path"],
+            "samples": counts["samples"],
+            "pairs": dict(sorted(pairs.items())),
+            "bytes": out.size,
+            "sha256": out.sha.hexdigest(),
+        }
 
-    def finalize(self, results: list[ChunkResult], info: dict[str, Any],
-                 licenses: list[dict[str, Any]] | None = None,
-                 on_reject: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def finalize(
+        self,
+        results: list[ChunkResult],
+        info: dict[str, Any],
+        licenses: list[dict[str, Any]] | None = None,
+        on_reject: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Writes rejects.jsonl (streamed; slim results read their rejects back from the markers), the
         dataset card (README.md + preview.png, dynaip/dataset/card.py; ``licenses``: the sources' terms),
         then manifest.json (last). ``info`` adds recipe/versions/models; ``on_reject`` sees every reject
@@ -446,15 +513,26 @@ class DatasetWriter:
             **info,
             "recipe_hash": self.recipe_hash,
             "shards": shards,
-            "chunks": [{"chunk": r.chunk, "inputs": r.inputs, "accepted": r.accepted, "rejected": r.rejected,
-                        "samples": sum(s["samples"] for s in r.shards)} for r in results],
-            "totals": {"inputs": inputs, "accepted": accepted, "rejected": n_rejects,
-                       "samples": sum(s["samples"] for s in shards),
-                       "pairs": pair_totals(shards),
-                       "bytes": sum(s["bytes"] for s in shards),
-                       "rejected_by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])))},
+            "chunks": [
+                {
+                    "chunk": r.chunk,
+                    "inputs": r.inputs,
+                    "accepted": r.accepted,
+                    "rejected": r.rejected,
+                    "samples": sum(s["samples"] for s in r.shards),
+                }
+                for r in results
+            ],
+            "totals": {
+                "inputs": inputs,
+                "accepted": accepted,
+                "rejected": n_rejects,
+                "samples": sum(s["samples"] for s in shards),
+                "pairs": pair_totals(shards),
+                "bytes": sum(s["bytes"] for s in shards),
+                "rejected_by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+            },
         }
         write_card(self.store, manifest, licenses)  # before the manifest: a finished dataset always has its card
         self.store.write_bytes("manifest.json", dump_json(manifest))
         return manifest
-

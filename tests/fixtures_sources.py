@@ -103,13 +103,25 @@ def _sa1b_image(name: str, w: int, h: int, image_id: int) -> tuple[np.ndarray, d
             }
         )
         ys, xs = np.nonzero(m)
-        truth.append({"id": image_id * 100 + i, "bbox": bbox, "area": int(m.sum()), "rank": m.sum() * piou * stab,
-                      "box": (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))})
-    meta = {"image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"}, "annotations": anns}
+        truth.append(
+            {
+                "id": image_id * 100 + i,
+                "bbox": bbox,
+                "area": int(m.sum()),
+                "rank": m.sum() * piou * stab,
+                "box": (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)),
+            }
+        )
+    meta = {
+        "image": {"image_id": image_id, "width": w, "height": h, "file_name": f"sa_{image_id}.jpg"},
+        "annotations": anns,
+    }
     return img, meta, truth
 
 
-def build_sa1b(root: Path, *, layout: str = "folder", corrupt: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+def build_sa1b(
+    root: Path, *, layout: str = "folder", corrupt: frozenset[str] | set[str] = frozenset()
+) -> dict[str, Any]:
     """SA-1B images ``sa_1``…``sa_4`` as an extracted folder (``layout="folder"``) or as two tars (``"tar"``,
     ``sa_000000.tar``-style names each holding ``sa_N.jpg`` + ``sa_N.json``, as the SA-1B download ships them).
 
@@ -181,16 +193,42 @@ def _wild_entry(path: str, blob: bytes, size: tuple[int, int], category: str, **
     md5 = hashlib.md5(blob).hexdigest()
     return {
         "category": category,
-        "metadata": {"photo_url": f"https://www.flickr.com/photos/x/{md5[:8]}/", "photo_title": "DSCF0899.JPG",
-                     "author": "someone", "country": "", "license": "Attribution License",
-                     "license_url": "https://creativecommons.org/licenses/by/2.0/", "date_uploaded": "2010-01-01",
-                     "date_crawled": "2018-10-10"},
-        "image": {"file_url": "", "file_path": path.replace("in-the-wild-images", "images1024x1024"), "file_size": 0,
-                  "file_md5": "", "pixel_size": [1024, 1024], "pixel_md5": "", "face_landmarks": []},
-        "thumbnail": {"file_url": "", "file_path": path.replace("in-the-wild-images", "thumbnails128x128"), "file_size": 0,
-                      "file_md5": "", "pixel_size": [128, 128], "pixel_md5": ""},
-        "in_the_wild": {"file_url": "", "file_path": path, "file_size": len(blob), "file_md5": md5,
-                        "pixel_size": list(size), "pixel_md5": pixel_md5(blob), **geometry},
+        "metadata": {
+            "photo_url": f"https://www.flickr.com/photos/x/{md5[:8]}/",
+            "photo_title": "DSCF0899.JPG",
+            "author": "someone",
+            "country": "",
+            "license": "Attribution License",
+            "license_url": "https://creativecommons.org/licenses/by/2.0/",
+            "date_uploaded": "2010-01-01",
+            "date_crawled": "2018-10-10",
+        },
+        "image": {
+            "file_url": "",
+            "file_path": path.replace("in-the-wild-images", "images1024x1024"),
+            "file_size": 0,
+            "file_md5": "",
+            "pixel_size": [1024, 1024],
+            "pixel_md5": "",
+            "face_landmarks": [],
+        },
+        "thumbnail": {
+            "file_url": "",
+            "file_path": path.replace("in-the-wild-images", "thumbnails128x128"),
+            "file_size": 0,
+            "file_md5": "",
+            "pixel_size": [128, 128],
+            "pixel_md5": "",
+        },
+        "in_the_wild": {
+            "file_url": "",
+            "file_path": path,
+            "file_size": len(blob),
+            "file_md5": md5,
+            "pixel_size": list(size),
+            "pixel_md5": pixel_md5(blob),
+            **geometry,
+        },
     }
 
 
@@ -198,7 +236,13 @@ def _landmarks(box: list[float]) -> list[list[float]]:
     """68 points spread inside ``box`` (XYXY), touching all four sides."""
     x0, y0, x1, y1 = box
     t = np.linspace(0, 2 * np.pi, 68, endpoint=False)
-    return [[round(float((x0 + x1) / 2 + (x1 - x0) / 2 * np.cos(a)), 3), round(float((y0 + y1) / 2 + (y1 - y0) / 2 * np.sin(a)), 3)] for a in t]
+    return [
+        [
+            round(float((x0 + x1) / 2 + (x1 - x0) / 2 * np.cos(a)), 3),
+            round(float((y0 + y1) / 2 + (y1 - y0) / 2 * np.sin(a)), 3),
+        ]
+        for a in t
+    ]
 
 
 def build_ffhq(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
@@ -226,7 +270,9 @@ def build_ffhq(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset()) 
 
     astro = photo("astronaut", (128, 128))
     rel, blob = save(0, astro)
-    meta["0"] = _wild_entry(rel, blob, (128, 128), "training", face_rect=[40, 10, 72, 50], face_quad=[[38, 8], [38, 52], [74, 52], [74, 8]])
+    meta["0"] = _wild_entry(
+        rel, blob, (128, 128), "training", face_rect=[40, 10, 72, 50], face_quad=[[38, 8], [38, 52], [74, 52], [74, 8]]
+    )
     records["00000_face0"] = {"face_box": (40.0, 10.0, 72.0, 50.0), "ffhq_index": "0", "from": "face_rect"}
 
     # One photo, two faces: FFHQ lists it once per face; the two copies are encoded differently.
@@ -252,7 +298,9 @@ def build_ffhq(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset()) 
     records["00004_face0"] = {"face_box": (30.0, 5.0, 75.0, 35.0), "ffhq_index": "4", "from": "face_quad"}
 
     if "missing_image" in corrupt:
-        meta["5"] = _wild_entry("in-the-wild-images/00000/00005.png", b"gone", (64, 64), "training", face_rect=[1, 1, 20, 20])
+        meta["5"] = _wild_entry(
+            "in-the-wild-images/00000/00005.png", b"gone", (64, 64), "training", face_rect=[1, 1, 20, 20]
+        )
         rejects["00005_face0"] = "not found"
     if "no_geometry" in corrupt:
         rel, blob = save(6, photo("rocket", (64, 48)))
@@ -268,7 +316,9 @@ def build_ffhq(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset()) 
 # -------------------------------------------------------------------------------------------- VITON-HD
 
 
-def build_vitonhd(root: Path, *, split: str = "train", corrupt: frozenset[str] | set[str] = frozenset()) -> dict[str, Any]:
+def build_vitonhd(
+    root: Path, *, split: str = "train", corrupt: frozenset[str] | set[str] = frozenset()
+) -> dict[str, Any]:
     """VITON-HD ``root/<split>/{image,cloth,cloth-mask,image-parse-v3}`` + ``root/<split>_pairs.txt`` (unpaired),
     as in shadow2496/VITON-HD (README "Dataset"/"Testing" and ``datasets.py``: ``<dataset_dir>/<mode>/image``,
     ``cloth``, ``cloth-mask`` with the person's file name, pairs list ``<dataset_dir>/<mode>_pairs.txt``); a
@@ -290,7 +340,9 @@ def build_vitonhd(root: Path, *, split: str = "train", corrupt: frozenset[str] |
         cloth[silhouette] = person[silhouette]
         Image.fromarray(cloth).save(d / "cloth" / name, quality=90)
         Image.fromarray(silhouette.astype(np.uint8) * 255).save(d / "cloth-mask" / name, quality=90)
-        Image.fromarray(np.zeros((96, 72), np.uint8), mode="L").save(d / "image-parse-v3" / name.replace(".jpg", ".png"))
+        Image.fromarray(np.zeros((96, 72), np.uint8), mode="L").save(
+            d / "image-parse-v3" / name.replace(".jpg", ".png")
+        )
     # Unpaired list, as shipped: each person with someone else's garment.
     lines = [f"{names[i]} {names[(i + 1) % 3]}" for i in (2, 0, 1)]
     rejects: dict[str, str] = {}
@@ -357,8 +409,16 @@ def clip_key(vid: str, seg: int) -> str:
     return f"{vid}_segment_{seg}_step1-0-8_step2-0-8_step3_step4_step5"
 
 
-def _clip(path: str, crop: list[int], frame: int, objects: list[tuple], aesthetic: float, *,
-          background: list[str], cap_qwen: str | None) -> dict[str, Any]:
+def _clip(
+    path: str,
+    crop: list[int],
+    frame: int,
+    objects: list[tuple],
+    aesthetic: float,
+    *,
+    background: list[str],
+    cap_qwen: str | None,
+) -> dict[str, Any]:
     """One clip entry as in upstream's ``data_process/demo_result/step5/merge_final_json/dataset1.json``.
 
     ``objects`` = (class_name, mask in the cropped frame, SAM score, aes_score); object ids are 1-based,
@@ -368,24 +428,50 @@ def _clip(path: str, crop: list[int], frame: int, objects: list[tuple], aestheti
     anns, mask_map, masks = [], {}, {}
     for i, (name, m, score, aes) in enumerate(objects, start=1):
         bx, by, bw, bh = bbox_xywh(m)
-        anns.append({"class_name": name, "bbox": [float(bx), float(by), float(bx + bw), float(by + bh)],
-                     "gme_score": 0.31, "aes_score": aes})
+        anns.append(
+            {
+                "class_name": name,
+                "bbox": [float(bx), float(by), float(bx + bw), float(by + bh)],
+                "gme_score": 0.31,
+                "aes_score": aes,
+            }
+        )
         mask_map[str(i)] = {"class_name": name}
         masks[str(i)] = {**encode(m), "score": [score]}
     names = [o[0] for o in objects]
-    meta = {"cut": [0, 8], "crop": crop, "tech": 2.0, "motion": 0.01, "fps": 8.0, "num_frames": 8,
-            "resolution": {"height": 64, "width": 96}, "path": path, "aesthetic": aesthetic, "face_cut": [0, 8],
-            "cap": [f"Legacy caption: a {names[0]} in a short pan."]}
+    meta = {
+        "cut": [0, 8],
+        "crop": crop,
+        "tech": 2.0,
+        "motion": 0.01,
+        "fps": 8.0,
+        "num_frames": 8,
+        "resolution": {"height": 64, "width": 96},
+        "path": path,
+        "aesthetic": aesthetic,
+        "face_cut": [0, 8],
+        "cap": [f"Legacy caption: a {names[0]} in a short pan."],
+    }
     if cap_qwen is not None:
         meta["face_cap_qwen"] = cap_qwen
     return {
         "metadata": meta,
-        "word_tags": {"background": background, "subject": [n for n in names if n not in background],
-                      "object": [], "pre_define": ["person", "human head"]},
+        "word_tags": {
+            "background": background,
+            "subject": [n for n in names if n not in background],
+            "object": [],
+            "pre_define": ["person", "human head"],
+        },
         "annotation": {
-            "ann_frame_data": {"ann_frame_idx": frame, "annotations": anns, "box_format": "xyxy",
-                               "img_width": w, "img_height": h, "foreground_ase_score": 4.9,
-                               "background_ase_score": 4.6},
+            "ann_frame_data": {
+                "ann_frame_idx": frame,
+                "annotations": anns,
+                "box_format": "xyxy",
+                "img_width": w,
+                "img_height": h,
+                "foreground_ase_score": 4.9,
+                "background_ase_score": 4.6,
+            },
             "mask_map": mask_map,
             "mask_annotation": {str(frame): masks},
         },
@@ -411,8 +497,9 @@ def _tar_pieces(members: dict[str, bytes], folder: Path, stem: str, piece: int) 
     return out
 
 
-def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(), pairs: str = "current",
-                  subsets: bool = False) -> dict[str, Any]:
+def build_opens2v(
+    root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(), pairs: str = "current", subsets: bool = False
+) -> dict[str, Any]:
     """OpenS2V-5M in its published layout, tiny. Followed upstream material (PKU-YuanGroup/OpenS2V-Nexus):
 
     - layout: maintainers' answer in issue #16 (``Jsons/mask_and_bbox/total_partX.json``, ``Videos/total_partX``),
@@ -475,12 +562,37 @@ def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(
     bg = ["grass", "park"]
     # (part, video id, segment, photo, objects, clip aesthetic, face_cap_qwen, handler name)
     spec = [
-        (1, "catvid", 0, "chelsea", [("cat", near, 0.99, 5.2), ("cat", big, 0.90, 5.3), ("ear", tiny, 0.99, 5.0),
-                                     ("grass", grass, 0.95, 5.0)], 5.2, "A cat looks around in a garden.", None),
+        (
+            1,
+            "catvid",
+            0,
+            "chelsea",
+            [("cat", near, 0.99, 5.2), ("cat", big, 0.90, 5.3), ("ear", tiny, 0.99, 5.0), ("grass", grass, 0.95, 5.0)],
+            5.2,
+            "A cat looks around in a garden.",
+            None,
+        ),
         (1, "catvid", 2, "chelsea", [("cat", cat_b, 0.9, 4.8)], 4.8, "The same cat, later.", None),
-        (1, "cupvid", 0, "coffee", [("cup", ellipse(h, w, 28, 40, 15, 15), 0.9, 5.0),
-                                    ("saucer", ellipse(h, w, 40, 40, 8, 20), 0.9, 3.2)], 5.0, "A cup of coffee.", None),
-        (1, "crowdvid", 0, "astronaut", [("person", m, 0.9, a) for m, a in zip(crowd, crowd_aes)], 5.5, "People.", None),
+        (
+            1,
+            "cupvid",
+            0,
+            "coffee",
+            [("cup", ellipse(h, w, 28, 40, 15, 15), 0.9, 5.0), ("saucer", ellipse(h, w, 40, 40, 8, 20), 0.9, 3.2)],
+            5.0,
+            "A cup of coffee.",
+            None,
+        ),
+        (
+            1,
+            "crowdvid",
+            0,
+            "astronaut",
+            [("person", m, 0.9, a) for m, a in zip(crowd, crowd_aes)],
+            5.5,
+            "People.",
+            None,
+        ),
         (1, "dullvid", 0, "rocket", [("rocket", big, 0.9, 5.0)], 3.0, None, None),
         (1, "oddvid", 0, "coffee", [("mug", big, 0.9, 5.1)], 5.1, "A mug, filmed on an old phone.", LEGACY_HANDLER),
         (2, "catvid", 1, "chelsea", [("cat", cat_c, 0.93, 5.1)], 5.1, "The cat again.", None),
@@ -510,11 +622,22 @@ def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(
     I = ids
     intra = [f"{I['catvid0']}/o2", f"{I['catvid2']}/o1", f"{I['cupvid0']}/o1"]
     intra += [f"{I['crowdvid0']}/o{o}" for o in (1, 2, 4, 5, 7, 8)]
-    intra += [f"{I['dullvid0']}/o1", f"{I['oddvid0']}/o1", f"{I['catvid1']}/o1", f"{I['dogvid0']}/o1",
-              f"{I['dogvid0']}/o2", f"{I['dogvid1']}/o1"]
-    rejects = {f"{I['catvid0']}/o1": "duplicate", f"{I['catvid0']}/o3": "min_mask_frac",
-               f"{I['catvid0']}/o4": "background", f"{I['cupvid0']}/o2": "min_subject_aesthetic",
-               f"{I['crowdvid0']}/o3": "top max_masks=6", f"{I['crowdvid0']}/o6": "top max_masks=6"}
+    intra += [
+        f"{I['dullvid0']}/o1",
+        f"{I['oddvid0']}/o1",
+        f"{I['catvid1']}/o1",
+        f"{I['dogvid0']}/o1",
+        f"{I['dogvid0']}/o2",
+        f"{I['dogvid1']}/o1",
+    ]
+    rejects = {
+        f"{I['catvid0']}/o1": "duplicate",
+        f"{I['catvid0']}/o3": "min_mask_frac",
+        f"{I['catvid0']}/o4": "background",
+        f"{I['cupvid0']}/o2": "min_subject_aesthetic",
+        f"{I['crowdvid0']}/o3": "top max_masks=6",
+        f"{I['crowdvid0']}/o6": "top max_masks=6",
+    }
     if "bad_rle" in corrupt:
         m = parts[2][clip_key("catvid", 1)]["annotation"]["mask_annotation"][str(frame)]["1"]
         m["counts"] = m["counts"][:-2]
@@ -561,9 +684,18 @@ def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(
         rejects[(clip_dir / "total_part3.json").relative_to(root).as_posix()] = "cannot parse"
 
     def pair(cur: str, aft: str, cid: Any, aid: Any, cname: str, aname: str, sim: float) -> dict[str, Any]:
-        rec = {"cur_id": cur, "aft_id": aft, "cur_class_id": cid, "aft_class_id": aid, "cur_class_name": cname,
-               "aft_class_name": aname, "text_similarity": 1.0, "image_similarity": sim,
-               "cur_frame_idx": frame, "aft_frame_idx": frame}
+        rec = {
+            "cur_id": cur,
+            "aft_id": aft,
+            "cur_class_id": cid,
+            "aft_class_id": aid,
+            "cur_class_name": cname,
+            "aft_class_name": aname,
+            "text_similarity": 1.0,
+            "image_similarity": sim,
+            "cur_frame_idx": frame,
+            "aft_frame_idx": frame,
+        }
         if legacy:  # older format: bare clip keys, no class ids
             rec = {k: v for k, v in rec.items() if k not in ("cur_class_id", "aft_class_id")}
             rec["cur_id"], rec["aft_id"] = cur.split("/", 1)[1], aft.split("/", 1)[1]
@@ -584,9 +716,14 @@ def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(
         ]
         dog_pairs = [pair(I["dogvid0"], I["dogvid1"], "2", "1", "dog", "dog", 0.88)]
         rel_cat = f"Jsons/cross_video_pairs/{f_cat}.json"
-        cross = [rid(I["catvid0"], 2, I["catvid1"], 1), rid(I["catvid1"], 1, I["catvid0"], 2),
-                 rid(I["catvid2"], 1, I["catvid1"], 1), rid(I["catvid1"], 1, I["catvid2"], 1),
-                 rid(I["dogvid0"], 2, I["dogvid1"], 1), rid(I["dogvid1"], 1, I["dogvid0"], 2)]
+        cross = [
+            rid(I["catvid0"], 2, I["catvid1"], 1),
+            rid(I["catvid1"], 1, I["catvid0"], 2),
+            rid(I["catvid2"], 1, I["catvid1"], 1),
+            rid(I["catvid1"], 1, I["catvid2"], 1),
+            rid(I["dogvid0"], 2, I["dogvid1"], 1),
+            rid(I["dogvid1"], 1, I["dogvid0"], 2),
+        ]
         rejects[f"{I['catvid0']}>{I['catvid2']}@{rel_cat}#1"] = "class id mismatch"
         rejects[f"{I['catvid2']}>{I['catvid0']}@{rel_cat}#1"] = "class id mismatch"
         rejects[f"{rid(I['catvid0'], 2, I['catvid1'], 1)}~{rel_cat}#3"] = "repeats"
@@ -600,14 +737,21 @@ def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(
         # Upstream order: for each cur object, for each aft object. cat o1 and o2 both pair with catvid1 o1
         # under the same class names and, as in the upstream demo, the same similarities: records repeated
         # verbatim that are distinct object pairs.
-        cat_pairs = [pair(I["catvid0"], I["catvid1"], None, None, "cat", "cat", 0.93),
-                     pair(I["catvid0"], I["catvid1"], None, None, "cat", "cat", 0.93),
-                     pair(I["catvid2"], I["catvid1"], None, None, "cat", "cat", 0.90)]
+        cat_pairs = [
+            pair(I["catvid0"], I["catvid1"], None, None, "cat", "cat", 0.93),
+            pair(I["catvid0"], I["catvid1"], None, None, "cat", "cat", 0.93),
+            pair(I["catvid2"], I["catvid1"], None, None, "cat", "cat", 0.90),
+        ]
         dog_pairs = [pair(I["dogvid0"], I["dogvid1"], None, None, "dog", "dog", 0.88)]  # dog o1 or o2: ambiguous
         rel_dog = f"step6/cross-frames-images/{f_dog}.json"
-        cross = [rid(I["catvid0"], 1, I["catvid1"], 1), rid(I["catvid1"], 1, I["catvid0"], 1),
-                 rid(I["catvid0"], 2, I["catvid1"], 1), rid(I["catvid1"], 1, I["catvid0"], 2),
-                 rid(I["catvid2"], 1, I["catvid1"], 1), rid(I["catvid1"], 1, I["catvid2"], 1)]
+        cross = [
+            rid(I["catvid0"], 1, I["catvid1"], 1),
+            rid(I["catvid1"], 1, I["catvid0"], 1),
+            rid(I["catvid0"], 2, I["catvid1"], 1),
+            rid(I["catvid1"], 1, I["catvid0"], 2),
+            rid(I["catvid2"], 1, I["catvid1"], 1),
+            rid(I["catvid1"], 1, I["catvid2"], 1),
+        ]
         k0, k1 = clip_key("dogvid", 0), clip_key("dogvid", 1)
         rejects[f"{k0}>{k1}@{rel_dog}#0"] = "ambiguous"
         rejects[f"{k1}>{k0}@{rel_dog}#0"] = "ambiguous"
@@ -639,6 +783,17 @@ def build_opens2v(root: Path, *, corrupt: frozenset[str] | set[str] = frozenset(
     index_path.write_text(json.dumps(cluster_index, indent=4))
     (pair_dir / f"{f_cat}.json").write_text(json.dumps(cat_pairs, indent=2))
     (pair_dir / f"{f_dog}.json").write_text(json.dumps(dog_pairs, indent=2))
-    return {"intra": intra, "cross": cross, "rejects": rejects, "frames": frames, "ids": ids, "crop": crop, "hq": hq,
-            "frame": frame, "frame_hw": (h, w), "pieces": pieces, "pair_records": len(cat_pairs) + len(dog_pairs),
-            "areas": {"big": int(big.sum()), "near": int(near.sum()), "cat_c": int(cat_c.sum())}}
+    return {
+        "intra": intra,
+        "cross": cross,
+        "rejects": rejects,
+        "frames": frames,
+        "ids": ids,
+        "crop": crop,
+        "hq": hq,
+        "frame": frame,
+        "frame_hw": (h, w),
+        "pieces": pieces,
+        "pair_records": len(cat_pairs) + len(dog_pairs),
+        "areas": {"big": int(big.sum()), "near": int(near.sum()), "cat_c": int(cat_c.sum())},
+    }

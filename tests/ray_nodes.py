@@ -32,23 +32,44 @@ def free_port() -> int:
 def node_env() -> dict[str, str]:
     """Environment of a node's processes (and so of its workers and job drivers)."""
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "RAY_AUTH_MODE": "token",  # Ray's default; the job client presents the token
-            "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO),
-            "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",  # Ray's default; the job client presents the token
+        "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def start_node(args: list[str], log: Path) -> subprocess.Popen:
     """One node: `ray start --block` keeps itself the parent of the node's processes, in a session
     of its own, so `stop_nodes` can find exactly this node's processes."""
-    ports = [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-             f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-             "--min-worker-port=0", "--max-worker-port=0"]  # 0: workers bind ports the OS picks
+    ports = [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+    ]  # 0: workers bind ports the OS picks
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-             f"--object-store-memory={OBJECT_STORE_BYTES}", *args, *ports],
-            env=node_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                RAY,
+                "start",
+                "--block",
+                "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats",
+                f"--object-store-memory={OBJECT_STORE_BYTES}",
+                *args,
+                *ports,
+            ],
+            env=node_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def stop_nodes(procs: list[subprocess.Popen], grace: float = 3) -> None:

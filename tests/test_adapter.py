@@ -32,8 +32,11 @@ def make_inputs(seed: int = 1, batch: int = B, dtype: torch.dtype = torch.float3
         hidden_states=torch.randn(batch, N_IMG, 16, generator=g, dtype=dtype),
         encoder_hidden_states=torch.randn(batch, N_TXT, 32, generator=g, dtype=dtype),
         pooled_projections=torch.randn(batch, 32, generator=g, dtype=dtype),
-        timestep=torch.full((batch,), 0.7, dtype=dtype), guidance=torch.full((batch,), 3.5, dtype=dtype),
-        img_ids=img_ids, txt_ids=torch.zeros(N_TXT, 3), return_dict=False,
+        timestep=torch.full((batch,), 0.7, dtype=dtype),
+        guidance=torch.full((batch,), 3.5, dtype=dtype),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(N_TXT, 3),
+        return_dict=False,
     )
 
 
@@ -129,8 +132,9 @@ def _text_rows_changed(transformer, adapter, branches: str) -> tuple[list[bool],
     text_changed, image_changed = [], []
 
     def hook(module, args, kwargs, output):
-        base = FluxAttnProcessor()(module, kwargs["hidden_states"], kwargs.get("encoder_hidden_states"),
-                                   None, kwargs.get("image_rotary_emb"))
+        base = FluxAttnProcessor()(
+            module, kwargs["hidden_states"], kwargs.get("encoder_hidden_states"), None, kwargs.get("image_rotary_emb")
+        )
         if isinstance(output, tuple):  # double-stream: (image, text)
             img, txt, base_img, base_txt = output[0], output[1], base[0], base[1]
         else:  # single-stream: [text, image]
@@ -333,7 +337,9 @@ def test_save_load_roundtrip_and_mismatch_errors(transformer, attached, tmp_path
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     with pytest.raises(ValueError, match="does not fit this adapter's config: shape mismatch"):
         make_adapter(ref_dim=48).load_weights(tmp_path / "ckpt")
-    with pytest.raises(ValueError, match=r"missing 2 tensors \(hmoe.concat_proj.bias.*unexpected 12 tensors \(hmoe.routers"):
+    with pytest.raises(
+        ValueError, match=r"missing 2 tensors \(hmoe.concat_proj.bias.*unexpected 12 tensors \(hmoe.routers"
+    ):
         make_adapter(fusion="concat").load_weights(tmp_path / "ckpt")
     with pytest.raises(FileNotFoundError, match="missing adapter.safetensors"):
         DynaIPAdapter.from_pretrained(tmp_path)
@@ -409,9 +415,9 @@ def test_row_restricted_reference_attention_equals_the_full_computation():
     k = torch.randn(n, 1, h, lc, dh, generator=g)
     v = torch.randn(n, 1, h, lc, dh, generator=g)
     w = torch.zeros(n, b, lq)
-    w[0, :, :10] = 1.0          # disjoint bands
-    w[1, :, 8:20] = 0.5         # overlaps subject 0 on rows 8-9
-    w[2] = 0.0                  # λ = 0: skipped entirely
+    w[0, :, :10] = 1.0  # disjoint bands
+    w[1, :, 8:20] = 0.5  # overlaps subject 0 on rows 8-9
+    w[2] = 0.0  # λ = 0: skipped entirely
     rows = [(wi != 0).any(0).nonzero().flatten() for wi in w]
     full = reference_attention(q, k, v, w)
     fast = reference_attention(q, k, v, w, rows)

@@ -14,8 +14,9 @@ from dynaip.train.step import enable_checkpointing
 from test_adapter import H, W, clip_states, make_adapter, make_inputs
 
 
-def _grads(checkpointing: bool, subjects: int, branches: str, masked: bool, keep_last: int = 0
-           ) -> dict[str, torch.Tensor]:
+def _grads(
+    checkpointing: bool, subjects: int, branches: str, masked: bool, keep_last: int = 0
+) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG).train().requires_grad_(False)
     if checkpointing:
@@ -27,9 +28,10 @@ def _grads(checkpointing: bool, subjects: int, branches: str, masked: bool, keep
     if masked:
         masks = [torch.zeros(H, W) for _ in range(subjects)]
         for i, m in enumerate(masks):  # vertical bands, the last overlapping its neighbour
-            m[:, i * W // (subjects + 1): (i + 2) * W // (subjects + 1)] = 1.0
-    with adapter.conditioning(refs, masks=masks, scales=[1.0, 0.7, 0.4][:subjects], branches=branches,
-                              image_size=(H, W)):
+            m[:, i * W // (subjects + 1) : (i + 2) * W // (subjects + 1)] = 1.0
+    with adapter.conditioning(
+        refs, masks=masks, scales=[1.0, 0.7, 0.4][:subjects], branches=branches, image_size=(H, W)
+    ):
         pred = transformer(**make_inputs())[0]
     # backward after the block has closed, exactly as the trainer does
     pred.square().mean().backward()
@@ -38,10 +40,16 @@ def _grads(checkpointing: bool, subjects: int, branches: str, masked: bool, keep
     return grads
 
 
-@pytest.mark.parametrize("subjects,branches,masked,keep_last", [
-    (1, "both", False, 0), (2, "both", True, 0), (3, "image", True, 0),  # diffusers' own checkpointing
-    (1, "both", False, 1), (2, "both", True, 2),  # ours, with the last blocks kept
-])
+@pytest.mark.parametrize(
+    "subjects,branches,masked,keep_last",
+    [
+        (1, "both", False, 0),
+        (2, "both", True, 0),
+        (3, "image", True, 0),  # diffusers' own checkpointing
+        (1, "both", False, 1),
+        (2, "both", True, 2),  # ours, with the last blocks kept
+    ],
+)
 def test_checkpointed_gradients_equal_plain_ones(subjects, branches, masked, keep_last):
     plain = _grads(False, subjects, branches, masked)
     ckpt = _grads(True, subjects, branches, masked, keep_last)

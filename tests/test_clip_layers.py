@@ -55,14 +55,44 @@ def test_training_takes_the_layers_from_the_adapter_config(tiny_models_yaml, tmp
     from train_fixtures import write_dataset
 
     data = write_dataset(tmp_path / "d", [2], size=64)
-    cfg = set_keys({}, **{"adapter_preset": "tiny", "adapter": {"clip_layers": [5, 1, 3]}, "stages": [{"name": "a", "steps": 1}],
-           "global_batch_size": 2, "workers": 1, "data_workers": 0, "buckets": [[64, 64]],
-           "max_sequence_length": 16, "eval_every": 0, "sample_every": 0, "checkpoint_every": 0})
+    cfg = set_keys(
+        {},
+        **{
+            "adapter_preset": "tiny",
+            "adapter": {"clip_layers": [5, 1, 3]},
+            "stages": [{"name": "a", "steps": 1}],
+            "global_batch_size": 2,
+            "workers": 1,
+            "data_workers": 0,
+            "buckets": [[64, 64]],
+            "max_sequence_length": 16,
+            "eval_every": 0,
+            "sample_every": 0,
+            "checkpoint_every": 0,
+        },
+    )
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["--config", str(tmp_path / "c.yaml"), "--data", str(data), "--out", str(tmp_path / "run"),
-                 "--models", str(tiny_models_yaml), "--local"]) == 0
-    start = next(json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-                 if json.loads(l).get("event") == "start")
+    assert (
+        main(
+            [
+                "--config",
+                str(tmp_path / "c.yaml"),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "run"),
+                "--models",
+                str(tiny_models_yaml),
+                "--local",
+            ]
+        )
+        == 0
+    )
+    start = next(
+        json.loads(l)
+        for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(l).get("event") == "start"
+    )
     assert start["clip_layers"] == [5, 1, 3]
     saved = json.loads((tmp_path / "run" / "checkpoints" / "step-000001" / "config.json").read_text())
     assert saved["config"]["clip_layers"] == [5, 1, 3]

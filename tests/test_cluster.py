@@ -25,8 +25,10 @@ def test_a_loopback_address_is_joined_on_loopback():
     from dynaip.cluster import on_loopback
 
     assert all(on_loopback(a) for a in ("127.0.0.1:6379", "127.1.2.3:1", "localhost:6379", "[::1]:6379", "LOCALHOST:1"))
-    assert not any(on_loopback(a) for a in ("10.0.0.1:6379", "auto", "head.example:6379", "ray://127.0.0.1:10001",
-                                            "1127.0.0.1:6379"))
+    assert not any(
+        on_loopback(a)
+        for a in ("10.0.0.1:6379", "auto", "head.example:6379", "ray://127.0.0.1:10001", "1127.0.0.1:6379")
+    )
 
 
 def test_only_the_cluster_module_calls_ray_init():
@@ -35,6 +37,11 @@ def test_only_the_cluster_module_calls_ray_init():
     for name, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text())):
             f = node.func if isinstance(node, ast.Call) else None
-            if isinstance(f, ast.Attribute) and f.attr == "init" and isinstance(f.value, ast.Name) and f.value.id == "ray":
+            if (
+                isinstance(f, ast.Attribute)
+                and f.attr == "init"
+                and isinstance(f.value, ast.Name)
+                and f.value.id == "ray"
+            ):
                 callers.append(name)
     assert sorted(set(callers)) == ["dynaip.cluster"]

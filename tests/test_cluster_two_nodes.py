@@ -31,8 +31,11 @@ pytestmark = pytest.mark.timeout(1200)
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and ".progress" not in p.parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".progress" not in p.parts
+    }
 
 
 def _phase(name: str, t0: float) -> None:
@@ -70,9 +73,21 @@ def _start_two_nodes(temp: Path, procs: list, stopping: threading.Event) -> tupl
     port, dash = free_port(), free_port()
     t0 = time.time()
     # the second node's session lives under the head's temp dir too (Ray reads it from the head)
-    procs.append(start_node(["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             f"--ray-client-server-port={free_port()}", "--num-cpus=1", f"--temp-dir={temp}",
-                             "--include-dashboard=true"], log))  # the job API is served by the dashboard
+    procs.append(
+        start_node(
+            [
+                "--head",
+                f"--port={port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dash}",
+                f"--ray-client-server-port={free_port()}",
+                "--num-cpus=1",
+                f"--temp-dir={temp}",
+                "--include-dashboard=true",
+            ],
+            log,
+        )
+    )  # the job API is served by the dashboard
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 600  # minutes on a loaded 2-core machine
     while True:
@@ -169,8 +184,11 @@ def curated(two_nodes, tiny_models, tiny_models_yaml, tmp_path_factory):
     client, _, second = two_nodes.result()
     t0 = time.time()
     out = d / "ray"
-    job = _submit(client, f"{sys.executable} {REPO / 'jobs' / 'curate.py'} --recipe {recipe_file} --out {out} "
-                          f"--models {tiny_models_yaml} --no-progress")
+    job = _submit(
+        client,
+        f"{sys.executable} {REPO / 'jobs' / 'curate.py'} --recipe {recipe_file} --out {out} "
+        f"--models {tiny_models_yaml} --no-progress",
+    )
     status = _wait(client, job)
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
     _phase("Ray curation job", t0)
@@ -191,14 +209,25 @@ def test_two_node_training_job_runs_one_worker_per_node(two_nodes, curated, tiny
     client, address, _ = two_nodes.result()
     _, data, _ = curated
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "tiny.yaml").read_text())
-    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": 2, "pair": "intra"}], global_batch_size=2, workers=2,
-               cpus_per_worker=1, checkpoint_every=2, eval_every=100, sample_every=100)
+    cfg = set_keys(
+        cfg,
+        stages=[{"name": "intra", "steps": 2, "pair": "intra"}],
+        global_batch_size=2,
+        workers=2,
+        cpus_per_worker=1,
+        checkpoint_every=2,
+        eval_every=100,
+        sample_every=100,
+    )
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
     t0 = time.time()
-    job = _submit(client, f"{sys.executable} {REPO / 'jobs' / 'train.py'} --config {config} --data {data} "
-                          f"--out {run} --models {tiny_models_yaml}")
+    job = _submit(
+        client,
+        f"{sys.executable} {REPO / 'jobs' / 'train.py'} --config {config} --data {data} "
+        f"--out {run} --models {tiny_models_yaml}",
+    )
     assert _wait(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
     _phase("training job", t0)
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -21,8 +21,9 @@ def step_inputs(tiny_models, tmp_path_factory):
 
     data = write_dataset(tmp_path_factory.mktemp("compile") / "d", [2], size=64)
     frozen = load_frozen(tiny_models, torch.device("cpu"), torch.float32)
-    spec = StreamSpec(shards=read_manifests([str(data)]), batch_size=2, ref_size=frozen.clip.image_size,
-                      buckets=[(64, 64)])
+    spec = StreamSpec(
+        shards=read_manifests([str(data)]), batch_size=2, ref_size=frozen.clip.image_size, buckets=[(64, 64)]
+    )
     return frozen, next(iter(StreamingLoader(spec, 0, 1, workers=0)))
 
 
@@ -31,8 +32,9 @@ def _loss(frozen, adapter, batch) -> torch.Tensor:
 
     settings = LossConfig(max_sequence_length=32, drop_text=0, drop_image=0, drop_both=0)
     torch.manual_seed(5)  # expert dropout
-    return training_loss(frozen, adapter, adapter, batch, settings, torch.Generator().manual_seed(1),
-                         torch.Generator().manual_seed(2))
+    return training_loss(
+        frozen, adapter, adapter, batch, settings, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    )
 
 
 def _loss_and_grads(frozen, adapter, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -104,9 +106,29 @@ def test_generate_compile_gives_the_uncompiled_image_and_refuses_what_it_does_no
     adapter.save_pretrained(tmp_path / "adapter")
     ref = tmp_path / "cat.png"
     Image.fromarray(data.chelsea()).save(ref)
-    common = ["generate", "--models", str(tiny_models_yaml), "--adapter", str(tmp_path / "adapter"), "--prompt",
-              "a cat", "--ref", str(ref), "--steps", "2", "--height", "64", "--width", "64", "--seed", "3",
-              "--max-sequence-length", "32", "--device", "cpu"]
+    common = [
+        "generate",
+        "--models",
+        str(tiny_models_yaml),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--prompt",
+        "a cat",
+        "--ref",
+        str(ref),
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--seed",
+        "3",
+        "--max-sequence-length",
+        "32",
+        "--device",
+        "cpu",
+    ]
     assert main([*common, "--out", str(tmp_path / "eager.png")]) == 0
     from torch._dynamo.utils import counters
 

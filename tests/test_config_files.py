@@ -107,6 +107,7 @@ def test_yaml_examples_in_the_docs_load(name, text, tmp_path):
 
 # ------------------------------------------------------------------------------------ misspelt keys
 
+
 def _one_line_naming(exc: pytest.ExceptionInfo, key_path: str, near: str) -> None:
     msg = str(exc.value)
     assert "\n" not in msg, msg
@@ -208,6 +209,7 @@ def test_misspelt_judge_config_key_names_the_nearest(tmp_path):
 
 # ------------------------------------------------------------------------------------ the loader itself
 
+
 @dataclasses.dataclass(kw_only=True)
 class _Inner:
     SHORTHAND = "path"
@@ -256,12 +258,24 @@ def test_loader_hooks(tmp_path):
 
 # ------------------------------------------------------------------------------------ training config layout
 
+
 def test_train_config_sections_and_the_deprecated_flat_layout(caplog):
     from dynaip.train.config import FLAT_KEYS, get_key
 
     nested = yaml.safe_load((REPO / "jobs" / "configs" / "paper.yaml").read_text())
-    assert set(nested) <= {"stages", "seed", "max_steps", "model", "data", "optim", "loss", "parallel",
-                           "checkpoints", "logging", "fidelity"}
+    assert set(nested) <= {
+        "stages",
+        "seed",
+        "max_steps",
+        "model",
+        "data",
+        "optim",
+        "loss",
+        "parallel",
+        "checkpoints",
+        "logging",
+        "fidelity",
+    }
     # keys newer than the flat layout (the fidelity section, checkpoints.keep_best) never had a flat form
     nested = {k: v for k, v in nested.items() if k != "fidelity"}
     nested["checkpoints"] = {k: v for k, v in nested["checkpoints"].items() if k != "keep_best"}
@@ -323,5 +337,16 @@ def test_the_stage_list_is_written_once():
 
     stages = build_stages(Recipe.from_yaml(REPO / "manifests" / "demo.yaml"), None)
     assert [type(s) for s in stages] == list(STAGE_ORDER)
-    assert [s.name for s in stages] == ["generate", "decode", "detect", "filter", "segment", "compose", "quality",
-                                        "consistency", "decontamination", "caption", "pair"]
+    assert [s.name for s in stages] == [
+        "generate",
+        "decode",
+        "detect",
+        "filter",
+        "segment",
+        "compose",
+        "quality",
+        "consistency",
+        "decontamination",
+        "caption",
+        "pair",
+    ]

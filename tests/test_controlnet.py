@@ -44,8 +44,12 @@ def pipe(tiny_models, controlnet_dir):
 
 @pytest.fixture(scope="module")
 def images():
-    return dict(cat=Image.fromarray(data.chelsea()), person=Image.fromarray(data.astronaut()),
-                edges=_rgb(data.camera()), coins=_rgb(data.coins()))
+    return dict(
+        cat=Image.fromarray(data.chelsea()),
+        person=Image.fromarray(data.astronaut()),
+        edges=_rgb(data.camera()),
+        coins=_rgb(data.coins()),
+    )
 
 
 def _diffusers(flux, adapter, seed: int, **kwargs) -> np.ndarray:
@@ -74,16 +78,31 @@ def test_scale_zero_is_diffusers_controlnet_bit_for_bit_and_both_conditions_matt
     flux, edges = pipe.flux, images["edges"]
     assert type(flux).__name__ == "FluxControlNetPipeline"
     plain = _diffusers(flux, pipe.adapter, 3, control_image=edges, controlnet_conditioning_scale=0.8)
-    zero = pipe("a cat", references=[images["cat"]], scale=0.0, control_image=edges,
-                controlnet_conditioning_scale=0.8, seed=3, **CALL)
+    zero = pipe(
+        "a cat",
+        references=[images["cat"]],
+        scale=0.0,
+        control_image=edges,
+        controlnet_conditioning_scale=0.8,
+        seed=3,
+        **CALL,
+    )
     none = pipe("a cat", control_image=edges, controlnet_conditioning_scale=0.8, seed=3, **CALL)
     assert np.array_equal(plain, _arr(zero.images[0])) and np.array_equal(plain, _arr(none.images[0]))
     assert zero.settings["num_control_images"] == 1 and zero.settings["controlnet_conditioning_scale"] == 0.8
 
     control = dict(control_image=edges, controlnet_conditioning_scale=0.8)
     cat = _arr(pipe("a cat", references=[images["cat"]], seed=3, **control, **CALL).images[0])
-    cat_coins = _arr(pipe("a cat", references=[images["cat"]], control_image=images["coins"],
-                          controlnet_conditioning_scale=0.8, seed=3, **CALL).images[0])
+    cat_coins = _arr(
+        pipe(
+            "a cat",
+            references=[images["cat"]],
+            control_image=images["coins"],
+            controlnet_conditioning_scale=0.8,
+            seed=3,
+            **CALL,
+        ).images[0]
+    )
     person = _arr(pipe("a cat", references=[images["person"]], seed=3, **control, **CALL).images[0])
     no_ref = plain
     no_control = _arr(pipe("a cat", references=[images["cat"]], seed=3, **CALL).images[0])
@@ -97,7 +116,7 @@ def _bands(n: int, swap: bool = False) -> list[np.ndarray]:
     out = []
     for i in range(n):
         m = np.zeros((H, W), np.uint8)
-        m[:, i * W // n:(i + 1) * W // n] = 255
+        m[:, i * W // n : (i + 1) * W // n] = 255
         out.append(m)
     return out[::-1] if swap else out
 
@@ -108,14 +127,22 @@ def test_multi_subject_masks_apply_with_a_controlnet(pipe, images):
     assert len(out.masks) == 2
     for m, given in zip(out.masks, _bands(2)):
         assert np.array_equal(m.numpy(), given / 255.0)
-    swapped = pipe("a cat and a person", references=refs, masks=_bands(2, swap=True), control_image=edges, seed=1,
-                   **CALL)
+    swapped = pipe(
+        "a cat and a person", references=refs, masks=_bands(2, swap=True), control_image=edges, seed=1, **CALL
+    )
     alone = pipe("a cat and a person", control_image=edges, seed=1, **CALL)
     assert not np.array_equal(_arr(out.images[0]), _arr(swapped.images[0]))  # where each subject goes matters
     assert not np.array_equal(_arr(out.images[0]), _arr(alone.images[0]))
     # image CFG re-runs the transformer with the same ControlNet residuals: it composes too
-    cfg = pipe("a cat and a person", references=refs, masks=_bands(2), control_image=edges, image_guidance_scale=2.0,
-               seed=1, **CALL)
+    cfg = pipe(
+        "a cat and a person",
+        references=refs,
+        masks=_bands(2),
+        control_image=edges,
+        image_guidance_scale=2.0,
+        seed=1,
+        **CALL,
+    )
     assert not np.array_equal(_arr(out.images[0]), _arr(cfg.images[0]))
 
 
@@ -136,21 +163,47 @@ def test_load_dynaip_on_a_multi_controlnet_pipeline(pipe, images, controlnet_dir
     controls = [images["edges"], images["coins"]]
     pipe.adapter.detach(pipe.flux.transformer)  # the fixture's adapter shares this transformer
     try:
-        plain = _arr(user("a cat", control_image=controls, controlnet_conditioning_scale=[1.0, 0.5],
-                          generator=torch.Generator().manual_seed(4), **CALL).images[0])
+        plain = _arr(
+            user(
+                "a cat",
+                control_image=controls,
+                controlnet_conditioning_scale=[1.0, 0.5],
+                generator=torch.Generator().manual_seed(4),
+                **CALL,
+            ).images[0]
+        )
         dyn = load_dynaip(user, ckpt, image_encoder=pipe.image_encoder)
         try:
             with pytest.raises(ValueError, match="got 1 control images for 2 ControlNets"):
                 dyn("a cat", control_image=controls[0], **CALL)
             with pytest.raises(ValueError, match="got 3 control scales for 2 ControlNets"):
                 dyn("a cat", control_image=controls, controlnet_conditioning_scale=[1, 1, 1], **CALL)
-            zero = dyn("a cat", references=[images["cat"]], scale=0.0, control_image=controls,
-                       controlnet_conditioning_scale=[1.0, 0.5], seed=4, **CALL)
+            zero = dyn(
+                "a cat",
+                references=[images["cat"]],
+                scale=0.0,
+                control_image=controls,
+                controlnet_conditioning_scale=[1.0, 0.5],
+                seed=4,
+                **CALL,
+            )
             assert np.array_equal(plain, _arr(zero.images[0])) and zero.settings["num_control_images"] == 2
-            both = dyn("a cat", references=[images["cat"]], control_image=controls,
-                       controlnet_conditioning_scale=[1.0, 0.5], seed=4, **CALL)
-            first = dyn("a cat", references=[images["cat"]], control_image=controls,
-                        controlnet_conditioning_scale=[1.0, 0.0], seed=4, **CALL)
+            both = dyn(
+                "a cat",
+                references=[images["cat"]],
+                control_image=controls,
+                controlnet_conditioning_scale=[1.0, 0.5],
+                seed=4,
+                **CALL,
+            )
+            first = dyn(
+                "a cat",
+                references=[images["cat"]],
+                control_image=controls,
+                controlnet_conditioning_scale=[1.0, 0.0],
+                seed=4,
+                **CALL,
+            )
             assert not np.array_equal(_arr(both.images[0]), plain)
             assert not np.array_equal(_arr(both.images[0]), _arr(first.images[0]))  # the second ControlNet acts
         finally:
@@ -181,8 +234,15 @@ def test_controlnet_input_errors_before_compute(pipe, images, tmp_path):
         pipe.adapter.attach(pipe.flux.transformer)
     from diffusers import FluxControlNetModel
 
-    wrong = FluxControlNetModel(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-                                in_channels=16, joint_attention_dim=32, pooled_projection_dim=32)
+    wrong = FluxControlNetModel(
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+    )
     with pytest.raises(ValueError, match="attention_head_dim=8 but the FLUX transformer has 16"):
         make_controlnet(wrong, pipe.flux.transformer)
 
@@ -205,17 +265,40 @@ def test_generate_cli_with_a_controlnet(pipe, images, tiny_models_yaml, controln
     images["cat"].save(ref)
     images["edges"].save(edges)
     out = tmp_path / "gen.png"
-    args = ["generate", "--models", str(tiny_models_yaml), "--adapter", str(ckpt), "--prompt", "a cat", "--ref",
-            str(ref), "--steps", "1", "--height", "64", "--width", "64", "--seed", "3", "--max-sequence-length", "32",
-            "--device", "cpu", "--out", str(out)]
+    args = [
+        "generate",
+        "--models",
+        str(tiny_models_yaml),
+        "--adapter",
+        str(ckpt),
+        "--prompt",
+        "a cat",
+        "--ref",
+        str(ref),
+        "--steps",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--seed",
+        "3",
+        "--max-sequence-length",
+        "32",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     cn = ["--controlnet", str(controlnet_dir)]
     for extra, message in (
-            (["--control-image", str(edges)], "need a --controlnet DIR"),
-            (cn, "got 0 --control-image for 1 --controlnet"),
-            ([*cn, "--control-image", str(edges), *cn], "got 1 --control-image for 2 --controlnet"),
-            (["--controlnet", str(tmp_path / "nope"), "--control-image", str(edges)], "is not a directory"),
-            ([*cn, "--control-image", str(tmp_path / "nope.png")], "does not exist"),
-            ([*cn, "--control-image", str(edges), "--control-scale", "1,2"], "got 2 --control-scale values")):
+        (["--control-image", str(edges)], "need a --controlnet DIR"),
+        (cn, "got 0 --control-image for 1 --controlnet"),
+        ([*cn, "--control-image", str(edges), *cn], "got 1 --control-image for 2 --controlnet"),
+        (["--controlnet", str(tmp_path / "nope"), "--control-image", str(edges)], "is not a directory"),
+        ([*cn, "--control-image", str(tmp_path / "nope.png")], "does not exist"),
+        ([*cn, "--control-image", str(edges), "--control-scale", "1,2"], "got 2 --control-scale values"),
+    ):
         errors = _cli_errors(caplog, capsys, [*args, *extra])
         assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], errors
     caplog.set_level(logging.INFO)
@@ -223,8 +306,9 @@ def test_generate_cli_with_a_controlnet(pipe, images, tiny_models_yaml, controln
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["controlnet"] == [str(controlnet_dir)] and side["control_images"] == [str(edges)]
     assert side["controlnet_conditioning_scale"] == 0.5 and side["num_control_images"] == 1
-    api = pipe("a cat", references=[ref], control_image=edges, controlnet_conditioning_scale=0.5, seed=3,
-               **CALL).images[0]
+    api = pipe(
+        "a cat", references=[ref], control_image=edges, controlnet_conditioning_scale=0.5, seed=3, **CALL
+    ).images[0]
     diff = np.abs(_arr(Image.open(out)) - _arr(api))  # two loads of the same files: equal up to rounding
     assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
 
@@ -234,15 +318,28 @@ def test_generate_page_service_takes_optional_control_images(tiny_models_yaml, c
     from dynaip.serve.generation import GenerationService
 
     service = GenerationService(tiny_models_yaml, None, tmp_path / "gen", device="cpu", controlnet=[controlnet_dir])
-    common = dict(scales=[1.0], granularities=[None], masks=[None], phrases=[""], seed=2, steps=1, height=64,
-                  width=64, guidance=3.5, image_cfg=1.0, max_sequence_length=32)
+    common = dict(
+        scales=[1.0],
+        granularities=[None],
+        masks=[None],
+        phrases=[""],
+        seed=2,
+        steps=1,
+        height=64,
+        width=64,
+        guidance=3.5,
+        image_cfg=1.0,
+        max_sequence_length=32,
+    )
     with pytest.raises(ValueError, match="give 1 control scales"):
         service.generate("a cat", [images["cat"]], control_images=[images["edges"]], control_scales=[], **common)
     with pytest.raises(ValueError, match="for each of the 1 ControlNets"):
-        service.generate("a cat", [images["cat"]], control_images=[images["edges"], images["coins"]],
-                         control_scales=[1, 1], **common)
-    with_control = service.generate("a cat", [images["cat"]], control_images=[images["edges"]], control_scales=[0.7],
-                                    **common)
+        service.generate(
+            "a cat", [images["cat"]], control_images=[images["edges"], images["coins"]], control_scales=[1, 1], **common
+        )
+    with_control = service.generate(
+        "a cat", [images["cat"]], control_images=[images["edges"]], control_scales=[0.7], **common
+    )
     without = service.generate("a cat", [images["cat"]], control_images=[None], control_scales=[0.7], **common)
     assert with_control.settings["controlnet_conditioning_scale"] == 0.7
     assert with_control.settings["controlnet"] == [str(controlnet_dir)]
@@ -267,8 +364,12 @@ def test_a_bad_controlnet_directory_is_one_line(controlnet_dir, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.json").write_text((controlnet_dir / "config.json").read_text())
-    for path, message in ((tmp_path / "none", "directory does not exist"), (wrong, "names 'UNet2DConditionModel'"),
-                          (bare, "No safetensors weights"), (broken, "Re-download the directory")):
+    for path, message in (
+        (tmp_path / "none", "directory does not exist"),
+        (wrong, "names 'UNet2DConditionModel'"),
+        (bare, "No safetensors weights"),
+        (broken, "Re-download the directory"),
+    ):
         with pytest.raises(CheckpointError, match=message) as e:
             load_flux_controlnet(path)
         assert "\n" not in str(e.value) and "FLUX ControlNet: cannot load" in str(e.value)

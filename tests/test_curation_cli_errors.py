@@ -44,25 +44,61 @@ def test_user_errors_are_one_line_without_a_traceback(tmp_path):
     photos = tmp_path / "photos"
     write_sample_photos(photos, faces=0, names=["astronaut"])
     (tmp_path / "a-file").write_text("x")
-    good = {"format": "dynaip-dataset/1", "shards": [], "totals": {"inputs": 0, "accepted": 0, "rejected": 0,
-                                                                   "samples": 0}}
+    good = {
+        "format": "dynaip-dataset/1",
+        "shards": [],
+        "totals": {"inputs": 0, "accepted": 0, "rejected": 0, "samples": 0},
+    }
     no_totals = dataset_with(tmp_path / "no-totals", {k: v for k, v in good.items() if k != "totals"})
     a_list = dataset_with(tmp_path / "a-list", [good])
     tar = symlink_tar()
-    linked = dataset_with(tmp_path / "linked", {**good, "shards": [{
-        "path": "shards/000000.tar", "samples": 1, "bytes": len(tar), "sha256": hashlib.sha256(tar).hexdigest()}]}, tar)
+    linked = dataset_with(
+        tmp_path / "linked",
+        {
+            **good,
+            "shards": [
+                {
+                    "path": "shards/000000.tar",
+                    "samples": 1,
+                    "bytes": len(tar),
+                    "sha256": hashlib.sha256(tar).hexdigest(),
+                }
+            ],
+        },
+        tar,
+    )
     demo = str(REPO / "manifests" / "demo.yaml")
-    curate = ["-m", "dynaip.cli", "curate", "--recipe", demo, "--source-root", str(photos), "--executor", "local",
-              "--no-progress"]
+    curate = [
+        "-m",
+        "dynaip.cli",
+        "curate",
+        "--recipe",
+        demo,
+        "--source-root",
+        str(photos),
+        "--executor",
+        "local",
+        "--no-progress",
+    ]
     cases = {
         "no --models": (curate + ["--out", str(tmp_path / "never")], "pass --models"),
         "--out is a file": (curate + ["--out", str(tmp_path / "a-file")], "is a file, not a directory"),
         "no totals": (["-m", "dynaip.cli", "manifest", "verify", str(no_totals)], "has no 'totals' dict"),
         "list manifest": (["-m", "dynaip.cli", "manifest", "show", str(a_list)], "holds a list, not a JSON object"),
-        "symlink member": (["-m", "dynaip.cli", "manifest", "grid", str(linked), "--out", str(tmp_path / "g.png")],
-                           "member 'k-0.ref.png' is a symlink"),
-        "job, no recipe": ([str(REPO / "jobs" / "curate.py"), "--recipe", str(tmp_path / "missing.yaml"),
-                            "--out", str(tmp_path / "job")], "does not exist; pass an existing YAML"),
+        "symlink member": (
+            ["-m", "dynaip.cli", "manifest", "grid", str(linked), "--out", str(tmp_path / "g.png")],
+            "member 'k-0.ref.png' is a symlink",
+        ),
+        "job, no recipe": (
+            [
+                str(REPO / "jobs" / "curate.py"),
+                "--recipe",
+                str(tmp_path / "missing.yaml"),
+                "--out",
+                str(tmp_path / "job"),
+            ],
+            "does not exist; pass an existing YAML",
+        ),
     }
     for name, (args, says) in cases.items():
         p = run(args, tmp_path)

@@ -28,21 +28,31 @@ class WholeImageSubject:
                 h, w = view.shape
                 view.primary = Candidate(box=(4.0, 4.0, w - 4.0, h - 4.0), score=1.0, phrase="object")
                 view.mask = np.zeros((h, w), bool)
-                view.mask[4:h - 4, 4:w - 4] = True
+                view.mask[4 : h - 4, 4 : w - 4] = True
         return items
 
 
 def model_free_stages(recipe: Recipe) -> list:
     from pipeline.stages import CaptionStage, ComposeStage, DecodeStage, PairStage
 
-    return [DecodeStage(recipe), WholeImageSubject(), ComposeStage(recipe), CaptionStage(recipe, None), PairStage(recipe)]
+    return [
+        DecodeStage(recipe),
+        WholeImageSubject(),
+        ComposeStage(recipe),
+        CaptionStage(recipe, None),
+        PairStage(recipe),
+    ]
 
 
 def recipe_for(root: Path, **over) -> Recipe:
-    raw = {"name": "dedup-test", "source": {"kind": "folder", "root": str(root), "cross_pairs": "subfolders"},
-           "filters": {"min_image_side": 32, "min_reference_side": 16},
-           "captioning": {"order": ["provided", "template"]},
-           "shards": {"inputs_per_shard": 3}, "executor": {"batch_size": 2, "device": "cpu"}}
+    raw = {
+        "name": "dedup-test",
+        "source": {"kind": "folder", "root": str(root), "cross_pairs": "subfolders"},
+        "filters": {"min_image_side": 32, "min_reference_side": 16},
+        "captioning": {"order": ["provided", "template"]},
+        "shards": {"inputs_per_shard": 3},
+        "executor": {"batch_size": 2, "device": "cpu"},
+    }
     for k, v in over.items():
         raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) else v
     return Recipe.from_dict(raw)
@@ -79,7 +89,8 @@ def test_copies_in_other_chunks_are_rejected_as_duplicates_and_distinct_photos_a
     m = run_local(recipe, out, None, progress=False, stages=model_free_stages(recipe))
     dups = [r for r in _rejects(out) if r["stage"] == "dedup"]
     assert {r["id"]: r["reason"] for r in dups} == {
-        c: f"duplicate of {sample_key('folder', o)}" for c, o in copies.items()}
+        c: f"duplicate of {sample_key('folder', o)}" for c, o in copies.items()
+    }
     t = m["totals"]
     assert t["rejected_by_reason"] == {"dedup: duplicate": 3}
     assert t["inputs"] == t["accepted"] + t["rejected"] == 16 and t["samples"] == t["accepted"] == 13
@@ -103,8 +114,10 @@ def test_dedup_off_keeps_every_copy_and_a_coarser_hash_still_finds_exact_copies(
     m = run_local(off, tmp_path / "off", None, progress=False, stages=model_free_stages(off))
     assert m["totals"]["accepted"] == 16 and "dedup: duplicate" not in m["totals"]["rejected_by_reason"]
     assert not list((tmp_path / "off" / ".progress").glob("*.ledger.json")) or all(
-        not acc[3] for p in (tmp_path / "off" / ".progress").glob("*.ledger.json")
-        for acc in json.loads(p.read_text())["accepted"])
+        not acc[3]
+        for p in (tmp_path / "off" / ".progress").glob("*.ledger.json")
+        for acc in json.loads(p.read_text())["accepted"]
+    )
     exact = recipe_for(root, dedup={"max_distance": 0, "hash_size": 8})
     m = run_local(exact, tmp_path / "exact", None, progress=False, stages=model_free_stages(exact))
     ids = {r["id"] for r in _rejects(tmp_path / "exact") if r["stage"] == "dedup"}
@@ -118,7 +131,9 @@ def test_dedup_reducers_agree_whatever_their_number():
     rng = np.random.default_rng(0)
     base = [int(rng.integers(0, 2**62)) for _ in range(40)]
     entries = [(i, f"k{i}", "intra", [h]) for i, h in enumerate(base)]
-    entries += [(100 + i, f"c{i}", "intra", [h ^ (1 << (i % 60)) ^ (1 << ((i + 7) % 60))]) for i, h in enumerate(base[:10])]
+    entries += [
+        (100 + i, f"c{i}", "intra", [h ^ (1 << (i % 60)) ^ (1 << ((i + 7) % 60))]) for i, h in enumerate(base[:10])
+    ]
     entries += [(200, "x", "cross", [base[0]])]  # another pair kind is never a duplicate of an intra input
     one = dedup.reduce_buckets(entries, 3, 8, 0, 1)
     assert {j: i for j, (i, _) in one.items()} == {100 + i: i for i in range(10)}
@@ -139,14 +154,21 @@ def test_a_reducer_joins_mappers_of_intra_only_chunks_and_of_chunks_with_cross_p
     rng = np.random.default_rng(1)
     h = [int(rng.integers(0, 2**62)) for _ in range(4)]
     intra_only = [(0, "a", "intra", [h[0]]), (1, "b", "intra", [h[1]])]
-    with_cross = [(10, "a2", "intra", [h[0] ^ 1]), (11, "c", "cross", [h[2], h[3]]), (12, "c2", "cross", [h[2], h[3] ^ 2])]
-    parts = [dedup.partition(dedup.entries_from(((*r, None) for r in rows), 8, False), 3, 8, 1)[0]
-             for rows in (intra_only, with_cross)]
+    with_cross = [
+        (10, "a2", "intra", [h[0] ^ 1]),
+        (11, "c", "cross", [h[2], h[3]]),
+        (12, "c2", "cross", [h[2], h[3] ^ 2]),
+    ]
+    parts = [
+        dedup.partition(dedup.entries_from(((*r, None) for r in rows), 8, False), 3, 8, 1)[0]
+        for rows in (intra_only, with_cross)
+    ]
     assert parts[0]["words"].shape[1] != parts[1]["words"].shape[1]
     found = dedup.reduce_parts(parts, 3, 8)
     assert {j: i for j, (i, _, _) in found.items()} == {10: 0, 12: 11}
-    assert found == dedup.reduce_parts([dedup.partition(dedup.entries_from(
-        ((*r, None) for r in intra_only + with_cross), 8, False), 3, 8, 1)[0]], 3, 8)
+    assert found == dedup.reduce_parts(
+        [dedup.partition(dedup.entries_from(((*r, None) for r in intra_only + with_cross), 8, False), 3, 8, 1)[0]], 3, 8
+    )
 
 
 def test_min_reference_side_rejects_small_references(tmp_path):
@@ -160,12 +182,13 @@ def test_min_reference_side_rejects_small_references(tmp_path):
         item = Item(record=SourceRecord(source="t", id=f"s{side}", image=ImageRef(path="x")))
         img = np.zeros((200, 200, 3), np.uint8)
         mask = np.zeros((200, 200), bool)
-        mask[10:10 + side, 10:10 + side] = True
+        mask[10 : 10 + side, 10 : 10 + side] = True
         item.target = View(ref=item.record.image, image=img, mask=mask)
         items.append(item)
     out = ComposeStage(recipe)(items)
     assert out[0].reject is not None and out[0].reject.reason.startswith(
-        "reference too small: 44x44, shorter side below filters.min_reference_side=64")
+        "reference too small: 44x44, shorter side below filters.min_reference_side=64"
+    )
     assert out[1].ok and min(out[1].ref_image.shape[:2]) >= 64
     with pytest.raises(ValueError, match="filters.min_reference_side"):
         recipe_for(tmp_path, filters={"min_reference_side": -1})

@@ -31,7 +31,11 @@ def bomb_png(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -104,8 +108,12 @@ def test_demo_recipe_accepts_real_photos_through_detection(built):
     # bomb, 1 = chelsea + logo, 2 = motorcycle/left + right, 3 = text + truncated (no shard),
     # 4 = zero + motorcycle/left~cross, 5 = motorcycle/right~cross
     assert [(s["path"], s["samples"]) for s in m["shards"]] == [
-        ("shards/000000.tar", 1), ("shards/000001.tar", 2), ("shards/000002.tar", 2), ("shards/000004.tar", 1),
-        ("shards/000005.tar", 1)]
+        ("shards/000000.tar", 1),
+        ("shards/000001.tar", 2),
+        ("shards/000002.tar", 2),
+        ("shards/000004.tar", 1),
+        ("shards/000005.tar", 1),
+    ]
 
 
 def _samples(out: Path) -> list[dict]:
@@ -123,8 +131,19 @@ def test_shards_read_back_with_tarfile_and_refs_are_white_outside_the_subject(bu
         assert set(s) == {"key", "ref.png", "tgt.jpg", "mask.png", "txt", "json"}
         assert all(ch.isalnum() or ch in "_-" for ch in s["key"])
         meta = json.loads(s["json"])
-        for field in ("source", "source_id", "pair", "phrase", "box", "det_score", "mask_area", "width", "height",
-                      "recipe", "caption_source"):
+        for field in (
+            "source",
+            "source_id",
+            "pair",
+            "phrase",
+            "box",
+            "det_score",
+            "mask_area",
+            "width",
+            "height",
+            "recipe",
+            "caption_source",
+        ):
             assert field in meta, field
         assert s["key"] == sample_key("folder", meta["source_id"])
         assert meta["pair"] == ("cross" if meta["source_id"].endswith("~cross") else "intra")
@@ -223,8 +242,9 @@ def test_rerun_is_a_byte_identical_no_op_and_a_lost_chunk_is_rebuilt_identically
     (out / ".progress" / "000001.json").unlink()
     run_local(recipe, out, tiny_models, progress=False, stages=stages)
     after = tree_bytes(out)
-    assert {k: hashlib.sha256(v).hexdigest() for k, v in after.items() if not k.startswith(".progress/")} == \
-           {k: hashlib.sha256(v).hexdigest() for k, v in before.items() if not k.startswith(".progress/")}
+    assert {k: hashlib.sha256(v).hexdigest() for k, v in after.items() if not k.startswith(".progress/")} == {
+        k: hashlib.sha256(v).hexdigest() for k, v in before.items() if not k.startswith(".progress/")
+    }
 
 
 def test_other_recipe_into_the_same_dir_is_refused(built, recipe, photos):
@@ -234,7 +254,9 @@ def test_other_recipe_into_the_same_dir_is_refused(built, recipe, photos):
     out, _ = built
     other = Recipe.from_yaml(DEMO, source_root=str(photos))
     other.seed = 7
-    with pytest.raises(OutputDirError, match=f"recipe hash {recipe.recipe_hash}, but this recipe's hash is {other.recipe_hash}"):
+    with pytest.raises(
+        OutputDirError, match=f"recipe hash {recipe.recipe_hash}, but this recipe's hash is {other.recipe_hash}"
+    ):
         run_local(other, out, None, progress=False)
 
 
@@ -270,7 +292,9 @@ def test_dataset_card_is_a_hub_dataset_card_that_datasets_loads(built, tmp_path,
 
     before = tree_bytes(out)
     shards = [str(out / s["path"]) for s in m["shards"]]
-    plain = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", cache_dir=str(tmp_path / "a"))
+    plain = datasets.load_dataset(
+        "webdataset", data_files={"train": shards}, split="train", cache_dir=str(tmp_path / "a")
+    )
     assert plain.num_rows == t["samples"] and set(MEMBER_ORDER) <= set(plain.column_names)
     ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "b"))  # the card's configs/features
     assert ds.column_names == [*MEMBER_ORDER, "__key__", "__url__"]
@@ -278,8 +302,9 @@ def test_dataset_card_is_a_hub_dataset_card_that_datasets_loads(built, tmp_path,
     assert ds["__key__"] == [s["key"] for s in ours] == plain["__key__"]
     assert ds["txt"] == [s["txt"].decode() for s in ours]
     first = json.loads(ours[0]["json"])
-    assert {k: ds[0]["json"][k] for k in ("source_id", "pair", "mask_area", "width")} == \
-           {k: first[k] for k in ("source_id", "pair", "mask_area", "width")}
+    assert {k: ds[0]["json"][k] for k in ("source_id", "pair", "mask_area", "width")} == {
+        k: first[k] for k in ("source_id", "pair", "mask_area", "width")
+    }
     assert ds[0]["json"]["quality"]["sharpness"] == pytest.approx(first["quality"]["sharpness"])
     assert np.array_equal(np.asarray(ds[0]["ref.png"]), np.asarray(Image.open(io.BytesIO(ours[0]["ref.png"]))))
     assert tree_bytes(out) == before  # datasets wrote its cache elsewhere: the dataset is untouched
@@ -293,8 +318,11 @@ def test_dataset_card_states_the_source_license(tmp_path):
     from dynaip.dataset.card import card_text, size_category
     from pipeline.sources import get_license
 
-    m = {"format": "dynaip-dataset/1", "shards": [], "totals": {"inputs": 0, "accepted": 0, "rejected": 0,
-                                                                 "samples": 0, "bytes": 0, "rejected_by_reason": {}}}
+    m = {
+        "format": "dynaip-dataset/1",
+        "shards": [],
+        "totals": {"inputs": 0, "accepted": 0, "rejected": 0, "samples": 0, "bytes": 0, "rejected_by_reason": {}},
+    }
     (tmp_path / "README.md").write_text(card_text(m, [get_license("synth").to_dict()], {}, 0, False))
     meta = DatasetCard.load(tmp_path / "README.md").data.to_dict()
     assert (meta["license"], meta["license_name"]) == ("other", "flux-1-dev-non-commercial-license")
@@ -303,8 +331,13 @@ def test_dataset_card_states_the_source_license(tmp_path):
     meta = DatasetCard.load(tmp_path / "README.md").data.to_dict()
     assert (meta["license"], meta["source_datasets"]) == ("apache-2.0", ["Yuanshi/Subjects200K"])
     assert "license_name" not in meta
-    assert [size_category(n) for n in (0, 999, 1000, 250_000, 5 * 10**9)] == \
-           ["n<1K", "n<1K", "1K<n<10K", "100K<n<1M", "1B<n<10B"]
+    assert [size_category(n) for n in (0, 999, 1000, 250_000, 5 * 10**9)] == [
+        "n<1K",
+        "n<1K",
+        "1K<n<10K",
+        "100K<n<1M",
+        "1B<n<10B",
+    ]
 
 
 def test_show_and_grid(built, tmp_path):
@@ -330,12 +363,24 @@ def test_provided_boxes_skip_detection_and_reach_sam(photos, tiny_models, stages
     Image.fromarray(mask).save(tmp_path / "chelsea_mask.png")
     Image.open(photos / "astronaut.jpg").crop((0, 0, 451, 300)).save(tmp_path / "target.jpg")
     recs = [
-        SourceRecord(source="opens2v", id="clip/o1", image=ImageRef(path=str(photos / "astronaut.jpg")),
-                     phrase="person", boxes=[(120.0, 40.0, 400.0, 500.0)], caption="an astronaut"),
-        SourceRecord(source="vitonhd", id="00001_00", image=ImageRef(path=str(tmp_path / "target.jpg")),
-                     phrase="cup", boxes=[(150.0, 20.0, 400.0, 290.0)],
-                     reference=ImageRef(path=str(photos / "chelsea.jpg")),
-                     reference_mask=ImageRef(path=str(tmp_path / "chelsea_mask.png")), group="g1"),
+        SourceRecord(
+            source="opens2v",
+            id="clip/o1",
+            image=ImageRef(path=str(photos / "astronaut.jpg")),
+            phrase="person",
+            boxes=[(120.0, 40.0, 400.0, 500.0)],
+            caption="an astronaut",
+        ),
+        SourceRecord(
+            source="vitonhd",
+            id="00001_00",
+            image=ImageRef(path=str(tmp_path / "target.jpg")),
+            phrase="cup",
+            boxes=[(150.0, 20.0, 400.0, 290.0)],
+            reference=ImageRef(path=str(photos / "chelsea.jpg")),
+            reference_mask=ImageRef(path=str(tmp_path / "chelsea_mask.png")),
+            group="g1",
+        ),
     ]
     r.human.face_prob = 0.0
     own = build_stages(r, tiny_models)
@@ -357,7 +402,8 @@ FOLDER = REPO / "manifests" / "folder.yaml"
 
 
 def test_folder_recipe_holds_production_values_and_curates_a_folder_with_thresholds_lowered(
-        tiny_models, tmp_path_factory):
+    tiny_models, tmp_path_factory
+):
     """Issue #35: ``manifests/folder.yaml`` (a folder of one's own photos) keeps the production settings —
     every section equals the recipe defaults — and, copied with the keys ``demo.yaml`` lowers for random
     weights lowered the same way and its ``cross_pairs: subfolders`` option on, curates a folder."""
@@ -368,8 +414,18 @@ def test_folder_recipe_holds_production_values_and_curates_a_folder_with_thresho
 
     shipped = Recipe.from_yaml(FOLDER)
     defaults = Recipe(source=shipped.source)
-    for section in ("detection", "segmentation", "filters", "human", "reference", "pairing", "captioning", "dedup",
-                    "shards", "executor"):
+    for section in (
+        "detection",
+        "segmentation",
+        "filters",
+        "human",
+        "reference",
+        "pairing",
+        "captioning",
+        "dedup",
+        "shards",
+        "executor",
+    ):
         assert getattr(shipped, section) == getattr(defaults, section), section
     assert shipped.source.kind == "folder" and shipped.source.options["cross_pairs"] == "none"
 

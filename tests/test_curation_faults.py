@@ -15,9 +15,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_three_kills_then_resume_give_the_uninterrupted_dataset(tmp_path):
     out = tmp_path / "faults.json"
-    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "faults.py"), "--kills", "3", "--inputs", "12",
-                        "--seed", "1", "--json", str(out)], env={**os.environ, "PYTHONPATH": str(REPO)},
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "faults.py"),
+            "--kills",
+            "3",
+            "--inputs",
+            "12",
+            "--seed",
+            "1",
+            "--json",
+            str(out),
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     r = json.loads(out.read_text())
-    assert r["kills_injected"] >= 3 and r["rounds_survived"] == r["rounds"] and r["survived"] and r["bytes_lost"] == 0 and r["unexpected_files"] == []
+    assert (
+        r["kills_injected"] >= 3
+        and r["rounds_survived"] == r["rounds"]
+        and r["survived"]
+        and r["bytes_lost"] == 0
+        and r["unexpected_files"] == []
+    )

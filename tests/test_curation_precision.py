@@ -71,9 +71,15 @@ def test_batched_segmenter_equals_sam_forward(small_sam):
     boxes = [np.array([[20, 10, 150, 120], [5, 5, 100, 90]]), np.zeros((0, 4)), np.array([[30, 20, 250, 180]])]
     fast = SamBoxSegmenter(small_sam).segment(images, boxes)
     tr = ResizeLongestSide(256)
-    batched = [{"image": torch.as_tensor(tr.apply_image(im)).permute(2, 0, 1).contiguous(), "original_size": im.shape[:2],
-                "boxes": torch.as_tensor(tr.apply_boxes(b.astype(np.float32), im.shape[:2]))}
-               for im, b in zip(images, boxes) if len(b)]
+    batched = [
+        {
+            "image": torch.as_tensor(tr.apply_image(im)).permute(2, 0, 1).contiguous(),
+            "original_size": im.shape[:2],
+            "boxes": torch.as_tensor(tr.apply_boxes(b.astype(np.float32), im.shape[:2])),
+        }
+        for im, b in zip(images, boxes)
+        if len(b)
+    ]
     try:
         use_sdpa(small_sam.image_encoder, False)
         with torch.no_grad():
@@ -164,6 +170,9 @@ def test_resume_at_another_precision_is_refused(tmp_path):
 
     DatasetWriter(tmp_path / "ds", "h1").prepare({}, "src", "bf16")
     DatasetWriter(tmp_path / "ds", "h1").prepare({}, "src", "bf16")  # same precision: resumes
-    with pytest.raises(OutputDirError, match="built at model precision bf16, but this run's executor.precision "
-                                             "resolves to fp32; set executor.precision: bf16"):
+    with pytest.raises(
+        OutputDirError,
+        match="built at model precision bf16, but this run's executor.precision "
+        "resolves to fp32; set executor.precision: bf16",
+    ):
         DatasetWriter(tmp_path / "ds", "h1").prepare({}, "src", "fp32")

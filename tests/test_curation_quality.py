@@ -19,8 +19,13 @@ from pipeline.sample import Candidate, Item, View
 
 
 def recipe(**filters) -> Recipe:
-    return Recipe.from_dict({"source": {"kind": "folder", "root": "/nowhere"}, "filters": filters,
-                             "executor": {"device": "cpu", "batch_size": 4}})
+    return Recipe.from_dict(
+        {
+            "source": {"kind": "folder", "root": "/nowhere"},
+            "filters": filters,
+            "executor": {"device": "cpu", "batch_size": 4},
+        }
+    )
 
 
 def texture(h: int = 96, w: int = 96, seed: int = 0) -> np.ndarray:
@@ -35,8 +40,13 @@ def composed(image: np.ndarray, mask: np.ndarray, ref_box=None, score: float = 0
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
-    view = View(ref=ImageRef(path=f"/{rid}.png"), image=image, primary=Candidate(box=box, score=score, phrase="object"),
-                mask=mask, mask_score=0.75)
+    view = View(
+        ref=ImageRef(path=f"/{rid}.png"),
+        image=image,
+        primary=Candidate(box=box, score=score, phrase="object"),
+        mask=mask,
+        mask_score=0.75,
+    )
     item = Item(record=SourceRecord(source="folder", id=rid, image=ImageRef(path=f"/{rid}.png")), target=view)
     item.ref_box = ref_box or (0, 0, w, h)
     item.ref_image = np.where(mask[..., None], image, np.uint8(255)).astype(np.uint8)
@@ -81,8 +91,9 @@ def test_a_tiny_subject_is_rejected_by_resolution_with_its_value():
     QualityStage(recipe(min_subject_pixels=1024))([a, b])
     assert a.ok and a.quality["subject_pixels"] == 10_000
     assert b.reject.stage == "quality"
-    assert b.reject.reason == ("subject too small: 120 subject pixels in the reference "
-                               "< filters.min_subject_pixels=1024")
+    assert b.reject.reason == (
+        "subject too small: 120 subject pixels in the reference < filters.min_subject_pixels=1024"
+    )
     # only the subject pixels inside the reference crop count
     c = composed(img, big, ref_box=(0, 0, 30, 20), rid="crop")
     QualityStage(recipe())([c])
@@ -142,7 +153,9 @@ def test_aesthetic_head_output_equals_the_linear_head_by_hand(tiny_models, tmp_p
     e = torch.from_numpy(emb).float()
     expect = (e / e.norm(dim=1, keepdim=True)) @ w.T + b
     torch.testing.assert_close(head(e), expect[:, 0])
-    save_file({"layers.0.weight": torch.randn(4, 8), "layers.0.bias": torch.randn(4)}, str(tmp_path / "bad.safetensors"))
+    save_file(
+        {"layers.0.weight": torch.randn(4, 8), "layers.0.bias": torch.randn(4)}, str(tmp_path / "bad.safetensors")
+    )
     with pytest.raises(CheckpointError, match="ends in 4 outputs, not 1") as err:
         load_aesthetic_head(tmp_path / "bad.safetensors")
     assert "\n" not in str(err.value)
@@ -164,7 +177,8 @@ def test_the_quality_stage_scores_aesthetic_on_the_target_and_filters_on_it(tiny
     QualityStage(recipe(min_aesthetic=cut), tiny_models)(again)
     low = [it for it in again if not it.ok]
     assert len(low) == 1 and low[0].reject.reason == (
-        f"low aesthetic score: {min(scores):g} < filters.min_aesthetic={cut:g}")
+        f"low aesthetic score: {min(scores):g} < filters.min_aesthetic={cut:g}"
+    )
 
 
 # ---- captions -------------------------------------------------------------------------------------
@@ -204,9 +218,13 @@ def test_the_caption_stage_records_source_model_and_prompt(tiny_models):
     from pipeline.stages import CaptionStage
     from pipeline.stages.pair import sample_meta
 
-    r = Recipe.from_dict({"source": {"kind": "folder", "root": "/nowhere"}, "executor": {"device": "cpu"},
-                          "captioning": {"order": ["provided", "model", "template"], "prompt": "a photo of",
-                                         "max_new_tokens": 6}})
+    r = Recipe.from_dict(
+        {
+            "source": {"kind": "folder", "root": "/nowhere"},
+            "executor": {"device": "cpu"},
+            "captioning": {"order": ["provided", "model", "template"], "prompt": "a photo of", "max_new_tokens": 6},
+        }
+    )
     mask = np.ones((64, 64), bool)
     items = [composed(np.asarray(im.resize((64, 64))), mask, rid=f"c{i}") for i, im in enumerate(photos(3))]
     items[0].record.caption = "a cat on a mat"
@@ -220,7 +238,11 @@ def test_the_caption_stage_records_source_model_and_prompt(tiny_models):
     items[1].quality = {"aesthetic": 1.0, "sharpness": 2.0, "subject_pixels": 3, "det_score": 0.9, "mask_score": None}
     meta = sample_meta(items[1], "h")
     assert (meta["caption"], meta["caption_source"], meta["caption_model"], meta["caption_prompt"]) == (
-        items[1].caption, "model", "captioner", "a photo of")
+        items[1].caption,
+        "model",
+        "captioner",
+        "a photo of",
+    )
     assert meta["quality"]["subject_pixels"] == 3
 
     # without any captioning model, 'model' is skipped and the template applies (and is recorded)
@@ -244,7 +266,7 @@ class WholeImageSubject:
                 h, w = item.target.shape
                 item.target.primary = Candidate(box=(4.0, 4.0, w - 4.0, h - 4.0), score=1.0, phrase="object")
                 item.target.mask = np.zeros((h, w), bool)
-                item.target.mask[4:h - 4, 4:w - 4] = True
+                item.target.mask[4 : h - 4, 4 : w - 4] = True
         return items
 
 
@@ -257,10 +279,16 @@ def test_manifest_show_prints_quality_quantiles_per_source(tmp_path):
 
     root = tmp_path / "photos"
     write_sample_photos(root, faces=0, names=["astronaut", "chelsea", "coffee", "rocket", "camera"])
-    r = Recipe.from_dict({"name": "q", "source": {"kind": "folder", "root": str(root)},
-                          "filters": {"min_image_side": 32, "min_reference_side": 16},
-                          "captioning": {"order": ["provided", "template"]}, "shards": {"inputs_per_shard": 2},
-                          "executor": {"batch_size": 2, "device": "cpu"}})
+    r = Recipe.from_dict(
+        {
+            "name": "q",
+            "source": {"kind": "folder", "root": str(root)},
+            "filters": {"min_image_side": 32, "min_reference_side": 16},
+            "captioning": {"order": ["provided", "template"]},
+            "shards": {"inputs_per_shard": 2},
+            "executor": {"batch_size": 2, "device": "cpu"},
+        }
+    )
     stages = [DecodeStage(r), WholeImageSubject(), ComposeStage(r), QualityStage(r), CaptionStage(r), PairStage(r)]
     out = tmp_path / "ds"
     run_local(r, out, None, progress=False, stages=stages)

@@ -29,8 +29,11 @@ def _free_port() -> int:
 
 def _tree(root: Path) -> dict[str, str]:
     """Every output file's digest, except the per-chunk markers (they hold wall-clock timings)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and ".progress" not in p.parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".progress" not in p.parts
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +72,30 @@ def cluster():
     # teardown stops this cluster only (never other Ray instances on the machine). Every port is
     # chosen free so a second Ray on the machine cannot collide with it.
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={_free_port()}",
-         f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-         f"--runtime-env-agent-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-         "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", "--include-dashboard=true"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+            "--num-cpus=2",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+            "--include-dashboard=true",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     old = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "token"  # the job client must present the cluster's token
     try:
@@ -101,8 +122,10 @@ def cluster():
 
 
 def _submit(client, recipe_file: Path, out: Path, models_yaml: Path, progress: str = "--no-progress") -> str:
-    entry = (f"{sys.executable} {REPO / 'jobs' / 'curate.py'} --recipe {recipe_file} --out {out} "
-             f"--models {models_yaml} {progress}")
+    entry = (
+        f"{sys.executable} {REPO / 'jobs' / 'curate.py'} --recipe {recipe_file} --out {out} "
+        f"--models {models_yaml} {progress}"
+    )
     deadline = time.time() + 120
     while True:  # the head's job agent comes up a little after the dashboard answers
         try:
@@ -144,8 +167,9 @@ def test_ray_job_equals_local_executor(cluster, recipe_file, local_build, tiny_m
     assert len(markers) == 7 and all(m["node"] for m in markers)
 
 
-def test_stopped_job_resubmitted_resumes_to_the_same_dataset(cluster, recipe_file, local_build, tiny_models_yaml,
-                                                             tmp_path):
+def test_stopped_job_resubmitted_resumes_to_the_same_dataset(
+    cluster, recipe_file, local_build, tiny_models_yaml, tmp_path
+):
     from ray.job_submission import JobStatus
 
     out = tmp_path / "ray"

@@ -39,15 +39,28 @@ class OneSample:
                 continue
             self.seen.append(it.record.id)
             img = it.target.image
-            it.samples = [Sample(key=sample_key(it.record.source, it.record.id), ref=img, tgt=img,
-                                 mask=np.ones(img.shape[:2], bool), caption="x",
-                                 meta={"pair": "intra", "source_id": it.record.id})]
+            it.samples = [
+                Sample(
+                    key=sample_key(it.record.source, it.record.id),
+                    ref=img,
+                    tgt=img,
+                    mask=np.ones(img.shape[:2], bool),
+                    caption="x",
+                    meta={"pair": "intra", "source_id": it.record.id},
+                )
+            ]
         return items
 
 
 def make_recipe(root: Path, **filters) -> Recipe:
-    r = Recipe.from_dict({"source": {"kind": "folder", "root": str(root)}, "filters": {"min_image_side": 8, **filters},
-                          "dedup": {"max_distance": None}, "shards": {"inputs_per_shard": 1}})
+    r = Recipe.from_dict(
+        {
+            "source": {"kind": "folder", "root": str(root)},
+            "filters": {"min_image_side": 8, **filters},
+            "dedup": {"max_distance": None},
+            "shards": {"inputs_per_shard": 1},
+        }
+    )
     return r
 
 
@@ -69,11 +82,15 @@ def run(recipe: Recipe, out: Path, limit: int | None = None) -> tuple[dict, OneS
 
 
 def tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".dynaip.lock"}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".dynaip.lock"
+    }
 
 
 # ---- data mixing --------------------------------------------------------------------------------
+
 
 def test_another_source_root_into_a_finished_dataset_is_refused(tmp_path):
     a, b = write_images(tmp_path / "a", 0), write_images(tmp_path / "b", 1)  # same names, other pictures
@@ -118,17 +135,27 @@ def test_fingerprint_sees_a_same_size_edit_with_the_mtime_restored(tmp_path):
 
 # ---- one run per directory; no shrinking ---------------------------------------------------------
 
+
 def test_second_run_into_a_locked_directory_is_refused_and_a_dead_holder_is_not_a_lock(tmp_path):
     root = write_images(tmp_path / "src", 0)
     out = tmp_path / "ds"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(out / '.dynaip.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "os.write(fd, b'{\"host\": \"h\", \"pid\": %d, \"time\": 0}' % os.getpid())\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, os, sys, time\n"
+                f"fd = os.open({str(out / '.dynaip.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                'os.write(fd, b\'{"host": "h", "pid": %d, "time": 0}\' % os.getpid())\n'
+                "print('locked', flush=True)\n"
+                "time.sleep(60)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputDirError, match=f"in use by another curation run \\(pid {holder.pid} on host h"):
@@ -179,6 +206,7 @@ def test_limit_run_into_a_larger_finished_dataset_is_refused(tmp_path):
 
 # ---- bounds ----------------------------------------------------------------------------------------
 
+
 def test_oversized_file_is_rejected_from_its_size_before_reading(tmp_path):
     root = write_images(tmp_path / "src", 0, names=("a",))
     (root / "big.jpg").write_bytes(b"\xff\xd8" + b"\0" * 5000)
@@ -186,7 +214,8 @@ def test_oversized_file_is_rejected_from_its_size_before_reading(tmp_path):
     rejects = [json.loads(line) for line in (tmp_path / "ds" / "rejects.jsonl").read_text().splitlines()]
     assert m["totals"]["accepted"] == 1 and len(rejects) == 1
     assert rejects[0]["id"] == "big" and rejects[0]["reason"].startswith(
-        "file too large: big.jpg is 5002 bytes, above filters.max_file_bytes=2000")
+        "file too large: big.jpg is 5002 bytes, above filters.max_file_bytes=2000"
+    )
 
 
 def test_symlink_leaving_the_source_root_is_rejected(tmp_path):
@@ -197,9 +226,15 @@ def test_symlink_leaving_the_source_root_is_rejected(tmp_path):
     m, pair = run(make_recipe(root), tmp_path / "ds")
     rejects = [json.loads(line) for line in (tmp_path / "ds" / "rejects.jsonl").read_text().splitlines()]
     assert sorted(pair.seen) == ["a", "inner"]
-    assert rejects == [{"source": "folder", "id": "link.png", "stage": "read",  # the folder reader names the file
-                        "reason": "link.png is a symlink resolving outside the source root; copy the file "
-                                  "into the root instead of linking it"}]
+    assert rejects == [
+        {
+            "source": "folder",
+            "id": "link.png",
+            "stage": "read",  # the folder reader names the file
+            "reason": "link.png is a symlink resolving outside the source root; copy the file "
+            "into the root instead of linking it",
+        }
+    ]
 
 
 def test_video_frames_go_through_the_pixel_guard(tmp_path):
@@ -209,7 +244,9 @@ def test_video_frames_go_through_the_pixel_guard(tmp_path):
     path = tmp_path / "v.mp4"
     write_video(path, pan_frames("astronaut", n=2))
     assert read_frame(path, 0, max_pixels=64 * 96).shape == (64, 96, 3)
-    with pytest.raises(VideoReadError, match="declared frame size 96x64 = 6144 pixels exceeds filters.max_image_pixels=6000"):
+    with pytest.raises(
+        VideoReadError, match="declared frame size 96x64 = 6144 pixels exceeds filters.max_image_pixels=6000"
+    ):
         read_frame(path, 0, max_pixels=6000)
 
 
@@ -230,6 +267,7 @@ def test_readers_refuse_shard_paths_outside_the_dataset(tmp_path):
 
 
 # ---- output hygiene --------------------------------------------------------------------------------
+
 
 def test_files_follow_the_umask_and_crash_leftovers_are_removed(tmp_path):
     root = write_images(tmp_path / "src", 0)
@@ -277,6 +315,7 @@ def test_reject_reasons_carry_no_memory_addresses(tmp_path):
 
 # ---- embedded Ray -----------------------------------------------------------------------------------
 
+
 def test_embedded_ray_listens_on_loopback_only(tmp_path):
     """Every listening socket of the embedded local Ray (GCS, raylet, agents, workers) is on 127.0.0.1."""
     pytest.importorskip("ray")
@@ -292,10 +331,12 @@ def test_embedded_ray_listens_on_loopback_only(tmp_path):
         "    except psutil.Error:\n"
         "        pass\n"
         "print(json.dumps(sorted(found)))\n"
-        "ray.shutdown()\n")
+        "ray.shutdown()\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_ADDRESS": ""}
-    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path)
+    p = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     found = json.loads(p.stdout.strip().splitlines()[-1])
     assert found and set(found) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, found

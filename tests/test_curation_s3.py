@@ -38,10 +38,18 @@ def s3():
     """moto's S3 server on 127.0.0.1 (its own process, stopped by id); credentials and endpoint in
     the environment only, as a user would set them."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    env = {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -122,8 +130,9 @@ def test_curate_bucket_to_bucket_resumes_verifies_and_trains(s3, bucket_photos, 
     m = run_local(recipe, out, None, progress=False, stages=model_free_stages(recipe))
     assert "resuming: 2 finished chunk(s) kept" in capsys.readouterr().err
     # the same bytes as a build from a local folder into a local directory
-    ref = run_local(_recipe(str(local_photos)), tmp_path / "local", None, progress=False,
-                    stages=model_free_stages(recipe))
+    ref = run_local(
+        _recipe(str(local_photos)), tmp_path / "local", None, progress=False, stages=model_free_stages(recipe)
+    )
     assert m["shards"] == ref["shards"] and m["totals"] == ref["totals"] and m["totals"]["samples"] >= 5
     s3.invalidate_cache()  # this fs listed out/ds while the run (another fs instance) was still writing there
     assert s3.cat_file("out/ds/rejects.jsonl") == (tmp_path / "local" / "rejects.jsonl").read_bytes()
@@ -156,13 +165,22 @@ def test_train_from_the_bucket(s3, bucket_photos, tiny_models_yaml, tmp_path):
     m = run_local(recipe, out, None, progress=False, stages=model_free_stages(recipe))
     assert m["totals"]["pairs"].get("intra", 0) >= 3
     cfg = yaml.safe_load((REPO / "jobs" / "configs" / "tiny.yaml").read_text())
-    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": 2, "pair": "intra"}], global_batch_size=2, workers=1,
-               checkpoint_every=2, eval_every=100, sample_every=100)
+    cfg = set_keys(
+        cfg,
+        stages=[{"name": "intra", "steps": 2, "pair": "intra"}],
+        global_batch_size=2,
+        workers=1,
+        checkpoint_every=2,
+        eval_every=100,
+        sample_every=100,
+    )
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
-    assert main(["--config", str(config), "--data", out, "--out", str(run), "--models", str(tiny_models_yaml),
-                 "--local"]) == 0
+    assert (
+        main(["--config", str(config), "--data", out, "--out", str(run), "--models", str(tiny_models_yaml), "--local"])
+        == 0
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2]
     assert (run / "checkpoints").is_dir()

@@ -36,6 +36,7 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR declares ``width`` × ``height`` but carries no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -44,6 +45,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 # ---- recipe ----------------------------------------------------------------------------------
+
 
 def test_recipe_defaults_are_the_production_thresholds():
     r = recipe()
@@ -64,21 +66,36 @@ def test_recipe_errors_name_the_field():
         recipe(pairing={"kinds": ["both"]})
 
 
-@pytest.mark.parametrize("over, message", [
-    ({"reference": {"margin": 1e9}}, r"'reference\.margin' = 1000000000\.0: must be in \[0, 2\.0\]"),
-    ({"human": {"face_margin": -0.1}}, r"'human\.face_margin' = -0\.1: must be in \[0, 2\.0\]"),
-    ({"segmentation": {"box_margin": 50}}, r"'segmentation\.box_margin' = 50\.0: must be in \[0, 2\.0\]"),
-    ({"detection": {"image_size": 100000, "max_size": 200000}}, r"'detection\.image_size' = 100000: must be in 32\.\.4096"),
-    ({"detection": {"max_size": 10**6}}, r"'detection\.max_size' = 1000000: must be in detection\.image_size\.\.4096"),
-    ({"filters": {"min_image_side": 70000}}, r"'filters\.min_image_side' = 70000: must be in 1\.\.65535"),
-    ({"filters": {"min_image_side": 10000}}, r"'filters\.min_image_side' = 10000: squared exceeds filters\.max_image_pixels"),
-    ({"filters": {"max_comparable_subjects": 5000}}, r"'filters\.max_comparable_subjects' = 5000: must be in 1\.\.900"),
-    ({"filters": {"max_mask_components": 0}}, r"'filters\.max_mask_components' = 0: must be in 1\.\.1000000"),
-    ({"filters": {"min_reference_side": 10**6}}, r"'filters\.min_reference_side' = 1000000: must be in 0\.\.65535"),
-    ({"shards": {"inputs_per_shard": 10**9}}, r"'shards\.inputs_per_shard' = 1000000000: must be in 1\.\.1000000"),
-    ({"captioning": {"max_new_tokens": 10**5}}, r"'captioning\.max_new_tokens' = 100000: must be in 1\.\.512"),
-    ({"executor": {"batch_size": 10**6}}, r"'executor\.batch_size' = 1000000: must be in 1\.\.4096"),
-])
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        ({"reference": {"margin": 1e9}}, r"'reference\.margin' = 1000000000\.0: must be in \[0, 2\.0\]"),
+        ({"human": {"face_margin": -0.1}}, r"'human\.face_margin' = -0\.1: must be in \[0, 2\.0\]"),
+        ({"segmentation": {"box_margin": 50}}, r"'segmentation\.box_margin' = 50\.0: must be in \[0, 2\.0\]"),
+        (
+            {"detection": {"image_size": 100000, "max_size": 200000}},
+            r"'detection\.image_size' = 100000: must be in 32\.\.4096",
+        ),
+        (
+            {"detection": {"max_size": 10**6}},
+            r"'detection\.max_size' = 1000000: must be in detection\.image_size\.\.4096",
+        ),
+        ({"filters": {"min_image_side": 70000}}, r"'filters\.min_image_side' = 70000: must be in 1\.\.65535"),
+        (
+            {"filters": {"min_image_side": 10000}},
+            r"'filters\.min_image_side' = 10000: squared exceeds filters\.max_image_pixels",
+        ),
+        (
+            {"filters": {"max_comparable_subjects": 5000}},
+            r"'filters\.max_comparable_subjects' = 5000: must be in 1\.\.900",
+        ),
+        ({"filters": {"max_mask_components": 0}}, r"'filters\.max_mask_components' = 0: must be in 1\.\.1000000"),
+        ({"filters": {"min_reference_side": 10**6}}, r"'filters\.min_reference_side' = 1000000: must be in 0\.\.65535"),
+        ({"shards": {"inputs_per_shard": 10**9}}, r"'shards\.inputs_per_shard' = 1000000000: must be in 1\.\.1000000"),
+        ({"captioning": {"max_new_tokens": 10**5}}, r"'captioning\.max_new_tokens' = 100000: must be in 1\.\.512"),
+        ({"executor": {"batch_size": 10**6}}, r"'executor\.batch_size' = 1000000: must be in 1\.\.4096"),
+    ],
+)
 def test_a_physically_meaningless_number_is_a_one_line_error_with_the_range(over, message):
     """Issue #35: a margin of 1e9 (or a size, count or length past any image or model) used to pass."""
     from dynaip.configs import ConfigError
@@ -97,13 +114,15 @@ def test_recipe_hash_ignores_executor_and_root_but_not_thresholds():
 
 
 def test_source_options_reach_the_reader(tmp_path):
-    r = Recipe.from_dict({"source": {"kind": "folder", "root": str(tmp_path), "recursive": False}},
-                         source_root=str(tmp_path / "other"))
+    r = Recipe.from_dict(
+        {"source": {"kind": "folder", "root": str(tmp_path), "recursive": False}}, source_root=str(tmp_path / "other")
+    )
     assert r.source.root == str(tmp_path / "other")
     assert r.source.get("recursive") is False and r.source.recursive is False and r.source.missing is None
 
 
 # ---- decode ----------------------------------------------------------------------------------
+
 
 def test_decode_rejects_bad_bytes_with_reasons():
     good = np.zeros((40, 50, 3), np.uint8)
@@ -119,7 +138,9 @@ def test_decode_rejects_bad_bytes_with_reasons():
         decode_image(big.getvalue()[: len(big.getvalue()) // 2])
     with pytest.raises(DecodeError, match="declared size"):
         decode_image(png_header_only(100_000, 100_000))
-    with pytest.raises(DecodeError, match=r"declared size 10000x10000 = 100000000 pixels exceeds filters.max_image_pixels"):
+    with pytest.raises(
+        DecodeError, match=r"declared size 10000x10000 = 100000000 pixels exceeds filters.max_image_pixels"
+    ):
         decode_image(png_header_only(10_000, 10_000))
     with pytest.raises(DecodeError, match=r"declared size 300x300 = 90000 pixels exceeds"):
         decode_image(big.getvalue(), max_pixels=300 * 299)
@@ -162,9 +183,11 @@ def test_decode_stage_reads_tar_members_and_rejects_without_raising(tmp_path):
         info = tarfile.TarInfo("x.png")
         info.size = len(data)
         tf.addfile(info, io.BytesIO(data))
-    recs = [SourceRecord(source="t", id="ok", image=ImageRef(path=str(tar), member="x.png")),
-            SourceRecord(source="t", id="gone", image=ImageRef(path=str(tar), member="y.png")),
-            SourceRecord(source="t", id="nofile", image=ImageRef(path=str(tmp_path / "none.jpg")))]
+    recs = [
+        SourceRecord(source="t", id="ok", image=ImageRef(path=str(tar), member="x.png")),
+        SourceRecord(source="t", id="gone", image=ImageRef(path=str(tar), member="y.png")),
+        SourceRecord(source="t", id="nofile", image=ImageRef(path=str(tmp_path / "none.jpg"))),
+    ]
     items = DecodeStage(recipe())([Item(record=r) for r in recs])
     assert items[0].ok and (items[0].target.image == 9).all()
     assert items[1].reject.stage == "decode" and "no member 'y.png'" in items[1].reject.reason
@@ -175,14 +198,21 @@ def test_decode_stage_uses_provided_boxes_and_face_box(tmp_path):
     p = tmp_path / "im.png"
     p.write_bytes(png_bytes(np.zeros((300, 400, 3), np.uint8)))
     subj = SourceRecord(source="t", id="a", image=ImageRef(path=str(p)), boxes=[(10, 10, 500, 200)], phrase="dog")
-    face = SourceRecord(source="t", id="b", image=ImageRef(path=str(p)), boxes=[(5, 5, 50, 50)], phrase="person",
-                        extra={"face_box": [5, 5, 50, 50]})
+    face = SourceRecord(
+        source="t",
+        id="b",
+        image=ImageRef(path=str(p)),
+        boxes=[(5, 5, 50, 50)],
+        phrase="person",
+        extra={"face_box": [5, 5, 50, 50]},
+    )
     a, b = DecodeStage(recipe())([Item(record=subj), Item(record=face)])
     assert a.target.searched and a.target.candidates[0].box == (10.0, 10.0, 400.0, 200.0)  # clipped to the image
     assert not b.target.searched and b.target.face_box == (5.0, 5.0, 50.0, 50.0)  # face box is not the subject
 
 
 # ---- masks, filters, compose -------------------------------------------------------------------
+
 
 def test_clean_mask_removes_islands_and_fills_holes():
     m = np.zeros((100, 100), bool)
@@ -226,7 +256,7 @@ def test_mask_filter_reasons():
     m = np.zeros((100, 100), bool)
     assert check_mask(m, f) == "empty subject mask"
     for i in range(5):
-        m[i * 20:i * 20 + 10, 0:40] = True
+        m[i * 20 : i * 20 + 10, 0:40] = True
     assert check_mask(m, f).startswith("fragmented mask: 5 parts > filters.max_mask_components=3")
     m2 = np.zeros((100, 100), bool)
     m2[0:30, 0:30] = True
@@ -259,6 +289,7 @@ def test_compose_puts_the_subject_on_pure_white_cropped_with_margin():
 
 # ---- keys and shards -------------------------------------------------------------------------
 
+
 def test_sample_keys_are_webdataset_safe_and_distinct():
     assert sample_key("ffhq", "00012_face0") == "ffhq-00012_face0-0"
     k1, k2 = sample_key("folder", "a/b.c"), sample_key("folder", "a_b_c")
@@ -270,9 +301,14 @@ def _sample(key: str, seed: int) -> Sample:
     rng = np.random.default_rng(seed)
     m = np.zeros((20, 30), bool)
     m[5:15, 5:20] = True
-    return Sample(key=key, ref=rng.integers(0, 255, (10, 15, 3), dtype=np.uint8),
-                  tgt=rng.integers(0, 255, (20, 30, 3), dtype=np.uint8), mask=m, caption="a dog",
-                  meta={"source": "t", "source_id": key, "z": 1, "a": [1.5, 2]})
+    return Sample(
+        key=key,
+        ref=rng.integers(0, 255, (10, 15, 3), dtype=np.uint8),
+        tgt=rng.integers(0, 255, (20, 30, 3), dtype=np.uint8),
+        mask=m,
+        caption="a dog",
+        meta={"source": "t", "source_id": key, "z": 1, "a": [1.5, 2]},
+    )
 
 
 def test_shard_writer_is_deterministic_and_ordered(tmp_path):
@@ -282,7 +318,13 @@ def test_shard_writer_is_deterministic_and_ordered(tmp_path):
     assert a == b and (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     with tarfile.open(tmp_path / "a.tar") as tf:
         infos = tf.getmembers()
-    assert [i.name for i in infos[:5]] == ["t-0-0.ref.png", "t-0-0.tgt.jpg", "t-0-0.mask.png", "t-0-0.txt", "t-0-0.json"]
+    assert [i.name for i in infos[:5]] == [
+        "t-0-0.ref.png",
+        "t-0-0.tgt.jpg",
+        "t-0-0.mask.png",
+        "t-0-0.txt",
+        "t-0-0.json",
+    ]
     assert {(i.mtime, i.uid, i.gid, i.uname, i.mode) for i in infos} == {(0, 0, 0, "", 0o644)}
     assert not list(tmp_path.glob(".*tmp*"))  # temp files renamed away
     with pytest.raises(ValueError, match="outside"):
@@ -304,8 +346,15 @@ def test_writer_splits_by_bytes_and_resumes_by_marker(tmp_path):
     res = w.write_chunk(3, "fp", 5, enc, [Reject(source="t", id="x", stage="decode", reason="empty file (0 bytes)")])
     man = w.finalize([res], {})  # reads the first shards for the dataset card: they must be whole
     assert (tmp_path / "ds" / "README.md").is_file() and (tmp_path / "ds" / "preview.png").is_file()
-    assert man["totals"] == {"inputs": 5, "accepted": 4, "rejected": 1, "samples": 4, "bytes": man["totals"]["bytes"],
-                             "pairs": {"unknown": 4}, "rejected_by_reason": {"decode: empty file": 1}}
+    assert man["totals"] == {
+        "inputs": 5,
+        "accepted": 4,
+        "rejected": 1,
+        "samples": 4,
+        "bytes": man["totals"]["bytes"],
+        "pairs": {"unknown": 4},
+        "rejected_by_reason": {"decode: empty file": 1},
+    }
     with pytest.raises(OutputDirError, match="recipe hash h1, but this recipe's hash is h2"):
         DatasetWriter(tmp_path / "ds", "h2").prepare({})
     (tmp_path / "junk").mkdir()
@@ -343,7 +392,9 @@ def test_folder_reader_has_no_cross_records_without_the_option(tmp_path):
         recs = list(get_reader("folder")(recipe(source={"kind": "folder", "root": str(tmp_path), **src}).source))
         assert [r.id for r in recs] == ["a", "s/x", "s/y"] and {r.pair for r in recs} == {"intra"}
     with pytest.raises(ValueError, match="cross_pairs must be one of none, subfolders"):
-        list(get_reader("folder")(recipe(source={"kind": "folder", "root": str(tmp_path), "cross_pairs": "all"}).source))
+        list(
+            get_reader("folder")(recipe(source={"kind": "folder", "root": str(tmp_path), "cross_pairs": "all"}).source)
+        )
 
 
 def test_folder_reader_cross_pairs_from_subfolders(tmp_path):
@@ -351,23 +402,62 @@ def test_folder_reader_cross_pairs_from_subfolders(tmp_path):
     (sorted by target), reference = the next image of that subfolder, cyclic."""
     from pipeline.sources import get_reader
 
-    _folder_tree(tmp_path, ("top.jpg", "top2.jpg", "cat/b.png", "cat/a.jpg", "cat/c.jpg", "lone/only.jpg",
-                            "dog/x~cross.jpg", "dog/x.jpg", "deep/er/p.png", "deep/er/q.png", "deep/r.png"))
+    _folder_tree(
+        tmp_path,
+        (
+            "top.jpg",
+            "top2.jpg",
+            "cat/b.png",
+            "cat/a.jpg",
+            "cat/c.jpg",
+            "lone/only.jpg",
+            "dog/x~cross.jpg",
+            "dog/x.jpg",
+            "deep/er/p.png",
+            "deep/er/q.png",
+            "deep/r.png",
+        ),
+    )
     (tmp_path / "cat" / "b.txt").write_text("the cat, side view\n")
     r = recipe(source={"kind": "folder", "root": str(tmp_path), "cross_pairs": "subfolders", "phrase": "cat"})
     assert r.source.get("cross_pairs") == "subfolders"
     recs = list(get_reader("folder")(r.source))
     ids = [x.id for x in recs]
-    intra = ["cat/a", "cat/b", "cat/c", "deep/er/p", "deep/er/q", "deep/r", "dog/x", "dog/x~cross", "lone/only", "top", "top2"]
-    cross = ["cat/a~cross", "cat/b~cross", "cat/c~cross", "deep/er/p~cross", "deep/er/q~cross",
-             "dog/x~cross2", "dog/x~cross~cross"]
+    intra = [
+        "cat/a",
+        "cat/b",
+        "cat/c",
+        "deep/er/p",
+        "deep/er/q",
+        "deep/r",
+        "dog/x",
+        "dog/x~cross",
+        "lone/only",
+        "top",
+        "top2",
+    ]
+    cross = [
+        "cat/a~cross",
+        "cat/b~cross",
+        "cat/c~cross",
+        "deep/er/p~cross",
+        "deep/er/q~cross",
+        "dog/x~cross2",
+        "dog/x~cross~cross",
+    ]
     assert ids == intra + cross and len(set(ids)) == len(ids)
     by_id = {x.id: x for x in recs}
     assert all(by_id[i].pair == "intra" and by_id[i].reference is None and by_id[i].group is None for i in intra)
     ref = {i: Path(by_id[i].reference.path).relative_to(tmp_path).as_posix() for i in cross}
-    assert ref == {"cat/a~cross": "cat/b.png", "cat/b~cross": "cat/c.jpg", "cat/c~cross": "cat/a.jpg",
-                   "deep/er/p~cross": "deep/er/q.png", "deep/er/q~cross": "deep/er/p.png",
-                   "dog/x~cross2": "dog/x~cross.jpg", "dog/x~cross~cross": "dog/x.jpg"}
+    assert ref == {
+        "cat/a~cross": "cat/b.png",
+        "cat/b~cross": "cat/c.jpg",
+        "cat/c~cross": "cat/a.jpg",
+        "deep/er/p~cross": "deep/er/q.png",
+        "deep/er/q~cross": "deep/er/p.png",
+        "dog/x~cross2": "dog/x~cross.jpg",
+        "dog/x~cross~cross": "dog/x.jpg",
+    }
     for i in cross:
         x = by_id[i]
         assert x.pair == "cross" and x.source == "folder" and x.phrase == "cat"
@@ -388,7 +478,11 @@ def test_sample_photos_write_the_motorcycle_views_only_when_asked(tmp_path):
     from pipeline.demo_photos import write_sample_photos
 
     got = write_sample_photos(tmp_path / "a", faces=0, names=["logo", "motorcycle"])
-    assert [p.relative_to(tmp_path / "a").as_posix() for p in got] == ["logo.png", "motorcycle/left.png", "motorcycle/right.png"]
+    assert [p.relative_to(tmp_path / "a").as_posix() for p in got] == [
+        "logo.png",
+        "motorcycle/left.png",
+        "motorcycle/right.png",
+    ]
     assert (tmp_path / "a" / "motorcycle" / "left.txt").read_text().strip()
     left, right = (np.asarray(Image.open(p)) for p in got[1:])
     assert left.shape == right.shape and not np.array_equal(left, right)

@@ -23,7 +23,10 @@ def test_one_definition_of_the_format_and_its_members():
     assert reader.shard_path is fmt.shard_path and man.open_dataset is datasets.open_dataset  # one shard-path rule
     assert set(fmt.IMAGE_MEMBERS) <= set(fmt.MEMBER_ORDER)
     assert [fmt.shard_name(3, 0), fmt.shard_name(3, 2), fmt.shard_name(123456, 11)] == [
-        "shards/000003.tar", "shards/000003_02.tar", "shards/123456_11.tar"]
+        "shards/000003.tar",
+        "shards/000003_02.tar",
+        "shards/123456_11.tar",
+    ]
 
 
 def test_every_reader_refuses_another_format_in_one_line(tmp_path):
@@ -35,8 +38,12 @@ def test_every_reader_refuses_another_format_in_one_line(tmp_path):
     assert [s.samples for s in read_manifests([str(root)])] == [2]
     m = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**m, "format": "dynaip-dataset/0"}))
-    readers = (lambda: read_manifests([str(root)]), lambda: man.load_manifest(root), lambda: DatasetView.open(root),
-               lambda: dataset_identity(str(root)))
+    readers = (
+        lambda: read_manifests([str(root)]),
+        lambda: man.load_manifest(root),
+        lambda: DatasetView.open(root),
+        lambda: dataset_identity(str(root)),
+    )
     for read in readers:
         with pytest.raises(ValueError, match=r"has format 'dynaip-dataset/0'; this tool reads 'dynaip-dataset/1'"):
             read()

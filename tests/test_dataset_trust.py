@@ -170,8 +170,11 @@ def outside(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("kind", ["absolute", "dotdot", "nested-dotdot"])
 def test_a_shard_path_leading_out_of_the_dataset_is_refused_and_never_opened(ds, outside, kind):
-    path = {"absolute": str(outside), "dotdot": "../elsewhere/shards/000000.tar",
-            "nested-dotdot": "shards/../../elsewhere/shards/000000.tar"}[kind]
+    path = {
+        "absolute": str(outside),
+        "dotdot": "../elsewhere/shards/000000.tar",
+        "nested-dotdot": "shards/../../elsewhere/shards/000000.tar",
+    }[kind]
     set_entry(ds, path=path)
     says = "is an absolute path" if kind == "absolute" else "climbs out with '..'"
     refused_everywhere(ds, says, outside.parent)
@@ -209,13 +212,16 @@ def test_a_symlinked_shard_inside_the_dataset_is_read(ds):
     assert keys == [b"test-000000-0"] and str(shard) in paths
 
 
-@pytest.mark.parametrize("path, says", [
-    ("shards/a%2e%2e.tar", "has segment 'a%2e%2e.tar'"),
-    ("shards/x.tar?y=1", "has segment 'x.tar?y=1'"),
-    ("shards//x.tar", "has segment ''"),
-    ("~/x.tar", "is an absolute path"),
-    (7, "has no 'path' string"),
-])
+@pytest.mark.parametrize(
+    "path, says",
+    [
+        ("shards/a%2e%2e.tar", "has segment 'a%2e%2e.tar'"),
+        ("shards/x.tar?y=1", "has segment 'x.tar?y=1'"),
+        ("shards//x.tar", "has segment ''"),
+        ("~/x.tar", "is an absolute path"),
+        (7, "has no 'path' string"),
+    ],
+)
 def test_odd_shard_paths_are_refused(ds, path, says):
     set_entry(ds, path=path)
     refused_everywhere(ds, says)
@@ -224,14 +230,17 @@ def test_odd_shard_paths_are_refused(ds, path, says):
 # ----------------------------------------------------------------------------- entry fields
 
 
-@pytest.mark.parametrize("field, value, says", [
-    ("sha256", ..., "has 'sha256' None, not 64 lowercase hex digits"),
-    ("sha256", "abc", "has 'sha256' 'abc'"),
-    ("bytes", ..., "has 'bytes' None, not a non-negative integer"),
-    ("samples", "4", "has 'samples' '4', not a non-negative integer"),
-    ("bytes", True, "has 'bytes' True"),
-    ("samples", -1, "has 'samples' -1"),
-])
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("sha256", ..., "has 'sha256' None, not 64 lowercase hex digits"),
+        ("sha256", "abc", "has 'sha256' 'abc'"),
+        ("bytes", ..., "has 'bytes' None, not a non-negative integer"),
+        ("samples", "4", "has 'samples' '4', not a non-negative integer"),
+        ("bytes", True, "has 'bytes' True"),
+        ("samples", -1, "has 'samples' -1"),
+    ],
+)
 def test_an_entry_without_a_hash_or_size_or_with_wrong_types_is_refused(ds, field, value, says):
     set_entry(ds, **{field: value})
     refused_everywhere(ds, f"shard entry 0 ('shards/000000.tar') {says}")
@@ -341,7 +350,8 @@ def test_an_undecodable_image_is_named_by_verify_and_grid_and_skipped_by_trainin
 
     with_shard(ds, tar_bytes(sample_members(tgt_jpg=b"\xff\xd8 not a jpeg")))
     assert [p.split(" (")[0] for p in verify(ds)] == [
-        f"shards/000000.tar: shard {ds}/shards/000000.tar: k-0.tgt.jpg does not decode"]
+        f"shards/000000.tar: shard {ds}/shards/000000.tar: k-0.tgt.jpg does not decode"
+    ]
     with pytest.raises(ValueError, match=r"sample 'k-0' has an image that does not decode \(UnidentifiedImageError"):
         grid(ds, ds.parent / "g.png")
     view = DatasetView.open(ds)  # the index reads json and txt only; the card says what is wrong
@@ -394,8 +404,9 @@ def test_a_remote_dataset_is_named_by_its_root_and_its_shards_resolve_under_it(d
     try:
         (ref,) = read_manifests(["memory://trust-ds/"])
         assert ref.url == "memory://trust-ds/shards/000000.tar"
-        assert [r["__key__"] for r in iter_tar(ref.url, count=1, sha256=ref.sha256, size=ref.bytes)] == \
-            [b"test-000000-0"]
+        assert [r["__key__"] for r in iter_tar(ref.url, count=1, sha256=ref.sha256, size=ref.bytes)] == [
+            b"test-000000-0"
+        ]
         m = json.loads((ds / "manifest.json").read_text())
         m["shards"][0]["path"] = "memory://other/shards/000000.tar"
         fs.pipe("/trust-ds/manifest.json", json.dumps(m).encode())
@@ -462,8 +473,12 @@ def test_a_rejects_id_outside_the_source_folder_shows_nothing(tmp_path, ds, rid,
     rid = str(tmp_path / "outside" / "secret") if rid == "ABS" else rid
     m = json.loads((ds / "manifest.json").read_text())
     (ds / "manifest.json").write_text(json.dumps({**m, "source": {"kind": "folder", "root": str(photos)}}))
-    (ds / "rejects.jsonl").write_text(json.dumps({"id": rid, "stage": "decode", "reason": "r"}) + "\n"
-                                      + json.dumps({"id": "fine", "stage": "decode", "reason": "r"}) + "\n")
+    (ds / "rejects.jsonl").write_text(
+        json.dumps({"id": rid, "stage": "decode", "reason": "r"})
+        + "\n"
+        + json.dumps({"id": "fine", "stage": "decode", "reason": "r"})
+        + "\n"
+    )
     view = DatasetView.open(ds)
     with opened() as paths, caplog.at_level(logging.WARNING):
         assert view.reject_image(view.rejects()[0]) is None
@@ -501,8 +516,11 @@ def test_a_rejects_line_that_is_not_an_object_is_one_line(ds):
 def test_a_dataset_rule_error_inside_a_ray_failure_is_cut_to_its_own_line():
     from dynaip.train.trainer import _integrity_line
 
-    worker = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
-                          "dynaip.dataset.format.DatasetError: shard /d/000000.tar: member 'k-0.ref.png' is a symlink; "
-                          "a shard holds regular files only\n")
-    assert _integrity_line(worker) == ("shard /d/000000.tar: member 'k-0.ref.png' is a symlink; "
-                                       "a shard holds regular files only")
+    worker = RuntimeError(
+        'Traceback (most recent call last):\n  File "x.py", line 1\n'
+        "dynaip.dataset.format.DatasetError: shard /d/000000.tar: member 'k-0.ref.png' is a symlink; "
+        "a shard holds regular files only\n"
+    )
+    assert _integrity_line(worker) == (
+        "shard /d/000000.tar: member 'k-0.ref.png' is a symlink; a shard holds regular files only"
+    )

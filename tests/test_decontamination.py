@@ -74,19 +74,29 @@ def test_a_resized_reencoded_copy_in_dreambench_is_rejected_naming_the_image(inp
     assert [r["id"] for r in rejects] == ["chelsea"]
     r = rejects[0]
     assert r["stage"] == "decontamination"
-    assert r["reason"].startswith(f"contaminated: target matches benchmark image {COPY} of {os.path.realpath(dirty)} "
-                                  "(pHash distance ")
+    assert r["reason"].startswith(
+        f"contaminated: target matches benchmark image {COPY} of {os.path.realpath(dirty)} (pHash distance "
+    )
     t = m["totals"]
     assert t["rejected_by_reason"] == {"decontamination: contaminated": 1} and t["accepted"] == t["inputs"] - 1 == 6
     entry = m["decontamination"]
-    assert entry["benchmarks"] == [{"path": os.path.realpath(dirty), "layout": "dreambench++", "files": 150,
-                                    "sha256": list_benchmark(dirty).sha256, "removed": 1}]
+    assert entry["benchmarks"] == [
+        {
+            "path": os.path.realpath(dirty),
+            "layout": "dreambench++",
+            "files": 150,
+            "sha256": list_benchmark(dirty).sha256,
+            "removed": 1,
+        }
+    ]
     assert entry["checks"] == {"max_distance": 12, "hash_size": 16, "max_thumb_diff": 10.0, "min_similarity": None}
     assert m["recipe"]["decontamination"]["against"] == [str(dirty)]
     from dynaip.dataset.inspect import show
 
-    assert f"  {os.path.realpath(dirty)}  (dreambench++, 150 images, sha256 {entry['benchmarks'][0]['sha256'][:16]}): " \
+    assert (
+        f"  {os.path.realpath(dirty)}  (dreambench++, 150 images, sha256 {entry['benchmarks'][0]['sha256'][:16]}): "
         "1 inputs removed" in show(out).splitlines()
+    )
 
     # resume identity: where the benchmark lies is not part of the recipe hash, its content is part of every
     # chunk's fingerprint — resumed against the clean benchmark, every chunk is rebuilt and chelsea is kept
@@ -112,14 +122,24 @@ def test_contamination_command_finds_the_same_in_a_dataset_curated_without_it(in
     lines = capsys.readouterr().out.splitlines()
     hits = [ln for ln in lines if ln.startswith("CONTAMINATED")]
     assert hits and all(ln.startswith("CONTAMINATED folder-chelsea-0 ") for ln in hits)
-    assert f"CONTAMINATED folder-chelsea-0 tgt.jpg (source id chelsea): {COPY} of {os.path.realpath(dirty)} (pHash " \
+    assert (
+        f"CONTAMINATED folder-chelsea-0 tgt.jpg (source id chelsea): {COPY} of {os.path.realpath(dirty)} (pHash "
         "distance" in "\n".join(hits)
-    assert lines[-1].startswith(f"{out}: 1 of {totals['samples']} samples match benchmark images ({os.path.realpath(dirty)}: 1, "
-                                f"{os.path.realpath(clean)}: 0); 300 benchmark images of 2 benchmark(s)")
+    )
+    assert lines[-1].startswith(
+        f"{out}: 1 of {totals['samples']} samples match benchmark images ({os.path.realpath(dirty)}: 1, "
+        f"{os.path.realpath(clean)}: 0); 300 benchmark images of 2 benchmark(s)"
+    )
     # --recipe: the thresholds of its decontamination section (an exact-copy pHash finds no resized copy): exit 0
     strict = tmp_path / "strict.yaml"
-    strict.write_text(json.dumps({"source": {"kind": "folder", "root": str(photos)},
-                                  "decontamination": {"max_distance": 0, "min_similarity": None}}))
+    strict.write_text(
+        json.dumps(
+            {
+                "source": {"kind": "folder", "root": str(photos)},
+                "decontamination": {"max_distance": 0, "min_similarity": None},
+            }
+        )
+    )
     assert main(["manifest", "contamination", str(out), "--against", str(dirty), "--recipe", str(strict)]) == 0
     assert capsys.readouterr().out.startswith(f"{out}: 0 of {totals['samples']} samples match")
 
@@ -142,20 +162,38 @@ def test_embedding_check_finds_a_crop_that_phash_misses(inputs, plain, tmp_path,
     out = tmp_path / "ds"
     m = run_local(recipe, out, tiny_models, progress=False, stages=_stages(recipe, tiny_models))
     assert [(r["id"], r["stage"]) for r in _rejects(out)] == [("chelsea", "decontamination")]
-    assert "matches benchmark image cat.jpg of " in _rejects(out)[0]["reason"] and "(embedding cosine 0.99" in \
-        _rejects(out)[0]["reason"]
+    assert (
+        "matches benchmark image cat.jpg of " in _rejects(out)[0]["reason"]
+        and "(embedding cosine 0.99" in _rejects(out)[0]["reason"]
+    )
     assert m["decontamination"]["benchmarks"][0]["layout"] == "folder"
     # without the embedding the crop is no copy
-    phash_only = BenchmarkIndex.build(list_benchmarks([str(bench)]), max_distance=12, hash_size=16,
-                                      max_thumb_diff=10.0, min_similarity=None)
+    phash_only = BenchmarkIndex.build(
+        list_benchmarks([str(bench)]), max_distance=12, hash_size=16, max_thumb_diff=10.0, min_similarity=None
+    )
     assert phash_only.match([np.asarray(im)]) == [None]
     # the report with --models (and the recipe's threshold)
     cfg = tmp_path / "r.yaml"
-    cfg.write_text(json.dumps({"source": {"kind": "folder", "root": str(photos)},
-                               "decontamination": {"min_similarity": 0.99}}))
+    cfg.write_text(
+        json.dumps({"source": {"kind": "folder", "root": str(photos)}, "decontamination": {"min_similarity": 0.99}})
+    )
     capsys.readouterr()
-    assert main(["manifest", "contamination", str(plain[0]), "--against", str(bench), "--recipe", str(cfg),
-                 "--models", str(tiny_models_yaml)]) == 1
+    assert (
+        main(
+            [
+                "manifest",
+                "contamination",
+                str(plain[0]),
+                "--against",
+                str(bench),
+                "--recipe",
+                str(cfg),
+                "--models",
+                str(tiny_models_yaml),
+            ]
+        )
+        == 1
+    )
     hits = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("CONTAMINATED")]
     assert hits and {ln.split()[1] for ln in hits} == {"folder-chelsea-0"} and "embedding cosine" in hits[0]
 
@@ -169,13 +207,15 @@ def test_benchmark_layouts_list_what_the_eval_readers_read(inputs, tmp_path):
     b = list_benchmark(dirty)
     pool = read_single_pool(SingleBenchConfig(pool=str(dirty), strict=True))
     assert b.layout == "dreambench++"
-    assert [f.rel for f in b.files] == sorted({Path(c.subjects[0].path).resolve().relative_to(dirty.resolve()).as_posix()
-                                               for c in pool.cases})
+    assert [f.rel for f in b.files] == sorted(
+        {Path(c.subjects[0].path).resolve().relative_to(dirty.resolve()).as_posix() for c in pool.cases}
+    )
     typed = make_typed_pool(tmp_path / "pool")
     p = list_benchmark(typed)
     assert p.layout == "dynaip-bench"
-    assert [f.rel for f in p.files] == sorted(Path(s.path).relative_to(typed.resolve()).as_posix()
-                                              for subjects in read_pool(typed).values() for s in subjects)
+    assert [f.rel for f in p.files] == sorted(
+        Path(s.path).relative_to(typed.resolve()).as_posix() for subjects in read_pool(typed).values() for s in subjects
+    )
 
 
 def test_benchmark_roots_are_read_only_inside_and_bad_sections_fail_in_one_line(inputs, tmp_path, capsys):
@@ -203,8 +243,9 @@ def test_benchmark_roots_are_read_only_inside_and_bad_sections_fail_in_one_line(
     from pipeline.decontam import BenchmarkIndex
 
     with pytest.raises(ConfigError, match="bad.jpg is not a readable image"):
-        BenchmarkIndex.build([list_benchmark(root)], max_distance=12, hash_size=16, max_thumb_diff=None,
-                             min_similarity=None)
+        BenchmarkIndex.build(
+            [list_benchmark(root)], max_distance=12, hash_size=16, max_thumb_diff=None, min_similarity=None
+        )
     with pytest.raises(ConfigError, match="holds no image file"):
         list_benchmark(_empty(tmp_path))
     with pytest.raises(ConfigError, match="unknown key 'decontamination.againts'"):
@@ -213,11 +254,16 @@ def test_benchmark_roots_are_read_only_inside_and_bad_sections_fail_in_one_line(
         recipe_for(photos, decontamination={"against": [str(root)], "max_distance": None, "min_similarity": None})
     # a benchmark that is not there: one line, exit 2, and no output folder left behind
     rec = tmp_path / "r.yaml"
-    rec.write_text(json.dumps({"source": {"kind": "folder", "root": str(photos)},
-                               "decontamination": {"against": ["missing_benchmark"]}}))
+    rec.write_text(
+        json.dumps(
+            {"source": {"kind": "folder", "root": str(photos)}, "decontamination": {"against": ["missing_benchmark"]}}
+        )
+    )
     capsys.readouterr()
-    assert main(["curate", "--recipe", str(rec), "--out", str(tmp_path / "o"), "--executor", "local",
-                 "--no-progress"]) == 2
+    assert (
+        main(["curate", "--recipe", str(rec), "--out", str(tmp_path / "o"), "--executor", "local", "--no-progress"])
+        == 2
+    )
     assert not (tmp_path / "o").exists()
     # the stage needs clip_vision for the embedding check and says so
     from pipeline.stages import DecontaminationStage
@@ -242,8 +288,8 @@ def test_the_commented_example_in_the_sa1b_recipe_loads(tmp_path):
     path = Path(__file__).resolve().parents[1] / "manifests" / "sa1b.yaml"
     lines = path.read_text().splitlines()
     start = lines.index("# decontamination:")
-    block = [lines[start]] + [ln for ln in lines[start + 1:] if ln.startswith("#   ")][:5]
-    text = "\n".join(lines[:start] + [ln[2:] for ln in block] + lines[start + len(block):])
+    block = [lines[start]] + [ln for ln in lines[start + 1 :] if ln.startswith("#   ")][:5]
+    text = "\n".join(lines[:start] + [ln[2:] for ln in block] + lines[start + len(block) :])
     (tmp_path / "sa1b.yaml").write_text(text)
     recipe = Recipe.from_yaml(tmp_path / "sa1b.yaml")
     dc = recipe.decontamination
@@ -279,9 +325,15 @@ def test_dedup_reducer_takes_map_parts_of_different_widths():
     rng = np.random.default_rng(0)
     base = [int.from_bytes(rng.bytes(32), "big") for _ in range(4)]
     thumb = [rng.bytes(192).hex() for _ in range(6)]
-    intra = [(0, "a-0", "intra", [base[0]], [thumb[0]]), (1, "b-0", "intra", [base[0] ^ 1], [thumb[0]]),
-             (2, "c-0", "intra", [base[1]], [thumb[1]])]
-    cross = [(3, "d-0", "cross", [base[2], base[3]], thumb[2:4]), (4, "e-0", "cross", [base[2] ^ 2, base[3]], thumb[2:4])]
+    intra = [
+        (0, "a-0", "intra", [base[0]], [thumb[0]]),
+        (1, "b-0", "intra", [base[0] ^ 1], [thumb[0]]),
+        (2, "c-0", "intra", [base[1]], [thumb[1]]),
+    ]
+    cross = [
+        (3, "d-0", "cross", [base[2], base[3]], thumb[2:4]),
+        (4, "e-0", "cross", [base[2] ^ 2, base[3]], thumb[2:4]),
+    ]
     parts = [dedup.partition(dedup.entries_from(rows, 16, True), 12, 16, 1)[0] for rows in (intra, cross)]
     assert parts[0]["words"].shape[1] != parts[1]["words"].shape[1]
     got = dedup.reduce_parts(parts, 12, 16, 10.0)

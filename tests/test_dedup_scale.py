@@ -59,8 +59,9 @@ def merged(entries, max_distance, hash_size, reducers):
 
 
 @pytest.mark.parametrize("hash_size,max_distance,splits", [(8, 3, True), (8, 6, False), (16, 12, True)])
-def test_numpy_pass_finds_the_earliest_near_copy_for_any_reducers_and_order(hash_size, max_distance, splits,
-                                                                            monkeypatch):
+def test_numpy_pass_finds_the_earliest_near_copy_for_any_reducers_and_order(
+    hash_size, max_distance, splits, monkeypatch
+):
     monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)  # small sets, big buckets: split as a large run would
     rng = np.random.default_rng(hash_size + max_distance)
     entries = skewed(rng, 300, hash_size * hash_size, max_distance)
@@ -71,7 +72,7 @@ def test_numpy_pass_finds_the_earliest_near_copy_for_any_reducers_and_order(hash
     split, whole = {}, {}
     dedup.dedup_arrays(e, max_distance, hash_size, 1, None, split)
     with monkeypatch.context() as m:
-        m.setattr(dedup, "SPLIT_ABOVE", 10 ** 9)
+        m.setattr(dedup, "SPLIT_ABOVE", 10**9)
         dedup.dedup_arrays(e, max_distance, hash_size, 1, None, whole)
     # big buckets split, unless the bands leave too few bits (8-bit sub-bands for 7 bands: 64 bits do not suffice)
     assert split["largest_bucket"] == whole["largest_bucket"] > dedup.SPLIT_ABOVE
@@ -79,7 +80,7 @@ def test_numpy_pass_finds_the_earliest_near_copy_for_any_reducers_and_order(hash
     for reducers in (1, 2, 5):
         order = rng.permutation(len(entries))
         assert merged([entries[k] for k in order], max_distance, hash_size, reducers) == want
-    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10 ** 9)  # unsplit buckets: the same answer
+    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10**9)  # unsplit buckets: the same answer
     assert merged(entries, max_distance, hash_size, 3) == want
 
 
@@ -87,9 +88,11 @@ def test_thumbnail_check_skips_hash_twins_that_look_different():
     h = 0x0123456789ABCDEF
     white, red = "ff" * 192, ("ff0000" * 64)
     grey = "fe" * 192
-    rows = [(0, "a", "intra", [h], [red]),  # same hash, another picture: not a copy of c
-            (1, "b", "intra", [h ^ 1], [white]),  # one bit off, same picture up to 1 level
-            (2, "c", "intra", [h ^ 3], [grey])]
+    rows = [
+        (0, "a", "intra", [h], [red]),  # same hash, another picture: not a copy of c
+        (1, "b", "intra", [h ^ 1], [white]),  # one bit off, same picture up to 1 level
+        (2, "c", "intra", [h ^ 3], [grey]),
+    ]
     e = dedup.entries_from(rows, 8, True)
     assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 2, 10.0).items()} == {2: "b"}
     assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 2, None).items()} == {1: "a", 2: "a"}
@@ -103,7 +106,7 @@ def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monk
     monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)
     monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 4)
     rng = np.random.default_rng(11)
-    base = int(rng.integers(0, 2 ** 62))
+    base = int(rng.integers(0, 2**62))
     rows, entries, thumbs = [], [], []
     for k in range(150):  # one pHash cluster (all within 2 bits), pictures in five colours ± noise
         h = base ^ (1 << int(rng.integers(64))) ^ (1 << int(rng.integers(64)))
@@ -117,8 +120,8 @@ def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monk
     split, whole = {}, {}
     for reducers in (1, 3):
         assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, 10.0, split).items()} == want
-    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10 ** 9)
-    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 10 ** 9)
+    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10**9)
+    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 10**9)
     assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 1, 10.0, whole).items()} == want
     assert split["largest_compared"] < whole["largest_compared"] / 2
 
@@ -130,7 +133,7 @@ def test_thumbnail_split_finds_near_pairs_across_cell_edges(monkeypatch, max_dif
     monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)
     monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 4)
     rng = np.random.default_rng(5)
-    base = int(rng.integers(0, 2 ** 62))
+    base = int(rng.integers(0, 2**62))
     rows, entries, thumbs, values = [], [], [], []
     for k in range(400):
         h = base ^ (1 << int(rng.integers(64)))
@@ -161,8 +164,11 @@ def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
     writer = DatasetWriter(tmp_path / "ds", "h")
     k = 40  # inputs per chunk: ledgers of 6 chunks, written in a shuffled order
     for c in map(int, rng.permutation(6)):
-        acc = [[e[0] - c * k * 3, e[1], e[2], [f"{h:016x}" for h in e[3]], "src", e[1], []]
-               for e in entries if c * k * 3 <= e[0] < (c + 1) * k * 3]
+        acc = [
+            [e[0] - c * k * 3, e[1], e[2], [f"{h:016x}" for h in e[3]], "src", e[1], []]
+            for e in entries
+            if c * k * 3 <= e[0] < (c + 1) * k * 3
+        ]
         writer.store.write_bytes(writer.ledger_path(c), json.dumps({"rejected": [], "accepted": acc}).encode())
     want = earliest_copies(entries, 4)
     for mappers, reducers in ((1, 1), (2, 3), (3, 4)):
@@ -172,8 +178,12 @@ def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
         parts, sizes = [], []
         for r in range(reducers):
             parts.append(dedup_shuffle.run_reducer(writer, mappers, 4, 8, None, r, reducers))
-            sizes.append(sum(len(np.load(tmp_path / "ds" / dedup_shuffle._part_path(reducers, m, r))["index"])
-                             for m in range(mappers)))
+            sizes.append(
+                sum(
+                    len(np.load(tmp_path / "ds" / dedup_shuffle._part_path(reducers, m, r))["index"])
+                    for m in range(mappers)
+                )
+            )
         if reducers > 1:
             assert max(sizes) < len(entries)  # no reducer reads every entry
         got = {own_key: kept for c in dedup_shuffle.plan(parts, k * 3).values() for own_key, kept in c.items()}
@@ -229,7 +239,11 @@ def test_duplicate_removal_rewrites_only_the_parts_holding_one(tmp_path, monkeyp
     res = w.apply_duplicates(0, more)
     assert [s["path"] for s in res.shards] == [f"shards/000000{p}.tar" for p in ("", "_01", "_03", "_04", "_05")]
     assert not (parts / "000000_02.tar").exists() and res.accepted == 9
-    assert [r["reason"] for r in res.rejects] == ["duplicate of s-001-0", "duplicate of s-000-0", "duplicate of s-000-0"]
+    assert [r["reason"] for r in res.rejects] == [
+        "duplicate of s-001-0",
+        "duplicate of s-000-0",
+        "duplicate of s-000-0",
+    ]
     assert w.apply_duplicates(0, more) == res  # idempotent
     assert w.apply_duplicates(0, {"s-004-0": "s-000-0"}) is None  # lost a sample no longer a duplicate: rebuild
     # a rebuild with fewer parts removes the old ones without listing shards/, and so does a build

@@ -35,14 +35,33 @@ def test_demo_small_builds_every_artefact_with_a_quiet_console(tmp_path, tiny_mo
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     # reuse the session's tiny checkpoints (the same files `demo` would write) to save a few seconds
-    proc = subprocess.run([sys.executable, "-m", "dynaip.cli", "demo", "--out", str(out), "--small", "--size", "64",
-                           "--models", str(tiny_models_yaml)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=1500)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dynaip.cli",
+            "demo",
+            "--out",
+            str(out),
+            "--small",
+            "--size",
+            "64",
+            "--models",
+            str(tiny_models_yaml),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-4000:]
     for what, pattern in NOISE.items():
         hit = pattern.search(console)
-        assert hit is None, f"the default console shows {what}: {console[max(0, hit.start() - 200):hit.end() + 200]!r}"
+        assert hit is None, (
+            f"the default console shows {what}: {console[max(0, hit.start() - 200) : hit.end() + 200]!r}"
+        )
     for n in range(1, 7):  # one line per stage, and the counts
         assert f"[{n}/6]" in proc.stdout
     assert re.search(r"inputs\s+\d+\s+accepted \d+\s+rejected \d+", proc.stdout)

@@ -68,14 +68,20 @@ def test_single_published_layout_strict_counts_and_roundtrip(dreambench, tmp_pat
     assert len(subjects) == 150 and set(subjects.values()) == {9}
     assert len({c.id for c in cases}) == 1350
     c = next(c for c in cases if c.id == "dbpp-object-12-p4")
-    assert (c.prompt, c.subjects[0].name, c.subjects[0].type, c.variation, c.layout) == \
-           ("prompt 4 of object 12", "object thing 12", "object", 4, None)
+    assert (c.prompt, c.subjects[0].name, c.subjects[0].type, c.variation, c.layout) == (
+        "prompt 4 of object 12",
+        "object thing 12",
+        "object",
+        4,
+        None,
+    )
     assert c.subjects[0].path.endswith("/images/object/12.jpg") and Path(c.subjects[0].path).is_absolute()
     a = next(c for c in cases if c.id == "dbpp-human-07-p8")
     assert a.subjects[0].path.endswith("/images/live_subject/human/07.jpg")
     assert a.extra == {"collection_id": "live_subject_human_07_human_thing_7"} and a.prompt == "prompt 8 of human 7"
-    assert [prompt_type(i) for i in range(10)] == ["photorealistic"] * 4 + ["style transfer"] * 3 + \
-           ["imaginative"] * 2 + [None]
+    assert [prompt_type(i) for i in range(10)] == ["photorealistic"] * 4 + ["style transfer"] * 3 + [
+        "imaginative"
+    ] * 2 + [None]
     again = build_single_cases(SingleBenchConfig(pool=str(dreambench), strict=True))
     assert [x.seed for x in again] == [x.seed for x in cases]
     other = build_single_cases(SingleBenchConfig(pool=str(dreambench), seed=1))
@@ -97,9 +103,12 @@ def test_single_partial_pool_fails_by_default(tmp_path, caplog):
     root = make_dreambench(tmp_path / "p")
     for tree in ("images", "captions"):  # what a reader blind to live_subject/ sees: 85 subjects, 765 cases
         shutil.rmtree(root / tree / "live_subject")
-    with pytest.raises(ValueError, match=r"not the full release \(765 cases from 85 subjects \(object 65, style 20\), "
-                                         r"published layout\): 85 subjects, expected 150; 765 cases, expected 1350; "
-                                         r"categories \['animal', 'human'\] are missing\. .*--allow-partial"):
+    with pytest.raises(
+        ValueError,
+        match=r"not the full release \(765 cases from 85 subjects \(object 65, style 20\), "
+        r"published layout\): 85 subjects, expected 150; 765 cases, expected 1350; "
+        r"categories \['animal', 'human'\] are missing\. .*--allow-partial",
+    ):
         read_single_pool(SingleBenchConfig(pool=str(root)))
     with caplog.at_level(logging.WARNING):
         pool = read_single_pool(SingleBenchConfig(pool=str(root), allow_partial=True))
@@ -136,7 +145,9 @@ def test_single_missing_caption_and_image_are_errors(tmp_path):
 def test_single_wrong_prompt_counts_and_strict_shape(tmp_path, caplog):
     root = make_dreambench(tmp_path / "p")
     (root / "captions" / "style" / "00.txt").write_text("style thing\n" + "p\n" * 8)
-    with pytest.raises(ValueError, match=r"1349 cases, expected 1350; captions/style/00\.txt has 8 prompts, expected 9"):
+    with pytest.raises(
+        ValueError, match=r"1349 cases, expected 1350; captions/style/00\.txt has 8 prompts, expected 9"
+    ):
         build_single_cases(SingleBenchConfig(pool=str(root)))
     assert len(build_single_cases(SingleBenchConfig(pool=str(root), allow_partial=True))) == 1349
     (root / "captions" / "style" / "00.txt").write_text("style thing\n\n" + "p\n" * 9 + "\n")  # blank lines
@@ -145,8 +156,11 @@ def test_single_wrong_prompt_counts_and_strict_shape(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert len(build_single_cases(SingleBenchConfig(pool=str(root)))) == 1350  # readable, not the exact shape
     assert "ignoring files that are not part of the release: images/notes.md" in caplog.text
-    with pytest.raises(ValueError, match=r"images/object/05\.png is not named NN\.jpg.*captions/style/00\.txt has "
-                                         r"blank lines.*not part of the release: images/notes\.md"):
+    with pytest.raises(
+        ValueError,
+        match=r"images/object/05\.png is not named NN\.jpg.*captions/style/00\.txt has "
+        r"blank lines.*not part of the release: images/notes\.md",
+    ):
         build_single_cases(SingleBenchConfig(pool=str(root), strict=True))
     (root / "images" / "animals").mkdir()
     with pytest.raises(ValueError, match=r"images/animals/ is not a DreamBench\+\+ category directory"):
@@ -208,12 +222,17 @@ def test_cli_builds_both_benchmarks(dreambench, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_eval_parser(parser.add_subparsers())
     pool = make_typed_pool(tmp_path / "pool")
-    for argv in (["eval", "bench-single", "--pool", str(dreambench), "--out", str(tmp_path / "s.jsonl"), "--strict"],
-                 ["eval", "bench-multi", "--pool", str(pool), "--out", str(tmp_path / "m.jsonl")]):
+    for argv in (
+        ["eval", "bench-single", "--pool", str(dreambench), "--out", str(tmp_path / "s.jsonl"), "--strict"],
+        ["eval", "bench-multi", "--pool", str(pool), "--out", str(tmp_path / "m.jsonl")],
+    ):
         args = parser.parse_args(argv)
         assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "1350 DreamBench++ cases" in out and "(animal: 405, human: 180, object: 585, style: 180; published layout)" in out
+    assert (
+        "1350 DreamBench++ cases" in out
+        and "(animal: 405, human: 180, object: 585, style: 180; published layout)" in out
+    )
     assert "888 DynaIP-Bench cases" in out and "642 two-subject, 246 three" in out
     assert len(read_cases(tmp_path / "m.jsonl")) == 888
     with pytest.raises(SystemExit):  # argparse refuses the pair
@@ -236,6 +255,8 @@ def test_cli_partial_pool_is_a_one_line_error_unless_allowed(tmp_path, capsys, c
     assert main(["eval", "bench-single", "--pool", str(root), "--out", str(out), "--allow-partial"]) == 0
     printed = capsys.readouterr().out
     assert "1170 DreamBench++ cases written" in printed
-    assert "partial pool (1170 cases from 130 subjects (animal 45, human 20, object 65), published layout): " \
-           "130 subjects, expected 150; 1170 cases, expected 1350; categories ['style'] are missing" in printed
+    assert (
+        "partial pool (1170 cases from 130 subjects (animal 45, human 20, object 65), published layout): "
+        "130 subjects, expected 150; 1170 cases, expected 1350; categories ['style'] are missing" in printed
+    )
     assert len(read_cases(out)) == 1170

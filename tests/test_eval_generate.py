@@ -10,15 +10,23 @@ import pytest
 from PIL import Image
 
 from dynaip.eval.cases import Case, Subject
-from dynaip.eval.generate import (GenerateSettings, generate_case, image_path, is_done, preset_masks,
-                                  run_generation)
+from dynaip.eval.generate import GenerateSettings, generate_case, image_path, is_done, preset_masks, run_generation
 
 
 def _cases(tmp_path: Path, n: int) -> list[Case]:
     ref = tmp_path / "ref.png"
     Image.new("RGB", (20, 30), (10, 200, 30)).save(ref)
-    return [Case(id=f"c{i:02d}", benchmark="dreambench++", category="animal", prompt=f"prompt {i}", seed=100 + i,
-                 subjects=[Subject(path=str(ref), type="animal", name="a dog")]) for i in range(n)]
+    return [
+        Case(
+            id=f"c{i:02d}",
+            benchmark="dreambench++",
+            category="animal",
+            prompt=f"prompt {i}",
+            seed=100 + i,
+            subjects=[Subject(path=str(ref), type="animal", name="a dog")],
+        )
+        for i in range(n)
+    ]
 
 
 def _band(mask: Image.Image) -> tuple[int, int]:
@@ -44,11 +52,35 @@ class RecordingPipe:
     def __init__(self):
         self.calls: list[dict] = []
 
-    def __call__(self, *, prompt, references, masks, scale, granularity, seed, num_inference_steps, height, width,
-                 guidance_scale, auto_mask=None):
-        self.calls.append(dict(prompt=prompt, references=references, masks=masks, scale=scale, granularity=granularity,
-                               seed=seed, steps=num_inference_steps, size=(width, height), guidance=guidance_scale,
-                               auto_mask=auto_mask))
+    def __call__(
+        self,
+        *,
+        prompt,
+        references,
+        masks,
+        scale,
+        granularity,
+        seed,
+        num_inference_steps,
+        height,
+        width,
+        guidance_scale,
+        auto_mask=None,
+    ):
+        self.calls.append(
+            dict(
+                prompt=prompt,
+                references=references,
+                masks=masks,
+                scale=scale,
+                granularity=granularity,
+                seed=seed,
+                steps=num_inference_steps,
+                size=(width, height),
+                guidance=guidance_scale,
+                auto_mask=auto_mask,
+            )
+        )
         return Image.new("RGB", (width, height), (seed % 256, 0, 0))
 
 
@@ -59,13 +91,26 @@ def test_generate_case_calls_pipeline_with_masks(tmp_path):
     img = generate_case(pipe, single, settings)
     call = pipe.calls[0]
     assert img.size == (48, 32)
-    assert (call["prompt"], call["seed"], call["steps"], call["guidance"], call["scale"], call["granularity"]) == \
-           ("prompt 0", 100, 3, 2.0, 0.8, [1.0, 0.0, 0.0])
+    assert (call["prompt"], call["seed"], call["steps"], call["guidance"], call["scale"], call["granularity"]) == (
+        "prompt 0",
+        100,
+        3,
+        2.0,
+        0.8,
+        [1.0, 0.0, 0.0],
+    )
     assert call["masks"] is None and call["references"][0].mode == "RGB" and call["references"][0].size == (20, 30)
 
     ref = single.subjects[0]
-    multi = Case(id="m", benchmark="dynaip-bench", category="human+object", prompt="p", seed=5,
-                 subjects=[ref, Subject(path=ref.path, type="object", name="a cup")], layout=["left", "right"])
+    multi = Case(
+        id="m",
+        benchmark="dynaip-bench",
+        category="human+object",
+        prompt="p",
+        seed=5,
+        subjects=[ref, Subject(path=ref.path, type="object", name="a cup")],
+        layout=["left", "right"],
+    )
     generate_case(pipe, multi, settings)
     masks = pipe.calls[1]["masks"]
     assert [m.size for m in masks] == [(48, 32)] * 2 and [_band(m) for m in masks] == [(0, 24), (24, 48)]
@@ -75,8 +120,9 @@ def test_generate_case_calls_pipeline_with_masks(tmp_path):
     generate_case(pipe, multi, auto)
     assert pipe.calls[2]["masks"] is None and pipe.calls[2]["auto_mask"] == ["a dog", "a cup"]
 
-    def no_auto(*, prompt, references, masks, scale, granularity, seed, num_inference_steps, height, width,
-                guidance_scale):
+    def no_auto(
+        *, prompt, references, masks, scale, granularity, seed, num_inference_steps, height, width, guidance_scale
+    ):
         raise AssertionError("must not be called")
 
     with pytest.raises(ValueError, match="takes no auto_mask argument"):
@@ -136,8 +182,9 @@ def test_resume_after_interruption_skips_finished_cases(tmp_path):
     assert summary.generated == 0 and len(factory_calls) == n_factory  # nothing left: no pipeline built
 
     with pytest.raises(ValueError, match=r"other settings.*'steps': \(1, 2\).*new --out"):
-        run_generation(cases, out, settings=GenerateSettings(steps=2, height=16, width=16), pipe_factory=factory,
-                       generate_fn=fake)
+        run_generation(
+            cases, out, settings=GenerateSettings(steps=2, height=16, width=16), pipe_factory=factory, generate_fn=fake
+        )
 
 
 def test_real_pipeline_generates_single_and_multi_cases(tmp_path, tiny_models_yaml):
@@ -148,10 +195,21 @@ def test_real_pipeline_generates_single_and_multi_cases(tmp_path, tiny_models_ya
     DynaIPAdapter(DynaIPConfig.tiny()).save_pretrained(tmp_path / "adapter")
     single = _cases(tmp_path, 1)[0]
     ref = single.subjects[0]
-    multi = Case(id="m0", benchmark="dynaip-bench", category="human+object", prompt="a man and a cup", seed=3,
-                 subjects=[ref, Subject(path=ref.path, type="object", name="a cup")], layout=["left", "right"])
+    multi = Case(
+        id="m0",
+        benchmark="dynaip-bench",
+        category="human+object",
+        prompt="a man and a cup",
+        seed=3,
+        subjects=[ref, Subject(path=ref.path, type="object", name="a cup")],
+        layout=["left", "right"],
+    )
     settings = GenerateSettings(steps=1, height=32, width=48)
-    summary = run_generation([single, multi], tmp_path / "gen", settings=settings,
-                             pipe_factory=real_pipe_factory(str(tiny_models_yaml), str(tmp_path / "adapter"), "cpu"))
+    summary = run_generation(
+        [single, multi],
+        tmp_path / "gen",
+        settings=settings,
+        pipe_factory=real_pipe_factory(str(tiny_models_yaml), str(tmp_path / "adapter"), "cpu"),
+    )
     assert summary.generated == 2
     assert [Image.open(image_path(tmp_path / "gen", c.id)).size for c in (single, multi)] == [(48, 32)] * 2

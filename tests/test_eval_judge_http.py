@@ -110,6 +110,7 @@ def test_a_server_dripping_its_headers_cannot_outlast_the_deadline():
 def test_a_cross_origin_redirect_does_not_carry_the_key(monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", KEY)
     with Stub(lambda h, n: answer(h, "Score: 3")) as other:
+
         def redirect(h, n):
             h.send_response(307)
             h.send_header("Location", other.url + "/v1/chat/completions" if n == 0 else "/v1/elsewhere")

@@ -20,17 +20,40 @@ from PIL import Image
 
 from dynaip.eval.cases import Case, Subject, write_cases
 from dynaip.eval.generate import image_path
-from dynaip.eval.judge import (ChatJudge, DinoPaths, EvalConfig, JudgeConfig, JudgeError, dreambench_messages, image_part,
-                              parse_score, parse_score_dreambench, square_jpeg_data_url)
+from dynaip.eval.judge import (
+    ChatJudge,
+    DinoPaths,
+    EvalConfig,
+    JudgeConfig,
+    JudgeError,
+    dreambench_messages,
+    image_part,
+    parse_score,
+    parse_score_dreambench,
+    square_jpeg_data_url,
+)
 from dynaip.eval.report import write_report
 from dynaip.eval.score import ScoreSettings, ScoreStore, run_file, score_method
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("Score: 3", 3), ("The dog matches well.\nScore: 4", 4), ("score:0", 0), ("Score: **2**.", 2),
-    ("Score: 3 or 4", None), ("no score here", None), ("Score: 5", None), ("Score: -1", None),
-    ("Score: 2.5", None), ("Score: 3/4", None), ("Score:", None), ("", None), ("Score: 1\nScore: 2", None),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Score: 3", 3),
+        ("The dog matches well.\nScore: 4", 4),
+        ("score:0", 0),
+        ("Score: **2**.", 2),
+        ("Score: 3 or 4", None),
+        ("no score here", None),
+        ("Score: 5", None),
+        ("Score: -1", None),
+        ("Score: 2.5", None),
+        ("Score: 3/4", None),
+        ("Score:", None),
+        ("", None),
+        ("Score: 1\nScore: 2", None),
+    ],
+)
 def test_parse_score(answer, expected):
     assert parse_score(answer) == expected
 
@@ -84,11 +107,19 @@ class ScriptedJudge:
                     key = (body["model"], identify(body))
                     if body.get("seed") in judge.seed_runs:
                         key += (judge.seed_runs[body["seed"]],)
-                    judge.requests.append({"path": self.path, "key": key, "body": body,
-                                           "auth": self.headers.get("Authorization")})
+                    judge.requests.append(
+                        {"path": self.path, "key": key, "body": body, "auth": self.headers.get("Authorization")}
+                    )
                     answer = judge.script[key].pop(0)
-                data = json.dumps({"id": "x", "object": "chat.completion", "choices": [
-                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}]}).encode()
+                data = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}
+                        ],
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -112,8 +143,10 @@ class ScriptedJudge:
 
 
 def _judges(url: str, **kw) -> list[JudgeConfig]:
-    return [JudgeConfig(name=n, base_url=url, model=f"model-{n}", max_retries=3, retry_backoff_s=0, timeout_s=10, **kw)
-            for n in ("a", "b")]
+    return [
+        JudgeConfig(name=n, base_url=url, model=f"model-{n}", max_retries=3, retry_backoff_s=0, timeout_s=10, **kw)
+        for n in ("a", "b")
+    ]
 
 
 def _single_cases(tmp_path: Path) -> tuple[list[Case], Path]:
@@ -122,8 +155,14 @@ def _single_cases(tmp_path: Path) -> tuple[list[Case], Path]:
     for i, cat in enumerate(["animal", "style", "animal"]):
         ref = tmp_path / f"ref{i}.png"
         Image.new("RGB", (300, 200), (50 * i, 0, 0)).save(ref)
-        c = Case(id=f"dbpp-{cat}-{i}-p0", benchmark="dreambench++", category=cat, prompt=f"a photo of case{i}",
-                 seed=i, subjects=[Subject(path=str(ref), type=cat, name=f"subj{i}")])
+        c = Case(
+            id=f"dbpp-{cat}-{i}-p0",
+            benchmark="dreambench++",
+            category=cat,
+            prompt=f"a photo of case{i}",
+            seed=i,
+            subjects=[Subject(path=str(ref), type=cat, name=f"subj{i}")],
+        )
         image_path(gen, c.id).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (600, 600), (0, 50 * i, 0)).save(image_path(gen, c.id))
         cases.append(c)
@@ -137,9 +176,12 @@ SCRIPT = {
     ("model-a", "pf:case1"): ["Score: 1"],
     ("model-a", "cp:subj2"): ["nothing"] * 4 + ["Score: 2"],  # fails the first run, answers on the rerun
     ("model-a", "pf:case2"): ["Score: 0"],
-    ("model-b", "cp:subj0"): ["Score: 4"], ("model-b", "pf:case0"): ["Score: 2"],
-    ("model-b", "cp:subj1"): ["Score: 4"], ("model-b", "pf:case1"): ["Score: 3"],
-    ("model-b", "cp:subj2"): ["Score: 1"], ("model-b", "pf:case2"): ["Score: 4"],
+    ("model-b", "cp:subj0"): ["Score: 4"],
+    ("model-b", "pf:case0"): ["Score: 2"],
+    ("model-b", "cp:subj1"): ["Score: 4"],
+    ("model-b", "pf:case1"): ["Score: 3"],
+    ("model-b", "cp:subj2"): ["Score: 1"],
+    ("model-b", "pf:case2"): ["Score: 4"],
 }
 
 
@@ -161,7 +203,9 @@ def test_judges_retry_aggregate_and_resume(tmp_path, caplog):
         assert first["path"] == "/v1/chat/completions" and first["auth"] is None
         parts = first["body"]["messages"][1]["content"]
         assert [p["type"] for p in parts] == ["text", "image_url", "image_url"]
-        sizes = [Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))).size for p in parts[1:]]
+        sizes = [
+            Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))).size for p in parts[1:]
+        ]
         assert sizes == [(512, 341), (512, 512)]  # reference 300×200 → longer side 512; generated 600×600
         style = next(r for r in server.requests if r["key"] == ("model-b", "cp:subj1"))
         assert "STYLE PRESERVATION" in style["body"]["messages"][1]["content"][0]["text"]
@@ -195,17 +239,33 @@ def test_judges_retry_aggregate_and_resume(tmp_path, caplog):
 def test_multi_subject_cp_is_mean_over_subjects(tmp_path):
     ref = tmp_path / "r.png"
     Image.new("RGB", (32, 32)).save(ref)
-    case = Case(id="dib-01-x-000", benchmark="dynaip-bench", category="human+object", prompt="case7 scene", seed=1,
-                subjects=[Subject(path=str(ref), type="human", name="subj7"),
-                          Subject(path=str(ref), type="object", name="subj8")], layout=["left", "right"])
+    case = Case(
+        id="dib-01-x-000",
+        benchmark="dynaip-bench",
+        category="human+object",
+        prompt="case7 scene",
+        seed=1,
+        subjects=[
+            Subject(path=str(ref), type="human", name="subj7"),
+            Subject(path=str(ref), type="object", name="subj8"),
+        ],
+        layout=["left", "right"],
+    )
     image_path(tmp_path / "gen", case.id).parent.mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(image_path(tmp_path / "gen", case.id))
-    script = {("model-a", "cp:subj7"): ["Score: 4"], ("model-a", "cp:subj8"): ["Score: 2"],
-              ("model-a", "pf:case7"): ["Score: 3"]}
+    script = {
+        ("model-a", "cp:subj7"): ["Score: 4"],
+        ("model-a", "cp:subj8"): ["Score: 2"],
+        ("model-a", "pf:case7"): ["Score: 3"],
+    }
     with ScriptedJudge(script) as server:
         cfg = EvalConfig(judges=_judges(server.base_url)[:1], protocol="open")
-        s = score_method([case], tmp_path / "gen", tmp_path / "sc", cfg, ScoreSettings(method="m", metrics=("cp", "pf")))
-        cp_text = [r["body"]["messages"][1]["content"][0]["text"] for r in server.requests if r["key"][1].startswith("cp")]
+        s = score_method(
+            [case], tmp_path / "gen", tmp_path / "sc", cfg, ScoreSettings(method="m", metrics=("cp", "pf"))
+        )
+        cp_text = [
+            r["body"]["messages"][1]["content"][0]["text"] for r in server.requests if r["key"][1].startswith("cp")
+        ]
     assert all("judge ONLY the subject shown in Image 1" in t for t in cp_text) and len(cp_text) == 2
     g = s["groups"]
     assert list(g) == ["human+object", "2 subjects", "overall"]
@@ -215,7 +275,9 @@ def test_multi_subject_cp_is_mean_over_subjects(tmp_path):
 
     write_report([tmp_path / "sc"], tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| Method | 2 Subjects CP | 2 Subjects PF | 2 Subjects CP·PF | Overall CP | Overall PF | Overall CP·PF |" in md
+    assert (
+        "| Method | 2 Subjects CP | 2 Subjects PF | 2 Subjects CP·PF | Overall CP | Overall PF | Overall CP·PF |" in md
+    )
     assert "| m | 0.750 | 0.750 | 0.562 | 0.750 | 0.750 | 0.562 |" in md
     assert "| Method | human+object CP·PF |" in md and "| m | 0.562 |" in md
     assert "## dynaip-bench (multi-subject; paper Table 2 layout)" in md and "CP Animal" not in md
@@ -237,19 +299,33 @@ def test_http_failures_retry_then_fail_clearly(tmp_path, monkeypatch):
             judge.ask("PROMPT FOLLOWING case0", [])
     monkeypatch.setenv("MY_JUDGE_KEY", "sekrit")
     with ScriptedJudge({("model-a", "pf:case0"): ["Score: 1"]}) as server:
-        judge = ChatJudge(JudgeConfig(name="a", base_url=server.base_url, model="model-a", api_key_env="MY_JUDGE_KEY"),
-                          protocol="open")
+        judge = ChatJudge(
+            JudgeConfig(name="a", base_url=server.base_url, model="model-a", api_key_env="MY_JUDGE_KEY"),
+            protocol="open",
+        )
         assert judge.ask("PROMPT FOLLOWING case0", []).score == 1
         assert server.requests[0]["auth"] == "Bearer sekrit"
     with pytest.raises(ValueError, match="NOT_SET_KEY_XYZ.*is not set"):
         ChatJudge(JudgeConfig(name="a", base_url="http://127.0.0.1:9/v1", model="m", api_key_env="NOT_SET_KEY_XYZ"))
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("Score: 3", 3), ("score:0", 0), ("Analysis: fine.\nScore: 4", 4), ("Final score: about 2", 2),
-    ("Score: 3 or 4", 3), ("Score: 2.5", 2), ("Score: **2**", None), ("SCORE: 2", None), ("Score: 1\nScore: 2", None),
-    ("Score: 5", None), ("no score", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Score: 3", 3),
+        ("score:0", 0),
+        ("Analysis: fine.\nScore: 4", 4),
+        ("Final score: about 2", 2),
+        ("Score: 3 or 4", 3),
+        ("Score: 2.5", 2),
+        ("Score: **2**", None),
+        ("SCORE: 2", None),
+        ("Score: 1\nScore: 2", None),
+        ("Score: 5", None),
+        ("no score", None),
+        ("", None),
+    ],
+)
 def test_parse_score_dreambench(answer, expected):
     """One ``score:``/``Score:`` match anywhere (an optional word before the number), leading digits only, 0-4."""
     assert parse_score_dreambench(answer) == expected
@@ -282,18 +358,36 @@ RUN_CASES = [("animal", 0), ("human", 5), ("object", 8), ("style", 2), ("object"
 CP = {1: [3, 4, 4, 1, 3], 2: [4, None, 2, 2, 3], 3: [2, 4, 3, 3, 4]}
 PF = {1: [4, 2, 3, 3, 1], 2: [3, 2, 2, 4, 2], 3: [4, 3, 3, 3, 1]}
 RUN_SCRIPT = {  # what the judge answers, per (item, run); retries pop the next answer
-    ("cp:subj0", 1): ["Score: **3**", "Score: 3"], ("cp:subj1", 1): ["Score: 4"], ("cp:subj2", 1): ["Score: 4"],
-    ("cp:subj3", 1): ["Score: 1"], ("cp:subj4", 1): ["Score: 3"],
-    ("pf:case0", 1): ["Analysis: everything is there.\nScore: 4"], ("pf:case1", 1): ["Score: 2"],
-    ("pf:case2", 1): ["Score: 3"], ("pf:case3", 1): ["Score: 3 or 4"], ("pf:case4", 1): ["Score: 1"],
-    ("cp:subj0", 2): ["Score: 4"], ("cp:subj1", 2): ["nothing", "Score: 1\nScore: 2", "Score: 9", "Score: 4"],
-    ("cp:subj2", 2): ["Score: 2"], ("cp:subj3", 2): ["Score: 2"], ("cp:subj4", 2): ["Score: 3"],
-    ("pf:case0", 2): ["Score: 3"], ("pf:case1", 2): ["Score: 2"], ("pf:case2", 2): ["Score: 2"],
-    ("pf:case3", 2): ["Score: 4"], ("pf:case4", 2): ["Score: 2"],
-    ("cp:subj0", 3): ["score: 2"], ("cp:subj1", 3): ["Final score: about 4"], ("cp:subj2", 3): ["Score: 3"],
-    ("cp:subj3", 3): ["Score: 3"], ("cp:subj4", 3): ["Score: 4"],
-    ("pf:case0", 3): ["Score: 4"], ("pf:case1", 3): ["Score: 3"], ("pf:case2", 3): ["Score: 3"],
-    ("pf:case3", 3): ["Score: 3"], ("pf:case4", 3): ["Score: 1"],
+    ("cp:subj0", 1): ["Score: **3**", "Score: 3"],
+    ("cp:subj1", 1): ["Score: 4"],
+    ("cp:subj2", 1): ["Score: 4"],
+    ("cp:subj3", 1): ["Score: 1"],
+    ("cp:subj4", 1): ["Score: 3"],
+    ("pf:case0", 1): ["Analysis: everything is there.\nScore: 4"],
+    ("pf:case1", 1): ["Score: 2"],
+    ("pf:case2", 1): ["Score: 3"],
+    ("pf:case3", 1): ["Score: 3 or 4"],
+    ("pf:case4", 1): ["Score: 1"],
+    ("cp:subj0", 2): ["Score: 4"],
+    ("cp:subj1", 2): ["nothing", "Score: 1\nScore: 2", "Score: 9", "Score: 4"],
+    ("cp:subj2", 2): ["Score: 2"],
+    ("cp:subj3", 2): ["Score: 2"],
+    ("cp:subj4", 2): ["Score: 3"],
+    ("pf:case0", 2): ["Score: 3"],
+    ("pf:case1", 2): ["Score: 2"],
+    ("pf:case2", 2): ["Score: 2"],
+    ("pf:case3", 2): ["Score: 4"],
+    ("pf:case4", 2): ["Score: 2"],
+    ("cp:subj0", 3): ["score: 2"],
+    ("cp:subj1", 3): ["Final score: about 4"],
+    ("cp:subj2", 3): ["Score: 3"],
+    ("cp:subj3", 3): ["Score: 3"],
+    ("cp:subj4", 3): ["Score: 4"],
+    ("pf:case0", 3): ["Score: 4"],
+    ("pf:case1", 3): ["Score: 3"],
+    ("pf:case2", 3): ["Score: 3"],
+    ("pf:case3", 3): ["Score: 3"],
+    ("pf:case4", 3): ["Score: 1"],
 }
 
 
@@ -318,13 +412,27 @@ def test_dreambench_protocol_three_runs_report(tmp_path, caplog):
     for i, (cat, var) in enumerate(RUN_CASES):
         ref = tmp_path / f"ref{i}.jpg"
         Image.new("RGB", (300, 200), (50 * i, 0, 0)).save(ref)
-        cases.append(Case(id=f"dbpp-{cat}-{i:02d}-p{var}", benchmark="dreambench++", category=cat, variation=var,
-                          prompt=f"a photo of case{i}", seed=i, subjects=[Subject(path=str(ref), type=cat, name="x")]))
+        cases.append(
+            Case(
+                id=f"dbpp-{cat}-{i:02d}-p{var}",
+                benchmark="dreambench++",
+                category=cat,
+                variation=var,
+                prompt=f"a photo of case{i}",
+                seed=i,
+                subjects=[Subject(path=str(ref), type=cat, name="x")],
+            )
+        )
         image_path(gen, cases[-1].id).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (640, 480), (0, 50 * i, 0)).save(image_path(gen, cases[-1].id))
     judge = JudgeConfig(name="a", base_url="http://127.0.0.1:9/v1", model="model-a", retry_backoff_s=0, timeout_s=10)
-    seed_runs = {zlib.crc32(f"{r}|{c.id}|a|{m}|{t}".encode()) & 0x7FFFFFFF: r
-                 for r in (1, 2, 3) for c in cases for m in ("cp@0", "pf") for t in range(3)}
+    seed_runs = {
+        zlib.crc32(f"{r}|{c.id}|a|{m}|{t}".encode()) & 0x7FFFFFFF: r
+        for r in (1, 2, 3)
+        for c in cases
+        for m in ("cp@0", "pf")
+        for t in range(3)
+    }
     assert len(seed_runs) == 3 * 5 * 2 * 3  # a distinct seed per run, item and try
     out = tmp_path / "scores"
     script = {("model-a", item, run): answers for (item, run), answers in RUN_SCRIPT.items()}
@@ -342,7 +450,9 @@ def test_dreambench_protocol_three_runs_report(tmp_path, caplog):
         assert [m["role"] for m in cp_req["messages"]] == ["user", "assistant", "user"]
         assert isinstance(cp_req["messages"][0]["content"], str) and "Face" in cp_req["messages"][0]["content"]
         parts = cp_req["messages"][2]["content"]
-        assert [p["type"] for p in parts] == ["image_url", "image_url"] and {p["image_url"]["detail"] for p in parts} == {"high"}
+        assert [p["type"] for p in parts] == ["image_url", "image_url"] and {
+            p["image_url"]["detail"] for p in parts
+        } == {"high"}
         decoded = [Image.open(io.BytesIO(base64.b64decode(p["image_url"]["url"].split(",", 1)[1]))) for p in parts]
         assert [(d.format, d.size) for d in decoded] == [("JPEG", (512, 512))] * 2  # 300×200 and 640×480 squashed
         style_req = next(r["body"] for r in server.requests if r["key"] == ("model-a", "cp:subj3", 1))
@@ -379,23 +489,40 @@ def test_dreambench_protocol_three_runs_report(tmp_path, caplog):
         assert len(server.requests) == n + 1 and server.requests[-1]["key"] == ("model-a", "cp:subj1", 2)
         CP2 = {**CP, 2: [4, 4, 2, 2, 3]}
         assert s["failed_items"] == 0
-        assert (s["groups"]["overall"]["cp"], s["groups"]["overall"]["cp_std"]) == pytest.approx(_by_hand(CP2, everyone))
+        assert (s["groups"]["overall"]["cp"], s["groups"]["overall"]["cp_std"]) == pytest.approx(
+            _by_hand(CP2, everyone)
+        )
 
-    with pytest.raises(ValueError, match=r"judge_run1\.jsonl' was judged with protocol dreambench, this config says "
-                                         r"open"):
+    with pytest.raises(
+        ValueError,
+        match=r"judge_run1\.jsonl' was judged with protocol dreambench, this config says "
+        r"open",
+    ):
         score_method(cases, gen, out, EvalConfig(judges=[judge], protocol="open"), settings)
 
     # the report: the benchmark's table (CP by category, PF by prompt type, CP·PF of the rounded means) and ours
     write_report([out], tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert ("| Method | CP Animal | CP Human | CP Object | CP Style | CP Overall | PF Photorealistic | PF Style transfer "
-            "| PF Imaginative | PF Overall | CP·PF |") in md
+    assert (
+        "| Method | CP Animal | CP Human | CP Object | CP Style | CP Overall | PF Photorealistic | PF Style transfer "
+        "| PF Imaginative | PF Overall | CP·PF |"
+    ) in md
     cp, pf = _by_hand(CP2, everyone), _by_hand(PF, everyone)
     cp_pf = round(cp[0], 3) * round(pf[0], 3)
     assert f"{cp_pf:.3f}" == "0.512" and f"{cp[0] * pf[0]:.3f}" == "0.511"  # the rounding rule shows here
-    row = ["dbpp-test", _pub(_by_hand(CP2, [0])), _pub(_by_hand(CP2, [1])), _pub(_by_hand(CP2, [2, 4])),
-           _pub(_by_hand(CP2, [3])), _pub(cp), _pub(_by_hand(PF, [0, 3])), _pub(_by_hand(PF, [1, 4])),
-           _pub(_by_hand(PF, [2])), _pub(pf), f"{cp_pf:.3f}"]
+    row = [
+        "dbpp-test",
+        _pub(_by_hand(CP2, [0])),
+        _pub(_by_hand(CP2, [1])),
+        _pub(_by_hand(CP2, [2, 4])),
+        _pub(_by_hand(CP2, [3])),
+        _pub(cp),
+        _pub(_by_hand(PF, [0, 3])),
+        _pub(_by_hand(PF, [1, 4])),
+        _pub(_by_hand(PF, [2])),
+        _pub(pf),
+        f"{cp_pf:.3f}",
+    ]
     assert "| " + " | ".join(row) + " |" in md
     assert row[1:6] == ["0.750 ± 0.250", "1.000 ± 0.000", "0.792 ± 0.144", "0.500 ± 0.250", "0.767 ± 0.029"]
     assert row[6:] == ["0.875 ± 0.000", "0.458 ± 0.072", "0.667 ± 0.144", "0.667 ± 0.029", "0.512"]
@@ -410,11 +537,15 @@ def test_old_score_directories_are_refused_clearly(tmp_path):
     cases, gen = _single_cases(tmp_path)
     out = tmp_path / "old"
     out.mkdir()
-    (out / "scores.jsonl").write_text(json.dumps({"key": "x|a|pf", "case_id": "x", "source": "a", "metric": "pf",
-                                                  "value": 0.5}) + "\n")
+    (out / "scores.jsonl").write_text(
+        json.dumps({"key": "x|a|pf", "case_id": "x", "source": "a", "metric": "pf", "value": 0.5}) + "\n"
+    )
     cfg = EvalConfig(judges=_judges("http://127.0.0.1:9/v1"), protocol="open")
-    with pytest.raises(ValueError, match=r"holds judge scores written before judging runs existed; rename it to "
-                                         r"'.*judge_run1\.jsonl'"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds judge scores written before judging runs existed; rename it to "
+        r"'.*judge_run1\.jsonl'",
+    ):
         score_method(cases, gen, out, cfg, ScoreSettings(method="m", metrics=("cp", "pf")))
     (out / "summary.json").write_text(json.dumps({"format": "dynaip-eval-summary/1"}))
     from dynaip.eval.report import load_summary
@@ -434,13 +565,32 @@ def test_cli_score_runs_and_report(tmp_path, capsys, caplog):
     add_eval_parser(parser.add_subparsers())
     cases, gen = _single_cases(tmp_path)
     write_cases(tmp_path / "cases.jsonl", cases)
-    script = {("model-a", f"{k}:{x}{i}"): ["Score: 4", "Score: 2"] for i in range(3) for k, x in (("cp", "subj"),
-                                                                                                  ("pf", "case"))}
+    script = {
+        ("model-a", f"{k}:{x}{i}"): ["Score: 4", "Score: 2"]
+        for i in range(3)
+        for k, x in (("cp", "subj"), ("pf", "case"))
+    }
     with ScriptedJudge(script) as server:
-        (tmp_path / "judges.yaml").write_text(f"protocol: open\njudges:\n  - {{name: a, base_url: '{server.base_url}', "
-                                              "model: model-a, retry_backoff_s: 0}\n")
-        argv = ["eval", "score", "--cases", str(tmp_path / "cases.jsonl"), "--images", str(gen), "--config",
-                str(tmp_path / "judges.yaml"), "--metrics", "cp,pf", "--runs", "2", "--concurrency", "1"]
+        (tmp_path / "judges.yaml").write_text(
+            f"protocol: open\njudges:\n  - {{name: a, base_url: '{server.base_url}', "
+            "model: model-a, retry_backoff_s: 0}\n"
+        )
+        argv = [
+            "eval",
+            "score",
+            "--cases",
+            str(tmp_path / "cases.jsonl"),
+            "--images",
+            str(gen),
+            "--config",
+            str(tmp_path / "judges.yaml"),
+            "--metrics",
+            "cp,pf",
+            "--runs",
+            "2",
+            "--concurrency",
+            "1",
+        ]
         args = parser.parse_args(argv)
         with caplog.at_level(logging.WARNING):
             assert args.func(args) == 0
@@ -452,8 +602,10 @@ def test_cli_score_runs_and_report(tmp_path, capsys, caplog):
     assert args.func(args) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     # run 1 answered 4 to everything, run 2 answered 2: per group 1.0 and 0.5, mean 0.75, sample std 0.354
-    assert ("| gen | 0.750 ± 0.354 | – | – | 0.750 ± 0.354 | 0.750 ± 0.354 | 0.750 ± 0.354 | – | – | 0.750 ± 0.354 "
-            "| 0.562 |") in md
+    assert (
+        "| gen | 0.750 ± 0.354 | – | – | 0.750 ± 0.354 | 0.750 ± 0.354 | 0.750 ± 0.354 | – | – | 0.750 ± 0.354 "
+        "| 0.562 |"
+    ) in md
 
 
 SHIPPED = Path(__file__).parent.parent / "jobs" / "configs" / "eval_judges.yaml"
@@ -478,8 +630,13 @@ def test_eval_config_yaml(tmp_path):
         raw.pop("dino")
         (tmp_path / "shipped.yaml").write_text(yaml.safe_dump(raw))
         cfg = EvalConfig.from_yaml(tmp_path / "shipped.yaml")
-        s = score_method(cases[:1], gen, tmp_path / "sc", cfg,  # one request at a time: runs 1, 2, 3 in order
-                         ScoreSettings(method="m", metrics=("cp", "pf"), concurrency=1))
+        s = score_method(
+            cases[:1],
+            gen,
+            tmp_path / "sc",
+            cfg,  # one request at a time: runs 1, 2, 3 in order
+            ScoreSettings(method="m", metrics=("cp", "pf"), concurrency=1),
+        )
         bodies = [r["body"] for r in server.requests]
     assert s["runs"] == 3 and s["protocol"] == "dreambench" and len(bodies) == 2 * 2 * 3
     assert all(run_file(tmp_path / "sc", r).is_file() for r in (1, 2, 3))
@@ -494,18 +651,25 @@ def test_eval_config_yaml(tmp_path):
         ("judges: []\n", r"no 'protocol'; add 'protocol: dreambench'"),
         ("protocol: gpt4\n", r"protocol 'gpt4' is not one of \['dreambench', 'open'\]"),
         ("protocol: dreambench\nimage_size: 768\n", "image_size 768 conflicts with protocol dreambench"),
-        ("protocol: dreambench\njudges:\n  - {name: a, base_url: 'http://x/v1', model: m, temperature: 0.0}\n",
-         r"judge a: \{'temperature': 0\.0\} conflicts with protocol dreambench"),
+        (
+            "protocol: dreambench\njudges:\n  - {name: a, base_url: 'http://x/v1', model: m, temperature: 0.0}\n",
+            r"judge a: \{'temperature': 0\.0\} conflicts with protocol dreambench",
+        ),
         ("protocol: [dreambench\n", "is not valid YAML"),
     ]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=error):
             EvalConfig.from_yaml(bad)
-    bad.write_text("protocol: open\nimage_size: 768\njudges:\n  - {name: a, base_url: 'http://x/v1', model: m, "
-                   "temperature: 0.2}\n")
+    bad.write_text(
+        "protocol: open\nimage_size: 768\njudges:\n  - {name: a, base_url: 'http://x/v1', model: m, temperature: 0.2}\n"
+    )
     cfg = EvalConfig.from_yaml(bad)
-    assert (cfg.image_size, cfg.judges[0].temperature, cfg.judges[0].retry_temperature, cfg.judges[0].max_retries) == \
-           (768, 0.2, 0.7, 3)
+    assert (cfg.image_size, cfg.judges[0].temperature, cfg.judges[0].retry_temperature, cfg.judges[0].max_retries) == (
+        768,
+        0.2,
+        0.7,
+        3,
+    )
 
 
 def _tiny_dino(path: Path) -> DinoPaths:
@@ -534,24 +698,47 @@ def test_clip_dino_scores_and_report(tmp_path, tiny_models, caplog):
     dino = DinoScorer(dino_paths, "cpu")
     assert dino.similarity(a, [a]) == pytest.approx(1.0, abs=1e-5) and dino.similarity(a, [b]) < 0.999
     with pytest.raises(CheckpointError, match="Keys do not match"):
-        load_dino(DinoPaths(path=dino_paths.path, arch="vit_small_patch16_224",
-                            model_args={**dino_paths.model_args, "depth": 3}))
+        load_dino(
+            DinoPaths(
+                path=dino_paths.path, arch="vit_small_patch16_224", model_args={**dino_paths.model_args, "depth": 3}
+            )
+        )
 
     settings = ScoreSettings(method="tiny", metrics=("clip-i", "clip-t", "dino"), device="cpu")
     with caplog.at_level(logging.WARNING):
-        s = score_method(cases, gen, tmp_path / "s0", EvalConfig(), settings, clip_paths=tiny_models.clip_vision,
-                         cases_file=str(tmp_path / "cases.jsonl"))
+        s = score_method(
+            cases,
+            gen,
+            tmp_path / "s0",
+            EvalConfig(),
+            settings,
+            clip_paths=tiny_models.clip_vision,
+            cases_file=str(tmp_path / "cases.jsonl"),
+        )
     assert "no DINO weights configured" in caplog.text and s["groups"]["overall"]["dino"] is None
-    s = score_method(cases, gen, tmp_path / "s1", EvalConfig(dino=dino_paths), settings,
-                     clip_paths=tiny_models.clip_vision, cases_file=str(tmp_path / "cases.jsonl"))
+    s = score_method(
+        cases,
+        gen,
+        tmp_path / "s1",
+        EvalConfig(dino=dino_paths),
+        settings,
+        clip_paths=tiny_models.clip_vision,
+        cases_file=str(tmp_path / "cases.jsonl"),
+    )
     expected = clip.clip_i(image_path(gen, cases[1].id), [cases[1].subjects[0].path])
     assert s["groups"]["style"]["clip-i"] == pytest.approx(expected, abs=1e-5)
     assert s["groups"]["overall"]["n_dino"] == 3 and s["groups"]["overall"]["cp"] is None
 
     # report: a second method with judge scores, both in the Table 1 layout
     with ScriptedJudge(SCRIPT) as server:
-        s2 = score_method(cases, gen, tmp_path / "s2", EvalConfig(judges=_judges(server.base_url), protocol="open"),
-                          ScoreSettings(method="judged", metrics=("cp", "pf")), cases_file=str(tmp_path / "cases.jsonl"))
+        s2 = score_method(
+            cases,
+            gen,
+            tmp_path / "s2",
+            EvalConfig(judges=_judges(server.base_url), protocol="open"),
+            ScoreSettings(method="judged", metrics=("cp", "pf")),
+            cases_file=str(tmp_path / "cases.jsonl"),
+        )
     written = write_report([tmp_path / "s1", tmp_path / "s2"], tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
     assert "| Method | Animal CP | Animal PF | Animal CP·PF | Style CP | Style PF | Style CP·PF | Overall CP |" in md
@@ -559,8 +746,9 @@ def test_clip_dino_scores_and_report(tmp_path, tiny_models, caplog):
     assert f"| judged | 0.562 | 0.625 | 0.352 | 0.750 | 0.500 | 0.375 | {o['cp']:.3f} | {o['pf']:.3f} |" in md
     assert "| tiny | – | – | – |" in md and "CLIP-I" in md
     csv_lines = (tmp_path / "report" / "report.csv").read_text().splitlines()
-    assert csv_lines[0] == ("benchmark,method,split,group,n,runs,cp,cp_std,pf,pf_std,cp_pf,cp_pf_published,"
-                            "clip_i,clip_t,dino")
+    assert csv_lines[0] == (
+        "benchmark,method,split,group,n,runs,cp,cp_std,pf,pf_std,cp_pf,cp_pf_published,clip_i,clip_t,dino"
+    )
     assert len(csv_lines) == 1 + 2 * (3 + 3)  # 3 groups + 3 prompt types per method
     assert "dreambench++,judged,group,style,1,1,0.750000,,0.500000,,0.375000,0.375000,,," in csv_lines
     assert "dreambench++,judged,prompt_type,imaginative,0,1,,,,,,,,," in csv_lines

@@ -22,15 +22,31 @@ BUCKETS = [[64, 64], [32, 64]]
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _precompute(dataset: Path, models: Path, config: Path, *extra: str) -> int:
     from dynaip.cli import main
 
-    return main(["precompute", "--data", str(dataset), "--models", str(models), "--config", str(config),
-                 "--no-progress", "--batch-size", "2", *extra])
+    return main(
+        [
+            "precompute",
+            "--data",
+            str(dataset),
+            "--models",
+            str(models),
+            "--config",
+            str(config),
+            "--no-progress",
+            "--batch-size",
+            "2",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +57,17 @@ def setup(tmp_path_factory, tiny_models_yaml):
     raw = root / "raw"  # the same dataset without features, for the on-the-fly and error cases
     shutil.copytree(data, raw)
     cfg = yaml.safe_load((REPO / "jobs/configs/tiny.yaml").read_text())
-    cfg = set_keys(cfg, stages=[{"name": "all", "steps": 2}], buckets=BUCKETS, features="required", eval_every=0,
-               sample_every=2, sample_steps=2, checkpoint_every=0, log_every=1)
+    cfg = set_keys(
+        cfg,
+        stages=[{"name": "all", "steps": 2}],
+        buckets=BUCKETS,
+        features="required",
+        eval_every=0,
+        sample_every=2,
+        sample_steps=2,
+        checkpoint_every=0,
+        log_every=1,
+    )
     config = root / "train.yaml"
     config.write_text(yaml.safe_dump(cfg))
     assert _precompute(data, tiny_models_yaml, config, "--executor", "local") == 0
@@ -56,6 +81,7 @@ def _feature_root(dataset: Path) -> Path:
 
 # ----------------------------------------------------------------------------- precompute
 
+
 def test_precompute_writes_keyed_checksummed_shards_and_resumes(setup):
     from safetensors import safe_open
 
@@ -66,7 +92,9 @@ def test_precompute_writes_keyed_checksummed_shards_and_resumes(setup):
     assert m["spec"]["max_sequence_length"] == 32 and m["spec"]["dtype"] == "fp32"
     assert m["dataset"]["manifest_sha256"] == hashlib.sha256((data / "manifest.json").read_bytes()).hexdigest()
     assert [(s["path"], s["samples"], s["skipped"]) for s in m["shards"]] == [
-        ("shards/000000.safetensors", 3, 0), ("shards/000001.safetensors", 2, 1)]  # the bad target has no features
+        ("shards/000000.safetensors", 3, 0),
+        ("shards/000001.safetensors", 2, 1),
+    ]  # the bad target has no features
     for s in [m["empty_prompt"], *m["shards"]]:
         assert hashlib.sha256((feat / s["path"]).read_bytes()).hexdigest() == s["sha256"]
     with safe_open(str(feat / "shards/000000.safetensors"), framework="pt") as f:  # a standard safetensors file
@@ -103,11 +131,13 @@ def test_ray_job_writes_byte_identical_features(setup, ray_cluster, tmp_path, ca
     assert _tree(_feature_root(copy)) == _tree(_feature_root(data))
     # issue #35: the driver shows shards done / total and the rate (no terminal here: lines, the last at the end)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("precompute (ray")]
-    assert lines and re.match(r"precompute \(ray, \d+ actors\): shards (\d+)/\1 \(100%\), [0-9.e+-]+ shards/s, ",
-                              lines[-1]), lines
+    assert lines and re.match(
+        r"precompute \(ray, \d+ actors\): shards (\d+)/\1 \(100%\), [0-9.e+-]+ shards/s, ", lines[-1]
+    ), lines
 
 
 # ----------------------------------------------------------------------------- the two paths agree
+
 
 def test_stored_posterior_is_sampled_as_diffusers_samples(tiny_models):
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -144,12 +174,21 @@ def test_feature_loss_equals_on_the_fly_loss(setup, tiny_models):
     full = load_frozen(tiny_models, torch.device("cpu"), torch.float32)
     lite = load_frozen(tiny_models, torch.device("cpu"), torch.float32, encoders=False, vae_decoder=False)
     assert lite.loaded() == ["clip_vision", "transformer"]
-    assert full.loaded() == ["clip_vision", "text_encoder", "text_encoder_2", "transformer", "vae_decoder", "vae_encoder"]
+    assert full.loaded() == [
+        "clip_vision",
+        "text_encoder",
+        "text_encoder_2",
+        "transformer",
+        "vae_decoder",
+        "vae_encoder",
+    ]
     torch.manual_seed(0)
     adapter = DynaIPAdapter(DynaIPConfig.tiny()).eval()  # eval: no expert dropout
     settings = LossConfig(max_sequence_length=32, drop_text=0.4, drop_image=0.2, drop_both=0.2)
     # a dropout draw that exercises both the stored empty prompt and the stored captions
-    seed = next(s for s in range(100) if 0 < int(cfg_dropout(4, 0.4, 0.2, 0.2, torch.Generator().manual_seed(s))[0].sum()) < 4)
+    seed = next(
+        s for s in range(100) if 0 < int(cfg_dropout(4, 0.4, 0.2, 0.2, torch.Generator().manual_seed(s))[0].sum()) < 4
+    )
 
     for bucket in BUCKETS:
         plain = _batch(data, None, [tuple(bucket)], full.clip.image_size)
@@ -159,14 +198,24 @@ def test_feature_loss_equals_on_the_fly_loss(setup, tiny_models):
         for frozen, batch in ((full, plain), (lite, stored)):
             adapter.attach(frozen.transformer)
             with torch.no_grad():
-                losses.append(training_loss(frozen, adapter, adapter, batch, settings,
-                                            torch.Generator().manual_seed(1), torch.Generator().manual_seed(seed),
-                                            empty_text=features.empty_prompt(0)))
+                losses.append(
+                    training_loss(
+                        frozen,
+                        adapter,
+                        adapter,
+                        batch,
+                        settings,
+                        torch.Generator().manual_seed(1),
+                        torch.Generator().manual_seed(seed),
+                        empty_text=features.empty_prompt(0),
+                    )
+                )
             adapter.detach(frozen.transformer)
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- training on features
+
 
 def test_two_gloo_workers_train_on_features_without_loading_the_encoders(setup, ray_cluster):
     from dynaip.train.cli import main
@@ -185,6 +234,7 @@ def test_two_gloo_workers_train_on_features_without_loading_the_encoders(setup, 
 
 
 # ----------------------------------------------------------------------------- errors
+
 
 @pytest.fixture()
 def broken(setup, tmp_path):
@@ -207,7 +257,7 @@ def _tensor_offset(path: Path, name: str) -> int:
     """Where tensor ``name``'s bytes start in a safetensors file."""
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    return 8 + n + json.loads(data[8:8 + n])[name]["data_offsets"][0]
+    return 8 + n + json.loads(data[8 : 8 + n])[name]["data_offsets"][0]
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -265,8 +315,20 @@ def test_required_features_missing_is_a_one_line_error(setup, tiny_models, caplo
 
     root, _, raw, config, models = setup
     with caplog.at_level(logging.ERROR, logger="dynaip"):
-        rc = main(["train", "--config", str(config), "--data", str(raw), "--out", str(tmp_path / "run"),
-                   "--models", str(models), "--local"])
+        rc = main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--data",
+                str(raw),
+                "--out",
+                str(tmp_path / "run"),
+                "--models",
+                str(models),
+                "--local",
+            ]
+        )
     assert rc == 2
     (msg,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert "features: required" in msg and str(raw) in msg and "\n" not in msg
@@ -275,4 +337,5 @@ def test_required_features_missing_is_a_one_line_error(setup, tiny_models, caplo
     auto = tmp_path / "auto.yaml"
     auto.write_text(yaml.safe_dump(set_keys(yaml.safe_load(config.read_text()), features="auto")))
     assert _resolve(raw, auto, tiny_models).notes == [
-        f"stage 'all': encoding on the fly (no precomputed features in {[str(raw)]})"]
+        f"stage 'all': encoding on the fly (no precomputed features in {[str(raw)]})"
+    ]

@@ -54,11 +54,16 @@ def test_every_file_of_the_folder_is_an_input_or_a_reject_with_its_reason(tmp_pa
     rejects = {r["id"]: r for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
     assert sorted(pair.seen) == ["a", "b", "inner", "phone"]  # HEIC decoded through pillow-heif
     assert {k: v["reason"].split(":")[0] for k, v in rejects.items()} == {
-        "broken.jpg": "broken symlink", "loop.jpg": "symlink loop",
+        "broken.jpg": "broken symlink",
+        "loop.jpg": "symlink loop",
         "leak.png": "leak.png is a symlink resolving outside the source root; copy the file into the root instead "
-                    "of linking it",
-        "linked_dir": "folder link not followed", "again": "folder link not followed",
-        "notes.md": "not an image", "orphan.txt": "caption without an image", "pipe.jpg": "not a regular file"}
+        "of linking it",
+        "linked_dir": "folder link not followed",
+        "again": "folder link not followed",
+        "notes.md": "not an image",
+        "orphan.txt": "caption without an image",
+        "pipe.jpg": "not a regular file",
+    }
     assert all(r["stage"] == "read" and r["source"] == "folder" for r in rejects.values())
     assert "leads outside the source root" in rejects["linked_dir"]["reason"]
     assert "leads to '.' inside the root" in rejects["again"]["reason"]
@@ -81,10 +86,21 @@ def test_heic_without_the_plugin_is_a_reject_naming_the_package(tmp_path, monkey
     out = list(folder.read({"root": str(root)}))
     assert [r.id for r in out if isinstance(r, SourceRecord)] == ["a"]
     assert [(r.id, r.reason) for r in out if isinstance(r, Reject)] == [
-        ("phone.HEIC", ("unsupported format: phone.HEIC: .heic (HEIC/HEIF) needs the pillow-heif plugin to decode; "
-                        "pip install pillow-heif")),
-        ("pic.avif", ("unsupported format: pic.avif: .avif (AVIF) needs a Pillow built with AVIF support; "
-                      "pip install 'pillow>=11.2'"))]
+        (
+            "phone.HEIC",
+            (
+                "unsupported format: phone.HEIC: .heic (HEIC/HEIF) needs the pillow-heif plugin to decode; "
+                "pip install pillow-heif"
+            ),
+        ),
+        (
+            "pic.avif",
+            (
+                "unsupported format: pic.avif: .avif (AVIF) needs a Pillow built with AVIF support; "
+                "pip install 'pillow>=11.2'"
+            ),
+        ),
+    ]
 
 
 def test_avif_decodes_with_this_pillow(tmp_path):
@@ -104,7 +120,9 @@ def test_a_folder_of_nothing_readable_is_a_source_error_saying_what_it_holds(tmp
     root = tmp_path / "photos"
     root.mkdir()
     (root / "broken.jpg").symlink_to(root / "gone.jpg")
-    with pytest.raises(SourceError, match=r"no image file .* it holds 1 other file\(s\), e.g. broken symlink: broken.jpg"):
+    with pytest.raises(
+        SourceError, match=r"no image file .* it holds 1 other file\(s\), e.g. broken symlink: broken.jpg"
+    ):
         folder.read({"root": str(root)})
 
 
@@ -136,7 +154,9 @@ def test_relative_and_absolute_root_resume_with_no_shard_rewritten(tmp_path, mon
 def test_recipe_keeps_a_local_root_resolved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p").mkdir()
-    assert Recipe.from_dict({"source": {"kind": "folder", "root": "p/../p"}}).source.root == str(tmp_path.resolve() / "p")
+    assert Recipe.from_dict({"source": {"kind": "folder", "root": "p/../p"}}).source.root == str(
+        tmp_path.resolve() / "p"
+    )
     assert Recipe.from_dict({"source": {"kind": "folder", "root": "s3://b/x"}}).source.root == "s3://b/x"
     yaml = tmp_path / "r.yaml"
     yaml.write_text("source: {kind: folder, root: ./p}\n")
@@ -152,30 +172,51 @@ def test_guard_sees_a_link_out_of_a_root_given_through_a_symlinked_spelling(tmp_
     root = write_images(tmp_path / "photos", 0, names=("a",))
     (root / "leak.png").symlink_to(write_images(tmp_path / "elsewhere", 1, names=("s",)) / "s.png")
     (tmp_path / "alias").symlink_to(root, target_is_directory=True)
-    recs = [SourceRecord(source="x", id=n, image=ImageRef(path=str(root.resolve() / f"{n}.png"))) for n in ("a", "leak")]
+    recs = [
+        SourceRecord(source="x", id=n, image=ImageRef(path=str(root.resolve() / f"{n}.png"))) for n in ("a", "leak")
+    ]
     out = list(guard_records(recs, str(tmp_path / "alias")))
     assert isinstance(out[0], SourceRecord)
-    assert isinstance(out[1], Reject) and out[1].reason.startswith("leak.png is a symlink resolving outside the source root")
+    assert isinstance(out[1], Reject) and out[1].reason.startswith(
+        "leak.png is a symlink resolving outside the source root"
+    )
 
 
 # ---- semantically empty recipe values -------------------------------------------------------------
 
-@pytest.mark.parametrize("over, message", [
-    ({"detection": {"prompt": ""}}, "recipe field 'detection.prompt' = '': names no phrase; give phrases separated by"),
-    ({"detection": {"prompt": " . "}}, "recipe field 'detection.prompt' = ' . ': names no phrase"),
-    ({"human": {"face_prompt": " "}}, "recipe field 'human.face_prompt' = ' ': names nothing"),
-    ({"human": {"phrases": []}}, r"recipe field 'human.phrases' = \[\]: is empty; .*human.face_prob: 0"),
-    ({"human": {"phrases": ["man", ""]}}, r"recipe field 'human.phrases\[1\]' = '': names nothing"),
-    ({"captioning": {"template": ""}}, "recipe field 'captioning.template' = '': is blank"),
-    ({"source": {"kind": "folder", "root": "/x", "phrase": " . "}}, "folder source: source.phrase = ' . ' names nothing"),
-    ({"source": {"kind": "vitonhd", "root": "/x", "phrase": "  "}}, "vitonhd source: source.phrase = '  ' names nothing"),
-    ({"source": {"kind": "synth", "phrase": " "}}, "synth source: source.phrase = ' ' names nothing"),
-    ({"source": {"kind": "ffhq", "root": "/x", "category": []}}, "ffhq source: source.category is an empty list"),
-    ({"source": {"kind": "anyinsertion", "root": "/x", "categories": ["cloth", ""]}},
-     r"anyinsertion source: source.categories\[1\] = '' names nothing"),
-    ({"source": {"kind": "subjects200k", "root": "/x", "collections": []}},
-     "subjects200k source: source.collections is an empty list, which selects nothing"),
-])
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (
+            {"detection": {"prompt": ""}},
+            "recipe field 'detection.prompt' = '': names no phrase; give phrases separated by",
+        ),
+        ({"detection": {"prompt": " . "}}, "recipe field 'detection.prompt' = ' . ': names no phrase"),
+        ({"human": {"face_prompt": " "}}, "recipe field 'human.face_prompt' = ' ': names nothing"),
+        ({"human": {"phrases": []}}, r"recipe field 'human.phrases' = \[\]: is empty; .*human.face_prob: 0"),
+        ({"human": {"phrases": ["man", ""]}}, r"recipe field 'human.phrases\[1\]' = '': names nothing"),
+        ({"captioning": {"template": ""}}, "recipe field 'captioning.template' = '': is blank"),
+        (
+            {"source": {"kind": "folder", "root": "/x", "phrase": " . "}},
+            "folder source: source.phrase = ' . ' names nothing",
+        ),
+        (
+            {"source": {"kind": "vitonhd", "root": "/x", "phrase": "  "}},
+            "vitonhd source: source.phrase = '  ' names nothing",
+        ),
+        ({"source": {"kind": "synth", "phrase": " "}}, "synth source: source.phrase = ' ' names nothing"),
+        ({"source": {"kind": "ffhq", "root": "/x", "category": []}}, "ffhq source: source.category is an empty list"),
+        (
+            {"source": {"kind": "anyinsertion", "root": "/x", "categories": ["cloth", ""]}},
+            r"anyinsertion source: source.categories\[1\] = '' names nothing",
+        ),
+        (
+            {"source": {"kind": "subjects200k", "root": "/x", "collections": []}},
+            "subjects200k source: source.collections is an empty list, which selects nothing",
+        ),
+    ],
+)
 def test_a_value_that_says_nothing_is_a_one_line_recipe_error(tmp_path, over, message):
     from dynaip.configs import ConfigError
 
@@ -192,6 +233,7 @@ def test_a_value_that_says_nothing_is_a_one_line_recipe_error(tmp_path, over, me
 
 
 def test_blank_template_is_fine_when_no_caption_uses_it():
-    r = Recipe.from_dict({"source": {"kind": "folder", "root": "/x"},
-                          "captioning": {"template": "", "order": ["provided", "model"]}})
+    r = Recipe.from_dict(
+        {"source": {"kind": "folder", "root": "/x"}, "captioning": {"template": "", "order": ["provided", "model"]}}
+    )
     assert r.captioning.template == ""

@@ -96,9 +96,11 @@ def test_the_cli_prints_one_line_and_exits_2(monkeypatch, caplog, capsys, tmp_pa
     caplog.set_level(logging.ERROR)
     assert main(["tiny-checkpoints", "--out", str(tmp_path / "ckpt")]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    want = (f"cannot write {tmp_path / 'ckpt' / 'flux' / 'x.safetensors'}: no space left on the device; free "
-            "space there (or write elsewhere), then run the same command again: what was written before is intact "
-            "and the run resumes from it")
+    want = (
+        f"cannot write {tmp_path / 'ckpt' / 'flux' / 'x.safetensors'}: no space left on the device; free "
+        "space there (or write elsewhere), then run the same command again: what was written before is intact "
+        "and the run resumes from it"
+    )
     assert errors == [want]
     assert "Traceback" not in capsys.readouterr().err
 
@@ -163,9 +165,9 @@ def test_metrics_line_is_whole_or_absent(tmp_path, monkeypatch):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 3]
 
 
-def test_train_checkpoint_on_a_full_disk_keeps_the_last_one_and_resumes_bitwise(tmp_path, tiny_models_yaml,
-                                                                                local_train_once, monkeypatch,
-                                                                                caplog):
+def test_train_checkpoint_on_a_full_disk_keeps_the_last_one_and_resumes_bitwise(
+    tmp_path, tiny_models_yaml, local_train_once, monkeypatch, caplog
+):
     """`dynaip train --local`: the step-4 checkpoint cannot be written — one line, exit 2, step 2 intact and
     no partial directory; `--resume` once space is back ends at the weights of an uninterrupted run."""
     from train_fixtures import local_train, same_adapter
@@ -258,8 +260,12 @@ def small_disk(folder: Path, size: str, monkeypatch) -> Iterator[Callable[[], No
     from dynaip.features import format as fmt
 
     folder.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, check=False).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
     if mounted:
         try:
             yield lambda: subprocess.run(["mount", "-o", "remount,size=64m", str(folder)], check=True)
@@ -289,8 +295,9 @@ def small_disk(folder: Path, size: str, monkeypatch) -> Iterator[Callable[[], No
     yield monkeypatch.undo
 
 
-def test_precompute_on_a_full_disk_says_where_and_resumes_to_the_same_bytes(tmp_path, tiny_models_yaml,
-                                                                            local_train_once, monkeypatch, caplog):
+def test_precompute_on_a_full_disk_says_where_and_resumes_to_the_same_bytes(
+    tmp_path, tiny_models_yaml, local_train_once, monkeypatch, caplog
+):
     """`dynaip precompute` with DATASET/features on a 48 KiB tmpfs: the run fails in one line naming the
     file and what to do (exit 2), every finished feature shard and marker is intact and no temporary file
     is left; once the space is back the same command ends in the bytes of a run that never met a full disk."""
@@ -306,8 +313,22 @@ def test_precompute_on_a_full_disk_says_where_and_resumes_to_the_same_bytes(tmp_
     shutil.copytree(data, clean)
 
     def precompute(dataset: Path) -> int:
-        return main(["precompute", "--data", str(dataset), "--models", str(tiny_models_yaml), "--config", str(config),
-                     "--executor", "local", "--no-progress", "--batch-size", "1"])
+        return main(
+            [
+                "precompute",
+                "--data",
+                str(dataset),
+                "--models",
+                str(tiny_models_yaml),
+                "--config",
+                str(config),
+                "--executor",
+                "local",
+                "--no-progress",
+                "--batch-size",
+                "1",
+            ]
+        )
 
     assert precompute(clean) == 0
     (want,) = (clean / "features").iterdir()
@@ -317,7 +338,9 @@ def test_precompute_on_a_full_disk_says_where_and_resumes_to_the_same_bytes(tmp_
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1, errors
         assert errors[0].startswith(f"cannot write {data / 'features'}/") and "\n" not in errors[0]
-        assert "no space left on the device; free space there" in errors[0] and "run the same command again" in errors[0]
+        assert (
+            "no space left on the device; free space there" in errors[0] and "run the same command again" in errors[0]
+        )
         (feat,) = (data / "features").iterdir()
         assert leftovers(data) == [] and not (feat / "manifest.json").exists()
         done = sorted(p.relative_to(feat).as_posix() for p in feat.rglob("*.safetensors"))

@@ -28,7 +28,13 @@ def test_smoke_run_covers_every_part(tmp_path):
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--repeats", "1", "--profile"]) == 0
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert report["smoke"] is True
-    assert [(r["batch_per_rank"], r["blocks_recomputed"]) for r in report["train"]] == [(1, 3), (2, 3), (2, 2), (2, 2), (1, 0)]
+    assert [(r["batch_per_rank"], r["blocks_recomputed"]) for r in report["train"]] == [
+        (1, 3),
+        (2, 3),
+        (2, 2),
+        (2, 2),
+        (1, 0),
+    ]
     assert all(r["seconds_per_step"] > 0 and r["model_tflop_per_step"] > 0 for r in report["train"])
     assert set(report["generate"]["ratio_to_bare"]) == {"bare", "1 subject", "2 subjects", "3 subjects"}
     cur = report["curate"]  # benchmarks/gpu_curate.py: fp32 then bf16 (autocast on the CPU), agreement, e2e
@@ -51,7 +57,10 @@ def test_smoke_lowmem_and_synth(tmp_path):
 
     assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "lowmem,synth", "--repeats", "1"]) == 0
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
-    assert report["synth"]["diptychs_per_minute"] > 0 and (report["synth"]["width"], report["synth"]["height"]) == (64, 32)
+    assert report["synth"]["diptychs_per_minute"] > 0 and (report["synth"]["width"], report["synth"]["height"]) == (
+        64,
+        32,
+    )
     modes = report["lowmem"]["modes"]
     assert list(modes) == list(gpu_suite.LOWMEM_MODES)
     for name in ("full", "model offload", "int8", "int8 + model offload"):
@@ -68,7 +77,9 @@ def test_smoke_compile_generate_and_the_attention_probe(tmp_path):
     import gpu_compile
     import gpu_suite
 
-    assert gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "generate", "--compile", "--repeats", "1"]) == 0
+    assert (
+        gpu_suite.main(["--out", str(tmp_path), "--smoke", "--parts", "generate", "--compile", "--repeats", "1"]) == 0
+    )
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     gen = report["generate"]
     assert report["compile_backend"] == "aot_eager"

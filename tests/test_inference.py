@@ -89,15 +89,21 @@ def _bands(n: int) -> list[np.ndarray]:
     out = []
     for i in range(n):
         m = np.zeros((H * 2, W * 2), np.uint8)  # any size with the output's aspect ratio
-        m[:, i * (2 * W) // n:(i + 1) * (2 * W) // n] = 255
+        m[:, i * (2 * W) // n : (i + 1) * (2 * W) // n] = 255
         out.append(m)
     return out
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_multi_subject_with_masks(pipe, refs, n):
-    out = pipe("a cat and a person", references=refs[:n], masks=[Image.fromarray(m) for m in _bands(n)],
-               scale=[1.0] * n, seed=1, **CALL)
+    out = pipe(
+        "a cat and a person",
+        references=refs[:n],
+        masks=[Image.fromarray(m) for m in _bands(n)],
+        scale=[1.0] * n,
+        seed=1,
+        **CALL,
+    )
     assert len(out.masks) == n and out.images[0].size == (W, H)
     for m in out.masks:
         assert m.shape == (H, W) and set(m.unique().tolist()) <= {0.0, 1.0}
@@ -107,8 +113,15 @@ def test_multi_subject_with_masks(pipe, refs, n):
 
 def test_auto_mask_end_to_end(pipe, refs):
     # tiny random detector: thresholds at 0 so it returns boxes; real runs keep 0.35 / 0.25
-    out = pipe("a cat and a person", references=refs[:2], auto_mask=["cat", "person"], box_threshold=0.0,
-               text_threshold=0.0, seed=2, **CALL)
+    out = pipe(
+        "a cat and a person",
+        references=refs[:2],
+        auto_mask=["cat", "person"],
+        box_threshold=0.0,
+        text_threshold=0.0,
+        seed=2,
+        **CALL,
+    )
     assert len(out.masks) == 2
     for m in out.masks:
         assert m.shape == (H, W) and m.sum() > 0
@@ -121,8 +134,10 @@ def test_lora_with_adapter(pipe, refs, tmp_path):
 
     transformer = pipe.flux.transformer
     before = _arr(pipe("a cat", references=[refs[0]], seed=4, **CALL).images[0])
-    transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
-                                       target_modules=["to_q", "to_k", "to_v"]), adapter_name="tmp")
+    transformer.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"]),
+        adapter_name="tmp",
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in transformer.named_parameters():
@@ -165,9 +180,35 @@ def test_generate_cli_writes_png_and_sidecar(pipe, tiny_models_yaml, refs, tmp_p
     ref = tmp_path / "cat.jpg"
     refs[0].save(ref)
     out = tmp_path / "gen" / "cat.png"
-    rc = main(["generate", "--models", str(tiny_models_yaml), "--adapter", str(ckpt), "--prompt", "a cat",
-               "--ref", str(ref), "--out", str(out), "--steps", "2", "--height", "64", "--width", "64",
-               "--seed", "3", "--max-sequence-length", "32", "--granularity", "1,0,0", "--device", "cpu"])
+    rc = main(
+        [
+            "generate",
+            "--models",
+            str(tiny_models_yaml),
+            "--adapter",
+            str(ckpt),
+            "--prompt",
+            "a cat",
+            "--ref",
+            str(ref),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--seed",
+            "3",
+            "--max-sequence-length",
+            "32",
+            "--granularity",
+            "1,0,0",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     img = Image.open(out)
     assert img.size == (64, 64)
@@ -178,17 +219,36 @@ def test_generate_cli_writes_png_and_sidecar(pipe, tiny_models_yaml, refs, tmp_p
     assert_same_image(_arr(img), _arr(api))
 
 
-def test_generate_cli_writes_the_format_its_out_names_and_refuses_others(pipe, tiny_models_yaml, refs, tmp_path,
-                                                                          caplog):
+def test_generate_cli_writes_the_format_its_out_names_and_refuses_others(
+    pipe, tiny_models_yaml, refs, tmp_path, caplog
+):
     from dynaip.cli import main
 
     ckpt = tmp_path / "adapter"
     pipe.adapter.save_pretrained(ckpt)
     ref = tmp_path / "cat.png"
     refs[0].save(ref)
-    args = ["generate", "--models", str(tiny_models_yaml), "--adapter", str(ckpt), "--prompt", "a cat",
-            "--ref", str(ref), "--steps", "1", "--height", "64", "--width", "64", "--max-sequence-length", "32",
-            "--device", "cpu"]
+    args = [
+        "generate",
+        "--models",
+        str(tiny_models_yaml),
+        "--adapter",
+        str(ckpt),
+        "--prompt",
+        "a cat",
+        "--ref",
+        str(ref),
+        "--steps",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--max-sequence-length",
+        "32",
+        "--device",
+        "cpu",
+    ]
     for name, fmt in (("x.jpg", "JPEG"), ("x.JPEG", "JPEG"), ("x.webp", "WEBP")):
         assert main([*args, "--out", str(tmp_path / name)]) == 0
         assert Image.open(tmp_path / name).format == fmt  # bytes of the format the name says
@@ -239,11 +299,38 @@ def test_generate_console_has_no_loading_bars_or_library_info_lines(pipe, tiny_m
     refs[0].resize((64, 64)).save(ref)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     env.pop("DYNAIP_VERBOSE", None)
-    proc = subprocess.run([sys.executable, "-m", "dynaip.cli", "generate", "--models",
-                           str(tiny_models_yaml), "--adapter", str(ckpt), "--prompt", "a cat", "--ref", str(ref),
-                           "--out", str(tmp_path / "cat.png"), "--steps", "1", "--height", "64", "--width", "64",
-                           "--max-sequence-length", "32", "--device", "cpu"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dynaip.cli",
+            "generate",
+            "--models",
+            str(tiny_models_yaml),
+            "--adapter",
+            str(ckpt),
+            "--prompt",
+            "a cat",
+            "--ref",
+            str(ref),
+            "--out",
+            str(tmp_path / "cat.png"),
+            "--steps",
+            "1",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--max-sequence-length",
+            "32",
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-3000:]
     assert f"wrote {tmp_path / 'cat.png'}" in proc.stdout

@@ -118,9 +118,38 @@ def test_generate_cli_image_cfg(pipe, tiny_models_yaml, refs, tmp_path):
     ref = tmp_path / "cat.png"
     refs[0].save(ref)
     out = tmp_path / "gen" / "cat.png"
-    assert main(["generate", "--models", str(tiny_models_yaml), "--adapter", str(ckpt), "--prompt", "a cat",
-                 "--ref", str(ref), "--out", str(out), "--steps", "2", "--height", "64", "--width", "64",
-                 "--seed", "3", "--max-sequence-length", "32", "--image-cfg", "2.5", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--models",
+                str(tiny_models_yaml),
+                "--adapter",
+                str(ckpt),
+                "--prompt",
+                "a cat",
+                "--ref",
+                str(ref),
+                "--out",
+                str(out),
+                "--steps",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--seed",
+                "3",
+                "--max-sequence-length",
+                "32",
+                "--image-cfg",
+                "2.5",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.with_suffix(".json").read_text())["image_guidance_scale"] == 2.5
     api = pipe("a cat", references=[ref], seed=3, image_guidance_scale=2.5, **CALL).images[0]
     assert_same_image(_arr(Image.open(out)), _arr(api))
@@ -130,16 +159,36 @@ def test_generate_cli_image_cfg(pipe, tiny_models_yaml, refs, tmp_path):
 @pytest.mark.parametrize("how", ["seed", "generator", "neither"])
 def test_auto_mask_passes_start_from_the_same_noise(pipe, refs, how):
     steps = CALL["num_inference_steps"]
-    kw = {"seed": 11} if how == "seed" else {"generator": torch.Generator().manual_seed(11)} if how == "generator" else {}
+    kw = (
+        {"seed": 11}
+        if how == "seed"
+        else {"generator": torch.Generator().manual_seed(11)}
+        if how == "generator"
+        else {}
+    )
     with Calls(pipe.flux.transformer) as calls:
-        out = pipe("a cat and a person", references=refs, auto_mask=["cat", "person"], box_threshold=0.0,
-                   text_threshold=0.0, **kw, **CALL)
+        out = pipe(
+            "a cat and a person",
+            references=refs,
+            auto_mask=["cat", "person"],
+            box_threshold=0.0,
+            text_threshold=0.0,
+            **kw,
+            **CALL,
+        )
     assert len(calls.latents) == 2 * steps
     first_pass, final_pass = calls.latents[0], calls.latents[steps]
     assert torch.equal(first_pass, final_pass)
     if how == "neither":  # the drawn seed is recorded and reproduces the call
         seed = out.settings["seed"]
         assert isinstance(seed, int)
-        again = pipe("a cat and a person", references=refs, auto_mask=["cat", "person"], box_threshold=0.0,
-                     text_threshold=0.0, seed=seed, **CALL)
+        again = pipe(
+            "a cat and a person",
+            references=refs,
+            auto_mask=["cat", "person"],
+            box_threshold=0.0,
+            text_threshold=0.0,
+            seed=seed,
+            **CALL,
+        )
         assert np.array_equal(_arr(out.images[0]), _arr(again.images[0]))

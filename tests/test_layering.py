@@ -33,7 +33,17 @@ PACKAGES = ("dynaip", "pipeline")
 
 GEOMETRY_MAY_IMPORT = {"__future__", "math", "typing", "numpy", "PIL", "scipy", "torch"}
 DATASET_FORMAT_MAY_IMPORT = {"__future__", "re", "typing"}
-CONFIGS_MAY_IMPORT = {"__future__", "collections", "dataclasses", "difflib", "enum", "pathlib", "types", "typing", "yaml"}
+CONFIGS_MAY_IMPORT = {
+    "__future__",
+    "collections",
+    "dataclasses",
+    "difflib",
+    "enum",
+    "pathlib",
+    "types",
+    "typing",
+    "yaml",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -49,7 +59,8 @@ MODULES = {_module_name(p): p for pkg in PACKAGES for p in sorted((REPO / pkg).r
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 @functools.cache  # every test walks the same graph: parse each file once
@@ -75,7 +86,7 @@ def imports_of(name: str, type_checking: bool = False) -> list[tuple[str, int]]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against this module's package
                 base = name.split(".") if is_pkg else name.split(".")[:-1]
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
@@ -95,7 +106,9 @@ def project_edges(type_checking: bool = False) -> dict[str, dict[str, int]]:
         for target, line in imports_of(name, type_checking):
             if target.split(".")[0] not in PACKAGES:
                 continue
-            while target not in MODULES and "." in target:  # an attribute of a module, e.g. `import a.b.c` of a non-module
+            while (
+                target not in MODULES and "." in target
+            ):  # an attribute of a module, e.g. `import a.b.c` of a non-module
                 target = target.rsplit(".", 1)[0]
             if target != name:
                 edges.setdefault(name, {}).setdefault(target, line)
@@ -107,18 +120,32 @@ def _in(name: str, *prefixes: str) -> bool:
 
 
 def _violations(importers: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
-    return [f"{a} imports {b} ({MODULES[a].relative_to(REPO)}:{line})"
-            for a, targets in project_edges().items() if _in(a, *importers)
-            for b, line in targets.items() if _in(b, *forbidden)]
+    return [
+        f"{a} imports {b} ({MODULES[a].relative_to(REPO)}:{line})"
+        for a, targets in project_edges().items()
+        if _in(a, *importers)
+        for b, line in targets.items()
+        if _in(b, *forbidden)
+    ]
 
 
-BENCHMARK_MODULES = tuple(f"dynaip.eval.{m}" for m in ("cases", "bench_single", "bench_multi", "metrics", "judge",
-                                                          "judge_http", "score"))
+BENCHMARK_MODULES = tuple(
+    f"dynaip.eval.{m}" for m in ("cases", "bench_single", "bench_multi", "metrics", "judge", "judge_http", "score")
+)
 """The benchmark readers and scorers of ``dynaip.eval`` (no model pipeline): training's fidelity evaluation
 (dynaip/train/fidelity.py) reads cases and scores images with them."""
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("dynaip.geometry", "dynaip.configs", "dynaip.atomic", "dynaip.console", "dynaip.progress",
-              "dynaip.dataset.format")),
+    (
+        "base",
+        (
+            "dynaip.geometry",
+            "dynaip.configs",
+            "dynaip.atomic",
+            "dynaip.console",
+            "dynaip.progress",
+            "dynaip.dataset.format",
+        ),
+    ),
     ("dataset, cluster, models", ("dynaip.dataset", "dynaip.cluster", "dynaip.run_lock", "dynaip.models")),
     ("adapter, benchmark cases and scorers", ("dynaip.adapter", *BENCHMARK_MODULES)),
     ("curation, training, inference", ("pipeline", "dynaip.train", "dynaip.features", "dynaip.inference")),
@@ -139,19 +166,31 @@ def layer_of(module: str) -> int:
         for p in prefixes:
             if _in(module, p) and len(p) > best:
                 best, found = len(p), i
-    assert found is not None, f"{module} is in no layer: add it to LAYERS (and docs/ARCHITECTURE.md, \"Layers\")"
+    assert found is not None, f'{module} is in no layer: add it to LAYERS (and docs/ARCHITECTURE.md, "Layers")'
     return found
 
 
 def test_every_module_sits_in_a_layer_and_imports_none_above_it():
-    upward = [f"{a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]}) ({MODULES[a].relative_to(REPO)}:{line})"
-              for a, targets in project_edges().items() for b, line in targets.items() if layer_of(b) > layer_of(a)]
+    upward = [
+        f"{a} ({LAYERS[layer_of(a)][0]}) imports {b} ({LAYERS[layer_of(b)][0]}) ({MODULES[a].relative_to(REPO)}:{line})"
+        for a, targets in project_edges().items()
+        for b, line in targets.items()
+        if layer_of(b) > layer_of(a)
+    ]
     assert upward == []
 
 
 def test_layer_of_takes_the_longest_prefix():
-    assert [layer_of(m) for m in ("dynaip.dataset.format", "dynaip.dataset.inspect", "pipeline.sources.opens2v.cross",
-                                  "dynaip", "dynaip.cli")] == [0, 1, 3, 5, 5]
+    assert [
+        layer_of(m)
+        for m in (
+            "dynaip.dataset.format",
+            "dynaip.dataset.inspect",
+            "pipeline.sources.opens2v.cross",
+            "dynaip",
+            "dynaip.cli",
+        )
+    ] == [0, 1, 3, 5, 5]
 
 
 def test_only_the_entry_points_import_curation():
@@ -175,8 +214,7 @@ def test_the_rules_catch_a_violation():
 
 
 def test_no_file_over_600_lines_in_dynaip_or_pipeline():
-    long = {str(p.relative_to(REPO)): n for p in MODULES.values()
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {str(p.relative_to(REPO)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}, f"split these along their seams (docs/ARCHITECTURE.md): {long}"
 
 
@@ -207,19 +245,41 @@ def test_configs_loader_depends_on_the_standard_library_and_yaml_only():
 
 
 def test_dataset_format_depends_on_the_standard_library_only():
-    outside = sorted({m for m, _ in imports_of("dynaip.dataset.format")
-                      if m.split(".")[0] not in DATASET_FORMAT_MAY_IMPORT})
+    outside = sorted(
+        {m for m, _ in imports_of("dynaip.dataset.format") if m.split(".")[0] not in DATASET_FORMAT_MAY_IMPORT}
+    )
     assert outside == [], f"dynaip.dataset.format imports {outside}"
 
 
 def test_the_dataset_package_is_the_one_used_by_writer_trainer_precompute_and_browser():
     edges = project_edges()
-    users = ("pipeline.writer", "pipeline.cli", "dynaip.train.data", "dynaip.train.preflight",
-             "dynaip.features.precompute", "dynaip.features.layout", "dynaip.serve.datasets")
+    users = (
+        "pipeline.writer",
+        "pipeline.cli",
+        "dynaip.train.data",
+        "dynaip.train.preflight",
+        "dynaip.features.precompute",
+        "dynaip.features.layout",
+        "dynaip.serve.datasets",
+    )
     assert [u for u in users if not any(_in(m, "dynaip.dataset") for m in edges.get(u, {}))] == []
     # the dataset sits below curation and training: it imports neither
-    assert _violations(("dynaip.dataset",), ("pipeline", "dynaip.train", "dynaip.features", "dynaip.serve",
-                                             "dynaip.inference", "dynaip.eval", "dynaip.models", "dynaip.adapter")) == []
+    assert (
+        _violations(
+            ("dynaip.dataset",),
+            (
+                "pipeline",
+                "dynaip.train",
+                "dynaip.features",
+                "dynaip.serve",
+                "dynaip.inference",
+                "dynaip.eval",
+                "dynaip.models",
+                "dynaip.adapter",
+            ),
+        )
+        == []
+    )
 
 
 def test_configs_loader_is_used_by_every_config_file_kind():
@@ -247,7 +307,7 @@ def find_cycle(edges: dict[str, dict[str, int]]) -> list[str] | None:
                 colour[path.pop()] = 2
                 stack.pop()
             elif colour.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not colour.get(nxt):
                 colour[nxt] = 1
                 path.append(nxt)
@@ -259,8 +319,11 @@ def test_no_import_cycles_among_project_modules():
     """None at all: function-level imports and imports only for type checking count too."""
     edges = project_edges(type_checking=True)
     cycle = find_cycle(edges)
-    assert cycle is None, "import cycle: " + " → ".join(
-        f"{m} ({MODULES[m].relative_to(REPO)}:{edges[m][n]})" for m, n in zip(cycle, cycle[1:])) + f" → {cycle[-1]}"
+    assert cycle is None, (
+        "import cycle: "
+        + " → ".join(f"{m} ({MODULES[m].relative_to(REPO)}:{edges[m][n]})" for m, n in zip(cycle, cycle[1:]))
+        + f" → {cycle[-1]}"
+    )
 
 
 def test_find_cycle_reports_the_path():

@@ -31,7 +31,9 @@ def checkpoint(tiny_models, flux, tmp_path_factory):
 
     tower = load_clip_vision(tiny_models.clip_vision, layers=tiny_models.clip_vision.layers)
     adapter = _trained_like(DynaIPAdapter(adapter_config_for(flux.transformer, tower)))
-    named = adapter.save_pretrained(tmp_path_factory.mktemp("ad") / "named", clip_vision=asdict(tiny_models.clip_vision))
+    named = adapter.save_pretrained(
+        tmp_path_factory.mktemp("ad") / "named", clip_vision=asdict(tiny_models.clip_vision)
+    )
     bare = adapter.save_pretrained(tmp_path_factory.mktemp("ad") / "bare")
     return named, bare
 
@@ -90,7 +92,9 @@ def test_load_dynaip_bad_inputs(flux, checkpoint, tmp_path):
     assert not hasattr(flux, "dynaip")
 
 
-def fake_hub_cache(cache, repo_id: str, files: dict[str, bytes], commit: str = "0123456789abcdef0123456789abcdef01234567"):
+def fake_hub_cache(
+    cache, repo_id: str, files: dict[str, bytes], commit: str = "0123456789abcdef0123456789abcdef01234567"
+):
     """A Hugging Face hub cache holding one snapshot of the model repo ``repo_id``, laid out as
     huggingface_hub writes it (its docs, "Understand caching": huggingface.co/docs/huggingface_hub/guides/manage-cache):
     ``models--{owner}--{name}/blobs/<hash>`` (the files' bytes; a sha256 for LFS files, the git blob sha1 for
@@ -104,8 +108,11 @@ def fake_hub_cache(cache, repo_id: str, files: dict[str, bytes], commit: str = "
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
     for name, content in files.items():
-        blob = (hashlib.sha256(content).hexdigest() if name.endswith(".safetensors")
-                else hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest())
+        blob = (
+            hashlib.sha256(content).hexdigest()
+            if name.endswith(".safetensors")
+            else hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+        )
         (repo / "blobs" / blob).write_bytes(content)
         (snap / name).symlink_to(f"../../blobs/{blob}")
     (repo / "refs" / "main").write_text(commit)
@@ -123,8 +130,9 @@ def test_hub_repo_id_resolves_from_the_local_hub_cache_only(flux, checkpoint, ti
     named, _ = checkpoint
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    snap = fake_hub_cache(tmp_path / "hub", "acme/dynaip-tiny",
-                          {p.name: p.read_bytes() for p in sorted(named.iterdir())})
+    snap = fake_hub_cache(
+        tmp_path / "hub", "acme/dynaip-tiny", {p.name: p.read_bytes() for p in sorted(named.iterdir())}
+    )
     assert {p.name for p in snap.iterdir()} == {"adapter.safetensors", "config.json", "README.md"}
     want = load_file(str(named / "adapter.safetensors"))
     got = DynaIPAdapter.from_pretrained("acme/dynaip-tiny").state_dict()
@@ -145,7 +153,9 @@ def test_hub_repo_id_resolves_from_the_local_hub_cache_only(flux, checkpoint, ti
     # without HF_HUB_CACHE the cache is HF_HOME/hub, read when loading
     monkeypatch.delenv("HF_HUB_CACHE")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    fake_hub_cache(tmp_path / "home" / "hub", "acme/dynaip-tiny", {p.name: p.read_bytes() for p in sorted(named.iterdir())})
+    fake_hub_cache(
+        tmp_path / "home" / "hub", "acme/dynaip-tiny", {p.name: p.read_bytes() for p in sorted(named.iterdir())}
+    )
     got = DynaIPAdapter.from_pretrained("acme/dynaip-tiny").state_dict()
     assert all(torch.equal(want[k], got[k]) for k in want)
 
@@ -157,8 +167,11 @@ def test_hub_repo_id_resolves_from_the_local_hub_cache_only(flux, checkpoint, ti
     assert all(torch.equal(mine[k], v) for k, v in other.state_dict().items())
     assert not all(torch.equal(mine[k], want[k]) for k in want)
 
-    with pytest.raises(FileNotFoundError, match=r"'acme/missing' is neither a local directory nor a Hugging Face repo "
-                                                r"in the hub cache .*huggingface-cli download acme/missing"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'acme/missing' is neither a local directory nor a Hugging Face repo "
+        r"in the hub cache .*huggingface-cli download acme/missing",
+    ):
         DynaIPAdapter.from_pretrained("acme/missing")
     with pytest.raises(FileNotFoundError, match="huggingface-cli download acme/missing"):
         load_dynaip(flux, "acme/missing", clip_vision=tiny_models.clip_vision.path)
@@ -182,11 +195,26 @@ def test_saved_adapter_has_a_model_card(checkpoint):
     assert f"| dtype | {meta['dtype']} |" in card.text and json.dumps(meta["clip_vision"], sort_keys=True) in card.text
     assert ModelCard.load(bare / "README.md").data.pipeline_tag == "text-to-image"
 
-    dev = {"num_layers": 19, "num_single_layers": 38, "num_attention_heads": 24, "attention_head_dim": 128,
-           "guidance_embeds": True}
+    dev = {
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "num_attention_heads": 24,
+        "attention_head_dim": 128,
+        "guidance_embeds": True,
+    }
     assert flux_base_model(dev) == FLUX_DEV and flux_base_model({**dev, "guidance_embeds": False}) is None  # schnell
-    training = {"base_model": {"path": "/ckpt/FLUX.1-dev", "hub_id": FLUX_DEV}, "step": 10, "max_steps": 20,
-                "stage": "intra", "run_id": "r1", "config": {"seed": 0},
-                "datasets": [{"stage": "intra", "dirs": ["/data/a"], "manifests": ["sha256:" + "ab" * 32]}]}
+    training = {
+        "base_model": {"path": "/ckpt/FLUX.1-dev", "hub_id": FLUX_DEV},
+        "step": 10,
+        "max_steps": 20,
+        "stage": "intra",
+        "run_id": "r1",
+        "config": {"seed": 0},
+        "datasets": [{"stage": "intra", "dirs": ["/data/a"], "manifests": ["sha256:" + "ab" * 32]}],
+    }
     data = ModelCard(model_card(meta, 123, training)).data
-    assert (data.base_model, data.license, data.license_name) == (FLUX_DEV, "other", "flux-1-dev-non-commercial-license")
+    assert (data.base_model, data.license, data.license_name) == (
+        FLUX_DEV,
+        "other",
+        "flux-1-dev-non-commercial-license",
+    )

@@ -29,7 +29,8 @@ def test_every_ray_train_run_takes_its_torch_setup_from_the_cluster_module():
         given = {k.arg: k.value for k in call.keywords}
         value = given.get("torch_config")
         assert isinstance(value, ast.Call) and getattr(value.func, "id", None) == "torch_config", (
-            f"{module}: TorchTrainer without torch_config=torch_config(...) from dynaip.cluster")
+            f"{module}: TorchTrainer without torch_config=torch_config(...) from dynaip.cluster"
+        )
     assert sorted({m for m, _ in _calls("TorchConfig")}) == ["dynaip.cluster"]
 
 
@@ -38,12 +39,21 @@ def test_a_loopback_cluster_gets_the_loopback_torch_config(monkeypatch):
 
     from dynaip import cluster
 
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "127.0.0.1"},
-                                               {"Alive": False, "NodeManagerAddress": "10.0.0.2"}])
+    monkeypatch.setattr(
+        ray,
+        "nodes",
+        lambda: [
+            {"Alive": True, "NodeManagerAddress": "127.0.0.1"},
+            {"Alive": False, "NodeManagerAddress": "10.0.0.2"},
+        ],
+    )
     config = cluster.torch_config("gloo")
     assert config.backend == "gloo" and config.backend_cls.__name__ == "LoopbackTorchBackend"
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeManagerAddress": "127.0.0.1"},
-                                               {"Alive": True, "NodeManagerAddress": "10.0.0.2"}])
+    monkeypatch.setattr(
+        ray,
+        "nodes",
+        lambda: [{"Alive": True, "NodeManagerAddress": "127.0.0.1"}, {"Alive": True, "NodeManagerAddress": "10.0.0.2"}],
+    )
     config = cluster.torch_config("nccl")  # a cluster the user named: Ray Train's own setup, unchanged
     assert config.backend == "nccl" and config.backend_cls.__name__ == "_TorchBackend"
 
@@ -60,8 +70,11 @@ def test_the_rendezvous_store_listens_on_loopback_and_serves_a_process_group():
 
     addr, port = cluster._serve_rendezvous_on_loopback()
     try:
-        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process().net_connections("inet")
-                     if c.status == psutil.CONN_LISTEN}
+        listening = {
+            (c.laddr.ip, c.laddr.port)
+            for c in psutil.Process().net_connections("inet")
+            if c.status == psutil.CONN_LISTEN
+        }
         assert (addr, port) == ("127.0.0.1", port) and ("127.0.0.1", port) in listening
         assert not any(p == port and ip != "127.0.0.1" for ip, p in listening)
         env = {"MASTER_ADDR": addr, "MASTER_PORT": str(port)}

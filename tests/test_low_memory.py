@@ -41,8 +41,10 @@ def _two(pipe, **kw):
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_cpu_offload_with_the_adapter(tiny_models, mode, device):
     if mode == "sequential" and device == "cpu":
-        pytest.skip("accelerate's sequential offload fails inside the CLIP text encoder on a CPU-only torch "
-                    "(set_module_tensor_to_device); this case runs where CUDA is present")
+        pytest.skip(
+            "accelerate's sequential offload fails inside the CLIP text encoder on a CPU-only torch "
+            "(set_module_tensor_to_device); this case runs where CUDA is present"
+        )
     pipe = _pipe(tiny_models, device)
     before = _two(pipe)
     getattr(pipe, f"enable_{mode}_cpu_offload")(device=device)
@@ -86,9 +88,29 @@ def test_generate_cli_offload_and_quantize(tiny_models_yaml, tmp_path):
 
     ref = tmp_path / "cat.png"
     Image.fromarray(data.chelsea()).save(ref)
-    common = ["generate", "--models", str(tiny_models_yaml), "--adapter", str(_adapter_dir(tiny_models_yaml, tmp_path)),
-              "--prompt", "a cat", "--ref", str(ref), "--steps", "2", "--height", "64", "--width", "64", "--seed", "3",
-              "--max-sequence-length", "32", "--device", "cpu"]
+    common = [
+        "generate",
+        "--models",
+        str(tiny_models_yaml),
+        "--adapter",
+        str(_adapter_dir(tiny_models_yaml, tmp_path)),
+        "--prompt",
+        "a cat",
+        "--ref",
+        str(ref),
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--seed",
+        "3",
+        "--max-sequence-length",
+        "32",
+        "--device",
+        "cpu",
+    ]
     base, off, quant = tmp_path / "b.png", tmp_path / "o.png", tmp_path / "q.png"
     assert main([*common, "--out", str(base)]) == 0
     assert main([*common, "--out", str(off), "--offload", "model"]) == 0

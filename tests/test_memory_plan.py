@@ -87,4 +87,5 @@ def test_paper_yaml_follows_the_recommendation(plan):
 def test_docs_memory_md_is_what_the_script_writes(plan):
     _, _, markdown = plan
     assert (ROOT / "docs" / "memory.md").read_text() == markdown, (
-        "docs/memory.md is stale: python benchmarks/memory_plan.py --markdown docs/memory.md")
+        "docs/memory.md is stale: python benchmarks/memory_plan.py --markdown docs/memory.md"
+    )

@@ -37,9 +37,16 @@ def test_flux_components_forward(tiny_models):
     # transformer on packed latents: (B, (H/2)*(W/2), C*4)
     packed = pipe._pack_latents(lat, 1, 4, 8, 8)
     img_ids = pipe._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
-    out = pipe.transformer(hidden_states=packed, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
-                           timestep=torch.tensor([0.5]), img_ids=img_ids, txt_ids=text_ids,
-                           guidance=torch.tensor([3.5]), return_dict=False)[0]
+    out = pipe.transformer(
+        hidden_states=packed,
+        encoder_hidden_states=prompt_embeds,
+        pooled_projections=pooled,
+        timestep=torch.tensor([0.5]),
+        img_ids=img_ids,
+        txt_ids=text_ids,
+        guidance=torch.tensor([3.5]),
+        return_dict=False,
+    )[0]
     assert out.shape == packed.shape == (1, 16, 16) and torch.isfinite(out).all()
 
 
@@ -65,8 +72,10 @@ def test_grounding_dino_detects_on_one_image(tiny_models):
 
     det = GroundingDinoDetector(load_grounding_dino(tiny_models.grounding_dino), size=128, max_size=192)
     image = data.astronaut()[::4, ::4]  # (128, 128, 3) uint8
-    raw = det.model(__import__("groundingdino.util.misc", fromlist=["x"]).nested_tensor_from_tensor_list(
-        [det._prepare(image)]), captions=[normalize_caption("person . face")])
+    raw = det.model(
+        __import__("groundingdino.util.misc", fromlist=["x"]).nested_tensor_from_tensor_list([det._prepare(image)]),
+        captions=[normalize_caption("person . face")],
+    )
     n_tokens = len(det.tokenizer(normalize_caption("person . face"))["input_ids"])
     assert raw["pred_boxes"].shape == (1, 20, 4) and torch.isfinite(raw["pred_boxes"]).all()
     # logits beyond the caption's tokens are -inf by design; the caption's own are finite
@@ -102,8 +111,11 @@ def test_full_size_meta_parameter_counts():
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_tiny_checkpoints_are_byte_identical_for_a_seed(tiny_models_yaml, tmp_path):
@@ -144,10 +156,13 @@ def test_models_yaml_resolves_relative_paths(tiny_models_yaml):
     assert Path(cfg.flux).is_dir() and Path(cfg.sam.checkpoint).is_file()
     assert cfg.clip_vision.layers == (2, 4, 6)
     assert Path(cfg.captioner).is_dir() and Path(cfg.aesthetic.path).is_file() and cfg.aesthetic.clip is None
-    other = ModelsConfig.from_dict({"flux": "f", "clip_vision": "c", "aesthetic": {"path": "h.safetensors", "clip": "l14"}},
-                                   base="/ckpt")
+    other = ModelsConfig.from_dict(
+        {"flux": "f", "clip_vision": "c", "aesthetic": {"path": "h.safetensors", "clip": "l14"}}, base="/ckpt"
+    )
     assert (other.aesthetic.path, other.aesthetic.clip.path) == ("/ckpt/h.safetensors", "/ckpt/l14")
-    with pytest.raises(ValueError, match=r"unknown key 'aesthetic\.weights' \(keys of 'aesthetic': activation, clip, path\)"):
+    with pytest.raises(
+        ValueError, match=r"unknown key 'aesthetic\.weights' \(keys of 'aesthetic': activation, clip, path\)"
+    ):
         ModelsConfig.from_dict({"flux": "f", "clip_vision": "c", "aesthetic": {"weights": "h"}})
     with pytest.raises(FileNotFoundError, match="tiny-checkpoints"):
         ModelsConfig.from_yaml(tiny_models_yaml.parent / "missing.yaml")

@@ -24,10 +24,12 @@ def _png(value: int) -> bytes:
 def test_cells_across_row_groups_raw_and_struct(tmp_path):
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     n = 7
-    table = pa.table({
-        "raw": pa.array([_png(i) for i in range(n)], pa.binary()),
-        "hf": pa.array([{"bytes": _png(100 + i), "path": None} for i in range(n)], image_type),
-    })
+    table = pa.table(
+        {
+            "raw": pa.array([_png(i) for i in range(n)], pa.binary()),
+            "hf": pa.array([{"bytes": _png(100 + i), "path": None} for i in range(n)], image_type),
+        }
+    )
     path = tmp_path / "part.parquet"
     pq.write_table(table, path, row_group_size=3)  # groups of rows 0-2, 3-5, 6
     reader = ByteReader()
@@ -41,17 +43,24 @@ def test_cells_across_row_groups_raw_and_struct(tmp_path):
 def test_cells_without_bytes_are_one_line_errors(tmp_path):
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     path = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({
-        "hf": pa.array([{"bytes": None, "path": "x.jpg"}, None], image_type),
-        "label": pa.array(["a", "b"]),
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "hf": pa.array([{"bytes": None, "path": "x.jpg"}, None], image_type),
+                "label": pa.array(["a", "b"]),
+            }
+        ),
+        path,
+    )
     reader = ByteReader()
-    cases = [(ImageRef(path=str(path), column="hf", row=0), "only a path, 'x.jpg'"),
-             (ImageRef(path=str(path), column="hf", row=1), "no image bytes"),
-             (ImageRef(path=str(path), column="label", row=0), "expected image bytes, found str"),
-             (ImageRef(path=str(path), column="nope", row=0), "no column 'nope'"),
-             (ImageRef(path=str(path), column="hf", row=5), "no row 5 (it has 2)"),
-             (ImageRef(path=str(tmp_path / "missing.parquet"), column="hf", row=0), "cannot open Parquet file")]
+    cases = [
+        (ImageRef(path=str(path), column="hf", row=0), "only a path, 'x.jpg'"),
+        (ImageRef(path=str(path), column="hf", row=1), "no image bytes"),
+        (ImageRef(path=str(path), column="label", row=0), "expected image bytes, found str"),
+        (ImageRef(path=str(path), column="nope", row=0), "no column 'nope'"),
+        (ImageRef(path=str(path), column="hf", row=5), "no row 5 (it has 2)"),
+        (ImageRef(path=str(tmp_path / "missing.parquet"), column="hf", row=0), "cannot open Parquet file"),
+    ]
     for ref, words in cases:
         with pytest.raises(DecodeError) as e:
             reader.read(ref)

@@ -22,8 +22,11 @@ def test_without_a_terminal_progress_prints_done_total_rate_eta_and_the_extra_va
     p2.close()  # nothing shown since the first update: the end state is printed
     lines = out.getvalue().splitlines()
     assert len(lines) == 3
-    assert re.fullmatch(r"train: steps 4/10 \(40%\), [0-9.e+-]+ steps/s, ETA \d+:\d\d(:\d\d)?, loss 0\.1235, "
-                        r"0:\d\d elapsed", lines[0]), lines[0]
+    assert re.fullmatch(
+        r"train: steps 4/10 \(40%\), [0-9.e+-]+ steps/s, ETA \d+:\d\d(:\d\d)?, loss 0\.1235, "
+        r"0:\d\d elapsed",
+        lines[0],
+    ), lines[0]
     assert lines[1].startswith("train: steps 5/10 (50%), ") and "loss 0.1235" in lines[1]  # the last value stays
     assert lines[2].startswith("train: steps 7/10 (70%), ")
 

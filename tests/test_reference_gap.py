@@ -85,8 +85,13 @@ def test_probe_differs_only_in_the_reference(tiny_models, tmp_path):
 
     data = write_dataset(tmp_path / "d", [3], size=64)
     frozen = load_frozen(tiny_models, torch.device("cpu"), torch.float32)
-    spec = StreamSpec(shards=read_manifests([str(data)]), batch_size=3, ref_size=frozen.clip.image_size,
-                      buckets=[(64, 64)], shuffle_block=1)
+    spec = StreamSpec(
+        shards=read_manifests([str(data)]),
+        batch_size=3,
+        ref_size=frozen.clip.image_size,
+        buckets=[(64, 64)],
+        shuffle_block=1,
+    )
     batch = next(iter(StreamingLoader(spec, 0, 1, workers=0)))
     torch.manual_seed(0)
     adapter = DynaIPAdapter(DynaIPConfig.tiny())

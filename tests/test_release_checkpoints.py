@@ -41,9 +41,7 @@ def test_flux_tiny_folder_is_split_in_safetensors_shards_like_flux_dev(tiny_mode
         shards = sorted(set(index["weight_map"].values()))
         assert len(shards) >= 2 and all((flux / part / s).is_file() for s in shards)
         assert not (flux / part / f"{stem}.safetensors").exists()
-        assert {k for s in shards for k in load_file(flux / part / s)} == set(
-            index["weight_map"]
-        )
+        assert {k for s in shards for k in load_file(flux / part / s)} == set(index["weight_map"])
     assert (flux / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     assert (flux / "text_encoder" / "model.safetensors").is_file()
 
@@ -54,9 +52,7 @@ def test_flux_tiny_folder_is_split_in_safetensors_shards_like_flux_dev(tiny_mode
 def test_grounding_dino_tiny_checkpoint_has_the_release_wrapper_prefixes_and_extras(
     tiny_models,
 ):
-    raw = torch.load(
-        tiny_models.grounding_dino.checkpoint, map_location="cpu", weights_only=True
-    )
+    raw = torch.load(tiny_models.grounding_dino.checkpoint, map_location="cpu", weights_only=True)
     assert list(raw) == ["model"]
     keys = list(raw["model"])
     assert all(k.startswith("module.") for k in keys)
@@ -69,26 +65,18 @@ def test_grounding_dino_tiny_checkpoint_has_the_release_wrapper_prefixes_and_ext
     assert raw["model"]["module.bert.embeddings.position_ids"].dtype == torch.int64
 
 
-def test_grounding_dino_release_form_loads_and_any_other_extra_key_fails_in_one_line(
-    tiny_models, tmp_path
-):
+def test_grounding_dino_release_form_loads_and_any_other_extra_key_fails_in_one_line(tiny_models, tmp_path):
     from dynaip.models.grounding_dino import load_grounding_dino
 
     model = load_grounding_dino(tiny_models.grounding_dino)
-    raw = torch.load(
-        tiny_models.grounding_dino.checkpoint, map_location="cpu", weights_only=True
-    )
+    raw = torch.load(tiny_models.grounding_dino.checkpoint, map_location="cpu", weights_only=True)
     w = raw["model"]["module.transformer.enc_out_bbox_embed.layers.0.weight"]
-    torch.testing.assert_close(
-        model.state_dict()["transformer.enc_out_bbox_embed.layers.0.weight"], w
-    )
+    torch.testing.assert_close(model.state_dict()["transformer.enc_out_bbox_embed.layers.0.weight"], w)
 
     raw["model"]["module.some_new_head.weight"] = torch.zeros(2)
     torch.save(raw, tmp_path / "extra.pth")
     with pytest.raises(CheckpointError) as e:
-        load_grounding_dino(
-            replace(tiny_models.grounding_dino, checkpoint=str(tmp_path / "extra.pth"))
-        )
+        load_grounding_dino(replace(tiny_models.grounding_dino, checkpoint=str(tmp_path / "extra.pth")))
     _one_line(e, "extra.pth", "1 unexpected (e.g. some_new_head.weight)")
 
 
@@ -100,9 +88,7 @@ def test_the_published_grounding_dino_config_reads_as_data_like_the_library_read
 
     from dynaip.models.grounding_dino import read_config
 
-    published = (
-        Path(groundingdino.__file__).parent / "config" / "GroundingDINO_SwinT_OGC.py"
-    )
+    published = Path(groundingdino.__file__).parent / "config" / "GroundingDINO_SwinT_OGC.py"
     cfg = read_config(published)
     assert (
         cfg["num_queries"],
@@ -110,13 +96,8 @@ def test_the_published_grounding_dino_config_reads_as_data_like_the_library_read
         cfg["hidden_dim"],
         cfg["backbone"],
     ) == (900, 6, 256, "swin_T_224_1k")
-    assert (
-        cfg["return_interm_indices"] == [1, 2, 3]
-        and cfg["backbone_freeze_keywords"] is None
-    )
-    assert (
-        cfg == SLConfig.fromfile(str(published))._cfg_dict.to_dict()
-    )  # the package's own file: trusted
+    assert cfg["return_interm_indices"] == [1, 2, 3] and cfg["backbone_freeze_keywords"] is None
+    assert cfg == SLConfig.fromfile(str(published))._cfg_dict.to_dict()  # the package's own file: trusted
 
 
 @pytest.mark.parametrize(
@@ -145,9 +126,7 @@ def test_a_grounding_dino_config_with_code_is_refused_in_one_line_and_never_run(
     marker = tmp_path / "marker"
     cfg = tmp_path / "config.py"
     cfg.write_text(
-        first_line.replace("MARKER", repr(str(marker)))
-        + "\n"
-        + Path(tiny_models.grounding_dino.config).read_text()
+        first_line.replace("MARKER", repr(str(marker))) + "\n" + Path(tiny_models.grounding_dino.config).read_text()
     )
     with pytest.raises(CheckpointError) as e:
         load_grounding_dino(replace(tiny_models.grounding_dino, config=str(cfg)))
@@ -160,9 +139,7 @@ def test_a_grounding_dino_config_missing_a_key_is_one_line(tiny_models, tmp_path
 
     cfg = tmp_path / "config.py"
     text = Path(tiny_models.grounding_dino.config).read_text()
-    cfg.write_text(
-        "\n".join(ln for ln in text.splitlines() if not ln.startswith("num_queries"))
-    )
+    cfg.write_text("\n".join(ln for ln in text.splitlines() if not ln.startswith("num_queries")))
     with pytest.raises(CheckpointError) as e:
         load_grounding_dino(replace(tiny_models.grounding_dino, config=str(cfg)))
     _one_line(e, "groundingdino cannot build a model from it", "num_queries")
@@ -171,9 +148,7 @@ def test_a_grounding_dino_config_missing_a_key_is_one_line(tiny_models, tmp_path
 # ---- OpenCLIP ----------------------------------------------------------------------------------------
 
 
-def _clip_copy(
-    tiny_models, tmp_path: Path, config: dict | None = None, bin_only: bool = False
-) -> Path:
+def _clip_copy(tiny_models, tmp_path: Path, config: dict | None = None, bin_only: bool = False) -> Path:
     src = Path(tiny_models.clip_vision.path)
     out = tmp_path / "clip"
     shutil.copytree(src, out)
@@ -188,9 +163,7 @@ def _clip_copy(
     return out
 
 
-def test_open_clip_hf_folder_with_either_weights_file_gives_the_same_features(
-    tiny_models, tmp_path
-):
+def test_open_clip_hf_folder_with_either_weights_file_gives_the_same_features(tiny_models, tmp_path):
     from dynaip.models.clip_vision import load_clip_vision
 
     x = torch.rand(2, 3, 56, 56)
@@ -211,9 +184,7 @@ def test_open_clip_config_without_model_cfg_is_one_line(tiny_models, tmp_path):
 
     folder = _clip_copy(tiny_models, tmp_path, config={"preprocess_cfg": {}})
     with pytest.raises(CheckpointError) as e:
-        load_clip_vision(
-            replace(tiny_models.clip_vision, path=str(folder)), layers=(2,)
-        )
+        load_clip_vision(replace(tiny_models.clip_vision, path=str(folder)), layers=(2,))
     _one_line(e, "open_clip_config.json", "no 'model_cfg'")
 
 
@@ -223,37 +194,22 @@ def test_quick_gelu_has_one_source_of_truth(tiny_models, tmp_path):
     from dynaip.models.clip_vision import load_open_clip
 
     def act(paths):
-        return type(
-            load_open_clip(paths)[0].visual.transformer.resblocks[0].mlp.gelu
-        ).__name__
+        return type(load_open_clip(paths)[0].visual.transformer.resblocks[0].mlp.gelu).__name__
 
     # the folder's config says quick_gelu: false; models.yaml leaving it out or agreeing is fine
-    assert (
-        act(tiny_models.clip_vision)
-        == act(replace(tiny_models.clip_vision, quick_gelu=False))
-        == "GELU"
-    )
+    assert act(tiny_models.clip_vision) == act(replace(tiny_models.clip_vision, quick_gelu=False)) == "GELU"
     with pytest.raises(CheckpointError) as e:
         load_open_clip(replace(tiny_models.clip_vision, quick_gelu=True))
-    _one_line(
-        e, "models.yaml says quick_gelu: true but the model's own config says false"
-    )
+    _one_line(e, "models.yaml says quick_gelu: true but the model's own config says false")
 
     # a config without the key: models.yaml decides, and must say
-    cfg = json.loads(
-        (Path(tiny_models.clip_vision.path) / "open_clip_config.json").read_text()
-    )
+    cfg = json.loads((Path(tiny_models.clip_vision.path) / "open_clip_config.json").read_text())
     del cfg["model_cfg"]["quick_gelu"]
     folder = _clip_copy(tiny_models, tmp_path, config=cfg)
-    assert (
-        act(replace(tiny_models.clip_vision, path=str(folder), quick_gelu=True))
-        == "QuickGELU"
-    )
+    assert act(replace(tiny_models.clip_vision, path=str(folder), quick_gelu=True)) == "QuickGELU"
     with pytest.raises(CheckpointError) as e:
         load_open_clip(replace(tiny_models.clip_vision, path=str(folder)))
-    _one_line(
-        e, "does not say whether the tower uses QuickGELU", "clip_vision.quick_gelu"
-    )
+    _one_line(e, "does not say whether the tower uses QuickGELU", "clip_vision.quick_gelu")
 
     # a bare weights file: model_name's config is the architecture's, -quickgelu names state it
     weights = tmp_path / "vit.safetensors"
@@ -268,23 +224,17 @@ def test_quick_gelu_has_one_source_of_truth(tiny_models, tmp_path):
                 quick_gelu=False,
             )
         )
-    _one_line(
-        e, "model_name ViT-L-14-336-quickgelu", "models.yaml says quick_gelu: false"
-    )
+    _one_line(e, "model_name ViT-L-14-336-quickgelu", "models.yaml says quick_gelu: false")
 
 
-def test_openai_torchscript_file_is_refused_in_one_line_naming_the_open_clip_folder(
-    tiny_models, tmp_path
-):
+def test_openai_torchscript_file_is_refused_in_one_line_naming_the_open_clip_folder(tiny_models, tmp_path):
     """OpenAI's ViT-L-14-336px.pt is a TorchScript archive; ``torch.jit.load`` would compile and run the
     code stored in it, so it is refused before anything in it is read."""
     from dynaip.models.clip_vision import load_open_clip
     from dynaip.models.sam import load_sam
 
     ts = tmp_path / "ViT-L-14-336px.pt"
-    with pytest.warns(
-        FutureWarning
-    ):  # torch deprecates TorchScript, which is why it is only refused here
+    with pytest.warns(FutureWarning):  # torch deprecates TorchScript, which is why it is only refused here
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(ts))
     with pytest.raises(CheckpointError) as e:
         load_open_clip(
@@ -295,12 +245,8 @@ def test_openai_torchscript_file_is_refused_in_one_line_naming_the_open_clip_fol
                 quick_gelu=True,
             )
         )
-    _one_line(
-        e, str(ts), "TorchScript archive", "timm/vit_large_patch14_clip_336.openai"
-    )
-    with pytest.raises(
-        CheckpointError
-    ) as e:  # any loader: TorchScript where a state dict is expected
+    _one_line(e, str(ts), "TorchScript archive", "timm/vit_large_patch14_clip_336.openai")
+    with pytest.raises(CheckpointError) as e:  # any loader: TorchScript where a state dict is expected
         load_sam(replace(tiny_models.sam, checkpoint=str(ts)))
     _one_line(e, "SAM (tiny)", "TorchScript archive, not a state dict")
 
@@ -311,18 +257,13 @@ def test_openai_torchscript_file_is_refused_in_one_line_naming_the_open_clip_fol
 def test_sam_tiny_checkpoint_is_a_flat_state_dict_like_the_release(tiny_models):
     raw = torch.load(tiny_models.sam.checkpoint, map_location="cpu", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in raw.values())
-    assert (
-        "image_encoder.patch_embed.proj.weight" in raw
-        and "mask_decoder.iou_token.weight" in raw
-    )
+    assert "image_encoder.patch_embed.proj.weight" in raw and "mask_decoder.iou_token.weight" in raw
 
 
 # ---- aesthetic heads ----------------------------------------------------------------------------------
 
 
-def _sequential_head(
-    tmp_path: Path, name: str, modules: list[torch.nn.Module]
-) -> tuple[Path, torch.nn.Sequential]:
+def _sequential_head(tmp_path: Path, name: str, modules: list[torch.nn.Module]) -> tuple[Path, torch.nn.Sequential]:
     seq = torch.nn.Sequential(*modules).eval()
     path = tmp_path / name
     torch.save({f"layers.{k}": v for k, v in seq.state_dict().items()}, path)
@@ -358,23 +299,17 @@ def test_aesthetic_relu_head_is_detected_from_its_published_layout(tmp_path):
     torch.testing.assert_close(head(e), seq(e / e.norm(dim=1, keepdim=True))[:, 0])
     with pytest.raises(CheckpointError) as err:
         load_aesthetic_head(path, activation="none")
-    _one_line(
-        err, "[0, 3, 6, 9, 11] are the 'relu' layout", "aesthetic.activation: none"
-    )
+    _one_line(err, "[0, 3, 6, 9, 11] are the 'relu' layout", "aesthetic.activation: none")
 
 
-def test_aesthetic_head_of_another_layout_needs_its_activation_declared(
-    tiny_models, tmp_path
-):
+def test_aesthetic_head_of_another_layout_needs_its_activation_declared(tiny_models, tmp_path):
     from test_curation_quality import composed, recipe, texture
 
     from dynaip.models.aesthetic import load_aesthetic_head
     from pipeline.stages.quality import QualityStage
 
     nn = torch.nn
-    path, seq = _sequential_head(
-        tmp_path, "other.pth", [nn.Linear(32, 6), nn.ReLU(), nn.Linear(6, 1)]
-    )
+    path, seq = _sequential_head(tmp_path, "other.pth", [nn.Linear(32, 6), nn.ReLU(), nn.Linear(6, 1)])
     with pytest.raises(CheckpointError) as err:
         load_aesthetic_head(path)
     _one_line(err, "[0, 2] are not a published layout", "declare aesthetic.activation")
@@ -397,9 +332,7 @@ def test_aesthetic_head_of_another_layout_needs_its_activation_declared(
     emb = stage.scorer.embeddings([it.target.image for it in items])
     with torch.no_grad():
         expect = seq(emb / emb.norm(dim=1, keepdim=True))[:, 0]
-    assert [it.quality["aesthetic"] for it in items] == [
-        round(float(v), 4) for v in expect
-    ]
+    assert [it.quality["aesthetic"] for it in items] == [round(float(v), 4) for v in expect]
     with pytest.raises(CheckpointError) as err:
         load_aesthetic_head(path, activation="gelu")
     _one_line(err, "aesthetic.activation is 'gelu'; use one of none, relu")
@@ -419,15 +352,11 @@ def test_tiny_models_yaml_leaves_arch_flags_to_the_checkpoints_own_config(
 ):
     raw = tiny_models_yaml.read_text()
     assert "quick_gelu" not in raw and "activation" not in raw
-    cfg = json.loads(
-        (tiny_models_yaml.parent / "clip" / "open_clip_config.json").read_text()
-    )
+    cfg = json.loads((tiny_models_yaml.parent / "clip" / "open_clip_config.json").read_text())
     assert cfg["model_cfg"]["quick_gelu"] is False and "preprocess_cfg" in cfg
 
 
-def test_a_grounding_dino_bert_folder_without_weights_is_one_line(
-    tiny_models, tmp_path
-):
+def test_a_grounding_dino_bert_folder_without_weights_is_one_line(tiny_models, tmp_path):
     from dynaip.models.grounding_dino import load_grounding_dino
 
     bert = tmp_path / "bert"

@@ -44,10 +44,16 @@ def setup(tmp_path_factory, tiny_models_yaml):
     root = tmp_path_factory.mktemp("rundirs")
     intra = write_dataset(root / "intra", [2], size=64)
     cross = write_dataset(root / "cross", [2], pair="cross", start=10, size=64)
-    cfg = set_keys(yaml.safe_load((ROOT / "jobs" / "configs" / "tiny.yaml").read_text()),
-                   stages=[{"name": "intra", "steps": 1, "pair": "intra", "data": [str(intra)]},
-                           {"name": "cross", "steps": 1, "pair": "cross"}],
-                   checkpoint_every=1, eval_every=0, sample_every=0)
+    cfg = set_keys(
+        yaml.safe_load((ROOT / "jobs" / "configs" / "tiny.yaml").read_text()),
+        stages=[
+            {"name": "intra", "steps": 1, "pair": "intra", "data": [str(intra)]},
+            {"name": "cross", "steps": 1, "pair": "cross"},
+        ],
+        checkpoint_every=1,
+        eval_every=0,
+        sample_every=0,
+    )
     config = root / "tiny2.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return root, ["train", "--config", str(config), "--data", str(cross), "--models", str(tiny_models_yaml), "--local"]
@@ -60,11 +66,17 @@ def test_train_over_checkpoints_without_resume_is_refused_and_changes_nothing(se
     run = root / "first"
     assert main([*argv, "--out", str(run)]) == 0
     before = tree(run)
-    assert "checkpoints/step-000002/adapter.safetensors" in before and ".dynaip.lock" not in {Path(p).name for p in before}
+    assert "checkpoints/step-000002/adapter.safetensors" in before and ".dynaip.lock" not in {
+        Path(p).name for p in before
+    }
     caplog.clear()
     assert main([*argv, "--out", str(run)]) == 2
-    assert errors_of(caplog) == [(f"--out {run} already holds the checkpoints of a training run (step-000001, "
-                                  "step-000002); pass --resume to continue it or choose another directory")]
+    assert errors_of(caplog) == [
+        (
+            f"--out {run} already holds the checkpoints of a training run (step-000001, "
+            "step-000002); pass --resume to continue it or choose another directory"
+        )
+    ]
     assert tree(run) == before  # byte for byte, and no lock file left behind
     caplog.clear()
     assert main([*argv, "--out", str(root / "never"), "--data", str(root / "nodata")]) == 2  # refused by its preflight
@@ -77,8 +89,14 @@ def test_a_live_run_refuses_another_and_a_killed_one_leaves_a_resumable_director
     root, argv = setup
     run = root / "killed"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    live = subprocess.Popen([sys.executable, "-m", "dynaip.cli", *argv, "--out", str(run)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    live = subprocess.Popen(
+        [sys.executable, "-m", "dynaip.cli", *argv, "--out", str(run)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         lock = run / ".dynaip.lock"
         deadline = time.monotonic() + 300
@@ -113,10 +131,12 @@ def test_the_lock_is_not_held_by_a_forked_child_of_a_dead_run(tmp_path):
         "    time.sleep(60)\n"
         "    os._exit(0)\n"
         "print('locked', flush=True)\n"
-        "time.sleep(60)\n")
+        "time.sleep(60)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
     from dynaip.dataset.store import Store
     from dynaip.run_lock import RunDirError, RunLock
 
@@ -140,8 +160,20 @@ def test_a_feature_set_being_precomputed_is_refused_to_a_second_precompute(setup
 
     root, _ = setup
     data = root / "intra"
-    argv = ["precompute", "--data", str(data), "--models", str(tiny_models_yaml), "--no-progress", "--name", "held",
-            "--config", str(root / "tiny2.yaml"), "--executor", "local"]
+    argv = [
+        "precompute",
+        "--data",
+        str(data),
+        "--models",
+        str(tiny_models_yaml),
+        "--no-progress",
+        "--name",
+        "held",
+        "--config",
+        str(root / "tiny2.yaml"),
+        "--executor",
+        "local",
+    ]
     with RunLock(Store(str(data / "features" / "held")), what="feature precompute"):  # the live first run
         caplog.clear()
         assert main(argv) == 2
@@ -162,13 +194,26 @@ def test_an_eval_generation_into_a_directory_in_use_is_refused(tmp_path):
 
     ref = tmp_path / "ref.png"
     Image.new("RGB", (20, 30), (10, 200, 30)).save(ref)
-    cases = [Case(id="c0", benchmark="dreambench++", category="animal", prompt="p", seed=1,
-                  subjects=[Subject(path=str(ref), type="animal", name="a dog")])]
+    cases = [
+        Case(
+            id="c0",
+            benchmark="dreambench++",
+            category="animal",
+            prompt="p",
+            seed=1,
+            subjects=[Subject(path=str(ref), type="animal", name="a dog")],
+        )
+    ]
     out = tmp_path / "gen"
-    kw = {"settings": GenerateSettings(steps=1, height=16, width=16), "pipe_factory": lambda: "pipe",
-          "generate_fn": lambda pipe, case, s: Image.new("RGB", (s.width, s.height))}
-    with (RunLock(Store(str(out)), what="eval generation"),
-          pytest.raises(RunDirError, match=f"output directory {out} is in use by another eval generation")):
+    kw = {
+        "settings": GenerateSettings(steps=1, height=16, width=16),
+        "pipe_factory": lambda: "pipe",
+        "generate_fn": lambda pipe, case, s: Image.new("RGB", (s.width, s.height)),
+    }
+    with (
+        RunLock(Store(str(out)), what="eval generation"),
+        pytest.raises(RunDirError, match=f"output directory {out} is in use by another eval generation"),
+    ):
         run_generation(cases, out, **kw)
     assert not is_done(out, "c0")
     assert run_generation(cases, out, **kw).generated == 1 and not (out / ".dynaip.lock").exists()

@@ -89,8 +89,12 @@ def test_every_route_refuses_without_the_token_and_serves_with_it(dataset):
             r = client.request(method, path)
             assert r.status_code == 401, (method, path, r.status_code)
             assert r.headers["www-authenticate"].startswith("Basic") and r.text.count("\n") == 1
-    for bad in ({"Authorization": "Bearer wrong-token-0123456789"}, _basic("x", "wrong"),
-                {"Authorization": "Basic !!!"}, {"Cookie": f"{auth.COOKIE}=forged"}):
+    for bad in (
+        {"Authorization": "Bearer wrong-token-0123456789"},
+        _basic("x", "wrong"),
+        {"Authorization": "Basic !!!"},
+        {"Cookie": f"{auth.COOKIE}=forged"},
+    ):
         assert client.get("/gradio_api/info", headers=bad).status_code == 401
     good = {"Authorization": f"Bearer {TOKEN}"}
     e = view.samples()[0]
@@ -130,8 +134,12 @@ def test_user_and_password(dataset):
     app, _ = _app(dataset, auth.Credentials(user="ann", password="correct-horse"))
     client = TestClient(app)
     assert client.get("/gradio_api/info", headers=_basic("ann", "correct-horse")).status_code == 200
-    for bad in (_basic("ann", "wrong-horse"), _basic("bob", "correct-horse"),
-                {"Authorization": "Bearer correct-horse"}, {}):
+    for bad in (
+        _basic("ann", "wrong-horse"),
+        _basic("bob", "correct-horse"),
+        {"Authorization": "Bearer correct-horse"},
+        {},
+    ):
         assert client.get("/gradio_api/info", headers=bad).status_code == 401
 
 

@@ -30,7 +30,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and Path(CHROMEDRIVER).is_file()) and not os.environ.get("CI"),
-    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)")
+    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run does)",
+)
 
 
 TOKEN = "browser-test-token-0123456789"  # the app runs with credentials: every request below carries them
@@ -75,18 +76,45 @@ def server(tmp_path_factory, demo_dataset, tiny_models_yaml):
     torch.manual_seed(0)
     adapter = _trained_like(DynaIPAdapter(DynaIPConfig.tiny())).save_pretrained(root / "adapter")
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "DYNAIP_SERVE_TOKEN": TOKEN}  # credentials on loopback are enforced too (README: a shared machine)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "DYNAIP_SERVE_TOKEN": TOKEN,
+    }  # credentials on loopback are enforced too (README: a shared machine)
     log = open(root / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "dynaip.cli", "serve", "--models", str(tiny_models_yaml),
-                             "--adapter", str(adapter), "--dataset", str(demo_dataset), "--out", str(root / "gen"),
-                             "--port", str(port), "--page-size", "2", "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dynaip.cli",
+            "serve",
+            "--models",
+            str(tiny_models_yaml),
+            "--adapter",
+            str(adapter),
+            "--dataset",
+            str(demo_dataset),
+            "--out",
+            str(root / "gen"),
+            "--port",
+            str(port),
+            "--page-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=root,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"dynaip serve exited with {proc.returncode}: {(root / 'serve.log').read_text()[-3000:]}")
+            raise RuntimeError(
+                f"dynaip serve exited with {proc.returncode}: {(root / 'serve.log').read_text()[-3000:]}"
+            )
         try:
             with _get(url + "/", timeout=5) as r:
                 if r.status == 200:
@@ -119,8 +147,14 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900",
-                "--disable-gpu", "--no-first-run"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        "--disable-gpu",
+        "--no-first-run",
+    ):
         opts.add_argument(arg)
     if CHROMIUM:
         opts.binary_location = CHROMIUM
@@ -191,8 +225,9 @@ def test_datasets_page_against_the_dataset_api(server, browser, demo_dataset):
 
     def page_keys():
         box = browser.find_element(By.ID, "ds-samples-body")
-        return int(box.get_attribute("data-page")), [c.get_attribute("data-key")
-                                                     for c in box.find_elements(By.CSS_SELECTOR, ".dyn-card")]
+        return int(box.get_attribute("data-page")), [
+            c.get_attribute("data-key") for c in box.find_elements(By.CSS_SELECTOR, ".dyn-card")
+        ]
 
     assert _wait(browser, lambda: page_keys() == (1, keys[:2]), what="page 1")
     card = browser.find_element(By.CSS_SELECTOR, ".dyn-card")
@@ -222,9 +257,15 @@ def _draw(browser, canvas_id: str, left: bool):
     box = browser.find_element(By.ID, canvas_id)
     box.find_element(By.CSS_SELECTOR, 'button[aria-label="Brush"]').click()
     # wait for the editor's canvas to be laid out: strokes on a 0-pixel canvas go nowhere
-    canvas = _wait(browser, lambda: (c := max(box.find_elements(By.TAG_NAME, "canvas"),
-                                              key=lambda c: c.size["width"] * c.size["height"]))
-                   and c.size["width"] > 50 and c, what=f"the {canvas_id} canvas")
+    canvas = _wait(
+        browser,
+        lambda: (
+            (c := max(box.find_elements(By.TAG_NAME, "canvas"), key=lambda c: c.size["width"] * c.size["height"]))
+            and c.size["width"] > 50
+            and c
+        ),
+        what=f"the {canvas_id} canvas",
+    )
     w, h = canvas.size["width"], canvas.size["height"]
     side = min(w, h) * 0.8  # the square drawing area, centred
     x = -side * 0.3 if left else side * 0.3  # one thick stroke, top to bottom (every pointer move re-renders)
@@ -239,8 +280,9 @@ def _set_number(browser, elem_id: str, value):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    field = _wait(browser, lambda: browser.find_element(By.CSS_SELECTOR, f'#{elem_id} input[type="number"]'),
-                  what=elem_id)  # the tab's content renders a few (throttled) frames after the click
+    field = _wait(
+        browser, lambda: browser.find_element(By.CSS_SELECTOR, f'#{elem_id} input[type="number"]'), what=elem_id
+    )  # the tab's content renders a few (throttled) frames after the click
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys(str(value))
     field.send_keys(Keys.TAB)
@@ -256,7 +298,8 @@ def _press_and_read_status(browser, timeout: float = 300) -> str:
         "window.__statusChanges = 0; if (window.__statusObserver) window.__statusObserver.disconnect();"
         "window.__statusObserver = new MutationObserver(() => { window.__statusChanges += 1; });"
         "window.__statusObserver.observe(document.getElementById('gen-status'),"
-        " {subtree: true, childList: true, characterData: true, attributes: true});")
+        " {subtree: true, childList: true, characterData: true, attributes: true});"
+    )
     browser.find_element(By.ID, "gen-go").click()
     deadline, last, still_since = time.time() + timeout, -1, time.time()
     while time.time() < deadline:
@@ -334,6 +377,15 @@ def test_generate_page_two_references_with_drawn_masks(server, browser, tmp_path
 
     # the Python API with the same inputs gives the same picture
     pipe = DynaIPFluxPipeline.from_local(tiny_models, server["adapter"])
-    api = pipe(settings["prompt"], references=settings["references"], masks=masks, scale=settings["scale"], seed=3,
-               num_inference_steps=2, height=64, width=64, guidance_scale=settings["guidance_scale"])
+    api = pipe(
+        settings["prompt"],
+        references=settings["references"],
+        masks=masks,
+        scale=settings["scale"],
+        seed=3,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        guidance_scale=settings["guidance_scale"],
+    )
     assert np.array_equal(shown, np.asarray(api.images[0].convert("RGB")))

@@ -30,8 +30,11 @@ def dataset(tmp_path_factory):
     manifest["totals"].update(rejected=2, inputs=manifest["totals"]["inputs"] + 2)
     (d / "manifest.json").write_text(json.dumps(manifest))
     (d / "rejects.jsonl").write_text(
-        json.dumps({"source": "folder", "id": "small", "stage": "decode", "reason": "image smaller than 64 px"}) + "\n"
-        + json.dumps({"source": "folder", "id": "gone", "stage": "decode", "reason": "not a readable image"}) + "\n")
+        json.dumps({"source": "folder", "id": "small", "stage": "decode", "reason": "image smaller than 64 px"})
+        + "\n"
+        + json.dumps({"source": "folder", "id": "gone", "stage": "decode", "reason": "not a readable image"})
+        + "\n"
+    )
     return d
 
 
@@ -77,7 +80,9 @@ def test_sample_and_shard_links(dataset):
     r = client.get("/dataset/shard", params={"root": view.root, "shard": e.shard})
     assert r.content == (dataset / e.shard).read_bytes()
     assert client.get("/dataset/shard", params={"root": view.root, "shard": "manifest.json"}).status_code == 404
-    assert client.get("/dataset/sample", params={"root": "/elsewhere", "shard": e.shard, "key": e.key}).status_code == 404
+    assert (
+        client.get("/dataset/sample", params={"root": "/elsewhere", "shard": e.shard, "key": e.key}).status_code == 404
+    )
 
 
 def test_generation_inputs_are_checked_before_any_model_runs(tiny_models_yaml, tmp_path):
@@ -88,35 +93,67 @@ def test_generation_inputs_are_checked_before_any_model_runs(tiny_models_yaml, t
     painted = np.zeros((256, 256, 4), np.uint8)
     painted[:, :100, 3] = 255
     assert drawn_mask({"layers": [painted]})[:, :100].all() and drawn_mask({"layers": [painted * 0]}) is None
-    common = dict(scales=[1, 1, 1], granularities=[None] * 3, seed=1, steps=1, height=64, width=64, guidance=3.5,
-                  image_cfg=1.0)
+    common = dict(
+        scales=[1, 1, 1], granularities=[None] * 3, seed=1, steps=1, height=64, width=64, guidance=3.5, image_cfg=1.0
+    )
     cases = [
         (dict(prompt="", references=[ref, None, None], masks=[None] * 3, phrases=[""] * 3), "write a prompt"),
         (dict(prompt="x", references=[None] * 3, masks=[None] * 3, phrases=[""] * 3), "at least one reference"),
         (dict(prompt="x", references=[ref, ref, None], masks=[None] * 3, phrases=[""] * 3), "need one mask each"),
-        (dict(prompt="x", references=[ref, ref, None], masks=[{"layers": [painted]}, None, None], phrases=[""] * 3),
-         "draw a mask for reference 2"),
-        (dict(prompt="x", references=[ref, ref, None], masks=[{"layers": [painted]}, None, None],
-              phrases=["", "a cat", ""]), "not a mix"),
-        (dict(prompt="x", references=[ref, ref, None], masks=[None] * 3, phrases=["a cat", "", ""]),
-         "a phrase for every reference"),
+        (
+            dict(prompt="x", references=[ref, ref, None], masks=[{"layers": [painted]}, None, None], phrases=[""] * 3),
+            "draw a mask for reference 2",
+        ),
+        (
+            dict(
+                prompt="x",
+                references=[ref, ref, None],
+                masks=[{"layers": [painted]}, None, None],
+                phrases=["", "a cat", ""],
+            ),
+            "not a mix",
+        ),
+        (
+            dict(prompt="x", references=[ref, ref, None], masks=[None] * 3, phrases=["a cat", "", ""]),
+            "a phrase for every reference",
+        ),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             service.generate(**kwargs, **common)
-    with pytest.raises(ValueError, match=r"^seed 1180591620717411303424 is out of range: give a whole number from 0 "
-                                         r"to 18446744073709551615 \(2\^64 - 1\)$"):  # issue #35: the form sent 2**70
+    with pytest.raises(
+        ValueError,
+        match=r"^seed 1180591620717411303424 is out of range: give a whole number from 0 "
+        r"to 18446744073709551615 \(2\^64 - 1\)$",
+    ):  # issue #35: the form sent 2**70
         service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3, **{**common, "seed": 2**70})
     with pytest.raises(ValueError, match="seed 1.5 is out of range"):
         service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3, **{**common, "seed": 1.5})
     with pytest.raises(ValueError, match="started without a ControlNet"):
-        service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3, control_images=[ref],
-                         control_scales=[1.0], **common)
+        service.generate(
+            "x",
+            [ref, None, None],
+            masks=[None] * 3,
+            phrases=[""] * 3,
+            control_images=[ref],
+            control_scales=[1.0],
+            **common,
+        )
     with pytest.raises(ValueError, match="at least one of low / mid / high"):
-        service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3,
-                         **{**common, "granularities": [(0, 0, 0), None, None]})
-    out = service.generate("x", [ref, None, None], masks=[None] * 3, phrases=[""] * 3,
-                           **{**common, "granularities": [(1, 0, 0), None, None]})
+        service.generate(
+            "x",
+            [ref, None, None],
+            masks=[None] * 3,
+            phrases=[""] * 3,
+            **{**common, "granularities": [(0, 0, 0), None, None]},
+        )
+    out = service.generate(
+        "x",
+        [ref, None, None],
+        masks=[None] * 3,
+        phrases=[""] * 3,
+        **{**common, "granularities": [(1, 0, 0), None, None]},
+    )
     sidecar = json.loads(open(out.files[1]).read())
     assert sidecar["granularity"] == [[1.0, 0.0, 0.0]] and sidecar["seed"] == 1 and out.image.size == (64, 64)
     # masks found by phrase: the tiny random detector may find a box or not; either way no traceback
@@ -142,11 +179,16 @@ def test_uploads_over_the_limit_are_refused_in_one_line(dataset):
     assert ok.status_code == 200 and len(ok.json()) == 1
     big = _post_upload(client, 262145)  # gradio's own per-file limit
     assert big.status_code == 413 and big.text == "File size exceeded maximum allowed size of 262144 bytes."
-    inline = client.post("/gradio_api/call/generate", content=b"x" * (2 * 262144 + 2**20 + 1),
-                         headers={"content-type": "application/json"})  # from Content-Length, before reading
+    inline = client.post(
+        "/gradio_api/call/generate",
+        content=b"x" * (2 * 262144 + 2**20 + 1),
+        headers={"content-type": "application/json"},
+    )  # from Content-Length, before reading
     assert inline.status_code == 413
-    assert inline.text == "request body over 1572864 bytes refused; dynaip serve takes files up to 0.25 MB (--max-upload-mb)\n"
-
+    assert (
+        inline.text
+        == "request body over 1572864 bytes refused; dynaip serve takes files up to 0.25 MB (--max-upload-mb)\n"
+    )
 
 
 def test_body_limit_counts_a_streamed_body_without_content_length():
@@ -161,8 +203,9 @@ def test_body_limit_counts_a_streamed_body_without_content_length():
     async def echo(request):
         return JSONResponse({"bytes": len(await request.body())})
 
-    app = Starlette(routes=[Route("/echo", echo, methods=["POST"])],
-                    middleware=[Middleware(BodyLimit, limit=1000, hint="h")])
+    app = Starlette(
+        routes=[Route("/echo", echo, methods=["POST"])], middleware=[Middleware(BodyLimit, limit=1000, hint="h")]
+    )
     client = TestClient(app)
 
     def chunks(n):
@@ -188,8 +231,26 @@ def test_serve_command_line(monkeypatch, dataset, tmp_path, capsys, caplog):
     seen = {}
     monkeypatch.setattr(generation, "GenerationService", Service)
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(host=host, port=port, app=app))
-    assert main(["serve", "--dataset", str(dataset), "--host", "127.0.0.2", "--port", "8123", "--page-size", "3",
-                 "--out", str(tmp_path / "o"), "--max-upload-mb", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--dataset",
+                str(dataset),
+                "--host",
+                "127.0.0.2",
+                "--port",
+                "8123",
+                "--page-size",
+                "3",
+                "--out",
+                str(tmp_path / "o"),
+                "--max-upload-mb",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert {k: seen[k] for k in ("host", "port")} == {"host": "127.0.0.2", "port": 8123} and seen["controlnet"] is None
     from fastapi.testclient import TestClient
 
@@ -201,12 +262,14 @@ def test_serve_command_line(monkeypatch, dataset, tmp_path, capsys, caplog):
     assert seen["controlnet"] == [str(tmp_path), str(dataset)]  # the page then has two control slots
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)
-    for argv, message in ((["serve", "--dataset", str(tmp_path / "missing")], "manifest.json not found"),
-                          (["serve", "--page-size", "0"], "--page-size 0"),
-                          (["serve", "--port", "70000"], "--port 70000"),
-                          (["serve", "--max-upload-mb", "0"], "--max-upload-mb 0: give a size above 0"),
-                          (["serve", "--models", str(tmp_path / "m.yaml")], "does not exist"),
-                          (["serve", "--controlnet", str(tmp_path / "cn")], "--controlnet")):
+    for argv, message in (
+        (["serve", "--dataset", str(tmp_path / "missing")], "manifest.json not found"),
+        (["serve", "--page-size", "0"], "--page-size 0"),
+        (["serve", "--port", "70000"], "--port 70000"),
+        (["serve", "--max-upload-mb", "0"], "--max-upload-mb 0: give a size above 0"),
+        (["serve", "--models", str(tmp_path / "m.yaml")], "does not exist"),
+        (["serve", "--controlnet", str(tmp_path / "cn")], "--controlnet"),
+    ):
         caplog.clear()
         assert main(argv) == 2
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]

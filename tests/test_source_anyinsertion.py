@@ -31,12 +31,26 @@ from pipeline.sources.common import SourceError
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "manifests" / "anyinsertion.yaml"
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-SCHEMA = pa.schema([("id", pa.string()), ("split", pa.string()), ("category", pa.string()),
-                    ("main_label", pa.string()), ("ref_image", IMAGE), ("ref_mask", IMAGE),
-                    ("tar_image", IMAGE), ("tar_mask", IMAGE)])
-HF_FEATURES = {"info": {"features": {
-    **{c: {"dtype": "string", "_type": "Value"} for c in ("id", "split", "category", "main_label")},
-    **{c: {"_type": "Image"} for c in ("ref_image", "ref_mask", "tar_image", "tar_mask")}}}}
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("category", pa.string()),
+        ("main_label", pa.string()),
+        ("ref_image", IMAGE),
+        ("ref_mask", IMAGE),
+        ("tar_image", IMAGE),
+        ("tar_mask", IMAGE),
+    ]
+)
+HF_FEATURES = {
+    "info": {
+        "features": {
+            **{c: {"dtype": "string", "_type": "Value"} for c in ("id", "split", "category", "main_label")},
+            **{c: {"_type": "Image"} for c in ("ref_image", "ref_mask", "tar_image", "tar_mask")},
+        }
+    }
+}
 
 TAR_SIZE, REF_SIZE = (320, 256), (288, 256)  # (W, H): the shipped recipe's min_image_side is 256
 TAR_BOX, REF_BOX = (60, 40, 230, 200), (50, 30, 230, 220)  # the subject (XYXY) in each
@@ -69,8 +83,16 @@ def row(rid: str, label: str, seed: int, **override) -> dict:
     split, category, _ = rid.split("/")
     tar, tar_mask = scene(seed, TAR_SIZE, TAR_BOX)
     ref, ref_mask = scene(seed + 1000, REF_SIZE, REF_BOX)
-    r = {"id": rid, "split": split, "category": category, "main_label": label,
-         "ref_image": cell(ref), "ref_mask": cell(ref_mask), "tar_image": cell(tar), "tar_mask": cell(tar_mask)}
+    r = {
+        "id": rid,
+        "split": split,
+        "category": category,
+        "main_label": label,
+        "ref_image": cell(ref),
+        "ref_mask": cell(ref_mask),
+        "tar_image": cell(tar),
+        "tar_mask": cell(tar_mask),
+    }
     r.update(override)
     return r
 
@@ -84,16 +106,23 @@ def write_parquet(path: Path, rows: list[dict], row_group_size: int = 2, schema:
     return path
 
 
-GOOD = [("train/object/3458", "Book"), ("train/accessory/8724", "Hat"), ("test/object/9857", "Tomato"),
-        ("train/object/2418", "Banana"), ("train/accessory/4033", "Dress")]
+GOOD = [
+    ("train/object/3458", "Book"),
+    ("train/accessory/8724", "Hat"),
+    ("test/object/9857", "Tomato"),
+    ("train/object/2418", "Banana"),
+    ("train/accessory/4033", "Dress"),
+]
 
 
 def write_release(root: Path, person: bool = True) -> Path:
     """A folder of two Parquet files, several row groups each (sorted order: train-00000, then train-00001)."""
     rows = [row(rid, label, i) for i, (rid, label) in enumerate(GOOD)]
     write_parquet(root / "data" / "train-00000-of-00002.parquet", rows[:3])  # row groups of 2 + 1
-    write_parquet(root / "data" / "train-00001-of-00002.parquet",
-                  rows[3:] + ([row("train/person/6563", "person", 7)] if person else []))
+    write_parquet(
+        root / "data" / "train-00001-of-00002.parquet",
+        rows[3:] + ([row("train/person/6563", "person", 7)] if person else []),
+    )
     return root
 
 
@@ -122,8 +151,13 @@ def test_rows_become_cross_records_in_file_and_row_order(release):
     assert first.reference == ImageRef(path=path, column="ref_image", row=0)
     assert first.reference_mask == ImageRef(path=path, column="ref_mask", row=0)
     assert first.phrase == "Book" and first.caption is None and first.group == "anyinsertion-train/object/3458"
-    assert first.extra == {"split": "train", "category": "object", "main_label": "Book",
-                           "file": "data/train-00000-of-00002.parquet", "row": 0}
+    assert first.extra == {
+        "split": "train",
+        "category": "object",
+        "main_label": "Book",
+        "file": "data/train-00000-of-00002.parquet",
+        "row": 0,
+    }
     assert recs[3].image.row == 0 and recs[3].image.path.endswith("train-00001-of-00002.parquet")
     assert recs[2].image.row == 2  # the second row group of the first file: rows count from the file's start
 
@@ -137,8 +171,11 @@ def test_split_and_category_selection(release):
     assert [r.id for r in recs] == ["test/object/9857"]
     with pytest.raises(SourceError, match=r"no row has split 'val' .*splits present: test, train"):
         anyinsertion.read({"root": str(release), "split": "val"})
-    with pytest.raises(SourceError, match=r"'garment' is not a category of the AnyInsertion release \(its "
-                                          r"categories: accessory, object, person\)"):
+    with pytest.raises(
+        SourceError,
+        match=r"'garment' is not a category of the AnyInsertion release \(its "
+        r"categories: accessory, object, person\)",
+    ):
         anyinsertion.read({"root": str(release), "split": "test", "categories": ["garment"]})
 
 
@@ -149,14 +186,24 @@ def test_partial_download_warns_for_an_absent_category_and_says_what_it_selected
         it = anyinsertion.read({"root": str(release), "split": "test", "categories": ["accessory", "object"]})
     assert [r.id for r in it] == ["test/object/9857"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    want = (f"anyinsertion: no row has category 'accessory' in split 'test' under {release} (part of the release "
-            "downloaded?); reading the 1 row(s) of object")
+    want = (
+        f"anyinsertion: no row has category 'accessory' in split 'test' under {release} (part of the release "
+        "downloaded?); reading the 1 row(s) of object"
+    )
     assert warnings == [want]
-    assert it.selection == {"split": "test", "categories": ["accessory", "object"], "found": {"object": 1},
-                            "absent": ["accessory"], "rows_selected": 1,
-                            "files": ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"]}
-    with pytest.raises(SourceError, match=r"no row has category 'person' in split 'test' .*\(categories present: "
-                                          r"object\); fix source.categories"):
+    assert it.selection == {
+        "split": "test",
+        "categories": ["accessory", "object"],
+        "found": {"object": 1},
+        "absent": ["accessory"],
+        "rows_selected": 1,
+        "files": ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet"],
+    }
+    with pytest.raises(
+        SourceError,
+        match=r"no row has category 'person' in split 'test' .*\(categories present: "
+        r"object\); fix source.categories",
+    ):
         anyinsertion.read({"root": str(release), "split": "test", "categories": ["person"]})
 
 
@@ -225,8 +272,11 @@ def test_bad_files_stop_the_run_with_one_line(tmp_path, release):
     bad = write_parquet(tmp_path / "nomask" / "a.parquet", [r], schema=no_mask)
     with pytest.raises(SourceError) as e:
         anyinsertion.read({"root": str(bad)})
-    assert "has no column tar_mask" in str(e.value) and "its columns: id, split, category, main_label, ref_image" \
-        in str(e.value) and "\n" not in str(e.value)
+    assert (
+        "has no column tar_mask" in str(e.value)
+        and "its columns: id, split, category, main_label, ref_image" in str(e.value)
+        and "\n" not in str(e.value)
+    )
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(SourceError, match="is not a readable Parquet file"):
@@ -262,22 +312,29 @@ def bad_rows_file(root: Path) -> None:
     ]
     write_parquet(root / "data" / "train-00002-of-00002.parquet", rows, row_group_size=4)
     wrong = pa.schema([f if f.name != "tar_mask" else pa.field("tar_mask", pa.string()) for f in SCHEMA])
-    write_parquet(root / "extra" / "wrongtype.parquet", [row("train/object/wrongtype", "Cup", 60, tar_mask="mask.png")],
-                  schema=wrong)
+    write_parquet(
+        root / "extra" / "wrongtype.parquet",
+        [row("train/object/wrongtype", "Cup", 60, tar_mask="mask.png")],
+        schema=wrong,
+    )
     del tar
 
 
-READ_REJECTS = {"data/train-00002-of-00002-row6": "no id: data/train-00002-of-00002.parquet row 6",
-                "data/train-00002-of-00002-row7": "repeated id: data/train-00002-of-00002.parquet row 7 repeats "
-                                                  "'train/object/3458' (first at data/train-00000-of-00002.parquet row 0)",
-                "train/object/wrongtype": "image column of another type: tar_mask is string in extra/wrongtype.parquet, "
-                                          "expected image bytes"}
-DECODE_REJECTS = {"train/object/nobytes": "no image bytes (only a path, 'tar/123.png', is stored)",
-                  "train/object/nullcell": "no image bytes (the cell is null)",
-                  "train/object/garbage": "not a readable image",
-                  "train/person/masksize": "target mask is 100x100 but the target is 320x256",
-                  "train/object/refmasksize": "reference mask is 100x100 but the reference is 288x256",
-                  "train/object/emptymask": "target mask is empty"}
+READ_REJECTS = {
+    "data/train-00002-of-00002-row6": "no id: data/train-00002-of-00002.parquet row 6",
+    "data/train-00002-of-00002-row7": "repeated id: data/train-00002-of-00002.parquet row 7 repeats "
+    "'train/object/3458' (first at data/train-00000-of-00002.parquet row 0)",
+    "train/object/wrongtype": "image column of another type: tar_mask is string in extra/wrongtype.parquet, "
+    "expected image bytes",
+}
+DECODE_REJECTS = {
+    "train/object/nobytes": "no image bytes (only a path, 'tar/123.png', is stored)",
+    "train/object/nullcell": "no image bytes (the cell is null)",
+    "train/object/garbage": "not a readable image",
+    "train/person/masksize": "target mask is 100x100 but the target is 320x256",
+    "train/object/refmasksize": "reference mask is 100x100 but the reference is 288x256",
+    "train/object/emptymask": "target mask is empty",
+}
 
 
 def test_bad_rows_are_read_rejects_with_reasons(release):
@@ -375,9 +432,14 @@ def test_shipped_recipe_on_a_partial_download(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no row has category 'person' in split 'train'" in warnings[0]
     assert m["totals"]["inputs"] == 4  # the train rows: 2 accessory + 2 object
-    assert m["source_selection"] == {"split": "train", "categories": ["accessory", "object", "person"],
-                                     "found": {"accessory": 2, "object": 2}, "absent": ["person"],
-                                     "rows_selected": 4, "files": ["data/train-00000-of-00002.parquet"]}
+    assert m["source_selection"] == {
+        "split": "train",
+        "categories": ["accessory", "object", "person"],
+        "found": {"accessory": 2, "object": 2},
+        "absent": ["person"],
+        "rows_selected": 4,
+        "files": ["data/train-00000-of-00002.parquet"],
+    }
     on_disk = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert on_disk["source_selection"] == m["source_selection"]
 
@@ -408,8 +470,13 @@ def test_recipe_curates_cross_samples_with_white_references(tiny_models, tmp_pat
         assert words in rejects[rid]["reason"], (rid, rejects[rid])
         assert rejects[rid]["stage"] == ("read" if rid in READ_REJECTS else "decode")
     samples = {json.loads(s["json"])["source_id"]: s for s in iter_samples(out)}
-    assert {"train/object/3458", "train/accessory/8724", "train/object/2418", "train/accessory/4033",
-            "train/accessory/nolabel"} <= set(samples)
+    assert {
+        "train/object/3458",
+        "train/accessory/8724",
+        "train/object/2418",
+        "train/accessory/4033",
+        "train/accessory/nolabel",
+    } <= set(samples)
     rows = {rid: i for i, (rid, _) in enumerate(GOOD)}
     for rid in ("train/object/3458", "train/accessory/4033"):
         s = samples[rid]
@@ -418,7 +485,7 @@ def test_recipe_curates_cross_samples_with_white_references(tiny_models, tmp_pat
         assert meta["box"] == list(map(float, TAR_BOX)) and meta["phrase"] == dict(GOOD)[rid]
         mask = np.asarray(Image.open(io.BytesIO(s["mask.png"]))) > 127
         want = np.zeros(TAR_SIZE[::-1], bool)
-        want[TAR_BOX[1]:TAR_BOX[3], TAR_BOX[0]:TAR_BOX[2]] = True
+        want[TAR_BOX[1] : TAR_BOX[3], TAR_BOX[0] : TAR_BOX[2]] = True
         assert (mask == want).all(), "the sample's mask is tar_mask"
         tgt = np.asarray(Image.open(io.BytesIO(s["tgt.jpg"])))
         assert tgt.shape == (*TAR_SIZE[::-1], 3)
@@ -427,7 +494,7 @@ def test_recipe_curates_cross_samples_with_white_references(tiny_models, tmp_pat
         x0, y0, x1, y1 = meta["ref_box"]
         assert (x0, y0) < REF_BOX[:2] and (x1, y1) > REF_BOX[2:]  # the mask's box grown by the margin
         inside = np.zeros(src.shape[:2], bool)
-        inside[REF_BOX[1]:REF_BOX[3], REF_BOX[0]:REF_BOX[2]] = True
+        inside[REF_BOX[1] : REF_BOX[3], REF_BOX[0] : REF_BOX[2]] = True
         crop, keep = src[y0:y1, x0:x1], inside[y0:y1, x0:x1]
         assert (ref[keep] == crop[keep]).all() and (ref[~keep] == 255).all(), "subject on pure white"
         assert meta["caption_source"] == "model" and s["txt"].decode() == meta["caption"]

@@ -98,7 +98,9 @@ def test_pair_tar_as_published_says_to_extract_it(release, tmp_path):
     with tarfile.open(fileobj=buf, mode="w"):
         pass
     (alt / "Jsons" / "cross_video_pairs" / "cross_video_pairs.tar").write_bytes(buf.getvalue())
-    with pytest.raises(SourceError, match=r"holds cross_video_pairs.tar as published .*\(tar -xf cross_video_pairs.tar\)"):
+    with pytest.raises(
+        SourceError, match=r"holds cross_video_pairs.tar as published .*\(tar -xf cross_video_pairs.tar\)"
+    ):
         read_recipe(alt)
 
 

@@ -32,8 +32,15 @@ MANIFEST = REPO / "manifests" / "subjects200k.yaml"
 PANEL, PAD = 64, 4
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 QA = pa.struct([("compositeStructure", pa.int64()), ("objectConsistency", pa.int64()), ("imageQuality", pa.int64())])
-DESC = pa.struct([("item", pa.string()), ("description_0", pa.string()), ("description_1", pa.string()),
-                  ("category", pa.string()), ("description_valid", pa.bool_())])
+DESC = pa.struct(
+    [
+        ("item", pa.string()),
+        ("description_0", pa.string()),
+        ("description_1", pa.string()),
+        ("category", pa.string()),
+        ("description_valid", pa.bool_()),
+    ]
+)
 
 
 def photo(name: str, index: int = 0, mirror: bool = False) -> Image.Image:
@@ -61,8 +68,13 @@ def qa(a: int = 5, b: int = 5, c: int = 5) -> dict:
 
 
 def desc(item: str) -> dict:
-    return {"item": item, "description_0": f"the {item}, left scene", "description_1": f"the {item}, right scene",
-            "category": "Things", "description_valid": True}
+    return {
+        "item": item,
+        "description_0": f"the {item}, left scene",
+        "description_1": f"the {item}, right scene",
+        "category": "Things",
+        "description_valid": True,
+    }
 
 
 def build(root: Path) -> dict[str, str]:
@@ -73,29 +85,65 @@ def build(root: Path) -> dict[str, str]:
     data.mkdir(parents=True)
     astro, moto_l, moto_r = photo("astronaut"), photo("stereo_motorcycle", 0), photo("stereo_motorcycle", 1)
     rows = [  # (image cell, collection, quality_assessment, description, expected)
-        ({"bytes": diptych(astro, photo("astronaut", mirror=True)), "path": None}, "collection_2", qa(), desc("astronaut"), "pair"),
+        (
+            {"bytes": diptych(astro, photo("astronaut", mirror=True)), "path": None},
+            "collection_2",
+            qa(),
+            desc("astronaut"),
+            "pair",
+        ),
         ({"bytes": diptych(moto_l, moto_r), "path": None}, "collection_2", qa(), desc("motorcycle"), "pair"),
-        ({"bytes": diptych(photo("chelsea"), photo("coffee")), "path": None}, "collection_2", qa(5, 2, 5), desc("cat"),
-         "quality below source.min_quality=5: objectConsistency 2"),
-        ({"bytes": diptych(astro, astro), "path": None}, "collection_2", None, desc("astronaut"), "no quality_assessment"),
+        (
+            {"bytes": diptych(photo("chelsea"), photo("coffee")), "path": None},
+            "collection_2",
+            qa(5, 2, 5),
+            desc("cat"),
+            "quality below source.min_quality=5: objectConsistency 2",
+        ),
+        (
+            {"bytes": diptych(astro, astro), "path": None},
+            "collection_2",
+            None,
+            desc("astronaut"),
+            "no quality_assessment",
+        ),
         ({"bytes": None, "path": "img.png"}, "collection_2", qa(), desc("ghost"), "no image bytes (only a path"),
-        ({"bytes": diptych(astro, astro, width=100), "path": None}, "collection_2", qa(), desc("astronaut"),
-         "not a diptych: the image is 100x72, but two square panels side by side are 144x72"),
+        (
+            {"bytes": diptych(astro, astro, width=100), "path": None},
+            "collection_2",
+            qa(),
+            desc("astronaut"),
+            "not a diptych: the image is 100x72, but two square panels side by side are 144x72",
+        ),
         ({"bytes": diptych(moto_r, moto_l), "path": None}, "collection_1", qa(), desc("motorcycle"), "pair"),
         ({"bytes": diptych(moto_l, moto_r), "path": None}, "collection_2", qa(), desc("motorcycle"), "copy of r1"),
     ]
-    table = pa.table({"image": pa.array([r[0] for r in rows], IMAGE),
-                      "collection": pa.array([r[1] for r in rows], pa.string()),
-                      "quality_assessment": pa.array([r[2] for r in rows], QA),
-                      "description": pa.array([r[3] for r in rows], DESC)})
+    table = pa.table(
+        {
+            "image": pa.array([r[0] for r in rows], IMAGE),
+            "collection": pa.array([r[1] for r in rows], pa.string()),
+            "quality_assessment": pa.array([r[2] for r in rows], QA),
+            "description": pa.array([r[3] for r in rows], DESC),
+        }
+    )
     pq.write_table(table, data / "train-00000-of-00003.parquet", row_group_size=3)
-    wrong = pa.table({"image": pa.array(["x.png", "y.png"], pa.string()),
-                      "collection": pa.array(["collection_2"] * 2), "quality_assessment": pa.array([qa()] * 2, QA),
-                      "description": pa.array([desc("a"), desc("b")], DESC)})
+    wrong = pa.table(
+        {
+            "image": pa.array(["x.png", "y.png"], pa.string()),
+            "collection": pa.array(["collection_2"] * 2),
+            "quality_assessment": pa.array([qa()] * 2, QA),
+            "description": pa.array([desc("a"), desc("b")], DESC),
+        }
+    )
     pq.write_table(wrong, data / "train-00001-of-00003.parquet")
-    strings = pa.table({"image": pa.array([{"bytes": diptych(astro, astro), "path": None}] * 2, IMAGE),
-                        "collection": pa.array(["collection_2"] * 2), "quality_assessment": pa.array(["5,5,5", None]),
-                        "description": pa.array(["an astronaut", "an astronaut"])})
+    strings = pa.table(
+        {
+            "image": pa.array([{"bytes": diptych(astro, astro), "path": None}] * 2, IMAGE),
+            "collection": pa.array(["collection_2"] * 2),
+            "quality_assessment": pa.array(["5,5,5", None]),
+            "description": pa.array(["an astronaut", "an astronaut"]),
+        }
+    )
     pq.write_table(strings, data / "train-00003-of-00004.parquet")
     (data / "train-00002-of-00003.parquet").write_bytes(b"not parquet at all")
     out = {f"train-00000-of-00003-r{i:06d}": r[4] for i, r in enumerate(rows)}
@@ -123,23 +171,44 @@ def test_reader_rows_become_diptych_records_or_rejects(release):
     items = list(subjects200k.read({"root": str(root)}))
     recs, rejs = split(items)
     assert len(items) == len(truth) == 13  # every row (and the unreadable file) is one input
-    assert sorted(recs) == ["train-00000-of-00003-r000000", "train-00000-of-00003-r000001",
-                            "train-00000-of-00003-r000004", "train-00000-of-00003-r000005",
-                            "train-00000-of-00003-r000006", "train-00000-of-00003-r000007"]  # r4/r5: by decode
+    assert sorted(recs) == [
+        "train-00000-of-00003-r000000",
+        "train-00000-of-00003-r000001",
+        "train-00000-of-00003-r000004",
+        "train-00000-of-00003-r000005",
+        "train-00000-of-00003-r000006",
+        "train-00000-of-00003-r000007",
+    ]  # r4/r5: by decode
     for rid, r in rejs.items():
         assert truth[rid] in r.reason and r.stage == "read" and "\n" not in r.reason
     r = recs["train-00000-of-00003-r000001"]
     assert r.pair == "cross" and r.phrase == "motorcycle" and r.reference is None
     assert (r.image.column, r.image.row) == ("image", 1) and r.image.path.endswith("train-00000-of-00003.parquet")
-    assert r.diptych.padding == 8 and r.diptych.captions == ("the motorcycle, left scene", "the motorcycle, right scene")
-    assert r.extra == {"collection": "collection_2", "item": "motorcycle", "category": "Things",
-                       "quality_assessment": qa()}
+    assert r.diptych.padding == 8 and r.diptych.captions == (
+        "the motorcycle, left scene",
+        "the motorcycle, right scene",
+    )
+    assert r.extra == {
+        "collection": "collection_2",
+        "item": "motorcycle",
+        "category": "Things",
+        "quality_assessment": qa(),
+    }
 
 
 def test_reader_options(release):
     root, _ = release
-    recs, rejs = split(subjects200k.read({"root": str(root), "min_quality": None, "collections": ["collection_2"],
-                                         "padding": PAD, "phrase": "category"}))
+    recs, rejs = split(
+        subjects200k.read(
+            {
+                "root": str(root),
+                "min_quality": None,
+                "collections": ["collection_2"],
+                "padding": PAD,
+                "phrase": "category",
+            }
+        )
+    )
     assert "train-00000-of-00003-r000006" not in recs and "train-00000-of-00003-r000006" not in rejs  # not an input
     assert {"train-00000-of-00003-r000002", "train-00000-of-00003-r000003"} <= set(recs)  # no quality filter
     assert all(r.phrase == "Things" and r.diptych.padding == PAD for r in recs.values())
@@ -197,16 +266,22 @@ def test_diptychs_become_cross_samples_in_both_directions(release, tiny_models, 
     if original in rejects:  # the same pixels meet the same fate
         assert rejects[copy]["reason"] == rejects[original]["reason"]
     else:  # de-duplication removes the copy: the input is one reject, and both of its samples are gone
-        assert rejects[copy] == {"id": copy, "source": "subjects200k", "stage": "dedup",
-                                 "reason": f"duplicate of subjects200k-{original}-0"}
+        assert rejects[copy] == {
+            "id": copy,
+            "source": "subjects200k",
+            "stage": "dedup",
+            "reason": f"duplicate of subjects200k-{original}-0",
+        }
     for rid, why in truth.items():
         if why not in ("pair", "copy of r1"):
             assert why in rejects[rid]["reason"]
     accepted = [rid for rid, why in truth.items() if why == "pair" and rid not in rejects]
     assert len(accepted) == t["accepted"] >= 2  # the tiny models keep at least two of the three pairs
     assert t["samples"] == 2 * t["accepted"] and t["pairs"] == {"cross": 2 * t["accepted"]}
-    by_key = {s["key"]: {"json": json.loads(s["json"]), "txt": s["txt"].decode(),
-                         "tgt": Image.open(io.BytesIO(s["tgt.jpg"]))} for s in iter_samples(tmp_path / "ds")}
+    by_key = {
+        s["key"]: {"json": json.loads(s["json"]), "txt": s["txt"].decode(), "tgt": Image.open(io.BytesIO(s["tgt.jpg"]))}
+        for s in iter_samples(tmp_path / "ds")
+    }
     assert len(by_key) == t["samples"] and not any(copy in k for k in by_key)
     for rid in accepted:
         a, b = by_key[f"subjects200k-{rid}-0"], by_key[f"subjects200k-{rid}-1"]
@@ -239,7 +314,9 @@ def test_consistency_threshold_rejects_with_the_score(release, tiny_models, stag
     rejects = [json.loads(x) for x in (tmp_path / "ds" / "rejects.jsonl").read_text().splitlines()]
     cons = [r for r in rejects if r["stage"] == "consistency"]
     assert m["totals"]["accepted"] == 0 and len(cons) >= 2
-    assert all("consistency.min_score=1" in r["reason"] and "subjects differ: consistency 0." in r["reason"] for r in cons)
+    assert all(
+        "consistency.min_score=1" in r["reason"] and "subjects differ: consistency 0." in r["reason"] for r in cons
+    )
 
 
 def test_identical_cutouts_score_one(tiny_models):
@@ -252,8 +329,9 @@ def test_identical_cutouts_score_one(tiny_models):
     rec = SourceRecord(source="t", id="x", image=ImageRef(path="x.png"), diptych=Diptych())
     cut = np.asarray(photo("astronaut"))[:40]
     other = np.asarray(photo("chelsea"))
-    stage = ConsistencyStage(Recipe.from_dict({"source": {"kind": "folder"}, "consistency": {"min_score": 0.9999}}),
-                             tiny_models)
+    stage = ConsistencyStage(
+        Recipe.from_dict({"source": {"kind": "folder"}, "consistency": {"min_score": 0.9999}}), tiny_models
+    )
     same, diff = Item(record=rec, panel=0), Item(record=rec, panel=0)
     same.ref_image, diff.ref_image = cut, cut
     same.twin = Item(record=rec, panel=1)

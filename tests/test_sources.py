@@ -81,14 +81,17 @@ def test_check_rle_agrees_with_pycocotools_on_random_masks():
         if i % 3 == 0:
             m = fx.ellipse(h, w, h / 2, w / 2, h / 3 + 1, w / 3 + 1).astype(bool)
         rle = fx.encode(m)
-        assert check_rle(rle, h, w)[1] == int(mask_utils.area({**rle, "counts": rle["counts"].encode()})) == int(m.sum())
+        assert (
+            check_rle(rle, h, w)[1] == int(mask_utils.area({**rle, "counts": rle["counts"].encode()})) == int(m.sum())
+        )
 
 
 def test_glob_files_names_pattern_root_and_contents_when_empty(tmp_path):
     (tmp_path / "Jsons" / "mask_and_bbox").mkdir(parents=True)
     (tmp_path / "Jsons" / "mask_and_bbox" / "total_part1.json").write_text("{}")
     assert glob_files(tmp_path, "Jsons/*/total_part*.json", "k", "files") == [
-        tmp_path / "Jsons" / "mask_and_bbox" / "total_part1.json"]
+        tmp_path / "Jsons" / "mask_and_bbox" / "total_part1.json"
+    ]
     with pytest.raises(SourceError, match=rf"k: no files match 'Jsons/\*.json' under {tmp_path} \(it holds: Jsons\)"):
         glob_files(tmp_path, "Jsons/*.json", "k", "files")
 
@@ -206,7 +209,9 @@ def test_ffhq_category_filter_and_no_dedupe(ffhq_dir):
     ids = [r.id for r in flat]
     assert "00001_face0" in ids and "00002_face0" in ids and "00003_face0" not in ids
     assert next(r for r in flat if r.id == "00002_face0").image.path.endswith("00002.png")
-    with pytest.raises(SourceError, match=r"no entry of .* has category \['test'\] \(the file has: \['training', 'validation'\]\)"):
+    with pytest.raises(
+        SourceError, match=r"no entry of .* has category \['test'\] \(the file has: \['training', 'validation'\]\)"
+    ):
         ffhq.read({"root": str(root), "category": "test"})
 
 
@@ -243,8 +248,11 @@ def test_vitonhd_test_only_root_and_split_folder(tmp_path):
     records, rejects = split(list(vitonhd.read({"root": str(tmp_path), "split": "test"})))
     assert [r.id for r in records] == ["00000_00", "00001_00", "00002_00"] and not rejects
     # A root holding only test/ (the test-only download), read with the default split: a clear error.
-    with pytest.raises(SourceError, match=rf"split 'train' not found: {tmp_path} holds test/ but no train/image/; "
-                                          "set source.split: test"):
+    with pytest.raises(
+        SourceError,
+        match=rf"split 'train' not found: {tmp_path} holds test/ but no train/image/; "
+        "set source.split: test",
+    ):
         vitonhd.read({"root": str(tmp_path)})
     (tmp_path / "test_pairs.txt").unlink()
     records, _ = split(list(vitonhd.read({"root": str(truth["split_dir"]), "split": "test"})))
@@ -283,8 +291,14 @@ def test_opens2v_record_content(opens2v_dir):
     by_id = {r.id: r for r in opens2v.read({"root": str(root), "cross_pairs": PAIRS}) if isinstance(r, SourceRecord)}
     x0, x1, y0, y1 = truth["crop"]
     cat = by_id[f"{ids['catvid0']}/o2"]
-    assert cat.image.frame == truth["frame"] and cat.image.member is None and cat.image.path.endswith("catvid_segment_0.mp4")
-    assert cat.phrase == "cat" and cat.caption == "A cat looks around in a garden."  # face_cap_qwen, as upstream's loader
+    assert (
+        cat.image.frame == truth["frame"]
+        and cat.image.member is None
+        and cat.image.path.endswith("catvid_segment_0.mp4")
+    )
+    assert (
+        cat.phrase == "cat" and cat.caption == "A cat looks around in a garden."
+    )  # face_cap_qwen, as upstream's loader
     assert cat.extra["caption_key"] == "face_cap_qwen" and cat.extra["crop_xyxy"] == (x0, y0, x1, y1)
     assert cat.extra["mask_score"] == 0.90 and cat.extra["aes_score"] == 5.3  # score: [0.9] is read
     assert cat.masks[0]["size"] == list(truth["frame_hw"]) and decode_area(cat.masks[0]) == truth["areas"]["big"]
@@ -300,7 +314,9 @@ def test_opens2v_record_content(opens2v_dir):
     assert decode_area(fwd.reference_mask) == truth["areas"]["cat_c"] and fwd.masks == cat.masks
     back = by_id[f"{ids['catvid1']}/o1/f3>{ids['catvid0']}/o2/f3"]
     assert fwd.reference_box == back.boxes[0] and back.reference == cat.image
-    only_fwd = list(opens2v.read({"root": str(root), "cross_pairs": PAIRS, "intra": False, "cross_both_directions": False}))
+    only_fwd = list(
+        opens2v.read({"root": str(root), "cross_pairs": PAIRS, "intra": False, "cross_both_directions": False})
+    )
     assert [r.id for r in only_fwd if isinstance(r, SourceRecord)] == truth["cross"][::2]
     captions = list(opens2v.read({"root": str(root), "caption_keys": ["cap"], "intra": True}))
     assert next(r for r in captions if r.id == cat.id).caption == "Legacy caption: a cat in a short pan."
@@ -322,15 +338,23 @@ def test_opens2v_per_subject_filters(opens2v_dir):
     assert crowd == [1, 2, 4, 5, 7, 8]  # aes 5.0 5.7 5.9 6.1 5.5 5.2 kept; 4.9 and 4.6 not
     strict = split(list(opens2v.read({"root": str(root), "min_clip_aesthetic": 4.5, "max_masks": 2})))
     assert "min_clip_aesthetic 4.5" in strict[1][ids["dullvid0"]].reason
-    assert sorted(r.id for r in strict[0] if r.id.startswith(ids["crowdvid0"])) == [f"{ids['crowdvid0']}/o{o}" for o in (4, 5)]
+    assert sorted(r.id for r in strict[0] if r.id.startswith(ids["crowdvid0"])) == [
+        f"{ids['crowdvid0']}/o{o}" for o in (4, 5)
+    ]
     with pytest.raises(ValueError, match="min_aesthetic is gone.*min_subject_aesthetic"):
         opens2v.read({"root": str(root), "min_aesthetic": 4.5})
 
 
 def test_opens2v_filters_can_be_disabled(opens2v_dir):
     root, _ = opens2v_dir
-    cfg = {"root": str(root), "min_subject_aesthetic": None, "min_mask_frac": None, "dedup_iou": None,
-           "max_masks": None, "exclude_background": False}
+    cfg = {
+        "root": str(root),
+        "min_subject_aesthetic": None,
+        "min_mask_frac": None,
+        "dedup_iou": None,
+        "max_masks": None,
+        "exclude_background": False,
+    }
     records, rejects = split(list(opens2v.read(cfg)))
     assert not rejects
     assert len(records) == 4 + 1 + 2 + 8 + 1 + 1 + 1 + 2 + 1  # every object of the nine clips
@@ -346,9 +370,13 @@ def test_opens2v_mismatched_class_id_is_a_reject(opens2v_dir):
     ids = truth["ids"]
     rejects = split(list(opens2v.read({"root": str(root), "cross_pairs": PAIRS, "intra": False})))[1]
     rid = f"{ids['catvid0']}>{ids['catvid2']}@Jsons/cross_video_pairs/catvid.json#1"
-    assert rejects[rid].reason == (f"class id mismatch: cur_class_id 4 is 'grass' in {ids['catvid0']}, "
-                                   "but the pair says cur_class_name 'cat'")
-    assert "class id mismatch" in rejects[f"{ids['catvid2']}>{ids['catvid0']}@Jsons/cross_video_pairs/catvid.json#1"].reason
+    assert rejects[rid].reason == (
+        f"class id mismatch: cur_class_id 4 is 'grass' in {ids['catvid0']}, but the pair says cur_class_name 'cat'"
+    )
+    assert (
+        "class id mismatch"
+        in rejects[f"{ids['catvid2']}>{ids['catvid0']}@Jsons/cross_video_pairs/catvid.json#1"].reason
+    )
 
 
 def test_opens2v_legacy_pairs_placed_by_upstream_order(tmp_path):
@@ -412,8 +440,11 @@ def test_opens2v_cluster_index_is_not_read_as_pairs(opens2v_dir, tmp_path):
 def test_opens2v_layout_that_matches_nothing_is_an_error(opens2v_dir, tmp_path):
     root, _ = opens2v_dir
     # The flat glob of the older release finds nothing in the published nested tree.
-    with pytest.raises(SourceError, match=rf"opens2v: no annotation files \(source.clips\) match 'Jsons/\*.json' "
-                                          rf"under {root} \(it holds: Jsons, Videos\)"):
+    with pytest.raises(
+        SourceError,
+        match=rf"opens2v: no annotation files \(source.clips\) match 'Jsons/\*.json' "
+        rf"under {root} \(it holds: Jsons, Videos\)",
+    ):
         opens2v.read({"root": str(root), "clips": "Jsons/*.json"})
     with pytest.raises(SourceError, match="no cross-pair files"):
         opens2v.read({"root": str(root), "cross_pairs": "cross/*.json"})
@@ -432,7 +463,9 @@ def test_opens2v_streaming_keeps_memory_flat(tmp_path):
     are parsed, to keep the test short; BENCHMARKS.md has the multi-GB run with the recipe's filters.)"""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_opens2v_reader", REPO / "benchmarks" / "bench_opens2v_reader.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_opens2v_reader", REPO / "benchmarks" / "bench_opens2v_reader.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     made = bench.make_dataset(tmp_path / "ds", 24_000_000, pair_every=25)
@@ -545,7 +578,9 @@ def test_recipe_source_section_drives_the_reader(kind, tmp_path):
     through the registry with the same result as a plain mapping of the same options."""
     recipe_mod = pytest.importorskip("pipeline.recipe")
     registry = pytest.importorskip("pipeline.sources")
-    build = {"sa1b": fx.build_sa1b, "ffhq": fx.build_ffhq, "vitonhd": fx.build_vitonhd, "opens2v": fx.build_opens2v}[kind]
+    build = {"sa1b": fx.build_sa1b, "ffhq": fx.build_ffhq, "vitonhd": fx.build_vitonhd, "opens2v": fx.build_opens2v}[
+        kind
+    ]
     build(tmp_path)
     recipe = recipe_mod.Recipe.from_yaml(MANIFESTS / f"{kind}.yaml", source_root=str(tmp_path))
     assert recipe.source.kind == kind and recipe.seed == 0
@@ -576,14 +611,25 @@ def test_opens2v_cross_target_frame_without_annotation(opens2v_dir, tmp_path):
     root, truth = opens2v_dir
     ids = truth["ids"]
     (tmp_path / "pairs").mkdir()
-    pair = {"cur_id": ids["catvid0"], "aft_id": ids["catvid2"], "cur_class_id": "2", "aft_class_id": "1",
-            "cur_class_name": "cat", "aft_class_name": "cat", "text_similarity": 1.0, "image_similarity": 0.9,
-            "cur_frame_idx": 6}
+    pair = {
+        "cur_id": ids["catvid0"],
+        "aft_id": ids["catvid2"],
+        "cur_class_id": "2",
+        "aft_class_id": "1",
+        "cur_class_name": "cat",
+        "aft_class_name": "cat",
+        "text_similarity": 1.0,
+        "image_similarity": 0.9,
+        "cur_frame_idx": 6,
+    }
     (tmp_path / "pairs" / "c.json").write_text(json.dumps([pair]))
     (tmp_path / "Videos").symlink_to(root / "Videos")
     (tmp_path / "Jsons").symlink_to(root / "Jsons")
-    out = list(opens2v.read({"root": str(tmp_path), "intra": False, "cross_pairs": "pairs/*.json",
-                             "cross_both_directions": False}))
+    out = list(
+        opens2v.read(
+            {"root": str(tmp_path), "intra": False, "cross_pairs": "pairs/*.json", "cross_both_directions": False}
+        )
+    )
     assert len(out) == 1 and isinstance(out[0], SourceRecord)
     rec = out[0]  # aft frame defaults to the clip's ann_frame_idx
     assert rec.id == f"{ids['catvid0']}/o2/f6>{ids['catvid2']}/o1/f3"
@@ -608,8 +654,20 @@ def test_empty_match_is_a_one_line_error_before_any_model(opens2v_dir, tmp_path,
     monkeypatch.setattr(stages_module, "build_stages", lambda *a, **k: pytest.fail("a stage was built"))
     out = tmp_path / "out"
     with caplog.at_level(logging.ERROR):
-        rc = main(["curate", "--recipe", str(recipe), "--out", str(out), "--source-root", str(root),
-                   "--executor", "local", "--no-progress"])
+        rc = main(
+            [
+                "curate",
+                "--recipe",
+                str(recipe),
+                "--out",
+                str(out),
+                "--source-root",
+                str(root),
+                "--executor",
+                "local",
+                "--no-progress",
+            ]
+        )
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert rc == 2 and len(errors) == 1 and "\n" not in errors[0]
     assert "no annotation files (source.clips) match 'Jsons/*.json'" in errors[0] and str(root) in errors[0]

@@ -22,8 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("sig, status, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
-def test_a_signal_during_a_command_is_one_line_and_its_status(monkeypatch, caplog, capsys, tmp_path, sig, status,
-                                                              name):
+def test_a_signal_during_a_command_is_one_line_and_its_status(monkeypatch, caplog, capsys, tmp_path, sig, status, name):
     from dynaip.cli import main
     from dynaip.models import tiny
 
@@ -49,8 +48,11 @@ def test_a_signal_during_a_command_is_one_line_and_its_status(monkeypatch, caplo
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and (p.parts[-2] == "shards" or p.name == "rejects.jsonl")}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and (p.parts[-2] == "shards" or p.name == "rejects.jsonl")
+    }
 
 
 def test_sigterm_stops_local_curation_which_resumes_to_the_same_bytes(tiny_models_yaml, tiny_models, tmp_path):
@@ -62,14 +64,29 @@ def test_sigterm_stops_local_curation_which_resumes_to_the_same_bytes(tiny_model
     photos = tmp_path / "photos"
     write_sample_photos(photos, faces=1, names=["astronaut", "chelsea", "coffee"])
     recipe = tmp_path / "demo.yaml"
-    recipe.write_text((REPO / "manifests" / "demo.yaml").read_text().replace("inputs_per_shard: 4",
-                                                                             "inputs_per_shard: 1"))
+    recipe.write_text(
+        (REPO / "manifests" / "demo.yaml").read_text().replace("inputs_per_shard: 4", "inputs_per_shard: 1")
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
 
     def curate(out: Path) -> list[str]:
-        return [sys.executable, "-m", "dynaip.cli", "curate", "--recipe", str(recipe), "--out", str(out),
-                "--source-root", str(photos), "--models", str(tiny_models_yaml), "--executor", "local",
-                "--no-progress"]
+        return [
+            sys.executable,
+            "-m",
+            "dynaip.cli",
+            "curate",
+            "--recipe",
+            str(recipe),
+            "--out",
+            str(out),
+            "--source-root",
+            str(photos),
+            "--models",
+            str(tiny_models_yaml),
+            "--executor",
+            "local",
+            "--no-progress",
+        ]
 
     from pipeline.executor_local import run_local
     from pipeline.recipe import Recipe
@@ -102,9 +119,9 @@ def test_sigterm_stops_local_curation_which_resumes_to_the_same_bytes(tiny_model
     assert json.loads((out / "manifest.json").read_text()) == json.loads((clean / "manifest.json").read_text())
 
 
-def test_sigterm_during_local_training_keeps_the_last_checkpoint_and_resumes_bitwise(tmp_path, tiny_models_yaml,
-                                                                                     local_train_once, monkeypatch,
-                                                                                     caplog):
+def test_sigterm_during_local_training_keeps_the_last_checkpoint_and_resumes_bitwise(
+    tmp_path, tiny_models_yaml, local_train_once, monkeypatch, caplog
+):
     """`dynaip train --local`: SIGTERM at step 3 ends the run (143, one line) with the step-2 checkpoint and
     no partial one; `--resume` ends at the weights of an uninterrupted run."""
     from train_fixtures import local_train, same_adapter

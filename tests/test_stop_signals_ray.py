@@ -35,8 +35,12 @@ STOPPED = {signal.SIGINT: ("stopped by Ctrl-C (SIGINT)", 130), signal.SIGTERM: (
 def joining(ray) -> dict[str, str]:
     """The environment of a command that joins the head this process is connected to (the token: Ray's default
     file, which the head wrote)."""
-    return {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-            "RAY_AUTH_MODE": "token"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "RAY_AUTH_MODE": "token",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +127,9 @@ def no_temp_files(root: Path) -> bool:
 # ------------------------------------------------------------------------------------------- curate
 
 
-def test_sigterm_stops_curation_on_ray_which_resumes_to_the_same_bytes(head_env, tiny_models_yaml, tiny_models,
-                                                                        tmp_path):
+def test_sigterm_stops_curation_on_ray_which_resumes_to_the_same_bytes(
+    head_env, tiny_models_yaml, tiny_models, tmp_path
+):
     """`dynaip curate` (the Ray executor) on the shared head: SIGTERM once the first chunk is written."""
     from pipeline.demo_photos import write_sample_photos
     from pipeline.executor_local import run_local
@@ -135,17 +140,34 @@ def test_sigterm_stops_curation_on_ray_which_resumes_to_the_same_bytes(head_env,
     photos = tmp_path / "photos"
     write_sample_photos(photos, faces=1, names=["astronaut", "chelsea", "coffee"])
     recipe = tmp_path / "demo.yaml"
-    recipe.write_text((REPO / "manifests" / "demo.yaml").read_text()
-                      .replace("inputs_per_shard: 4", "inputs_per_shard: 1")
-                      .replace("executor:\n", "executor:\n  workers: 1\n"))
-    run_local(Recipe.from_yaml(recipe, source_root=str(photos)), tmp_path / "clean", tiny_models, progress=False)  # the reference (same bytes: test_synth.py)
+    recipe.write_text(
+        (REPO / "manifests" / "demo.yaml")
+        .read_text()
+        .replace("inputs_per_shard: 4", "inputs_per_shard: 1")
+        .replace("executor:\n", "executor:\n  workers: 1\n")
+    )
+    run_local(
+        Recipe.from_yaml(recipe, source_root=str(photos)), tmp_path / "clean", tiny_models, progress=False
+    )  # the reference (same bytes: test_synth.py)
 
     out = tmp_path / "ds"
-    args = ["curate", "--recipe", str(recipe), "--out", str(out), "--source-root", str(photos),
-            "--models", str(tiny_models_yaml), "--executor", "ray", "--no-progress"]
-    status, took, err, pid = stop_when(dynaip(*args), head_env,
-                                       lambda: bool(list((out / ".progress").glob("[0-9]*[0-9].json"))),
-                                       signal.SIGTERM)
+    args = [
+        "curate",
+        "--recipe",
+        str(recipe),
+        "--out",
+        str(out),
+        "--source-root",
+        str(photos),
+        "--models",
+        str(tiny_models_yaml),
+        "--executor",
+        "ray",
+        "--no-progress",
+    ]
+    status, took, err, pid = stop_when(
+        dynaip(*args), head_env, lambda: bool(list((out / ".progress").glob("[0-9]*[0-9].json"))), signal.SIGTERM
+    )
     assert_clean_stop(status, took, err, signal.SIGTERM)
     assert_no_ray_processes_left(pid)
     assert unlocked(out) and no_temp_files(out) and not (out / "manifest.json").exists()
@@ -154,16 +176,20 @@ def test_sigterm_stops_curation_on_ray_which_resumes_to_the_same_bytes(head_env,
 
 
 def _dataset(root: Path) -> tuple[dict[str, bytes], dict]:
-    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-             if p.is_file() and (p.parts[-2] == "shards" or p.name == "rejects.jsonl")}
+    files = {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and (p.parts[-2] == "shards" or p.name == "rejects.jsonl")
+    }
     return files, json.loads((root / "manifest.json").read_text())
 
 
 # --------------------------------------------------------------------------------------- precompute
 
 
-def test_sigint_stops_precompute_on_ray_which_resumes_to_the_same_bytes(head_env, tiny_models_yaml,
-                                                                         local_train_once, tmp_path):
+def test_sigint_stops_precompute_on_ray_which_resumes_to_the_same_bytes(
+    head_env, tiny_models_yaml, local_train_once, tmp_path
+):
     """`dynaip precompute` (encoder actors) on the shared head: Ctrl-C once the first feature shard is done."""
     from train_fixtures import write_dataset
 
@@ -177,8 +203,9 @@ def test_sigint_stops_precompute_on_ray_which_resumes_to_the_same_bytes(head_env
     assert main(["precompute", "--data", str(clean), "--executor", "local", *common]) == 0  # the reference
 
     args = ["precompute", "--data", str(data), "--executor", "ray", *common]
-    status, took, err, pid = stop_when(dynaip(*args), head_env,
-                                       lambda: bool(list(data.glob("features/*/.progress/0*.json"))), signal.SIGINT)
+    status, took, err, pid = stop_when(
+        dynaip(*args), head_env, lambda: bool(list(data.glob("features/*/.progress/0*.json"))), signal.SIGINT
+    )
     assert_clean_stop(status, took, err, signal.SIGINT)
     assert_no_ray_processes_left(pid)
     (feat,) = (data / "features").iterdir()
@@ -190,8 +217,11 @@ def test_sigint_stops_precompute_on_ray_which_resumes_to_the_same_bytes(head_env
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and ".progress" not in p.parts}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".progress" not in p.parts
+    }
 
 
 # -------------------------------------------------------------------------------------------- train

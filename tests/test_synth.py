@@ -20,8 +20,11 @@ PROMPTS = ["a red backpack", "  ", "a blue teapot"]
 
 def tree(root: Path) -> dict[str, str]:
     """Every output file's digest, except the per-chunk markers (they hold wall-clock timings)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and ".progress" not in p.parts}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".progress" not in p.parts
+    }
 
 
 def tiny_recipe(tmp: Path, **consistency) -> Path:
@@ -30,9 +33,18 @@ def tiny_recipe(tmp: Path, **consistency) -> Path:
     raw = yaml.safe_load((REPO / "manifests" / "synth.yaml").read_text())
     raw["source"].update({"prompts": PROMPTS, "seeds_per_subject": 2, "width": 64, "height": 32, "steps": 2})
     raw["detection"].update({"box_threshold": 0.05, "text_threshold": 0.05, "image_size": 64, "max_size": 128})
-    raw["filters"].update({"min_image_side": 16, "min_box_area": 0.0, "max_box_area": 1.0, "max_comparable_subjects": 100,
-                           "max_mask_components": 1000, "min_largest_component": 0.0, "min_mask_area": 0.0005,
-                           "min_reference_side": 2})
+    raw["filters"].update(
+        {
+            "min_image_side": 16,
+            "min_box_area": 0.0,
+            "max_box_area": 1.0,
+            "max_comparable_subjects": 100,
+            "max_mask_components": 1000,
+            "min_largest_component": 0.0,
+            "min_mask_area": 0.0005,
+            "min_reference_side": 2,
+        }
+    )
     raw["consistency"] = {"min_score": consistency.get("min_score")}
     raw["shards"]["inputs_per_shard"] = 2
     raw["executor"].update({"batch_size": 2, "device": "cpu", "workers": 1, "cpus_per_worker": 2})  # Ray: one actor
@@ -56,8 +68,19 @@ def test_reader_is_deterministic_and_checks_its_options(tmp_path):
     assert list(synth.read({**cfg, "seed": 4}))[0].extra != a[0].extra or True
     assert [x.extra["subject"] for x in synth.read({**cfg, "seed": 4})] != [x.extra["subject"] for x in a]
     # a prompt list: its order, the phrase option, one reject for an empty entry, custom templates and padding
-    got = list(synth.read({"prompts": PROMPTS, "phrase": "thing", "template": "two views of {subject}: {scene_0} | {scene_1}",
-                           "caption": "{subject}, {scene}", "padding": 2, "width": 64, "height": 32}))
+    got = list(
+        synth.read(
+            {
+                "prompts": PROMPTS,
+                "phrase": "thing",
+                "template": "two views of {subject}: {scene_0} | {scene_1}",
+                "caption": "{subject}, {scene}",
+                "padding": 2,
+                "width": 64,
+                "height": 32,
+            }
+        )
+    )
     assert [x.id for x in got] == ["p000000-s00", "p000001", "p000002-s00"]
     assert isinstance(got[1], Reject) and got[1].reason == "prompts[1] is empty"
     assert got[0].phrase == "thing" and got[0].diptych.padding == 2
@@ -65,16 +88,20 @@ def test_reader_is_deterministic_and_checks_its_options(tmp_path):
     assert got[0].diptych.captions[0].startswith("a red backpack, ")
     # a grammar of our own
     g = tmp_path / "g.yaml"
-    g.write_text(yaml.safe_dump({"attributes": ["tiny"], "categories": {"pets": ["hamster"]}, "scenes": ["indoors", "outdoors"]}))
+    g.write_text(
+        yaml.safe_dump({"attributes": ["tiny"], "categories": {"pets": ["hamster"]}, "scenes": ["indoors", "outdoors"]})
+    )
     assert {x.extra["subject"] for x in synth.read({"grammar": str(g), "subjects": 3})} == {"tiny hamster"}
     g.write_text("attributes: [x]\n")
-    errors = [({"grammar": str(g)}, "needs 'attributes' and 'scenes'"),
-              ({"subjcts": 3}, "unknown key 'source.subjcts'; did you mean 'subjects'"),
-              ({"width": 1000, "height": 500}, "multiples of 16"),
-              ({"width": 512, "height": 512}, "must be 2 × height"),
-              ({"steps": 0}, "'steps' = 0: must be >= 1"),
-              ({"template": "{what}"}, "bad placeholder"),
-              ({"prompts": "a cat"}, "'source.prompts' = 'a cat': expected a list")]
+    errors = [
+        ({"grammar": str(g)}, "needs 'attributes' and 'scenes'"),
+        ({"subjcts": 3}, "unknown key 'source.subjcts'; did you mean 'subjects'"),
+        ({"width": 1000, "height": 500}, "multiples of 16"),
+        ({"width": 512, "height": 512}, "must be 2 × height"),
+        ({"steps": 0}, "'steps' = 0: must be >= 1"),
+        ({"template": "{what}"}, "bad placeholder"),
+        ({"prompts": "a cat"}, "'source.prompts' = 'a cat': expected a list"),
+    ]
     for opts, words in errors:
         with pytest.raises(ValueError, match=words):
             synth.read(opts)
@@ -150,8 +177,10 @@ def test_consistency_threshold_rejects_the_pairs_below_it(local_run, tiny_models
     for rid, score in scores.items():
         if score < cut:
             assert rejects[rid]["stage"] == "consistency"
-            assert rejects[rid]["reason"] == (f"subjects differ: consistency {score:.4f} (OpenCLIP cosine of the two "
-                                              f"cut-outs) < consistency.min_score={cut:g}")
+            assert rejects[rid]["reason"] == (
+                f"subjects differ: consistency {score:.4f} (OpenCLIP cosine of the two "
+                f"cut-outs) < consistency.min_score={cut:g}"
+            )
         else:
             assert rid in kept
     assert any(s < cut for s in scores.values())
@@ -164,8 +193,24 @@ def test_synth_cli_runs_a_synth_recipe(local_run, tiny_models_yaml, tmp_path, ca
 
     recipe, _ = local_run
     out = tmp_path / "cli"
-    assert main(["synth", str(recipe), "--out", str(out), "--models", str(tiny_models_yaml), "--executor", "local",
-                 "--limit", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                str(recipe),
+                "--out",
+                str(out),
+                "--models",
+                str(tiny_models_yaml),
+                "--executor",
+                "local",
+                "--limit",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert f"{out}: 0 inputs" in capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
     assert m["source"]["kind"] == "synth" and m["recipe"]["source"]["width"] == 64
@@ -180,24 +225,32 @@ def test_synth_refuses_other_recipes(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_ctrl_c_stops_synth_on_ray_which_resumes_to_the_same_bytes(local_run, tiny_models_yaml, ray_cluster,
-                                                                   tmp_path):
+def test_ctrl_c_stops_synth_on_ray_which_resumes_to_the_same_bytes(local_run, tiny_models_yaml, ray_cluster, tmp_path):
     """`dynaip synth` (the Ray executor) in its own process on the module's loopback Ray head: Ctrl-C once its
     first chunk is written ends it within 10 s (one line, 130, the lock released, no actor of its job left),
     and the same command run again ends in the local executor's bytes (tests/test_stop_signals_ray.py)."""
     import signal
 
-    from test_stop_signals_ray import (assert_clean_stop, assert_no_ray_processes_left, dynaip, joining, stop_when,
-                                       unlocked)
+    from test_stop_signals_ray import (
+        assert_clean_stop,
+        assert_no_ray_processes_left,
+        dynaip,
+        joining,
+        stop_when,
+        unlocked,
+    )
 
     from dynaip.cli import main
 
     recipe, local = local_run
     out = tmp_path / "ray"
     args = ["synth", str(recipe), "--out", str(out), "--models", str(tiny_models_yaml), "--no-progress"]
-    status, took, err, pid = stop_when(dynaip(*args), joining(ray_cluster),
-                                       lambda: bool(list((out / ".progress").glob("[0-9]*[0-9].json"))),
-                                       signal.SIGINT)
+    status, took, err, pid = stop_when(
+        dynaip(*args),
+        joining(ray_cluster),
+        lambda: bool(list((out / ".progress").glob("[0-9]*[0-9].json"))),
+        signal.SIGINT,
+    )
     assert_clean_stop(status, took, err, signal.SIGINT)
     assert_no_ray_processes_left(pid)
     done = len(list((out / ".progress").glob("[0-9]*[0-9].json")))

@@ -22,6 +22,7 @@ from train_fixtures import write_dataset
 
 # ----------------------------------------------------------------------------- the step, in-process
 
+
 def test_step_overfits_and_changes_only_adapter_parameters(tiny_models, tmp_path):
     from dynaip import DynaIPAdapter, DynaIPConfig
     from dynaip.train.data import StreamingLoader, StreamSpec, read_manifests
@@ -29,8 +30,9 @@ def test_step_overfits_and_changes_only_adapter_parameters(tiny_models, tmp_path
 
     data = write_dataset(tmp_path / "d", [2], size=64)
     frozen = load_frozen(tiny_models, torch.device("cpu"), torch.float32)
-    spec = StreamSpec(shards=read_manifests([str(data)]), batch_size=2, ref_size=frozen.clip.image_size,
-                      buckets=[(64, 64)])
+    spec = StreamSpec(
+        shards=read_manifests([str(data)]), batch_size=2, ref_size=frozen.clip.image_size, buckets=[(64, 64)]
+    )
     batch = next(iter(StreamingLoader(spec, 0, 1, workers=0)))
     torch.manual_seed(0)
     adapter = DynaIPAdapter(DynaIPConfig.tiny())
@@ -42,8 +44,15 @@ def test_step_overfits_and_changes_only_adapter_parameters(tiny_models, tmp_path
     def fixed_loss() -> float:  # same noise, t and samples every time
         adapter.eval()
         with torch.no_grad():
-            loss = training_loss(frozen, adapter, adapter, batch, settings, torch.Generator().manual_seed(1),
-                                 torch.Generator().manual_seed(2)).item()
+            loss = training_loss(
+                frozen,
+                adapter,
+                adapter,
+                batch,
+                settings,
+                torch.Generator().manual_seed(1),
+                torch.Generator().manual_seed(2),
+            ).item()
         adapter.train()
         return loss
 
@@ -66,6 +75,7 @@ def test_step_overfits_and_changes_only_adapter_parameters(tiny_models, tmp_path
 
 
 # ----------------------------------------------------------------------------- Ray Train, two workers
+
 
 class Listeners:
     """Samples the listening sockets of this process and its descendants (Ray's GCS, raylet, agents,
@@ -110,9 +120,18 @@ def run_setup(tmp_path_factory, tiny_models_yaml):
     intra = write_dataset(root / "intra", [3, 2], size=64)
     cross = write_dataset(root / "cross", [2, 3], pair="cross", start=50, size=64, corrupt={1: "truncate"})
     cfg = yaml.safe_load(Path("jobs/configs/tiny.yaml").read_text())
-    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": 3, "pair": "intra", "data": [str(intra)]},
-                       {"name": "cross", "steps": 3, "pair": "cross"}],
-               lr=1e-2, checkpoint_every=2, eval_every=6, sample_every=6, sample_steps=2)
+    cfg = set_keys(
+        cfg,
+        stages=[
+            {"name": "intra", "steps": 3, "pair": "intra", "data": [str(intra)]},
+            {"name": "cross", "steps": 3, "pair": "cross"},
+        ],
+        lr=1e-2,
+        checkpoint_every=2,
+        eval_every=6,
+        sample_every=6,
+        sample_steps=2,
+    )
     config = root / "test.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return root, config, cross, tiny_models_yaml
@@ -122,8 +141,10 @@ def _train(run_setup, out: str, *extra: str) -> Path:
     from dynaip.train.cli import main
 
     root, config, cross, models = run_setup
-    assert main(["--config", str(config), "--data", str(cross), "--out", str(root / out),
-                 "--models", str(models), *extra]) == 0
+    assert (
+        main(["--config", str(config), "--data", str(cross), "--out", str(root / out), "--models", str(models), *extra])
+        == 0
+    )
     return root / out
 
 
@@ -240,10 +261,23 @@ def mix_setup(tmp_path_factory, tiny_models_yaml):
     b = write_dataset(root / "b", [2, 2], size=64, start=200, quality=score)
     cross = write_dataset(root / "cross", [2, 3], pair="cross", start=50, size=64)
     cfg = yaml.safe_load(Path("jobs/configs/tiny.yaml").read_text())
-    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": 3, "pair": "intra", "filters": {"min_aesthetic": 1.0},
-                        "data": [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}]},
-                       {"name": "cross", "steps": 3, "pair": "cross"}],
-               lr=1e-2, checkpoint_every=2, eval_every=6, sample_every=0)
+    cfg = set_keys(
+        cfg,
+        stages=[
+            {
+                "name": "intra",
+                "steps": 3,
+                "pair": "intra",
+                "filters": {"min_aesthetic": 1.0},
+                "data": [{"path": str(a), "weight": 3}, {"path": str(b), "weight": 1}],
+            },
+            {"name": "cross", "steps": 3, "pair": "cross"},
+        ],
+        lr=1e-2,
+        checkpoint_every=2,
+        eval_every=6,
+        sample_every=0,
+    )
     config = root / "test.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return root, config, cross, tiny_models_yaml

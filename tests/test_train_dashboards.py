@@ -20,8 +20,16 @@ def setup(tmp_path_factory, tiny_models_yaml):
     root = tmp_path_factory.mktemp("dash")
     data = write_dataset(root / "data", [4], size=64)
     cfg = yaml.safe_load(Path("jobs/configs/tiny.yaml").read_text())
-    cfg = set_keys(cfg, stages=[{"name": "intra", "steps": 2, "pair": "intra"}, {"name": "more", "steps": 1}],
-               global_batch_size=2, log_every=1, eval_every=3, sample_every=2, sample_steps=2, checkpoint_every=0)
+    cfg = set_keys(
+        cfg,
+        stages=[{"name": "intra", "steps": 2, "pair": "intra"}, {"name": "more", "steps": 1}],
+        global_batch_size=2,
+        log_every=1,
+        eval_every=3,
+        sample_every=2,
+        sample_steps=2,
+        checkpoint_every=0,
+    )
     config = root / "dash.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return root, config, data, tiny_models_yaml
@@ -38,15 +46,24 @@ def test_tensorboard_events_of_a_tiny_run(setup):
 
     root, config, data, models = setup
     run = root / "local"
-    assert main(["--config", str(config), "--data", str(data), "--out", str(run), "--models", str(models),
-                 "--local"]) == 0
+    assert (
+        main(["--config", str(config), "--data", str(data), "--out", str(run), "--models", str(models), "--local"]) == 0
+    )
     events = list((run / "tb").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file under RUN/tb"
     acc = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ("train/loss", "train/lr", "train/samples_per_s", "train/data_wait_fraction", "train/grad_norm",
-                "progress/stage", "progress/total", "val/loss"):
+    for tag in (
+        "train/loss",
+        "train/lr",
+        "train/samples_per_s",
+        "train/data_wait_fraction",
+        "train/grad_norm",
+        "progress/stage",
+        "progress/total",
+        "val/loss",
+    ):
         assert tag in tags["scalars"], (tag, tags["scalars"])
     rows = [r for r in _rows(run) if "loss" in r]  # metrics.jsonl stays, with the same numbers
     loss = acc.Scalars("train/loss")

@@ -8,8 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from dynaip.train.data import (StreamingLoader, StreamSpec, WorkerPosition, consumer_batches, iter_tar,
-                               range_length, read_manifests)
+from dynaip.train.data import (
+    StreamingLoader,
+    StreamSpec,
+    WorkerPosition,
+    consumer_batches,
+    iter_tar,
+    range_length,
+    read_manifests,
+)
 
 from train_fixtures import write_dataset
 
@@ -145,7 +152,7 @@ def test_an_epoch_streams_each_shard_once_in_the_per_block_order(uneven, monkeyp
                 blen = min(spec.shuffle_block, k - b0)
                 raws = list(data.iter_positions(shards, starts, c * k + b0, c * k + b0 + blen))
                 want += [raws[j]["__key__"].decode() for j in data.block_permutation(spec, epoch, c, b0 // 2, blen)]
-            assert got[epoch * k:(epoch + 1) * k] == want
+            assert got[epoch * k : (epoch + 1) * k] == want
         opens.clear()  # verified by now: an epoch opens each shard its range touches once
         list(itertools.islice(data.consumer_samples(spec, c, consumers, pos), k))
         shards, starts = data.epoch_order(spec, pos.epoch)

@@ -40,8 +40,13 @@ class FallingJudge:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 judge.requests += 1
                 answer = "Score: 4" if judge.requests <= judge.first else "Score: 2"
-                data = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": answer}}]}).encode()
+                data = json.dumps(
+                    {
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}
+                        ]
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -58,7 +63,9 @@ class FallingJudge:
 
 
 def _records(run: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "fidelity"]
+    return [
+        r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "fidelity"
+    ]
 
 
 def test_fidelity_curves_best_checkpoint_keep_and_resume(local_train_once, tiny_models_yaml, tmp_path):
@@ -72,12 +79,20 @@ def test_fidelity_curves_best_checkpoint_keep_and_resume(local_train_once, tiny_
     judge = FallingJudge(first=2 * 2)  # 2 cases x (CP + PF)
     try:
         raw = yaml.safe_load(config.read_text())
-        raw["fidelity"] = {"every": 2, "cases": "dbpp", "limit": 2, "steps": 1, "size": [16, 16],
-                           "metrics": METRICS, "eval_config": "eval.yaml"}  # relative: against the config's folder
+        raw["fidelity"] = {
+            "every": 2,
+            "cases": "dbpp",
+            "limit": 2,
+            "steps": 1,
+            "size": [16, 16],
+            "metrics": METRICS,
+            "eval_config": "eval.yaml",
+        }  # relative: against the config's folder
         raw["checkpoints"] = {**raw["checkpoints"], "keep": 1, "keep_best": KEEP_BEST}
         write_dreambench(tmp_path / "dbpp", {"animal": 1, "object": 1})
-        write_eval_config(tmp_path, [{"name": "falling", "base_url": judge.url, "model": "m", "retry_backoff_s": 0,
-                                      "timeout_s": 20}])
+        write_eval_config(
+            tmp_path, [{"name": "falling", "base_url": judge.url, "model": "m", "retry_backoff_s": 0, "timeout_s": 20}]
+        )
         cfg = tmp_path / "fidelity.yaml"
         cfg.write_text(yaml.safe_dump(raw))
         run = tmp_path / "run"
@@ -124,12 +139,13 @@ def test_keep_best_rules_and_the_best_record(tmp_path):
     from dynaip.train.fidelity import select_cases, load_cases
 
     base = {"stages": [{"name": "a", "steps": 8}], "checkpoints": {"every": 2, "keep_best": "clip_i"}}
-    for fidelity, words in (({}, "needs fidelity evaluations"),
-                            ({"every": 3, "cases": "x"}, "must be a multiple of checkpoints.every=2"),
-                            ({"every": 4, "cases": "x", "metrics": ["dino"], "eval_config": "e.yaml"},
-                             "is not among fidelity.metrics"),
-                            ({"every": 4, "cases": "x", "metrics": ["cp"]}, "need fidelity.eval_config"),
-                            ({"every": 4}, "fidelity.cases is not")):
+    for fidelity, words in (
+        ({}, "needs fidelity evaluations"),
+        ({"every": 3, "cases": "x"}, "must be a multiple of checkpoints.every=2"),
+        ({"every": 4, "cases": "x", "metrics": ["dino"], "eval_config": "e.yaml"}, "is not among fidelity.metrics"),
+        ({"every": 4, "cases": "x", "metrics": ["cp"]}, "need fidelity.eval_config"),
+        ({"every": 4}, "fidelity.cases is not"),
+    ):
         with pytest.raises(ConfigError, match=words):
             TrainConfig.from_dict({**base, "fidelity": fidelity})
     assert TrainConfig.from_dict({**base, "fidelity": {"every": 4, "cases": "x"}}).fidelity.limit == 16
@@ -168,10 +184,11 @@ def test_fidelity_inputs_are_checked_before_the_run_starts(local_train_once, tin
     config, _ = local_train_once
     raw = yaml.safe_load(config.read_text())
     write_dreambench(tmp_path / "dbpp", {"object": 1})
-    for fidelity, words in (({"cases": "missing"}, "fidelity.cases '.*missing' does not exist"),
-                            ({"cases": "dbpp", "metrics": ["dino"], "eval_config": "eval.yaml"},
-                             "names no dino weights"),
-                            ({"cases": "dbpp", "metrics": ["pf"], "eval_config": "eval.yaml"}, "lists no judges")):
+    for fidelity, words in (
+        ({"cases": "missing"}, "fidelity.cases '.*missing' does not exist"),
+        ({"cases": "dbpp", "metrics": ["dino"], "eval_config": "eval.yaml"}, "names no dino weights"),
+        ({"cases": "dbpp", "metrics": ["pf"], "eval_config": "eval.yaml"}, "lists no judges"),
+    ):
         (tmp_path / "eval.yaml").write_text("protocol: dreambench\n")
         cfg = tmp_path / "bad.yaml"
         cfg.write_text(yaml.safe_dump({**raw, "fidelity": {"every": 2, **fidelity}}))
@@ -193,8 +210,7 @@ def test_prompts_without_loaded_text_encoders_match_the_loaded_ones(tiny_models)
     from dynaip.train.fidelity import FidelityEval
     from dynaip.train.step import encode_prompts
 
-    frozen = SimpleNamespace(pipe=SimpleNamespace(text_encoder_2=None), device=torch.device("cpu"),
-                             dtype=torch.float32)
+    frozen = SimpleNamespace(pipe=SimpleNamespace(text_encoder_2=None), device=torch.device("cpu"), dtype=torch.float32)
     evaluator = FidelityEval.__new__(FidelityEval)  # only the prompt encoding, without a training run around it
     evaluator.models, evaluator.frozen = tiny_models, frozen
     got = evaluator._encode_prompts(["a photo of the object 0", "a dog"], 32)

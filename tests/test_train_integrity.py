@@ -22,8 +22,14 @@ def _fresh_verdicts():
 
 
 def _spec(d: Path, policy: str = "error") -> StreamSpec:
-    return StreamSpec(shards=read_manifests([str(d)]), batch_size=1, shuffle_block=3, ref_size=28,
-                      buckets=[(32, 32)], on_corrupt_shard=policy)
+    return StreamSpec(
+        shards=read_manifests([str(d)]),
+        batch_size=1,
+        shuffle_block=3,
+        ref_size=28,
+        buckets=[(32, 32)],
+        on_corrupt_shard=policy,
+    )
 
 
 def _flip_a_byte(shard: Path) -> None:
@@ -117,9 +123,11 @@ def test_config_data_section_is_typed():
 def test_the_error_inside_a_ray_failure_is_cut_to_its_own_line():
     from dynaip.train.trainer import _integrity_line
 
-    worker = RuntimeError("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
-                          "dynaip.train.shard_integrity.ShardIntegrityError: shard /d/000001.tar has sha256 ab…; "
-                          "restore it\n")
+    worker = RuntimeError(
+        'Traceback (most recent call last):\n  File "x.py", line 1\n'
+        "dynaip.train.shard_integrity.ShardIntegrityError: shard /d/000001.tar has sha256 ab…; "
+        "restore it\n"
+    )
     try:
         try:
             raise worker

@@ -36,27 +36,46 @@ def two(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- config
 
+
 def test_stage_data_entries_plain_or_weighted():
     plain = StageConfig(name="s", steps=1, data=["/d/a", "/d/b"])
     assert plain.paths == ["/d/a", "/d/b"] and plain.weights is None  # plain paths: today's concatenation
     mixed = StageConfig(name="s", steps=1, data=["/d/a", {"path": "/d/b", "weight": 3}])
     assert mixed.weights == [1.0, 3.0]  # a plain path in a weighted list weighs 1
-    cfg = TrainConfig.from_dict({"stages": [{"name": "s", "steps": 1, "data": [{"path": "/d/a", "weight": 2}],
-                                             "filters": {"min_aesthetic": 4.5, "min_sharpness": 0.1,
-                                                         "min_subject_pixels": 900}}]})
+    cfg = TrainConfig.from_dict(
+        {
+            "stages": [
+                {
+                    "name": "s",
+                    "steps": 1,
+                    "data": [{"path": "/d/a", "weight": 2}],
+                    "filters": {"min_aesthetic": 4.5, "min_sharpness": 0.1, "min_subject_pixels": 900},
+                }
+            ]
+        }
+    )
     again = TrainConfig.from_dict(cfg.to_dict())  # what workers and checkpoints carry
     assert again.stages[0].weights == [2.0]
     assert again.stages[0].filters.active() == {"aesthetic": 4.5, "sharpness": 0.1, "subject_pixels": 900.0}
     assert FilterConfig().active() == {}
 
 
-@pytest.mark.parametrize("stage, message", [
-    ({"data": [{"path": "/d/a", "weigth": 3}]}, r"unknown key 'stages\[0\]\.data\[0\]\.weigth'; did you mean 'weight'\?"),
-    ({"data": [{"path": "/d/a", "weight": 0}]}, "weight must be a number > 0"),
-    ({"data": ["/d/a", {"path": "/d/a", "weight": 2}]}, "lists /d/a more than once"),
-    ({"filters": {"min_aesthetics": 3}}, r"unknown key 'stages\[0\]\.filters\.min_aesthetics'; did you mean 'min_aesthetic'\?"),
-    ({"datasets": ["/d/a"]}, r"unknown key 'stages\[0\]\.datasets'; did you mean 'data'\?"),
-])
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        (
+            {"data": [{"path": "/d/a", "weigth": 3}]},
+            r"unknown key 'stages\[0\]\.data\[0\]\.weigth'; did you mean 'weight'\?",
+        ),
+        ({"data": [{"path": "/d/a", "weight": 0}]}, "weight must be a number > 0"),
+        ({"data": ["/d/a", {"path": "/d/a", "weight": 2}]}, "lists /d/a more than once"),
+        (
+            {"filters": {"min_aesthetics": 3}},
+            r"unknown key 'stages\[0\]\.filters\.min_aesthetics'; did you mean 'min_aesthetic'\?",
+        ),
+        ({"datasets": ["/d/a"]}, r"unknown key 'stages\[0\]\.datasets'; did you mean 'data'\?"),
+    ],
+)
 def test_config_errors_name_the_key_and_the_fix(stage, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig.from_dict({"stages": [{"name": "s", "steps": 1, **stage}]})
@@ -64,23 +83,28 @@ def test_config_errors_name_the_key_and_the_fix(stage, message):
 
 # ----------------------------------------------------------------------------- plain streams unchanged
 
+
 def test_plain_stream_is_the_one_before_mixtures(tmp_path):
     # keys produced by the loader before mixtures existed (main at adc4153), same fixture and seed
     a = write_dataset(tmp_path / "a", [5, 1, 7], size=32)
     b = write_dataset(tmp_path / "b", [2], pair="cross", start=100, size=32)
-    want = [[101, 100, 0, 3, 2, 1, 4, 6, 101, 100, 0, 2, 3, 1, 4, 6, 6, 101, 100, 7],
-            [7, 9, 8, 11, 10, 12, 5, 100, 7, 8, 9, 12, 11, 10, 5, 100, 12, 0, 5, 2]]
+    want = [
+        [101, 100, 0, 3, 2, 1, 4, 6, 101, 100, 0, 2, 3, 1, 4, 6, 6, 101, 100, 7],
+        [7, 9, 8, 11, 10, 12, 5, 100, 7, 8, 9, 12, 11, 10, 5, 100, 12, 0, 5, 2],
+    ]
     spec = spec_for([a, b], seed=3)
     assert [ids(StreamingLoader(spec, rank, 2, workers=0), 20) for rank in range(2)] == want
 
 
 # ----------------------------------------------------------------------------- mixtures
 
+
 def test_schedule_follows_the_weights_within_binomial_error():
     # Slot picks are i.i.d. with p = 3/4 for dataset 0, so over n slots the share of dataset 0 has
     # std sqrt(p (1 - p) / n); we allow 4 std (two-sided chance of a false failure ~6e-5 per check).
-    spec = StreamSpec(shards=[ShardInfo("a", 1, dataset=0), ShardInfo("b", 1, dataset=1)], batch_size=1,
-                      weights=[3.0, 1.0])
+    spec = StreamSpec(
+        shards=[ShardInfo("a", 1, dataset=0), ShardInfo("b", 1, dataset=1)], batch_size=1, weights=[3.0, 1.0]
+    )
     n = 25 * SCHEDULE_CHUNK
     tol = 4 * math.sqrt(0.75 * 0.25 / n)  # 0.0054
     for consumer in range(4):
@@ -99,7 +123,7 @@ def test_three_to_one_mixture_draws_samples_three_to_one(two):
     assert loader.seen == {0: sum(i < 100 for i in got), 1: sum(i >= 100 for i in got)}
     # every dataset repeats on its own: b (4 samples) ran through ~50 epochs, each a permutation of b
     bs = [i for i in got if i >= 100]
-    assert all(sorted(bs[e * 4:(e + 1) * 4]) == [100, 101, 102, 103] for e in range(len(bs) // 4))
+    assert all(sorted(bs[e * 4 : (e + 1) * 4]) == [100, 101, 102, 103] for e in range(len(bs) // 4))
     assert bs[:4] != bs[4:8] or bs[4:8] != bs[8:12]  # new shuffle per epoch
 
 
@@ -149,6 +173,7 @@ def test_mixture_refuses_a_dataset_without_samples(two, tmp_path):
 
 # ----------------------------------------------------------------------------- quality filters
 
+
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
     """12 samples with aesthetic = n % 4 (0, 1, 2, 3, ...) and a dataset without scores."""
@@ -157,11 +182,14 @@ def scored(tmp_path_factory):
     return write_dataset(root / "s", [6, 6], size=32, quality=score), write_dataset(root / "u", [4], start=100, size=32)
 
 
-@pytest.mark.parametrize("filters, keep", [
-    ({"aesthetic": 2.0}, lambda n: n % 4 >= 2),
-    ({"sharpness": 0.5}, lambda n: n / 10 >= 0.5),
-    ({"subject_pixels": 700, "aesthetic": 1.0}, lambda n: n >= 7 and n % 4 >= 1),
-])
+@pytest.mark.parametrize(
+    "filters, keep",
+    [
+        ({"aesthetic": 2.0}, lambda n: n % 4 >= 2),
+        ({"sharpness": 0.5}, lambda n: n / 10 >= 0.5),
+        ({"subject_pixels": 700, "aesthetic": 1.0}, lambda n: n >= 7 and n % 4 >= 1),
+    ],
+)
 def test_filters_drop_samples_below_threshold_and_count_them(scored, filters, keep):
     s, _ = scored
     loader = StreamingLoader(spec_for([s], filters=filters), 0, 1, workers=0)

@@ -35,8 +35,20 @@ def _cli(caplog, *argv: str) -> str:
 def test_generate_with_a_folder_as_reference_says_it_is_a_directory_before_any_model_loads(caplog, tmp_path):
     folder = tmp_path / "my-dog"
     folder.mkdir()
-    line = _cli(caplog, "generate", "--models", str(tmp_path / "models.yaml"), "--adapter", str(tmp_path),
-                "--prompt", "a dog", "--ref", str(folder), "--out", str(tmp_path / "x.png"))
+    line = _cli(
+        caplog,
+        "generate",
+        "--models",
+        str(tmp_path / "models.yaml"),
+        "--adapter",
+        str(tmp_path),
+        "--prompt",
+        "a dog",
+        "--ref",
+        str(folder),
+        "--out",
+        str(tmp_path / "x.png"),
+    )
     assert f"reference 1 (--ref) '{folder}' is a directory, not an image file" in line
     assert not (tmp_path / "x.png").exists()
 
@@ -47,8 +59,11 @@ def test_a_sam_checkpoint_path_that_is_a_directory_is_named_as_one(tmp_path):
     from dynaip.models.sam import load_sam
 
     (tmp_path / "sam").mkdir()
-    with pytest.raises(CheckpointError, match=r"SAM \(vit_b\): cannot load '.*sam'.*It is a directory, not a file: "
-                                              r"name the checkpoint file inside it") as e:
+    with pytest.raises(
+        CheckpointError,
+        match=r"SAM \(vit_b\): cannot load '.*sam'.*It is a directory, not a file: "
+        r"name the checkpoint file inside it",
+    ) as e:
         load_sam(SamPaths(checkpoint=str(tmp_path / "sam"), variant="vit_b"))
     assert "\n" not in str(e.value)
 
@@ -60,17 +75,24 @@ def test_a_missing_clip_vision_path_is_named_by_its_models_yaml_key_not_by_the_a
     from pipeline.stages.quality import QualityStage
 
     assert tiny_models.aesthetic is not None and tiny_models.aesthetic.clip is None
-    models = dataclasses.replace(tiny_models, clip_vision=dataclasses.replace(tiny_models.clip_vision,
-                                                                             path="/nonexistent"))
+    models = dataclasses.replace(
+        tiny_models, clip_vision=dataclasses.replace(tiny_models.clip_vision, path="/nonexistent")
+    )
     stage = QualityStage(Recipe.from_dict({"source": {"kind": "folder", "root": "/x"}}), models)
     with pytest.raises(SetupError) as e:
         stage.scorer
     line = str(e.value)
-    assert line.startswith("models.yaml key 'clip_vision.path' (the aesthetic head reads it: 'aesthetic.clip' is "
-                           "not set): ") and "'/nonexistent'" in line and "\n" not in line, line
+    assert (
+        line.startswith(
+            "models.yaml key 'clip_vision.path' (the aesthetic head reads it: 'aesthetic.clip' is not set): "
+        )
+        and "'/nonexistent'" in line
+        and "\n" not in line
+    ), line
 
 
 # ------------------------------------------------------------------------------------ damaged datasets
+
 
 def _rewrite_shard(root: Path, change) -> None:
     """Applies ``change(index, TarInfo, data) -> (TarInfo, data)`` to every member of shard 0 and updates the
@@ -133,4 +155,7 @@ def test_a_mistyped_adapter_step_says_it_does_not_exist_and_names_the_steps_ther
         (ckpts / step).mkdir(parents=True)
     with pytest.raises(FileNotFoundError) as e:
         DynaIPAdapter.from_pretrained(ckpts / "step-100000")
-    assert str(e.value) == f"adapter checkpoint {ckpts / 'step-100000'} does not exist; {ckpts} holds step-000004, step-000008"
+    assert (
+        str(e.value)
+        == f"adapter checkpoint {ckpts / 'step-100000'} does not exist; {ckpts} holds step-000004, step-000008"
+    )

@@ -31,17 +31,20 @@ def _photo(i: int, size: int) -> np.ndarray:
     s = min(h, w) * 3 // 4
     y = (i * 37) % (h - s + 1)
     x = (i * 53) % (w - s + 1)
-    return np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.BICUBIC))
+    return np.asarray(Image.fromarray(img[y : y + s, x : x + s]).resize((size, size), Image.BICUBIC))
 
 
 def _encode(img: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format=fmt, quality=90) if fmt == "JPEG" else Image.fromarray(img).save(buf, format=fmt)
+    Image.fromarray(img).save(buf, format=fmt, quality=90) if fmt == "JPEG" else Image.fromarray(img).save(
+        buf, format=fmt
+    )
     return buf.getvalue()
 
 
-def make_sample(i: int, pair: str = "intra", size: int = 96, quality: dict | None = None,
-                ref_from: int | None = None) -> dict[str, bytes]:
+def make_sample(
+    i: int, pair: str = "intra", size: int = 96, quality: dict | None = None, ref_from: int | None = None
+) -> dict[str, bytes]:
     """One sample's members: target photo, a reference = the centre subject on white, a mask;
     ``quality`` (curation scores, e.g. ``{"aesthetic": 5.1}``) goes into the json when given.
 
@@ -52,16 +55,30 @@ def make_sample(i: int, pair: str = "intra", size: int = 96, quality: dict | Non
     src = tgt if ref_from is None else _photo(ref_from, size)
     mask = np.zeros((size, size), np.uint8)
     q = size // 4
-    mask[q:size - q, q:size - q] = 255
+    mask[q : size - q, q : size - q] = 255
     ref = np.full((size - 2 * q, size - 2 * q + q // 2, 3), 255, np.uint8)  # not square: exercises padding
-    ref[:, : size - 2 * q] = src[q:size - q, q:size - q]
-    meta = {"source": "test", "source_id": str(i), "pair": pair, "phrase": "thing",
-            "box": [q, q, size - q, size - q], "det_score": 0.9, "mask_area": float((mask > 0).mean()),
-            "width": size, "height": size, "recipe": "test"}
+    ref[:, : size - 2 * q] = src[q : size - q, q : size - q]
+    meta = {
+        "source": "test",
+        "source_id": str(i),
+        "pair": pair,
+        "phrase": "thing",
+        "box": [q, q, size - q, size - q],
+        "det_score": 0.9,
+        "mask_area": float((mask > 0).mean()),
+        "width": size,
+        "height": size,
+        "recipe": "test",
+    }
     if quality is not None:
         meta["quality"] = quality
-    return {"ref.png": _encode(ref, "PNG"), "tgt.jpg": _encode(tgt, "JPEG"), "mask.png": _encode(mask, "PNG"),
-            "txt": f"a photo of sample {i}".encode(), "json": json.dumps(meta).encode()}
+    return {
+        "ref.png": _encode(ref, "PNG"),
+        "tgt.jpg": _encode(tgt, "JPEG"),
+        "mask.png": _encode(mask, "PNG"),
+        "txt": f"a photo of sample {i}".encode(),
+        "json": json.dumps(meta).encode(),
+    }
 
 
 def write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> None:
@@ -73,10 +90,16 @@ def write_tar(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]]) -> No
                 tf.addfile(info, io.BytesIO(data))
 
 
-def write_dataset(out: str | Path, shard_sizes: Sequence[int], pair: str = "intra", start: int = 0,
-                  size: int = 96, corrupt: dict[int, str] | None = None,
-                  quality: Callable[[int], dict] | None = None,
-                  ref_index: Callable[[int], int] | None = None) -> Path:
+def write_dataset(
+    out: str | Path,
+    shard_sizes: Sequence[int],
+    pair: str = "intra",
+    start: int = 0,
+    size: int = 96,
+    corrupt: dict[int, str] | None = None,
+    quality: Callable[[int], dict] | None = None,
+    ref_index: Callable[[int], int] | None = None,
+) -> Path:
     """Writes shards of the given sizes; returns ``out``.
 
     ``ref_index`` maps a sample index to the index whose photo its reference is cut from (default:
@@ -94,8 +117,9 @@ def write_dataset(out: str | Path, shard_sizes: Sequence[int], pair: str = "intr
     for s, count in enumerate(shard_sizes):
         samples = []
         for _ in range(count):
-            members = make_sample(n, pair, size, quality(n) if quality else None,
-                                  None if ref_index is None else ref_index(n))
+            members = make_sample(
+                n, pair, size, quality(n) if quality else None, None if ref_index is None else ref_index(n)
+            )
             samples.append((f"test-{n:06d}-0", members))
             n += 1
         if corrupt.get(s) == "badimage":
@@ -106,10 +130,21 @@ def write_dataset(out: str | Path, shard_sizes: Sequence[int], pair: str = "intr
             data = path.read_bytes()
             path.write_bytes(data[: len(data) // 2 + 100])
         data = path.read_bytes()
-        entries.append({"path": f"shards/{s:06d}.tar", "samples": count, "pairs": {pair: count} if count else {},
-                        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {"format": "dynaip-dataset/1", "recipe": {"name": "test", "pairing": pair}, "shards": entries,
-                "totals": {"inputs": n - start, "accepted": n - start, "rejected": 0, "rejected_by_reason": {}}}
+        entries.append(
+            {
+                "path": f"shards/{s:06d}.tar",
+                "samples": count,
+                "pairs": {pair: count} if count else {},
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+    manifest = {
+        "format": "dynaip-dataset/1",
+        "recipe": {"name": "test", "pairing": pair},
+        "shards": entries,
+        "totals": {"inputs": n - start, "accepted": n - start, "rejected": 0, "rejected_by_reason": {}},
+    }
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / "manifest.json")
@@ -124,9 +159,14 @@ def local_train_config(root: Path, data: Path) -> Path:
     from dynaip.train.config import set_keys
 
     repo = Path(__file__).resolve().parents[1]
-    cfg = set_keys(yaml.safe_load((repo / "jobs" / "configs" / "tiny.yaml").read_text()),
-                   stages=[{"name": "intra", "steps": 4, "pair": "intra", "data": [str(data)]}],
-                   lr=1e-2, checkpoint_every=2, eval_every=0, sample_every=0)
+    cfg = set_keys(
+        yaml.safe_load((repo / "jobs" / "configs" / "tiny.yaml").read_text()),
+        stages=[{"name": "intra", "steps": 4, "pair": "intra", "data": [str(data)]}],
+        lr=1e-2,
+        checkpoint_every=2,
+        eval_every=0,
+        sample_every=0,
+    )
     config = root / "local-train.yaml"
     config.write_text(yaml.safe_dump(cfg))
     return config
@@ -148,8 +188,7 @@ def same_adapter(a: Path, b: Path) -> bool:
     return want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
-DREAMBENCH_DIRS = {"animal": "live_subject/animal", "human": "live_subject/human", "object": "object",
-                   "style": "style"}
+DREAMBENCH_DIRS = {"animal": "live_subject/animal", "human": "live_subject/human", "object": "object", "style": "style"}
 """Where the DreamBench++ release keeps each category under ``images/`` and ``captions/``."""
 
 
@@ -190,6 +229,13 @@ def write_eval_config(root: str | Path, judges: Sequence[dict] = ()) -> Path:
         model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, **args)
     torch.save(model.state_dict(), root / "dino.pth")
     path = root / "eval.yaml"
-    path.write_text(yaml.safe_dump({"protocol": "dreambench", "judges": list(judges),
-                                    "dino": {"path": "dino.pth", "arch": "vit_small_patch16_224", "model_args": args}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "protocol": "dreambench",
+                "judges": list(judges),
+                "dino": {"path": "dino.pth", "arch": "vit_small_patch16_224", "model_args": args},
+            }
+        )
+    )
     return path

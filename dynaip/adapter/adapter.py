@@ -50,15 +50,19 @@ class DynaIPAdapter(nn.Module):
         self.proj = nn.Sequential(nn.Linear(config.expert_dim, config.ref_dim), nn.LayerNorm(config.ref_dim))
         args = (config.ref_dim, config.num_heads, config.head_dim, config.key_norm_eps)
         self.double_blocks = nn.ModuleList(
-            BlockReferenceAttention(*args, text_stream=config.separate_stream_kv) for _ in range(config.num_double_blocks))
+            BlockReferenceAttention(*args, text_stream=config.separate_stream_kv)
+            for _ in range(config.num_double_blocks)
+        )
         self.single_blocks = nn.ModuleList(
-            BlockReferenceAttention(*args, text_stream=False) for _ in range(config.num_single_blocks))
+            BlockReferenceAttention(*args, text_stream=False) for _ in range(config.num_single_blocks)
+        )
         self._slot = ConditioningSlot()
         self._originals: dict[int, tuple[list, object]] = {}  # id(transformer) -> (processors before attach, hook)
 
     # ------------------------------------------------------------------ references
-    def encode_reference(self, hidden_states: Sequence[torch.Tensor],
-                         granularity: Sequence[float] | None = None) -> torch.Tensor:
+    def encode_reference(
+        self, hidden_states: Sequence[torch.Tensor], granularity: Sequence[float] | None = None
+    ) -> torch.Tensor:
         """CLIP hidden states (one ``(B, L, clip_width)`` per ``config.clip_layers``) → C ``(B, L, ref_dim)``.
 
         ``granularity=(w_low, w_mid, w_high)`` overrides the router weights (normalised to sum 1).
@@ -66,8 +70,9 @@ class DynaIPAdapter(nn.Module):
         fused = self.hmoe(hidden_states, granularity=granularity)  # (B, L, expert_dim)
         return self.proj(fused)  # (B, L, ref_dim)
 
-    def forward(self, hidden_states: Sequence[torch.Tensor],
-                granularity: Sequence[float] | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: Sequence[torch.Tensor], granularity: Sequence[float] | None = None
+    ) -> torch.Tensor:
         return self.encode_reference(hidden_states, granularity=granularity)
 
     def num_trainable_parameters(self) -> int:
@@ -79,17 +84,23 @@ class DynaIPAdapter(nn.Module):
         doubles = getattr(transformer, "transformer_blocks", None)
         singles = getattr(transformer, "single_transformer_blocks", None)
         if doubles is None or singles is None:
-            raise TypeError(f"{type(transformer).__name__} is not a diffusers FluxTransformer2DModel "
-                            "(needs transformer_blocks and single_transformer_blocks)")
+            raise TypeError(
+                f"{type(transformer).__name__} is not a diffusers FluxTransformer2DModel "
+                "(needs transformer_blocks and single_transformer_blocks)"
+            )
         if (len(doubles), len(singles)) != (cfg.num_double_blocks, cfg.num_single_blocks):
-            raise ValueError(f"The transformer has {len(doubles)} double + {len(singles)} single blocks; this adapter "
-                             f"was built for {cfg.num_double_blocks} + {cfg.num_single_blocks}. Use the DynaIPConfig "
-                             "preset of this FLUX model (full() for FLUX.1-dev, tiny() for the tiny checkpoints)")
+            raise ValueError(
+                f"The transformer has {len(doubles)} double + {len(singles)} single blocks; this adapter "
+                f"was built for {cfg.num_double_blocks} + {cfg.num_single_blocks}. Use the DynaIPConfig "
+                "preset of this FLUX model (full() for FLUX.1-dev, tiny() for the tiny checkpoints)"
+            )
         for block in list(doubles) + list(singles):
             attn = block.attn
             if (attn.heads, attn.head_dim) != (cfg.num_heads, cfg.head_dim):
-                raise ValueError(f"Transformer attention has {attn.heads} heads x {attn.head_dim}; the adapter "
-                                 f"expects {cfg.num_heads} x {cfg.head_dim}")
+                raise ValueError(
+                    f"Transformer attention has {attn.heads} heads x {attn.head_dim}; the adapter "
+                    f"expects {cfg.num_heads} x {cfg.head_dim}"
+                )
 
     def attach(self, transformer: nn.Module) -> None:
         """Installs a ``DynaIPAttnProcessor`` in every block. Without an active conditioning they are exact no-ops."""
@@ -101,8 +112,10 @@ class DynaIPAdapter(nn.Module):
         originals = [b.attn.processor for b, _, _ in blocks]
         for block, double, ca in blocks:
             block.attn.set_processor(DynaIPAttnProcessor(ca, self._slot, double_stream=double))
-        hooks = (transformer.register_forward_pre_hook(self._pass_conditioning, with_kwargs=True),
-                 transformer.register_forward_hook(self._image_guidance, with_kwargs=True))
+        hooks = (
+            transformer.register_forward_pre_hook(self._pass_conditioning, with_kwargs=True),
+            transformer.register_forward_hook(self._image_guidance, with_kwargs=True),
+        )
         self._originals[id(transformer)] = (originals, hooks)
 
     def _pass_conditioning(self, module: nn.Module, args: tuple, kwargs: dict):
@@ -177,10 +190,14 @@ class DynaIPAdapter(nn.Module):
         n = len(refs)
         for i, c in enumerate(refs):
             if c.ndim != 3 or c.shape[-1] != self.config.ref_dim:
-                raise ValueError(f"Reference {i} has shape {tuple(c.shape)}; expected (B, L, {self.config.ref_dim}) "
-                                 "from adapter.encode_reference")
+                raise ValueError(
+                    f"Reference {i} has shape {tuple(c.shape)}; expected (B, L, {self.config.ref_dim}) "
+                    "from adapter.encode_reference"
+                )
         if n and len({c.shape[1] for c in refs}) != 1:
-            raise ValueError(f"References have different token counts {[c.shape[1] for c in refs]}; encode them at one size")
+            raise ValueError(
+                f"References have different token counts {[c.shape[1] for c in refs]}; encode them at one size"
+            )
         batches = {c.shape[0] for c in refs} - {1}
         if len(batches) > 1:
             raise ValueError(f"Reference batches {[c.shape[0] for c in refs]}: each must be 1 or the same B")
@@ -208,9 +225,15 @@ class DynaIPAdapter(nn.Module):
             raise ValueError(f"image_guidance_scale={image_guidance_scale!r}: give a number (1.0 = off)") from None
         if not (image_guidance_scale >= 0.0 and image_guidance_scale < float("inf")):
             raise ValueError(f"image_guidance_scale={image_guidance_scale}: must be a finite number >= 0 (1.0 = off)")
-        return Conditioning(refs=refs, scales=torch.tensor(lam, dtype=torch.float32), masks=masks,
-                            branches=branches, image_size=image_size, latent_downsample=self.config.latent_downsample,
-                            image_guidance_scale=image_guidance_scale)
+        return Conditioning(
+            refs=refs,
+            scales=torch.tensor(lam, dtype=torch.float32),
+            masks=masks,
+            branches=branches,
+            image_size=image_size,
+            latent_downsample=self.config.latent_downsample,
+            image_guidance_scale=image_guidance_scale,
+        )
 
     @contextlib.contextmanager
     def conditioning(
@@ -237,8 +260,14 @@ class DynaIPAdapter(nn.Module):
         The reference K/V are computed at the first transformer call and reused until the block
         closes (or C / the adapter weights change in place). Blocks nest; the inner one wins.
         """
-        cond = self.make_conditioning(refs, masks=masks, scales=scales, branches=branches, image_size=image_size,
-                                      image_guidance_scale=image_guidance_scale)
+        cond = self.make_conditioning(
+            refs,
+            masks=masks,
+            scales=scales,
+            branches=branches,
+            image_size=image_size,
+            image_guidance_scale=image_guidance_scale,
+        )
         previous = self._slot.active
         self._slot.active = cond
         try:
@@ -251,8 +280,13 @@ class DynaIPAdapter(nn.Module):
         self._slot.active = cond
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
-                        clip_vision: dict | None = None, training: dict | None = None) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        clip_vision: dict | None = None,
+        training: dict | None = None,
+    ) -> Path:
         """Writes ``directory/adapter.safetensors`` (weights only), ``directory/config.json`` and the model
         card ``directory/README.md`` (dynaip/adapter/card.py).
 
@@ -323,9 +357,11 @@ class DynaIPAdapter(nn.Module):
         weights, config = d / WEIGHTS_NAME, d / CONFIG_NAME
         missing = [p.name for p in (weights, config) if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{d} is not a DynaIP adapter checkpoint: missing {', '.join(missing)}. "
-                                    "Expected a directory written by DynaIPAdapter.save_pretrained "
-                                    f"({WEIGHTS_NAME} + {CONFIG_NAME})")
+            raise FileNotFoundError(
+                f"{d} is not a DynaIP adapter checkpoint: missing {', '.join(missing)}. "
+                "Expected a directory written by DynaIPAdapter.save_pretrained "
+                f"({WEIGHTS_NAME} + {CONFIG_NAME})"
+            )
         return weights, config
 
     @classmethod
@@ -355,16 +391,26 @@ class DynaIPAdapter(nn.Module):
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         missing = sorted(set(expected) - set(found))
         unexpected = sorted(set(found) - set(expected))
-        shapes = [f"{k}: checkpoint {found[k]} vs adapter {expected[k]}"
-                  for k in sorted(set(found) & set(expected)) if found[k] != expected[k]]
+        shapes = [
+            f"{k}: checkpoint {found[k]} vs adapter {expected[k]}"
+            for k in sorted(set(found) & set(expected))
+            if found[k] != expected[k]
+        ]
         if missing or unexpected or shapes:
-            detail = "; ".join(part for part in (
-                f"shape mismatch for {len(shapes)} tensors ({', '.join(shapes[:3])}{', ...' if len(shapes) > 3 else ''})"
-                if shapes else "",
-                f"missing {len(missing)} tensors ({', '.join(missing[:3])})" if missing else "",
-                f"unexpected {len(unexpected)} tensors ({', '.join(unexpected[:3])})" if unexpected else "",
-            ) if part)
-            raise ValueError(f"The checkpoint {weights} does not fit this adapter's config: {detail}. Load it with "
-                             "DynaIPAdapter.from_pretrained(dir), which rebuilds the adapter from its config.json")
+            detail = "; ".join(
+                part
+                for part in (
+                    f"shape mismatch for {len(shapes)} tensors ({', '.join(shapes[:3])}{', ...' if len(shapes) > 3 else ''})"
+                    if shapes
+                    else "",
+                    f"missing {len(missing)} tensors ({', '.join(missing[:3])})" if missing else "",
+                    f"unexpected {len(unexpected)} tensors ({', '.join(unexpected[:3])})" if unexpected else "",
+                )
+                if part
+            )
+            raise ValueError(
+                f"The checkpoint {weights} does not fit this adapter's config: {detail}. Load it with "
+                "DynaIPAdapter.from_pretrained(dir), which rebuilds the adapter from its config.json"
+            )
         state = load_file(str(weights))
         self.load_state_dict(state, strict=True, assign=assign)

@@ -120,8 +120,13 @@ class Conditioning:
         zeroed — the zero-C path of training's image dropout (bias-free K/V → exactly zero CA)."""
         if self._unconditional is None:
             self._unconditional = Conditioning(
-                refs=[torch.zeros_like(c) for c in self.refs], scales=self.scales, masks=self.masks,
-                branches=self.branches, image_size=self.image_size, latent_downsample=self.latent_downsample)
+                refs=[torch.zeros_like(c) for c in self.refs],
+                scales=self.scales,
+                masks=self.masks,
+                branches=self.branches,
+                image_size=self.image_size,
+                latent_downsample=self.latent_downsample,
+            )
         return self._unconditional
 
     @property
@@ -152,11 +157,15 @@ class Conditioning:
         grid = self.grid()
         n = grid[0] * grid[1] if grid is not None else self.seen_image_tokens
         if n is None:
-            raise ValueError("Cannot split the single-stream sequence into text and image tokens: pass "
-                             "image_size=(H, W) to adapter.conditioning(...)")
+            raise ValueError(
+                "Cannot split the single-stream sequence into text and image tokens: pass "
+                "image_size=(H, W) to adapter.conditioning(...)"
+            )
         if total is not None and not 0 < n <= total:
-            raise ValueError(f"image_size={self.image_size} gives {n} image tokens but the block sequence has "
-                             f"{total} tokens; pass the pixel size of the generated image")
+            raise ValueError(
+                f"image_size={self.image_size} gives {n} image tokens but the block sequence has "
+                f"{total} tokens; pass the pixel size of the generated image"
+            )
         return n
 
     def _kv_key(self, module: ReferenceKV) -> tuple:
@@ -190,8 +199,10 @@ class Conditioning:
         else:
             grid = self.grid()
             if grid is None or grid[0] * grid[1] != n_img:
-                raise ValueError(f"image_size={self.image_size} gives a {grid} token grid but the transformer got "
-                                 f"{n_img} image tokens; pass the generated image's (H, W) as image_size")
+                raise ValueError(
+                    f"image_size={self.image_size} gives a {grid} token grid but the transformer got "
+                    f"{n_img} image tokens; pass the generated image's (H, W) as image_size"
+                )
             rows = []
             for i, m in enumerate(self.masks):
                 mi = resample_mask(m.to(device), grid)  # (Bm, n_img)
@@ -219,8 +230,9 @@ class Conditioning:
             self.weight_cache[cache_key] = rows
         return self.weight_cache[cache_key]
 
-    def folded_scales(self, key: tuple, weights: torch.Tensor, rows: list[torch.Tensor | None] | None
-                      ) -> list[float | None]:
+    def folded_scales(
+        self, key: tuple, weights: torch.Tensor, rows: list[torch.Tensor | None] | None
+    ) -> list[float | None]:
         """Per subject: λ_i when its weight is exactly λ_i on every row it acts on (no mask, or a mask
         shared by the batch), so ``reference_attention`` can fold λ_i into V and skip the per-row
         multiply; None when the rows need their own weights. Computed once per conditioning and key."""
@@ -243,9 +255,14 @@ class Conditioning:
         return self.scales.to(device, non_blocking=True).to(dtype)[:, None, None].expand(-1, batch, n_txt)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
-                        rows: list[torch.Tensor | None] | None = None,
-                        folded: list[float | None] | None = None) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weights: torch.Tensor,
+    rows: list[torch.Tensor | None] | None = None,
+    folded: list[float | None] | None = None,
+) -> torch.Tensor:
     """Σ_i weights_i · SDPA(q, k_i, v_i) over the N subjects.
 
     q: (B, Lq, H, Dh); k, v: (N, Bk, H, Lc, Dh) with Bk in {1, B}; weights: (N, B, Lq).
@@ -260,8 +277,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weigh
     """
     b = q.shape[0]
     if k.shape[1] not in (1, b):
-        raise ValueError(f"Reference batch {k.shape[1]} does not match the transformer batch {b}; "
-                         f"give C with batch 1 or {b}")
+        raise ValueError(
+            f"Reference batch {k.shape[1]} does not match the transformer batch {b}; give C with batch 1 or {b}"
+        )
     qh = q.transpose(1, 2)  # (B, H, Lq, Dh)
     k, v, weights = k.to(q.dtype), v.to(q.dtype), weights.to(q.dtype)
     out = None
@@ -329,8 +347,9 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
         elif where == "text":
             weights, rows = cond.text_weights(b, n_txt, dtype, device), None
         else:
-            weights = torch.cat([cond.text_weights(b, n_txt, dtype, device),
-                                 cond.image_weights(b, n_img, dtype, device)], dim=2)  # (N, B, L)
+            weights = torch.cat(
+                [cond.text_weights(b, n_txt, dtype, device), cond.image_weights(b, n_img, dtype, device)], dim=2
+            )  # (N, B, L)
             rows = None
         k, v = cond.reference_kv(self.block.stream(stream), dtype)
         if where == "text":  # text rows always carry λ_i
@@ -366,7 +385,8 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
 
         # Same steps as FluxAttnProcessor.__call__, keeping the pre-RoPE queries and the pre-projection output.
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
+            attn, hidden_states, encoder_hidden_states
+        )
         query = attn.norm_q(query.unflatten(-1, (attn.heads, -1)))  # (B, Li, H, Dh) (single-stream: [text, image])
         key = attn.norm_k(key.unflatten(-1, (attn.heads, -1)))
         value = value.unflatten(-1, (attn.heads, -1))
@@ -386,8 +406,14 @@ class DynaIPAttnProcessor(FluxAttnProcessor):
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                    backend=self._attention_backend, parallel_config=self._parallel_config)
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
         out = out.flatten(2, 3).to(query.dtype)  # (B, L, D)
 
         if encoder_hidden_states is not None:  # double-stream block: separate text / image streams

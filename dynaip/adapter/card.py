@@ -18,8 +18,11 @@ from typing import Any, Mapping
 import yaml
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
-FLUX_DEV_LICENSE = {"license": "other", "license_name": "flux-1-dev-non-commercial-license",
-                    "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"}
+FLUX_DEV_LICENSE = {
+    "license": "other",
+    "license_name": "flux-1-dev-non-commercial-license",
+    "license_link": "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
+}
 """The terms FLUX.1-dev derivatives are published under (as its model card states)."""
 
 
@@ -48,8 +51,12 @@ def metadata(training: Mapping[str, Any] | None) -> dict[str, Any]:
         meta["base_model"] = base
         if base == FLUX_DEV:
             meta.update(FLUX_DEV_LICENSE)
-    meta.update({"pipeline_tag": "text-to-image",
-                 "tags": ["dynaip", "flux", "image-prompt-adapter", "subject-driven-generation"]})
+    meta.update(
+        {
+            "pipeline_tag": "text-to-image",
+            "tags": ["dynaip", "flux", "image-prompt-adapter", "subject-driven-generation"],
+        }
+    )
     return meta
 
 
@@ -70,49 +77,72 @@ def _yaml_block(obj: Any) -> list[str]:
     return ["```yaml", yaml.safe_dump(obj, sort_keys=True, allow_unicode=True, width=120).rstrip(), "```"]
 
 
-def model_card(meta: Mapping[str, Any], num_parameters: int, training: Mapping[str, Any] | None = None,
-               name: str = "path/to/this/directory") -> str:
+def model_card(
+    meta: Mapping[str, Any],
+    num_parameters: int,
+    training: Mapping[str, Any] | None = None,
+    name: str = "path/to/this/directory",
+) -> str:
     """``README.md`` of an adapter directory. ``meta``: its ``config.json`` (format, dtype, config,
     clip_vision); ``training``: ``{base_model: {path, hub_id}, step, max_steps, run_id, stage, datasets:
     [{stage, dirs, manifests}], config}`` (the trainer's), or None."""
     cfg = meta.get("config") or {}
-    out = ["# DynaIP adapter", "",
-           "A DynaIP image-prompt adapter for FLUX (HMoE-FFM reference encoder + one image cross-attention per "
-           "transformer block): it conditions generation on reference images of one or more subjects.", "",
-           "| | |", "|---|---|",
-           f"| format | `{meta.get('format')}` (`adapter.safetensors` + `config.json`) |",
-           f"| dtype | {meta.get('dtype')} |",
-           f"| parameters | {num_parameters:,} |",
-           f"| blocks | {cfg.get('num_double_blocks')} double + {cfg.get('num_single_blocks')} single |",
-           f"| CLIP layers | {cfg.get('clip_layers')} |"]
+    out = [
+        "# DynaIP adapter",
+        "",
+        "A DynaIP image-prompt adapter for FLUX (HMoE-FFM reference encoder + one image cross-attention per "
+        "transformer block): it conditions generation on reference images of one or more subjects.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| format | `{meta.get('format')}` (`adapter.safetensors` + `config.json`) |",
+        f"| dtype | {meta.get('dtype')} |",
+        f"| parameters | {num_parameters:,} |",
+        f"| blocks | {cfg.get('num_double_blocks')} double + {cfg.get('num_single_blocks')} single |",
+        f"| CLIP layers | {cfg.get('clip_layers')} |",
+    ]
     if meta.get("clip_vision"):
         out.append(f"| CLIP vision tower | `{json.dumps(meta['clip_vision'], sort_keys=True)}` |")
     out += ["", "Adapter config (`config.json`):", "", *_yaml_block(cfg)]
     if training:
         training = _redacted(training)
         base = training.get("base_model") or {}
-        out += ["", "## Training", "",
-                f"- base model: {base.get('hub_id') or 'not FLUX.1-dev by its config'} (local copy `{base.get('path')}`)",
-                f"- step {training.get('step')} of {training.get('max_steps')}, stage `{training.get('stage')}`, "
-                f"run `{training.get('run_id')}`", "",
-                "Training data, per stage (each dataset named by the sha256 of its `manifest.json`, which lists "
-                "the sha256 of every shard):", "",
-                "| stage | dataset | manifest sha256 |", "|---|---|---|"]
+        out += [
+            "",
+            "## Training",
+            "",
+            f"- base model: {base.get('hub_id') or 'not FLUX.1-dev by its config'} (local copy `{base.get('path')}`)",
+            f"- step {training.get('step')} of {training.get('max_steps')}, stage `{training.get('stage')}`, "
+            f"run `{training.get('run_id')}`",
+            "",
+            "Training data, per stage (each dataset named by the sha256 of its `manifest.json`, which lists "
+            "the sha256 of every shard):",
+            "",
+            "| stage | dataset | manifest sha256 |",
+            "|---|---|---|",
+        ]
         for stage in training.get("datasets") or []:
             for d, digest in zip(stage.get("dirs") or [], stage.get("manifests") or []):
                 out.append(f"| {stage.get('stage')} | `{d}` | `{digest}` |")
         out += ["", "Training config:", "", *_yaml_block(training.get("config") or {})]
-    out += ["", "## How to load", "", "```python",
-            "import torch",
-            "from diffusers import FluxPipeline",
-            "from dynaip import load_dynaip",
-            "",
-            'pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")',
-            f'dynaip = load_dynaip(pipe, "{name}", clip_vision="path/to/open_clip")  # or a hub id in the local cache',
-            'image = dynaip("a dog on the beach", references=["dog.png"], seed=0).images[0]',
-            "```", "",
-            "`DynaIPAdapter.from_pretrained(...)` loads the adapter alone. A hub id (`owner/name`) is read from "
-            "the local Hugging Face cache only: download it first with `huggingface-cli download owner/name`.", ""]
+    out += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import FluxPipeline",
+        "from dynaip import load_dynaip",
+        "",
+        'pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")',
+        f'dynaip = load_dynaip(pipe, "{name}", clip_vision="path/to/open_clip")  # or a hub id in the local cache',
+        'image = dynaip("a dog on the beach", references=["dog.png"], seed=0).images[0]',
+        "```",
+        "",
+        "`DynaIPAdapter.from_pretrained(...)` loads the adapter alone. A hub id (`owner/name`) is read from "
+        "the local Hugging Face cache only: download it first with `huggingface-cli download owner/name`.",
+        "",
+    ]
     front = yaml.safe_dump(metadata(training), sort_keys=False, allow_unicode=True, width=1000)
     return f"---\n{front}---\n\n" + "\n".join(out)
 

@@ -56,8 +56,10 @@ class DynaIPConfig:
         if self.expert_layers is not None:
             bad = [l for l in self.expert_layers if l not in self.clip_layers]
             if not self.expert_layers or bad or len(set(self.expert_layers)) != len(self.expert_layers):
-                raise ValueError(f"expert_layers={self.expert_layers}: must be a non-empty subset of "
-                                 f"clip_layers={self.clip_layers} without repeats")
+                raise ValueError(
+                    f"expert_layers={self.expert_layers}: must be a non-empty subset of "
+                    f"clip_layers={self.clip_layers} without repeats"
+                )
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion={self.fusion!r}: choose one of {FUSIONS}")
         if not 0.0 <= self.expert_dropout <= 1.0:
@@ -89,8 +91,17 @@ class DynaIPConfig:
     def tiny(cls, **overrides: Any) -> "DynaIPConfig":
         """Matches ``dynaip.models.tiny``: TINY_FLUX_TRANSFORMER_CONFIG and TINY_CLIP_CONFIG / TINY_CLIP_LAYERS."""
         base = dict(
-            clip_width=32, clip_tokens=17, clip_layers=(2, 4, 6), expert_dim=32, router_hidden_dim=16,
-            ref_dim=32, inner_dim=32, num_heads=2, head_dim=16, num_double_blocks=1, num_single_blocks=2,
+            clip_width=32,
+            clip_tokens=17,
+            clip_layers=(2, 4, 6),
+            expert_dim=32,
+            router_hidden_dim=16,
+            ref_dim=32,
+            inner_dim=32,
+            num_heads=2,
+            head_dim=16,
+            num_double_blocks=1,
+            num_single_blocks=2,
         )
         base.update(overrides)
         return cls(**base)

@@ -73,8 +73,11 @@ class HMoEFFM(nn.Module):
         self.layer_index = tuple(config.clip_layers.index(l) for l in self.layers)
         n = len(self.layers)
         self.experts = nn.ModuleList(Expert(config.clip_width, config.expert_dim) for _ in range(n))
-        self.routers = (nn.ModuleList(Router(config.clip_width, config.router_hidden_dim) for _ in range(n))
-                        if config.fusion == "hmoe" else None)
+        self.routers = (
+            nn.ModuleList(Router(config.clip_width, config.router_hidden_dim) for _ in range(n))
+            if config.fusion == "hmoe"
+            else None
+        )
         self.concat_proj = nn.Linear(n * config.expert_dim, config.expert_dim) if config.fusion == "concat" else None
 
     @property
@@ -84,17 +87,21 @@ class HMoEFFM(nn.Module):
     def _select(self, hidden_states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         expected = len(self.config.clip_layers)
         if len(hidden_states) != expected:
-            raise ValueError(f"Got {len(hidden_states)} CLIP hidden states; expected {expected}, one per "
-                             f"configured CLIP layer {self.config.clip_layers}")
+            raise ValueError(
+                f"Got {len(hidden_states)} CLIP hidden states; expected {expected}, one per "
+                f"configured CLIP layer {self.config.clip_layers}"
+            )
         picked = [hidden_states[i] for i in self.layer_index]
         for l, h in zip(self.layers, picked):
             if h.ndim != 3 or h.shape[-1] != self.config.clip_width:
-                raise ValueError(f"CLIP layer {l} hidden state has shape {tuple(h.shape)}; expected "
-                                 f"(B, L, {self.config.clip_width})")
+                raise ValueError(
+                    f"CLIP layer {l} hidden state has shape {tuple(h.shape)}; expected (B, L, {self.config.clip_width})"
+                )
         return picked
 
-    def sample_keep_mask(self, batch: int, device: torch.device | None = None,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_keep_mask(
+        self, batch: int, device: torch.device | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(B, n) bool: True = expert kept. At least one True per row (see the class docstring)."""
         n, p = self.num_experts, self.config.expert_dropout
         keep = torch.rand(batch, n, device=device, generator=generator) >= p  # (B, n)
@@ -122,11 +129,15 @@ class HMoEFFM(nn.Module):
             raise ValueError(f"granularity needs fusion='hmoe'; this adapter uses fusion={self.config.fusion!r}")
         g = torch.as_tensor([float(x) for x in granularity], dtype=torch.float32, device=device)
         if g.numel() != self.num_experts or (g < 0).any() or g.sum() <= 0:
-            raise ValueError(f"granularity={tuple(granularity)}: need {self.num_experts} non-negative weights "
-                             f"(one per expert layer {self.layers}) with a positive sum, e.g. (1, 0, 0)")
+            raise ValueError(
+                f"granularity={tuple(granularity)}: need {self.num_experts} non-negative weights "
+                f"(one per expert layer {self.layers}) with a positive sum, e.g. (1, 0, 0)"
+            )
         return (g / g.sum()).expand(batch, -1)  # (B, n)
 
-    def forward(self, hidden_states: Sequence[torch.Tensor], granularity: Sequence[float] | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: Sequence[torch.Tensor], granularity: Sequence[float] | None = None
+    ) -> torch.Tensor:
         picked = self._select(hidden_states)
         batch, device = picked[0].shape[0], picked[0].device
         outs = torch.stack([e(h) for e, h in zip(self.experts, picked)], dim=0)  # (n, B, L, E)
@@ -144,7 +155,7 @@ class HMoEFFM(nn.Module):
 
         if granularity is not None:
             self._granularity_weights(granularity, batch, device)  # raises: only hmoe has granularity
-        kept = (torch.ones(batch, self.num_experts, dtype=torch.bool, device=device) if keep is None else keep)
+        kept = torch.ones(batch, self.num_experts, dtype=torch.bool, device=device) if keep is None else keep
         kf = kept.to(outs.dtype).t()[:, :, None, None]  # (n, B, 1, 1)
         if self.config.fusion == "add":
             return (kf * outs).sum(dim=0) / kf.sum(dim=0)  # mean over kept experts, (B, L, E)

@@ -58,7 +58,8 @@ def resolve_adapter_dir(name: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"adapter {name!r} is neither a local directory nor a Hugging Face repo in the hub cache {cache}; "
             f"download it first (`huggingface-cli download {name}`, HF_HUB_CACHE={cache}) — loading is offline "
-            "and reads the cache only") from None
+            "and reads the cache only"
+        ) from None
 
 
 __all__ = ["hub_cache", "is_repo_id", "resolve_adapter_dir"]

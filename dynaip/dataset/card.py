@@ -39,16 +39,37 @@ PREVIEW_SAMPLES = 6
 QUALITY_SAMPLES = 10_000
 """The quality table covers the first shards up to this many samples (the card says when it is a part)."""
 
-SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
-                   (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
+SIZE_CATEGORIES = (
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+    (1_000_000_000, "100M<n<1B"),
+)
 """The hub's ``size_categories`` values (the last one, past 1B, is ``1B<n<10B``)."""
 
 JSON_FIELDS: tuple[tuple[str, Any], ...] = (
-    ("source", "string"), ("source_id", "string"), ("pair", "string"), ("phrase", "string"),
-    ("box", ["float64"]), ("det_score", "float64"), ("mask_area", "int64"), ("width", "int64"),
-    ("height", "int64"), ("recipe", "string"), ("caption", "string"), ("caption_source", "string"),
-    ("caption_model", "string"), ("caption_prompt", "string"), ("crop_mode", "string"),
-    ("ref_box", ["int64"]), ("ref_from", "string"), ("face_fallback", "bool"), ("group", "string"),
+    ("source", "string"),
+    ("source_id", "string"),
+    ("pair", "string"),
+    ("phrase", "string"),
+    ("box", ["float64"]),
+    ("det_score", "float64"),
+    ("mask_area", "int64"),
+    ("width", "int64"),
+    ("height", "int64"),
+    ("recipe", "string"),
+    ("caption", "string"),
+    ("caption_source", "string"),
+    ("caption_model", "string"),
+    ("caption_prompt", "string"),
+    ("crop_mode", "string"),
+    ("ref_box", ["int64"]),
+    ("ref_from", "string"),
+    ("face_fallback", "bool"),
+    ("group", "string"),
     ("quality", tuple((k, "float64") for k in QUALITY_KEYS)),
     ("diptych", (("target_panel", "string"), ("consistency", "float64"), ("padding", "int64"))),
 )
@@ -79,8 +100,10 @@ def _feature(name: str, kind: Any) -> dict[str, Any]:
 
 def features() -> list[dict[str, Any]]:
     """``dataset_info.features``: the shard members in ``MEMBER_ORDER``, then the builder's key and url."""
-    return ([_feature(m, MEMBER_FEATURES[m]) for m in MEMBER_ORDER]
-            + [{"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}])
+    return [_feature(m, MEMBER_FEATURES[m]) for m in MEMBER_ORDER] + [
+        {"name": "__key__", "dtype": "string"},
+        {"name": "__url__", "dtype": "string"},
+    ]
 
 
 def metadata(manifest: dict[str, Any], licenses: list[dict[str, Any]]) -> dict[str, Any]:
@@ -94,17 +117,23 @@ def metadata(manifest: dict[str, Any], licenses: list[dict[str, Any]]) -> dict[s
         if other.get("url"):
             meta["license_link"] = other["url"]
     recipe = manifest.get("recipe") if isinstance(manifest.get("recipe"), dict) else {}
-    meta.update({
-        "pretty_name": str(recipe.get("name") or "DynaIP dataset"),
-        "task_categories": ["text-to-image", "image-to-image"],
-        "tags": ["dynaip", "subject-driven-generation", "webdataset"],
-        "size_categories": [size_category(int(t.get("samples") or 0))],
-        "source_datasets": [str(lic.get("hub_id") or lic.get("name") or "unknown") for lic in licenses] or ["unknown"],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": f"{SHARDS_DIR}/*.tar"}]}],
-        "dataset_info": {"features": features(),
-                         "splits": [{"name": "train", "num_bytes": int(t.get("bytes") or 0),
-                                     "num_examples": int(t.get("samples") or 0)}]},
-    })
+    meta.update(
+        {
+            "pretty_name": str(recipe.get("name") or "DynaIP dataset"),
+            "task_categories": ["text-to-image", "image-to-image"],
+            "tags": ["dynaip", "subject-driven-generation", "webdataset"],
+            "size_categories": [size_category(int(t.get("samples") or 0))],
+            "source_datasets": [str(lic.get("hub_id") or lic.get("name") or "unknown") for lic in licenses]
+            or ["unknown"],
+            "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": f"{SHARDS_DIR}/*.tar"}]}],
+            "dataset_info": {
+                "features": features(),
+                "splits": [
+                    {"name": "train", "num_bytes": int(t.get("bytes") or 0), "num_examples": int(t.get("samples") or 0)}
+                ],
+            },
+        }
+    )
     return meta
 
 
@@ -113,22 +142,38 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
 
 
-def body(manifest: dict[str, Any], licenses: list[dict[str, Any]], quality: dict[str, Any], covered: int,
-         preview: bool) -> str:
+def body(
+    manifest: dict[str, Any], licenses: list[dict[str, Any]], quality: dict[str, Any], covered: int, preview: bool
+) -> str:
     """The card's Markdown: what the dataset is, its totals, rejects, quality, preview, columns, loading."""
     t = manifest["totals"]
     recipe = manifest.get("recipe") if isinstance(manifest.get("recipe"), dict) else {}
     source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
     name = recipe.get("name") or "DynaIP dataset"
-    out = [f"# {name}", "",
-           "Reference → target training pairs for DynaIP, curated by `dynaip curate` "
-           f"(format `{manifest.get('format')}`, recipe hash `{manifest.get('recipe_hash', '-')}`, dataset id "
-           f"`{manifest.get('dataset_id', '-')}`, source kind `{source.get('kind', '-')}`). `{MANIFEST}` lists "
-           "every shard with its sample count, size and sha256; `dynaip manifest verify DIR` checks them.", "",
-           "## Totals", ""]
-    out += _table(["inputs", "accepted", "rejected", "samples", "shards", "bytes"],
-                  [[t.get("inputs"), t.get("accepted"), t.get("rejected"), t.get("samples"),
-                    len(manifest.get("shards") or []), t.get("bytes")]])
+    out = [
+        f"# {name}",
+        "",
+        "Reference → target training pairs for DynaIP, curated by `dynaip curate` "
+        f"(format `{manifest.get('format')}`, recipe hash `{manifest.get('recipe_hash', '-')}`, dataset id "
+        f"`{manifest.get('dataset_id', '-')}`, source kind `{source.get('kind', '-')}`). `{MANIFEST}` lists "
+        "every shard with its sample count, size and sha256; `dynaip manifest verify DIR` checks them.",
+        "",
+        "## Totals",
+        "",
+    ]
+    out += _table(
+        ["inputs", "accepted", "rejected", "samples", "shards", "bytes"],
+        [
+            [
+                t.get("inputs"),
+                t.get("accepted"),
+                t.get("rejected"),
+                t.get("samples"),
+                len(manifest.get("shards") or []),
+                t.get("bytes"),
+            ]
+        ],
+    )
     pairs = t.get("pairs") if isinstance(t.get("pairs"), dict) else {}
     if pairs:
         out += ["", "Samples per pair kind: " + ", ".join(f"{k} {v}" for k, v in pairs.items()) + "."]
@@ -138,38 +183,84 @@ def body(manifest: dict[str, Any], licenses: list[dict[str, Any]], quality: dict
     out += ["", "## Quality", ""]
     if quality:
         part = "" if covered >= int(t.get("samples") or 0) else f" (the first {covered} samples, whole shards in order)"
-        out += [f"Per source: n, min / p10 / median / p90 / max of each score in the sample json's `quality`{part}; "
-                "docs/curation_quality.md of the DynaIP repository says what each score is.", ""]
-        rows = [[src, k, n, " / ".join(f"{v:.4g}" for v in q)]
-                for src, scores in quality.items() for k in QUALITY_KEYS if k in scores for n, q in [scores[k]]]
+        out += [
+            f"Per source: n, min / p10 / median / p90 / max of each score in the sample json's `quality`{part}; "
+            "docs/curation_quality.md of the DynaIP repository says what each score is.",
+            "",
+        ]
+        rows = [
+            [src, k, n, " / ".join(f"{v:.4g}" for v in q)]
+            for src, scores in quality.items()
+            for k in QUALITY_KEYS
+            if k in scores
+            for n, q in [scores[k]]
+        ]
         out += _table(["source", "score", "n", "min / p10 / median / p90 / max"], rows)
     else:
         out += ["No quality scores in the samples."]
     if preview:
-        out += ["", "## Preview", "", "The first samples: reference | target | mask over the target, caption below.",
-                "", f"![preview]({PREVIEW})"]
-    out += ["", "## Columns", "",
-            f"Each sample is one key `KEY` in a WebDataset shard (`{SHARDS_DIR}/NNNNNN.tar`) with the members "
-            + ", ".join(f"`KEY.{m}`" for m in MEMBER_ORDER) + "; the `datasets` WebDataset builder makes them "
-            "the columns below (plus `__key__` and `__url__`).", ""]
-    out += _table(["column", "what"], [
-        ["`ref.png`", "reference: the subject on white (RGB PNG)"],
-        ["`tgt.jpg`", "target image (RGB JPEG)"],
-        ["`mask.png`", "subject mask in target pixels (L PNG, 0/255)"],
-        ["`txt`", "caption (UTF-8)"],
-        ["`json`", "sample metadata: " + ", ".join(f"`{k}`" for k, _ in JSON_FIELDS)
-         + " (the source-specific `extra` is in the json member only)"]])
+        out += [
+            "",
+            "## Preview",
+            "",
+            "The first samples: reference | target | mask over the target, caption below.",
+            "",
+            f"![preview]({PREVIEW})",
+        ]
+    out += [
+        "",
+        "## Columns",
+        "",
+        f"Each sample is one key `KEY` in a WebDataset shard (`{SHARDS_DIR}/NNNNNN.tar`) with the members "
+        + ", ".join(f"`KEY.{m}`" for m in MEMBER_ORDER)
+        + "; the `datasets` WebDataset builder makes them "
+        "the columns below (plus `__key__` and `__url__`).",
+        "",
+    ]
+    out += _table(
+        ["column", "what"],
+        [
+            ["`ref.png`", "reference: the subject on white (RGB PNG)"],
+            ["`tgt.jpg`", "target image (RGB JPEG)"],
+            ["`mask.png`", "subject mask in target pixels (L PNG, 0/255)"],
+            ["`txt`", "caption (UTF-8)"],
+            [
+                "`json`",
+                "sample metadata: "
+                + ", ".join(f"`{k}`" for k, _ in JSON_FIELDS)
+                + " (the source-specific `extra` is in the json member only)",
+            ],
+        ],
+    )
     out += ["", "## Licenses", ""]
-    out += _table(["source", "license", "terms", "note"],
-                  [[lic.get("name", "-"), lic.get("license_name") or lic.get("license", "unknown"),
-                    lic.get("url", "-"), lic.get("note", "")] for lic in licenses] or [["-", "unknown", "-", ""]])
-    out += ["", "The samples are cut from the source's images: they come under the source's terms above.", "",
-            "## Loading", "", "```python",
-            "from datasets import load_dataset",
-            'ds = load_dataset("OWNER/NAME", split="train")   # or load_dataset("path/to/this/directory")',
-            "```", "",
-            "Training reads the directory (or a URL of it) as it is: `dynaip train --data DIR` "
-            "(the README of the DynaIP repository, \"Train\").", ""]
+    out += _table(
+        ["source", "license", "terms", "note"],
+        [
+            [
+                lic.get("name", "-"),
+                lic.get("license_name") or lic.get("license", "unknown"),
+                lic.get("url", "-"),
+                lic.get("note", ""),
+            ]
+            for lic in licenses
+        ]
+        or [["-", "unknown", "-", ""]],
+    )
+    out += [
+        "",
+        "The samples are cut from the source's images: they come under the source's terms above.",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        'ds = load_dataset("OWNER/NAME", split="train")   # or load_dataset("path/to/this/directory")',
+        "```",
+        "",
+        "Training reads the directory (or a URL of it) as it is: `dynaip train --data DIR` "
+        '(the README of the DynaIP repository, "Train").',
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -184,8 +275,9 @@ def _samples(refs: list, keep_images: bool, limit: int) -> Iterator[dict[str, An
             yield {"key": key, **members}
 
 
-def card_text(manifest: dict[str, Any], licenses: list[dict[str, Any]], quality: dict[str, Any], covered: int,
-              preview: bool) -> str:
+def card_text(
+    manifest: dict[str, Any], licenses: list[dict[str, Any]], quality: dict[str, Any], covered: int, preview: bool
+) -> str:
     """``README.md``: the YAML front matter and the body."""
     front = yaml.safe_dump(metadata(manifest, licenses), sort_keys=False, allow_unicode=True, width=1000)
     return f"---\n{front}---\n\n{body(manifest, licenses, quality, covered, preview)}"

@@ -58,10 +58,15 @@ def shard_path(rel: Any, where: str = MANIFEST, i: int | None = None) -> str:
     entry += f" ({rel!r})"
     bad = [seg for seg in rel.split("/") if not SEGMENT_RE.fullmatch(seg)]
     if bad:
-        rule = ("is an absolute path" if rel.startswith(("/", "\\", "~")) else
-                "names a URL" if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", rel) else
-                "climbs out with '..'" if ".." in rel.split("/") else
-                f"has segment {bad[0]!r}, not a plain file or folder name")
+        rule = (
+            "is an absolute path"
+            if rel.startswith(("/", "\\", "~"))
+            else "names a URL"
+            if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", rel)
+            else "climbs out with '..'"
+            if ".." in rel.split("/")
+            else f"has segment {bad[0]!r}, not a plain file or folder name"
+        )
         raise DatasetError(f"{where}: {entry} {rule}; a shard path must be relative and inside the dataset — {FIX}")
     return rel
 

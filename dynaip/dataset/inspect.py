@@ -47,8 +47,11 @@ def decontamination_lines(m: dict[str, Any]) -> list[str]:
     if not benchmarks:
         return ["decontamination: none (no benchmark was checked; see `dynaip manifest contamination`)"]
     lines = ["decontaminated against:"]
-    lines += [f"  {b.get('path', '-')}  ({b.get('layout', '-')}, {b.get('files', '-')} images, "
-              f"sha256 {str(b.get('sha256', '-'))[:16]}): {b.get('removed', '-')} inputs removed" for b in benchmarks]
+    lines += [
+        f"  {b.get('path', '-')}  ({b.get('layout', '-')}, {b.get('files', '-')} images, "
+        f"sha256 {str(b.get('sha256', '-'))[:16]}): {b.get('removed', '-')} inputs removed"
+        for b in benchmarks
+    ]
     return lines
 
 
@@ -75,8 +78,10 @@ def quantiles_of(metas: Iterable[dict[str, Any]]) -> dict[str, dict[str, tuple[i
         for k in QUALITY_KEYS:
             if isinstance(q.get(k), (int, float)):
                 per.setdefault(k, []).append(float(q[k]))
-    return {src: {k: (len(v), [float(x) for x in np.quantile(np.asarray(v), QUANTILES)])
-                  for k, v in per.items() if v} for src, per in sorted(values.items())}
+    return {
+        src: {k: (len(v), [float(x) for x in np.quantile(np.asarray(v), QUANTILES)]) for k, v in per.items() if v}
+        for src, per in sorted(values.items())
+    }
 
 
 def quality_sort_key(meta: dict[str, Any], key: str, descending: bool = False) -> tuple[int, float]:
@@ -104,7 +109,7 @@ def quality_lines(root: str | Path) -> list[str]:
 def count_samples(path: Path | io.BytesIO) -> int:
     """Distinct sample keys in a tar (a path or an open file; raises tarfile.ReadError on a broken tar)."""
     keys = []
-    with (tarfile.open(path, "r:") if isinstance(path, (str, Path)) else tarfile.open(fileobj=path, mode="r:")) as tf:
+    with tarfile.open(path, "r:") if isinstance(path, (str, Path)) else tarfile.open(fileobj=path, mode="r:") as tf:
         for member in tf:
             if member.isfile():
                 key = member.name.split("/")[-1].split(".", 1)[0]
@@ -141,6 +146,7 @@ def verify(root: str | Path) -> list[str]:
     ds = load_dataset(root)
     problems = []
     for ref in ds.shards:
+
         def decode(key: str, ext: str, data: bytes, ref=ref) -> None:
             try:
                 decode_member(key, ext, data)
@@ -156,7 +162,9 @@ def verify(root: str | Path) -> list[str]:
             problems.append(f"{ref.path}: {n} samples, manifest says {ref.samples}")
     t = ds.manifest["totals"]
     if t.get("inputs") != (t.get("accepted") or 0) + (t.get("rejected") or 0):
-        problems.append(f"totals: inputs {t.get('inputs')} != accepted {t.get('accepted')} + rejected {t.get('rejected')}")
+        problems.append(
+            f"totals: inputs {t.get('inputs')} != accepted {t.get('accepted')} + rejected {t.get('rejected')}"
+        )
     if sum(s.samples for s in ds.shards) != t.get("samples"):
         problems.append("totals: samples do not add up over the shards")
     return problems
@@ -178,8 +186,9 @@ def iter_sample_json(root: str | Path) -> Iterator[dict[str, Any]]:
             yield json.loads(members["json"])
 
 
-def grid(root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by: str | None = None,
-         descending: bool = False) -> Path:
+def grid(
+    root: str | Path, out: str | Path, n: int = 8, cell: int = 192, sort_by: str | None = None, descending: bool = False
+) -> Path:
     """Contact sheet of the first ``n`` samples (or, with ``sort_by`` a quality score, the ``n`` lowest —
     highest with ``descending``): one row each — reference | target | mask overlay — with the caption
     underneath. Writes a PNG to ``out``."""
@@ -209,8 +218,10 @@ def contact_sheet(samples: Iterable[dict[str, Any]], n: int, cell: int, where: A
             tgt = Image.open(io.BytesIO(sample["tgt.jpg"])).convert("RGB")
             mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])).convert("L").resize(tgt.size)) > 127
         except DECODE_ERRORS as e:  # an undecodable member: one line naming it (run `manifest verify` for all)
-            raise ValueError(f"{where}: sample {sample['key']!r} has an image that does not decode "
-                             f"({type(e).__name__}: {e}); run `dynaip manifest verify` on it") from None
+            raise ValueError(
+                f"{where}: sample {sample['key']!r} has an image that does not decode "
+                f"({type(e).__name__}: {e}); run `dynaip manifest verify` on it"
+            ) from None
         over = np.asarray(tgt).copy()
         over[mask] = (0.5 * over[mask] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
         rows.append(([ref, tgt, Image.fromarray(over)], sample["txt"].decode("utf-8", "replace")))

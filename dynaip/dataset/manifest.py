@@ -42,8 +42,9 @@ def parse_manifest(data: bytes | str, where: str, require_format: bool = True) -
     except ValueError as e:
         raise ValueError(f"{where} is not valid JSON ({e}); {NOT_OURS}") from None
     if not isinstance(m, dict):
-        raise ValueError(f"{where} holds a {type(m).__name__}, not a JSON object; "
-                         f"it is not a manifest of this tool — {NOT_OURS}")
+        raise ValueError(
+            f"{where} holds a {type(m).__name__}, not a JSON object; it is not a manifest of this tool — {NOT_OURS}"
+        )
     return check_format(m, where) if require_format else m
 
 
@@ -57,7 +58,8 @@ def read_manifest(directory: str) -> dict[str, Any]:
     except FileNotFoundError as e:
         raise FileNotFoundError(
             f"dataset '{directory}' has no {MANIFEST}; pass a directory written by `dynaip curate` "
-            "(the manifest is written last, so an unfinished curation has none yet)") from e
+            "(the manifest is written last, so an unfinished curation has none yet)"
+        ) from e
     return parse_manifest(data, url)
 
 
@@ -81,19 +83,24 @@ def load_dataset(root: str | Path) -> Dataset:
     carry its ``totals``."""
     path = manifest_url(str(root))
     if not Store(root).is_file(MANIFEST):
-        raise FileNotFoundError(f"{path} does not exist: {root} is not a finished dataset "
-                                "(run `dynaip curate` to build or resume it)")
+        raise FileNotFoundError(
+            f"{path} does not exist: {root} is not a finished dataset (run `dynaip curate` to build or resume it)"
+        )
     ds = open_dataset(root)
     totals = ds.manifest.get("totals")
     if isinstance(totals, dict):
         for key in COUNTS:  # counts shown, added and formatted by every reader of the summary
             v = totals.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                raise ValueError(f"{path}: totals.{key} is {v!r}, not a whole number >= 0; the manifest was edited or "
-                                 "not written by this tool; re-run `dynaip curate` on the dataset to rewrite it")
+                raise ValueError(
+                    f"{path}: totals.{key} is {v!r}, not a whole number >= 0; the manifest was edited or "
+                    "not written by this tool; re-run `dynaip curate` on the dataset to rewrite it"
+                )
         return ds
-    raise ValueError(f"{path} has no 'totals' dict: the manifest is incomplete or not from this "
-                     "tool; re-run `dynaip curate` on the dataset to rewrite it")
+    raise ValueError(
+        f"{path} has no 'totals' dict: the manifest is incomplete or not from this "
+        "tool; re-run `dynaip curate` on the dataset to rewrite it"
+    )
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:

@@ -103,8 +103,9 @@ def shard_url(root: str, rel: Any, where: str, i: int = 0) -> str:
     base = os.path.realpath(root)
     real = os.path.realpath(full)
     if not (real == base or real.startswith(base.rstrip(os.sep) + os.sep)):
-        raise DatasetError(f"{where}: {_entry(i, rel)} resolves through a symlink to {real}, outside the dataset; "
-                           f"{FIX}")
+        raise DatasetError(
+            f"{where}: {_entry(i, rel)} resolves through a symlink to {real}, outside the dataset; {FIX}"
+        )
     return full
 
 
@@ -132,8 +133,10 @@ def shard_refs(manifest: dict[str, Any], root: str, where: str) -> list[ShardRef
         samples, size = _count(s, "samples", where, name), _count(s, "bytes", where, name)
         sha = s.get("sha256")
         if not isinstance(sha, str) or not SHA256_RE.fullmatch(sha):
-            raise DatasetError(f"{where}: {name} has 'sha256' {sha!r}, not 64 lowercase hex digits; every shard "
-                               f"must carry its hash so its bytes can be checked — {FIX}")
+            raise DatasetError(
+                f"{where}: {name} has 'sha256' {sha!r}, not 64 lowercase hex digits; every shard "
+                f"must carry its hash so its bytes can be checked — {FIX}"
+            )
         refs.append(ShardRef(path=s["path"], url=url, samples=samples, bytes=size, sha256=sha))
     return refs
 
@@ -169,8 +172,10 @@ class HashingReader(io.RawIOBase):
             self.h.update(data)
         self.pos += len(data)
         if self.size is not None and self.pos > self.size:
-            raise ShardIntegrityError(f"{self.where} is longer than the {self.size} bytes its manifest entry lists; "
-                                      f"its bytes changed after curation — {FIX}")
+            raise ShardIntegrityError(
+                f"{self.where} is longer than the {self.size} bytes its manifest entry lists; "
+                f"its bytes changed after curation — {FIX}"
+            )
         return data
 
     def readinto(self, b: Any) -> int:
@@ -199,12 +204,16 @@ class HashingReader(io.RawIOBase):
         if not self.ordered:
             raise ShardIntegrityError(f"{self.where} was read out of order, so its hash cannot be checked")
         if self.size is not None and self.pos != self.size:
-            raise ShardIntegrityError(f"{self.where} has {self.pos} bytes, its manifest entry lists {self.size}; "
-                                      f"its bytes changed after curation — {FIX}")
+            raise ShardIntegrityError(
+                f"{self.where} has {self.pos} bytes, its manifest entry lists {self.size}; "
+                f"its bytes changed after curation — {FIX}"
+            )
         got = self.h.hexdigest()
         if self.sha256 is not None and got != self.sha256:
-            raise ShardIntegrityError(f"{self.where} has sha256 {got[:16]}…, its manifest entry lists "
-                                      f"{self.sha256[:16]}…; its bytes changed after curation — {FIX}")
+            raise ShardIntegrityError(
+                f"{self.where} has sha256 {got[:16]}…, its manifest entry lists "
+                f"{self.sha256[:16]}…; its bytes changed after curation — {FIX}"
+            )
 
 
 def open_raw(url: str) -> IO[bytes]:
@@ -218,13 +227,21 @@ def open_raw(url: str) -> IO[bytes]:
 def check_member(member: tarfile.TarInfo, where: str) -> tuple[str, str]:
     """``(key, ext)`` of a shard member that is a regular file with a shard member's name; else DatasetError."""
     if not member.isfile():
-        kind = "a symlink" if member.issym() else "a hard link" if member.islnk() else \
-            "a folder" if member.isdir() else "not a regular file"
+        kind = (
+            "a symlink"
+            if member.issym()
+            else "a hard link"
+            if member.islnk()
+            else "a folder"
+            if member.isdir()
+            else "not a regular file"
+        )
         raise DatasetError(f"{where}: member {member.name!r} is {kind}; a shard holds regular files only — {FIX}")
     m = MEMBER_RE.fullmatch(member.name)
     if m is None:
-        raise DatasetError(f"{where}: member {member.name!r} is not named KEY.EXT with EXT one of "
-                           f"{', '.join(MEMBER_ORDER)}; {FIX}")
+        raise DatasetError(
+            f"{where}: member {member.name!r} is not named KEY.EXT with EXT one of {', '.join(MEMBER_ORDER)}; {FIX}"
+        )
     return m.group(1), m.group(2)
 
 
@@ -279,8 +296,9 @@ class SampleGrouper:
         return key, cur
 
 
-def read_shard(ref: ShardRef, keep: Callable[[str], bool] = lambda ext: True,
-               each: Callable[[str, str, bytes], None] | None = None) -> list[tuple[str, dict[str, bytes]]]:
+def read_shard(
+    ref: ShardRef, keep: Callable[[str], bool] = lambda ext: True, each: Callable[[str, str, bytes], None] | None = None
+) -> list[tuple[str, dict[str, bytes]]]:
     """Every sample of the shard as ``(key, {ext: bytes})`` with the members ``keep`` selects, returned only
     after the whole shard was read, every member checked and its size and sha256 matched (so nothing of a
     shard that breaks a rule is used). ``each(key, ext, data)`` sees every member's bytes as they stream
@@ -319,8 +337,9 @@ def read_shard(ref: ShardRef, keep: Callable[[str], bool] = lambda ext: True,
     return [(k, {e: v for e, v in m.items() if keep(e)}) for k, m in samples]
 
 
-def iter_samples(ds: Dataset, keep: Callable[[str], bool] = lambda ext: True
-                 ) -> Iterator[tuple[ShardRef, str, dict[str, bytes]]]:
+def iter_samples(
+    ds: Dataset, keep: Callable[[str], bool] = lambda ext: True
+) -> Iterator[tuple[ShardRef, str, dict[str, bytes]]]:
     """Samples of every shard in manifest order, each shard verified before its samples come."""
     for ref in ds.shards:
         for key, members in read_shard(ref, keep):

@@ -91,121 +91,202 @@ class Combination:
 
 _LR, _LMR = ("left", "right"), ("left", "middle", "right")
 COMBINATIONS: tuple[Combination, ...] = (
-    Combination(name="living+living", types=("living", "living"), cases=72, layout=_LR, templates=(
-        "{subject_1} and {subject_2} playing together on a sunny lawn",
-        "{subject_1} and {subject_2} sitting side by side on a wooden porch at sunset",
-        "{subject_1} and {subject_2} resting on a cozy sofa in a living room",
-        "{subject_1} and {subject_2} walking along a sandy beach",
-        "{subject_1} and {subject_2} in the snow in front of a cabin",
-        "{subject_1} and {subject_2} in a field of flowers, watercolor painting",
-    )),
-    Combination(name="living+object", types=("living", "object"), cases=72, layout=_LR, templates=(
-        "{subject_1} next to {subject_2} on a kitchen table",
-        "{subject_1} sniffing {subject_2} on a green lawn",
-        "{subject_1} sitting beside {subject_2} on a city sidewalk",
-        "{subject_1} and {subject_2} on a wooden floor in warm morning light",
-        "{subject_1} and {subject_2} on a rock in a forest",
-        "{subject_1} and {subject_2} on a beach at sunset",
-    )),
-    Combination(name="human+living", types=("human", "living"), cases=72, layout=_LR, templates=(
-        "{subject_1} walking with {subject_2} in a park",
-        "{subject_1} sitting on a bench next to {subject_2}",
-        "{subject_1} playing with {subject_2} on a beach",
-        "{subject_1} and {subject_2} in a cozy living room",
-        "{subject_1} and {subject_2} on a snowy mountain trail",
-        "{subject_1} feeding {subject_2} in a garden",
-    )),
-    Combination(name="human+object", types=("human", "object"), cases=72, layout=_LR, templates=(
-        "{subject_1} standing next to {subject_2} in a modern office",
-        "{subject_1} and {subject_2} on a city street at night",
-        "{subject_1} looking at {subject_2} on a wooden table",
-        "{subject_1} and {subject_2} in a bright studio, white background",
-        "{subject_1} and {subject_2} in a garden in spring",
-        "{subject_1} and {subject_2} on a beach under a blue sky",
-    )),
-    Combination(name="human+human", types=("human", "human"), cases=66, layout=_LR, templates=(
-        "{subject_1} and {subject_2} shaking hands in an office",
-        "{subject_1} and {subject_2} having coffee in a cafe",
-        "{subject_1} and {subject_2} walking in a park in autumn",
-        "{subject_1} and {subject_2} standing on a stage",
-        "{subject_1} and {subject_2} posing for a photo on a beach",
-        "{subject_1} and {subject_2} sitting at a dinner table",
-    )),
-    Combination(name="character+living", types=("character", "living"), cases=72, layout=_LR, templates=(
-        "{subject_1} playing with {subject_2} in a meadow",
-        "{subject_1} and {subject_2} on an adventure in a forest",
-        "{subject_1} and {subject_2} sitting under a tree",
-        "{subject_1} and {subject_2} in a snowy village",
-        "{subject_1} and {subject_2} on a beach at sunset",
-        "{subject_1} and {subject_2} in a colorful cartoon city",
-    )),
-    Combination(name="character+object", types=("character", "object"), cases=72, layout=_LR, templates=(
-        "{subject_1} standing next to {subject_2} on a desk",
-        "{subject_1} and {subject_2} in a toy shop window",
-        "{subject_1} and {subject_2} in a grassy field",
-        "{subject_1} and {subject_2} on a kitchen counter",
-        "{subject_1} and {subject_2} on the surface of the moon",
-        "{subject_1} and {subject_2} in a library",
-    )),
-    Combination(name="human+upwearing", types=("human", "upwearing"), cases=72, layout=("middle", "middle"), templates=(
-        "{subject_1} wearing {subject_2}, standing in a city street",
-        "{subject_1} wearing {subject_2}, sitting in a cafe",
-        "{subject_1} wearing {subject_2}, walking in a park",
-        "{subject_1} wearing {subject_2}, in a photo studio",
-        "{subject_1} wearing {subject_2}, on a beach",
-        "{subject_1} wearing {subject_2}, in an office",
-    )),
-    Combination(name="human+wholewearing", types=("human", "wholewearing"), cases=72, layout=("middle", "middle"), templates=(
-        "{subject_1} wearing {subject_2}, on a runway",
-        "{subject_1} wearing {subject_2}, at a garden party",
-        "{subject_1} wearing {subject_2}, walking down a city street",
-        "{subject_1} wearing {subject_2}, in a photo studio",
-        "{subject_1} wearing {subject_2}, on a beach at sunset",
-        "{subject_1} wearing {subject_2}, in a ballroom",
-    )),
-    Combination(name="human+upwearing+downwearing", types=("human", "upwearing", "downwearing"), cases=54,
-                layout=("middle",) * 3, templates=(
-        "{subject_1} wearing {subject_2} and {subject_3}, standing in a city street",
-        "{subject_1} wearing {subject_2} and {subject_3}, walking in a park",
-        "{subject_1} wearing {subject_2} and {subject_3}, in a photo studio",
-        "{subject_1} wearing {subject_2} and {subject_3}, sitting on a bench",
-        "{subject_1} wearing {subject_2} and {subject_3}, on a beach",
-        "{subject_1} wearing {subject_2} and {subject_3}, in a shopping mall",
-    )),
-    Combination(name="human+wholewearing+midwearing", types=("human", "wholewearing", "midwearing"), cases=48,
-                layout=("middle",) * 3, templates=(
-        "{subject_1} wearing {subject_2} with {subject_3}, on a runway",
-        "{subject_1} wearing {subject_2} with {subject_3}, walking down a city street",
-        "{subject_1} wearing {subject_2} with {subject_3}, in a photo studio",
-        "{subject_1} wearing {subject_2} with {subject_3}, at a garden party",
-        "{subject_1} wearing {subject_2} with {subject_3}, in a hotel lobby",
-        "{subject_1} wearing {subject_2} with {subject_3}, on a beach",
-    )),
-    Combination(name="human+upwearing+midwearing", types=("human", "upwearing", "midwearing"), cases=48,
-                layout=("middle",) * 3, templates=(
-        "{subject_1} wearing {subject_2} with {subject_3}, in a city street",
-        "{subject_1} wearing {subject_2} with {subject_3}, in an office",
-        "{subject_1} wearing {subject_2} with {subject_3}, in a photo studio",
-        "{subject_1} wearing {subject_2} with {subject_3}, in a park",
-        "{subject_1} wearing {subject_2} with {subject_3}, at an airport",
-        "{subject_1} wearing {subject_2} with {subject_3}, in a cafe",
-    )),
-    Combination(name="human+object+living", types=("human", "object", "living"), cases=48, layout=_LMR, templates=(
-        "{subject_1} with {subject_2} and {subject_3} in a park",
-        "{subject_1} with {subject_2} and {subject_3} in a living room",
-        "{subject_1} with {subject_2} and {subject_3} on a beach",
-        "{subject_1} with {subject_2} and {subject_3} in a garden",
-        "{subject_1} with {subject_2} and {subject_3} on a snowy street",
-        "{subject_1} with {subject_2} and {subject_3} in a kitchen",
-    )),
-    Combination(name="character+living+object", types=("character", "living", "object"), cases=48, layout=_LMR, templates=(
-        "{subject_1}, {subject_2} and {subject_3} in a meadow",
-        "{subject_1}, {subject_2} and {subject_3} in a cartoon town",
-        "{subject_1}, {subject_2} and {subject_3} on a wooden table",
-        "{subject_1}, {subject_2} and {subject_3} in a forest",
-        "{subject_1}, {subject_2} and {subject_3} on a beach",
-        "{subject_1}, {subject_2} and {subject_3} in outer space",
-    )),
+    Combination(
+        name="living+living",
+        types=("living", "living"),
+        cases=72,
+        layout=_LR,
+        templates=(
+            "{subject_1} and {subject_2} playing together on a sunny lawn",
+            "{subject_1} and {subject_2} sitting side by side on a wooden porch at sunset",
+            "{subject_1} and {subject_2} resting on a cozy sofa in a living room",
+            "{subject_1} and {subject_2} walking along a sandy beach",
+            "{subject_1} and {subject_2} in the snow in front of a cabin",
+            "{subject_1} and {subject_2} in a field of flowers, watercolor painting",
+        ),
+    ),
+    Combination(
+        name="living+object",
+        types=("living", "object"),
+        cases=72,
+        layout=_LR,
+        templates=(
+            "{subject_1} next to {subject_2} on a kitchen table",
+            "{subject_1} sniffing {subject_2} on a green lawn",
+            "{subject_1} sitting beside {subject_2} on a city sidewalk",
+            "{subject_1} and {subject_2} on a wooden floor in warm morning light",
+            "{subject_1} and {subject_2} on a rock in a forest",
+            "{subject_1} and {subject_2} on a beach at sunset",
+        ),
+    ),
+    Combination(
+        name="human+living",
+        types=("human", "living"),
+        cases=72,
+        layout=_LR,
+        templates=(
+            "{subject_1} walking with {subject_2} in a park",
+            "{subject_1} sitting on a bench next to {subject_2}",
+            "{subject_1} playing with {subject_2} on a beach",
+            "{subject_1} and {subject_2} in a cozy living room",
+            "{subject_1} and {subject_2} on a snowy mountain trail",
+            "{subject_1} feeding {subject_2} in a garden",
+        ),
+    ),
+    Combination(
+        name="human+object",
+        types=("human", "object"),
+        cases=72,
+        layout=_LR,
+        templates=(
+            "{subject_1} standing next to {subject_2} in a modern office",
+            "{subject_1} and {subject_2} on a city street at night",
+            "{subject_1} looking at {subject_2} on a wooden table",
+            "{subject_1} and {subject_2} in a bright studio, white background",
+            "{subject_1} and {subject_2} in a garden in spring",
+            "{subject_1} and {subject_2} on a beach under a blue sky",
+        ),
+    ),
+    Combination(
+        name="human+human",
+        types=("human", "human"),
+        cases=66,
+        layout=_LR,
+        templates=(
+            "{subject_1} and {subject_2} shaking hands in an office",
+            "{subject_1} and {subject_2} having coffee in a cafe",
+            "{subject_1} and {subject_2} walking in a park in autumn",
+            "{subject_1} and {subject_2} standing on a stage",
+            "{subject_1} and {subject_2} posing for a photo on a beach",
+            "{subject_1} and {subject_2} sitting at a dinner table",
+        ),
+    ),
+    Combination(
+        name="character+living",
+        types=("character", "living"),
+        cases=72,
+        layout=_LR,
+        templates=(
+            "{subject_1} playing with {subject_2} in a meadow",
+            "{subject_1} and {subject_2} on an adventure in a forest",
+            "{subject_1} and {subject_2} sitting under a tree",
+            "{subject_1} and {subject_2} in a snowy village",
+            "{subject_1} and {subject_2} on a beach at sunset",
+            "{subject_1} and {subject_2} in a colorful cartoon city",
+        ),
+    ),
+    Combination(
+        name="character+object",
+        types=("character", "object"),
+        cases=72,
+        layout=_LR,
+        templates=(
+            "{subject_1} standing next to {subject_2} on a desk",
+            "{subject_1} and {subject_2} in a toy shop window",
+            "{subject_1} and {subject_2} in a grassy field",
+            "{subject_1} and {subject_2} on a kitchen counter",
+            "{subject_1} and {subject_2} on the surface of the moon",
+            "{subject_1} and {subject_2} in a library",
+        ),
+    ),
+    Combination(
+        name="human+upwearing",
+        types=("human", "upwearing"),
+        cases=72,
+        layout=("middle", "middle"),
+        templates=(
+            "{subject_1} wearing {subject_2}, standing in a city street",
+            "{subject_1} wearing {subject_2}, sitting in a cafe",
+            "{subject_1} wearing {subject_2}, walking in a park",
+            "{subject_1} wearing {subject_2}, in a photo studio",
+            "{subject_1} wearing {subject_2}, on a beach",
+            "{subject_1} wearing {subject_2}, in an office",
+        ),
+    ),
+    Combination(
+        name="human+wholewearing",
+        types=("human", "wholewearing"),
+        cases=72,
+        layout=("middle", "middle"),
+        templates=(
+            "{subject_1} wearing {subject_2}, on a runway",
+            "{subject_1} wearing {subject_2}, at a garden party",
+            "{subject_1} wearing {subject_2}, walking down a city street",
+            "{subject_1} wearing {subject_2}, in a photo studio",
+            "{subject_1} wearing {subject_2}, on a beach at sunset",
+            "{subject_1} wearing {subject_2}, in a ballroom",
+        ),
+    ),
+    Combination(
+        name="human+upwearing+downwearing",
+        types=("human", "upwearing", "downwearing"),
+        cases=54,
+        layout=("middle",) * 3,
+        templates=(
+            "{subject_1} wearing {subject_2} and {subject_3}, standing in a city street",
+            "{subject_1} wearing {subject_2} and {subject_3}, walking in a park",
+            "{subject_1} wearing {subject_2} and {subject_3}, in a photo studio",
+            "{subject_1} wearing {subject_2} and {subject_3}, sitting on a bench",
+            "{subject_1} wearing {subject_2} and {subject_3}, on a beach",
+            "{subject_1} wearing {subject_2} and {subject_3}, in a shopping mall",
+        ),
+    ),
+    Combination(
+        name="human+wholewearing+midwearing",
+        types=("human", "wholewearing", "midwearing"),
+        cases=48,
+        layout=("middle",) * 3,
+        templates=(
+            "{subject_1} wearing {subject_2} with {subject_3}, on a runway",
+            "{subject_1} wearing {subject_2} with {subject_3}, walking down a city street",
+            "{subject_1} wearing {subject_2} with {subject_3}, in a photo studio",
+            "{subject_1} wearing {subject_2} with {subject_3}, at a garden party",
+            "{subject_1} wearing {subject_2} with {subject_3}, in a hotel lobby",
+            "{subject_1} wearing {subject_2} with {subject_3}, on a beach",
+        ),
+    ),
+    Combination(
+        name="human+upwearing+midwearing",
+        types=("human", "upwearing", "midwearing"),
+        cases=48,
+        layout=("middle",) * 3,
+        templates=(
+            "{subject_1} wearing {subject_2} with {subject_3}, in a city street",
+            "{subject_1} wearing {subject_2} with {subject_3}, in an office",
+            "{subject_1} wearing {subject_2} with {subject_3}, in a photo studio",
+            "{subject_1} wearing {subject_2} with {subject_3}, in a park",
+            "{subject_1} wearing {subject_2} with {subject_3}, at an airport",
+            "{subject_1} wearing {subject_2} with {subject_3}, in a cafe",
+        ),
+    ),
+    Combination(
+        name="human+object+living",
+        types=("human", "object", "living"),
+        cases=48,
+        layout=_LMR,
+        templates=(
+            "{subject_1} with {subject_2} and {subject_3} in a park",
+            "{subject_1} with {subject_2} and {subject_3} in a living room",
+            "{subject_1} with {subject_2} and {subject_3} on a beach",
+            "{subject_1} with {subject_2} and {subject_3} in a garden",
+            "{subject_1} with {subject_2} and {subject_3} on a snowy street",
+            "{subject_1} with {subject_2} and {subject_3} in a kitchen",
+        ),
+    ),
+    Combination(
+        name="character+living+object",
+        types=("character", "living", "object"),
+        cases=48,
+        layout=_LMR,
+        templates=(
+            "{subject_1}, {subject_2} and {subject_3} in a meadow",
+            "{subject_1}, {subject_2} and {subject_3} in a cartoon town",
+            "{subject_1}, {subject_2} and {subject_3} on a wooden table",
+            "{subject_1}, {subject_2} and {subject_3} in a forest",
+            "{subject_1}, {subject_2} and {subject_3} on a beach",
+            "{subject_1}, {subject_2} and {subject_3} in outer space",
+        ),
+    ),
 )
 N_TWO, N_THREE = 642, 246
 
@@ -250,8 +331,9 @@ def read_pool(root: str | Path) -> dict[str, list[PoolSubject]]:
     """``{type: [subjects sorted by file name]}`` for every subject-type folder present in the pool."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"subject pool '{root}' does not exist; make POOL/<type>/<name>.jpg with types "
-                                f"{list(SUBJECT_TYPES)}")
+        raise FileNotFoundError(
+            f"subject pool '{root}' does not exist; make POOL/<type>/<name>.jpg with types {list(SUBJECT_TYPES)}"
+        )
     unknown = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in SUBJECT_TYPES)
     if unknown:
         log.warning("pool '%s': folders %s are not subject types %s; ignored", root, unknown, list(SUBJECT_TYPES))
@@ -267,8 +349,11 @@ def read_pool(root: str | Path) -> dict[str, list[PoolSubject]]:
                 name = txt.read_text(encoding="utf-8").strip().splitlines()[0].strip()
             else:
                 name = _with_article(re.sub(r"[_\-]+", " ", img.stem).strip())
-            subjects.append(PoolSubject(path=str(img.resolve()), type=t, name=name,
-                                        key=re.sub(r"[^A-Za-z0-9]+", "", img.stem) or "s"))
+            subjects.append(
+                PoolSubject(
+                    path=str(img.resolve()), type=t, name=name, key=re.sub(r"[^A-Za-z0-9]+", "", img.stem) or "s"
+                )
+            )
         if subjects:
             pool[t] = subjects
     return pool
@@ -302,8 +387,10 @@ def build_multi_cases(cfg: MultiBenchConfig) -> list[Case]:
     short = {t: (len(pool.get(t, [])), n) for t, n in need.items() if len(pool.get(t, [])) < n}
     if short:
         detail = "; ".join(f"{t}: has {have}, needs {n}" for t, (have, n) in sorted(short.items()))
-        raise ValueError(f"subject pool '{cfg.pool}' is too small ({detail}); add images under "
-                         f"{cfg.pool}/<type>/ (combinations like human+human need 2 distinct subjects of a type)")
+        raise ValueError(
+            f"subject pool '{cfg.pool}' is too small ({detail}); add images under "
+            f"{cfg.pool}/<type>/ (combinations like human+human need 2 distinct subjects of a type)"
+        )
     rng = random.Random(cfg.seed)
     decks = {t: _Deck(pool[t], rng) for t in need}
     cases: list[Case] = []
@@ -315,8 +402,17 @@ def build_multi_cases(cfg: MultiBenchConfig) -> list[Case]:
                 picked.append(decks[t].deal({p.path for p in picked}))
             prompt = combo.templates[v].format(**{f"subject_{i}": s.name for i, s in enumerate(picked, 1)})
             cid = f"dib-{ci:02d}-{combo.name.replace('+', '_')}-{k:03d}"
-            cases.append(Case(id=cid, benchmark="dynaip-bench", category=combo.name, prompt=prompt, variation=v,
-                              subjects=[Subject(path=s.path, type=s.type, name=s.name) for s in picked],
-                              layout=list(combo.layout), seed=case_seed(cfg.seed, cid),
-                              extra={"template": combo.templates[v], "n_subjects": len(picked)}))
+            cases.append(
+                Case(
+                    id=cid,
+                    benchmark="dynaip-bench",
+                    category=combo.name,
+                    prompt=prompt,
+                    variation=v,
+                    subjects=[Subject(path=s.path, type=s.type, name=s.name) for s in picked],
+                    layout=list(combo.layout),
+                    seed=case_seed(cfg.seed, cid),
+                    extra={"template": combo.templates[v], "n_subjects": len(picked)},
+                )
+            )
     return cases

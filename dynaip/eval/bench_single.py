@@ -76,8 +76,10 @@ class SingleBenchConfig:
 
     def __post_init__(self) -> None:
         if self.strict and self.allow_partial:
-            raise ValueError("strict and allow_partial contradict each other: strict requires the full release, "
-                             "allow_partial accepts less; choose one")
+            raise ValueError(
+                "strict and allow_partial contradict each other: strict requires the full release, "
+                "allow_partial accepts less; choose one"
+            )
 
 
 @dataclass(kw_only=True)
@@ -132,20 +134,26 @@ def _category_dirs(root: Path, problems: list[str], strays: list[str]) -> dict[s
                     if q.is_dir() and q.name in LIVE_CATEGORIES:
                         found.setdefault(q.name, set()).add(f"{LIVE_SUBJECT}/{q.name}")
                     elif q.is_dir():
-                        problems.append(f"{tree}/{LIVE_SUBJECT}/{q.name}/ is not a DreamBench++ category "
-                                        f"(live subjects are {list(LIVE_CATEGORIES)})")
+                        problems.append(
+                            f"{tree}/{LIVE_SUBJECT}/{q.name}/ is not a DreamBench++ category "
+                            f"(live subjects are {list(LIVE_CATEGORIES)})"
+                        )
                     else:
                         strays.append(f"{tree}/{LIVE_SUBJECT}/{q.name}")
             elif p.name in CATEGORIES:
                 found.setdefault(p.name, set()).add(p.name)
             else:
-                problems.append(f"{tree}/{p.name}/ is not a DreamBench++ category directory (expected "
-                                f"{LIVE_SUBJECT}/animal, {LIVE_SUBJECT}/human, object, style)")
+                problems.append(
+                    f"{tree}/{p.name}/ is not a DreamBench++ category directory (expected "
+                    f"{LIVE_SUBJECT}/animal, {LIVE_SUBJECT}/human, object, style)"
+                )
     twice = {c: sorted(d) for c, d in found.items() if len(d) > 1}
     if twice:
         c, d = next(iter(twice.items()))
-        raise ValueError(f"DreamBench++ pool '{root}': category {c} is at both {d[0]}/ and {d[1]}/ (in images/ or "
-                         f"captions/); keep one place, the release's being {LIVE_SUBJECT}/{c}/ in both trees")
+        raise ValueError(
+            f"DreamBench++ pool '{root}': category {c} is at both {d[0]}/ and {d[1]}/ (in images/ or "
+            f"captions/); keep one place, the release's being {LIVE_SUBJECT}/{c}/ in both trees"
+        )
     dirs = {c: next(iter(found[c])) for c in CATEGORIES if c in found}
     absent = [c for c in CATEGORIES if c not in dirs]
     if absent:
@@ -158,14 +166,17 @@ def _layout(dirs: dict[str, str]) -> str:
     return "mixed" if nested == {True, False} else "flat" if nested == {False} else "published"
 
 
-def _caption(path: Path, root: Path, cfg: SingleBenchConfig, problems: list[str],
-             shape: list[str]) -> tuple[str, list[str]]:
+def _caption(
+    path: Path, root: Path, cfg: SingleBenchConfig, problems: list[str], shape: list[str]
+) -> tuple[str, list[str]]:
     """(subject name, prompts); prompt-count differences go to ``problems``, line-format ones to ``shape``."""
     raw = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
     lines = [ln for ln in raw if ln]
     if len(lines) < 2:
-        raise ValueError(f"caption file '{path}' has {len(lines)} non-empty lines; expected the subject name on "
-                         "line 0 and the prompts after it")
+        raise ValueError(
+            f"caption file '{path}' has {len(lines)} non-empty lines; expected the subject name on "
+            "line 0 and the prompts after it"
+        )
     if cfg.strict:
         while raw and not raw[-1]:
             raw.pop()
@@ -183,17 +194,21 @@ def read_single_pool(cfg: SingleBenchConfig) -> SinglePool:
     img_root, cap_root = root / "images", root / "captions"
     for d in (img_root, cap_root):
         if not d.is_dir():
-            raise FileNotFoundError(f"DreamBench++ pool '{root}' has no '{d.name}/' directory; expected the release's "
-                                    f"{root}/images/{LIVE_SUBJECT}/animal/00.jpg and "
-                                    f"{root}/captions/{LIVE_SUBJECT}/animal/00.txt (and so on)")
+            raise FileNotFoundError(
+                f"DreamBench++ pool '{root}' has no '{d.name}/' directory; expected the release's "
+                f"{root}/images/{LIVE_SUBJECT}/animal/00.jpg and "
+                f"{root}/captions/{LIVE_SUBJECT}/animal/00.txt (and so on)"
+            )
     problems: list[str] = []  # differences from the release: errors unless allow_partial
     shape: list[str] = []  # departures from the release's exact shape: errors with strict
     strays: list[str] = []
     dirs = _category_dirs(root, problems, strays)
     layout = _layout(dirs)
     if layout == "mixed":
-        problems.append(f"animals and humans are split between images/{LIVE_SUBJECT}/<category>/ and "
-                        "images/<category>/; use one layout")
+        problems.append(
+            f"animals and humans are split between images/{LIVE_SUBJECT}/<category>/ and "
+            "images/<category>/; use one layout"
+        )
     elif layout == "flat":
         shape.append(f"flat layout (the release nests animal/ and human/ under {LIVE_SUBJECT}/)")
 
@@ -215,12 +230,18 @@ def read_single_pool(cfg: SingleBenchConfig) -> SinglePool:
         for tree, got in files.items():
             dup = next(((s, ps) for s, ps in got.items() if len(ps) > 1), None)
             if dup:
-                raise ValueError(f"DreamBench++ pool '{root}': {tree}/{rel}/ holds {[p.name for p in dup[1]]} for one "
-                                 f"subject '{dup[0]}'; keep one file per subject")
-        missing += [f"captions/{rel}/{s}.txt (for {images[s][0].relative_to(root)})"
-                    for s in sorted(set(images) - set(captions), key=_index_key)]
-        missing += [f"images/{rel}/{s}.jpg (for {captions[s][0].relative_to(root)})"
-                    for s in sorted(set(captions) - set(images), key=_index_key)]
+                raise ValueError(
+                    f"DreamBench++ pool '{root}': {tree}/{rel}/ holds {[p.name for p in dup[1]]} for one "
+                    f"subject '{dup[0]}'; keep one file per subject"
+                )
+        missing += [
+            f"captions/{rel}/{s}.txt (for {images[s][0].relative_to(root)})"
+            for s in sorted(set(images) - set(captions), key=_index_key)
+        ]
+        missing += [
+            f"images/{rel}/{s}.jpg (for {captions[s][0].relative_to(root)})"
+            for s in sorted(set(captions) - set(images), key=_index_key)
+        ]
         stems = sorted(set(images) & set(captions), key=_index_key)
         subjects[cat] = len(stems)
         for stem in stems:
@@ -228,17 +249,29 @@ def read_single_pool(cfg: SingleBenchConfig) -> SinglePool:
             if not re.fullmatch(r"\d{2}", stem) or image.suffix != ".jpg":
                 shape.append(f"{image.relative_to(root)} is not named NN.jpg like the release's images")
             name, prompts = _caption(captions[stem][0], root, cfg, problems, shape)
-            collection = "_".join([f"{LIVE_SUBJECT}_{cat}" if cat in LIVE_CATEGORIES else cat, stem,
-                                   name.lower().replace(" ", "_")])
+            collection = "_".join(
+                [f"{LIVE_SUBJECT}_{cat}" if cat in LIVE_CATEGORIES else cat, stem, name.lower().replace(" ", "_")]
+            )
             for j, prompt in enumerate(prompts):
                 cid = f"dbpp-{_safe(cat)}-{_safe(stem)}-p{j}"
-                cases.append(Case(id=cid, benchmark="dreambench++", category=cat, prompt=prompt, variation=j,
-                                  subjects=[Subject(path=str(image.resolve()), type=cat, name=name)],
-                                  seed=case_seed(cfg.seed, cid), extra={"collection_id": collection}))
+                cases.append(
+                    Case(
+                        id=cid,
+                        benchmark="dreambench++",
+                        category=cat,
+                        prompt=prompt,
+                        variation=j,
+                        subjects=[Subject(path=str(image.resolve()), type=cat, name=name)],
+                        seed=case_seed(cfg.seed, cid),
+                        extra={"collection_id": collection},
+                    )
+                )
     if missing:
         shown = "; ".join(missing[:10]) + (f"; ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise FileNotFoundError(f"DreamBench++ pool '{root}' is incomplete: missing {shown}. Every image needs its caption "
-                                "file and vice versa; re-extract the benchmark")
+        raise FileNotFoundError(
+            f"DreamBench++ pool '{root}' is incomplete: missing {shown}. Every image needs its caption "
+            "file and vice versa; re-extract the benchmark"
+        )
     totals = []  # listed first: the headline of what differs
     n_subjects = sum(subjects.values())
     if n_subjects != cfg.expected_subjects:
@@ -251,11 +284,15 @@ def read_single_pool(cfg: SingleBenchConfig) -> SinglePool:
     shape += [stray_note] if stray_note else []
     pool = SinglePool(cases=cases, layout=layout, subjects=subjects, problems=problems)
     if cfg.strict and (problems or shape):
-        raise ValueError(f"DreamBench++ pool '{root}' is not the release as published: {_first(problems + shape)}. "
-                         "Fix the pool, or drop --strict")
+        raise ValueError(
+            f"DreamBench++ pool '{root}' is not the release as published: {_first(problems + shape)}. "
+            "Fix the pool, or drop --strict"
+        )
     if problems and not cfg.allow_partial:
-        raise ValueError(f"DreamBench++ pool '{root}' is not the full release ({pool.describe()}): {_first(problems)}. "
-                         "Point --pool at the extracted release, or pass --allow-partial to evaluate these cases anyway")
+        raise ValueError(
+            f"DreamBench++ pool '{root}' is not the full release ({pool.describe()}): {_first(problems)}. "
+            "Point --pool at the extracted release, or pass --allow-partial to evaluate these cases anyway"
+        )
     if problems:
         log.warning("DreamBench++ pool '%s' is partial (%s): %s", root, pool.describe(), _first(problems))
     if stray_note:

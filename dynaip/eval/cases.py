@@ -72,8 +72,10 @@ class Case:
             raise ValueError(f"case {self.id!r} has no subjects; every case needs at least one reference image")
         if self.layout is not None:
             if len(self.layout) != len(self.subjects):
-                raise ValueError(f"case {self.id!r}: layout {self.layout} has {len(self.layout)} positions for "
-                                 f"{len(self.subjects)} subjects; give one position per subject")
+                raise ValueError(
+                    f"case {self.id!r}: layout {self.layout} has {len(self.layout)} positions for "
+                    f"{len(self.subjects)} subjects; give one position per subject"
+                )
             bad = [p for p in self.layout if p not in POSITIONS]
             if bad:
                 raise ValueError(f"case {self.id!r}: layout positions {bad} are not among {POSITIONS}")
@@ -108,8 +110,9 @@ def read_cases(path: str | Path) -> list[Case]:
     """Reads a cases JSON Lines file written by ``bench-single`` / ``bench-multi``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"cases file '{path}' does not exist; write it with `dynaip eval bench-single` "
-                                "or `dynaip eval bench-multi`")
+        raise FileNotFoundError(
+            f"cases file '{path}' does not exist; write it with `dynaip eval bench-single` or `dynaip eval bench-multi`"
+        )
     cases = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -117,7 +120,9 @@ def read_cases(path: str | Path) -> list[Case]:
         try:
             cases.append(Case.from_json(json.loads(line)))
         except (json.JSONDecodeError, TypeError, KeyError) as e:
-            raise ValueError(f"{path}:{n}: not a case record ({type(e).__name__}: {e}); regenerate the cases file") from e
+            raise ValueError(
+                f"{path}:{n}: not a case record ({type(e).__name__}: {e}); regenerate the cases file"
+            ) from e
     return cases
 
 

@@ -62,7 +62,9 @@ class GenerateSettings:
         for name in ("height", "width"):
             v = getattr(self, name)
             if v < 16 or v % 16:
-                raise ValueError(f"{name}={v} must be a positive multiple of 16 (FLUX packs 2×2 latent patches of 8 px)")
+                raise ValueError(
+                    f"{name}={v} must be a positive multiple of 16 (FLUX packs 2×2 latent patches of 8 px)"
+                )
         if self.granularity is not None:
             self.granularity = tuple(float(g) for g in self.granularity)
             if len(self.granularity) != 3:
@@ -77,8 +79,10 @@ def load_pipeline(models_yaml: str, adapter_dir: str, device: str | None = None,
     try:
         from dynaip.inference import DynaIPFluxPipeline
     except ImportError as e:
-        raise RuntimeError("dynaip.inference.DynaIPFluxPipeline cannot be imported; `eval generate` needs the "
-                           f"inference pipeline ({type(e).__name__}: {e}); reinstall the package") from e
+        raise RuntimeError(
+            "dynaip.inference.DynaIPFluxPipeline cannot be imported; `eval generate` needs the "
+            f"inference pipeline ({type(e).__name__}: {e}); reinstall the package"
+        ) from e
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     return DynaIPFluxPipeline.from_local(models_yaml, adapter_dir, dtype=dtype, device=device, with_auto_mask=auto_mask)
@@ -92,23 +96,34 @@ def generate_case(pipe: Any, case: Case, settings: GenerateSettings) -> Image.Im
     detection phrases (``auto_mask=[...]``). Returns the first image of the pipeline's output.
     """
     refs = [Image.open(s.path).convert("RGB") for s in case.subjects]
-    kwargs: dict[str, Any] = dict(prompt=case.prompt, references=refs, scale=settings.scale,
-                                  granularity=list(settings.granularity) if settings.granularity else None,
-                                  seed=case.seed, num_inference_steps=settings.steps, height=settings.height,
-                                  width=settings.width, guidance_scale=settings.guidance)
+    kwargs: dict[str, Any] = dict(
+        prompt=case.prompt,
+        references=refs,
+        scale=settings.scale,
+        granularity=list(settings.granularity) if settings.granularity else None,
+        seed=case.seed,
+        num_inference_steps=settings.steps,
+        height=settings.height,
+        width=settings.width,
+        guidance_scale=settings.guidance,
+    )
     if not case.is_multi:
         kwargs["masks"] = None
     elif settings.auto_mask:
         params = inspect.signature(pipe).parameters
         if "auto_mask" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise ValueError("--auto-mask: this DynaIPFluxPipeline takes no auto_mask argument; use the preset masks "
-                             "(drop --auto-mask) or update the pipeline")
+            raise ValueError(
+                "--auto-mask: this DynaIPFluxPipeline takes no auto_mask argument; use the preset masks "
+                "(drop --auto-mask) or update the pipeline"
+            )
         kwargs["masks"] = None
         kwargs["auto_mask"] = [s.name for s in case.subjects]
     else:
         if case.layout is None:
-            raise ValueError(f"case {case.id!r} has {len(refs)} subjects but no layout; rebuild it with bench-multi "
-                             "or pass --auto-mask")
+            raise ValueError(
+                f"case {case.id!r} has {len(refs)} subjects but no layout; rebuild it with bench-multi "
+                "or pass --auto-mask"
+            )
         kwargs["masks"] = preset_masks(case.layout, settings.width, settings.height)
     image = pipe(**kwargs)
     if not isinstance(image, Image.Image):  # DynaIPOutput / diffusers output: .images is a list of PIL images
@@ -142,8 +157,13 @@ def save_result(out_dir: str | Path, case: Case, png: bytes, settings: GenerateS
     """PNG first, then the sidecar (the done marker), each atomically."""
     png_path = image_path(out_dir, case.id)
     atomic_write_bytes(png_path, png)
-    meta = {"case_id": case.id, "prompt": case.prompt, "seed": case.seed, "seconds": round(seconds, 3),
-            "settings": asdict(settings)}
+    meta = {
+        "case_id": case.id,
+        "prompt": case.prompt,
+        "seed": case.seed,
+        "seconds": round(seconds, 3),
+        "settings": asdict(settings),
+    }
     atomic_write_bytes(png_path.with_suffix(".json"), json.dumps(meta, sort_keys=True).encode())
 
 
@@ -153,12 +173,17 @@ def _check_run_settings(out_dir: Path, settings: GenerateSettings, adapter: str 
     if run_file.is_file():
         previous = json.loads(run_file.read_text())
         if previous != current:
-            diff = {k: (previous.get("settings", {}).get(k), v) for k, v in current["settings"].items()
-                    if previous.get("settings", {}).get(k) != v}
+            diff = {
+                k: (previous.get("settings", {}).get(k), v)
+                for k, v in current["settings"].items()
+                if previous.get("settings", {}).get(k) != v
+            }
             if previous.get("adapter") != adapter:
                 diff["adapter"] = (previous.get("adapter"), adapter)
-            raise ValueError(f"'{out_dir}' holds a run with other settings (old, new): {diff}; resume with the same "
-                             "settings or write to a new --out")
+            raise ValueError(
+                f"'{out_dir}' holds a run with other settings (old, new): {diff}; resume with the same "
+                "settings or write to a new --out"
+            )
     else:
         atomic_write_bytes(run_file, json.dumps(current, indent=2, sort_keys=True).encode())
 
@@ -179,10 +204,18 @@ class _GenWorker:
         return case.id, _png_bytes(image), time.perf_counter() - t0
 
 
-def run_generation(cases: Sequence[Case], out_dir: str | Path, *, settings: GenerateSettings,
-                   pipe_factory: PipeFactory, generate_fn: GenerateFn = generate_case,
-                   ray_address: str | None = None, num_workers: int | None = None, gpus_per_worker: float = 1.0,
-                   adapter: str | None = None) -> GenerationSummary:
+def run_generation(
+    cases: Sequence[Case],
+    out_dir: str | Path,
+    *,
+    settings: GenerateSettings,
+    pipe_factory: PipeFactory,
+    generate_fn: GenerateFn = generate_case,
+    ray_address: str | None = None,
+    num_workers: int | None = None,
+    gpus_per_worker: float = 1.0,
+    adapter: str | None = None,
+) -> GenerationSummary:
     """Generates every unfinished case into ``out_dir`` (layout in the module docstring).
 
     Without ``ray_address`` cases run one after another in this process (the pipeline is built only
@@ -196,14 +229,31 @@ def run_generation(cases: Sequence[Case], out_dir: str | Path, *, settings: Gene
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(Store(str(out_dir)), what="eval generation"):  # two generations into one --out would race
-        return _run_generation(cases, out_dir, settings=settings, pipe_factory=pipe_factory, generate_fn=generate_fn,
-                               ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
-                               adapter=adapter)
+        return _run_generation(
+            cases,
+            out_dir,
+            settings=settings,
+            pipe_factory=pipe_factory,
+            generate_fn=generate_fn,
+            ray_address=ray_address,
+            num_workers=num_workers,
+            gpus_per_worker=gpus_per_worker,
+            adapter=adapter,
+        )
 
 
-def _run_generation(cases: Sequence[Case], out_dir: Path, *, settings: GenerateSettings, pipe_factory: PipeFactory,
-                    generate_fn: GenerateFn, ray_address: str | None, num_workers: int | None,
-                    gpus_per_worker: float, adapter: str | None) -> GenerationSummary:
+def _run_generation(
+    cases: Sequence[Case],
+    out_dir: Path,
+    *,
+    settings: GenerateSettings,
+    pipe_factory: PipeFactory,
+    generate_fn: GenerateFn,
+    ray_address: str | None,
+    num_workers: int | None,
+    gpus_per_worker: float,
+    adapter: str | None,
+) -> GenerationSummary:
     _check_run_settings(out_dir, settings, adapter)
     pending = [c for c in cases if not is_done(out_dir, c.id)]
     summary = GenerationSummary(total=len(cases), skipped=len(cases) - len(pending), generated=0)
@@ -220,16 +270,32 @@ def _run_generation(cases: Sequence[Case], out_dir: Path, *, settings: GenerateS
         bar.update(summary.generated)
 
     try:
-        _generate_all(pending, done, settings=settings, pipe_factory=pipe_factory, generate_fn=generate_fn,
-                      ray_address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker)
+        _generate_all(
+            pending,
+            done,
+            settings=settings,
+            pipe_factory=pipe_factory,
+            generate_fn=generate_fn,
+            ray_address=ray_address,
+            num_workers=num_workers,
+            gpus_per_worker=gpus_per_worker,
+        )
     finally:
         bar.close()
     return summary
 
 
-def _generate_all(pending: list[Case], done: Callable[[str, bytes, float], None], *, settings: GenerateSettings,
-                  pipe_factory: PipeFactory, generate_fn: GenerateFn, ray_address: str | None,
-                  num_workers: int | None, gpus_per_worker: float) -> None:
+def _generate_all(
+    pending: list[Case],
+    done: Callable[[str, bytes, float], None],
+    *,
+    settings: GenerateSettings,
+    pipe_factory: PipeFactory,
+    generate_fn: GenerateFn,
+    ray_address: str | None,
+    num_workers: int | None,
+    gpus_per_worker: float,
+) -> None:
     if ray_address is None:
         worker = _GenWorker(pipe_factory, generate_fn, settings)
         for case in pending:
@@ -246,8 +312,10 @@ def _generate_all(pending: list[Case], done: Callable[[str, bytes, float], None]
         gpus = float(ray.cluster_resources().get("GPU", 0))
         num_workers = int(gpus // gpus_per_worker) if gpus_per_worker > 0 else 1
         if num_workers < 1:
-            raise ValueError(f"the Ray cluster at {ray_address!r} has {gpus:g} GPUs, fewer than --gpus-per-worker "
-                             f"{gpus_per_worker:g}; add GPU nodes, or pass --workers N --gpus-per-worker 0 for CPU")
+            raise ValueError(
+                f"the Ray cluster at {ray_address!r} has {gpus:g} GPUs, fewer than --gpus-per-worker "
+                f"{gpus_per_worker:g}; add GPU nodes, or pass --workers N --gpus-per-worker 0 for CPU"
+            )
     num_workers = min(num_workers, len(pending))
     actor_cls = ray.remote(num_gpus=gpus_per_worker)(_GenWorker)
     actors = [actor_cls.remote(pipe_factory, generate_fn, settings) for _ in range(num_workers)]
@@ -257,7 +325,8 @@ def _generate_all(pending: list[Case], done: Callable[[str, bytes, float], None]
         done(*result)
 
 
-def real_pipe_factory(models_yaml: str, adapter_dir: str, device: str | None = None,
-                      auto_mask: bool = False) -> PipeFactory:
+def real_pipe_factory(
+    models_yaml: str, adapter_dir: str, device: str | None = None, auto_mask: bool = False
+) -> PipeFactory:
     """A picklable factory for ``load_pipeline`` (sent to Ray workers, where device None picks their GPU)."""
     return functools.partial(load_pipeline, models_yaml, adapter_dir, device, auto_mask)

@@ -67,8 +67,10 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("dreambench", "open")
 """How judges are asked (see the module docstring)."""
-PROTOCOL_SAMPLING = {"dreambench": {"temperature": 1.0, "retry_temperature": 1.0, "max_retries": 2},
-                     "open": {"temperature": 0.0, "retry_temperature": 0.7, "max_retries": 3}}
+PROTOCOL_SAMPLING = {
+    "dreambench": {"temperature": 1.0, "retry_temperature": 1.0, "max_retries": 2},
+    "open": {"temperature": 0.0, "retry_temperature": 0.7, "max_retries": 3},
+}
 """Per protocol: first-try temperature, re-ask temperature and extra tries (dreambench: 3 tries at temperature 1)."""
 DREAMBENCH_IMAGE_SIZE = 512
 """The side of the square images the dreambench protocol sends."""
@@ -106,8 +108,9 @@ class JudgeConfig:
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"judge {self.name}: base_url {self.base_url!r} must start with http:// or https://")
         if (self.max_retries is not None and self.max_retries < 0) or self.timeout_s <= 0:
-            raise ValueError(f"judge {self.name}: max_retries ({self.max_retries}) must be ≥ 0 and timeout_s "
-                             f"({self.timeout_s}) > 0")
+            raise ValueError(
+                f"judge {self.name}: max_retries ({self.max_retries}) must be ≥ 0 and timeout_s ({self.timeout_s}) > 0"
+            )
 
     def resolved(self, protocol: str) -> "JudgeConfig":
         """This judge with the protocol's sampling settings filled in; dreambench refuses other values."""
@@ -117,8 +120,10 @@ class JudgeConfig:
         if protocol == "dreambench":
             bad = {k: getattr(self, k) for k, v in fixed.items() if getattr(self, k) not in (None, v)}
             if bad:
-                raise ValueError(f"judge {self.name}: {bad} conflicts with protocol dreambench, which samples at "
-                                 "temperature 1 with 3 tries; remove these keys or use protocol: open")
+                raise ValueError(
+                    f"judge {self.name}: {bad} conflicts with protocol dreambench, which samples at "
+                    "temperature 1 with 3 tries; remove these keys or use protocol: open"
+                )
         return replace(self, **{k: v if getattr(self, k) is None else getattr(self, k) for k, v in fixed.items()})
 
     def api_key(self) -> str | None:
@@ -126,8 +131,10 @@ class JudgeConfig:
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise ValueError(f"judge {self.name}: environment variable {self.api_key_env} (api_key_env) is not set; "
-                             "export it or set api_key_env: null for servers without authentication")
+            raise ValueError(
+                f"judge {self.name}: environment variable {self.api_key_env} (api_key_env) is not set; "
+                "export it or set api_key_env: null for servers without authentication"
+            )
         return key
 
 
@@ -158,12 +165,16 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol {self.protocol!r} is not one of {list(PROTOCOLS)}: dreambench follows the "
-                             "DreamBench++ procedure, open is the harness's own")
+            raise ValueError(
+                f"protocol {self.protocol!r} is not one of {list(PROTOCOLS)}: dreambench follows the "
+                "DreamBench++ procedure, open is the harness's own"
+            )
         if self.protocol == "dreambench" and self.image_size != DREAMBENCH_IMAGE_SIZE:
-            raise ValueError(f"image_size {self.image_size} conflicts with protocol dreambench, which sends "
-                             f"{DREAMBENCH_IMAGE_SIZE} × {DREAMBENCH_IMAGE_SIZE} images; remove image_size or use "
-                             "protocol: open")
+            raise ValueError(
+                f"image_size {self.image_size} conflicts with protocol dreambench, which sends "
+                f"{DREAMBENCH_IMAGE_SIZE} × {DREAMBENCH_IMAGE_SIZE} images; remove image_size or use "
+                "protocol: open"
+            )
         if self.image_size < 1:
             raise ValueError(f"image_size {self.image_size} must be ≥ 1")
         self.judges = [j.resolved(self.protocol) for j in self.judges]
@@ -175,8 +186,10 @@ class EvalConfig:
         path = Path(path)
         raw = read_yaml(path, "eval config", "start from jobs/configs/eval_judges.yaml")
         if "protocol" not in raw:
-            raise ConfigError(f"{path}: no 'protocol'; add 'protocol: dreambench' (the DreamBench++ judging procedure) "
-                              "or 'protocol: open' (the harness's own, as before protocols existed)")
+            raise ConfigError(
+                f"{path}: no 'protocol'; add 'protocol: dreambench' (the DreamBench++ judging procedure) "
+                "or 'protocol: open' (the harness's own, as before protocols existed)"
+            )
         cfg = build(cls, raw, where=str(path), base=path.parent)
         names = [j.name for j in cfg.judges]
         if len(set(names)) != len(names):
@@ -185,8 +198,10 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------------------------- prompts
-SYSTEM_PROMPT = ("You are a meticulous, impartial judge of AI-generated images. You follow the rubric exactly, "
-                 "reason briefly, and always end with a line of the form 'Score: N' where N is one integer from 0 to 4.")
+SYSTEM_PROMPT = (
+    "You are a meticulous, impartial judge of AI-generated images. You follow the rubric exactly, "
+    "reason briefly, and always end with a line of the form 'Score: N' where N is one integer from 0 to 4."
+)
 
 SCALE = """Scale:
 0 = very poor: {zero}
@@ -195,7 +210,8 @@ SCALE = """Scale:
 3 = good: {three}
 4 = excellent: {four}"""
 
-CP_SUBJECT = """Image 1 is a reference image of a subject: {name}. Image 2 was generated by a personalization model.
+CP_SUBJECT = (
+    """Image 1 is a reference image of a subject: {name}. Image 2 was generated by a personalization model.
 {multi}Rate CONCEPT PRESERVATION: how faithfully Image 2 reproduces the identity of the subject in Image 1.
 Compare, in this order:
 - shape: overall silhouette, proportions and distinctive parts;
@@ -203,35 +219,57 @@ Compare, in this order:
 - texture: materials, fur, fabric, patterns, printed details and logos;
 - facial features: for people, animals and characters, the eyes, nose, mouth, face shape and hair.
 Ignore the background, pose, viewpoint, lighting and whether a text prompt is followed: only the subject's identity counts.
-""" + SCALE.format(zero="the subject is absent or unrecognizable",
-                   one="a similar kind of subject, but most details (shape, colour, texture, face) differ",
-                   two="recognizably related, with several clear differences",
-                   three="the same subject with minor differences in a few details",
-                   four="the same subject; shape, colour, texture and facial features all match") + """
+"""
+    + SCALE.format(
+        zero="the subject is absent or unrecognizable",
+        one="a similar kind of subject, but most details (shape, colour, texture, face) differ",
+        two="recognizably related, with several clear differences",
+        three="the same subject with minor differences in a few details",
+        four="the same subject; shape, colour, texture and facial features all match",
+    )
+    + """
 Answer with one or two sentences of justification, then a last line exactly 'Score: N'."""
+)
 
-CP_STYLE = """Image 1 is a style reference ({name}). Image 2 was generated by a personalization model asked to use that style.
+CP_STYLE = (
+    """Image 1 is a style reference ({name}). Image 2 was generated by a personalization model asked to use that style.
 Rate STYLE PRESERVATION: how faithfully Image 2 reproduces the artistic style of Image 1, judging the colour palette,
 brushwork or rendering technique, texture, line quality, lighting and level of abstraction.
 Ignore what the images depict: only the style counts.
-""" + SCALE.format(zero="an unrelated style", one="a vaguely similar style with most traits different",
-                   two="some traits shared, several clearly different", three="the same style with minor differences",
-                   four="indistinguishable in style") + """
+"""
+    + SCALE.format(
+        zero="an unrelated style",
+        one="a vaguely similar style with most traits different",
+        two="some traits shared, several clearly different",
+        three="the same style with minor differences",
+        four="indistinguishable in style",
+    )
+    + """
 Answer with one or two sentences of justification, then a last line exactly 'Score: N'."""
+)
 
-PF_PROMPT = """The image was generated from this text prompt:
+PF_PROMPT = (
+    """The image was generated from this text prompt:
 "{prompt}"
 Rate PROMPT FOLLOWING: how completely and accurately the image depicts what the prompt asks for — every subject it
 names, their actions and relations, the scene, and any style or attribute it specifies. Do not judge image quality or
 beauty, only agreement with the prompt.
-""" + SCALE.format(zero="the image has nothing to do with the prompt", one="a small part of the prompt is depicted",
-                   two="the main subject is there but important parts of the prompt are missing or wrong",
-                   three="almost everything is depicted, with a minor omission or error",
-                   four="everything in the prompt is depicted accurately") + """
+"""
+    + SCALE.format(
+        zero="the image has nothing to do with the prompt",
+        one="a small part of the prompt is depicted",
+        two="the main subject is there but important parts of the prompt are missing or wrong",
+        three="almost everything is depicted, with a minor omission or error",
+        four="everything in the prompt is depicted accurately",
+    )
+    + """
 Answer with one or two sentences of justification, then a last line exactly 'Score: N'."""
+)
 
-MULTI_NOTE = ("Image 2 is meant to contain several subjects; judge ONLY the subject shown in Image 1 (the one that "
-              "best matches it), ignoring the others.\n")
+MULTI_NOTE = (
+    "Image 2 is meant to contain several subjects; judge ONLY the subject shown in Image 1 (the one that "
+    "best matches it), ignoring the others.\n"
+)
 
 
 def cp_prompt(name: str, *, style: bool, multi: bool) -> str:
@@ -251,7 +289,8 @@ Reply with one line and nothing else:
 Score: N
 where N is your integer score. Do not explain."""
 
-_DB_CP_SUBJECT = """## Task
+_DB_CP_SUBJECT = (
+    """## Task
 You are rating personalized image generation. A model was given a reference image of a subject and asked to
 produce a new image of that same subject. Rate how well the subject of the generated image keeps the identity of
 the subject in the reference.
@@ -273,7 +312,9 @@ the subject in the reference.
 ## Input
 Each sample is two images: the reference first, the generated image second.
 
-""" + _DB_ANSWER_SCORE_ONLY
+"""
+    + _DB_ANSWER_SCORE_ONLY
+)
 
 _DB_CP_SUBJECT_ACK = """Understood. For every sample I will compare the subject of the second (generated) image with the
 subject of the first (reference) image on shape, colour, texture and, for people and animals, the face{multi}. I
@@ -285,7 +326,8 @@ The generated image may show several subjects. Rate only the one that correspond
 the others.
 """
 
-_DB_CP_STYLE = """## Task
+_DB_CP_STYLE = (
+    """## Task
 You are rating personalized image generation. A model was given a reference artwork and asked to produce a new
 image in the same style. Rate how well the generated image keeps the style of the reference. What the images
 depict does not matter, only how they are made.
@@ -308,7 +350,9 @@ depict does not matter, only how they are made.
 ## Input
 Each sample is two images: the reference first, the generated image second.
 
-""" + _DB_ANSWER_SCORE_ONLY
+"""
+    + _DB_ANSWER_SCORE_ONLY
+)
 
 _DB_CP_STYLE_ACK = """Understood. For every sample I will compare the style of the second (generated) image with the
 first (reference) image on colour and tone, strokes and texture, and overall manner, regardless of the content. I
@@ -349,9 +393,12 @@ integer from 0 (no agreement) to 4 (full agreement). Please send the first sampl
 def dreambench_rubric(kind: str, *, multi: bool = False) -> tuple[str, str]:
     """(rubric, acknowledgement) of the dreambench protocol for ``cp-subject``, ``cp-style`` or ``pf``."""
     if kind == "cp-subject":
-        return (_DB_CP_SUBJECT.format(multi=_DB_MULTI if multi else ""),
-                _DB_CP_SUBJECT_ACK.format(multi=", looking only at the subject that matches the reference" if multi
-                                          else ""))
+        return (
+            _DB_CP_SUBJECT.format(multi=_DB_MULTI if multi else ""),
+            _DB_CP_SUBJECT_ACK.format(
+                multi=", looking only at the subject that matches the reference" if multi else ""
+            ),
+        )
     if kind == "cp-style":
         return _DB_CP_STYLE, _DB_CP_STYLE_ACK
     if kind == "pf":
@@ -369,7 +416,7 @@ def parse_score(answer: str) -> int | None:
     m = _SCORE.search(answer or "")
     if m is None:
         return None
-    numbers = _NUMBER.findall(answer[m.end():])
+    numbers = _NUMBER.findall(answer[m.end() :])
     if len(numbers) != 1:
         return None
     n = numbers[0]
@@ -433,14 +480,23 @@ def image_part(image: Image.Image | str | Path, protocol: str, size: int) -> dic
     return {"type": "image_url", "image_url": {"url": image_data_url(image, size)}}
 
 
-def dreambench_messages(kind: str, images: list[Image.Image | str | Path], *, prompt: str | None = None,
-                        multi: bool = False, size: int = DREAMBENCH_IMAGE_SIZE) -> list[dict]:
+def dreambench_messages(
+    kind: str,
+    images: list[Image.Image | str | Path],
+    *,
+    prompt: str | None = None,
+    multi: bool = False,
+    size: int = DREAMBENCH_IMAGE_SIZE,
+) -> list[dict]:
     """rubric (user) → acknowledgement (assistant) → sample (user: [prompt text,] images)."""
     rubric, ack = dreambench_rubric(kind, multi=multi)
     sample: list[dict[str, Any]] = [{"type": "text", "text": prompt}] if prompt is not None else []
     sample += [image_part(im, "dreambench", size) for im in images]
-    return [{"role": "user", "content": rubric}, {"role": "assistant", "content": ack},
-            {"role": "user", "content": sample}]
+    return [
+        {"role": "user", "content": rubric},
+        {"role": "assistant", "content": ack},
+        {"role": "user", "content": sample},
+    ]
 
 
 def open_messages(instruction: str, images: list[Image.Image | str | Path], size: int = 512) -> list[dict]:
@@ -492,9 +548,12 @@ class ChatJudge:
             raise _Transient(f"HTTP {resp.status}")
         if resp.status != 200:  # the request itself is wrong: retrying will not help
             detail = self._redact(resp.body[:300].decode("utf-8", "replace"))
-            raise JudgeError(self._redact(
-                f"judge {self.cfg.name} ({self.url}) refused the request: HTTP {resp.status} {detail}; "
-                f"check the model name '{self.cfg.model}' and the API key"))
+            raise JudgeError(
+                self._redact(
+                    f"judge {self.cfg.name} ({self.url}) refused the request: HTTP {resp.status} {detail}; "
+                    f"check the model name '{self.cfg.model}' and the API key"
+                )
+            )
         try:
             payload = json.loads(resp.body.decode("utf-8"))
             return str(payload["choices"][0]["message"]["content"] or "")
@@ -522,9 +581,12 @@ class ChatJudge:
         last: str | None = None
         for sent in range(1, budget + 1):
             attempt = len(answers)
-            body = {"model": self.cfg.model, "max_tokens": self.cfg.max_tokens,
-                    "temperature": self.cfg.temperature if attempt == 0 else self.cfg.retry_temperature,
-                    "messages": messages}
+            body = {
+                "model": self.cfg.model,
+                "max_tokens": self.cfg.max_tokens,
+                "temperature": self.cfg.temperature if attempt == 0 else self.cfg.retry_temperature,
+                "messages": messages,
+            }
             if self.protocol == "dreambench" and seed_key is not None:
                 body["seed"] = zlib.crc32(f"{seed_key}|{attempt}".encode()) & 0x7FFFFFFF
             try:
@@ -542,6 +604,10 @@ class ChatJudge:
                 return Judgement(score=score, attempts=len(answers), answers=answers, requests=sent)
             log.debug("judge %s: unparsable answer %r", self.cfg.name, self._redact(answer[-200:]))
         if not answers:
-            raise JudgeError(self._redact(f"judge {self.cfg.name} at {self.url} failed {budget} times "
-                                          f"(last: {last}); is the server up? (vLLM: `vllm serve MODEL`)"))
+            raise JudgeError(
+                self._redact(
+                    f"judge {self.cfg.name} at {self.url} failed {budget} times "
+                    f"(last: {last}); is the server up? (vLLM: `vllm serve MODEL`)"
+                )
+            )
         return Judgement(score=None, attempts=len(answers), answers=answers, requests=budget)

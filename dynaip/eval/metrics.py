@@ -32,7 +32,9 @@ def _as_rgb(image: Image.Image | str | Path) -> Image.Image:
     return (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
 
 
-def preprocess(images: Sequence[Image.Image | str | Path], size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def preprocess(
+    images: Sequence[Image.Image | str | Path], size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """``(B, 3, size, size)`` float32: shorter side → ``size`` (bicubic), centre crop, ``(x/255 - mean) / std``."""
     out = []
     for im in images:
@@ -66,9 +68,12 @@ class ClipScorer:
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
         self.vocab_size = int(model.vocab_size)
         if self.vocab_size < self.tokenizer.vocab_size:
-            log.warning("CLIP text tower has %d token ids but the tokenizer %d (a tiny test checkpoint?): ids are folded "
-                        "modulo the vocabulary; CLIP-T from this model is meaningless", self.vocab_size,
-                        self.tokenizer.vocab_size)
+            log.warning(
+                "CLIP text tower has %d token ids but the tokenizer %d (a tiny test checkpoint?): ids are folded "
+                "modulo the vocabulary; CLIP-T from this model is meaningless",
+                self.vocab_size,
+                self.tokenizer.vocab_size,
+            )
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image | str | Path]) -> torch.Tensor:
@@ -101,18 +106,28 @@ def load_dino(paths: DinoPaths) -> torch.nn.Module:
     sd = load_state_dict("DINO", paths.path, expected)
     for prefix in ("teacher.backbone.", "backbone.", "student.backbone."):
         if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     try:
         model = timm.create_model(paths.arch, pretrained=False, num_classes=0, **paths.model_args)
     except Exception as e:
-        raise CheckpointError("DINO", paths.path, expected, f"timm cannot build arch '{paths.arch}' with "
-                              f"{paths.model_args}; fix dino.arch / dino.model_args in the eval config", e) from e
+        raise CheckpointError(
+            "DINO",
+            paths.path,
+            expected,
+            f"timm cannot build arch '{paths.arch}' with "
+            f"{paths.model_args}; fix dino.arch / dino.model_args in the eval config",
+            e,
+        ) from e
     result = model.load_state_dict(sd, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError("DINO", paths.path, expected,
-                              f"Keys do not match '{paths.arch}' (missing {list(result.missing_keys)[:4]}, unexpected "
-                              f"{list(result.unexpected_keys)[:4]}); set dino.arch to the checkpoint's architecture")
+        raise CheckpointError(
+            "DINO",
+            paths.path,
+            expected,
+            f"Keys do not match '{paths.arch}' (missing {list(result.missing_keys)[:4]}, unexpected "
+            f"{list(result.unexpected_keys)[:4]}); set dino.arch to the checkpoint's architecture",
+        )
     return model.eval().requires_grad_(False)
 
 

@@ -49,10 +49,14 @@ def load_summary(path: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"'{p}' is not JSON ({e}); rerun `dynaip eval score` to rewrite it") from None
     if summary.get("format") == "dynaip-eval-summary/1":
-        raise ValueError(f"'{p}' was written before judging runs existed; rerun `dynaip eval score` on that directory "
-                         "(rename its scores.jsonl to judge_run1.jsonl first to keep its judge scores as run 1)")
+        raise ValueError(
+            f"'{p}' was written before judging runs existed; rerun `dynaip eval score` on that directory "
+            "(rename its scores.jsonl to judge_run1.jsonl first to keep its judge scores as run 1)"
+        )
     if summary.get("format") != SUMMARY_FORMAT:
-        raise ValueError(f"'{p}' is not an eval summary (format {summary.get('format')!r}); pass an `eval score` --out dir")
+        raise ValueError(
+            f"'{p}' is not an eval summary (format {summary.get('format')!r}); pass an `eval score` --out dir"
+        )
     return summary
 
 
@@ -92,17 +96,24 @@ def _main_groups(summaries: Sequence[dict]) -> tuple[list[str], list[str]]:
 def dreambench_benchmark_table(summaries: Sequence[dict]) -> str:
     """The DreamBench++ table as the benchmark reports it (CP by category, PF by prompt type, CP·PF overall)."""
     types = [name for name, _ in PROMPT_TYPES]
-    header = (["Method"] + [f"CP {c.title()}" for c in CATEGORIES] + ["CP Overall"]
-              + [f"PF {t[0].upper() + t[1:]}" for t in types] + ["PF Overall", "CP·PF"])
+    header = (
+        ["Method"]
+        + [f"CP {c.title()}" for c in CATEGORIES]
+        + ["CP Overall"]
+        + [f"PF {t[0].upper() + t[1:]}" for t in types]
+        + ["PF Overall", "CP·PF"]
+    )
     rows = []
     for s in summaries:
         g, pt, o = s["groups"], s.get("prompt_types", {}), s["groups"]["overall"]
         cp_pf = published_cp_pf(o.get("cp"), o.get("pf"))
-        rows.append([s["method"]]
-                    + [_published(g.get(c, {}).get("cp"), g.get(c, {}).get("cp_std")) for c in CATEGORIES]
-                    + [_published(o.get("cp"), o.get("cp_std"))]
-                    + [_published(pt.get(t, {}).get("pf"), pt.get(t, {}).get("pf_std")) for t in types]
-                    + [_published(o.get("pf"), o.get("pf_std")), "–" if cp_pf is None else f"{cp_pf:.3f}"])
+        rows.append(
+            [s["method"]]
+            + [_published(g.get(c, {}).get("cp"), g.get(c, {}).get("cp_std")) for c in CATEGORIES]
+            + [_published(o.get("cp"), o.get("cp_std"))]
+            + [_published(pt.get(t, {}).get("pf"), pt.get(t, {}).get("pf_std")) for t in types]
+            + [_published(o.get("pf"), o.get("pf_std")), "–" if cp_pf is None else f"{cp_pf:.3f}"]
+        )
     return _md_table(header, rows)
 
 
@@ -116,17 +127,24 @@ def benchmark_markdown(summaries: Sequence[dict]) -> str:
     headline, combos = _main_groups(summaries)
     parts: list[str] = []
     if bench == "dreambench++":
-        parts += ["## DreamBench++ (single subject)", "",
-                  "The benchmark's own table: CP per category, PF per prompt type (prompts 0–3 photorealistic, 4–6 "
-                  "style transfer, 7–8 imaginative), mean ± sample std over the judging runs rounded to 3 decimals; "
-                  "CP·PF is the product of the rounded overall means.", "",
-                  dreambench_benchmark_table(summaries), "",
-                  "Ours (paper Table 1 layout): CP, PF and CP·PF per image category.", ""]
+        parts += [
+            "## DreamBench++ (single subject)",
+            "",
+            "The benchmark's own table: CP per category, PF per prompt type (prompts 0–3 photorealistic, 4–6 "
+            "style transfer, 7–8 imaginative), mean ± sample std over the judging runs rounded to 3 decimals; "
+            "CP·PF is the product of the rounded overall means.",
+            "",
+            dreambench_benchmark_table(summaries),
+            "",
+            "Ours (paper Table 1 layout): CP, PF and CP·PF per image category.",
+            "",
+        ]
     else:
         parts += [f"## {bench} (multi-subject; paper Table 2 layout)", ""]
-    header = ["Method"] + [f"{g.title() if g != 'overall' else 'Overall'} {m}" for g in headline for m in ("CP", "PF", "CP·PF")]
-    rows = [[s["method"]] + [cell for g in headline for cell in _ours_cells(s["groups"].get(g, {}))]
-            for s in summaries]
+    header = ["Method"] + [
+        f"{g.title() if g != 'overall' else 'Overall'} {m}" for g in headline for m in ("CP", "PF", "CP·PF")
+    ]
+    rows = [[s["method"]] + [cell for g in headline for cell in _ours_cells(s["groups"].get(g, {}))] for s in summaries]
     parts += [_md_table(header, rows), ""]
     if combos:
         header = ["Method"] + [f"{g} CP·PF" for g in combos]
@@ -136,15 +154,33 @@ def benchmark_markdown(summaries: Sequence[dict]) -> str:
         header = ["Method"] + [label for _, label in EMBED_COLUMNS]
         rows = [[s["method"]] + [_fmt(s["groups"]["overall"].get(k)) for k, _ in EMBED_COLUMNS] for s in summaries]
         parts += ["Embedding similarities (overall):", "", _md_table(header, rows), ""]
-    counts = ", ".join(f"{s['method']}: {s['n_images']}/{s['n_cases']} images, protocol {s['protocol']}, "
-                       f"{s['runs']} judging run(s), {s['failed_items']} judge items left out" for s in summaries)
+    counts = ", ".join(
+        f"{s['method']}: {s['n_images']}/{s['n_cases']} images, protocol {s['protocol']}, "
+        f"{s['runs']} judging run(s), {s['failed_items']} judge items left out"
+        for s in summaries
+    )
     judges = sorted({j for s in summaries for j in s["judges"]})
     parts += [f"Judges averaged: {', '.join(judges) or 'none'}. Coverage — {counts}.", ""]
     return "\n".join(parts)
 
 
-CSV_COLUMNS = ("benchmark", "method", "split", "group", "n", "runs", "cp", "cp_std", "pf", "pf_std", "cp_pf",
-               "cp_pf_published", "clip_i", "clip_t", "dino")
+CSV_COLUMNS = (
+    "benchmark",
+    "method",
+    "split",
+    "group",
+    "n",
+    "runs",
+    "cp",
+    "cp_std",
+    "pf",
+    "pf_std",
+    "cp_pf",
+    "cp_pf_published",
+    "clip_i",
+    "clip_t",
+    "dino",
+)
 
 
 def write_csv(summaries: Sequence[dict]) -> str:
@@ -157,10 +193,12 @@ def write_csv(summaries: Sequence[dict]) -> str:
     for s in summaries:
         for split, groups in (("group", s["groups"]), ("prompt_type", s.get("prompt_types", {}))):
             for g, st in groups.items():
-                w.writerow([s["benchmark"], s["method"], split, g, st["n"], s["runs"]]
-                           + [num(st.get(k)) for k in ("cp", "cp_std", "pf", "pf_std", "cp_pf")]
-                           + [num(published_cp_pf(st.get("cp"), st.get("pf")))]
-                           + [num(st.get(k)) for k in ("clip-i", "clip-t", "dino")])
+                w.writerow(
+                    [s["benchmark"], s["method"], split, g, st["n"], s["runs"]]
+                    + [num(st.get(k)) for k in ("cp", "cp_std", "pf", "pf_std", "cp_pf")]
+                    + [num(published_cp_pf(st.get("cp"), st.get("pf")))]
+                    + [num(st.get(k)) for k in ("clip-i", "clip-t", "dino")]
+                )
     return buf.getvalue()
 
 
@@ -218,8 +256,10 @@ def write_report(score_dirs: Sequence[str | Path], out_dir: str | Path, *, n: in
         raise ValueError("no score directories given; pass --scores DIR [DIR ...]")
     methods = [(s["benchmark"], s["method"]) for s in summaries]
     if len(set(methods)) != len(methods):
-        raise ValueError(f"two score directories report the same (benchmark, method) {methods}; "
-                         "score them with distinct --method names")
+        raise ValueError(
+            f"two score directories report the same (benchmark, method) {methods}; "
+            "score them with distinct --method names"
+        )
     out_dir = Path(out_dir)
     by_bench: dict[str, list[dict]] = {}
     for s in summaries:

@@ -74,7 +74,9 @@ class ScoreStore:
                         log.warning("%s: ignoring a torn last line (interrupted write)", self.path)
                         self._torn = True
                     else:
-                        raise ValueError(f"{self.path}:{n} is not a score record; delete that line or the file") from None
+                        raise ValueError(
+                            f"{self.path}:{n} is not a score record; delete that line or the file"
+                        ) from None
 
     def has_value(self, key: str) -> bool:
         rec = self.records.get(key)
@@ -138,46 +140,74 @@ def _judge_item(judge: ChatJudge, item: _Item, generated: Path, image_size: int)
     if judge.protocol == "dreambench":
         if item.metric == "cp":
             subject = case.subjects[item.subject]
-            messages = dreambench_messages("cp-style" if subject.type == "style" else "cp-subject",
-                                           [subject.path, generated], multi=case.is_multi, size=image_size)
+            messages = dreambench_messages(
+                "cp-style" if subject.type == "style" else "cp-subject",
+                [subject.path, generated],
+                multi=case.is_multi,
+                size=image_size,
+            )
         else:
             messages = dreambench_messages("pf", [generated], prompt=case.prompt, size=image_size)
     elif item.metric == "cp":
         subject = case.subjects[item.subject]
-        messages = open_messages(cp_prompt(subject.name, style=subject.type == "style", multi=case.is_multi),
-                                 [subject.path, generated], image_size)
+        messages = open_messages(
+            cp_prompt(subject.name, style=subject.type == "style", multi=case.is_multi),
+            [subject.path, generated],
+            image_size,
+        )
     else:
         messages = open_messages(pf_prompt(case.prompt), [generated], image_size)
     j = judge.ask_messages(messages, seed_key=f"{item.run}|{item.key}")
-    return {"key": item.key, "case_id": case.id, "source": item.judge.name, "metric": item.metric,
-            "subject": item.subject, "run": item.run, "protocol": judge.protocol, "score": j.score,
-            "value": None if j.score is None else j.score / 4, "attempts": j.attempts, "answers": j.answers}
+    return {
+        "key": item.key,
+        "case_id": case.id,
+        "source": item.judge.name,
+        "metric": item.metric,
+        "subject": item.subject,
+        "run": item.run,
+        "protocol": judge.protocol,
+        "score": j.score,
+        "value": None if j.score is None else j.score / 4,
+        "attempts": j.attempts,
+        "answers": j.answers,
+    }
 
 
 def open_run_stores(out_dir: Path, runs: int, protocol: str) -> dict[int, ScoreStore]:
     """The stores of runs 1..runs; refuses a run file judged under another protocol and pre-run judge records."""
     legacy = ScoreStore(out_dir / "scores.jsonl")
     if any(r.get("source") not in EMBED_SOURCES for r in legacy.records.values()):
-        raise ValueError(f"'{legacy.path}' holds judge scores written before judging runs existed; rename it to "
-                         f"'{run_file(out_dir, 1)}' to keep them as run 1 (they were judged with protocol open), or "
-                         "score into a new --out directory")
+        raise ValueError(
+            f"'{legacy.path}' holds judge scores written before judging runs existed; rename it to "
+            f"'{run_file(out_dir, 1)}' to keep them as run 1 (they were judged with protocol open), or "
+            "score into a new --out directory"
+        )
     stores = {}
     for r in range(1, runs + 1):
         store = ScoreStore(run_file(out_dir, r))
         other = sorted({rec.get("protocol", "open") for rec in store.records.values()} - {protocol})
         if other:
-            raise ValueError(f"'{store.path}' was judged with protocol {other[0]}, this config says {protocol}; runs "
-                             "of different protocols are not comparable: score into a new --out directory")
+            raise ValueError(
+                f"'{store.path}' was judged with protocol {other[0]}, this config says {protocol}; runs "
+                "of different protocols are not comparable: score into a new --out directory"
+            )
         stores[r] = store
-    extra = sorted(p.name for p in out_dir.glob("judge_run*.jsonl") if p.name not in {run_file(out_dir, r).name
-                                                                                      for r in stores})
+    extra = sorted(
+        p.name for p in out_dir.glob("judge_run*.jsonl") if p.name not in {run_file(out_dir, r).name for r in stores}
+    )
     if extra:
         log.info("score: %s left as they are (only runs 1-%d are judged and reported)", ", ".join(extra), runs)
     return stores
 
 
-def run_judges(cases: Sequence[Case], images_dir: Path, stores: dict[int, ScoreStore], cfg: EvalConfig,
-               settings: ScoreSettings, judge_factory: Callable[..., ChatJudge] = ChatJudge) -> int:
+def run_judges(
+    cases: Sequence[Case],
+    images_dir: Path,
+    stores: dict[int, ScoreStore],
+    cfg: EvalConfig,
+    settings: ScoreSettings,
+    judge_factory: Callable[..., ChatJudge] = ChatJudge,
+) -> int:
     """Asks every judge about every unfinished (run, case, metric, subject); returns how many items were judged."""
     metrics = [m for m in JUDGE_METRICS if m in settings.metrics]
     if not metrics:
@@ -194,20 +224,28 @@ def run_judges(cases: Sequence[Case], images_dir: Path, stores: dict[int, ScoreS
         for run in stores:
             for jc in cfg.judges:
                 if "cp" in metrics:
-                    items += [_Item(case=case, judge=jc, metric="cp", subject=s, run=run)
-                              for s in range(len(case.subjects))]
+                    items += [
+                        _Item(case=case, judge=jc, metric="cp", subject=s, run=run) for s in range(len(case.subjects))
+                    ]
                 if "pf" in metrics:
                     items.append(_Item(case=case, judge=jc, metric="pf", subject=None, run=run))
     todo = [it for it in items if not stores[it.run].has_value(it.key)]
-    log.info("score: %d judged items in %d run(s), %d done, %d to ask", len(items), len(stores),
-             len(items) - len(todo), len(todo))
+    log.info(
+        "score: %d judged items in %d run(s), %d done, %d to ask",
+        len(items),
+        len(stores),
+        len(items) - len(todo),
+        len(todo),
+    )
     if not todo:
         return 0
     judges = {jc.name: judge_factory(jc, protocol=cfg.protocol) for jc in cfg.judges}
     done = 0
     with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
-        futures = {pool.submit(_judge_item, judges[it.judge.name], it, image_path(images_dir, it.case.id),
-                               cfg.image_size): it for it in todo}
+        futures = {
+            pool.submit(_judge_item, judges[it.judge.name], it, image_path(images_dir, it.case.id), cfg.image_size): it
+            for it in todo
+        }
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
@@ -218,8 +256,13 @@ def run_judges(cases: Sequence[Case], images_dir: Path, stores: dict[int, ScoreS
                     raise fut.exception()
                 rec = fut.result()
                 if rec["score"] is None:
-                    log.warning("score: run %d: %s gave no parsable score in %d tries (left out of this run; a rerun "
-                                "asks again)", rec["run"], rec["key"], rec["attempts"])
+                    log.warning(
+                        "score: run %d: %s gave no parsable score in %d tries (left out of this run; a rerun "
+                        "asks again)",
+                        rec["run"],
+                        rec["key"],
+                        rec["attempts"],
+                    )
                 stores[rec["run"]].add(rec)
                 done += 1
                 if done % 50 == 0:
@@ -227,8 +270,15 @@ def run_judges(cases: Sequence[Case], images_dir: Path, stores: dict[int, ScoreS
     return done
 
 
-def run_embeddings(cases: Sequence[Case], images_dir: Path, store: ScoreStore, settings: ScoreSettings, *,
-                   clip_paths=None, dino_paths=None) -> int:
+def run_embeddings(
+    cases: Sequence[Case],
+    images_dir: Path,
+    store: ScoreStore,
+    settings: ScoreSettings,
+    *,
+    clip_paths=None,
+    dino_paths=None,
+) -> int:
     """CLIP-I / CLIP-T / DINO for every case with an image and no stored value; returns values computed."""
     wanted = [m for m in EMBED_METRICS if m in settings.metrics]
     clip = dino = None
@@ -236,8 +286,12 @@ def run_embeddings(cases: Sequence[Case], images_dir: Path, store: ScoreStore, s
         if clip_paths is None:
             log.warning("score: no --models given: CLIP-I and CLIP-T skipped (pass --models M.yaml with clip_vision)")
         else:
-            missing = [c for c in cases if image_path(images_dir, c.id).is_file()
-                       and not all(store.has_value(f"{c.id}|clip|{m}") for m in ("clip-i", "clip-t") if m in wanted)]
+            missing = [
+                c
+                for c in cases
+                if image_path(images_dir, c.id).is_file()
+                and not all(store.has_value(f"{c.id}|clip|{m}") for m in ("clip-i", "clip-t") if m in wanted)
+            ]
             if missing:
                 from .metrics import ClipScorer
 
@@ -279,21 +333,27 @@ def judge_values(case: Case, store: ScoreStore, judges: Sequence[str]) -> dict[s
         vals = [v for j in judges if (v := store.value(case.id, j, f"cp@{s}")) is not None]
         per_subject.append(fmean(vals) if vals else None)
     pf = [v for j in judges if (v := store.value(case.id, j, "pf")) is not None]
-    return {"cp": fmean(per_subject) if per_subject and None not in per_subject else None,
-            "pf": fmean(pf) if pf else None}
+    return {
+        "cp": fmean(per_subject) if per_subject and None not in per_subject else None,
+        "pf": fmean(pf) if pf else None,
+    }
 
 
 def embed_values(case: Case, store: ScoreStore) -> dict[str, float | None]:
-    return {"clip-i": store.value(case.id, "clip", "clip-i"), "clip-t": store.value(case.id, "clip", "clip-t"),
-            "dino": store.value(case.id, "dino", "dino")}
+    return {
+        "clip-i": store.value(case.id, "clip", "clip-i"),
+        "clip-t": store.value(case.id, "clip", "clip-t"),
+        "dino": store.value(case.id, "dino", "dino"),
+    }
 
 
 def _mean(xs: list[float]) -> float | None:
     return fmean(xs) if xs else None
 
 
-def group_stats(run_values: Sequence[Sequence[dict[str, float | None]]],
-                embed: Sequence[dict[str, float | None]]) -> dict:
+def group_stats(
+    run_values: Sequence[Sequence[dict[str, float | None]]], embed: Sequence[dict[str, float | None]]
+) -> dict:
     """One group: per run, CP / PF means over the cases with a value (``runs``); over runs, their mean, sample
     std (``cp_std`` / ``pf_std``, None below two runs) and the fewest cases any run had (``n_cp`` / ``n_pf``);
     ``cp_pf`` = mean CP × mean PF; embedding means; ``n`` = cases in the group."""
@@ -345,8 +405,17 @@ def prompt_type_order(cases: Sequence[Case]) -> list[tuple[str, Callable[[Case],
     return [(name, lambda c, name=name: prompt_type(c.variation) == name) for name, _ in PROMPT_TYPES]
 
 
-def summarize(cases: Sequence[Case], stores: dict[int, ScoreStore], embed_store: ScoreStore, judges: Sequence[str], *,
-              method: str, images_dir: Path, protocol: str, cases_file: str | None = None) -> dict:
+def summarize(
+    cases: Sequence[Case],
+    stores: dict[int, ScoreStore],
+    embed_store: ScoreStore,
+    judges: Sequence[str],
+    *,
+    method: str,
+    images_dir: Path,
+    protocol: str,
+    cases_file: str | None = None,
+) -> dict:
     """The per-group summary of one method (what ``summary.json`` holds and ``eval report`` reads)."""
     scored = [c for c in cases if image_path(images_dir, c.id).is_file()]
     runs = sorted(stores) if judges else []
@@ -363,41 +432,85 @@ def summarize(cases: Sequence[Case], stores: dict[int, ScoreStore], embed_store:
     for j in judges:
         one = stats(lambda c: True, [{c.id: judge_values(c, stores[r], [j]) for c in scored} for r in runs])
         per_judge[j] = {k: one[k] for k in ("cp", "cp_std", "pf", "pf_std", "cp_pf")}
-    failed = {r: sum(1 for rec in stores[r].records.values() if rec.get("source") in judges and rec.get("value") is None)
-              for r in runs}
+    failed = {
+        r: sum(1 for rec in stores[r].records.values() if rec.get("source") in judges and rec.get("value") is None)
+        for r in runs
+    }
     kinds = sorted({c.benchmark for c in cases})
     benchmark = kinds[0] if len(kinds) == 1 else "+".join(kinds) or "unknown"
-    return {"format": SUMMARY_FORMAT, "method": method, "benchmark": benchmark, "cases_file": cases_file,
-            "images_dir": str(images_dir), "n_cases": len(cases), "n_images": len(scored),
-            "n_missing_images": len(cases) - len(scored), "judges": list(judges), "protocol": protocol,
-            "runs": len(runs), "failed_items": sum(failed.values()), "failed_by_run": {str(r): n for r, n in failed.items()},
-            "groups": groups, "group_order": list(groups), "prompt_types": prompt_types,
-            "prompt_type_order": list(prompt_types), "per_judge": per_judge}
+    return {
+        "format": SUMMARY_FORMAT,
+        "method": method,
+        "benchmark": benchmark,
+        "cases_file": cases_file,
+        "images_dir": str(images_dir),
+        "n_cases": len(cases),
+        "n_images": len(scored),
+        "n_missing_images": len(cases) - len(scored),
+        "judges": list(judges),
+        "protocol": protocol,
+        "runs": len(runs),
+        "failed_items": sum(failed.values()),
+        "failed_by_run": {str(r): n for r, n in failed.items()},
+        "groups": groups,
+        "group_order": list(groups),
+        "prompt_types": prompt_types,
+        "prompt_type_order": list(prompt_types),
+        "per_judge": per_judge,
+    }
 
 
-def score_method(cases: Sequence[Case], images_dir: str | Path, out_dir: str | Path, cfg: EvalConfig,
-                 settings: ScoreSettings, *, clip_paths=None, cases_file: str | None = None,
-                 judge_factory: Callable[..., ChatJudge] = ChatJudge) -> dict:
+def score_method(
+    cases: Sequence[Case],
+    images_dir: str | Path,
+    out_dir: str | Path,
+    cfg: EvalConfig,
+    settings: ScoreSettings,
+    *,
+    clip_paths=None,
+    cases_file: str | None = None,
+    judge_factory: Callable[..., ChatJudge] = ChatJudge,
+) -> dict:
     """Scores one method's generations (layout in the module docstring) and writes ``summary.json``."""
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     missing = [c.id for c in cases if not image_path(images_dir, c.id).is_file()]
     if len(missing) == len(cases):
-        raise FileNotFoundError(f"no generated images for these cases under '{images_dir}/images/'; "
-                                "run `dynaip eval generate` first (or pass the right --images)")
+        raise FileNotFoundError(
+            f"no generated images for these cases under '{images_dir}/images/'; "
+            "run `dynaip eval generate` first (or pass the right --images)"
+        )
     if missing:
-        log.warning("score: %d of %d cases have no image yet (e.g. %s); they are left out", len(missing), len(cases),
-                    missing[0])
+        log.warning(
+            "score: %d of %d cases have no image yet (e.g. %s); they are left out", len(missing), len(cases), missing[0]
+        )
     judged = bool(set(JUDGE_METRICS) & set(settings.metrics)) and bool(cfg.judges)
     runs = (settings.runs or DEFAULT_RUNS[cfg.protocol]) if judged else 0
     if runs > 1 and cfg.protocol == "open" and any(j.temperature == 0 for j in cfg.judges):
-        log.warning("score: %d runs with temperature 0 repeat one another; use protocol dreambench or a temperature "
-                    "> 0 for independent runs", runs)
+        log.warning(
+            "score: %d runs with temperature 0 repeat one another; use protocol dreambench or a temperature "
+            "> 0 for independent runs",
+            runs,
+        )
     stores = open_run_stores(out_dir, runs, cfg.protocol)
     embed_store = ScoreStore(out_dir / "scores.jsonl")
     run_judges(cases, images_dir, stores, cfg, settings, judge_factory)
-    run_embeddings(cases, images_dir, embed_store, settings, clip_paths=clip_paths,
-                   dino_paths=cfg.dino if "dino" in settings.metrics else None)
-    summary = summarize(cases, stores, embed_store, [j.name for j in cfg.judges] if judged else [],
-                        method=settings.method, images_dir=images_dir, protocol=cfg.protocol, cases_file=cases_file)
+    run_embeddings(
+        cases,
+        images_dir,
+        embed_store,
+        settings,
+        clip_paths=clip_paths,
+        dino_paths=cfg.dino if "dino" in settings.metrics else None,
+    )
+    summary = summarize(
+        cases,
+        stores,
+        embed_store,
+        [j.name for j in cfg.judges] if judged else [],
+        method=settings.method,
+        images_dir=images_dir,
+        protocol=cfg.protocol,
+        cases_file=cases_file,
+    )
     atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True).encode())
     return summary

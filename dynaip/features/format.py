@@ -89,8 +89,11 @@ class ShardWriter:
             self._data = None
             self._data_path.unlink(missing_ok=True)
             raise
-        self._entries[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                               "data_offsets": [self._offset, self._offset + len(data)]}
+        self._entries[name] = {
+            "dtype": DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self._offset, self._offset + len(data)],
+        }
         self._digests[name] = digest(data)
         self._offset += len(data)
 
@@ -117,8 +120,12 @@ class ShardWriter:
         finally:
             Path(tmp).unlink(missing_ok=True)
             self._data_path.unlink(missing_ok=True)
-        return WrittenFile(bytes=len(prefix) + self._offset, sha256=h.hexdigest(), header_sha256=digest(prefix),
-                           tensors=len(self._entries))
+        return WrittenFile(
+            bytes=len(prefix) + self._offset,
+            sha256=h.hexdigest(),
+            header_sha256=digest(prefix),
+            tensors=len(self._entries),
+        )
 
     def abort(self) -> None:
         if self._data is not None:
@@ -127,8 +134,9 @@ class ShardWriter:
         self._data_path.unlink(missing_ok=True)
 
 
-def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-                  ) -> WrittenFile:
+def write_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> WrittenFile:
     """A small shard in one call (the empty prompt's file)."""
     w = ShardWriter(path)
     try:
@@ -162,8 +170,10 @@ class ShardReader:
             raise
 
     def _fail(self, what: str) -> FeatureError:
-        return FeatureError(f"feature shard {self.url} is corrupt ({what}); re-run `dynaip precompute` "
-                            "for its dataset (finished shards are kept, damaged ones are rebuilt after you delete them)")
+        return FeatureError(
+            f"feature shard {self.url} is corrupt ({what}); re-run `dynaip precompute` "
+            "for its dataset (finished shards are kept, damaged ones are rebuilt after you delete them)"
+        )
 
     def _open(self, size: int | None, header_sha256: str | None) -> None:
         f = self._file
@@ -203,8 +213,10 @@ class ShardReader:
     def get(self, name: str) -> torch.Tensor:
         e = self.entries.get(name)
         if e is None:
-            raise FeatureError(f"feature shard {self.url} has no tensor {name!r}; the features do not cover this "
-                               "sample (re-run `dynaip precompute` for its dataset)")
+            raise FeatureError(
+                f"feature shard {self.url} has no tensor {name!r}; the features do not cover this "
+                "sample (re-run `dynaip precompute` for its dataset)"
+            )
         begin, end = e["data_offsets"]
         self._file.seek(self._base + begin)
         data = self._file.read(end - begin)

@@ -52,8 +52,10 @@ def encoders_fingerprint(flux_dir: str | Path) -> str:
     for part in ENCODER_PARTS:
         base = root / part
         if not base.is_dir():
-            raise FileNotFoundError(f"{base} does not exist: models.yaml's flux entry must be a diffusers "
-                                    "FLUX.1-dev directory with text_encoder/, text_encoder_2/, tokenizer(_2)/ and vae/")
+            raise FileNotFoundError(
+                f"{base} does not exist: models.yaml's flux entry must be a diffusers "
+                "FLUX.1-dev directory with text_encoder/, text_encoder_2/, tokenizer(_2)/ and vae/"
+            )
         for p in sorted(q for q in base.rglob("*") if q.is_file()):
             size = p.stat().st_size
             h.update(f"{p.relative_to(root).as_posix()}\0{size}\0".encode())
@@ -89,13 +91,21 @@ class FeatureSpec:
         return DTYPE_NAMES[self.dtype]
 
     def to_json(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint, "max_sequence_length": self.max_sequence_length,
-                "dtype": self.dtype, "buckets": [list(b) for b in self.buckets]}
+        return {
+            "fingerprint": self.fingerprint,
+            "max_sequence_length": self.max_sequence_length,
+            "dtype": self.dtype,
+            "buckets": [list(b) for b in self.buckets],
+        }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "FeatureSpec":
-        return cls(fingerprint=raw["fingerprint"], max_sequence_length=int(raw["max_sequence_length"]),
-                   dtype=raw["dtype"], buckets=tuple((int(h), int(w)) for h, w in raw["buckets"]))
+        return cls(
+            fingerprint=raw["fingerprint"],
+            max_sequence_length=int(raw["max_sequence_length"]),
+            dtype=raw["dtype"],
+            buckets=tuple((int(h), int(w)) for h, w in raw["buckets"]),
+        )
 
     def default_name(self) -> str:
         """``L512-bf16-1a2b3c4d``: sequence length and dtype readable, the rest as a digest."""
@@ -115,6 +125,7 @@ class FeatureSpec:
 
 
 # ----------------------------------------------------------------------------- names inside a shard
+
 
 def t5_name(key: str) -> str:
     return f"{key}.t5"
@@ -140,6 +151,7 @@ def feature_shard_path(data_path: str) -> str:
 
 # ----------------------------------------------------------------------------- urls and manifests
 
+
 def join(base: str, rel: str) -> str:
     """``base/rel`` for local paths and fsspec URLs alike."""
     if "://" in rel or rel.startswith("/"):
@@ -164,8 +176,9 @@ def dataset_identity(dataset: str) -> tuple[dict[str, Any], str]:
     try:
         raw = read_bytes(url)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"dataset '{dataset}' has no manifest.json; pass a directory written by "
-                                "`dynaip curate`") from e
+        raise FileNotFoundError(
+            f"dataset '{dataset}' has no manifest.json; pass a directory written by `dynaip curate`"
+        ) from e
     return parse_manifest(raw, url), hashlib.sha256(raw).hexdigest()
 
 

@@ -30,8 +30,20 @@ from dynaip.dataset.manifest import open_dataset
 from dynaip.run_lock import LOCK_NAME
 
 from .format import FeatureError, ShardWriter, write_tensors
-from .layout import (EMPTY, FORMAT, MANIFEST, PROGRESS, FeatureSpec, dataset_identity, feature_shard_path,
-                     features_root, logvar_name, mean_name, pooled_name, t5_name)
+from .layout import (
+    EMPTY,
+    FORMAT,
+    MANIFEST,
+    PROGRESS,
+    FeatureSpec,
+    dataset_identity,
+    feature_shard_path,
+    features_root,
+    logvar_name,
+    mean_name,
+    pooled_name,
+    t5_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +124,13 @@ class DatasetPlan:
 
 # ----------------------------------------------------------------------------- planning (driver)
 
+
 def _local_dir(dataset: str) -> Path:
     if "://" in dataset and not dataset.startswith("file://"):
-        raise ValueError(f"dataset {dataset}: precompute writes its features next to the dataset, so it needs a "
-                         "local or shared-filesystem path (copy the features to object storage afterwards)")
+        raise ValueError(
+            f"dataset {dataset}: precompute writes its features next to the dataset, so it needs a "
+            "local or shared-filesystem path (copy the features to object storage afterwards)"
+        )
     return Path(dataset.removeprefix("file://"))
 
 
@@ -167,21 +182,31 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
         found, want = json.loads(state.read_text()), spec.to_json()
         if found != want:
             diff = ", ".join(f"{k} {found.get(k)} (this run: {want[k]})" for k in want if found.get(k) != want[k])
-            raise FeatureError(f"{root} holds features computed with other settings — {diff}; "
-                               "pass another --name (or delete that directory)")
+            raise FeatureError(
+                f"{root} holds features computed with other settings — {diff}; "
+                "pass another --name (or delete that directory)"
+            )
     elif root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
         raise FeatureError(f"{root} exists but is not a feature set of this tool; pass another --name or delete it")
     (root / PROGRESS).mkdir(parents=True, exist_ok=True)
     if not state.is_file():
         atomic_write_bytes(state, dump_json(spec.to_json()))
     shards = [s for s in manifest.get("shards", []) if int(s.get("samples", 0)) > 0]
-    plan = DatasetPlan(dataset=str(base), root=str(root), name=name, spec=spec, manifest_sha256=sha,
-                       data_shards=shards)
+    plan = DatasetPlan(dataset=str(base), root=str(root), name=name, spec=spec, manifest_sha256=sha, data_shards=shards)
     jobs: list[Job] = [EmptyJob(root=str(root), spec=spec)]
     paths = set()
     for r in refs:
-        jobs.append(ShardJob(root=str(root), data_url=r.url, data_path=r.path, data_sha256=r.sha256,
-                             samples=r.samples, spec=spec, data_bytes=r.bytes))
+        jobs.append(
+            ShardJob(
+                root=str(root),
+                data_url=r.url,
+                data_path=r.path,
+                data_sha256=r.sha256,
+                samples=r.samples,
+                spec=spec,
+                data_bytes=r.bytes,
+            )
+        )
         if jobs[-1].path in paths:
             raise FeatureError(f"{base}/manifest.json lists two shards with the stem of {r.path}")
         paths.add(jobs[-1].path)
@@ -198,6 +223,7 @@ def plan_dataset(dataset: str, spec: FeatureSpec, name: str | None = None) -> Da
 
 # ----------------------------------------------------------------------------- one job (any process)
 
+
 def _decoded(job: ShardJob) -> Iterator[Any]:
     """The shard's samples that the training loader would decode (the others are skipped, as there).
     The shard's size and sha256 are checked as it is read; its samples come only after that check."""
@@ -209,8 +235,13 @@ def _decoded(job: ShardJob) -> Iterator[Any]:
         try:
             yield decode_sample(raw, DECODE_REF_SIZE)
         except Exception as e:  # the loader skips the same samples
-            log.warning("%s: skipping undecodable sample %s (%s: %s)", job.data_url,
-                        raw.get("__key__", b"?").decode(errors="replace"), type(e).__name__, e)
+            log.warning(
+                "%s: skipping undecodable sample %s (%s: %s)",
+                job.data_url,
+                raw.get("__key__", b"?").decode(errors="replace"),
+                type(e).__name__,
+                e,
+            )
 
 
 def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -249,8 +280,10 @@ def _shard(job: ShardJob, encoder: Any, batch_size: int) -> dict[str, Any]:
         for batch in _batches(_decoded(job), batch_size):
             for s in batch:
                 if s.key in seen:
-                    raise FeatureError(f"{job.data_url}: sample key {s.key!r} occurs twice; features are keyed by "
-                                       "sample key, so keys must be unique within a shard")
+                    raise FeatureError(
+                        f"{job.data_url}: sample key {s.key!r} occurs twice; features are keyed by "
+                        "sample key, so keys must be unique within a shard"
+                    )
                 seen.add(s.key)
                 keys.append(s.key)
             _write_batch(writer, encoder, batch, job.spec.buckets)
@@ -258,9 +291,16 @@ def _shard(job: ShardJob, encoder: Any, batch_size: int) -> dict[str, Any]:
         writer.abort()
         raise
     res = writer.finish({"format": FORMAT, "data": job.data_path, "keys": json.dumps(keys, separators=(",", ":"))})
-    return {"data": job.data_path, "data_sha256": job.data_sha256, "path": job.path, "samples": len(keys),
-            "skipped": max(0, job.samples - len(keys)), "bytes": res.bytes, "sha256": res.sha256,
-            "header_sha256": res.header_sha256}
+    return {
+        "data": job.data_path,
+        "data_sha256": job.data_sha256,
+        "path": job.path,
+        "samples": len(keys),
+        "skipped": max(0, job.samples - len(keys)),
+        "bytes": res.bytes,
+        "sha256": res.sha256,
+        "header_sha256": res.header_sha256,
+    }
 
 
 def _empty(job: EmptyJob, encoder: Any) -> dict[str, Any]:
@@ -278,6 +318,7 @@ def run_job(job: Job, encoder: Any, batch_size: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- manifest (driver)
+
 
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
@@ -307,8 +348,12 @@ def finalize(plan: DatasetPlan, flux_dir: str) -> dict[str, Any]:
         "models": {"flux": str(flux_dir)},
         "empty_prompt": plan.done[EMPTY],
         "shards": shards,
-        "totals": {"samples": samples, "skipped": sum(s["skipped"] for s in shards), "bytes": total,
-                   "bytes_per_sample": round(total / samples) if samples else 0},
+        "totals": {
+            "samples": samples,
+            "skipped": sum(s["skipped"] for s in shards),
+            "bytes": total,
+            "bytes_per_sample": round(total / samples) if samples else 0,
+        },
         "versions": _versions(),
     }
     atomic_write_bytes(Path(plan.root) / MANIFEST, dump_json(manifest))
@@ -318,8 +363,10 @@ def finalize(plan: DatasetPlan, flux_dir: str) -> dict[str, Any]:
 def summary(root: str, manifest: dict[str, Any]) -> str:
     """One line per feature set: samples, skipped, shards, bytes."""
     t = manifest["totals"]
-    return (f"{root}: {t['samples']} samples ({t['skipped']} skipped) in {len(manifest['shards'])} shards, "
-            f"{t['bytes']:,} bytes ({t['bytes_per_sample']:,} per sample)")
+    return (
+        f"{root}: {t['samples']} samples ({t['skipped']} skipped) in {len(manifest['shards'])} shards, "
+        f"{t['bytes']:,} bytes ({t['bytes_per_sample']:,} per sample)"
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -328,9 +375,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def run_local(datasets: Sequence[str], models: Any, spec: FeatureSpec, *, name: str | None = None,
-              device: torch.device = torch.device("cpu"), batch_size: int = 8, threads: int = 1,
-              progress: bool = True) -> list[tuple[str, dict[str, Any]]]:
+def run_local(
+    datasets: Sequence[str],
+    models: Any,
+    spec: FeatureSpec,
+    *,
+    name: str | None = None,
+    device: torch.device = torch.device("cpu"),
+    batch_size: int = 8,
+    threads: int = 1,
+    progress: bool = True,
+) -> list[tuple[str, dict[str, Any]]]:
     """Computes (or resumes) the feature set of every dataset in this process; returns (root, manifest) each.
 
     ``threads``: CPU threads of the encoders (restored afterwards); the same count as a Ray run's
@@ -356,4 +411,3 @@ def run_local(datasets: Sequence[str], models: Any, spec: FeatureSpec, *, name: 
     finally:
         torch.set_num_threads(before)
     return [(p.root, finalize(p, models.flux)) for p in plans]
-

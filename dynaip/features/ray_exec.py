@@ -40,10 +40,20 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def run_ray(datasets: Sequence[str], models: Any, spec: FeatureSpec, *, name: str | None = None,
-            device: str = "auto", batch_size: int = 8, address: str | None = None, actors: int | None = None,
-            gpus_per_actor: float | None = None, threads: int = 1, progress: bool = True
-            ) -> list[tuple[str, dict[str, Any]]]:
+def run_ray(
+    datasets: Sequence[str],
+    models: Any,
+    spec: FeatureSpec,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    threads: int = 1,
+    progress: bool = True,
+) -> list[tuple[str, dict[str, Any]]]:
     """Computes (or resumes) the feature sets on Ray; returns (root, manifest) each, as ``run_local``.
 
     ``device`` auto: cuda when the cluster has GPUs. ``actors`` default: one per GPU (one actor on a

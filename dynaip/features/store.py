@@ -21,8 +21,17 @@ from typing import Any, Sequence
 import torch
 
 from .format import FeatureError, ShardReader
-from .layout import (FeatureSpec, dataset_identity, join, list_feature_sets, load_manifest, logvar_name,
-                     mean_name, pooled_name, t5_name)
+from .layout import (
+    FeatureSpec,
+    dataset_identity,
+    join,
+    list_feature_sets,
+    load_manifest,
+    logvar_name,
+    mean_name,
+    pooled_name,
+    t5_name,
+)
 
 
 @dataclass(frozen=True)
@@ -45,9 +54,12 @@ class DatasetFeatures:
 
     def shard_refs(self) -> dict[str, FeatureShardRef]:
         """Data shard URL (as ``read_manifests`` spells it) → its feature shard."""
-        return {join(self.dataset, s["data"]): FeatureShardRef(join(self.root, s["path"]), int(s["bytes"]),
-                                                               s["header_sha256"])
-                for s in self.manifest["shards"]}
+        return {
+            join(self.dataset, s["data"]): FeatureShardRef(
+                join(self.root, s["path"]), int(s["bytes"]), s["header_sha256"]
+            )
+            for s in self.manifest["shards"]
+        }
 
     def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored empty prompt: T5 (1, L, D) and pooled CLIP (1, D)."""
@@ -67,15 +79,20 @@ def _check_files(root: str, manifest: dict[str, Any]) -> None:
         try:
             size = fs.size(path)
         except FileNotFoundError:
-            raise FeatureError(f"feature shard {url} is missing (listed in {join(root, 'manifest.json')}); "
-                               "re-run `dynaip precompute` for its dataset") from None
+            raise FeatureError(
+                f"feature shard {url} is missing (listed in {join(root, 'manifest.json')}); "
+                "re-run `dynaip precompute` for its dataset"
+            ) from None
         if size != int(entry["bytes"]):
-            raise FeatureError(f"feature shard {url} is corrupt ({size} bytes, the manifest says {entry['bytes']}); "
-                               "delete it and re-run `dynaip precompute` for its dataset")
+            raise FeatureError(
+                f"feature shard {url} is corrupt ({size} bytes, the manifest says {entry['bytes']}); "
+                "delete it and re-run `dynaip precompute` for its dataset"
+            )
 
 
-def find_features(dataset: str, *, fingerprint: str, max_sequence_length: int,
-                  buckets: Sequence[Sequence[int]]) -> DatasetFeatures | None:
+def find_features(
+    dataset: str, *, fingerprint: str, max_sequence_length: int, buckets: Sequence[Sequence[int]]
+) -> DatasetFeatures | None:
     """The dataset's feature set that serves the run; None when it has none at all.
 
     Raises ``FeatureError`` when feature sets exist but none serves the run (each named, with why),
@@ -96,8 +113,10 @@ def find_features(dataset: str, *, fingerprint: str, max_sequence_length: int,
             _check_files(root, manifest)
             return DatasetFeatures(dataset=dataset, root=root, manifest=manifest, spec=spec)
         reasons.append(f"{root}: {why}")
-    raise FeatureError(f"dataset {dataset} has precomputed features, but none serves this run — {'; '.join(reasons)}. "
-                       "Re-run `dynaip precompute` with this training config and models.yaml, or set features: off")
+    raise FeatureError(
+        f"dataset {dataset} has precomputed features, but none serves this run — {'; '.join(reasons)}. "
+        "Re-run `dynaip precompute` with this training config and models.yaml, or set features: off"
+    )
 
 
 @dataclass
@@ -120,24 +139,36 @@ class StageFeatures:
         return ", ".join(s.root for s in self.sets)
 
 
-def resolve_stage(name: str, datasets: Sequence[str], mode: str, *, fingerprint: str, max_sequence_length: int,
-                  buckets: Sequence[Sequence[int]]) -> StageFeatures | None:
+def resolve_stage(
+    name: str,
+    datasets: Sequence[str],
+    mode: str,
+    *,
+    fingerprint: str,
+    max_sequence_length: int,
+    buckets: Sequence[Sequence[int]],
+) -> StageFeatures | None:
     """The stage's features per ``mode`` (auto | required | off); None = encode on the fly."""
     if mode == "off":
         return None
-    found = [find_features(d, fingerprint=fingerprint, max_sequence_length=max_sequence_length, buckets=buckets)
-             for d in datasets]
+    found = [
+        find_features(d, fingerprint=fingerprint, max_sequence_length=max_sequence_length, buckets=buckets)
+        for d in datasets
+    ]
     absent = [d for d, f in zip(datasets, found) if f is None]
     if not absent:
         return StageFeatures([f for f in found if f is not None])
     if mode == "required":
-        raise FeatureError(f"features: required, but stage '{name}' has datasets without precomputed features: "
-                           f"{absent}; run `dynaip precompute --data DATASET --models M.yaml --config TRAIN.yaml` "
-                           "first, or set features: auto")
+        raise FeatureError(
+            f"features: required, but stage '{name}' has datasets without precomputed features: "
+            f"{absent}; run `dynaip precompute --data DATASET --models M.yaml --config TRAIN.yaml` "
+            "first, or set features: auto"
+        )
     return None
 
 
 # ----------------------------------------------------------------------------- loader side
+
 
 class FeatureReader:
     """The feature shards one loader consumer reads; at most ``max_open`` stay open."""
@@ -158,8 +189,12 @@ class FeatureReader:
     def batch(self, samples: Sequence[tuple[FeatureShardRef, str]], bucket: Sequence[int]) -> dict[str, torch.Tensor]:
         """(ref, key) per sample → ``t5`` (B, L, D), ``pooled`` (B, D), ``posterior_mean``/``posterior_logvar``
         (B, C, H/8, W/8) at ``bucket``."""
-        names = {"t5": t5_name, "pooled": pooled_name,
-                 "posterior_mean": lambda k: mean_name(k, bucket), "posterior_logvar": lambda k: logvar_name(k, bucket)}
+        names = {
+            "t5": t5_name,
+            "pooled": pooled_name,
+            "posterior_mean": lambda k: mean_name(k, bucket),
+            "posterior_logvar": lambda k: logvar_name(k, bucket),
+        }
         out: dict[str, list[torch.Tensor]] = {k: [] for k in names}
         for ref, key in samples:
             shard = self._shard(ref)
@@ -170,4 +205,3 @@ class FeatureReader:
     def close(self) -> None:
         while self._open:
             self._open.popitem()[1].close()
-

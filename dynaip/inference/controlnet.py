@@ -43,11 +43,15 @@ def check_controlnet(net, transformer, what: str) -> None:
     c, t = net.config, transformer.config
     for key in ("num_attention_heads", "attention_head_dim", "joint_attention_dim", "pooled_projection_dim"):
         if getattr(c, key) != getattr(t, key):
-            raise ValueError(f"{what}: {key}={getattr(c, key)} but the FLUX transformer has {getattr(t, key)}; "
-                             "use a ControlNet trained for this base model")
+            raise ValueError(
+                f"{what}: {key}={getattr(c, key)} but the FLUX transformer has {getattr(t, key)}; "
+                "use a ControlNet trained for this base model"
+            )
     if net.input_hint_block is None and c.in_channels != t.in_channels:
-        raise ValueError(f"{what}: in_channels={c.in_channels} but the FLUX transformer reads {t.in_channels} "
-                         "packed latent channels; use a ControlNet trained for this base model")
+        raise ValueError(
+            f"{what}: in_channels={c.in_channels} but the FLUX transformer reads {t.in_channels} "
+            "packed latent channels; use a ControlNet trained for this base model"
+        )
 
 
 def make_controlnet(controlnets: Any, transformer, dtype: torch.dtype = torch.float32):
@@ -73,14 +77,17 @@ def make_controlnet(controlnets: Any, transformer, dtype: torch.dtype = torch.fl
             what = f"ControlNet '{item}'"
             item = load_flux_controlnet(item, dtype=dtype)
         elif not isinstance(item, FluxControlNetModel):
-            raise ValueError(f"{what} must be a directory or a diffusers FluxControlNetModel, "
-                             f"got {type(item).__name__}")
+            raise ValueError(
+                f"{what} must be a directory or a diffusers FluxControlNetModel, got {type(item).__name__}"
+            )
         check_controlnet(item, transformer, what)
         nets.append(item)
     if len({n.input_hint_block is None for n in nets}) > 1:
         # diffusers prepares every control image the way the first net wants (VAE latents or pixels)
-        raise ValueError("a multi-ControlNet must not mix ControlNets that read VAE latents (InstantX style) with "
-                         "ones that read pixels (XLabs style, with an input hint block)")
+        raise ValueError(
+            "a multi-ControlNet must not mix ControlNets that read VAE latents (InstantX style) with "
+            "ones that read pixels (XLabs style, with an input hint block)"
+        )
     return nets[0] if len(nets) == 1 else FluxMultiControlNetModel(nets)
 
 
@@ -108,8 +115,14 @@ def _same_progress_bar(new, old):
     return new
 
 
-def control_inputs(controlnet, control_image: ImageLike | torch.Tensor | Sequence[ImageLike | torch.Tensor],
-                   scale: float | Sequence[float], height: int, width: int, control_mode: Any = None) -> dict:
+def control_inputs(
+    controlnet,
+    control_image: ImageLike | torch.Tensor | Sequence[ImageLike | torch.Tensor],
+    scale: float | Sequence[float],
+    height: int,
+    width: int,
+    control_mode: Any = None,
+) -> dict:
     """Validates the control inputs of one call before any model runs → the ``FluxControlNetPipeline``
     keywords: ``control_image`` (one per ControlNet, read as RGB, with the output's aspect ratio) and
     ``controlnet_conditioning_scale`` (one value, or one per ControlNet)."""
@@ -117,8 +130,10 @@ def control_inputs(controlnet, control_image: ImageLike | torch.Tensor | Sequenc
     n = len(nets)
     images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
     if len(images) != n:
-        raise ValueError(f"got {len(images)} control images for {n} ControlNet{'s' if n > 1 else ''}; "
-                         "give one control image per ControlNet, in order")
+        raise ValueError(
+            f"got {len(images)} control images for {n} ControlNet{'s' if n > 1 else ''}; "
+            "give one control image per ControlNet, in order"
+        )
     loaded = []
     for i, img in enumerate(images):
         what = f"control image {i + 1}" if n > 1 else "control image"
@@ -128,8 +143,10 @@ def control_inputs(controlnet, control_image: ImageLike | torch.Tensor | Sequenc
             img = load_image(img, what)
             w, h = img.size
         if abs(w / h - width / height) > MAX_ASPECT_ERROR * (width / height):
-            raise ValueError(f"{what} is {w}x{h} (aspect {w / h:.3f}) but the output is {width}x{height} "
-                             f"(aspect {width / height:.3f}); give a control image with the output's aspect ratio")
+            raise ValueError(
+                f"{what} is {w}x{h} (aspect {w / h:.3f}) but the output is {width}x{height} "
+                f"(aspect {width / height:.3f}); give a control image with the output's aspect ratio"
+            )
         loaded.append(img)
     scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * n
     if len(scales) != n:

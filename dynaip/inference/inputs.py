@@ -19,8 +19,9 @@ def check_image_path(item: str | Path, what: str) -> Path:
     """``item`` as a Path naming an existing file; else a one-line ValueError saying what it is instead."""
     path = Path(item)
     if path.is_dir():
-        raise ValueError(f"{what} '{path}' is a directory, not an image file; name one image file (repeat the "
-                         "option for several)")
+        raise ValueError(
+            f"{what} '{path}' is a directory, not an image file; name one image file (repeat the option for several)"
+        )
     if not path.is_file():
         raise ValueError(f"{what} '{path}' does not exist")
     return path
@@ -78,8 +79,10 @@ def load_mask(item: ImageLike | torch.Tensor, height: int, width: int, index: in
         raise ValueError(f"{what}: expected a 2-D mask, got shape {arr.shape}")
     mh, mw = arr.shape
     if abs(mw / mh - width / height) > 0.01 * (width / height):
-        raise ValueError(f"{what} is {mw}x{mh} (aspect {mw / mh:.3f}) but the output is {width}x{height} "
-                         f"(aspect {width / height:.3f}); give a mask with the output's aspect ratio")
+        raise ValueError(
+            f"{what} is {mw}x{mh} (aspect {mw / mh:.3f}) but the output is {width}x{height} "
+            f"(aspect {width / height:.3f}); give a mask with the output's aspect ratio"
+        )
     t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
     t = F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
     m = (t >= 0.5).float()
@@ -99,8 +102,11 @@ def _open_mask(path: Path, what: str) -> Image.Image:
 
 def per_subject(value, n: int, name: str) -> list:
     """A global value or one per subject → a list of n values."""
-    if value is None or isinstance(value, (int, float)) or (
-            isinstance(value, (tuple, list)) and value and isinstance(value[0], (int, float)) and name == "granularity"):
+    if (
+        value is None
+        or isinstance(value, (int, float))
+        or (isinstance(value, (tuple, list)) and value and isinstance(value[0], (int, float)) and name == "granularity")
+    ):
         return [value] * n
     value = list(value)
     if len(value) != n:

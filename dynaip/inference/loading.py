@@ -24,8 +24,16 @@ import torch
 from .pipeline import NOT_LOADED, DynaIPFluxPipeline
 
 
-def load_dynaip(flux_pipeline, adapter, *, image_encoder=None, clip_vision=None, dtype: torch.dtype | None = None,
-                detector=None, segmenter=None) -> DynaIPFluxPipeline:
+def load_dynaip(
+    flux_pipeline,
+    adapter,
+    *,
+    image_encoder=None,
+    clip_vision=None,
+    dtype: torch.dtype | None = None,
+    detector=None,
+    segmenter=None,
+) -> DynaIPFluxPipeline:
     """Attaches a trained DynaIP adapter to ``flux_pipeline`` and returns the ``DynaIPFluxPipeline``
     that generates with references (also set as ``flux_pipeline.dynaip``).
 
@@ -37,8 +45,15 @@ def load_dynaip(flux_pipeline, adapter, *, image_encoder=None, clip_vision=None,
         which case they stay on the CPU and visit the accelerator when needed.
     Until references are given, the pipeline behaves exactly as before (scale 0 likewise).
     """
-    return DynaIPFluxPipeline.attach_to(flux_pipeline, adapter, image_encoder=image_encoder, clip_vision=clip_vision,
-                                        dtype=dtype, detector=detector, segmenter=segmenter)
+    return DynaIPFluxPipeline.attach_to(
+        flux_pipeline,
+        adapter,
+        image_encoder=image_encoder,
+        clip_vision=clip_vision,
+        dtype=dtype,
+        detector=detector,
+        segmenter=segmenter,
+    )
 
 
 def unload_dynaip(flux_pipeline) -> None:

@@ -58,8 +58,7 @@ class DynaIPOutput:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-NOT_LOADED = ("no DynaIP adapter is loaded on this pipeline (load_dynaip was not called, or it was "
-              "already unloaded)")
+NOT_LOADED = "no DynaIP adapter is loaded on this pipeline (load_dynaip was not called, or it was already unloaded)"
 
 
 def _clip_paths(value: Any, source: str):
@@ -73,8 +72,10 @@ def _clip_paths(value: Any, source: str):
         known = {f.name for f in fields(ClipVisionPaths)}
         unknown = sorted(set(value) - known)
         if unknown or "path" not in value:
-            raise ValueError(f"{source}: clip_vision needs 'path' (and optionally {sorted(known - {'path'})}), "
-                             f"got keys {sorted(value)}")
+            raise ValueError(
+                f"{source}: clip_vision needs 'path' (and optionally {sorted(known - {'path'})}), "
+                f"got keys {sorted(value)}"
+            )
         d = dict(value)
         if d.get("layers") is not None:
             d["layers"] = tuple(d["layers"])
@@ -85,9 +86,9 @@ def _clip_paths(value: Any, source: str):
 class DynaIPFluxPipeline:
     """FLUX.1-dev + DynaIP. Build with ``from_local`` or from parts::
 
-        pipe = DynaIPFluxPipeline.from_local("models.yaml", adapter="run/checkpoints/step-000100")
-        out = pipe("a dog on the beach", references=["dog.png"], seed=0)
-        out.images[0].save("dog.png")
+    pipe = DynaIPFluxPipeline.from_local("models.yaml", adapter="run/checkpoints/step-000100")
+    out = pipe("a dog on the beach", references=["dog.png"], seed=0)
+    out.images[0].save("dog.png")
     """
 
     def __init__(self, flux, adapter, image_encoder, *, detector=None, segmenter=None):
@@ -120,9 +121,16 @@ class DynaIPFluxPipeline:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_local(cls, models, adapter=None, *, dtype: torch.dtype = torch.float32,
-                   device: str | torch.device = "cpu", with_auto_mask: bool = False,
-                   controlnet=None) -> "DynaIPFluxPipeline":
+    def from_local(
+        cls,
+        models,
+        adapter=None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        with_auto_mask: bool = False,
+        controlnet=None,
+    ) -> "DynaIPFluxPipeline":
         """Loads every part from local paths. ``models``: a ModelsConfig or models.yaml path;
         ``adapter``: a checkpoint directory, a DynaIPAdapter, or None (a fresh, zero-effect adapter);
         ``controlnet``: None, or a FLUX ControlNet directory (or a list of them: a multi-ControlNet) —
@@ -155,8 +163,17 @@ class DynaIPFluxPipeline:
         return cls.attach_to(flux, ad, image_encoder=tower, dtype=dtype, detector=detector, segmenter=segmenter)
 
     @classmethod
-    def attach_to(cls, flux_pipeline, adapter, *, image_encoder=None, clip_vision=None, dtype: torch.dtype | None = None,
-                  detector=None, segmenter=None) -> DynaIPFluxPipeline:
+    def attach_to(
+        cls,
+        flux_pipeline,
+        adapter,
+        *,
+        image_encoder=None,
+        clip_vision=None,
+        dtype: torch.dtype | None = None,
+        detector=None,
+        segmenter=None,
+    ) -> DynaIPFluxPipeline:
         """``load_dynaip`` (dynaip/inference/loading.py, where the arguments are described): checks the
         parts, loads the adapter and the CLIP tower when given as paths, attaches them to ``flux_pipeline``."""
         from dynaip.adapter import DynaIPAdapter
@@ -164,9 +181,11 @@ class DynaIPFluxPipeline:
 
         transformer = getattr(flux_pipeline, "transformer", None)
         if transformer is None or not hasattr(transformer, "transformer_blocks"):
-            raise ValueError(f"load_dynaip needs a diffusers FluxPipeline or FluxControlNetPipeline (with a "
-                             f"FluxTransformer2DModel), "
-                             f"got {type(flux_pipeline).__name__}")
+            raise ValueError(
+                f"load_dynaip needs a diffusers FluxPipeline or FluxControlNetPipeline (with a "
+                f"FluxTransformer2DModel), "
+                f"got {type(flux_pipeline).__name__}"
+            )
         current = getattr(flux_pipeline, "dynaip", None)
         if current is not None and current.attached:
             raise ValueError("this FluxPipeline already has a DynaIP adapter loaded; call unload_dynaip(pipe) first")
@@ -183,15 +202,19 @@ class DynaIPFluxPipeline:
         if image_encoder is None:
             named = clip_vision if clip_vision is not None else meta.get("clip_vision")
             if named is None:
-                raise ValueError("no CLIP vision tower: pass image_encoder=... or clip_vision='path/to/open_clip' "
-                                 "(this adapter checkpoint's config.json names none)")
+                raise ValueError(
+                    "no CLIP vision tower: pass image_encoder=... or clip_vision='path/to/open_clip' "
+                    "(this adapter checkpoint's config.json names none)"
+                )
             source = "clip_vision argument" if clip_vision is not None else f"{adapter}/config.json"
             image_encoder = load_clip_vision(_clip_paths(named, source), layers=ad.config.clip_layers)
         elif not isinstance(image_encoder, ClipVisionTower):
             raise ValueError(f"image_encoder must be a dynaip ClipVisionTower, got {type(image_encoder).__name__}")
         elif tuple(image_encoder.layers) != tuple(ad.config.clip_layers):
-            raise ValueError(f"image_encoder returns CLIP layers {list(image_encoder.layers)} but the adapter was "
-                             f"trained on {list(ad.config.clip_layers)}")
+            raise ValueError(
+                f"image_encoder returns CLIP layers {list(image_encoder.layers)} but the adapter was "
+                f"trained on {list(ad.config.clip_layers)}"
+            )
 
         dtype = dtype or transformer.dtype
         ad = ad.to(dtype)
@@ -250,22 +273,30 @@ class DynaIPFluxPipeline:
 
     # ------------------------------------------------------------------ references
     @torch.no_grad()
-    def encode_references(self, images: Sequence[Image.Image],
-                          granularity: Sequence[Sequence[float] | None] | None = None) -> list[torch.Tensor]:
+    def encode_references(
+        self, images: Sequence[Image.Image], granularity: Sequence[Sequence[float] | None] | None = None
+    ) -> list[torch.Tensor]:
         """RGB PILs → one ``(1, L, ref_dim)`` reference token set each (HMoE weights per subject)."""
-        grans = per_subject(granularity, len(images), "granularity") if granularity is not None else [None] * len(images)
+        grans = (
+            per_subject(granularity, len(images), "granularity") if granularity is not None else [None] * len(images)
+        )
         enc = self.image_encoder
         device = self.device
         # under CPU offload the tower and the encoder (HMoE + projection, not the per-block K/V) visit the
         # execution device for this encoding only, as diffusers' model offload does with each model
         with _visiting([enc, self.adapter.hmoe, self.adapter.proj], device, self.offloaded):
-            pixels = enc.normalize(reference_pixels(images, enc.image_size)).to(enc.mean.device,
-                                                                                next(enc.parameters()).dtype)
+            pixels = enc.normalize(reference_pixels(images, enc.image_size)).to(
+                enc.mean.device, next(enc.parameters()).dtype
+            )
             hidden = enc(pixels)  # per layer: (N, L, clip_width)
             adapter_dtype = next(self.adapter.parameters()).dtype
             self.adapter.eval()
-            return [self.adapter.encode_reference([h[i:i + 1].to(adapter_dtype) for h in hidden], granularity=g)
-                    .to(device) for i, g in enumerate(grans)]
+            return [
+                self.adapter.encode_reference([h[i : i + 1].to(adapter_dtype) for h in hidden], granularity=g).to(
+                    device
+                )
+                for i, g in enumerate(grans)
+            ]
 
     # ------------------------------------------------------------------ generation
     def __call__(
@@ -306,7 +337,9 @@ class DynaIPFluxPipeline:
             pipeline has a ControlNet; controlnet_conditioning_scale: one value or one per ControlNet.
         Other keywords go to FluxPipeline (FluxControlNetPipeline with a control image).
         """
-        refs = [] if references is None else (list(references) if isinstance(references, (list, tuple)) else [references])
+        refs = (
+            [] if references is None else (list(references) if isinstance(references, (list, tuple)) else [references])
+        )
         ref_images = [load_image(r, f"reference {i + 1}") for i, r in enumerate(refs)]
         n = len(ref_images)
         ds = self.adapter.config.latent_downsample
@@ -316,7 +349,9 @@ class DynaIPFluxPipeline:
         if masks is not None and auto_mask is not None:
             raise ValueError("give either masks or auto_mask, not both")
         if auto_mask is not None and len(auto_mask) != n:
-            raise ValueError(f"auto_mask has {len(auto_mask)} phrases for {n} references; give one phrase per reference")
+            raise ValueError(
+                f"auto_mask has {len(auto_mask)} phrases for {n} references; give one phrase per reference"
+            )
         if masks is not None:
             masks = list(masks)
             if len(masks) != n:
@@ -327,8 +362,10 @@ class DynaIPFluxPipeline:
         else:
             mask_t = None
         if auto_mask is not None and (self.detector is None or self.segmenter is None):
-            raise ValueError("auto_mask needs Grounding DINO and SAM: build the pipeline with with_auto_mask=True "
-                             "(models.yaml must name grounding_dino and sam)")
+            raise ValueError(
+                "auto_mask needs Grounding DINO and SAM: build the pipeline with with_auto_mask=True "
+                "(models.yaml must name grounding_dino and sam)"
+            )
         if granularity is not None:
             per_subject(granularity, n, "granularity")  # validate before compute
         try:
@@ -339,42 +376,75 @@ class DynaIPFluxPipeline:
             raise ValueError(f"image_guidance_scale={image_guidance_scale}: must be a finite number >= 0 (1.0 = off)")
         if seed is not None:
             seed = check_seed(seed)
-        sampler, control = self._sampler(control_image, controlnet_conditioning_scale, height, width,
-                                         flux_kwargs.get("control_mode"))
+        sampler, control = self._sampler(
+            control_image, controlnet_conditioning_scale, height, width, flux_kwargs.get("control_mode")
+        )
         if seed is None and generator is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
 
-        call = dict(prompt=prompt, num_inference_steps=num_inference_steps, height=height, width=width,
-                    guidance_scale=guidance_scale, **control, **flux_kwargs)
+        call = dict(
+            prompt=prompt,
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            guidance_scale=guidance_scale,
+            **control,
+            **flux_kwargs,
+        )
         if auto_mask is not None:
             # the final pass must start from the first pass's noise: rewind a passed generator
             states = [g.get_state() for g in _generators(generator)]
             first = self._generate(call, seed, generator, cond=None, sampler=sampler).images[0]
             for g, st in zip(_generators(generator), states):
                 g.set_state(st)
-            mask_t = self.auto_masks(first, list(auto_mask), dilation=auto_mask_dilation,
-                                     box_threshold=box_threshold, text_threshold=text_threshold)
+            mask_t = self.auto_masks(
+                first,
+                list(auto_mask),
+                dilation=auto_mask_dilation,
+                box_threshold=box_threshold,
+                text_threshold=text_threshold,
+            )
         cond = None
         if n:
             tokens = self.encode_references(ref_images, granularity)
-            cond = self.adapter.make_conditioning(tokens, masks=mask_t, scales=scales, branches=branches,
-                                                  image_size=(height, width), image_guidance_scale=image_guidance_scale)
+            cond = self.adapter.make_conditioning(
+                tokens,
+                masks=mask_t,
+                scales=scales,
+                branches=branches,
+                image_size=(height, width),
+                image_guidance_scale=image_guidance_scale,
+            )
         result = self._generate(call, seed, generator, cond=cond, sampler=sampler)
-        settings = dict(prompt=prompt, num_references=n, scale=scales, granularity=granularity, branches=branches,
-                        auto_mask=list(auto_mask) if auto_mask else None, seed=seed,
-                        num_inference_steps=num_inference_steps, height=height, width=width,
-                        guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale)
+        settings = dict(
+            prompt=prompt,
+            num_references=n,
+            scale=scales,
+            granularity=granularity,
+            branches=branches,
+            auto_mask=list(auto_mask) if auto_mask else None,
+            seed=seed,
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+        )
         if control:
-            settings.update(num_control_images=len(nets_of(sampler.controlnet)),
-                            controlnet_conditioning_scale=control["controlnet_conditioning_scale"])
+            settings.update(
+                num_control_images=len(nets_of(sampler.controlnet)),
+                controlnet_conditioning_scale=control["controlnet_conditioning_scale"],
+            )
         return DynaIPOutput(images=list(result.images), masks=mask_t, settings=settings)
 
     def _sampler(self, control_image, scale, height: int, width: int, control_mode=None) -> tuple[Any, dict]:
         """The diffusers pipeline that samples this call and its ControlNet keywords (checked before compute)."""
         if control_image is not None:
             if not is_controlnet_pipeline(self.flux):
-                raise ValueError("control_image given but this pipeline has no ControlNet: load_dynaip on a diffusers "
-                                 "FluxControlNetPipeline, or from_local(..., controlnet=DIR)")
+                raise ValueError(
+                    "control_image given but this pipeline has no ControlNet: load_dynaip on a diffusers "
+                    "FluxControlNetPipeline, or from_local(..., controlnet=DIR)"
+                )
             return self.flux, control_inputs(self.flux.controlnet, control_image, scale, height, width, control_mode)
         if not is_controlnet_pipeline(self.flux):
             return self.flux, {}
@@ -394,21 +464,25 @@ class DynaIPFluxPipeline:
             self.adapter.set_conditioning(None)
 
     # ------------------------------------------------------------------ automatic masks
-    def auto_masks(self, image: Image.Image, phrases: list[str], *, dilation: float, box_threshold: float,
-                   text_threshold: float) -> list[torch.Tensor]:
+    def auto_masks(
+        self, image: Image.Image, phrases: list[str], *, dilation: float, box_threshold: float, text_threshold: float
+    ) -> list[torch.Tensor]:
         """Finds each phrase in ``image`` (Grounding DINO → SAM → cleanup → dilation): ``(H, W)`` {0,1} each."""
         from scipy import ndimage
 
         arr = np.asarray(image.convert("RGB"))
-        dets = self.detector.detect([arr], [" . ".join(phrases)], box_threshold=box_threshold,
-                                    text_threshold=text_threshold)[0]
+        dets = self.detector.detect(
+            [arr], [" . ".join(phrases)], box_threshold=box_threshold, text_threshold=text_threshold
+        )[0]
         boxes = []
         for phrase in phrases:
             key = phrase.strip().lower().rstrip(".").strip()
             found = [d for d in dets if d.phrase == key]
             if not found:
-                raise ValueError(f"auto-mask: '{phrase}' was not found in the first-pass image; pass masks "
-                                 "explicitly or lower box_threshold/text_threshold")
+                raise ValueError(
+                    f"auto-mask: '{phrase}' was not found in the first-pass image; pass masks "
+                    "explicitly or lower box_threshold/text_threshold"
+                )
             boxes.append(found[0].box)  # detections are sorted by score
         masks, _ = self.segmenter.segment([arr], [np.asarray(boxes, dtype=np.float32)])[0]
         radius = max(1, int(round(dilation * min(arr.shape[:2]))))
@@ -472,11 +546,18 @@ def adapter_config_for(transformer, tower):
 
     c = transformer.config
     return DynaIPConfig(
-        clip_width=tower.width, clip_tokens=tower.num_tokens, clip_layers=tower.layers,
-        expert_dim=tower.width, router_hidden_dim=max(16, tower.width // 4),
-        ref_dim=c.num_attention_heads * c.attention_head_dim, inner_dim=c.num_attention_heads * c.attention_head_dim,
-        num_heads=c.num_attention_heads, head_dim=c.attention_head_dim,
-        num_double_blocks=c.num_layers, num_single_blocks=c.num_single_layers)
+        clip_width=tower.width,
+        clip_tokens=tower.num_tokens,
+        clip_layers=tower.layers,
+        expert_dim=tower.width,
+        router_hidden_dim=max(16, tower.width // 4),
+        ref_dim=c.num_attention_heads * c.attention_head_dim,
+        inner_dim=c.num_attention_heads * c.attention_head_dim,
+        num_heads=c.num_attention_heads,
+        head_dim=c.attention_head_dim,
+        num_double_blocks=c.num_layers,
+        num_single_blocks=c.num_single_layers,
+    )
 
 
 def _load_auto_mask_models(models, device):

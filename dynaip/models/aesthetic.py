@@ -35,8 +35,10 @@ from .clip_vision import ClipImageEmbedder
 from .errors import CheckpointError
 from .weights import load_state_dict
 
-EXPECTED = ("an aesthetic head state dict (.pth or .safetensors): 'weight' (1, D) + 'bias', or "
-            "'layers.{i}.weight/bias' linear layers ending in one output (the improved-aesthetic-predictor MLP)")
+EXPECTED = (
+    "an aesthetic head state dict (.pth or .safetensors): 'weight' (1, D) + 'bias', or "
+    "'layers.{i}.weight/bias' linear layers ending in one output (the improved-aesthetic-predictor MLP)"
+)
 ACTIVATIONS = ("none", "relu")
 KNOWN_LAYOUTS = {(0, 2, 4, 6, 7): "none", (0, 3, 6, 9, 11): "relu"}
 """Linear indices of the two published improved-aesthetic-predictor heads → their activation."""
@@ -69,39 +71,61 @@ class AestheticHead(nn.Module):
 def _activation(idx: Sequence[int], declared: str | None, path: str | Path) -> str:
     """The head's activation: detected from the Linear indices where they tell, else as declared."""
     if declared is not None and declared not in ACTIVATIONS:
-        raise CheckpointError("aesthetic head", path, EXPECTED, f"models.yaml's aesthetic.activation is "
-                              f"'{declared}'; use one of {', '.join(ACTIVATIONS)}.")
+        raise CheckpointError(
+            "aesthetic head",
+            path,
+            EXPECTED,
+            f"models.yaml's aesthetic.activation is '{declared}'; use one of {', '.join(ACTIVATIONS)}.",
+        )
     contiguous = all(b - a == 1 for a, b in pairwise(idx))
     detected = "none" if contiguous else KNOWN_LAYOUTS.get(tuple(idx))
     if detected is not None and declared is not None and declared != detected:
-        raise CheckpointError("aesthetic head", path, EXPECTED, f"Its layer indices {list(idx)} are the "
-                              f"'{detected}' layout but models.yaml declares aesthetic.activation: {declared}; "
-                              "drop the declaration or use the matching head.")
+        raise CheckpointError(
+            "aesthetic head",
+            path,
+            EXPECTED,
+            f"Its layer indices {list(idx)} are the "
+            f"'{detected}' layout but models.yaml declares aesthetic.activation: {declared}; "
+            "drop the declaration or use the matching head.",
+        )
     if detected is None and declared is None:
-        raise CheckpointError("aesthetic head", path, EXPECTED, f"Its layer indices {list(idx)} are not a published "
-                              "layout, so what sits between the layers is unknown; declare aesthetic.activation "
-                              "(none | relu) in models.yaml.")
+        raise CheckpointError(
+            "aesthetic head",
+            path,
+            EXPECTED,
+            f"Its layer indices {list(idx)} are not a published "
+            "layout, so what sits between the layers is unknown; declare aesthetic.activation "
+            "(none | relu) in models.yaml.",
+        )
     return detected or declared  # type: ignore[return-value]
 
 
-def head_from_state_dict(sd: dict[str, torch.Tensor], path: str | Path = "aesthetic head",
-                         activation: str | None = None) -> AestheticHead:
+def head_from_state_dict(
+    sd: dict[str, torch.Tensor], path: str | Path = "aesthetic head", activation: str | None = None
+) -> AestheticHead:
     """The head from its state dict; ``activation`` is models.yaml's declaration (None = detect)."""
     if set(sd) == {"weight", "bias"}:
         pairs = [(sd["weight"], sd["bias"])]
         act = _activation([0], activation, path)
     else:
         idx = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(r"layers\.(\d+)\.(weight|bias)", k))})
-        if not idx or len(sd) != 2 * len(idx) or any(f"layers.{i}.weight" not in sd or f"layers.{i}.bias" not in sd
-                                                      for i in idx):
+        if (
+            not idx
+            or len(sd) != 2 * len(idx)
+            or any(f"layers.{i}.weight" not in sd or f"layers.{i}.bias" not in sd for i in idx)
+        ):
             raise CheckpointError("aesthetic head", path, EXPECTED, f"Its keys are {sorted(sd)[:6]}.")
         pairs = [(sd[f"layers.{i}.weight"], sd[f"layers.{i}.bias"]) for i in idx]
         act = _activation(idx, activation, path)
     layers = []
     for n, (w, b) in enumerate(pairs):
         if w.dim() != 2 or b.shape != (w.shape[0],) or (layers and layers[-1].out_features != w.shape[1]):
-            raise CheckpointError("aesthetic head", path, EXPECTED, f"Layer {n} has weight {tuple(w.shape)} and "
-                                  f"bias {tuple(b.shape)}, which do not chain.")
+            raise CheckpointError(
+                "aesthetic head",
+                path,
+                EXPECTED,
+                f"Layer {n} has weight {tuple(w.shape)} and bias {tuple(b.shape)}, which do not chain.",
+            )
         lin = nn.Linear(w.shape[1], w.shape[0])
         lin.weight.data.copy_(w.float())
         lin.bias.data.copy_(b.float())
@@ -124,9 +148,13 @@ class AestheticScorer(ClipImageEmbedder):
         super().__init__(clip_paths, device)
         dim = int(getattr(self.visual, "output_dim", 0) or 0)
         if dim and dim != self.head.in_features:
-            raise CheckpointError("aesthetic head", head_path, EXPECTED,
-                                  f"It takes {self.head.in_features}-d embeddings but the CLIP at '{clip_paths.path}' "
-                                  f"gives {dim}-d; use the CLIP the head was trained on (ViT-L/14: 768).")
+            raise CheckpointError(
+                "aesthetic head",
+                head_path,
+                EXPECTED,
+                f"It takes {self.head.in_features}-d embeddings but the CLIP at '{clip_paths.path}' "
+                f"gives {dim}-d; use the CLIP the head was trained on (ViT-L/14: 768).",
+            )
 
     @torch.no_grad()
     def scores(self, images: Sequence[np.ndarray]) -> list[float]:
@@ -141,7 +169,15 @@ def write_tiny_aesthetic_head(out: Path, dim: int) -> None:
     Dropout, Linear, Dropout, Linear, Linear, so Linear indices 0, 2, 4, 6, 7) at small widths
     (dim→16→8→4→2→1). Call under a fixed seed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    layers = nn.Sequential(nn.Linear(dim, 16), nn.Dropout(0.2), nn.Linear(16, 8), nn.Dropout(0.2), nn.Linear(8, 4),
-                           nn.Dropout(0.1), nn.Linear(4, 2), nn.Linear(2, 1))
+    layers = nn.Sequential(
+        nn.Linear(dim, 16),
+        nn.Dropout(0.2),
+        nn.Linear(16, 8),
+        nn.Dropout(0.2),
+        nn.Linear(8, 4),
+        nn.Dropout(0.1),
+        nn.Linear(4, 2),
+        nn.Linear(2, 1),
+    )
     sd = {f"layers.{k}": v.detach().clone().contiguous() for k, v in layers.state_dict().items()}
     torch.save(sd, str(out))

@@ -27,19 +27,29 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 """Choices of ``parallel.attention``."""
 
-SDP: dict[str, SDPBackend] = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+SDP: dict[str, SDPBackend] = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 AUTO_ORDER = {"cuda": ("flash", "efficient", "math"), "cpu": ("flash", "math")}
 """``auto``'s preference per device type, fastest first (flash: FlashAttention-2 on CUDA, PyTorch's
 own flash kernel on the CPU)."""
 
 FLAGS: dict[str, Callable[[bool], None]] = {
-    "flash": torch.backends.cuda.enable_flash_sdp, "cudnn": torch.backends.cuda.enable_cudnn_sdp,
-    "efficient": torch.backends.cuda.enable_mem_efficient_sdp, "math": torch.backends.cuda.enable_math_sdp}
+    "flash": torch.backends.cuda.enable_flash_sdp,
+    "cudnn": torch.backends.cuda.enable_cudnn_sdp,
+    "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
+    "math": torch.backends.cuda.enable_math_sdp,
+}
 STATE: dict[str, Callable[[], bool]] = {
-    "flash": torch.backends.cuda.flash_sdp_enabled, "cudnn": torch.backends.cuda.cudnn_sdp_enabled,
-    "efficient": torch.backends.cuda.mem_efficient_sdp_enabled, "math": torch.backends.cuda.math_sdp_enabled}
+    "flash": torch.backends.cuda.flash_sdp_enabled,
+    "cudnn": torch.backends.cuda.cudnn_sdp_enabled,
+    "efficient": torch.backends.cuda.mem_efficient_sdp_enabled,
+    "math": torch.backends.cuda.math_sdp_enabled,
+}
 
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 """Max |difference| / max |math result| of outputs and input gradients: a wrong kernel (bad layout,
@@ -51,8 +61,9 @@ class AttentionBackendError(ValueError):
     """A named SDPA backend is unavailable or wrong on this device, dtype and shape."""
 
 
-def check_backend(name: str, device: torch.device, dtype: torch.dtype, heads: int, head_dim: int,
-                  tokens: int = 256, batch: int = 1) -> str | None:
+def check_backend(
+    name: str, device: torch.device, dtype: torch.dtype, heads: int, head_dim: int, tokens: int = 256, batch: int = 1
+) -> str | None:
     """None when backend ``name`` runs forward and backward of a (batch, heads, tokens, head_dim)
     attention in ``dtype`` and matches the math backend in fp32 within ``TOLERANCE``; else why not."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -90,8 +101,10 @@ def select_backend(choice: str, device: torch.device, dtype: torch.dtype, heads:
         if why is None:
             return name
         failures.append(f"{name}: {why}")
-    raise AttentionBackendError(f"parallel.attention={choice!r} on {device.type} in {str(dtype).removeprefix('torch.')}"
-                                f" at {heads} heads x {head_dim}: " + "; ".join(failures))
+    raise AttentionBackendError(
+        f"parallel.attention={choice!r} on {device.type} in {str(dtype).removeprefix('torch.')}"
+        f" at {heads} heads x {head_dim}: " + "; ".join(failures)
+    )
 
 
 def apply_backend(name: str) -> dict[str, bool]:

@@ -21,8 +21,10 @@ from PIL import Image
 
 from .errors import CheckpointError, FIX_HINT, require_dir
 
-EXPECTED = ("a transformers image-to-text directory (config.json + weights + processor files, e.g. "
-            "Salesforce/blip-image-captioning-large)")
+EXPECTED = (
+    "a transformers image-to-text directory (config.json + weights + processor files, e.g. "
+    "Salesforce/blip-image-captioning-large)"
+)
 
 
 def captioner_name(path: str | Path) -> str:
@@ -43,14 +45,20 @@ class Captioner:
         self.path, self.name, self.device, self.max_new_tokens = str(p), captioner_name(p), device, int(max_new_tokens)
         try:
             # use_fast=False: the processor the model was trained with (and no notice about fast ones)
-            self.processor = AutoProcessor.from_pretrained(str(p), local_files_only=True, trust_remote_code=False,
-                                                           use_fast=False)
+            self.processor = AutoProcessor.from_pretrained(
+                str(p), local_files_only=True, trust_remote_code=False, use_fast=False
+            )
             self.model = _load_model(p).to(device).eval().requires_grad_(False)
         except CheckpointError:
             raise
         except Exception as e:  # unknown architecture, missing weights, remote code needed ...
-            raise CheckpointError("captioner", p, EXPECTED, "Use a model transformers loads without remote code "
-                                  "(BLIP, BLIP-2; see docs/curation_quality.md).", e) from e
+            raise CheckpointError(
+                "captioner",
+                p,
+                EXPECTED,
+                "Use a model transformers loads without remote code (BLIP, BLIP-2; see docs/curation_quality.md).",
+                e,
+            ) from e
 
     @torch.no_grad()
     def captions(self, images: Sequence[Image.Image], prompt: str | None = None) -> list[str]:
@@ -88,8 +96,7 @@ TINY_IMAGE_SIZE = 32
 
 def write_tiny_captioner(out: Path) -> None:
     """A random-weight BLIP captioner in the release's format (call under a fixed torch seed)."""
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     from . import offline_tokenizers as tok
 
@@ -99,13 +106,31 @@ def write_tiny_captioner(out: Path) -> None:
         f.write("[DEC]\n")
     dec = vocab  # its id
     config = BlipConfig(
-        text_config=dict(vocab_size=vocab + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=64,
-                         bos_token_id=dec, pad_token_id=0, sep_token_id=3, eos_token_id=3,
-                         initializer_range=0.5),  # large random weights: captions that depend on the image
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=TINY_IMAGE_SIZE, patch_size=8, initializer_range=1.0),
-        projection_dim=32)
+        text_config=dict(
+            vocab_size=vocab + 1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            encoder_hidden_size=32,
+            max_position_embeddings=64,
+            bos_token_id=dec,
+            pad_token_id=0,
+            sep_token_id=3,
+            eos_token_id=3,
+            initializer_range=0.5,
+        ),  # large random weights: captions that depend on the image
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=TINY_IMAGE_SIZE,
+            patch_size=8,
+            initializer_range=1.0,
+        ),
+        projection_dim=32,
+    )
     BlipForConditionalGeneration(config).save_pretrained(str(out), safe_serialization=True)
     tokenizer = BertTokenizer(str(out / "vocab.txt"), do_lower_case=True, bos_token="[DEC]", model_max_length=64)
     image_processor = BlipImageProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})

@@ -26,7 +26,9 @@ class ClipVisionTower(nn.Module):
     Layers are 1-based: 24 is the last block of ViT-L/14.
     """
 
-    def __init__(self, visual: nn.Module, layers: Sequence[int], image_mean: Sequence[float], image_std: Sequence[float]):
+    def __init__(
+        self, visual: nn.Module, layers: Sequence[int], image_mean: Sequence[float], image_std: Sequence[float]
+    ):
         super().__init__()
         depth = len(visual.transformer.resblocks)
         bad = [l for l in layers if not 1 <= l <= depth]
@@ -55,8 +57,7 @@ class ClipVisionTower(nn.Module):
         # OpenCLIP returns intermediates in ascending layer order whatever order they are asked in;
         # map them back so the i-th output is always the i-th requested layer (the i-th expert's input).
         ascending = sorted(self.layers)
-        _, inter = self.visual.transformer.forward_intermediates(
-            x, indices=[l - 1 for l in ascending], stop_early=True)
+        _, inter = self.visual.transformer.forward_intermediates(x, indices=[l - 1 for l in ascending], stop_early=True)
         by_layer = dict(zip(ascending, inter))
         return [by_layer[l] for l in self.layers]
 
@@ -64,7 +65,8 @@ class ClipVisionTower(nn.Module):
 OPENAI_TORCHSCRIPT_FIX = (
     "OpenAI's own .pt files (e.g. ViT-L-14-336px.pt) are TorchScript; download the open_clip folder of the "
     "same weights instead (timm/vit_large_patch14_clip_336.openai: open_clip_config.json + "
-    "open_clip_model.safetensors) and point clip_vision.path at it.")
+    "open_clip_model.safetensors) and point clip_vision.path at it."
+)
 
 
 def _read_open_clip_dir(p: Path) -> tuple[dict, dict, Path]:
@@ -79,8 +81,13 @@ def _read_open_clip_dir(p: Path) -> tuple[dict, dict, Path]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError("OpenCLIP", cfg_file, EXPECTED, "The config is not valid JSON.", e) from e
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model_cfg"), dict):
-        raise CheckpointError("OpenCLIP", cfg_file, EXPECTED, "It has no 'model_cfg' object (the architecture); "
-                              "re-download open_clip_config.json from the same open_clip repository as the weights.")
+        raise CheckpointError(
+            "OpenCLIP",
+            cfg_file,
+            EXPECTED,
+            "It has no 'model_cfg' object (the architecture); "
+            "re-download open_clip_config.json from the same open_clip repository as the weights.",
+        )
     pre = cfg.get("preprocess_cfg", {})
     if not isinstance(pre, dict):
         raise CheckpointError("OpenCLIP", cfg_file, EXPECTED, "Its 'preprocess_cfg' is not an object; re-download it.")
@@ -96,13 +103,23 @@ def _with_quick_gelu(model_cfg: dict, paths: ClipVisionPaths, source: str | Path
     models.yaml's ``quick_gelu`` (then required: guessing would silently give wrong features)."""
     stated, given = model_cfg.get("quick_gelu"), paths.quick_gelu
     if stated is not None and given is not None and bool(stated) != given:
-        raise CheckpointError("OpenCLIP", source, EXPECTED, f"models.yaml says quick_gelu: {str(given).lower()} but "
-                              f"the model's own config says {str(bool(stated)).lower()}; drop clip_vision.quick_gelu "
-                              "from models.yaml (the model's config decides) or use the matching checkpoint.")
+        raise CheckpointError(
+            "OpenCLIP",
+            source,
+            EXPECTED,
+            f"models.yaml says quick_gelu: {str(given).lower()} but "
+            f"the model's own config says {str(bool(stated)).lower()}; drop clip_vision.quick_gelu "
+            "from models.yaml (the model's config decides) or use the matching checkpoint.",
+        )
     if stated is None and given is None:
-        raise CheckpointError("OpenCLIP", source, EXPECTED, "Its config does not say whether the tower uses QuickGELU; "
-                              "set clip_vision.quick_gelu in models.yaml (true for OpenAI-trained weights, "
-                              "false for LAION/DataComp ones).")
+        raise CheckpointError(
+            "OpenCLIP",
+            source,
+            EXPECTED,
+            "Its config does not say whether the tower uses QuickGELU; "
+            "set clip_vision.quick_gelu in models.yaml (true for OpenAI-trained weights, "
+            "false for LAION/DataComp ones).",
+        )
     return {**model_cfg, "quick_gelu": bool(stated if stated is not None else given)}
 
 
@@ -114,8 +131,13 @@ def build_open_clip(model_cfg: dict, source: str | Path = "model_cfg"):
     try:
         return open_clip.model.CLIP(**cfg)
     except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as e:
-        raise CheckpointError("OpenCLIP", source, EXPECTED, "open_clip cannot build a CLIP from its model config; "
-                              "use the config published with the weights.", e) from None
+        raise CheckpointError(
+            "OpenCLIP",
+            source,
+            EXPECTED,
+            "open_clip cannot build a CLIP from its model config; use the config published with the weights.",
+            e,
+        ) from None
 
 
 def load_open_clip(paths: ClipVisionPaths):
@@ -130,15 +152,25 @@ def load_open_clip(paths: ClipVisionPaths):
         require_file("OpenCLIP", p, EXPECTED)  # a path that is not there is said first, before any config question
         model_cfg = open_clip.get_model_config(paths.model_name)
         if model_cfg is None:
-            raise CheckpointError("OpenCLIP", p, EXPECTED, f"Unknown model_name '{paths.model_name}'; use an open_clip "
-                                  "architecture name (e.g. ViT-L-14-336) or the open_clip folder with its config.")
+            raise CheckpointError(
+                "OpenCLIP",
+                p,
+                EXPECTED,
+                f"Unknown model_name '{paths.model_name}'; use an open_clip "
+                "architecture name (e.g. ViT-L-14-336) or the open_clip folder with its config.",
+            )
         model_cfg = _with_quick_gelu(model_cfg, paths, f"{p} (model_name {paths.model_name})")
         pre_cfg, weights = {}, p
     sd = load_state_dict("OpenCLIP", weights, EXPECTED, torchscript_fix=OPENAI_TORCHSCRIPT_FIX)  # before the build
     model = build_open_clip(model_cfg, weights)
     if not any(k.startswith("transformer.") for k in sd):  # a vision-only export: keep the text tower random-free
-        load_into(model.visual, {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")},
-                  "OpenCLIP", weights, EXPECTED)
+        load_into(
+            model.visual,
+            {k[len("visual.") :]: v for k, v in sd.items() if k.startswith("visual.")},
+            "OpenCLIP",
+            weights,
+            EXPECTED,
+        )
     else:
         load_into(model, sd, "OpenCLIP", weights, EXPECTED)
     mean = pre_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)

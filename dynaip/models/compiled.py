@@ -54,8 +54,9 @@ def flux_blocks(transformer: nn.Module) -> list[nn.Module]:
     return list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
 
 
-def compile_blocks(transformer: nn.Module, device: torch.device, backend: str | None = None, *,
-                   grad_only: bool = False) -> int:
+def compile_blocks(
+    transformer: nn.Module, device: torch.device, backend: str | None = None, *, grad_only: bool = False
+) -> int:
     """Compiles each repeated block's ``forward`` in place (regional compilation); returns how many.
 
     Call it before gradient checkpointing wraps the blocks and before FSDP2 shards them. Compilation

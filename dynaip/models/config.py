@@ -99,8 +99,12 @@ class ModelsConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelsConfig":
         path = Path(path)
-        raw = read_yaml(path, "models file", "write one (see README 'Using real checkpoints') "
-                        "or run `dynaip tiny-checkpoints --out DIR` and pass DIR/models.yaml")
+        raw = read_yaml(
+            path,
+            "models file",
+            "write one (see README 'Using real checkpoints') "
+            "or run `dynaip tiny-checkpoints --out DIR` and pass DIR/models.yaml",
+        )
         return cls.from_dict(raw, base=path.parent, source=str(path))
 
     @classmethod
@@ -111,5 +115,7 @@ class ModelsConfig:
     def require(self, name: str) -> Any:
         value = getattr(self, name)
         if value is None:
-            raise ValueError(f"{self.source or 'models config'}: no '{name}' entry, but this command needs it; add its local paths")
+            raise ValueError(
+                f"{self.source or 'models config'}: no '{name}' entry, but this command needs it; add its local paths"
+            )
         return value

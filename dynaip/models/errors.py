@@ -33,8 +33,9 @@ FIX_HINT = "Point models.yaml at the released checkpoint, or run `dynaip tiny-ch
 def require_file(model: str, path: str | Path, expected: str) -> Path:
     p = Path(path)
     if p.is_dir():
-        raise CheckpointError(model, p, expected, f"It is a directory, not a file: name the checkpoint file inside it. "
-                                                  f"{FIX_HINT}")
+        raise CheckpointError(
+            model, p, expected, f"It is a directory, not a file: name the checkpoint file inside it. {FIX_HINT}"
+        )
     if not p.is_file():
         raise CheckpointError(model, p, expected, f"The file does not exist. {FIX_HINT}")
     if p.stat().st_size == 0:

@@ -13,9 +13,17 @@ EXPECTED = "a diffusers FLUX.1-dev directory (model_index.json, transformer/, va
 
 # FLUX.1-dev's transformer/config.json, so the full size can be built on the meta device.
 FLUX_DEV_TRANSFORMER_CONFIG = dict(
-    patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
-    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    patch_size=1,
+    in_channels=64,
+    out_channels=None,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
 )
 
 
@@ -38,7 +46,9 @@ def load_flux_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, **c
     try:
         return FluxPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True, **components)
     except Exception as e:
-        raise CheckpointError("FLUX.1-dev", p, EXPECTED, "A component failed to load; re-download the directory.", e) from e
+        raise CheckpointError(
+            "FLUX.1-dev", p, EXPECTED, "A component failed to load; re-download the directory.", e
+        ) from e
 
 
 def build_flux_transformer_meta(config: dict | None = None):
@@ -61,7 +71,9 @@ def load_vae_config(path: str | Path) -> dict:
     try:
         return json.loads(cfg.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError("FLUX.1-dev VAE config", cfg, "the VAE's config.json", "Re-download the vae folder.", e) from e
+        raise CheckpointError(
+            "FLUX.1-dev VAE config", cfg, "the VAE's config.json", "Re-download the vae folder.", e
+        ) from e
 
 
 def load_vae_decoder(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -94,8 +106,10 @@ def load_vae_decoder(path: str | Path, dtype: torch.dtype = torch.float32):
     return vae.eval()
 
 
-CONTROLNET_EXPECTED = ("a diffusers FLUX ControlNet directory (config.json with _class_name FluxControlNetModel + "
-                       "diffusion_pytorch_model.safetensors, as FluxControlNetModel.save_pretrained writes it)")
+CONTROLNET_EXPECTED = (
+    "a diffusers FLUX ControlNet directory (config.json with _class_name FluxControlNetModel + "
+    "diffusion_pytorch_model.safetensors, as FluxControlNetModel.save_pretrained writes it)"
+)
 
 
 def load_flux_controlnet(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -109,14 +123,17 @@ def load_flux_controlnet(path: str | Path, dtype: torch.dtype = torch.float32):
     try:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError("FLUX ControlNet", p, CONTROLNET_EXPECTED, "config.json is missing or not JSON.", e) from e
+        raise CheckpointError(
+            "FLUX ControlNet", p, CONTROLNET_EXPECTED, "config.json is missing or not JSON.", e
+        ) from e
     if not isinstance(cfg, dict) or cfg.get("_class_name") != "FluxControlNetModel":
         found = cfg.get("_class_name") if isinstance(cfg, dict) else type(cfg).__name__
         raise CheckpointError("FLUX ControlNet", p, CONTROLNET_EXPECTED, f"config.json names {found!r}.")
     if not any(p.glob("diffusion_pytorch_model*.safetensors")):
         raise CheckpointError("FLUX ControlNet", p, CONTROLNET_EXPECTED, "No safetensors weights in it.")
     try:
-        return FluxControlNetModel.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True,
-                                                   use_safetensors=True).eval()
+        return FluxControlNetModel.from_pretrained(
+            str(p), torch_dtype=dtype, local_files_only=True, use_safetensors=True
+        ).eval()
     except Exception as e:
         raise CheckpointError("FLUX ControlNet", p, CONTROLNET_EXPECTED, "Re-download the directory.", e) from e

@@ -82,11 +82,15 @@ def read_config(path: str | Path) -> dict[str, Any]:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             continue  # a docstring
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-            raise refuse(f"Line {node.lineno} is not a `name = literal` assignment ({type(node).__name__}); the "
-                         "file is read as data, never run: write its values out as literals.")
+            raise refuse(
+                f"Line {node.lineno} is not a `name = literal` assignment ({type(node).__name__}); the "
+                "file is read as data, never run: write its values out as literals."
+            )
         name = node.targets[0].id
         if name == "_base_":
-            raise refuse(f"Line {node.lineno}: config inheritance (_base_) is not read; copy the base config's values in.")
+            raise refuse(
+                f"Line {node.lineno}: config inheritance (_base_) is not read; copy the base config's values in."
+            )
         try:
             values[name] = ast.literal_eval(node.value)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
@@ -104,22 +108,44 @@ def load_grounding_dino(paths: GroundingDinoPaths, device: str | torch.device = 
     cfg = read_config(paths.config)
     bert = require_dir("Grounding DINO BERT", paths.bert, "a BERT directory with config.json, weights and vocab.txt")
     if not (bert / "config.json").is_file() or not (bert / "vocab.txt").is_file():
-        raise CheckpointError("Grounding DINO BERT", bert, "config.json + vocab.txt + weights", "Copy the whole bert-base-uncased directory.")
+        raise CheckpointError(
+            "Grounding DINO BERT",
+            bert,
+            "config.json + vocab.txt + weights",
+            "Copy the whole bert-base-uncased directory.",
+        )
     sd = load_state_dict("Grounding DINO", paths.checkpoint, EXPECTED)
     cfg.update(text_encoder_type=str(bert), device=str(device), use_checkpoint=False, use_transformer_ckpt=False)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the library prints on build
             model = build_model(SLConfig(cfg))  # SLConfig from a dict: nothing is read or run
     except OSError as e:  # transformers reading the BERT directory
-        raise CheckpointError("Grounding DINO BERT", bert, "config.json + vocab.txt + weights",
-                              "Copy the whole bert-base-uncased directory.", e) from None
+        raise CheckpointError(
+            "Grounding DINO BERT",
+            bert,
+            "config.json + vocab.txt + weights",
+            "Copy the whole bert-base-uncased directory.",
+            e,
+        ) from None
     except (AttributeError, KeyError, TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise CheckpointError("Grounding DINO config", paths.config, CONFIG_EXPECTED,
-                              "groundingdino cannot build a model from it (a key missing or of the wrong kind?); "
-                              "use the config published with the checkpoint.", e) from None
+        raise CheckpointError(
+            "Grounding DINO config",
+            paths.config,
+            CONFIG_EXPECTED,
+            "groundingdino cannot build a model from it (a key missing or of the wrong kind?); "
+            "use the config published with the checkpoint.",
+            e,
+        ) from None
     # the BERT pooler is unused by Grounding DINO (the release does carry it); its absence is harmless
-    load_into(model, sd, "Grounding DINO", paths.checkpoint, EXPECTED, allow_missing=("bert.pooler",),
-              skip_unexpected=RELEASE_EXTRA_KEYS)
+    load_into(
+        model,
+        sd,
+        "Grounding DINO",
+        paths.checkpoint,
+        EXPECTED,
+        allow_missing=("bert.pooler",),
+        skip_unexpected=RELEASE_EXTRA_KEYS,
+    )
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -142,7 +168,10 @@ class CachedTextEncoder(torch.nn.Module):
     def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         ids = inputs["input_ids"]
         dev = ids.device.type
-        mode = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+        mode = (
+            torch.is_autocast_enabled(dev),
+            torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None,
+        )
         host = {k: v.cpu().numpy() for k, v in sorted(inputs.items())}
         keys = [(mode, *((k, a[i].shape, a[i].tobytes()) for k, a in host.items())) for i in range(len(ids))]
         missing = sorted({keys.index(k) for k in keys if k not in self.cache})
@@ -172,8 +201,15 @@ class GroundingDinoDetector:
     caption (``CachedTextEncoder``).
     """
 
-    def __init__(self, model, *, size: int = 800, max_size: int = 1333, device: str | torch.device = "cpu",
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        model,
+        *,
+        size: int = 800,
+        max_size: int = 1333,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+    ):
         from .precision import resolve_precision
 
         self.model = model
@@ -212,8 +248,9 @@ class GroundingDinoDetector:
         return spans
 
     @torch.no_grad()
-    def detect(self, images: Sequence[np.ndarray], captions: Sequence[str], *, box_threshold: float,
-               text_threshold: float) -> list[list[Detection]]:
+    def detect(
+        self, images: Sequence[np.ndarray], captions: Sequence[str], *, box_threshold: float, text_threshold: float
+    ) -> list[list[Detection]]:
         from groundingdino.util.misc import nested_tensor_from_tensor_list
 
         from .precision import model_precision

@@ -56,13 +56,34 @@ def write_clip_tokenizer(out: Path, max_length: int = 77) -> None:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "do_lower_case": True,
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "errors": "replace"}, indent=2, sort_keys=True))
-    (out / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>"}, indent=2, sort_keys=True))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": max_length,
+                "do_lower_case": True,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "errors": "replace",
+            },
+            indent=2,
+            sort_keys=True,
+        )
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            },
+            indent=2,
+            sort_keys=True,
+        )
+    )
 
 
 def clip_vocab_size(tokenizer_dir: Path) -> int:
@@ -84,13 +105,28 @@ def write_t5_tokenizer(out: Path, max_length: int = 512) -> int:
     tok.normalizer = normalizers.Sequence([normalizers.Replace("\n", " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "T5Tokenizer", "model_max_length": max_length, "eos_token": "</s>",
-        "unk_token": "<unk>", "pad_token": "<pad>", "extra_ids": 0, "additional_special_tokens": []}, indent=2, sort_keys=True))
-    (out / "special_tokens_map.json").write_text(json.dumps({
-        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}, indent=2, sort_keys=True))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "T5Tokenizer",
+                "model_max_length": max_length,
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "extra_ids": 0,
+                "additional_special_tokens": [],
+            },
+            indent=2,
+            sort_keys=True,
+        )
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}, indent=2, sort_keys=True)
+    )
     return len(pieces)
 
 
@@ -101,6 +137,11 @@ def write_bert_vocab(out: Path) -> int:
     printable = [c for c in string.printable if not c.isspace() and not c.isupper()]
     vocab = specials + printable + ["##" + c for c in printable] + [w for w in WORDS if w not in printable]
     (out / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}, indent=2, sort_keys=True))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512},
+            indent=2,
+            sort_keys=True,
+        )
+    )
     return len(vocab)

@@ -25,15 +25,34 @@ def build_sam_tiny(img: int = 1024):
     dim, patch = 32, 16
     return Sam(
         image_encoder=ImageEncoderViT(
-            depth=2, embed_dim=32, img_size=img, mlp_ratio=2, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=2, patch_size=patch, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,),
-            window_size=8, out_chans=dim),
-        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(img // patch, img // patch),
-                                     input_image_size=(img, img), mask_in_chans=8),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3,
-                                 transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
-                                 transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=32),
-        pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
+            depth=2,
+            embed_dim=32,
+            img_size=img,
+            mlp_ratio=2,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=2,
+            patch_size=patch,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=(1,),
+            window_size=8,
+            out_chans=dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(img // patch, img // patch),
+            input_image_size=(img, img),
+            mask_in_chans=8,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=32,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
     )
 
 
@@ -50,7 +69,12 @@ def build_sam(variant: str):
 def load_sam(paths: SamPaths, device: str | torch.device = "cpu"):
     sd = load_state_dict(f"SAM ({paths.variant})", paths.checkpoint, EXPECTED)
     if paths.variant not in VARIANTS:
-        raise CheckpointError("SAM", paths.checkpoint, EXPECTED, f"Unknown variant '{paths.variant}' in models.yaml; use one of {VARIANTS}.")
+        raise CheckpointError(
+            "SAM",
+            paths.checkpoint,
+            EXPECTED,
+            f"Unknown variant '{paths.variant}' in models.yaml; use one of {VARIANTS}.",
+        )
     model = build_sam(paths.variant)
     load_into(model, sd, f"SAM ({paths.variant})", paths.checkpoint, EXPECTED)
     return model.eval().requires_grad_(False).to(device)
@@ -94,7 +118,8 @@ class SamBoxSegmenter:
         if len(images) != len(boxes):
             raise ValueError(f"segment: {len(images)} images but {len(boxes)} box sets")
         results: list[tuple[np.ndarray, np.ndarray]] = [
-            (np.zeros((0, *im.shape[:2]), dtype=bool), np.zeros((0,), dtype=np.float32)) for im in images]
+            (np.zeros((0, *im.shape[:2]), dtype=bool), np.zeros((0,), dtype=np.float32)) for im in images
+        ]
         sam, inputs, todo, owner, frame_boxes = self.model, [], [], [], []
         for i, (image, bx) in enumerate(zip(images, boxes)):
             bx = np.asarray(bx, dtype=np.float32).reshape(-1, 4)

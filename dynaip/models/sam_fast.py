@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 
-def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]
-                 ) -> torch.Tensor:
+def rel_pos_bias(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: tuple[int, int]
+) -> torch.Tensor:
     """The decomposed relative-position bias of queries ``q`` ``(B, heads, H*W, d)`` on an ``H × W``
     grid attending to the same grid: ``(B, heads, H*W, H*W)``, ``bias[.., (y, x), (y', x')] =
     q·R_h[y - y'] + q·R_w[x - x']`` (the unscaled query, as segment-anything adds it)."""
@@ -63,8 +64,9 @@ def use_sdpa(encoder: torch.nn.Module, on: bool = True) -> int:
     return n
 
 
-def decode_boxes(sam, embeddings: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_boxes(
+    sam, embeddings: torch.Tensor, owner: torch.Tensor, boxes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-resolution mask logits ``(N, 3, 256, 256)`` and predicted IoUs ``(N, 3)`` (SAM's three
     multimask outputs) of ``N`` XYXY ``boxes`` in the model's 1024-px input frame, box ``i`` on
     image ``owner[i]`` of ``embeddings`` ``(B, C, h, w)``: one prompt-encoder and one mask-decoder

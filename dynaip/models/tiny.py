@@ -35,9 +35,17 @@ from . import offline_tokenizers as tok
 log = logging.getLogger(__name__)
 
 TINY_FLUX_TRANSFORMER_CONFIG = dict(
-    patch_size=1, in_channels=16, out_channels=None, num_layers=1, num_single_layers=2,
-    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-    pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    patch_size=1,
+    in_channels=16,
+    out_channels=None,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
 )
 # The tiny VAE stands in for FLUX's in training too, so a training latent must depend on its image
 # as a trained VAE's does (measured: BENCHMARKS.md, "Reference-conditional loss gap"):
@@ -46,17 +54,27 @@ TINY_FLUX_TRANSFORMER_CONFIG = dict(
 #   have with its own factors (FLUX's 0.3611 / 0.1159 left this VAE's latents at variance 0.13);
 # - the posterior is made near-deterministic after init (TINY_VAE_LOGVAR).
 TINY_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
-    scaling_factor=2.5849, shift_factor=0.007, use_quant_conv=False, use_post_quant_conv=False,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 8, 16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=64,
+    scaling_factor=2.5849,
+    shift_factor=0.007,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
 )
 TINY_VAE_LOGVAR = -10.0
 """Posterior log-variance of the tiny VAE (std ≈ 0.007). Random init gives ≈ 0 (std ≈ 0.9, larger than
 the spread of the posterior means), which made a sampled training latent mostly noise, unrelated to
 its image: nothing, the reference included, could then predict it."""
 TINY_CLIP_CONFIG = dict(  # OpenCLIP model_cfg: 6-layer ViT on 56-px images, 2-layer text tower
-    embed_dim=32, quick_gelu=False,
+    embed_dim=32,
+    quick_gelu=False,
     vision_cfg=dict(image_size=56, patch_size=14, width=32, layers=6, head_width=16, mlp_ratio=2.0),
     text_cfg=dict(context_length=77, vocab_size=1000, width=32, heads=2, layers=2),
 )
@@ -112,8 +130,16 @@ sub_sentence_present = True
 TINY_CONTROLNET_CONFIG = dict(  # an InstantX-style FLUX ControlNet (no input hint block: the VAE encodes the
     # control image) with the tiny transformer's sizes; one double and one single block, so both kinds of
     # residual reach the transformer
-    patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-    joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=1,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=32,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
 )
 
 
@@ -138,21 +164,55 @@ def _write_flux(out: Path) -> None:
     transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG)
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     _sharpen_posterior(vae)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=clip_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=77, projection_dim=32, bos_token_id=clip_vocab - 2, eos_token_id=clip_vocab - 1,
-        pad_token_id=clip_vocab - 1))
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1, is_encoder_decoder=False, use_cache=False))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=clip_vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=clip_vocab - 2,
+            eos_token_id=clip_vocab - 1,
+            pad_token_id=clip_vocab - 1,
+        )
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=t5_vocab,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+            is_encoder_decoder=False,
+            use_cache=False,
+        )
+    )
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096)
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
     pipe = FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tok_dir / "tokenizer"),
-        text_encoder_2=text_encoder_2, tokenizer_2=T5TokenizerFast.from_pretrained(tok_dir / "tokenizer_2"),
-        transformer=transformer)
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(tok_dir / "tokenizer"),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=T5TokenizerFast.from_pretrained(tok_dir / "tokenizer_2"),
+        transformer=transformer,
+    )
     pipe.save_pretrained(str(out), safe_serialization=True)
     # FLUX.1-dev's own layout (black-forest-labs/FLUX.1-dev): transformer/ and text_encoder_2/ split in
     # safetensors shards (3 and 2 there; the tiny split goes by tensor, so the counts may differ) beside
@@ -179,11 +239,21 @@ def _write_clip(out: Path) -> None:
     model = build_open_clip(TINY_CLIP_CONFIG)
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(out / "open_clip_model.safetensors"))
-    (out / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": TINY_CLIP_CONFIG,
-        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
-                           "interpolation": "bicubic", "resize_mode": "shortest"},
-    }, indent=2, sort_keys=True))
+    (out / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": TINY_CLIP_CONFIG,
+                "preprocess_cfg": {
+                    "mean": [0.48145466, 0.4578275, 0.40821073],
+                    "std": [0.26862954, 0.26130258, 0.27577711],
+                    "interpolation": "bicubic",
+                    "resize_mode": "shortest",
+                },
+            },
+            indent=2,
+            sort_keys=True,
+        )
+    )
 
 
 def _write_grounding_dino(out: Path) -> None:
@@ -204,8 +274,14 @@ def _write_grounding_dino(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     bert_dir = out / "bert"
     vocab = tok.write_bert_vocab(bert_dir)
-    bert = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=512)
+    bert = BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
     BertModel(bert).save_pretrained(str(bert_dir), safe_serialization=True)
     (out / "config.py").write_text(TINY_GROUNDING_DINO_CONFIG)
     cfg = read_config(out / "config.py")
@@ -246,7 +322,11 @@ def write_tiny_controlnet(out: Path) -> None:
 MODELS_YAML = {
     "flux": "flux",
     "clip_vision": {"path": "clip", "layers": list(TINY_CLIP_LAYERS)},  # quick_gelu: open_clip_config.json says
-    "grounding_dino": {"config": "grounding_dino/config.py", "checkpoint": "grounding_dino/model.pth", "bert": "grounding_dino/bert"},
+    "grounding_dino": {
+        "config": "grounding_dino/config.py",
+        "checkpoint": "grounding_dino/model.pth",
+        "bert": "grounding_dino/bert",
+    },
     "sam": {"checkpoint": "sam/sam_tiny.pth", "variant": "tiny"},
     "captioner": "captioner",
     "aesthetic": {"path": "aesthetic/tiny-linearMSE.pth"},  # over clip_vision's embeddings
@@ -285,7 +365,8 @@ def write_tiny_checkpoints(out: str | Path, seed: int = 0, overwrite: bool = Fal
         write_tiny_controlnet(tmp / "controlnet")
         (tmp / "models.yaml").write_text(
             "# Tiny random-weight checkpoints written by `dynaip tiny-checkpoints` (tests/demo only).\n"
-            + yaml.safe_dump(MODELS_YAML, sort_keys=False))
+            + yaml.safe_dump(MODELS_YAML, sort_keys=False)
+        )
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -26,8 +26,9 @@ def is_torchscript(path: Path) -> bool:
     return False
 
 
-def load_state_dict(model: str, path: str | Path, expected: str,
-                    torchscript_fix: str = TORCHSCRIPT_FIX) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    model: str, path: str | Path, expected: str, torchscript_fix: str = TORCHSCRIPT_FIX
+) -> dict[str, torch.Tensor]:
     """Loads a flat ``{name: tensor}`` dict from ``.safetensors`` or a tensors-only ``.pth/.pt/.bin``.
 
     Common wrappers (``{"model": ...}``, ``{"state_dict": ...}``) are unwrapped and a
@@ -37,15 +38,22 @@ def load_state_dict(model: str, path: str | Path, expected: str,
     """
     p = require_file(model, path, expected)
     if p.suffix != ".safetensors" and is_torchscript(p):
-        raise CheckpointError(model, p, expected, "It is a TorchScript archive, not a state dict; loading it would "
-                              f"run the code stored in it. {torchscript_fix}")
+        raise CheckpointError(
+            model,
+            p,
+            expected,
+            "It is a TorchScript archive, not a state dict; loading it would "
+            f"run the code stored in it. {torchscript_fix}",
+        )
     try:
         if p.suffix == ".safetensors":
             sd = load_file(str(p))
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt zip, truncated file, pickled code ...
-        raise CheckpointError(model, p, expected, "The file is corrupt or not a tensors-only checkpoint; re-download it.", e) from e
+        raise CheckpointError(
+            model, p, expected, "The file is corrupt or not a tensors-only checkpoint; re-download it.", e
+        ) from e
     for key in ("model", "state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -54,8 +62,15 @@ def load_state_dict(model: str, path: str | Path, expected: str,
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], model: str, path: str | Path, expected: str,
-              allow_missing: tuple[str, ...] = (), skip_unexpected: tuple[str, ...] = ()) -> None:
+def load_into(
+    module: torch.nn.Module,
+    sd: dict[str, torch.Tensor],
+    model: str,
+    path: str | Path,
+    expected: str,
+    allow_missing: tuple[str, ...] = (),
+    skip_unexpected: tuple[str, ...] = (),
+) -> None:
     """``load_state_dict(strict)`` that reports mismatches as a CheckpointError (sizes included).
 
     ``allow_missing``: key prefixes the checkpoint may lack; ``skip_unexpected``: exact names a
@@ -65,7 +80,9 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], model: str, 
     sd = {k: v for k, v in sd.items() if k not in skip_unexpected or k in own}
     missing = [k for k in own if k not in sd and not any(k.startswith(a) for a in allow_missing)]
     unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -74,7 +91,12 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], model: str, 
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if wrong:
             parts.append(f"{len(wrong)} with other shapes (e.g. {wrong[0]})")
-        raise CheckpointError(model, path, expected,
-                              "Its weights do not match the configured architecture: " + "; ".join(parts)
-                              + ". Check the variant/config named in models.yaml.")
+        raise CheckpointError(
+            model,
+            path,
+            expected,
+            "Its weights do not match the configured architecture: "
+            + "; ".join(parts)
+            + ". Check the variant/config named in models.yaml.",
+        )
     module.load_state_dict(sd, strict=False)

@@ -90,15 +90,21 @@ class DatasetCache:
 # ---------------------------------------------------------------------- HTML of the Datasets page
 def summary_html(view) -> str:
     s = view.summary()
-    rows = "".join(f'<tr><td>{k}</td><td data-k="{k}">{s[k]:,}</td></tr>' if isinstance(s[k], int)
-                   else "" for k in ("inputs", "accepted", "rejected", "samples", "shards", "bytes"))
-    src = "".join(f'<tr><td>{_esc(k)}</td><td data-source="{_esc(k)}">{v}</td></tr>' for k, v in s["per_source"].items())
+    rows = "".join(
+        f'<tr><td>{k}</td><td data-k="{k}">{s[k]:,}</td></tr>' if isinstance(s[k], int) else ""
+        for k in ("inputs", "accepted", "rejected", "samples", "shards", "bytes")
+    )
+    src = "".join(
+        f'<tr><td>{_esc(k)}</td><td data-source="{_esc(k)}">{v}</td></tr>' for k, v in s["per_source"].items()
+    )
     pairs = "".join(f'<tr><td>{_esc(k)}</td><td data-pair="{_esc(k)}">{v}</td></tr>' for k, v in s["per_pair"].items())
-    return (f'<div id="ds-summary-body" data-root="{_esc(s["root"])}"><b>{_esc(s["root"])}</b> '
-            f'(recipe {_esc(s["recipe"] or "-")})'
-            f'<div style="display:flex; gap:30px"><table class="dyn-table"><tr><th>totals</th><th></th></tr>{rows}</table>'
-            f'<table class="dyn-table"><tr><th>source</th><th>samples</th></tr>{src}</table>'
-            f'<table class="dyn-table"><tr><th>pair type</th><th>samples</th></tr>{pairs}</table></div></div>')
+    return (
+        f'<div id="ds-summary-body" data-root="{_esc(s["root"])}"><b>{_esc(s["root"])}</b> '
+        f"(recipe {_esc(s['recipe'] or '-')})"
+        f'<div style="display:flex; gap:30px"><table class="dyn-table"><tr><th>totals</th><th></th></tr>{rows}</table>'
+        f'<table class="dyn-table"><tr><th>source</th><th>samples</th></tr>{src}</table>'
+        f'<table class="dyn-table"><tr><th>pair type</th><th>samples</th></tr>{pairs}</table></div></div>'
+    )
 
 
 def samples_html(view, entries, page: int, pages: int, total: int) -> str:
@@ -122,25 +128,35 @@ def samples_html(view, entries, page: int, pages: int, total: int) -> str:
             f'<div class="dyn-meta"><div class="dyn-caption"><b>{_esc(e.caption)}</b></div>'
             f'<div><a class="dyn-sample-link" href="{link}" target="_blank">{_esc(e.shard)} · {_esc(e.key)}</a> '
             f'(<a href="{shard_link}">shard</a>)</div>'
-            f'<pre>{_esc(json.dumps(e.meta, sort_keys=True))}</pre></div></div>')
-    return (f'<div id="ds-samples-body" data-page="{page}" data-pages="{pages}" data-total="{total}">'
-            f'<div class="dyn-pageinfo">page {page} / {pages} · {total} samples</div>{"".join(cards)}</div>')
+            f"<pre>{_esc(json.dumps(e.meta, sort_keys=True))}</pre></div></div>"
+        )
+    return (
+        f'<div id="ds-samples-body" data-page="{page}" data-pages="{pages}" data-total="{total}">'
+        f'<div class="dyn-pageinfo">page {page} / {pages} · {total} samples</div>{"".join(cards)}</div>'
+    )
 
 
 def rejects_html(view, reason: str | None) -> str:
     s = view.summary()
-    rows = "".join(f'<tr><td>{_esc(stage)}</td><td>{_esc(r)}</td><td data-reject="{_esc(stage)}/{_esc(r)}">{n}</td></tr>'
-                   for stage, reasons in s["rejects_by_stage"].items() for r, n in reasons.items())
+    rows = "".join(
+        f'<tr><td>{_esc(stage)}</td><td>{_esc(r)}</td><td data-reject="{_esc(stage)}/{_esc(r)}">{n}</td></tr>'
+        for stage, reasons in s["rejects_by_stage"].items()
+        for r, n in reasons.items()
+    )
     if not rows:
         return '<div id="ds-rejects-body" data-rejected="0">no rejects</div>'
     examples = []
     for row in view.rejects(reason=reason)[:12]:
         img = view.reject_image(row)
         pic = f'<img src="{_b64(img, 160)}">' if img is not None else '<div style="height:128px">(no image)</div>'
-        examples.append(f'<div class="dyn-reject" data-id="{_esc(row.get("id"))}">{pic}<div><b>{_esc(row.get("stage"))}</b>: '
-                        f'{_esc(row.get("reason"))}</div><div>{_esc(row.get("id"))}</div></div>')
-    return (f'<div id="ds-rejects-body" data-rejected="{len(view.reject_rows)}"><table class="dyn-table">'
-            f'<tr><th>stage</th><th>reason</th><th>inputs</th></tr>{rows}</table>{"".join(examples)}</div>')
+        examples.append(
+            f'<div class="dyn-reject" data-id="{_esc(row.get("id"))}">{pic}<div><b>{_esc(row.get("stage"))}</b>: '
+            f"{_esc(row.get('reason'))}</div><div>{_esc(row.get('id'))}</div></div>"
+        )
+    return (
+        f'<div id="ds-rejects-body" data-rejected="{len(view.reject_rows)}"><table class="dyn-table">'
+        f"<tr><th>stage</th><th>reason</th><th>inputs</th></tr>{rows}</table>{''.join(examples)}</div>"
+    )
 
 
 def _q(x: str) -> str:
@@ -150,8 +166,13 @@ def _q(x: str) -> str:
 
 
 # ---------------------------------------------------------------------- the app
-def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str | None = None,
-                 page_size: int = PAGE_SIZE, controlnets: int = 0):
+def build_blocks(
+    datasets: DatasetCache,
+    service_factory,
+    initial_dataset: str | None = None,
+    page_size: int = PAGE_SIZE,
+    controlnets: int = 0,
+):
     import gradio as gr
 
     from .generation import MAX_REFERENCES
@@ -174,10 +195,17 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
             return (f"⚠️ {e}", "", "", "", gr.update(), gr.update(), gr.update(), 1, "")
         entries = view.samples()
         page_entries, page, pages = view.page(entries, 1, page_size)
-        return (f"opened {view.root}", summary_html(view), samples_html(view, page_entries, page, pages, len(entries)),
-                rejects_html(view, None), gr.update(choices=[ALL, *view.sources()], value=ALL),
-                gr.update(choices=[ALL, *view.pairs()], value=ALL), gr.update(choices=[ALL, *view.reasons()], value=ALL),
-                page, view.root)
+        return (
+            f"opened {view.root}",
+            summary_html(view),
+            samples_html(view, page_entries, page, pages, len(entries)),
+            rejects_html(view, None),
+            gr.update(choices=[ALL, *view.sources()], value=ALL),
+            gr.update(choices=[ALL, *view.pairs()], value=ALL),
+            gr.update(choices=[ALL, *view.reasons()], value=ALL),
+            page,
+            view.root,
+        )
 
     def samples_page(root: str, source: str, pair: str, page: float, delta: int = 0):
         if not root:
@@ -199,20 +227,31 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
     def generate(prompt, seed, steps, width, height, guidance, image_cfg, *slots):
         per = 8  # image, scale, auto granularity, low, mid, high, mask canvas, phrase
         refs, scales, grans, masks, phrases = [], [], [], [], []
-        controls = slots[MAX_REFERENCES * per:]  # control image, control scale per ControlNet
+        controls = slots[MAX_REFERENCES * per :]  # control image, control scale per ControlNet
         for i in range(MAX_REFERENCES):
-            img, scale, auto_g, low, mid, high, canvas, phrase = slots[i * per:(i + 1) * per]
+            img, scale, auto_g, low, mid, high, canvas, phrase = slots[i * per : (i + 1) * per]
             refs.append(img)
             scales.append(scale)
             grans.append(None if auto_g else (low, mid, high))
             masks.append(canvas)
             phrases.append(phrase)
         try:
-            result = service().generate(prompt, refs, scales=scales, granularities=grans, masks=masks, phrases=phrases,
-                                        seed=None if seed in (None, "") else int(seed), steps=int(steps),
-                                        height=int(height), width=int(width), guidance=float(guidance),
-                                        image_cfg=float(image_cfg), control_images=list(controls[0::2]),
-                                        control_scales=[float(c) for c in controls[1::2]])
+            result = service().generate(
+                prompt,
+                refs,
+                scales=scales,
+                granularities=grans,
+                masks=masks,
+                phrases=phrases,
+                seed=None if seed in (None, "") else int(seed),
+                steps=int(steps),
+                height=int(height),
+                width=int(width),
+                guidance=float(guidance),
+                image_cfg=float(image_cfg),
+                control_images=list(controls[0::2]),
+                control_scales=[float(c) for c in controls[1::2]],
+            )
         except (ValueError, FileNotFoundError) as e:
             return f"⚠️ {e}", None, None, [], None
         except OSError as e:  # a full or read-only --out: the line says which file and what to do
@@ -222,8 +261,13 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
             if full is None:
                 raise
             return f"⚠️ {full}", None, None, [], None
-        return ("done: " + Path(result.files[0]).name, result.files[0], result.settings,
-                [(m, f"mask {k + 1}") for k, m in enumerate(result.masks)], result.files)
+        return (
+            "done: " + Path(result.files[0]).name,
+            result.files[0],
+            result.settings,
+            [(m, f"mask {k + 1}") for k, m in enumerate(result.masks)],
+            result.files,
+        )
 
     with gr.Blocks(title="DynaIP", css=CSS, analytics_enabled=False) as blocks:
         gr.Markdown("## DynaIP")
@@ -231,8 +275,9 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
         with gr.Tabs():
             with gr.Tab("Datasets", id="datasets", elem_id="tab-datasets"):
                 with gr.Row():
-                    ds_path = gr.Textbox(label="dataset directory or URL", value=initial_dataset or "",
-                                         elem_id="ds-path", scale=5)
+                    ds_path = gr.Textbox(
+                        label="dataset directory or URL", value=initial_dataset or "", elem_id="ds-path", scale=5
+                    )
                     ds_open = gr.Button("Open", elem_id="ds-open", variant="primary", scale=1)
                 ds_status = gr.Markdown(elem_id="ds-status")
                 ds_summary = gr.HTML(elem_id="ds-summary")
@@ -254,48 +299,83 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
                 with gr.Row():
                     for i in range(MAX_REFERENCES):
                         with gr.Column(elem_id=f"slot{i + 1}"):
-                            ref = gr.Image(type="pil", label=f"reference {i + 1}", elem_id=f"ref{i + 1}",
-                                           sources=["upload", "clipboard"], height=200)
+                            ref = gr.Image(
+                                type="pil",
+                                label=f"reference {i + 1}",
+                                elem_id=f"ref{i + 1}",
+                                sources=["upload", "clipboard"],
+                                height=200,
+                            )
                             scale = gr.Slider(0, 2, value=1.0, step=0.05, label="scale λ", elem_id=f"scale{i + 1}")
                             auto_g = gr.Checkbox(True, label="granularity: the routers' own", elem_id=f"autog{i + 1}")
                             low = gr.Slider(0, 1, value=1.0, step=0.05, label="low", elem_id=f"low{i + 1}")
                             mid = gr.Slider(0, 1, value=1.0, step=0.05, label="mid", elem_id=f"mid{i + 1}")
                             high = gr.Slider(0, 1, value=1.0, step=0.05, label="high", elem_id=f"high{i + 1}")
                             # a canvas appears with its reference (each one is a WebGL editor: costly when idle)
-                            canvas = gr.Sketchpad(label=f"mask {i + 1} (draw where the subject goes)", visible=False,
-                                                  elem_id=f"mask{i + 1}", type="numpy", canvas_size=(256, 256),
-                                                  fixed_canvas=True, layers=False, height=300,
-                                                  brush=gr.Brush(default_size=48, colors=["#ff0000"],
-                                                                 color_mode="fixed"))
+                            canvas = gr.Sketchpad(
+                                label=f"mask {i + 1} (draw where the subject goes)",
+                                visible=False,
+                                elem_id=f"mask{i + 1}",
+                                type="numpy",
+                                canvas_size=(256, 256),
+                                fixed_canvas=True,
+                                layers=False,
+                                height=300,
+                                brush=gr.Brush(default_size=48, colors=["#ff0000"], color_mode="fixed"),
+                            )
                             phrase = gr.Textbox(label="…or find it by phrase", elem_id=f"phrase{i + 1}")
                             slot_inputs += [ref, scale, auto_g, low, mid, high, canvas, phrase]
-                            ref.change(lambda img: gr.update(visible=img is not None), [ref], [canvas],
-                                       api_name=False, show_progress="hidden")
+                            ref.change(
+                                lambda img: gr.update(visible=img is not None),
+                                [ref],
+                                [canvas],
+                                api_name=False,
+                                show_progress="hidden",
+                            )
                 control_inputs: list = []
                 if controlnets:
                     with gr.Row():
                         for k in range(controlnets):
                             with gr.Column(elem_id=f"control{k + 1}"):
                                 control_inputs += [
-                                    gr.Image(type="pil", label=f"control image {k + 1} (optional: ControlNet {k + 1})",
-                                             elem_id=f"control-image{k + 1}", sources=["upload", "clipboard"],
-                                             height=200),
-                                    gr.Slider(0, 2, value=1.0, step=0.05, label="control scale",
-                                              elem_id=f"control-scale{k + 1}")]
+                                    gr.Image(
+                                        type="pil",
+                                        label=f"control image {k + 1} (optional: ControlNet {k + 1})",
+                                        elem_id=f"control-image{k + 1}",
+                                        sources=["upload", "clipboard"],
+                                        height=200,
+                                    ),
+                                    gr.Slider(
+                                        0,
+                                        2,
+                                        value=1.0,
+                                        step=0.05,
+                                        label="control scale",
+                                        elem_id=f"control-scale{k + 1}",
+                                    ),
+                                ]
                 with gr.Row():
                     seed = gr.Number(0, label="seed (empty: random, recorded)", precision=0, elem_id="gen-seed")
                     steps = gr.Slider(1, 50, value=sampling.STEPS, step=1, label="steps", elem_id="gen-steps")
                     width = gr.Slider(64, 2048, value=sampling.SIZE, step=16, label="width", elem_id="gen-width")
                     height = gr.Slider(64, 2048, value=sampling.SIZE, step=16, label="height", elem_id="gen-height")
-                    guidance = gr.Slider(0, 10, value=sampling.GUIDANCE, step=0.1, label="guidance", elem_id="gen-guidance")
-                    image_cfg = gr.Slider(0, 5, value=1.0, step=0.1, label="image CFG (1 = off)", elem_id="gen-imagecfg")
+                    guidance = gr.Slider(
+                        0, 10, value=sampling.GUIDANCE, step=0.1, label="guidance", elem_id="gen-guidance"
+                    )
+                    image_cfg = gr.Slider(
+                        0, 5, value=1.0, step=0.1, label="image CFG (1 = off)", elem_id="gen-imagecfg"
+                    )
                 go = gr.Button("Generate", variant="primary", elem_id="gen-go")
                 gen_status = gr.Markdown(elem_id="gen-status")
                 with gr.Row():
-                    result = gr.Image(label="result", type="filepath", elem_id="gen-result", interactive=False, height=360)
+                    result = gr.Image(
+                        label="result", type="filepath", elem_id="gen-result", interactive=False, height=360
+                    )
                     masks_out = gr.Gallery(label="masks used", elem_id="gen-masks", height=360, columns=3)
                 settings = gr.JSON(label="settings", elem_id="gen-settings")
-                files = gr.File(label="download (PNG + JSON sidecar + masks)", file_count="multiple", elem_id="gen-files")
+                files = gr.File(
+                    label="download (PNG + JSON sidecar + masks)", file_count="multiple", elem_id="gen-files"
+                )
 
         outs = [ds_status, ds_summary, ds_samples, ds_rejects, f_source, f_pair, f_reason, page_no, root_state]
         ds_open.click(open_dataset, [ds_path], outs, api_name="open_dataset")
@@ -307,11 +387,19 @@ def build_blocks(datasets: DatasetCache, service_factory, initial_dataset: str |
         next_btn.click(lambda r, s, p, n: samples_page(r, s, p, n, +1), sp_in, [ds_samples, page_no], api_name=False)
         page_no.submit(samples_page, sp_in, [ds_samples, page_no], api_name="samples_page")
         for f in (f_source, f_pair):
-            f.change(lambda r, s, p: samples_page(r, s, p, 1), [root_state, f_source, f_pair], [ds_samples, page_no],
-                     api_name=False)
+            f.change(
+                lambda r, s, p: samples_page(r, s, p, 1),
+                [root_state, f_source, f_pair],
+                [ds_samples, page_no],
+                api_name=False,
+            )
         f_reason.change(show_rejects, [root_state, f_reason], [ds_rejects], api_name=False)
-        go.click(generate, [prompt, seed, steps, width, height, guidance, image_cfg, *slot_inputs, *control_inputs],
-                 [gen_status, result, settings, masks_out, files], api_name="generate")
+        go.click(
+            generate,
+            [prompt, seed, steps, width, height, guidance, image_cfg, *slot_inputs, *control_inputs],
+            [gen_status, result, settings, masks_out, files],
+            api_name="generate",
+        )
     return blocks
 
 
@@ -355,9 +443,16 @@ class BodyLimit:
 
     async def _refuse(self, send) -> None:
         body = f"request body over {self.limit} bytes refused; {self.hint}\n".encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -372,8 +467,11 @@ def build_app(datasets: DatasetCache, blocks, creds=None, *, max_upload_mb: floa
 
     max_bytes = int(max_upload_mb * 2**20)
     app = FastAPI(title="DynaIP")
-    app.add_middleware(BodyLimit, limit=2 * max_bytes + 2**20,
-                       hint=f"dynaip serve takes files up to {max_upload_mb:g} MB (--max-upload-mb)")
+    app.add_middleware(
+        BodyLimit,
+        limit=2 * max_bytes + 2**20,
+        hint=f"dynaip serve takes files up to {max_upload_mb:g} MB (--max-upload-mb)",
+    )
 
     @app.get("/dataset/sample")
     def sample(root: str, shard: str, key: str):
@@ -383,9 +481,17 @@ def build_app(datasets: DatasetCache, blocks, creds=None, *, max_upload_mb: floa
         except (ValueError, OSError) as e:
             raise HTTPException(404, str(e)) from None
         meta = json.loads(files.get("json", b"{}") or b"{}")
-        return JSONResponse({"root": view.root, "shard": shard, "key": key, "files": sorted(files),
-                             "caption": files.get("txt", b"").decode("utf-8", "replace"), "meta": meta,
-                             "shard_url": f"/dataset/shard?root={_q(view.root)}&shard={_q(shard)}"})
+        return JSONResponse(
+            {
+                "root": view.root,
+                "shard": shard,
+                "key": key,
+                "files": sorted(files),
+                "caption": files.get("txt", b"").decode("utf-8", "replace"),
+                "meta": meta,
+                "shard_url": f"/dataset/shard?root={_q(view.root)}&shard={_q(shard)}",
+            }
+        )
 
     @app.get("/dataset/shard")
     def shard_file(root: str, shard: str):
@@ -413,27 +519,54 @@ def build_app(datasets: DatasetCache, blocks, creds=None, *, max_upload_mb: floa
 
 # ---------------------------------------------------------------------- CLI
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="local web app: browse datasets, generate with references",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=None, help="models.yaml of real checkpoints (default: tiny random ones, "
-                                                  "written under --out)")
+    p = sub.add_parser(
+        "serve",
+        help="local web app: browse datasets, generate with references",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--models",
+        default=None,
+        help="models.yaml of real checkpoints (default: tiny random ones, written under --out)",
+    )
     p.add_argument("--adapter", default=None, help="adapter checkpoint directory (default: a fresh adapter, no effect)")
-    p.add_argument("--controlnet", action="append", default=None, metavar="DIR",
-                   help="FLUX ControlNet directory (diffusers format); repeat for several: the Generate page then "
-                        "takes a control image per ControlNet")
+    p.add_argument(
+        "--controlnet",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="FLUX ControlNet directory (diffusers format); repeat for several: the Generate page then "
+        "takes a control image per ControlNet",
+    )
     p.add_argument("--dataset", default=None, help="dataset directory or URL to open on start")
     p.add_argument("--out", default="serve-out", help="where generations (PNG + JSON) are written (default: serve-out)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only); "
-                                                       "any other address needs --token or --auth")
-    p.add_argument("--token", default=None, help="require this token on every request (or set DYNAIP_SERVE_TOKEN, "
-                                                 "which other users cannot read in `ps`); open /?token=... once")
-    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
-                   help="require this user and password on every request (or set DYNAIP_SERVE_AUTH)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only); any other address needs --token or --auth",
+    )
+    p.add_argument(
+        "--token",
+        default=None,
+        help="require this token on every request (or set DYNAIP_SERVE_TOKEN, "
+        "which other users cannot read in `ps`); open /?token=... once",
+    )
+    p.add_argument(
+        "--auth",
+        default=None,
+        metavar="USER:PASSWORD",
+        help="require this user and password on every request (or set DYNAIP_SERVE_AUTH)",
+    )
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--page-size", type=int, default=PAGE_SIZE, help=f"samples per page (default {PAGE_SIZE})")
-    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
-                   help=f"largest file an upload may be, in MB (default {MAX_UPLOAD_MB}); larger ones are refused")
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=MAX_UPLOAD_MB,
+        help=f"largest file an upload may be, in MB (default {MAX_UPLOAD_MB}); larger ones are refused",
+    )
     p.set_defaults(func=run_serve)
 
 
@@ -466,11 +599,23 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.dataset:
         datasets.open(args.dataset)  # a bad path fails here, in one line, before the server starts
     service = GenerationService(args.models, args.adapter, args.out, device=args.device, controlnet=args.controlnet)
-    blocks = build_blocks(datasets, lambda: service, initial_dataset=args.dataset, page_size=args.page_size,
-                          controlnets=len(args.controlnet or []))
+    blocks = build_blocks(
+        datasets,
+        lambda: service,
+        initial_dataset=args.dataset,
+        page_size=args.page_size,
+        controlnets=len(args.controlnet or []),
+    )
     app = build_app(datasets, blocks, creds, max_upload_mb=args.max_upload_mb)
-    how = "" if creds is None else ("; open /?token=<your token> once, or send Authorization: Bearer <token>"
-                                    if creds.token is not None else "; log in with your user and password")
+    how = (
+        ""
+        if creds is None
+        else (
+            "; open /?token=<your token> once, or send Authorization: Bearer <token>"
+            if creds.token is not None
+            else "; log in with your user and password"
+        )
+    )
     print(f"DynaIP app on http://{args.host}:{args.port}/  (Ctrl-C stops it{how})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -59,12 +59,16 @@ class Credentials:
     def accepts(self, user: str | None, password: str) -> bool:
         if self.token is not None:
             return hmac.compare_digest(password.encode(), self.token.encode())
-        return (user is not None and hmac.compare_digest(user.encode(), (self.user or "").encode())
-                and hmac.compare_digest(password.encode(), (self.password or "").encode()))
+        return (
+            user is not None
+            and hmac.compare_digest(user.encode(), (self.user or "").encode())
+            and hmac.compare_digest(password.encode(), (self.password or "").encode())
+        )
 
 
-def credentials(token: str | None = None, auth: str | None = None,
-                env: dict[str, str] | None = None) -> Credentials | None:
+def credentials(
+    token: str | None = None, auth: str | None = None, env: dict[str, str] | None = None
+) -> Credentials | None:
     """Credentials from the flags, else from the environment; None when none is given. A malformed value
     is an ``AuthError`` naming the flag or variable (never the secret)."""
     env = os.environ if env is None else env
@@ -76,8 +80,10 @@ def credentials(token: str | None = None, auth: str | None = None,
         raise AuthError(f"give {token_from} or {auth_from}, not both")
     if token is not None:
         if len(token) < MIN_TOKEN or any(c.isspace() for c in token):
-            raise AuthError(f"{token_from}: use at least {MIN_TOKEN} characters without spaces, e.g. the output of "
-                            "`python -c 'import secrets; print(secrets.token_urlsafe())'`")
+            raise AuthError(
+                f"{token_from}: use at least {MIN_TOKEN} characters without spaces, e.g. the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe())'`"
+            )
         return Credentials(token=token)
     if auth is not None:
         user, sep, password = auth.partition(":")
@@ -101,8 +107,10 @@ def is_loopback(host: str) -> bool:
 def require_for_host(host: str, creds: Credentials | None) -> None:
     """Off loopback, no credentials = no start (one line saying how to give them)."""
     if creds is None and not is_loopback(host):
-        raise AuthError(f"--host {host} serves beyond this machine: give --token (or {TOKEN_ENV}) or --auth "
-                        f"user:password (or {AUTH_ENV}); every request then needs them")
+        raise AuthError(
+            f"--host {host} serves beyond this machine: give --token (or {TOKEN_ENV}) or --auth "
+            f"user:password (or {AUTH_ENV}); every request then needs them"
+        )
 
 
 class AuthMiddleware:
@@ -126,14 +134,22 @@ class AuthMiddleware:
         if scope["type"] == "http" and given is not None and self.creds.accepts(None, given):
             rest = urlencode(query)
             location = scope.get("root_path", "") + scope["path"] + (f"?{rest}" if rest else "")
-            await _respond(send, 303, b"", [(b"location", location.encode("latin-1")),
-                                              (b"set-cookie", _cookie(self.cookie, scope))])
+            await _respond(
+                send,
+                303,
+                b"",
+                [(b"location", location.encode("latin-1")), (b"set-cookie", _cookie(self.cookie, scope))],
+            )
             return
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await _respond(send, 401, b"authentication required: a token or user:password (see `dynaip serve -h`)\n",
-                       [(b"www-authenticate", b'Basic realm="DynaIP", charset="UTF-8"')])
+        await _respond(
+            send,
+            401,
+            b"authentication required: a token or user:password (see `dynaip serve -h`)\n",
+            [(b"www-authenticate", b'Basic realm="DynaIP", charset="UTF-8"')],
+        )
 
     def _allowed(self, headers: dict[str, str]) -> bool:
         for part in headers.get("cookie", "").split(";"):
@@ -159,7 +175,15 @@ def _cookie(value: str, scope: dict) -> bytes:
 
 
 async def _respond(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

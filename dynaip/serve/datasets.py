@@ -68,8 +68,9 @@ class DatasetView:
         if not is_url(root):
             root = str(Path(root).resolve())
         if not _exists(_join(root, "manifest.json")):
-            raise FileNotFoundError(f"{root} is not a finished dataset: manifest.json not found at "
-                                    f"{_join(root, 'manifest.json')}")
+            raise FileNotFoundError(
+                f"{root} is not a finished dataset: manifest.json not found at {_join(root, 'manifest.json')}"
+            )
         ds = open_dataset(root)
         view = cls(root=root, manifest=ds.manifest)
         rejects = _read_text(_join(root, "rejects.jsonl"), what="rejects.jsonl", missing_ok=True) or ""
@@ -77,9 +78,16 @@ class DatasetView:
         for ref in ds.shards:
             for key, files in read_shard(ref, keep=lambda ext: ext in ("json", "txt")):
                 meta = json.loads(files["json"])  # a JSON object: checked by the reader
-                view.entries.append(SampleEntry(shard=ref.path, key=key, source=str(meta.get("source", "?")),
-                                                pair=str(meta.get("pair", "?")),
-                                                caption=files["txt"].decode("utf-8", "replace"), meta=meta))
+                view.entries.append(
+                    SampleEntry(
+                        shard=ref.path,
+                        key=key,
+                        source=str(meta.get("source", "?")),
+                        pair=str(meta.get("pair", "?")),
+                        caption=files["txt"].decode("utf-8", "replace"),
+                        meta=meta,
+                    )
+                )
         return view
 
     # ------------------------------------------------------------------ summary
@@ -91,8 +99,11 @@ class DatasetView:
         return {
             "root": self.root,
             "recipe": (self.manifest.get("recipe") or {}).get("name"),
-            "inputs": t.get("inputs", 0), "accepted": t.get("accepted", 0), "rejected": t.get("rejected", 0),
-            "samples": t.get("samples", len(self.entries)), "shards": len(self.manifest.get("shards", [])),
+            "inputs": t.get("inputs", 0),
+            "accepted": t.get("accepted", 0),
+            "rejected": t.get("rejected", 0),
+            "samples": t.get("samples", len(self.entries)),
+            "shards": len(self.manifest.get("shards", [])),
             "bytes": t.get("bytes", 0),
             "per_source": dict(sorted(Counter(e.source for e in self.entries).items())),
             "per_pair": dict(sorted(Counter(e.pair for e in self.entries).items())),
@@ -109,8 +120,9 @@ class DatasetView:
         return sorted({r.get("reason", "?") for r in self.reject_rows})
 
     # ------------------------------------------------------------------ samples
-    def samples(self, source: str | None = None, pair: str | None = None, sort_by: str | None = None,
-                descending: bool = False) -> list[SampleEntry]:
+    def samples(
+        self, source: str | None = None, pair: str | None = None, sort_by: str | None = None, descending: bool = False
+    ) -> list[SampleEntry]:
         """Entries filtered by source / pair type; ``sort_by`` a quality score (``aesthetic``, ``sharpness``,
         ``subject_pixels``, ...) orders them by it (stable; samples without that score last)."""
         out = [e for e in self.entries if (not source or e.source == source) and (not pair or e.pair == pair)]
@@ -122,7 +134,7 @@ class DatasetView:
         """(entries of 1-based ``page`` clamped to the range, the page shown, the number of pages)."""
         pages = max(1, -(-len(entries) // size))
         page = min(max(1, int(page)), pages)
-        return entries[(page - 1) * size: page * size], page, pages
+        return entries[(page - 1) * size : page * size], page, pages
 
     def render(self, entry: SampleEntry) -> RenderedSample:
         """The sample's images; ValueError (one line naming shard and key) when one does not decode."""
@@ -135,8 +147,10 @@ class DatasetView:
             tgt = Image.open(io.BytesIO(files["tgt.jpg"])).convert("RGB")
             mask = np.asarray(Image.open(io.BytesIO(files["mask.png"])).convert("L").resize(tgt.size)) > 127
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{entry.shard} :: {entry.key} has an image that does not decode "
-                             f"({type(e).__name__}: {e}); run `dynaip manifest verify` on the dataset") from None
+            raise ValueError(
+                f"{entry.shard} :: {entry.key} has an image that does not decode "
+                f"({type(e).__name__}: {e}); run `dynaip manifest verify` on the dataset"
+            ) from None
         over = np.asarray(tgt).copy()
         over[mask] = (0.5 * over[mask] + 0.5 * np.array([255, 0, 0])).astype(np.uint8)
         return RenderedSample(entry, ref, tgt, Image.fromarray(over))
@@ -155,8 +169,11 @@ class DatasetView:
 
     # ------------------------------------------------------------------ rejects
     def rejects(self, reason: str | None = None, stage: str | None = None) -> list[dict[str, str]]:
-        return [r for r in self.reject_rows
-                if (not reason or r.get("reason") == reason) and (not stage or r.get("stage") == stage)]
+        return [
+            r
+            for r in self.reject_rows
+            if (not reason or r.get("reason") == reason) and (not stage or r.get("stage") == stage)
+        ]
 
     def reject_image(self, row: dict[str, str]) -> Image.Image | None:
         """The rejected input's image when the source is a local folder and the file is readable; else None.
@@ -170,10 +187,18 @@ class DatasetView:
         base = Path(str(src["root"])).resolve()
         rid = str(row.get("id", "")).split("~")[0]
         parts = rid.replace("\\", "/").split("/")
-        if not rid or rid.startswith(("/", "~")) or any(p in ("", ".", "..") for p in parts) or any(
-                c in rid for c in "*?[]\\:"):
-            log.warning("rejects.jsonl of %s: id %r is not a relative path inside the source folder %s; "
-                        "its image is not shown", self.root, row.get("id"), base)
+        if (
+            not rid
+            or rid.startswith(("/", "~"))
+            or any(p in ("", ".", "..") for p in parts)
+            or any(c in rid for c in "*?[]\\:")
+        ):
+            log.warning(
+                "rejects.jsonl of %s: id %r is not a relative path inside the source folder %s; its image is not shown",
+                self.root,
+                row.get("id"),
+                base,
+            )
             return None
         try:
             candidates = sorted(base.glob(f"{rid}.*"))
@@ -181,8 +206,12 @@ class DatasetView:
             return None
         for candidate in candidates:
             if not candidate.resolve().is_relative_to(base):  # a link leading out of the source folder
-                log.warning("rejects.jsonl of %s: %s resolves outside the source folder %s; not shown",
-                            self.root, candidate, base)
+                log.warning(
+                    "rejects.jsonl of %s: %s resolves outside the source folder %s; not shown",
+                    self.root,
+                    candidate,
+                    base,
+                )
                 return None
             try:
                 with Image.open(candidate) as img:

@@ -58,8 +58,14 @@ def drawn_mask(value: Any) -> np.ndarray | None:
 class GenerationService:
     """Loads the pipeline once (tiny checkpoints unless ``models`` names real ones) and serialises calls."""
 
-    def __init__(self, models: str | Path | None, adapter: str | Path | None, out_dir: str | Path,
-                 device: str | None = None, controlnet: Sequence[str | Path] | None = None):
+    def __init__(
+        self,
+        models: str | Path | None,
+        adapter: str | Path | None,
+        out_dir: str | Path,
+        device: str | None = None,
+        controlnet: Sequence[str | Path] | None = None,
+    ):
         from dynaip.console import progress_bars, quiet_libraries
         from dynaip.inference import DynaIPFluxPipeline
         from dynaip.models import ModelsConfig
@@ -78,17 +84,37 @@ class GenerationService:
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         self.auto_mask = mcfg.grounding_dino is not None and mcfg.sam is not None
         self.controlnets = [str(c) for c in controlnet or []]
-        self.pipe = DynaIPFluxPipeline.from_local(mcfg, adapter, dtype=dtype, device=self.device,
-                                                  with_auto_mask=self.auto_mask, controlnet=self.controlnets or None)
+        self.pipe = DynaIPFluxPipeline.from_local(
+            mcfg,
+            adapter,
+            dtype=dtype,
+            device=self.device,
+            with_auto_mask=self.auto_mask,
+            controlnet=self.controlnets or None,
+        )
         progress_bars(self.pipe.flux)
         self.adapter = str(adapter) if adapter is not None else None
         self._lock = threading.Lock()
 
-    def generate(self, prompt: str, references: Sequence[Image.Image | None], *, scales: Sequence[float],
-                 granularities: Sequence[Sequence[float] | None], masks: Sequence[Any],
-                 phrases: Sequence[str | None], seed: int | None, steps: int, height: int, width: int,
-                 guidance: float, image_cfg: float, max_sequence_length: int | None = None,
-                 control_images: Sequence[Image.Image | None] = (), control_scales: Sequence[float] = ()) -> Generation:
+    def generate(
+        self,
+        prompt: str,
+        references: Sequence[Image.Image | None],
+        *,
+        scales: Sequence[float],
+        granularities: Sequence[Sequence[float] | None],
+        masks: Sequence[Any],
+        phrases: Sequence[str | None],
+        seed: int | None,
+        steps: int,
+        height: int,
+        width: int,
+        guidance: float,
+        image_cfg: float,
+        max_sequence_length: int | None = None,
+        control_images: Sequence[Image.Image | None] = (),
+        control_scales: Sequence[float] = (),
+    ) -> Generation:
         """One generation from the page's slots (a slot without an image is skipped). ``control_images``
         / ``control_scales``: one per ControlNet the service was started with; all images or none."""
         if not prompt or not str(prompt).strip():
@@ -119,8 +145,10 @@ class GenerationService:
                 missing = [str(slots[k] + 1) for k, m in enumerate(drawn) if m is None]
                 raise ValueError(f"draw a mask for reference {', '.join(missing)} too (or find them by phrase)")
             # the canvas stands for the output frame: stretch each drawing to the output size
-            mask_arg = [np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((width, height), Image.NEAREST))
-                        for m in drawn]
+            mask_arg = [
+                np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((width, height), Image.NEAREST))
+                for m in drawn
+            ]
         elif len(refs) > 1:
             raise ValueError(f"{len(refs)} references need one mask each: draw them, or give a phrase per reference")
         control = self._control(control_images, control_scales)
@@ -133,12 +161,22 @@ class GenerationService:
         if gran.count(None) not in (0, len(gran)):  # mixed: the routers' own weights are spelled out as None
             raise ValueError("set granularity for every reference or for none")
         with self._lock:
-            out = self.pipe(prompt, references=refs, masks=mask_arg, auto_mask=auto,
-                            scale=[float(scales[i]) for i in slots],
-                            granularity=None if gran[0] is None else [list(g) for g in gran],
-                            seed=seed, num_inference_steps=int(steps),
-                            height=height, width=width, guidance_scale=float(guidance),
-                            image_guidance_scale=float(image_cfg), **control, **kwargs)
+            out = self.pipe(
+                prompt,
+                references=refs,
+                masks=mask_arg,
+                auto_mask=auto,
+                scale=[float(scales[i]) for i in slots],
+                granularity=None if gran[0] is None else [list(g) for g in gran],
+                seed=seed,
+                num_inference_steps=int(steps),
+                height=height,
+                width=width,
+                guidance_scale=float(guidance),
+                image_guidance_scale=float(image_cfg),
+                **control,
+                **kwargs,
+            )
         return self._save(out, refs, slots, control.get("control_image") or [])
 
     def _control(self, images: Sequence[Image.Image | None], scales: Sequence[float]) -> dict[str, Any]:
@@ -153,8 +191,10 @@ class GenerationService:
             raise ValueError(f"upload a control image for each of the {n} ControlNets, or none")
         if len(scales) != n:
             raise ValueError(f"give {n} control scales, one per ControlNet")
-        return dict(control_image=[img.convert("RGB") for img in images],
-                    controlnet_conditioning_scale=[float(s) for s in scales])
+        return dict(
+            control_image=[img.convert("RGB") for img in images],
+            controlnet_conditioning_scale=[float(s) for s in scales],
+        )
 
     def _save(self, out, refs: list[Image.Image], slots: list[int], controls: Sequence[Image.Image] = ()) -> Generation:
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.perf_counter_ns() % 1_000_000:06d}"
@@ -178,10 +218,18 @@ class GenerationService:
             atomic_save_image(img, p)
             files.append(str(p))
             mask_images.append(img)
-        settings = dict(out.settings, references=ref_paths, reference_slots=[s + 1 for s in slots],
-                        masks=files[2:] or None, models=self.models_yaml, adapter=self.adapter, device=self.device)
+        settings = dict(
+            out.settings,
+            references=ref_paths,
+            reference_slots=[s + 1 for s in slots],
+            masks=files[2:] or None,
+            models=self.models_yaml,
+            adapter=self.adapter,
+            device=self.device,
+        )
         if controls:
             settings.update(controlnet=self.controlnets, control_images=control_paths)
         atomic_write_text(files[1], json.dumps(settings, indent=2, default=str))
-        return Generation(image=out.images[0], settings=json.loads(json.dumps(settings, default=str)),
-                          masks=mask_images, files=files)
+        return Generation(
+            image=out.images[0], settings=json.loads(json.dumps(settings, default=str)), masks=mask_images, files=files
+        )

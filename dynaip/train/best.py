@@ -51,7 +51,9 @@ class BestCheckpoint:
             log.warning("%s is unreadable (%s); the best checkpoint starts over", self.path, e)
             return
         if metric != self.metric:
-            log.warning("%s ranks by %s, this run by %s; the best checkpoint starts over", self.path, metric, self.metric)
+            log.warning(
+                "%s ranks by %s, this run by %s; the best checkpoint starts over", self.path, metric, self.metric
+            )
         elif not (self.root / name / "adapter.safetensors").is_file():
             log.warning("%s names %s, which is gone; the best checkpoint starts over", self.path, name)
         else:
@@ -62,8 +64,13 @@ class BestCheckpoint:
         if value is None or not math.isfinite(value) or (self.value is not None and value <= self.value):
             return False
         self.step, self.value = step, float(value)
-        record = {"format": BEST_FORMAT, "step": step, "metric": self.metric, "value": self.value,
-                  "checkpoint": f"step-{step:06d}"}
+        record = {
+            "format": BEST_FORMAT,
+            "step": step,
+            "metric": self.metric,
+            "value": self.value,
+            "checkpoint": f"step-{step:06d}",
+        }
         atomic_write_bytes(self.path, (json.dumps(record, indent=1) + "\n").encode())
         log.info("best checkpoint: step %d (%s %.4f)", step, self.metric, self.value)
         return True

@@ -25,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 from .checkpoints import STEP_DIR  # noqa: E402 (one definition of the directory name)
+
 ASIDE = re.compile(r"^\.old-(step-\d{6,})$")
 
 

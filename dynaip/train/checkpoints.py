@@ -17,6 +17,9 @@ def latest_checkpoint(out: Path) -> Path | None:
     root = out / "checkpoints"
     if not root.is_dir():
         return None
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir()
-                   if (m := STEP_DIR.match(p.name)) and (p / "resume" / "state.json").is_file())
+    steps = sorted(
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / "resume" / "state.json").is_file()
+    )
     return steps[-1][1] if steps else None

@@ -90,12 +90,16 @@ class StageConfig:
             raise ValueError(f"stage '{self.name}': steps must be >= 1, got {self.steps}")
         if self.pair not in (None, "intra", "cross"):
             raise ValueError(f"stage '{self.name}': pair must be intra, cross or null, got {self.pair!r}")
-        self.data = [build(DataSource, str(d) if isinstance(d, Path) else d, where=f"stage '{self.name}'",
-                           at=f"data[{i}].") for i, d in enumerate(self.data)]
+        self.data = [
+            build(DataSource, str(d) if isinstance(d, Path) else d, where=f"stage '{self.name}'", at=f"data[{i}].")
+            for i, d in enumerate(self.data)
+        ]
         dup = sorted({p for p in self.paths if self.paths.count(p) > 1})
         if dup:
-            raise ValueError(f"stage '{self.name}': data lists {dup[0]} more than once; give it one entry "
-                             "(with a larger weight to draw it more often)")
+            raise ValueError(
+                f"stage '{self.name}': data lists {dup[0]} more than once; give it one entry "
+                "(with a larger weight to draw it more often)"
+            )
         self.filters = build(FilterConfig, self.filters or {}, where=f"stage '{self.name}'", at="filters.")
 
     @property
@@ -264,8 +268,12 @@ class ParallelConfig:
     """Ray cluster to join (``auto`` or ``ray://...``); null starts an embedded local Ray."""
 
     def __post_init__(self) -> None:
-        for name, choices in (("strategy", STRATEGIES), ("backend", ("auto", "gloo", "nccl")), ("attention", BACKENDS),
-                              ("precision", ("auto", "bf16", "fp32"))):
+        for name, choices in (
+            ("strategy", STRATEGIES),
+            ("backend", ("auto", "gloo", "nccl")),
+            ("attention", BACKENDS),
+            ("precision", ("auto", "bf16", "fp32")),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"parallel.{name}={getattr(self, name)!r}: choose one of {choices}")
         if self.checkpoint_keep_blocks < 0:
@@ -312,8 +320,10 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         if len(self.validation_refs) not in (0, len(self.validation_prompts)):
-            raise ValueError(f"{len(self.validation_refs)} validation_refs for {len(self.validation_prompts)} "
-                             "validation_prompts: give one reference per prompt, or none")
+            raise ValueError(
+                f"{len(self.validation_refs)} validation_refs for {len(self.validation_prompts)} "
+                "validation_prompts: give one reference per prompt, or none"
+            )
 
 
 FIDELITY_METRICS = ("clip_i", "clip_t", "dino", "cp", "pf")
@@ -354,32 +364,48 @@ class FidelityConfig:
         if bad:
             raise ValueError(f"fidelity.metrics: {bad} unknown; choose from {list(FIDELITY_METRICS)}")
         if self.every < 0 or self.limit < 1 or self.steps < 1:
-            raise ValueError(f"fidelity: every ({self.every}) must be >= 0, limit ({self.limit}) and steps "
-                             f"({self.steps}) >= 1")
+            raise ValueError(
+                f"fidelity: every ({self.every}) must be >= 0, limit ({self.limit}) and steps ({self.steps}) >= 1"
+            )
         if len(self.size) != 2 or any(int(v) < 16 or int(v) % 16 for v in self.size):
             raise ValueError(f"fidelity.size={self.size}: give [H, W], each a positive multiple of 16")
         self.size = [int(v) for v in self.size]
         if self.every and not self.cases:
-            raise ValueError("fidelity.every is set but fidelity.cases is not: name a DreamBench++ root, a "
-                             "DynaIP-Bench pool or a cases file")
+            raise ValueError(
+                "fidelity.every is set but fidelity.cases is not: name a DreamBench++ root, a "
+                "DynaIP-Bench pool or a cases file"
+            )
         if self.every and not self.metrics:
             raise ValueError("fidelity.metrics is empty: name at least one of " + ", ".join(FIDELITY_METRICS))
         needs_eval = sorted(set(self.metrics) & {"dino", "cp", "pf"})
         if self.every and needs_eval and not self.eval_config:
-            raise ValueError(f"fidelity.metrics {needs_eval} need fidelity.eval_config (an eval config with dino "
-                             "weights / judges, like jobs/configs/eval_judges.yaml)")
+            raise ValueError(
+                f"fidelity.metrics {needs_eval} need fidelity.eval_config (an eval config with dino "
+                "weights / judges, like jobs/configs/eval_judges.yaml)"
+            )
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "loss": LossConfig,
-            "parallel": ParallelConfig, "checkpoints": CheckpointConfig, "logging": LoggingConfig,
-            "fidelity": FidelityConfig}
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "loss": LossConfig,
+    "parallel": ParallelConfig,
+    "checkpoints": CheckpointConfig,
+    "logging": LoggingConfig,
+    "fidelity": FidelityConfig,
+}
 """Section key → its dataclass."""
 
 FLAT_KEYS = {
     **{f.name: ("data", f.name) for f in dataclasses.fields(DataConfig) if f.name != "on_corrupt_shard"},
-    **{f.name: (section, f.name) for section in ("model", "optim", "loss", "parallel", "logging")
-       for f in dataclasses.fields(SECTIONS[section])},
-    "checkpoint_every": ("checkpoints", "every"), "keep_checkpoints": ("checkpoints", "keep"),
+    **{
+        f.name: (section, f.name)
+        for section in ("model", "optim", "loss", "parallel", "logging")
+        for f in dataclasses.fields(SECTIONS[section])
+    },
+    "checkpoint_every": ("checkpoints", "every"),
+    "keep_checkpoints": ("checkpoints", "keep"),
 }
 """The flat top-level keys of configs written before the sections (a deprecated layout that still
 loads, with one warning naming the new keys): flat key → (section, key)."""
@@ -403,8 +429,11 @@ def nest_flat_keys(raw: dict[str, Any], where: str) -> dict[str, Any]:
         body[name] = raw[key]
         out[section] = body
     moves = ", ".join(f"{k} → {'.'.join(FLAT_KEYS[k])}" for k in flat)
-    log.warning("%s: flat keys are deprecated, nest them in their sections (docs/ARCHITECTURE.md, "
-                "\"Configuration\"): %s", where, moves)
+    log.warning(
+        '%s: flat keys are deprecated, nest them in their sections (docs/ARCHITECTURE.md, "Configuration"): %s',
+        where,
+        moves,
+    )
     return out
 
 
@@ -436,15 +465,19 @@ class TrainConfig:
     """Subject fidelity on benchmark cases while training (``FidelityConfig``; off by default)."""
 
     def __post_init__(self) -> None:
-        self.stages = [build(StageConfig, s, where="train config", at=f"stages[{i}].") for i, s in enumerate(self.stages)]
+        self.stages = [
+            build(StageConfig, s, where="train config", at=f"stages[{i}].") for i, s in enumerate(self.stages)
+        ]
         for name, cls in SECTIONS.items():
             setattr(self, name, build(cls, getattr(self, name) or {}, where="train config", at=f"{name}."))
         if not self.stages:
             raise ValueError("config needs at least one stage under 'stages'")
         if self.data.global_batch_size % self.parallel.workers:
-            raise ValueError(f"data.global_batch_size={self.data.global_batch_size} is not divisible by "
-                             f"parallel.workers={self.parallel.workers}; pick a batch size that splits evenly "
-                             "over the workers")
+            raise ValueError(
+                f"data.global_batch_size={self.data.global_batch_size} is not divisible by "
+                f"parallel.workers={self.parallel.workers}; pick a batch size that splits evenly "
+                "over the workers"
+            )
         self._check_keep_best()
 
     def _check_keep_best(self) -> None:
@@ -457,8 +490,10 @@ class TrainConfig:
         if best not in fid.metrics:
             raise ValueError(f"checkpoints.keep_best={best!r} is not among fidelity.metrics {fid.metrics}")
         if not every or fid.every % every:
-            raise ValueError(f"checkpoints.keep_best: fidelity.every={fid.every} must be a multiple of "
-                             f"checkpoints.every={every}, so that every evaluated step has its checkpoint")
+            raise ValueError(
+                f"checkpoints.keep_best: fidelity.every={fid.every} must be a multiple of "
+                f"checkpoints.every={every}, so that every evaluated step has its checkpoint"
+            )
 
     @property
     def total_steps(self) -> int:
@@ -481,8 +516,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str = "train config", base: str | Path | None = None
-                  ) -> "TrainConfig":
+    def from_dict(
+        cls, raw: dict[str, Any], where: str = "train config", base: str | Path | None = None
+    ) -> "TrainConfig":
         """The config of the mapping ``raw`` through the one loader (dynaip/configs.py): every key
         is checked, an unknown one is refused naming its path and the nearest valid key. The flat
         layout of configs written before the sections still loads (``nest_flat_keys``)."""

@@ -89,6 +89,7 @@ def read_manifests(dirs: Sequence[str]) -> list[ShardInfo]:
 
 # ----------------------------------------------------------------------------- epoch layout
 
+
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
@@ -112,8 +113,15 @@ def block_permutation(spec: StreamSpec, epoch: int, consumer: int, block: int, l
 
 # ----------------------------------------------------------------------------- tar reading
 
-def iter_tar(url: str, skip: int = 0, count: int | None = None, sha256: str | None = None,
-             on_corrupt: str = "error", size: int | None = None) -> Iterator[dict[str, bytes] | None]:
+
+def iter_tar(
+    url: str,
+    skip: int = 0,
+    count: int | None = None,
+    sha256: str | None = None,
+    on_corrupt: str = "error",
+    size: int | None = None,
+) -> Iterator[dict[str, bytes] | None]:
     """Samples ``skip .. skip+count`` of one shard, in order; ``None`` for each one that is lost.
 
     Members of skipped samples are passed over with ``tarfile``'s seek, not read. When the tar
@@ -156,8 +164,13 @@ def iter_tar(url: str, skip: int = 0, count: int | None = None, sha256: str | No
                         held.append(cur)
                         produced += 1
         except (tarfile.TarError, OSError, EOFError) as e:
-            log.warning("shard %s unreadable after %d samples (%s: %s); skipping the rest",
-                        url, skip + produced, type(e).__name__, e)
+            log.warning(
+                "shard %s unreadable after %d samples (%s: %s); skipping the rest",
+                url,
+                skip + produced,
+                type(e).__name__,
+                e,
+            )
         finally:
             try:
                 ok = guard.finish()  # reads the rest of a pending shard; raises under the error policy
@@ -170,8 +183,9 @@ def iter_tar(url: str, skip: int = 0, count: int | None = None, sha256: str | No
         produced += 1
 
 
-def shard_samples(shard: ShardInfo, skip: int, count: int, on_corrupt: str = "error"
-                  ) -> Iterator[dict[str, bytes] | None]:
+def shard_samples(
+    shard: ShardInfo, skip: int, count: int, on_corrupt: str = "error"
+) -> Iterator[dict[str, bytes] | None]:
     """Samples ``skip .. skip+count`` of one shard from one sequential open (``None`` for a lost one).
 
     This is where a shard is opened for training. A shard with a manifest hash that this process
@@ -181,8 +195,7 @@ def shard_samples(shard: ShardInfo, skip: int, count: int, on_corrupt: str = "er
     guard = ShardGuard(shard.url, shard.sha256, on_corrupt, shard.bytes)
     if guard.pending:
         verify_shard(guard)
-    yield from iter_tar(shard.url, skip=skip, count=count, sha256=shard.sha256, on_corrupt=on_corrupt,
-                        size=shard.bytes)
+    yield from iter_tar(shard.url, skip=skip, count=count, sha256=shard.sha256, on_corrupt=on_corrupt, size=shard.bytes)
 
 
 def verify_shard(guard: ShardGuard) -> None:
@@ -196,8 +209,9 @@ def verify_shard(guard: ShardGuard) -> None:
         guard.close()
 
 
-def iter_positions(shards: list[ShardInfo], starts: np.ndarray, begin: int, end: int, on_corrupt: str = "error"
-                   ) -> Iterator[dict[str, bytes] | None]:
+def iter_positions(
+    shards: list[ShardInfo], starts: np.ndarray, begin: int, end: int, on_corrupt: str = "error"
+) -> Iterator[dict[str, bytes] | None]:
     """Raw samples of stream positions ``begin .. end`` (``end`` may pass N: wraps to 0), each shard
     read once, sequentially, however many of its samples the range takes."""
     total = int(starts[-1])
@@ -214,6 +228,7 @@ def iter_positions(shards: list[ShardInfo], starts: np.ndarray, begin: int, end:
 
 
 # ----------------------------------------------------------------------------- decoding
+
 
 def resize_center_crop(img: Image.Image, h: int, w: int) -> Image.Image:
     """Scales so the image covers (h, w), then crops the centre."""
@@ -236,9 +251,14 @@ def decode_sample(raw: dict[str, bytes], ref_size: int) -> Decoded:
         ref = pad_to_square_white(im.convert("RGB")).resize((ref_size, ref_size), Image.BICUBIC)
     with Image.open(io.BytesIO(raw["tgt.jpg"])) as im:
         tgt = im.convert("RGB")
-    return Decoded(key=raw["__key__"].decode().rsplit("/", 1)[-1],
-                   ref=to_chw_uint8(ref), tgt=tgt, txt=raw.get("txt", b"").decode("utf-8"),
-                   pair=str(meta.get("pair", "")), features=raw.get("__features__"))  # type: ignore[arg-type]
+    return Decoded(
+        key=raw["__key__"].decode().rsplit("/", 1)[-1],
+        ref=to_chw_uint8(ref),
+        tgt=tgt,
+        txt=raw.get("txt", b"").decode("utf-8"),
+        pair=str(meta.get("pair", "")),
+        features=raw.get("__features__"),
+    )  # type: ignore[arg-type]
 
 
 def nearest_bucket(buckets: list[tuple[int, int]], w: int, h: int) -> tuple[int, int]:
@@ -246,8 +266,9 @@ def nearest_bucket(buckets: list[tuple[int, int]], w: int, h: int) -> tuple[int,
     return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - ar))
 
 
-def collate(samples: list[Decoded], buckets: list[tuple[int, int]], features: FeatureReader | None = None
-            ) -> dict[str, Any]:
+def collate(
+    samples: list[Decoded], buckets: list[tuple[int, int]], features: FeatureReader | None = None
+) -> dict[str, Any]:
     """Batch dict: ``ref`` (B, 3, S, S) uint8, ``tgt`` (B, 3, H, W) uint8, ``txt``/``pair``/``key`` lists.
 
     Samples with precomputed features get, instead of ``tgt``, their stored ``t5``, ``pooled``,
@@ -258,8 +279,10 @@ def collate(samples: list[Decoded], buckets: list[tuple[int, int]], features: Fe
     with_features = [s.features is not None for s in samples]
     if any(with_features):
         if features is None or not all(with_features):
-            raise ValueError("a batch mixes samples with and without precomputed features; a stage uses "
-                             "features for all of its datasets or for none")
+            raise ValueError(
+                "a batch mixes samples with and without precomputed features; a stage uses "
+                "features for all of its datasets or for none"
+            )
         batch.update(features.batch([(s.features, s.key) for s in samples], (h, w)))  # type: ignore[misc]
     else:
         batch["tgt"] = torch.stack([to_chw_uint8(resize_center_crop(s.tgt, h, w)) for s in samples])
@@ -269,8 +292,10 @@ def collate(samples: list[Decoded], buckets: list[tuple[int, int]], features: Fe
 
 # ----------------------------------------------------------------------------- one consumer
 
-def consumer_batches(spec: StreamSpec, consumer: int, consumers: int, start: WorkerPosition
-                     ) -> Iterator[tuple[dict[str, Any], WorkerPosition]]:
+
+def consumer_batches(
+    spec: StreamSpec, consumer: int, consumers: int, start: WorkerPosition
+) -> Iterator[tuple[dict[str, Any], WorkerPosition]]:
     """Infinite batches of one consumer, each with the position *after* it."""
     features = None
     if any(s.features is not None for s in spec.shards):
@@ -349,8 +374,13 @@ def consumer_samples(spec: StreamSpec, consumer: int, consumers: int, pos: Worke
                         continue
                     sample = decode_sample(raw, spec.ref_size)
                 except Exception as e:  # any decode failure is data damage, not a trainer bug
-                    log.warning("skipping undecodable sample at epoch %d position %d: %s: %s",
-                                pos.epoch, first + perm[j], type(e).__name__, e)
+                    log.warning(
+                        "skipping undecodable sample at epoch %d position %d: %s: %s",
+                        pos.epoch,
+                        first + perm[j],
+                        type(e).__name__,
+                        e,
+                    )
                     pos.skipped += 1
                     continue
                 good_this_epoch += 1
@@ -361,7 +391,8 @@ def consumer_samples(spec: StreamSpec, consumer: int, consumers: int, pos: Worke
             raise RuntimeError(
                 f"consumer {consumer} found no usable sample in {MAX_EMPTY_EPOCHS} epochs "
                 f"(pair={spec.pair!r}, filters={spec.filters}, {spec.total} samples in {len(spec.shards)} shards); "
-                "check that the stage's datasets hold that pair type, pass its filters and are readable")
+                "check that the stage's datasets hold that pair type, pass its filters and are readable"
+            )
         pos.epoch, pos.offset = pos.epoch + 1, 0
 
 
@@ -373,6 +404,7 @@ def _dataset_at(shards: list[ShardInfo], starts: np.ndarray, position: int) -> i
 
 # ----------------------------------------------------------------------------- DataLoader glue
 
+
 class _ShardDataset(IterableDataset):
     """One rank's stream; DataLoader worker slot ``i`` plays logical worker ``(i + rotation) % W``.
 
@@ -380,8 +412,9 @@ class _ShardDataset(IterableDataset):
     S consumed batches the next batch must come from logical worker S mod W.
     """
 
-    def __init__(self, spec: StreamSpec, rank: int, world_size: int, workers: int,
-                 positions: list[WorkerPosition], rotation: int):
+    def __init__(
+        self, spec: StreamSpec, rank: int, world_size: int, workers: int, positions: list[WorkerPosition], rotation: int
+    ):
         self.spec, self.rank, self.world_size, self.workers = spec, rank, world_size, workers
         self.positions, self.rotation = positions, rotation
 
@@ -405,8 +438,16 @@ class StreamingLoader:
     ``world_size`` shape the partition, so a resume must keep both.
     """
 
-    def __init__(self, spec: StreamSpec, rank: int, world_size: int, workers: int = 2,
-                 prefetch_factor: int = 2, pin_memory: bool = False, mp_context: str | None = None):
+    def __init__(
+        self,
+        spec: StreamSpec,
+        rank: int,
+        world_size: int,
+        workers: int = 2,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        mp_context: str | None = None,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if workers < 0:
@@ -448,28 +489,46 @@ class StreamingLoader:
         return sum(p.corrupt_shards for p in self.positions)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "world_size": self.world_size, "workers": self.logical,
-                "batches": self.batches, "positions": [asdict(p) for p in self.positions]}
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "workers": self.logical,
+            "batches": self.batches,
+            "positions": [asdict(p) for p in self.positions],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["world_size"], state["workers"]) != (self.world_size, self.logical):
             raise ValueError(
                 f"data position was saved with world_size={state['world_size']} and {state['workers']} "
                 f"loader workers per rank, this run has {self.world_size} and {self.logical}; the shard "
-                "partition depends on both, so resume with the same --workers and data_workers")
+                "partition depends on both, so resume with the same --workers and data_workers"
+            )
         self.batches = int(state["batches"])
         self.positions = [WorkerPosition(**p) for p in state["positions"]]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ds = _ShardDataset(self.spec, self.rank, self.world_size, self.logical,
-                           [WorkerPosition(**asdict(p)) for p in self.positions], self.batches % self.logical)
+        ds = _ShardDataset(
+            self.spec,
+            self.rank,
+            self.world_size,
+            self.logical,
+            [WorkerPosition(**asdict(p)) for p in self.positions],
+            self.batches % self.logical,
+        )
         kwargs: dict[str, Any] = {}
         if self.workers > 0:
             kwargs = dict(prefetch_factor=self.prefetch_factor, multiprocessing_context=self.mp_context)
         # own generator: DataLoader draws a base seed when iterated; it must not consume the
         # training RNG, or a resumed run would diverge from an uninterrupted one
-        loader = DataLoader(ds, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                            generator=torch.Generator().manual_seed(0), **kwargs)
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        )
         for batch in loader:
             lw = batch.pop("_worker")
             self.positions[lw] = WorkerPosition(**batch.pop("_position"))

@@ -44,6 +44,8 @@ def data_change(saved: list[dict[str, Any]] | None, current: list[dict[str, Any]
         return f"stages {[s['stage'] for s in saved]} then, {[c['stage'] for c in current]} now"
     for s, c in zip(saved, current):
         if s["manifests"] != c["manifests"]:
-            return (f"stage '{c['stage']}' trained on {s['dirs']} (manifests {[m[7:19] for m in s['manifests']]}), "
-                    f"now on {c['dirs']} (manifests {[m[7:19] for m in c['manifests']]})")
+            return (
+                f"stage '{c['stage']}' trained on {s['dirs']} (manifests {[m[7:19] for m in s['manifests']]}), "
+                f"now on {c['dirs']} (manifests {[m[7:19] for m in c['manifests']]})"
+            )
     return None

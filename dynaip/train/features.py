@@ -44,8 +44,10 @@ class RunFeatures:
         refs = stage.refs()
         missing = [s.url for s in shards if s.url not in refs]
         if missing:
-            raise FeatureError(f"the feature sets {stage.describe()} list no features for data shard {missing[0]}; "
-                               "re-run `dynaip precompute` for its dataset")
+            raise FeatureError(
+                f"the feature sets {stage.describe()} list no features for data shard {missing[0]}; "
+                "re-run `dynaip precompute` for its dataset"
+            )
         return [replace(s, features=refs[s.url]) for s in shards]
 
     def empty_prompt(self, stage_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -70,19 +72,35 @@ def resolve_run(cfg: TrainConfig, data: Sequence[str], flux_dir: str) -> RunFeat
         return RunFeatures([None] * n, [f"stage '{s.name}': encoding on the fly (features: off)" for s in cfg.stages])
     datasets = [stage_datasets(cfg, data, i) for i in range(n)]
     if cfg.data.features == "auto" and not any(list_feature_sets(d) for ds in datasets for d in ds):
-        return RunFeatures([None] * n, [f"stage '{s.name}': encoding on the fly (no precomputed features in {ds})"
-                                        for s, ds in zip(cfg.stages, datasets)])
+        return RunFeatures(
+            [None] * n,
+            [
+                f"stage '{s.name}': encoding on the fly (no precomputed features in {ds})"
+                for s, ds in zip(cfg.stages, datasets)
+            ],
+        )
     fingerprint = encoders_fingerprint(flux_dir)
     stages, notes = [], []
     for s, ds in zip(cfg.stages, datasets):
-        found = resolve_stage(s.name, ds, cfg.data.features, fingerprint=fingerprint,
-                              max_sequence_length=cfg.loss.max_sequence_length, buckets=cfg.data.buckets)
+        found = resolve_stage(
+            s.name,
+            ds,
+            cfg.data.features,
+            fingerprint=fingerprint,
+            max_sequence_length=cfg.loss.max_sequence_length,
+            buckets=cfg.data.buckets,
+        )
         stages.append(found)
-        notes.append(f"stage '{s.name}': precomputed features from {found.describe()}" if found is not None else
-                     f"stage '{s.name}': encoding on the fly (not every dataset has precomputed features: {ds})")
+        notes.append(
+            f"stage '{s.name}': precomputed features from {found.describe()}"
+            if found is not None
+            else f"stage '{s.name}': encoding on the fly (not every dataset has precomputed features: {ds})"
+        )
     run = RunFeatures(stages, notes)
     if not run.encoders and cfg.logging.sample_every and cfg.logging.validation_prompts:
-        raise ValueError("validation_prompts need the text encoders, which a run on precomputed features does not "
-                         "load; drop validation_prompts (samples then use the validation batch's stored captions) "
-                         "or set features: off")
+        raise ValueError(
+            "validation_prompts need the text encoders, which a run on precomputed features does not "
+            "load; drop validation_prompts (samples then use the validation batch's stored captions) "
+            "or set features: off"
+        )
     return run

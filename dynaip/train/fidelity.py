@@ -69,8 +69,10 @@ def load_cases(source: str) -> list[Case]:
         return read_single_pool(SingleBenchConfig(pool=str(path), allow_partial=True)).cases
     if path.is_dir():
         return build_multi_cases(MultiBenchConfig(pool=str(path)))
-    raise FileNotFoundError(f"fidelity.cases '{path}' does not exist; name a DreamBench++ root, a DynaIP-Bench "
-                            "pool or a cases file from `dynaip eval bench-single`")
+    raise FileNotFoundError(
+        f"fidelity.cases '{path}' does not exist; name a DreamBench++ root, a DynaIP-Bench "
+        "pool or a cases file from `dynaip eval bench-single`"
+    )
 
 
 def select_cases(cases: Sequence[Case], limit: int) -> list[Case]:
@@ -88,8 +90,10 @@ def check_fidelity(cfg: FidelityConfig) -> list[Case]:
     if "dino" in cfg.metrics and eval_cfg.dino is None:
         raise ValueError(f"fidelity.metrics has dino but the eval config {cfg.eval_config} names no dino weights")
     if "dino" in cfg.metrics and not Path(eval_cfg.dino.path).is_file():
-        raise FileNotFoundError(f"fidelity: the DINO weights {eval_cfg.dino.path} (eval config {cfg.eval_config}) "
-                                "do not exist; fix dino.path there")
+        raise FileNotFoundError(
+            f"fidelity: the DINO weights {eval_cfg.dino.path} (eval config {cfg.eval_config}) "
+            "do not exist; fix dino.path there"
+        )
     judged = sorted(set(cfg.metrics) & {"cp", "pf"})
     if judged and not eval_cfg.judges:
         raise ValueError(f"fidelity.metrics has {judged} but the eval config {cfg.eval_config} lists no judges")
@@ -118,18 +122,32 @@ class FidelityEval:
     """One worker's part of the fidelity evaluations (see the module docstring). Nothing it does moves the
     training's RNG streams (``rng_untouched``)."""
 
-    def __init__(self, cfg: FidelityConfig, *, models: Any, frozen: Any, out: Path, rank: int, world: int,
-                 max_sequence_length: int):
+    def __init__(
+        self,
+        cfg: FidelityConfig,
+        *,
+        models: Any,
+        frozen: Any,
+        out: Path,
+        rank: int,
+        world: int,
+        max_sequence_length: int,
+    ):
         with rng_untouched(frozen.device):
             self._setup(cfg, models, frozen, out, rank, world, max_sequence_length)
 
-    def _setup(self, cfg: FidelityConfig, models: Any, frozen: Any, out: Path, rank: int, world: int,
-               max_sequence_length: int) -> None:
+    def _setup(
+        self, cfg: FidelityConfig, models: Any, frozen: Any, out: Path, rank: int, world: int, max_sequence_length: int
+    ) -> None:
         self.cfg, self.models, self.frozen, self.out, self.rank, self.world = cfg, models, frozen, out, rank, world
         self.cases = check_fidelity(cfg)
         if len(self.cases) < cfg.limit and rank == 0:
-            log.warning("fidelity: %d cases in %s, fewer than limit=%d; evaluating all of them", len(self.cases),
-                        cfg.cases, cfg.limit)
+            log.warning(
+                "fidelity: %d cases in %s, fewer than limit=%d; evaluating all of them",
+                len(self.cases),
+                cfg.cases,
+                cfg.limit,
+            )
         self.mine = self.cases[rank::world]
         self.rounds = -(-len(self.cases) // world)  # cases per rank, the last round padded
         self.text = self._encode_prompts([c.prompt for c in self.mine] or [self.cases[0].prompt], max_sequence_length)
@@ -206,17 +224,34 @@ class FidelityEval:
         frozen = self.frozen
         h, w = self.cfg.size
         s = frozen.clip.image_size
-        refs = torch.stack([to_chw_uint8(pad_to_square_white(Image.open(sub.path).convert("RGB")).resize((s, s)))
-                            for sub in case.subjects])  # (K, 3, S, S), as the loader prepares references
+        refs = torch.stack(
+            [
+                to_chw_uint8(pad_to_square_white(Image.open(sub.path).convert("RGB")).resize((s, s)))
+                for sub in case.subjects
+            ]
+        )  # (K, 3, S, S), as the loader prepares references
         c = adapter([hs.float() for hs in clip_hidden_states(frozen, refs)])  # (K, L, D); FSDP2 gathers here
-        conds = [c[k:k + 1] for k in range(len(case.subjects))]
+        conds = [c[k : k + 1] for k in range(len(case.subjects))]
         masks = None
         if case.is_multi:  # the preset bands of `dynaip eval generate`
-            masks = [torch.from_numpy(np.asarray(m) >= 128).to(frozen.device)
-                     for m in preset_masks(case.layout or ["middle"] * len(case.subjects), w, h)]
+            masks = [
+                torch.from_numpy(np.asarray(m) >= 128).to(frozen.device)
+                for m in preset_masks(case.layout or ["middle"] * len(case.subjects), w, h)
+            ]
         txt, pooled, txt_ids = stored_text(frozen, {"t5": text[0], "pooled": text[1]}, None, None)
-        return sample_images(frozen, adapter, conds, txt, pooled, txt_ids, (h, w), self.cfg.steps, self.cfg.guidance,
-                             seed=case.seed, masks=masks)[0]
+        return sample_images(
+            frozen,
+            adapter,
+            conds,
+            txt,
+            pooled,
+            txt_ids,
+            (h, w),
+            self.cfg.steps,
+            self.cfg.guidance,
+            seed=case.seed,
+            masks=masks,
+        )[0]
 
     def _score(self, folder: Path) -> dict[str, float | None]:
         """Mean of each metric over the cases that got a value (None when none did)."""
@@ -227,8 +262,14 @@ class FidelityEval:
         wanted = tuple(SCORE_NAMES[m] for m in cfg.metrics)
         settings = ScoreSettings(method="fidelity", metrics=wanted, device=str(self.frozen.device))
         embed = ScoreStore(folder / "scores.jsonl")
-        run_embeddings(self.cases, folder, embed, settings, clip_paths=self.models.clip_vision,
-                       dino_paths=eval_cfg.dino if "dino" in cfg.metrics else None)
+        run_embeddings(
+            self.cases,
+            folder,
+            embed,
+            settings,
+            clip_paths=self.models.clip_vision,
+            dino_paths=eval_cfg.dino if "dino" in cfg.metrics else None,
+        )
         judged = bool({"cp", "pf"} & set(cfg.metrics))
         stores = {1: ScoreStore(folder / "judge_run1.jsonl")} if judged else {}
         if judged:

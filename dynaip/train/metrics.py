@@ -27,7 +27,7 @@ def append_line(f: Any, path: Any, line: str) -> None:
         size = os.fstat(fd).st_size
         try:
             while data:
-                data = data[os.write(fd, data):]
+                data = data[os.write(fd, data) :]
         except OSError:
             os.ftruncate(fd, size)
             raise
@@ -37,12 +37,21 @@ class MetricsWriter:
     """Appends JSON lines to RUN/metrics.jsonl and the same numbers to TensorBoard under ``tb_dir``
     (rank 0 only; other ranks hold a no-op)."""
 
-    TB_TAGS = {"loss": "train/loss", "lr": "train/lr", "samples_per_s": "train/samples_per_s",
-               "data_wait": "train/data_wait_fraction", "grad_norm": "train/grad_norm", "skipped": "data/skipped",
-               "corrupt_shards": "data/corrupt_shards",
-               "filtered": "data/filtered", "val_loss": "val/loss", "stage_progress": "progress/stage",
-               "progress": "progress/total", "stage_index": "progress/stage_index",
-               **{m: f"fidelity/{m}" for m in FIDELITY_METRICS}}
+    TB_TAGS = {
+        "loss": "train/loss",
+        "lr": "train/lr",
+        "samples_per_s": "train/samples_per_s",
+        "data_wait": "train/data_wait_fraction",
+        "grad_norm": "train/grad_norm",
+        "skipped": "data/skipped",
+        "corrupt_shards": "data/corrupt_shards",
+        "filtered": "data/filtered",
+        "val_loss": "val/loss",
+        "stage_progress": "progress/stage",
+        "progress": "progress/total",
+        "stage_index": "progress/stage_index",
+        **{m: f"fidelity/{m}" for m in FIDELITY_METRICS},
+    }
 
     def __init__(self, path: Path | None, tb_dir: Path | None = None):
         self.path = path
@@ -62,7 +71,9 @@ class MetricsWriter:
                 if isinstance(row.get(key), (int, float)):
                     self.tb.add_scalar(tag, row[key], row["step"])
             for i, (name, n) in enumerate((row.get("samples_per_dataset") or {}).items()):
-                self.tb.add_scalar(f"data/samples_per_dataset/{i}_{name.rstrip('/').rsplit('/', 1)[-1]}", n, row["step"])
+                self.tb.add_scalar(
+                    f"data/samples_per_dataset/{i}_{name.rstrip('/').rsplit('/', 1)[-1]}", n, row["step"]
+                )
             for reason, n in (row.get("filtered_by") or {}).items():
                 self.tb.add_scalar(f"data/filtered_by/{reason}", n, row["step"])
             if row.get("event") == "stage":

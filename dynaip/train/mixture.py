@@ -57,8 +57,9 @@ def schedule_chunk(spec: StreamSpec, consumer: int, chunk: int) -> np.ndarray:
     return _rng(spec.seed, consumer, chunk, 0x313C).choice(len(w), size=SCHEDULE_CHUNK, p=w / w.sum())
 
 
-def mixture_samples(spec: StreamSpec, consumer: int, consumers: int, pos: WorkerPosition,
-                    plain: PlainStream) -> Iterator[Decoded]:
+def mixture_samples(
+    spec: StreamSpec, consumer: int, consumers: int, pos: WorkerPosition, plain: PlainStream
+) -> Iterator[Decoded]:
     """Infinite usable samples of one consumer of a mixture, advancing ``pos`` in place; ``plain`` is
     ``dynaip.train.data.consumer_samples``, the one-dataset stream each dataset follows."""
     position = type(pos)
@@ -68,8 +69,10 @@ def mixture_samples(spec: StreamSpec, consumer: int, consumers: int, pos: Worker
         pos.sources = [position() for _ in range(n)]
     pos.sources = [p if isinstance(p, position) else position(**p) for p in pos.sources]
     if len(pos.sources) != n:
-        raise ValueError(f"data position holds {len(pos.sources)} dataset positions, the stage mixes {n} datasets; "
-                         "resume with the stage's data list it was saved with")
+        raise ValueError(
+            f"data position holds {len(pos.sources)} dataset positions, the stage mixes {n} datasets; "
+            "resume with the stage's data list it was saved with"
+        )
     streams = [plain(dataset_spec(spec, d), consumer, consumers, pos.sources[d]) for d in range(n)]
     chunk, picks = -1, np.empty(0, dtype=np.int64)
     while True:

@@ -16,8 +16,12 @@ def fusable(params: list[torch.Tensor]) -> bool:
     """Fused AdamW takes floating-point parameters on one of ``FUSED_DEVICES`` (FSDP2's DTensor shards
     included); anything else (another device, a mix of devices) falls back to foreach."""
     devices = {p.device.type for p in params}
-    return bool(params) and len(devices) == 1 and devices <= set(FUSED_DEVICES) and all(
-        p.is_floating_point() for p in params)
+    return (
+        bool(params)
+        and len(devices) == 1
+        and devices <= set(FUSED_DEVICES)
+        and all(p.is_floating_point() for p in params)
+    )
 
 
 def make_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig) -> torch.optim.AdamW:
@@ -25,5 +29,6 @@ def make_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig) -> torch.op
     PyTorch's default implementation for the device (foreach on CUDA)."""
     params = list(params)
     fused = cfg.fused and fusable(params)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                             fused=True if fused else None)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True if fused else None
+    )

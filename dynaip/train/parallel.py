@@ -52,8 +52,9 @@ def wrap_adapter(adapter: nn.Module, device: torch.device, find_unused_parameter
     if not _distributed():
         return adapter
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(adapter, device_ids=ids, find_unused_parameters=find_unused_parameters,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(
+        adapter, device_ids=ids, find_unused_parameters=find_unused_parameters, broadcast_buffers=False
+    )
 
 
 def shard_frozen_transformer(transformer: nn.Module, device: torch.device) -> None:
@@ -77,8 +78,7 @@ def shard_adapter(adapter: nn.Module, device: torch.device) -> None:
             if kv is not None:
                 fully_shard(kv, mesh=mesh, reshard_after_forward=True)
     fully_shard(adapter, mesh=mesh, reshard_after_forward=True)
-    log.info("fsdp2: adapter parameters, gradients and optimizer state sharded over %d ranks",
-             dist.get_world_size())
+    log.info("fsdp2: adapter parameters, gradients and optimizer state sharded over %d ranks", dist.get_world_size())
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -88,8 +88,13 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def apply_strategy(strategy: str, transformer: nn.Module, adapter: nn.Module, device: torch.device,
-                   find_unused_parameters: bool = False) -> nn.Module:
+def apply_strategy(
+    strategy: str,
+    transformer: nn.Module,
+    adapter: nn.Module,
+    device: torch.device,
+    find_unused_parameters: bool = False,
+) -> nn.Module:
     """Lays out the models for ``strategy``; returns the module that encodes references (call it, not
     ``adapter.encode_reference``, so DDP's and FSDP's hooks run)."""
     if strategy not in STRATEGIES:
@@ -112,8 +117,9 @@ def full_adapter_state(adapter: nn.Module) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu").contiguous() for k, v in adapter.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(adapter, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                broadcast_from_rank0=False))
+    sd = get_model_state_dict(
+        adapter, options=StateDictOptions(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+    )
     return {k: v.contiguous() for k, v in sd.items()}
 
 
@@ -123,8 +129,10 @@ def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     from torch.distributed.tensor import DTensor
 
     sd = optimizer.state_dict()
-    state = {i: {k: (v.to_local().detach().cpu().clone() if isinstance(v, DTensor) else v) for k, v in s.items()}
-             for i, s in sd["state"].items()}
+    state = {
+        i: {k: (v.to_local().detach().cpu().clone() if isinstance(v, DTensor) else v) for k, v in s.items()}
+        for i, s in sd["state"].items()
+    }
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
@@ -140,8 +148,14 @@ def load_local_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) ->
         entry = {}
         for k, v in s.items():
             if isinstance(p, DTensor) and torch.is_tensor(v) and v.ndim == p.ndim and v.ndim > 0:
-                v = DTensor.from_local(v.to(p.to_local().device), p.device_mesh, p.placements,
-                                       shape=p.shape, stride=p.stride(), run_check=False)
+                v = DTensor.from_local(
+                    v.to(p.to_local().device),
+                    p.device_mesh,
+                    p.placements,
+                    shape=p.shape,
+                    stride=p.stride(),
+                    run_check=False,
+                )
             entry[k] = v
         state[int(i)] = entry
     optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})

@@ -74,7 +74,8 @@ def check_stages(cfg: TrainConfig, data: Sequence[str]) -> dict[str, dict[str, A
                 detail = "; ".join(f"{d}: {_describe(c)}" for d, c in counts.items())
                 raise PreflightError(
                     f"stage '{stage.name}' trains on {stage.pair} pairs but its datasets hold none ({detail}); "
-                    f"give the stage datasets with {stage.pair} pairs (its 'data' list) or set its pair to null")
+                    f"give the stage datasets with {stage.pair} pairs (its 'data' list) or set its pair to null"
+                )
         check_scores(stage.name, dirs, stage.filters.active())
         report[stage.name] = counts
     return report
@@ -106,9 +107,11 @@ def check_scores(stage: str, dirs: Sequence[str], filters: dict[str, float]) -> 
             continue  # unreadable first sample: the stream skips and counts it; nothing to judge here
         missing = [name for name in filters if not isinstance((meta.get("quality") or {}).get(name), (int, float))]
         if missing:
-            raise PreflightError(f"stage '{stage}' filters on quality.{missing[0]} but dataset '{d}' stores no such "
-                                 "score in its samples' json; re-curate it with quality scores or drop "
-                                 f"min_{missing[0]} from the stage's filters")
+            raise PreflightError(
+                f"stage '{stage}' filters on quality.{missing[0]} but dataset '{d}' stores no such "
+                "score in its samples' json; re-curate it with quality scores or drop "
+                f"min_{missing[0]} from the stage's filters"
+            )
 
 
 def check_models(models: str) -> None:
@@ -123,8 +126,9 @@ def check_models(models: str) -> None:
             raise PreflightError(f"{models}: {name} path '{path}' does not exist; fix models.yaml")
 
 
-def check_resume(cfg: TrainConfig, out: str, resume: bool, data: Sequence[str] = (),
-                 allow_data_change: bool = False) -> None:
+def check_resume(
+    cfg: TrainConfig, out: str, resume: bool, data: Sequence[str] = (), allow_data_change: bool = False
+) -> None:
     """A ``--resume`` continues exactly only with the world size, adapter layout and data it was saved with."""
     from .checkpoints import SHARDED_ADAPTER, latest_checkpoint
     from .dataset_identity import data_change, run_datasets
@@ -138,19 +142,27 @@ def check_resume(cfg: TrainConfig, out: str, resume: bool, data: Sequence[str] =
     try:
         state = json.loads(state_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise PreflightError(f"{state_file} cannot be read ({type(e).__name__}: {e}); remove the damaged checkpoint {ckpt} and resume "
-                             "from the one before it") from e
+        raise PreflightError(
+            f"{state_file} cannot be read ({type(e).__name__}: {e}); remove the damaged checkpoint {ckpt} and resume "
+            "from the one before it"
+        ) from e
     if state.get("world_size") != cfg.parallel.workers:
-        raise PreflightError(f"{ckpt} was written by {state.get('world_size')} workers, this run has {cfg.parallel.workers}; "
-                             "exact resume needs the same --workers")
+        raise PreflightError(
+            f"{ckpt} was written by {state.get('world_size')} workers, this run has {cfg.parallel.workers}; "
+            "exact resume needs the same --workers"
+        )
     saved = saved_strategy(state.get("config", {}))
     if (saved in SHARDED_ADAPTER) != (cfg.parallel.strategy in SHARDED_ADAPTER):
-        raise PreflightError(f"{ckpt} was written with strategy={saved}, this run uses strategy={cfg.parallel.strategy}; "
-                             "resume with the same strategy (its optimizer state is laid out for it)")
+        raise PreflightError(
+            f"{ckpt} was written with strategy={saved}, this run uses strategy={cfg.parallel.strategy}; "
+            "resume with the same strategy (its optimizer state is laid out for it)"
+        )
     change = data_change(state.get("datasets"), run_datasets(cfg, data))
     if change is not None and not allow_data_change:
-        raise PreflightError(f"{ckpt} was trained on other data: {change}; resume with the same --data, or pass "
-                             "--allow-data-change to continue on the new data on purpose")
+        raise PreflightError(
+            f"{ckpt} was trained on other data: {change}; resume with the same --data, or pass "
+            "--allow-data-change to continue on the new data on purpose"
+        )
     from .checkpoint_files import unreadable_file
 
     damage = unreadable_file(ckpt)  # last: a checkpoint of another layout is refused for that first
@@ -158,8 +170,9 @@ def check_resume(cfg: TrainConfig, out: str, resume: bool, data: Sequence[str] =
         raise PreflightError(f"{damage}; remove the damaged checkpoint {ckpt} and resume from the one before it")
 
 
-def preflight(cfg: TrainConfig, data: Sequence[str], models: str, out: str, resume: bool,
-              allow_data_change: bool = False) -> dict[str, Any]:
+def preflight(
+    cfg: TrainConfig, data: Sequence[str], models: str, out: str, resume: bool, allow_data_change: bool = False
+) -> dict[str, Any]:
     """All of the above; returns the per-stage dataset pair counts (logged by the caller)."""
     check_models(models)
     report = check_stages(cfg, data)

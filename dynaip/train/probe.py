@@ -52,8 +52,14 @@ class ReferenceLosses:
 
 
 @torch.no_grad()
-def reference_loss_gap(frozen: FrozenModels, adapter: nn.Module, batch: dict[str, Any], settings: LossConfig,
-                       seeds: Sequence[int] = (0,), autocast: torch.dtype | None = None) -> ReferenceLosses:
+def reference_loss_gap(
+    frozen: FrozenModels,
+    adapter: nn.Module,
+    batch: dict[str, Any],
+    settings: LossConfig,
+    seeds: Sequence[int] = (0,),
+    autocast: torch.dtype | None = None,
+) -> ReferenceLosses:
     """Losses of ``batch`` (a loader batch: ``tgt``, ``ref``, ``txt``) with own / permuted / no references.
 
     ``adapter`` must be attached to ``frozen.transformer``; it is evaluated in eval mode (no expert
@@ -76,13 +82,29 @@ def reference_loss_gap(frozen: FrozenModels, adapter: nn.Module, batch: dict[str
     try:
         for seed in seeds:
             x0, img_ids, (h, w) = encode_targets(frozen, batch["tgt"], torch.Generator(device=dev).manual_seed(seed))
-            common = dict(x0=x0, img_ids=img_ids, image_size=(h * 8, w * 8), txt=txt, pooled=pooled,
-                          txt_ids=txt_ids, settings=settings, autocast=autocast)
+            common = dict(
+                x0=x0,
+                img_ids=img_ids,
+                image_size=(h * 8, w * 8),
+                txt=txt,
+                pooled=pooled,
+                txt_ids=txt_ids,
+                settings=settings,
+                autocast=autocast,
+            )
             for name, refs, dropped in (("own", hidden, keep), ("permuted", rolled, keep), ("off", hidden, drop)):
                 # the same generator seed for every condition: the same noise, then the same t
                 gen = torch.Generator(device=dev).manual_seed(seed + 1_000_003)
-                totals[name] += flow_matching_loss(frozen.transformer, frozen.pipe.scheduler.config, adapter, adapter,
-                                                   hidden=refs, drop_image=dropped, generator=gen, **common).item()
+                totals[name] += flow_matching_loss(
+                    frozen.transformer,
+                    frozen.pipe.scheduler.config,
+                    adapter,
+                    adapter,
+                    hidden=refs,
+                    drop_image=dropped,
+                    generator=gen,
+                    **common,
+                ).item()
     finally:
         adapter.train(was_training)
     n = len(seeds)

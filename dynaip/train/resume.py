@@ -62,8 +62,9 @@ def _rng_state(gen: torch.Generator, cpu_gen: torch.Generator, device: torch.dev
     return state
 
 
-def _set_rng_state(state: dict[str, torch.Tensor], gen: torch.Generator, cpu_gen: torch.Generator,
-                   device: torch.device) -> None:
+def _set_rng_state(
+    state: dict[str, torch.Tensor], gen: torch.Generator, cpu_gen: torch.Generator, device: torch.device
+) -> None:
     torch.set_rng_state(state["torch"])
     gen.set_state(state["generator"])
     cpu_gen.set_state(state["cpu_generator"])
@@ -79,12 +80,21 @@ class ResumeState:
         """Optimizer, scheduler, RNG and data position of ``ckpt`` (its weights are already loaded)."""
         try:
             self._load_resume_files(ckpt)
-        except (RuntimeError, OSError, EOFError, KeyError, json.JSONDecodeError, pickle.UnpicklingError,
-                zipfile.BadZipFile) as e:
+        except (
+            RuntimeError,
+            OSError,
+            EOFError,
+            KeyError,
+            json.JSONDecodeError,
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+        ) as e:
             # preflight checks the files' framing; this catches damage inside them, in one line
-            raise ValueError(f"checkpoint {ckpt} cannot be resumed ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}); remove it and resume from the one "
-                             "before it") from None
+            raise ValueError(
+                f"checkpoint {ckpt} cannot be resumed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); remove it and resume from the one "
+                "before it"
+            ) from None
 
     def _load_resume_files(self, ckpt: Path) -> None:
         from .parallel import is_sharded, load_local_optimizer_state
@@ -93,19 +103,24 @@ class ResumeState:
         if state.get("format") != RESUME_FORMAT:
             raise ValueError(f"{ckpt}: resume state format {state.get('format')!r}, expected {RESUME_FORMAT!r}")
         if state["world_size"] != self.world:
-            raise ValueError(f"{ckpt} was written by {state['world_size']} workers, this run has {self.world}; "
-                             "exact resume needs the same --workers")
+            raise ValueError(
+                f"{ckpt} was written by {state['world_size']} workers, this run has {self.world}; "
+                "exact resume needs the same --workers"
+            )
         saved = saved_strategy(state.get("config", {}))
         if is_sharded(self.adapter) != (saved in SHARDED_ADAPTER):
-            raise ValueError(f"{ckpt} was written with strategy={saved}, this run uses "
-                             f"strategy={self.cfg.parallel.strategy}; resume with the same strategy (its optimizer "
-                             "state is laid out for it)")
+            raise ValueError(
+                f"{ckpt} was written with strategy={saved}, this run uses "
+                f"strategy={self.cfg.parallel.strategy}; resume with the same strategy (its optimizer "
+                "state is laid out for it)"
+            )
         if is_sharded(self.adapter):
             shard = ckpt / "resume" / f"optimizer-rank{self.rank:03d}.pt"
             load_local_optimizer_state(self.optimizer, torch.load(shard, map_location="cpu", weights_only=True))
         else:
-            self.optimizer.load_state_dict(torch.load(ckpt / "resume" / "optimizer.pt", map_location=self.device,
-                                                      weights_only=True))
+            self.optimizer.load_state_dict(
+                torch.load(ckpt / "resume" / "optimizer.pt", map_location=self.device, weights_only=True)
+            )
         self.scheduler.load_state_dict(state["scheduler"])
         rng = torch.load(ckpt / "resume" / "rng.pt", map_location="cpu", weights_only=True)[self.rank]
         _set_rng_state(rng, self.gen, self.cpu_gen, self.device)
@@ -161,17 +176,31 @@ class ResumeState:
         from .checkpoint_files import swap_in
 
         cfg = self.cfg
-        training = {"base_model": self.base_model, "step": self.step, "max_steps": cfg.max_steps or cfg.total_steps,
-                    "stage": cfg.stages[cfg.stage_at(self.step)].name, "run_id": self.spec.run_id,
-                    "datasets": self.datasets, "config": cfg.to_dict()}  # the model card's "Training"; of the run's
+        training = {
+            "base_model": self.base_model,
+            "step": self.step,
+            "max_steps": cfg.max_steps or cfg.total_steps,
+            "stage": cfg.stages[cfg.stage_at(self.step)].name,
+            "run_id": self.spec.run_id,
+            "datasets": self.datasets,
+            "config": cfg.to_dict(),
+        }  # the model card's "Training"; of the run's
         # planned steps (a --max-steps stop is not the end of training)
         self.adapter.save_pretrained(tmp, state_dict=weights, clip_vision=self.clip_vision, training=training)
         if not sharded:
             torch.save(self.optimizer.state_dict(), tmp / "resume" / "optimizer.pt")
         torch.save(rngs, tmp / "resume" / "rng.pt")
-        state = {"format": RESUME_FORMAT, "step": self.step, "data_stage": cfg.stage_at(self.step),
-                 "stage": cfg.stages[cfg.stage_at(self.step)].name, "world_size": self.world,
-                 "scheduler": self.scheduler.state_dict(), "data": datas, "config": cfg.to_dict(),
-                 "run_id": self.spec.run_id, "datasets": self.datasets}
+        state = {
+            "format": RESUME_FORMAT,
+            "step": self.step,
+            "data_stage": cfg.stage_at(self.step),
+            "stage": cfg.stages[cfg.stage_at(self.step)].name,
+            "world_size": self.world,
+            "scheduler": self.scheduler.state_dict(),
+            "data": datas,
+            "config": cfg.to_dict(),
+            "run_id": self.spec.run_id,
+            "datasets": self.datasets,
+        }
         (tmp / "resume" / "state.json").write_text(json.dumps(state, indent=1))
         swap_in(tmp, final)  # fsynced; complete or absent, and never neither old nor new

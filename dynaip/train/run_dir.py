@@ -37,8 +37,10 @@ def check_fresh(out: Path, resume: bool) -> None:
     """Without ``resume``, ``out`` must hold no checkpoint; one line saying what to do otherwise."""
     found = [] if resume else existing_checkpoints(out)
     if found:
-        raise RunDirInUse(f"--out {out} already holds the checkpoints of a training run ({', '.join(found[-3:])}); "
-                          "pass --resume to continue it or choose another directory")
+        raise RunDirInUse(
+            f"--out {out} already holds the checkpoints of a training run ({', '.join(found[-3:])}); "
+            "pass --resume to continue it or choose another directory"
+        )
 
 
 @contextmanager

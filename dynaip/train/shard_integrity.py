@@ -116,14 +116,17 @@ class ShardGuard:
             got = self.reader.h.hexdigest()
         length, self.reader = self.reader.pos, None
         if self.size is not None and length != self.size:
-            self._fail(f"shard {self.url} has {length} bytes, the manifest lists {self.size}: "
-                       "its bytes changed after curation")
+            self._fail(
+                f"shard {self.url} has {length} bytes, the manifest lists {self.size}: its bytes changed after curation"
+            )
             return False
         if got == self.sha256:
             _VERDICTS[(self.url, self.sha256)] = True
             return True
-        self._fail(f"shard {self.url} has sha256 {got[:16]}…, the manifest lists {str(self.sha256)[:16]}…: "
-                   "its bytes changed after curation")
+        self._fail(
+            f"shard {self.url} has sha256 {got[:16]}…, the manifest lists {str(self.sha256)[:16]}…: "
+            "its bytes changed after curation"
+        )
         return False
 
     def _fail(self, what: str) -> None:
@@ -132,6 +135,8 @@ class ShardGuard:
             _CORRUPT += 1
         _VERDICTS[(self.url, self.sha256)] = False
         if self.policy == "error":
-            raise ShardIntegrityError(f"{what}; restore it from the curation output (or re-run `dynaip curate`), "
-                                      "or set data.on_corrupt_shard: skip in the train config to train without it")
+            raise ShardIntegrityError(
+                f"{what}; restore it from the curation output (or re-run `dynaip curate`), "
+                "or set data.on_corrupt_shard: skip in the train config to train without it"
+            )
         log.warning("%s; skipping its samples (data.on_corrupt_shard: skip)", what)

@@ -73,8 +73,13 @@ class FrozenModels:
     def modules(self) -> dict[str, nn.Module]:
         """The loaded frozen modules by name (absent parts are left out)."""
         p = self.pipe
-        found = {"transformer": p.transformer, "vae": p.vae, "text_encoder": p.text_encoder,
-                 "text_encoder_2": p.text_encoder_2, "clip_vision": self.clip}
+        found = {
+            "transformer": p.transformer,
+            "vae": p.vae,
+            "text_encoder": p.text_encoder,
+            "text_encoder_2": p.text_encoder_2,
+            "clip_vision": self.clip,
+        }
         return {k: v for k, v in found.items() if v is not None}
 
     def loaded(self) -> list[str]:
@@ -105,7 +110,8 @@ def enable_checkpointing(transformer: nn.Module, keep_last: int = 0) -> int:
     if keep_last == 0:
         transformer.enable_gradient_checkpointing()
         return len(blocks)
-    for block in blocks[:len(blocks) - keep_last]:
+    for block in blocks[: len(blocks) - keep_last]:
+
         def forward(*args, _inner=block.forward, **kwargs):
             if not torch.is_grad_enabled():
                 return _inner(*args, **kwargs)
@@ -124,10 +130,18 @@ def disable_checkpointing(transformer: nn.Module) -> None:
         restore_forward(block)
 
 
-def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
-                gradient_checkpointing: bool = False, clip_layers: Sequence[int] | None = None,
-                checkpoint_keep_blocks: int = 0, *, encoders: bool = True, vae_decoder: bool = True,
-                compile_blocks: bool = False) -> FrozenModels:
+def load_frozen(
+    models: ModelsConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    gradient_checkpointing: bool = False,
+    clip_layers: Sequence[int] | None = None,
+    checkpoint_keep_blocks: int = 0,
+    *,
+    encoders: bool = True,
+    vae_decoder: bool = True,
+    compile_blocks: bool = False,
+) -> FrozenModels:
     """Loads the frozen models. ``clip_layers``: the adapter's ``config.clip_layers`` — the one source of
     truth for which hidden states feed the experts; ``models.yaml``'s list only seeds fresh adapters.
 
@@ -142,11 +156,18 @@ def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
 
     parts: dict[str, Any] = {}
     if not encoders:
-        parts = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
-                     vae=load_vae_decoder(models.flux, dtype) if vae_decoder else None)
+        parts = dict(
+            text_encoder=None,
+            text_encoder_2=None,
+            tokenizer=None,
+            tokenizer_2=None,
+            vae=load_vae_decoder(models.flux, dtype) if vae_decoder else None,
+        )
     pipe = load_flux_pipeline(models.flux, dtype, **parts)
     pipe.set_progress_bar_config(disable=True)
-    clip = load_clip_vision(models.clip_vision, tuple(clip_layers) if clip_layers is not None else models.clip_vision.layers)
+    clip = load_clip_vision(
+        models.clip_vision, tuple(clip_layers) if clip_layers is not None else models.clip_vision.layers
+    )
     for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, clip):
         if m is not None:
             m.requires_grad_(False).eval().to(device=device, dtype=dtype)
@@ -156,13 +177,19 @@ def load_frozen(models: ModelsConfig, device: torch.device, dtype: torch.dtype,
         compile_flux_blocks(pipe.transformer, device, grad_only=True)  # eval / samples stay eager
     checkpointed = enable_checkpointing(pipe.transformer, checkpoint_keep_blocks) if gradient_checkpointing else 0
     vae_cfg = pipe.vae.config if pipe.vae is not None else load_vae_config(models.flux)
-    return FrozenModels(pipe=pipe, clip=clip, device=device, dtype=dtype,
-                        latent_norm=(vae_cfg["shift_factor"], vae_cfg["scaling_factor"]),
-                        checkpointed_blocks=checkpointed)
+    return FrozenModels(
+        pipe=pipe,
+        clip=clip,
+        device=device,
+        dtype=dtype,
+        latent_norm=(vae_cfg["shift_factor"], vae_cfg["scaling_factor"]),
+        checkpointed_blocks=checkpointed,
+    )
 
 
-def configure_attention_backends(device: torch.device, choice: str = "auto", dtype: torch.dtype | None = None,
-                                 transformer: nn.Module | None = None) -> str:
+def configure_attention_backends(
+    device: torch.device, choice: str = "auto", dtype: torch.dtype | None = None, transformer: nn.Module | None = None
+) -> str:
     """Training: the SDPA backend of ``parallel.attention`` (dynaip/models/attention_backend.py), checked
     against the math backend at the transformer's head count and head size in ``dtype``, then set
     process-wide (backward runs on autograd's device threads, where an ``sdpa_kernel`` context would not
@@ -179,6 +206,7 @@ def configure_attention_backends(device: torch.device, choice: str = "auto", dty
 
 # ----------------------------------------------------------------------------- pieces
 
+
 def flux_shift_mu(scheduler_config: Any, image_seq_len: int) -> float:
     """FluxPipeline's ``calculate_shift``: mu linear in the packed image token count."""
     c = scheduler_config
@@ -188,8 +216,9 @@ def flux_shift_mu(scheduler_config: Any, image_seq_len: int) -> float:
     return image_seq_len * m + (base_shift - m * base_len)
 
 
-def sample_timesteps(batch: int, mu: float | None, mean: float, std: float, generator: torch.Generator,
-                     device: torch.device) -> torch.Tensor:
+def sample_timesteps(
+    batch: int, mu: float | None, mean: float, std: float, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """(B,) t in (0, 1): logit-normal, then the exponential time shift exp(mu)/(exp(mu) + 1/t - 1)."""
     t = torch.sigmoid(torch.randn(batch, generator=generator, device=device) * std + mean)
     if mu is not None:
@@ -197,8 +226,9 @@ def sample_timesteps(batch: int, mu: float | None, mean: float, std: float, gene
     return t
 
 
-def vae_posterior(vae: nn.Module, tgt: torch.Tensor, device: torch.device, dtype: torch.dtype
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def vae_posterior(
+    vae: nn.Module, tgt: torch.Tensor, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``tgt`` (B, 3, H, W) uint8 → the VAE posterior's mean and (clamped) log-variance, each (B, C, H/8, W/8).
 
     What ``dynaip precompute`` stores, and what the on-the-fly path samples from.
@@ -227,34 +257,40 @@ def pack_latents(frozen: FrozenModels, lat: torch.Tensor) -> tuple[torch.Tensor,
     return packed, ids, (h, w)
 
 
-def encode_targets(frozen: FrozenModels, tgt: torch.Tensor, generator: torch.Generator
-                   ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+def encode_targets(
+    frozen: FrozenModels, tgt: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """``tgt`` (B, 3, H, W) uint8 → packed latents (B, H/16·W/16, 4·C), image ids (N, 3), (h, w) latent size."""
     mean, logvar = vae_posterior(frozen.vae, tgt, frozen.device, frozen.dtype)
     return pack_latents(frozen, sample_posterior(mean, logvar, generator))  # (B, C, H/8, W/8) sampled
 
 
-def targets_from_posterior(frozen: FrozenModels, mean: torch.Tensor, logvar: torch.Tensor,
-                           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+def targets_from_posterior(
+    frozen: FrozenModels, mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """``encode_targets`` from a stored posterior (B, C, h, w): the same draw, scaling and packing."""
     mean = mean.to(frozen.device, non_blocking=True).to(frozen.dtype)  # pinned by the loader on CUDA
     logvar = logvar.to(frozen.device, non_blocking=True).to(frozen.dtype)
     return pack_latents(frozen, sample_posterior(mean, logvar, generator))
 
 
-def encode_prompts(pipe: Any, prompts: Sequence[str], device: torch.device, max_sequence_length: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    pipe: Any, prompts: Sequence[str], device: torch.device, max_sequence_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``FluxPipeline.encode_prompt`` on T5 and CLIP text → T5 tokens (B, L, D_t5), pooled CLIP (B, D_clip), ids (L, 3)."""
     prompts = list(prompts)
     return pipe.encode_prompt(prompt=prompts, prompt_2=prompts, device=device, max_sequence_length=max_sequence_length)
 
 
-def encode_text(frozen: FrozenModels, prompts: Sequence[str], max_sequence_length: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_text(
+    frozen: FrozenModels, prompts: Sequence[str], max_sequence_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ T5 tokens (B, L, D_t5), pooled CLIP (B, D_clip), text ids (L, 3)."""
     if frozen.pipe.text_encoder_2 is None:
-        raise RuntimeError("the text encoders are not loaded (training on precomputed features); "
-                           "use the stored text features or load_frozen(encoders=True)")
+        raise RuntimeError(
+            "the text encoders are not loaded (training on precomputed features); "
+            "use the stored text features or load_frozen(encoders=True)"
+        )
     return encode_prompts(frozen.pipe, prompts, frozen.device, max_sequence_length)
 
 
@@ -263,9 +299,12 @@ def text_ids(frozen: FrozenModels, length: int) -> torch.Tensor:
     return torch.zeros(length, 3, device=frozen.device, dtype=frozen.dtype)  # made there: no host copy
 
 
-def stored_text(frozen: FrozenModels, batch: dict[str, Any], drop: torch.Tensor | None,
-                empty_text: tuple[torch.Tensor, torch.Tensor] | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def stored_text(
+    frozen: FrozenModels,
+    batch: dict[str, Any],
+    drop: torch.Tensor | None,
+    empty_text: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``encode_text`` from precomputed features: the batch's ``t5`` (B, L, D) and ``pooled`` (B, D),
     the rows where ``drop`` (B,) is set replaced by ``empty_text`` (the stored empty prompt, (1, L, D), (1, D))."""
     txt = batch["t5"].to(frozen.device, non_blocking=True).to(frozen.dtype)
@@ -288,8 +327,9 @@ def clip_hidden_states(frozen: FrozenModels, ref: torch.Tensor) -> list[torch.Te
     return frozen.clip(frozen.clip.normalize(x).to(frozen.dtype))
 
 
-def cfg_dropout(batch: int, drop_text: float, drop_image: float, drop_both: float,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def cfg_dropout(
+    batch: int, drop_text: float, drop_image: float, drop_both: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) bool masks (text dropped, image dropped): one uniform draw per sample, three disjoint ranges."""
     u = torch.rand(batch, generator=generator)
     text = u < drop_text
@@ -300,10 +340,18 @@ def cfg_dropout(batch: int, drop_text: float, drop_image: float, drop_both: floa
 
 # ----------------------------------------------------------------------------- the step
 
-def training_loss(frozen: FrozenModels, adapter: nn.Module, encode: nn.Module, batch: dict[str, Any],
-                  settings: LossConfig, generator: torch.Generator, cpu_generator: torch.Generator,
-                  autocast: torch.dtype | None = None,
-                  empty_text: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+
+def training_loss(
+    frozen: FrozenModels,
+    adapter: nn.Module,
+    encode: nn.Module,
+    batch: dict[str, Any],
+    settings: LossConfig,
+    generator: torch.Generator,
+    cpu_generator: torch.Generator,
+    autocast: torch.dtype | None = None,
+    empty_text: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Flow-matching loss of one batch (scalar, fp32, with a graph to the adapter's parameters).
 
     ``adapter`` is the attached ``DynaIPAdapter``; ``encode`` is what computes C from CLIP hidden
@@ -316,8 +364,9 @@ def training_loss(frozen: FrozenModels, adapter: nn.Module, encode: nn.Module, b
     drop_txt, drop_img = cfg_dropout(b, settings.drop_text, settings.drop_image, settings.drop_both, cpu_generator)
     with torch.no_grad():
         if "posterior_mean" in batch:
-            x0, img_ids, (h, w) = targets_from_posterior(frozen, batch["posterior_mean"], batch["posterior_logvar"],
-                                                         generator)
+            x0, img_ids, (h, w) = targets_from_posterior(
+                frozen, batch["posterior_mean"], batch["posterior_logvar"], generator
+            )
         else:
             x0, img_ids, (h, w) = encode_targets(frozen, batch["tgt"], generator)  # (B, N, 64)
         if "t5" in batch:
@@ -326,17 +375,43 @@ def training_loss(frozen: FrozenModels, adapter: nn.Module, encode: nn.Module, b
             prompts = ["" if d else p for p, d in zip(batch["txt"], drop_txt.tolist())]
             txt, pooled, txt_ids = encode_text(frozen, prompts, settings.max_sequence_length)
         hidden = clip_hidden_states(frozen, batch["ref"])
-    return flow_matching_loss(frozen.transformer, frozen.pipe.scheduler.config, adapter, encode, x0=x0,
-                              img_ids=img_ids, image_size=(h * 8, w * 8), txt=txt, pooled=pooled, txt_ids=txt_ids,
-                              hidden=hidden, drop_image=drop_img, settings=settings, generator=generator,
-                              autocast=autocast)
+    return flow_matching_loss(
+        frozen.transformer,
+        frozen.pipe.scheduler.config,
+        adapter,
+        encode,
+        x0=x0,
+        img_ids=img_ids,
+        image_size=(h * 8, w * 8),
+        txt=txt,
+        pooled=pooled,
+        txt_ids=txt_ids,
+        hidden=hidden,
+        drop_image=drop_img,
+        settings=settings,
+        generator=generator,
+        autocast=autocast,
+    )
 
 
-def flow_matching_loss(transformer: nn.Module, scheduler_config: Any, adapter: nn.Module, encode: nn.Module, *,
-                       x0: torch.Tensor, img_ids: torch.Tensor, image_size: tuple[int, int], txt: torch.Tensor,
-                       pooled: torch.Tensor, txt_ids: torch.Tensor, hidden: Sequence[torch.Tensor],
-                       drop_image: torch.Tensor, settings: LossConfig, generator: torch.Generator,
-                       autocast: torch.dtype | None = None) -> torch.Tensor:
+def flow_matching_loss(
+    transformer: nn.Module,
+    scheduler_config: Any,
+    adapter: nn.Module,
+    encode: nn.Module,
+    *,
+    x0: torch.Tensor,
+    img_ids: torch.Tensor,
+    image_size: tuple[int, int],
+    txt: torch.Tensor,
+    pooled: torch.Tensor,
+    txt_ids: torch.Tensor,
+    hidden: Sequence[torch.Tensor],
+    drop_image: torch.Tensor,
+    settings: LossConfig,
+    generator: torch.Generator,
+    autocast: torch.dtype | None = None,
+) -> torch.Tensor:
     """The loss from encoded inputs: packed target latents ``x0`` (B, N, 64), text features, CLIP
     hidden states and the image-dropout mask. Draws the noise, then t, from ``generator``."""
     dev, b = x0.device, x0.shape[0]
@@ -347,8 +422,11 @@ def flow_matching_loss(transformer: nn.Module, scheduler_config: Any, adapter: n
         tt = t.view(b, 1, 1).to(x0.dtype)
         x_t = (1.0 - tt) * x0 + tt * noise
         target = (noise - x0).float()
-    guidance = (torch.full((b,), settings.guidance, device=dev, dtype=torch.float32)
-                if transformer.config.guidance_embeds else None)
+    guidance = (
+        torch.full((b,), settings.guidance, device=dev, dtype=torch.float32)
+        if transformer.config.guidance_embeds
+        else None
+    )
 
     # Autocast covers the adapter's own fp32 modules (HMoE, projection) only. The frozen transformer
     # already holds its weights in the training dtype and runs without autocast, as in generation:
@@ -361,19 +439,35 @@ def flow_matching_loss(transformer: nn.Module, scheduler_config: Any, adapter: n
     # wait for the device (a pageable buffer is staged at once, so this is safe)
     c = c * (~drop_image).to(dev, non_blocking=True).to(c.dtype).view(b, 1, 1)
     with adapter.conditioning([c], branches="both", image_size=image_size):
-        pred = transformer(hidden_states=x_t, timestep=t.to(x0.dtype), guidance=guidance,
-                           pooled_projections=pooled, encoder_hidden_states=txt, txt_ids=txt_ids,
-                           img_ids=img_ids, return_dict=False)[0]  # (B, N, 64)
+        pred = transformer(
+            hidden_states=x_t,
+            timestep=t.to(x0.dtype),
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=txt,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]  # (B, N, 64)
     return F.mse_loss(pred.float(), target)
 
 
 # ----------------------------------------------------------------------------- samples
 
+
 @torch.no_grad()
-def generate_samples(frozen: FrozenModels, adapter: nn.Module, prompts: Sequence[str], refs: torch.Tensor,
-                     size: tuple[int, int], steps: int, guidance: float, seed: int,
-                     max_sequence_length: int = 512,
-                     text: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[np.ndarray]:
+def generate_samples(
+    frozen: FrozenModels,
+    adapter: nn.Module,
+    prompts: Sequence[str],
+    refs: torch.Tensor,
+    size: tuple[int, int],
+    steps: int,
+    guidance: float,
+    seed: int,
+    max_sequence_length: int = 512,
+    text: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[np.ndarray]:
     """A plain Euler loop of FLUX with the adapter on the image branch (inference DDS).
 
     ``refs`` (N, 3, S, S) uint8; returns N (H, W, 3) uint8 arrays. Uses its own generator, so
@@ -389,9 +483,19 @@ def generate_samples(frozen: FrozenModels, adapter: nn.Module, prompts: Sequence
 
 
 @torch.no_grad()
-def sample_images(frozen: FrozenModels, adapter: nn.Module, refs: Sequence[torch.Tensor], txt: torch.Tensor,
-                  pooled: torch.Tensor, txt_ids: torch.Tensor, size: tuple[int, int], steps: int, guidance: float,
-                  seed: int, masks: Sequence[torch.Tensor] | None = None) -> list[np.ndarray]:
+def sample_images(
+    frozen: FrozenModels,
+    adapter: nn.Module,
+    refs: Sequence[torch.Tensor],
+    txt: torch.Tensor,
+    pooled: torch.Tensor,
+    txt_ids: torch.Tensor,
+    size: tuple[int, int],
+    steps: int,
+    guidance: float,
+    seed: int,
+    masks: Sequence[torch.Tensor] | None = None,
+) -> list[np.ndarray]:
     """The Euler loop of ``generate_samples`` from encoded inputs: ``refs`` one C (B or 1, L, D) per subject,
     text features (B, L, D_t5), (B, D_clip), ids (L, 3); ``masks`` one pixel mask (H, W) per subject or None.
     Draws the starting noise from its own generator seeded with ``seed``."""
@@ -407,13 +511,23 @@ def sample_images(frozen: FrozenModels, adapter: nn.Module, refs: Sequence[torch
     sigmas = np.linspace(1.0, 1.0 / steps, steps)
     mu = flux_shift_mu(sched.config, lat.shape[1])
     sched.set_timesteps(sigmas=sigmas, device=dev, mu=mu)
-    g = (torch.full((n,), guidance, device=dev, dtype=torch.float32)
-         if frozen.transformer.config.guidance_embeds else None)
+    g = (
+        torch.full((n,), guidance, device=dev, dtype=torch.float32)
+        if frozen.transformer.config.guidance_embeds
+        else None
+    )
     with adapter.conditioning([c.to(frozen.dtype) for c in refs], masks=masks, branches="image", image_size=(hgt, wid)):
         for t in sched.timesteps:
-            pred = frozen.transformer(hidden_states=lat, timestep=(t / 1000).expand(n).to(lat.dtype), guidance=g,
-                                      pooled_projections=pooled, encoder_hidden_states=txt, txt_ids=txt_ids,
-                                      img_ids=ids, return_dict=False)[0]
+            pred = frozen.transformer(
+                hidden_states=lat,
+                timestep=(t / 1000).expand(n).to(lat.dtype),
+                guidance=g,
+                pooled_projections=pooled,
+                encoder_hidden_states=txt,
+                txt_ids=txt_ids,
+                img_ids=ids,
+                return_dict=False,
+            )[0]
             lat = sched.step(pred, t, lat, return_dict=False)[0]
     lat = frozen.pipe._unpack_latents(lat, hgt, wid, 8)  # (N, ch, h, w)
     lat = lat / frozen.vae.config.scaling_factor + frozen.vae.config.shift_factor

@@ -72,8 +72,10 @@ class StreamSpec:
             raise ValueError(f"pair must be 'intra', 'cross' or null, got {self.pair!r}")
         bad = [b for b in self.buckets if b[0] % 16 or b[1] % 16]
         if bad or not self.buckets:
-            raise ValueError(f"buckets {bad or self.buckets} must be non-empty (H, W) pairs, multiples of 16 "
-                             "(VAE /8, then 2×2 packing)")
+            raise ValueError(
+                f"buckets {bad or self.buckets} must be non-empty (H, W) pairs, multiples of 16 "
+                "(VAE /8, then 2×2 packing)"
+            )
         self.buckets = [tuple(int(v) for v in b) for b in self.buckets]  # type: ignore[misc]
         if self.weights is not None:
             have = {s.dataset for s in self.shards}
@@ -81,8 +83,10 @@ class StreamSpec:
                 raise ValueError(f"mixture weights {self.weights} must be a non-empty list of numbers > 0")
             empty = sorted(set(range(len(self.weights))) - have)
             if empty or max(have) >= len(self.weights):
-                raise ValueError(f"mixture of {len(self.weights)} weights but datasets {empty or sorted(have)} have no "
-                                 "samples or no weight; every weighted dataset needs samples in its manifest")
+                raise ValueError(
+                    f"mixture of {len(self.weights)} weights but datasets {empty or sorted(have)} have no "
+                    "samples or no weight; every weighted dataset needs samples in its manifest"
+                )
 
     @property
     def total(self) -> int:

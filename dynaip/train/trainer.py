@@ -50,8 +50,9 @@ from .worker import RunSpec, train_worker
 log = logging.getLogger(__name__)
 
 
-def run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None, local: bool = False
-                 ) -> dict[str, Any] | None:
+def run_training(
+    cfg: TrainConfig, spec: RunSpec, ray_address: str | None = None, local: bool = False
+) -> dict[str, Any] | None:
     """Runs the job: ``local`` = one process without Ray (debugging, benchmarks); else Ray Train.
 
     With no ``ray_address`` (and none in the config) and no Ray already initialised in this
@@ -70,8 +71,7 @@ def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, loca
     from .preflight import preflight
 
     recover(Path(spec.out) / "checkpoints")  # before anything reads a checkpoint
-    for stage, counts in preflight(cfg, spec.data, spec.models, spec.out, spec.resume,
-                                   spec.allow_data_change).items():
+    for stage, counts in preflight(cfg, spec.data, spec.models, spec.out, spec.resume, spec.allow_data_change).items():
         log.info("stage '%s' data: %s", stage, "; ".join(f"{d}: {c}" for d, c in counts.items()))
     Path(spec.out).mkdir(parents=True, exist_ok=True)
     if not spec.run_id:
@@ -92,8 +92,10 @@ def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, loca
         from dynaip.cluster import connect, ray_address_from_env
 
         # inside `ray job submit`, RAY_ADDRESS names the job's cluster
-        connect(ray_address_from_env(ray_address or cfg.parallel.ray_address),
-                num_cpus=max(os.cpu_count() or 1, cfg.parallel.workers * cfg.parallel.cpus_per_worker))
+        connect(
+            ray_address_from_env(ray_address or cfg.parallel.ray_address),
+            num_cpus=max(os.cpu_count() or 1, cfg.parallel.workers * cfg.parallel.cpus_per_worker),
+        )
         started = True
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if cfg.parallel.use_gpu else "gloo")
     resources = {"CPU": cfg.parallel.cpus_per_worker, **({"GPU": 1} if cfg.parallel.use_gpu else {})}
@@ -101,12 +103,19 @@ def _run_training(cfg: TrainConfig, spec: RunSpec, ray_address: str | None, loca
     reported = Path(spec.out).resolve() / "ray" / "reported.jsonl"
     reported.parent.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
-        train_worker, train_loop_config=asdict(spec),
-        scaling_config=ScalingConfig(num_workers=cfg.parallel.workers, use_gpu=cfg.parallel.use_gpu, resources_per_worker=resources),
+        train_worker,
+        train_loop_config=asdict(spec),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.parallel.workers, use_gpu=cfg.parallel.use_gpu, resources_per_worker=resources
+        ),
         torch_config=torch_config(backend),  # on the embedded Ray: torch.distributed on loopback only
-        run_config=RunConfig(name="dynaip-train", storage_path=str(Path(spec.out).resolve() / "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.parallel.max_failures),
-                             callbacks=[report_log(reported)]))
+        run_config=RunConfig(
+            name="dynaip-train",
+            storage_path=str(Path(spec.out).resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.parallel.max_failures),
+            callbacks=[report_log(reported)],
+        ),
+    )
     from .stopping import stops_through_ray_train
 
     try:

@@ -54,6 +54,7 @@ class RunSpec:
 
 # ----------------------------------------------------------------------------- small helpers
 
+
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.parallel.use_gpu:
         if not torch.cuda.is_available():
@@ -93,6 +94,7 @@ def lr_lambda(cfg: TrainConfig):
 
 # ----------------------------------------------------------------------------- the worker
 
+
 class Worker(ResumeState):
     """State of one training process; ``run`` is the loop."""
 
@@ -124,14 +126,20 @@ class Worker(ResumeState):
         # seeds a fresh adapter that does not name them.
         adapter_config = preset(**{"clip_layers": models.clip_vision.layers, **cfg.model.adapter})
         self.features = self._resolve_features(models.flux)
-        self.frozen = load_frozen(models, self.device, self.dtype, cfg.parallel.gradient_checkpointing,
-                                  encoders=self.features.encoders,
-                                  vae_decoder=cfg.logging.sample_every > 0 or cfg.fidelity.every > 0,
-                                  clip_layers=adapter_config.clip_layers,
-                                  checkpoint_keep_blocks=cfg.parallel.checkpoint_keep_blocks,
-                                  compile_blocks=cfg.parallel.compile)
-        self.attention = configure_attention_backends(self.device, cfg.parallel.attention, self.dtype,
-                                                      self.frozen.transformer)
+        self.frozen = load_frozen(
+            models,
+            self.device,
+            self.dtype,
+            cfg.parallel.gradient_checkpointing,
+            encoders=self.features.encoders,
+            vae_decoder=cfg.logging.sample_every > 0 or cfg.fidelity.every > 0,
+            clip_layers=adapter_config.clip_layers,
+            checkpoint_keep_blocks=cfg.parallel.checkpoint_keep_blocks,
+            compile_blocks=cfg.parallel.compile,
+        )
+        self.attention = configure_attention_backends(
+            self.device, cfg.parallel.attention, self.dtype, self.frozen.transformer
+        )
         torch.manual_seed(cfg.seed)  # same initial adapter on every rank
         self.adapter = DynaIPAdapter(adapter_config).to(self.device)
         self.adapter.attach(self.frozen.transformer)
@@ -143,15 +151,23 @@ class Worker(ResumeState):
         if self.world > 1:
             dist.barrier()
         ckpt = latest_checkpoint(self.out)
-        own = ckpt is not None and spec.run_id and json.loads(
-            (ckpt / "resume" / "state.json").read_text()).get("run_id") == spec.run_id
+        own = (
+            ckpt is not None
+            and spec.run_id
+            and json.loads((ckpt / "resume" / "state.json").read_text()).get("run_id") == spec.run_id
+        )
         resume_from = ckpt if (spec.resume or own) else None  # own: Ray restarted this run's workers
         if spec.resume and ckpt is None:
             log.warning("--resume: no checkpoint under %s/checkpoints; starting from step 0", self.out)
         if resume_from is not None:  # whole weights first: sharding then splits them like a fresh adapter
             self.adapter.load_weights(resume_from)
-        self.encode = apply_strategy(cfg.parallel.strategy, self.frozen.transformer, self.adapter, self.device,
-                                     cfg.parallel.find_unused_parameters)
+        self.encode = apply_strategy(
+            cfg.parallel.strategy,
+            self.frozen.transformer,
+            self.adapter,
+            self.device,
+            cfg.parallel.find_unused_parameters,
+        )
         from .optim import make_optimizer
 
         self.optimizer = make_optimizer(self.adapter.parameters(), cfg.optim)
@@ -168,14 +184,22 @@ class Worker(ResumeState):
         self.data_state: dict[str, Any] | None = None
         if resume_from is not None:
             self._load_resume_state(resume_from)
-        self.metrics = MetricsWriter(self.out / "metrics.jsonl" if self.rank == 0 else None,
-                                     self.out / "tb" if self.rank == 0 else None)
+        self.metrics = MetricsWriter(
+            self.out / "metrics.jsonl" if self.rank == 0 else None, self.out / "tb" if self.rank == 0 else None
+        )
         self.fidelity = None
         if cfg.fidelity.every:
             from .fidelity import FidelityEval
 
-            self.fidelity = FidelityEval(cfg.fidelity, models=models, frozen=self.frozen, out=self.out, rank=self.rank,
-                                         world=self.world, max_sequence_length=cfg.loss.max_sequence_length)
+            self.fidelity = FidelityEval(
+                cfg.fidelity,
+                models=models,
+                frozen=self.frozen,
+                out=self.out,
+                rank=self.rank,
+                world=self.world,
+                max_sequence_length=cfg.loss.max_sequence_length,
+            )
         self.best = None  # rank 0's record of the best checkpoint (checkpoints.keep_best; best.py)
         if cfg.checkpoints.keep_best and self.rank == 0:
             from .best import BestCheckpoint
@@ -207,19 +231,29 @@ class Worker(ResumeState):
         from .data import StreamSpec, read_manifests
 
         shards = self.features.attach(stage_index, read_manifests(self._stage_dirs(stage_index)))
-        return StreamSpec(shards=shards, batch_size=batch_size,
-                          seed=self.cfg.seed + 7919 * stage_index, shuffle_block=self.cfg.data.shuffle_block,
-                          pair=self.cfg.stages[stage_index].pair, ref_size=self.frozen.clip.image_size,
-                          buckets=[tuple(b) for b in self.cfg.data.buckets],
-                          weights=self.cfg.stages[stage_index].weights,
-                          filters=self.cfg.stages[stage_index].filters.active(),
-                          on_corrupt_shard=self.cfg.data.on_corrupt_shard)
+        return StreamSpec(
+            shards=shards,
+            batch_size=batch_size,
+            seed=self.cfg.seed + 7919 * stage_index,
+            shuffle_block=self.cfg.data.shuffle_block,
+            pair=self.cfg.stages[stage_index].pair,
+            ref_size=self.frozen.clip.image_size,
+            buckets=[tuple(b) for b in self.cfg.data.buckets],
+            weights=self.cfg.stages[stage_index].weights,
+            filters=self.cfg.stages[stage_index].filters.active(),
+            on_corrupt_shard=self.cfg.data.on_corrupt_shard,
+        )
 
     def _loader(self, stage_index: int):
         from .data import StreamingLoader
 
-        return StreamingLoader(self._stream_spec(stage_index, self.cfg.per_worker_batch_size), self.rank, self.world,
-                               workers=self.cfg.data.data_workers, pin_memory=self.device.type == "cuda")
+        return StreamingLoader(
+            self._stream_spec(stage_index, self.cfg.per_worker_batch_size),
+            self.rank,
+            self.world,
+            workers=self.cfg.data.data_workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def eval_batch(self) -> dict[str, Any]:
         """The first ``eval_samples`` samples of the first stage, the same on every rank and every run."""
@@ -239,8 +273,17 @@ class Worker(ResumeState):
         settings = replace(self.settings, drop_text=0.0, drop_image=0.0, drop_both=0.0)
         self.adapter.eval()  # no expert dropout: the global RNG stays untouched
         gen = torch.Generator(device=self.device).manual_seed(12345)
-        loss = training_loss(self.frozen, self.adapter, self.adapter, self.eval_batch(), settings, gen,
-                             torch.Generator().manual_seed(0), self.autocast, self.features.empty_prompt(0)).item()
+        loss = training_loss(
+            self.frozen,
+            self.adapter,
+            self.adapter,
+            self.eval_batch(),
+            settings,
+            gen,
+            torch.Generator().manual_seed(0),
+            self.autocast,
+            self.features.empty_prompt(0),
+        ).item()
         self.adapter.train()
         return loss
 
@@ -258,20 +301,35 @@ class Worker(ResumeState):
             prompts = list(cfg.logging.validation_prompts)
             if cfg.logging.validation_refs:
                 s = self.frozen.clip.image_size
-                refs = torch.stack([to_chw_uint8(pad_to_square_white(Image.open(p).convert("RGB")).resize((s, s)))
-                                    for p in cfg.logging.validation_refs])
+                refs = torch.stack(
+                    [
+                        to_chw_uint8(pad_to_square_white(Image.open(p).convert("RGB")).resize((s, s)))
+                        for p in cfg.logging.validation_refs
+                    ]
+                )
             else:
                 refs = self.eval_batch()["ref"][: len(prompts)].repeat(len(prompts), 1, 1, 1)[: len(prompts)]
         else:
             batch = self.eval_batch()
             prompts, refs = list(batch["txt"]), batch["ref"]
         # without text encoders (precomputed features) the validation batch's stored captions are used
-        text = (self.eval_batch()["t5"], self.eval_batch()["pooled"]) if self.frozen.pipe.text_encoder_2 is None else None
+        text = (
+            (self.eval_batch()["t5"], self.eval_batch()["pooled"]) if self.frozen.pipe.text_encoder_2 is None else None
+        )
         h, w = cfg.data.buckets[0]
         self.adapter.eval()
-        images = generate_samples(self.frozen, self.adapter, prompts, refs, (h, w), cfg.logging.sample_steps,
-                                  cfg.logging.sample_guidance, seed=cfg.seed, max_sequence_length=cfg.loss.max_sequence_length,
-                                  text=text)
+        images = generate_samples(
+            self.frozen,
+            self.adapter,
+            prompts,
+            refs,
+            (h, w),
+            cfg.logging.sample_steps,
+            cfg.logging.sample_guidance,
+            seed=cfg.seed,
+            max_sequence_length=cfg.loss.max_sequence_length,
+            text=text,
+        )
         self.adapter.train()
         if self.rank == 0:
             d = self.out / "samples" / f"step-{self.step:06d}"
@@ -282,10 +340,15 @@ class Worker(ResumeState):
             (d / "prompts.json").write_text(json.dumps(prompts, indent=1))
             # TensorBoard: references on the top row, samples below
             s = images[0].shape[0]
-            row = [np.asarray(Image.fromarray(np.ascontiguousarray(r.permute(1, 2, 0).numpy())).resize(
-                (images[i].shape[1], s))) for i, r in enumerate(refs)]
-            self.metrics.image("samples", np.concatenate([np.concatenate(row, 1), np.concatenate(images, 1)], 0),
-                               self.step)
+            row = [
+                np.asarray(
+                    Image.fromarray(np.ascontiguousarray(r.permute(1, 2, 0).numpy())).resize((images[i].shape[1], s))
+                )
+                for i, r in enumerate(refs)
+            ]
+            self.metrics.image(
+                "samples", np.concatenate([np.concatenate(row, 1), np.concatenate(images, 1)], 0), self.step
+            )
 
     # ------------------------------------------------------------------ loop
     def _reduce(self, *values: float) -> list[float]:
@@ -321,12 +384,21 @@ class Worker(ResumeState):
         from .parallel import is_sharded
 
         # what this run really does (tests read it to check that a config's switches took effect)
-        self.metrics.write(step=self.step, event="start", world_size=self.world, strategy=cfg.parallel.strategy,
-                           adapter_sharded=is_sharded(self.adapter), dtype=str(self.dtype).removeprefix("torch."),
-                           autocast=None if self.autocast is None else str(self.autocast).removeprefix("torch."),
-                           checkpointed_blocks=self.frozen.checkpointed_blocks, data_workers=cfg.data.data_workers,
-                           clip_layers=list(self.adapter.config.clip_layers), device=self.device.type,
-                           compiled_blocks=compiled_blocks(self.frozen.transformer), attention=self.attention)
+        self.metrics.write(
+            step=self.step,
+            event="start",
+            world_size=self.world,
+            strategy=cfg.parallel.strategy,
+            adapter_sharded=is_sharded(self.adapter),
+            dtype=str(self.dtype).removeprefix("torch."),
+            autocast=None if self.autocast is None else str(self.autocast).removeprefix("torch."),
+            checkpointed_blocks=self.frozen.checkpointed_blocks,
+            data_workers=cfg.data.data_workers,
+            clip_layers=list(self.adapter.config.clip_layers),
+            device=self.device.type,
+            compiled_blocks=compiled_blocks(self.frozen.transformer),
+            attention=self.attention,
+        )
         # which encoders each rank holds: training on precomputed features must not load T5/CLIP text/VAE encoder
         self.metrics.write(event="setup", features=self.features.modes(), frozen_modules=gather(self.frozen.loaded()))
         if self.step == 0 and cfg.logging.eval_every:
@@ -357,16 +429,26 @@ class Worker(ResumeState):
                 window["start"] = t0
             batch = next(it)
             t1 = time.perf_counter()
-            loss = training_loss(self.frozen, self.adapter, self.encode, batch, self.settings, self.gen,
-                                 self.cpu_gen, self.autocast, self.features.empty_prompt(si))
+            loss = training_loss(
+                self.frozen,
+                self.adapter,
+                self.encode,
+                batch,
+                self.settings,
+                self.gen,
+                self.cpu_gen,
+                self.autocast,
+                self.features.empty_prompt(si),
+            )
             loss.backward()
             logging_step = step % cfg.logging.log_every == 0 or step == self.max_steps
             grad_norm = None
             if cfg.optim.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), cfg.optim.grad_clip)
             elif logging_step:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.adapter.parameters()
-                                                           if p.grad is not None])
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.adapter.parameters() if p.grad is not None]
+                )
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -385,22 +467,34 @@ class Worker(ResumeState):
                 dirs = self._stage_dirs(si)
                 seen, dropped = loader.seen, loader.dropped
                 loss_sum, wait, tot, skipped, filtered, corrupt, *counts = self._reduce(
-                    mean_loss, window["wait"], tot, loader.skipped, loader.filtered,
+                    mean_loss,
+                    window["wait"],
+                    tot,
+                    loader.skipped,
+                    loader.filtered,
                     loader.corrupt_shards,
-                    *(seen.get(d, 0) for d in range(len(dirs))), *(dropped.get(r, 0) for r in DROP_REASONS))
+                    *(seen.get(d, 0) for d in range(len(dirs))),
+                    *(dropped.get(r, 0) for r in DROP_REASONS),
+                )
                 stage_start = sum(s.steps for s in cfg.stages[:si])
-                last = dict(step=step, stage=cfg.stages[si].name, loss=loss_sum / self.world,
-                            lr=self.scheduler.get_last_lr()[0],
-                            samples_per_s=cfg.data.global_batch_size * window["n"] * self.world / tot,
-                            data_wait=wait / tot, skipped=int(skipped), filtered=int(filtered),
-                            # this stage's samples so far, summed over ranks: what a mixture really drew
-                            samples_per_dataset={d: int(n) for d, n in zip(dirs, counts)},
-                            filtered_by={r: int(n) for r, n in zip(DROP_REASONS, counts[len(dirs):])},
-                            corrupt_shards=int(corrupt),
-                            grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                                            else grad_norm),
-                            stage_index=si, stage_progress=min(1.0, (step - stage_start) / cfg.stages[si].steps),
-                            progress=step / self.max_steps)
+                last = dict(
+                    step=step,
+                    stage=cfg.stages[si].name,
+                    loss=loss_sum / self.world,
+                    lr=self.scheduler.get_last_lr()[0],
+                    samples_per_s=cfg.data.global_batch_size * window["n"] * self.world / tot,
+                    data_wait=wait / tot,
+                    skipped=int(skipped),
+                    filtered=int(filtered),
+                    # this stage's samples so far, summed over ranks: what a mixture really drew
+                    samples_per_dataset={d: int(n) for d, n in zip(dirs, counts)},
+                    filtered_by={r: int(n) for r, n in zip(DROP_REASONS, counts[len(dirs) :])},
+                    corrupt_shards=int(corrupt),
+                    grad_norm=float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                    stage_index=si,
+                    stage_progress=min(1.0, (step - stage_start) / cfg.stages[si].steps),
+                    progress=step / self.max_steps,
+                )
                 self.metrics.write(**last)
                 if self.spec.extra.get("ray_report"):  # every worker reports (Ray Train's dashboard / Result)
                     import ray.train
@@ -418,7 +512,9 @@ class Worker(ResumeState):
                 fidelity = self.fidelity.evaluate(step, self.adapter)  # every rank generates; rank 0 scores
                 if fidelity is not None:
                     self.metrics.write(**fidelity)
-            if not no_save and ((cfg.checkpoints.every and step % cfg.checkpoints.every == 0) or step == self.max_steps):
+            if not no_save and (
+                (cfg.checkpoints.every and step % cfg.checkpoints.every == 0) or step == self.max_steps
+            ):
                 self.save_checkpoint(loader)
                 if fidelity is not None and self.best is not None:  # its checkpoint is on disk: it may become the best
                     self.offer_best(fidelity[cfg.checkpoints.keep_best])

@@ -56,8 +56,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import (SelectedRecords, SourceError, SourceLicense, check_not_empty, image_column_problem,
-                                     option, read_options, source_path)
+from pipeline.sources.common import (
+    SelectedRecords,
+    SourceError,
+    SourceLicense,
+    check_not_empty,
+    image_column_problem,
+    option,
+    read_options,
+    source_path,
+)
 
 SOURCE = "anyinsertion"
 log = logging.getLogger(__name__)
@@ -71,9 +79,12 @@ LABEL_COLUMNS = ("main_label", "label")  # the viewer's name; upstream's convert
 
 
 LICENSE = SourceLicense(
-    name="AnyInsertion", license="unknown", hub_id="WensongSong/AnyInsertion",
+    name="AnyInsertion",
+    license="unknown",
+    hub_id="WensongSong/AnyInsertion",
     url="https://huggingface.co/datasets/WensongSong/AnyInsertion",
-    note="we could not confirm a license from its dataset card; check its terms before publishing")
+    note="we could not confirm a license from its dataset card; check its terms before publishing",
+)
 """The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
@@ -136,9 +147,11 @@ def _inspect(path: Any, rel: str) -> _File:
     label = next((c for c in LABEL_COLUMNS if c in names), None)
     missing = [c for c in (*TEXT_COLUMNS, *IMAGE_COLUMNS) if c not in names] + ([] if label else ["main_label"])
     if missing:
-        raise SourceError(f"anyinsertion: {path} has no column {', '.join(missing)} (its columns: "
-                          f"{', '.join(names) or 'none'}); expected the AnyInsertion release's id, split, category, "
-                          f"main_label, ref_image, ref_mask, tar_image, tar_mask")
+        raise SourceError(
+            f"anyinsertion: {path} has no column {', '.join(missing)} (its columns: "
+            f"{', '.join(names) or 'none'}); expected the AnyInsertion release's id, split, category, "
+            f"main_label, ref_image, ref_mask, tar_image, tar_mask"
+        )
     bad = {c: p for c in IMAGE_COLUMNS if (p := image_column_problem(schema.field(c).type)) is not None}
     return _File(path=path, rel=rel, groups=groups, label=label, bad_columns=bad)
 
@@ -147,14 +160,18 @@ def _list_files(root: Any, pattern: str) -> list[tuple[Any, str]]:
     if root.is_file():
         return [(root, root.name)]
     if not root.is_dir():
-        raise SourceError(f"anyinsertion: source.root {root} is neither a Parquet file nor a folder; point it at the "
-                          "AnyInsertion release (a folder of .parquet files) or at one file")
+        raise SourceError(
+            f"anyinsertion: source.root {root} is neither a Parquet file nor a folder; point it at the "
+            "AnyInsertion release (a folder of .parquet files) or at one file"
+        )
     if "://" in str(root):
         found = [p for p in root.glob(pattern) if p.is_file()]
     else:
         import glob
 
-        found = [type(root)(p) for p in glob.glob(os.path.join(str(root), pattern), recursive=True) if os.path.isfile(p)]
+        found = [
+            type(root)(p) for p in glob.glob(os.path.join(str(root), pattern), recursive=True) if os.path.isfile(p)
+        ]
     found = sorted(found, key=str)
     if not found:
         entries = sorted(str(p).rsplit("/", 1)[-1] for p in root.glob("*"))
@@ -188,8 +205,10 @@ def _check_selection(opts: Options, seen: dict[str, dict[str, int]], root: Any) 
     selection no row matches, is a SourceError (one line); a release category absent from these files (a
     partial download) is one warning. Returns the selection record for the manifest."""
     if opts.split is not None and opts.split not in seen:
-        raise SourceError(f"anyinsertion: no row has split {opts.split!r} under {root} (splits present: "
-                          f"{', '.join(sorted(s for s in seen if s)) or 'none'}); set source.split (null = all)")
+        raise SourceError(
+            f"anyinsertion: no row has split {opts.split!r} under {root} (splits present: "
+            f"{', '.join(sorted(s for s in seen if s)) or 'none'}); set source.split (null = all)"
+        )
     found: dict[str, int] = {}
     for split, counts in seen.items():
         if opts.split is None or split == opts.split:
@@ -200,27 +219,40 @@ def _check_selection(opts: Options, seen: dict[str, dict[str, int]], root: Any) 
     where = f" in split {opts.split!r}" if opts.split is not None else ""
     unknown = [c for c in wanted or () if c not in RELEASE_CATEGORIES and c not in anywhere]
     if unknown:
-        raise SourceError(f"anyinsertion: {', '.join(map(repr, unknown))} is not a category of the AnyInsertion "
-                          f"release (its categories: {', '.join(sorted(RELEASE_CATEGORIES | (anywhere - {''})))}); "
-                          "fix source.categories")
+        raise SourceError(
+            f"anyinsertion: {', '.join(map(repr, unknown))} is not a category of the AnyInsertion "
+            f"release (its categories: {', '.join(sorted(RELEASE_CATEGORIES | (anywhere - {''})))}); "
+            "fix source.categories"
+        )
     absent = [c for c in wanted or () if c not in found]
     selected = sum(n for c, n in found.items() if wanted is None or c in wanted)
     if not selected and wanted is None:
-        raise SourceError(f"anyinsertion: the Parquet files under {root} hold no row{where}; point source.root at "
-                          "the AnyInsertion release")
+        raise SourceError(
+            f"anyinsertion: the Parquet files under {root} hold no row{where}; point source.root at "
+            "the AnyInsertion release"
+        )
     if not selected:
-        raise SourceError(f"anyinsertion: no row has category {', '.join(map(repr, wanted or []))}{where} under "
-                          f"{root} (categories present: {', '.join(sorted(c for c in found if c)) or 'none'}); fix "
-                          "source.categories")
+        raise SourceError(
+            f"anyinsertion: no row has category {', '.join(map(repr, wanted or []))}{where} under "
+            f"{root} (categories present: {', '.join(sorted(c for c in found if c)) or 'none'}); fix "
+            "source.categories"
+        )
     if absent:
-        msg = (f"anyinsertion: no row has category {', '.join(map(repr, absent))}{where} under {root} (part of the "
-               f"release downloaded?); reading the {selected} row(s) of "
-               f"{', '.join(c for c in wanted or [] if c in found)}")
+        msg = (
+            f"anyinsertion: no row has category {', '.join(map(repr, absent))}{where} under {root} (part of the "
+            f"release downloaded?); reading the {selected} row(s) of "
+            f"{', '.join(c for c in wanted or [] if c in found)}"
+        )
         if msg not in _warned:
             _warned.add(msg)
             log.warning(msg)
-    return {"split": opts.split, "categories": wanted, "found": dict(sorted(found.items())), "absent": absent,
-            "rows_selected": selected}
+    return {
+        "split": opts.split,
+        "categories": wanted,
+        "found": dict(sorted(found.items())),
+        "absent": absent,
+        "rows_selected": selected,
+    }
 
 
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
@@ -229,8 +261,10 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     opts = read_options(cfg, Options, SOURCE)  # options first: a typo fails before any file is opened
     given = option(cfg, "root", "")
     if not given:
-        raise SourceError("anyinsertion: source.root is not set; point it at the AnyInsertion release (a folder of "
-                          ".parquet files, one file, or a URL) or pass --source-root")
+        raise SourceError(
+            "anyinsertion: source.root is not set; point it at the AnyInsertion release (a folder of "
+            ".parquet files, one file, or a URL) or pass --source-root"
+        )
     root = source_path(given)
     files = [_inspect(p, rel) for p, rel in _list_files(root, opts.files)]
     if opts.split is None and opts.categories is None:  # every row: nothing to check, no pass over the rows
@@ -248,8 +282,9 @@ def _records(files: list[_File], opts: Options) -> Iterator[SourceRecord | Rejec
             yield from _file_records(f, pf, opts, seen)
 
 
-def _file_records(f: _File, pf: Any, opts: Options, seen: dict[str, tuple[str, int]]
-                  ) -> Iterator[SourceRecord | Reject]:
+def _file_records(
+    f: _File, pf: Any, opts: Options, seen: dict[str, tuple[str, int]]
+) -> Iterator[SourceRecord | Reject]:
     """The records and rejects of one file's rows (``seen`` spans the run's files)."""
     path = str(f.path)
     stem = f.rel.rsplit(".", 1)[0]
@@ -270,14 +305,19 @@ def _file_records(f: _File, pf: Any, opts: Options, seen: dict[str, tuple[str, i
                 yield _reject(f"{stem}-row{row}", f"no id: {where}")
                 continue
             if rid in seen:
-                yield _reject(f"{stem}-row{row}", f"repeated id: {where} repeats {rid!r} "
-                                                  f"(first at {seen[rid][0]} row {seen[rid][1]})")
+                yield _reject(
+                    f"{stem}-row{row}",
+                    f"repeated id: {where} repeats {rid!r} (first at {seen[rid][0]} row {seen[rid][1]})",
+                )
                 continue
             seen[rid] = (f.rel, row)
             if f.bad_columns:
                 what = "; ".join(f"{c} is {t}" for c, t in f.bad_columns.items())
-                yield _reject(rid, f"image column of another type: {what} in {f.rel}, expected image bytes "
-                                   "(binary or the Hugging Face Image struct {bytes, path})")
+                yield _reject(
+                    rid,
+                    f"image column of another type: {what} in {f.rel}, expected image bytes "
+                    "(binary or the Hugging Face Image struct {bytes, path})",
+                )
                 continue
             label = (labels[i] or "").strip()
             cell = {c: ImageRef(path=path, column=c, row=row) for c in IMAGE_COLUMNS}
@@ -290,7 +330,6 @@ def _file_records(f: _File, pf: Any, opts: Options, seen: dict[str, tuple[str, i
                 reference=cell["ref_image"],
                 reference_mask=cell["ref_mask"],
                 group=f"{SOURCE}-{rid}",
-                extra={"split": splits[i], "category": cats[i], "main_label": labels[i], "file": f.rel,
-                       "row": row},
+                extra={"split": splits[i], "category": cats[i], "main_label": labels[i], "file": f.rel, "row": row},
             )
         start += n

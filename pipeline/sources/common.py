@@ -62,8 +62,11 @@ class SourceLicense:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
 
-UNKNOWN_LICENSE = SourceLicense(name="unknown source", license="unknown",
-                                note="the source states no license we know of; check its terms before publishing")
+UNKNOWN_LICENSE = SourceLicense(
+    name="unknown source",
+    license="unknown",
+    note="the source states no license we know of; check its terms before publishing",
+)
 
 
 def require_dir(root: Any, kind: str, what: str = "the dataset folder") -> Path:
@@ -260,7 +263,6 @@ def as_xyxy(box: Any) -> Box:
     return (x0, y0, x1, y1)
 
 
-
 class FsPath:
     """The part of ``pathlib.Path`` that readers use, over an fsspec URL (``s3://bucket/dir`` …).
     ``str()`` is the URL; ``relative_to`` gives a plain ``PurePosixPath``."""
@@ -371,11 +373,15 @@ def check_not_empty(kind: str, name: str, value: Any) -> None:
         return
     if isinstance(value, (list, tuple)):
         if not value:
-            raise ValueError(f"{kind} source: source.{name} is an empty list, which selects nothing; "
-                             "name at least one or leave the key out")
+            raise ValueError(
+                f"{kind} source: source.{name} is an empty list, which selects nothing; "
+                "name at least one or leave the key out"
+            )
         for i, item in enumerate(value):
             if isinstance(item, str) and not has_word(item):
-                raise ValueError(f"{kind} source: source.{name}[{i}] = {item!r} names nothing; give a word or drop the entry")
+                raise ValueError(
+                    f"{kind} source: source.{name}[{i}] = {item!r} names nothing; give a word or drop the entry"
+                )
     elif isinstance(value, str) and not has_word(value):
         raise ValueError(f"{kind} source: source.{name} = {value!r} names nothing; give a word or leave the key out")
 

@@ -43,15 +43,25 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import Box, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import (SourceError, SourceLicense, as_xyxy, check_not_empty, option, read_options,
-                                     require_dir)
+from pipeline.sources.common import (
+    SourceError,
+    SourceLicense,
+    as_xyxy,
+    check_not_empty,
+    option,
+    read_options,
+    require_dir,
+)
 
 SOURCE = "ffhq"
 
 
 LICENSE = SourceLicense(
-    name="FFHQ", license="cc-by-nc-sa-4.0", url="https://github.com/NVlabs/ffhq-dataset",
-    note="the dataset is CC BY-NC-SA 4.0; each photo keeps its own Flickr license (the sample json's extra.license)")
+    name="FFHQ",
+    license="cc-by-nc-sa-4.0",
+    url="https://github.com/NVlabs/ffhq-dataset",
+    note="the dataset is CC BY-NC-SA 4.0; each photo keeps its own Flickr license (the sample json's extra.license)",
+)
 """The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
@@ -146,8 +156,10 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     categories = {category} if isinstance(category, str) else set(category) if category else None
     meta_path = root / json_name
     if not meta_path.is_file():
-        raise SourceError(f"ffhq: metadata file {meta_path} does not exist; set source.json or point source.root "
-                          "at the folder holding ffhq-dataset-v2.json")
+        raise SourceError(
+            f"ffhq: metadata file {meta_path} does not exist; set source.json or point source.root "
+            "at the folder holding ffhq-dataset-v2.json"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         if not isinstance(meta, dict):
@@ -159,12 +171,16 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     if categories is not None:
         found = {e.get("category") for e in meta.values() if isinstance(e, dict)}
         if not categories & found:
-            raise SourceError(f"ffhq: no entry of {meta_path} has category {sorted(categories)} "
-                              f"(the file has: {sorted(str(c) for c in found)})")
+            raise SourceError(
+                f"ffhq: no entry of {meta_path} has category {sorted(categories)} "
+                f"(the file has: {sorted(str(c) for c in found)})"
+            )
     return _records(root, meta, categories, dedupe)
 
 
-def _records(root: Path, meta: dict[str, Any], categories: set[str] | None, dedupe: bool) -> Iterator[SourceRecord | Reject]:
+def _records(
+    root: Path, meta: dict[str, Any], categories: set[str] | None, dedupe: bool
+) -> Iterator[SourceRecord | Reject]:
     # Group entries into photos; every face keeps its own box.
     photos: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
     for key in sorted(meta, key=_sort_key):

@@ -68,8 +68,10 @@ CROSS_SUFFIX = "~cross"
 
 
 LICENSE = SourceLicense(
-    name="a local image folder", license="unknown",
-    note="your own images: set the card's license to the terms you hold for them before publishing")
+    name="a local image folder",
+    license="unknown",
+    note="your own images: set the card's license to the terms you hold for them before publishing",
+)
 """The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
@@ -112,20 +114,30 @@ def _link_problem(path: Path, rel: str, real_root: str, recursive: bool) -> tupl
         if e.errno == errno.ELOOP:
             return False, f"symlink loop: {rel} leads back to itself; remove the link"
         if e.errno == errno.ENOENT:
-            return False, f"broken symlink: {rel} points at a file that does not exist; remove the link or restore its target"
+            return (
+                False,
+                f"broken symlink: {rel} points at a file that does not exist; remove the link or restore its target",
+            )
         return False, f"unreadable symlink: {rel} ({e.strerror})"
     real = os.path.realpath(path)
     if stat.S_ISDIR(target.st_mode):
         if not recursive:
             return True, None
         if not _inside(real, real_root):
-            return True, (f"folder link not followed: {rel} leads outside the source root; copy the folder into "
-                          "the root instead of linking it")
+            return True, (
+                f"folder link not followed: {rel} leads outside the source root; copy the folder into "
+                "the root instead of linking it"
+            )
         inner = Path(real).relative_to(real_root).as_posix()
-        return True, (f"folder link not followed: {rel} leads to {inner!r} inside the root, whose files are "
-                      "read there (following it would read them twice)")
+        return True, (
+            f"folder link not followed: {rel} leads to {inner!r} inside the root, whose files are "
+            "read there (following it would read them twice)"
+        )
     if not _inside(real, real_root):  # the same words as pipeline.inputs.guard_records
-        return False, f"{rel} is a symlink resolving outside the source root; copy the file into the root instead of linking it"
+        return (
+            False,
+            f"{rel} is a symlink resolving outside the source root; copy the file into the root instead of linking it",
+        )
     return False, None
 
 
@@ -137,8 +149,11 @@ def scan(root: Any, recursive: bool = True) -> Scan:
         files, rejects = _walk_local(root, recursive)
     else:
         listing = root.rglob("*") if recursive else root.glob("*")
-        files = [(p.relative_to(root).as_posix(), p) for p in listing
-                 if not any(part.startswith(".") for part in p.relative_to(root).parts) and p.is_file()]
+        files = [
+            (p.relative_to(root).as_posix(), p)
+            for p in listing
+            if not any(part.startswith(".") for part in p.relative_to(root).parts) and p.is_file()
+        ]
         rejects = []
     stems = {(p.parent, p.stem) for _, p in files if p.suffix.lower() in IMAGE_EXTS}
     images = []
@@ -228,7 +243,9 @@ def read(cfg) -> Iterator[SourceRecord | Reject]:
     given = option(cfg, "root", "")
     root = source_path(given) if given else None
     if root is None or not root.is_dir():
-        raise SourceError(f"folder source: root {given!r} is not a directory; set source.root in the recipe or pass --source-root")
+        raise SourceError(
+            f"folder source: root {given!r} is not a directory; set source.root in the recipe or pass --source-root"
+        )
     if cross not in CROSS_PAIRS:
         raise ValueError(f"folder source: cross_pairs must be one of {', '.join(CROSS_PAIRS)}, not {cross!r}")
     if isinstance(root, Path):  # one spelling of the root: ids, paths and fingerprints do not depend on it
@@ -254,7 +271,9 @@ def _image_records(root: Path, images: list[Path], phrase: str | None, cross: st
     for path in images:
         rel = path.relative_to(root).with_suffix("").as_posix()
         used.add(rel)
-        yield SourceRecord(source="folder", id=rel, image=ImageRef(path=str(path)), phrase=phrase, caption=_caption(path))
+        yield SourceRecord(
+            source="folder", id=rel, image=ImageRef(path=str(path)), phrase=phrase, caption=_caption(path)
+        )
     if cross != "subfolders":
         return
     groups = subfolder_groups(root, images)
@@ -272,5 +291,12 @@ def _image_records(root: Path, images: list[Path], phrase: str | None, cross: st
             n += 1
             rid = f"{path.relative_to(root).with_suffix('').as_posix()}{CROSS_SUFFIX}{n}"
         used.add(rid)
-        yield SourceRecord(source="folder", id=rid, image=ImageRef(path=str(path)), phrase=phrase,
-                           caption=_caption(path), reference=ImageRef(path=str(ref)), group=group)
+        yield SourceRecord(
+            source="folder",
+            id=rid,
+            image=ImageRef(path=str(path)),
+            phrase=phrase,
+            caption=_caption(path),
+            reference=ImageRef(path=str(ref)),
+            group=group,
+        )

@@ -43,16 +43,27 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.records import ImageRef, Reject, SourceRecord
-from pipeline.sources.common import (RLEError, SourceError, SourceLicense, check_rle, option, read_options, require_dir,
-                                     xywh_to_xyxy)
+from pipeline.sources.common import (
+    RLEError,
+    SourceError,
+    SourceLicense,
+    check_rle,
+    option,
+    read_options,
+    require_dir,
+    xywh_to_xyxy,
+)
 
 SOURCE = "sa1b"
 
 
 LICENSE = SourceLicense(
-    name="SA-1B", license="other", license_name="sa-1b-dataset-research-license",
+    name="SA-1B",
+    license="other",
+    license_name="sa-1b-dataset-research-license",
     url="https://ai.meta.com/datasets/segment-anything/",
-    note="Meta's SA-1B Dataset Research License: research use only; read its terms before publishing")
+    note="Meta's SA-1B Dataset Research License: research use only; read its terms before publishing",
+)
 """The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 

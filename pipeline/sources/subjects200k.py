@@ -42,16 +42,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.records import Diptych, ImageRef, Reject, SourceRecord
-from pipeline.sources.common import (SourceLicense, check_not_empty, glob_files, image_column_problem, read_options,
-                                     require_dir)
+from pipeline.sources.common import (
+    SourceLicense,
+    check_not_empty,
+    glob_files,
+    image_column_problem,
+    read_options,
+    require_dir,
+)
 
 SOURCE = "subjects200k"
 SCORES = ("compositeStructure", "objectConsistency", "imageQuality")
 META_COLUMNS = ("collection", "quality_assessment", "description")
 
 
-LICENSE = SourceLicense(name="Subjects200K", license="apache-2.0", hub_id="Yuanshi/Subjects200K",
-                        url="https://huggingface.co/datasets/Yuanshi/Subjects200K")
+LICENSE = SourceLicense(
+    name="Subjects200K",
+    license="apache-2.0",
+    hub_id="Yuanshi/Subjects200K",
+    url="https://huggingface.co/datasets/Yuanshi/Subjects200K",
+)
 """The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
@@ -82,8 +92,11 @@ def _reject(rid: str, reason: str) -> Reject:
 
 def _image_column(arrow_type: Any) -> str | None:
     problem = image_column_problem(arrow_type)
-    return None if problem is None else (f"column 'image' is {problem}, not image bytes "
-                                         "(struct{bytes: binary, path: string} or binary)")
+    return (
+        None
+        if problem is None
+        else (f"column 'image' is {problem}, not image bytes (struct{{bytes: binary, path: string}} or binary)")
+    )
 
 
 def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
@@ -91,8 +104,11 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     opt = read_options(cfg, Options, SOURCE)  # typed, unknown keys refused with the nearest name
     if opt.padding < 0:
         raise ValueError(f"{SOURCE}: source option 'padding' = {opt.padding}: must be >= 0")
-    root = require_dir(getattr(cfg, "root", None) if not isinstance(cfg, dict) else cfg.get("root"), SOURCE,
-                       "the dataset folder (holding data/train-*.parquet)")
+    root = require_dir(
+        getattr(cfg, "root", None) if not isinstance(cfg, dict) else cfg.get("root"),
+        SOURCE,
+        "the dataset folder (holding data/train-*.parquet)",
+    )
     files = glob_files(root, opt.files, SOURCE, "Parquet files")
     return _records(files, opt)
 
@@ -109,8 +125,7 @@ def _records(files: list[Path], opt: Options) -> Iterator[SourceRecord | Reject]
             yield _reject(stem, f"{path.name} is not a readable Parquet file: {type(e).__name__}: {e}")
             continue
         missing = [c for c in ("image", *META_COLUMNS) if c not in schema.names]
-        bad = (f"missing column(s) {', '.join(missing)}" if missing
-               else _image_column(schema.field("image").type))
+        bad = f"missing column(s) {', '.join(missing)}" if missing else _image_column(schema.field("image").type)
         row = 0
         try:
             for batch in pf.iter_batches(columns=[c for c in META_COLUMNS if c in schema.names], batch_size=4096):
@@ -121,7 +136,9 @@ def _records(files: list[Path], opt: Options) -> Iterator[SourceRecord | Reject]
                     if out is not None:
                         yield out
         except Exception as e:  # a corrupt row group: the rest of the file is one reject
-            yield _reject(f"{stem}-r{row:06d}-rest", f"{path.name}: cannot read rows from {row} on: {type(e).__name__}: {e}")
+            yield _reject(
+                f"{stem}-r{row:06d}-rest", f"{path.name}: cannot read rows from {row} on: {type(e).__name__}: {e}"
+            )
 
 
 def _row(path: Path, row: int, rid: str, values: dict[str, Any], opt: Options) -> SourceRecord | Reject | None:

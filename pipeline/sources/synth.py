@@ -33,15 +33,19 @@ from pipeline.sources.common import SourceLicense, check_not_empty, read_options
 
 SOURCE = "synth"
 GRAMMAR = Path(__file__).resolve().parents[1] / "synth_grammar.yaml"
-PROMPT = ("A diptych of two side-by-side photos of the same {subject}. Left: the {subject} {scene_0}. "
-          "Right: the same {subject} {scene_1}. Identical object in both panels, centered, fully visible.")
+PROMPT = (
+    "A diptych of two side-by-side photos of the same {subject}. Left: the {subject} {scene_0}. "
+    "Right: the same {subject} {scene_1}. Identical object in both panels, centered, fully visible."
+)
 
 
 LICENSE = SourceLicense(
-    name="images generated with FLUX.1-dev", license="other",
+    name="images generated with FLUX.1-dev",
+    license="other",
     license_name="flux-1-dev-non-commercial-license",
     url="https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md",
-    note="outputs of FLUX.1 [dev]: its license's terms on outputs apply")
+    note="outputs of FLUX.1 [dev]: its license's terms on outputs apply",
+)
 """The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
@@ -95,9 +99,16 @@ def load_grammar(path: str | Path) -> dict[str, Any]:
         g = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"synth: grammar {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+
     def strings(v: Any) -> bool:
         return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x.strip() for x in v)
-    if not isinstance(g, dict) or not strings(g.get("attributes")) or not strings(g.get("scenes")) or len(g["scenes"]) < 2:
+
+    if (
+        not isinstance(g, dict)
+        or not strings(g.get("attributes"))
+        or not strings(g.get("scenes"))
+        or len(g["scenes"]) < 2
+    ):
         raise ValueError(f"synth: grammar {p} needs 'attributes' and 'scenes' (>= 2) as lists of strings")
     cats = g.get("categories")
     if not isinstance(cats, dict) or not cats or not all(strings(v) for v in cats.values()):
@@ -157,16 +168,26 @@ def _records(draws: list[tuple[str, str, str, str]], opt: Options) -> Iterator[S
             continue
         for k in range(opt.seeds_per_subject):
             rid = f"p{i:06d}-s{k:02d}"
-            settings = {"prompt": opt.template.format(subject=subject, scene_0=s0, scene_1=s1),
-                        "seed": opt.seed * 1_000_000 + i * opt.seeds_per_subject + k, "steps": opt.steps,
-                        "guidance": opt.guidance, "width": opt.width, "height": opt.height}
+            settings = {
+                "prompt": opt.template.format(subject=subject, scene_0=s0, scene_1=s1),
+                "seed": opt.seed * 1_000_000 + i * opt.seeds_per_subject + k,
+                "steps": opt.steps,
+                "guidance": opt.guidance,
+                "width": opt.width,
+                "height": opt.height,
+            }
             yield SourceRecord(
                 source=SOURCE,
                 id=rid,
                 image=ImageRef(path=f"synth/{rid}.png"),
                 phrase=phrase,
-                diptych=Diptych(padding=opt.padding, generate=settings,
-                                captions=(opt.caption.format(subject=subject, scene=s0),
-                                          opt.caption.format(subject=subject, scene=s1))),
+                diptych=Diptych(
+                    padding=opt.padding,
+                    generate=settings,
+                    captions=(
+                        opt.caption.format(subject=subject, scene=s0),
+                        opt.caption.format(subject=subject, scene=s1),
+                    ),
+                ),
                 extra={**settings, "subject": subject, "scenes": [s0, s1]},
             )

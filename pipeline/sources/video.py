@@ -274,7 +274,10 @@ def _frame_by_count(container, stream, index: int) -> np.ndarray | None:
 
 
 def read_frame(
-    path: str | os.PathLike, index: int, crop: Sequence[float] | None = None, member: str | None = None,
+    path: str | os.PathLike,
+    index: int,
+    crop: Sequence[float] | None = None,
+    member: str | None = None,
     max_pixels: int | None = None,
 ) -> np.ndarray:
     """Frame ``index`` (0-based) of the video at ``path`` (or of its tar ``member``) as ``(H, W, 3) uint8
@@ -310,8 +313,10 @@ def _read(source, index: int, crop: Sequence[float] | None, where: str, max_pixe
         stream = container.streams.video[0]
         w, h = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         if max_pixels is not None and w * h > max_pixels:
-            raise VideoReadError(f"declared frame size {w}x{h} = {w * h} pixels exceeds filters.max_image_pixels="
-                                 f"{max_pixels} (decompression-bomb guard); raise the limit if such videos are expected")
+            raise VideoReadError(
+                f"declared frame size {w}x{h} = {w * h} pixels exceeds filters.max_image_pixels="
+                f"{max_pixels} (decompression-bomb guard); raise the limit if such videos are expected"
+            )
         try:
             frame = _frame_by_time(container, stream, index) if index > 0 else None
             if frame is None:
@@ -321,7 +326,6 @@ def _read(source, index: int, crop: Sequence[float] | None, where: str, max_pixe
         total = stream.frames or "unknown"
     if frame is None:
         raise VideoReadError(
-            f"frame index {index} is past the end of {where} ({total} frames); "
-            "use an index below the clip's num_frames"
+            f"frame index {index} is past the end of {where} ({total} frames); use an index below the clip's num_frames"
         )
     return _crop(frame, crop, where)

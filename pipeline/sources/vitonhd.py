@@ -52,8 +52,8 @@ _IMAGE_EXT = (".jpg", ".jpeg", ".png")
 
 
 LICENSE = SourceLicense(
-    name="VITON-HD", license="cc-by-nc-4.0", url="https://github.com/shadow2496/VITON-HD",
-    note="non-commercial use")
+    name="VITON-HD", license="cc-by-nc-4.0", url="https://github.com/shadow2496/VITON-HD", note="non-commercial use"
+)
 """The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
@@ -92,10 +92,14 @@ def _split_dir(root: Path, split: str) -> Path:
     if present:
         other = [p for p in present if p in ("train", "test")]
         hint = f"set source.split: {other[0]}" if other else "point source.root at the VITON-HD folder"
-        raise SourceError(f"vitonhd: split {split!r} not found: {root} holds {', '.join(p + '/' for p in present)} "
-                          f"but no {split}/image/; {hint}")
-    raise SourceError(f"vitonhd: no {split}/image/ (nor image/) under {root}; point source.root at the VITON-HD "
-                      "folder (holding train/ and test/) or at a split folder")
+        raise SourceError(
+            f"vitonhd: split {split!r} not found: {root} holds {', '.join(p + '/' for p in present)} "
+            f"but no {split}/image/; {hint}"
+        )
+    raise SourceError(
+        f"vitonhd: no {split}/image/ (nor image/) under {root}; point source.root at the VITON-HD "
+        "folder (holding train/ and test/) or at a split folder"
+    )
 
 
 def _person_names(root: Path, split_dir: Path, split: str) -> list[str | Reject]:
@@ -111,11 +115,18 @@ def _person_names(root: Path, split_dir: Path, split: str) -> list[str | Reject]
         if not parts:
             continue
         if len(parts) > 2 or not parts[0].lower().endswith(_IMAGE_EXT):
-            rejects.append(_reject(f"{split}_pairs-line{n}", f"{pairs.name} line {n} {line!r} is not 'person.jpg cloth.jpg'"))
+            rejects.append(
+                _reject(f"{split}_pairs-line{n}", f"{pairs.name} line {n} {line!r} is not 'person.jpg cloth.jpg'")
+            )
             continue
         if parts[0] in first:
-            rejects.append(_reject(f"{split}_pairs-line{n}", f"{pairs.name} line {n} repeats person {parts[0]} "
-                                   f"(first on line {first[parts[0]]}); each person is read once"))
+            rejects.append(
+                _reject(
+                    f"{split}_pairs-line{n}",
+                    f"{pairs.name} line {n} repeats person {parts[0]} "
+                    f"(first on line {first[parts[0]]}); each person is read once",
+                )
+            )
             continue
         first[parts[0]] = n
     return rejects + sorted(first)
@@ -132,8 +143,10 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     split_dir = _split_dir(root, split)
     names = _person_names(root, split_dir, split)
     if not any(isinstance(n, str) for n in names):
-        raise SourceError(f"vitonhd: split {split!r} lists no person image ({split}_pairs.txt is empty or missing "
-                          f"and {split_dir / 'image'} holds no .jpg/.png)")
+        raise SourceError(
+            f"vitonhd: split {split!r} lists no person image ({split}_pairs.txt is empty or missing "
+            f"and {split_dir / 'image'} holds no .jpg/.png)"
+        )
     return _records(split_dir, split, phrase, names)
 
 

@@ -26,8 +26,19 @@ from pipeline.stages.quality import QualityStage
 from pipeline.stages.segment import SegmentStage
 from pipeline.stages.select import SelectStage
 
-STAGE_ORDER = (GenerateStage, DecodeStage, DetectStage, SelectStage, SegmentStage, ComposeStage, QualityStage,
-               ConsistencyStage, DecontaminationStage, CaptionStage, PairStage)
+STAGE_ORDER = (
+    GenerateStage,
+    DecodeStage,
+    DetectStage,
+    SelectStage,
+    SegmentStage,
+    ComposeStage,
+    QualityStage,
+    ConsistencyStage,
+    DecontaminationStage,
+    CaptionStage,
+    PairStage,
+)
 """The one list of curation stages, in order. Every stage is built as ``cls(recipe, models)``; both
 executors run ``build_stages`` inside their chunk worker (in process, or one per Ray actor), so
 neither keeps a list of its own. Resources are the chunk worker's (``executor.cpus_per_worker``,
@@ -61,5 +72,20 @@ def run_stages(items: list[Item], stages: list[Stage], timings: dict[str, float]
     return items
 
 
-__all__ = ["SetupError", "build_stages", "run_stages", "STAGE_ORDER", "GenerateStage", "DecodeStage", "DetectStage", "SelectStage", "SegmentStage",
-           "ComposeStage", "QualityStage", "ConsistencyStage", "DecontaminationStage", "CaptionStage", "PairStage"]
+__all__ = [
+    "SetupError",
+    "build_stages",
+    "run_stages",
+    "STAGE_ORDER",
+    "GenerateStage",
+    "DecodeStage",
+    "DetectStage",
+    "SelectStage",
+    "SegmentStage",
+    "ComposeStage",
+    "QualityStage",
+    "ConsistencyStage",
+    "DecontaminationStage",
+    "CaptionStage",
+    "PairStage",
+]

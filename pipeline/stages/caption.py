@@ -43,8 +43,9 @@ class CaptionStage(LazyModel):
 
             device = resolve_device(self.recipe.executor.device)
             try:
-                self._captioner = Captioner(self.model_path, device=device,
-                                            max_new_tokens=self.recipe.captioning.max_new_tokens)
+                self._captioner = Captioner(
+                    self.model_path, device=device, max_new_tokens=self.recipe.captioning.max_new_tokens
+                )
             except Exception as e:
                 raise SetupError(f"cannot load the captioning model: {e}") from e
         return self._captioner
@@ -96,8 +97,11 @@ class CaptionStage(LazyModel):
                     it.caption_prompt = c.template
             todo = [it for it in todo if it.caption is None]
         for it in todo:
-            why = ("" if self.model_path or "model" not in c.order
-                   else " (no captioning model: set captioning.model or models.yaml captioner)")
+            why = (
+                ""
+                if self.model_path or "model" not in c.order
+                else " (no captioning model: set captioning.model or models.yaml captioner)"
+            )
             it.fail(self.name, f"no caption: none of captioning.order={c.order} applied{why}")
         for it in items:
             it.adopt_twin_reject()

@@ -14,8 +14,9 @@ from pipeline.records import Box
 from pipeline.sample import Item
 
 
-def compose_reference(image: np.ndarray, mask: np.ndarray, margin: float,
-                      crop_box: Box | None = None) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def compose_reference(
+    image: np.ndarray, mask: np.ndarray, margin: float, crop_box: Box | None = None
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """``(ref (h, w, 3) uint8, crop XYXY ints)``: the subject on white, cropped to ``crop_box`` (or the
     mask's box) grown by ``margin`` × its longer side. Raises ValueError when nothing of the subject
     lies in the crop."""
@@ -53,7 +54,8 @@ class ComposeStage:
                 if item.crop_mode == "face" and view.face_box is not None:
                     try:
                         item.ref_image, item.ref_box = compose_reference(
-                            view.image, view.mask, self.recipe.human.face_margin, view.face_box)
+                            view.image, view.mask, self.recipe.human.face_margin, view.face_box
+                        )
                         self._check_size(item)
                         continue
                     except ValueError:
@@ -74,12 +76,16 @@ class ComposeStage:
             source = "right" if direction.panel == 0 else "left"  # the panel the reference is cut from
             try:
                 direction.ref_image, direction.ref_box = compose_reference(
-                    direction.ref_view.image, direction.ref_view.mask, self.recipe.reference.margin)
+                    direction.ref_view.image, direction.ref_view.mask, self.recipe.reference.margin
+                )
                 h, w = direction.ref_image.shape[:2]
                 limit = self.recipe.filters.min_reference_side
                 if min(h, w) < limit:
-                    item.fail(self.name, f"{source} panel: reference too small: {w}x{h}, shorter side below "
-                                         f"filters.min_reference_side={limit}")
+                    item.fail(
+                        self.name,
+                        f"{source} panel: reference too small: {w}x{h}, shorter side below "
+                        f"filters.min_reference_side={limit}",
+                    )
             except Exception as e:
                 item.fail(self.name, f"{source} panel: cannot compose the reference: {e}")
             if not item.ok:

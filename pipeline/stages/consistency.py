@@ -68,6 +68,9 @@ class ConsistencyStage(LazyModel):
             score = round(cosine(emb[2 * i], emb[2 * i + 1]), 4)
             item.consistency = item.twin.consistency = score
             if limit is not None and score < limit:
-                item.fail(self.name, f"subjects differ: consistency {score:.4f} (OpenCLIP cosine of the two "
-                                     f"cut-outs) < consistency.min_score={limit:g}")
+                item.fail(
+                    self.name,
+                    f"subjects differ: consistency {score:.4f} (OpenCLIP cosine of the two "
+                    f"cut-outs) < consistency.min_score={limit:g}",
+                )
         return items

@@ -49,8 +49,10 @@ def decode_image(data: bytes, *, max_pixels: int = 89_478_485, min_side: int = 1
     if w <= 0 or h <= 0:
         raise DecodeError(f"declared size {w}x{h} is empty")
     if w * h > max_pixels:
-        raise DecodeError(f"declared size {w}x{h} = {w * h} pixels exceeds filters.max_image_pixels={max_pixels} "
-                          "(decompression-bomb guard); raise the limit if such images are expected")
+        raise DecodeError(
+            f"declared size {w}x{h} = {w * h} pixels exceeds filters.max_image_pixels={max_pixels} "
+            "(decompression-bomb guard); raise the limit if such images are expected"
+        )
     if min(w, h) < min_side:
         raise DecodeError(f"image too small: {w}x{h}, shorter side below filters.min_image_side={min_side}")
     try:
@@ -89,7 +91,11 @@ def decode_mask(data: bytes) -> np.ndarray:
     except Exception as e:
         raise DecodeError(f"mask is not a readable image ({type(e).__name__}: {e})") from None
     if im.mode in ("RGBA", "LA"):
-        im = im.getchannel("A") if np.asarray(im.convert("L")).min() == np.asarray(im.convert("L")).max() else im.convert("L")
+        im = (
+            im.getchannel("A")
+            if np.asarray(im.convert("L")).min() == np.asarray(im.convert("L")).max()
+            else im.convert("L")
+        )
     return np.asarray(im.convert("L")) > 127
 
 
@@ -105,13 +111,19 @@ class ByteReader:
         self._parquet = ParquetCells()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"max_open_tars": self.max_open_tars, "max_bytes": self.max_bytes, "_tars": OrderedDict(),
-                "_parquet": ParquetCells()}
+        return {
+            "max_open_tars": self.max_open_tars,
+            "max_bytes": self.max_bytes,
+            "_tars": OrderedDict(),
+            "_parquet": ParquetCells(),
+        }
 
     def _check_size(self, size: int, where: str) -> None:
         if self.max_bytes is not None and size > self.max_bytes:
-            raise DecodeError(f"file too large: {where} is {size} bytes, above filters.max_file_bytes={self.max_bytes}; "
-                              "raise the limit if such files are expected")
+            raise DecodeError(
+                f"file too large: {where} is {size} bytes, above filters.max_file_bytes={self.max_bytes}; "
+                "raise the limit if such files are expected"
+            )
 
     def read(self, ref: ImageRef) -> bytes:
         if ref.column is not None:
@@ -244,7 +256,9 @@ def cell_bytes(cell: Any, where: str) -> bytes:
 def _check_frame(frame: np.ndarray, recipe: Recipe, where: str) -> np.ndarray:
     h, w = frame.shape[:2]
     if min(h, w) < recipe.filters.min_image_side:
-        raise DecodeError(f"image too small: {w}x{h} ({where}), shorter side below filters.min_image_side={recipe.filters.min_image_side}")
+        raise DecodeError(
+            f"image too small: {w}x{h} ({where}), shorter side below filters.min_image_side={recipe.filters.min_image_side}"
+        )
     return np.ascontiguousarray(frame, dtype=np.uint8)
 
 
@@ -274,7 +288,7 @@ class DecodeStage:
         image = decode_image(self.reader.read(ref), max_pixels=f.max_image_pixels, min_side=f.min_image_side)
         if crop is not None:
             x0, y0, x1, y1 = (int(round(float(v))) for v in crop)
-            image = _check_frame(image[max(0, y0):y1, max(0, x0):x1], self.recipe, f"crop {tuple(crop)}")
+            image = _check_frame(image[max(0, y0) : y1, max(0, x0) : x1], self.recipe, f"crop {tuple(crop)}")
         return image
 
     def _target(self, item: Item) -> View:
@@ -323,8 +337,9 @@ class DecodeStage:
             image = decode_image(self.reader.read(r.image), max_pixels=self.recipe.filters.max_image_pixels)
         h, w = image.shape[:2]
         if w != 2 * h:
-            raise DecodeError(f"not a diptych: the image is {w}x{h}, but two square panels side by side "
-                              f"are {2 * h}x{h}")
+            raise DecodeError(
+                f"not a diptych: the image is {w}x{h}, but two square panels side by side are {2 * h}x{h}"
+            )
         p = d.padding
         side = h - 2 * p
         if side < 1:
@@ -333,7 +348,7 @@ class DecodeStage:
         for x0 in (p, side + 2 * p):
             crop = (x0, p, x0 + side, p + side)
             view = View(ref=r.image, crop=crop)
-            view.image = _check_frame(image[p:p + side, x0:x0 + side], self.recipe, f"panel {crop}")
+            view.image = _check_frame(image[p : p + side, x0 : x0 + side], self.recipe, f"panel {crop}")
             views.append(view)
         return views[0], views[1]
 

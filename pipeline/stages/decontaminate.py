@@ -49,8 +49,10 @@ class DecontaminationStage(LazyModel):
     def embedder(self):
         if self._embed is None and self.cfg.min_similarity is not None:
             if self.clip is None:
-                raise SetupError("decontamination.min_similarity needs models.yaml 'clip_vision' (pass --models "
-                                 "M.yaml), or set decontamination.min_similarity: null for the pHash check only")
+                raise SetupError(
+                    "decontamination.min_similarity needs models.yaml 'clip_vision' (pass --models "
+                    "M.yaml), or set decontamination.min_similarity: null for the pHash check only"
+                )
             from pipeline.decontam import clip_embedder
 
             try:
@@ -70,8 +72,13 @@ class DecontaminationStage(LazyModel):
             embed = self.embedder()
             try:
                 self._index = BenchmarkIndex.build(
-                    list_benchmarks(c.against), max_distance=c.max_distance, hash_size=c.hash_size,
-                    max_thumb_diff=c.max_thumb_diff, min_similarity=c.min_similarity, embed=embed)
+                    list_benchmarks(c.against),
+                    max_distance=c.max_distance,
+                    hash_size=c.hash_size,
+                    max_thumb_diff=c.max_thumb_diff,
+                    min_similarity=c.min_similarity,
+                    embed=embed,
+                )
             except ConfigError as e:  # a benchmark that changed under the run: stop it, it cannot be checked
                 raise SetupError(str(e)) from None
         return self._index

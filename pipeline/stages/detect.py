@@ -44,8 +44,9 @@ class DetectStage(LazyModel):
             except Exception as e:
                 raise SetupError(f"cannot load Grounding DINO: {e}") from e
             d = self.recipe.detection
-            self._detector = GroundingDinoDetector(model, size=d.image_size, max_size=d.max_size, device=device,
-                                                   precision=self.recipe.executor.precision)
+            self._detector = GroundingDinoDetector(
+                model, size=d.image_size, max_size=d.max_size, device=device, precision=self.recipe.executor.precision
+            )
         return self._detector
 
     def _detect(self, jobs: list[tuple[Item, View, str]]) -> list[list[Candidate] | None]:
@@ -56,18 +57,25 @@ class DetectStage(LazyModel):
         bs = self.recipe.executor.batch_size
         detector = self.detector  # loads once; a setup failure stops the job
         for i in range(0, len(jobs), bs):
-            part = jobs[i:i + bs]
+            part = jobs[i : i + bs]
             try:
-                dets = detector.detect([v.image for _, v, _ in part], [c for _, _, c in part],
-                                            box_threshold=d.box_threshold, text_threshold=d.text_threshold)
+                dets = detector.detect(
+                    [v.image for _, v, _ in part],
+                    [c for _, _, c in part],
+                    box_threshold=d.box_threshold,
+                    text_threshold=d.text_threshold,
+                )
             except Exception:
                 if len(part) == 1:
                     raise
                 dets = []
                 for job in part:
                     try:
-                        dets.append(detector.detect([job[1].image], [job[2]], box_threshold=d.box_threshold,
-                                                         text_threshold=d.text_threshold)[0])
+                        dets.append(
+                            detector.detect(
+                                [job[1].image], [job[2]], box_threshold=d.box_threshold, text_threshold=d.text_threshold
+                            )[0]
+                        )
                     except Exception as e:
                         job[0].fail(self.name, f"detector failed on this image ({type(e).__name__}: {e})")
                         dets.append(None)
@@ -76,8 +84,13 @@ class DetectStage(LazyModel):
         return out
 
     def __call__(self, items: list[Item]) -> list[Item]:
-        jobs = [(it, v, it.record.phrase or self.recipe.detection.prompt)
-                for it in items if it.ok for v in it.views() if not v.searched]
+        jobs = [
+            (it, v, it.record.phrase or self.recipe.detection.prompt)
+            for it in items
+            if it.ok
+            for v in it.views()
+            if not v.searched
+        ]
         for (item, view, _), cands in zip(jobs, self._detect(jobs) if jobs else []):
             if cands is not None:
                 view.candidates = cands
@@ -107,11 +120,13 @@ class DetectStage(LazyModel):
             if not item.ok:
                 continue
             x0, y0, x1, y1 = subject.box
-            inside = [f for f in faces or [] if x0 <= (f.box[0] + f.box[2]) / 2 <= x1 and y0 <= (f.box[1] + f.box[3]) / 2 <= y1]
+            inside = [
+                f
+                for f in faces or []
+                if x0 <= (f.box[0] + f.box[2]) / 2 <= x1 and y0 <= (f.box[1] + f.box[3]) / 2 <= y1
+            ]
             if inside:
                 view.face_box = max(inside, key=lambda f: f.score).box
             else:
                 item.crop_mode = "body"
                 item.face_fallback = True
-
-

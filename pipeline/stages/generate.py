@@ -37,7 +37,9 @@ class GenerateStage(LazyModel):
         """The diffusers ``FluxPipeline`` on the executor's device, on first use."""
         if self._pipe is None:
             if self.flux is None:
-                raise SetupError("generated diptychs need models.yaml 'flux' (a FLUX.1-dev directory); pass --models M.yaml")
+                raise SetupError(
+                    "generated diptychs need models.yaml 'flux' (a FLUX.1-dev directory); pass --models M.yaml"
+                )
             import torch
 
             from dynaip.models.flux import load_flux_pipeline
@@ -56,14 +58,22 @@ class GenerateStage(LazyModel):
         """One diptych ``(height, width, 3) uint8`` from its settings."""
         import torch
 
-        out = self.pipe(prompt=settings["prompt"], width=int(settings["width"]), height=int(settings["height"]),
-                        num_inference_steps=int(settings["steps"]), guidance_scale=float(settings["guidance"]),
-                        generator=torch.Generator("cpu").manual_seed(int(settings["seed"])), output_type="np")
+        out = self.pipe(
+            prompt=settings["prompt"],
+            width=int(settings["width"]),
+            height=int(settings["height"]),
+            num_inference_steps=int(settings["steps"]),
+            guidance_scale=float(settings["guidance"]),
+            generator=torch.Generator("cpu").manual_seed(int(settings["seed"])),
+            output_type="np",
+        )
         image = np.asarray(out.images[0], dtype=np.float32)
         return (image.clip(0.0, 1.0) * 255.0).round().astype(np.uint8)
 
     def __call__(self, items: list[Item]) -> list[Item]:
-        todo = [it for it in items if it.ok and it.record.diptych is not None and it.record.diptych.generate is not None]
+        todo = [
+            it for it in items if it.ok and it.record.diptych is not None and it.record.diptych.generate is not None
+        ]
         if todo:
             self.pipe  # loads once; a setup failure stops the job
         for item in todo:

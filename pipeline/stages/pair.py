@@ -43,8 +43,11 @@ def sample_meta(item: Item, recipe_hash: str) -> dict[str, Any]:
     if r.extra:
         meta["extra"] = r.extra
     if r.diptych is not None:
-        meta["diptych"] = {"target_panel": "left" if item.panel == 0 else "right", "consistency": item.consistency,
-                           "padding": r.diptych.padding}
+        meta["diptych"] = {
+            "target_panel": "left" if item.panel == 0 else "right",
+            "consistency": item.consistency,
+            "padding": r.diptych.padding,
+        }
     return meta
 
 
@@ -68,10 +71,17 @@ class PairStage:
                 item.fail(self.name, f"{kind} pairs are disabled (pairing.kinds={self.recipe.pairing.kinds})")
                 continue
             try:
-                item.samples = [Sample(key=item.key(n), ref=d.ref_image, tgt=d.target.image,
-                                       mask=d.target.mask, caption=d.caption or "",
-                                       meta=sample_meta(d, self.recipe_hash))
-                                for n, d in enumerate(item.directions())]  # a diptych: both directions
+                item.samples = [
+                    Sample(
+                        key=item.key(n),
+                        ref=d.ref_image,
+                        tgt=d.target.image,
+                        mask=d.target.mask,
+                        caption=d.caption or "",
+                        meta=sample_meta(d, self.recipe_hash),
+                    )
+                    for n, d in enumerate(item.directions())
+                ]  # a diptych: both directions
             except Exception as e:
                 item.fail(self.name, f"cannot build the sample: {type(e).__name__}: {e}")
         return items

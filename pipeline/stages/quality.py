@@ -66,11 +66,15 @@ def measure(item: Item) -> dict[str, Any]:
 def threshold_reason(q: dict[str, Any], f: Any) -> str | None:
     """The first quality filter ``q`` fails, with its value; None when it passes."""
     if f.min_subject_pixels is not None and q["subject_pixels"] < f.min_subject_pixels:
-        return (f"subject too small: {q['subject_pixels']} subject pixels in the reference "
-                f"< filters.min_subject_pixels={f.min_subject_pixels}")
+        return (
+            f"subject too small: {q['subject_pixels']} subject pixels in the reference "
+            f"< filters.min_subject_pixels={f.min_subject_pixels}"
+        )
     if f.min_sharpness is not None and q["sharpness"] < f.min_sharpness:
-        return (f"blurry reference: sharpness {q['sharpness']:g} (variance of the Laplacian) "
-                f"< filters.min_sharpness={f.min_sharpness:g}")
+        return (
+            f"blurry reference: sharpness {q['sharpness']:g} (variance of the Laplacian) "
+            f"< filters.min_sharpness={f.min_sharpness:g}"
+        )
     if f.min_mask_score is not None and q["mask_score"] is not None and q["mask_score"] < f.min_mask_score:
         return f"uncertain mask: SAM score {q['mask_score']:g} < filters.min_mask_score={f.min_mask_score:g}"
     if f.min_aesthetic is not None and q["aesthetic"] is not None and q["aesthetic"] < f.min_aesthetic:
@@ -94,15 +98,20 @@ class QualityStage(LazyModel):
     def scorer(self):
         """``AestheticScorer`` from ``models.aesthetic`` on first use; None when none is configured."""
         if self._scorer is None and self.paths is None and self.recipe.filters.min_aesthetic is not None:
-            raise SetupError("filters.min_aesthetic is set but models.yaml has no 'aesthetic' entry; add the "
-                             "head's path (docs/curation_quality.md) or drop the threshold")
+            raise SetupError(
+                "filters.min_aesthetic is set but models.yaml has no 'aesthetic' entry; add the "
+                "head's path (docs/curation_quality.md) or drop the threshold"
+            )
         if self._scorer is None and self.paths is not None:
             from dynaip.models.aesthetic import AestheticScorer
 
             try:
-                self._scorer = AestheticScorer(self.paths.path, self.paths.clip or self.clip,
-                                               device=resolve_device(self.recipe.executor.device),
-                                               activation=self.paths.activation)
+                self._scorer = AestheticScorer(
+                    self.paths.path,
+                    self.paths.clip or self.clip,
+                    device=resolve_device(self.recipe.executor.device),
+                    activation=self.paths.activation,
+                )
             except Exception as e:
                 raise SetupError(f"models.yaml {self._failed_key(e)}: {e}") from e
         return self._scorer

@@ -62,8 +62,11 @@ class SegmentStage(LazyModel):
             if self.models is None:
                 raise SetupError("segmentation is needed but no models config was given; pass --models M.yaml")
             try:
-                self._segmenter = SamBoxSegmenter(load_sam(self.models.require("sam"), device=device), device=device,
-                                                  precision=self.recipe.executor.precision)
+                self._segmenter = SamBoxSegmenter(
+                    load_sam(self.models.require("sam"), device=device),
+                    device=device,
+                    precision=self.recipe.executor.precision,
+                )
             except Exception as e:
                 raise SetupError(f"cannot load SAM: {e}") from e
         return self._segmenter
@@ -72,7 +75,7 @@ class SegmentStage(LazyModel):
         bs = self.recipe.executor.batch_size
         segmenter = self.segmenter  # loads once; a setup failure stops the job
         for i in range(0, len(jobs), bs):
-            part = jobs[i:i + bs]
+            part = jobs[i : i + bs]
             try:
                 outs = segmenter.segment([v.image for _, v in part], [np.array([v.primary.box]) for _, v in part])
             except Exception:

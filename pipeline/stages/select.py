@@ -34,16 +34,19 @@ def comparable_subjects(ranked: list[Candidate], f: FilterConfig) -> int:
     return len(kept)
 
 
-def select_primary(cands: list[Candidate], height: int, width: int, f: FilterConfig,
-                   check_area: bool = True) -> tuple[Candidate | None, str | None]:
+def select_primary(
+    cands: list[Candidate], height: int, width: int, f: FilterConfig, check_area: bool = True
+) -> tuple[Candidate | None, str | None]:
     """``(primary, None)`` when it passes, else ``(None, reason)``."""
     ranked = rank_candidates(cands)
     if not ranked:
         return None, "no subject detected"
     n = comparable_subjects(ranked, f)
     if n > f.max_comparable_subjects:
-        return None, (f"several comparable subjects: {n} distinct boxes score >= "
-                      f"{f.comparable_score_ratio:g} x best (max {f.max_comparable_subjects})")
+        return None, (
+            f"several comparable subjects: {n} distinct boxes score >= "
+            f"{f.comparable_score_ratio:g} x best (max {f.max_comparable_subjects})"
+        )
     primary = ranked[0]
     if check_area:
         frac = box_area(primary.box) / float(height * width)
@@ -64,8 +67,10 @@ def check_mask(mask: np.ndarray, f: FilterConfig, check_area: bool = True) -> st
         return f"fragmented mask: {n} parts > filters.max_mask_components={f.max_mask_components}"
     largest = int(np.bincount(labels.ravel())[1:].max())
     if largest / area < f.min_largest_component:
-        return (f"fragmented mask: largest part holds {largest / area:.2f} of the mask "
-                f"< filters.min_largest_component={f.min_largest_component:g}")
+        return (
+            f"fragmented mask: largest part holds {largest / area:.2f} of the mask "
+            f"< filters.min_largest_component={f.min_largest_component:g}"
+        )
     if check_area:
         frac = area / float(mask.size)
         if frac < f.min_mask_area:
@@ -95,14 +100,18 @@ class SelectStage:
             if not item.ok:
                 continue
             for view in item.views():
-                trusted = view is item.reference and (view.given_mask is not None or item.record.reference_box is not None)
+                trusted = view is item.reference and (
+                    view.given_mask is not None or item.record.reference_box is not None
+                )
                 if trusted:
                     view.primary = rank_candidates(view.candidates)[0] if view.candidates else None
                     reason = None if view.primary else "reference has no subject"
                 else:
                     h, w = view.shape
                     both = item.record.diptych is not None  # each panel is the target of one of its samples
-                    view.primary, reason = select_primary(view.candidates, h, w, f, check_area=both or view is item.target)
+                    view.primary, reason = select_primary(
+                        view.candidates, h, w, f, check_area=both or view is item.target
+                    )
                     if reason:
                         reason = f"{view_name(item, view)}{reason}"
                 if reason:

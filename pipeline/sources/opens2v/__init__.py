@@ -84,8 +84,12 @@ from pipeline.sources.opens2v.intra import _intra
 from pipeline.sources.opens2v.videos import _Videos
 
 
-LICENSE = SourceLicense(name="OpenS2V-5M", license="cc-by-4.0", hub_id="BestWishYsh/OpenS2V-5M",
-                        url="https://huggingface.co/datasets/BestWishYsh/OpenS2V-5M")
+LICENSE = SourceLicense(
+    name="OpenS2V-5M",
+    license="cc-by-4.0",
+    hub_id="BestWishYsh/OpenS2V-5M",
+    url="https://huggingface.co/datasets/BestWishYsh/OpenS2V-5M",
+)
 """The terms of this source's data, repeated in the card of every dataset curated from it."""
 
 
@@ -95,7 +99,8 @@ class Options:
 
     RETIRED_KEYS: ClassVar[dict[str, str]] = {
         "min_aesthetic": "is gone: the threshold now applies per subject as upstream's pipeline scores it; use "
-                         "min_subject_aesthetic (annotations[i].aes_score) and/or min_clip_aesthetic (metadata.aesthetic)"}
+        "min_subject_aesthetic (annotations[i].aes_score) and/or min_clip_aesthetic (metadata.aesthetic)"
+    }
     clips: str | None = None
     """Glob (under root) of the per-part annotation files; None = the annotation subsets under ``Jsons/``
     (see ``subset``). Set it only for a layout other than the release's."""
@@ -145,9 +150,18 @@ class OpenS2VSource(Options):
     """Dataset folder (the downloaded OpenS2V-5M)."""
 
 
-FILTER_KEYS = ("exclude_background", "min_mask_frac", "min_subject_aesthetic", "dedup_iou", "max_masks",
-               "min_clip_aesthetic", "min_text_similarity", "min_image_similarity", "cross_both_directions",
-               "caption_keys")
+FILTER_KEYS = (
+    "exclude_background",
+    "min_mask_frac",
+    "min_subject_aesthetic",
+    "dedup_iou",
+    "max_masks",
+    "min_clip_aesthetic",
+    "min_text_similarity",
+    "min_image_similarity",
+    "cross_both_directions",
+    "caption_keys",
+)
 
 
 def _options(given: Options) -> dict[str, Any]:
@@ -167,8 +181,11 @@ def _options(given: Options) -> dict[str, Any]:
 
 def _subset_files(folder: Path) -> list[Path]:
     """The part files of one subset folder; a part present both extracted and zipped is read extracted."""
-    files = {p.name: p for p in folder.glob("total_part*") if p.is_file()
-             and (p.name.endswith(".json") or p.name.endswith(ZIP_SUFFIX))}
+    files = {
+        p.name: p
+        for p in folder.glob("total_part*")
+        if p.is_file() and (p.name.endswith(".json") or p.name.endswith(ZIP_SUFFIX))
+    }
     return sorted(p for name, p in files.items() if not (name.endswith(ZIP_SUFFIX) and name[:-4] in files))
 
 
@@ -185,13 +202,17 @@ def _annotation_files(root: Path, given: Options) -> list[tuple[str, Path]]:
     if given.subset is not None:
         files = found.get(given.subset)
         if not files:
-            raise SourceError(f"opens2v: source.subset {given.subset!r} is not an annotation folder under {jsons} "
-                              f"(folders holding total_partN.json there: {', '.join(found) or 'none'})")
+            raise SourceError(
+                f"opens2v: source.subset {given.subset!r} is not an annotation folder under {jsons} "
+                f"(folders holding total_partN.json there: {', '.join(found) or 'none'})"
+            )
         found = {given.subset: files}
     if not found:
-        raise SourceError(f"opens2v: no annotation subset under {jsons}: no folder there holds total_partN.json "
-                          "(or .json.zip) files, as the release's Jsons/mask_and_bbox/ does; download one, or set "
-                          "source.clips to a glob of your annotation files")
+        raise SourceError(
+            f"opens2v: no annotation subset under {jsons}: no folder there holds total_partN.json "
+            "(or .json.zip) files, as the release's Jsons/mask_and_bbox/ does; download one, or set "
+            "source.clips to a glob of your annotation files"
+        )
     pairs = [(name, p) for name, files in found.items() for p in files]
     return sorted(pairs, key=lambda sp: (_part_name(sp[1]), sp[0]))
 
@@ -205,18 +226,25 @@ def read(cfg: Any) -> Iterator[SourceRecord | Reject]:
     clip_files = _annotation_files(root, given)
     videos = root / given.videos
     if not videos.is_dir():
-        raise SourceError(f"opens2v: videos folder {videos} does not exist; set source.videos (under root) to the "
-                          "folder holding Videos/total_partN/")
+        raise SourceError(
+            f"opens2v: videos folder {videos} does not exist; set source.videos (under root) to the "
+            "folder holding Videos/total_partN/"
+        )
     do_intra, do_cross = given.intra, given.cross
     pairs_glob = given.cross_pairs
     pair_files: list[Path] = []
     if do_cross and pairs_glob:
         _check_pairs_extracted(root, pairs_glob)
-        pair_files = [p for p in glob_files(root, pairs_glob, "opens2v", "cross-pair files (source.cross_pairs)")
-                      if p.name != opts["cluster_index"]]
+        pair_files = [
+            p
+            for p in glob_files(root, pairs_glob, "opens2v", "cross-pair files (source.cross_pairs)")
+            if p.name != opts["cluster_index"]
+        ]
         if not pair_files:
-            raise SourceError(f"opens2v: source.cross_pairs {pairs_glob!r} under {root} matches only the cluster "
-                              f"index {opts['cluster_index']}, no pair files")
+            raise SourceError(
+                f"opens2v: source.cross_pairs {pairs_glob!r} under {root} matches only the cluster "
+                f"index {opts['cluster_index']}, no pair files"
+            )
     if not do_intra and not pair_files:
         raise ValueError("opens2v: intra is false and no cross_pairs are read; nothing would be produced")
     return _read(root, clip_files, videos, pair_files, opts, do_intra, given.work_dir)
@@ -230,13 +258,22 @@ def _check_pairs_extracted(root: Path, pattern: str) -> None:
     folder = (root / pattern).parent
     tars = sorted(folder.glob("*.tar")) if "*" not in folder.as_posix() and folder.is_dir() else []
     if tars:
-        raise SourceError(f"opens2v: {folder} holds {tars[0].name} as published but no pair files matching "
-                          f"source.cross_pairs {pattern!r}; extract it there (tar -xf {tars[0].name}) or set "
-                          "source.cross: false")
+        raise SourceError(
+            f"opens2v: {folder} holds {tars[0].name} as published but no pair files matching "
+            f"source.cross_pairs {pattern!r}; extract it there (tar -xf {tars[0].name}) or set "
+            "source.cross: false"
+        )
 
 
-def _read(root: Path, clip_files: list[tuple[str, Path]], videos_dir: Path, pair_files: list[Path],
-          opts: dict[str, Any], do_intra: bool, work_dir: str | None) -> Iterator[SourceRecord | Reject]:
+def _read(
+    root: Path,
+    clip_files: list[tuple[str, Path]],
+    videos_dir: Path,
+    pair_files: list[Path],
+    opts: dict[str, Any],
+    do_intra: bool,
+    work_dir: str | None,
+) -> Iterator[SourceRecord | Reject]:
     store = _Store(work_dir) if pair_files else None
     try:
         if store is not None:  # which clips the pairs name: only those are kept for the cross pass
@@ -265,8 +302,11 @@ def _read(root: Path, clip_files: list[tuple[str, Path]], videos_dir: Path, pair
                         seen, seen_part = {}, part
                     first = seen.setdefault(key, subset)
                     if first != subset:
-                        yield _reject(f"{part}/{key}@{subset}", f"clip {part}/{key} is also in subset {first}, "
-                                      f"read from there; this copy in {subset} is skipped")
+                        yield _reject(
+                            f"{part}/{key}@{subset}",
+                            f"clip {part}/{key} is also in subset {first}, "
+                            f"read from there; this copy in {subset} is skipped",
+                        )
                         continue
                 clip = _parse_clip(videos, part, key, raw, opts["caption_keys"])
                 if isinstance(clip, Reject):

@@ -117,6 +117,8 @@ def _stream_pairs(root: Path, path: Path) -> Iterator[tuple[str, int, Any] | Rej
                         yield str(cluster), n, rec
                         n += 1
             else:
-                yield _reject(rel, f"{rel} top level is {'empty' if not first else repr(first)}, expected a list of pair records")
+                yield _reject(
+                    rel, f"{rel} top level is {'empty' if not first else repr(first)}, expected a list of pair records"
+                )
     except (OSError, ValueError, ijson.JSONError) as e:
         yield _reject(rel, f"cannot parse cross-pair file {rel}: {_one_line(e)} (after {n} records)")

@@ -53,8 +53,10 @@ def _by_class_id(rec: dict[str, Any], side: str, clip: _Clip) -> int | str:
     if oid not in clip.classes:
         return f"{side}_class_id {oid} is not an object of {clip.id} (mask_map has {sorted(clip.classes)})"
     if name is not None and _tag(clip.classes[oid]) != _tag(name):
-        return (f"class id mismatch: {side}_class_id {oid} is {clip.classes[oid]!r} in {clip.id}, "
-                f"but the pair says {side}_class_name {name!r}")
+        return (
+            f"class id mismatch: {side}_class_id {oid} is {clip.classes[oid]!r} in {clip.id}, "
+            f"but the pair says {side}_class_name {name!r}"
+        )
     return oid
 
 
@@ -86,12 +88,16 @@ def _by_pair_order(run: list[dict[str, Any]], cur: _Clip, aft: _Clip) -> list[tu
     out: list[tuple[int, int] | str] = []
     for k, w in enumerate(want):
         if lo[k] is None or hi[k] is None or lo[k] > hi[k]:
-            out.append(f"class names {w[0]!r} / {w[1]!r} do not fit the objects of {cur.id} / {aft.id} in "
-                       "upstream's pair order (older pair format, no class ids)")
+            out.append(
+                f"class names {w[0]!r} / {w[1]!r} do not fit the objects of {cur.id} / {aft.id} in "
+                "upstream's pair order (older pair format, no class ids)"
+            )
         elif lo[k] != hi[k]:
             cands = sorted({order[i] for i in range(lo[k], hi[k] + 1) if names[i] == w})
-            out.append(f"ambiguous: class names {w[0]!r} / {w[1]!r} fit object pairs {cands} of {cur.id} / "
-                       f"{aft.id} (older pair format, no class ids)")
+            out.append(
+                f"ambiguous: class names {w[0]!r} / {w[1]!r} fit object pairs {cands} of {cur.id} / "
+                f"{aft.id} (older pair format, no class ids)"
+            )
         else:
             out.append(order[lo[k]])
     return out
@@ -125,8 +131,17 @@ def _resolve_run(store: _Store, run: list[tuple[str, int, dict[str, Any]]], rel:
                 out.append(c if isinstance(c, str) else a)  # type: ignore[arg-type]
                 continue
             oids, how = {"cur": c, "aft": a}, "class_id"
-        out.append(_Pair(cluster=cluster, rec=rec, where=f"{rel} record {n}", clips={"cur": cur, "aft": aft},
-                         oids=oids, frames=frames, how=how))
+        out.append(
+            _Pair(
+                cluster=cluster,
+                rec=rec,
+                where=f"{rel} record {n}",
+                clips={"cur": cur, "aft": aft},
+                oids=oids,
+                frames=frames,
+                how=how,
+            )
+        )
     return out
 
 
@@ -156,7 +171,9 @@ def _cross_one(pair: _Pair, t: str, r: str, opts: dict[str, Any]) -> SourceRecor
         return _reject(rid, f"reference {ref.id}: {e}")
     min_frac = opts["min_mask_frac"]
     if min_frac is not None and _mask_frac(r_rle, r_area) < min_frac:
-        return _reject(rid, f"reference mask covers {_mask_frac(r_rle, r_area):.4f} of the frame < min_mask_frac {min_frac:.4f}")
+        return _reject(
+            rid, f"reference mask covers {_mask_frac(r_rle, r_area):.4f} of the frame < min_mask_frac {min_frac:.4f}"
+        )
     # Target: its mask/box when the target clip annotates this object at this frame (else the stages detect it).
     masks: list[dict[str, Any]] = []
     boxes: list[Box] = []
@@ -167,7 +184,9 @@ def _cross_one(pair: _Pair, t: str, r: str, opts: dict[str, Any]) -> SourceRecor
         except (RLEError, ValueError) as e:
             return _reject(rid, f"target {tgt.id}: {e}")
         if min_frac is not None and _mask_frac(t_rle, t_area) < min_frac:
-            return _reject(rid, f"target mask covers {_mask_frac(t_rle, t_area):.4f} of the frame < min_mask_frac {min_frac:.4f}")
+            return _reject(
+                rid, f"target mask covers {_mask_frac(t_rle, t_area):.4f} of the frame < min_mask_frac {min_frac:.4f}"
+            )
         masks = [t_rle]
         box = rle_bbox(t_rle)
         boxes = [box] if box is not None else []

@@ -102,17 +102,24 @@ def _intra(clip: _Clip, opts: dict[str, Any]) -> Iterator[SourceRecord | Reject]
                 survivors.append((area, score, oid, rle))
                 alive.append(i)
             else:
-                why = (f"duplicate of object {dup[0]} (mask IoU {dup[1]:.3f} > dedup_iou {opts['dedup_iou']}; "
-                       "the larger mask is kept)")
+                why = (
+                    f"duplicate of object {dup[0]} (mask IoU {dup[1]:.3f} > dedup_iou {opts['dedup_iou']}; "
+                    "the larger mask is kept)"
+                )
                 out[oid] = _reject(f"{clip.id}/o{oid}", why)
         kept = survivors
     k = opts["max_masks"]
     if k is not None and len(kept) > k:
-        ranked = sorted(kept, key=lambda t: (-(clip.aes(t[2]) if clip.aes(t[2]) is not None else -math.inf), -t[0], t[2]))
+        ranked = sorted(
+            kept, key=lambda t: (-(clip.aes(t[2]) if clip.aes(t[2]) is not None else -math.inf), -t[0], t[2])
+        )
         for rank, (_, _, oid, _) in enumerate(ranked, start=1):
             if rank > k:
                 aes = clip.aes(oid)
-                out[oid] = _reject(f"{clip.id}/o{oid}", f"not among the clip's top max_masks={k} subjects by "
-                                   f"aes_score (its aes_score {aes if aes is None else round(aes, 3)} ranks {rank} "
-                                   f"of {len(ranked)})")
+                out[oid] = _reject(
+                    f"{clip.id}/o{oid}",
+                    f"not among the clip's top max_masks={k} subjects by "
+                    f"aes_score (its aes_score {aes if aes is None else round(aes, 3)} ranks {rank} "
+                    f"of {len(ranked)})",
+                )
     yield from (out[o] for o in oids)

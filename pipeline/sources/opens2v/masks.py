@@ -37,8 +37,10 @@ def _clip_aesthetic_fails(clip: _Clip, low: float | None) -> str | None:
 def _subject_fails(clip: _Clip, oid: int, opts: dict[str, Any]) -> str | None:
     """Why object ``oid`` of ``clip`` is not a usable subject (background tag, low aes_score), or None."""
     if opts["exclude_background"] and clip.is_background(oid):
-        return (f"object {oid} class {clip.classes.get(oid)!r} is a word_tags.background tag of {clip.id} "
-                "(background, not a subject)")
+        return (
+            f"object {oid} class {clip.classes.get(oid)!r} is a word_tags.background tag of {clip.id} "
+            "(background, not a subject)"
+        )
     low, aes = opts["min_subject_aesthetic"], clip.aes(oid)
     if low is not None and aes is not None and aes < low:
         return f"object {oid} aes_score {aes:.3f} < min_subject_aesthetic {low}"
