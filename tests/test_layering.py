@@ -153,7 +153,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("dynaip.cli", "dynaip.demo")),
 ]
 ENTRY_POINTS = ("dynaip.cli", "dynaip.demo")
-MAX_LINES = 600
+MAX_LINES = 750  # lines as `ruff format` writes them (one argument per line when a call is long): the 600 of the denser hand style before
 
 
 def layer_of(module: str) -> int:
@@ -213,7 +213,7 @@ def test_the_rules_catch_a_violation():
     assert any(_in(b, "dynaip.dataset") for b in edges["pipeline.writer"])
 
 
-def test_no_file_over_600_lines_in_dynaip_or_pipeline():
+def test_no_file_over_750_lines_in_dynaip_or_pipeline():
     long = {str(p.relative_to(REPO)): n for p in MODULES.values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}, f"split these along their seams (docs/ARCHITECTURE.md): {long}"
 
