@@ -458,6 +458,42 @@ def _collapse(e: Entries) -> np.ndarray:
     return twin
 
 
+def _earliest_near(
+    e: Entries,
+    rows: np.ndarray,
+    keys: np.ndarray,
+    best: np.ndarray,
+    max_distance: int,
+    w: int,
+    max_thumb_diff: float | None,
+    stats: dict[str, int],
+) -> None:
+    """Lowers ``best[j]`` to the earliest near copy of row ``j`` in each bucket (``keys`` sorted, one
+    bucket per run of equal keys). Each member is compared with the members before it in row order,
+    earliest first, all buckets at once, and stops at its first near copy, or as soon as the next
+    candidate is no earlier than the copy ``best`` already holds: a cluster of m mutual near copies
+    costs about m comparisons instead of m²/2, and a member whose earliest copy another bucket
+    already found skips the rest (BENCHMARKS.md, #34)."""
+    order = np.lexsort((rows, keys))  # within a bucket, rows ascend
+    rows, keys = rows[order], keys[order]
+    starts, sizes = _runs(keys)
+    start = np.repeat(starts, sizes)
+    active = np.flatnonzero(np.arange(len(rows)) > start)  # positions with an earlier member in their bucket
+    t = 0
+    while len(active):
+        cand = start[active] + t
+        active, cand = active[cand < active], cand[cand < active]
+        i, j = rows[cand], rows[active]
+        alive = i < best[j]  # an earlier candidate could still beat the copy found so far
+        active, i, j = active[alive], i[alive], j[alive]
+        for s in range(0, len(active), PAIRS_PER_STEP):
+            a, b = i[s : s + PAIRS_PER_STEP], j[s : s + PAIRS_PER_STEP]
+            hit = _near(e, a, b, max_distance, w, max_thumb_diff) & (a != b)
+            stats["pairs_compared"] = stats.get("pairs_compared", 0) + len(a)
+            np.minimum.at(best, b[hit], a[hit])
+        t += 1
+
+
 def _note_largest(stats: dict[str, int], name: str, keys: np.ndarray) -> None:
     """``stats[name]``: the largest run of equal (sorted) ``keys`` so far."""
     sizes = np.diff(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])) if len(keys) else np.zeros(1, int)
@@ -509,21 +545,7 @@ def reduce_entries(
         masks[-1][cols] = True
     rows, keys = _split_buckets(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff)
     _note_largest(stats, "largest_compared", keys)
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    end = np.repeat(np.r_[starts[1:], len(keys)], np.diff(np.r_[starts, len(keys)]))
-    active = np.arange(len(rows))
-    d = 1
-    while True:  # pairs (p, p + d) inside one bucket, all buckets at once; rows ascend within a bucket
-        active = active[active + d < end[active]]
-        if not len(active):
-            break
-        for s in range(0, len(active), PAIRS_PER_STEP):
-            p = active[s : s + PAIRS_PER_STEP]
-            i, j = np.minimum(rows[p], rows[p + d]), np.maximum(rows[p], rows[p + d])
-            hit = _near(e, i, j, max_distance, w, max_thumb_diff) & (i != j)
-            stats["pairs_compared"] = stats.get("pairs_compared", 0) + len(p)
-            np.minimum.at(best, j[hit], i[hit])
-        d += 1
+    _earliest_near(e, rows, keys, best, max_distance, w, max_thumb_diff, stats)
     # twins: the earliest twin, or an earlier copy of it
     has = best < n
     out = np.where(has, best, -1)

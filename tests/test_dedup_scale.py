@@ -156,6 +156,28 @@ def test_thumbnail_split_finds_near_pairs_across_cell_edges(monkeypatch, max_dif
     assert stats["largest_compared"] < stats["largest_bucket"] / 4
 
 
+def test_a_cluster_of_mutual_near_copies_costs_about_one_comparison_per_member_and_band():
+    """m distinct inputs all within both checks of each other (no hash or thumbnail cut can separate them:
+    their buckets are compared whole): in each band's bucket a member meets the bucket's first member at its
+    first comparison and stops there — about m comparisons per band, not the m²/2 of each bucket."""
+    rng = np.random.default_rng(3)
+    base, m = int(rng.integers(0, 2**62)), 300
+    rows, entries, thumbs = [], [], []
+    for k in range(m):
+        h = base ^ (1 << int(rng.integers(64)))
+        thumbs.append([np.clip(128 + rng.integers(-2, 3, 192), 0, 255).astype(np.uint8).tobytes().hex()])
+        entries.append((k, f"k{k}", "intra", [h]))
+        rows.append((k, f"k{k}", "intra", [h], thumbs[-1]))
+    want = earliest_copies(entries, 4, thumbs, 10.0)
+    assert set(want.values()) == {"k0"} and len(want) == m - 1
+    e = dedup.entries_from(rows, 8, True)
+    for reducers in (1, 3):
+        stats: dict[str, int] = {}
+        assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, 10.0, stats).items()} == want
+        assert stats["largest_compared"] > m // 2  # a clique: compared whole
+        assert stats["pairs_compared"] < 6 * m  # 5 bands; pair by pair 5 × m²/2 ≈ 225,000
+
+
 def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
     from pipeline.writer import DatasetWriter
 
