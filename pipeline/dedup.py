@@ -57,6 +57,9 @@ MAX_ROUNDS = 8
 """Rounds of splitting at most (the hash split, a loop over buckets, only in the first ``MAX_SPLIT_DEPTH``)."""
 PAIRS_PER_STEP = 1 << 20
 """Pairs compared per numpy step (bounds the temporary arrays)."""
+EARLIEST_FIRST_ABOVE = 64
+"""Buckets with more members (clusters no cut shrinks) compare each member earliest first and stop at its
+first near copy; smaller ones compare every pair at once, which costs less per pair."""
 PREFILTER_SLOTS = 1 << 24
 """Rows whose bucket key's low 24 bits no other row shares are alone in their bucket (one counting pass)."""
 
@@ -458,6 +461,35 @@ def _collapse(e: Entries) -> np.ndarray:
     return twin
 
 
+def _every_pair(
+    e: Entries,
+    rows: np.ndarray,
+    keys: np.ndarray,
+    best: np.ndarray,
+    max_distance: int,
+    w: int,
+    max_thumb_diff: float | None,
+    stats: dict[str, int],
+) -> None:
+    """Lowers ``best[j]`` to ``i`` for every near pair ``i < j`` inside one bucket (``keys`` sorted),
+    all buckets at once: the pairs of positions ``(p, p + d)`` for d = 1, 2, ... (small buckets)."""
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    end = np.repeat(np.r_[starts[1:], len(keys)], np.diff(np.r_[starts, len(keys)]))
+    active = np.arange(len(rows))
+    d = 1
+    while True:
+        active = active[active + d < end[active]]
+        if not len(active):
+            break
+        for s in range(0, len(active), PAIRS_PER_STEP):
+            p = active[s : s + PAIRS_PER_STEP]
+            i, j = np.minimum(rows[p], rows[p + d]), np.maximum(rows[p], rows[p + d])
+            hit = _near(e, i, j, max_distance, w, max_thumb_diff) & (i != j)
+            stats["pairs_compared"] = stats.get("pairs_compared", 0) + len(p)
+            np.minimum.at(best, j[hit], i[hit])
+        d += 1
+
+
 def _earliest_near(
     e: Entries,
     rows: np.ndarray,
@@ -469,7 +501,7 @@ def _earliest_near(
     stats: dict[str, int],
 ) -> None:
     """Lowers ``best[j]`` to the earliest near copy of row ``j`` in each bucket (``keys`` sorted, one
-    bucket per run of equal keys). Each member is compared with the members before it in row order,
+    bucket per run of equal keys; the large ones, which no cut could shrink). Each member is compared with the members before it in row order,
     earliest first, all buckets at once, and stops at its first near copy, or as soon as the next
     candidate is no earlier than the copy ``best`` already holds: a cluster of m mutual near copies
     costs about m comparisons instead of m²/2, and a member whose earliest copy another bucket
@@ -545,7 +577,10 @@ def reduce_entries(
         masks[-1][cols] = True
     rows, keys = _split_buckets(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff)
     _note_largest(stats, "largest_compared", keys)
-    _earliest_near(e, rows, keys, best, max_distance, w, max_thumb_diff, stats)
+    _, sizes = _runs(keys)
+    large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
+    _every_pair(e, rows[~large], keys[~large], best, max_distance, w, max_thumb_diff, stats)
+    _earliest_near(e, rows[large], keys[large], best, max_distance, w, max_thumb_diff, stats)
     # twins: the earliest twin, or an earlier copy of it
     has = best < n
     out = np.where(has, best, -1)
