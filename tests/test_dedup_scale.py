@@ -175,7 +175,9 @@ def test_a_cluster_of_mutual_near_copies_costs_about_one_comparison_per_member_a
         stats: dict[str, int] = {}
         assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, 10.0, stats).items()} == want
         assert stats["largest_compared"] > m // 2  # a clique: compared whole
-        assert stats["pairs_compared"] < 10 * m  # 5 bands (and small buckets pair by pair); all pairs: 5 × m²/2 ≈ 225,000
+        assert (
+            stats["pairs_compared"] < 10 * m
+        )  # 5 bands (and small buckets pair by pair); all pairs: 5 × m²/2 ≈ 225,000
 
 
 def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
