@@ -84,24 +84,23 @@ def ray_cluster(_ray_session):
 # that in the two-process run (`-n 2 --dist loadfile`, whole files per process) they start early and the
 # many short files fill both processes at the end; in alphabetical order most of them came last.
 LONG_FILES = (
-    "test_shipped_configs.py",
-    "test_stop_signals_ray.py",
     "test_train.py",
+    "test_demo.py",
+    "test_shipped_configs.py",
+    "test_serve_browser.py",
     "test_curation_ray.py",
     "test_cluster_two_nodes.py",
-    "test_demo.py",
+    "test_synth.py",
     "test_train_faults.py",
     "test_features.py",
-    "test_serve_browser.py",
-    "test_synth.py",
+    "test_stop_signals_ray.py",
+    "test_stop_signals.py",
     "test_gpu_suite.py",
     "test_parallel.py",
-    "test_train_cli_errors.py",
-    "test_reference_gap.py",
-    "test_stop_signals.py",
-    "test_curation_faults.py",
     "test_curation_e2e.py",
-    "test_inference.py",
+    "test_reference_gap.py",
+    "test_source_subjects200k.py",
+    "test_run_dirs.py",
 )
 
 
