@@ -461,69 +461,58 @@ def _collapse(e: Entries) -> np.ndarray:
     return twin
 
 
-def _every_pair(
-    e: Entries,
-    rows: np.ndarray,
-    keys: np.ndarray,
-    best: np.ndarray,
-    max_distance: int,
-    w: int,
-    max_thumb_diff: float | None,
-    stats: dict[str, int],
-) -> None:
-    """Lowers ``best[j]`` to ``i`` for every near pair ``i < j`` inside one bucket (``keys`` sorted),
-    all buckets at once: the pairs of positions ``(p, p + d)`` for d = 1, 2, ... (small buckets)."""
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    end = np.repeat(np.r_[starts[1:], len(keys)], np.diff(np.r_[starts, len(keys)]))
-    active = np.arange(len(rows))
-    d = 1
-    while True:
-        active = active[active + d < end[active]]
-        if not len(active):
-            break
-        for s in range(0, len(active), PAIRS_PER_STEP):
-            p = active[s : s + PAIRS_PER_STEP]
-            i, j = np.minimum(rows[p], rows[p + d]), np.maximum(rows[p], rows[p + d])
-            hit = _near(e, i, j, max_distance, w, max_thumb_diff) & (i != j)
-            stats["pairs_compared"] = stats.get("pairs_compared", 0) + len(p)
-            np.minimum.at(best, j[hit], i[hit])
-        d += 1
+@dataclass
+class _Pairs:
+    """Compares pairs of rows of ``e`` and lowers ``best[j]`` to ``i`` for each near pair ``i < j``."""
 
+    e: Entries
+    best: np.ndarray
+    max_distance: int
+    w: int
+    max_thumb_diff: float | None
+    stats: dict[str, int]
 
-def _earliest_near(
-    e: Entries,
-    rows: np.ndarray,
-    keys: np.ndarray,
-    best: np.ndarray,
-    max_distance: int,
-    w: int,
-    max_thumb_diff: float | None,
-    stats: dict[str, int],
-) -> None:
-    """Lowers ``best[j]`` to the earliest near copy of row ``j`` in each bucket (``keys`` sorted, one
-    bucket per run of equal keys; the large ones, which no cut could shrink). Each member is compared with the members before it in row order,
-    earliest first, all buckets at once, and stops at its first near copy, or as soon as the next
-    candidate is no earlier than the copy ``best`` already holds: a cluster of m mutual near copies
-    costs about m comparisons instead of m²/2, and a member whose earliest copy another bucket
-    already found skips the rest (BENCHMARKS.md, #34)."""
-    order = np.lexsort((rows, keys))  # within a bucket, rows ascend
-    rows, keys = rows[order], keys[order]
-    starts, sizes = _runs(keys)
-    start = np.repeat(starts, sizes)
-    active = np.flatnonzero(np.arange(len(rows)) > start)  # positions with an earlier member in their bucket
-    t = 0
-    while len(active):
-        cand = start[active] + t
-        active, cand = active[cand < active], cand[cand < active]
-        i, j = rows[cand], rows[active]
-        alive = i < best[j]  # an earlier candidate could still beat the copy found so far
-        active, i, j = active[alive], i[alive], j[alive]
-        for s in range(0, len(active), PAIRS_PER_STEP):
+    def compare(self, i: np.ndarray, j: np.ndarray) -> None:
+        for s in range(0, len(i), PAIRS_PER_STEP):
             a, b = i[s : s + PAIRS_PER_STEP], j[s : s + PAIRS_PER_STEP]
-            hit = _near(e, a, b, max_distance, w, max_thumb_diff) & (a != b)
-            stats["pairs_compared"] = stats.get("pairs_compared", 0) + len(a)
-            np.minimum.at(best, b[hit], a[hit])
-        t += 1
+            hit = _near(self.e, a, b, self.max_distance, self.w, self.max_thumb_diff) & (a != b)
+            self.stats["pairs_compared"] = self.stats.get("pairs_compared", 0) + len(a)
+            np.minimum.at(self.best, b[hit], a[hit])
+
+    def every_pair(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        """Every pair inside one bucket (``keys`` sorted), all buckets at once: the pairs of positions
+        ``(p, p + d)`` for d = 1, 2, ... (the small buckets)."""
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        end = np.repeat(np.r_[starts[1:], len(keys)], np.diff(np.r_[starts, len(keys)]))
+        active = np.arange(len(rows))
+        d = 1
+        while True:
+            active = active[active + d < end[active]]
+            if not len(active):
+                break
+            self.compare(np.minimum(rows[active], rows[active + d]), np.maximum(rows[active], rows[active + d]))
+            d += 1
+
+    def earliest_near(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        """The large buckets (``keys`` sorted), which no cut could shrink: each member is compared with the
+        members before it in row order, earliest first, all buckets at once, and stops at its first near
+        copy, or as soon as the next candidate is no earlier than the copy ``best`` already holds. A
+        cluster of m mutual near copies costs about m comparisons instead of m²/2, and a member whose
+        earliest copy another bucket already found skips the rest (BENCHMARKS.md, #34)."""
+        order = np.lexsort((rows, keys))  # within a bucket, rows ascend
+        rows, keys = rows[order], keys[order]
+        starts, sizes = _runs(keys)
+        start = np.repeat(starts, sizes)
+        active = np.flatnonzero(np.arange(len(rows)) > start)  # positions with an earlier member in their bucket
+        t = 0
+        while len(active):
+            cand = start[active] + t
+            active, cand = active[cand < active], cand[cand < active]
+            i, j = rows[cand], rows[active]
+            alive = i < self.best[j]  # an earlier candidate could still beat the copy found so far
+            active = active[alive]
+            self.compare(i[alive], j[alive])
+            t += 1
 
 
 def _note_largest(stats: dict[str, int], name: str, keys: np.ndarray) -> None:
@@ -579,8 +568,9 @@ def reduce_entries(
     _note_largest(stats, "largest_compared", keys)
     _, sizes = _runs(keys)
     large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
-    _every_pair(e, rows[~large], keys[~large], best, max_distance, w, max_thumb_diff, stats)
-    _earliest_near(e, rows[large], keys[large], best, max_distance, w, max_thumb_diff, stats)
+    pairs = _Pairs(e, best, max_distance, w, max_thumb_diff, stats)
+    pairs.every_pair(rows[~large], keys[~large])
+    pairs.earliest_near(rows[large], keys[large])
     # twins: the earliest twin, or an earlier copy of it
     has = best < n
     out = np.where(has, best, -1)
