@@ -81,21 +81,19 @@ def bench_train_compile(sizes, device: torch.device, repeats: int) -> list[dict]
         build_adapter,
         build_clip_vision,
         build_transformer,
-        image_ids,
         reset_peak,
         step_figures,
         timed,
         train_flops,
+        train_step,
     )
 
     from dynaip.train.config import OptimConfig
     from dynaip.train.optim import make_optimizer
     from dynaip.train.step import (
-        LossConfig,
         configure_attention_backends,
         disable_checkpointing,
         enable_checkpointing,
-        flow_matching_loss,
     )
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -107,8 +105,6 @@ def bench_train_compile(sizes, device: torch.device, repeats: int) -> list[dict]
     clip = build_clip_vision(sizes, device, dtype, adapter.config.clip_layers)
     clip_params = sum(p.numel() for p in clip.parameters())
     optimizer = make_optimizer(adapter.parameters(), OptimConfig(lr=2e-5, weight_decay=1e-4))
-    settings = LossConfig(max_sequence_length=sizes.text_tokens)
-    sched_cfg = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
     n_blocks = adapter.config.num_blocks
     rows = []
     for compiled in (False, True):
@@ -117,39 +113,7 @@ def bench_train_compile(sizes, device: torch.device, repeats: int) -> list[dict]
         for batch, keep in ((1, n_blocks), (2, 0)):
             disable_checkpointing(transformer)
             recomputed = enable_checkpointing(transformer, keep)
-            gen = torch.Generator(device=device).manual_seed(0)
-            n_img = (sizes.resolution // 16) ** 2
-            feats = dict(
-                x0=torch.randn(batch, n_img, transformer.config.in_channels, device=device, dtype=dtype),
-                img_ids=image_ids(sizes, device, dtype),
-                txt=torch.randn(
-                    batch, sizes.text_tokens, transformer.config.joint_attention_dim, device=device, dtype=dtype
-                ),
-                pooled=torch.randn(batch, transformer.config.pooled_projection_dim, device=device, dtype=dtype),
-                txt_ids=torch.zeros(sizes.text_tokens, 3, device=device, dtype=dtype),
-            )
-            refs = torch.rand(batch, 3, sizes.clip_size, sizes.clip_size, device=device)
-            no_drop = torch.zeros(batch, dtype=torch.bool)
-
-            def step():
-                hidden = clip(clip.normalize(refs).to(dtype))
-                loss = flow_matching_loss(
-                    transformer,
-                    sched_cfg,
-                    adapter,
-                    adapter,
-                    **feats,
-                    image_size=(sizes.resolution, sizes.resolution),
-                    hidden=hidden,
-                    drop_image=no_drop,
-                    settings=settings,
-                    generator=gen,
-                    autocast=autocast,
-                )
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            step = train_step(transformer, adapter, clip, optimizer, sizes, batch, device, dtype, autocast)
 
             row = {
                 "compile": compiled,

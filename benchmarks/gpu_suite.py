@@ -207,13 +207,63 @@ def train_flops(sizes: Sizes, batch: int, adapter_cfg, clip_params: int, recompu
     return {"model_flops": model, "hardware_flops": hardware}
 
 
+def train_step(
+    transformer,
+    adapter,
+    clip,
+    optimizer,
+    sizes: Sizes,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    autocast: torch.dtype | None,
+):
+    """One training step of the adapter on random features of ``batch`` samples (the trainer's loss,
+    gradient clipping and optimizer step), as a function to time."""
+    from dynaip.train.step import LossConfig, flow_matching_loss
+
+    settings = LossConfig(max_sequence_length=sizes.text_tokens)
+    sched_cfg = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    gen = torch.Generator(device=device).manual_seed(0)
+    n_img = (sizes.resolution // 16) ** 2
+    feats = dict(
+        x0=torch.randn(batch, n_img, transformer.config.in_channels, device=device, dtype=dtype),
+        img_ids=image_ids(sizes, device, dtype),
+        txt=torch.randn(batch, sizes.text_tokens, transformer.config.joint_attention_dim, device=device, dtype=dtype),
+        pooled=torch.randn(batch, transformer.config.pooled_projection_dim, device=device, dtype=dtype),
+        txt_ids=torch.zeros(sizes.text_tokens, 3, device=device, dtype=dtype),
+    )
+    refs = torch.rand(batch, 3, sizes.clip_size, sizes.clip_size, device=device)
+    no_drop = torch.zeros(batch, dtype=torch.bool)
+
+    def step() -> None:
+        hidden = clip(clip.normalize(refs).to(dtype))
+        loss = flow_matching_loss(
+            transformer,
+            sched_cfg,
+            adapter,
+            adapter,
+            **feats,
+            image_size=(sizes.resolution, sizes.resolution),
+            hidden=hidden,
+            drop_image=no_drop,
+            settings=settings,
+            generator=gen,
+            autocast=autocast,
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def bench_train(sizes: Sizes, device: torch.device, repeats: int, profile_dir: Path | None = None) -> list[dict]:
     from dynaip.train.step import (
-        LossConfig,
         configure_attention_backends,
         disable_checkpointing,
         enable_checkpointing,
-        flow_matching_loss,
     )
 
     configure_attention_backends(device)  # as the trainer does
@@ -225,45 +275,12 @@ def bench_train(sizes: Sizes, device: torch.device, repeats: int, profile_dir: P
     clip = build_clip_vision(sizes, device, dtype, adapter.config.clip_layers)
     clip_params = sum(p.numel() for p in clip.parameters())
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=2e-5, weight_decay=1e-4)
-    settings = LossConfig(max_sequence_length=sizes.text_tokens)
-    sched_cfg = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
     n_blocks = adapter.config.num_blocks
     rows = []
     for batch, keep in sizes.train_configs(n_blocks):
         disable_checkpointing(transformer)
         recomputed = enable_checkpointing(transformer, keep)
-        gen = torch.Generator(device=device).manual_seed(0)
-        n_img = (sizes.resolution // 16) ** 2
-        feats = dict(
-            x0=torch.randn(batch, n_img, transformer.config.in_channels, device=device, dtype=dtype),
-            img_ids=image_ids(sizes, device, dtype),
-            txt=torch.randn(
-                batch, sizes.text_tokens, transformer.config.joint_attention_dim, device=device, dtype=dtype
-            ),
-            pooled=torch.randn(batch, transformer.config.pooled_projection_dim, device=device, dtype=dtype),
-            txt_ids=torch.zeros(sizes.text_tokens, 3, device=device, dtype=dtype),
-        )
-        refs = torch.rand(batch, 3, sizes.clip_size, sizes.clip_size, device=device)
-
-        def step():
-            hidden = clip(clip.normalize(refs).to(dtype))
-            loss = flow_matching_loss(
-                transformer,
-                sched_cfg,
-                adapter,
-                adapter,
-                **feats,
-                image_size=(sizes.resolution, sizes.resolution),
-                hidden=hidden,
-                drop_image=torch.zeros(batch, dtype=torch.bool),
-                settings=settings,
-                generator=gen,
-                autocast=autocast,
-            )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        step = train_step(transformer, adapter, clip, optimizer, sizes, batch, device, dtype, autocast)
 
         row = {"batch_per_rank": batch, "blocks_recomputed": recomputed, "blocks_kept": keep}
         try:
