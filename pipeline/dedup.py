@@ -60,6 +60,10 @@ PAIRS_PER_STEP = 1 << 20
 EARLIEST_FIRST_ABOVE = 64
 """Buckets with more members (clusters no cut shrinks) compare each member earliest first and stop at its
 first near copy; smaller ones compare every pair at once, which costs less per pair."""
+THUMB_VARIED = 64
+"""Thumbnail values that cut buckets and are checked first (those that vary most: ``_varied_values``)."""
+THUMB_RANK_SAMPLE = 4096
+"""Rows whose thumbnails rank the values by variance."""
 PREFILTER_SLOTS = 1 << 24
 """Rows whose bucket key's low 24 bits no other row shares are alone in their bucket (one counting pass)."""
 
@@ -269,17 +273,13 @@ def owner(keys: np.ndarray, reducers: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- one reducer
 
 
-def _near(
-    e: Entries, i: np.ndarray, j: np.ndarray, max_distance: int, w: int, max_thumb_diff: float | None
-) -> np.ndarray:
-    """Whether rows ``i`` and ``j`` are near copies (every hash, and every thumbnail when checked)."""
-    dist = np.bitwise_count(e.words[i] ^ e.words[j]).reshape(len(i), -1, w).sum(axis=2, dtype=np.int64)
-    ok = (dist <= max_distance).all(axis=1) & (e.group[i] == e.group[j])
-    if max_thumb_diff is not None and e.thumbs.shape[1] and ok.any():
-        k = np.flatnonzero(ok)
-        a, b = e.thumbs[i[k]], e.thumbs[j[k]]
-        ok[k] = (np.maximum(a, b) - np.minimum(a, b)).max(axis=1) <= max_thumb_diff
-    return ok
+def _varied_values(thumbs: np.ndarray, count: int) -> np.ndarray:
+    """A contiguous ``(n, count)`` copy of the thumbnail values that vary most over a sample of rows:
+    where thumbnails of different images differ (on objects on white: where the objects are), so they cut
+    buckets and reject pairs best, at a third of the bytes of whole thumbnails."""
+    sample = thumbs[np.linspace(0, len(thumbs) - 1, min(len(thumbs), THUMB_RANK_SAMPLE)).astype(np.int64)]
+    ranked = np.argsort(-sample.astype(np.float32).var(axis=0), kind="stable")
+    return np.ascontiguousarray(thumbs[:, np.sort(ranked[:count])])
 
 
 # a split's result: rows, keys and specs of the sub-buckets replacing the buckets it cut, and per input
@@ -338,39 +338,51 @@ def _split(
     return np.concatenate(out_rows), np.concatenate(out_keys), np.concatenate(out_spec), whole
 
 
-def _thumb_split(e: Entries, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, max_thumb_diff: float) -> Split:
-    """Every bucket (``keys`` sorted) cut by the thumbnail value that varies most among its members,
-    all buckets at once: a near pair differs there by at most ``max_thumb_diff``, so it either shares
-    a cell of a grid ``THUMB_CELL_WIDE`` times wider, or straddles an edge, and then the upper member
-    lies within ``max_thumb_diff`` of its cell's lower edge — such a member is also a guest of the cell
-    below, where the pair meets. A bucket is replaced by its cells only when they leave fewer pairs to
-    compare (a cluster of near copies stays whole). Objects on white are alike on every pHash band but
+def _thumb_split(
+    varied: np.ndarray, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, max_thumb_diff: float
+) -> Split:
+    """Every bucket (equal ``keys`` contiguous) cut by the thumbnail value that varies most among its
+    members (of the ``varied`` ones), all buckets at once: a near pair differs there by at most ``max_thumb_diff``, so it either
+    shares a cell of a grid ``THUMB_CELL_WIDE`` times wider, or straddles an edge, and then the upper
+    member lies within ``max_thumb_diff`` of its cell's lower edge — such a member is also a guest of the
+    cell below, where the pair meets. A bucket is replaced by its cells only when they leave fewer pairs
+    to compare (a cluster of near copies stays whole). Objects on white are alike on every pHash band but
     not in their thumbnails: this keeps their buckets small without a loop over buckets, and a cut
-    copies only the members near an edge (a quarter), not all of them (BENCHMARKS.md, #34)."""
+    copies only the members near an edge (a quarter), not all of them (BENCHMARKS.md, #34).
+
+    The cells come out grouped, not sorted: one pass per cell value takes its members (and guests) in
+    bucket order, so no sort is needed (sorting was most of a round's time)."""
     starts, sizes = _runs(keys)
     bucket = np.repeat(np.arange(len(starts)), sizes)
     # the column of largest variance among THUMB_SAMPLE members spread through each bucket
     sample = starts[:, None] + (np.arange(THUMB_SAMPLE)[None, :] * sizes[:, None]) // THUMB_SAMPLE
     column = np.empty(len(starts), np.int64)
+    width = min(THUMB_CELL_WIDE * (int(max_thumb_diff) + 1), 255)
     for b in range(0, len(starts), THUMB_BLOCK):
-        block = e.thumbs[rows[sample[b : b + THUMB_BLOCK]]]  # (buckets, sample, values)
+        block = varied[rows[sample[b : b + THUMB_BLOCK]]]  # (buckets, sample, values)
         column[b : b + THUMB_BLOCK] = (block.max(axis=1) - block.min(axis=1)).argmax(axis=1)
-    value = e.thumbs[rows, column[bucket]].astype(np.int64)
+    value = varied.reshape(-1)[rows * varied.shape[1] + column[bucket]].astype(np.int16)
     # one grid of cells THUMB_CELL_WIDE times the allowed difference; a member within it of its cell's
-    # lower edge is also a guest of the cell below: a near pair straddling an edge meets there
-    width = THUMB_CELL_WIDE * (int(max_thumb_diff) + 1)
-    cell, offset = np.divmod(value, width)
-    guest = np.flatnonzero(offset <= int(max_thumb_diff))
-    base = _mix(keys, 0xD1B54A32D192ED03)  # scrambled first: parents differing in low bits stay apart
-    sub = np.concatenate([_mix(base, cell), _mix(base[guest], cell[guest] - 1)])
-    member = np.concatenate([np.arange(len(keys)), guest])
-    order = np.argsort(sub)
-    run_start, run_len = _runs(sub[order])
+    # lower edge is also a guest of the cell below (none below the first): a near pair straddling an
+    # edge meets there
+    cell, offset = np.divmod(value, np.int16(width))
+    cells = int(cell.max()) + 1 if len(cell) else 1
+    guest_of = np.where((offset <= int(max_thumb_diff)) & (cell > 0), cell - 1, -1)
     pairs = np.zeros(len(starts), np.int64)
-    np.add.at(pairs, bucket[member[order[run_start]]], run_len.astype(np.int64) ** 2)
+    members = []
+    for c in range(cells):
+        at = np.flatnonzero((cell == c) | (guest_of == c))  # ascending: each bucket's members stay together
+        members.append(at)
+        pairs += np.bincount(bucket[at], minlength=len(starts)).astype(np.int64) ** 2
     whole = (pairs >= sizes.astype(np.int64) ** 2)[bucket]
-    moved = ~whole[member]
-    return rows[member[moved]], sub[moved], spec[member[moved]], whole
+    base = _mix(keys, 0xD1B54A32D192ED03)  # scrambled first: parents differing in low bits stay apart
+    out_pos, out_key = [], []
+    for c, at in enumerate(members):
+        at = at[~whole[at]]
+        out_pos.append(at)
+        out_key.append(_mix(base[at], c))
+    pos = np.concatenate(out_pos)
+    return rows[pos], np.concatenate(out_key), spec[pos], whole
 
 
 def _split_buckets(
@@ -382,57 +394,49 @@ def _split_buckets(
     max_distance: int,
     hash_size: int,
     max_thumb_diff: float | None,
+    varied: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Rounds of splitting (``keys`` sorted). With thumbnails, each round cuts every bucket above
+    """Rounds of splitting (equal ``keys`` contiguous). With thumbnails, each round cuts every bucket above
     ``THUMB_SPLIT_ABOVE`` by thumbnail (vectorised); the hash split (a loop over buckets, ``max_distance
     + 1`` rows per row) takes what that leaves whole above ``SPLIT_ABOVE``, in the first
-    ``MAX_SPLIT_DEPTH`` rounds. Buckets small enough, or that no cut shrinks, are set aside; only the
-    sub-buckets are sorted again. Returns the final ``(rows, keys)`` sorted by key."""
-    thumbs = max_thumb_diff is not None and e.thumbs.shape[1] > 0
+    ``MAX_SPLIT_DEPTH`` rounds. Buckets small enough, or that no cut shrinks, are set aside. Returns the
+    final ``(rows, keys)``, equal keys contiguous (only the hash split's output is sorted)."""
+    thumbs = varied is not None
     limit = THUMB_SPLIT_ABOVE if thumbs else SPLIT_ABOVE
     final_rows, final_keys = [], []
-
-    def set_aside(take: np.ndarray) -> None:
-        final_rows.append(rows[take])
-        final_keys.append(keys[take])
-
     _, sizes = _runs(keys)
     if not len(sizes) or sizes.max() <= limit:
-        return rows, keys  # nothing to cut (varied inputs): no second sort
+        return rows, keys  # nothing to cut (varied inputs)
     for k in range(MAX_ROUNDS if thumbs else MAX_SPLIT_DEPTH):
         _, sizes = _runs(keys)
         small = np.repeat(sizes <= limit, sizes)
-        set_aside(small)
+        final_rows.append(rows[small])
+        final_keys.append(keys[small])
         rows, keys, spec = rows[~small], keys[~small], spec[~small]
         if not len(keys):
             break
-        stuck = np.ones(len(keys), bool)  # no cut of this round shrinks its bucket
-        if thumbs:
-            *cut, whole = _thumb_split(e, rows, keys, spec, max_thumb_diff)
-            rows, keys, spec = (np.concatenate([a[whole], c]) for a, c in zip((rows, keys, spec), cut))
-            stuck = np.r_[np.ones(int(whole.sum()), bool), np.zeros(len(cut[0]), bool)]
-            order = np.argsort(keys)
-            rows, keys, spec, stuck = rows[order], keys[order], spec[order], stuck[order]
+        new = []
+        if thumbs:  # what the thumbnail split cuts goes on; what it leaves whole is stuck
+            *cut, whole = _thumb_split(varied, rows, keys, spec, max_thumb_diff)
+            new.append(cut)
+            rows, keys, spec = rows[whole], keys[whole], spec[whole]
         _, sizes = _runs(keys)
         # the hash split (a loop over buckets) only where the thumbnail split could not cut
-        big = np.repeat(sizes > SPLIT_ABOVE, sizes) & stuck if k < MAX_SPLIT_DEPTH else np.zeros(len(keys), bool)
-        new = [(rows[~big & ~stuck], keys[~big & ~stuck], spec[~big & ~stuck])]
-        set_aside(~big & stuck)
+        big = np.repeat(sizes > SPLIT_ABOVE, sizes) if k < MAX_SPLIT_DEPTH else np.zeros(len(keys), bool)
         if big.any():
             sub_rows, sub_keys, sub_spec, whole = _split(
                 e, rows[big], keys[big], spec[big], masks, max_distance, hash_size
             )
-            new.append((sub_rows, sub_keys, sub_spec))
-            done = whole & stuck[big]
-            final_rows.append(rows[big][done])
-            final_keys.append(keys[big][done])
-            new.append((rows[big][whole & ~done], keys[big][whole & ~done], spec[big][whole & ~done]))
-        rows, keys, spec = (np.concatenate([c[i] for c in new]) for i in range(3))
-        order = np.argsort(keys)
-        rows, keys, spec = rows[order], keys[order], spec[order]
-    rows, keys = np.concatenate([*final_rows, rows]), np.concatenate([*final_keys, keys])
-    order = np.argsort(keys)
-    return rows[order], keys[order]
+            order = np.argsort(sub_keys)
+            new.append((sub_rows[order], sub_keys[order], sub_spec[order]))
+            final_rows.append(rows[big][whole])
+            final_keys.append(keys[big][whole])
+        final_rows.append(rows[~big])
+        final_keys.append(keys[~big])
+        rows, keys, spec = (
+            np.concatenate([c[i] for c in new]) if new else a[:0] for i, a in enumerate((rows, keys, spec))
+        )
+    return np.concatenate([*final_rows, rows]), np.concatenate([*final_keys, keys])
 
 
 def _collapse(e: Entries) -> np.ndarray:
@@ -472,16 +476,45 @@ class _Pairs:
     max_thumb_diff: float | None
     stats: dict[str, int]
 
+    varied: np.ndarray | None
+    """``_varied_values`` of the thumbnails when they are checked."""
+
+    def __post_init__(self) -> None:
+        # one contiguous array per hash word: gathering 1-D columns costs a third of gathering rows
+        self.columns = [np.ascontiguousarray(self.e.words[:, c]) for c in range(self.e.words.shape[1])]
+
+    def near(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """The positions ``k`` where rows ``i[k]`` and ``j[k]`` are near copies: every hash within the
+        distance and, when checked, every thumbnail value within ``max_thumb_diff``. The target hash
+        is compared for every pair, everything else only for the pairs still in (a few)."""
+        k = None
+        for h in range(len(self.columns) // self.w):
+            a, b = (i, j) if k is None else (i[k], j[k])
+            dist = np.zeros(len(a), np.uint16)
+            for c in self.columns[h * self.w : (h + 1) * self.w]:
+                dist += np.bitwise_count(c[a] ^ c[b])
+            k = np.flatnonzero(dist <= self.max_distance) if k is None else k[dist <= self.max_distance]
+        k = k[(self.e.group[i[k]] == self.e.group[j[k]]) & (i[k] != j[k])]  # a bucket key collision
+        if self.varied is None:
+            return k
+        # few of pHash's survivors are near copies: the thumbnail values that vary most reject most of
+        # them, and whole thumbnails are read only for those left
+        for part in (self.varied, self.e.thumbs):
+            a, b = part[i[k]], part[j[k]]
+            k = k[(np.maximum(a, b) - np.minimum(a, b)).max(axis=1) <= self.max_thumb_diff]
+        return k
+
     def compare(self, i: np.ndarray, j: np.ndarray) -> None:
+        """Pairs of rows in either order."""
         for s in range(0, len(i), PAIRS_PER_STEP):
             a, b = i[s : s + PAIRS_PER_STEP], j[s : s + PAIRS_PER_STEP]
-            hit = _near(self.e, a, b, self.max_distance, self.w, self.max_thumb_diff) & (a != b)
+            hit = self.near(a, b)
             self.stats["pairs_compared"] = self.stats.get("pairs_compared", 0) + len(a)
-            np.minimum.at(self.best, b[hit], a[hit])
+            np.minimum.at(self.best, np.maximum(a[hit], b[hit]), np.minimum(a[hit], b[hit]))
 
     def every_pair(self, rows: np.ndarray, keys: np.ndarray) -> None:
-        """Every pair inside one bucket (``keys`` sorted), all buckets at once: the pairs of positions
-        ``(p, p + d)`` for d = 1, 2, ... (the small buckets)."""
+        """Every pair inside one bucket (equal ``keys`` contiguous), all buckets at once: the pairs of
+        positions ``(p, p + d)`` for d = 1, 2, ... (the small buckets)."""
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
         end = np.repeat(np.r_[starts[1:], len(keys)], np.diff(np.r_[starts, len(keys)]))
         active = np.arange(len(rows))
@@ -490,7 +523,7 @@ class _Pairs:
             active = active[active + d < end[active]]
             if not len(active):
                 break
-            self.compare(np.minimum(rows[active], rows[active + d]), np.maximum(rows[active], rows[active + d]))
+            self.compare(rows[active], rows[active + d])
             d += 1
 
     def earliest_near(self, rows: np.ndarray, keys: np.ndarray) -> None:
@@ -564,11 +597,13 @@ def reduce_entries(
     for cols in _band_columns(np.arange(bits), max_distance + 1):
         masks.append(np.zeros(bits, bool))
         masks[-1][cols] = True
-    rows, keys = _split_buckets(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff)
+    checked = max_thumb_diff is not None and e.thumbs.shape[1] > 0
+    varied = _varied_values(e.thumbs, THUMB_VARIED) if checked else None
+    rows, keys = _split_buckets(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff, varied)
     _note_largest(stats, "largest_compared", keys)
     _, sizes = _runs(keys)
     large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
-    pairs = _Pairs(e, best, max_distance, w, max_thumb_diff, stats)
+    pairs = _Pairs(e, best, max_distance, w, max_thumb_diff, stats, varied)
     pairs.every_pair(rows[~large], keys[~large])
     pairs.earliest_near(rows[large], keys[large])
     # twins: the earliest twin, or an earlier copy of it
