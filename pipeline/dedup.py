@@ -49,6 +49,8 @@ THUMB_SPLIT_ABOVE = 16
 """A bucket with more members is split by thumbnail when the second check is on (cheap: all at once)."""
 THUMB_CELL_WIDE = 4
 """Thumbnail split cells span this many times ``max_thumb_diff + 1`` levels (wider cells: fewer guests)."""
+THUMB_CUT_VALUES = 3
+"""Thumbnail values a bucket is cut by at once (a grid over them: fewer rounds of splitting)."""
 THUMB_SAMPLE = 16
 """Members of a bucket whose thumbnails choose its split column (the one of largest variance among them)."""
 THUMB_BLOCK = 1 << 12
@@ -341,48 +343,52 @@ def _split(
 def _thumb_split(
     varied: np.ndarray, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, max_thumb_diff: float
 ) -> Split:
-    """Every bucket (equal ``keys`` contiguous) cut by the thumbnail value that varies most among its
-    members (of the ``varied`` ones), all buckets at once: a near pair differs there by at most ``max_thumb_diff``, so it either
-    shares a cell of a grid ``THUMB_CELL_WIDE`` times wider, or straddles an edge, and then the upper
-    member lies within ``max_thumb_diff`` of its cell's lower edge — such a member is also a guest of the
-    cell below, where the pair meets. A bucket is replaced by its cells only when they leave fewer pairs
+    """Every bucket (equal ``keys`` contiguous) cut by the ``THUMB_CUT_VALUES`` thumbnail values that vary
+    most among its members (of the ``varied`` ones), all buckets at once: a near pair differs in each by at
+    most ``max_thumb_diff``, so in each it either shares a cell of a grid ``THUMB_CELL_WIDE`` times wider,
+    or straddles an edge, and then the upper member lies within ``max_thumb_diff`` of its cell's lower
+    edge — such a member is also a guest of the cell below (in that value, and in every combination of
+    such values), where the pair meets. A bucket is replaced by its cells only when they leave fewer pairs
     to compare (a cluster of near copies stays whole). Objects on white are alike on every pHash band but
     not in their thumbnails: this keeps their buckets small without a loop over buckets, and a cut
-    copies only the members near an edge (a quarter), not all of them (BENCHMARKS.md, #34).
-
-    The cells come out grouped, not sorted: one pass per cell value takes its members (and guests) in
-    bucket order, so no sort is needed (sorting was most of a round's time)."""
+    copies only the members near an edge (a quarter per value), not all of them (BENCHMARKS.md, #34).
+    The cells come out grouped (a stable sort of (bucket, cell), nearly sorted already)."""
     starts, sizes = _runs(keys)
     bucket = np.repeat(np.arange(len(starts)), sizes)
-    # the column of largest variance among THUMB_SAMPLE members spread through each bucket
+    cut = min(THUMB_CUT_VALUES, varied.shape[1])
+    # the values of largest range among THUMB_SAMPLE members spread through each bucket
     sample = starts[:, None] + (np.arange(THUMB_SAMPLE)[None, :] * sizes[:, None]) // THUMB_SAMPLE
-    column = np.empty(len(starts), np.int64)
-    width = min(THUMB_CELL_WIDE * (int(max_thumb_diff) + 1), 255)
+    columns = np.empty((len(starts), cut), np.int64)
     for b in range(0, len(starts), THUMB_BLOCK):
         block = varied[rows[sample[b : b + THUMB_BLOCK]]]  # (buckets, sample, values)
-        column[b : b + THUMB_BLOCK] = (block.max(axis=1) - block.min(axis=1)).argmax(axis=1)
-    value = varied.reshape(-1)[rows * varied.shape[1] + column[bucket]].astype(np.int16)
-    # one grid of cells THUMB_CELL_WIDE times the allowed difference; a member within it of its cell's
-    # lower edge is also a guest of the cell below (none below the first): a near pair straddling an
-    # edge meets there
-    cell, offset = np.divmod(value, np.int16(width))
-    cells = int(cell.max()) + 1 if len(cell) else 1
-    guest_of = np.where((offset <= int(max_thumb_diff)) & (cell > 0), cell - 1, -1)
-    pairs = np.zeros(len(starts), np.int64)
-    members = []
-    for c in range(cells):
-        at = np.flatnonzero((cell == c) | (guest_of == c))  # ascending: each bucket's members stay together
-        members.append(at)
-        pairs += np.bincount(bucket[at], minlength=len(starts)).astype(np.int64) ** 2
-    whole = (pairs >= sizes.astype(np.int64) ** 2)[bucket]
+        spread = (block.max(axis=1) - block.min(axis=1)).astype(np.int16)
+        columns[b : b + THUMB_BLOCK] = np.argsort(-spread, axis=1, kind="stable")[:, :cut]
+    width = min(THUMB_CELL_WIDE * (int(max_thumb_diff) + 1), 256)
+    per = 255 // width + 1  # cells per value
+    flat, code, guest = varied.reshape(-1), np.zeros(len(rows), np.int64), []
+    for d in range(cut):
+        cell, offset = np.divmod(flat[rows * varied.shape[1] + columns[bucket, d]].astype(np.int16), np.int16(width))
+        code += cell.astype(np.int64) * per**d
+        guest.append((offset <= int(max_thumb_diff)) & (cell > 0))
+    # a member is in its cell, and a guest of the cell one lower in every combination of the values where
+    # it lies near its cell's lower edge
+    member, cells = [np.arange(len(rows))], [code]
+    for combo in range(1, 1 << cut):
+        dims = [d for d in range(cut) if combo >> d & 1]
+        at = np.flatnonzero(np.logical_and.reduce([guest[d] for d in dims]))
+        member.append(at)
+        cells.append(code[at] - sum(per**d for d in dims))
+    member, cell = np.concatenate(member), np.concatenate(cells)
+    group = bucket[member] * per**cut + cell
+    order = np.argsort(group, kind="stable")
+    member, cell, group = member[order], cell[order], group[order]
+    run_start, run_len = _runs(group)
+    pairs = np.bincount(bucket[member[run_start]], weights=run_len.astype(np.float64) ** 2, minlength=len(starts))
+    whole = (pairs >= sizes.astype(np.float64) ** 2)[bucket]
+    moved = ~whole[member]
+    member, cell = member[moved], cell[moved]
     base = _mix(keys, 0xD1B54A32D192ED03)  # scrambled first: parents differing in low bits stay apart
-    out_pos, out_key = [], []
-    for c, at in enumerate(members):
-        at = at[~whole[at]]
-        out_pos.append(at)
-        out_key.append(_mix(base[at], c))
-    pos = np.concatenate(out_pos)
-    return rows[pos], np.concatenate(out_key), spec[pos], whole
+    return rows[member], _mix(base[member], cell), spec[member], whole
 
 
 def _split_buckets(
@@ -483,47 +489,72 @@ class _Pairs:
         # one contiguous array per hash word: gathering 1-D columns costs a third of gathering rows
         self.columns = [np.ascontiguousarray(self.e.words[:, c]) for c in range(self.e.words.shape[1])]
 
-    def near(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-        """The positions ``k`` where rows ``i[k]`` and ``j[k]`` are near copies: every hash within the
-        distance and, when checked, every thumbnail value within ``max_thumb_diff``. The target hash
-        is compared for every pair, everything else only for the pairs still in (a few)."""
-        k = None
-        for h in range(len(self.columns) // self.w):
-            a, b = (i, j) if k is None else (i[k], j[k])
-            dist = np.zeros(len(a), np.uint16)
-            for c in self.columns[h * self.w : (h + 1) * self.w]:
-                dist += np.bitwise_count(c[a] ^ c[b])
-            k = np.flatnonzero(dist <= self.max_distance) if k is None else k[dist <= self.max_distance]
-        k = k[(self.e.group[i[k]] == self.e.group[j[k]]) & (i[k] != j[k])]  # a bucket key collision
-        if self.varied is None:
-            return k
-        # few of pHash's survivors are near copies: the thumbnail values that vary most reject most of
-        # them, and whole thumbnails are read only for those left
-        for part in (self.varied, self.e.thumbs):
-            a, b = part[i[k]], part[j[k]]
-            k = k[(np.maximum(a, b) - np.minimum(a, b)).max(axis=1) <= self.max_thumb_diff]
-        return k
+    def _within(self, columns: list[np.ndarray], x: np.ndarray | slice, y: np.ndarray | slice) -> np.ndarray:
+        """Whether the hashes held in ``columns`` (one hash's words) at ``x`` and ``y`` are within the distance."""
+        dist = None
+        for c in columns:
+            bits = np.bitwise_count(c[x] ^ c[y])
+            dist = bits.astype(np.uint16) if dist is None else dist + bits
+        return dist <= self.max_distance
+
+    def confirm(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of the pairs of rows ``(i, j)`` whose target hashes are within the distance, the near ones: every
+        other hash within it too and, when checked, every thumbnail value within ``max_thumb_diff``."""
+        keep = (self.e.group[i] == self.e.group[j]) & (i != j)  # a bucket key collision
+        i, j = i[keep], j[keep]
+        for h in range(1, len(self.columns) // self.w):
+            keep = self._within(self.columns[h * self.w : (h + 1) * self.w], i, j)
+            i, j = i[keep], j[keep]
+        if self.varied is not None:
+            # few of pHash's survivors are near copies: the thumbnail values that vary most reject most
+            # of them, and whole thumbnails are read only for those left
+            for part in (self.varied, self.e.thumbs):
+                x, y = part[i], part[j]
+                keep = (np.maximum(x, y) - np.minimum(x, y)).max(axis=1) <= self.max_thumb_diff
+                i, j = i[keep], j[keep]
+        return i, j
+
+    def lower(self, i: np.ndarray, j: np.ndarray, compared: int) -> None:
+        """``best`` after the near pairs ``(i, j)`` (in either order) of ``compared`` pairs."""
+        self.stats["pairs_compared"] = self.stats.get("pairs_compared", 0) + compared
+        np.minimum.at(self.best, np.maximum(i, j), np.minimum(i, j))
 
     def compare(self, i: np.ndarray, j: np.ndarray) -> None:
         """Pairs of rows in either order."""
         for s in range(0, len(i), PAIRS_PER_STEP):
             a, b = i[s : s + PAIRS_PER_STEP], j[s : s + PAIRS_PER_STEP]
-            hit = self.near(a, b)
-            self.stats["pairs_compared"] = self.stats.get("pairs_compared", 0) + len(a)
-            np.minimum.at(self.best, np.maximum(a[hit], b[hit]), np.minimum(a[hit], b[hit]))
+            k = self._within(self.columns[: self.w], a, b)
+            self.lower(*self.confirm(a[k], b[k]), len(a))
 
     def every_pair(self, rows: np.ndarray, keys: np.ndarray) -> None:
         """Every pair inside one bucket (equal ``keys`` contiguous), all buckets at once: the pairs of
-        positions ``(p, p + d)`` for d = 1, 2, ... (the small buckets)."""
-        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-        end = np.repeat(np.r_[starts[1:], len(keys)], np.diff(np.r_[starts, len(keys)]))
+        positions ``(p, p + d)`` for d = 1, 2, ... (the small buckets). The target hash is copied into
+        member order, so a pair reads two nearby places, and while most positions have a partner ``d``
+        further it is compared over whole slices (no gather); once fewer than a quarter do, only the
+        buckets larger than ``d`` are kept when that halves the copy."""
+        columns = [c[rows] for c in self.columns[: self.w]]
+        starts, sizes = _runs(keys)
+        end = np.repeat(starts + sizes, sizes)
         active = np.arange(len(rows))
         d = 1
         while True:
-            active = active[active + d < end[active]]
+            active = active[active + d < end[active]]  # positions with a partner d further
             if not len(active):
                 break
-            self.compare(rows[active], rows[active + d])
+            if 4 * len(active) < len(rows) and 2 * int(sizes[sizes > d].sum()) < len(rows):
+                take = np.flatnonzero(np.repeat(sizes > d, sizes))
+                rows, keys, columns = rows[take], keys[take], [c[take] for c in columns]
+                starts, sizes = _runs(keys)
+                end = np.repeat(starts + sizes, sizes)
+                active = np.flatnonzero(np.arange(len(rows)) + d < end)
+            for s in range(0, len(active), PAIRS_PER_STEP):
+                at = active[s : s + PAIRS_PER_STEP]
+                lo, hi = int(at[0]), int(at[-1]) + 1
+                if 2 * len(at) >= hi - lo:  # dense: over the slice from the first to the last
+                    near = self._within(columns, slice(lo, hi), slice(lo + d, hi + d))[at - lo]
+                else:
+                    near = self._within(columns, at, at + d)
+                self.lower(*self.confirm(rows[at[near]], rows[at[near] + d]), len(at))
             d += 1
 
     def earliest_near(self, rows: np.ndarray, keys: np.ndarray) -> None:
