@@ -66,6 +66,8 @@ THUMB_VARIED = 64
 """Thumbnail values that cut buckets and are checked first (those that vary most: ``_varied_values``)."""
 THUMB_RANK_SAMPLE = 4096
 """Rows whose thumbnails rank the values by variance."""
+BUCKET_BLOCK = 1 << 17
+"""Bucket memberships compared at once (whole buckets): the arrays of a block stay in the processor's caches."""
 PREFILTER_SLOTS = 1 << 24
 """Rows whose bucket key's low 24 bits no other row shares are alone in their bucket (one counting pass)."""
 
@@ -585,6 +587,32 @@ def _note_largest(stats: dict[str, int], name: str, keys: np.ndarray) -> None:
     stats[name] = max(stats.get(name, 0), int(sizes.max()))
 
 
+def _compare_block(
+    pairs: _Pairs,
+    e: Entries,
+    rows: np.ndarray,
+    keys: np.ndarray,
+    band: np.ndarray,
+    masks: list[np.ndarray],
+    max_distance: int,
+    hash_size: int,
+    max_thumb_diff: float | None,
+) -> None:
+    """Every near pair inside the buckets of ``(rows, keys, band)`` (whole buckets) into ``pairs``."""
+    order = np.argsort(keys)  # members of a bucket in any order: each pair is compared as (min, max)
+    rows, keys, band = rows[order], keys[order], band[order]
+    same = keys[1:] == keys[:-1]
+    multi = np.r_[same, False] | np.r_[False, same]
+    rows, keys, spec = rows[multi], keys[multi], band[multi].astype(np.int64)  # a bucket of one compares nothing
+    _note_largest(pairs.stats, "largest_bucket", keys)
+    rows, keys = _split_buckets(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff, pairs.varied)
+    _note_largest(pairs.stats, "largest_compared", keys)
+    _, sizes = _runs(keys)
+    large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
+    pairs.every_pair(rows[~large], keys[~large])
+    pairs.earliest_near(rows[large], keys[large])
+
+
 def reduce_entries(
     e: Entries,
     rows: np.ndarray,
@@ -608,12 +636,6 @@ def reduce_entries(
         low = (keys & np.uint64(PREFILTER_SLOTS - 1)).astype(np.int64)
         maybe = np.bincount(low, minlength=PREFILTER_SLOTS)[low] > 1
         rows, keys, band = rows[maybe], keys[maybe], band[maybe]
-    order = np.argsort(keys)  # members of a bucket in any order: each pair is compared as (min, max)
-    rows, keys, band = rows[order], keys[order], band[order]
-    same = keys[1:] == keys[:-1]
-    multi = np.r_[same, False] | np.r_[False, same]
-    rows, keys, band = rows[multi], keys[multi], band[multi]  # a bucket of one compares nothing
-    _note_largest(stats, "largest_bucket", keys)
     twin = np.arange(n)
     present = np.zeros(n, bool)
     present[rows] = True
@@ -622,7 +644,7 @@ def reduce_entries(
         twin[involved] = involved[_collapse(e.take(involved))]
     rep = twin == np.arange(n)
     keep = rep[rows]
-    rows, keys, spec = rows[keep], keys[keep], band[keep].astype(np.int64)
+    rows, keys, band = rows[keep], keys[keep], band[keep]
     bits = hash_size * hash_size
     masks = []
     for cols in _band_columns(np.arange(bits), max_distance + 1):
@@ -630,13 +652,20 @@ def reduce_entries(
         masks[-1][cols] = True
     checked = max_thumb_diff is not None and e.thumbs.shape[1] > 0
     varied = _varied_values(e.thumbs, THUMB_VARIED) if checked else None
-    rows, keys = _split_buckets(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff, varied)
-    _note_largest(stats, "largest_compared", keys)
-    _, sizes = _runs(keys)
-    large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
     pairs = _Pairs(e, best, max_distance, w, max_thumb_diff, stats, varied)
-    pairs.every_pair(rows[~large], keys[~large])
-    pairs.earliest_near(rows[large], keys[large])
+    # buckets are compared a block of them at a time (a bucket's members all in one block, by a hash of its
+    # key), so that a block's arrays stay in the processor's caches
+    blocks = -(-len(keys) // BUCKET_BLOCK)
+    if blocks > 1:
+        order = np.argsort((_mix(keys, 0x2545F4914F6CDD1D) % np.uint64(blocks)).astype(np.uint16), kind="stable")
+        rows, keys, band = rows[order], keys[order], band[order]
+        bounds = np.searchsorted(
+            (_mix(keys, 0x2545F4914F6CDD1D) % np.uint64(blocks)).astype(np.int64), np.arange(blocks + 1)
+        )
+    else:
+        bounds = np.array([0, len(keys)])
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        _compare_block(pairs, e, rows[lo:hi], keys[lo:hi], band[lo:hi], masks, max_distance, hash_size, max_thumb_diff)
     # twins: the earliest twin, or an earlier copy of it
     has = best < n
     out = np.where(has, best, -1)
