@@ -373,19 +373,20 @@ def _thumb_split(
         code += cell.astype(np.int64) * per**d
         guest.append((offset <= int(max_thumb_diff)) & (cell > 0))
     # a member is in its cell, and a guest of the cell one lower in every combination of the values where
-    # it lies near its cell's lower edge
-    member, cells = [np.arange(len(rows))], [code]
-    for combo in range(1, 1 << cut):
-        dims = [d for d in range(cut) if combo >> d & 1]
-        at = np.flatnonzero(np.logical_and.reduce([guest[d] for d in dims]))
-        member.append(at)
-        cells.append(code[at] - sum(per**d for d in dims))
-    member, cell = np.concatenate(member), np.concatenate(cells)
-    group = bucket[member] * per**cut + cell
-    order = np.argsort(group, kind="stable")
-    member, cell, group = member[order], cell[order], group[order]
-    run_start, run_len = _runs(group)
-    pairs = np.bincount(bucket[member[run_start]], weights=run_len.astype(np.float64) ** 2, minlength=len(starts))
+    # it lies near its cell's lower edge: (member, combination) pairs in member order
+    combos = 1 << cut
+    lower = np.array([sum(per**d for d in range(cut) if c >> d & 1) for c in range(combos)], np.int64)
+    within = np.ones((len(rows), combos), bool)
+    for c in range(1, combos):
+        within[:, c] = np.logical_and.reduce([guest[d] for d in range(cut) if c >> d & 1])
+    member, combo = np.divmod(np.flatnonzero(within), combos)
+    cell = code[member] - lower[combo]
+    # a stable sort by cell (a radix sort of small integers) leaves each bucket's members of a cell together
+    order = np.argsort(cell.astype(np.uint8 if per**cut <= 256 else np.uint16), kind="stable")
+    member, cell = member[order], cell[order]
+    group_start = np.flatnonzero(np.r_[True, (cell[1:] != cell[:-1]) | (bucket[member[1:]] != bucket[member[:-1]])])
+    run_len = np.diff(np.r_[group_start, len(member)])
+    pairs = np.bincount(bucket[member[group_start]], weights=run_len.astype(np.float64) ** 2, minlength=len(starts))
     whole = (pairs >= sizes.astype(np.float64) ** 2)[bucket]
     moved = ~whole[member]
     member, cell = member[moved], cell[moved]
