@@ -30,7 +30,7 @@ on ``R``, on the order of chunks or on which worker ran what.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +51,7 @@ THUMB_CELL_WIDE = 4
 """Thumbnail split cells span this many times ``max_thumb_diff + 1`` levels (wider cells: fewer guests)."""
 THUMB_CUT_VALUES = 3
 """Thumbnail values a bucket is cut by at once (a grid over them: fewer rounds of splitting)."""
-THUMB_SAMPLE = 16
+THUMB_SAMPLE = 8
 """Members of a bucket whose thumbnails choose its split column (the one of largest variance among them)."""
 THUMB_BLOCK = 1 << 12
 """Buckets whose sampled thumbnails are held at once (≈ 50 MB as int32)."""
@@ -364,7 +364,7 @@ def _thumb_split(
     for b in range(0, len(starts), THUMB_BLOCK):
         block = varied[rows[sample[b : b + THUMB_BLOCK]]]  # (buckets, sample, values)
         spread = (block.max(axis=1) - block.min(axis=1)).astype(np.int16)
-        columns[b : b + THUMB_BLOCK] = np.argsort(-spread, axis=1, kind="stable")[:, :cut]
+        columns[b : b + THUMB_BLOCK] = np.argpartition(-spread, cut - 1, axis=1)[:, :cut]
     width = min(THUMB_CELL_WIDE * (int(max_thumb_diff) + 1), 256)
     per = 255 // width + 1  # cells per value
     flat, code, guest = varied.reshape(-1), np.zeros(len(rows), np.int64), []
@@ -403,7 +403,7 @@ def _split_buckets(
     max_distance: int,
     hash_size: int,
     max_thumb_diff: float | None,
-    varied: np.ndarray | None,
+    varied: Callable[[], np.ndarray] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rounds of splitting (equal ``keys`` contiguous). With thumbnails, each round cuts every bucket above
     ``THUMB_SPLIT_ABOVE`` by thumbnail (vectorised); the hash split (a loop over buckets, ``max_distance
@@ -426,7 +426,7 @@ def _split_buckets(
             break
         new = []
         if thumbs:  # what the thumbnail split cuts goes on; what it leaves whole is stuck
-            *cut, whole = _thumb_split(varied, rows, keys, spec, max_thumb_diff)
+            *cut, whole = _thumb_split(varied(), rows, keys, spec, max_thumb_diff)
             new.append(cut)
             rows, keys, spec = rows[whole], keys[whole], spec[whole]
         _, sizes = _runs(keys)
@@ -485,12 +485,19 @@ class _Pairs:
     max_thumb_diff: float | None
     stats: dict[str, int]
 
-    varied: np.ndarray | None
-    """``_varied_values`` of the thumbnails when they are checked."""
+    checked: bool
+    """Whether thumbnails are checked."""
 
     def __post_init__(self) -> None:
         # one contiguous array per hash word: gathering 1-D columns costs a third of gathering rows
         self.columns = [np.ascontiguousarray(self.e.words[:, c]) for c in range(self.e.words.shape[1])]
+        self._varied: np.ndarray | None = None
+
+    def varied(self) -> np.ndarray:
+        """``_varied_values`` of the thumbnails, made on first use (inputs whose buckets are small need none)."""
+        if self._varied is None:
+            self._varied = _varied_values(self.e.thumbs, THUMB_VARIED)
+        return self._varied
 
     def _within(self, columns: list[np.ndarray], x: np.ndarray | slice, y: np.ndarray | slice) -> np.ndarray:
         """Whether the hashes held in ``columns`` (one hash's words) at ``x`` and ``y`` are within the distance."""
@@ -508,10 +515,12 @@ class _Pairs:
         for h in range(1, len(self.columns) // self.w):
             keep = self._within(self.columns[h * self.w : (h + 1) * self.w], i, j)
             i, j = i[keep], j[keep]
-        if self.varied is not None:
-            # few of pHash's survivors are near copies: the thumbnail values that vary most reject most
-            # of them, and whole thumbnails are read only for those left
-            for part in (self.varied, self.e.thumbs):
+        if self.checked:
+            # few of pHash's survivors are near copies: when many are left (or the cuts made them anyway),
+            # the thumbnail values that vary most reject most of them, and whole thumbnails are read only
+            # for those left
+            many = self._varied is not None or len(i) > len(self.e)
+            for part in (self.varied(), self.e.thumbs) if many else (self.e.thumbs,):
                 x, y = part[i], part[j]
                 keep = (np.maximum(x, y) - np.minimum(x, y)).max(axis=1) <= self.max_thumb_diff
                 i, j = i[keep], j[keep]
@@ -606,7 +615,8 @@ def _compare_block(
     multi = np.r_[same, False] | np.r_[False, same]
     rows, keys, spec = rows[multi], keys[multi], band[multi].astype(np.int64)  # a bucket of one compares nothing
     _note_largest(pairs.stats, "largest_bucket", keys)
-    rows, keys = _split_buckets(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff, pairs.varied)
+    varied = pairs.varied if pairs.checked else None
+    rows, keys = _split_buckets(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff, varied)
     _note_largest(pairs.stats, "largest_compared", keys)
     _, sizes = _runs(keys)
     large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
@@ -652,8 +662,7 @@ def reduce_entries(
         masks.append(np.zeros(bits, bool))
         masks[-1][cols] = True
     checked = max_thumb_diff is not None and e.thumbs.shape[1] > 0
-    varied = _varied_values(e.thumbs, THUMB_VARIED) if checked else None
-    pairs = _Pairs(e, best, max_distance, w, max_thumb_diff, stats, varied)
+    pairs = _Pairs(e, best, max_distance, w, max_thumb_diff, stats, checked)
     # buckets are compared a block of them at a time (a bucket's members all in one block, by a hash of its
     # key), so that a block's arrays stay in the processor's caches
     blocks = -(-len(keys) // BUCKET_BLOCK)
