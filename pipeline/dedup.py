@@ -11,13 +11,16 @@ the earliest near copy>``, whatever the chunk or source.
 
 Buckets: the target hash is cut into ``max_distance + 1`` bands, so two hashes within the distance
 agree exactly on at least one band (pigeonhole). Bucket = (pair kind, number of hashes, band number,
-band value). A bucket larger than ``SPLIT_ABOVE`` (skewed data: objects on white share many bits) is
-split again: with thumbnails, all big buckets at once by the thumbnail value that varies most in each
-(cells of a coarse grid; members near a cell's lower edge also join the cell below, so a near pair
-always meets), and what that cannot cut, one bucket at a time, the same way as the bands over the
-bits its members do not already share — a near pair still agrees exactly on one of those sub-bands —
-so buckets stay small at any skew. Inputs with identical hashes
-and thumbnails collapse onto their earliest one before any pair is compared.
+band value). A bucket larger than ``THUMB_SPLIT_ABOVE`` (skewed data: objects on white share many
+bits) is split again (``pipeline.dedup_cut``): with thumbnails, all big buckets at once, each by the
+``THUMB_CUT_VALUES`` thumbnail values that vary most among its members (cells of a coarse grid;
+members near a cell's lower edge also join the cell below, so a near pair always meets), and what
+that cannot cut, above ``SPLIT_ABOVE``, one bucket at a time, the same way as the bands over the bits
+its members do not already share — a near pair still agrees exactly on one of those sub-bands — so
+buckets stay small at any skew. Inputs with identical hashes and thumbnails collapse onto their
+earliest one before any pair is compared. Buckets go through this a block of ``BUCKET_BLOCK``
+memberships at a time, so each block's arrays stay in the processor's caches, and pairs are compared
+over slices of hash words copied into member order.
 
 Distributed as a shuffle by bucket: map task ``m`` reads its share of the chunks' ledgers and writes,
 per reducer ``r``, the entries owning a bucket of ``r`` (``.progress/dedup/``: ``npz`` files, loaded
@@ -30,42 +33,31 @@ on ``R``, on the order of chunks or on which worker ran what.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipeline.dedup_cut import (
+    THUMB_VARIED,
+    band_columns,
+    bits_of,
+    mix,
+    runs,
+    split_buckets,
+    value_key,
+    varied_values,
+)
 
 Entry = tuple[int, str, str, list[int]]  # (global input index, sample key, pair kind, hashes as ints)
 
 THUMB = 8
 """Side of the second check's thumbnail (RGB, box-averaged): 192 bytes per image."""
-SPLIT_ABOVE = 64
-"""A bucket with more members is split into sub-buckets (module docstring)."""
-SPLIT_MIN_BITS = 8
-"""A bucket is split only when each sub-band gets at least this many bits (else it cannot shrink)."""
-MAX_SPLIT_DEPTH = 4
-"""Splits nested at most this deep; a bucket still larger is compared whole."""
-THUMB_SPLIT_ABOVE = 16
-"""A bucket with more members is split by thumbnail when the second check is on (cheap: all at once)."""
-THUMB_CELL_WIDE = 4
-"""Thumbnail split cells span this many times ``max_thumb_diff + 1`` levels (wider cells: fewer guests)."""
-THUMB_CUT_VALUES = 3
-"""Thumbnail values a bucket is cut by at once (a grid over them: fewer rounds of splitting)."""
-THUMB_SAMPLE = 8
-"""Members of a bucket whose thumbnails choose its split column (the one of largest variance among them)."""
-THUMB_BLOCK = 1 << 12
-"""Buckets whose sampled thumbnails are held at once (≈ 50 MB as int32)."""
-MAX_ROUNDS = 8
-"""Rounds of splitting at most (the hash split, a loop over buckets, only in the first ``MAX_SPLIT_DEPTH``)."""
 PAIRS_PER_STEP = 1 << 20
 """Pairs compared per numpy step (bounds the temporary arrays)."""
 EARLIEST_FIRST_ABOVE = 64
 """Buckets with more members (clusters no cut shrinks) compare each member earliest first and stop at its
 first near copy; smaller ones compare every pair at once, which costs less per pair."""
-THUMB_VARIED = 64
-"""Thumbnail values that cut buckets and are checked first (those that vary most: ``_varied_values``)."""
-THUMB_RANK_SAMPLE = 4096
-"""Rows whose thumbnails rank the values by variance."""
 BUCKET_BLOCK = 1 << 17
 """Bucket memberships compared at once (whole buckets): the arrays of a block stay in the processor's caches."""
 PREFILTER_SLOTS = 1 << 24
@@ -96,16 +88,6 @@ def bands(value: int, bits: int, n: int) -> list[int]:
         width = bits // n + (1 if b < bits % n else 0)
         shift -= width
         out.append((value >> shift) & ((1 << width) - 1))
-    return out
-
-
-def _band_columns(columns: np.ndarray, n: int) -> list[np.ndarray]:
-    """``columns`` cut into ``n`` consecutive, non-empty bands (the first ones one column wider)."""
-    out, start = [], 0
-    for b in range(n):
-        width = len(columns) // n + (1 if b < len(columns) % n else 0)
-        out.append(columns[start : start + width])
-        start += width
     return out
 
 
@@ -200,44 +182,7 @@ def ledger_rows(ledger: dict[str, list], chunk: int, inputs_per_chunk: int) -> I
             yield chunk * inputs_per_chunk + pos, key, kind, hashes, (row[6] if len(row) > 6 else None)
 
 
-def ledger_entries(ledger: dict[str, list], chunk: int, inputs_per_chunk: int) -> Iterable[Entry]:
-    """The comparable inputs of one chunk's ledger (hashes as ints)."""
-    for i, key, kind, hashes, _ in ledger_rows(ledger, chunk, inputs_per_chunk):
-        yield i, key, kind, [int(h, 16) for h in hashes]
-
-
 # ----------------------------------------------------------------------------- bucket keys
-
-_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix(h: np.ndarray, v: np.ndarray | int) -> np.ndarray:
-    """splitmix64 of ``h ^ v``: a stable 64-bit bucket key (collisions only cost extra comparisons)."""
-    with np.errstate(over="ignore"):
-        z = (np.asarray(h, np.uint64) ^ np.asarray(v, np.uint64)) + _GOLD
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
-
-
-def _bits(words: np.ndarray, bits: int) -> np.ndarray:
-    """(n, bits) 0/1 of the target hash (the first ``words_per_hash`` words), most significant first."""
-    w = (bits + 63) // 64
-    raw = np.ascontiguousarray(words[:, :w].astype(">u8")).view(np.uint8).reshape(len(words), 8 * w)
-    return np.unpackbits(raw, axis=1)[:, 64 * w - bits :]
-
-
-def _value_key(bitmat: np.ndarray) -> np.ndarray:
-    """A uint64 per row from its 0/1 columns (exact up to 64 columns, mixed beyond)."""
-    packed = np.packbits(bitmat, axis=1)
-    pad = (-packed.shape[1]) % 8
-    if pad:
-        packed = np.pad(packed, ((0, 0), (0, pad)))
-    chunks = np.ascontiguousarray(packed).view(">u8").astype(np.uint64)
-    key = chunks[:, 0]
-    for c in range(1, chunks.shape[1]):
-        key = _mix(key, chunks[:, c])
-    return key
 
 
 def _word_bits(words: np.ndarray, bits: int, a: int, b: int) -> np.ndarray:
@@ -254,16 +199,16 @@ def _word_bits(words: np.ndarray, bits: int, a: int, b: int) -> np.ndarray:
 def band_keys(e: Entries, max_distance: int, hash_size: int) -> np.ndarray:
     """(n, max_distance + 1) bucket keys of every row: one per band of its target hash."""
     bits = hash_size * hash_size
-    cols = _band_columns(np.arange(bits), max_distance + 1)
+    cols = band_columns(np.arange(bits), max_distance + 1)
     out = np.empty((len(e), len(cols)), np.uint64)
     bitmat = None
     for b, c in enumerate(cols):
         if len(c) <= 64:
             value = _word_bits(e.words, bits, int(c[0]), int(c[-1]) + 1)
         else:  # wide bands (a small max_distance): hashed down to 64 bits
-            bitmat = _bits(e.words, bits) if bitmat is None else bitmat
-            value = _value_key(bitmat[:, c])
-        out[:, b] = _mix(e.group, b + 1) ^ value  # a random 64-bit constant per (group, band): no collisions
+            bitmat = bits_of(e.words, bits) if bitmat is None else bitmat
+            value = value_key(bitmat[:, c])
+        out[:, b] = mix(e.group, b + 1) ^ value  # a random 64-bit constant per (group, band): no collisions
     return out
 
 
@@ -277,187 +222,16 @@ def owner(keys: np.ndarray, reducers: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- one reducer
 
 
-def _varied_values(thumbs: np.ndarray, count: int) -> np.ndarray:
-    """A contiguous ``(n, count)`` copy of the thumbnail values that vary most over a sample of rows:
-    where thumbnails of different images differ (on objects on white: where the objects are), so they cut
-    buckets and reject pairs best, at a third of the bytes of whole thumbnails."""
-    sample = thumbs[np.linspace(0, len(thumbs) - 1, min(len(thumbs), THUMB_RANK_SAMPLE)).astype(np.int64)]
-    ranked = np.argsort(-sample.astype(np.float32).var(axis=0), kind="stable")
-    return np.ascontiguousarray(thumbs[:, np.sort(ranked[:count])])
-
-
-# a split's result: rows, keys and specs of the sub-buckets replacing the buckets it cut, and per input
-# position whether its bucket stays whole (no cut leaves fewer pairs)
-Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-
-
-def _runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start and length of each run of equal values in sorted ``keys``."""
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    return starts, np.diff(np.r_[starts, len(keys)])
-
-
-def _split(
-    e: Entries,
-    rows: np.ndarray,
-    keys: np.ndarray,
-    spec: np.ndarray,
-    masks: list[np.ndarray],
-    max_distance: int,
-    hash_size: int,
-) -> Split:
-    """The hash split of every bucket (``rows``/``keys``/``spec`` sorted by key; ``masks[spec]``: the
-    bit columns a bucket's members share): its members go into ``max_distance + 1`` sub-bands of the
-    bits they do not all share (a near pair agrees exactly on one of them), when that leaves fewer
-    pairs to compare; ``masks`` grows by the new specs. One bucket at a time, so only for buckets
-    above ``SPLIT_ABOVE``."""
-    bits = hash_size * hash_size
-    out_rows, out_keys, out_spec = [], [], []
-    whole = np.ones(len(keys), bool)
-    starts, sizes = _runs(keys)
-    for s, t in zip(starts, starts + sizes):
-        members = rows[s:t]
-        bitmat = _bits(e.words[members], bits)
-        # bits every member has alike add no distance: the sub-bands cut only the bits that vary
-        mask = masks[spec[s]] | (bitmat == bitmat[0]).all(axis=0)
-        free = np.flatnonzero(~mask)
-        if len(free) < SPLIT_MIN_BITS * (max_distance + 1):  # narrower sub-bands would not spread the members
-            continue
-        subs = []
-        for q, cols in enumerate(_band_columns(free, max_distance + 1)):
-            sub = mask.copy()
-            sub[cols] = True
-            subs.append((_mix(_mix(_mix(keys[s:t], 0), q + 1), _value_key(bitmat[:, cols])), sub))
-        pairs = sum(int((np.unique(k, return_counts=True)[1].astype(np.int64) ** 2).sum()) for k, _ in subs)
-        if pairs >= (t - s) ** 2:
-            continue  # alike on every cut (a cluster of near copies): compared whole
-        whole[s:t] = False
-        for sub_key, sub in subs:
-            masks.append(sub)
-            out_rows.append(members)
-            out_keys.append(sub_key)
-            out_spec.append(np.full(t - s, len(masks) - 1, np.int64))
-    if not out_rows:
-        return rows[:0], keys[:0], spec[:0], whole
-    return np.concatenate(out_rows), np.concatenate(out_keys), np.concatenate(out_spec), whole
-
-
-def _thumb_split(
-    varied: np.ndarray, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, max_thumb_diff: float
-) -> Split:
-    """Every bucket (equal ``keys`` contiguous) cut by the ``THUMB_CUT_VALUES`` thumbnail values that vary
-    most among its members (of the ``varied`` ones), all buckets at once: a near pair differs in each by at
-    most ``max_thumb_diff``, so in each it either shares a cell of a grid ``THUMB_CELL_WIDE`` times wider,
-    or straddles an edge, and then the upper member lies within ``max_thumb_diff`` of its cell's lower
-    edge — such a member is also a guest of the cell below (in that value, and in every combination of
-    such values), where the pair meets. A bucket is replaced by its cells only when they leave fewer pairs
-    to compare (a cluster of near copies stays whole). Objects on white are alike on every pHash band but
-    not in their thumbnails: this keeps their buckets small without a loop over buckets, and a cut
-    copies only the members near an edge (a quarter per value), not all of them (BENCHMARKS.md, #34).
-    The cells come out grouped (a stable sort of (bucket, cell), nearly sorted already)."""
-    starts, sizes = _runs(keys)
-    bucket = np.repeat(np.arange(len(starts)), sizes)
-    cut = min(THUMB_CUT_VALUES, varied.shape[1])
-    # the values of largest range among THUMB_SAMPLE members spread through each bucket
-    sample = starts[:, None] + (np.arange(THUMB_SAMPLE)[None, :] * sizes[:, None]) // THUMB_SAMPLE
-    columns = np.empty((len(starts), cut), np.int64)
-    for b in range(0, len(starts), THUMB_BLOCK):
-        block = varied[rows[sample[b : b + THUMB_BLOCK]]]  # (buckets, sample, values)
-        spread = (block.max(axis=1) - block.min(axis=1)).astype(np.int16)
-        columns[b : b + THUMB_BLOCK] = np.argpartition(-spread, cut - 1, axis=1)[:, :cut]
-    width = min(THUMB_CELL_WIDE * (int(max_thumb_diff) + 1), 256)
-    per = 255 // width + 1  # cells per value
-    flat, code, guest = varied.reshape(-1), np.zeros(len(rows), np.int64), []
-    for d in range(cut):
-        cell, offset = np.divmod(flat[rows * varied.shape[1] + columns[bucket, d]].astype(np.int16), np.int16(width))
-        code += cell.astype(np.int64) * per**d
-        guest.append((offset <= int(max_thumb_diff)) & (cell > 0))
-    # a member is in its cell, and a guest of the cell one lower in every combination of the values where
-    # it lies near its cell's lower edge: (member, combination) pairs in member order
-    combos = 1 << cut
-    lower = np.array([sum(per**d for d in range(cut) if c >> d & 1) for c in range(combos)], np.int64)
-    within = np.ones((len(rows), combos), bool)
-    for c in range(1, combos):
-        within[:, c] = np.logical_and.reduce([guest[d] for d in range(cut) if c >> d & 1])
-    member, combo = np.divmod(np.flatnonzero(within), combos)
-    cell = code[member] - lower[combo]
-    # a stable sort by cell (a radix sort of small integers) leaves each bucket's members of a cell together
-    order = np.argsort(cell.astype(np.uint8 if per**cut <= 256 else np.uint16), kind="stable")
-    member, cell = member[order], cell[order]
-    group_start = np.flatnonzero(np.r_[True, (cell[1:] != cell[:-1]) | (bucket[member[1:]] != bucket[member[:-1]])])
-    run_len = np.diff(np.r_[group_start, len(member)])
-    pairs = np.bincount(bucket[member[group_start]], weights=run_len.astype(np.float64) ** 2, minlength=len(starts))
-    whole = (pairs >= sizes.astype(np.float64) ** 2)[bucket]
-    moved = ~whole[member]
-    member, cell = member[moved], cell[moved]
-    base = _mix(keys, 0xD1B54A32D192ED03)  # scrambled first: parents differing in low bits stay apart
-    return rows[member], _mix(base[member], cell), spec[member], whole
-
-
-def _split_buckets(
-    e: Entries,
-    rows: np.ndarray,
-    keys: np.ndarray,
-    spec: np.ndarray,
-    masks: list[np.ndarray],
-    max_distance: int,
-    hash_size: int,
-    max_thumb_diff: float | None,
-    varied: Callable[[], np.ndarray] | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rounds of splitting (equal ``keys`` contiguous). With thumbnails, each round cuts every bucket above
-    ``THUMB_SPLIT_ABOVE`` by thumbnail (vectorised); the hash split (a loop over buckets, ``max_distance
-    + 1`` rows per row) takes what that leaves whole above ``SPLIT_ABOVE``, in the first
-    ``MAX_SPLIT_DEPTH`` rounds. Buckets small enough, or that no cut shrinks, are set aside. Returns the
-    final ``(rows, keys)``, equal keys contiguous (only the hash split's output is sorted)."""
-    thumbs = varied is not None
-    limit = THUMB_SPLIT_ABOVE if thumbs else SPLIT_ABOVE
-    final_rows, final_keys = [], []
-    _, sizes = _runs(keys)
-    if not len(sizes) or sizes.max() <= limit:
-        return rows, keys  # nothing to cut (varied inputs)
-    for k in range(MAX_ROUNDS if thumbs else MAX_SPLIT_DEPTH):
-        _, sizes = _runs(keys)
-        small = np.repeat(sizes <= limit, sizes)
-        final_rows.append(rows[small])
-        final_keys.append(keys[small])
-        rows, keys, spec = rows[~small], keys[~small], spec[~small]
-        if not len(keys):
-            break
-        new = []
-        if thumbs:  # what the thumbnail split cuts goes on; what it leaves whole is stuck
-            *cut, whole = _thumb_split(varied(), rows, keys, spec, max_thumb_diff)
-            new.append(cut)
-            rows, keys, spec = rows[whole], keys[whole], spec[whole]
-        _, sizes = _runs(keys)
-        # the hash split (a loop over buckets) only where the thumbnail split could not cut
-        big = np.repeat(sizes > SPLIT_ABOVE, sizes) if k < MAX_SPLIT_DEPTH else np.zeros(len(keys), bool)
-        if big.any():
-            sub_rows, sub_keys, sub_spec, whole = _split(
-                e, rows[big], keys[big], spec[big], masks, max_distance, hash_size
-            )
-            order = np.argsort(sub_keys)
-            new.append((sub_rows[order], sub_keys[order], sub_spec[order]))
-            final_rows.append(rows[big][whole])
-            final_keys.append(keys[big][whole])
-        final_rows.append(rows[~big])
-        final_keys.append(keys[~big])
-        rows, keys, spec = (
-            np.concatenate([c[i] for c in new]) if new else a[:0] for i, a in enumerate((rows, keys, spec))
-        )
-    return np.concatenate([*final_rows, rows]), np.concatenate([*final_keys, keys])
-
-
 def _collapse(e: Entries) -> np.ndarray:
     """For rows sorted by index: the row of each one's earliest identical twin (itself when none).
     Identical rows (same group, hashes and thumbnails) are near everything the earliest is near."""
     n = len(e)
-    fp = _mix(e.group, 0)
+    fp = mix(e.group, 0)
     for c in range(e.words.shape[1]):
-        fp = _mix(fp, e.words[:, c])
+        fp = mix(fp, e.words[:, c])
     if e.thumbs.shape[1]:
         pad = np.pad(e.thumbs, ((0, 0), (0, -e.thumbs.shape[1] % 8)))
-        fp = _mix(fp, np.bitwise_xor.reduce(np.ascontiguousarray(pad).view(np.uint64), axis=1))
+        fp = mix(fp, np.bitwise_xor.reduce(np.ascontiguousarray(pad).view(np.uint64), axis=1))
     order = np.argsort(fp)
     sfp = fp[order]
     starts = np.flatnonzero(np.r_[True, sfp[1:] != sfp[:-1]])
@@ -494,9 +268,9 @@ class _Pairs:
         self._varied: np.ndarray | None = None
 
     def varied(self) -> np.ndarray:
-        """``_varied_values`` of the thumbnails, made on first use (inputs whose buckets are small need none)."""
+        """``varied_values`` of the thumbnails, made on first use (inputs whose buckets are small need none)."""
         if self._varied is None:
-            self._varied = _varied_values(self.e.thumbs, THUMB_VARIED)
+            self._varied = varied_values(self.e.thumbs, THUMB_VARIED)
         return self._varied
 
     def _within(self, columns: list[np.ndarray], x: np.ndarray | slice, y: np.ndarray | slice) -> np.ndarray:
@@ -545,7 +319,7 @@ class _Pairs:
         further it is compared over whole slices (no gather); once fewer than a quarter do, only the
         buckets larger than ``d`` are kept when that halves the copy."""
         columns = [c[rows] for c in self.columns[: self.w]]
-        starts, sizes = _runs(keys)
+        starts, sizes = runs(keys)
         end = np.repeat(starts + sizes, sizes)
         active = np.arange(len(rows))
         d = 1
@@ -556,7 +330,7 @@ class _Pairs:
             if 4 * len(active) < len(rows) and 2 * int(sizes[sizes > d].sum()) < len(rows):
                 take = np.flatnonzero(np.repeat(sizes > d, sizes))
                 rows, keys, columns = rows[take], keys[take], [c[take] for c in columns]
-                starts, sizes = _runs(keys)
+                starts, sizes = runs(keys)
                 end = np.repeat(starts + sizes, sizes)
                 active = np.flatnonzero(np.arange(len(rows)) + d < end)
             for s in range(0, len(active), PAIRS_PER_STEP):
@@ -577,7 +351,7 @@ class _Pairs:
         earliest copy another bucket already found skips the rest (BENCHMARKS.md, #34)."""
         order = np.lexsort((rows, keys))  # within a bucket, rows ascend
         rows, keys = rows[order], keys[order]
-        starts, sizes = _runs(keys)
+        starts, sizes = runs(keys)
         start = np.repeat(starts, sizes)
         active = np.flatnonzero(np.arange(len(rows)) > start)  # positions with an earlier member in their bucket
         t = 0
@@ -616,9 +390,9 @@ def _compare_block(
     rows, keys, spec = rows[multi], keys[multi], band[multi].astype(np.int64)  # a bucket of one compares nothing
     _note_largest(pairs.stats, "largest_bucket", keys)
     varied = pairs.varied if pairs.checked else None
-    rows, keys = _split_buckets(e, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff, varied)
+    rows, keys = split_buckets(e.words, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff, varied)
     _note_largest(pairs.stats, "largest_compared", keys)
-    _, sizes = _runs(keys)
+    _, sizes = runs(keys)
     large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
     pairs.every_pair(rows[~large], keys[~large])
     pairs.earliest_near(rows[large], keys[large])
@@ -658,7 +432,7 @@ def reduce_entries(
     rows, keys, band = rows[keep], keys[keep], band[keep]
     bits = hash_size * hash_size
     masks = []
-    for cols in _band_columns(np.arange(bits), max_distance + 1):
+    for cols in band_columns(np.arange(bits), max_distance + 1):
         masks.append(np.zeros(bits, bool))
         masks[-1][cols] = True
     checked = max_thumb_diff is not None and e.thumbs.shape[1] > 0
@@ -667,10 +441,10 @@ def reduce_entries(
     # key), so that a block's arrays stay in the processor's caches
     blocks = -(-len(keys) // BUCKET_BLOCK)
     if blocks > 1:
-        order = np.argsort((_mix(keys, 0x2545F4914F6CDD1D) % np.uint64(blocks)).astype(np.uint16), kind="stable")
+        order = np.argsort((mix(keys, 0x2545F4914F6CDD1D) % np.uint64(blocks)).astype(np.uint16), kind="stable")
         rows, keys, band = rows[order], keys[order], band[order]
         bounds = np.searchsorted(
-            (_mix(keys, 0x2545F4914F6CDD1D) % np.uint64(blocks)).astype(np.int64), np.arange(blocks + 1)
+            (mix(keys, 0x2545F4914F6CDD1D) % np.uint64(blocks)).astype(np.int64), np.arange(blocks + 1)
         )
     else:
         bounds = np.array([0, len(keys)])

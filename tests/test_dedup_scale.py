@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import dedup, dedup_shuffle
+from pipeline import dedup, dedup_cut, dedup_shuffle
 
 
 def earliest_copies(entries, max_distance, thumbs=None, max_diff=None) -> dict[int, str]:
@@ -62,7 +62,7 @@ def merged(entries, max_distance, hash_size, reducers):
 def test_numpy_pass_finds_the_earliest_near_copy_for_any_reducers_and_order(
     hash_size, max_distance, splits, monkeypatch
 ):
-    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)  # small sets, big buckets: split as a large run would
+    monkeypatch.setattr(dedup_cut, "SPLIT_ABOVE", 8)  # small sets, big buckets: split as a large run would
     rng = np.random.default_rng(hash_size + max_distance)
     entries = skewed(rng, 300, hash_size * hash_size, max_distance)
     entries += [(5000 + k, f"x{k}", "intra", list(entries[k * 7 + 1][3])) for k in range(20)]  # exact copies
@@ -72,15 +72,15 @@ def test_numpy_pass_finds_the_earliest_near_copy_for_any_reducers_and_order(
     split, whole = {}, {}
     dedup.dedup_arrays(e, max_distance, hash_size, 1, None, split)
     with monkeypatch.context() as m:
-        m.setattr(dedup, "SPLIT_ABOVE", 10**9)
+        m.setattr(dedup_cut, "SPLIT_ABOVE", 10**9)
         dedup.dedup_arrays(e, max_distance, hash_size, 1, None, whole)
     # big buckets split, unless the bands leave too few bits (8-bit sub-bands for 7 bands: 64 bits do not suffice)
-    assert split["largest_bucket"] == whole["largest_bucket"] > dedup.SPLIT_ABOVE
+    assert split["largest_bucket"] == whole["largest_bucket"] > dedup_cut.SPLIT_ABOVE
     assert (split["largest_compared"] < whole["largest_compared"]) == splits
     for reducers in (1, 2, 5):
         order = rng.permutation(len(entries))
         assert merged([entries[k] for k in order], max_distance, hash_size, reducers) == want
-    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10**9)  # unsplit buckets: the same answer
+    monkeypatch.setattr(dedup_cut, "SPLIT_ABOVE", 10**9)  # unsplit buckets: the same answer
     assert merged(entries, max_distance, hash_size, 3) == want
 
 
@@ -103,8 +103,8 @@ def test_thumbnail_check_skips_hash_twins_that_look_different():
 
 
 def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monkeypatch):
-    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)
-    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 4)
+    monkeypatch.setattr(dedup_cut, "SPLIT_ABOVE", 8)
+    monkeypatch.setattr(dedup_cut, "THUMB_SPLIT_ABOVE", 4)
     rng = np.random.default_rng(11)
     base = int(rng.integers(0, 2**62))
     rows, entries, thumbs = [], [], []
@@ -120,8 +120,8 @@ def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monk
     split, whole = {}, {}
     for reducers in (1, 3):
         assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, 10.0, split).items()} == want
-    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 10**9)
-    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 10**9)
+    monkeypatch.setattr(dedup_cut, "SPLIT_ABOVE", 10**9)
+    monkeypatch.setattr(dedup_cut, "THUMB_SPLIT_ABOVE", 10**9)
     assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, 1, 10.0, whole).items()} == want
     assert split["largest_compared"] < whole["largest_compared"] / 2
 
@@ -130,8 +130,8 @@ def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monk
 def test_thumbnail_split_finds_near_pairs_across_cell_edges(monkeypatch, max_diff):
     """Objects on white: one pHash cluster whose thumbnails spread evenly over every level, so many near
     pairs straddle a cell edge of the thumbnail split (they must meet as guests of the cell below)."""
-    monkeypatch.setattr(dedup, "SPLIT_ABOVE", 8)
-    monkeypatch.setattr(dedup, "THUMB_SPLIT_ABOVE", 4)
+    monkeypatch.setattr(dedup_cut, "SPLIT_ABOVE", 8)
+    monkeypatch.setattr(dedup_cut, "THUMB_SPLIT_ABOVE", 4)
     rng = np.random.default_rng(5)
     base = int(rng.integers(0, 2**62))
     rows, entries, thumbs, values = [], [], [], []
