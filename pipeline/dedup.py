@@ -449,6 +449,8 @@ def reduce_entries(
     else:
         bounds = np.array([0, len(keys)])
     for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi - lo < 2:
+            continue  # no bucket of two
         _compare_block(pairs, e, rows[lo:hi], keys[lo:hi], band[lo:hi], masks, max_distance, hash_size, max_thumb_diff)
     # twins: the earliest twin, or an earlier copy of it
     has = best < n

@@ -126,12 +126,15 @@ def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monk
     assert split["largest_compared"] < whole["largest_compared"] / 2
 
 
-@pytest.mark.parametrize("max_diff", [10.0, 6.5])
-def test_thumbnail_split_finds_near_pairs_across_cell_edges(monkeypatch, max_diff):
+@pytest.mark.parametrize("max_diff,cut_values,block", [(10.0, 3, 1 << 17), (6.5, 3, 1 << 17), (10.0, 1, 64)])
+def test_thumbnail_split_finds_near_pairs_across_cell_edges(monkeypatch, max_diff, cut_values, block):
     """Objects on white: one pHash cluster whose thumbnails spread evenly over every level, so many near
-    pairs straddle a cell edge of the thumbnail split (they must meet as guests of the cell below)."""
+    pairs straddle a cell edge of the thumbnail split (they must meet as guests of the cell below, in
+    every combination of the values cut at once), whether buckets go through in one block or many."""
     monkeypatch.setattr(dedup_cut, "SPLIT_ABOVE", 8)
     monkeypatch.setattr(dedup_cut, "THUMB_SPLIT_ABOVE", 4)
+    monkeypatch.setattr(dedup_cut, "THUMB_CUT_VALUES", cut_values)
+    monkeypatch.setattr(dedup, "BUCKET_BLOCK", block)
     rng = np.random.default_rng(5)
     base = int(rng.integers(0, 2**62))
     rows, entries, thumbs, values = [], [], [], []
@@ -154,6 +157,36 @@ def test_thumbnail_split_finds_near_pairs_across_cell_edges(monkeypatch, max_dif
     for reducers in (1, 4):
         assert {j: v[1] for j, v in dedup.dedup_arrays(e, 4, 8, reducers, max_diff, stats).items()} == want
     assert stats["largest_compared"] < stats["largest_bucket"] / 4
+
+
+def test_every_pair_of_buckets_of_any_size_is_compared_once():
+    """The pair loop against brute force: buckets of 1 to 90 members (dense slices while most positions
+    have a partner d further, gathers and smaller copies past that), hashes close enough that many pairs
+    are near, one key per bucket in no particular order."""
+    rng = np.random.default_rng(7)
+    sizes = np.r_[rng.integers(1, 6, 300), rng.integers(6, 20, 40), [35, 60, 90]]
+    rng.shuffle(sizes)
+    n = int(sizes.sum())
+    h = rng.integers(0, 2**63, dtype=np.uint64)
+    flips = rng.integers(0, 64, (n, 3)).astype(np.uint64)
+    words = (h ^ (np.uint64(1) << flips[:, 0]) ^ (np.uint64(1) << flips[:, 1]) ^ (np.uint64(1) << flips[:, 2]))[:, None]
+    e = dedup.Entries(np.arange(n), np.arange(n).astype(str), np.zeros(n, np.uint64), words, np.zeros((n, 0), np.uint8))
+    rows = rng.permutation(n)
+    keys = np.repeat(rng.permutation(len(sizes)).astype(np.uint64) * np.uint64(7919), sizes)
+    stats: dict[str, int] = {}
+    pairs = dedup._Pairs(e, np.full(n, n, np.int64), 4, 1, None, stats, False)
+    pairs.every_pair(rows, keys)
+    want = np.full(n, n, np.int64)
+    start = 0
+    for m in sizes:
+        members = rows[start : start + m]
+        start += m
+        for a in members:
+            for b in members:
+                if a < b and bin(int(words[a, 0] ^ words[b, 0])).count("1") <= 4:
+                    want[b] = min(want[b], a)
+    assert (pairs.best == want).all() and (want < n).sum() > 100
+    assert stats["pairs_compared"] == int((sizes * (sizes - 1) // 2).sum())
 
 
 def test_a_cluster_of_mutual_near_copies_costs_about_one_comparison_per_member_and_band():
