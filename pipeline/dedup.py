@@ -124,6 +124,8 @@ class Entries:
         def widen(a: np.ndarray, width: int) -> np.ndarray:
             return a if a.shape[1] == width else np.pad(a, ((0, 0), (0, width - a.shape[1])))
 
+        if len(parts) == 1:
+            return parts[0]
         ww, tw = max(p.words.shape[1] for p in parts), max(p.thumbs.shape[1] for p in parts)
         return Entries(
             np.concatenate([p.index for p in parts]),
@@ -230,7 +232,7 @@ def _collapse(e: Entries) -> np.ndarray:
     for c in range(e.words.shape[1]):
         fp = mix(fp, e.words[:, c])
     if e.thumbs.shape[1]:
-        pad = np.pad(e.thumbs, ((0, 0), (0, -e.thumbs.shape[1] % 8)))
+        pad = e.thumbs if e.thumbs.shape[1] % 8 == 0 else np.pad(e.thumbs, ((0, 0), (0, -e.thumbs.shape[1] % 8)))
         fp = mix(fp, np.bitwise_xor.reduce(np.ascontiguousarray(pad).view(np.uint64), axis=1))
     order = np.argsort(fp)
     sfp = fp[order]
@@ -441,11 +443,10 @@ def reduce_entries(
     # key), so that a block's arrays stay in the processor's caches
     blocks = -(-len(keys) // BUCKET_BLOCK)
     if blocks > 1:
-        order = np.argsort((mix(keys, 0x2545F4914F6CDD1D) % np.uint64(blocks)).astype(np.uint16), kind="stable")
+        block = (mix(keys, 0x2545F4914F6CDD1D) % np.uint64(blocks)).astype(np.uint16)
+        order = np.argsort(block, kind="stable")
         rows, keys, band = rows[order], keys[order], band[order]
-        bounds = np.searchsorted(
-            (mix(keys, 0x2545F4914F6CDD1D) % np.uint64(blocks)).astype(np.int64), np.arange(blocks + 1)
-        )
+        bounds = np.searchsorted(block[order], np.arange(blocks + 1))
     else:
         bounds = np.array([0, len(keys)])
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -477,7 +478,7 @@ def partition(e: Entries, max_distance: int, hash_size: int, reducers: int) -> l
         present[rr] = True
         rows = np.flatnonzero(present)
         local = (np.cumsum(present) - 1)[rr]
-        part = e.take(rows)
+        part = e if len(rows) == len(e) else e.take(rows)
         out.append(
             {
                 "index": part.index,
