@@ -61,7 +61,8 @@ first near copy; smaller ones compare every pair at once, which costs less per p
 BUCKET_BLOCK = 1 << 17
 """Bucket memberships compared at once (whole buckets): the arrays of a block stay in the processor's caches."""
 PREFILTER_SLOTS = 1 << 24
-"""Rows whose bucket key's low 24 bits no other row shares are alone in their bucket (one counting pass)."""
+"""Rows whose bucket key's low bits (at most 24, about one more than the memberships need) no other row
+shares are alone in their bucket (one counting pass)."""
 
 
 def image_hash(image: np.ndarray, hash_size: int = 8) -> str:
@@ -419,9 +420,10 @@ def reduce_entries(
     best = np.full(n, n, np.int64)
     if n == 0:
         return best - n - 1
-    if len(keys) > PREFILTER_SLOTS // 16:  # most buckets hold one row: drop those before sorting
-        low = (keys & np.uint64(PREFILTER_SLOTS - 1)).astype(np.int64)
-        maybe = np.bincount(low, minlength=PREFILTER_SLOTS)[low] > 1
+    if len(keys) > BUCKET_BLOCK:  # most buckets may hold one row: drop those before sorting
+        slots = min(PREFILTER_SLOTS, 1 << (2 * len(keys) - 1).bit_length())  # counting costs what they take
+        low = (keys & np.uint64(slots - 1)).astype(np.int64)
+        maybe = np.bincount(low, minlength=slots)[low] > 1
         rows, keys, band = rows[maybe], keys[maybe], band[maybe]
     twin = np.arange(n)
     present = np.zeros(n, bool)
