@@ -165,11 +165,15 @@ def _thumb_split(
         columns[b : b + THUMB_BLOCK] = np.argpartition(-spread, cut - 1, axis=1)[:, :cut]
     width = min(THUMB_CELL_WIDE * (int(max_thumb_diff) + 1), 256)
     per = 255 // width + 1  # cells per value
+    level = np.arange(256)
+    cell_of = (level // width).astype(np.int64)  # by table: no division per member
+    guest_of = (level % width <= int(max_thumb_diff)) & (cell_of > 0)
+    place = rows * varied.shape[1]
     flat, code, guest = varied.reshape(-1), np.zeros(len(rows), np.int64), []
     for d in range(cut):
-        cell, offset = np.divmod(flat[rows * varied.shape[1] + columns[bucket, d]].astype(np.int16), np.int16(width))
-        code += cell.astype(np.int64) * per**d
-        guest.append((offset <= int(max_thumb_diff)) & (cell > 0))
+        value = flat[place + columns[:, d][bucket]]
+        code += cell_of[value] * per**d
+        guest.append(guest_of[value])
     # a member is in its cell, and a guest of the cell one lower in every combination of the values where
     # it lies near its cell's lower edge: (member, combination) pairs in member order
     combos = 1 << cut
@@ -182,9 +186,10 @@ def _thumb_split(
     # a stable sort by cell (a radix sort of small integers) leaves each bucket's members of a cell together
     order = np.argsort(cell.astype(np.uint8 if per**cut <= 256 else np.uint16), kind="stable")
     member, cell = member[order], cell[order]
-    group_start = np.flatnonzero(np.r_[True, (cell[1:] != cell[:-1]) | (bucket[member[1:]] != bucket[member[:-1]])])
+    parent = bucket[member]
+    group_start = np.flatnonzero(np.r_[True, (cell[1:] != cell[:-1]) | (parent[1:] != parent[:-1])])
     run_len = np.diff(np.r_[group_start, len(member)])
-    pairs = np.bincount(bucket[member[group_start]], weights=run_len.astype(np.float64) ** 2, minlength=len(starts))
+    pairs = np.bincount(parent[group_start], weights=run_len.astype(np.float64) ** 2, minlength=len(starts))
     whole = (pairs >= sizes.astype(np.float64) ** 2)[bucket]
     moved = ~whole[member]
     member, cell = member[moved], cell[moved]
