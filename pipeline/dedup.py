@@ -9,7 +9,7 @@ is grey and coarse: it calls many distinct low-detail objects on white near copi
 The copy kept is the one first in input order; every later one is rejected as ``duplicate of <key of
 the earliest near copy>``, whatever the chunk or source.
 
-Buckets: the target hash is cut into ``max_distance + 1`` bands, so two hashes within the distance
+Buckets: the target hash's bits are dealt into ``max_distance + 1`` bands, so two hashes within the distance
 agree exactly on at least one band (pigeonhole). Bucket = (pair kind, number of hashes, band number,
 band value). A bucket larger than ``THUMB_SPLIT_ABOVE`` (skewed data: objects on white share many
 bits) is split again (``pipeline.dedup_cut``): with thumbnails, all big buckets at once, each by the
@@ -80,16 +80,6 @@ def image_thumb(image: np.ndarray) -> str:
 
     small = Image.fromarray(image).convert("RGB").resize((THUMB, THUMB), Image.BOX)
     return np.asarray(small, dtype=np.uint8).tobytes().hex()
-
-
-def bands(value: int, bits: int, n: int) -> list[int]:
-    """``value`` (``bits`` wide) cut into ``n`` consecutive bands (the first ones one bit wider)."""
-    out, shift = [], bits
-    for b in range(n):
-        width = bits // n + (1 if b < bits % n else 0)
-        shift -= width
-        out.append((value >> shift) & ((1 << width) - 1))
-    return out
 
 
 # ----------------------------------------------------------------------------- entries as arrays
@@ -188,29 +178,21 @@ def ledger_rows(ledger: dict[str, list], chunk: int, inputs_per_chunk: int) -> I
 # ----------------------------------------------------------------------------- bucket keys
 
 
-def _word_bits(words: np.ndarray, bits: int, a: int, b: int) -> np.ndarray:
-    """Columns ``a .. b`` (at most 64) of the target hash as an exact uint64 per row, from its words."""
-    off = 64 * ((bits + 63) // 64) - bits  # the hash sits at the end of its words
-    a, b = a + off, b + off
-    wi, wj = a // 64, (b - 1) // 64
-    mask = np.uint64((1 << (b - a)) - 1)
-    if wi == wj:
-        return (words[:, wi] >> np.uint64(64 * (wi + 1) - b)) & mask
-    return ((words[:, wi] << np.uint64(b - 64 * wj)) | (words[:, wj] >> np.uint64(64 * (wj + 1) - b))) & mask
-
-
 def band_keys(e: Entries, max_distance: int, hash_size: int) -> np.ndarray:
-    """(n, max_distance + 1) bucket keys of every row: one per band of its target hash."""
+    """(n, max_distance + 1) bucket keys of every row: one per band of its target hash (``band_columns``;
+    a band of up to 64 bits is its exact value, a wider one is hashed down to 64 bits)."""
     bits = hash_size * hash_size
     cols = band_columns(np.arange(bits), max_distance + 1)
     out = np.empty((len(e), len(cols)), np.uint64)
-    bitmat = None
+    one, off = np.uint64(1), 64 * words_per_hash(hash_size) - bits  # the hash sits at the end of its words
+    words = [np.ascontiguousarray(e.words[:, w]) for w in range(words_per_hash(hash_size))]
     for b, c in enumerate(cols):
-        if len(c) <= 64:
-            value = _word_bits(e.words, bits, int(c[0]), int(c[-1]) + 1)
+        if len(c) <= 64:  # the band's bits, shifted in one by one
+            value = np.zeros(len(e), np.uint64)
+            for col in c + off:
+                value = (value << one) | ((words[col // 64] >> np.uint64(63 - col % 64)) & one)
         else:  # wide bands (a small max_distance): hashed down to 64 bits
-            bitmat = bits_of(e.words, bits) if bitmat is None else bitmat
-            value = value_key(bitmat[:, c])
+            value = value_key(bits_of(e.words, bits)[:, c])
         out[:, b] = mix(e.group, b + 1) ^ value  # a random 64-bit constant per (group, band): no collisions
     return out
 

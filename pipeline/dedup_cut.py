@@ -34,13 +34,12 @@ THUMB_RANK_SAMPLE = 4096
 
 
 def band_columns(columns: np.ndarray, n: int) -> list[np.ndarray]:
-    """``columns`` cut into ``n`` consecutive, non-empty bands (the first ones one column wider)."""
-    out, start = [], 0
-    for b in range(n):
-        width = len(columns) // n + (1 if b < len(columns) % n else 0)
-        out.append(columns[start : start + width])
-        start += width
-    return out
+    """``columns`` dealt into ``n`` non-empty bands, one column to each in turn (the first ones one column
+    wider). Any partition keeps the pigeonhole; dealing mixes pHash's frequencies into every band: its
+    bits are DCT signs, low frequencies first, and consecutive ones (an object's position and size) are
+    alike across objects on white — consecutive bands put 10^5 such inputs in buckets of up to 1,052,
+    dealt ones in buckets of up to 48, and compare 34 times fewer pairs (BENCHMARKS.md, #34)."""
+    return [columns[b::n] for b in range(n)]
 
 
 _M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
@@ -63,7 +62,14 @@ def bits_of(words: np.ndarray, bits: int) -> np.ndarray:
 
 
 def value_key(bitmat: np.ndarray) -> np.ndarray:
-    """A uint64 per row from its 0/1 columns (exact up to 64 columns, mixed beyond)."""
+    """A uint64 per row from its 0/1 columns: up to 64 columns, their value (the last column the lowest
+    bit, so the low bits vary); beyond, a hash of them."""
+    if bitmat.shape[1] <= 64:
+        value = np.zeros(len(bitmat), np.uint64)
+        packed = np.packbits(bitmat, axis=1)
+        for byte in range(packed.shape[1]):
+            value = (value << np.uint64(8)) | packed[:, byte]
+        return value >> np.uint64(-bitmat.shape[1] % 8)
     packed = np.packbits(bitmat, axis=1)
     pad = (-packed.shape[1]) % 8
     if pad:

@@ -31,11 +31,12 @@ def earliest_copies(entries, max_distance, thumbs=None, max_diff=None) -> dict[i
 
 
 def skewed(rng, n, bits, max_distance):
-    """``n`` inputs like objects on white: most share their first quarter of bits (one huge bucket per
-    band there, far above SPLIT_ABOVE), a third are variants of an earlier input (near or just past the
-    distance), every fifth a cross pair."""
+    """``n`` inputs like objects on white: most share every bit of the first quarter of the bands (one
+    huge bucket per band there, far above SPLIT_ABOVE), a third are variants of an earlier input (near or
+    just past the distance), every fifth a cross pair."""
     rand = lambda: int.from_bytes(rng.bytes(bits // 8), "big")
-    common, mask = rand(), ((1 << (bits // 4)) - 1) << (bits - bits // 4)
+    shared = np.concatenate(dedup_cut.band_columns(np.arange(bits), max_distance + 1)[: (max_distance + 1 + 3) // 4])
+    common, mask = rand(), sum(1 << (bits - 1 - int(c)) for c in shared)  # column 0: the highest bit
     entries = []
     for k in range(n):
         if k > 10 and rng.random() < 0.3:
