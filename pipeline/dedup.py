@@ -251,6 +251,16 @@ class _Pairs:
         # one contiguous array per hash word: gathering 1-D columns costs a third of gathering rows
         self.columns = [np.ascontiguousarray(self.e.words[:, c]) for c in range(self.e.words.shape[1])]
         self._varied: np.ndarray | None = None
+        # the 8 thumbnail values that vary most, as one word per row: most pairs pHash passes (objects on
+        # white) differ there, and one word is cheap to gather and to copy into member order
+        self.summary = (
+            varied_values(self.e.thumbs, 8).view(np.uint64).reshape(-1) if self.checked else np.zeros(0, np.uint64)
+        )
+
+    def _alike(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Whether two arrays of ``summary`` words are within ``max_thumb_diff`` in each of their 8 values."""
+        a, b = x.view(np.uint8).reshape(-1, 8), y.view(np.uint8).reshape(-1, 8)
+        return (np.maximum(a, b) - np.minimum(a, b)).max(axis=1, initial=0) <= self.max_thumb_diff
 
     def varied(self) -> np.ndarray:
         """``varied_values`` of the thumbnails, made on first use (inputs whose buckets are small need none)."""
@@ -275,14 +285,13 @@ class _Pairs:
             keep = self._within(self.columns[h * self.w : (h + 1) * self.w], i, j)
             i, j = i[keep], j[keep]
         if self.checked:
-            # few of pHash's survivors are near copies: when many are left (or the cuts made them anyway),
-            # the thumbnail values that vary most reject most of them, and whole thumbnails are read only
-            # for those left
-            many = self._varied is not None or len(i) > len(self.e)
-            for part in (self.varied(), self.e.thumbs) if many else (self.e.thumbs,):
-                x, y = part[i], part[j]
-                keep = (np.maximum(x, y) - np.minimum(x, y)).max(axis=1) <= self.max_thumb_diff
-                i, j = i[keep], j[keep]
+            # few of pHash's survivors are near copies: the summary rejects most of them, and whole
+            # thumbnails are read only for those left
+            keep = self._alike(self.summary[i], self.summary[j])
+            i, j = i[keep], j[keep]
+            x, y = self.e.thumbs[i], self.e.thumbs[j]
+            keep = (np.maximum(x, y) - np.minimum(x, y)).max(axis=1, initial=0) <= self.max_thumb_diff
+            i, j = i[keep], j[keep]
         return i, j
 
     def lower(self, i: np.ndarray, j: np.ndarray, compared: int) -> None:
@@ -302,8 +311,10 @@ class _Pairs:
         positions ``(p, p + d)`` for d = 1, 2, ... (the small buckets). The target hash is copied into
         member order, so a pair reads two nearby places, and while most positions have a partner ``d``
         further it is compared over whole slices (no gather); once fewer than a quarter do, only the
-        buckets larger than ``d`` are kept when that halves the copy."""
+        buckets larger than ``d`` are kept when that halves the copy. The thumbnail summary is copied into
+        member order too: it rejects most pairs pHash passes before any whole row is read."""
         columns = [c[rows] for c in self.columns[: self.w]]
+        summary = self.summary[rows] if self.checked else None
         starts, sizes = runs(keys)
         end = np.repeat(starts + sizes, sizes)
         active = np.arange(len(rows))
@@ -315,6 +326,7 @@ class _Pairs:
             if 4 * len(active) < len(rows) and 2 * int(sizes[sizes > d].sum()) < len(rows):
                 take = np.flatnonzero(np.repeat(sizes > d, sizes))
                 rows, keys, columns = rows[take], keys[take], [c[take] for c in columns]
+                summary = summary[take] if self.checked else None
                 starts, sizes = runs(keys)
                 end = np.repeat(starts + sizes, sizes)
                 active = np.flatnonzero(np.arange(len(rows)) + d < end)
@@ -325,7 +337,10 @@ class _Pairs:
                     near = self._within(columns, slice(lo, hi), slice(lo + d, hi + d))[at - lo]
                 else:
                     near = self._within(columns, at, at + d)
-                self.lower(*self.confirm(rows[at[near]], rows[at[near] + d]), len(at))
+                p = at[near]
+                if summary is not None:
+                    p = p[self._alike(summary[p], summary[p + d])]
+                self.lower(*self.confirm(rows[p], rows[p + d]), len(at))
             d += 1
 
     def earliest_near(self, rows: np.ndarray, keys: np.ndarray) -> None:
