@@ -60,6 +60,8 @@ EARLIEST_FIRST_ABOVE = 64
 first near copy; smaller ones compare every pair at once, which costs less per pair."""
 BUCKET_BLOCK = 1 << 17
 """Bucket memberships compared at once (whole buckets): the arrays of a block stay in the processor's caches."""
+PREFILTER_FROM = 1 << 14
+"""Memberships above which buckets of one are dropped by counting before any sort."""
 PREFILTER_SLOTS = 1 << 24
 """Rows whose bucket key's low bits (at most 24, about one more than the memberships need) no other row
 shares are alone in their bucket (one counting pass)."""
@@ -417,7 +419,7 @@ def reduce_entries(
     best = np.full(n, n, np.int64)
     if n == 0:
         return best - n - 1
-    if len(keys) > BUCKET_BLOCK:  # most buckets may hold one row: drop those before sorting
+    if len(keys) > PREFILTER_FROM:  # most buckets may hold one row: drop those before sorting
         slots = min(PREFILTER_SLOTS, 1 << (2 * len(keys) - 1).bit_length())  # counting costs what they take
         low = (keys & np.uint64(slots - 1)).astype(np.int64)
         maybe = np.bincount(low, minlength=slots)[low] > 1
