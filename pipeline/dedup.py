@@ -346,7 +346,7 @@ class _Pairs:
             d += 1
 
     def earliest_near(self, rows: np.ndarray, keys: np.ndarray) -> None:
-        """The large buckets (``keys`` sorted), which no cut could shrink: each member is compared with the
+        """The large buckets (equal ``keys`` contiguous), which no cut could shrink: each member is compared with the
         members before it in row order, earliest first, all buckets at once, and stops at its first near
         copy, or as soon as the next candidate is no earlier than the copy ``best`` already holds. A
         cluster of m mutual near copies costs about m comparisons instead of m²/2, and a member whose
@@ -368,7 +368,7 @@ class _Pairs:
 
 
 def _note_largest(stats: dict[str, int], name: str, keys: np.ndarray) -> None:
-    """``stats[name]``: the largest run of equal (sorted) ``keys`` so far."""
+    """``stats[name]``: the largest run of equal (contiguous) ``keys`` so far."""
     sizes = np.diff(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])) if len(keys) else np.zeros(1, int)
     stats[name] = max(stats.get(name, 0), int(sizes.max()))
 

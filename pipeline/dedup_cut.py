@@ -110,7 +110,7 @@ def _split(
     max_distance: int,
     hash_size: int,
 ) -> Split:
-    """The hash split of every bucket (``rows``/``keys``/``spec`` sorted by key; ``masks[spec]``: the
+    """The hash split of every bucket (``rows``/``keys``/``spec`` with equal keys contiguous; ``masks[spec]``: the
     bit columns a bucket's members share): its members go into ``max_distance + 1`` sub-bands of the
     bits they do not all share (a near pair agrees exactly on one of them), when that leaves fewer
     pairs to compare; ``masks`` grows by the new specs. One bucket at a time, so only for buckets
