@@ -22,13 +22,13 @@ THUMB_CELL_WIDE = 4
 THUMB_CUT_VALUES = 3
 """Thumbnail values a bucket is cut by at once (a grid over them: fewer rounds of splitting)."""
 THUMB_SAMPLE = 8
-"""Members of a bucket whose thumbnails choose its split column (the one of largest variance among them)."""
+"""Members of a bucket whose thumbnails choose the values it is cut by (those of largest range among them)."""
 THUMB_BLOCK = 1 << 12
-"""Buckets whose sampled thumbnails are held at once (≈ 50 MB as int32)."""
+"""Buckets whose sampled values are held at once (``THUMB_SAMPLE`` × ``THUMB_VARIED`` bytes each)."""
 MAX_ROUNDS = 8
 """Rounds of splitting at most (the hash split, a loop over buckets, only in the first ``MAX_SPLIT_DEPTH``)."""
 THUMB_VARIED = 64
-"""Thumbnail values that cut buckets and are checked first (those that vary most: ``varied_values``)."""
+"""Thumbnail values a cut chooses from (those that vary most: ``varied_values``)."""
 THUMB_RANK_SAMPLE = 4096
 """Rows whose thumbnails rank the values by variance."""
 
@@ -38,7 +38,8 @@ def band_columns(columns: np.ndarray, n: int) -> list[np.ndarray]:
     wider). Any partition keeps the pigeonhole; dealing mixes pHash's frequencies into every band: its
     bits are DCT signs, low frequencies first, and consecutive ones (an object's position and size) are
     alike across objects on white — consecutive bands put 10^5 such inputs in buckets of up to 1,052,
-    dealt ones in buckets of up to 48, and compare 34 times fewer pairs (BENCHMARKS.md, #34)."""
+    dealt ones in buckets of up to 47, with a 34 times smaller sum of squared bucket sizes (BENCHMARKS.md,
+    #34)."""
     return [columns[b::n] for b in range(n)]
 
 
@@ -84,7 +85,7 @@ def value_key(bitmat: np.ndarray) -> np.ndarray:
 def varied_values(thumbs: np.ndarray, count: int) -> np.ndarray:
     """A contiguous ``(n, count)`` copy of the thumbnail values that vary most over a sample of rows:
     where thumbnails of different images differ (on objects on white: where the objects are), so they cut
-    buckets and reject pairs best, at a third of the bytes of whole thumbnails."""
+    buckets and reject pairs best, in a fraction of the bytes of whole thumbnails."""
     sample = thumbs[np.linspace(0, len(thumbs) - 1, min(len(thumbs), THUMB_RANK_SAMPLE)).astype(np.int64)]
     ranked = np.argsort(-sample.astype(np.float32).var(axis=0), kind="stable")
     return np.ascontiguousarray(thumbs[:, np.sort(ranked[:count])])
@@ -96,7 +97,7 @@ Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 def runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start and length of each run of equal values in sorted ``keys``."""
+    """Start and length of each run of equal values in ``keys`` (equal values contiguous)."""
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     return starts, np.diff(np.r_[starts, len(keys)])
 
@@ -158,7 +159,8 @@ def _thumb_split(
     to compare (a cluster of near copies stays whole). Objects on white are alike on every pHash band but
     not in their thumbnails: this keeps their buckets small without a loop over buckets, and a cut
     copies only the members near an edge (a quarter per value), not all of them (BENCHMARKS.md, #34).
-    The cells come out grouped (a stable sort of (bucket, cell), nearly sorted already)."""
+    The cells come out grouped: a stable radix sort by cell code keeps each bucket's members of a cell
+    together."""
     starts, sizes = runs(keys)
     bucket = np.repeat(np.arange(len(starts)), sizes)
     cut = min(THUMB_CUT_VALUES, varied.shape[1])
@@ -217,8 +219,10 @@ def split_buckets(
     """Rounds of splitting (equal ``keys`` contiguous). With thumbnails, each round cuts every bucket above
     ``THUMB_SPLIT_ABOVE`` by thumbnail (vectorised); the hash split (a loop over buckets, ``max_distance
     + 1`` rows per row) takes what that leaves whole above ``SPLIT_ABOVE``, in the first
-    ``MAX_SPLIT_DEPTH`` rounds. Buckets small enough, or that no cut shrinks, are set aside. Returns the
-    final ``(rows, keys)``, equal keys contiguous (only the hash split's output is sorted)."""
+    ``MAX_SPLIT_DEPTH`` rounds. Buckets small enough, or that no cut shrinks, are set aside. ``varied``
+    (None without thumbnails) makes the values thumbnail cuts choose from; it is called only when a bucket
+    needs a cut. Returns the final ``(rows, keys)``, equal keys contiguous (only the hash split's output
+    is sorted)."""
     thumbs = varied is not None
     limit = THUMB_SPLIT_ABOVE if thumbs else SPLIT_ABOVE
     final_rows, final_keys = [], []
