@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data
-from test_inference import _trained_like  # random V weights: references matter
+from test_inference import _trained_like, assert_same_image  # random V weights: references matter
 
 H = W = 64
 CALL = dict(num_inference_steps=1, height=H, width=W, max_sequence_length=32, guidance_scale=3.5)
@@ -378,13 +378,14 @@ def test_a_bad_controlnet_directory_is_one_line(controlnet_dir, tmp_path):
 def test_model_offload_with_a_controlnet(pipe, images):
     """diffusers' model CPU offload of the ControlNet pipeline (on the CPU here, as tests/test_low_memory.py
     does): the same picture; a call without a control image is refused in one line (the offload hooks
-    belong to the ControlNet pipeline)."""
+    belong to the ControlNet pipeline). Offload moves the weights through hooks; on the CPU a kernel may then
+    sum in another order and move one value across a .5 boundary (seen: one value of 12,288 off by 1)."""
     kw = dict(references=[images["cat"]], control_image=images["edges"], seed=5, **CALL)
     before = _arr(pipe("a cat", **kw).images[0])
     pipe.enable_model_cpu_offload(device="cpu")
     try:
         assert pipe.offloaded
-        assert np.array_equal(before, _arr(pipe("a cat", **kw).images[0]))
+        assert_same_image(before, _arr(pipe("a cat", **kw).images[0]))  # up to a rounding, as two loads
         with pytest.raises(ValueError, match="CPU offload on: give control_image"):
             pipe("a cat", references=[images["cat"]], seed=5, **CALL)
     finally:
