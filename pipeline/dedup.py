@@ -246,10 +246,8 @@ class _Pairs:
     max_thumb_diff: float | None
     stats: dict[str, int]
 
-    checked: bool
-    """Whether thumbnails are checked."""
-
     def __post_init__(self) -> None:
+        self.checked = self.max_thumb_diff is not None and self.e.thumbs.shape[1] > 0
         # one contiguous array per hash word: gathering 1-D columns costs a third of gathering rows
         self.columns = [np.ascontiguousarray(self.e.words[:, c]) for c in range(self.e.words.shape[1])]
         self._varied: np.ndarray | None = None
@@ -374,15 +372,7 @@ def _note_largest(stats: dict[str, int], name: str, keys: np.ndarray) -> None:
 
 
 def _compare_block(
-    pairs: _Pairs,
-    e: Entries,
-    rows: np.ndarray,
-    keys: np.ndarray,
-    band: np.ndarray,
-    masks: list[np.ndarray],
-    max_distance: int,
-    hash_size: int,
-    max_thumb_diff: float | None,
+    pairs: _Pairs, rows: np.ndarray, keys: np.ndarray, band: np.ndarray, masks: list[np.ndarray], hash_size: int
 ) -> None:
     """Every near pair inside the buckets of ``(rows, keys, band)`` (whole buckets) into ``pairs``."""
     order = np.argsort(keys)  # members of a bucket in any order: each pair is compared as (min, max)
@@ -392,7 +382,9 @@ def _compare_block(
     rows, keys, spec = rows[multi], keys[multi], band[multi].astype(np.int64)  # a bucket of one compares nothing
     _note_largest(pairs.stats, "largest_bucket", keys)
     varied = pairs.varied if pairs.checked else None
-    rows, keys = split_buckets(e.words, rows, keys, spec, masks, max_distance, hash_size, max_thumb_diff, varied)
+    rows, keys = split_buckets(
+        pairs.e.words, rows, keys, spec, masks, pairs.max_distance, hash_size, pairs.max_thumb_diff, varied
+    )
     _note_largest(pairs.stats, "largest_compared", keys)
     _, sizes = runs(keys)
     large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
@@ -438,8 +430,7 @@ def reduce_entries(
     for cols in band_columns(np.arange(bits), max_distance + 1):
         masks.append(np.zeros(bits, bool))
         masks[-1][cols] = True
-    checked = max_thumb_diff is not None and e.thumbs.shape[1] > 0
-    pairs = _Pairs(e, best, max_distance, w, max_thumb_diff, stats, checked)
+    pairs = _Pairs(e, best, max_distance, w, max_thumb_diff, stats)
     # buckets are compared a block of them at a time (a bucket's members all in one block, by a hash of its
     # key), so that a block's arrays stay in the processor's caches
     blocks = -(-len(keys) // BUCKET_BLOCK)
@@ -453,7 +444,7 @@ def reduce_entries(
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi - lo < 2:
             continue  # no bucket of two
-        _compare_block(pairs, e, rows[lo:hi], keys[lo:hi], band[lo:hi], masks, max_distance, hash_size, max_thumb_diff)
+        _compare_block(pairs, rows[lo:hi], keys[lo:hi], band[lo:hi], masks, hash_size)
     # twins: the earliest twin, or an earlier copy of it
     has = best < n
     out = np.where(has, best, -1)

@@ -175,7 +175,7 @@ def test_every_pair_of_buckets_of_any_size_is_compared_once():
     rows = rng.permutation(n)
     keys = np.repeat(rng.permutation(len(sizes)).astype(np.uint64) * np.uint64(7919), sizes)
     stats: dict[str, int] = {}
-    pairs = dedup._Pairs(e, np.full(n, n, np.int64), 4, 1, None, stats, False)
+    pairs = dedup._Pairs(e, np.full(n, n, np.int64), 4, 1, None, stats)
     pairs.every_pair(rows, keys)
     want = np.full(n, n, np.int64)
     start = 0
