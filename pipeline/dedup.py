@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.dedup_cut import (
+    select,
     THUMB_VARIED,
     band_columns,
     bits_of,
@@ -55,6 +56,8 @@ THUMB = 8
 """Side of the second check's thumbnail (RGB, box-averaged): 192 bytes per image."""
 PAIRS_PER_STEP = 1 << 20
 """Pairs compared per numpy step (bounds the temporary arrays)."""
+THUMB_PAIRS_PER_STEP = 1 << 12
+"""Pairs whose whole thumbnails are compared per numpy step (their temporaries stay in the caches)."""
 EARLIEST_FIRST_ABOVE = 64
 """Buckets with more members (clusters no cut shrinks) compare each member earliest first and stop at its
 first near copy; smaller ones compare every pair at once, which costs less per pair."""
@@ -248,6 +251,9 @@ class _Pairs:
 
     def __post_init__(self) -> None:
         self.checked = self.max_thumb_diff is not None and self.e.thumbs.shape[1] > 0
+        # values are whole levels: "differs by more than max_thumb_diff" is "by more than its floor", and an
+        # integer compares bytes as bytes (a float would widen every one)
+        self.level_limit = int(np.clip(np.floor(self.max_thumb_diff), -1, 255)) if self.checked else 0
         # one contiguous array per hash word: gathering 1-D columns costs a third of gathering rows
         self.columns = [np.ascontiguousarray(self.e.words[:, c]) for c in range(self.e.words.shape[1])]
         self._varied: np.ndarray | None = None
@@ -258,9 +264,12 @@ class _Pairs:
         )
 
     def _alike(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Whether two arrays of ``summary`` words are within ``max_thumb_diff`` in each of their 8 values."""
-        a, b = x.view(np.uint8).reshape(-1, 8), y.view(np.uint8).reshape(-1, 8)
-        return (np.maximum(a, b) - np.minimum(a, b)).max(axis=1, initial=0) <= self.max_thumb_diff
+        """Whether two arrays of ``summary`` words are within ``max_thumb_diff`` in each of their 8 values
+        (over the bytes as one flat array, and one word per pair tested: no reduction along a short axis)."""
+        a, b = x.view(np.uint8), y.view(np.uint8)
+        diff = np.maximum(a, b)
+        diff -= np.minimum(a, b)
+        return (diff > self.level_limit).view(np.uint64) == 0
 
     def varied(self) -> np.ndarray:
         """``varied_values`` of the thumbnails, made on first use (inputs whose buckets are small need none)."""
@@ -276,22 +285,27 @@ class _Pairs:
             dist = bits.astype(np.uint16) if dist is None else dist + bits
         return dist <= self.max_distance
 
-    def confirm(self, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def confirm(self, i: np.ndarray, j: np.ndarray, summarised: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Of the pairs of rows ``(i, j)`` whose target hashes are within the distance, the near ones: every
-        other hash within it too and, when checked, every thumbnail value within ``max_thumb_diff``."""
-        keep = (self.e.group[i] == self.e.group[j]) & (i != j)  # a bucket key collision
-        i, j = i[keep], j[keep]
+        other hash within it too and, when checked, every thumbnail value within ``max_thumb_diff``
+        (``summarised``: the caller already checked the summary words)."""
+        keep = (np.take(self.e.group, i) == np.take(self.e.group, j)) & (i != j)  # a bucket key collision
+        i, j = select(keep, i, j)
         for h in range(1, len(self.columns) // self.w):
-            keep = self._within(self.columns[h * self.w : (h + 1) * self.w], i, j)
-            i, j = i[keep], j[keep]
+            i, j = select(self._within(self.columns[h * self.w : (h + 1) * self.w], i, j), i, j)
         if self.checked:
             # few of pHash's survivors are near copies: the summary rejects most of them, and whole
             # thumbnails are read only for those left
-            keep = self._alike(self.summary[i], self.summary[j])
-            i, j = i[keep], j[keep]
-            x, y = self.e.thumbs[i], self.e.thumbs[j]
-            keep = (np.maximum(x, y) - np.minimum(x, y)).max(axis=1, initial=0) <= self.max_thumb_diff
-            i, j = i[keep], j[keep]
+            if not summarised:
+                i, j = select(self._alike(np.take(self.summary, i), np.take(self.summary, j)), i, j)
+            keep = np.empty(len(i), bool)
+            for s in range(0, len(i), THUMB_PAIRS_PER_STEP):  # temporaries that stay in the caches
+                x = np.take(self.e.thumbs, i[s : s + THUMB_PAIRS_PER_STEP], axis=0)  # take: rows at a time
+                y = np.take(self.e.thumbs, j[s : s + THUMB_PAIRS_PER_STEP], axis=0)
+                diff = np.maximum(x, y)
+                diff -= np.minimum(x, y)
+                keep[s : s + THUMB_PAIRS_PER_STEP] = ~(diff > self.level_limit).any(axis=1)
+            i, j = select(keep, i, j)
         return i, j
 
     def lower(self, i: np.ndarray, j: np.ndarray, compared: int) -> None:
@@ -308,40 +322,39 @@ class _Pairs:
 
     def every_pair(self, rows: np.ndarray, keys: np.ndarray) -> None:
         """Every pair inside one bucket (equal ``keys`` contiguous), all buckets at once: the pairs of
-        positions ``(p, p + d)`` for d = 1, 2, ... (the small buckets). The target hash is copied into
-        member order, so a pair reads two nearby places, and while most positions have a partner ``d``
-        further it is compared over whole slices (no gather); once fewer than a quarter do, only the
-        buckets larger than ``d`` are kept when that halves the copy. The thumbnail summary is copied into
-        member order too: it rejects most pairs pHash passes before any whole row is read."""
-        columns = [c[rows] for c in self.columns[: self.w]]
-        summary = self.summary[rows] if self.checked else None
+        positions ``(p, p + d)`` for d = 1, 2, ... (the small buckets). The target hash and the thumbnail
+        summary are copied into member order, so a pair reads two nearby places. Positions are ordered by
+        how many partners follow them in their bucket, most first, so those with a partner ``d`` further
+        are a prefix of that order (no search per ``d``); while they are most positions, the first check
+        runs over whole slices (no gather). With thumbnails the first check is the summary: one word, and
+        it rejects more pairs than pHash's four; pHash and whole thumbnails follow for what it passes."""
+        n = len(rows)
+        columns = [np.take(c, rows) for c in self.columns[: self.w]]
+        summary = np.take(self.summary, rows) if self.checked else None
         starts, sizes = runs(keys)
-        end = np.repeat(starts + sizes, sizes)
-        active = np.arange(len(rows))
-        d = 1
-        while True:
-            active = active[active + d < end[active]]  # positions with a partner d further
-            if not len(active):
-                break
-            if 4 * len(active) < len(rows) and 2 * int(sizes[sizes > d].sum()) < len(rows):
-                take = np.flatnonzero(np.repeat(sizes > d, sizes))
-                rows, keys, columns = rows[take], keys[take], [c[take] for c in columns]
-                summary = summary[take] if self.checked else None
-                starts, sizes = runs(keys)
-                end = np.repeat(starts + sizes, sizes)
-                active = np.flatnonzero(np.arange(len(rows)) + d < end)
-            for s in range(0, len(active), PAIRS_PER_STEP):
-                at = active[s : s + PAIRS_PER_STEP]
-                lo, hi = int(at[0]), int(at[-1]) + 1
-                if 2 * len(at) >= hi - lo:  # dense: over the slice from the first to the last
-                    near = self._within(columns, slice(lo, hi), slice(lo + d, hi + d))[at - lo]
-                else:
-                    near = self._within(columns, at, at + d)
-                p = at[near]
+        after = np.repeat(starts + sizes, sizes) - 1 - np.arange(n)  # partners after each position
+        most = int(after.max(initial=0))
+        order = np.argsort((most - after).astype(np.uint8 if most < 256 else np.int64), kind="stable")
+        with_partner = n - np.cumsum(np.bincount(after, minlength=most + 1))  # [d - 1]: positions with d after
+        for d in range(1, most + 1):
+            at = order[: with_partner[d - 1]]
+            dense = 2 * len(at) >= n - d
+            if dense:
+                first = self._first_check(columns, summary, slice(0, n - d), slice(d, n))
+            for s in range(0, len(at), PAIRS_PER_STEP):
+                a = at[s : s + PAIRS_PER_STEP]
+                near = first[a] if dense else self._first_check(columns, summary, a, a + d)
+                p = np.compress(near, a)
                 if summary is not None:
-                    p = p[self._alike(summary[p], summary[p + d])]
-                self.lower(*self.confirm(rows[p], rows[p + d]), len(at))
-            d += 1
+                    p = np.compress(self._within(columns, p, p + d), p)
+                self.lower(*self.confirm(np.take(rows, p), np.take(rows, p + d), summarised=True), len(a))
+
+    def _first_check(
+        self, columns: list[np.ndarray], summary: np.ndarray | None, x: np.ndarray | slice, y: np.ndarray | slice
+    ) -> np.ndarray:
+        """``every_pair``'s first check of the pairs of member positions ``(x, y)``: the summary words when
+        thumbnails are checked, else the target hash."""
+        return self._alike(summary[x], summary[y]) if summary is not None else self._within(columns, x, y)
 
     def earliest_near(self, rows: np.ndarray, keys: np.ndarray) -> None:
         """The large buckets (equal ``keys`` contiguous), which no cut could shrink: each member is compared with the
@@ -376,10 +389,11 @@ def _compare_block(
 ) -> None:
     """Every near pair inside the buckets of ``(rows, keys, band)`` (whole buckets) into ``pairs``."""
     order = np.argsort(keys)  # members of a bucket in any order: each pair is compared as (min, max)
-    rows, keys, band = rows[order], keys[order], band[order]
+    keys = np.take(keys, order)
     same = keys[1:] == keys[:-1]
     multi = np.r_[same, False] | np.r_[False, same]
-    rows, keys, spec = rows[multi], keys[multi], band[multi].astype(np.int64)  # a bucket of one compares nothing
+    order, keys = select(multi, order, keys)  # a bucket of one compares nothing
+    rows, spec = np.take(rows, order), np.take(band, order).astype(np.int64)
     _note_largest(pairs.stats, "largest_bucket", keys)
     varied = pairs.varied if pairs.checked else None
     rows, keys = split_buckets(
@@ -388,8 +402,19 @@ def _compare_block(
     _note_largest(pairs.stats, "largest_compared", keys)
     _, sizes = runs(keys)
     large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
-    pairs.every_pair(rows[~large], keys[~large])
-    pairs.earliest_near(rows[large], keys[large])
+    pairs.every_pair(*select(~large, rows, keys))
+    pairs.earliest_near(*select(large, rows, keys))
+
+
+_BLOCK_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it scrambles low bits into the top ones
+
+
+def _not_alone(keys: np.ndarray) -> np.ndarray:
+    """Whether each key may share its bucket: no other key has its low bits (about one more than the keys
+    need, so that the counts of a block stay in the processor's caches) — a cheap pass before any sort."""
+    slots = min(PREFILTER_SLOTS, 1 << (2 * len(keys) - 1).bit_length())
+    low = (keys & np.uint64(slots - 1)).astype(np.int64)
+    return np.bincount(low, minlength=slots)[low] > 1
 
 
 def reduce_entries(
@@ -411,11 +436,24 @@ def reduce_entries(
     best = np.full(n, n, np.int64)
     if n == 0:
         return best - n - 1
+    # buckets are compared a block of them at a time (a bucket's members all in one block, by a hash of its
+    # key), so that a block's arrays stay in the processor's caches
+    bounds = np.array([0, len(keys)])
+    blocks = min(-(-len(keys) // BUCKET_BLOCK), 1 << 16)
+    order = None
+    if blocks > 1:
+        with np.errstate(over="ignore"):  # multiply-shift: the key's top 16 bits, scrambled, scaled to blocks
+            block = (((keys * _BLOCK_MIX) >> np.uint64(48)) * np.uint64(blocks)) >> np.uint64(16)
+        order = np.argsort(block.astype(np.uint16), kind="stable")  # a radix sort
+        keys = np.take(keys, order)
+        bounds = np.r_[0, np.cumsum(np.bincount(block.astype(np.int64), minlength=blocks))]
     if len(keys) > PREFILTER_FROM:  # most buckets may hold one row: drop those before sorting
-        slots = min(PREFILTER_SLOTS, 1 << (2 * len(keys) - 1).bit_length())  # counting costs what they take
-        low = (keys & np.uint64(slots - 1)).astype(np.int64)
-        maybe = np.bincount(low, minlength=slots)[low] > 1
-        rows, keys, band = rows[maybe], keys[maybe], band[maybe]
+        maybe = [_not_alone(keys[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        bounds = np.r_[0, np.cumsum([int(m.sum()) for m in maybe])]
+        at = np.flatnonzero(np.concatenate(maybe))
+        keys, order = np.take(keys, at), at if order is None else np.take(order, at)
+    if order is not None:  # rows and bands follow: only the memberships kept are moved
+        rows, band = np.take(rows, order), np.take(band, order)
     twin = np.arange(n)
     present = np.zeros(n, bool)
     present[rows] = True
@@ -423,24 +461,15 @@ def reduce_entries(
     if len(involved):  # identical rows share every bucket: compare only the earliest of each
         twin[involved] = involved[_collapse(e.take(involved))]
     rep = twin == np.arange(n)
-    keep = rep[rows]
-    rows, keys, band = rows[keep], keys[keep], band[keep]
+    keep = np.take(rep, rows)
+    bounds = np.r_[0, np.cumsum(keep)][bounds]
+    rows, keys, band = select(keep, rows, keys, band)
     bits = hash_size * hash_size
     masks = []
     for cols in band_columns(np.arange(bits), max_distance + 1):
         masks.append(np.zeros(bits, bool))
         masks[-1][cols] = True
     pairs = _Pairs(e, best, max_distance, w, max_thumb_diff, stats)
-    # buckets are compared a block of them at a time (a bucket's members all in one block, by a hash of its
-    # key), so that a block's arrays stay in the processor's caches
-    blocks = -(-len(keys) // BUCKET_BLOCK)
-    if blocks > 1:
-        block = (mix(keys, 0x2545F4914F6CDD1D) % np.uint64(blocks)).astype(np.uint16)
-        order = np.argsort(block, kind="stable")
-        rows, keys, band = rows[order], keys[order], band[order]
-        bounds = np.searchsorted(block[order], np.arange(blocks + 1))
-    else:
-        bounds = np.array([0, len(keys)])
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi - lo < 2:
             continue  # no bucket of two

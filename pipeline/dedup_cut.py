@@ -88,12 +88,19 @@ def varied_values(thumbs: np.ndarray, count: int) -> np.ndarray:
     buckets and reject pairs best, in a fraction of the bytes of whole thumbnails."""
     sample = thumbs[np.linspace(0, len(thumbs) - 1, min(len(thumbs), THUMB_RANK_SAMPLE)).astype(np.int64)]
     ranked = np.argsort(-sample.astype(np.float32).var(axis=0), kind="stable")
-    return np.ascontiguousarray(thumbs[:, np.sort(ranked[:count])])
+    return np.take(thumbs, np.sort(ranked[:count]), axis=1)  # take: several times faster than indexing
 
 
 # a split's result: rows, keys and specs of the sub-buckets replacing the buckets it cut, and per input
 # position whether its bucket stays whole (no cut leaves fewer pairs)
 Split = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def select(mask: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``a[mask]`` of each of ``arrays``, the positions found once: indexing by a mask that is neither
+    sparse nor dense costs several times as much (a mispredicted branch per element)."""
+    at = np.flatnonzero(mask)
+    return tuple(np.take(a, at, axis=0) for a in arrays)
 
 
 def runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
