@@ -40,6 +40,7 @@ import numpy as np
 
 from pipeline.dedup_cut import (
     select,
+    sort_order,
     THUMB_VARIED,
     band_columns,
     bits_of,
@@ -109,7 +110,10 @@ class Entries:
         return len(self.index)
 
     def take(self, rows: np.ndarray) -> Entries:
-        return Entries(self.index[rows], self.keys[rows], self.group[rows], self.words[rows], self.thumbs[rows])
+        # np.take copies whole rows, several times faster than indexing for the wide words and thumbnails
+        return Entries(
+            *(np.take(a, rows, axis=0) for a in (self.index, self.keys, self.group, self.words, self.thumbs))
+        )
 
     @staticmethod
     def concat(parts: list[Entries]) -> Entries:
@@ -222,7 +226,7 @@ def _collapse(e: Entries) -> np.ndarray:
     if e.thumbs.shape[1]:
         pad = e.thumbs if e.thumbs.shape[1] % 8 == 0 else np.pad(e.thumbs, ((0, 0), (0, -e.thumbs.shape[1] % 8)))
         fp = mix(fp, np.bitwise_xor.reduce(np.ascontiguousarray(pad).view(np.uint64), axis=1))
-    order = np.argsort(fp)
+    order = sort_order(fp)
     sfp = fp[order]
     starts = np.flatnonzero(np.r_[True, sfp[1:] != sfp[:-1]])
     twin = np.empty(n, np.int64)
@@ -236,6 +240,9 @@ def _collapse(e: Entries) -> np.ndarray:
     )
     twin[same[~real]] = same[~real]
     return twin
+
+
+_SUM_OF_FOUR = np.uint64(0x0001000100010001)
 
 
 @dataclass
@@ -256,6 +263,7 @@ class _Pairs:
         self.level_limit = int(np.clip(np.floor(self.max_thumb_diff), -1, 255)) if self.checked else 0
         # one contiguous array per hash word: gathering 1-D columns costs a third of gathering rows
         self.columns = [np.ascontiguousarray(self.e.words[:, c]) for c in range(self.e.words.shape[1])]
+        self.target = np.ascontiguousarray(self.e.words[:, : self.w])
         self._varied: np.ndarray | None = None
         # the 8 thumbnail values that vary most, as one word per row: most pairs pHash passes (objects on
         # white) differ there, and one word is cheap to gather and to copy into member order
@@ -283,6 +291,18 @@ class _Pairs:
         for c in columns:
             bits = np.bitwise_count(c[x] ^ c[y])
             dist = bits.astype(np.uint16) if dist is None else dist + bits
+        return dist <= self.max_distance
+
+    def _near_rows(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """``_within`` of the target hashes of rows ``i`` and ``j``, read a whole hash at a time: scattered
+        pairs cost a cache miss per read, and a hash's words share one line."""
+        x = np.take(self.target, i, axis=0)
+        x ^= np.take(self.target, j, axis=0)
+        counts = np.bitwise_count(x)
+        if self.w == 4:  # four counts of at most 64 as one word: their sum is its top 16 bits times 1+2^16+...
+            dist = (counts.astype(np.uint16).view(np.uint64)[:, 0] * _SUM_OF_FOUR) >> np.uint64(48)
+        else:
+            dist = counts.sum(axis=1, dtype=np.uint16)
         return dist <= self.max_distance
 
     def confirm(self, i: np.ndarray, j: np.ndarray, summarised: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -329,8 +349,10 @@ class _Pairs:
         runs over whole slices (no gather). With thumbnails the first check is the summary: one word, and
         it rejects more pairs than pHash's four; pHash and whole thumbnails follow for what it passes."""
         n = len(rows)
-        columns = [np.take(c, rows) for c in self.columns[: self.w]]
+        # the first check's words in member order: the summary with thumbnails (pHash is then read only for
+        # the pairs it passes, at their rows), else the target hash
         summary = np.take(self.summary, rows) if self.checked else None
+        columns = [] if self.checked else [np.take(c, rows) for c in self.columns[: self.w]]
         starts, sizes = runs(keys)
         after = np.repeat(starts + sizes, sizes) - 1 - np.arange(n)  # partners after each position
         most = int(after.max(initial=0))
@@ -345,9 +367,10 @@ class _Pairs:
                 a = at[s : s + PAIRS_PER_STEP]
                 near = first[a] if dense else self._first_check(columns, summary, a, a + d)
                 p = np.compress(near, a)
+                i, j = np.take(rows, p), np.take(rows, p + d)
                 if summary is not None:
-                    p = np.compress(self._within(columns, p, p + d), p)
-                self.lower(*self.confirm(np.take(rows, p), np.take(rows, p + d), summarised=True), len(a))
+                    i, j = select(self._near_rows(i, j), i, j)
+                self.lower(*self.confirm(i, j, summarised=True), len(a))
 
     def _first_check(
         self, columns: list[np.ndarray], summary: np.ndarray | None, x: np.ndarray | slice, y: np.ndarray | slice
@@ -385,15 +408,22 @@ def _note_largest(stats: dict[str, int], name: str, keys: np.ndarray) -> None:
 
 
 def _compare_block(
-    pairs: _Pairs, rows: np.ndarray, keys: np.ndarray, band: np.ndarray, masks: list[np.ndarray], hash_size: int
+    pairs: _Pairs,
+    rows: np.ndarray,
+    keys: np.ndarray,
+    band: np.ndarray,
+    rep: np.ndarray,
+    masks: list[np.ndarray],
+    hash_size: int,
 ) -> None:
-    """Every near pair inside the buckets of ``(rows, keys, band)`` (whole buckets) into ``pairs``."""
-    order = np.argsort(keys)  # members of a bucket in any order: each pair is compared as (min, max)
-    keys = np.take(keys, order)
+    """Every near pair inside the buckets of ``(rows, keys, band)`` (whole buckets) into ``pairs``, of the
+    rows ``rep`` marks (the earliest of identical ones)."""
+    order = sort_order(keys)  # members of a bucket in any order: each pair is compared as (min, max)
+    keys, rows = np.take(keys, order), np.take(rows, order)
     same = keys[1:] == keys[:-1]
-    multi = np.r_[same, False] | np.r_[False, same]
-    order, keys = select(multi, order, keys)  # a bucket of one compares nothing
-    rows, spec = np.take(rows, order), np.take(band, order).astype(np.int64)
+    keep = (np.r_[same, False] | np.r_[False, same]) & np.take(rep, rows)  # a bucket of one compares nothing
+    order, keys, rows = select(keep, order, keys, rows)
+    spec = np.take(band, order).astype(np.int64)
     _note_largest(pairs.stats, "largest_bucket", keys)
     varied = pairs.varied if pairs.checked else None
     rows, keys = split_buckets(
@@ -454,16 +484,10 @@ def reduce_entries(
         keys, order = np.take(keys, at), at if order is None else np.take(order, at)
     if order is not None:  # rows and bands follow: only the memberships kept are moved
         rows, band = np.take(rows, order), np.take(band, order)
-    twin = np.arange(n)
-    present = np.zeros(n, bool)
-    present[rows] = True
-    involved = np.flatnonzero(present)
-    if len(involved):  # identical rows share every bucket: compare only the earliest of each
-        twin[involved] = involved[_collapse(e.take(involved))]
+    # identical rows share every bucket: only the earliest of each is compared (``_compare_block``), the
+    # others take its answer below. Over every row: a pass in place costs less than copying those in buckets
+    twin = _collapse(e) if len(rows) else np.arange(n)
     rep = twin == np.arange(n)
-    keep = np.take(rep, rows)
-    bounds = np.r_[0, np.cumsum(keep)][bounds]
-    rows, keys, band = select(keep, rows, keys, band)
     bits = hash_size * hash_size
     masks = []
     for cols in band_columns(np.arange(bits), max_distance + 1):
@@ -473,7 +497,7 @@ def reduce_entries(
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi - lo < 2:
             continue  # no bucket of two
-        _compare_block(pairs, rows[lo:hi], keys[lo:hi], band[lo:hi], masks, hash_size)
+        _compare_block(pairs, rows[lo:hi], keys[lo:hi], band[lo:hi], rep, masks, hash_size)
     # twins: the earliest twin, or an earlier copy of it
     has = best < n
     out = np.where(has, best, -1)

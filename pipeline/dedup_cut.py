@@ -103,6 +103,17 @@ def select(mask: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.take(a, at, axis=0) for a in arrays)
 
 
+def sort_order(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` of uint64 ``keys``, as four stable radix sorts of 16 bits each,
+    least significant first: about twice as fast as a comparison sort of 10^5 keys, and the bucket loops
+    sort little else."""
+    order = np.argsort(keys.astype(np.uint16), kind="stable")  # the cast keeps the low 16 bits
+    for shift in (16, 32, 48):
+        digit = (np.take(keys, order) >> np.uint64(shift)).astype(np.uint16)
+        order = np.take(order, np.argsort(digit, kind="stable"))
+    return order
+
+
 def runs(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start and length of each run of equal values in ``keys`` (equal values contiguous)."""
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
