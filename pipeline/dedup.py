@@ -57,6 +57,8 @@ THUMB = 8
 """Side of the second check's thumbnail (RGB, box-averaged): 192 bytes per image."""
 PAIRS_PER_STEP = 1 << 20
 """Pairs compared per numpy step (bounds the temporary arrays)."""
+PENDING_PAIRS = 1 << 21
+"""Pairs deferred to be confirmed once at most (``_Pairs.defer``): 8 bytes each (rows below 2^32)."""
 THUMB_PAIRS_PER_STEP = 1 << 12
 """Pairs whose whole thumbnails are compared per numpy step (their temporaries stay in the caches)."""
 EARLIEST_FIRST_ABOVE = 64
@@ -265,6 +267,8 @@ class _Pairs:
         self.columns = [np.ascontiguousarray(self.e.words[:, c]) for c in range(self.e.words.shape[1])]
         self.target = np.ascontiguousarray(self.e.words[:, : self.w])
         self._varied: np.ndarray | None = None
+        self._pending: list[np.ndarray] = []
+        self._pending_count = 0
         # the 8 thumbnail values that vary most, as one word per row: most pairs pHash passes (objects on
         # white) differ there, and one word is cheap to gather and to copy into member order
         self.summary = (
@@ -333,6 +337,25 @@ class _Pairs:
         self.stats["pairs_compared"] = self.stats.get("pairs_compared", 0) + compared
         np.minimum.at(self.best, np.maximum(i, j), np.minimum(i, j))
 
+    def defer(self, i: np.ndarray, j: np.ndarray, compared: int) -> None:
+        """Pairs ``(i, j)`` of ``compared`` that passed the target hash and the summary, confirmed at the next
+        ``flush``: a near pair shares most bands, so it turns up in many buckets (at 10^5 objects on white,
+        eight times on average), and is confirmed once."""
+        self.stats["pairs_compared"] = self.stats.get("pairs_compared", 0) + compared
+        self._pending.append(np.minimum(i, j).astype(np.uint64) << np.uint64(32) | np.maximum(i, j).astype(np.uint64))
+        self._pending_count += len(i)
+        if self._pending_count >= PENDING_PAIRS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Confirm the deferred pairs, each once, and lower ``best`` by the near ones."""
+        if not self._pending:
+            return
+        code = np.unique(np.concatenate(self._pending))
+        self._pending, self._pending_count = [], 0
+        i, j = (code >> np.uint64(32)).astype(np.int64), (code & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        self.lower(*self.confirm(i, j, summarised=True), 0)
+
     def compare(self, i: np.ndarray, j: np.ndarray) -> None:
         """Pairs of rows in either order."""
         for s in range(0, len(i), PAIRS_PER_STEP):
@@ -370,7 +393,7 @@ class _Pairs:
                 i, j = np.take(rows, p), np.take(rows, p + d)
                 if summary is not None:
                     i, j = select(self._near_rows(i, j), i, j)
-                self.lower(*self.confirm(i, j, summarised=True), len(a))
+                self.defer(i, j, len(a))
 
     def _first_check(
         self, columns: list[np.ndarray], summary: np.ndarray | None, x: np.ndarray | slice, y: np.ndarray | slice
@@ -433,7 +456,9 @@ def _compare_block(
     _, sizes = runs(keys)
     large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
     pairs.every_pair(*select(~large, rows, keys))
-    pairs.earliest_near(*select(large, rows, keys))
+    if large.any():
+        pairs.flush()  # the earliest-first loop stops at the copies ``best`` already holds
+        pairs.earliest_near(*select(large, rows, keys))
 
 
 _BLOCK_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it scrambles low bits into the top ones
@@ -473,10 +498,10 @@ def reduce_entries(
     order = None
     if blocks > 1:
         with np.errstate(over="ignore"):  # multiply-shift: the key's top 16 bits, scrambled, scaled to blocks
-            block = (((keys * _BLOCK_MIX) >> np.uint64(48)) * np.uint64(blocks)) >> np.uint64(16)
-        order = np.argsort(block.astype(np.uint16), kind="stable")  # a radix sort
+            block = ((((keys * _BLOCK_MIX) >> np.uint64(48)) * np.uint64(blocks)) >> np.uint64(16)).astype(np.uint16)
+        order = np.argsort(block, kind="stable")  # a radix sort
         keys = np.take(keys, order)
-        bounds = np.r_[0, np.cumsum(np.bincount(block.astype(np.int64), minlength=blocks))]
+        bounds = np.r_[0, np.cumsum(np.bincount(block, minlength=blocks))]
     if len(keys) > PREFILTER_FROM:  # most buckets may hold one row: drop those before sorting
         maybe = [_not_alone(keys[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
         bounds = np.r_[0, np.cumsum([int(m.sum()) for m in maybe])]
@@ -498,6 +523,7 @@ def reduce_entries(
         if hi - lo < 2:
             continue  # no bucket of two
         _compare_block(pairs, rows[lo:hi], keys[lo:hi], band[lo:hi], rep, masks, hash_size)
+    pairs.flush()
     # twins: the earliest twin, or an earlier copy of it
     has = best < n
     out = np.where(has, best, -1)

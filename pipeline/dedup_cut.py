@@ -250,9 +250,10 @@ def split_buckets(
     for k in range(MAX_ROUNDS if thumbs else MAX_SPLIT_DEPTH):
         _, sizes = runs(keys)
         small = np.repeat(sizes <= limit, sizes)
-        final_rows.append(rows[small])
-        final_keys.append(keys[small])
-        rows, keys, spec = rows[~small], keys[~small], spec[~small]
+        rows_small, keys_small = select(small, rows, keys)
+        final_rows.append(rows_small)
+        final_keys.append(keys_small)
+        rows, keys, spec = select(~small, rows, keys, spec)
         if not len(keys):
             break
         new = []
@@ -267,7 +268,7 @@ def split_buckets(
             sub_rows, sub_keys, sub_spec, whole = _split(
                 words, rows[big], keys[big], spec[big], masks, max_distance, hash_size
             )
-            order = np.argsort(sub_keys)
+            order = sort_order(sub_keys)
             new.append((sub_rows[order], sub_keys[order], sub_spec[order]))
             final_rows.append(rows[big][whole])
             final_keys.append(keys[big][whole])
