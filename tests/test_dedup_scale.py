@@ -160,10 +160,12 @@ def test_thumbnail_split_finds_near_pairs_across_cell_edges(monkeypatch, max_dif
     assert stats["largest_compared"] < stats["largest_bucket"] / 4
 
 
-def test_every_pair_of_buckets_of_any_size_is_compared_once():
+@pytest.mark.parametrize("thumbs", [False, True])
+def test_every_pair_of_buckets_of_any_size_is_compared_once(thumbs: bool):
     """The pair loop against brute force: buckets of 1 to 90 members (dense slices while most positions
-    have a partner d further, gathers and smaller copies past that), hashes close enough that many pairs
-    are near, one key per bucket in no particular order."""
+    have a partner d further, gathers past that), hashes close enough that many pairs are near, one key
+    per bucket in no particular order; with thumbnails (checked first by their summary, pairs confirmed
+    once at the flush), in four classes of which neighbours only are within the limit."""
     rng = np.random.default_rng(7)
     sizes = np.r_[rng.integers(1, 6, 300), rng.integers(6, 20, 40), [35, 60, 90]]
     rng.shuffle(sizes)
@@ -171,12 +173,16 @@ def test_every_pair_of_buckets_of_any_size_is_compared_once():
     h = rng.integers(0, 2**63, dtype=np.uint64)
     flips = rng.integers(0, 64, (n, 3)).astype(np.uint64)
     words = (h ^ (np.uint64(1) << flips[:, 0]) ^ (np.uint64(1) << flips[:, 1]) ^ (np.uint64(1) << flips[:, 2]))[:, None]
-    e = dedup.Entries(np.arange(n), np.arange(n).astype(str), np.zeros(n, np.uint64), words, np.zeros((n, 0), np.uint8))
+    level = rng.integers(0, 4, n)  # classes 4 levels apart, noise of 1: only neighbouring classes are within 5
+    thumb = (100 + 4 * level[:, None] + rng.integers(0, 2, (n, 192))).astype(np.uint8)
+    thumb = thumb if thumbs else np.zeros((n, 0), np.uint8)
+    e = dedup.Entries(np.arange(n), np.arange(n).astype(str), np.zeros(n, np.uint64), words, thumb)
     rows = rng.permutation(n)
     keys = np.repeat(rng.permutation(len(sizes)).astype(np.uint64) * np.uint64(7919), sizes)
     stats: dict[str, int] = {}
-    pairs = dedup._Pairs(e, np.full(n, n, np.int64), 4, 1, None, stats)
+    pairs = dedup._Pairs(e, np.full(n, n, np.int64), 4, 1, 5.0 if thumbs else None, stats)
     pairs.every_pair(rows, keys)
+    pairs.flush()
     want = np.full(n, n, np.int64)
     start = 0
     for m in sizes:
@@ -184,7 +190,8 @@ def test_every_pair_of_buckets_of_any_size_is_compared_once():
         start += m
         for a in members:
             for b in members:
-                if a < b and bin(int(words[a, 0] ^ words[b, 0])).count("1") <= 4:
+                alike = not thumbs or abs(int(level[a]) - int(level[b])) <= 1
+                if a < b and bin(int(words[a, 0] ^ words[b, 0])).count("1") <= 4 and alike:
                     want[b] = min(want[b], a)
     assert (pairs.best == want).all() and (want < n).sum() > 100
     assert stats["pairs_compared"] == int((sizes * (sizes - 1) // 2).sum())
