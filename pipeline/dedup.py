@@ -48,6 +48,7 @@ from pipeline.dedup_cut import (
     runs,
     split_buckets,
     value_key,
+    varied_columns,
     varied_values,
 )
 
@@ -283,11 +284,12 @@ class _Pairs:
         diff -= np.minimum(a, b)
         return (diff > self.level_limit).view(np.uint64) == 0
 
-    def varied(self) -> np.ndarray:
-        """``varied_values`` of the thumbnails, made on first use (inputs whose buckets are small need none)."""
+    def varied(self) -> tuple[np.ndarray, np.ndarray]:
+        """The thumbnails and their ``varied_columns``, ranked on first use (inputs whose buckets are small
+        need none)."""
         if self._varied is None:
-            self._varied = varied_values(self.e.thumbs, THUMB_VARIED)
-        return self._varied
+            self._varied = varied_columns(self.e.thumbs, THUMB_VARIED)
+        return self.e.thumbs, self._varied
 
     def _within(self, columns: list[np.ndarray], x: np.ndarray | slice, y: np.ndarray | slice) -> np.ndarray:
         """Whether the hashes held in ``columns`` (one hash's words) at ``x`` and ``y`` are within the distance."""

@@ -82,13 +82,18 @@ def value_key(bitmat: np.ndarray) -> np.ndarray:
     return key
 
 
-def varied_values(thumbs: np.ndarray, count: int) -> np.ndarray:
-    """A contiguous ``(n, count)`` copy of the thumbnail values that vary most over a sample of rows:
-    where thumbnails of different images differ (on objects on white: where the objects are), so they cut
-    buckets and reject pairs best, in a fraction of the bytes of whole thumbnails."""
+def varied_columns(thumbs: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` thumbnail columns (ascending) whose values vary most over a sample of rows: where
+    thumbnails of different images differ (on objects on white: where the objects are), so they cut
+    buckets and reject pairs best."""
     sample = thumbs[np.linspace(0, len(thumbs) - 1, min(len(thumbs), THUMB_RANK_SAMPLE)).astype(np.int64)]
     ranked = np.argsort(-sample.astype(np.float32).var(axis=0), kind="stable")
-    return np.take(thumbs, np.sort(ranked[:count]), axis=1)  # take: several times faster than indexing
+    return np.sort(ranked[:count])
+
+
+def varied_values(thumbs: np.ndarray, count: int) -> np.ndarray:
+    """A contiguous ``(n, count)`` copy of the ``varied_columns``: a fraction of the bytes of whole thumbnails."""
+    return np.take(thumbs, varied_columns(thumbs, count), axis=1)  # take: several times faster than indexing
 
 
 # a split's result: rows, keys and specs of the sub-buckets replacing the buckets it cut, and per input
@@ -166,10 +171,15 @@ def _split(
 
 
 def _thumb_split(
-    varied: np.ndarray, rows: np.ndarray, keys: np.ndarray, spec: np.ndarray, max_thumb_diff: float
+    thumbs: np.ndarray,
+    varied: np.ndarray,
+    rows: np.ndarray,
+    keys: np.ndarray,
+    spec: np.ndarray,
+    max_thumb_diff: float,
 ) -> Split:
     """Every bucket (equal ``keys`` contiguous) cut by the ``THUMB_CUT_VALUES`` thumbnail values that vary
-    most among its members (of the ``varied`` ones), all buckets at once: a near pair differs in each by at
+    most among its members (of the ``varied`` columns of ``thumbs``), all buckets at once: a near pair differs in each by at
     most ``max_thumb_diff``, so in each it either shares a cell of a grid ``THUMB_CELL_WIDE`` times wider,
     or straddles an edge, and then the upper member lies within ``max_thumb_diff`` of its cell's lower
     edge — such a member is also a guest of the cell below (in that value, and in every combination of
@@ -181,21 +191,22 @@ def _thumb_split(
     together."""
     starts, sizes = runs(keys)
     bucket = np.repeat(np.arange(len(starts)), sizes)
-    cut = min(THUMB_CUT_VALUES, varied.shape[1])
+    cut = min(THUMB_CUT_VALUES, len(varied))
     # the values of largest range among THUMB_SAMPLE members spread through each bucket
     sample = starts[:, None] + (np.arange(THUMB_SAMPLE)[None, :] * sizes[:, None]) // THUMB_SAMPLE
     columns = np.empty((len(starts), cut), np.int64)
     for b in range(0, len(starts), THUMB_BLOCK):
-        block = varied[rows[sample[b : b + THUMB_BLOCK]]]  # (buckets, sample, values)
-        spread = (block.max(axis=1) - block.min(axis=1)).astype(np.int16)
-        columns[b : b + THUMB_BLOCK] = np.argpartition(-spread, cut - 1, axis=1)[:, :cut]
+        members = np.take(rows, sample[b : b + THUMB_BLOCK].reshape(-1))
+        block = np.take(np.take(thumbs, members, axis=0), varied, axis=1).reshape(-1, THUMB_SAMPLE, len(varied))
+        spread = (block.max(axis=1) - block.min(axis=1)).astype(np.int16)  # (buckets, values)
+        columns[b : b + THUMB_BLOCK] = varied[np.argpartition(-spread, cut - 1, axis=1)[:, :cut]]
     width = min(THUMB_CELL_WIDE * (int(max_thumb_diff) + 1), 256)
     per = 255 // width + 1  # cells per value
     level = np.arange(256)
     cell_of = (level // width).astype(np.int64)  # by table: no division per member
     guest_of = (level % width <= int(max_thumb_diff)) & (cell_of > 0)
-    place = rows * varied.shape[1]
-    flat, code, guest = varied.reshape(-1), np.zeros(len(rows), np.int64), []
+    place = rows * thumbs.shape[1]
+    flat, code, guest = np.ravel(thumbs), np.zeros(len(rows), np.int64), []
     for d in range(cut):
         value = flat[place + columns[:, d][bucket]]
         code += cell_of[value] * per**d
@@ -232,14 +243,14 @@ def split_buckets(
     max_distance: int,
     hash_size: int,
     max_thumb_diff: float | None,
-    varied: Callable[[], np.ndarray] | None,
+    varied: Callable[[], tuple[np.ndarray, np.ndarray]] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rounds of splitting (equal ``keys`` contiguous). With thumbnails, each round cuts every bucket above
     ``THUMB_SPLIT_ABOVE`` by thumbnail (vectorised); the hash split (a loop over buckets, ``max_distance
     + 1`` rows per row) takes what that leaves whole above ``SPLIT_ABOVE``, in the first
     ``MAX_SPLIT_DEPTH`` rounds. Buckets small enough, or that no cut shrinks, are set aside. ``varied``
-    (None without thumbnails) makes the values thumbnail cuts choose from; it is called only when a bucket
-    needs a cut. Returns the final ``(rows, keys)``, equal keys contiguous (only the hash split's output
+    (None without thumbnails) gives the thumbnails and the columns cuts choose from; it is called only when
+    a bucket needs a cut. Returns the final ``(rows, keys)``, equal keys contiguous (only the hash split's output
     is sorted)."""
     thumbs = varied is not None
     limit = THUMB_SPLIT_ABOVE if thumbs else SPLIT_ABOVE
@@ -258,7 +269,7 @@ def split_buckets(
             break
         new = []
         if thumbs:  # what the thumbnail split cuts goes on; what it leaves whole is stuck
-            *cut, whole = _thumb_split(varied(), rows, keys, spec, max_thumb_diff)
+            *cut, whole = _thumb_split(*varied(), rows, keys, spec, max_thumb_diff)
             new.append(cut)
             rows, keys, spec = rows[whole], keys[whole], spec[whole]
         _, sizes = runs(keys)
