@@ -40,7 +40,8 @@ import numpy as np
 
 from pipeline.dedup_cut import (
     select,
-    sort_order,
+    group_order,
+    SCRAMBLE,
     THUMB_VARIED,
     band_columns,
     bits_of,
@@ -229,7 +230,7 @@ def _collapse(e: Entries) -> np.ndarray:
     if e.thumbs.shape[1]:
         pad = e.thumbs if e.thumbs.shape[1] % 8 == 0 else np.pad(e.thumbs, ((0, 0), (0, -e.thumbs.shape[1] % 8)))
         fp = mix(fp, np.bitwise_xor.reduce(np.ascontiguousarray(pad).view(np.uint64), axis=1))
-    order = sort_order(fp)
+    order = group_order(fp)
     sfp = fp[order]
     starts = np.flatnonzero(np.r_[True, sfp[1:] != sfp[:-1]])
     twin = np.empty(n, np.int64)
@@ -443,7 +444,7 @@ def _compare_block(
 ) -> None:
     """Every near pair inside the buckets of ``(rows, keys, band)`` (whole buckets) into ``pairs``, of the
     rows ``rep`` marks (the earliest of identical ones)."""
-    order = sort_order(keys)  # members of a bucket in any order: each pair is compared as (min, max)
+    order = group_order(keys)  # members of a bucket in any order: each pair is compared as (min, max)
     keys, rows = np.take(keys, order), np.take(rows, order)
     same = keys[1:] == keys[:-1]
     keep = (np.r_[same, False] | np.r_[False, same]) & np.take(rep, rows)  # a bucket of one compares nothing
@@ -461,9 +462,6 @@ def _compare_block(
     if large.any():
         pairs.flush()  # the earliest-first loop stops at the copies ``best`` already holds
         pairs.earliest_near(*select(large, rows, keys))
-
-
-_BLOCK_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplying by it scrambles low bits into the top ones
 
 
 def _not_alone(keys: np.ndarray) -> np.ndarray:
@@ -500,7 +498,7 @@ def reduce_entries(
     order = None
     if blocks > 1:
         with np.errstate(over="ignore"):  # multiply-shift: the key's top 16 bits, scrambled, scaled to blocks
-            block = ((((keys * _BLOCK_MIX) >> np.uint64(48)) * np.uint64(blocks)) >> np.uint64(16)).astype(np.uint16)
+            block = ((((keys * SCRAMBLE) >> np.uint64(48)) * np.uint64(blocks)) >> np.uint64(16)).astype(np.uint16)
         order = np.argsort(block, kind="stable")  # a radix sort
         keys = np.take(keys, order)
         bounds = np.r_[0, np.cumsum(np.bincount(block, minlength=blocks))]

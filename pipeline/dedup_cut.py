@@ -108,10 +108,14 @@ def select(mask: np.ndarray, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.take(a, at, axis=0) for a in arrays)
 
 
-def sort_order(keys: np.ndarray) -> np.ndarray:
-    """``np.argsort(keys, kind="stable")`` of uint64 ``keys``, as four stable radix sorts of 16 bits each,
-    least significant first: about twice as fast as a comparison sort of 10^5 keys, and the bucket loops
-    sort little else."""
+SCRAMBLE = np.uint64(0x9E3779B97F4A7C15)
+"""Odd: multiplying a uint64 by it is a bijection that spreads every bit of a key into the top ones."""
+
+
+def group_order(keys: np.ndarray) -> np.ndarray:
+    """An order of uint64 ``keys`` that makes equal ones contiguous (ascending): four stable radix sorts
+    of 16 bits each, least significant first. About twice as fast as a comparison sort of 10^5 keys,
+    and the bucket loops sort little else."""
     order = np.argsort(keys.astype(np.uint16), kind="stable")  # the cast keeps the low 16 bits
     for shift in (16, 32, 48):
         digit = (np.take(keys, order) >> np.uint64(shift)).astype(np.uint16)
@@ -279,7 +283,7 @@ def split_buckets(
             sub_rows, sub_keys, sub_spec, whole = _split(
                 words, rows[big], keys[big], spec[big], masks, max_distance, hash_size
             )
-            order = sort_order(sub_keys)
+            order = group_order(sub_keys)
             new.append((sub_rows[order], sub_keys[order], sub_spec[order]))
             final_rows.append(rows[big][whole])
             final_keys.append(keys[big][whole])
