@@ -491,17 +491,20 @@ def reduce_entries(
     best = np.full(n, n, np.int64)
     if n == 0:
         return best - n - 1
-    # buckets are compared a block of them at a time (a bucket's members all in one block, by a hash of its
-    # key), so that a block's arrays stay in the processor's caches
+    # buckets are compared a block of them at a time (a bucket's members all in one block: by band, then by
+    # a hash of the key), so that a block's arrays stay in the processor's caches; the keys of a band
+    # differ only in the bits of its value (one group), which is all a block's sort then reads
     bounds = np.array([0, len(keys)])
-    blocks = min(-(-len(keys) // BUCKET_BLOCK), 1 << 16)
     order = None
-    if blocks > 1:
-        with np.errstate(over="ignore"):  # multiply-shift: the key's top 16 bits, scrambled, scaled to blocks
-            block = ((((keys * SCRAMBLE) >> np.uint64(48)) * np.uint64(blocks)) >> np.uint64(16)).astype(np.uint16)
+    if len(keys) > BUCKET_BLOCK:
+        bands = max_distance + 1
+        per = min(-(-len(keys) // (bands * BUCKET_BLOCK)), (1 << 16) // bands)  # blocks per band
+        with np.errstate(over="ignore"):  # multiply-shift: the key's top 16 bits, scrambled, scaled to per
+            sub = (((keys * SCRAMBLE) >> np.uint64(48)) * np.uint64(per)) >> np.uint64(16)
+        block = (band.astype(np.uint64) * np.uint64(per) + sub).astype(np.uint16)
         order = np.argsort(block, kind="stable")  # a radix sort
         keys = np.take(keys, order)
-        bounds = np.r_[0, np.cumsum(np.bincount(block, minlength=blocks))]
+        bounds = np.r_[0, np.cumsum(np.bincount(block, minlength=bands * per))]
     if len(keys) > PREFILTER_FROM:  # most buckets may hold one row: drop those before sorting
         maybe = [_not_alone(keys[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
         bounds = np.r_[0, np.cumsum([int(m.sum()) for m in maybe])]

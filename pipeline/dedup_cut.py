@@ -113,13 +113,16 @@ SCRAMBLE = np.uint64(0x9E3779B97F4A7C15)
 
 
 def group_order(keys: np.ndarray) -> np.ndarray:
-    """An order of uint64 ``keys`` that makes equal ones contiguous (ascending): four stable radix sorts
-    of 16 bits each, least significant first. About twice as fast as a comparison sort of 10^5 keys,
-    and the bucket loops sort little else."""
-    order = np.argsort(keys.astype(np.uint16), kind="stable")  # the cast keeps the low 16 bits
-    for shift in (16, 32, 48):
-        digit = (np.take(keys, order) >> np.uint64(shift)).astype(np.uint16)
-        order = np.take(order, np.argsort(digit, kind="stable"))
+    """An order of uint64 ``keys`` that makes equal ones contiguous (ascending): stable radix sorts of 16
+    bits each, least significant first, over the 16-bit digits that are not the same in every key (the
+    keys of one band differ only in its value's bits). About twice as fast as a comparison sort of 10^5
+    keys, and the bucket loops sort little else."""
+    varying = int(np.bitwise_or.reduce(keys ^ keys[0])) if len(keys) else 0
+    order = np.arange(len(keys))
+    for shift in range(0, 64, 16):
+        if varying >> shift & 0xFFFF:
+            digit = (np.take(keys, order) >> np.uint64(shift)).astype(np.uint16)  # the cast keeps 16 bits
+            order = np.take(order, np.argsort(digit, kind="stable"))
     return order
 
 
