@@ -457,11 +457,13 @@ def _compare_block(
     )
     _note_largest(pairs.stats, "largest_compared", keys)
     _, sizes = runs(keys)
+    if not (sizes > EARLIEST_FIRST_ABOVE).any():
+        pairs.every_pair(rows, keys)
+        return
     large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
     pairs.every_pair(*select(~large, rows, keys))
-    if large.any():
-        pairs.flush()  # the earliest-first loop stops at the copies ``best`` already holds
-        pairs.earliest_near(*select(large, rows, keys))
+    pairs.flush()  # the earliest-first loop stops at the copies ``best`` already holds
+    pairs.earliest_near(*select(large, rows, keys))
 
 
 def _not_alone(keys: np.ndarray) -> np.ndarray:
