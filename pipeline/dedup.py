@@ -498,9 +498,11 @@ def reduce_entries(
     # differ only in the bits of its value (one group), which is all a block's sort then reads
     bounds = np.array([0, len(keys)])
     order = None
-    if len(keys) > BUCKET_BLOCK:
-        bands = max_distance + 1
-        per = min(-(-len(keys) // (bands * BUCKET_BLOCK)), (1 << 16) // bands)  # blocks per band
+    bands = max_distance + 1
+    per = min(-(-len(keys) // (bands * BUCKET_BLOCK)), (1 << 16) // bands)  # blocks per band
+    if len(keys) > BUCKET_BLOCK and per == 1 and (band[1:] >= band[:-1]).all():  # band-major (``partition``)
+        bounds = np.r_[0, np.cumsum(np.bincount(band, minlength=bands))]
+    elif len(keys) > BUCKET_BLOCK:
         with np.errstate(over="ignore"):  # multiply-shift: the key's top 16 bits, scrambled, scaled to per
             sub = (((keys * SCRAMBLE) >> np.uint64(48)) * np.uint64(per)) >> np.uint64(16)
         block = (band.astype(np.uint64) * np.uint64(per) + sub).astype(np.uint16)
@@ -546,10 +548,12 @@ def partition(e: Entries, max_distance: int, hash_size: int, reducers: int) -> l
     own = owner(keys, reducers)
     out = []
     for r in range(reducers):
+        # band-major (a band's memberships together, rows ascending within it): the reducer's blocks of
+        # buckets go by band, and need no sort to be found
         if reducers == 1:
-            rr, cc = np.divmod(np.arange(keys.size), keys.shape[1])
+            cc, rr = np.divmod(np.arange(keys.size), len(e))
         else:
-            rr, cc = np.nonzero(own == r)  # rr ascends
+            cc, rr = np.nonzero((own == r).T)
         present = np.zeros(len(e), bool)
         present[rr] = True
         rows = np.flatnonzero(present)
@@ -563,7 +567,7 @@ def partition(e: Entries, max_distance: int, hash_size: int, reducers: int) -> l
                 "words": part.words,
                 "thumbs": part.thumbs,
                 "pair_row": local.astype(np.int64),
-                "pair_key": keys[rr, cc],
+                "pair_key": np.ravel(keys, order="F") if reducers == 1 else keys[rr, cc],
                 "pair_band": cc.astype(np.int16),
             }
         )
