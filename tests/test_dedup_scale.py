@@ -127,11 +127,15 @@ def test_a_cluster_alike_in_hash_is_split_by_thumbnail_with_the_same_answer(monk
     assert split["largest_compared"] < whole["largest_compared"] / 2
 
 
-@pytest.mark.parametrize("max_diff,cut_values,block", [(10.0, 3, 1 << 17), (6.5, 3, 1 << 17), (10.0, 1, 64)])
+@pytest.mark.parametrize(
+    "max_diff,cut_values,block", [(10.0, 3, 1 << 17), (6.5, 3, 1 << 17), (10.0, 1, 64), (10.0, 3, 512)]
+)
 def test_thumbnail_split_finds_near_pairs_across_cell_edges(monkeypatch, max_diff, cut_values, block):
     """Objects on white: one pHash cluster whose thumbnails spread evenly over every level, so many near
     pairs straddle a cell edge of the thumbnail split (they must meet as guests of the cell below, in
-    every combination of the values cut at once), whether buckets go through in one block or many."""
+    every combination of the values cut at once), whether buckets go through in one block, in one block
+    per band (2,000 memberships in blocks of 512: the map output's band-major order, no sort) or in
+    several per band."""
     monkeypatch.setattr(dedup_cut, "SPLIT_ABOVE", 8)
     monkeypatch.setattr(dedup_cut, "THUMB_SPLIT_ABOVE", 4)
     monkeypatch.setattr(dedup_cut, "THUMB_CUT_VALUES", cut_values)
