@@ -14,7 +14,8 @@ bits flipped, thumbnail ± 2 levels; objects: the image brightened by up to 4 le
 Gaussian noise σ = 2, then hashed again). Separately, 300 resized + JPEG-encoded copies go through
 the real ``image_hash`` / ``image_thumb`` to show what the second check lets through. Reported per kind and size: time on one
 core (single reducer; wall and CPU seconds, medians of ``--repeats`` runs after one untimed run), how many times it grows from
-each size to the next (``dedup_growth``), peak traced memory (a second, traced run), largest bucket, exact and near copies found, distinct
+each size to the next (``dedup_growth``; and ``dedup_interleaved``: every size timed once per round, so
+that the machine's drift falls on all sizes alike), peak traced memory (a second, traced run), largest bucket, exact and near copies found, distinct
 inputs wrongly flagged — with the second check and with pHash alone — and, for 4 reducers, the
 entries each reducer reads.
 
@@ -177,8 +178,11 @@ def generate(kind: str, n: int, seed: int = 0) -> tuple[dedup.Entries, np.ndarra
 # ----------------------------------------------------------------------------- dedup figures
 
 
-def run_dedup(kind: str, n: int, repeats: int = 1) -> dict:
-    e, original, exact = generate(kind, n)
+Generated = tuple[dedup.Entries, np.ndarray, np.ndarray]
+
+
+def run_dedup(kind: str, n: int, repeats: int = 1, data: Generated | None = None) -> dict:
+    e, original, exact = generate(kind, n) if data is None else data
     out: dict = {
         "kind": kind,
         "inputs": n,
@@ -230,6 +234,24 @@ def run_dedup(kind: str, n: int, repeats: int = 1) -> dict:
     out["r4_reduce_seconds"] = times
     out["r4_total_seconds"] = round(time.perf_counter() - t0, 3)
     return out
+
+
+def interleaved_growth(kind: str, sets: dict[int, Generated], repeats: int) -> dict:
+    """The growth again, with every size timed once per round (``repeats`` rounds): a shared machine's
+    speed drifts over minutes, and this way the drift falls on every size alike, not on one. Per size,
+    the median CPU seconds; per step, the ratio of the medians."""
+    cpus: dict[int, list[float]] = {n: [] for n in sets}
+    for _ in range(repeats):
+        for n, (e, _, _) in sorted(sets.items()):
+            c0 = time.process_time()
+            dedup.dedup_arrays(e, MAX_DISTANCE, HASH_SIZE, 1, THUMB_DIFF)
+            cpus[n].append(time.process_time() - c0)
+    medians = {n: float(np.median(c)) for n, c in sorted(cpus.items())}
+    steps = list(medians.items())
+    return {
+        "cpu_seconds": {str(n): round(m, 4) for n, m in steps},
+        "growth": {f"{kind} {n0}->{n1}": round(t1 / max(t0, 1e-9), 1) for (n0, t0), (n1, t1) in zip(steps, steps[1:])},
+    }
 
 
 def growth(runs: list[dict]) -> dict[str, float]:
@@ -412,8 +434,10 @@ def main() -> int:
     }
     runs = [(kind, n) for n in sorted(args.sizes) for kind in args.kinds]
     big = [r for r in runs if r[1] > PHASH_ONLY_UP_TO]
+    sets: dict[tuple[str, int], Generated] = {}  # generated once, timed again interleaved at the end
     for kind, n in [r for r in runs if r not in big]:
-        report["dedup"].append(run_dedup(kind, n, args.repeats))
+        sets[kind, n] = generate(kind, n)
+        report["dedup"].append(run_dedup(kind, n, args.repeats, sets[kind, n]))
         report["dedup_growth"] = growth(report["dedup"])
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     for spec in args.reader:
@@ -421,9 +445,16 @@ def main() -> int:
         report["reader"].append(run_reader(int(parts[0]), int(parts[1]), parts[2:] == ["old"]))
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     for kind, n in big:  # the longest last: the report holds everything else already
-        report["dedup"].append(run_dedup(kind, n, args.repeats))
+        sets[kind, n] = generate(kind, n)
+        report["dedup"].append(run_dedup(kind, n, args.repeats, sets[kind, n]))
         report["dedup_growth"] = growth(report["dedup"])
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    report["dedup_interleaved"] = {
+        kind: interleaved_growth(kind, {n: d for (k, n), d in sets.items() if k == kind}, args.repeats)
+        for kind in args.kinds
+    }
+    print(f"dedup interleaved: {report['dedup_interleaved']}", flush=True)
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 
