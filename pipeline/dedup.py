@@ -18,9 +18,13 @@ members near a cell's lower edge also join the cell below, so a near pair always
 that cannot cut, above ``SPLIT_ABOVE``, one bucket at a time, the same way as the bands over the bits
 its members do not already share — a near pair still agrees exactly on one of those sub-bands — so
 buckets stay small at any skew. Inputs with identical hashes and thumbnails collapse onto their
-earliest one before any pair is compared. Buckets go through this a block of ``BUCKET_BLOCK``
-memberships at a time, so each block's arrays stay in the processor's caches, and pairs are compared
-over slices of hash words copied into member order.
+earliest one before any pair is compared. Buckets go through this a block of about ``BUCKET_BLOCK``
+memberships at a time — one band per block, so the map side's band-major output needs no sort to be
+cut into blocks and a block's keys are sorted over its band's value bits only — so each block's arrays
+stay in the processor's caches. With thumbnails, pairs are checked first by an 8-value thumbnail
+summary copied into member order (compared over slices), then by pHash and whole thumbnails; a near
+pair turns up in most of its bands, so the pairs that pass the summary and pHash are confirmed once,
+not once per shared band (BENCHMARKS.md, "Ten-million scale").
 
 Distributed as a shuffle by bucket: map task ``m`` reads its share of the chunks' ledgers and writes,
 per reducer ``r``, the entries owning a bucket of ``r`` (``.progress/dedup/``: ``npz`` files, loaded
