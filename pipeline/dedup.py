@@ -43,14 +43,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.dedup_cut import (
-    select,
-    group_order,
     SCRAMBLE,
     THUMB_VARIED,
     band_columns,
     bits_of,
+    group_order,
     mix,
     runs,
+    select,
     split_buckets,
     value_key,
     varied_columns,
