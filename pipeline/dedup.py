@@ -64,7 +64,7 @@ THUMB = 8
 PAIRS_PER_STEP = 1 << 20
 """Pairs compared per numpy step (bounds the temporary arrays)."""
 PENDING_PAIRS = 1 << 21
-"""Pairs deferred to be confirmed once at most (``_Pairs.defer``): 8 bytes each (rows below 2^32)."""
+"""Pairs deferred to be confirmed once at most (``_Pairs.defer``): 8 bytes each."""
 THUMB_PAIRS_PER_STEP = 1 << 12
 """Pairs whose whole thumbnails are compared per numpy step (their temporaries stay in the caches)."""
 EARLIEST_FIRST_ABOVE = 64
@@ -349,7 +349,8 @@ class _Pairs:
         ``flush``: a near pair shares most bands, so it turns up in many buckets (at 10^5 objects on white,
         eight times on average), and is confirmed once."""
         self.stats["pairs_compared"] = self.stats.get("pairs_compared", 0) + compared
-        self._pending.append(np.minimum(i, j).astype(np.uint64) << np.uint64(32) | np.maximum(i, j).astype(np.uint64))
+        n = np.uint64(len(self.best))  # one code per pair: (earlier row) × n + (later row), below n² < 2^64
+        self._pending.append(np.minimum(i, j).astype(np.uint64) * n + np.maximum(i, j).astype(np.uint64))
         self._pending_count += len(i)
         if self._pending_count >= PENDING_PAIRS:
             self.flush()
@@ -358,9 +359,12 @@ class _Pairs:
         """Confirm the deferred pairs, each once, and lower ``best`` by the near ones."""
         if not self._pending:
             return
-        code = np.unique(np.concatenate(self._pending))
+        code = np.concatenate(self._pending)
         self._pending, self._pending_count = [], 0
-        i, j = (code >> np.uint64(32)).astype(np.int64), (code & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        code = np.take(code, group_order(code))  # radix: faster than np.unique's sort
+        code = code[np.r_[True, code[1:] != code[:-1]]]
+        i, j = np.divmod(code, np.uint64(len(self.best)))
+        i, j = i.astype(np.int64), j.astype(np.int64)
         self.lower(*self.confirm(i, j, summarised=True), 0)
 
     def compare(self, i: np.ndarray, j: np.ndarray) -> None:
@@ -431,10 +435,9 @@ class _Pairs:
             t += 1
 
 
-def _note_largest(stats: dict[str, int], name: str, keys: np.ndarray) -> None:
-    """``stats[name]``: the largest run of equal (contiguous) ``keys`` so far."""
-    sizes = np.diff(np.flatnonzero(np.r_[True, keys[1:] != keys[:-1], True])) if len(keys) else np.zeros(1, int)
-    stats[name] = max(stats.get(name, 0), int(sizes.max()))
+def _note_largest(stats: dict[str, int], name: str, sizes: np.ndarray) -> None:
+    """``stats[name]``: the largest of the bucket ``sizes`` so far."""
+    stats[name] = max(stats.get(name, 0), int(sizes.max(initial=0)))
 
 
 def _compare_block(
@@ -454,20 +457,22 @@ def _compare_block(
     keep = (np.r_[same, False] | np.r_[False, same]) & np.take(rep, rows)  # a bucket of one compares nothing
     order, keys, rows = select(keep, order, keys, rows)
     spec = np.take(band, order).astype(np.int64)
-    _note_largest(pairs.stats, "largest_bucket", keys)
-    varied = pairs.varied if pairs.checked else None
-    rows, keys = split_buckets(
-        pairs.e.words, rows, keys, spec, masks, pairs.max_distance, hash_size, pairs.max_thumb_diff, varied
-    )
-    _note_largest(pairs.stats, "largest_compared", keys)
     _, sizes = runs(keys)
-    if not (sizes > EARLIEST_FIRST_ABOVE).any():
-        pairs.every_pair(rows, keys)
-        return
-    large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
-    pairs.every_pair(*select(~large, rows, keys))
-    pairs.flush()  # the earliest-first loop stops at the copies ``best`` already holds
-    pairs.earliest_near(*select(large, rows, keys))
+    _note_largest(pairs.stats, "largest_bucket", sizes)
+    varied = pairs.varied if pairs.checked else None
+    pieces = split_buckets(
+        pairs.e.words, rows, keys, spec, masks, pairs.max_distance, hash_size, pairs.max_thumb_diff, varied, sizes
+    )
+    for rows, keys in pieces:
+        sizes = sizes if len(pieces) == 1 else runs(keys)[1]
+        _note_largest(pairs.stats, "largest_compared", sizes)
+        if not (sizes > EARLIEST_FIRST_ABOVE).any():
+            pairs.every_pair(rows, keys)
+            continue
+        large = np.repeat(sizes > EARLIEST_FIRST_ABOVE, sizes)
+        pairs.every_pair(*select(~large, rows, keys))
+        pairs.flush()  # the earliest-first loop stops at the copies ``best`` already holds
+        pairs.earliest_near(*select(large, rows, keys))
 
 
 def _not_alone(keys: np.ndarray) -> np.ndarray:

@@ -251,22 +251,25 @@ def split_buckets(
     hash_size: int,
     max_thumb_diff: float | None,
     varied: Callable[[], tuple[np.ndarray, np.ndarray]] | None,
-) -> tuple[np.ndarray, np.ndarray]:
+    sizes: np.ndarray | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Rounds of splitting (equal ``keys`` contiguous). With thumbnails, each round cuts every bucket above
     ``THUMB_SPLIT_ABOVE`` by thumbnail (vectorised); the hash split (a loop over buckets, ``max_distance
     + 1`` rows per row) takes what that leaves whole above ``SPLIT_ABOVE``, in the first
     ``MAX_SPLIT_DEPTH`` rounds. Buckets small enough, or that no cut shrinks, are set aside. ``varied``
     (None without thumbnails) gives the thumbnails and the columns cuts choose from; it is called only when
-    a bucket needs a cut. Returns the final ``(rows, keys)``, equal keys contiguous (only the hash split's output
-    is sorted)."""
+    a bucket needs a cut. ``sizes``: the bucket sizes when the caller has them. Returns the final buckets as
+    ``(rows, keys)`` pieces, equal keys contiguous in each (only the hash split's output is sorted): the
+    buckets no cut touched (most of them, not copied again), then the rest."""
     thumbs = varied is not None
     limit = THUMB_SPLIT_ABOVE if thumbs else SPLIT_ABOVE
     final_rows, final_keys = [], []
-    _, sizes = runs(keys)
+    sizes = runs(keys)[1] if sizes is None else sizes
     if not len(sizes) or sizes.max() <= limit:
-        return rows, keys  # nothing to cut (varied inputs)
+        return [(rows, keys)]  # nothing to cut (varied inputs)
     for k in range(MAX_ROUNDS if thumbs else MAX_SPLIT_DEPTH):
-        _, sizes = runs(keys)
+        if k:
+            _, sizes = runs(keys)
         small = np.repeat(sizes <= limit, sizes)
         rows_small, keys_small = select(small, rows, keys)
         final_rows.append(rows_small)
@@ -295,4 +298,7 @@ def split_buckets(
         rows, keys, spec = (
             np.concatenate([c[i] for c in new]) if new else a[:0] for i, a in enumerate((rows, keys, spec))
         )
-    return np.concatenate([*final_rows, rows]), np.concatenate([*final_keys, keys])
+    return [
+        (final_rows[0], final_keys[0]),
+        (np.concatenate([*final_rows[1:], rows]), np.concatenate([*final_keys[1:], keys])),
+    ]
