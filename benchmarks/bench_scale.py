@@ -14,8 +14,8 @@ bits flipped, thumbnail ± 2 levels; objects: the image brightened by up to 4 le
 Gaussian noise σ = 2, then hashed again). Separately, 300 resized + JPEG-encoded copies go through
 the real ``image_hash`` / ``image_thumb`` to show what the second check lets through. Reported per kind and size: time on one
 core (single reducer; wall and CPU seconds, medians of ``--repeats`` runs after one untimed run), how many times it grows from
-each size to the next (``dedup_growth``; and ``dedup_interleaved``: every size timed once per round, so
-that the machine's drift falls on all sizes alike), peak traced memory (a second, traced run), largest bucket, exact and near copies found, distinct
+each size to the next (``dedup_growth``; and ``dedup_interleaved``: the two sizes of each step timed
+alternately, so that the machine's drift falls on both alike), peak traced memory (a second, traced run), largest bucket, exact and near copies found, distinct
 inputs wrongly flagged — with the second check and with pHash alone — and, for 4 reducers, the
 entries each reducer reads.
 
@@ -237,21 +237,25 @@ def run_dedup(kind: str, n: int, repeats: int = 1, data: Generated | None = None
 
 
 def interleaved_growth(kind: str, sets: dict[int, Generated], repeats: int) -> dict:
-    """The growth again, with every size timed once per round (``repeats`` rounds): a shared machine's
-    speed drifts over minutes, and this way the drift falls on every size alike, not on one. Per size,
-    the median CPU seconds; per step, the ratio of the medians."""
-    cpus: dict[int, list[float]] = {n: [] for n in sets}
-    for _ in range(repeats):
-        for n, (e, _, _) in sorted(sets.items()):
-            c0 = time.process_time()
-            dedup.dedup_arrays(e, MAX_DISTANCE, HASH_SIZE, 1, THUMB_DIFF)
-            cpus[n].append(time.process_time() - c0)
-    medians = {n: float(np.median(c)) for n, c in sorted(cpus.items())}
-    steps = list(medians.items())
-    return {
-        "cpu_seconds": {str(n): round(m, 4) for n, m in steps},
-        "growth": {f"{kind} {n0}->{n1}": round(t1 / max(t0, 1e-9), 1) for (n0, t0), (n1, t1) in zip(steps, steps[1:])},
-    }
+    """The growth again, each step from one size to the next timed alternately (``repeats`` runs of each,
+    one of the smaller, one of the larger, and so on): a shared machine's speed drifts over minutes, and
+    this way the drift falls on both sizes of a step alike. Per step, the two sizes' median CPU seconds
+    and their ratio."""
+    out = {}
+    sizes = sorted(sets)
+    for n0, n1 in zip(sizes, sizes[1:]):
+        cpus: dict[int, list[float]] = {n0: [], n1: []}
+        for _ in range(repeats):
+            for n in (n0, n1):
+                c0 = time.process_time()
+                dedup.dedup_arrays(sets[n][0], MAX_DISTANCE, HASH_SIZE, 1, THUMB_DIFF)
+                cpus[n].append(time.process_time() - c0)
+        t0, t1 = float(np.median(cpus[n0])), float(np.median(cpus[n1]))
+        out[f"{kind} {n0}->{n1}"] = {
+            "cpu_seconds": [round(t0, 4), round(t1, 4)],
+            "growth": round(t1 / max(t0, 1e-9), 1),
+        }
+    return out
 
 
 def growth(runs: list[dict]) -> dict[str, float]:
@@ -450,8 +454,11 @@ def main() -> int:
         report["dedup_growth"] = growth(report["dedup"])
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     report["dedup_interleaved"] = {
-        kind: interleaved_growth(kind, {n: d for (k, n), d in sets.items() if k == kind}, args.repeats)
+        step: figures
         for kind in args.kinds
+        for step, figures in interleaved_growth(
+            kind, {n: d for (k, n), d in sets.items() if k == kind}, args.repeats
+        ).items()
     }
     print(f"dedup interleaved: {report['dedup_interleaved']}", flush=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
