@@ -16,8 +16,9 @@ the real ``image_hash`` / ``image_thumb`` to show what the second check lets thr
 core (single reducer; wall and CPU seconds, medians of ``--repeats`` runs after one untimed run), how many times it grows from
 each size to the next (``dedup_growth``; and ``dedup_interleaved``: the two sizes of each step timed
 alternately, so that the machine's drift falls on both alike), peak traced memory (a second, traced run), largest bucket, exact and near copies found, distinct
-inputs wrongly flagged — with the second check and with pHash alone — and, for 4 reducers, the
-entries each reducer reads.
+inputs wrongly flagged — with the second check and with pHash alone; for objects up to 10^5, how alike
+their full images are to what they were flagged against (``distinct_flagged_closeness``) — and, for 4
+reducers, the entries each reducer reads.
 
 Reader (``dynaip.train.data``): shards of generated samples; one epoch of one consumer in shuffle
 blocks, the old per-block pattern (each block re-opens its shard and walks it up to its first
@@ -133,9 +134,12 @@ def phash_agreement(rng: np.random.Generator, n: int = 200) -> float:
     return float((ours == theirs).mean())
 
 
-def generate(kind: str, n: int, seed: int = 0) -> tuple[dedup.Entries, np.ndarray, np.ndarray]:
+def generate(
+    kind: str, n: int, seed: int = 0, images: list[np.ndarray] | None = None
+) -> tuple[dedup.Entries, np.ndarray, np.ndarray]:
     """``n`` inputs: distinct ones first, then planted copies (2.5 % exact, 2.5 % near) of earlier ones.
-    Returns the entries, the original of each input (-1 for a distinct one) and whether a copy is exact."""
+    Returns the entries, the original of each input (-1 for a distinct one) and whether a copy is exact.
+    For objects, ``images`` (when given) receives the distinct inputs' images, batch by batch."""
     rng = np.random.default_rng(seed)
     n_exact = n_near = n // 40
     distinct = n - n_exact - n_near
@@ -151,6 +155,8 @@ def generate(kind: str, n: int, seed: int = 0) -> tuple[dedup.Entries, np.ndarra
         else:
             img = objects(rng, m)
             words[s : s + m], th[s : s + m] = phash_words(img), thumbs(img)
+            if images is not None:
+                images.append(img)
             here = np.flatnonzero((source >= s) & (source < s + m))
             if len(here):  # near copies made from the very images they copy
                 copy = near_objects(rng, img[source[here] - s])
@@ -178,10 +184,32 @@ def generate(kind: str, n: int, seed: int = 0) -> tuple[dedup.Entries, np.ndarra
 # ----------------------------------------------------------------------------- dedup figures
 
 
+def closeness(img: np.ndarray, pairs: np.ndarray) -> dict:
+    """How alike the full 64×64 images of each pair (rows of ``pairs``: two indices into ``img``) are:
+    the share of pixels where a channel differs by more than 40 levels (where the shapes do not
+    overlap) and the mean absolute difference in levels; medians and maxima over the pairs."""
+    if not len(pairs):
+        return {"pairs": 0}
+    a, b = img[pairs[:, 0]].astype(np.int16), img[pairs[:, 1]].astype(np.int16)
+    diff = np.abs(a - b)
+    shape_pct = 100 * (diff.max(axis=3) > 40).mean(axis=(1, 2))
+    mean_abs = diff.mean(axis=(1, 2, 3))
+    return {
+        "pairs": len(pairs),
+        "pixels_apart_pct_median_max": [round(float(np.median(shape_pct)), 2), round(float(shape_pct.max()), 2)],
+        "mean_abs_diff_median_max": [round(float(np.median(mean_abs)), 2), round(float(mean_abs.max()), 2)],
+    }
+
+
 Generated = tuple[dedup.Entries, np.ndarray, np.ndarray]
 
 
-def run_dedup(kind: str, n: int, repeats: int = 1, data: Generated | None = None) -> dict:
+def run_dedup(
+    kind: str, n: int, repeats: int = 1, data: Generated | None = None, images: np.ndarray | None = None
+) -> dict:
+    """The figures of one set. With ``images`` (the distinct inputs' images, objects only), also how
+    alike the distinct inputs wrongly flagged are to the input they were flagged against, next to
+    random pairs of distinct inputs."""
     e, original, exact = generate(kind, n) if data is None else data
     out: dict = {
         "kind": kind,
@@ -223,6 +251,14 @@ def run_dedup(kind: str, n: int, repeats: int = 1, data: Generated | None = None
             "distinct_flagged_pct": round(100 * float((flagged & distinct).sum()) / max(1, int(distinct.sum())), 4),
         }
         print(f"dedup {kind} n={n} {label}: {out[label]}", flush=True)
+        if label == "checked" and images is not None:
+            wrong = np.array([(j, v[0]) for j, v in sorted(found.items()) if original[j] < 0], np.int64)
+            rng = np.random.default_rng(3)
+            out["distinct_flagged_closeness"] = {
+                "flagged_vs_their_match": closeness(images, wrong.reshape(-1, 2)),
+                "random_distinct_pairs": closeness(images, rng.integers(0, len(images), (1000, 2))),
+            }
+            print(f"dedup {kind} n={n} closeness: {out['distinct_flagged_closeness']}", flush=True)
     parts = dedup.partition(e, MAX_DISTANCE, HASH_SIZE, 4)
     out["r4_entries_read_per_reducer"] = [len(p["index"]) for p in parts]
     t0 = time.perf_counter()
@@ -440,8 +476,12 @@ def main() -> int:
     big = [r for r in runs if r[1] > PHASH_ONLY_UP_TO]
     sets: dict[tuple[str, int], Generated] = {}  # generated once, timed again interleaved at the end
     for kind, n in [r for r in runs if r not in big]:
-        sets[kind, n] = generate(kind, n)
-        report["dedup"].append(run_dedup(kind, n, args.repeats, sets[kind, n]))
+        images: list[np.ndarray] | None = [] if kind == "object_on_white" else None  # only up to 10^5: 1.2 GB there
+        sets[kind, n] = generate(kind, n, images=images)
+        report["dedup"].append(
+            run_dedup(kind, n, args.repeats, sets[kind, n], np.concatenate(images) if images else None)
+        )
+        del images
         report["dedup_growth"] = growth(report["dedup"])
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     for spec in args.reader:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -29,6 +30,9 @@ def test_bench_scale_reports_medians_and_growth(tmp_path, monkeypatch):
         assert sorted(checked["cpu_seconds_each"])[1] == checked["cpu_seconds"]  # the median of the three
         assert checked["exact_found"] == r["planted_exact"]  # every planted exact copy
         assert len(r["phash_only"]["cpu_seconds_each"]) == 1
+        close = r["distinct_flagged_closeness"]  # objects have their images kept for this
+        assert close["random_distinct_pairs"]["pairs"] == 1000
+        assert close["flagged_vs_their_match"]["pairs"] == checked["distinct_flagged"]
     want = round(runs[800]["checked"]["cpu_seconds"] / max(runs[400]["checked"]["cpu_seconds"], 1e-9), 1)
     assert report["dedup_growth"] == {"object_on_white 400->800": want}
     (step, figures), *more = report["dedup_interleaved"].items()  # the step's two sizes timed alternately
@@ -39,3 +43,15 @@ def test_bench_scale_reports_medians_and_growth(tmp_path, monkeypatch):
     assert reader["samples"] == 48 and reader["block"] == 16
     assert reader["epoch"]["opens"] == 1 and reader["epoch"]["bytes_read"] == reader["sequential_pass"]["bytes_read"]
     assert reader["epoch_old_pattern"]["opens"] > 1
+
+
+def test_closeness_tells_a_one_pixel_shift_from_another_shape():
+    img = np.full((3, 64, 64, 3), 255, np.uint8)
+    img[0, 20:40, 20:40] = 90  # a square
+    img[1, 21:41, 20:40] = 92  # the same square one pixel lower, two levels lighter
+    img[2, 10:50, 30:34] = 90  # another shape
+    near, far = (bench_scale.closeness(img, np.array([p])) for p in ((0, 1), (0, 2)))
+    assert near["pixels_apart_pct_median_max"] == [round(100 * 40 / 4096, 2)] * 2  # two 20-pixel rows
+    assert far["pixels_apart_pct_median_max"][0] > 5 * near["pixels_apart_pct_median_max"][0]
+    assert near["mean_abs_diff_median_max"][0] < far["mean_abs_diff_median_max"][0]
+    assert bench_scale.closeness(img, np.zeros((0, 2), np.int64)) == {"pairs": 0}
