@@ -418,21 +418,30 @@ class _Pairs:
         members before it in row order, earliest first, all buckets at once, and stops at its first near
         copy, or as soon as the next candidate is no earlier than the copy ``best`` already holds. A
         cluster of m mutual near copies costs about m comparisons instead of m²/2, and a member whose
-        earliest copy another bucket already found skips the rest (BENCHMARKS.md, #34)."""
+        earliest copy another bucket already found skips the rest (BENCHMARKS.md, #34).
+
+        Candidates come in rounds of k per member, k doubling while the members left are few (at most
+        ``PAIRS_PER_STEP`` pairs a round): a member near nothing in a bucket of m — a distinct input whose
+        band value a cluster of copies shares by chance — takes log₂ m rounds, not m, and one that stops
+        at candidate t has compared fewer than 2t + 1."""
         order = np.lexsort((rows, keys))  # within a bucket, rows ascend
         rows, keys = rows[order], keys[order]
         starts, sizes = runs(keys)
         start = np.repeat(starts, sizes)
         active = np.flatnonzero(np.arange(len(rows)) > start)  # positions with an earlier member in their bucket
-        t = 0
+        first = start[active]  # each active member's next candidate
+        k = 1
         while len(active):
-            cand = start[active] + t
-            active, cand = active[cand < active], cand[cand < active]
-            i, j = rows[cand], rows[active]
-            alive = i < self.best[j]  # an earlier candidate could still beat the copy found so far
-            active = active[alive]
-            self.compare(i[alive], j[alive])
-            t += 1
+            # an earlier candidate could still beat the copy found so far (rows ascend: else none can)
+            alive = np.take(rows, first) < np.take(self.best, np.take(rows, active))
+            active, first = select(alive, active, first)
+            span = np.minimum(active - first, k)
+            ends = np.cumsum(span)
+            cand = np.repeat(first - ends + span, span) + np.arange(int(ends[-1]) if len(ends) else 0)
+            self.compare(np.take(rows, cand), np.take(rows, np.repeat(active, span)))
+            first = first + span
+            active, first = select(first < active, active, first)
+            k = min(2 * k, max(1, PAIRS_PER_STEP // max(len(active), 1)))
 
 
 def _note_largest(stats: dict[str, int], name: str, sizes: np.ndarray) -> None:

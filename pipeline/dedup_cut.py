@@ -13,6 +13,9 @@ SPLIT_ABOVE = 64
 """A bucket with more members is split into sub-buckets (module docstring)."""
 SPLIT_MIN_BITS = 8
 """A bucket is split only when each sub-band gets at least this many bits (else it cannot shrink)."""
+SPLIT_PROBE = 512
+"""Members of a larger bucket whose sub-bands are tried first: when they show the bucket alike on every cut
+(a cluster of copies), the whole bucket is not (its bits are read once per member)."""
 MAX_SPLIT_DEPTH = 4
 """Splits nested at most this deep; a bucket still larger is compared whole."""
 THUMB_SPLIT_ABOVE = 16
@@ -152,29 +155,42 @@ def _split(
     starts, sizes = runs(keys)
     for s, t in zip(starts, starts + sizes):
         members = rows[s:t]
+        if t - s > SPLIT_PROBE:  # a cluster shows itself in a sample: no need to read every member's bits
+            probe = members[np.linspace(0, t - s - 1, SPLIT_PROBE).astype(np.int64)]
+            if _sub_bands(bits_of(words[probe], bits), masks[spec[s]], max_distance) is None:
+                continue
         bitmat = bits_of(words[members], bits)
-        # bits every member has alike add no distance: the sub-bands cut only the bits that vary
-        mask = masks[spec[s]] | (bitmat == bitmat[0]).all(axis=0)
-        free = np.flatnonzero(~mask)
-        if len(free) < SPLIT_MIN_BITS * (max_distance + 1):  # narrower sub-bands would not spread the members
-            continue
-        subs = []
-        for q, cols in enumerate(band_columns(free, max_distance + 1)):
-            sub = mask.copy()
-            sub[cols] = True
-            subs.append((mix(mix(mix(keys[s:t], 0), q + 1), value_key(bitmat[:, cols])), sub))
-        pairs = sum(int((np.unique(k, return_counts=True)[1].astype(np.int64) ** 2).sum()) for k, _ in subs)
-        if pairs >= (t - s) ** 2:
-            continue  # alike on every cut (a cluster of near copies): compared whole
+        found = _sub_bands(bitmat, masks[spec[s]], max_distance)
+        if found is None:
+            continue  # alike on every cut (a cluster of near copies), or too few bits to cut: compared whole
         whole[s:t] = False
-        for sub_key, sub in subs:
+        for q, (sub, value) in enumerate(found):
             masks.append(sub)
             out_rows.append(members)
-            out_keys.append(sub_key)
+            out_keys.append(mix(mix(mix(keys[s:t], 0), q + 1), value))
             out_spec.append(np.full(t - s, len(masks) - 1, np.int64))
     if not out_rows:
         return rows[:0], keys[:0], spec[:0], whole
     return np.concatenate(out_rows), np.concatenate(out_keys), np.concatenate(out_spec), whole
+
+
+def _sub_bands(bitmat: np.ndarray, shared: np.ndarray, max_distance: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The ``max_distance + 1`` sub-bands of the bits that the members (rows of ``bitmat``) do not all share
+    (``shared``: the bit columns they share already), as (the mask of a sub-bucket, each member's value in
+    it), when cutting by them leaves fewer pairs to compare; else None."""
+    mask = shared | (bitmat == bitmat[0]).all(axis=0)  # bits every member has alike add no distance
+    free = np.flatnonzero(~mask)
+    if len(free) < SPLIT_MIN_BITS * (max_distance + 1):  # narrower sub-bands would not spread the members
+        return None
+    found = []
+    pairs = 0
+    for cols in band_columns(free, max_distance + 1):
+        sub = mask.copy()
+        sub[cols] = True
+        value = value_key(bitmat[:, cols])
+        found.append((sub, value))
+        pairs += int((np.unique(value, return_counts=True)[1].astype(np.int64) ** 2).sum())
+    return found if pairs < len(bitmat) ** 2 else None
 
 
 def _thumb_split(

@@ -64,6 +64,7 @@ def test_numpy_pass_finds_the_earliest_near_copy_for_any_reducers_and_order(
     hash_size, max_distance, splits, monkeypatch
 ):
     monkeypatch.setattr(dedup_cut, "SPLIT_ABOVE", 8)  # small sets, big buckets: split as a large run would
+    monkeypatch.setattr(dedup_cut, "SPLIT_PROBE", 16)  # and a sample of a big bucket tried first
     rng = np.random.default_rng(hash_size + max_distance)
     entries = skewed(rng, 300, hash_size * hash_size, max_distance)
     entries += [(5000 + k, f"x{k}", "intra", list(entries[k * 7 + 1][3])) for k in range(20)]  # exact copies
@@ -223,6 +224,40 @@ def test_a_cluster_of_mutual_near_copies_costs_about_one_comparison_per_member_a
         assert (
             stats["pairs_compared"] < 10 * m
         )  # 5 bands (and small buckets pair by pair); all pairs: 5 × m²/2 ≈ 225,000
+
+
+def test_an_input_near_nothing_in_a_cluster_bucket_costs_rounds_logarithmic_in_the_bucket(monkeypatch):
+    """Real data has clusters of copies (a placeholder image a scrape got thousands of times), and a distinct
+    input can share one band value with them by chance. It is near nothing there, so it meets every
+    earlier member of that bucket: candidates come in rounds that double, so that costs about log₂ m
+    numpy rounds (one per candidate before: m rounds, 18 s of 10^6 inputs with 30 % copies of one image)."""
+    rng = np.random.default_rng(7)
+    base, m, bits, max_distance = int.from_bytes(rng.bytes(32), "big"), 2000, 256, 12
+    entries = []
+    for k in range(m):  # distinct copies (identical rows would be collapsed first)
+        h = base
+        for c in rng.choice(bits, int(rng.integers(1, 4)), replace=False):
+            h ^= 1 << int(c)
+        entries.append((k, f"k{k}", "intra", [h]))
+    band0 = set(int(c) for c in dedup_cut.band_columns(np.arange(bits), max_distance + 1)[0])
+    others = [c for c in range(bits) if c not in band0]  # the outlier agrees with the cluster on band 0 only
+    outlier = base
+    for c in rng.choice(others, 40, replace=False):
+        outlier ^= 1 << (bits - 1 - int(c))
+    entries.append((m, f"k{m}", "intra", [outlier]))
+    want = earliest_copies(entries, max_distance)
+    assert f"k{m}" not in [f"k{j}" for j in want] and len(want) == m - 1
+    rounds = []
+    compare = dedup._Pairs.compare
+    monkeypatch.setattr(dedup._Pairs, "compare", lambda self, i, j: (rounds.append(len(i)), compare(self, i, j)))
+    e = dedup.entries_from([(*x, None) for x in entries], 16, False)
+    stats: dict[str, int] = {}
+    assert {j: v[1] for j, v in dedup.dedup_arrays(e, max_distance, 16, 1, None, stats).items()} == want
+    assert stats["largest_compared"] > m // 2  # the cluster's buckets are compared whole
+    # all buckets go round together: about log₂ 2000 ≈ 11 rounds (one per candidate: 1,282 rounds)
+    assert len(rounds) < 16
+    assert rounds[0] < 13 * m  # the first round: each member of a cluster bucket meets its first member
+    assert sum(rounds[1:]) < 2 * m  # then what is left (the outlier, near nothing): fewer than 2t + 1 for t candidates
 
 
 def test_shuffle_by_bucket_reads_only_each_reducers_partition(tmp_path):
