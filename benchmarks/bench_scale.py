@@ -1,9 +1,12 @@
 """Ten-million-scale costs on the CPU: the dataset-wide near-duplicate pass and the trainer's reader.
 
 Dedup (``pipeline.dedup``, the whole pass in one process: map + reduce): generated inputs at each
-size, two kinds —
+size, three kinds —
 
 - ``varied``: uniformly random 256-bit hashes and thumbnails (photos whose pHashes spread evenly);
+- ``repeated_image``: ``varied``, where one image recurs — 20 % of the inputs are exact and 10 % near
+  copies of the first (1–6 hash bits flipped, thumbnail ± 2 levels), spread through the set: the
+  placeholder a web scrape gets thousands of times, one cluster growing with the data;
 - ``object_on_white``: 64×64 images of one small ellipse or rectangle (10–30 % of the side, a random
   colour, centred ± 20 %) on white — what product catalogs look like — hashed with a numpy batch
   pHash equal to ``imagehash.phash(hash_size=16)`` on 64×64 images (the agreement on a sample is
@@ -147,7 +150,7 @@ def generate(
     source = rng.integers(0, distinct, n_near)
     for s in range(0, distinct, BATCH):
         m = min(BATCH, distinct - s)
-        if kind == "varied":
+        if kind != "object_on_white":
             words[s : s + m] = rng.integers(0, 2**63, (m, 4), dtype=np.uint64) * np.uint64(2) + rng.integers(
                 0, 2, (m, 4), dtype=np.uint64
             )
@@ -161,7 +164,7 @@ def generate(
             if len(here):  # near copies made from the very images they copy
                 copy = near_objects(rng, img[source[here] - s])
                 words[distinct + here], th[distinct + here] = phash_words(copy), thumbs(copy)
-    if kind == "varied":
+    if kind != "object_on_white":
         words[distinct : distinct + n_near] = words[source]
         th[distinct : distinct + n_near] = np.clip(th[source].astype(int) + rng.integers(-2, 3, (n_near, 192)), 0, 255)
         for k in range(n_near):
@@ -171,6 +174,8 @@ def generate(
     words[distinct + n_near :], th[distinct + n_near :] = words[exact_src], th[exact_src]
     original = np.r_[np.full(distinct, -1), source, exact_src]
     exact = np.r_[np.zeros(distinct + n_near, bool), np.ones(n_exact, bool)]
+    if kind == "repeated_image":
+        repeat_first_image(rng, words, th, original, exact)
     entries = dedup.Entries(
         np.arange(n, dtype=np.int64),
         np.char.add("k", np.arange(n).astype(str)),
@@ -179,6 +184,31 @@ def generate(
         th,
     )
     return entries, original, exact
+
+
+def repeat_first_image(
+    rng: np.random.Generator, words: np.ndarray, th: np.ndarray, original: np.ndarray, exact: np.ndarray
+) -> None:
+    """Makes 20 % of the inputs exact and 10 % near copies of input 0 (in place), taken from distinct
+    inputs that no planted copy copies, spread through the set."""
+    n = len(words)
+    free = np.ones(n, bool)
+    free[0] = False
+    free[original >= 0] = False  # planted copies keep their originals
+    free[original[original >= 0]] = False
+    pos = rng.permutation(np.flatnonzero(free))
+    n_exact, n_near = n // 5, n // 10
+    ex, near = np.sort(pos[:n_exact]), np.sort(pos[n_exact : n_exact + n_near])
+    words[ex], th[ex] = words[0], th[0]
+    flips = rng.integers(1, 7, len(near))
+    chosen = np.argpartition(rng.random((len(near), 256)), 6, axis=1)[:, :6]  # six distinct bits per copy
+    bit = np.zeros((len(near), 256), bool)
+    np.put_along_axis(bit, chosen, np.arange(6)[None, :] < flips[:, None], axis=1)
+    flip = np.packbits(bit, axis=1).view(">u8").astype(np.uint64)  # bit k of the hash: MSB first, as words
+    words[near] = words[0] ^ flip
+    th[near] = np.clip(th[0].astype(int) + rng.integers(-2, 3, (len(near), th.shape[1])), 0, 255)
+    original[ex], original[near] = 0, 0
+    exact[ex] = True
 
 
 # ----------------------------------------------------------------------------- dedup figures
@@ -451,7 +481,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="report JSON path")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--kinds", nargs="+", default=["varied", "object_on_white"], choices=["varied", "object_on_white"])
+    kinds = ["varied", "object_on_white", "repeated_image"]
+    ap.add_argument("--kinds", nargs="+", default=kinds, choices=kinds)
     ap.add_argument("--repeats", type=int, default=5, help="dedup runs per size and kind (the median is reported)")
     ap.add_argument(
         "--reader",

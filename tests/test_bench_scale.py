@@ -55,3 +55,17 @@ def test_closeness_tells_a_one_pixel_shift_from_another_shape():
     assert far["pixels_apart_pct_median_max"][0] > 5 * near["pixels_apart_pct_median_max"][0]
     assert near["mean_abs_diff_median_max"][0] < far["mean_abs_diff_median_max"][0]
     assert bench_scale.closeness(img, np.zeros((0, 2), np.int64)) == {"pairs": 0}
+
+
+def test_bench_scale_repeated_image_finds_every_copy_of_the_one_image(tmp_path, monkeypatch):
+    out = tmp_path / "scale.json"
+    argv = ["bench_scale.py", "--out", str(out), "--sizes", "400", "800", "--kinds", "repeated_image"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--repeats", "1", "--reader", "48:16"])
+    monkeypatch.setattr(bench_scale, "resized_copies", lambda rng: {"copies": 0})
+    assert bench_scale.main() == 0
+    for r in json.loads(out.read_text())["dedup"]:
+        n, checked = r["inputs"], r["checked"]
+        assert r["planted_exact"] >= n // 5 and r["planted_near"] >= n // 10  # the one image's copies and the rest
+        assert checked["largest_bucket"] > n // 20  # its near copies share buckets (exact ones are collapsed first)
+        assert checked["exact_found"] == r["planted_exact"] and checked["near_found"] == r["planted_near"]
+        assert checked["distinct_flagged"] == 0
