@@ -435,9 +435,11 @@ class _Pairs:
             # an earlier candidate could still beat the copy found so far (rows ascend: else none can)
             alive = np.take(rows, first) < np.take(self.best, np.take(rows, active))
             active, first = select(alive, active, first)
+            if not len(active):
+                break
             span = np.minimum(active - first, k)
             ends = np.cumsum(span)
-            cand = np.repeat(first - ends + span, span) + np.arange(int(ends[-1]) if len(ends) else 0)
+            cand = np.repeat(first - ends + span, span) + np.arange(int(ends[-1]))
             self.compare(np.take(rows, cand), np.take(rows, np.repeat(active, span)))
             first = first + span
             active, first = select(first < active, active, first)
